@@ -1,0 +1,346 @@
+"""Layer chains and the meta trace: FLOPs, bytes, parameters, TP plans, cost keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from uniap.errors import UniapError
+from uniap.graph import TRACE_BATCH_SIZE, build_graph, layer_chain, run_chain
+from uniap.models import build_model, example_batch
+
+
+def _fqns(model: nn.Module) -> list[str]:
+    return [fqn for fqn, _ in layer_chain(model)]
+
+
+def _graph(name: str, **overrides):
+    model = build_model(name, **overrides)
+    return build_graph(model, example_batch(model, 1)[0])
+
+
+@pytest.fixture(scope="module")
+def gpt_graph():
+    return _graph("gpt-tiny")
+
+
+@pytest.fixture(scope="module")
+def llama_graph():
+    return _graph("llama-tiny")
+
+
+# ------------------------------------------------------------------------------ layer chains
+
+
+def test_chain_of_sequential_is_its_children():
+    """An nn.Sequential's chain is its children, parameterless ones included."""
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert _fqns(seq) == ["0", "1", "2"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(run_chain(layer_chain(seq), x), seq(x))
+
+
+def test_chain_of_gpt_tiny():
+    """GPT: embed, the blocks, norm, head."""
+    fqns = _fqns(build_model("gpt-tiny"))
+    assert fqns == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "norm", "head"]
+
+
+def test_chain_of_t5_tiny_runs_encoder_then_decoder():
+    """T5: the whole encoder (and its norm) precedes the decoder."""
+    assert _fqns(build_model("t5-tiny")) == [
+        "embed",
+        "encoder.blocks.0",
+        "encoder.blocks.1",
+        "encoder.norm",
+        "decoder.blocks.0",
+        "decoder.blocks.1",
+        "decoder.norm",
+        "head",
+    ]
+
+
+def test_chain_discovery_expands_lists_and_wrappers():
+    """Without uniap_layer_fqns: lists expand, wrappers holding a list expand recursively,
+    parameterless children are dropped."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.norm = nn.LayerNorm(8)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.drop = nn.Dropout(0.1)
+            self.encoder = Encoder()
+            self.head = nn.Linear(8, 10)
+
+    assert _fqns(Net()) == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.norm", "head"]
+
+
+def test_bad_layer_fqns_are_rejected():
+    """Unknown or nested layer FQNs are UniapErrors."""
+    model = build_model("gpt-tiny")
+    x = torch.zeros(1, 32, dtype=torch.long)
+    with pytest.raises(UniapError, match="not a submodule"):
+        build_graph(model, x, layer_fqns=["embed", "blocks.9"])
+    with pytest.raises(UniapError, match="nested"):
+        build_graph(model, x, layer_fqns=["blocks", "blocks.0"])
+
+
+# ------------------------------------------------------------------------- FLOPs and bytes
+
+
+def test_linear_flops_and_bytes_are_exact():
+    """Linear: 2*in*out FLOPs per token forward, 4*in*out backward (input + weight grads;
+    the first layer's input is data, so weight grads only); output bytes and saved bytes
+    (the input, never the weight) exact."""
+    seq = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    tokens = 3
+    graph = build_graph(seq, torch.randn(5, tokens, 8))
+    first, second = graph.layers
+    assert first.fwd_flops_per_sample == 2 * 8 * 16 * tokens
+    assert first.bwd_flops_per_sample == 2 * 8 * 16 * tokens
+    assert second.fwd_flops_per_sample == 2 * 16 * 4 * tokens
+    assert second.bwd_flops_per_sample == 4 * 16 * 4 * tokens
+    assert first.output_bytes_per_sample == tokens * 16 * 4
+    assert second.saved_bytes_per_sample == tokens * 16 * 4  # its input; weights excluded
+    assert (first.num_params, first.param_bytes) == (8 * 16 + 16, (8 * 16 + 16) * 4)
+    assert graph.sample_shape == (tokens, 8) and graph.extra["trace_batch_size"] == 2
+
+
+def test_dtype_halves_bytes():
+    """Tracing in bfloat16 halves parameter, output and saved bytes."""
+    seq = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    f32 = build_graph(seq, torch.randn(2, 8))
+    bf16 = build_graph(seq, torch.randn(2, 8), dtype=torch.bfloat16)
+    assert bf16.dtype == "bfloat16"
+    for a, b in zip(f32.layers, bf16.layers):
+        assert b.param_bytes * 2 == a.param_bytes
+        assert b.output_bytes_per_sample * 2 == a.output_bytes_per_sample
+        assert b.saved_bytes_per_sample * 2 == a.saved_bytes_per_sample
+
+
+def test_block_costs_are_sensible(gpt_graph):
+    """A GPT block: FLOPs ~ 2 * params per token (+ attention), backward ~ 2x forward,
+    saved activations a small multiple of its input (fused attention, no seq x seq)."""
+    cfg = build_model("gpt-tiny").config
+    block = gpt_graph.layer("blocks.0")
+    s, h = cfg.seq_len, cfg.dim
+    linear_flops = 2 * s * (4 * h * h + 2 * h * 4 * h)
+    attention_flops = 4 * s * s * h
+    assert block.fwd_flops_per_sample == linear_flops + attention_flops
+    assert block.bwd_flops_per_sample == pytest.approx(2 * block.fwd_flops_per_sample, rel=0.05)
+    assert block.output_bytes_per_sample == s * h * 4
+    assert 8 * s * h * 4 < block.saved_bytes_per_sample < 24 * s * h * 4
+
+
+def test_parameters_counted_once_and_never_read():
+    """Tied weights count on their first layer; the real model is left untouched."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.blocks = nn.ModuleList([nn.Linear(8, 8)])
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.blocks[0](self.embed(ids)))
+
+    model = Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = build_graph(model, torch.zeros(4, 5, dtype=torch.long))
+    assert [layer.num_params for layer in graph.layers] == [16 * 8, 8 * 8 + 8, 0]
+    assert sum(layer.num_params for layer in graph.layers) == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert all(p.grad is None and not p.is_meta for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_big_preset_traces_in_seconds():
+    """llama-7b traces on meta; forward FLOPs ~ 2 * params * tokens plus attention."""
+    model = build_model("llama-7b")
+    graph = build_graph(model, torch.zeros(1, model.config.seq_len, dtype=torch.long))
+    params = sum(layer.num_params for layer in graph.layers)
+    assert params == pytest.approx(6.74e9, rel=0.01)
+    fwd = graph.extra["fwd_flops_per_sample"]
+    assert fwd == pytest.approx(2 * params * model.config.seq_len, rel=0.10)
+
+
+# ----------------------------------------------------------------------------- TP plans
+
+
+def test_llama_blocks_get_megatron_pairs(llama_graph):
+    """q/k/v -> o and gate/up -> down, divisible by heads and kv heads."""
+    block = llama_graph.layer("blocks.1")
+    assert [(p.colwise, p.rowwise) for p in block.tp_pairs] == [
+        (("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn.o_proj"),
+        (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    ]
+    assert {2, 4, 32, 64, 176} <= set(block.tp_divisors)  # kv heads, heads, k/v out, dims
+    assert all(p.allreduce_bytes_per_sample == 32 * 64 * 4 for p in block.tp_pairs)
+    assert block.supports_tp(2) and not block.supports_tp(4)  # only 2 kv heads
+    assert 0.0 < block.tp_saved_fraction < 1.0
+
+
+def test_embedding_norm_and_head_have_no_tp(llama_graph):
+    """Embedding and head are excluded by rule; a norm has nothing to shard."""
+    for fqn in ("embed", "head"):
+        layer = llama_graph.layer(fqn)
+        assert not layer.tp_enabled and "embedding/head" in layer.tp_excluded_reason
+    assert "no nn.Linear" in llama_graph.layer("norm").tp_excluded_reason
+
+
+def test_escaping_column_output_is_not_paired():
+    """A column-wise output used outside its row-wise Linear cannot be sharded."""
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 32)
+            self.down = nn.Linear(32, 8)
+
+        def forward(self, x):
+            u = self.up(x)
+            return self.down(torch.relu(u)) + u[..., :8]
+
+    class Ok(Leaky):
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    model = nn.Sequential(Leaky(), Ok(), Ok())
+    graph = build_graph(model, torch.randn(2, 8))
+    assert not graph.layers[0].tp_enabled
+    assert "do not line up" in graph.layers[0].tp_excluded_reason
+    assert [(p.colwise, p.rowwise) for p in graph.layers[1].tp_pairs] == [(("up",), "down")]
+
+
+def test_t5_decoder_cross_attention_is_a_pair():
+    """Cross-attention (q from the decoder, k/v from the encoder) forms one pair."""
+    graph = _graph("t5-tiny")
+    pairs = [(p.colwise, p.rowwise) for p in graph.layer("decoder.blocks.0").tp_pairs]
+    assert (
+        ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj"),
+        "cross_attn.o_proj",
+    ) in pairs
+    assert len(pairs) == 3
+
+
+# ---------------------------------------------------------------------- keys and signature
+
+
+def test_identical_blocks_share_cost_key(gpt_graph):
+    """Identical blocks share a cost key; other layers do not."""
+    keys = [layer.cost_key for layer in gpt_graph.layers]
+    assert len({keys[i] for i in range(1, 5)}) == 1
+    assert len(set(keys)) == 4  # embed, blocks, norm, head
+
+
+def test_swin_stages_have_different_cost_keys():
+    """Swin blocks of different widths get different keys; merges have no TP plan."""
+    graph = _graph("swin-tiny")
+    stage0 = {graph.layer(f"stages.0.blocks.{j}").cost_key for j in range(2)}
+    stage1 = {graph.layer(f"stages.1.blocks.{j}").cost_key for j in range(2)}
+    assert stage0.isdisjoint(stage1) and len(stage1) == 1  # stage 1 has no shifted windows
+    merge = graph.layer("stages.0.downsample")
+    assert not merge.tp_enabled and merge.tp_excluded_reason
+    assert graph.layer("stages.1.blocks.0").tp_divisors[0] == 4
+
+
+def test_signature_changes_with_shape(gpt_graph):
+    """Same model -> same signature; another sequence length or width -> another."""
+    assert _graph("gpt-tiny").signature == gpt_graph.signature
+    assert _graph("gpt-tiny", seq_len=16).signature != gpt_graph.signature
+    assert _graph("gpt-tiny", dim=32).signature != gpt_graph.signature
+
+
+# ------------------------------------------------------------------ Hugging Face structures
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers", reason="Hugging Face transformers not installed")
+
+
+def _hf_graph(cls, config):
+    with torch.device("meta"):
+        model = cls(config)
+    return build_graph(model, torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_hf_gpt2_chain_and_conv1d_exclusion(transformers):
+    """GPT-2: discovered chain; fused Conv1D projections give no TP plan, with a reason."""
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, use_cache=False
+    )
+    graph = _hf_graph(transformers.GPT2LMHeadModel, cfg)
+    assert graph.fqns == (
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.h.0",
+        "transformer.h.1",
+        "transformer.ln_f",
+        "lm_head",
+    )
+    block = graph.layer("transformer.h.0")
+    assert not block.tp_enabled and "Conv1D" in block.tp_excluded_reason
+    assert block.fwd_flops_per_sample > 0 and block.saved_bytes_per_sample > 0
+    assert graph.layer("lm_head").num_params == 0  # tied to wte
+
+
+def test_hf_llama_pairs_and_divisors(transformers):
+    """Llama: Megatron pairs found without model-specific names; kv heads from the config."""
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    graph = _hf_graph(transformers.LlamaForCausalLM, cfg)
+    assert graph.fqns[0] == "model.embed_tokens" and graph.fqns[-1] == "lm_head"
+    block = graph.layer("model.layers.0")
+    assert [p.rowwise for p in block.tp_pairs] == ["self_attn.o_proj", "mlp.down_proj"]
+    assert {2, 4} <= set(block.tp_divisors)
+
+
+def test_hf_bert_chain_and_pairs(transformers):
+    """BERT: embeddings, encoder layers, MLM head; query/key/value -> output.dense pairs."""
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    graph = _hf_graph(transformers.BertForMaskedLM, cfg)
+    assert graph.fqns == ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "cls")
+    block = graph.layer("bert.encoder.layer.0")
+    assert [(p.colwise, p.rowwise) for p in block.tp_pairs] == [
+        (
+            ("attention.self.query", "attention.self.key", "attention.self.value"),
+            "attention.output.dense",
+        ),
+        (("intermediate.dense",), "output.dense"),
+    ]
+
+
+def test_trace_batch_is_two():
+    """Per-sample numbers come from a batch-2 trace, whatever the example batch."""
+    assert TRACE_BATCH_SIZE == 2
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    a = build_graph(seq, torch.randn(1, 4))
+    b = build_graph(seq, torch.randn(64, 4))
+    assert a.layers == b.layers

@@ -1,0 +1,74 @@
+"""The MILP's optimum equals the exhaustive optimum on random small instances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.milp import solve
+from uniap.search import compositions, exhaustive, heuristic
+
+
+def random_tables(seed: int) -> CostTables:
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(3, 7))
+    pp = int(rng.integers(1, min(L, 4) + 1))
+    K = int(rng.integers(2, 5 if L <= 5 else 4))
+    C = int(rng.integers(1, K + 1))
+    c = int(rng.choice([1, 2, 3, 4, 8]))
+    layout_k = rng.integers(0, C, size=K)
+    layout = np.tile(layout_k, (L, 1))
+    A = rng.uniform(0.1, 2.0, size=(L, K))
+    allowed = []
+    for u in range(L):
+        ks = sorted(rng.choice(K, size=int(rng.integers(1, K + 1)), replace=False).tolist())
+        allowed.append(ks)
+        for k in range(K):
+            if k not in ks:
+                A[u, k] = np.inf
+    G = rng.uniform(0.0, 1.0, size=(L, K))
+    M = rng.uniform(1.0, 10.0, size=(L, K, 1)) + rng.uniform(0, 2.0, size=(L, K, pp))
+    R = rng.uniform(0.0, 0.5, size=(max(L - 1, 0), C, C))
+    for a in range(C):
+        R[:, a, a] = 0.0
+    Rp = rng.uniform(0.05, 1.0, size=(max(L - 1, 0), C, C))
+    # A memory limit that binds: between the leanest and the median plan's peak.
+    t = CostTables(pp, c, A, G, M, layout, R, Rp, 1e30, allowed)
+    peaks = []
+    for stage_of in compositions(L, pp):
+        strat = [min(allowed[u], key=lambda k, u=u: M[u, k, 0]) for u in range(L)]
+        peaks.append(max(evaluate_assignment(t, stage_of, strat).peak_memory_bytes))
+        strat = [min(allowed[u], key=lambda k, u=u: A[u, k]) for u in range(L)]
+        peaks.append(max(evaluate_assignment(t, stage_of, strat).peak_memory_bytes))
+    lo, hi = min(peaks), max(peaks)
+    t.memory_limit_bytes = float(lo + rng.uniform(0.0, 0.6) * (hi - lo))
+    return t
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_milp_equals_exhaustive(seed: int) -> None:
+    """MILP TPI == exhaustive optimum (1e-9 relative), and == evaluate() of its assignment."""
+    t = random_tables(seed)
+    best, _, _ = exhaustive(t)
+    sol = solve(t, time_limit_s=60)
+    if not np.isfinite(best):
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal"
+    assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
+    assert sol.objective_s == pytest.approx(sol.time_per_iteration_s, rel=1e-7)
+    assert evaluate_assignment(t, sol.stage_of, sol.strategy_of).fits
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
+    """Warm start and incumbent cutoff never lose the optimum."""
+    t = random_tables(seed)
+    best, _, _ = exhaustive(t)
+    inc = heuristic(t)
+    sol = solve(t, incumbent=inc, time_limit_s=60)
+    if not np.isfinite(best):
+        assert inc is None and sol.status in ("infeasible", "cutoff")
+        return
+    assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)

@@ -1,0 +1,334 @@
+"""Cost model: profile + cluster + strategies -> the coefficients of UniAP's program.
+
+For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``c`` (micro-batch
+``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
+``k = (dp, tp, kind)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch, ``rho`` the
+overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimizer_bytes``:
+
+- ``A[u,k]`` one micro-batch through the layer:
+  ``fwd_s(bl, tp) + bwd_s(bl, tp)``
+  ``+ 2 * sum_pairs all_reduce(pair_bytes * bl, tp_group)`` (Megatron: one per pair per pass)
+  ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
+  gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches).
+- ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
+  DDP ``(1 - rho) * all_reduce(P, dp_group)``; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
+  ``+ [c > 1] * all_gather(P, dp_group)``; ``+ optimizer_step(local params)``.
+- ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
+  ``c == 1``, ``2 P + O / dp`` when ``c > 1`` (unsharded parameters and gradients live across
+  micro-batches); plus activations ``saved_bytes * bl * (f / tp + 1 - f) * inflight(i)`` with
+  ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
+  ``min(c, pp - i)`` for 1F1B.
+- ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
+  same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
+- ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
+  (activation forward, its gradient backward) ``+ R[u,a,b]``.
+
+Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` between stages):
+
+``TPI = sum_i p_i + sum_i o_i + (c - 1) * max(max_i p_i, max_i o_i) + max_i s_i``,
+``p_i = sum_{u in U_i} A[u,k_u] + sum_{u, u+1 in U_i} R[u, k_u, k_{u+1}]``,
+``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u]``.
+
+All communication times are taken on the slowest group of that shape over all stages (the
+collective waits for it). Everything is a pure function of its inputs: no process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from uniap.cluster import Cluster
+from uniap.errors import ConfigError
+from uniap.graph import ModelGraph
+from uniap.plan import Plan
+from uniap.profiler import AnalyticProfile, Profile
+from uniap.strategies import Strategy, layer_strategies, stage_strategies
+
+__all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]
+
+INF = float("inf")
+
+
+def optimizer_bytes_per_param(dtype: str) -> int:
+    """AdamW state bytes per parameter: two fp32 moments, plus an fp32 master copy when the
+    parameters are in a 16-bit dtype."""
+    return 8 + (4 if dtype in ("bfloat16", "float16") else 0)
+
+
+@dataclass
+class CostTables:
+    """Coefficients of the program for one ``(pp, c, schedule)``.
+
+    ``K`` strategies are shared by all layers; ``allowed[u]`` lists those layer ``u`` may use
+    (others have ``A = inf``). ``layout[u, k]`` is the activation layout class of strategy ``k``
+    (its dp); resharding costs are indexed by layout classes.
+    """
+
+    pp: int
+    num_microbatches: int
+    A: np.ndarray
+    """(L, K) seconds per micro-batch."""
+    G: np.ndarray
+    """(L, K) seconds once per iteration."""
+    M: np.ndarray
+    """(L, K, pp) bytes per device."""
+    layout: np.ndarray
+    """(L, K) int layout class."""
+    R: np.ndarray
+    """(L - 1, C, C) seconds, same-stage reshard after layer u."""
+    Rp: np.ndarray
+    """(L - 1, C, C) seconds, stage-boundary edge after layer u."""
+    memory_limit_bytes: float
+    allowed: list[list[int]]
+    strategies: list[Strategy] = field(default_factory=list)
+    schedule: str = "1F1B"
+    microbatch_size: int = 1
+    breakdown: dict[str, np.ndarray] = field(default_factory=dict)
+    """Optional (L, K) parts of ``A`` and ``G`` for explanations."""
+
+    @property
+    def num_layers(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def num_strategies(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def num_layouts(self) -> int:
+        return self.R.shape[1] if self.R.ndim == 3 and self.R.shape[0] else int(self.layout.max()) + 1
+
+
+@dataclass
+class Evaluation:
+    """The cost model's verdict on one assignment."""
+
+    time_per_iteration_s: float
+    stage_time_s: list[float]
+    link_time_s: list[float]
+    sync_time_s: list[float]
+    peak_memory_bytes: list[float]
+    fits: bool
+
+
+def evaluate_assignment(t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]) -> Evaluation:
+    """TPI and per-stage memory of an assignment (see the module docstring for the formula).
+
+    ``stage_of[u]`` must be non-decreasing from 0 to ``pp - 1`` in steps of at most one; a
+    strategy a layer may not use gives an infinite time.
+    """
+    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    p = [0.0] * pp
+    o = [0.0] * max(pp - 1, 0)
+    s = [0.0] * pp
+    mem = [0.0] * pp
+    for u in range(L):
+        i, k = stage_of[u], strategy_of[u]
+        if k not in t.allowed[u]:
+            p[i] = INF
+            continue
+        p[i] += float(t.A[u, k])
+        s[i] += float(t.G[u, k])
+        mem[i] += float(t.M[u, k, i])
+        if u + 1 < L:
+            a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
+            if stage_of[u + 1] == i:
+                p[i] += float(t.R[u, a, b])
+            else:
+                o[i] += float(t.Rp[u, a, b])
+    bottleneck = max(p + o)
+    tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s)
+    fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
+    return Evaluation(tpi, p, o, s, mem, fits)
+
+
+class CostModel:
+    """Turns a model graph, a cluster and a profile into :class:`CostTables`; evaluates plans."""
+
+    def __init__(
+        self,
+        graph: ModelGraph,
+        cluster: Cluster,
+        profile: Profile | None = None,
+        *,
+        memory_fraction: float = 0.9,
+        max_tp: int | None = None,
+    ) -> None:
+        """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
+        ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node)."""
+        if not 0 < memory_fraction <= 1:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        self.graph = graph
+        self.cluster = cluster
+        self.profile = profile if profile is not None else AnalyticProfile(cluster, dtype=graph.dtype)
+        self.memory_limit_bytes = cluster.device_memory_bytes * memory_fraction
+        self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
+        self.opt_bytes = optimizer_bytes_per_param(graph.dtype)
+
+    # ------------------------------------------------------------------ groups
+    @lru_cache(maxsize=4096)  # noqa: B019 - the model is immutable once built
+    def _worst_group(self, op: str, group_kind: str, pp: int, a: int, b: int) -> tuple[int, ...]:
+        """The slowest group of this shape over all stages (a collective waits for it)."""
+        g = self.cluster.world_size // pp
+        worst, worst_t = (), -1.0
+        for ranks in _groups(group_kind, g, pp, a, b):
+            t = self.profile.collective_s(op, float(2**20), ranks)
+            if t > worst_t:
+                worst, worst_t = tuple(ranks), t
+        return worst
+
+    def _group_time(self, op: str, nbytes: float, group_kind: str, pp: int, a: int, b: int) -> float:
+        if nbytes <= 0:
+            return 0.0
+        ranks = self._worst_group(op, group_kind, pp, a, b)
+        return self.profile.collective_s(op, nbytes, ranks) if ranks else 0.0
+
+    # ------------------------------------------------------------------ tables
+    def strategies(self, pp: int) -> list[Strategy]:
+        """Strategies for a stage of this pipeline degree."""
+        return stage_strategies(self.cluster.world_size // pp, max_tp=self.max_tp)
+
+    def tables(self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B") -> CostTables:
+        """Cost tables for ``(pp, c, schedule)``; see the module docstring for every formula."""
+        n = self.cluster.world_size
+        if n % pp:
+            raise ConfigError(f"pipeline degree ({pp}) must divide the number of devices ({n})")
+        if global_batch_size % num_microbatches:
+            raise ConfigError(
+                f"num_microbatches ({num_microbatches}) must divide global_batch_size ({global_batch_size})"
+            )
+        c, b = num_microbatches, global_batch_size // num_microbatches
+        strategies = self.strategies(pp)
+        layers = self.graph.layers
+        L, K = len(layers), len(strategies)
+        rho = self.profile.overlap_coefficient
+        dps = sorted({s.dp for s in strategies})
+        layout_of = {d: j for j, d in enumerate(dps)}
+        C = len(dps)
+        A = np.full((L, K), INF)
+        G = np.zeros((L, K))
+        M = np.zeros((L, K, pp))
+        layout = np.zeros((L, K), dtype=np.int64)
+        parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")}
+        inflight = [1 if pp == 1 else (c if schedule == "GPipe" else min(c, pp - i)) for i in range(pp)]
+        allowed = []
+        for u, layer in enumerate(layers):
+            ks = layer_strategies(layer, strategies, b)
+            allowed.append(ks)
+            for k, s in enumerate(strategies):
+                layout[u, k] = layout_of[s.dp]
+            for k in ks:
+                s = strategies[k]
+                bl = b / s.dp
+                fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+                tp_comm = 0.0
+                if s.tp > 1:
+                    for pair in layer.tp_pairs:
+                        tp_comm += 2 * self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
+                p_bytes = layer.param_bytes / s.tp
+                local_params = layer.num_params / s.tp
+                opt_bytes = local_params * self.opt_bytes
+                fsdp_mb = sync = 0.0
+                if s.kind == "FSDP":
+                    ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
+                    rs = self._group_time("reduce_scatter", p_bytes, "dp", pp, s.dp, s.tp)
+                    if c == 1:
+                        fsdp_mb = (1 - rho) * 2 * ag
+                        sync = (1 - rho) * rs
+                        static = (2 * p_bytes + opt_bytes) / s.dp
+                    else:
+                        sync = ag + (1 - rho) * rs
+                        static = 2 * p_bytes + opt_bytes / s.dp
+                    local_params /= s.dp
+                else:
+                    sync = (1 - rho) * self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+                    static = 2 * p_bytes + opt_bytes
+                opt_s = self.profile.optimizer_step_s(local_params)
+                A[u, k] = fwd + bwd + tp_comm + fsdp_mb
+                G[u, k] = sync + opt_s
+                f = layer.tp_saved_fraction if s.tp > 1 else 0.0
+                act = layer.saved_bytes_per_sample * bl * (f / s.tp + 1 - f)
+                for i in range(pp):
+                    M[u, k, i] = static + act * inflight[i]
+                parts["compute"][u, k] = fwd + bwd
+                parts["tp_comm"][u, k] = tp_comm
+                parts["fsdp_comm"][u, k] = fsdp_mb
+                parts["dp_sync"][u, k] = sync
+                parts["optimizer"][u, k] = opt_s
+            if not ks:
+                raise ConfigError(
+                    f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} devices per stage"
+                )
+        R = np.zeros((max(L - 1, 0), C, C))
+        Rp = np.zeros((max(L - 1, 0), C, C))
+        for u in range(L - 1):
+            out = layers[u].output_bytes_per_sample
+            for a, da in enumerate(dps):
+                for bb, db in enumerate(dps):
+                    r = 0.0
+                    if da != db:
+                        lo, hi = min(da, db), max(da, db)
+                        r = self._group_time("all_gather", out * b / lo, "reshard", pp, lo, hi)
+                    R[u, a, bb] = r
+                    if pp > 1:
+                        Rp[u, a, bb] = 2 * self._group_time("p2p", out * b / da, "p2p", pp, 0, 0) + r
+        return CostTables(
+            pp=pp, num_microbatches=c, A=A, G=G, M=M, layout=layout, R=R, Rp=Rp,
+            memory_limit_bytes=self.memory_limit_bytes, allowed=allowed, strategies=strategies,
+            schedule=schedule, microbatch_size=b, breakdown=parts,
+        )
+
+    # ------------------------------------------------------------------ plans
+    def assignment(self, plan: Plan, tables: CostTables) -> tuple[list[int], list[int]]:
+        """(stage_of, strategy_of) of a plan in the indices of ``tables``."""
+        index = {(s.dp, s.tp, s.kind): k for k, s in enumerate(tables.strategies)}
+        stage_of, strategy_of = [], []
+        for i, st in enumerate(plan.stages):
+            for ls in st.layers:
+                stage_of.append(i)
+                if ls.key not in index:
+                    raise ConfigError(f"layer {ls.fqn!r}: strategy {ls.key} is not offered on a stage of {st.num_devices} devices")
+                strategy_of.append(index[ls.key])
+        return stage_of, strategy_of
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """TPI and per-stage peak memory of ANY plan for this model and cluster."""
+        plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
+        t = self.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
+        stage_of, strategy_of = self.assignment(plan, t)
+        return evaluate_assignment(t, stage_of, strategy_of)
+
+
+def _groups(kind: str, g: int, pp: int, a: int, b: int):
+    """Every rank group of one shape, over all stages.
+
+    ``tp``: ``a`` = dp, ``b`` = tp: consecutive TP groups; ``dp``: the strided DP groups;
+    ``reshard``: ``a`` = small dp, ``b`` = big dp: ranks holding the same small shard and
+    different big shards; ``p2p``: a rank and its peer in the next stage.
+    """
+    for i in range(pp):
+        s0 = i * g
+        if kind == "tp":
+            dp, tp = a, b
+            for m in range(dp):
+                yield [s0 + m * tp + j for j in range(tp)]
+        elif kind == "dp":
+            dp, tp = a, b
+            for q in range(tp):
+                yield [s0 + q + m * tp for m in range(dp)]
+        elif kind == "reshard":
+            lo, hi = a, b
+            blk, sub = g // lo, g // hi
+            for bi in range(lo):
+                for q in range(sub):
+                    yield [s0 + bi * blk + m * sub + q for m in range(hi // lo)]
+        elif kind == "p2p":
+            if i + 1 < pp:
+                for j in range(g):
+                    yield [s0 + j, s0 + g + j]
+        else:  # pragma: no cover - internal
+            raise AssertionError(kind)

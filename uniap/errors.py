@@ -1,0 +1,35 @@
+"""The exceptions uniap raises on purpose.
+
+Bad user input (a cluster file, a plan that does not fit the model, an option out of range)
+is a `UniapError`, a `ValueError`, whose message names the offending value and the fix.
+A well-formed problem with no answer (no plan fits in device memory) is an
+`InfeasibleError`, a `RuntimeError`, that says what to relax.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "InfeasibleError", "PlanMismatchError", "UniapError"]
+
+
+class UniapError(ValueError):
+    """Base class for every bad-user-input error uniap raises; the message says how to fix it."""
+
+
+class ConfigError(UniapError):
+    """A configuration file or field is missing, malformed or out of range (cluster, profile)."""
+
+
+class PlanMismatchError(UniapError):
+    """A plan does not match the model or cluster it is applied to (layers, world size)."""
+
+
+class InfeasibleError(RuntimeError):
+    """No plan fits the constraints; the message names what to relax.
+
+    `min_memory_bytes` is the smallest per-device memory with which some plan would fit,
+    when the planner knows it, else None.
+    """
+
+    def __init__(self, message: str, *, min_memory_bytes: float | None = None) -> None:
+        super().__init__(message)
+        self.min_memory_bytes = min_memory_bytes

@@ -1,0 +1,397 @@
+"""UniAP's program for one ``(pp, c)``, solved exactly as a MILP with HiGHS through PuLP.
+
+Index legend: ``u`` layer (0..L-1, chain order), ``i`` stage (0..pp-1), ``k`` strategy
+(``allowed[u]``), ``a``/``b`` activation layout classes (a strategy's dp), ``c`` micro-batches.
+Cost coefficients ``A, G, M, R, Rp`` come from :class:`uniap.cost_model.CostTables`.
+
+The quadratic program of UniAP (placement ``P[u,i]`` x strategy ``S[u,k]``, neighbour products
+``S[u,k] S[u+1,k']`` for resharding and ``P[u,i] P[u+1,i+1]`` for the stage boundary) is written
+as a path through the layered graph whose nodes are ``(u, i, k)``: a layer sits on one stage
+with one strategy, and from layer ``u`` to ``u + 1`` the path either stays on the stage or
+advances to the next one. The path's edges carry the quadratic terms, so the linearisation is
+exact (the MILP optimum is the MIQP optimum) and the LP relaxation is a network-flow relaxation.
+
+Variables
+    ``x[u,i,k]``  binary: layer u on stage i with strategy k (only for i in the window of u).
+    ``y[u,i,a,b]`` >= 0: u and u+1 both on stage i, layouts a -> b.
+    ``z[u,i,a,b]`` >= 0: u last on stage i, u+1 first on stage i+1, layouts a -> b.
+    ``t`` >= 0 the pipeline bottleneck; ``t_sync`` >= 0 the slowest stage's once-per-iteration sync.
+
+Objective (:func:`_objective`)
+    ``min sum_i p_i + sum_i o_i + (c - 1) t + t_sync`` with
+    ``p_i = sum_{u,k} A[u,k] x[u,i,k] + sum_{u,a,b} R[u,a,b] y[u,i,a,b]``,
+    ``o_i = sum_{u,a,b} Rp[u,a,b] z[u,i,a,b]``.
+
+Constraints (one builder per family, named ``<family>_<indices>``)
+    ``assign_u``       (:func:`_assign`) ``sum_{i,k} x[u,i,k] = 1``.
+    ``start``          (:func:`_assign`) layer 0 on stage 0, layer L-1 on stage pp-1 (windows).
+    ``out_u_i_a``      (:func:`_flow`) ``sum_b y[u,i,a,b] + z[u,i,a,b] = sum_{k: layout a} x[u,i,k]``.
+    ``in_u_i_b``       (:func:`_flow`) ``sum_a y[u-1,i,a,b] + z[u-1,i-1,a,b] = sum_{k: layout b} x[u,i,k]``.
+        Together: stages are contiguous, ordered, advance by at most one and are non-empty
+        (the path starts on stage 0, ends on pp - 1 and climbs one stage at a time).
+    ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.
+    ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k]``.
+    ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
+    ``cutoff``         (:func:`_objective`) objective <= incumbent, when one is known.
+
+Windows: layer u may sit on stage i only if ``i <= u`` and ``pp - 1 - i <= L - 1 - u``; with an
+incumbent of time ``T``, also only if stages 0..i can reach u and stages i..pp-1 can cover
+u..L-1 with every stage's compute lower bound ``seg`` satisfying
+``total_min + (c - 1) seg <= T`` and its memory lower bound within the limit. These cuts only
+remove assignments that cannot beat ``T``, so exactness is kept.
+
+HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
+PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
+read from HiGHS itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from uniap.cost_model import CostTables, evaluate_assignment
+
+__all__ = ["Solution", "solve", "min_peak_memory"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Solution:
+    """Result of one MILP."""
+
+    status: str
+    """``optimal``, ``time_limit`` (incumbent returned, see gap), ``infeasible`` (nothing fits),
+    or ``cutoff`` (nothing beats the given incumbent)."""
+    time_per_iteration_s: float
+    """``evaluate_assignment`` of the returned assignment (inf when none)."""
+    objective_s: float
+    """The MILP's own objective value for the returned assignment."""
+    stage_of: list[int]
+    strategy_of: list[int]
+    gap: float
+    """Relative optimality gap HiGHS reports (0 when proven optimal)."""
+    wall_s: float
+    num_variables: int = 0
+    num_constraints: int = 0
+
+
+class _HiGHS(pulp.HiGHS):
+    """``pulp.HiGHS`` that can hand HiGHS a starting solution (PuLP's HiGHS API cannot)."""
+
+    def __init__(self, *args, start: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = start or {}
+
+    def callSolver(self, lp):  # noqa: N802 - PuLP's name
+        if self.start:
+            import highspy
+
+            sol = highspy.HighsSolution()
+            values = [0.0] * lp.solverModel.getNumCol()
+            for var in lp.variables():
+                values[var.index] = self.start.get(var.name, 0.0)
+            sol.col_value = values
+            sol.value_valid = True
+            lp.solverModel.setSolution(sol)
+        super().callSolver(lp)
+
+
+def solve(
+    t: CostTables,
+    *,
+    incumbent: tuple[list[int], list[int]] | None = None,
+    incumbent_tpi_s: float | None = None,
+    time_limit_s: float = 60.0,
+    threads: int = 1,
+    seed: int = 0,
+) -> Solution:
+    """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
+    warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
+    plan of another ``(pp, c)``), cuts off everything that cannot beat it."""
+    t0 = time.perf_counter()
+    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    bound = None
+    if incumbent is not None:
+        bound = evaluate_assignment(t, *incumbent).time_per_iteration_s
+        if not np.isfinite(bound):
+            incumbent, bound = None, None
+    if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
+        bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
+    window = _windows(t, bound)
+    if any(not w for w in window):
+        return Solution("cutoff" if bound is not None else "infeasible", float("inf"), float("inf"),
+                        [], [], 0.0, time.perf_counter() - t0)
+    # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
+    scale = _time_scale(t, bound)
+    prob = pulp.LpProblem("uniap", pulp.LpMinimize)
+    v = _variables(t, window)
+    _assign(prob, t, v)
+    _flow(prob, t, v)
+    p, o = _stage_times(t, v, scale)
+    _bottleneck(prob, t, v, p, o, scale)
+    _memory(prob, t, v)
+    _objective(prob, t, v, p, o, bound, scale)
+
+    start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
+    solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
+                    start=start, random_seed=seed, mip_feasibility_tolerance=1e-9,
+                    primal_feasibility_tolerance=1e-9)
+    prob.solve(solver)
+    h = prob.solverModel
+    import highspy
+
+    ms = h.getModelStatus()
+    info = h.getInfo()
+    wall = time.perf_counter() - t0
+    nvar, ncon = len(prob.variables()), len(prob.constraints)
+    has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible) or not has_sol:
+        if ms == highspy.HighsModelStatus.kTimeLimit:
+            status = "time_limit"
+        else:
+            status = "cutoff" if bound is not None else "infeasible"
+        log.debug("milp pp=%d c=%d: %s (%d vars, %d rows, %.3f s)", pp, c, status, nvar, ncon, wall)
+        return Solution(status, float("inf"), float("inf"), [], [], 0.0, wall, nvar, ncon)
+    stage_of, strategy_of = [0] * L, [0] * L
+    for (u, i, k), var in v.x.items():
+        if var.varValue is not None and var.varValue > 0.5:
+            stage_of[u], strategy_of[u] = i, k
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    objective = pulp.value(prob.objective) * scale
+    if ms == highspy.HighsModelStatus.kOptimal:
+        status, gap = "optimal", 0.0
+    else:
+        status, gap = "time_limit", float(info.mip_gap)
+        log.warning("milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g", pp, c, time_limit_s, gap)
+    log.debug("milp pp=%d c=%d: %s tpi=%.6g (%d vars, %d rows, %.3f s)", pp, c, status,
+              ev.time_per_iteration_s, nvar, ncon, wall)
+    return Solution(status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon)
+
+
+def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int = 1) -> float:
+    """The smallest per-device peak memory of any assignment (ignoring the memory limit): what
+    an infeasibility error reports as the memory needed. Same path variables, objective
+    ``min m`` with ``m >= memory of stage i``."""
+    window = _windows(dataclasses.replace(t, memory_limit_bytes=float("inf")), None)
+    prob = pulp.LpProblem("uniap_memory", pulp.LpMinimize)
+    v = _variables(t, window)
+    _assign(prob, t, v)
+    _flow(prob, t, v)
+    m = pulp.LpVariable("m", lowBound=0)
+    scale = float(np.max(t.M)) or 1.0
+    terms: list[list] = [[] for _ in range(t.pp)]
+    for (u, i, k), var in v.x.items():
+        terms[i].append((var, float(t.M[u, k, i]) / scale))
+    for i, tm in enumerate(terms):
+        prob += m >= pulp.LpAffineExpression(tm), f"memory_{i}"
+    prob += m
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads))
+    return float(pulp.value(m)) * scale
+
+
+def _variables(t: CostTables, window: list[list[int]]) -> _Vars:
+    L = t.num_layers
+    x = {(u, i, k): pulp.LpVariable(f"x_{u}_{i}_{k}", cat=pulp.LpBinary)
+         for u in range(L) for i in window[u] for k in t.allowed[u]}
+    lay = [{k: int(t.layout[u, k]) for k in t.allowed[u]} for u in range(L)]
+    classes = [sorted(set(lay[u].values())) for u in range(L)]
+    y, z = {}, {}
+    for u in range(L - 1):
+        for i in window[u]:
+            for a in classes[u]:
+                for b in classes[u + 1]:
+                    if i in window[u + 1]:
+                        y[u, i, a, b] = pulp.LpVariable(f"y_{u}_{i}_{a}_{b}", lowBound=0)
+                    if i + 1 in window[u + 1]:
+                        z[u, i, a, b] = pulp.LpVariable(f"z_{u}_{i}_{a}_{b}", lowBound=0)
+    tb = pulp.LpVariable("t", lowBound=0)
+    ts = pulp.LpVariable("t_sync", lowBound=0)
+    return _Vars(x, y, z, tb, ts, window, lay, classes)
+
+
+@dataclass
+class _Vars:
+    x: dict
+    y: dict
+    z: dict
+    t: pulp.LpVariable
+    t_sync: pulp.LpVariable
+    window: list[list[int]]
+    layout: list[dict[int, int]]
+    classes: list[list[int]]
+
+
+def _time_scale(t: CostTables, bound: float | None) -> float:
+    if bound is not None and bound > 0:
+        return bound
+    finite = np.where(np.isfinite(t.A), t.A, 0.0)
+    s = float(finite.max(axis=1).sum()) * t.num_microbatches
+    return s if s > 0 else 1.0
+
+
+def _windows(t: CostTables, bound: float | None) -> list[list[int]]:
+    """Stages each layer may sit on (see the module docstring)."""
+    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    lo = [max(0, pp - L + u) for u in range(L)]
+    hi = [min(u, pp - 1) for u in range(L)]
+    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(L)])
+    mmin = np.array([[min(t.M[u, k, i] for k in t.allowed[u]) for i in range(pp)] for u in range(L)])
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    total = float(amin.sum())
+    cap = float("inf")
+    if bound is not None and c > 1:
+        cap = (bound * (1 + 1e-9) - total) / (c - 1)
+    elif bound is not None and bound * (1 + 1e-9) < total:
+        cap = -1.0
+
+    ca = np.concatenate([[0.0], np.cumsum(amin)])
+    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
+
+    def min_start(i: int) -> list[int]:
+        """For each end e, the first start s with layers s..e fitting on stage i (L if none)."""
+        out, s = [], 0
+        for e in range(L):
+            s = max(s, 0)
+            while s <= e and not (ca[e + 1] - ca[s] <= cap + 1e-15 and cm[e + 1, i] - cm[s, i] <= limit):
+                s += 1
+            out.append(s if s <= e else L)
+            if s > e:
+                s = e + 1
+        return out
+
+    ms = [min_start(i) for i in range(pp)]
+    # F[i][e]: stages 0..i can exactly cover layers 0..e; B[i][s]: stages i..pp-1 cover s..L-1.
+    F = np.zeros((pp, L), dtype=bool)
+    B = np.zeros((pp, L + 1), dtype=bool)
+    for i in range(pp):
+        if i == 0:
+            F[0] = [ms[0][e] == 0 for e in range(L)]
+            continue
+        cnt = np.concatenate([[0], np.cumsum(F[i - 1])])  # cnt[j] = #F[i-1][0..j-1]
+        for e in range(L):
+            lo_s = max(ms[i][e], 1)
+            if lo_s <= e and cnt[e] - cnt[lo_s - 1] > 0:  # some F[i-1][s-1], s in [lo_s, e]
+                F[i, e] = True
+    for i in range(pp - 1, -1, -1):
+        for s in range(L):
+            if i == pp - 1:
+                B[i, s] = ms[i][L - 1] <= s
+            else:
+                B[i, s] = any(B[i + 1, e + 1] for e in range(s, L - 1) if ms[i][e] <= s)
+    out = []
+    for u in range(L):
+        w = []
+        for i in range(lo[u], hi[u] + 1):
+            end_ok = any(F[i, e] and (B[i + 1, e + 1] if i + 1 < pp else e == L - 1) for e in range(u, L))
+            start_ok = any(B[i, s] and (F[i - 1, s - 1] if i > 0 else s == 0) for s in range(0, u + 1))
+            if end_ok and start_ok:
+                w.append(i)
+        out.append(w)
+    return out
+
+
+def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
+    """``assign_u``: each layer on exactly one stage with one strategy; ``start``/``end``."""
+    L, pp = t.num_layers, t.pp
+    for u in range(L):
+        prob += pulp.lpSum(v.x[u, i, k] for i in v.window[u] for k in t.allowed[u]) == 1, f"assign_{u}"
+    prob += pulp.lpSum(v.x[0, 0, k] for k in t.allowed[0] if (0, 0, k) in v.x) == 1, "start"
+    prob += pulp.lpSum(v.x[L - 1, pp - 1, k] for k in t.allowed[L - 1] if (L - 1, pp - 1, k) in v.x) == 1, "end"
+
+
+def _flow(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
+    """``out_u_i_a`` / ``in_u_i_b``: the path from (u, i) to (u + 1, i or i + 1)."""
+    L = t.num_layers
+    for u in range(L - 1):
+        for i in v.window[u]:
+            for a in v.classes[u]:
+                lhs = [v.y[k] for k in ((u, i, a, b) for b in v.classes[u + 1]) if k in v.y]
+                lhs += [v.z[k] for k in ((u, i, a, b) for b in v.classes[u + 1]) if k in v.z]
+                rhs = [v.x[u, i, k] for k in t.allowed[u] if v.layout[u][k] == a]
+                prob += pulp.lpSum(lhs) == pulp.lpSum(rhs), f"out_{u}_{i}_{a}"
+    for u in range(1, L):
+        for i in v.window[u]:
+            for b in v.classes[u]:
+                lhs = [v.y[k] for k in ((u - 1, i, a, b) for a in v.classes[u - 1]) if k in v.y]
+                lhs += [v.z[k] for k in ((u - 1, i - 1, a, b) for a in v.classes[u - 1]) if k in v.z]
+                rhs = [v.x[u, i, k] for k in t.allowed[u] if v.layout[u][k] == b]
+                prob += pulp.lpSum(lhs) == pulp.lpSum(rhs), f"in_{u}_{i}_{b}"
+
+
+def _stage_times(t: CostTables, v: _Vars, scale: float):
+    """Scaled stage times ``p_i`` and link times ``o_i`` as affine expressions."""
+    pp = t.pp
+    p_terms: list[list] = [[] for _ in range(pp)]
+    o_terms: list[list] = [[] for _ in range(max(pp - 1, 0))]
+    for (u, i, k), var in v.x.items():
+        p_terms[i].append((var, float(t.A[u, k]) / scale))
+    for (u, i, a, b), var in v.y.items():
+        r = float(t.R[u, a, b])
+        if r:
+            p_terms[i].append((var, r / scale))
+    for (u, i, a, b), var in v.z.items():
+        r = float(t.Rp[u, a, b])
+        if r:
+            o_terms[i].append((var, r / scale))
+    p = [pulp.LpAffineExpression(terms) for terms in p_terms]
+    o = [pulp.LpAffineExpression(terms) for terms in o_terms]
+    return p, o
+
+
+def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
+    """``bottleneck_i``, ``link_i``: ``t >= p_i, o_i``; ``sync_i``: ``t_sync >= s_i``."""
+    for i, pi in enumerate(p):
+        prob += v.t >= pi, f"bottleneck_{i}"
+    for i, oi in enumerate(o):
+        prob += v.t >= oi, f"link_{i}"
+    s_terms: list[list] = [[] for _ in range(t.pp)]
+    for (u, i, k), var in v.x.items():
+        g = float(t.G[u, k])
+        if g:
+            s_terms[i].append((var, g / scale))
+    for i, terms in enumerate(s_terms):
+        prob += v.t_sync >= pulp.LpAffineExpression(terms), f"sync_{i}"
+
+
+def _memory(prob, t: CostTables, v: _Vars) -> None:
+    """``memory_i``: per-stage bytes within the limit (normalised by the limit)."""
+    terms: list[list] = [[] for _ in range(t.pp)]
+    for (u, i, k), var in v.x.items():
+        terms[i].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
+    for i, tm in enumerate(terms):
+        prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
+
+
+def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
+    """``sum p + sum o + (c - 1) t + t_sync``; ``cutoff`` when an incumbent bound is known."""
+    obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1) * v.t + v.t_sync
+    prob += obj
+    if bound is not None:
+        prob += obj <= bound / scale * (1 + 1e-7), "cutoff"
+
+
+def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
+    stage_of, strategy_of = incumbent
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    vals = {}
+    for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
+        if (u, i, k) not in v.x:
+            return {}
+        vals[v.x[u, i, k].name] = 1.0
+        if u + 1 < t.num_layers:
+            a, b = v.layout[u][k], v.layout[u + 1][strategy_of[u + 1]]
+            key = (u, i, a, b)
+            var = v.y.get(key) if stage_of[u + 1] == i else v.z.get(key)
+            if var is None:
+                return {}
+            vals[var.name] = 1.0
+    vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
+    vals["t_sync"] = max(ev.sync_time_s) / scale
+    return vals

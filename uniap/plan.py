@@ -1,0 +1,403 @@
+"""The Plan: the only contract between the planner and the executor.
+
+A plan says, for a model and a world of devices: how many pipeline stages, which consecutive
+layers and which consecutive device ranks each stage gets, and every layer's intra-layer
+strategy ``(dp, tp, kind)``; plus the micro-batch count, the schedule, what the cost model
+predicts and how the solver got there. It round-trips through YAML and JSON with a schema
+version, and refuses to be applied to another model or world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uniap.errors import ConfigError, PlanMismatchError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SCHEDULES",
+    "KINDS",
+    "LayerStrategy",
+    "Stage",
+    "Plan",
+]
+
+SCHEMA_VERSION = 1
+SCHEDULES = ("GPipe", "1F1B")
+KINDS = ("DDP", "FSDP")
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    """One layer's intra-layer strategy inside its stage."""
+
+    fqn: str
+    """Layer FQN."""
+    dp: int
+    """Data-parallel degree (the batch is split over ``dp`` groups of the stage's ranks)."""
+    tp: int
+    """Tensor-parallel degree (consecutive ranks; ``dp * tp`` = stage size)."""
+    kind: str = "DDP"
+    """``DDP`` (replicated parameters, gradient all-reduce) or ``FSDP`` (sharded over dp)."""
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        """``(dp, tp, kind)``."""
+        return (self.dp, self.tp, self.kind)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: consecutive layers on consecutive ranks."""
+
+    ranks: tuple[int, ...]
+    """Global ranks of the stage's devices."""
+    layers: tuple[LayerStrategy, ...]
+    """The stage's layers in chain order with their strategies."""
+
+    @property
+    def num_devices(self) -> int:
+        """Devices in the stage."""
+        return len(self.ranks)
+
+
+@dataclass
+class Plan:
+    """A complete parallel plan. See DESIGN.md, "The Plan"."""
+
+    model_name: str
+    """Name of the model the plan was made for."""
+    model_signature: str
+    """``ModelGraph.signature`` of that model."""
+    num_layers: int
+    """Layers in the model's chain."""
+    world_size: int
+    """Devices the plan uses (all of them)."""
+    global_batch_size: int
+    """Samples per iteration over all data-parallel replicas."""
+    num_microbatches: int
+    """Micro-batches per iteration (``c``)."""
+    schedule: str
+    """``GPipe`` or ``1F1B``."""
+    stages: tuple[Stage, ...]
+    """Pipeline stages in order."""
+    predicted: dict[str, Any] = field(default_factory=dict)
+    """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage)."""
+    solver: dict[str, Any] = field(default_factory=dict)
+    """``status``, ``gap``, ``wall_s``, ``milps_solved`` and the (pp, c) candidates table."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Versions of uniap / torch / highspy, the cluster name, the profile source."""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(self.stages)
+        self.validate()
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def pp_degree(self) -> int:
+        """Number of pipeline stages."""
+        return len(self.stages)
+
+    @property
+    def microbatch_size(self) -> int:
+        """Samples per micro-batch (``B / c``)."""
+        return self.global_batch_size // self.num_microbatches
+
+    @property
+    def layer_strategies(self) -> tuple[LayerStrategy, ...]:
+        """Every layer's strategy in chain order."""
+        return tuple(ls for st in self.stages for ls in st.layers)
+
+    def stage_of_rank(self, rank: int) -> int:
+        """Index of the stage that holds ``rank``."""
+        for i, st in enumerate(self.stages):
+            if rank in st.ranks:
+                return i
+        raise PlanMismatchError(f"rank {rank} is in no stage of the plan (world size {self.world_size})")
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check internal consistency; raises ConfigError naming what is wrong."""
+
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"invalid plan: {msg}")
+
+        if self.schema_version != SCHEMA_VERSION:
+            raise bad(
+                f"schema_version {self.schema_version} is not supported (this uniap reads "
+                f"{SCHEMA_VERSION}); re-create the plan with `uniap plan`"
+            )
+        if self.schedule not in SCHEDULES:
+            raise bad(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
+        for name in ("world_size", "global_batch_size", "num_microbatches", "num_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(f"{name} must be a positive integer, got {v!r}")
+        if self.global_batch_size % self.num_microbatches:
+            raise bad(
+                f"num_microbatches ({self.num_microbatches}) must divide global_batch_size "
+                f"({self.global_batch_size})"
+            )
+        if not self.stages:
+            raise bad("a plan needs at least one stage")
+        all_ranks = [r for st in self.stages for r in st.ranks]
+        if sorted(all_ranks) != list(range(self.world_size)):
+            raise bad(
+                f"stage ranks {[list(s.ranks) for s in self.stages]} must cover 0..{self.world_size - 1} "
+                "exactly once"
+            )
+        g = self.stages[0].num_devices
+        b = self.microbatch_size
+        n_layers = 0
+        for i, st in enumerate(self.stages):
+            if st.num_devices != g:
+                raise bad(f"stage {i} has {st.num_devices} devices, stage 0 has {g}; stages must be equal")
+            if list(st.ranks) != list(range(st.ranks[0], st.ranks[0] + g)):
+                raise bad(f"stage {i} ranks {list(st.ranks)} must be consecutive")
+            if not st.layers:
+                raise bad(f"stage {i} has no layers")
+            for ls in st.layers:
+                n_layers += 1
+                if ls.kind not in KINDS:
+                    raise bad(f"layer {ls.fqn!r}: kind {ls.kind!r} is not one of {list(KINDS)}")
+                if ls.dp < 1 or ls.tp < 1 or ls.dp * ls.tp != g:
+                    raise bad(
+                        f"layer {ls.fqn!r}: dp ({ls.dp}) x tp ({ls.tp}) must equal the stage size ({g})"
+                    )
+                if b % ls.dp:
+                    raise bad(
+                        f"layer {ls.fqn!r}: micro-batch size {b} does not split over dp={ls.dp}; "
+                        "choose a global batch or micro-batch count that makes it whole"
+                    )
+        if n_layers != self.num_layers:
+            raise bad(f"stages hold {n_layers} layers, the model has {self.num_layers}")
+
+    def check_compatible(self, *, model_signature: str | None = None, model_name: str | None = None,
+                         layer_fqns: tuple[str, ...] | None = None, world_size: int | None = None) -> None:
+        """Refuse a plan made for another model or world size, saying what differs."""
+        diffs = []
+        if world_size is not None and world_size != self.world_size:
+            diffs.append(
+                f"world size: the plan is for {self.world_size} devices, {world_size} were launched "
+                f"(launch with --nproc-per-node/--nnodes giving {self.world_size}, or re-plan)"
+            )
+        if layer_fqns is not None:
+            plan_fqns = tuple(ls.fqn for ls in self.layer_strategies)
+            if plan_fqns != tuple(layer_fqns):
+                missing = sorted(set(plan_fqns) - set(layer_fqns))[:5]
+                extra = sorted(set(layer_fqns) - set(plan_fqns))[:5]
+                diffs.append(
+                    f"layers: the plan has {len(plan_fqns)} layers, the model {len(layer_fqns)}"
+                    f" (only in plan: {missing}, only in model: {extra})"
+                )
+        if model_signature is not None and model_signature != self.model_signature:
+            diffs.append(
+                f"model signature: plan {self.model_signature} (model {self.model_name!r}) vs "
+                f"{model_signature}" + (f" (model {model_name!r})" if model_name else "")
+                + "; the model's layers or shapes changed"
+            )
+        if diffs:
+            raise PlanMismatchError("the plan does not match: " + "; ".join(diffs) + "; re-run `uniap plan`")
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in the documented layout (DESIGN.md)."""
+        return {
+            "schema_version": self.schema_version,
+            "model": {
+                "name": self.model_name,
+                "signature": self.model_signature,
+                "num_layers": self.num_layers,
+            },
+            "world_size": self.world_size,
+            "global_batch_size": self.global_batch_size,
+            "num_microbatches": self.num_microbatches,
+            "schedule": self.schedule,
+            "stages": [
+                {"ranks": list(st.ranks), "layers": [asdict(ls) for ls in st.layers]}
+                for st in self.stages
+            ],
+            "predicted": _plain(self.predicted),
+            "solver": _plain(self.solver),
+            "provenance": _plain(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str = "<dict>") -> Plan:
+        """Inverse of :meth:`to_dict`; a malformed dict raises ConfigError naming the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a plan must be a mapping, got {type(d).__name__}")
+        known = {"schema_version", "model", "world_size", "global_batch_size", "num_microbatches",
+                 "schedule", "stages", "predicted", "solver", "provenance"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}")
+        try:
+            model = d["model"]
+            stages = []
+            for i, st in enumerate(d["stages"]):
+                layers = []
+                for j, ls in enumerate(st["layers"]):
+                    extra = sorted(set(ls) - {"fqn", "dp", "tp", "kind"})
+                    if extra:
+                        raise ConfigError(
+                            f"{source}: stages[{i}].layers[{j}]: unknown field(s) {extra}; "
+                            "a layer has fqn, dp, tp, kind"
+                        )
+                    layers.append(LayerStrategy(str(ls["fqn"]), _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
+                                                _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
+                                                str(ls.get("kind", "DDP"))))
+                ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
+                stages.append(Stage(ranks, tuple(layers)))
+            plan = cls(
+                model_name=str(model["name"]),
+                model_signature=str(model["signature"]),
+                num_layers=_int(model["num_layers"], "model.num_layers", source),
+                world_size=_int(d["world_size"], "world_size", source),
+                global_batch_size=_int(d["global_batch_size"], "global_batch_size", source),
+                num_microbatches=_int(d["num_microbatches"], "num_microbatches", source),
+                schedule=str(d["schedule"]),
+                stages=tuple(stages),
+                predicted=dict(d.get("predicted") or {}),
+                solver=dict(d.get("solver") or {}),
+                provenance=dict(d.get("provenance") or {}),
+                schema_version=_int(d.get("schema_version", SCHEMA_VERSION), "schema_version", source),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing plan field {e.args[0]!r}") from None
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"{source}: malformed plan ({e}); see DESIGN.md for the layout") from None
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+        return plan
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text (and write it to ``path`` if given). Deterministic: same plan, same bytes."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text (and write it to ``path`` if given)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def load(cls, path_or_text: str | Path) -> Plan:
+        """Load a plan from a ``.yaml``/``.json`` file, or from YAML/JSON text."""
+        p = Path(path_or_text) if not (isinstance(path_or_text, str) and "\n" in path_or_text) else None
+        if p is not None and p.exists():
+            source, text = str(p), p.read_text()
+        elif p is not None and isinstance(path_or_text, Path | str) and str(path_or_text).endswith((".yaml", ".yml", ".json")):
+            raise ConfigError(f"plan file {str(path_or_text)!r} not found")
+        else:
+            source, text = "<text>", str(path_or_text)
+        try:
+            d = yaml.safe_load(text)  # JSON is YAML
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}: not valid YAML/JSON{where}: {getattr(e, 'problem', e)}") from None
+        return cls.from_dict(d, source=source)
+
+    # ---------------------------------------------------------------- display
+    def summary(self) -> str:
+        """One line: pp, c, schedule and each stage's strategies run-length compressed."""
+        parts = []
+        for st in self.stages:
+            parts.append(" ".join(f"{n}x{_strat(k)}" for k, n in _runs(st.layers)))
+        tpi = self.predicted.get("time_per_iteration_s")
+        tail = f" | TPI {tpi:.4g} s" if isinstance(tpi, int | float) else ""
+        return f"pp={self.pp_degree} c={self.num_microbatches} {self.schedule}: " + " || ".join(parts) + tail
+
+    def describe(self) -> str:
+        """A readable table: stage, layers, devices, strategies (run-length), memory, time."""
+        lines = [
+            f"Plan for {self.model_name} ({self.num_layers} layers) on {self.world_size} devices: "
+            f"pp={self.pp_degree}, {self.num_microbatches} micro-batches of {self.microbatch_size} "
+            f"(global batch {self.global_batch_size}), schedule {self.schedule}",
+        ]
+        mem = self.predicted.get("peak_memory_bytes") or []
+        st_time = self.predicted.get("stage_time_s") or []
+        header = f"{'stage':>5}  {'devices':<12} {'layers':<28} {'strategies (dp x tp kind)':<34} {'memory':>10} {'time/mb':>10}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for i, st in enumerate(self.stages):
+            fq = st.layers
+            span = fq[0].fqn if len(fq) == 1 else f"{fq[0].fqn} .. {fq[-1].fqn}"
+            span = f"{span} ({len(fq)})"
+            ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
+            strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
+            m = _fmt_bytes(mem[i]) if i < len(mem) else "-"
+            t = f"{st_time[i] * 1e3:.3g} ms" if i < len(st_time) else "-"
+            lines.append(f"{i:>5}  {ranks:<12} {span:<28} {strat:<34} {m:>10} {t:>10}")
+        p = self.predicted
+        if "time_per_iteration_s" in p:
+            lines.append(
+                f"predicted: {p['time_per_iteration_s']:.4g} s/iteration, "
+                f"{p.get('samples_per_s', float('nan')):.4g} samples/s"
+            )
+        if self.solver:
+            s = self.solver
+            lines.append(
+                f"solver: {s.get('status')}, gap {s.get('gap', 0):.3g}, {s.get('wall_s', 0):.3g} s, "
+                f"{s.get('milps_solved', 0)} programs solved"
+            )
+        return "\n".join(lines)
+
+
+def _strat(k: tuple[int, int, str]) -> str:
+    dp, tp, kind = k
+    return f"{dp}x{tp} {kind}"
+
+
+def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[tuple[int, int, str], int]]:
+    out: list[tuple[tuple[int, int, str], int]] = []
+    for ls in layers:
+        if out and out[-1][0] == ls.key:
+            out[-1] = (ls.key, out[-1][1] + 1)
+        else:
+            out.append((ls.key, 1))
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    if not isinstance(n, int | float) or math.isnan(n):
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _int(v: Any, name: str, source: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{source}: {name} must be an integer, got {v!r}")
+    return v
+
+
+def _plain(x: Any) -> Any:
+    """Recursively convert to YAML/JSON-safe builtins (tuples -> lists, numpy -> float)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, bool | int | str) or x is None:
+        return x
+    if isinstance(x, float):
+        return float(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)

@@ -1,0 +1,266 @@
+"""The Unified Optimization Process: search every (pp, c, schedule), solve each exactly, keep
+the best, and return it as a :class:`uniap.plan.Plan`.
+
+For ``pp`` in the divisors of the device count (at most the number of layers) and ``c`` in the
+divisors of the global batch (every layer must have a strategy whose dp splits the micro-batch):
+
+1. build the cost tables (:class:`uniap.cost_model.CostModel`);
+2. a lower bound ``LB = S + (c - 1) S / pp + Gmin / pp`` with ``S = sum_u min_k A[u,k]`` and
+   ``Gmin = sum_u min_k G[u,k]`` (every stage time is at least its compute; the bottleneck is at
+   least the average); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
+   the best time found (they cannot win);
+3. a heuristic assignment warm-starts the MILP; the best time so far cuts off everything that
+   cannot beat it (:func:`uniap.milp.solve`).
+
+Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
+accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
+only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from uniap.cluster import Cluster
+from uniap.cost_model import CostModel, CostTables, evaluate_assignment
+from uniap.errors import ConfigError, InfeasibleError
+from uniap.graph import ModelGraph
+from uniap.milp import Solution, min_peak_memory, solve
+from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage
+from uniap.profiler import Profile
+from uniap.search import heuristic
+from uniap.strategies import divisors
+
+__all__ = ["plan", "plan_graph", "Candidate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One (pp, c, schedule) of the search and what became of it."""
+
+    pp: int
+    num_microbatches: int
+    schedule: str
+    lower_bound_s: float
+    status: str = "pending"
+    """``optimal``, ``time_limit``, ``infeasible`` (nothing fits), ``pruned`` (bound cannot
+    win), ``cutoff`` (solved: nothing beats the incumbent)."""
+    time_per_iteration_s: float = math.inf
+    wall_s: float = 0.0
+
+    def row(self) -> dict:
+        tpi = self.time_per_iteration_s
+        return {
+            "pp": self.pp, "c": self.num_microbatches, "schedule": self.schedule,
+            "status": self.status, "lower_bound_s": float(self.lower_bound_s),
+            "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
+            "wall_s": round(self.wall_s, 4),
+        }
+
+
+def plan_graph(
+    graph: ModelGraph,
+    cluster: Cluster,
+    *,
+    global_batch_size: int,
+    profile: Profile | None = None,
+    schedules: Sequence[str] | None = None,
+    pp_degrees: Sequence[int] | None = None,
+    num_microbatches: Sequence[int] | None = None,
+    memory_fraction: float = 0.9,
+    max_tp: int | None = None,
+    time_limit_s: float = 60.0,
+    threads: int = 1,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """The optimal plan for a layer chain on a cluster (see the module docstring)."""
+    t_start = time.perf_counter()
+    N, L, B = cluster.world_size, graph.num_layers, global_batch_size
+    if not isinstance(B, int) or isinstance(B, bool) or B < 1:
+        raise ConfigError(f"global_batch_size must be a positive integer, got {B!r}")
+    if schedules is not None:
+        bad = [s for s in schedules if s not in SCHEDULES]
+        if bad:
+            raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
+    _log_tp_exclusions(graph)
+    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp)
+    pps = [p for p in divisors(N) if p <= L]
+    if pp_degrees is not None:
+        bad = [p for p in pp_degrees if p not in pps]
+        if bad:
+            raise ConfigError(
+                f"pipeline degree(s) {bad} must divide the number of devices ({N}) and be at most "
+                f"the number of layers ({L}); try pp in {pps}"
+            )
+        pps = sorted(pp_degrees)
+    cs = divisors(B) if num_microbatches is None else sorted(num_microbatches)
+    cands: list[tuple[Candidate, CostTables]] = []
+    for pp in pps:
+        for c in cs:
+            if B % c:
+                raise ConfigError(f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}")
+            scheds = ["1F1B"] if pp == 1 else list(schedules or ["1F1B"])
+            for sched in scheds:
+                try:
+                    t = cm.tables(pp, c, B, sched)
+                except ConfigError:
+                    continue  # some layer has no strategy for this micro-batch size
+                cands.append((Candidate(pp, c, sched, _lower_bound(t)), t))
+    if not cands:
+        raise InfeasibleError(
+            f"no (pipeline degree, micro-batch count) gives every layer a strategy for global batch "
+            f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
+            f"(e.g. a multiple of {N})",
+        )
+    cands.sort(key=lambda ct: (ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
+    best: tuple[Solution, CostTables] | None = None
+    best_tpi = math.inf
+    statuses = []
+    for idx, (cand, t) in enumerate(cands):
+        if cand.lower_bound_s >= best_tpi * (1 - 1e-12):
+            cand.status = "pruned"
+            continue
+        inc = heuristic(t)
+        sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
+                    time_limit_s=time_limit_s, threads=threads, seed=seed)
+        cand.status, cand.wall_s = sol.status, sol.wall_s
+        cand.time_per_iteration_s = sol.time_per_iteration_s
+        statuses.append(sol)
+        if sol.stage_of and sol.time_per_iteration_s < best_tpi:
+            best, best_tpi = (sol, t), sol.time_per_iteration_s
+        if progress is not None:
+            tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
+            progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
+                     f"{sol.status} {tpi} ({sol.wall_s:.2f} s)")
+    if best is None:
+        # Memory falls with more micro-batches (fewer activations) except that FSDP keeps
+        # parameters unsharded when c > 1: the leanest plan has c = 1 or the largest c.
+        lean = {}
+        for cand, t in cands:
+            key = (cand.pp, cand.num_microbatches == 1)
+            if key not in lean or cand.num_microbatches > lean[key][0].num_microbatches:
+                lean[key] = (cand, t)
+        need = min(min_peak_memory(t, time_limit_s=min(time_limit_s, 10.0)) for _, t in lean.values())
+        limit = cm.memory_limit_bytes
+        raise InfeasibleError(
+            f"no plan fits in device memory: the leanest plan needs {need / 2**30:.3g} GiB per device, "
+            f"the usable limit is {limit / 2**30:.3g} GiB ({memory_fraction:.0%} of "
+            f"{cluster.device_memory_bytes / 2**30:.3g} GiB); use more devices, a smaller global batch "
+            f"or sequence length, or a cluster with more memory",
+            min_memory_bytes=need,
+        )
+    sol, t = best
+    wall = time.perf_counter() - t_start
+    timed_out = [s for s in statuses if s.status == "time_limit"]
+    status = "optimal" if not timed_out else "time_limit"
+    gap = max((s.gap for s in timed_out), default=0.0)
+    out = _to_plan(graph, cluster, cm, t, sol, B)
+    out.solver = {
+        "status": status, "gap": float(gap), "wall_s": round(wall, 4),
+        "milps_solved": len(statuses), "candidates": [c.row() for c, _ in cands],
+    }
+    log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, len(statuses), wall)
+    return out
+
+
+def plan(
+    model,
+    cluster: Cluster | str,
+    *,
+    global_batch_size: int,
+    example_inputs=None,
+    dtype: str | None = None,
+    **kwargs,
+) -> Plan:
+    """The optimal plan for ``model`` (an ``nn.Module``, on any device, or a preset name from
+    :mod:`uniap.models`) on ``cluster`` (a :class:`Cluster`, preset name or YAML path).
+    Keyword arguments go to :func:`plan_graph`."""
+    from uniap.cluster import load_cluster
+    from uniap.graph import build_graph
+
+    if isinstance(cluster, str):
+        cluster = load_cluster(cluster)
+    if isinstance(model, ModelGraph):
+        graph = model
+    elif isinstance(model, str):
+        from uniap import models
+
+        m = models.build_model(model, device="meta")
+        inputs = example_inputs if example_inputs is not None else models.example_batch(model, 2, device="meta")[0]
+        graph = build_graph(m, inputs, name=model, dtype=dtype)
+    else:
+        if example_inputs is None:
+            raise ConfigError("example_inputs is required to plan an nn.Module (a batch of inputs of the real shape)")
+        graph = build_graph(model, example_inputs, dtype=dtype)
+    return plan_graph(graph, cluster, global_batch_size=global_batch_size, **kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+def _lower_bound(t: CostTables) -> float:
+    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
+    gmin = np.array([min(t.G[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
+    s = float(amin.sum())
+    return s + (t.num_microbatches - 1) * s / t.pp + float(gmin.sum()) / t.pp
+
+
+def _log_tp_exclusions(graph: ModelGraph) -> None:
+    seen = set()
+    for layer in graph.layers:
+        r = layer.tp_excluded_reason
+        if r and r not in seen:
+            seen.add(r)
+            log.info("tensor parallelism excluded for %s (and alike): %s", layer.fqn, r)
+
+
+def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, sol: Solution, B: int) -> Plan:
+    import torch
+
+    from uniap import __version__
+
+    N, pp = cluster.world_size, t.pp
+    g = N // pp
+    ev = evaluate_assignment(t, sol.stage_of, sol.strategy_of)
+    stages = []
+    for i in range(pp):
+        layers = tuple(
+            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp, t.strategies[k].kind)
+            for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of)) if si == i
+        )
+        stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
+    try:
+        import highspy
+
+        highs_version = getattr(highspy, "__version__", None) or "unknown"
+    except ImportError:  # pragma: no cover
+        highs_version = "missing"
+    tpi = ev.time_per_iteration_s
+    return Plan(
+        model_name=graph.name,
+        model_signature=graph.signature,
+        num_layers=graph.num_layers,
+        world_size=N,
+        global_batch_size=B,
+        num_microbatches=t.num_microbatches,
+        schedule=t.schedule,
+        stages=tuple(stages),
+        predicted={
+            "time_per_iteration_s": float(tpi),
+            "samples_per_s": float(B / tpi),
+            "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
+            "stage_time_s": [float(x) for x in ev.stage_time_s],
+            "memory_limit_bytes": float(t.memory_limit_bytes),
+        },
+        provenance={
+            "uniap": __version__, "torch": torch.__version__.split("+")[0], "highspy": highs_version,
+            "cluster": cluster.name, "profile": cm.profile.source,
+        },
+    )

@@ -1,0 +1,97 @@
+"""The profile interface and the analytic profile (from FLOPs and datasheet constants).
+
+Formulas (``S`` = bytes of the full tensor, ``n`` = group size, ``alpha``/``bw`` = latency and
+per-device bandwidth of the link the group really uses: intra-node if all its ranks share a
+node, else inter-node):
+
+- compute of a layer at local batch ``b`` and TP degree ``tp``:
+  ``fwd_s = overhead_s + fwd_flops_per_sample * b / tp / (peak_flops * efficiency)``, same for
+  backward with the backward FLOPs.
+- ring all-reduce: ``2 (n - 1) alpha + 2 (n - 1) / n * S / bw``
+- ring all-gather / reduce-scatter (``S`` = gathered size): ``(n - 1) alpha + (n - 1) / n * S / bw``
+- point-to-point: ``alpha + S / bw``
+- optimizer step (AdamW, memory bound): ``params * optimizer_bytes_touched_per_param / memory_bw``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from uniap.cluster import Cluster
+from uniap.graph import Layer
+
+__all__ = ["Profile", "AnalyticProfile", "COLLECTIVES"]
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+
+# AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq:
+# 7 fp32 accesses per parameter.
+_ADAMW_BYTES_PER_PARAM = 7 * 4
+
+
+class Profile:
+    """What the cost model asks of a profile. Subclasses: analytic or measured."""
+
+    source: str = "abstract"
+    overlap_coefficient: float = 0.0
+    """Fraction of once-per-iteration gradient synchronisation hidden behind backward."""
+
+    def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
+        """(forward_s, backward_s) of ``layer`` at local batch ``batch`` and TP degree ``tp``."""
+        raise NotImplementedError
+
+    def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
+        """Seconds for collective ``op`` over ``ranks`` moving a tensor of ``nbytes``."""
+        raise NotImplementedError
+
+    def optimizer_step_s(self, num_params: float) -> float:
+        """Seconds of one optimizer step over ``num_params`` local parameters."""
+        raise NotImplementedError
+
+
+@dataclass
+class AnalyticProfile(Profile):
+    """Profile computed from FLOPs and the cluster's constants."""
+
+    cluster: Cluster
+    """Where the numbers come from."""
+    dtype: str = "float32"
+    """Compute dtype (selects the peak FLOP/s)."""
+    layer_overhead_s: float | None = None
+    """Fixed time per layer per pass (kernel launches, Python); default: 30 us on GPU, 100 us on CPU."""
+    overlap_coefficient: float = 0.5
+    """Fraction of gradient synchronisation hidden behind backward."""
+    memory_bandwidth_bytes_per_s: float | None = None
+    """Device memory bandwidth for the optimizer step; default: 2 TB/s GPU, 10 GB/s CPU."""
+    source: str = "analytic"
+
+    def __post_init__(self) -> None:
+        gpu = self.cluster.device_type != "cpu"
+        if self.layer_overhead_s is None:
+            self.layer_overhead_s = 30e-6 if gpu else 100e-6
+        if self.memory_bandwidth_bytes_per_s is None:
+            self.memory_bandwidth_bytes_per_s = 2.0e12 if gpu else 10e9
+        self._flops_per_s = self.cluster.peak_flops(self.dtype) * self.cluster.compute_efficiency
+
+    def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
+        fwd = self.layer_overhead_s + layer.fwd_flops_per_sample * batch / tp / self._flops_per_s
+        bwd = self.layer_overhead_s + layer.bwd_flops_per_sample * batch / tp / self._flops_per_s
+        return fwd, bwd
+
+    def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
+        n = len(ranks)
+        if op == "p2p":
+            alpha, bw = self.cluster.link(ranks)
+            return alpha + nbytes / bw
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        alpha, bw = self.cluster.link(ranks)
+        if op == "all_reduce":
+            return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / bw
+        if op in ("all_gather", "reduce_scatter"):
+            return (n - 1) * alpha + (n - 1) / n * nbytes / bw
+        raise ValueError(f"unknown collective {op!r}; one of {COLLECTIVES}")
+
+    def optimizer_step_s(self, num_params: float) -> float:
+        return num_params * _ADAMW_BYTES_PER_PARAM / self.memory_bandwidth_bytes_per_s

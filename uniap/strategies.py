@@ -1,0 +1,68 @@
+"""Intra-layer strategies: how one layer uses the ``g`` devices of its pipeline stage.
+
+A strategy ``k = (dp, tp, kind)`` splits the stage's ``g`` ranks into ``dp`` data-parallel
+groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says whether the
+parameters are replicated over the data-parallel group (``DDP``) or sharded over it (``FSDP``).
+A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the executor
+asks the same question), and a strategy is offered only if its ``dp`` splits the micro-batch.
+FSDP with ``dp = 1`` is the same as DDP and is not offered twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uniap.graph import Layer
+
+__all__ = ["Strategy", "stage_strategies", "layer_strategies", "divisors"]
+
+
+@dataclass(frozen=True, order=True)
+class Strategy:
+    """One intra-layer strategy for a stage of ``dp * tp`` devices."""
+
+    dp: int
+    """Data-parallel degree."""
+    tp: int
+    """Tensor-parallel degree (consecutive ranks)."""
+    kind: str
+    """``DDP`` or ``FSDP``."""
+
+    def __str__(self) -> str:
+        return f"dp{self.dp}xtp{self.tp}-{self.kind}"
+
+
+def divisors(n: int) -> list[int]:
+    """Positive divisors of ``n`` in increasing order."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+def stage_strategies(stage_size: int, *, max_tp: int | None = None) -> list[Strategy]:
+    """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
+    then DDP before FSDP). ``max_tp`` caps the TP degree (e.g. devices per node)."""
+    out = []
+    for tp in divisors(stage_size):
+        if max_tp is not None and tp > max_tp:
+            continue
+        dp = stage_size // tp
+        out.append(Strategy(dp, tp, "DDP"))
+        if dp > 1:
+            out.append(Strategy(dp, tp, "FSDP"))
+    return out
+
+
+def layer_strategies(layer: Layer, strategies: list[Strategy], microbatch_size: int) -> list[int]:
+    """Indices into ``strategies`` that ``layer`` may use at this micro-batch size."""
+    return [
+        k
+        for k, s in enumerate(strategies)
+        if layer.supports_tp(s.tp) and microbatch_size % s.dp == 0
+    ]
