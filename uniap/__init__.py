@@ -1,3 +1,32 @@
-"""uniap: PyTorch-native automatic parallelism (UniAP, solved exactly)."""
+"""uniap: PyTorch-native automatic parallelism (UniAP, solved exactly).
+
+    import uniap
+    plan = uniap.plan("llama-7b", "a100-2x8", global_batch_size=64)      # no GPU needed
+    model = uniap.parallelize(model, cluster, global_batch_size=..., example_inputs=..., loss_fn=...)
+"""
+
+from __future__ import annotations
+
+from uniap.cluster import Cluster, list_presets, load_cluster
+from uniap.cost_model import CostModel
+from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError, UniapError
+from uniap.graph import Layer, ModelGraph, build_graph, layer_chain
+from uniap.plan import LayerStrategy, Plan, Stage
+from uniap.planner import plan, plan_graph
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Cluster", "ConfigError", "CostModel", "InfeasibleError", "Layer", "LayerStrategy", "ModelGraph",
+    "Plan", "PlanMismatchError", "Stage", "UniapError", "build_graph", "layer_chain", "list_presets",
+    "load_cluster", "parallelize", "plan", "plan_graph",
+]
+
+
+def __getattr__(name: str):
+    # The executor needs torch.distributed at run time; the planner side must import without it.
+    if name in ("parallelize", "ParallelModel"):
+        from uniap import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'uniap' has no attribute {name!r}")

@@ -325,7 +325,8 @@ class Plan:
         """A readable table: stage, layers, devices, strategies (run-length), memory, time."""
         lines = [
             f"Plan for {self.model_name} ({self.num_layers} layers) on {self.world_size} devices: "
-            f"pp={self.pp_degree}, {self.num_microbatches} micro-batches of {self.microbatch_size} "
+            f"pp={self.pp_degree}, {self.num_microbatches} micro-batch{'es' if self.num_microbatches > 1 else ''} "
+            f"of {self.microbatch_size} "
             f"(global batch {self.global_batch_size}), schedule {self.schedule}",
         ]
         mem = self.predicted.get("peak_memory_bytes") or []

@@ -189,6 +189,12 @@ def plan(
 
     if isinstance(cluster, str):
         cluster = load_cluster(cluster)
+    if isinstance(dtype, str):
+        import torch
+
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     if isinstance(model, ModelGraph):
         graph = model
     elif isinstance(model, str):
@@ -236,12 +242,12 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
             for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of)) if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
-    try:
-        import highspy
+    from importlib.metadata import PackageNotFoundError, version
 
-        highs_version = getattr(highspy, "__version__", None) or "unknown"
-    except ImportError:  # pragma: no cover
-        highs_version = "missing"
+    try:
+        highs_version = version("highspy")
+    except PackageNotFoundError:  # pragma: no cover
+        highs_version = "unknown"
     tpi = ev.time_per_iteration_s
     return Plan(
         model_name=graph.name,

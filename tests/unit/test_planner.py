@@ -1,0 +1,200 @@
+"""The Unified Optimization Process, plans and their contract, on CPU without a process group."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from uniap.cluster import load_cluster
+from uniap.cost_model import CostModel, evaluate_assignment
+from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError
+from uniap.graph import Layer, ModelGraph, TPPair
+from uniap.milp import solve
+from uniap.plan import Plan
+from uniap.planner import plan, plan_graph
+from uniap.search import compositions, heuristic
+from uniap.strategies import divisors
+
+
+def synthetic_graph(num_layers: int = 4, seed: int = 0) -> ModelGraph:
+    """A chain of uneven layers, some with a TP plan, sized so a 4 GiB device binds."""
+    import random
+
+    rng = random.Random(seed)
+    layers = []
+    for u in range(num_layers):
+        params = rng.choice([50e6, 120e6, 200e6])
+        tp = u % 2 == 1
+        layers.append(Layer(
+            fqn=f"layers.{u}", type_name="Block", num_params=int(params), param_bytes=int(params * 4),
+            fwd_flops_per_sample=rng.uniform(0.5, 3.0) * 1e9, bwd_flops_per_sample=rng.uniform(1.0, 6.0) * 1e9,
+            output_bytes_per_sample=rng.choice([1e5, 4e5]), saved_bytes_per_sample=rng.choice([2e7, 6e7]),
+            tp_pairs=(TPPair(("a",), "b", 2e5),) if tp else (), tp_divisors=(4,) if tp else (),
+            tp_saved_fraction=0.6, cost_key=f"k{u}",
+        ))
+    return ModelGraph("synthetic", tuple(layers))
+
+
+def brute_force_uop(graph: ModelGraph, cluster, batch: int) -> float:
+    """Best TPI over every pp, c, placement and strategy, by enumeration."""
+    cm = CostModel(graph, cluster)
+    best = math.inf
+    for pp in [p for p in divisors(cluster.world_size) if p <= graph.num_layers]:
+        for c in divisors(batch):
+            try:
+                t = cm.tables(pp, c, batch)
+            except ConfigError:
+                continue
+            for stage_of in compositions(graph.num_layers, pp):
+                for strat in itertools.product(*t.allowed):
+                    ev = evaluate_assignment(t, stage_of, list(strat))
+                    if ev.fits:
+                        best = min(best, ev.time_per_iteration_s)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_uop_equals_brute_force_over_all_pp_and_c(seed: int) -> None:
+    """UOP (with bounds and pruning) finds the optimum over all (pp, c) and all plans."""
+    graph = synthetic_graph(4, seed)
+    cluster = load_cluster("cpu-4")
+    batch = 8
+    best = brute_force_uop(graph, cluster, batch)
+    p = plan_graph(graph, cluster, global_batch_size=batch)
+    assert p.predicted["time_per_iteration_s"] == pytest.approx(best, rel=1e-9)
+    assert p.solver["status"] == "optimal"
+
+
+@pytest.mark.parametrize("model,cluster,batch", [
+    ("gpt-tiny", "cpu-4", 16), ("t5-tiny", "cpu-4", 8), ("swin-tiny", "cpu-2", 8),
+    ("llama-7b", "a100-2x8", 64), ("bert-huge", "a100-pcie-2x8", 64),
+])
+def test_predicted_tpi_equals_cost_model_evaluate(model: str, cluster: str, batch: int) -> None:
+    """The plan's predicted TPI and memory are CostModel.evaluate() of the plan."""
+    p = plan(model, cluster, global_batch_size=batch)
+    from uniap import models
+    from uniap.graph import build_graph
+
+    m = models.build_model(model, device="meta")
+    graph = build_graph(m, models.example_batch(model, 2, device="meta")[0], name=model)
+    ev = CostModel(graph, load_cluster(cluster)).evaluate(p)
+    assert ev.time_per_iteration_s == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-12)
+    assert ev.peak_memory_bytes == pytest.approx(p.predicted["peak_memory_bytes"], rel=1e-12)
+    assert ev.fits
+
+
+def test_solver_objective_equals_evaluate_on_real_tables() -> None:
+    """MILP objective == evaluate_assignment of the returned plan on real cost tables."""
+    graph = synthetic_graph(6, 1)
+    cm = CostModel(graph, load_cluster("cpu-4"))
+    solved = 0
+    for pp, c in [(1, 2), (2, 4), (4, 8), (4, 2)]:
+        t = cm.tables(pp, c, 8)
+        sol = solve(t)
+        if sol.status == "infeasible":
+            continue
+        solved += 1
+        assert sol.status == "optimal"
+        assert sol.objective_s == pytest.approx(sol.time_per_iteration_s, rel=1e-7)
+    assert solved >= 2
+
+
+def test_plan_yaml_and_json_round_trip(tmp_path) -> None:
+    """to_yaml/to_json -> load gives the same plan; validation accepts it."""
+    p = plan("gpt-tiny", "cpu-4", global_batch_size=16, pp_degrees=[2])
+    for name in ("p.yaml", "p.json"):
+        path = tmp_path / name
+        (p.to_yaml if name.endswith("yaml") else p.to_json)(path)
+        q = Plan.load(path)
+        assert q.to_dict() == p.to_dict()
+    assert "stage" in p.describe() and "devices" in p.describe()
+
+
+def test_same_inputs_same_plan() -> None:
+    """Deterministic: the same inputs give the same plan (timings aside)."""
+    a = plan("llama-tiny", "cpu-4", global_batch_size=8).to_dict()
+    b = plan("llama-tiny", "cpu-4", global_batch_size=8).to_dict()
+    for d in (a, b):
+        d["solver"].pop("wall_s")
+        for row in d["solver"]["candidates"]:
+            row.pop("wall_s")
+    assert a == b
+
+
+def test_plan_for_other_model_or_world_is_refused() -> None:
+    """check_compatible names what differs."""
+    p = plan("gpt-tiny", "cpu-4", global_batch_size=16)
+    with pytest.raises(PlanMismatchError, match=r"world size: the plan is for 4 devices, 2 were launched"):
+        p.check_compatible(world_size=2)
+    with pytest.raises(PlanMismatchError, match=r"model signature"):
+        p.check_compatible(model_signature="0" * 16)
+    with pytest.raises(PlanMismatchError, match=r"only in plan"):
+        p.check_compatible(layer_fqns=("a", "b"))
+
+
+def test_bad_plan_files_give_config_errors(tmp_path) -> None:
+    """A malformed plan names the file and the field."""
+    p = plan("gpt-tiny", "cpu-4", global_batch_size=16)
+    d = p.to_dict()
+    d["stages"][0]["layers"][0]["dp"] = 3
+    with pytest.raises(ConfigError, match=r"dp \(3\) x tp \(1\) must equal the stage size \(4\)"):
+        Plan.from_dict(d, source="x.yaml")
+    d = p.to_dict()
+    d["bogus"] = 1
+    with pytest.raises(ConfigError, match=r"x.yaml: unknown plan field\(s\) \['bogus'\]"):
+        Plan.from_dict(d, source="x.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML/JSON at line"):
+        Plan.load(bad)
+    with pytest.raises(ConfigError, match=r"not found"):
+        Plan.load(tmp_path / "missing.yaml")
+
+
+def test_infeasible_names_the_memory_needed() -> None:
+    """No plan fits: the error says how much memory the leanest plan needs."""
+    with pytest.raises(InfeasibleError, match=r"the leanest plan needs [0-9.]+ GiB per device") as e:
+        plan("llama-7b", "cpu-4", global_batch_size=8)
+    assert e.value.min_memory_bytes > 4 * 2**30
+
+
+def test_leanest_memory_is_exact_on_small_instances() -> None:
+    """min_memory_bytes equals the brute-force smallest peak over every plan of that (pp, c)."""
+    from uniap.milp import min_peak_memory
+
+    graph = synthetic_graph(5, 3)
+    cm = CostModel(graph, load_cluster("cpu-4"))
+    t = cm.tables(2, 2, 8)
+    brute = min(max(evaluate_assignment(t, s, list(k)).peak_memory_bytes)
+                for s in compositions(5, 2) for k in itertools.product(*t.allowed))
+    assert min_peak_memory(t) == pytest.approx(brute, rel=1e-6)
+
+
+def test_time_limited_solve_reports_gap_not_optimal() -> None:
+    """A solve stopped by its time limit is never reported optimal."""
+    graph = ModelGraph("big", tuple(
+        Layer(f"l.{u}", "Block", 10**8 + (u % 7) * 10**7, 4 * (10**8 + (u % 7) * 10**7), 1e10 * (1 + u % 5),
+              2e10 * (1 + u % 3), 1e6, 5e7 * (1 + u % 4), (TPPair(("a",), "b", 1e6),), (8,), "", 0.5, f"k{u % 7}")
+        for u in range(60)))
+    cm = CostModel(graph, load_cluster("a100-2x8").with_memory(32 * 2**30))
+    t = cm.tables(8, 16, 64)
+    inc = heuristic(t)
+    sol = solve(t, incumbent=inc, time_limit_s=0.001)
+    assert sol.status == "time_limit"
+    assert sol.gap > 0 and sol.stage_of
+    assert sol.time_per_iteration_s <= evaluate_assignment(t, *inc).time_per_iteration_s
+    full = solve(t, incumbent=inc, time_limit_s=60)
+    assert full.status == "optimal" and full.gap == 0.0
+    assert full.time_per_iteration_s <= sol.time_per_iteration_s
+
+
+def test_bad_arguments() -> None:
+    """Bad degrees and batch sizes are refused with the fix."""
+    with pytest.raises(ConfigError, match=r"pipeline degree\(s\) \[3\] must divide the number of devices \(4\)"):
+        plan("gpt-tiny", "cpu-4", global_batch_size=16, pp_degrees=[3])
+    with pytest.raises(ConfigError, match=r"global_batch_size must be a positive integer"):
+        plan("gpt-tiny", "cpu-4", global_batch_size=0)
+    with pytest.raises(ConfigError, match=r"unknown schedule"):
+        plan("gpt-tiny", "cpu-4", global_batch_size=16, schedules=["zigzag"])

@@ -1,0 +1,157 @@
+"""``uniap`` command line: thin wrappers over the public API.
+
+    uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml]
+    uniap show plan.yaml
+    uniap models | clusters
+    uniap demo                    # plan the demo model on cpu-4, then train it on 4 processes
+
+Bad input prints one line, ``uniap: error: ...``, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from uniap.errors import InfeasibleError, UniapError
+
+__all__ = ["main"]
+
+DEMO_MODEL = "gpt-tiny"
+DEMO_CLUSTER = "cpu-4"
+DEMO_BATCH = 16
+
+
+def _resolve_model(spec: str, batch_size: int):
+    """A preset name, or ``module:function`` returning a model or ``(model, example_inputs)``."""
+    from uniap import models
+
+    if ":" not in spec:
+        if spec not in models.list_models():
+            raise UniapError(f"unknown model {spec!r}; presets: {', '.join(models.list_models())}; "
+                             "or give module:function")
+        return spec, None
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    out = fn()
+    if isinstance(out, tuple) and len(out) == 2:
+        return out
+    example = getattr(out, "example_inputs", None)
+    if example is None:
+        raise UniapError(f"--model {spec!r}: the function must return (model, example_inputs) "
+                         "or a model with an `example_inputs` attribute")
+    return out, example
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from uniap.planner import plan
+
+    model, example = _resolve_model(args.model, args.global_batch_size)
+    profile = None
+    if args.profile:
+        raise UniapError("--profile: measured profiles are not supported yet; omit it to use the analytic profile")
+    p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
+             dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile,
+             schedules=[args.schedule] if args.schedule else None,
+             progress=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    print(p.describe())
+    if args.out:
+        (p.to_json if args.out.endswith(".json") else p.to_yaml)(args.out)
+        print(f"plan written to {args.out}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from uniap.plan import Plan
+
+    p = Plan.load(args.plan)
+    print(p.describe())
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from uniap import models
+
+    print("\n".join(models.list_models()))
+    return 0
+
+
+def _cmd_clusters(args: argparse.Namespace) -> int:
+    from uniap.cluster import list_presets, load_cluster
+
+    for name in list_presets():
+        print(load_cluster(name).describe())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from uniap.planner import plan
+
+    print(f"== planning {DEMO_MODEL} on the {DEMO_CLUSTER} preset (global batch {DEMO_BATCH})")
+    p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH)
+    print(p.describe())
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
+    if args.plan_only or not example.exists():
+        return 0
+    print(f"\n== training {DEMO_MODEL} on 4 CPU processes (gloo): torchrun --nproc-per-node 4 {example.name}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+           str(args.port), str(example), "--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.call(cmd, env=env)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="uniap", description="Automatic parallelism for PyTorch (UniAP).")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log decisions (INFO)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="find the fastest plan that fits")
+    p.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
+    p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
+    p.add_argument("--global-batch-size", type=int, required=True)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+    p.add_argument("--schedule", choices=["GPipe", "1F1B"], default=None)
+    p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
+    p.add_argument("--profile", default=None, help="a measured profile YAML")
+    p.add_argument("--out", default=None, help="write the plan (.yaml or .json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(fn=_cmd_plan)
+    s = sub.add_parser("show", help="print a plan file")
+    s.add_argument("plan")
+    s.set_defaults(fn=_cmd_show)
+    sub.add_parser("models", help="list model presets").set_defaults(fn=_cmd_models)
+    sub.add_parser("clusters", help="list cluster presets").set_defaults(fn=_cmd_clusters)
+    d = sub.add_parser("demo", help="plan and train the demo model on 4 CPU processes")
+    d.add_argument("--plan-only", action="store_true")
+    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--port", type=int, default=29517)
+    d.set_defaults(fn=_cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (UniapError, InfeasibleError) as e:
+        print(f"uniap: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uniap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
