@@ -2,7 +2,7 @@
 
 For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``c`` (micro-batch
 ``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
-``k = (dp, tp, kind)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch, ``rho`` the
+``k = (dp, tp, kind, recompute)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch, ``rho`` the
 overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimizer_bytes``:
 
 - ``A[u,k]`` one micro-batch through the layer:
@@ -15,7 +15,8 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   ``+ [c > 1] * all_gather(P, dp_group)``; ``+ optimizer_step(local params)``.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + O / dp`` when ``c > 1`` (unsharded parameters and gradients live across
-  micro-batches); plus activations ``saved_bytes * bl * (f / tp + 1 - f) * inflight(i)`` with
+  micro-batches); plus activations ``saved_bytes * bl * (f / tp + 1 - f) * inflight(i)`` (with
+  recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
   ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
   ``min(c, pp - i)`` for 1F1B.
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
@@ -157,9 +158,11 @@ class CostModel:
         *,
         memory_fraction: float = 0.9,
         max_tp: int | None = None,
+        recompute: bool = True,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
-        ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node)."""
+        ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
+        ``recompute`` offers activation checkpointing per layer."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -168,6 +171,7 @@ class CostModel:
         self.memory_limit_bytes = cluster.device_memory_bytes * memory_fraction
         self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
         self.opt_bytes = optimizer_bytes_per_param(graph.dtype)
+        self.recompute = recompute
 
     # ------------------------------------------------------------------ groups
     @lru_cache(maxsize=4096)  # noqa: B019 - the model is immutable once built
@@ -190,7 +194,7 @@ class CostModel:
     # ------------------------------------------------------------------ tables
     def strategies(self, pp: int) -> list[Strategy]:
         """Strategies for a stage of this pipeline degree."""
-        return stage_strategies(self.cluster.world_size // pp, max_tp=self.max_tp)
+        return stage_strategies(self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute)
 
     def tables(self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B") -> CostTables:
         """Cost tables for ``(pp, c, schedule)``; see the module docstring for every formula."""
@@ -217,7 +221,8 @@ class CostModel:
         inflight = [1 if pp == 1 else (c if schedule == "GPipe" else min(c, pp - i)) for i in range(pp)]
         allowed = []
         for u, layer in enumerate(layers):
-            ks = layer_strategies(layer, strategies, b)
+            in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
+            ks = layer_strategies(layer, strategies, b, in_bytes)
             allowed.append(ks)
             for k, s in enumerate(strategies):
                 layout[u, k] = layout_of[s.dp]
@@ -225,6 +230,8 @@ class CostModel:
                 s = strategies[k]
                 bl = b / s.dp
                 fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+                if s.recompute:
+                    bwd += fwd
                 tp_comm = 0.0
                 if s.tp > 1:
                     for pair in layer.tp_pairs:
@@ -251,7 +258,10 @@ class CostModel:
                 A[u, k] = fwd + bwd + tp_comm + fsdp_mb
                 G[u, k] = sync + opt_s
                 f = layer.tp_saved_fraction if s.tp > 1 else 0.0
-                act = layer.saved_bytes_per_sample * bl * (f / s.tp + 1 - f)
+                if s.recompute:
+                    act = in_bytes * bl
+                else:
+                    act = layer.saved_bytes_per_sample * bl * (f / s.tp + 1 - f)
                 for i in range(pp):
                     M[u, k, i] = static + act * inflight[i]
                 parts["compute"][u, k] = fwd + bwd
@@ -285,7 +295,7 @@ class CostModel:
     # ------------------------------------------------------------------ plans
     def assignment(self, plan: Plan, tables: CostTables) -> tuple[list[int], list[int]]:
         """(stage_of, strategy_of) of a plan in the indices of ``tables``."""
-        index = {(s.dp, s.tp, s.kind): k for k, s in enumerate(tables.strategies)}
+        index = {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(tables.strategies)}
         stage_of, strategy_of = [], []
         for i, st in enumerate(plan.stages):
             for ls in st.layers:

@@ -32,6 +32,8 @@ Constraints (one builder per family, named ``<family>_<indices>``)
     ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.
     ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k]``.
     ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
+    ``order_u_i_j``    (:func:`_symmetry`) identical neighbours on one stage with strategies of
+        the same layout take them in non-decreasing index order (symmetry breaking; exact).
     ``cutoff``         (:func:`_objective`) objective <= incumbent, when one is known.
 
 Windows: layer u may sit on stage i only if ``i <= u`` and ``pp - 1 - i <= L - 1 - u``; with an
@@ -137,11 +139,12 @@ def solve(
     p, o = _stage_times(t, v, scale)
     _bottleneck(prob, t, v, p, o, scale)
     _memory(prob, t, v)
+    _symmetry(prob, t, v)
     _objective(prob, t, v, p, o, bound, scale)
 
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
-                    start=start, random_seed=seed, mip_feasibility_tolerance=1e-9,
+                    start=start, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
                     primal_feasibility_tolerance=1e-9)
     prob.solve(solver)
     h = prob.solverModel
@@ -367,6 +370,53 @@ def _memory(prob, t: CostTables, v: _Vars) -> None:
         terms[i].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
     for i, tm in enumerate(terms):
         prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
+
+
+def identical_pairs(t: CostTables) -> list[int]:
+    """Layers ``u`` whose successor ``u + 1`` has identical rows of ``A``, ``G``, ``M``, the
+    same allowed strategies and the same layouts (runs of identical transformer blocks)."""
+    out = []
+    for u in range(t.num_layers - 1):
+        if (t.allowed[u] == t.allowed[u + 1] and np.array_equal(t.A[u], t.A[u + 1])
+                and np.array_equal(t.G[u], t.G[u + 1]) and np.array_equal(t.M[u], t.M[u + 1])
+                and np.array_equal(t.layout[u], t.layout[u + 1])):
+            out.append(u)
+    return out
+
+
+def _symmetry(prob, t: CostTables, v: _Vars) -> None:
+    """``order_u_i_j``: on identical neighbours u, u+1 of the same stage whose strategies share
+    a layout, the strategy index does not decrease. Valid: swapping the two strategies changes
+    no coefficient (same rows; every reshard edge keeps its layouts), so sorting each such run
+    by bubble swaps turns any optimum into one that satisfies these rows. They remove the
+    ``n!``-fold symmetry of runs of identical blocks that otherwise stalls branch and bound."""
+    pairs = identical_pairs(t)
+    # Count variables per run of identical layers, stage and strategy: integer, so branch and
+    # bound can branch on "how many blocks of this run use strategy k here" instead of on
+    # single blocks (the x are then fixed by the ordering rows below).
+    runs: list[list[int]] = []
+    for u in pairs:
+        if runs and runs[-1][-1] == u:
+            runs[-1].append(u + 1)
+        else:
+            runs.append([u, u + 1])
+    for r, run in enumerate(runs):
+        stages = sorted({i for u in run for i in v.window[u]})
+        for i in stages:
+            for k in t.allowed[run[0]]:
+                xs = [v.x[u, i, k] for u in run if (u, i, k) in v.x]
+                n = pulp.LpVariable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
+                prob += n == pulp.lpSum(xs), f"count_{r}_{i}_{k}"
+    for u in pairs:
+        for i in v.window[u]:
+            if i not in v.window[u + 1]:
+                continue
+            for a in v.classes[u]:
+                ks = [k for k in t.allowed[u] if v.layout[u][k] == a]
+                for j in ks[:-1]:
+                    hi = [v.x[u, i, k] for k in ks if k > j]
+                    lo = [v.x[u + 1, i, k] for k in ks if k <= j]
+                    prob += pulp.lpSum(hi) + pulp.lpSum(lo) <= 1, f"order_{u}_{i}_{j}"
 
 
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:

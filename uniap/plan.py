@@ -45,11 +45,13 @@ class LayerStrategy:
     """Tensor-parallel degree (consecutive ranks; ``dp * tp`` = stage size)."""
     kind: str = "DDP"
     """``DDP`` (replicated parameters, gradient all-reduce) or ``FSDP`` (sharded over dp)."""
+    recompute: bool = False
+    """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
 
     @property
-    def key(self) -> tuple[int, int, str]:
-        """``(dp, tp, kind)``."""
-        return (self.dp, self.tp, self.kind)
+    def key(self) -> tuple[int, int, str, bool]:
+        """``(dp, tp, kind, recompute)``."""
+        return (self.dp, self.tp, self.kind, self.recompute)
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ class Plan:
             "num_microbatches": self.num_microbatches,
             "schedule": self.schedule,
             "stages": [
-                {"ranks": list(st.ranks), "layers": [asdict(ls) for ls in st.layers]}
+                {"ranks": list(st.ranks), "layers": [_layer_dict(ls) for ls in st.layers]}
                 for st in self.stages
             ],
             "predicted": _plain(self.predicted),
@@ -245,15 +247,18 @@ class Plan:
             for i, st in enumerate(d["stages"]):
                 layers = []
                 for j, ls in enumerate(st["layers"]):
-                    extra = sorted(set(ls) - {"fqn", "dp", "tp", "kind"})
+                    extra = sorted(set(ls) - {"fqn", "dp", "tp", "kind", "recompute"})
                     if extra:
                         raise ConfigError(
                             f"{source}: stages[{i}].layers[{j}]: unknown field(s) {extra}; "
-                            "a layer has fqn, dp, tp, kind"
+                            "a layer has fqn, dp, tp, kind and optionally recompute"
                         )
+                    rc = ls.get("recompute", False)
+                    if not isinstance(rc, bool):
+                        raise ConfigError(f"{source}: stages[{i}].layers[{j}].recompute must be true or false, got {rc!r}")
                     layers.append(LayerStrategy(str(ls["fqn"]), _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
                                                 _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
-                                                str(ls.get("kind", "DDP"))))
+                                                str(ls.get("kind", "DDP")), rc))
                 ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
                 stages.append(Stage(ranks, tuple(layers)))
             plan = cls(
@@ -316,7 +321,7 @@ class Plan:
         """One line: pp, c, schedule and each stage's strategies run-length compressed."""
         parts = []
         for st in self.stages:
-            parts.append(" ".join(f"{n}x{_strat(k)}" for k, n in _runs(st.layers)))
+            parts.append(", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers)))
         tpi = self.predicted.get("time_per_iteration_s")
         tail = f" | TPI {tpi:.4g} s" if isinstance(tpi, int | float) else ""
         return f"pp={self.pp_degree} c={self.num_microbatches} {self.schedule}: " + " || ".join(parts) + tail
@@ -331,7 +336,7 @@ class Plan:
         ]
         mem = self.predicted.get("peak_memory_bytes") or []
         st_time = self.predicted.get("stage_time_s") or []
-        header = f"{'stage':>5}  {'devices':<12} {'layers':<28} {'strategies (dp x tp kind)':<34} {'memory':>10} {'time/mb':>10}"
+        header = f"{'stage':>5}  {'devices':<12} {'layers':<28} {'strategies (layers x strategy)':<34} {'memory':>10} {'time/mb':>10}"
         lines.append(header)
         lines.append("-" * len(header))
         for i, st in enumerate(self.stages):
@@ -358,13 +363,20 @@ class Plan:
         return "\n".join(lines)
 
 
-def _strat(k: tuple[int, int, str]) -> str:
-    dp, tp, kind = k
-    return f"{dp}x{tp} {kind}"
+def _layer_dict(ls: LayerStrategy) -> dict[str, Any]:
+    d = asdict(ls)
+    if not ls.recompute:
+        d.pop("recompute")  # the common case stays as DESIGN.md shows it
+    return d
 
 
-def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[tuple[int, int, str], int]]:
-    out: list[tuple[tuple[int, int, str], int]] = []
+def _strat(k: tuple) -> str:
+    dp, tp, kind, recompute = k
+    return f"dp{dp} tp{tp} {kind}" + (" +ckpt" if recompute else "")
+
+
+def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[tuple, int]]:
+    out: list[tuple[tuple, int]] = []
     for ls in layers:
         if out and out[-1][0] == ls.key:
             out[-1] = (ls.key, out[-1][1] + 1)

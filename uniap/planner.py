@@ -9,8 +9,10 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    ``Gmin = sum_u min_k G[u,k]`` (every stage time is at least its compute; the bottleneck is at
    least the average); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
    the best time found (they cannot win);
-3. a heuristic assignment warm-starts the MILP; the best time so far cuts off everything that
-   cannot beat it (:func:`uniap.milp.solve`).
+3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
+   the first incumbent, and candidates are visited in order of their heuristic time;
+4. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
+   everything that cannot beat it (:func:`uniap.milp.solve`).
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
@@ -77,6 +79,7 @@ def plan_graph(
     num_microbatches: Sequence[int] | None = None,
     memory_fraction: float = 0.9,
     max_tp: int | None = None,
+    recompute: bool = True,
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
@@ -92,7 +95,7 @@ def plan_graph(
         if bad:
             raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
     _log_tp_exclusions(graph)
-    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp)
+    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute)
     pps = [p for p in divisors(N) if p <= L]
     if pp_degrees is not None:
         bad = [p for p in pp_degrees if p not in pps]
@@ -121,22 +124,31 @@ def plan_graph(
             f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
             f"(e.g. a multiple of {N})",
         )
-    cands.sort(key=lambda ct: (ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
-    best: tuple[Solution, CostTables] | None = None
+    # Heuristic plans for every candidate first: the best of them is a global incumbent that
+    # cuts off every program that cannot beat it, and the visiting order follows them.
+    heur = {}
     best_tpi = math.inf
+    for _, t in cands:
+        inc = heuristic(t)
+        tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
+        heur[id(t)] = (inc, tpi)
+        best_tpi = min(best_tpi, tpi)
+    cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
+    best: tuple[Solution, CostTables] | None = None
     statuses = []
     for idx, (cand, t) in enumerate(cands):
-        if cand.lower_bound_s >= best_tpi * (1 - 1e-12):
+        if best is not None and cand.lower_bound_s >= best_tpi * (1 - 1e-12):
             cand.status = "pruned"
             continue
-        inc = heuristic(t)
+        inc, _ = heur[id(t)]
         sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
                     time_limit_s=time_limit_s, threads=threads, seed=seed)
         cand.status, cand.wall_s = sol.status, sol.wall_s
         cand.time_per_iteration_s = sol.time_per_iteration_s
         statuses.append(sol)
-        if sol.stage_of and sol.time_per_iteration_s < best_tpi:
-            best, best_tpi = (sol, t), sol.time_per_iteration_s
+        if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
+            best = (sol, t)
+            best_tpi = min(best_tpi, sol.time_per_iteration_s)
         if progress is not None:
             tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
             progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
@@ -238,7 +250,8 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
     stages = []
     for i in range(pp):
         layers = tuple(
-            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp, t.strategies[k].kind)
+            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp, t.strategies[k].kind,
+                          t.strategies[k].recompute)
             for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of)) if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))

@@ -1,11 +1,12 @@
 """Intra-layer strategies: how one layer uses the ``g`` devices of its pipeline stage.
 
-A strategy ``k = (dp, tp, kind)`` splits the stage's ``g`` ranks into ``dp`` data-parallel
+A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into ``dp`` data-parallel
 groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says whether the
 parameters are replicated over the data-parallel group (``DDP``) or sharded over it (``FSDP``).
 A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the executor
 asks the same question), and a strategy is offered only if its ``dp`` splits the micro-batch.
-FSDP with ``dp = 1`` is the same as DDP and is not offered twice.
+FSDP with ``dp = 1`` is the same as DDP and is not offered twice. ``recompute`` is activation
+checkpointing of the layer (torch.utils.checkpoint): less memory, one more forward.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class Strategy:
     """Tensor-parallel degree (consecutive ranks)."""
     kind: str
     """``DDP`` or ``FSDP``."""
+    recompute: bool = False
+    """Activation checkpointing: keep the layer's input only, recompute forward in backward."""
 
     def __str__(self) -> str:
-        return f"dp{self.dp}xtp{self.tp}-{self.kind}"
+        return f"dp{self.dp}xtp{self.tp}-{self.kind}" + ("-ckpt" if self.recompute else "")
 
 
 def divisors(n: int) -> list[int]:
@@ -45,24 +48,31 @@ def divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def stage_strategies(stage_size: int, *, max_tp: int | None = None) -> list[Strategy]:
+def stage_strategies(stage_size: int, *, max_tp: int | None = None, recompute: bool = True) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
-    then DDP before FSDP). ``max_tp`` caps the TP degree (e.g. devices per node)."""
+    then DDP before FSDP, then without before with recompute). ``max_tp`` caps the TP degree
+    (e.g. devices per node); ``recompute`` offers activation checkpointing."""
     out = []
     for tp in divisors(stage_size):
         if max_tp is not None and tp > max_tp:
             continue
         dp = stage_size // tp
-        out.append(Strategy(dp, tp, "DDP"))
-        if dp > 1:
-            out.append(Strategy(dp, tp, "FSDP"))
+        for kind in ("DDP", "FSDP") if dp > 1 else ("DDP",):
+            out.append(Strategy(dp, tp, kind))
+            if recompute:
+                out.append(Strategy(dp, tp, kind, True))
     return out
 
 
-def layer_strategies(layer: Layer, strategies: list[Strategy], microbatch_size: int) -> list[int]:
-    """Indices into ``strategies`` that ``layer`` may use at this micro-batch size."""
+def layer_strategies(layer: Layer, strategies: list[Strategy], microbatch_size: int,
+                     input_bytes_per_sample: float = 0.0) -> list[int]:
+    """Indices into ``strategies`` that ``layer`` may use at this micro-batch size.
+
+    Recompute is offered only where it saves memory: the layer keeps more for backward than
+    twice its input (which checkpointing keeps instead)."""
+    worth_ckpt = layer.saved_bytes_per_sample > 2 * input_bytes_per_sample
     return [
         k
         for k, s in enumerate(strategies)
-        if layer.supports_tp(s.tp) and microbatch_size % s.dp == 0
+        if layer.supports_tp(s.tp) and microbatch_size % s.dp == 0 and (worth_ckpt or not s.recompute)
     ]

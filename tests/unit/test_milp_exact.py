@@ -29,6 +29,10 @@ def random_tables(seed: int) -> CostTables:
                 A[u, k] = np.inf
     G = rng.uniform(0.0, 1.0, size=(L, K))
     M = rng.uniform(1.0, 10.0, size=(L, K, 1)) + rng.uniform(0, 2.0, size=(L, K, pp))
+    if seed % 2:  # a run of identical layers (exercises symmetry breaking and count variables)
+        s0 = int(rng.integers(0, L - 2))
+        for u in range(s0 + 1, min(L, s0 + 4)):
+            A[u], G[u], M[u], allowed[u] = A[s0], G[s0], M[s0], list(allowed[s0])
     R = rng.uniform(0.0, 0.5, size=(max(L - 1, 0), C, C))
     for a in range(C):
         R[:, a, a] = 0.0

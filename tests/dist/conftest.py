@@ -1,0 +1,39 @@
+"""Make the helpers in this folder importable (also from spawned processes), and run every
+case of one world size in ONE spawned process group per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def _run(world_size: int, cases: list[dict], tmp: Path) -> dict[str, Any]:
+    from harness import run_cases
+
+    for case in cases:
+        if case.get("kind") == "checkpoint":
+            case["dir"] = str(tmp / case["name"])
+    return run_cases(world_size, "cases:run_case", cases)
+
+
+@pytest.fixture(scope="session")
+def results_w2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Results of every world-size-2 case (one spawn)."""
+    from grid import w2_cases
+
+    return _run(2, w2_cases(), tmp_path_factory.mktemp("w2"))
+
+
+@pytest.fixture(scope="session")
+def results_w4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Results of every world-size-4 case (one spawn)."""
+    from grid import w4_cases
+
+    return _run(4, w4_cases(), tmp_path_factory.mktemp("w4"))

@@ -1,0 +1,324 @@
+"""The cases of the distributed suite, per world size: all of one world size run inside ONE
+spawned process group (``conftest.py``), each reported as its own test.
+
+Parity cases are named by their plan: ``pp{P}_{strategies}_{schedule}_c{C}``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from toy import make_plan, toy_fqns, toy_signature
+
+D, F = "DDP", "FSDP"
+
+
+@functools.cache
+def _toy_sig() -> str:
+    return toy_signature()
+
+
+def toy(
+    name: str,
+    ws: int,
+    stages: list,
+    *,
+    c: int = 1,
+    schedule: str = "GPipe",
+    B: int = 8,
+    split: list[int] | None = None,
+    **extra: Any,
+) -> dict:
+    """A parity case on the 4-layer toy (embed, blocks.0, blocks.1, head)."""
+    plan = make_plan(
+        toy_fqns(),
+        ws,
+        stages,
+        global_batch_size=B,
+        num_microbatches=c,
+        schedule=schedule,
+        split=split,
+        model_name="Toy",
+        signature=_toy_sig(),
+    )
+    return {"name": name, "model": "toy", "plan": plan.to_dict(), **extra}
+
+
+@functools.cache
+def _graph(name: str) -> Any:
+    from uniap.graph import build_graph
+    from uniap.models import build_model, example_batch
+
+    return build_graph(build_model(name), example_batch(name, 2)[0], name=name)
+
+
+def preset(
+    name: str,
+    model: str,
+    ws: int,
+    pp: int,
+    *,
+    tp_layers: tuple,
+    others: tuple,
+    c: int,
+    schedule: str = "GPipe",
+    B: int = 8,
+    **extra: Any,
+) -> dict:
+    """A parity case on a reference model: layers with a TP plan get ``tp_layers`` ((dp, tp,
+    kind)), the others ``others``; layers split evenly over ``pp`` stages."""
+    graph = _graph(model)
+    per_layer = [tp_layers if layer.supports_tp(tp_layers[1]) else others for layer in graph.layers]
+    n = graph.num_layers
+    split = [n // pp + (1 if i < n % pp else 0) for i in range(pp)]
+    stages, pos = [], 0
+    for k in split:
+        stages.append(per_layer[pos : pos + k])
+        pos += k
+    plan = make_plan(
+        list(graph.fqns),
+        ws,
+        stages,
+        global_batch_size=B,
+        num_microbatches=c,
+        schedule=schedule,
+        split=split,
+        model_name=model,
+        signature=graph.signature,
+    )
+    return {"name": name, "model": model, "plan": plan.to_dict(), **extra}
+
+
+# ------------------------------------------------------------------------------ the grid
+def w2_cases() -> list[dict]:
+    """World size 2."""
+    return [
+        toy("pp1_dp2_ddp_c1", 2, [[(2, 1, D)]], forward=True),
+        toy("pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2),
+        toy("pp1_dp2_fsdp_c1", 2, [[(2, 1, F)]]),
+        toy("pp1_dp2_fsdp_c4", 2, [[(2, 1, F)]], c=4),
+        toy("pp1_tp2_blocks_c1", 2, [[(2, 1, D), (1, 2, D), (1, 2, D), (2, 1, D)]], forward=True),
+        toy("pp1_mixed_fsdp_tp2_c2", 2, [[(2, 1, F), (1, 2, F), (1, 2, D), (2, 1, F)]], c=2),
+        toy(
+            "pp1_mixed_via_apply_plan_c2",
+            2,
+            [[(2, 1, D), (1, 2, D), (1, 2, D), (2, 1, F)]],
+            c=2,
+            via="apply_plan",
+        ),
+        toy("pp2_gpipe_c1", 2, [[(1, 1, D)], [(1, 1, D)]]),
+        toy("pp2_gpipe_c4", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="GPipe"),
+        toy("pp2_1f1b_c2", 2, [[(1, 1, D)], [(1, 1, D)]], c=2, schedule="1F1B"),
+        toy(
+            "pp2_1f1b_c1_fewer_microbatches_than_stages",
+            2,
+            [[(1, 1, D)], [(1, 1, D)]],
+            c=1,
+            schedule="1F1B",
+        ),
+        toy(
+            "pp2_1f1b_c4_split13", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="1F1B", split=[1, 3]
+        ),
+        preset("gpt_tiny_pp1_tp2_c2", "gpt-tiny", 2, 1, tp_layers=(1, 2, D), others=(2, 1, D), c=2),
+        preset(
+            "llama_tiny_pp1_fsdp_tp2_c2",
+            "llama-tiny",
+            2,
+            1,
+            tp_layers=(1, 2, F),
+            others=(2, 1, F),
+            c=2,
+        ),
+        preset(
+            "bert_tiny_pp2_gpipe_c2", "bert-tiny", 2, 2, tp_layers=(1, 1, D), others=(1, 1, D), c=2
+        ),
+        preset(
+            "vit_tiny_pp1_tp2_ddp_c1",
+            "vit-tiny",
+            2,
+            1,
+            tp_layers=(1, 2, D),
+            others=(2, 1, D),
+            c=1,
+            forward=True,
+        ),
+        preset(
+            "t5_tiny_pp2_1f1b_c4",
+            "t5-tiny",
+            2,
+            2,
+            tp_layers=(1, 1, D),
+            others=(1, 1, F),
+            c=4,
+            schedule="1F1B",
+        ),
+        preset(
+            "swin_tiny_pp1_dp2_fsdp_c2",
+            "swin-tiny",
+            2,
+            1,
+            tp_layers=(2, 1, F),
+            others=(2, 1, F),
+            c=2,
+        ),
+        {
+            "name": "planned_gpt_tiny_cpu2",
+            "model": "gpt-tiny",
+            "plan": None,
+            "cluster": "cpu-2",
+            "global_batch_size": 8,
+        },
+        toy(
+            "consistency_rank1_other_plan",
+            2,
+            [[(2, 1, D)]],
+            c=2,
+            kind="plan_consistency",
+            odd_rank=1,
+        ),
+        toy(
+            "checkpoint_pp1_fsdp_tp2",
+            2,
+            [[(2, 1, F), (1, 2, F), (1, 2, D), (2, 1, D)]],
+            c=2,
+            kind="checkpoint",
+        ),
+        toy(
+            "comm_pp1_tp2_c2",
+            2,
+            [[(2, 1, D), (1, 2, D), (1, 2, D), (2, 1, D)]],
+            c=2,
+            kind="comm_count",
+            # embed/head DDP: one all-reduce each; blocks: 2 pairs x (1 fwd + 1 bwd) x c;
+            # reshard embed->blocks gathers forward, blocks->head gathers backward, per micro-batch
+            expect={"all_reduce@2": 2, "tp_all_reduce@2": 16, "all_gather_single@2": 4},
+        ),
+    ]
+
+
+def w4_cases() -> list[dict]:
+    """World size 4."""
+    return [
+        toy("pp1_dp4_ddp_c1", 4, [[(4, 1, D)]]),
+        toy("pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2),
+        toy("pp1_tp4_blocks_c1", 4, [[(4, 1, D), (1, 4, D), (1, 4, D), (4, 1, D)]], forward=True),
+        toy("pp1_dp2tp2_ddp_c2", 4, [[(4, 1, D), (2, 2, D), (2, 2, D), (4, 1, D)]], c=2),
+        toy("pp1_dp2tp2_fsdp_c1", 4, [[(4, 1, F), (2, 2, F), (2, 2, F), (4, 1, F)]]),
+        toy("pp1_dp2tp2_fsdp_c4", 4, [[(4, 1, F), (2, 2, F), (2, 2, F), (4, 1, F)]], c=4, B=16),
+        toy(
+            "pp1_mixed_dp4_dp2tp2_tp4_c2",
+            4,
+            [[(4, 1, F), (2, 2, D), (1, 4, F), (4, 1, D)]],
+            c=2,
+            forward=True,
+        ),
+        toy("pp2_dp2_ddp_gpipe_c2", 4, [[(2, 1, D)], [(2, 1, D)]], c=2),
+        toy("pp2_dp2_fsdp_1f1b_c4", 4, [[(2, 1, F)], [(2, 1, F)]], c=4, schedule="1F1B"),
+        toy(
+            "pp2_tp2_cross_stage_reshard_gpipe_c2",
+            4,
+            [[(2, 1, D), (1, 2, D)], [(2, 1, F), (2, 1, F)]],
+            c=2,
+        ),
+        toy(
+            "pp2_fsdp_tp2_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, F)]],
+            c=2,
+            schedule="1F1B",
+        ),
+        toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
+        toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),
+        toy("pp4_gpipe_c1", 4, [[(1, 1, D)]] * 4, c=1),
+        toy(
+            "pp4_1f1b_c2_fewer_microbatches_than_stages", 4, [[(1, 1, D)]] * 4, c=2, schedule="1F1B"
+        ),
+        toy(
+            "pp2_split13_fsdp_dp2_gpipe_c4",
+            4,
+            [[(2, 1, F)], [(2, 1, F), (1, 2, D), (2, 1, D)]],
+            c=4,
+            split=[1, 3],
+        ),
+        preset(
+            "llama_tiny_pp2_dp2_tp2_1f1b_c2",
+            "llama-tiny",
+            4,
+            2,
+            tp_layers=(1, 2, F),
+            others=(2, 1, D),
+            c=2,
+            schedule="1F1B",
+        ),
+        preset(
+            "gpt_tiny_pp1_dp2tp2_fsdp_c2",
+            "gpt-tiny",
+            4,
+            1,
+            tp_layers=(2, 2, F),
+            others=(4, 1, F),
+            c=2,
+        ),
+        {
+            "name": "planned_bert_tiny_cpu4",
+            "model": "bert-tiny",
+            "plan": None,
+            "cluster": "cpu-4",
+            "global_batch_size": 8,
+        },
+        toy(
+            "checkpoint_pp2_mixed",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+            c=2,
+            kind="checkpoint",
+        ),
+        # per-iteration collectives seen by rank 0 (4 layers with parameters on stage 0 when pp=1)
+        toy(
+            "comm_pp1_ddp_c2", 4, [[(4, 1, D)]], c=2, kind="comm_count", expect={"all_reduce@4": 4}
+        ),
+        toy(
+            "comm_pp1_fsdp_c1",
+            4,
+            [[(4, 1, F)]],
+            kind="comm_count",
+            expect={"all_gather_single@4": 8, "reduce_scatter_single@4": 4},
+        ),
+        toy(
+            "comm_pp1_fsdp_c4",
+            4,
+            [[(4, 1, F)]],
+            c=4,
+            B=16,
+            kind="comm_count",
+            expect={"all_gather_single@4": 4, "reduce_scatter_single@4": 4},
+        ),
+        toy(
+            "comm_pp1_dp2tp2_fsdp_c2",
+            4,
+            [[(4, 1, D), (2, 2, F), (2, 2, F), (4, 1, D)]],
+            c=2,
+            kind="comm_count",
+            expect={
+                "all_reduce@4": 2,
+                "all_gather_single@2": 2 + 4,
+                "reduce_scatter_single@2": 2,
+                "tp_all_reduce@2": 16,
+            },
+        ),
+        toy(
+            "comm_pp2_dp2_1f1b_c2",
+            4,
+            [[(2, 1, D)], [(2, 1, F)]],
+            c=2,
+            schedule="1F1B",
+            kind="comm_count",
+            expect={"all_reduce@2": 2},
+        ),
+    ]
+
+
+def cases_of(cases: list[dict], kind: str) -> list[str]:
+    """Names of the cases of one kind (``parity`` by default)."""
+    return [c["name"] for c in cases if c.get("kind", "parity") == kind]

@@ -1,0 +1,190 @@
+"""Executor logic without a real process group: rank/group arithmetic, reshard plans simulated
+sample by sample, global-batch slicing, and large meshes built with the fake process group."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from uniap.executor.mesh import GatherStep, RankLayout, SliceStep, reshard_steps
+from uniap.executor.reshard import slice_global_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+LAYOUTS = [(w, pp) for w in (1, 2, 4, 6, 8, 12, 16) for pp in _divisors(w)]
+
+
+@pytest.mark.parametrize(("world", "pp"), LAYOUTS)
+def test_groups_partition_each_stage(world: int, pp: int) -> None:
+    """TP groups are consecutive, DP groups strided by tp, lanes hit one rank per stage."""
+    lay = RankLayout(world, pp)
+    g = lay.stage_size
+    for tp in _divisors(g):
+        dp = g // tp
+        for rank in range(world):
+            tpg, dpg = lay.tp_group(rank, dp, tp), lay.dp_group(rank, dp, tp)
+            assert rank in tpg and rank in dpg and len(tpg) == tp and len(dpg) == dp
+            assert list(tpg) == list(range(tpg[0], tpg[0] + tp))
+            assert all(b - a == tp for a, b in zip(dpg, dpg[1:]))
+            assert {lay.stage_of(r) for r in tpg + dpg} == {lay.stage_of(rank)}
+            assert lay.dp_index(rank, tp) == dpg.index(rank)
+            lane = lay.lane(rank)
+            assert [lay.stage_of(r) for r in lane] == list(range(pp))
+            assert {lay.local(r) for r in lane} == {lay.local(rank)}
+
+
+@pytest.mark.parametrize(("world", "pp"), [(8, 1), (8, 2), (12, 1), (16, 2)])
+def test_gather_groups_partition_the_world(world: int, pp: int) -> None:
+    """Every gather group family covers each rank exactly once; gather_index is the position."""
+    lay = RankLayout(world, pp)
+    g = lay.stage_size
+    for tp_small, tp_big in itertools.combinations(_divisors(g), 2):
+        if tp_big % tp_small:
+            continue
+        groups = lay.gather_groups(tp_small, tp_big)
+        flat = sorted(r for grp in groups for r in grp)
+        assert flat == list(range(world))
+        for grp in groups:
+            assert len(grp) == tp_big // tp_small
+            for pos, r in enumerate(grp):
+                assert lay.gather_index(r, tp_small, tp_big) == pos
+
+
+def test_reshard_steps_kinds() -> None:
+    """Equal dp: nothing; dp down: one gather; dp up: one slice; coprime: gather then slice."""
+    assert reshard_steps(4, (2, 2), (2, 2)) == []
+    assert reshard_steps(4, (4, 1), (2, 2)) == [GatherStep(1, 2)]
+    assert reshard_steps(4, (1, 4), (4, 1)) == [SliceStep(1, 4)]
+    assert reshard_steps(6, (2, 3), (3, 2)) == [GatherStep(3, 6), SliceStep(2, 6)]
+
+
+def _held(lay: RankLayout, rank: int, layout: tuple[int, int], b: int) -> list[int]:
+    """Sample indices of the micro-batch that ``rank`` holds under ``layout``."""
+    dp, tp = layout
+    s = b // dp
+    j = lay.dp_index(rank, tp)
+    return list(range(j * s, (j + 1) * s))
+
+
+@pytest.mark.parametrize("g", [2, 4, 6, 8, 12])
+def test_reshard_steps_move_every_rank_to_its_target_shard(g: int) -> None:
+    """Simulated sample by sample on one stage: applying the steps' gathers (in group order)
+    and slices turns every rank's source shard into exactly its target shard."""
+    lay = RankLayout(g, 1)
+    b = g * 2
+    shapes = [(g // tp, tp) for tp in _divisors(g)]
+    for src, dst in itertools.product(shapes, shapes):
+        data = {r: _held(lay, r, src, b) for r in range(g)}
+        for step in reshard_steps(g, src, dst):
+            k = step.tp_big // step.tp_small
+            new = {}
+            for r in range(g):
+                grp = lay.gather_group(r, step.tp_small, step.tp_big)
+                idx = lay.gather_index(r, step.tp_small, step.tp_big)
+                if isinstance(step, GatherStep):
+                    new[r] = [x for member in grp for x in data[member]]
+                else:
+                    n = len(data[r]) // k
+                    new[r] = data[r][idx * n : (idx + 1) * n]
+            data = new
+        for r in range(g):
+            assert data[r] == _held(lay, r, dst, b), (src, dst, r)
+
+
+def test_slice_global_batch_reassembles() -> None:
+    """The dp shards of each micro-batch, in order, are the global batch."""
+    x = torch.arange(24).reshape(12, 2)
+    c, dp = 3, 2
+    parts = [slice_global_batch(x, num_microbatches=c, dp=dp, dp_index=j) for j in range(dp)]
+    mbs = [torch.cat([p.tensor_split(c)[m] for p in parts]) for m in range(c)]
+    assert torch.equal(torch.cat(mbs), x)
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches x 4"):
+        slice_global_batch(x[:10], num_microbatches=3, dp=4, dp_index=0)
+
+
+def test_pipeline_degree_must_divide_world() -> None:
+    """A pp that does not divide the world is refused with the valid choices."""
+    with pytest.raises(ValueError, match=r"try pp in \[1, 2, 3, 6\]"):
+        RankLayout(6, 4)
+
+
+# ------------------------------------------------------------------ fake process group
+@pytest.fixture
+def fake_world(request: pytest.FixtureRequest) -> int:
+    """A fake process group (no communication) of ``(world, rank)``."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world, rank = request.param
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    yield rank
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fake_world", [(16, 5), (16, 12)], indirect=True)
+def test_large_mesh_groups_match_rank_arithmetic(fake_world: int) -> None:
+    """On 16 fake ranks, pp=2: the meshes and groups built are the ones RankLayout predicts."""
+    from toy import make_plan, toy_fqns
+
+    from uniap.executor import ProcessGroups
+
+    rank = fake_world
+    plan = make_plan(
+        toy_fqns(),
+        16,
+        [[(8, 1, "FSDP"), (4, 2, "FSDP")], [(2, 4, "DDP"), (8, 1, "DDP")]],
+        global_batch_size=32,
+        num_microbatches=2,
+    )
+    groups = ProcessGroups(plan, torch.device("cpu"))
+    lay = RankLayout(16, 2)
+    assert groups.stage_index == lay.stage_of(rank)
+    for dp, tp in [(8, 1), (4, 2), (2, 4)]:
+        mesh = groups.layer_mesh(dp, tp)
+        assert tuple(mesh["tp"].mesh.tolist()) == lay.tp_group(rank, dp, tp)
+        assert tuple(mesh["dp"].mesh.tolist()) == lay.dp_group(rank, dp, tp)
+    assert tuple(dist.get_process_group_ranks(groups.lane_group)) == lay.lane(rank)
+    for tp_small, tp_big in [(1, 2), (2, 4), (1, 4)]:
+        got = tuple(dist.get_process_group_ranks(groups.gather_group(tp_small, tp_big)))
+        assert got == lay.gather_group(rank, tp_small, tp_big)
+
+
+@pytest.mark.parametrize("fake_world", [(16, 5)], indirect=True)
+def test_large_world_apply_plan_shards_as_planned(fake_world: int) -> None:
+    """apply_plan on fake rank 5 of 16: stage 0's layers only, FSDP x TP placements on the
+    right meshes, original FQNs."""
+    from toy import build_toy, make_plan, toy_fqns, toy_layers, toy_loss
+
+    from uniap.executor import apply_plan
+
+    plan = make_plan(
+        toy_fqns(),
+        16,
+        [[(8, 1, "FSDP"), (4, 2, "FSDP")], [(2, 4, "DDP"), (8, 1, "FSDP")]],
+        global_batch_size=32,
+        num_microbatches=2,
+    )
+    pm = apply_plan(
+        build_toy(), plan, loss_fn=toy_loss, layers=toy_layers(), device=torch.device("cpu")
+    )
+    params = dict(pm.named_parameters())
+    assert {k.split(".")[0] for k in params} == {"embed", "blocks"}
+    assert all(not k.startswith("blocks.1") for k in params)
+    emb = params["embed.tok.weight"]
+    assert (
+        emb.device_mesh.mesh.tolist() == list(range(8)) and str(emb.placements) == "(Shard(dim=0),)"
+    )
+    o = params["blocks.0.o.weight"]
+    assert o.device_mesh.mesh.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert o.placements[1].dim == 1  # TP row-wise: input features
+    assert params["blocks.0.norm1.weight"].device_mesh.mesh.tolist() == [1, 3, 5, 7]
+    assert pm.is_first_stage and not pm.is_last_stage

@@ -1,0 +1,269 @@
+"""The public entry point: ``parallelize(model, cluster, ...) -> ParallelModel``.
+
+Run it under ``torchrun`` (every rank calls it with the same arguments)::
+
+    pm = uniap.api.parallelize(model, "cpu-4", global_batch_size=16,
+                               example_inputs=x, loss_fn=loss_fn)
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    for x, y in batches:
+        opt.zero_grad()
+        loss = pm.train_step(x, y)
+        opt.step()
+
+Order: (1) validate everything that can be checked locally, *before any collective* (a plan
+for another model or another world size, a cluster of another size, TP on a layer without a
+TP plan, a global batch the plan was not made for); (2) initialise the default process group
+from the torchrun environment if needed (NCCL on ``cuda:{LOCAL_RANK}`` when CUDA is
+available, else gloo on CPU); (3) plan on rank 0 when no plan is given and broadcast it;
+(4) check on every rank that its plan hashes to rank 0's (and that it passed its own checks),
+all ranks failing together with the differing rank named; (5) apply the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from uniap.errors import PlanMismatchError, UniapError
+from uniap.executor import ParallelModel, apply_plan, default_device
+from uniap.executor.tensor_parallel import check_tp_supported
+from uniap.plan import Plan
+
+__all__ = ["parallelize", "plan_hash"]
+
+logger = logging.getLogger(__name__)
+
+
+def plan_hash(plan: Plan) -> str:
+    """Hash of what the executor runs (model signature, sizes, schedule, stages); predictions
+    and solver statistics do not count."""
+    d = plan.to_dict()
+    key = {
+        k: d[k]
+        for k in (
+            "model",
+            "world_size",
+            "global_batch_size",
+            "num_microbatches",
+            "schedule",
+            "stages",
+        )
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _launched_world() -> tuple[int, int]:
+    """(rank, world size) of this process without any communication."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_process_group(timeout_s: float) -> None:
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:  # plain `python script.py`: a world of one
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    logger.info(
+        "initialised %s process group: rank %d of %d",
+        backend,
+        dist.get_rank(),
+        dist.get_world_size(),
+    )
+
+
+def _model_identity(model: nn.Module, example_inputs: Any) -> tuple[Any, tuple[str, ...]]:
+    """(ModelGraph or None, layer FQNs)."""
+    from uniap.graph import build_graph, layer_chain
+
+    if example_inputs is None:
+        return None, tuple(f for f, _ in layer_chain(model))
+    graph = build_graph(model, example_inputs, name=getattr(model, "uniap_name", None))
+    return graph, graph.fqns
+
+
+def _check_plan(
+    plan: Plan, *, graph: Any, fqns: tuple[str, ...], world_size: int, global_batch_size: int
+) -> None:
+    """Every local check of a plan against this model and world (no communication)."""
+    plan.check_compatible(
+        model_signature=graph.signature if graph is not None else None,
+        model_name=graph.name if graph is not None else None,
+        layer_fqns=fqns,
+        world_size=world_size,
+    )
+    if plan.global_batch_size != global_batch_size:
+        raise PlanMismatchError(
+            f"the plan does not match: global batch size: the plan is for {plan.global_batch_size} "
+            f"samples per iteration, parallelize was given {global_batch_size}; re-run `uniap plan`"
+        )
+    layers = {layer.fqn: layer for layer in graph.layers} if graph is not None else {}
+    for ls in plan.layer_strategies:
+        check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+
+
+def _as_plan(plan: Plan | str | Path) -> Plan:
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
+
+
+def parallelize(
+    model: nn.Module,
+    cluster: Any = None,
+    *,
+    global_batch_size: int,
+    example_inputs: Any = None,
+    loss_fn: Any,
+    plan: Plan | str | Path | None = None,
+    schedule: str | None = None,
+    time_limit_s: float | None = None,
+    timeout_s: float = 1800.0,
+) -> ParallelModel:
+    """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
+
+    ``model``: the full model, identical on every rank (same seed), left untouched.
+    ``cluster``: a :class:`~uniap.cluster.Cluster`, preset name or YAML path, for planning
+    (default: detected); its world size must equal the launched one. ``example_inputs``: a
+    batch of inputs of the real shape (needed to plan, to check the model signature and for
+    TP). ``loss_fn(output, targets)``: a mean over the batch. ``plan``: a Plan or plan file;
+    planned on rank 0 when None. ``schedule``: restrict planning to ``GPipe``/``1F1B``, or
+    override a given plan's schedule. ``time_limit_s``: the planner's budget.
+    ``timeout_s``: the process group timeout when this call initialises it.
+    """
+    rank, world_size = _launched_world()
+    if (
+        not isinstance(global_batch_size, int)
+        or isinstance(global_batch_size, bool)
+        or global_batch_size < 1
+    ):
+        raise UniapError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if cluster is not None:
+        from uniap.cluster import load_cluster
+
+        cluster = load_cluster(cluster)
+        if cluster.world_size != world_size:
+            raise PlanMismatchError(
+                f"cluster {cluster.name!r} has {cluster.world_size} devices but {world_size} "
+                "processes were launched; launch one process per device or pass the matching cluster"
+            )
+    graph, fqns = _model_identity(model, example_inputs)
+    given = _as_plan(plan) if plan is not None else None
+    if given is not None:
+        if schedule is not None and schedule != given.schedule:
+            given = dataclasses.replace(given, schedule=schedule)
+        _check_plan(
+            given,
+            graph=graph,
+            fqns=fqns,
+            world_size=world_size,
+            global_batch_size=global_batch_size,
+        )
+    elif graph is None:
+        raise UniapError(
+            "example_inputs is required to plan (a batch of inputs of the real shape); "
+            "or pass plan="
+        )
+
+    _init_process_group(timeout_s)
+    if given is None:
+        given = _plan_on_rank0(
+            model if graph is None else graph,
+            cluster,
+            rank,
+            global_batch_size=global_batch_size,
+            example_inputs=example_inputs,
+            schedule=schedule,
+            time_limit_s=time_limit_s,
+        )
+    status: str | None = None
+    try:
+        _check_plan(
+            given,
+            graph=graph,
+            fqns=fqns,
+            world_size=world_size,
+            global_batch_size=global_batch_size,
+        )
+    except UniapError as e:
+        status = str(e)
+    _agree_on_plan(given, status)
+    layers = {layer.fqn: layer for layer in graph.layers} if graph is not None else None
+    logger.info("applying plan %s: %s", plan_hash(given), given.summary())
+    return apply_plan(model, given, loss_fn=loss_fn, layers=layers, device=default_device())
+
+
+def _plan_on_rank0(
+    model_or_graph: Any,
+    cluster: Any,
+    rank: int,
+    *,
+    global_batch_size: int,
+    example_inputs: Any,
+    schedule: str | None,
+    time_limit_s: float | None,
+) -> Plan:
+    """Rank 0 plans; every rank receives the plan (or rank 0's error)."""
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            from uniap.cluster import Cluster
+            from uniap.planner import plan as make_plan
+
+            kwargs: dict[str, Any] = {}
+            if schedule is not None:
+                kwargs["schedules"] = [schedule]
+            if time_limit_s is not None:
+                kwargs["time_limit_s"] = time_limit_s
+            found = make_plan(
+                model_or_graph,
+                cluster if cluster is not None else Cluster.detect(),
+                global_batch_size=global_batch_size,
+                example_inputs=example_inputs,
+                **kwargs,
+            )
+            payload = [{"plan": found.to_dict()}]
+        except Exception as e:  # noqa: BLE001 - every rank must learn about it, then raise
+            payload = [{"error": f"{type(e).__name__}: {e}"}]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    if "error" in payload[0]:
+        raise RuntimeError(f"rank 0 failed to plan: {payload[0]['error']}")
+    return Plan.from_dict(payload[0]["plan"], source="<plan from rank 0>")
+
+
+def _agree_on_plan(plan: Plan, status: str | None) -> None:
+    """All ranks hold the same plan and accepted it, or all raise naming the first culprit."""
+    mine = (plan_hash(plan), status)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ref_hash = everyone[0][0]
+    for r, (h, st) in enumerate(everyone):
+        if st is not None:
+            raise PlanMismatchError(f"rank {r} refused the plan: {st}")
+        if h != ref_hash:
+            raise PlanMismatchError(
+                f"rank {r}'s plan (hash {h}) differs from rank 0's (hash {ref_hash}); every rank "
+                "must run the identical plan: pass the same plan file, or let rank 0 plan"
+            )

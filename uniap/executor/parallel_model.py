@@ -1,0 +1,311 @@
+"""Applying a Plan: model + Plan -> :class:`ParallelModel` on this rank.
+
+Order of operations (the torchtitan order), in :func:`apply_plan`:
+
+1. build the plan's meshes and groups (collective, same order on every rank);
+2. split: deep-copy this rank's stage layers by FQN into a ``StageModule`` (with reshards);
+3. TP per layer (``parallelize_module`` on the layer's TP mesh);
+4. DDP / FSDP per layer (FSDP2 ``replicate`` / ``fully_shard`` on the layer's DP mesh);
+5. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
+
+Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
+(``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
+``local_samples / global_batch``, gradients are summed over DP groups, and the returned value
+is the sum over micro-batches and DP shards (counted once per TP group), all-reduced so every
+rank returns the same float.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from uniap.errors import PlanMismatchError, UniapError
+from uniap.executor.data_parallel import GradSync, apply_dp
+from uniap.executor.mesh import ProcessGroups
+from uniap.executor.pipeline_parallel import build_schedule
+from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
+from uniap.executor.stage_module import StageModule, build_stage_module
+from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
+from uniap.graph import Layer
+from uniap.plan import Plan
+
+__all__ = ["ParallelModel", "apply_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    layers: Mapping[str, Layer] | None = None,
+    device: torch.device,
+) -> ParallelModel:
+    """Build this rank's part of ``plan`` from ``model`` (left untouched). Collective.
+
+    ``layers`` maps layer FQNs to their :class:`~uniap.graph.Layer` (for the TP plans); it is
+    only needed when some layer has ``tp > 1``.
+    """
+    layers = dict(layers or {})
+    if dist.get_world_size() != plan.world_size:  # refuse before any collective
+        raise PlanMismatchError(
+            f"the plan is for {plan.world_size} devices, the process group has "
+            f"{dist.get_world_size()}; launch {plan.world_size} processes or re-plan"
+        )
+    for ls in plan.layer_strategies:
+        check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+    groups = ProcessGroups(plan, device)
+    stage_index = groups.stage_index
+    stage = plan.stages[stage_index]
+    module = build_stage_module(model, plan, stage_index, groups, device)
+    for ls in stage.layers:
+        if ls.tp > 1:
+            apply_tp(
+                module.get_submodule(ls.fqn), layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"]
+            )
+    for ls in stage.layers:
+        if ls.dp > 1:
+            apply_dp(
+                module.get_submodule(ls.fqn),
+                ls.kind,
+                groups.layer_mesh(ls.dp, ls.tp)["dp"],
+                num_microbatches=plan.num_microbatches,
+            )
+    logger.info(
+        "rank %d: stage %d/%d with %d layers (%s .. %s) applied",
+        groups.rank,
+        stage_index,
+        plan.pp_degree,
+        len(stage.layers),
+        stage.layers[0].fqn,
+        stage.layers[-1].fqn,
+    )
+    return ParallelModel(module, plan, groups, loss_fn=loss_fn)
+
+
+class ParallelModel:
+    """This rank's share of a model parallelised by a :class:`~uniap.plan.Plan`.
+
+    ``train_step(inputs, targets)`` runs one iteration's forward and backward over the global
+    batch (every rank may be given the same global batch; each takes its part) and leaves the
+    gradients of this rank's parameter shards in ``.grad``, ready for any optimizer built on
+    :meth:`parameters`.
+    """
+
+    def __init__(
+        self,
+        module: StageModule,
+        plan: Plan,
+        groups: ProcessGroups,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+    ) -> None:
+        self.module = module
+        """This rank's :class:`StageModule` (layers at their model FQNs)."""
+        self.plan = plan
+        """The plan being run."""
+        self.groups = groups
+        self.device = groups.device
+        """Device of this rank's parameters."""
+        self.stage_index = groups.stage_index
+        """Pipeline stage of this rank."""
+        self.last_step_time_s: float = float("nan")
+        """Wall time of the last ``train_step``, in seconds."""
+        self._loss_fn = loss_fn
+        self._grad_sync = GradSync(module.layers())
+        layout = groups.layout
+        rank = groups.rank
+        first = plan.stages[0].layers[0]
+        last = plan.stages[-1].layers[-1]
+        self._first_dp, self._first_dp_index = first.dp, layout.dp_index(rank, first.tp)
+        self._last_dp, self._last_dp_index = last.dp, layout.dp_index(rank, last.tp)
+        self._counts_loss = self.is_last_stage and layout.local(rank) % last.tp == 0
+        c, big_b = plan.num_microbatches, plan.global_batch_size
+        # local micro-batch mean -> its share of the global-batch mean
+        self._loss_scale = (big_b // c // last.dp) / big_b
+        self._schedule = None
+        if plan.pp_degree > 1:
+            assert groups.lane_group is not None
+            self._schedule = build_schedule(
+                module,
+                stage_index=self.stage_index,
+                num_stages=plan.pp_degree,
+                device=self.device,
+                lane_group=groups.lane_group,
+                grad_sync=self._grad_sync,
+                schedule=plan.schedule,
+                num_microbatches=c,
+                loss_fn=self._scaled_loss,
+            )
+        self._to_replicated: BatchReshard | None = None
+        if plan.pp_degree == 1:
+            r = BatchReshard(groups, (last.dp, last.tp), (1, layout.stage_size))
+            self._to_replicated = None if r.is_identity else r
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def is_first_stage(self) -> bool:
+        """True on the ranks of stage 0."""
+        return self.stage_index == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True on the ranks of the last stage."""
+        return self.stage_index == self.plan.pp_degree - 1
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (shards as DTensors where sharded)."""
+        return self.module.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under the model's original FQNs."""
+        return self.module.named_parameters()
+
+    # ---------------------------------------------------------------- running
+    def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
+        return self._loss_fn(output, target) * self._loss_scale
+
+    def _to_device(self, value: Any) -> Any:
+        return map_tensors(lambda t: t.to(self.device, non_blocking=True), value)
+
+    def _check_batch(self, value: Any, what: str) -> None:
+        sizes = set()
+        map_tensors(lambda t: sizes.add(t.shape[0]), value)
+        if sizes != {self.plan.global_batch_size}:
+            raise UniapError(
+                f"train_step {what}: batch dim {sorted(sizes)} but the plan is for a global batch of "
+                f"{self.plan.global_batch_size}; pass the whole global batch on every rank"
+            )
+
+    def train_step(self, inputs: Any, targets: Any) -> float:
+        """Forward and backward of one iteration over the global batch; returns its loss
+        (the single-device mean over the global batch, the same float on every rank).
+
+        ``inputs`` (a tensor or a tuple of positional inputs) and ``targets`` are the whole
+        global batch, batch-first; only the first stage reads ``inputs`` and only the last
+        stage reads ``targets`` (other ranks may pass ``None``)."""
+        t0 = time.perf_counter()
+        c = self.plan.num_microbatches
+        if not isinstance(inputs, tuple):
+            inputs = (inputs,)
+        local_in = local_tgt = None
+        if self.is_first_stage:
+            self._check_batch(inputs, "inputs")
+            local_in = self._to_device(
+                slice_global_batch(
+                    inputs, num_microbatches=c, dp=self._first_dp, dp_index=self._first_dp_index
+                )
+            )
+        if self.is_last_stage:
+            self._check_batch(targets, "targets")
+            local_tgt = self._to_device(
+                slice_global_batch(
+                    targets, num_microbatches=c, dp=self._last_dp, dp_index=self._last_dp_index
+                )
+            )
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self._schedule is None:
+            in_mbs = _split(local_in, c)
+            tgt_mbs = _split(local_tgt, c)
+            for m in range(c):
+                out = self.module(*in_mbs[m])
+                loss = self._scaled_loss(out, tgt_mbs[m])
+                self._grad_sync.before_backward(last=m == c - 1)
+                loss.backward()
+                total += loss.detach().double()
+        else:
+            losses: list[torch.Tensor] = []
+            kwargs: dict[str, Any] = {}
+            if self.is_last_stage:
+                kwargs = {"target": local_tgt, "losses": losses}
+            args = local_in if self.is_first_stage else ()
+            self._schedule.step(*args, **kwargs)
+            for loss in losses:
+                total += loss.detach().double()
+        if not self._counts_loss:
+            total.zero_()
+        dist.all_reduce(total)
+        self.last_step_time_s = time.perf_counter() - t0
+        logger.debug("train_step: loss %.6g in %.4f s", total.item(), self.last_step_time_s)
+        return float(total.item())
+
+    def forward(self, inputs: Any) -> Any:
+        """Output of the model on a batch (``pp == 1`` plans only): every rank gets the whole
+        batch's output. Meant for evaluation; train with :meth:`train_step`."""
+        if self.plan.pp_degree > 1:
+            raise NotImplementedError(
+                f"forward() runs pp == 1 plans only (this plan has pp={self.plan.pp_degree}); "
+                "use train_step, or a pp=1 plan for inference"
+            )
+        if not isinstance(inputs, tuple):
+            inputs = (inputs,)
+        local_in = self._to_device(
+            slice_global_batch(
+                inputs, num_microbatches=1, dp=self._first_dp, dp_index=self._first_dp_index
+            )
+        )
+        out = self.module(*local_in)
+        if self._to_replicated is not None:
+            out = self._to_replicated(out)
+        if not torch.is_grad_enabled():
+            self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
+        return out
+
+    __call__ = forward
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's sharded state dict (DTensors where sharded) under the model's FQNs, for
+        ``torch.distributed.checkpoint`` (``dcp.save(pm.state_dict(), ...)``)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict shaped like :meth:`state_dict` (e.g. after ``dcp.load``)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.module, dict(state_dict))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gather every full, unsharded tensor to rank 0 (CPU), loadable into the original
+        model with ``load_state_dict``; other ranks get ``{}``. Collective over the world."""
+        local: dict[str, torch.Tensor] = {}
+        for key, value in self.module.state_dict().items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            local[key] = value.detach().to("cpu", copy=True)
+        leader = self.groups.layout.local(self.groups.rank) == 0
+        gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local if leader else None, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return {}
+        full: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            if part:
+                full.update(part)
+        return full
+
+
+def _split(value: Any, num_chunks: int) -> list[Any]:
+    """Split every batch-first tensor of ``value`` (a tuple of args, a tensor...) into chunks."""
+    if value is None:
+        return [None] * num_chunks
+    if isinstance(value, torch.Tensor):
+        return list(value.tensor_split(num_chunks))
+    if isinstance(value, tuple | list):
+        parts = [_split(v, num_chunks) for v in value]
+        return [type(value)(p[m] for p in parts) for m in range(num_chunks)]
+    if isinstance(value, dict):
+        parts_d = {k: _split(v, num_chunks) for k, v in value.items()}
+        return [{k: v[m] for k, v in parts_d.items()} for m in range(num_chunks)]
+    return [value] * num_chunks
