@@ -278,7 +278,11 @@ class Cluster:
 
     def same_node(self, ranks: Iterable[int]) -> bool:
         """Whether all `ranks` sit on one node (true for zero or one rank)."""
-        return len({self.node_of(r) for r in ranks}) <= 1
+        ranks = list(ranks)
+        if not ranks:
+            return True
+        # Nodes hold contiguous rank ranges: the extremes decide (the planner asks this often).
+        return self.node_of(min(ranks)) == self.node_of(max(ranks))
 
     def link(self, ranks: Iterable[int]) -> tuple[float, float]:
         """(latency_s, bandwidth_bytes_per_s) of the slowest link a group of `ranks` uses."""

@@ -190,12 +190,13 @@ def plan(
     *,
     global_batch_size: int,
     example_inputs=None,
+    seq_len: int | None = None,
     dtype: str | None = None,
     **kwargs,
 ) -> Plan:
     """The optimal plan for ``model`` (an ``nn.Module``, on any device, or a preset name from
-    :mod:`uniap.models`) on ``cluster`` (a :class:`Cluster`, preset name or YAML path).
-    Keyword arguments go to :func:`plan_graph`."""
+    :mod:`uniap.models`; ``seq_len`` overrides a text preset's sequence length) on ``cluster``
+    (a :class:`Cluster`, preset name or YAML path). Keyword arguments go to :func:`plan_graph`."""
     from uniap.cluster import load_cluster
     from uniap.graph import build_graph
 
@@ -212,12 +213,19 @@ def plan(
     elif isinstance(model, str):
         from uniap import models
 
-        m = models.build_model(model, device="meta")
-        inputs = example_inputs if example_inputs is not None else models.example_batch(model, 2, device="meta")[0]
+        overrides = {}
+        if seq_len is not None:
+            if not hasattr(models.model_config(model), "seq_len"):
+                raise ConfigError(f"model {model!r} has no sequence length; omit seq_len")
+            overrides["seq_len"] = seq_len
+        m = models.build_model(model, device="meta", **overrides)
+        inputs = example_inputs if example_inputs is not None else models.example_batch(m, 2, device="meta")[0]
         graph = build_graph(m, inputs, name=model, dtype=dtype)
     else:
         if example_inputs is None:
             raise ConfigError("example_inputs is required to plan an nn.Module (a batch of inputs of the real shape)")
+        if seq_len is not None:
+            raise ConfigError("seq_len applies to model presets; for an nn.Module pass example_inputs of that length")
         graph = build_graph(model, example_inputs, dtype=dtype)
     return plan_graph(graph, cluster, global_batch_size=global_batch_size, **kwargs)
 
