@@ -209,8 +209,9 @@ class Plan:
             raise PlanMismatchError("the plan does not match: " + "; ".join(diffs) + "; re-run `uniap plan`")
 
     # ---------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict in the documented layout (DESIGN.md)."""
+    def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
+        """Plain dict in the documented layout (DESIGN.md). Wall-clock fields (``wall_s``)
+        are left out unless ``timings``: the same inputs then give byte-identical plan files."""
         return {
             "schema_version": self.schema_version,
             "model": {
@@ -227,7 +228,7 @@ class Plan:
                 for st in self.stages
             ],
             "predicted": _plain(self.predicted),
-            "solver": _plain(self.solver),
+            "solver": _plain(self.solver if timings else _drop_timings(self.solver)),
             "provenance": _plain(self.provenance),
         }
 
@@ -284,16 +285,16 @@ class Plan:
             raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
         return plan
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
+    def to_yaml(self, path: str | Path | None = None, *, timings: bool = False) -> str:
         """YAML text (and write it to ``path`` if given). Deterministic: same plan, same bytes."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        text = yaml.safe_dump(self.to_dict(timings=timings), sort_keys=False, default_flow_style=None, width=100)
         if path is not None:
             Path(path).write_text(text)
         return text
 
-    def to_json(self, path: str | Path | None = None) -> str:
+    def to_json(self, path: str | Path | None = None, *, timings: bool = False) -> str:
         """JSON text (and write it to ``path`` if given)."""
-        text = json.dumps(self.to_dict(), indent=2)
+        text = json.dumps(self.to_dict(timings=timings), indent=2)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -361,6 +362,14 @@ class Plan:
                 f"{s.get('milps_solved', 0)} programs solved"
             )
         return "\n".join(lines)
+
+
+def _drop_timings(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _drop_timings(v) for k, v in x.items() if k != "wall_s"}
+    if isinstance(x, list | tuple):
+        return [_drop_timings(v) for v in x]
+    return x
 
 
 def _layer_dict(ls: LayerStrategy) -> dict[str, Any]:

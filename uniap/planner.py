@@ -34,7 +34,7 @@ from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
 from uniap.milp import Solution, min_peak_memory, solve
-from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage
+from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
 from uniap.strategies import divisors
@@ -164,9 +164,9 @@ def plan_graph(
         need = min(min_peak_memory(t, time_limit_s=min(time_limit_s, 10.0)) for _, t in lean.values())
         limit = cm.memory_limit_bytes
         raise InfeasibleError(
-            f"no plan fits in device memory: the leanest plan needs {need / 2**30:.3g} GiB per device, "
-            f"the usable limit is {limit / 2**30:.3g} GiB ({memory_fraction:.0%} of "
-            f"{cluster.device_memory_bytes / 2**30:.3g} GiB); use more devices, a smaller global batch "
+            f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
+            f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
+            f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
             f"or sequence length, or a cluster with more memory",
             min_memory_bytes=need,
         )
