@@ -7,7 +7,9 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
 
 - ``A[u,k]`` one micro-batch through the layer:
   ``fwd_s(bl, tp) + bwd_s(bl, tp)``
-  ``+ 2 * sum_pairs all_reduce(pair_bytes * bl, tp_group)`` (Megatron: one per pair per pass)
+  ``+ sum_pairs [all_reduce(out_bytes * bl) + sum_inputs all_reduce(in_bytes * bl)]`` on the TP
+  group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
+  input backward: one for self-attention and MLP, two for cross-attention)
   ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
   gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches).
 - ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
@@ -15,7 +17,8 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   ``+ [c > 1] * all_gather(P, dp_group)``; ``+ optimizer_step(local params)``.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + O / dp`` when ``c > 1`` (unsharded parameters and gradients live across
-  micro-batches); plus activations ``saved_bytes * bl * (f / tp + 1 - f) * inflight(i)`` (with
+  micro-batches); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
+  (analytic: ``saved_bytes * bl * (f / tp + 1 - f)``; with
   recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
   ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
   ``min(c, pp - i)`` for 1F1B.
@@ -168,6 +171,7 @@ class CostModel:
         self.graph = graph
         self.cluster = cluster
         self.profile = profile if profile is not None else AnalyticProfile(cluster, dtype=graph.dtype)
+        self.profile.check_compatible(graph, cluster)
         self.memory_limit_bytes = cluster.device_memory_bytes * memory_fraction
         self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
         self.opt_bytes = optimizer_bytes_per_param(graph.dtype)
@@ -235,7 +239,9 @@ class CostModel:
                 tp_comm = 0.0
                 if s.tp > 1:
                     for pair in layer.tp_pairs:
-                        tp_comm += 2 * self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
+                        tp_comm += self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
+                        for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
+                            tp_comm += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
                 p_bytes = layer.param_bytes / s.tp
                 local_params = layer.num_params / s.tp
                 opt_bytes = local_params * self.opt_bytes
@@ -257,11 +263,10 @@ class CostModel:
                 opt_s = self.profile.optimizer_step_s(local_params)
                 A[u, k] = fwd + bwd + tp_comm + fsdp_mb
                 G[u, k] = sync + opt_s
-                f = layer.tp_saved_fraction if s.tp > 1 else 0.0
                 if s.recompute:
                     act = in_bytes * bl
                 else:
-                    act = layer.saved_bytes_per_sample * bl * (f / s.tp + 1 - f)
+                    act = self.profile.activation_bytes(layer, bl, s.tp)
                 for i in range(pp):
                     M[u, k, i] = static + act * inflight[i]
                 parts["compute"][u, k] = fwd + bwd

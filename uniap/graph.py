@@ -68,7 +68,11 @@ class TPPair:
     rowwise: str
     """FQN of the row-wise Linear, relative to the layer (e.g. ``attn.o_proj``)."""
     allreduce_bytes_per_sample: float
-    """Bytes of the row-wise output for one sample: the tensor all-reduced once per pass."""
+    """Bytes of the row-wise output for one sample: the tensor all-reduced in forward."""
+    input_bytes_per_sample: tuple[float, ...] = ()
+    """Bytes per sample of each distinct input of the column-wise Linears: in backward, the
+    gradient of each is all-reduced once (self-attention/MLP: one input; cross-attention: two).
+    Empty means one input of ``allreduce_bytes_per_sample`` bytes."""
 
 
 @dataclass(frozen=True)
@@ -596,6 +600,10 @@ def _tp_plan(layer: nn.Module, trace: _LayerTrace, batch: int) -> _TPPlan:
                 colwise=tuple(calls[c].fqn for c in cols),
                 rowwise=calls[r].fqn,
                 allreduce_bytes_per_sample=calls[r].output.nbytes / batch,
+                input_bytes_per_sample=tuple(sorted(
+                    nbytes / batch
+                    for nbytes in {_storage_key(calls[c].input)[0]: calls[c].input.nbytes for c in cols}.values()
+                )),
             )
         )
     # saved inside a pair's span, except the (replicated) inputs of its column-wise Linears
