@@ -2,6 +2,8 @@
 
     uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml]
     uniap show plan.yaml
+    uniap profile --model gpt-tiny [--cluster cpu-2] --global-batch-size 16 --out profile.yaml
+    uniap plan --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --profile profile.yaml
     uniap models | clusters
     uniap demo                    # plan the demo model on cpu-4, then train it on 4 processes
 
@@ -60,7 +62,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     model, example = _resolve_model(args.model, args.global_batch_size)
     profile = None
     if args.profile:
-        raise UniapError("--profile: measured profiles are not supported yet; omit it to use the analytic profile")
+        from uniap.profiler import MeasuredProfile
+
+        profile = MeasuredProfile.load(args.profile)
     p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
              dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile,
              schedules=[args.schedule] if args.schedule else None,
@@ -70,6 +74,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         (p.to_json if args.out.endswith(".json") else p.to_yaml)(args.out)
         print(f"plan written to {args.out}")
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from uniap.profiler.launch import run_profile
+
+    return run_profile(args)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -126,6 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the plan (.yaml or .json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(fn=_cmd_plan)
+    pr = sub.add_parser("profile", help="measure the model and the cluster into a profile YAML")
+    pr.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
+    pr.add_argument("--cluster", default=None,
+                    help="preset or YAML with the launched world size (default: detected)")
+    pr.add_argument("--global-batch-size", type=int, default=16,
+                    help="the batch the plans will use: local batches measured are its divisors")
+    pr.add_argument("--out", required=True, help="profile YAML to write (reused when it matches)")
+    pr.add_argument("--nproc", type=int, default=None,
+                    help="processes to launch when not under torchrun (default: the cluster's devices, else 2)")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--repeats", type=int, default=5)
+    pr.add_argument("--batches", default=None, help="comma-separated local batch sizes to time")
+    pr.add_argument("--force", action="store_true", help="measure even if --out matches")
+    pr.add_argument("--port", type=int, default=None, help="rendezvous port when launching")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    pr.set_defaults(fn=_cmd_profile)
     s = sub.add_parser("show", help="print a plan file")
     s.add_argument("plan")
     s.set_defaults(fn=_cmd_show)

@@ -11,6 +11,9 @@ node, else inter-node):
 - ring all-gather / reduce-scatter (``S`` = gathered size): ``(n - 1) alpha + (n - 1) / n * S / bw``
 - point-to-point: ``alpha + S / bw``
 - optimizer step (AdamW, memory bound): ``params * optimizer_bytes_touched_per_param / memory_bw``
+- activations kept for backward at local batch ``b``, TP degree ``tp`` (``f`` = the layer's
+  TP-sharded fraction of its saved bytes, 0 at ``tp = 1``):
+  ``saved_bytes_per_sample * b * (f / tp + 1 - f)``
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from uniap.cluster import Cluster
-from uniap.graph import Layer
+from uniap.graph import Layer, ModelGraph
 
 __all__ = ["Profile", "AnalyticProfile", "COLLECTIVES"]
 
@@ -48,6 +51,16 @@ class Profile:
     def optimizer_step_s(self, num_params: float) -> float:
         """Seconds of one optimizer step over ``num_params`` local parameters."""
         raise NotImplementedError
+
+    def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
+        """Bytes ``layer`` keeps for backward at local batch ``batch`` and TP degree ``tp``
+        (default: the graph's traced bytes, the TP-sharded fraction divided by ``tp``)."""
+        f = layer.tp_saved_fraction if tp > 1 else 0.0
+        return layer.saved_bytes_per_sample * batch * (f / tp + 1 - f)
+
+    def check_compatible(self, graph: ModelGraph, cluster: Cluster) -> None:
+        """Raise ``ConfigError`` naming what differs when the profile was made for another
+        model or machine (a stale profile); profiles derived from the inputs always match."""
 
 
 @dataclass

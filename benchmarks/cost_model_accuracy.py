@@ -1,0 +1,269 @@
+"""Does the cost model predict real runs? Profile a small GPT, run many plans, compare.
+
+    .venv/bin/python benchmarks/cost_model_accuracy.py            # ~3-5 min on 2 CPU cores
+    .venv/bin/python benchmarks/cost_model_accuracy.py --quick    # 3 plans, no world 4
+
+World 2 (gloo, one thread per process): measure a profile, run >= 10 distinct plans (pp 1
+and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; several micro-batch counts) plus the plan the
+planner picks from the measured profile, each through ``uniap.parallelize``; print predicted
+vs measured time per iteration (median after warm-up) and peak memory per rank, the median and
+worst relative errors, Spearman's rank correlation, whether the planner's plan is the
+measured-fastest, and the effect of calibration (fitted on half of the plans, judged on the
+other half). World 4 (memory only: 4 processes on 2 cores make timings meaningless): profile
+and run a few plans, compare predicted and measured peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from uniap.cluster import load_cluster  # noqa: E402
+from uniap.cost_model import CostModel  # noqa: E402
+from uniap.graph import build_graph  # noqa: E402
+from uniap.models import GPTConfig, build_model, example_batch  # noqa: E402
+from uniap.plan import LayerStrategy, Plan, Stage  # noqa: E402
+from uniap.planner import plan_graph  # noqa: E402
+from uniap.profiler import MeasuredProfile, Measurement, calibrate  # noqa: E402
+from uniap.profiler.accuracy import compare, spawn  # noqa: E402
+
+MODEL = {"vocab_size": 512, "seq_len": 64, "dim": 128, "n_layers": 4, "n_heads": 4}
+BATCH = 16
+
+
+def make_plan(graph, world: int, stages: list[list[tuple]], c: int, schedule: str = "1F1B") -> Plan:
+    """``stages``: per stage, one ``(dp, tp, kind)`` per layer (a shorter list repeats its last)."""
+    fqns = list(graph.fqns)
+    g = world // len(stages)
+    out, u = [], 0
+    sizes = _split(len(fqns), [len(s) for s in stages])
+    for i, (spec, n) in enumerate(zip(stages, sizes)):
+        layers = []
+        for j in range(n):
+            dp, tp, kind = spec[min(j, len(spec) - 1)]
+            layers.append(LayerStrategy(fqns[u], dp, tp, kind))
+            u += 1
+        out.append(Stage(tuple(range(i * g, (i + 1) * g)), tuple(layers)))
+    return Plan(graph.name, graph.signature, len(fqns), world, BATCH, c, schedule, tuple(out))
+
+
+def _split(total: int, lengths: list[int]) -> list[int]:
+    """Layers per stage: a stage spec longer than 1 gives its exact count, the last takes the rest."""
+    sizes = [n if n > 1 else 0 for n in lengths]
+    rest = total - sum(sizes)
+    free = [i for i, n in enumerate(sizes) if n == 0]
+    for k, i in enumerate(free):
+        sizes[i] = rest // len(free) + (1 if k < rest % len(free) else 0)
+    return sizes
+
+
+def blocks_tp(graph, c: int, other: str, tp_blocks: set[int] | None = None) -> list[tuple]:
+    """pp=1 on 2 ranks: the listed blocks (default all) at tp 2, the other layers dp 2."""
+    spec = []
+    for fqn in graph.fqns:
+        is_block = fqn.startswith("blocks.")
+        idx = int(fqn.split(".")[1]) if is_block else -1
+        if is_block and (tp_blocks is None or idx in tp_blocks):
+            spec.append((1, 2, "DDP"))
+        else:
+            spec.append((2, 1, other))
+    return spec
+
+
+def world2_plans(graph) -> list[tuple[str, Plan]]:
+    D, F = (2, 1, "DDP"), (2, 1, "FSDP")
+    one = (1, 1, "DDP")
+    L = graph.num_layers
+    return [
+        ("pp1 DDP c1", make_plan(graph, 2, [[D]], 1)),
+        ("pp1 DDP c4", make_plan(graph, 2, [[D]], 4)),
+        ("pp1 FSDP c1", make_plan(graph, 2, [[F]], 1)),
+        ("pp1 FSDP c2", make_plan(graph, 2, [[F]], 2)),
+        ("pp1 TP blocks + DDP c1", make_plan(graph, 2, [blocks_tp(graph, 1, "DDP")], 1)),
+        ("pp1 TP blocks + FSDP c2", make_plan(graph, 2, [blocks_tp(graph, 2, "FSDP")], 2)),
+        ("pp1 TP 2 blocks + DDP c2", make_plan(graph, 2, [blocks_tp(graph, 2, "DDP", {1, 2})], 2)),
+        ("pp2 GPipe c2 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 2, "GPipe")),
+        ("pp2 GPipe c8 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 8, "GPipe")),
+        ("pp2 1F1B c4 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 4, "1F1B")),
+        ("pp2 1F1B c16 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 16, "1F1B")),
+        ("pp2 1F1B c4 (2|5)", make_plan(graph, 2, [[one] * 2, [one] * (L - 2)], 4, "1F1B")),
+    ]
+
+
+def world4_plans(graph) -> list[tuple[str, Plan]]:
+    L = graph.num_layers
+    D4, F4 = (4, 1, "DDP"), (4, 1, "FSDP")
+    D2, F2 = (2, 1, "DDP"), (2, 1, "FSDP")
+    return [
+        ("w4 pp1 DDP c1", make_plan(graph, 4, [[D4]], 1)),
+        ("w4 pp1 FSDP c1", make_plan(graph, 4, [[F4]], 1)),
+        ("w4 pp1 FSDP c2", make_plan(graph, 4, [[F4]], 2)),
+        ("w4 pp2 DDP 1F1B c4", make_plan(graph, 4, [[D2] * 4, [D2] * (L - 4)], 4, "1F1B")),
+        ("w4 pp2 FSDP GPipe c4", make_plan(graph, 4, [[F2] * 4, [F2] * (L - 4)], 4, "GPipe")),
+    ]
+
+
+def fmt_mb(x: float) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 plans, no world-4 memory runs")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7, help="profile repeats")
+    ap.add_argument("--profile-out", default=None, help="also save the measured profile YAML")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    config = GPTConfig(**MODEL)
+    meta = build_model(config, device="meta")
+    graph = build_graph(meta, example_batch(meta, 2, device="meta")[0], name=meta.uniap_name)
+    cluster = load_cluster("cpu-2")
+    job = {"model_config": MODEL, "global_batch_size": BATCH, "cluster": "cpu-2"}
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"world 2, gloo, 1 thread per process; model GPT {MODEL}, global batch {BATCH}"
+    )
+    print("== profiling (world 2)", flush=True)
+    prof = MeasuredProfile.from_dict(spawn(2, {**job, "kind": "profile", "repeats": args.repeats}))
+    print(f"   {prof.settings['wall_s']} s; {prof.hardware['device_name']}")
+    print(prof.summary())
+    if args.profile_out:
+        prof.to_yaml(args.profile_out)
+
+    chosen = plan_graph(
+        graph,
+        cluster,
+        global_batch_size=BATCH,
+        profile=prof,
+        recompute=False,
+        schedules=["GPipe", "1F1B"],
+    )
+    plans = world2_plans(graph)
+    if args.quick:
+        plans = [plans[0], plans[4], plans[8]]
+    plans.append(("planner's choice: " + chosen.summary(), chosen))
+    print(f"== running {len(plans)} plans (world 2)", flush=True)
+    runs = spawn(
+        2,
+        {
+            **job,
+            "kind": "run",
+            "plans": [p.to_dict() for _, p in plans],
+            "warmup": args.warmup,
+            "steps": args.steps,
+        },
+    )
+    cm = CostModel(graph, cluster, prof, recompute=False)
+    evals = [cm.evaluate(p) for _, p in plans]
+    pred = [e.time_per_iteration_s for e in evals]
+    meas = [r["tpi_s"] for r in runs]
+    stats = compare(pred, meas)
+    mem_errs = []
+    print(
+        "\n| # | plan | predicted TPI (ms) | measured TPI (ms) | (fwd+bwd / optimizer) | error "
+        "| predicted peak (MiB) | measured peak (MiB) | mem error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, ((name, _), e, r, err) in enumerate(zip(plans, evals, runs, stats["errors"])):
+        pm, mm = max(e.peak_memory_bytes), max(r["stage_peak_bytes"])
+        mem_errs.append(pm / mm - 1)
+        print(
+            f"| {i + 1} | {name} | {e.time_per_iteration_s * 1e3:.1f} | {r['tpi_s'] * 1e3:.1f} "
+            f"| {r['train_step_s'] * 1e3:.1f} / {r['optimizer_s'] * 1e3:.1f} | {err:+.1%} "
+            f"| {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |"
+        )
+    fastest = min(meas)
+    chosen_meas = meas[-1]
+    print(
+        f"\nTPI error: median {stats['median_abs_error']:.1%}, worst {stats['worst_abs_error']:.1%}; "
+        f"Spearman rank correlation {stats['spearman']:.3f}"
+    )
+    print(
+        f"memory error (world 2): median {statistics.median(abs(x) for x in mem_errs):.1%}, "
+        f"worst {max(abs(x) for x in mem_errs):.1%}"
+    )
+    print(
+        f"planner's plan measured {chosen_meas * 1e3:.1f} ms; measured-fastest {fastest * 1e3:.1f} ms "
+        f"({plans[meas.index(fastest)][0]}): {chosen_meas / fastest - 1:+.1%}"
+    )
+
+    # calibration: fit on the even-numbered plans, judge on the odd-numbered ones
+    ms = [Measurement(p, r["tpi_s"]) for (_, p), r in zip(plans, runs)]
+    fit_set = ms[0::2]
+    cal = calibrate(prof, fit_set, graph=graph, cluster=cluster)
+    cm_cal = CostModel(graph, cluster, cal, recompute=False)
+    pred_cal = [cm_cal.evaluate(m.plan).time_per_iteration_s for m in ms]
+    before_held = compare(pred[1::2], meas[1::2])["median_abs_error"]
+    after_held = compare(pred_cal[1::2], meas[1::2])["median_abs_error"]
+    after_all = compare(pred_cal, meas)
+    print(
+        f"\ncalibration ({', '.join(f'{k} {v:.3g}' for k, v in cal.calibration.items())}), fitted on "
+        f"{len(fit_set)} plans: held-out median error {before_held:.1%} -> {after_held:.1%}; all plans "
+        f"{stats['median_abs_error']:.1%} -> {after_all['median_abs_error']:.1%} (worst "
+        f"{after_all['worst_abs_error']:.1%}, Spearman {after_all['spearman']:.3f})"
+    )
+    replan = plan_graph(
+        graph,
+        cluster,
+        global_batch_size=BATCH,
+        profile=cal,
+        recompute=False,
+        schedules=["GPipe", "1F1B"],
+    )
+    print(
+        f"re-plan with the calibrated profile: {replan.summary()} (predicted "
+        f"{replan.predicted['time_per_iteration_s'] * 1e3:.1f} ms)"
+    )
+
+    if not args.quick:
+        print("\n== world 4, memory only", flush=True)
+        meta4 = dataclasses.replace(cluster, name="cpu-4-local", devices_per_node=4)
+        job4 = {**job, "cluster": "cpu-4"}
+        prof4 = MeasuredProfile.from_dict(
+            spawn(
+                4,
+                {**job4, "kind": "profile", "warmup": 1, "repeats": 1, "batches": [1, 2, 4, 8, 16]},
+            )
+        )
+        plans4 = world4_plans(graph)
+        runs4 = spawn(
+            4,
+            {
+                **job4,
+                "kind": "run",
+                "plans": [p.to_dict() for _, p in plans4],
+                "warmup": 0,
+                "steps": 1,
+                "time": False,
+            },
+        )
+        cm4 = CostModel(graph, load_cluster("cpu-4"), prof4, recompute=False)
+        print("\n| plan | stage | predicted peak (MiB) | measured peak (MiB) | error |")
+        print("|---|---|---|---|---|")
+        errs4 = []
+        for (name, p), r in zip(plans4, runs4):
+            ev = cm4.evaluate(p)
+            for i, (pm, mm) in enumerate(zip(ev.peak_memory_bytes, r["stage_peak_bytes"])):
+                errs4.append(pm / mm - 1)
+                print(f"| {name} | {i} | {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |")
+        print(
+            f"memory error (world 4): median {statistics.median(abs(x) for x in errs4):.1%}, "
+            f"worst {max(abs(x) for x in errs4):.1%}"
+        )
+        del meta4
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

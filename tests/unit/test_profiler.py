@@ -1,0 +1,239 @@
+"""Measured profiles without a process group: fits, lookups, YAML, staleness, calibration,
+memory measurement, and the CLI's `plan --profile`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from uniap.cli import main
+from uniap.cluster import load_cluster
+from uniap.cost_model import CostModel
+from uniap.errors import ConfigError
+from uniap.graph import build_graph
+from uniap.models import build_model, example_batch
+from uniap.planner import plan_graph
+from uniap.profiler import MeasuredProfile, Measurement, calibrate, prediction_errors
+from uniap.profiler.comm import CollectiveFit, group_shape_key, planner_group_shapes
+from uniap.profiler.compute import fit_line, interpolate
+from uniap.profiler.measured import LayerProfile, library_versions
+from uniap.profiler.memory import PeakMemory, saved_activation_bytes, state_bytes
+
+BATCHES = [1, 2, 4, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    """gpt-tiny's layer chain (meta trace)."""
+    m = build_model("gpt-tiny")
+    return build_graph(m, example_batch("gpt-tiny", 2, device="meta")[0], name="gpt-tiny")
+
+
+def fake_profile(graph, world: int = 2, per_sample_s: float = 1e-4) -> MeasuredProfile:
+    """A measured profile with made-up, exactly linear numbers for ``graph``."""
+    layers = {}
+    for layer in graph.layers:
+        lp = layers.setdefault(layer.cost_key, LayerProfile(fqns=[], batches=list(BATCHES)))
+        lp.fqns.append(layer.fqn)
+        scale = 1 + layer.fwd_flops_per_sample / 1e6
+        for tp in (1, 2) if layer.tp_enabled else (1,):
+            lp.fwd_s[tp] = [1e-4 + per_sample_s * scale * b / tp for b in BATCHES]
+            lp.bwd_s[tp] = [2e-4 + 2 * per_sample_s * scale * b / tp for b in BATCHES]
+            lp.activation_bytes[tp] = [layer.saved_bytes_per_sample * b / tp for b in BATCHES]
+    fit = CollectiveFit(1e-4, 1e9)
+    key = group_shape_key(range(world), world)
+    return MeasuredProfile(
+        model={
+            "name": graph.name,
+            "signature": graph.signature,
+            "dtype": graph.dtype,
+            "sample_shape": list(graph.sample_shape),
+            "layers": list(graph.fqns),
+        },
+        hardware={
+            "device_type": "cpu",
+            "device_name": "test",
+            "world_size": world,
+            "devices_per_node": world,
+            "backend": "gloo",
+            "threads_per_rank": 1,
+        },
+        versions=library_versions(),
+        layers=layers,
+        collectives={
+            op: {key: fit} for op in ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+        },
+        overlap_coefficient=0.3,
+        optimizer_s_per_param=1e-9,
+    )
+
+
+def test_fit_line_recovers_a_line_and_reports_its_error() -> None:
+    """fit_line returns intercept, slope and a zero residual on exact data."""
+    a, slope, err = fit_line([1, 2, 4, 8], [0.5 + 0.25 * x for x in (1, 2, 4, 8)])
+    assert (
+        a == pytest.approx(0.5)
+        and slope == pytest.approx(0.25)
+        and err == pytest.approx(0, abs=1e-12)
+    )
+    assert fit_line([1, 2, 4], [1.0, 1.0, 3.0])[2] > 0.1
+
+
+def test_interpolate_is_piecewise_linear_inside_and_the_fit_outside() -> None:
+    """Between measured batches the line through the neighbours; beyond, the fitted line."""
+    xs, ys = [1, 2, 4], [1.0, 5.0, 6.0]
+    assert interpolate(3, xs, ys, (0, 1)) == pytest.approx(5.5)
+    assert interpolate(8, xs, ys, (1.0, 0.5)) == pytest.approx(5.0)
+
+
+def test_measured_profile_answers_from_its_numbers(graph) -> None:
+    """layer_compute_s interpolates the measured times; collectives use the group's fit."""
+    prof = fake_profile(graph)
+    block = graph.layer("blocks.0")
+    scale = 1 + block.fwd_flops_per_sample / 1e6
+    fwd, bwd = prof.layer_compute_s(block, 3, 2)
+    assert fwd == pytest.approx(1e-4 + 1e-4 * scale * 3 / 2)
+    assert bwd == pytest.approx(2e-4 + 2e-4 * scale * 3 / 2)
+    assert prof.collective_s("all_reduce", 1e6, [0, 1]) == pytest.approx(1e-4 + 1e-3)
+    assert prof.collective_s("all_reduce", 1e6, [0]) == 0.0
+    assert prof.activation_bytes(block, 4, 1) == pytest.approx(block.saved_bytes_per_sample * 4)
+
+
+def test_yaml_round_trip_gives_identical_cost_tables(graph, tmp_path) -> None:
+    """A profile saved and loaded predicts exactly the same TPI and memory."""
+    prof = fake_profile(graph)
+    path = tmp_path / "profile.yaml"
+    prof.to_yaml(path)
+    loaded = MeasuredProfile.load(path)
+    cluster = load_cluster("cpu-2")
+    a = plan_graph(graph, cluster, global_batch_size=8, profile=prof)
+    b = plan_graph(graph, cluster, global_batch_size=8, profile=loaded)
+    assert a.predicted == b.predicted
+    assert b.provenance["profile"] == "measured"
+
+
+def test_stale_profile_is_refused_naming_what_differs(graph) -> None:
+    """Another model and another world size are both named in one ConfigError."""
+    prof = fake_profile(graph)
+    prof.model["signature"] = "0000000000000000"
+    with pytest.raises(
+        ConfigError, match=r"stale profile: model signature.*world size: profile 2, cluster 4"
+    ):
+        CostModel(graph, load_cluster("cpu-4"), prof)
+
+
+def test_profile_for_another_torch_version_is_refused(graph) -> None:
+    """A profile measured with another torch is stale."""
+    prof = fake_profile(graph)
+    prof.versions["torch"] = "1.0.0"
+    with pytest.raises(ConfigError, match="torch version: profile 1.0.0"):
+        CostModel(graph, load_cluster("cpu-2"), prof)
+
+
+def test_not_a_profile_file_is_a_config_error(tmp_path) -> None:
+    """Loading a plan or garbage as a profile says what it expected."""
+    path = tmp_path / "x.yaml"
+    path.write_text("a: 1\n")
+    with pytest.raises(ConfigError, match="not a uniap measured profile"):
+        MeasuredProfile.load(path)
+
+
+def test_calibration_recovers_a_known_slowdown(graph) -> None:
+    """Runs 1.5x slower in compute with a per-layer overhead: calibration cuts the error."""
+    cluster = load_cluster("cpu-2")
+    prof = fake_profile(graph)
+    truth = prof.with_calibration(compute_scale=1.5, layer_overhead_s=2e-3)
+    plans = [
+        plan_graph(
+            graph,
+            cluster,
+            global_batch_size=8,
+            profile=prof,
+            num_microbatches=[c],
+            pp_degrees=[pp],
+            schedules=["GPipe"],
+        )
+        for pp in (1, 2)
+        for c in (1, 2, 4)
+    ]
+    cm_true = CostModel(graph, cluster, truth)
+    ms = [Measurement(p, cm_true.evaluate(p).time_per_iteration_s) for p in plans]
+    before = max(abs(e) for e in prediction_errors(prof, ms, graph=graph, cluster=cluster))
+    cal = calibrate(prof, ms, graph=graph, cluster=cluster)
+    after = max(abs(e) for e in prediction_errors(cal, ms, graph=graph, cluster=cluster))
+    assert before > 0.2 and after < 0.02
+    assert cal.calibration["compute_scale"] == pytest.approx(1.5, rel=0.05)
+
+
+def test_planner_group_shapes_cover_consecutive_strided_and_p2p() -> None:
+    """World 4: consecutive pairs, strided pairs, the whole world; p2p at distances 1 and 2."""
+    shapes = planner_group_shapes(4)
+    keys = {group_shape_key(p[0], 4) for p in shapes["collective"]}
+    assert keys == {"n2-intra-consecutive", "n2-intra-strided", "n4-intra-consecutive"}
+    assert [p for p in shapes["p2p"]] == [[[0, 1], [2, 3]], [[0, 2], [1, 3]]]
+    assert group_shape_key([0, 2], 2) == "n2-inter-strided"
+
+
+def test_saved_activation_and_state_bytes_are_measured() -> None:
+    """A Linear saves its input; AdamW keeps two moments per parameter."""
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    assert saved_activation_bytes(lin, (x,)) == x.nbytes
+    s = state_bytes(lin)
+    assert s["param_bytes"] == (16 * 8 + 8) * 4 == s["grad_bytes"]
+    assert s["optimizer_bytes"] == 2 * s["param_bytes"]
+    assert lin.weight.grad is None
+
+
+def test_peak_memory_counts_registered_and_new_tensors() -> None:
+    """The CPU peak includes the module's parameters and a tensor created inside."""
+    lin = nn.Linear(256, 256)
+    with PeakMemory(torch.device("cpu"), [lin]) as pm:
+        y = torch.ones(1024, 1024)
+        del y
+    assert pm.peak_bytes >= 4 * 1024 * 1024 + 256 * 256 * 4
+
+
+def test_cli_plan_with_profile_records_measured_and_refuses_stale(graph, tmp_path, capsys) -> None:
+    """`uniap plan --profile` plans from the file; a stale one exits 2 with one line."""
+    path = tmp_path / "p.yaml"
+    fake_profile(graph).to_yaml(path)
+    out = tmp_path / "plan.yaml"
+    rc = main(
+        [
+            "plan",
+            "--model",
+            "gpt-tiny",
+            "--cluster",
+            "cpu-2",
+            "--global-batch-size",
+            "8",
+            "--profile",
+            str(path),
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
+    assert rc == 0 and "profile: measured" in out.read_text()
+    stale = dataclasses.replace(fake_profile(graph), model={"signature": "x"})
+    stale.to_yaml(path)
+    rc = main(
+        [
+            "plan",
+            "--model",
+            "gpt-tiny",
+            "--cluster",
+            "cpu-2",
+            "--global-batch-size",
+            "8",
+            "--profile",
+            str(path),
+            "-q",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "stale profile: model signature" in err[0]

@@ -1,0 +1,237 @@
+"""Does the cost model predict real runs? Profile, run plans, compare.
+
+:func:`spawn` runs a job on ``world_size`` local processes (gloo on CPU, NCCL with one GPU per
+rank when CUDA is available) and returns rank 0's result. Jobs:
+
+- ``profile``: :func:`~uniap.profiler.collect.collect_profile` of the model (its YAML dict);
+- ``run``: every plan through :func:`uniap.parallelize` (all built first), ``warmup``
+  iterations each, then ``steps`` rounds of one iteration of every plan in turn (so a burst
+  of load on a shared machine hits all plans alike); a plan's time is its median (an
+  iteration: ``train_step`` + ``AdamW.step`` + ``zero_grad``, barrier before, slowest rank);
+  then one more iteration under :class:`~uniap.profiler.memory.PeakMemory` for each rank's
+  peak bytes.
+
+:func:`compare` turns predictions and measurements into rows and summary statistics:
+relative errors ``(predicted - measured) / measured`` (median and worst of the absolute
+values), Spearman's rank correlation of predicted vs measured time, and the measured time of
+the plan the planner chose against the measured-fastest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["compare", "spawn", "spearman"]
+
+logger = logging.getLogger(__name__)
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        a = np.asarray(v, dtype=float)
+        order = a.argsort(kind="stable")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a), dtype=float)
+        for val in np.unique(a):  # ties share their mean rank
+            idx = a == val
+            r[idx] = r[idx].mean()
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def compare(predicted_s: Sequence[float], measured_s: Sequence[float]) -> dict[str, float]:
+    """``errors``, ``median_abs_error``, ``worst_abs_error``, ``spearman``."""
+    errs = [p / m - 1.0 for p, m in zip(predicted_s, measured_s)]
+    return {
+        "errors": errs,
+        "median_abs_error": statistics.median(abs(e) for e in errs),
+        "worst_abs_error": max(abs(e) for e in errs),
+        "spearman": spearman(predicted_s, measured_s),
+    }
+
+
+# ------------------------------------------------------------------ spawning
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world_size: int, job: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
+    """Run ``job`` on ``world_size`` spawned local ranks; rank 0's (JSON-able) result."""
+    import torch
+    import torch.multiprocessing as mp
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "result.json")
+            mp.start_processes(
+                _worker,
+                args=(world_size, _free_port(), job, out, timeout_s, cuda),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+            return json.loads(Path(out).read_text())["result"]
+    finally:
+        if not cuda:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _worker(
+    rank: int, world: int, port: int, job: dict, out: str, timeout_s: float, cuda: bool
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        result = _JOBS[job["kind"]](job)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"result": result}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _model_and_batch(job: dict) -> tuple[Any, Any, Any, Any]:
+    from uniap.models import GPTConfig, build_model, example_batch
+
+    config = GPTConfig(**job["model_config"])
+    model = build_model(config, device="cpu", seed=0)
+    x, y = example_batch(model, job["global_batch_size"])
+    from uniap.models import cross_entropy_loss
+
+    return model, x, y, cross_entropy_loss
+
+
+def _device() -> Any:
+    from uniap.executor import default_device
+
+    return default_device()
+
+
+def _job_profile(job: dict) -> dict:
+    from uniap.cluster import load_cluster
+    from uniap.graph import build_graph
+    from uniap.profiler.collect import collect_profile
+
+    model, x, _, _ = _model_and_batch(job)
+    graph = build_graph(model, x, name=model.uniap_name)
+    profile = collect_profile(
+        model,
+        x,
+        graph=graph,
+        cluster=load_cluster(job["cluster"]),
+        global_batch_size=job["global_batch_size"],
+        device=_device(),
+        warmup=job.get("warmup", 2),
+        repeats=job.get("repeats", 5),
+        batches=job.get("batches"),
+    )
+    return profile.to_dict()
+
+
+def _job_run(job: dict) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+
+    from uniap.api import parallelize
+    from uniap.plan import Plan
+    from uniap.profiler.memory import PeakMemory
+
+    model, x, y, loss_fn = _model_and_batch(job)
+    device = _device()
+    warmup, steps, timed = job.get("warmup", 2), job.get("steps", 5), job.get("time", True)
+    runs = []
+    for d in job["plans"]:
+        plan = Plan.from_dict(d)
+        pm = parallelize(
+            model,
+            plan=plan,
+            global_batch_size=job["global_batch_size"],
+            example_inputs=x,
+            loss_fn=loss_fn,
+        )
+        opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
+        runs.append((plan, pm, opt, {"step": [], "train": [], "opt": []}))
+
+    def step(pm: Any, opt: Any, rec: dict | None) -> None:
+        dist.barrier()
+        t0 = time.perf_counter()
+        pm.train_step(x, y)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        t = torch.tensor([t1 - t0, time.perf_counter() - t1], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if rec is not None:
+            rec["train"].append(float(t[0]))
+            rec["opt"].append(float(t[1]))
+            rec["step"].append(float(t[0] + t[1]))
+
+    for _, pm, opt, _ in runs:
+        for _ in range(warmup if timed else 1):
+            step(pm, opt, None)
+    # rounds over all plans: a burst of load on the machine hits every plan alike
+    for _ in range(steps if timed else 0):
+        for _, pm, opt, rec in runs:
+            step(pm, opt, rec)
+    results = []
+    for plan, pm, opt, rec in runs:
+        with PeakMemory(device, [pm.module], opt) as mem:
+            step(pm, opt, None)
+        peaks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, mem.peak_bytes)
+        med = {k: statistics.median(v) if v else float("nan") for k, v in rec.items()}
+        results.append(
+            {
+                "tpi_s": med["step"],
+                "train_step_s": med["train"],
+                "optimizer_s": med["opt"],
+                "step_times_s": rec["step"],
+                "rank_peak_bytes": peaks,
+                "stage_peak_bytes": [max(peaks[r] for r in st.ranks) for st in plan.stages],
+            }
+        )
+    return results
+
+
+_JOBS = {"profile": _job_profile, "run": _job_run}

@@ -1,0 +1,198 @@
+"""Measured communication: alpha-beta fits per collective and group shape.
+
+For every group shape the planner uses on a world of ``N`` ranks, and every collective
+(``all_reduce``, ``all_gather``, ``reduce_scatter``, ``p2p``), the time of one call is
+measured at several message sizes and fitted as
+
+``t(S) = alpha_s + S / bandwidth_bytes_per_s``  (``S`` = bytes of the full tensor: the
+all-reduced tensor, the gathered output, the reduce-scatter input, the message sent)
+
+by least squares weighted by ``1 / t`` (relative error); the worst relative residual is kept
+as ``fit_error``. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups
+are consecutive ranks, DP groups strided, and a group is intra-node when all its ranks share
+a node. All groups of one shape run concurrently (as in a real step, where every TP or DP
+group of the world communicates at once); ``p2p`` is a ping-pong between rank pairs at one
+distance (half the round trip), all pairs at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from uniap.profiler.compute import Timer, fit_line
+
+__all__ = ["CollectiveFit", "group_shape_key", "measure_collectives", "planner_group_shapes"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZES_BYTES = (2**12, 2**15, 2**18, 2**20, 2**22)
+
+
+@dataclass
+class CollectiveFit:
+    """``t(S) = alpha_s + S / bandwidth_bytes_per_s`` for one collective on one group shape."""
+
+    alpha_s: float
+    """Latency: seconds of a zero-byte call."""
+    bandwidth_bytes_per_s: float
+    """Effective bandwidth for the full tensor size ``S``."""
+    fit_error: float = 0.0
+    """Worst relative residual of the fit over the measured sizes."""
+    sizes_bytes: list[int] = field(default_factory=list)
+    """Message sizes measured."""
+    times_s: list[float] = field(default_factory=list)
+    """Median seconds at each size (slowest rank)."""
+
+    def time_s(self, nbytes: float) -> float:
+        """Seconds for a tensor of ``nbytes``."""
+        return self.alpha_s + nbytes / self.bandwidth_bytes_per_s
+
+
+def group_shape_key(ranks: Sequence[int], devices_per_node: int) -> str:
+    """``n{size}-{intra|inter}-{consecutive|strided}`` of a rank group."""
+    rs = sorted(ranks)
+    nodes = {r // devices_per_node for r in rs}
+    place = "intra" if len(nodes) <= 1 else "inter"
+    contiguous = all(b - a == 1 for a, b in zip(rs, rs[1:]))
+    return f"n{len(rs)}-{place}-{'consecutive' if contiguous else 'strided'}"
+
+
+def planner_group_shapes(world_size: int) -> dict[str, list[list[list[int]]]]:
+    """Per kind (``collective`` / ``p2p``), the partitions of the world into groups that the
+    planner's group shapes need: consecutive blocks and strided groups of every size, and
+    rank pairs at every stage distance."""
+    from uniap.strategies import divisors
+
+    n = world_size
+    out: dict[str, list[list[list[int]]]] = {"collective": [], "p2p": []}
+    for size in divisors(n):
+        if size == 1:
+            continue
+        out["collective"].append([list(range(s, s + size)) for s in range(0, n, size)])
+        if size < n:
+            stride = n // size
+            out["collective"].append([[q + m * stride for m in range(size)] for q in range(stride)])
+    for dist_ in sorted({n // pp for pp in divisors(n) if pp > 1}):
+        pairs = [[r, r + dist_] for r in range(n) if (r // dist_) % 2 == 0 and r + dist_ < n]
+        out["p2p"].append(pairs)
+    return out
+
+
+def _median_s(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        with Timer(device) as t:
+            fn()
+        samples.append(t.elapsed_s)
+    return statistics.median(samples)
+
+
+def _slowest(value_s: float) -> float:
+    """Max over ranks (a collective waits for its slowest group)."""
+    t = torch.tensor([value_s], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def measure_collectives(
+    devices_per_node: int,
+    device: torch.device,
+    *,
+    sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, CollectiveFit]]:
+    """``{op: {shape_key: CollectiveFit}}`` for every planner group shape. Collective over
+    the default process group (every rank calls it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = planner_group_shapes(world)
+    fits: dict[str, dict[str, CollectiveFit]] = {}
+    for partition in shapes["collective"]:
+        groups = [dist.new_group(g) for g in partition]
+        mine = next(i for i, g in enumerate(partition) if rank in g)
+        group, size = groups[mine], len(partition[mine])
+        key = group_shape_key(partition[0], devices_per_node)
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            times = []
+            for nbytes in sizes_bytes:
+                numel = max(nbytes // 4 // size * size, size)
+                full = torch.randn(numel, device=device)
+                shard = torch.randn(numel // size, device=device)
+                if op == "all_reduce":
+
+                    def fn(full: torch.Tensor = full, group=group) -> None:
+                        dist.all_reduce(full, group=group)
+                elif op == "all_gather":
+
+                    def fn(full: torch.Tensor = full, shard=shard, group=group) -> None:
+                        dist.all_gather_single(full, shard, group=group)
+                else:
+
+                    def fn(full: torch.Tensor = full, shard=shard, group=group) -> None:
+                        dist.reduce_scatter_single(shard, full, group=group)
+
+                times.append(_slowest(_median_s(fn, device, warmup, repeats)))
+            fits.setdefault(op, {})[key] = _fit(sizes_bytes, times)
+        if progress is not None:
+            progress(f"collectives on {key}: " + _describe(fits, key))
+    for pairs in shapes["p2p"]:
+        key = group_shape_key(pairs[0], devices_per_node)
+        times = []
+        for nbytes in sizes_bytes:
+            buf = torch.randn(max(nbytes // 4, 1), device=device)
+            peer, first = _peer(pairs, rank)
+
+            def ping(buf: torch.Tensor = buf, peer=peer, first=first) -> None:
+                if peer is None:
+                    return
+                if first:
+                    dist.send(buf, peer)
+                    dist.recv(buf, peer)
+                else:
+                    dist.recv(buf, peer)
+                    dist.send(buf, peer)
+
+            times.append(_slowest(_median_s(ping, device, warmup, repeats)) / 2)
+        fits.setdefault("p2p", {})[key] = _fit(sizes_bytes, times)
+        if progress is not None:
+            progress(f"p2p on {key}: {_describe(fits, key, ('p2p',))}")
+    return fits
+
+
+def _peer(pairs: list[list[int]], rank: int) -> tuple[int | None, bool]:
+    for a, b in pairs:
+        if rank == a:
+            return b, True
+        if rank == b:
+            return a, False
+    return None, False
+
+
+def _fit(sizes: Sequence[int], times: Sequence[float]) -> CollectiveFit:
+    alpha, slope, err = fit_line([float(s) for s in sizes], times)
+    if slope <= 0:  # latency-bound everywhere: take the largest message's rate
+        slope = times[-1] / sizes[-1]
+        alpha = 0.0
+    return CollectiveFit(
+        max(alpha, 0.0), 1.0 / slope, err, [int(s) for s in sizes], [float(t) for t in times]
+    )
+
+
+def _describe(
+    fits: dict[str, dict[str, CollectiveFit]], key: str, ops: Sequence[str] | None = None
+) -> str:
+    parts = []
+    for op in ops or ("all_reduce", "all_gather", "reduce_scatter"):
+        f = fits[op][key]
+        parts.append(f"{op} {f.alpha_s * 1e6:.0f} us + {f.bandwidth_bytes_per_s / 1e9:.2f} GB/s")
+    return ", ".join(parts)

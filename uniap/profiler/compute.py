@@ -1,0 +1,227 @@
+"""Measured compute: forward and backward seconds of each layer, per local batch and TP degree.
+
+Timers: CUDA events on a GPU, ``time.perf_counter`` with a synchronisation on CPU (where the
+work is synchronous anyway). Every number is the median of ``repeats`` runs after ``warmup``
+runs. A layer is timed on its own (its real input, captured from one forward of the whole
+model at that batch), forward with grad enabled, then backward from a fixed output gradient.
+
+At ``tp > 1`` the layer is sharded with the executor's own tensor parallelism
+(:func:`uniap.executor.tensor_parallel.apply_tp`) over a real TP group of consecutive ranks,
+so the timed pass includes its all-reduces; the cost model adds those separately, so the
+collective model's all-reduce time (one per TP pair per pass) is subtracted:
+``fwd_s = measured_fwd_s - sum_pairs all_reduce(pair_bytes * b)`` (same for backward),
+floored at a fifth of the measured time.
+
+Between measured batches the cost model interpolates piecewise-linearly; beyond them it uses
+the least-squares fit ``t(b) = a + slope * b`` (:func:`fit_line`), whose worst relative
+residual is reported as ``fit_error``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerTiming",
+    "Timer",
+    "capture_layer_inputs",
+    "fit_line",
+    "interpolate",
+    "resize_batch",
+    "time_layer",
+    "time_median_s",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Timer:
+    """Wall time of a region on ``device``: CUDA events on a GPU, ``perf_counter`` after a
+    synchronisation elsewhere. ``with Timer(dev) as t: ...; t.elapsed_s``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.elapsed_s = float("nan")
+        self._cuda = self.device.type == "cuda"
+
+    def __enter__(self) -> Timer:
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.elapsed_s = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.elapsed_s = time.perf_counter() - self._t0
+
+
+def time_median_s(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            fn()
+        samples.append(t.elapsed_s)
+    return statistics.median(samples)
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + slope * x`` weighted by ``1 / y`` (relative error), returning
+    ``(a, slope, worst relative residual)``; one point gives ``(0, y / x, 0)``."""
+    if len(xs) == 1:
+        return 0.0, ys[0] / xs[0] if xs[0] else 0.0, 0.0
+    w = [1.0 / max(y, 1e-12) for y in ys]
+    sw = sum(w)
+    sx = sum(wi * x for wi, x in zip(w, xs))
+    sy = sum(wi * y for wi, y in zip(w, ys))
+    sxx = sum(wi * x * x for wi, x in zip(w, xs))
+    sxy = sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    den = sw * sxx - sx * sx
+    slope = (sw * sxy - sx * sy) / den if den else 0.0
+    a = (sy - slope * sx) / sw
+    err = max(abs(a + slope * x - y) / max(y, 1e-12) for x, y in zip(xs, ys))
+    return a, slope, err
+
+
+def interpolate(x: float, xs: Sequence[float], ys: Sequence[float], fit: Sequence[float]) -> float:
+    """Piecewise-linear through the measured ``(xs, ys)`` (sorted by ``xs``); outside them
+    the fitted line ``fit = (a, slope)``; never below zero."""
+    if xs and xs[0] <= x <= xs[-1]:
+        for i in range(len(xs) - 1):
+            if xs[i] <= x <= xs[i + 1]:
+                w = (x - xs[i]) / (xs[i + 1] - xs[i])
+                return ys[i] + w * (ys[i + 1] - ys[i])
+        return ys[0]
+    return max(fit[0] + fit[1] * x, 0.0)
+
+
+@dataclass
+class LayerTiming:
+    """Measured seconds of one layer at one TP degree, per local batch."""
+
+    batches: list[int] = field(default_factory=list)
+    """Local batch sizes measured, ascending."""
+    fwd_s: list[float] = field(default_factory=list)
+    """Median forward seconds at each batch."""
+    bwd_s: list[float] = field(default_factory=list)
+    """Median backward seconds at each batch."""
+
+    def fits(self) -> dict[str, list[float]]:
+        """``{"fwd": [a, slope, err], "bwd": [...]}``."""
+        return {
+            "fwd": list(fit_line(self.batches, self.fwd_s)),
+            "bwd": list(fit_line(self.batches, self.bwd_s)),
+        }
+
+
+def resize_batch(value: Any, batch: int) -> Any:
+    """Every batch-first tensor of ``value`` with dim 0 set to ``batch`` (rows repeated
+    cyclically or cut); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value
+        idx = torch.arange(batch, device=value.device) % value.shape[0]
+        return value.index_select(0, idx).contiguous()
+    if isinstance(value, tuple | list):
+        return type(value)(resize_batch(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: resize_batch(v, batch) for k, v in value.items()}
+    return value
+
+
+def capture_layer_inputs(
+    model: nn.Module, fqns: Sequence[str], example_inputs: Any
+) -> dict[str, tuple]:
+    """The positional inputs each layer receives in one no-grad forward of ``model``."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for fqn in fqns:
+
+        def hook(module: nn.Module, args: tuple, fqn: str = fqn) -> None:
+            if fqn not in seen:
+                seen[fqn] = tuple(
+                    a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args
+                )
+
+        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple | list):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [f for f in fqns if f not in seen]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run in the model's forward")
+    return seen
+
+
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _float_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _float_tensors(v)]
+    return []
+
+
+def time_layer(
+    module: nn.Module,
+    inputs: tuple,
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> tuple[float, float]:
+    """Median (forward_s, backward_s) of ``module(*inputs)`` and its backward.
+
+    Floating inputs require grad (as inside a model, so input gradients are computed); the
+    output gradient is a fixed random tensor."""
+    inputs = tuple(
+        a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+        for a in inputs
+    )
+    with torch.enable_grad():
+        outs = _float_tensors(module(*inputs))
+    grads = [torch.randn_like(o) for o in outs]
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        with Timer(device) as tf, torch.enable_grad():
+            outs = [o for o in _float_tensors(module(*inputs))]
+        with Timer(device) as tb:
+            torch.autograd.backward([o for o in outs if o.requires_grad], grads[: len(outs)])
+        if i >= warmup:
+            fwd.append(tf.elapsed_s)
+            bwd.append(tb.elapsed_s)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def layer_copy(model: nn.Module, fqn: str, device: torch.device) -> nn.Module:
+    """A private copy of layer ``fqn`` on ``device`` (to shard without touching the model)."""
+    return copy.deepcopy(model.get_submodule(fqn)).to(device)

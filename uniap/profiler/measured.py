@@ -1,0 +1,383 @@
+"""The measured profile: numbers from real runs, saved as YAML, refused when stale.
+
+A :class:`MeasuredProfile` answers the cost model's questions from measurements
+(:mod:`uniap.profiler.collect` makes one):
+
+- ``layer_compute_s(layer, b, tp)``: the layer's measured forward / backward seconds (looked up
+  by ``layer.cost_key``: layers of equal shape share one measurement) at TP degree ``tp``,
+  piecewise-linear between the measured local batches, the fit ``a + slope * b`` beyond;
+  then ``compute_scale * t + (executor_overhead_s + layer_overhead_s) / 2`` per pass
+  (``executor_overhead_s``: the executor's per-layer hooks, measured; the rest calibrated).
+- ``collective_s(op, S, ranks)``: ``comm_scale * (alpha_s + S / bandwidth)`` of the group's
+  shape (size, intra/inter node, consecutive/strided).
+- ``optimizer_step_s(n) = optimizer_a_s + optimizer_s_per_param * n``.
+- ``activation_bytes(layer, b, tp)``: measured saved-for-backward bytes, interpolated.
+- ``overlap_coefficient``: measured (:mod:`uniap.profiler.overlap`).
+
+The file records the model (name, signature, dtype, sample shape, layer FQNs), the hardware
+(device type and name, world size, devices per node, backend, threads) and the library
+versions; :meth:`MeasuredProfile.check_compatible` raises a ``ConfigError`` naming every field
+that differs from the model and cluster being planned (a stale profile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uniap.cluster import Cluster
+from uniap.errors import ConfigError
+from uniap.graph import Layer, ModelGraph
+from uniap.profiler.analytic import COLLECTIVES, Profile
+from uniap.profiler.comm import CollectiveFit, group_shape_key
+from uniap.profiler.compute import fit_line, interpolate
+
+__all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that change measured numbers: uniap and torch."""
+    import torch
+
+    from uniap import __version__
+
+    return {"uniap": __version__, "torch": torch.__version__.split("+")[0]}
+
+
+def hardware_info(
+    *, world_size: int, devices_per_node: int, backend: str, device_type: str
+) -> dict[str, Any]:
+    """What identifies the machine a profile was measured on."""
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = _cpu_name()
+    return {
+        "device_type": device_type,
+        "device_name": name,
+        "world_size": world_size,
+        "devices_per_node": devices_per_node,
+        "backend": backend,
+        "threads_per_rank": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class LayerProfile:
+    """Measurements of one layer shape (every layer with this ``cost_key``)."""
+
+    fqns: list[str]
+    """Layers that share these numbers; the first one was measured."""
+    batches: list[int]
+    """Local batch sizes measured, ascending."""
+    fwd_s: dict[int, list[float]] = field(default_factory=dict)
+    """TP degree -> median forward seconds per batch (TP all-reduces subtracted)."""
+    bwd_s: dict[int, list[float]] = field(default_factory=dict)
+    """TP degree -> median backward seconds per batch (TP all-reduces subtracted)."""
+    activation_bytes: dict[int, list[float]] = field(default_factory=dict)
+    """TP degree -> bytes saved for backward per batch."""
+    state_bytes: dict[int, dict[str, int]] = field(default_factory=dict)
+    """TP degree -> ``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` of the local shard."""
+
+    def fit(self, which: str, tp: int) -> tuple[float, float, float]:
+        """``(a, slope, worst relative residual)`` of ``which`` (fwd_s, bwd_s,
+        activation_bytes) at ``tp`` over the measured batches."""
+        return fit_line(self.batches, getattr(self, which)[tp])
+
+    def value(self, which: str, batch: float, tp: int) -> float:
+        """``which`` at local ``batch`` and ``tp``, interpolated (see the module docstring)."""
+        ys = getattr(self, which)[tp]
+        a, slope, _ = self.fit(which, tp)
+        return interpolate(batch, self.batches, ys, (a, slope))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"fqns": list(self.fqns), "batches": list(self.batches)}
+        for name in ("fwd_s", "bwd_s", "activation_bytes"):
+            d[name] = {
+                f"tp{tp}": [float(v) for v in vs] for tp, vs in sorted(getattr(self, name).items())
+            }
+        d["state_bytes"] = {f"tp{tp}": dict(v) for tp, v in sorted(self.state_bytes.items())}
+        d["fit"] = {
+            f"tp{tp}": {
+                name: dict(zip(("a", "slope", "error"), (float(x) for x in self.fit(name, tp))))
+                for name in ("fwd_s", "bwd_s")
+            }
+            for tp in sorted(self.fwd_s)
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerProfile:
+        def by_tp(m: dict[str, Any]) -> dict[int, Any]:
+            return {int(k.removeprefix("tp")): v for k, v in (m or {}).items()}
+
+        return cls(
+            fqns=list(d["fqns"]),
+            batches=[int(b) for b in d["batches"]],
+            fwd_s=by_tp(d["fwd_s"]),
+            bwd_s=by_tp(d["bwd_s"]),
+            activation_bytes=by_tp(d.get("activation_bytes")),
+            state_bytes=by_tp(d.get("state_bytes")),
+        )
+
+
+_CALIBRATION_DEFAULTS = {"compute_scale": 1.0, "comm_scale": 1.0, "layer_overhead_s": 0.0}
+
+
+@dataclass
+class MeasuredProfile(Profile):
+    """A profile measured on real hardware (see the module docstring)."""
+
+    model: dict[str, Any]
+    """``name``, ``signature``, ``dtype``, ``sample_shape``, ``layers`` (FQNs)."""
+    hardware: dict[str, Any]
+    """See :func:`hardware_info`."""
+    versions: dict[str, str]
+    """See :func:`library_versions`."""
+    layers: dict[str, LayerProfile]
+    """``cost_key`` -> measurements."""
+    collectives: dict[str, dict[str, CollectiveFit]]
+    """Collective -> group shape key -> fit."""
+    overlap_coefficient: float = 0.0
+    """Measured fraction of gradient synchronisation hidden behind backward."""
+    overlap: dict[str, float] = field(default_factory=dict)
+    """The overlap measurement (compute_s, comm_s, both_s, raw)."""
+    executor_overhead_s: float = 0.0
+    """Measured seconds the executor's per-layer hooks add to one micro-batch's forward +
+    backward of a layer (half charged to each pass)."""
+    optimizer_a_s: float = 0.0
+    """Fixed seconds per optimizer call (per layer)."""
+    optimizer_s_per_param: float = 0.0
+    """Seconds per local parameter of an AdamW step."""
+    calibration: dict[str, float] = field(default_factory=lambda: dict(_CALIBRATION_DEFAULTS))
+    """Correction coefficients fitted from measured steps (:func:`uniap.calibrate`):
+    ``compute_scale``, ``comm_scale``, ``layer_overhead_s``."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """How it was measured (warm-up, repeats, batches, TP degrees, wall time)."""
+    source: str = "measured"
+
+    # ------------------------------------------------------------------ Profile
+    def _layer(self, layer: Layer) -> LayerProfile:
+        lp = self.layers.get(layer.cost_key)
+        if lp is None:
+            raise ConfigError(
+                f"the measured profile has no numbers for layer {layer.fqn!r} (cost key "
+                f"{layer.cost_key}); re-run `uniap profile` for this model"
+            )
+        return lp
+
+    def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
+        lp = self._layer(layer)
+        cal = self.calibration
+        if tp in lp.fwd_s:
+            fwd, bwd = lp.value("fwd_s", batch, tp), lp.value("bwd_s", batch, tp)
+        else:  # not measured at this degree: the tp=1 time shared out
+            fwd, bwd = lp.value("fwd_s", batch, 1) / tp, lp.value("bwd_s", batch, 1) / tp
+        half = (self.executor_overhead_s + cal.get("layer_overhead_s", 0.0)) / 2
+        scale = cal.get("compute_scale", 1.0)
+        return scale * fwd + half, scale * bwd + half
+
+    def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
+        if op not in COLLECTIVES:
+            raise ValueError(f"unknown collective {op!r}; one of {COLLECTIVES}")
+        if (op != "p2p" and len(ranks) <= 1) or nbytes <= 0:
+            return 0.0
+        fits = self.collectives.get(op, {})
+        key = group_shape_key(ranks, int(self.hardware["devices_per_node"]))
+        fit = fits.get(key)
+        if fit is None:  # same size, other placement: the closest measured shape
+            same = sorted(k for k in fits if k.startswith(f"n{len(ranks)}-"))
+            if not same:
+                raise ConfigError(
+                    f"the measured profile has no {op} on groups of {len(ranks)} ranks; "
+                    f"measured: {sorted(fits)}; re-run `uniap profile` on this cluster"
+                )
+            fit = fits[same[0]]
+        return self.calibration.get("comm_scale", 1.0) * fit.time_s(nbytes)
+
+    def optimizer_step_s(self, num_params: float) -> float:
+        if num_params <= 0:
+            return 0.0
+        return self.optimizer_a_s + self.optimizer_s_per_param * num_params
+
+    def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
+        lp = self._layer(layer)
+        if tp in lp.activation_bytes:
+            return lp.value("activation_bytes", batch, tp)
+        return super().activation_bytes(layer, batch, tp)
+
+    def check_compatible(self, graph: ModelGraph, cluster: Cluster) -> None:
+        """Refuse a profile made for another model, machine or library version."""
+        diffs = []
+        m = self.model
+        if m.get("signature") != graph.signature:
+            diffs.append(
+                f"model signature: profile {m.get('signature')} ({m.get('name')}), "
+                f"model {graph.signature} ({graph.name})"
+            )
+        if m.get("dtype") != graph.dtype:
+            diffs.append(f"dtype: profile {m.get('dtype')}, model {graph.dtype}")
+        if list(m.get("sample_shape", [])) != list(graph.sample_shape):
+            diffs.append(
+                f"sample shape: profile {m.get('sample_shape')}, model {list(graph.sample_shape)}"
+            )
+        hw = self.hardware
+        if hw.get("world_size") != cluster.world_size:
+            diffs.append(
+                f"world size: profile {hw.get('world_size')}, cluster {cluster.world_size}"
+            )
+        if hw.get("devices_per_node") != cluster.devices_per_node:
+            diffs.append(
+                f"devices per node: profile {hw.get('devices_per_node')}, cluster {cluster.devices_per_node}"
+            )
+        if hw.get("device_type") != cluster.device_type:
+            diffs.append(
+                f"device type: profile {hw.get('device_type')}, cluster {cluster.device_type}"
+            )
+        now = library_versions()
+        for lib, v in now.items():
+            if self.versions.get(lib) != v:
+                diffs.append(f"{lib} version: profile {self.versions.get(lib)}, installed {v}")
+        if diffs:
+            raise ConfigError(
+                "stale profile: " + "; ".join(diffs) + "; re-run `uniap profile` for this model "
+                "and cluster (or plan without --profile)"
+            )
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML layout (plain types)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": self.source,
+            "model": dict(self.model),
+            "hardware": dict(self.hardware),
+            "versions": dict(self.versions),
+            "settings": dict(self.settings),
+            "overlap_coefficient": float(self.overlap_coefficient),
+            "overlap": {k: float(v) for k, v in self.overlap.items()},
+            "executor_overhead_s": float(self.executor_overhead_s),
+            "optimizer": {
+                "a_s": float(self.optimizer_a_s),
+                "s_per_param": float(self.optimizer_s_per_param),
+            },
+            "calibration": {k: float(v) for k, v in self.calibration.items()},
+            "collectives": {
+                op: {k: dataclasses.asdict(f) for k, f in sorted(fits.items())}
+                for op, fits in sorted(self.collectives.items())
+            },
+            "layers": {key: lp.to_dict() for key, lp in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "<dict>") -> MeasuredProfile:
+        """Inverse of :meth:`to_dict`; ``ConfigError`` naming ``source`` when malformed."""
+        if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
+            got = d.get("schema_version") if isinstance(d, dict) else type(d).__name__
+            raise ConfigError(
+                f"{source}: not a uniap measured profile (schema_version {got!r}, expected "
+                f"{SCHEMA_VERSION}); create one with `uniap profile`"
+            )
+        try:
+            return cls(
+                model=dict(d["model"]),
+                hardware=dict(d["hardware"]),
+                versions=dict(d["versions"]),
+                layers={k: LayerProfile.from_dict(v) for k, v in d["layers"].items()},
+                collectives={
+                    op: {k: CollectiveFit(**f) for k, f in fits.items()}
+                    for op, fits in d["collectives"].items()
+                },
+                overlap_coefficient=float(d["overlap_coefficient"]),
+                overlap=dict(d.get("overlap", {})),
+                executor_overhead_s=float(d.get("executor_overhead_s", 0.0)),
+                optimizer_a_s=float(d["optimizer"]["a_s"]),
+                optimizer_s_per_param=float(d["optimizer"]["s_per_param"]),
+                calibration={**_CALIBRATION_DEFAULTS, **d.get("calibration", {})},
+                settings=dict(d.get("settings", {})),
+                source=str(d.get("source", "measured")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"{source}: malformed measured profile ({type(e).__name__}: {e}); "
+                "re-run `uniap profile`"
+            ) from None
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """YAML text, also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MeasuredProfile:
+        """Read a profile YAML file."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{p}: profile file not found; create it with `uniap profile`"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: YAML syntax error: {e}") from None
+        return cls.from_dict(data, str(p))
+
+    def with_calibration(self, **coefficients: float) -> MeasuredProfile:
+        """A copy with calibration coefficients replaced."""
+        unknown = sorted(set(coefficients) - set(_CALIBRATION_DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"unknown calibration coefficient(s) {unknown}; use {sorted(_CALIBRATION_DEFAULTS)}"
+            )
+        return dataclasses.replace(self, calibration={**self.calibration, **coefficients})
+
+    def summary(self) -> str:
+        """A few lines for the CLI: layers, fits and collectives."""
+        lines = [
+            f"measured profile of {self.model.get('name')} ({self.model.get('signature')}) on "
+            f"{self.hardware.get('world_size')} x {self.hardware.get('device_type')} "
+            f"({self.hardware.get('device_name')}), overlap {self.overlap_coefficient:.2f}"
+        ]
+        for lp in self.layers.values():
+            for tp in sorted(lp.fwd_s):
+                _, fslope, ferr = lp.fit("fwd_s", tp)
+                _, bslope, berr = lp.fit("bwd_s", tp)
+                lines.append(
+                    f"  {lp.fqns[0]:<12} x{len(lp.fqns)} tp{tp}: fwd {fslope * 1e3:.3f} ms/sample "
+                    f"(fit err {ferr:.0%}), bwd {bslope * 1e3:.3f} ms/sample (fit err {berr:.0%})"
+                )
+        for op, fits in sorted(self.collectives.items()):
+            for key, f in sorted(fits.items()):
+                lines.append(
+                    f"  {op:<14} {key:<22} {f.alpha_s * 1e6:8.1f} us + S / "
+                    f"{f.bandwidth_bytes_per_s / 1e9:.2f} GB/s (fit err {f.fit_error:.0%})"
+                )
+        return "\n".join(lines)
