@@ -21,7 +21,8 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   (analytic: ``saved_bytes * bl * (f / tp + 1 - f)``; with
   recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
   ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
-  ``min(c, pp - i)`` for 1F1B.
+  ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's copy of its output per
+  in-flight micro-batch and one output gradient: ``out_bytes * bl * (inflight(i) + 1)``.
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
@@ -269,6 +270,10 @@ class CostModel:
                     act = self.profile.activation_bytes(layer, bl, s.tp)
                 for i in range(pp):
                     M[u, k, i] = static + act * inflight[i]
+                    if u == L - 1:
+                        # The loss keeps a copy of the model output (log-softmax) per in-flight
+                        # micro-batch, and its gradient exists once during backward.
+                        M[u, k, i] += layer.output_bytes_per_sample * bl * (inflight[i] + 1)
                 parts["compute"][u, k] = fwd + bwd
                 parts["tp_comm"][u, k] = tp_comm
                 parts["fsdp_comm"][u, k] = fsdp_mb
