@@ -47,8 +47,36 @@ def _preset(case: dict) -> tuple[Any, Any, Any, Any]:
     return (lambda: build_model(name, device="cpu", seed=0)), batch, loss_fn_for(name), None
 
 
+def _hf(case: dict) -> tuple[Any, Any, Any, Any]:
+    from uniap.models import cross_entropy_loss
+    from uniap.models.hf import from_hf, hf_example_batch, tiny_hf_model
+
+    family = case["model"].removeprefix("hf-")
+    config_model = tiny_hf_model(family, seed=0)
+
+    def batch(b: int, s: int) -> Any:
+        return hf_example_batch(config_model, b, seed=1000 + s)
+
+    return (lambda: from_hf(tiny_hf_model(family, seed=0))), batch, cross_entropy_loss, None
+
+
+def _sequential(case: dict) -> tuple[Any, Any, Any, Any]:
+    from toy import build_sequential, sequential_batch
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out, y)
+
+    return build_sequential, (lambda b, s: sequential_batch(b, seed=s)), loss, None
+
+
 def _setup(case: dict) -> tuple[Any, Any, Any, Any]:
-    return _toy(case) if case["model"] == "toy" else _preset(case)
+    if case["model"] == "toy":
+        return _toy(case)
+    if case["model"] == "sequential":
+        return _sequential(case)
+    if case["model"].startswith("hf-"):
+        return _hf(case)
+    return _preset(case)
 
 
 def _reference(
@@ -225,6 +253,7 @@ def checkpoint_case(case: dict) -> dict[str, Any] | None:
 
 _KINDS = {
     "parity": parity_case,
+    "hf_parity": parity_case,
     "plan_consistency": plan_consistency_case,
     "checkpoint": checkpoint_case,
 }
@@ -294,3 +323,43 @@ def comm_count_case(case: dict) -> dict[str, Any] | None:
 
 
 _KINDS["comm_count"] = comm_count_case
+
+
+def memory_case(case: dict) -> dict[str, Any] | None:
+    """Train ``case["plan"]`` and the same plan with ``recompute`` on every block, two AdamW
+    steps each; report rank 0's measured memory breakdown of the second step of each."""
+    build, batch, loss_fn, _ = _setup(case)
+    base = Plan.from_dict(case["plan"])
+    out: dict[str, Any] = {}
+    for label, recompute in (("plain", False), ("recompute", True)):
+        stages = tuple(
+            dataclasses.replace(
+                st,
+                layers=tuple(
+                    dataclasses.replace(ls, recompute=recompute and ls.fqn.startswith("blocks"))
+                    for ls in st.layers
+                ),
+            )
+            for st in base.stages
+        )
+        plan = dataclasses.replace(base, stages=stages)
+        x, y = batch(plan.global_batch_size, 0)
+        model = build()
+        pm = parallelize(
+            model,
+            plan=plan,
+            loss_fn=loss_fn,
+            global_batch_size=plan.global_batch_size,
+            example_inputs=x,
+        )
+        opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+        for _ in range(2):
+            opt.zero_grad()
+            pm.train_step(x, y)
+            opt.step()
+        out[label] = {"peak": pm.peak_memory_bytes, **pm.memory_breakdown}
+        out["model_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return out if dist.get_rank() == 0 else None
+
+
+_KINDS["memory"] = memory_case

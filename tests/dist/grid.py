@@ -48,9 +48,62 @@ def toy(
 @functools.cache
 def _graph(name: str) -> Any:
     from uniap.graph import build_graph
+
+    if name.startswith("hf-"):
+        from uniap.models.hf import from_hf, hf_example_batch, tiny_hf_model
+
+        model = from_hf(tiny_hf_model(name.removeprefix("hf-")))
+        return build_graph(model, hf_example_batch(model, 2)[0])
     from uniap.models import build_model, example_batch
 
     return build_graph(build_model(name), example_batch(name, 2)[0], name=name)
+
+
+def has_transformers() -> bool:
+    """True when Hugging Face ``transformers`` is installed (the HF cases need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def hf_cases() -> list[dict]:
+    """World-size-2 parity cases on Hugging Face models adapted by ``uniap.models.hf``."""
+    if not has_transformers():
+        return []
+    return [
+        # GPT-2's fused Conv1D c_attn has no TP plan: FSDP everywhere
+        preset(
+            "hf_gpt2_pp1_dp2_fsdp_c2",
+            "hf-gpt2",
+            2,
+            1,
+            tp_layers=(2, 1, F),
+            others=(2, 1, F),
+            c=2,
+            kind="hf_parity",
+        ),
+        preset(
+            "hf_llama_pp1_tp2_c2",
+            "hf-llama",
+            2,
+            1,
+            tp_layers=(1, 2, D),
+            others=(2, 1, D),
+            c=2,
+            kind="hf_parity",
+        ),
+        preset(
+            "hf_bert_pp2_1f1b_c2",
+            "hf-bert",
+            2,
+            2,
+            tp_layers=(1, 1, D),
+            others=(1, 1, D),
+            c=2,
+            schedule="1F1B",
+            kind="hf_parity",
+        ),
+    ]
 
 
 def preset(
@@ -107,6 +160,13 @@ def w2_cases() -> list[dict]:
             c=2,
             via="apply_plan",
         ),
+        toy(
+            "pp1_fsdp_tp2_recompute_blocks_c2",
+            2,
+            [[(2, 1, F), (1, 2, F, True), (1, 2, D, True), (2, 1, F)]],
+            c=2,
+        ),
+        toy("pp1_dp2_ddp_recompute_all_c1", 2, [[(2, 1, D, True)]], forward=True),
         toy("pp2_gpipe_c1", 2, [[(1, 1, D)], [(1, 1, D)]]),
         toy("pp2_gpipe_c4", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="GPipe"),
         toy("pp2_1f1b_c2", 2, [[(1, 1, D)], [(1, 1, D)]], c=2, schedule="1F1B"),
@@ -119,6 +179,13 @@ def w2_cases() -> list[dict]:
         ),
         toy(
             "pp2_1f1b_c4_split13", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="1F1B", split=[1, 3]
+        ),
+        toy(
+            "pp2_1f1b_recompute_c4",
+            2,
+            [[(1, 1, D), (1, 1, D, True)], [(1, 1, F, True), (1, 1, F)]],
+            c=4,
+            schedule="1F1B",
         ),
         preset("gpt_tiny_pp1_tp2_c2", "gpt-tiny", 2, 1, tp_layers=(1, 2, D), others=(2, 1, D), c=2),
         preset(
@@ -163,6 +230,14 @@ def w2_cases() -> list[dict]:
             c=2,
         ),
         {
+            "name": "planned_sequential_cpu2",
+            "model": "sequential",
+            "plan": None,
+            "cluster": "cpu-2",
+            "global_batch_size": 8,
+        },
+        *hf_cases(),
+        {
             "name": "planned_gpt_tiny_cpu2",
             "model": "gpt-tiny",
             "plan": None,
@@ -184,6 +259,7 @@ def w2_cases() -> list[dict]:
             c=2,
             kind="checkpoint",
         ),
+        toy("memory_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="memory"),
         toy(
             "comm_pp1_tp2_c2",
             2,
@@ -225,6 +301,13 @@ def w4_cases() -> list[dict]:
             "pp2_fsdp_tp2_1f1b_c2",
             4,
             [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, F)]],
+            c=2,
+            schedule="1F1B",
+        ),
+        toy(
+            "pp2_fsdp_tp2_recompute_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D, True)], [(1, 2, F, True), (2, 1, F, True)]],
             c=2,
             schedule="1F1B",
         ),

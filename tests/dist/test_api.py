@@ -151,7 +151,7 @@ def test_world2_ranks_with_different_plans_all_refuse(results_w2: dict[str, Any]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["planned_gpt_tiny_cpu2"])
+@pytest.mark.parametrize("name", ["planned_gpt_tiny_cpu2", "planned_sequential_cpu2"])
 def test_world2_planned_on_rank0_matches_reference(results_w2: dict[str, Any], name: str) -> None:
     """plan=None: rank 0 plans, broadcasts, every rank trains it; parity holds."""
     res = results_w2[name]
@@ -241,3 +241,20 @@ def test_world1_without_torchrun_trains_like_one_process(monkeypatch: pytest.Mon
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+@pytest.mark.dist
+def test_world2_peak_memory_counts_state_and_recompute_shrinks_activations(
+    results_w2: dict[str, Any],
+) -> None:
+    """DDP dp2: parameters and gradients are the whole model, AdamW keeps two moments of it
+    (plus step counters); recomputing the blocks leaves well under half the saved activations."""
+    res = results_w2["memory_pp1_dp2_ddp_c2"]
+    assert "error" not in res, res.get("error")
+    plain, rc, full = res["plain"], res["recompute"], res["model_param_bytes"]
+    for m in (plain, rc):
+        assert m["parameters_bytes"] == m["gradients_bytes"] == full
+        assert 2 * full < m["optimizer_state_bytes"] <= 2 * full + 1024
+        terms = ("parameters_bytes", "gradients_bytes", "optimizer_state_bytes")
+        assert m["peak"] == sum(m[k] for k in terms) + m["activations_peak_bytes"]
+    assert 0 < rc["activations_peak_bytes"] < plain["activations_peak_bytes"] / 2

@@ -36,3 +36,12 @@ def test_world2_matches_reference(results_w2: dict[str, Any], name: str) -> None
 def test_world4_matches_reference(results_w4: dict[str, Any], name: str) -> None:
     """World size 4: training under the plan matches single-process training."""
     _check(results_w4[name])
+
+
+@pytest.mark.parametrize(
+    "name", ["hf_gpt2_pp1_dp2_fsdp_c2", "hf_llama_pp1_tp2_c2", "hf_bert_pp2_1f1b_c2"]
+)
+def test_world2_hf_model_matches_reference(results_w2: dict[str, Any], name: str) -> None:
+    """World size 2: a Hugging Face model adapted by uniap.models.hf trains like one process."""
+    pytest.importorskip("transformers")
+    _check(results_w2[name])

@@ -119,7 +119,7 @@ def toy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def make_plan(
     fqns: list[str],
     world_size: int,
-    stages: list[list[tuple[int, int, str]]],
+    stages: list[list[tuple]],
     *,
     global_batch_size: int,
     num_microbatches: int,
@@ -130,7 +130,8 @@ def make_plan(
 ) -> Plan:
     """A plan from per-stage strategy lists; ``split`` = layers per stage (even by default).
 
-    ``stages[i]`` is either one ``(dp, tp, kind)`` for all of stage i's layers, or one per layer.
+    ``stages[i]`` is either one ``(dp, tp, kind)`` for all of stage i's layers, or one per layer;
+    a fourth element ``True`` turns on ``recompute`` (activation checkpointing).
     """
     pp = len(stages)
     g = world_size // pp
@@ -143,7 +144,7 @@ def make_plan(
         names = fqns[pos : pos + n]
         pos += n
         per = strat if len(strat) == n and isinstance(strat[0], tuple) else [strat[0]] * n
-        layers = tuple(LayerStrategy(f, dp, tp, kind) for f, (dp, tp, kind) in zip(names, per))
+        layers = tuple(LayerStrategy(f, *strategy) for f, strategy in zip(names, per))
         out.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
     return Plan(
         model_name=model_name,
@@ -167,3 +168,28 @@ def toy_signature(n_blocks: int = 2) -> str:
 def toy_fqns(n_blocks: int = 2) -> list[str]:
     """The toy's layer chain."""
     return ["embed", *(f"blocks.{i}" for i in range(n_blocks)), "head"]
+
+
+SEQ_DIM, SEQ_HIDDEN = 16, 64
+
+
+def build_sequential(seed: int = 0) -> nn.Sequential:
+    """A plain ``nn.Sequential`` MLP stack (no uniap hooks): its children are the layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(SEQ_DIM, SEQ_HIDDEN),
+        nn.GELU(),
+        nn.Linear(SEQ_HIDDEN, SEQ_HIDDEN),
+        nn.GELU(),
+        nn.Linear(SEQ_HIDDEN, SEQ_HIDDEN),
+        nn.LayerNorm(SEQ_HIDDEN),
+        nn.Linear(SEQ_HIDDEN, SEQ_DIM),
+    )
+
+
+def sequential_batch(batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random regression inputs and targets for :func:`build_sequential`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, SEQ_DIM, generator=g), torch.randn(
+        batch_size, SEQ_DIM, generator=g
+    )

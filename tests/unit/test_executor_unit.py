@@ -188,3 +188,34 @@ def test_large_world_apply_plan_shards_as_planned(fake_world: int) -> None:
     assert o.placements[1].dim == 1  # TP row-wise: input features
     assert params["blocks.0.norm1.weight"].device_mesh.mesh.tolist() == [1, 3, 5, 7]
     assert pm.is_first_stage and not pm.is_last_stage
+
+
+def test_step_memory_counts_saved_activations_exactly_and_recompute_keeps_the_input() -> None:
+    """Linear(8,16)-ReLU-Linear(16,4) on 5 samples saves x (160 B) and the ReLU output (320 B);
+    checkpointed, only x; AdamW state appears after the first optimizer step."""
+    from torch import nn
+
+    from uniap.executor.activation_checkpoint import apply_ac
+    from uniap.executor.memory import StepMemory
+
+    x = torch.randn(5, 8)
+    for recompute, expect in ((False, 480), (True, 160)):
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        model = nn.Sequential(apply_ac(mlp) if recompute else mlp)
+        meter = StepMemory(model, torch.device("cpu"))
+        opt = torch.optim.AdamW(model.parameters())
+        param_bytes = sum(p.numel() * 4 for p in model.parameters())
+        for step in range(2):
+            with meter:
+                model(x).sum().backward()
+            opt.step()
+            assert meter.breakdown["activations_peak_bytes"] == expect
+            assert (
+                meter.breakdown["parameters_bytes"]
+                == meter.breakdown["gradients_bytes"]
+                == param_bytes
+            )
+            state = meter.breakdown["optimizer_state_bytes"]
+            assert state == (0 if step == 0 else 2 * param_bytes + 4 * 4)  # + 4 step counters
+            assert meter.peak_memory_bytes == sum(meter.breakdown.values())

@@ -5,8 +5,10 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 1. build the plan's meshes and groups (collective, same order on every rank);
 2. split: deep-copy this rank's stage layers by FQN into a ``StageModule`` (with reshards);
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
-4. DDP / FSDP per layer (FSDP2 ``replicate`` / ``fully_shard`` on the layer's DP mesh);
-5. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
+4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
+   FQNs do not change);
+5. DDP / FSDP per layer (FSDP2 ``replicate`` / ``fully_shard`` on the layer's DP mesh);
+6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
 
 Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
 (``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
@@ -28,7 +30,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from uniap.errors import PlanMismatchError, UniapError
+from uniap.executor.activation_checkpoint import apply_ac
 from uniap.executor.data_parallel import GradSync, apply_dp
+from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
 from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
@@ -72,6 +76,9 @@ def apply_plan(
             apply_tp(
                 module.get_submodule(ls.fqn), layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"]
             )
+    for ls in stage.layers:
+        if ls.recompute:
+            apply_ac(module.get_submodule(ls.fqn))
     for ls in stage.layers:
         if ls.dp > 1:
             apply_dp(
@@ -120,6 +127,14 @@ class ParallelModel:
         """Pipeline stage of this rank."""
         self.last_step_time_s: float = float("nan")
         """Wall time of the last ``train_step``, in seconds."""
+        self.peak_memory_bytes: int = 0
+        """Peak memory of the last ``train_step`` on this rank, in bytes: measured by the CUDA
+        allocator, or on CPU the live parameter, gradient, optimizer-state and saved-activation
+        bytes (see :mod:`uniap.executor.memory`)."""
+        self.memory_breakdown: dict[str, int] = {}
+        """The terms of ``peak_memory_bytes`` (``parameters_bytes``, ``gradients_bytes``,
+        ``optimizer_state_bytes``, and on CPU ``activations_peak_bytes``)."""
+        self._memory = StepMemory(module, groups.device)
         self._loss_fn = loss_fn
         self._grad_sync = GradSync(module.layers())
         layout = groups.layout
@@ -194,6 +209,25 @@ class ParallelModel:
         global batch, batch-first; only the first stage reads ``inputs`` and only the last
         stage reads ``targets`` (other ranks may pass ``None``)."""
         t0 = time.perf_counter()
+        with self._memory:
+            total = self._run_step(inputs, targets)
+        self.peak_memory_bytes = self._memory.peak_memory_bytes
+        self.memory_breakdown = dict(self._memory.breakdown)
+        if not self._counts_loss:
+            total.zero_()
+        dist.all_reduce(total)
+        loss = float(total.item())
+        self.last_step_time_s = time.perf_counter() - t0
+        logger.debug(
+            "train_step: loss %.6g in %.4f s, peak %d bytes",
+            loss,
+            self.last_step_time_s,
+            self.peak_memory_bytes,
+        )
+        return loss
+
+    def _run_step(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """Forward and backward of every micro-batch; this rank's share of the loss."""
         c = self.plan.num_microbatches
         if not isinstance(inputs, tuple):
             inputs = (inputs,)
@@ -231,12 +265,7 @@ class ParallelModel:
             self._schedule.step(*args, **kwargs)
             for loss in losses:
                 total += loss.detach().double()
-        if not self._counts_loss:
-            total.zero_()
-        dist.all_reduce(total)
-        self.last_step_time_s = time.perf_counter() - t0
-        logger.debug("train_step: loss %.6g in %.4f s", total.item(), self.last_step_time_s)
-        return float(total.item())
+        return total
 
     def forward(self, inputs: Any) -> Any:
         """Output of the model on a batch (``pp == 1`` plans only): every rank gets the whole
