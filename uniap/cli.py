@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from uniap.errors import InfeasibleError, UniapError
@@ -110,15 +111,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"== planning {DEMO_MODEL} on the {DEMO_CLUSTER} preset (global batch {DEMO_BATCH})")
     p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH)
-    print(p.describe())
     example = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
     if args.plan_only or not example.exists():
+        print(p.describe())
         return 0
-    print(f"\n== training {DEMO_MODEL} on 4 CPU processes (gloo): torchrun --nproc-per-node 4 {example.name}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-           str(args.port), str(example), "--steps", str(args.steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="uniap-demo-") as tmp:
+        plan_file = Path(tmp) / "plan.yaml"
+        p.to_yaml(plan_file)
+        print(f"plan: {p.summary()}")
+        print(f"\n== training {DEMO_MODEL} on 4 CPU processes (gloo): "
+              f"torchrun --nproc-per-node 4 {example.name} --plan plan.yaml")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+               str(args.port), str(example), "--steps", str(args.steps), "--plan", str(plan_file)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.call(cmd, env=env)
 
 
 def _parser() -> argparse.ArgumentParser:

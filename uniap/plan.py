@@ -357,9 +357,11 @@ class Plan:
             )
         if self.solver:
             s = self.solver
+            n = s.get("milps_solved", 0)
+            wall = f", {s['wall_s']:.3g} s" if "wall_s" in s else ""
             lines.append(
-                f"solver: {s.get('status')}, gap {s.get('gap', 0):.3g}, {s.get('wall_s', 0):.3g} s, "
-                f"{s.get('milps_solved', 0)} programs solved"
+                f"solver: {s.get('status')}, gap {s.get('gap', 0):.3g}{wall}, "
+                f"{n} program{'s' if n != 1 else ''} solved"
             )
         return "\n".join(lines)
 
