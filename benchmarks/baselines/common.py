@@ -1,0 +1,142 @@
+"""What every search of the comparison shares: the candidate ``(pp, c)`` tables, the result
+record, the scoring and the conversion of an assignment to a :class:`uniap.plan.Plan`.
+
+Every method searches the same cost tables (:class:`uniap.cost_model.CostTables`, 1F1B, the
+same strategy space) and every assignment is scored by :func:`uniap.cost_model.evaluate_assignment`,
+so only the search differs between methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from uniap.cluster import Cluster
+from uniap.cost_model import CostModel, CostTables, evaluate_assignment
+from uniap.errors import ConfigError
+from uniap.graph import ModelGraph
+from uniap.plan import LayerStrategy, Plan, Stage
+from uniap.strategies import divisors
+
+__all__ = [
+    "BaselineResult",
+    "candidate_tables",
+    "even_split",
+    "param_split",
+    "score",
+    "to_plan",
+]
+
+
+@dataclass
+class BaselineResult:
+    """One method's answer on one workload."""
+
+    method: str
+    """Name of the method (``uniap``, ``galvatron``, ``alpa``, ``ddp``, ...)."""
+    time_per_iteration_s: float = math.inf
+    """uniap's TPI of the plan (``inf`` when the method found none)."""
+    fits: bool = False
+    """The plan fits device memory (False: OOM, or no plan at all)."""
+    wall_s: float = 0.0
+    """Search wall time, cost tables included."""
+    pp: int = 0
+    num_microbatches: int = 0
+    stage_of: list[int] = field(default_factory=list)
+    strategy_of: list[int] = field(default_factory=list)
+    capped: bool = False
+    """The search hit its wall-time cap; the plan is the best found until then."""
+    detail: str = ""
+    """Free text: the variant that won (e.g. ``recompute``), candidates visited, ILPs solved."""
+
+    @property
+    def found(self) -> bool:
+        """True when the method produced some plan (fitting or not)."""
+        return bool(self.stage_of)
+
+    def samples_per_s(self, global_batch_size: int) -> float:
+        """Predicted throughput; 0 when there is no plan that fits."""
+        if not self.fits or not math.isfinite(self.time_per_iteration_s):
+            return 0.0
+        return global_batch_size / self.time_per_iteration_s
+
+
+def candidate_tables(cm: CostModel, global_batch_size: int, *, pp_degrees: Sequence[int] | None = None,
+                     num_microbatches: Sequence[int] | None = None) -> Iterator[CostTables]:
+    """Tables of every ``(pp, c)`` uniap's planner visits: ``pp`` a divisor of the device count
+    and at most the number of layers, ``c`` a divisor of the global batch, 1F1B; pairs where
+    some layer has no strategy for the micro-batch size are skipped, as the planner does."""
+    n, num_layers = cm.cluster.world_size, cm.graph.num_layers
+    pps = [p for p in divisors(n) if p <= num_layers] if pp_degrees is None else list(pp_degrees)
+    cs = divisors(global_batch_size) if num_microbatches is None else list(num_microbatches)
+    for pp in pps:
+        for c in cs:
+            try:
+                yield cm.tables(pp, c, global_batch_size, "1F1B")
+            except ConfigError:
+                continue
+
+
+def score(t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]) -> tuple[float, bool]:
+    """``(TPI, fits)`` of an assignment by uniap's own evaluation."""
+    ev = evaluate_assignment(t, list(stage_of), list(strategy_of))
+    return ev.time_per_iteration_s, ev.fits
+
+
+def even_split(num_layers: int, pp: int) -> list[int]:
+    """``stage_of`` with the layers split as evenly as possible by count (earlier stages get the
+    extra layer), the split Megatron and Galvatron use by default."""
+    base, extra = divmod(num_layers, pp)
+    out: list[int] = []
+    for i in range(pp):
+        out += [i] * (base + (1 if i < extra else 0))
+    return out
+
+
+def param_split(weights: Sequence[float], pp: int) -> list[int]:
+    """``stage_of`` that cuts the chain where the cumulative weight (e.g. parameter count)
+    crosses ``i / pp`` of the total, keeping every stage non-empty."""
+    num_layers = len(weights)
+    w = np.asarray(weights, dtype=float)
+    total = float(w.sum()) or 1.0
+    cum = np.cumsum(w) / total
+    cuts: list[int] = []
+    for i in range(1, pp):
+        # first layer of stage i: where the cumulative share before it reaches i / pp
+        u = int(np.searchsorted(cum, i / pp - 1e-12) + 1)
+        lo = (cuts[-1] + 1) if cuts else 1
+        hi = num_layers - (pp - i)
+        cuts.append(min(max(u, lo), hi))
+    stage_of, i = [], 0
+    for u in range(num_layers):
+        while i < len(cuts) and u >= cuts[i]:
+            i += 1
+        stage_of.append(i)
+    return stage_of
+
+
+def to_plan(graph: ModelGraph, cluster: Cluster, t: CostTables, stage_of: Sequence[int],
+            strategy_of: Sequence[int], global_batch_size: int) -> Plan:
+    """The :class:`Plan` of an assignment (for the executor and for ``CostModel.evaluate``)."""
+    n = cluster.world_size
+    g = n // t.pp
+    ev = evaluate_assignment(t, list(stage_of), list(strategy_of))
+    stages = []
+    for i in range(t.pp):
+        layers = tuple(
+            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp,
+                          t.strategies[k].kind, t.strategies[k].recompute)
+            for u, (si, k) in enumerate(zip(stage_of, strategy_of)) if si == i
+        )
+        stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
+    return Plan(
+        model_name=graph.name, model_signature=graph.signature, num_layers=graph.num_layers,
+        world_size=n, global_batch_size=global_batch_size, num_microbatches=t.num_microbatches,
+        schedule=t.schedule, stages=tuple(stages),
+        predicted={"time_per_iteration_s": float(ev.time_per_iteration_s),
+                   "samples_per_s": float(global_batch_size / ev.time_per_iteration_s),
+                   "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes]},
+    )

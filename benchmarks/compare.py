@@ -1,0 +1,374 @@
+"""uniap against the anchors: Galvatron-style, Alpa-style and hand-set plans (and the exhaustive
+search on tiny instances), on the same cost model, the same inputs and the same strategy space,
+so only the search differs (see ``benchmarks/baselines``).
+
+    .venv/bin/python benchmarks/compare.py                 # full run (about 20 min on 2 cores)
+    .venv/bin/python benchmarks/compare.py --quick         # 4 workloads, a few minutes
+    .venv/bin/python benchmarks/compare.py --alpa-cap-s 300
+
+Prints one markdown table (per workload and method: predicted samples/s, uniap / method, search
+wall time; OOM when the method's best plan does not fit), then the geometric-mean and maximum
+speedup of uniap over each baseline and the search-time ratios; writes it with the machine to
+``benchmarks/results/compare.md`` and the plots (PNG) next to it. Throughputs are the cost
+model's predictions (analytic profile), times are wall-clock on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import (  # noqa: E402
+    HANDSET_METHODS,
+    BaselineResult,
+    alpa,
+    exhaustive_search,
+    galvatron,
+    handset,
+    uniap_search,
+)
+
+from uniap import models  # noqa: E402
+from uniap.cluster import Cluster, load_cluster  # noqa: E402
+from uniap.cost_model import CostModel  # noqa: E402
+from uniap.graph import ModelGraph, build_graph  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_MODELS = ["bert-huge", "t5-large", "vit-huge", "swin-huge", "llama-7b"]
+BASELINES = ["galvatron", "alpa", *HANDSET_METHODS]
+METHODS = ["uniap", *BASELINES, "exhaustive"]
+LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "ddp": "DDP",
+          "fsdp": "FSDP", "megatron": "Megatron", "exhaustive": "exhaustive"}
+
+
+@dataclass
+class Workload:
+    """One model on one cluster with one global batch."""
+
+    model: str
+    cluster: Cluster
+    global_batch_size: int
+    overrides: tuple[tuple[str, int], ...] = ()
+    exhaustive: bool = False
+    """Also run the exhaustive search (tiny instances only)."""
+    tag: str = "table"
+    """``table`` (the main table) or ``layers`` (the layer-count sweep of the plot)."""
+    tight: bool = False
+    """Also run a memory-bound twin: device memory shrunk to 60% of what uniap's plan here uses."""
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.overrides)
+        return f"{self.model}{extra} / {self.cluster.name}"
+
+
+def a100(nodes: int, interconnect: str) -> Cluster:
+    """A100-40GB nodes: ``nvlink`` (NVLink 300 GB/s, 200 Gb/s IB) or ``pcie`` (PCIe 24 GB/s,
+    25 Gb/s Ethernet)."""
+    base = load_cluster("a100-2x8" if interconnect == "nvlink" else "a100-pcie-2x8")
+    return base.replace(name=f"a100-{interconnect}-{nodes}x8", num_nodes=nodes)
+
+
+def h100(nodes: int) -> Cluster:
+    """H100-80GB nodes, NVLink 4, 400 Gb/s IB (the ``h100-128x8`` preset at another size)."""
+    return load_cluster("h100-128x8").replace(name=f"h100-{nodes}x8", num_nodes=nodes)
+
+
+def tiny(devices: int, memory_gib: float) -> Cluster:
+    """One node of ``devices`` A100s with little memory, so memory binds on the tiny models."""
+    return load_cluster("a100-1x8").replace(name=f"tiny-1x{devices}-{memory_gib:g}GiB",
+                                            devices_per_node=devices,
+                                            device_memory_bytes=memory_gib * 2**30)
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """The table's workloads (and the layer sweep's)."""
+    if quick:
+        return [
+            Workload("vit-tiny", tiny(4, 0.0012), 16, exhaustive=True),
+            Workload("swin-huge", a100(2, "pcie"), 128),
+            Workload("t5-large", a100(2, "nvlink"), 128, tight=True),
+            Workload("llama2-70b", h100(8), 128),
+        ]
+    out = [Workload("bert-tiny", tiny(2, 0.0022), 8, exhaustive=True),
+           Workload("vit-tiny", tiny(4, 0.0012), 16, exhaustive=True)]
+    clusters = [a100(1, "nvlink"), a100(2, "nvlink"), a100(2, "pcie"), a100(4, "nvlink")]
+    for m in PAPER_MODELS:
+        for c in clusters:
+            out.append(Workload(m, c, 8 * c.world_size, tight=c.name == "a100-nvlink-2x8"))
+    for nodes in (8, 32, 128):
+        out.append(Workload("llama2-70b", h100(nodes), 2 * 8 * nodes))
+    for n_layers in (8, 16, 24, 32):
+        out.append(Workload("bert-huge", a100(1, "nvlink"), 64, (("n_layers", n_layers),), tag="layers"))
+    return out
+
+
+_GRAPHS: dict[tuple, ModelGraph] = {}
+
+
+def graph_of(w: Workload) -> ModelGraph:
+    """The model's layer graph (traced once per model on the meta device)."""
+    key = (w.model, w.overrides)
+    if key not in _GRAPHS:
+        m = models.build_model(w.model, device="meta", **dict(w.overrides))
+        x = models.example_batch(w.model, 2, device="meta")[0]
+        _GRAPHS[key] = build_graph(m, x, name=w.model, dtype=torch.bfloat16)
+    return _GRAPHS[key]
+
+
+def run_workload(w: Workload, alpa_cap_s: float) -> dict[str, BaselineResult]:
+    """Every method on one workload; each builds its own cost model (no shared caches)."""
+    g = graph_of(w)
+    B = w.global_batch_size
+
+    def cm() -> CostModel:
+        return CostModel(g, w.cluster)
+
+    out = {"uniap": uniap_search(cm(), B), "galvatron": galvatron(cm(), B)}
+    out["alpa"] = alpa(cm(), B, time_cap_s=alpa_cap_s)
+    for m in HANDSET_METHODS:
+        out[m] = handset(cm(), B, m)
+    if w.exhaustive:
+        out["exhaustive"] = exhaustive_search(cm(), B)
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def _cell(r: BaselineResult | None, ref: BaselineResult, B: int) -> str:
+    if r is None:
+        return "-"
+    t = f"{r.wall_s:.2f} s" + (" (capped)" if r.capped else "")
+    if not r.found:
+        return f"no plan; {t}"
+    if not r.fits:
+        return f"OOM; {t}"
+    ratio = r.time_per_iteration_s / ref.time_per_iteration_s
+    return f"{r.samples_per_s(B):.4g} ({ratio:.2f}x; {t})"
+
+
+def table(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> str:
+    """The markdown table: per workload, each method's samples/s (uniap / method; search s)."""
+    head = ["workload", "N", "B", "uniap plan", "mem"] + [LABELS[m] for m in METHODS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w, res in rows:
+        u = res["uniap"]
+        B = w.global_batch_size
+        ev_mem = max(_peak(w, u)) / (w.cluster.device_memory_bytes * 0.9)
+        plan = f"pp={u.pp} c={u.num_microbatches}"
+        cells = [w.name, str(w.cluster.world_size), str(B), plan, f"{ev_mem:.0%}"]
+        for m in METHODS:
+            cells.append(_cell(res.get(m), u, B))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _peak(w: Workload, r: BaselineResult) -> list[float]:
+    from uniap.cost_model import evaluate_assignment
+
+    cm = CostModel(graph_of(w), w.cluster)
+    t = cm.tables(r.pp, r.num_microbatches, w.global_batch_size)
+    return evaluate_assignment(t, r.stage_of, r.strategy_of).peak_memory_bytes
+
+
+def summary(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> tuple[str, list[str]]:
+    """Speedups of uniap over each baseline and search-time ratios; plus any case uniap lost."""
+    lines = ["| baseline | workloads with a fitting plan | OOM / no plan | geo-mean speedup | max speedup "
+             "(workload) | geo-mean search-time ratio (baseline / uniap) | min ratio, N >= 16 | capped |",
+             "|---|---|---|---|---|---|---|---|"]
+    lost = []
+    for m in BASELINES + ["exhaustive"]:
+        sp, tr, tr16, worst, n_bad, capped = [], [], [], ("", 0.0), 0, 0
+        for w, res in rows:
+            r, u = res.get(m), res["uniap"]
+            if r is None:
+                continue
+            capped += r.capped
+            if u.wall_s > 0 and r.wall_s > 0:
+                tr.append(r.wall_s / u.wall_s)
+                if w.cluster.world_size >= 16:
+                    tr16.append(r.wall_s / u.wall_s)
+            if not (r.found and r.fits):
+                n_bad += 1
+                continue
+            s = r.time_per_iteration_s / u.time_per_iteration_s
+            sp.append(s)
+            if s > worst[1]:
+                worst = (w.name, s)
+            if s < 1 - 1e-9:
+                lost.append(f"{LABELS[m]} beats uniap on {w.name} (B={w.global_batch_size}): "
+                            f"TPI {r.time_per_iteration_s:.6g} s vs {u.time_per_iteration_s:.6g} s "
+                            f"(pp={r.pp} c={r.num_microbatches})")
+        if not sp and not n_bad:
+            continue
+        gm = math.exp(sum(map(math.log, sp)) / len(sp)) if sp else float("nan")
+        gtr = math.exp(sum(map(math.log, tr)) / len(tr)) if tr else float("nan")
+        mtr = f"{min(tr16):.3g}x" if tr16 else "-"
+        lines.append(f"| {LABELS[m]} | {len(sp)} | {n_bad} | {gm:.3f}x | {worst[1]:.3f}x ({worst[0]}) | "
+                     f"{gtr:.3g}x | {mtr} | {capped} |")
+    return "\n".join(lines), lost
+
+
+def machine() -> str:
+    """CPU, cores, Python and torch of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+
+
+# ---------------------------------------------------------------------- plots
+def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
+    """Search time vs devices and vs layers, and throughput per workload, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "ddp": "C2", "fsdp": "C4",
+              "megatron": "C5", "exhaustive": "C7"}
+    searches = ["uniap", "galvatron", "alpa"]
+    paths = []
+
+    def time_plot(points, xlabel: str, title: str, fname: str, logx: bool) -> None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for m in searches:
+            xs = [x for x, res in points if m in res]
+            ys = [res[m].wall_s for _, res in points if m in res]
+            ax.plot(xs, ys, "o-", color=colors[m], label=LABELS[m])
+            cx = [x for x, res in points if m in res and res[m].capped]
+            cy = [res[m].wall_s for _, res in points if m in res and res[m].capped]
+            if cx:
+                ax.plot(cx, cy, "x", color="k", markersize=9, label=f"{LABELS[m]} capped")
+        ax.set_yscale("log")
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("search wall time (s)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out_dir / fname
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+
+    # Search time vs devices: Llama-7B (A100 NVLink) and Llama-2-70B (H100).
+    dev_points = sorted(((w.cluster.world_size, res) for w, res in rows
+                         if (w.model == "llama-7b" and "nvlink" in w.cluster.name) or w.model == "llama2-70b"),
+                        key=lambda p: p[0])
+    if len(dev_points) > 1:
+        time_plot(dev_points, "devices (Llama-7B on A100 NVLink; Llama-2-70B on H100)",
+                  "Search time vs number of devices", "search_time_vs_devices.png", True)
+    if len(layer_rows) > 1:
+        pts = sorted(((graph_of(w).num_layers, res) for w, res in layer_rows), key=lambda p: p[0])
+        time_plot(pts, "layers in the chain (BERT-Huge blocks + embedding + head, 8 x A100)",
+                  "Search time vs number of layers", "search_time_vs_layers.png", False)
+
+    # Throughput per workload per method, relative to uniap (OOM / no plan = 0).
+    big = [(w, res) for w, res in rows]
+    methods = [m for m in METHODS if any(m in res for _, res in big)]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(big) + 2), 6.0))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, (_w, res) in enumerate(big):
+            r = res.get(m)
+            if r is None:
+                continue
+            u = res["uniap"]
+            xs.append(i + (j - (len(methods) - 1) / 2) * width)
+            ys.append(u.time_per_iteration_s / r.time_per_iteration_s if r.found and r.fits else 0.0)
+        ax.bar(xs, ys, width=width, color=colors[m], label=LABELS[m])
+        oom = [x for x, y in zip(xs, ys) if y == 0.0]
+        ax.plot(oom, [0.02] * len(oom), "x", color=colors[m], markersize=6)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(big)))
+    ax.set_xticklabels([w.name.replace(" / ", "\n") for w, _ in big], rotation=90, fontsize=7)
+    ax.set_ylabel("throughput / uniap (x: OOM)")
+    ax.set_title("Predicted throughput per workload (uniap = 1)")
+    ax.set_ylim(0, 1.15)
+    ax.legend(ncol=len(methods), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    fig.tight_layout()
+    p = out_dir / "throughput.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
+    ap.add_argument("--alpa-cap-s", type=float, default=None,
+                    help="wall-time cap of the Alpa-style search per workload (default 20; 15 with --quick)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where compare.md and the plots go (default benchmarks/results, "
+                         "benchmarks/results/quick with --quick)")
+    args = ap.parse_args()
+    out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    cap = args.alpa_cap_s if args.alpa_cap_s is not None else (15.0 if args.quick else 20.0)
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    rows, layer_rows = [], []
+    todo = workloads(args.quick)
+    while todo:
+        w = todo.pop(0)
+        res = run_workload(w, cap)
+        (rows if w.tag == "table" else layer_rows).append((w, res))
+        brief = ", ".join(f"{m} {r.wall_s:.1f}s" for m, r in res.items())
+        print(f"# {w.name} B={w.global_batch_size}: {brief}", file=sys.stderr, flush=True)
+        if w.tight:
+            need = max(_peak(w, res["uniap"])) / 0.9
+            mem = 0.6 * need
+            tight_cluster = w.cluster.replace(name=f"{w.cluster.name}-{mem / 2**30:.3g}GiB",
+                                              device_memory_bytes=mem)
+            todo.insert(0, Workload(w.model, tight_cluster, w.global_batch_size, w.overrides))
+    mach = machine()
+    body = [
+        f"machine: {mach}",
+        f"Alpa-style search capped at {cap:g} s per workload; total run {time.perf_counter() - t_start:.0f} s"
+        + (" (--quick)" if args.quick else ""),
+        "",
+        "Cells: predicted samples/s (uniap TPI / method TPI; search wall time). OOM: the method's best "
+        "plan does not fit device memory. mem: uniap plan's peak memory / usable memory (90%).",
+        "",
+        table(rows),
+        "",
+    ]
+    if layer_rows:
+        body += ["Layer-count sweep (plot only):", "", table(layer_rows), ""]
+    summ, lost = summary(rows + layer_rows)
+    body += ["Speedup of uniap (method TPI / uniap TPI over workloads where the method's plan fits):", "",
+             summ, ""]
+    body += (["uniap LOST (a bug to report):", *[f"- {s}" for s in lost]] if lost
+             else ["uniap is never worse than any baseline on these workloads."])
+    text = "\n".join(body)
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = plots(rows, layer_rows, out_dir)
+    (out_dir / "compare.md").write_text(
+        "# uniap vs baselines (predicted, analytic profile)\n\n" + text + "\n\nPlots: "
+        + ", ".join(p.name for p in paths) + "\n")
+    print("\nplots: " + ", ".join(str(p) for p in paths), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The benchmark baselines (benchmarks/baselines) on tiny instances: valid plans, never better
+than uniap, and uniap equal to the exhaustive search."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.baselines import (  # noqa: E402
+    HANDSET_METHODS,
+    alpa,
+    exhaustive_search,
+    galvatron,
+    handset,
+    to_plan,
+    uniap_search,
+)
+from benchmarks.baselines.alpa import inter_op_dp  # noqa: E402
+from benchmarks.baselines.common import even_split, param_split  # noqa: E402
+from benchmarks.baselines.galvatron import stage_dp  # noqa: E402
+from uniap import models  # noqa: E402
+from uniap.cluster import load_cluster  # noqa: E402
+from uniap.cost_model import CostModel, evaluate_assignment  # noqa: E402
+from uniap.graph import build_graph  # noqa: E402
+
+# (model, devices, memory GiB, global batch): the small memories make memory bind.
+INSTANCES = [
+    ("bert-tiny", 2, 0.0022, 8),
+    ("vit-tiny", 4, 0.0012, 16),
+    ("gpt-tiny", 2, 0.004, 4),
+]
+
+
+def _cost_model(name: str, devices: int, memory_gib: float) -> CostModel:
+    graph = build_graph(models.build_model(name, device="meta"),
+                        models.example_batch(name, 2, device="meta")[0], name=name, dtype=torch.bfloat16)
+    cluster = load_cluster("a100-1x8").replace(name=f"tiny-{devices}", devices_per_node=devices,
+                                               device_memory_bytes=memory_gib * 2**30)
+    return CostModel(graph, cluster)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    """Every method on every instance, computed once."""
+    out = {}
+    for name, n, mem, batch in INSTANCES:
+        cm = _cost_model(name, n, mem)
+        res = {"uniap": uniap_search(cm, batch), "galvatron": galvatron(cm, batch),
+               "alpa": alpa(cm, batch, time_cap_s=60)}
+        for m in HANDSET_METHODS:
+            res[m] = handset(cm, batch, m)
+        out[name, n, mem, batch] = (cm, res)
+    return out
+
+
+def test_every_baseline_returns_a_valid_assignment(results) -> None:
+    """Stages contiguous from 0 to pp-1, allowed strategies, evaluation reproduces the TPI."""
+    for (_, _, _, batch), (cm, res) in results.items():
+        for method, r in res.items():
+            if not r.found:
+                continue
+            t = cm.tables(r.pp, r.num_microbatches, batch)
+            assert r.stage_of[0] == 0 and r.stage_of[-1] == r.pp - 1, method
+            assert all(b - a in (0, 1) for a, b in zip(r.stage_of, r.stage_of[1:])), method
+            assert all(k in t.allowed[u] for u, k in enumerate(r.strategy_of)), method
+            ev = evaluate_assignment(t, r.stage_of, r.strategy_of)
+            assert ev.time_per_iteration_s == pytest.approx(r.time_per_iteration_s, rel=1e-12)
+            assert ev.fits == r.fits
+            plan = to_plan(cm.graph, cm.cluster, t, r.stage_of, r.strategy_of, batch)
+            assert cm.evaluate(plan).time_per_iteration_s == pytest.approx(r.time_per_iteration_s)
+
+
+def test_search_baselines_find_fitting_plans(results) -> None:
+    """Galvatron and Alpa return a plan that fits on every tiny instance."""
+    for key, (_, res) in results.items():
+        for method in ("galvatron", "alpa"):
+            assert res[method].found and res[method].fits, (key, method)
+            assert not res[method].capped
+
+
+def test_uniap_never_worse_than_any_baseline(results) -> None:
+    """uniap's TPI <= every baseline's fitting plan on every tiny instance."""
+    for key, (_, res) in results.items():
+        u = res["uniap"]
+        assert u.fits
+        for method, r in res.items():
+            if r.found and r.fits:
+                assert u.time_per_iteration_s <= r.time_per_iteration_s * (1 + 1e-9), (key, method)
+
+
+@pytest.mark.parametrize("instance", [INSTANCES[0], INSTANCES[1]], ids=lambda i: f"{i[0]}-{i[1]}dev")
+def test_exhaustive_agrees_with_uniap(results, instance) -> None:
+    """The exhaustive optimum over every (pp, c) equals uniap's plan."""
+    cm, res = results[instance]
+    ex = exhaustive_search(cm, instance[3])
+    assert ex.time_per_iteration_s == pytest.approx(res["uniap"].time_per_iteration_s, rel=1e-9)
+
+
+def test_galvatron_stage_dp_is_optimal_for_its_objective(results) -> None:
+    """The per-stage DP equals brute force over the stage's strategies (its objective, its memory rounding)."""
+    cm, _ = results[INSTANCES[1]]
+    t = cm.tables(1, 2, INSTANCES[1][3])
+    layers = list(range(t.num_layers))
+    q = 1024
+    unit = t.memory_limit_bytes / q
+    best = np.inf
+    for strat in itertools.product(*t.allowed):
+        mem = sum(int(np.ceil(t.M[u, k, 0] / unit - 1e-9)) for u, k in zip(layers, strat))
+        if mem > q:
+            continue
+        cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, strat))
+        cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(strat, strat[1:])))
+        best = min(best, cost)
+    got = stage_dp(t, layers, 0, q)
+    cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, got))
+    cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(got, got[1:])))
+    assert cost == pytest.approx(best, rel=1e-12)
+
+
+def test_alpa_inter_op_dp_matches_brute_force() -> None:
+    """Alpa's t_max-enumerating DP equals min over all splits of sum + (c - 1) max."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pp, num_layers, c = int(rng.integers(1, 4)), int(rng.integers(3, 7)), int(rng.integers(1, 6))
+        lat = rng.uniform(0.1, 1.0, size=(pp, num_layers, num_layers))
+        lat[rng.uniform(size=lat.shape) < 0.2] = np.inf
+        best = np.inf
+        for cuts in itertools.combinations(range(1, num_layers), pp - 1):
+            b = [0, *cuts, num_layers]
+            ts = [lat[i, b[i], b[i + 1] - 1] for i in range(pp)]
+            best = min(best, sum(ts) + (c - 1) * max(ts))
+        got = inter_op_dp(lat, c)
+        if not np.isfinite(best):
+            assert got is None
+        else:
+            assert got[0] == pytest.approx(best, rel=1e-12)
+
+
+def test_stage_splits() -> None:
+    """Even and parameter-count splits give pp contiguous non-empty stages."""
+    assert even_split(7, 3) == [0, 0, 0, 1, 1, 2, 2]
+    assert param_split([1, 1, 1, 1], 4) == [0, 1, 2, 3]
+    assert param_split([10, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1]
+    assert param_split([1, 1, 1, 1, 1, 1], 2) == [0, 0, 0, 1, 1, 1]
