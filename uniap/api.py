@@ -81,6 +81,10 @@ def _init_process_group(timeout_s: float) -> None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # torch 2.13's elastic agent shares its TCP store with the workers; after a restart the
+    # workers then read the previous attempt's gloo addresses and fail to connect
+    # (pytorch/pytorch#135712). A store of their own per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

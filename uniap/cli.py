@@ -40,14 +40,19 @@ def _resolve_model(spec: str, batch_size: int):
                              "or give module:function")
         return spec, None
     mod_name, fn_name = spec.split(":", 1)
+    if not mod_name or not fn_name:
+        raise UniapError(f"--model {spec!r}: expected module:function, e.g. mypkg.models:build")
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
+    except (ImportError, ValueError, TypeError) as e:
         raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e}") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:  # the user's builder: report it in one line
+        raise UniapError(f"--model {spec!r}: calling {fn_name}() failed: {type(e).__name__}: {e}") from None
     if isinstance(out, tuple) and len(out) == 2:
         return out
     example = getattr(out, "example_inputs", None)
@@ -67,7 +72,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         profile = MeasuredProfile.load(args.profile)
     p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
-             dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile,
+             dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
              schedules=[args.schedule] if args.schedule else None,
              progress=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     print(p.describe())
@@ -127,10 +132,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return subprocess.call(cmd, env=env)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit 2), without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="uniap", description="Automatic parallelism for PyTorch (UniAP).")
+    ap = _Parser(prog="uniap", description="Automatic parallelism for PyTorch (UniAP).")
     ap.add_argument("-v", "--verbose", action="store_true", help="log decisions (INFO)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("plan", help="find the fastest plan that fits")
     p.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
     p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
@@ -138,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
     p.add_argument("--schedule", choices=["GPipe", "1F1B"], default=None)
     p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length of a text preset")
     p.add_argument("--profile", default=None, help="a measured profile YAML")
     p.add_argument("--out", default=None, help="write the plan (.yaml or .json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -179,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (UniapError, InfeasibleError) as e:
         print(f"uniap: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"uniap: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("uniap: interrupted", file=sys.stderr)

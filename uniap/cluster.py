@@ -367,6 +367,8 @@ class Cluster:
             ) from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the cluster file: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text (UTF-8 YAML) cluster file") from None
         return _load_text(text, str(path))
 
     @classmethod

@@ -31,9 +31,13 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         (the path starts on stage 0, ends on pp - 1 and climbs one stage at a time).
     ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.
     ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k]``.
+    ``bottleneck_lb``  (:func:`_bottleneck`) ``t >=`` the min-max contiguous split of the
+        layers' fastest times (:func:`bottleneck_lower_bound`): a valid cut that the LP
+        relaxation, which spreads layers fractionally over stages, does not see.
     ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
-    ``order_u_i_j``    (:func:`_symmetry`) identical neighbours on one stage with strategies of
-        the same layout take them in non-decreasing index order (symmetry breaking; exact).
+    ``order_u_w_i_j``  (:func:`_symmetry`) identical layers u < w on one stage with strategies of
+        the same layout take them in non-decreasing index order (symmetry breaking; exact);
+        ``count_r_i_k`` integer counts per group of identical layers, stage and strategy.
     ``cutoff``         (:func:`_objective`) objective <= incumbent, when one is known.
 
 Windows: layer u may sit on stage i only if ``i <= u`` and ``pp - 1 - i <= L - 1 - u``; with an
@@ -300,6 +304,52 @@ def _windows(t: CostTables, bound: float | None) -> list[list[int]]:
     return out
 
 
+def bottleneck_lower_bound(t: CostTables) -> float:
+    """A lower bound on the slowest stage ``max_i p_i`` of any assignment: the min-max split of
+    the chain into ``pp`` contiguous stages where layer u weighs ``min_k A[u,k]`` and stage i
+    must hold ``sum min_k M[u,k,i]`` within the memory limit (inf if no split fits).
+
+    Every stage's time is at least the sum of its layers' fastest times, so the real
+    bottleneck is at least this one. Solved exactly by bisection on the bottleneck with a
+    greedy fill (segment feasibility is monotone, so filling each stage as far as it goes
+    reaches furthest)."""
+    L, pp = t.num_layers, t.pp
+    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(L)])
+    mmin = np.array([[min(t.M[u, k, i] for k in t.allowed[u]) for i in range(pp)] for u in range(L)])
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+
+    def fits(cap: float) -> bool:
+        u = 0
+        for i in range(pp):
+            if u >= L:
+                return False  # an empty stage
+            seg_t = seg_m = 0.0
+            start = u
+            while u < L and seg_t + amin[u] <= cap and seg_m + mmin[u, i] <= limit:
+                seg_t += amin[u]
+                seg_m += mmin[u, i]
+                u += 1
+            if u == start or (L - u) < (pp - 1 - i):
+                # nothing fits here, or too few layers left: give later stages one each
+                if u == start:
+                    return False
+                u = min(u, L - (pp - 1 - i))
+        return u >= L
+
+    lo, hi = float(amin.max()), float(amin.sum())
+    if not fits(hi * (1 + 1e-12)):
+        return float("inf")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return lo * (1 - 1e-9)
+
+
 def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
     """``assign_u``: each layer on exactly one stage with one strategy; ``start``/``end``."""
     L, pp = t.num_layers, t.pp
@@ -352,6 +402,9 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
     """``bottleneck_i``, ``link_i``: ``t >= p_i, o_i``; ``sync_i``: ``t_sync >= s_i``."""
     for i, pi in enumerate(p):
         prob += v.t >= pi, f"bottleneck_{i}"
+    lb = bottleneck_lower_bound(t)
+    if np.isfinite(lb):
+        prob += v.t >= lb / scale, "bottleneck_lb"
     for i, oi in enumerate(o):
         prob += v.t >= oi, f"link_{i}"
     s_terms: list[list] = [[] for _ in range(t.pp)]
@@ -372,51 +425,55 @@ def _memory(prob, t: CostTables, v: _Vars) -> None:
         prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
 
 
-def identical_pairs(t: CostTables) -> list[int]:
-    """Layers ``u`` whose successor ``u + 1`` has identical rows of ``A``, ``G``, ``M``, the
-    same allowed strategies and the same layouts (runs of identical transformer blocks)."""
-    out = []
-    for u in range(t.num_layers - 1):
-        if (t.allowed[u] == t.allowed[u + 1] and np.array_equal(t.A[u], t.A[u + 1])
-                and np.array_equal(t.G[u], t.G[u + 1]) and np.array_equal(t.M[u], t.M[u + 1])
-                and np.array_equal(t.layout[u], t.layout[u + 1])):
-            out.append(u)
-    return out
+def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
+    """Pairs ``(u, w)``, ``u < w``, where ``w`` is the next layer after ``u`` with identical rows
+    of ``A``, ``G``, ``M``, the same allowed strategies and the same layouts (the blocks of a
+    transformer; Swin's alternating shifted/unshifted blocks pair up two apart)."""
+    groups: dict[bytes, list[int]] = {}
+    for u in range(t.num_layers):
+        key = b"|".join([np.asarray(t.allowed[u]).tobytes(), t.A[u].tobytes(), t.G[u].tobytes(),
+                         t.M[u].tobytes(), t.layout[u].tobytes()])
+        groups.setdefault(key, []).append(u)
+    return sorted((g[j], g[j + 1]) for g in groups.values() for j in range(len(g) - 1))
 
 
 def _symmetry(prob, t: CostTables, v: _Vars) -> None:
-    """``order_u_i_j``: on identical neighbours u, u+1 of the same stage whose strategies share
-    a layout, the strategy index does not decrease. Valid: swapping the two strategies changes
-    no coefficient (same rows; every reshard edge keeps its layouts), so sorting each such run
-    by bubble swaps turns any optimum into one that satisfies these rows. They remove the
-    ``n!``-fold symmetry of runs of identical blocks that otherwise stalls branch and bound."""
+    """``order_u_w_i_j``: two identical layers u < w (w the next one like u) on the same stage
+    whose strategies share a layout take them in non-decreasing index order; and integer
+    ``count`` variables per group of identical layers, stage and strategy.
+
+    Valid: swapping the strategies of u and w changes no coefficient (same rows; every reshard
+    edge keeps its layouts, which is all its cost depends on), so sorting each stage's group
+    by such swaps turns any optimum into one that satisfies these rows. They remove the
+    ``n!``-fold symmetry of identical blocks that otherwise stalls branch and bound, and the
+    counts let it branch on "how many blocks of this group use strategy k on stage i"."""
     pairs = identical_pairs(t)
-    # Count variables per run of identical layers, stage and strategy: integer, so branch and
-    # bound can branch on "how many blocks of this run use strategy k here" instead of on
-    # single blocks (the x are then fixed by the ordering rows below).
-    runs: list[list[int]] = []
-    for u in pairs:
-        if runs and runs[-1][-1] == u:
-            runs[-1].append(u + 1)
+    groups: list[list[int]] = []
+    member: dict[int, int] = {}
+    for u, w in pairs:
+        if u in member:
+            groups[member[u]].append(w)
         else:
-            runs.append([u, u + 1])
-    for r, run in enumerate(runs):
-        stages = sorted({i for u in run for i in v.window[u]})
+            groups.append([u, w])
+            member[u] = len(groups) - 1
+        member[w] = member[u]
+    for r, grp in enumerate(groups):
+        stages = sorted({i for u in grp for i in v.window[u]})
         for i in stages:
-            for k in t.allowed[run[0]]:
-                xs = [v.x[u, i, k] for u in run if (u, i, k) in v.x]
+            for k in t.allowed[grp[0]]:
+                xs = [v.x[u, i, k] for u in grp if (u, i, k) in v.x]
                 n = pulp.LpVariable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
                 prob += n == pulp.lpSum(xs), f"count_{r}_{i}_{k}"
-    for u in pairs:
+    for u, w in pairs:
         for i in v.window[u]:
-            if i not in v.window[u + 1]:
+            if i not in v.window[w]:
                 continue
             for a in v.classes[u]:
                 ks = [k for k in t.allowed[u] if v.layout[u][k] == a]
                 for j in ks[:-1]:
                     hi = [v.x[u, i, k] for k in ks if k > j]
-                    lo = [v.x[u + 1, i, k] for k in ks if k <= j]
-                    prob += pulp.lpSum(hi) + pulp.lpSum(lo) <= 1, f"order_{u}_{i}_{j}"
+                    lo = [v.x[w, i, k] for k in ks if k <= j]
+                    prob += pulp.lpSum(hi) + pulp.lpSum(lo) <= 1, f"order_{u}_{w}_{i}_{j}"
 
 
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:

@@ -302,11 +302,15 @@ class Plan:
     @classmethod
     def load(cls, path_or_text: str | Path) -> Plan:
         """Load a plan from a ``.yaml``/``.json`` file, or from YAML/JSON text."""
-        p = Path(path_or_text) if not (isinstance(path_or_text, str) and "\n" in path_or_text) else None
-        if p is not None and p.exists():
-            source, text = str(p), p.read_text()
-        elif p is not None and isinstance(path_or_text, Path | str) and str(path_or_text).endswith((".yaml", ".yml", ".json")):
-            raise ConfigError(f"plan file {str(path_or_text)!r} not found")
+        text_given = isinstance(path_or_text, str) and ("\n" in path_or_text or path_or_text.lstrip().startswith("{"))
+        p = None if text_given else Path(path_or_text)
+        if p is not None:
+            if not p.exists():
+                raise ConfigError(f"plan file {str(p)!r} not found")
+            try:
+                source, text = str(p), p.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{p}: cannot read the plan file: {e}") from None
         else:
             source, text = "<text>", str(path_or_text)
         try:

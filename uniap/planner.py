@@ -90,6 +90,8 @@ def plan_graph(
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
         raise ConfigError(f"global_batch_size must be a positive integer, got {B!r}")
+    if not (isinstance(time_limit_s, int | float) and math.isfinite(time_limit_s) and time_limit_s > 0):
+        raise ConfigError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if schedules is not None:
         bad = [s for s in schedules if s not in SCHEDULES]
         if bad:
@@ -205,8 +207,8 @@ def plan(
     if isinstance(dtype, str):
         import torch
 
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
     if isinstance(model, ModelGraph):
         graph = model
