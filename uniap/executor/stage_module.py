@@ -72,8 +72,9 @@ def leftover_state(model: nn.Module, fqns: Sequence[str]) -> list[tuple[str, tor
     return out
 
 
-def _attach(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    """Place ``module`` at ``fqn`` under ``root``, creating plain containers on the way."""
+def _parent_of(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    """(module that will own ``fqn``'s last component, that component), creating plain
+    containers on the way."""
     parent = root
     *path, leaf = fqn.split(".")
     for part in path:
@@ -82,18 +83,20 @@ def _attach(root: nn.Module, fqn: str, module: nn.Module) -> None:
             child = nn.Module()
             parent.add_module(part, child)
         parent = child
+    return parent, leaf
+
+
+def attach_module(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Place ``module`` at ``fqn`` under ``root``, creating plain containers on the way."""
+    parent, leaf = _parent_of(root, fqn)
     parent.add_module(leaf, module)
 
 
+_attach = attach_module
+
+
 def _attach_tensor(root: nn.Module, fqn: str, tensor: torch.Tensor, is_param: bool) -> None:
-    *path, leaf = fqn.split(".")
-    parent = root
-    for part in path:
-        child = parent._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
+    parent, leaf = _parent_of(root, fqn)
     t = tensor.detach().clone()
     if is_param:
         parent.register_parameter(leaf, nn.Parameter(t, requires_grad=tensor.requires_grad))

@@ -252,15 +252,9 @@ def _untie(chain: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
 
 
 def _place(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent = root
-    *path, leaf = fqn.split(".")
-    for part in path:
-        child = parent._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
-    parent.add_module(leaf, module)
+    from uniap.executor.stage_module import attach_module
+
+    attach_module(root, fqn, module)
 
 
 def from_hf(model: nn.Module) -> HFChain:
