@@ -12,7 +12,9 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
 3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
    the first incumbent, and candidates are visited in order of their heuristic time;
 4. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
-   everything that cannot beat it (:func:`uniap.milp.solve`).
+   everything that cannot beat it (:func:`uniap.milp.solve`); a first pass gives every
+   candidate a short time limit, and a second pass finishes the ones that stopped early,
+   against the (by then usually much better) incumbent.
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
@@ -21,6 +23,7 @@ only when asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -40,6 +43,9 @@ from uniap.search import heuristic
 from uniap.strategies import divisors
 
 __all__ = ["plan", "plan_graph", "Candidate"]
+
+_QUICK_SOLVE_S = 2.0
+"""First-pass time limit per candidate (see :func:`plan_graph`)."""
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +143,40 @@ def plan_graph(
         best_tpi = min(best_tpi, tpi)
     cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
     best: tuple[Solution, CostTables] | None = None
-    statuses = []
-    for idx, (cand, t) in enumerate(cands):
-        if best is not None and cand.lower_bound_s >= best_tpi * (1 - 1e-12):
-            cand.status = "pruned"
-            continue
-        inc, _ = heur[id(t)]
-        sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
-                    time_limit_s=time_limit_s, threads=threads, seed=seed)
-        cand.status, cand.wall_s = sol.status, sol.wall_s
-        cand.time_per_iteration_s = sol.time_per_iteration_s
-        statuses.append(sol)
-        if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
-            best = (sol, t)
-            best_tpi = min(best_tpi, sol.time_per_iteration_s)
-        if progress is not None:
-            tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
-            progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
-                     f"{sol.status} {tpi} ({sol.wall_s:.2f} s)")
+    final: dict[int, Solution] = {}
+    num_solves = 0
+    # Two passes. First every candidate gets a short solve: most finish (optimal, or cut off by
+    # the incumbent); the hard ones stop early, but the easy ones have meanwhile lowered the
+    # incumbent. Then the unfinished ones are solved to the end against that better bound,
+    # which usually cuts them off quickly.
+    quick_s = min(time_limit_s, _QUICK_SOLVE_S)
+    for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
+        for idx, (cand, t) in enumerate(cands):
+            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or limit <= quick_s):
+                continue
+            if best is not None and cand.lower_bound_s >= best_tpi * (1 - 1e-12):
+                cand.status = "pruned"
+                if idx in final:  # a first-pass time-out that the bound now settles
+                    final[idx] = dataclasses.replace(final[idx], status="pruned")
+                continue
+            inc = heur[id(t)][0]
+            if idx in final and final[idx].stage_of:
+                inc = (final[idx].stage_of, final[idx].strategy_of)
+            sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
+                        time_limit_s=limit, threads=threads, seed=seed)
+            final[idx] = sol
+            num_solves += 1
+            cand.status = sol.status
+            cand.wall_s += sol.wall_s
+            cand.time_per_iteration_s = sol.time_per_iteration_s
+            if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
+                best = (sol, t)
+                best_tpi = min(best_tpi, sol.time_per_iteration_s)
+            if progress is not None:
+                tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
+                progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
+                         f"{sol.status} {tpi} ({sol.wall_s:.2f} s)" + (" (second pass)" if pass_no == 2 else ""))
+    statuses = list(final.values())
     if best is None:
         # Memory falls with more micro-batches (fewer activations) except that FSDP keeps
         # parameters unsharded when c > 1: the leanest plan has c = 1 or the largest c.
@@ -180,9 +202,9 @@ def plan_graph(
     out = _to_plan(graph, cluster, cm, t, sol, B)
     out.solver = {
         "status": status, "gap": float(gap), "wall_s": round(wall, 4),
-        "milps_solved": len(statuses), "candidates": [c.row() for c, _ in cands],
+        "milps_solved": num_solves, "candidates": [c.row() for c, _ in cands],
     }
-    log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, len(statuses), wall)
+    log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, num_solves, wall)
     return out
 
 
