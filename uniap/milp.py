@@ -176,7 +176,7 @@ def solve(
         status, gap = "optimal", 0.0
     else:
         status, gap = "time_limit", float(info.mip_gap)
-        log.warning("milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g", pp, c, time_limit_s, gap)
+        log.debug("milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g", pp, c, time_limit_s, gap)
     log.debug("milp pp=%d c=%d: %s tpi=%.6g (%d vars, %d rows, %.3f s)", pp, c, status,
               ev.time_per_iteration_s, nvar, ncon, wall)
     return Solution(status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon)

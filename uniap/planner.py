@@ -197,6 +197,9 @@ def plan_graph(
     sol, t = best
     wall = time.perf_counter() - t_start
     timed_out = [s for s in statuses if s.status == "time_limit"]
+    for s in timed_out:
+        log.warning("a program stopped at its %.3g s time limit with gap %.3g: the plan may not be optimal; "
+                    "raise time_limit_s to prove it", time_limit_s, s.gap)
     status = "optimal" if not timed_out else "time_limit"
     gap = max((s.gap for s in timed_out), default=0.0)
     out = _to_plan(graph, cluster, cm, t, sol, B)
