@@ -5,9 +5,10 @@ For ``pp`` in the divisors of the device count (at most the number of layers) an
 divisors of the global batch (every layer must have a strategy whose dp splits the micro-batch):
 
 1. build the cost tables (:class:`uniap.cost_model.CostModel`);
-2. a lower bound ``LB = S + (c - 1) S / pp + Gmin / pp`` with ``S = sum_u min_k A[u,k]`` and
-   ``Gmin = sum_u min_k G[u,k]`` (every stage time is at least its compute; the bottleneck is at
-   least the average); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
+2. a lower bound ``LB = S + (c - 1) T + Gmin / pp`` with ``S = sum_u min_k A[u,k]``,
+   ``Gmin = sum_u min_k G[u,k]`` and ``T`` the min-max contiguous split of the fastest layer
+   times under memory (:func:`uniap.milp.bottleneck_lower_bound`; every stage time is at
+   least its compute, so the bottleneck is at least ``T``); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
    the best time found (they cannot win);
 3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
    the first incumbent, and candidates are visited in order of their heuristic time;
@@ -36,7 +37,7 @@ from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
-from uniap.milp import Solution, min_peak_memory, solve
+from uniap.milp import Solution, bottleneck_lower_bound, min_peak_memory, solve
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
@@ -262,7 +263,8 @@ def _lower_bound(t: CostTables) -> float:
     amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
     gmin = np.array([min(t.G[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
     s = float(amin.sum())
-    return s + (t.num_microbatches - 1) * s / t.pp + float(gmin.sum()) / t.pp
+    bottleneck = max(s / t.pp, bottleneck_lower_bound(t))
+    return s + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:
