@@ -76,3 +76,21 @@ def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
         assert inc is None and sol.status in ("infeasible", "cutoff")
         return
     assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 5))
+def test_bottleneck_lower_bound_is_valid(seed: int) -> None:
+    """The min-max split bound never exceeds the slowest stage of any plan that fits."""
+    import itertools
+
+    from uniap.milp import bottleneck_lower_bound
+
+    t = random_tables(seed)
+    lb = bottleneck_lower_bound(t)
+    tightest = np.inf
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                tightest = min(tightest, max(ev.stage_time_s))
+    assert lb <= tightest * (1 + 1e-9)
