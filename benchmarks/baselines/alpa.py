@@ -48,7 +48,8 @@ class _Capped(Exception):
     """The wall-time cap was reached."""
 
 
-def stage_ilp(t: CostTables, s: int, e: int, stage: int) -> tuple[float, list[int]] | None:
+def stage_ilp(t: CostTables, s: int, e: int, stage: int,
+              time_limit_s: float | None = None) -> tuple[float, list[int]] | None:
     """Alpa's intra-op ILP for layers ``s..e`` on stage ``stage``: ``(latency_s, strategies)``,
     or None when no choice fits in memory."""
     c = t.num_microbatches
@@ -79,8 +80,8 @@ def stage_ilp(t: CostTables, s: int, e: int, stage: int) -> tuple[float, list[in
     limit = t.memory_limit_bytes
     prob += pulp.LpAffineExpression(
         [(var, float(t.M[u, k, stage]) / limit) for (u, k), var in x.items()]) <= 1.0, "memory"
-    prob.solve(pulp.HiGHS(msg=False, threads=1, gapRel=0.0, gapAbs=1e-12))
-    if pulp.LpStatus[prob.status] != "Optimal":
+    prob.solve(pulp.HiGHS(msg=False, threads=1, gapRel=0.0, gapAbs=1e-12, timeLimit=time_limit_s))
+    if pulp.LpStatus[prob.status] != "Optimal" or prob.sol_status not in (1, 2):
         return None
     strat = []
     for u in layers:
@@ -150,10 +151,16 @@ def _content_key(t: CostTables, s: int, e: int, stage: int) -> bytes:
     return h.digest()
 
 
-def _cached_ilp(t: CostTables, s: int, e: int, stage: int, cache: dict, counter: list[int]):
+def _cached_ilp(t: CostTables, s: int, e: int, stage: int, cache: dict, counter: list[int],
+                deadline: float = math.inf):
     key = _content_key(t, s, e, stage)
     if key not in cache:
-        cache[key] = stage_ilp(t, s, e, stage)
+        # the cap also bounds one ILP (checked between ILPs only, one long ILP overshot it)
+        left = deadline - time.perf_counter()
+        got = stage_ilp(t, s, e, stage, time_limit_s=max(left, 0.05) if math.isfinite(left) else None)
+        if time.perf_counter() > deadline:
+            raise _Capped
+        cache[key] = got
         counter[0] += 1
     return cache[key]
 
@@ -188,7 +195,7 @@ def _solve_candidate(t: CostTables, deadline: float, counter: list[int], cache: 
                     continue
                 if time.perf_counter() > deadline:
                     raise _Capped
-                current = _cached_ilp(t, s, e, i, cache, counter)
+                current = _cached_ilp(t, s, e, i, cache, counter, deadline)
                 answer[n] = current
                 if current is None:
                     for n2 in need:
