@@ -237,3 +237,55 @@ def test_cli_plan_with_profile_records_measured_and_refuses_stale(graph, tmp_pat
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "stale profile: model signature" in err[0]
+
+
+def test_mutated_profile_files_give_config_errors_only(graph, tmp_path) -> None:
+    """Random mutations of a real profile file either load or raise ConfigError (no traceback)."""
+    import random
+
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from uniap.errors import UniapError
+
+    base = yaml.safe_load(fake_profile(graph).to_yaml())
+    paths: list[list] = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node[:3]):
+                walk(v, path + [i])
+
+    walk(base, [])
+    junk = st.one_of(st.none(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5),
+                     st.lists(st.integers(), max_size=2), st.just({"x": 1}))
+
+    @settings(max_examples=120, derandomize=True, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(idx=st.integers(0, len(paths) - 1), value=junk, delete=st.booleans())
+    def check(idx, value, delete):
+        doc = yaml.safe_load(yaml.safe_dump(base))
+        path = paths[idx]
+        if not path:
+            doc = value
+        else:
+            parent = doc
+            for p in path[:-1]:
+                parent = parent[p]
+            if delete and isinstance(parent, dict):
+                parent.pop(path[-1])
+            else:
+                parent[path[-1]] = value
+        f = tmp_path / f"p{random.random()}.yaml"
+        f.write_text(yaml.safe_dump(doc))
+        try:
+            MeasuredProfile.load(f)
+        except UniapError as e:
+            assert str(f) in str(e) or "profile" in str(e)
+
+    check()

@@ -321,7 +321,7 @@ class MeasuredProfile(Profile):
                 settings=dict(d.get("settings", {})),
                 source=str(d.get("source", "measured")),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise ConfigError(
                 f"{source}: malformed measured profile ({type(e).__name__}: {e}); "
                 "re-run `uniap profile`"
@@ -344,6 +344,8 @@ class MeasuredProfile(Profile):
             raise ConfigError(
                 f"{p}: profile file not found; create it with `uniap profile`"
             ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the profile file: {e}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
