@@ -32,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,17 +170,10 @@ def _uniap(name: str, model: nn.Module, fqns: list[str], loss_fn: Any, signature
 
 # ------------------------------------------------------------------------------ per rank
 def _worker(rank: int, port: int, out: str, warmup: int, steps: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        CUDA_VISIBLE_DEVICES="",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from uniap.api import init_local_worker
+
+    init_local_worker(rank, WORLD, port, backend="gloo", timeout_s=300)
     from uniap.graph import build_graph
     from uniap.models import loss_fn_for
 

@@ -70,6 +70,29 @@ def _launched_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def init_local_worker(
+    rank: int, world_size: int, port: int, *, backend: str = "gloo", timeout_s: float = 300.0
+) -> None:
+    """Join a process group as one of ``world_size`` processes started by hand on this machine
+    (multiprocessing spawn in tests and benchmarks): set the environment torchrun would set,
+    one intra-op thread per process (the ranks share the cores), and initialise the group."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
+
+
 def _init_process_group(timeout_s: float) -> None:
     if dist.is_initialized():
         return

@@ -44,24 +44,11 @@ def _worker(
     backend: str,
 ) -> None:
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=PG_TIMEOUT_S)
-    )
+    from uniap.api import init_local_worker
+
+    init_local_worker(rank, world_size, port, backend=backend, timeout_s=PG_TIMEOUT_S)
     mod_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(mod_name), fn_name)
     results: dict[str, Any] = {}

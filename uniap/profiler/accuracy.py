@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,22 +105,11 @@ def spawn(world_size: int, job: dict[str, Any], *, timeout_s: float = 600.0) -> 
 def _worker(
     rank: int, world: int, port: int, job: dict, out: str, timeout_s: float, cuda: bool
 ) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    from uniap.api import init_local_worker
+
+    init_local_worker(rank, world, port, backend="nccl" if cuda else "gloo", timeout_s=timeout_s)
     try:
         result = _JOBS[job["kind"]](job)
         if rank == 0:
