@@ -262,7 +262,8 @@ class ParallelModel:
             if self.is_last_stage:
                 kwargs = {"target": local_tgt, "losses": losses}
             args = local_in if self.is_first_stage else ()
-            self._schedule.step(*args, **kwargs)
+            # the losses are all that is needed: the last stage keeps no micro-batch outputs
+            self._schedule.step(*args, return_outputs=False, **kwargs)
             for loss in losses:
                 total += loss.detach().double()
         return total
