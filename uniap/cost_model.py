@@ -11,18 +11,24 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
   input backward: one for self-attention and MLP, two for cross-attention)
   ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
-  gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches).
+  gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches)
+  ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``) when ``dp > 1``:
+  what the profile measured the executor's DP wrapping to cost beyond these terms (0 for the
+  analytic profile).
 - ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
   DDP ``(1 - rho) * all_reduce(P, dp_group)``; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
-  ``+ [c > 1] * all_gather(P, dp_group)``; ``+ optimizer_step(local params)``.
+  ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
+  ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + O / dp`` when ``c > 1`` (unsharded parameters and gradients live across
   micro-batches); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
   (analytic: ``saved_bytes * bl * (f / tp + 1 - f)``; with
   recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
   ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
-  ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's copy of its output per
-  in-flight micro-batch and one output gradient: ``out_bytes * bl * (inflight(i) + 1)``.
+  ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's copy of its output for
+  the other in-flight micro-batches and the loss's working memory for the one in backward:
+  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic: ``2 out_bytes bl``,
+  the output and its gradient).
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
@@ -94,6 +100,11 @@ class CostTables:
     microbatch_size: int = 1
     breakdown: dict[str, np.ndarray] = field(default_factory=dict)
     """Optional (L, K) parts of ``A`` and ``G`` for explanations."""
+    stage_overhead_s: float = 0.0
+    """Seconds every stage pays per micro-batch whatever its layers (the pipeline schedule's
+    own work and waits), added to every ``p_i``."""
+    step_overhead_s: float = 0.0
+    """Seconds every iteration pays once whatever the plan (the loss's all-reduce)."""
 
     @property
     def num_layers(self) -> int:
@@ -145,8 +156,9 @@ def evaluate_assignment(t: CostTables, stage_of: Sequence[int], strategy_of: Seq
                 p[i] += float(t.R[u, a, b])
             else:
                 o[i] += float(t.Rp[u, a, b])
+    p = [x + t.stage_overhead_s for x in p]
     bottleneck = max(p + o)
-    tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s)
+    tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
     return Evaluation(tpi, p, o, s, mem, fits)
 
@@ -246,22 +258,33 @@ class CostModel:
                 p_bytes = layer.param_bytes / s.tp
                 local_params = layer.num_params / s.tp
                 opt_bytes = local_params * self.opt_bytes
-                fsdp_mb = sync = 0.0
+                fsdp_mb = sync = wrap = 0.0
+                wrapped = s.dp > 1 and layer.num_params > 0
                 if s.kind == "FSDP":
                     ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
                     rs = self._group_time("reduce_scatter", p_bytes, "dp", pp, s.dp, s.tp)
                     if c == 1:
                         fsdp_mb = (1 - rho) * 2 * ag
+                        if wrapped:
+                            fsdp_mb = max(fsdp_mb + self.profile.dp_residual_s(layer, "FSDP", "single"), 0.0)
                         sync = (1 - rho) * rs
                         static = (2 * p_bytes + opt_bytes) / s.dp
                     else:
                         sync = ag + (1 - rho) * rs
+                        if wrapped:
+                            wrap = self.profile.dp_residual_s(layer, "FSDP", "microbatch")
+                            sync += self.profile.dp_residual_s(layer, "FSDP", "sync")
                         static = 2 * p_bytes + opt_bytes / s.dp
                     local_params /= s.dp
                 else:
                     sync = (1 - rho) * self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+                    if wrapped:
+                        wrap = self.profile.dp_residual_s(layer, "DDP", "microbatch")
+                        sync += self.profile.dp_residual_s(layer, "DDP", "sync")
                     static = 2 * p_bytes + opt_bytes
-                opt_s = self.profile.optimizer_step_s(local_params)
+                sync = max(sync, 0.0)
+                opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
+                fsdp_mb = max(fsdp_mb + wrap, 0.0)
                 A[u, k] = fwd + bwd + tp_comm + fsdp_mb
                 G[u, k] = sync + opt_s
                 if s.recompute:
@@ -272,8 +295,9 @@ class CostModel:
                     M[u, k, i] = static + act * inflight[i]
                     if u == L - 1:
                         # The loss keeps a copy of the model output (log-softmax) per in-flight
-                        # micro-batch, and its gradient exists once during backward.
-                        M[u, k, i] += layer.output_bytes_per_sample * bl * (inflight[i] + 1)
+                        # micro-batch; the one in backward needs its working memory.
+                        M[u, k, i] += layer.output_bytes_per_sample * bl * (inflight[i] - 1)
+                        M[u, k, i] += self.profile.loss_working_bytes(layer, bl)
                 parts["compute"][u, k] = fwd + bwd
                 parts["tp_comm"][u, k] = tp_comm
                 parts["fsdp_comm"][u, k] = fsdp_mb
@@ -300,6 +324,8 @@ class CostModel:
             pp=pp, num_microbatches=c, A=A, G=G, M=M, layout=layout, R=R, Rp=Rp,
             memory_limit_bytes=self.memory_limit_bytes, allowed=allowed, strategies=strategies,
             schedule=schedule, microbatch_size=b, breakdown=parts,
+            stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
+            step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
         )
 
     # ------------------------------------------------------------------ plans

@@ -393,7 +393,8 @@ def _stage_times(t: CostTables, v: _Vars, scale: float):
         r = float(t.Rp[u, a, b])
         if r:
             o_terms[i].append((var, r / scale))
-    p = [pulp.LpAffineExpression(terms) for terms in p_terms]
+    k = t.stage_overhead_s / scale
+    p = [pulp.LpAffineExpression(terms, constant=k) for terms in p_terms]
     o = [pulp.LpAffineExpression(terms) for terms in o_terms]
     return p, o
 
@@ -479,6 +480,7 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
     """``sum p + sum o + (c - 1) t + t_sync``; ``cutoff`` when an incumbent bound is known."""
     obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1) * v.t + v.t_sync
+    obj += t.step_overhead_s / scale
     prob += obj
     if bound is not None:
         prob += obj <= bound / scale * (1 + 1e-7), "cutoff"

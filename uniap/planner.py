@@ -263,8 +263,9 @@ def _lower_bound(t: CostTables) -> float:
     amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
     gmin = np.array([min(t.G[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
     s = float(amin.sum())
-    bottleneck = max(s / t.pp, bottleneck_lower_bound(t))
-    return s + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp
+    k = t.stage_overhead_s  # every stage pays it, the bottleneck one too
+    bottleneck = max(s / t.pp, bottleneck_lower_bound(t)) + k
+    return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:

@@ -34,6 +34,12 @@ class Strategy:
     def __str__(self) -> str:
         return f"dp{self.dp}xtp{self.tp}-{self.kind}" + ("-ckpt" if self.recompute else "")
 
+    @property
+    def dtensor_params(self) -> bool:
+        """Whether the executor holds the layer's parameters as DTensors (TP shards, FSDP2
+        shards, ``replicate``), so that the optimizer pays DTensor dispatch per tensor."""
+        return self.tp > 1 or self.dp > 1
+
 
 def divisors(n: int) -> list[int]:
     """Positive divisors of ``n`` in increasing order."""

@@ -141,7 +141,7 @@ def _job_profile(job: dict) -> dict:
     from uniap.graph import build_graph
     from uniap.profiler.collect import collect_profile
 
-    model, x, _, _ = _model_and_batch(job)
+    model, x, y, loss_fn = _model_and_batch(job)
     graph = build_graph(model, x, name=model.uniap_name)
     profile = collect_profile(
         model,
@@ -153,6 +153,8 @@ def _job_profile(job: dict) -> dict:
         warmup=job.get("warmup", 2),
         repeats=job.get("repeats", 5),
         batches=job.get("batches"),
+        targets=y,
+        loss_fn=loss_fn,
     )
     return profile.to_dict()
 

@@ -39,6 +39,9 @@ class Profile:
     source: str = "abstract"
     overlap_coefficient: float = 0.0
     """Fraction of once-per-iteration gradient synchronisation hidden behind backward."""
+    pipeline_overhead_s: float = 0.0
+    """Seconds a pipeline stage spends per micro-batch on the schedule itself (its bookkeeping
+    and point-to-point waits), whatever its layers; 0 unless measured."""
 
     def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
         """(forward_s, backward_s) of ``layer`` at local batch ``batch`` and TP degree ``tp``."""
@@ -48,9 +51,23 @@ class Profile:
         """Seconds for collective ``op`` over ``ranks`` moving a tensor of ``nbytes``."""
         raise NotImplementedError
 
-    def optimizer_step_s(self, num_params: float) -> float:
-        """Seconds of one optimizer step over ``num_params`` local parameters."""
+    def optimizer_step_s(
+        self, num_params: float, layer: Layer | None = None, *, dtensor: bool = False
+    ) -> float:
+        """Seconds of one optimizer step over ``num_params`` local parameters (of ``layer``,
+        held as DTensors when ``dtensor``)."""
         raise NotImplementedError
+
+    def dp_residual_s(self, layer: Layer, kind: str, phase: str) -> float:
+        """Seconds the executor's data-parallel wrapping of ``layer`` (``kind`` DDP / FSDP)
+        costs in ``phase`` (``microbatch``, ``sync``, ``single``) beyond the collective terms
+        of the cost model (default 0: the analytic profile has nothing else to say)."""
+        return 0.0
+
+    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
+        """Bytes the loss and its backward need at the last layer ``layer`` at local
+        ``batch`` beyond its saved activations (default: the output and its gradient)."""
+        return 2 * layer.output_bytes_per_sample * batch
 
     def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
         """Bytes ``layer`` keeps for backward at local batch ``batch`` and TP degree ``tp``
@@ -106,5 +123,7 @@ class AnalyticProfile(Profile):
             return (n - 1) * alpha + (n - 1) / n * nbytes / bw
         raise ValueError(f"unknown collective {op!r}; one of {COLLECTIVES}")
 
-    def optimizer_step_s(self, num_params: float) -> float:
+    def optimizer_step_s(
+        self, num_params: float, layer: Layer | None = None, *, dtensor: bool = False
+    ) -> float:
         return num_params * _ADAMW_BYTES_PER_PARAM / self.memory_bandwidth_bytes_per_s

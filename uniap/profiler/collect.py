@@ -19,7 +19,6 @@ Every rank returns the same profile (numbers are reduced over the ranks).
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +41,7 @@ from uniap.profiler.compute import (
 from uniap.profiler.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
+from uniap.profiler.pipeline import measure_pipeline_overhead
 from uniap.strategies import divisors
 
 __all__ = ["collect_profile", "planner_batches"]
@@ -73,38 +73,139 @@ def _tp_mesh(tp: int, device: torch.device) -> Any:
     return init_device_mesh(device.type, (n // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
 
 
-def _executor_overhead_s(
+def _dp_costs(
     model: nn.Module,
     graph: ModelGraph,
+    by_key: dict[str, list[str]],
     inputs: dict[str, tuple],
     device: torch.device,
+    collective_s: Callable[[str, float, list[int]], float],
+    rho: float,
     warmup: int,
     repeats: int,
-) -> float:
-    """Seconds the executor's data-parallel wrapping adds to one forward + backward of a layer
-    (FSDP2 / replicate hooks, gradient sync off as on every micro-batch but the last), measured
-    on the layer with the fewest parameters over the whole world, mean of DDP and FSDP."""
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per layer shape, per data-parallel kind: what the executor's own wrapping
+    (:func:`uniap.executor.data_parallel.apply_dp` over the whole world) costs beyond the
+    layer's plain forward + backward, as residuals over the cost model's collective terms
+    (see :class:`~uniap.profiler.measured.LayerProfile.dp_residual_s`). Collective."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from uniap.executor.data_parallel import GradSync, apply_dp
 
     world = dist.get_world_size()
     if world == 1:
-        return 0.0
-    small = min((layer for layer in graph.layers if layer.num_params), key=lambda la: la.num_params)
-    plain = layer_copy(model, small.fqn, device)
-    base = sum(time_layer(plain, inputs[small.fqn], device, warmup=warmup, repeats=repeats))
+        return {}
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    extra = []
-    for kind in ("DDP", "FSDP"):
-        wrapped = apply_dp(layer_copy(model, small.fqn, device), kind, mesh, num_microbatches=2)
-        GradSync([wrapped]).before_backward(last=False)
-        extra.append(
-            sum(time_layer(wrapped, inputs[small.fqn], device, warmup=warmup, repeats=repeats))
-            - base
+    ranks = list(range(world))
+    layer_of = {layer.fqn: layer for layer in graph.layers}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, fqns in by_key.items():
+        layer = layer_of[fqns[0]]
+        if not layer.num_params:
+            continue
+        x = inputs[fqns[0]]
+
+        def fb(m: nn.Module, x: tuple = x) -> float:
+            return sum(time_layer(m, x, device, warmup=warmup, repeats=repeats))
+
+        base = fb(layer_copy(model, fqns[0], device))
+        p = float(layer.param_bytes)
+        ar, ag, rs = (collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter"))
+        res: dict[str, dict[str, float]] = {}
+        for kind in ("DDP", "FSDP"):
+            many = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=2)
+            sync = GradSync([many])
+            sync.before_backward(last=False)
+            t_mb = fb(many)
+            sync.before_backward(last=True)
+            t_sync = fb(many)
+            if kind == "DDP":
+                res[kind] = {"microbatch": t_mb - base, "sync": t_sync - t_mb - (1 - rho) * ar}
+            else:
+                one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
+                t_one = fb(one)
+                res[kind] = {
+                    "microbatch": t_mb - base,
+                    "sync": t_sync - t_mb - ag - (1 - rho) * rs,
+                    "single": t_one - base - (1 - rho) * (2 * ag + rs),
+                }
+        names = [(k, ph) for k in sorted(res) for ph in sorted(res[k])]
+        vals = _mean_over_ranks([res[k][ph] for k, ph in names])
+        out[key] = {}
+        for (k, ph), v in zip(names, vals):
+            out[key].setdefault(k, {})[ph] = v
+    return out
+
+
+def _optimizer_costs(
+    model: nn.Module, by_key: dict[str, list[str]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Per layer shape: seconds of an AdamW step over the layer's parameters as plain tensors
+    (``plain``) and as the DTensor shards FSDP2 holds over the whole world (``dtensor``, which
+    pays DTensor dispatch per tensor). Collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)) if world > 1 else None
+    keys, times = [], []
+    for key, fqns in by_key.items():
+        for variant in ("plain", "dtensor"):
+            module = layer_copy(model, fqns[0], device)
+            if variant == "dtensor":
+                if mesh is None or not any(True for _ in module.parameters()):
+                    continue
+                fully_shard(module, mesh=mesh)
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                continue
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            keys.append((key, variant))
+            times.append(time_median_s(opt.step, device, warmup=warmup, repeats=repeats))
+    out: dict[str, dict[str, float]] = {}
+    for (key, variant), t in zip(keys, _mean_over_ranks(times) if times else []):
+        out.setdefault(key, {})[variant] = t
+    return out
+
+
+def _loss_working_bytes(
+    model: nn.Module,
+    fqn: str,
+    inputs: dict[int, dict[str, tuple]],
+    targets: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    device: torch.device,
+) -> list[float]:
+    """Per measured batch: the peak bytes, beyond the last layer's parameters, gradients,
+    input and saved activations, while its output goes through ``loss_fn`` and back (the
+    output, the loss's own saved tensors and the backward's gradient buffers)."""
+    from uniap.profiler.memory import PeakMemory
+
+    out = []
+    for b, ins in sorted(inputs.items()):
+        module = layer_copy(model, fqn, device)
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p)
+        x = tuple(
+            a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+            for a in ins[fqn]
         )
-        GradSync([wrapped]).finish()
-    return max(_mean_over_ranks([statistics.mean(extra)])[0], 0.0)
+        tgt = resize_batch(targets, b)
+        saved = saved_activation_bytes(module, x)
+        if device.type == "cuda":  # the allocator's peak counts everything already there
+            torch.cuda.synchronize(device)
+            base = float(torch.cuda.memory_allocated(device))
+        else:  # the tracker counts the registered parameters and gradients
+            st = state_bytes(module)
+            base = float(st["param_bytes"] + st["grad_bytes"])
+        with PeakMemory(device, [module]) as pm, torch.enable_grad():
+            loss = loss_fn(module(*x), tgt)
+            loss.backward()
+            del loss
+        out.append(max(pm.peak_bytes - base - saved, 0.0))
+    return out
 
 
 def collect_profile(
@@ -120,12 +221,15 @@ def collect_profile(
     warmup: int = 2,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    targets: Any = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> MeasuredProfile:
     """Measure ``model`` (real weights, identical on every rank) on the launched ranks.
 
     ``batches``: local batch sizes to time (default :func:`planner_batches`); ``tp_degrees``:
-    TP degrees (default every divisor of the world up to ``cluster.devices_per_node``).
-    Collective."""
+    TP degrees (default every divisor of the world up to ``cluster.devices_per_node``);
+    ``targets`` and ``loss_fn`` (both or neither): the loss's working memory at the last layer
+    is measured (else the cost model's analytic term is used). Collective."""
     t_start = time.perf_counter()
     world = dist.get_world_size()
     if world != cluster.world_size:
@@ -200,9 +304,6 @@ def collect_profile(
             )
             del module
 
-    overhead = _executor_overhead_s(model, graph, inputs_at[batches[0]], device, warmup, repeats)
-    say(f"executor overhead per layer per micro-batch: {overhead * 1e6:.0f} us")
-
     # overlap: the heaviest layer's backward against an all-reduce of its gradients
     heavy_key = max(by_key, key=lambda k: profiles[k].bwd_s[1][-1])
     heavy = layer_copy(model, by_key[heavy_key][0], device)
@@ -215,18 +316,28 @@ def collect_profile(
     overlap = measure_overlap(backward_pass, numel, device, warmup=warmup, repeats=repeats)
     say(f"overlap coefficient {overlap['rho']:.2f} (raw {overlap['raw']:.2f})")
 
-    # optimizer: AdamW per distinct layer, a + s * n
+    say("data-parallel wrapping (DDP, FSDP) per layer")
+    mid = batches[len(batches) // 2]
+    dp = _dp_costs(
+        model, graph, by_key, inputs_at[mid], device, skeleton.collective_s, overlap["rho"],
+        warmup, repeats,
+    )
+    for key, res in dp.items():
+        profiles[key].dp_residual_s = res
+        say(
+            f"{by_key[key][0]}: "
+            + ", ".join(f"{k} {ph} {v * 1e3:+.2f} ms" for k, r in res.items() for ph, v in r.items())
+        )
+
+    # optimizer: AdamW per distinct layer, plain and as DTensor shards; a + s * n over plain
+    opt_times = _optimizer_costs(model, by_key, device, warmup, repeats)
     sizes, times = [], []
-    for fqns in by_key.values():
-        params = [p for p in layer_copy(model, fqns[0], device).parameters() if p.requires_grad]
-        if not params:
+    for key, fqns in by_key.items():
+        if "plain" not in opt_times.get(key, {}):
             continue
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        sizes.append(float(sum(p.numel() for p in params)))
-        times.append(time_median_s(opt.step, device, warmup=warmup, repeats=repeats))
-    times = _mean_over_ranks(times)
+        profiles[key].optimizer_s = dict(opt_times[key])
+        sizes.append(float(layer_of[fqns[0]].num_params))
+        times.append(opt_times[key]["plain"])
     opt_a, opt_slope, opt_err = (
         fit_line(sizes, times) if len(sizes) > 1 else (0.0, times[0] / sizes[0], 0.0)
     )
@@ -235,6 +346,20 @@ def collect_profile(
     say(
         f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err {opt_err:.0%})"
     )
+
+    say("pipeline schedule overhead")
+    pipeline_s = measure_pipeline_overhead(device, warmup=warmup, repeats=repeats)
+    say(f"pipeline overhead per stage per micro-batch: {pipeline_s * 1e6:.0f} us")
+
+    if (targets is None) != (loss_fn is None):
+        raise ValueError("pass both targets and loss_fn to measure the loss's memory, or neither")
+    if loss_fn is not None:
+        last = graph.layers[-1]
+        lp = profiles[last.cost_key]
+        lp.loss_working_bytes = _loss_working_bytes(
+            model, last.fqn, inputs_at, targets, loss_fn, device
+        )
+        say(f"loss working memory at {last.fqn}: {lp.loss_working_bytes[-1] / 2**20:.2f} MiB at batch {batches[-1]}")
 
     wall = time.perf_counter() - t_start
     return MeasuredProfile(
@@ -255,8 +380,8 @@ def collect_profile(
         layers=profiles,
         collectives=collectives,
         overlap_coefficient=overlap["rho"],
+        pipeline_overhead_s=pipeline_s,
         overlap={k: v for k, v in overlap.items() if k != "rho"},
-        executor_overhead_s=overhead,
         optimizer_a_s=max(opt_a, 0.0),
         optimizer_s_per_param=opt_slope,
         settings={

@@ -8,7 +8,8 @@ measured at several message sizes and fitted as
 all-reduced tensor, the gathered output, the reduce-scatter input, the message sent)
 
 by least squares weighted by ``1 / t`` (relative error); the worst relative residual is kept
-as ``fit_error``. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups
+as ``fit_error``. Predictions interpolate the measured points themselves
+(:meth:`CollectiveFit.time_s`); the fit reports the link and extrapolates. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups
 are consecutive ranks, DP groups strided, and a group is intra-node when all its ranks share
 a node. All groups of one shape run concurrently (as in a real step, where every TP or DP
 group of the world communicates at once); ``p2p`` is a ping-pong between rank pairs at one
@@ -17,6 +18,7 @@ distance (half the round trip), all pairs at once.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -50,8 +52,21 @@ class CollectiveFit:
     """Median seconds at each size (slowest rank)."""
 
     def time_s(self, nbytes: float) -> float:
-        """Seconds for a tensor of ``nbytes``."""
-        return self.alpha_s + nbytes / self.bandwidth_bytes_per_s
+        """Seconds for a tensor of ``nbytes``: piecewise-linear through the measured sizes
+        (the alpha-beta line misses real collectives, whose algorithm changes with the size,
+        by up to the ``fit_error``); below them the smallest size's time (latency-bound);
+        above them the largest size's time plus the extra bytes at the fitted bandwidth.
+        Without measured points: the alpha-beta line."""
+        xs, ys = self.sizes_bytes, self.times_s
+        if not xs or len(xs) != len(ys):
+            return self.alpha_s + nbytes / self.bandwidth_bytes_per_s
+        if nbytes <= xs[0]:
+            return ys[0]
+        if nbytes >= xs[-1]:
+            return ys[-1] + (nbytes - xs[-1]) / self.bandwidth_bytes_per_s
+        i = bisect.bisect_right(xs, nbytes) - 1
+        w = (nbytes - xs[i]) / (xs[i + 1] - xs[i])
+        return ys[i] + w * (ys[i + 1] - ys[i])
 
 
 def group_shape_key(ranks: Sequence[int], devices_per_node: int) -> str:

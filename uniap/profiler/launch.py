@@ -134,9 +134,10 @@ def run_profile(args: argparse.Namespace) -> int:
 
         name = spec
         model = models.build_model(spec, device="cpu", seed=0)
-        example = models.example_batch(spec, args.global_batch_size)[0]
-    else:
-        model, name = spec, None
+        example, targets = models.example_batch(spec, args.global_batch_size)
+        loss_fn = models.loss_fn_for(spec)
+    else:  # a user's model: no known loss, so the cost model's analytic loss memory
+        model, name, targets, loss_fn = spec, None, None, None
     graph = build_graph(model, example, name=name)
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -170,6 +171,8 @@ def run_profile(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             progress=say,
+            targets=targets,
+            loss_fn=loss_fn,
         )
         if rank == 0:
             profile.to_yaml(out)

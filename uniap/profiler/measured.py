@@ -6,11 +6,15 @@ A :class:`MeasuredProfile` answers the cost model's questions from measurements
 - ``layer_compute_s(layer, b, tp)``: the layer's measured forward / backward seconds (looked up
   by ``layer.cost_key``: layers of equal shape share one measurement) at TP degree ``tp``,
   piecewise-linear between the measured local batches, the fit ``a + slope * b`` beyond;
-  then ``compute_scale * t + (executor_overhead_s + layer_overhead_s) / 2`` per pass
-  (``executor_overhead_s``: the executor's per-layer hooks, measured; the rest calibrated).
-- ``collective_s(op, S, ranks)``: ``comm_scale * (alpha_s + S / bandwidth)`` of the group's
-  shape (size, intra/inter node, consecutive/strided).
-- ``optimizer_step_s(n) = optimizer_a_s + optimizer_s_per_param * n``.
+  then ``compute_scale * t + layer_overhead_s / 2`` per pass (``layer_overhead_s`` calibrated).
+- ``collective_s(op, S, ranks)``: ``comm_scale *`` the measured time of the group's shape
+  (size, intra/inter node, consecutive/strided), interpolated between measured sizes.
+- ``dp_residual_s(layer, kind, phase)``: what the executor's DDP / FSDP wrapping of the layer
+  costs beyond the cost model's collective terms, measured.
+- ``optimizer_step_s(n, layer, dtensor)``: the layer's measured AdamW fixed cost (plain or
+  DTensor parameters) ``+ optimizer_s_per_param * n``.
+- ``loss_working_bytes(layer, b)``: measured bytes the loss and its backward add at the last
+  layer.
 - ``activation_bytes(layer, b, tp)``: measured saved-for-backward bytes, interpolated.
 - ``overlap_coefficient``: measured (:mod:`uniap.profiler.overlap`).
 
@@ -44,7 +48,7 @@ __all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def library_versions() -> dict[str, str]:
@@ -102,6 +106,21 @@ class LayerProfile:
     """TP degree -> bytes saved for backward per batch."""
     state_bytes: dict[int, dict[str, int]] = field(default_factory=dict)
     """TP degree -> ``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` of the local shard."""
+    dp_residual_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Kind (``DDP``/``FSDP``) -> phase -> seconds the executor's data-parallel wrapping of
+    this layer costs beyond what the cost model's collective terms charge, measured over the
+    whole world (may be negative where the terms over-charge): ``microbatch`` (a forward +
+    backward without gradient sync), ``sync`` (the extra of the synchronising backward, less
+    ``(1 - rho) * all_reduce`` for DDP or ``all_gather + (1 - rho) * reduce_scatter`` for FSDP)
+    and, FSDP only, ``single`` (a forward + backward resharding after forward, as with one
+    micro-batch, less ``(1 - rho) * (2 all_gather + reduce_scatter)``)."""
+    optimizer_s: dict[str, float] = field(default_factory=dict)
+    """AdamW step seconds over the layer's parameters: ``plain`` tensors, and ``dtensor``:
+    the shards FSDP2 holds over the whole world (DTensor dispatch per tensor)."""
+    loss_working_bytes: list[float] = field(default_factory=list)
+    """Last layer only, per batch: peak bytes beyond its state, input and saved activations
+    while its output goes through the loss and back (output, the loss's saved tensors,
+    gradient buffers)."""
 
     def fit(self, which: str, tp: int) -> tuple[float, float, float]:
         """``(a, slope, worst relative residual)`` of ``which`` (fwd_s, bwd_s,
@@ -121,6 +140,11 @@ class LayerProfile:
                 f"tp{tp}": [float(v) for v in vs] for tp, vs in sorted(getattr(self, name).items())
             }
         d["state_bytes"] = {f"tp{tp}": dict(v) for tp, v in sorted(self.state_bytes.items())}
+        d["dp_residual_s"] = {
+            k: {ph: float(v) for ph, v in sorted(r.items())} for k, r in sorted(self.dp_residual_s.items())
+        }
+        d["optimizer_s"] = {k: float(v) for k, v in sorted(self.optimizer_s.items())}
+        d["loss_working_bytes"] = [float(v) for v in self.loss_working_bytes]
         d["fit"] = {
             f"tp{tp}": {
                 name: dict(zip(("a", "slope", "error"), (float(x) for x in self.fit(name, tp))))
@@ -142,6 +166,12 @@ class LayerProfile:
             bwd_s=by_tp(d["bwd_s"]),
             activation_bytes=by_tp(d.get("activation_bytes")),
             state_bytes=by_tp(d.get("state_bytes")),
+            dp_residual_s={
+                str(k): {str(ph): float(v) for ph, v in r.items()}
+                for k, r in (d.get("dp_residual_s") or {}).items()
+            },
+            optimizer_s={str(k): float(v) for k, v in (d.get("optimizer_s") or {}).items()},
+            loss_working_bytes=[float(v) for v in d.get("loss_working_bytes") or []],
         )
 
 
@@ -166,9 +196,9 @@ class MeasuredProfile(Profile):
     """Measured fraction of gradient synchronisation hidden behind backward."""
     overlap: dict[str, float] = field(default_factory=dict)
     """The overlap measurement (compute_s, comm_s, both_s, raw)."""
-    executor_overhead_s: float = 0.0
-    """Measured seconds the executor's per-layer hooks add to one micro-batch's forward +
-    backward of a layer (half charged to each pass)."""
+    pipeline_overhead_s: float = 0.0
+    """Measured seconds a pipeline stage spends per micro-batch on the schedule itself
+    (:mod:`uniap.profiler.pipeline`)."""
     optimizer_a_s: float = 0.0
     """Fixed seconds per optimizer call (per layer)."""
     optimizer_s_per_param: float = 0.0
@@ -197,7 +227,7 @@ class MeasuredProfile(Profile):
             fwd, bwd = lp.value("fwd_s", batch, tp), lp.value("bwd_s", batch, tp)
         else:  # not measured at this degree: the tp=1 time shared out
             fwd, bwd = lp.value("fwd_s", batch, 1) / tp, lp.value("bwd_s", batch, 1) / tp
-        half = (self.executor_overhead_s + cal.get("layer_overhead_s", 0.0)) / 2
+        half = cal.get("layer_overhead_s", 0.0) / 2
         scale = cal.get("compute_scale", 1.0)
         return scale * fwd + half, scale * bwd + half
 
@@ -219,10 +249,33 @@ class MeasuredProfile(Profile):
             fit = fits[same[0]]
         return self.calibration.get("comm_scale", 1.0) * fit.time_s(nbytes)
 
-    def optimizer_step_s(self, num_params: float) -> float:
+    def optimizer_step_s(
+        self, num_params: float, layer: Layer | None = None, *, dtensor: bool = False
+    ) -> float:
         if num_params <= 0:
             return 0.0
-        return self.optimizer_a_s + self.optimizer_s_per_param * num_params
+        lp = self.layers.get(layer.cost_key) if layer is not None else None
+        variant = "dtensor" if dtensor else "plain"
+        if lp is None or variant not in lp.optimizer_s:
+            return self.optimizer_a_s + self.optimizer_s_per_param * num_params
+        # the layer's own fixed cost (per tensor; DTensor dispatch) + the per-parameter work
+        world = int(self.hardware.get("world_size", 1)) if dtensor else 1
+        measured_params = layer.num_params / world
+        fixed = max(lp.optimizer_s[variant] - self.optimizer_s_per_param * measured_params, 0.0)
+        return fixed + self.optimizer_s_per_param * num_params
+
+    def dp_residual_s(self, layer: Layer, kind: str, phase: str) -> float:
+        lp = self.layers.get(layer.cost_key)
+        if lp is None:
+            return 0.0
+        return lp.dp_residual_s.get(kind, {}).get(phase, 0.0)
+
+    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
+        lp = self.layers.get(layer.cost_key)
+        if lp is None or len(lp.loss_working_bytes) != len(lp.batches):
+            return super().loss_working_bytes(layer, batch)
+        a, slope, _ = fit_line(lp.batches, lp.loss_working_bytes)
+        return interpolate(batch, lp.batches, lp.loss_working_bytes, (a, slope))
 
     def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
         lp = self._layer(layer)
@@ -280,7 +333,7 @@ class MeasuredProfile(Profile):
             "settings": dict(self.settings),
             "overlap_coefficient": float(self.overlap_coefficient),
             "overlap": {k: float(v) for k, v in self.overlap.items()},
-            "executor_overhead_s": float(self.executor_overhead_s),
+            "pipeline_overhead_s": float(self.pipeline_overhead_s),
             "optimizer": {
                 "a_s": float(self.optimizer_a_s),
                 "s_per_param": float(self.optimizer_s_per_param),
@@ -314,7 +367,7 @@ class MeasuredProfile(Profile):
                 },
                 overlap_coefficient=float(d["overlap_coefficient"]),
                 overlap=dict(d.get("overlap", {})),
-                executor_overhead_s=float(d.get("executor_overhead_s", 0.0)),
+                pipeline_overhead_s=float(d.get("pipeline_overhead_s", 0.0)),
                 optimizer_a_s=float(d["optimizer"]["a_s"]),
                 optimizer_s_per_param=float(d["optimizer"]["s_per_param"]),
                 calibration={**_CALIBRATION_DEFAULTS, **d.get("calibration", {})},
