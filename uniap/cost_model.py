@@ -6,7 +6,8 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
 overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimizer_bytes``:
 
 - ``A[u,k]`` one micro-batch through the layer:
-  ``fwd_s(bl, tp) + bwd_s(bl, tp)``
+  ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl)``, the loss's own
+  forward and backward)
   ``+ sum_pairs [all_reduce(out_bytes * bl) + sum_inputs all_reduce(in_bytes * bl)]`` on the TP
   group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
   input backward: one for self-attention and MLP, two for cross-attention)
@@ -20,8 +21,8 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
   ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
-  ``c == 1``, ``2 P + O / dp`` when ``c > 1`` (unsharded parameters and gradients live across
-  micro-batches); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
+  ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
+  across micro-batches, next to the shards); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
   (analytic: ``saved_bytes * bl * (f / tp + 1 - f)``; with
   recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
   ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
@@ -247,6 +248,8 @@ class CostModel:
                 s = strategies[k]
                 bl = b / s.dp
                 fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+                if u == L - 1:
+                    bwd += self.profile.loss_s(layer, bl)
                 if s.recompute:
                     bwd += fwd
                 tp_comm = 0.0
@@ -274,7 +277,8 @@ class CostModel:
                         if wrapped:
                             wrap = self.profile.dp_residual_s(layer, "FSDP", "microbatch")
                             sync += self.profile.dp_residual_s(layer, "FSDP", "sync")
-                        static = 2 * p_bytes + opt_bytes / s.dp
+                        # unsharded parameters and gradients stay resident next to the shards
+                        static = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
                     local_params /= s.dp
                 else:
                     sync = (1 - rho) * self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)

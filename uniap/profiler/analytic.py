@@ -64,6 +64,11 @@ class Profile:
         of the cost model (default 0: the analytic profile has nothing else to say)."""
         return 0.0
 
+    def loss_s(self, layer: Layer, batch: float) -> float:
+        """Seconds of the loss's forward + backward on the last layer's output at local
+        ``batch`` (default 0: counted in the last layer's FLOPs)."""
+        return 0.0
+
     def loss_working_bytes(self, layer: Layer, batch: float) -> float:
         """Bytes the loss and its backward need at the last layer ``layer`` at local
         ``batch`` beyond its saved activations (default: the output and its gradient)."""

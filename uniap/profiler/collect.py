@@ -170,20 +170,23 @@ def _optimizer_costs(
     return out
 
 
-def _loss_working_bytes(
+def _loss_costs(
     model: nn.Module,
     fqn: str,
     inputs: dict[int, dict[str, tuple]],
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     device: torch.device,
-) -> list[float]:
-    """Per measured batch: the peak bytes, beyond the last layer's parameters, gradients,
-    input and saved activations, while its output goes through ``loss_fn`` and back (the
-    output, the loss's own saved tensors and the backward's gradient buffers)."""
+    warmup: int,
+    repeats: int,
+) -> tuple[list[float], list[float]]:
+    """Per measured batch: seconds of the loss's forward + backward on the last layer's
+    output, and the peak bytes, beyond the last layer's parameters, gradients, input and
+    saved activations, while its output goes through ``loss_fn`` and back (the output, the
+    loss's own saved tensors and the backward's gradient buffers)."""
     from uniap.profiler.memory import PeakMemory
 
-    out = []
+    times, working = [], []
     for b, ins in sorted(inputs.items()):
         module = layer_copy(model, fqn, device)
         for p in module.parameters():
@@ -193,6 +196,16 @@ def _loss_working_bytes(
             for a in ins[fqn]
         )
         tgt = resize_batch(targets, b)
+        with torch.no_grad():
+            out = module(*x)
+
+        def loss_pass(out: Any = out, tgt: Any = tgt) -> None:
+            o = out.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss_fn(o, tgt).backward()
+
+        times.append(time_median_s(loss_pass, device, warmup=warmup, repeats=repeats))
+        del out
         saved = saved_activation_bytes(module, x)
         if device.type == "cuda":  # the allocator's peak counts everything already there
             torch.cuda.synchronize(device)
@@ -204,8 +217,8 @@ def _loss_working_bytes(
             loss = loss_fn(module(*x), tgt)
             loss.backward()
             del loss
-        out.append(max(pm.peak_bytes - base - saved, 0.0))
-    return out
+        working.append(max(pm.peak_bytes - base - saved, 0.0))
+    return _mean_over_ranks(times), working
 
 
 def collect_profile(
@@ -356,10 +369,13 @@ def collect_profile(
     if loss_fn is not None:
         last = graph.layers[-1]
         lp = profiles[last.cost_key]
-        lp.loss_working_bytes = _loss_working_bytes(
-            model, last.fqn, inputs_at, targets, loss_fn, device
+        lp.loss_s, lp.loss_working_bytes = _loss_costs(
+            model, last.fqn, inputs_at, targets, loss_fn, device, warmup, repeats
         )
-        say(f"loss working memory at {last.fqn}: {lp.loss_working_bytes[-1] / 2**20:.2f} MiB at batch {batches[-1]}")
+        say(
+            f"loss at {last.fqn}, batch {batches[-1]}: {lp.loss_s[-1] * 1e3:.2f} ms, "
+            f"{lp.loss_working_bytes[-1] / 2**20:.2f} MiB working memory"
+        )
 
     wall = time.perf_counter() - t_start
     return MeasuredProfile(

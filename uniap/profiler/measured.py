@@ -13,8 +13,8 @@ A :class:`MeasuredProfile` answers the cost model's questions from measurements
   costs beyond the cost model's collective terms, measured.
 - ``optimizer_step_s(n, layer, dtensor)``: the layer's measured AdamW fixed cost (plain or
   DTensor parameters) ``+ optimizer_s_per_param * n``.
-- ``loss_working_bytes(layer, b)``: measured bytes the loss and its backward add at the last
-  layer.
+- ``loss_s(layer, b)``, ``loss_working_bytes(layer, b)``: measured seconds and bytes of the
+  loss's forward and backward at the last layer.
 - ``activation_bytes(layer, b, tp)``: measured saved-for-backward bytes, interpolated.
 - ``overlap_coefficient``: measured (:mod:`uniap.profiler.overlap`).
 
@@ -117,6 +117,8 @@ class LayerProfile:
     optimizer_s: dict[str, float] = field(default_factory=dict)
     """AdamW step seconds over the layer's parameters: ``plain`` tensors, and ``dtensor``:
     the shards FSDP2 holds over the whole world (DTensor dispatch per tensor)."""
+    loss_s: list[float] = field(default_factory=list)
+    """Last layer only, per batch: seconds of the loss's forward + backward on its output."""
     loss_working_bytes: list[float] = field(default_factory=list)
     """Last layer only, per batch: peak bytes beyond its state, input and saved activations
     while its output goes through the loss and back (output, the loss's saved tensors,
@@ -144,6 +146,7 @@ class LayerProfile:
             k: {ph: float(v) for ph, v in sorted(r.items())} for k, r in sorted(self.dp_residual_s.items())
         }
         d["optimizer_s"] = {k: float(v) for k, v in sorted(self.optimizer_s.items())}
+        d["loss_s"] = [float(v) for v in self.loss_s]
         d["loss_working_bytes"] = [float(v) for v in self.loss_working_bytes]
         d["fit"] = {
             f"tp{tp}": {
@@ -171,6 +174,7 @@ class LayerProfile:
                 for k, r in (d.get("dp_residual_s") or {}).items()
             },
             optimizer_s={str(k): float(v) for k, v in (d.get("optimizer_s") or {}).items()},
+            loss_s=[float(v) for v in d.get("loss_s") or []],
             loss_working_bytes=[float(v) for v in d.get("loss_working_bytes") or []],
         )
 
@@ -270,12 +274,21 @@ class MeasuredProfile(Profile):
             return 0.0
         return lp.dp_residual_s.get(kind, {}).get(phase, 0.0)
 
-    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
+    def _per_batch(self, layer: Layer, which: str, batch: float) -> float | None:
         lp = self.layers.get(layer.cost_key)
-        if lp is None or len(lp.loss_working_bytes) != len(lp.batches):
-            return super().loss_working_bytes(layer, batch)
-        a, slope, _ = fit_line(lp.batches, lp.loss_working_bytes)
-        return interpolate(batch, lp.batches, lp.loss_working_bytes, (a, slope))
+        ys = getattr(lp, which, None) if lp is not None else None
+        if not ys or len(ys) != len(lp.batches):
+            return None
+        a, slope, _ = fit_line(lp.batches, ys)
+        return interpolate(batch, lp.batches, ys, (a, slope))
+
+    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
+        v = self._per_batch(layer, "loss_working_bytes", batch)
+        return super().loss_working_bytes(layer, batch) if v is None else v
+
+    def loss_s(self, layer: Layer, batch: float) -> float:
+        v = self._per_batch(layer, "loss_s", batch)
+        return 0.0 if v is None else self.calibration.get("compute_scale", 1.0) * v
 
     def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
         lp = self._layer(layer)
