@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
+from uniap._highs import silence_highs_banner
 from uniap.cost_model import CostTables, evaluate_assignment
 
 __all__ = ["Solution", "solve", "min_peak_memory"]
@@ -147,6 +148,7 @@ def solve(
     _objective(prob, t, v, p, o, bound, scale)
 
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
+    silence_highs_banner()
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
                     start=start, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
                     primal_feasibility_tolerance=1e-9)
@@ -199,6 +201,7 @@ def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int =
     for i, tm in enumerate(terms):
         prob += m >= pulp.LpAffineExpression(tm), f"memory_{i}"
     prob += m
+    silence_highs_banner()
     prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads))
     return float(pulp.value(m)) * scale
 

@@ -37,6 +37,7 @@ import time
 import numpy as np
 import pulp
 
+from uniap._highs import silence_highs_banner
 from uniap.cost_model import CostModel, CostTables
 
 from .common import BaselineResult, candidate_tables, score
@@ -80,6 +81,7 @@ def stage_ilp(t: CostTables, s: int, e: int, stage: int,
     limit = t.memory_limit_bytes
     prob += pulp.LpAffineExpression(
         [(var, float(t.M[u, k, stage]) / limit) for (u, k), var in x.items()]) <= 1.0, "memory"
+    silence_highs_banner()
     prob.solve(pulp.HiGHS(msg=False, threads=1, gapRel=0.0, gapAbs=1e-12, timeLimit=time_limit_s))
     if pulp.LpStatus[prob.status] != "Optimal" or prob.sol_status not in (1, 2):
         return None
