@@ -136,7 +136,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (exit 2), without the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _one_line(message: object) -> str:
+    """The message with line breaks and other control characters escaped, so an error is
+    always exactly one line (a key such as ``"\\r"`` in a user's file must not split it)."""
+    text = str(message)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (UniapError, InfeasibleError) as e:
-        print(f"uniap: error: {e}", file=sys.stderr)
+        print(f"uniap: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"uniap: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"uniap: error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("uniap: interrupted", file=sys.stderr)

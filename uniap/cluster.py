@@ -480,7 +480,9 @@ def _section(
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = aliases.get(key, key)
-        dotted = f"{path}.{key}" if path else str(key)
+        # a key that is not a printable string is quoted, so the message stays one readable line
+        shown = str(key) if isinstance(key, str) and key.isprintable() and key.strip() else repr(key)
+        dotted = f"{path}.{shown}" if path else shown
         if name not in keys:
             hint = _did_you_mean(str(key), [*keys, *aliases])
             raise ConfigError(
