@@ -361,7 +361,10 @@ def collect_profile(
     )
 
     say("pipeline schedule overhead")
-    pipeline_s = measure_pipeline_overhead(device, warmup=warmup, repeats=repeats)
+    boundary = max((la.output_bytes_per_sample for la in graph.layers[:-1]), default=4.0)
+    pipeline_s = measure_pipeline_overhead(
+        device, activation_numel=int(boundary // 4), warmup=warmup, repeats=repeats
+    )
     say(f"pipeline overhead per stage per micro-batch: {pipeline_s * 1e6:.0f} us")
 
     if (targets is None) != (loss_fn is None):

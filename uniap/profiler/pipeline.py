@@ -2,8 +2,8 @@
 
 Every lane of two stages (rank ``r`` of the first half with rank ``r + N/2``) runs the
 executor's own schedule (:func:`uniap.executor.pipeline_parallel.build_schedule`, GPipe) over a
-stage whose compute is negligible (a small linear layer on a small activation), once with one
-micro-batch and once with ``c``. Per extra micro-batch the schedule spends its bookkeeping, the
+stage whose compute is negligible (an elementwise scale of an activation of the model's size
+per sample, sent between the stages), once with one micro-batch and once with ``c``. Per extra micro-batch the schedule spends its bookkeeping, the
 point-to-point sends and receives of the activation and its gradient and their waits, so
 
 ``pipeline_overhead_s = (T(c) - T(1)) / (c - 1)``
@@ -26,11 +26,24 @@ __all__ = ["measure_pipeline_overhead"]
 
 logger = logging.getLogger(__name__)
 
-_WIDTH = 16
+class _Scale(nn.Module):
+    """``x * w``: a stage with one parameter and next to no compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
 
 
 def measure_pipeline_overhead(
-    device: torch.device, *, num_microbatches: int = 8, warmup: int = 2, repeats: int = 5
+    device: torch.device,
+    *,
+    activation_numel: int = 16,
+    num_microbatches: int = 8,
+    warmup: int = 2,
+    repeats: int = 5,
 ) -> float:
     """Seconds per micro-batch per stage of the executor's pipeline schedule (see the module
     docstring); 0 on one rank. Collective over the default process group."""
@@ -49,8 +62,7 @@ def measure_pipeline_overhead(
         elapsed = 0.0
         if mine is not None:
             stage_index = 0 if rank < half else 1
-            torch.manual_seed(0)
-            module = nn.Linear(_WIDTH, _WIDTH).to(device)
+            module = _Scale().to(device)
             sched = build_schedule(
                 module,
                 stage_index=stage_index,
@@ -62,7 +74,7 @@ def measure_pipeline_overhead(
                 num_microbatches=c,
                 loss_fn=lambda out, target: out.square().mean(),
             )
-            x = torch.randn(c, _WIDTH, device=device)
+            x = torch.randn(c, max(int(activation_numel), 1), device=device)
 
             def step(sched=sched, x=x, stage_index=stage_index) -> None:
                 if stage_index == 0:
