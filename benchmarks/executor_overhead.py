@@ -16,8 +16,9 @@ For each fixed plan, on 2 CPU processes with gloo and a small GPT (``gpt-tiny`` 
 uniap runs ``parallelize(model, plan=...)`` + ``train_step``. The two alternate step by step
 (after a barrier, so both ranks start together), ``--warmup`` untimed steps first, then the
 median over ``--steps`` steps on rank 0. ratio = hand / uniap (1.0 = no overhead; the target
-is >= 0.97). uniap's step also all-reduces the loss (the hand-written loops do not) and
-measures the step's memory (saved-tensor hooks on CPU): both are counted as overhead.
+is >= 0.97). uniap's step also all-reduces the loss (the hand-written loops do not), which is
+counted as overhead; it runs with ``ParallelModel``'s defaults (on CPU, no per-step memory
+measurement: ``--measure-memory`` turns it on, to show what the saved-tensor hooks cost).
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def _hand_written(name: str, model: nn.Module, fqns: list[str], loss_fn: Any) ->
     return step
 
 
-def _uniap(name: str, model: nn.Module, fqns: list[str], loss_fn: Any, signature: str) -> Any:
+def _uniap(
+    name: str, model: nn.Module, fqns: list[str], loss_fn: Any, signature: str, measure: bool
+) -> Any:
     from uniap.api import parallelize
 
     plan = _plan(name, fqns, signature)
@@ -158,6 +161,7 @@ def _uniap(name: str, model: nn.Module, fqns: list[str], loss_fn: Any, signature
     pm = parallelize(
         model, plan=plan, loss_fn=loss_fn, global_batch_size=GLOBAL_BATCH, example_inputs=x0
     )
+    pm.measure_memory = measure or pm.measure_memory
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -169,7 +173,7 @@ def _uniap(name: str, model: nn.Module, fqns: list[str], loss_fn: Any, signature
 
 
 # ------------------------------------------------------------------------------ per rank
-def _worker(rank: int, port: int, out: str, warmup: int, steps: int) -> None:
+def _worker(rank: int, port: int, out: str, warmup: int, steps: int, measure: bool) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from uniap.api import init_local_worker
 
@@ -184,7 +188,7 @@ def _worker(rank: int, port: int, out: str, warmup: int, steps: int) -> None:
     rows = []
     for name in PLANS:
         hand = _hand_written(name, model, fqns, loss_fn)
-        mine, summary = _uniap(name, model, fqns, loss_fn, graph.signature)
+        mine, summary = _uniap(name, model, fqns, loss_fn, graph.signature, measure)
         times: dict[str, list[float]] = {"hand": [], "uniap": []}
         for i in range(warmup + steps):
             x, y = _batch(i)
@@ -229,6 +233,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="timed steps (>= 20)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--measure-memory", action="store_true",
+                    help="uniap measures every step's peak memory (on CPU: saved-tensor hooks)")
     args = ap.parse_args()
     if args.steps < 20:
         print("executor_overhead.py: error: --steps must be >= 20", file=sys.stderr)
@@ -237,7 +243,7 @@ def main() -> int:
         out = os.path.join(tmp, "rows.json")
         mp.start_processes(
             _worker,
-            args=(_free_port(), out, args.warmup, args.steps),
+            args=(_free_port(), out, args.warmup, args.steps, args.measure_memory),
             nprocs=WORLD,
             join=True,
             start_method="spawn",
@@ -252,7 +258,8 @@ def main() -> int:
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
         f"Model: gpt-tiny with {MODEL_OVERRIDES}, global batch {GLOBAL_BATCH}; "
         f"{args.warmup} warm-up steps, median of {args.steps} alternating steps "
-        "(max over ranks per step); a step = zero_grad + forward/backward + AdamW.step.",
+        "(max over ranks per step); a step = zero_grad + forward/backward + AdamW.step; "
+        f"uniap's per-step memory measurement {'on' if args.measure_memory else 'off (default on CPU)'}.",
         "",
         "| plan | uniap plan | hand-written median s | uniap median s | ratio hand/uniap |",
         "| --- | --- | ---: | ---: | ---: |",

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn=loss_fn,
         plan=args.plan,
     )
+    pm.measure_memory = True  # on CPU too, to print measured next to predicted memory
     rank = dist.get_rank()
     plan = pm.plan
     predicted_tpi = plan.predicted.get("time_per_iteration_s")

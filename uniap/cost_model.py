@@ -17,7 +17,10 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   what the profile measured the executor's DP wrapping to cost beyond these terms (0 for the
   analytic profile).
 - ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
-  DDP ``(1 - rho) * all_reduce(P, dp_group)``; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
+  DDP with ``tp > 1`` (FSDP2 ``replicate``, one all-reduce per layer)
+  ``(1 - rho) * all_reduce(P, dp_group)``; DDP with ``tp == 1`` (classic DDP over the stage,
+  gradients all-reduced in buckets of ``Bk = 25 MiB``) ``(1 - rho) * P / Bk * all_reduce(Bk,
+  dp_group)``, the layer's share of full buckets; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
   ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
   ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
@@ -58,7 +61,7 @@ from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.plan import Plan
 from uniap.profiler import AnalyticProfile, Profile
-from uniap.strategies import Strategy, layer_strategies, stage_strategies
+from uniap.strategies import DDP_BUCKET_BYTES, Strategy, layer_strategies, stage_strategies
 
 __all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]
 
@@ -281,7 +284,12 @@ class CostModel:
                         static = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
                     local_params /= s.dp
                 else:
-                    sync = (1 - rho) * self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+                    if s.classic_ddp:  # the layer's share of DDP's full buckets
+                        bk = DDP_BUCKET_BYTES
+                        ar = p_bytes / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
+                    else:
+                        ar = self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+                    sync = (1 - rho) * ar
                     if wrapped:
                         wrap = self.profile.dp_residual_s(layer, "DDP", "microbatch")
                         sync += self.profile.dp_residual_s(layer, "DDP", "sync")

@@ -352,6 +352,7 @@ def memory_case(case: dict) -> dict[str, Any] | None:
             global_batch_size=plan.global_batch_size,
             example_inputs=x,
         )
+        pm.measure_memory = True
         opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
         for _ in range(2):
             opt.zero_grad()

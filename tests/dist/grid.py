@@ -266,9 +266,10 @@ def w2_cases() -> list[dict]:
             [[(2, 1, D), (1, 2, D), (1, 2, D), (2, 1, D)]],
             c=2,
             kind="comm_count",
-            # embed/head DDP: one all-reduce each; blocks: 2 pairs x (1 fwd + 1 bwd) x c;
-            # reshard embed->blocks gathers forward, blocks->head gathers backward, per micro-batch
-            expect={"all_reduce@2": 2, "tp_all_reduce@2": 16, "all_gather_single@2": 4},
+            # embed/head DDP tp1: classic DDP, one bucket for both; blocks: 2 pairs x (1 fwd +
+            # 1 bwd) x c; reshard embed->blocks gathers forward, blocks->head gathers backward,
+            # per micro-batch
+            expect={"all_reduce@2": 1, "tp_all_reduce@2": 16, "all_gather_single@2": 4},
         ),
     ]
 
@@ -358,8 +359,23 @@ def w4_cases() -> list[dict]:
             kind="checkpoint",
         ),
         # per-iteration collectives seen by rank 0 (4 layers with parameters on stage 0 when pp=1)
+        # classic DDP: the toy's gradients fit in one bucket, all-reduced once per iteration
         toy(
-            "comm_pp1_ddp_c2", 4, [[(4, 1, D)]], c=2, kind="comm_count", expect={"all_reduce@4": 4}
+            "comm_pp1_ddp_c2", 4, [[(4, 1, D)]], c=2, kind="comm_count", expect={"all_reduce@4": 1}
+        ),
+        # DDP with tp > 1 is FSDP2's replicate: one all-reduce per layer over its dp group
+        toy(
+            "comm_pp1_dp2tp2_ddp_c2",
+            4,
+            [[(4, 1, D), (2, 2, D), (2, 2, D), (4, 1, D)]],
+            c=2,
+            kind="comm_count",
+            expect={
+                "all_reduce@4": 1,
+                "all_reduce@2": 2,
+                "all_gather_single@2": 4,
+                "tp_all_reduce@2": 16,
+            },
         ),
         toy(
             "comm_pp1_fsdp_c1",
@@ -384,7 +400,7 @@ def w4_cases() -> list[dict]:
             c=2,
             kind="comm_count",
             expect={
-                "all_reduce@4": 2,
+                "all_reduce@4": 1,
                 "all_gather_single@2": 2 + 4,
                 "reduce_scatter_single@2": 2,
                 "tp_all_reduce@2": 16,
@@ -397,7 +413,7 @@ def w4_cases() -> list[dict]:
             c=2,
             schedule="1F1B",
             kind="comm_count",
-            expect={"all_reduce@2": 2},
+            expect={"all_reduce@2": 1},
         ),
     ]
 

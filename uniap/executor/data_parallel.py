@@ -1,14 +1,17 @@
-"""Data parallelism of one layer over its DP group: ``DDP`` or ``FSDP`` (FSDP2 building blocks).
+"""Data parallelism of the layers of one stage over their DP groups: ``DDP`` or ``FSDP``.
 
-Both kinds use torch's FSDP2 machinery, one state per layer, on the layer's own DP mesh (the
-``dp`` dim of its stage's ``(dp, tp)`` mesh), so layers of one stage may use different DP
-groups:
-
-* ``DDP``: ``replicate`` (torch's FSDP2-based DDP, ``torch.distributed._composable.
-  replicate_with_fsdp``). Parameters are replicated over the DP group. Per iteration: **one
-  all-reduce of the layer's gradients** over the DP group, during the last micro-batch's
-  backward; no parameter communication. (Classic ``DistributedDataParallel`` wraps one root
-  module with one group and so cannot express per-layer groups; ``replicate`` can.)
+* ``DDP`` on a layer with ``tp == 1`` (so ``dp`` is the whole stage): classic
+  ``torch.nn.parallel.DistributedDataParallel`` around the stage module, over the parameters
+  of all such layers of the stage at once (:func:`wrap_ddp`; every other parameter and buffer
+  is left to its own layer's wrapping). Parameters stay plain tensors; gradients are
+  all-reduced by DDP's C++ reducer in **buckets** (``bucket_cap_mb``, 25 MiB; the first
+  1 MiB), launched as the buckets fill during the last micro-batch's backward, with
+  ``gradient_as_bucket_view`` (no second copy of the gradients). The wrapper is kept outside
+  the module tree, so the FQNs do not change.
+* ``DDP`` on a layer with ``tp > 1`` (its DP group is a strided subset of the stage):
+  ``replicate`` (torch's FSDP2-based DDP, ``torch.distributed._composable.
+  replicate_with_fsdp``) on the layer's own DP mesh, one state per layer: **one all-reduce
+  of the layer's gradients** per iteration, during the last micro-batch's backward.
 * ``FSDP``: ``fully_shard`` over the DP group (with TP, the ``dp`` dim of the 2-D mesh: the
   TP shards are sharded again on dim 0). Per iteration, when ``c == 1``
   (``reshard_after_forward=True``): all-gather of the parameters in forward, all-gather again
@@ -22,7 +25,8 @@ scales its micro-batch loss by ``local_samples / global_batch`` so the sum is th
 mean. Gloo in torch 2.13 supports what FSDP2 needs on CPU (all-gather, reduce-scatter,
 all-reduce, checked); with a divide factor of 1 FSDP2 would reduce with ``PREMUL_SUM(1)``, which
 gloo refuses ("Cannot use ReduceOp.PREMUL_SUM with Gloo"), so ``force_sum_reduction_for_comms``
-makes it issue plain ``SUM`` collectives (on NCCL too: a division by 1 is skipped).
+makes it issue plain ``SUM`` collectives (on NCCL too: a division by 1 is skipped). Classic
+DDP averages by default; its communication hook here all-reduces with ``SUM`` instead.
 
 :class:`GradSync` toggles the per-micro-batch flags: gradient reduction and resharding after
 backward only on the last micro-batch.
@@ -30,15 +34,21 @@ backward only on the last micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["GradSync", "apply_dp"]
+from uniap.strategies import DDP_BUCKET_BYTES, uses_classic_ddp
+
+__all__ = ["GradSync", "apply_dp", "uses_classic_ddp", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,8 @@ def apply_dp(
     """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
+    Layers for which :func:`uses_classic_ddp` holds are synchronised by :func:`wrap_ddp`
+    instead; this function is not called for them.
     """
     if dp_mesh.size() == 1 or not any(True for _ in module.parameters()):
         return module
@@ -64,11 +76,67 @@ def apply_dp(
     return module
 
 
-class GradSync:
-    """Per-micro-batch switches of the stage's DP layers (FSDP2 / replicate states)."""
+def _sum_allreduce_hook(group, bucket):  # noqa: ANN001 - DDP rejects string annotations here
+    """DDP communication hook: all-reduce the bucket with ``SUM`` (no division by the group
+    size: the losses are already scaled to the global-batch mean)."""
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+
+def wrap_ddp(
+    module: nn.Module, layer_fqns: Sequence[str] | None, group: dist.ProcessGroup
+) -> DistributedDataParallel | None:
+    """Classic DDP over the parameters of the layers ``layer_fqns`` of ``module`` (all of its
+    parameters when None; every other parameter and buffer is ignored by it), with ``SUM``
+    all-reduce over ``group``; None when those layers have no trainable parameters or the
+    group has one rank. ``module`` itself is not changed (the wrapper holds it as ``.module``)."""
+    if dist.get_world_size(group) == 1:
+        return None
+    prefixes = tuple(f"{f}." for f in layer_fqns) if layer_fqns is not None else ("",)
+    synced = [
+        n for n, p in module.named_parameters() if p.requires_grad and n.startswith(prefixes)
+    ]
+    if not synced:
+        return None
+    keep = set(synced)
+    ignored = [n for n, _ in module.named_parameters() if n not in keep]
+    ignored += [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    ddp = DistributedDataParallel(
+        module,
+        process_group=group,
+        forward_sync_buffers=False,  # buffers are ignored by the wrapper anyway
+        init_sync=False,  # every rank holds the same model (same seed)
+        bucket_cap_mb=DDP_BUCKET_BYTES / 2**20,
+        gradient_as_bucket_view=True,
+    )
+    ddp.register_comm_hook(group, _sum_allreduce_hook)
+    logger.info(
+        "classic DDP over %d parameter(s) of %d layer(s), group of %d",
+        len(synced),
+        len(layer_fqns) if layer_fqns is not None else 1,
+        dist.get_world_size(group),
+    )
+    return ddp
+
+
+class GradSync:
+    """Per-micro-batch switches of the stage's DP layers (FSDP2 / replicate states, and the
+    classic DDP wrapper when the stage has one)."""
+
+    def __init__(
+        self, modules: list[nn.Module], ddp: DistributedDataParallel | None = None
+    ) -> None:
         self.modules: list[FSDPModule] = [m for m in modules if isinstance(m, FSDPModule)]
+        self.ddp = ddp
+
+    def microbatch(self, *, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward *and* backward outside a pipeline schedule:
+        DDP's ``no_sync`` except on the last one (the schedule does this itself for a stage
+        whose module is the DDP wrapper)."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def before_backward(self, *, last: bool) -> None:
         """Reduce gradients (and free unsharded parameters) only in the last backward."""

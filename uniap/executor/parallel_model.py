@@ -7,7 +7,8 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
 4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
    FQNs do not change);
-5. DDP / FSDP per layer (FSDP2 ``replicate`` / ``fully_shard`` on the layer's DP mesh);
+5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), then
+   classic DDP around the stage for its ``tp == 1`` DDP layers (root last);
 6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
 
 Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
@@ -28,10 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
-from uniap.executor.data_parallel import GradSync, apply_dp
+from uniap.executor.data_parallel import GradSync, apply_dp, uses_classic_ddp, wrap_ddp
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
@@ -79,14 +81,19 @@ def apply_plan(
     for ls in stage.layers:
         if ls.recompute:
             apply_ac(module.get_submodule(ls.fqn))
+    classic = [ls for ls in stage.layers if uses_classic_ddp(ls.kind, ls.dp, ls.tp)]
     for ls in stage.layers:
-        if ls.dp > 1:
+        if ls.dp > 1 and ls not in classic:
             apply_dp(
                 module.get_submodule(ls.fqn),
                 ls.kind,
                 groups.layer_mesh(ls.dp, ls.tp)["dp"],
                 num_microbatches=plan.num_microbatches,
             )
+    ddp = None
+    if classic:  # root last: one DDP wrapper over the stage's tp == 1 DDP layers
+        dp = classic[0].dp
+        ddp = wrap_ddp(module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group())
     logger.info(
         "rank %d: stage %d/%d with %d layers (%s .. %s) applied",
         groups.rank,
@@ -96,7 +103,7 @@ def apply_plan(
         stage.layers[0].fqn,
         stage.layers[-1].fqn,
     )
-    return ParallelModel(module, plan, groups, loss_fn=loss_fn)
+    return ParallelModel(module, plan, groups, loss_fn=loss_fn, ddp=ddp)
 
 
 class ParallelModel:
@@ -115,9 +122,13 @@ class ParallelModel:
         groups: ProcessGroups,
         *,
         loss_fn: Callable[[Any, Any], torch.Tensor],
+        ddp: DistributedDataParallel | None = None,
     ) -> None:
         self.module = module
         """This rank's :class:`StageModule` (layers at their model FQNs)."""
+        # what runs the stage: the classic DDP wrapper when the stage has one (kept out of
+        # the module tree: parameters and state dicts are the StageModule's, at model FQNs)
+        self._runner: nn.Module = ddp if ddp is not None else module
         self.plan = plan
         """The plan being run."""
         self.groups = groups
@@ -127,16 +138,21 @@ class ParallelModel:
         """Pipeline stage of this rank."""
         self.last_step_time_s: float = float("nan")
         """Wall time of the last ``train_step``, in seconds."""
+        self.measure_memory: bool = groups.device.type == "cuda"
+        """Measure each ``train_step``'s peak memory. On by default on CUDA (the allocator's
+        statistics cost nothing); off by default on CPU, where counting the saved activations
+        takes a Python hook per saved tensor (a few per cent of a small step): set it to True
+        to measure there."""
         self.peak_memory_bytes: int = 0
-        """Peak memory of the last ``train_step`` on this rank, in bytes: measured by the CUDA
-        allocator, or on CPU the live parameter, gradient, optimizer-state and saved-activation
-        bytes (see :mod:`uniap.executor.memory`)."""
+        """Peak memory of the last measured ``train_step`` on this rank, in bytes (0 before
+        one): measured by the CUDA allocator, or on CPU the live parameter, gradient,
+        optimizer-state and saved-activation bytes (see :mod:`uniap.executor.memory`)."""
         self.memory_breakdown: dict[str, int] = {}
         """The terms of ``peak_memory_bytes`` (``parameters_bytes``, ``gradients_bytes``,
         ``optimizer_state_bytes``, and on CPU ``activations_peak_bytes``)."""
         self._memory = StepMemory(module, groups.device)
         self._loss_fn = loss_fn
-        self._grad_sync = GradSync(module.layers())
+        self._grad_sync = GradSync(module.layers(), ddp)
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]
@@ -151,7 +167,7 @@ class ParallelModel:
         if plan.pp_degree > 1:
             assert groups.lane_group is not None
             self._schedule = build_schedule(
-                module,
+                self._runner,
                 stage_index=self.stage_index,
                 num_stages=plan.pp_degree,
                 device=self.device,
@@ -209,10 +225,13 @@ class ParallelModel:
         global batch, batch-first; only the first stage reads ``inputs`` and only the last
         stage reads ``targets`` (other ranks may pass ``None``)."""
         t0 = time.perf_counter()
-        with self._memory:
+        if self.measure_memory:
+            with self._memory:
+                total = self._run_step(inputs, targets)
+            self.peak_memory_bytes = self._memory.peak_memory_bytes
+            self.memory_breakdown = dict(self._memory.breakdown)
+        else:
             total = self._run_step(inputs, targets)
-        self.peak_memory_bytes = self._memory.peak_memory_bytes
-        self.memory_breakdown = dict(self._memory.breakdown)
         if not self._counts_loss:
             total.zero_()
         dist.all_reduce(total)
@@ -251,10 +270,12 @@ class ParallelModel:
             in_mbs = _split(local_in, c)
             tgt_mbs = _split(local_tgt, c)
             for m in range(c):
-                out = self.module(*in_mbs[m])
-                loss = self._scaled_loss(out, tgt_mbs[m])
-                self._grad_sync.before_backward(last=m == c - 1)
-                loss.backward()
+                last = m == c - 1
+                with self._grad_sync.microbatch(last=last):
+                    out = self._runner(*in_mbs[m])
+                    loss = self._scaled_loss(out, tgt_mbs[m])
+                    self._grad_sync.before_backward(last=last)
+                    loss.backward()
                 total += loss.detach().double()
         else:
             losses: list[torch.Tensor] = []
@@ -270,7 +291,8 @@ class ParallelModel:
 
     def forward(self, inputs: Any) -> Any:
         """Output of the model on a batch (``pp == 1`` plans only): every rank gets the whole
-        batch's output. Meant for evaluation; train with :meth:`train_step`."""
+        batch's output. Meant for evaluation (gradients of a backward through it are not
+        synchronised over data-parallel ranks); train with :meth:`train_step`."""
         if self.plan.pp_degree > 1:
             raise NotImplementedError(
                 f"forward() runs pp == 1 plans only (this plan has pp={self.plan.pp_degree}); "
@@ -283,7 +305,9 @@ class ParallelModel:
                 inputs, num_microbatches=1, dp=self._first_dp, dp_index=self._first_dp_index
             )
         )
-        out = self.module(*local_in)
+        # under no_sync: a forward that no backward follows must not arm DDP's reducer
+        with self._grad_sync.microbatch(last=False):
+            out = self._runner(*local_in)
         if self._to_replicated is not None:
             out = self._to_replicated(out)
         if not torch.is_grad_enabled():

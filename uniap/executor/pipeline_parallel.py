@@ -13,12 +13,15 @@ activation shard forward and ``c`` sends of its gradient backward (point-to-poin
 Data-parallel synchronisation is driven per micro-batch by :class:`GradSync`: the stage's
 module is not itself an FSDP module (its layers are, each on its own DP group), so the
 stage's ``backward_maybe_with_nosync`` is where the last micro-batch's backward turns
-gradient reduction on. Gradients are never scaled by the schedule (``scale_grads=False``):
+gradient reduction on. When the stage has classic DDP layers the stage's module is the DDP
+wrapper, and torch's stage runs every forward and all but the last backward under
+``no_sync`` itself. Gradients are never scaled by the schedule (``scale_grads=False``):
 the loss is already scaled to the global-batch mean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.nn.parallel import DistributedDataParallel
 
 from uniap.executor.data_parallel import GradSync
 
@@ -59,6 +63,22 @@ class _StageWithGradSync(PipelineStage):
     def __init__(self, *args: Any, grad_sync: GradSync, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._grad_sync = grad_sync
+
+    def _quiet_ddp(self) -> contextlib.AbstractContextManager:
+        if isinstance(self.submod, DistributedDataParallel):
+            return self.submod.no_sync()
+        return contextlib.nullcontext()
+
+    # torch's metadata inference runs a real forward with grad enabled on the first step; under
+    # a DDP wrapper that forward would arm the reducer for a backward that never comes (and
+    # the next micro-batch's hooks would then be recorded twice), so it runs under no_sync.
+    def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with self._quiet_ddp():
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+    def _backward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with self._quiet_ddp():
+            return super()._backward_metadata_inference(*args, **kwargs)
 
     def backward_maybe_with_nosync(
         self, backward_type: Any, bwd_kwargs: dict, last_backward: bool = False

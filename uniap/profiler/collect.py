@@ -84,13 +84,14 @@ def _dp_costs(
     warmup: int,
     repeats: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per layer shape, per data-parallel kind: what the executor's own wrapping
-    (:func:`uniap.executor.data_parallel.apply_dp` over the whole world) costs beyond the
+    """Per layer shape, per data-parallel kind: what the executor's own wrapping (classic DDP,
+    :func:`uniap.executor.data_parallel.wrap_ddp`, and FSDP2,
+    :func:`uniap.executor.data_parallel.apply_dp`, over the whole world) costs beyond the
     layer's plain forward + backward, as residuals over the cost model's collective terms
     (see :class:`~uniap.profiler.measured.LayerProfile.dp_residual_s`). Collective."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from uniap.executor.data_parallel import GradSync, apply_dp
+    from uniap.executor.data_parallel import GradSync, apply_dp, wrap_ddp
 
     world = dist.get_world_size()
     if world == 1:
@@ -113,10 +114,15 @@ def _dp_costs(
         ar, ag, rs = (collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         res: dict[str, dict[str, float]] = {}
         for kind in ("DDP", "FSDP"):
-            many = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=2)
-            sync = GradSync([many])
+            if kind == "DDP":  # classic DDP, as the executor runs tp == 1 DDP layers
+                many = wrap_ddp(layer_copy(model, fqns[0], device), None, mesh.get_group())
+                sync = GradSync([], many)
+            else:
+                many = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=2)
+                sync = GradSync([many])
             sync.before_backward(last=False)
-            t_mb = fb(many)
+            with sync.microbatch(last=False):
+                t_mb = fb(many)
             sync.before_backward(last=True)
             t_sync = fb(many)
             if kind == "DDP":
