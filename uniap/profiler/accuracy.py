@@ -180,7 +180,6 @@ def _job_run(job: dict) -> list[dict]:
             example_inputs=x,
             loss_fn=loss_fn,
         )
-        pm.measure_memory = True
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
         runs.append((plan, pm, opt, {"step": [], "train": [], "opt": []}))
 
