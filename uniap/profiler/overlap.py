@@ -29,6 +29,20 @@ __all__ = ["measure_overlap"]
 logger = logging.getLogger(__name__)
 
 
+def _median_max(fn: Callable[[], None], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median over repeats of ``fn()``'s time (all ranks start together), slowest rank."""
+    samples = []
+    for i in range(warmup + repeats):
+        dist.barrier()
+        with Timer(device) as t:
+            fn()
+        if i >= warmup:
+            samples.append(t.elapsed_s)
+    local = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return float(local.item())
+
+
 def measure_overlap(
     compute: Callable[[], None],
     comm_numel: int,
@@ -37,9 +51,23 @@ def measure_overlap(
     warmup: int = 2,
     repeats: int = 5,
 ) -> dict[str, float]:
-    """``{"rho", "raw", "compute_s", "comm_s", "both_s"}``: the overlap of ``compute()``
-    with an all-reduce of ``comm_numel`` fp32 elements over the world. Collective."""
-    buf = torch.randn(max(comm_numel, 1), device=device)
+    """``{"rho", "raw", "compute_s", "comm_s", "both_s", "comm_numel"}``: the overlap of
+    ``compute()`` with an all-reduce of about ``comm_numel`` fp32 elements over the world.
+
+    The estimate divides by ``comm_s``: when the all-reduce is much shorter than the compute
+    (a small model's gradients), a few per cent of timing noise in ``both_s`` becomes the
+    whole coefficient. So the all-reduce is first resized (by at most 64x either way) to take
+    about as long as ``compute()``, then the three timings are taken. Collective."""
+    compute_s = _median_max(compute, device, warmup=warmup, repeats=repeats)
+    comm_numel = max(int(comm_numel), 1)
+    probe = torch.randn(comm_numel, device=device)
+    probe_s = _median_max(
+        lambda probe=probe: dist.all_reduce(probe), device, warmup=warmup, repeats=repeats
+    )
+    scale = min(max(compute_s / max(probe_s, 1e-9), 1 / 64), 64.0)
+    numel = max(int(comm_numel * scale), 1)
+    del probe
+    buf = torch.randn(numel, device=device)
 
     def comm() -> None:
         dist.all_reduce(buf)
@@ -49,18 +77,9 @@ def measure_overlap(
         compute()
         work.wait()
 
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"comm_numel": float(numel)}
     for name, fn in (("compute_s", compute), ("comm_s", comm), ("both_s", both)):
-        samples = []
-        for i in range(warmup + repeats):
-            dist.barrier()
-            with Timer(device) as t:
-                fn()
-            if i >= warmup:
-                samples.append(t.elapsed_s)
-        local = torch.tensor([statistics.median(samples)], dtype=torch.float64)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        out[name] = float(local.item())
+        out[name] = _median_max(fn, device, warmup=warmup, repeats=repeats)
     raw = 1.0 - (out["both_s"] - out["compute_s"]) / max(out["comm_s"], 1e-12)
     out["raw"] = raw
     out["rho"] = min(max(raw, 0.0), 1.0)
