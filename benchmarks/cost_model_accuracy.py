@@ -133,6 +133,7 @@ def main() -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"world 2, gloo, 1 thread per process; model GPT {MODEL}, global batch {BATCH}"
     )
+    probes = [spawn(2, {**job, "kind": "probe"})]
     print("== profiling (world 2)", flush=True)
     prof = MeasuredProfile.from_dict(spawn(2, {**job, "kind": "profile", "repeats": args.repeats}))
     print(f"   {prof.settings['wall_s']} s; {prof.hardware['device_name']}")
@@ -162,6 +163,13 @@ def main() -> int:
             "warmup": args.warmup,
             "steps": args.steps,
         },
+    )
+    probes.append(spawn(2, {**job, "kind": "probe"}))
+    drift = max(probes) / min(probes) - 1
+    print(
+        "machine-speed probe (one block fwd+bwd on both ranks, before profiling / after the "
+        f"runs): {' / '.join(f'{p * 1e3:.1f}' for p in probes)} ms, drift {drift:.0%}"
+        + ("  <- the machine's load changed: errors below include it" if drift > 0.1 else "")
     )
     cm = CostModel(graph, cluster, prof, recompute=False)
     evals = [cm.evaluate(p) for _, p in plans]

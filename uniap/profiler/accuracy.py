@@ -4,6 +4,8 @@
 rank when CUDA is available) and returns rank 0's result. Jobs:
 
 - ``profile``: :func:`~uniap.profiler.collect.collect_profile` of the model (its YAML dict);
+- ``probe``: the time of one fixed piece of work on every rank at once (see
+  :func:`_job_probe`), to show drift of the machine's speed between profile and runs;
 - ``run``: every plan through :func:`uniap.parallelize` (all built first), ``warmup``
   iterations each, then ``steps`` rounds of one iteration of every plan in turn (so a burst
   of load on a shared machine hits all plans alike); a plan's time is its median (an
@@ -224,4 +226,29 @@ def _job_run(job: dict) -> list[dict]:
     return results
 
 
-_JOBS = {"profile": _job_profile, "run": _job_run}
+def _job_probe(job: dict) -> float:
+    """Median seconds of one fixed piece of work (the model's first block, forward and
+    backward at the local batch of a ``dp = world`` plan) on every rank at once, slowest rank:
+    taken before profiling and around the runs, it shows whether the machine's speed drifted
+    between the profile and the measurements (other load on a shared machine)."""
+    import torch
+    import torch.distributed as dist
+
+    from uniap.graph import build_graph
+    from uniap.profiler.compute import capture_layer_inputs, layer_copy, time_layer
+
+    model, x, _, _ = _model_and_batch(job)
+    device = _device()
+    model = model.to(device)
+    graph = build_graph(model, x, name=model.uniap_name)
+    fqn = next((f for f in graph.fqns if f.startswith("blocks.")), graph.fqns[0])
+    local = max(job["global_batch_size"] // dist.get_world_size(), 1)
+    inputs = capture_layer_inputs(model, graph.fqns, x[:local].to(device))[fqn]
+    dist.barrier()
+    fwd, bwd = time_layer(layer_copy(model, fqn, device), inputs, device, warmup=3, repeats=15)
+    t = torch.tensor([fwd + bwd], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+_JOBS = {"profile": _job_profile, "run": _job_run, "probe": _job_probe}
