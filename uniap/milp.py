@@ -134,18 +134,7 @@ def solve(
     if any(not w for w in window):
         return Solution("cutoff" if bound is not None else "infeasible", float("inf"), float("inf"),
                         [], [], 0.0, time.perf_counter() - t0)
-    # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
-    scale = _time_scale(t, bound)
-    prob = pulp.LpProblem("uniap", pulp.LpMinimize)
-    v = _variables(t, window)
-    _assign(prob, t, v)
-    _flow(prob, t, v)
-    p, o = _stage_times(t, v, scale)
-    _bottleneck(prob, t, v, p, o, scale)
-    _memory(prob, t, v)
-    _symmetry(prob, t, v)
-    _objective(prob, t, v, p, o, bound, scale)
-
+    prob, v, scale = _build(t, window, bound)
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
                     start=start, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
@@ -180,6 +169,22 @@ def solve(
     log.debug("milp pp=%d c=%d: %s tpi=%.6g (%d vars, %d rows, %.3f s)", pp, c, status,
               ev.time_per_iteration_s, nvar, ncon, wall)
     return Solution(status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon)
+
+
+def _build(t: CostTables, window: list[list[int]], bound: float | None) -> tuple[pulp.LpProblem, _Vars, float]:
+    """The program for these tables and windows, with the cutoff at ``bound`` when given."""
+    # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
+    scale = _time_scale(t, bound)
+    prob = pulp.LpProblem("uniap", pulp.LpMinimize)
+    v = _variables(t, window)
+    _assign(prob, t, v)
+    _flow(prob, t, v)
+    p, o = _stage_times(t, v, scale)
+    _bottleneck(prob, t, v, p, o, scale)
+    _memory(prob, t, v)
+    _symmetry(prob, t, v)
+    _objective(prob, t, v, p, o, bound, scale)
+    return prob, v, scale
 
 
 def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int = 1) -> float:
@@ -233,6 +238,10 @@ class _Vars:
     window: list[list[int]]
     layout: list[dict[int, int]]
     classes: list[list[int]]
+    groups: list[list[int]] = dataclasses.field(default_factory=list)
+    """Runs of identical layers (:func:`_symmetry`), each in chain order."""
+    counts: dict = dataclasses.field(default_factory=dict)
+    """``(group, stage, strategy) -> count`` variable (:func:`_symmetry`)."""
 
 
 def _time_scale(t: CostTables, bound: float | None) -> float:
@@ -458,12 +467,14 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
             groups.append([u, w])
             member[u] = len(groups) - 1
         member[w] = member[u]
+    v.groups = groups
     for r, grp in enumerate(groups):
         stages = sorted({i for u in grp for i in v.window[u]})
         for i in stages:
             for k in t.allowed[grp[0]]:
                 xs = [v.x[u, i, k] for u in grp if (u, i, k) in v.x]
                 n = pulp.LpVariable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
+                v.counts[r, i, k] = n
                 prob += n == pulp.lpSum(xs), f"count_{r}_{i}_{k}"
     for u, w in pairs:
         for i in v.window[u]:
@@ -487,7 +498,19 @@ def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: 
 
 
 def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
-    stage_of, strategy_of = incumbent
+    """HiGHS start values of every variable for an assignment (empty when it lies outside the
+    windows). The assignment is first put in the order the symmetry rows ask for (identical
+    layers of one stage and layout class take their strategies in increasing index order; the
+    same time and memory, see :func:`_symmetry`) and the count variables are filled in:
+    otherwise HiGHS rejects the start as infeasible."""
+    stage_of, strategy_of = list(incumbent[0]), list(incumbent[1])
+    for grp in v.groups:
+        by_class: dict[tuple[int, int], list[int]] = {}
+        for u in grp:
+            by_class.setdefault((stage_of[u], v.layout[u][strategy_of[u]]), []).append(u)
+        for members in by_class.values():
+            for u, k in zip(members, sorted(strategy_of[u] for u in members)):
+                strategy_of[u] = k
     ev = evaluate_assignment(t, stage_of, strategy_of)
     vals = {}
     for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
@@ -501,6 +524,8 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
             if var is None:
                 return {}
             vals[var.name] = 1.0
+    for (r, i, k), n in v.counts.items():
+        vals[n.name] = float(sum(1 for u in v.groups[r] if stage_of[u] == i and strategy_of[u] == k))
     vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
     return vals
