@@ -136,9 +136,11 @@ def solve(
                         [], [], 0.0, time.perf_counter() - t0)
     prob, v, scale = _build(t, window, bound)
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
+    # No feasibility jump: with it (HiGHS 1.16, presolve off) HiGHS declared a worse solution
+    # optimal on one of the exactness test instances (tests/unit/test_milp_exact.py, seed 20).
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
                     start=start, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
-                    primal_feasibility_tolerance=1e-9)
+                    primal_feasibility_tolerance=1e-9, mip_heuristic_run_feasibility_jump=False)
     prob.solve(solver)
     h = prob.solverModel
     import highspy
