@@ -62,6 +62,7 @@ import numpy as np
 import pulp
 
 from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.search import allowed_mask
 
 __all__ = ["Solution", "solve", "min_peak_memory"]
 
@@ -259,8 +260,7 @@ def _windows(t: CostTables, bound: float | None) -> list[list[int]]:
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     lo = [max(0, pp - L + u) for u in range(L)]
     hi = [min(u, pp - 1) for u in range(L)]
-    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(L)])
-    mmin = np.array([[min(t.M[u, k, i] for k in t.allowed[u]) for i in range(pp)] for u in range(L)])
+    amin, _, mmin = _minima(t)
     limit = t.memory_limit_bytes * (1 + 1e-9)
     total = float(amin.sum())
     cap = float("inf")
@@ -315,6 +315,16 @@ def _windows(t: CostTables, bound: float | None) -> list[list[int]]:
     return out
 
 
+def _minima(t: CostTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each layer's smallest ``A`` and ``G`` over its allowed strategies, ``(L,)``, and its
+    smallest memory per stage, ``(L, pp)``."""
+    mask = allowed_mask(t)
+    amin = np.where(mask, t.A, np.inf).min(axis=1)
+    gmin = np.where(mask, t.G, np.inf).min(axis=1)
+    mmin = np.where(mask[:, :, None], t.M, np.inf).min(axis=1)
+    return amin, gmin, mmin
+
+
 def bottleneck_lower_bound(t: CostTables) -> float:
     """A lower bound on the slowest stage ``max_i p_i`` of any assignment: the min-max split of
     the chain into ``pp`` contiguous stages where layer u weighs ``min_k A[u,k]`` and stage i
@@ -325,26 +335,31 @@ def bottleneck_lower_bound(t: CostTables) -> float:
     greedy fill (segment feasibility is monotone, so filling each stage as far as it goes
     reaches furthest)."""
     L, pp = t.num_layers, t.pp
-    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(L)])
-    mmin = np.array([[min(t.M[u, k, i] for k in t.allowed[u]) for i in range(pp)] for u in range(L)])
+    amin, _, mmin = _minima(t)
     limit = t.memory_limit_bytes * (1 + 1e-9)
 
+    ca = np.concatenate([[0.0], np.cumsum(amin)])
+    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
+    # Sums of runs are differences of prefix sums: allow for their rounding so that a run that
+    # fits is never judged too big (the bound must stay below the true one).
+    t_slack = 1e-12 * float(ca[-1])
+    m_slack = 1e-12 * float(cm[-1].max())
+    # by_mem[u][i]: where a stage i that starts at layer u ends at the latest (memory)
+    by_mem = np.stack([np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1
+                       for i in range(pp)], axis=1).tolist()
+
     def fits(cap: float) -> bool:
+        by_time = (np.searchsorted(ca, ca[:-1] + cap + t_slack, side="right") - 1).tolist()
         u = 0
         for i in range(pp):
             if u >= L:
                 return False  # an empty stage
-            seg_t = seg_m = 0.0
-            start = u
-            while u < L and seg_t + amin[u] <= cap and seg_m + mmin[u, i] <= limit:
-                seg_t += amin[u]
-                seg_m += mmin[u, i]
-                u += 1
-            if u == start or (L - u) < (pp - 1 - i):
-                # nothing fits here, or too few layers left: give later stages one each
-                if u == start:
-                    return False
-                u = min(u, L - (pp - 1 - i))
+            e = min(by_time[u], by_mem[u][i])  # fill the stage as far as it goes
+            if e == u:
+                return False  # nothing fits here
+            if (L - e) < (pp - 1 - i):
+                e = L - (pp - 1 - i)  # too few layers left: give later stages one each
+            u = e
         return u >= L
 
     lo, hi = float(amin.max()), float(amin.sum())

@@ -31,13 +31,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
-from uniap.milp import Solution, bottleneck_lower_bound, min_peak_memory, solve
+from uniap.milp import Solution, _minima, bottleneck_lower_bound, min_peak_memory, solve
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
@@ -260,11 +258,13 @@ def plan(
 
 # ---------------------------------------------------------------------- helpers
 def _lower_bound(t: CostTables) -> float:
-    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
-    gmin = np.array([min(t.G[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
+    amin, gmin, _ = _minima(t)
     s = float(amin.sum())
     k = t.stage_overhead_s  # every stage pays it, the bottleneck one too
-    bottleneck = max(s / t.pp, bottleneck_lower_bound(t)) + k
+    split = bottleneck_lower_bound(t)
+    if not math.isfinite(split):
+        return math.inf  # no split of the chain fits in memory
+    bottleneck = max(s / t.pp, split) + k
     return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
 
 

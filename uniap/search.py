@@ -15,7 +15,7 @@ import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "heuristic", "compositions"]
+__all__ = ["exhaustive", "heuristic", "compositions", "allowed_mask"]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -47,21 +47,27 @@ def heuristic(t: CostTables) -> tuple[list[int], list[int]] | None:
     """A good feasible assignment, fast: for each strategy (and for each layer's own fastest
     strategy), give it to every layer that may use it, balance the stages by binary search
     on the bottleneck with a greedy fill under the memory limit, and keep the best that fits."""
-    L, pp = t.num_layers, t.pp
+    L, pp, K = t.num_layers, t.pp, t.num_strategies
     if L < pp:
         return None
+    mask = allowed_mask(t)
+    A = np.where(mask, t.A, np.inf)
+    # fastest[u, a]: the fastest strategy of layer u with layout a (first index on ties), or
+    # its fastest strategy overall when none of that layout is allowed.
+    C = int(t.layout.max()) + 1
+    fastest = np.empty((L, C), dtype=np.int64)
+    any_fastest = np.argmin(A, axis=1)
+    for a in range(C):
+        in_class = np.where(t.layout == a, A, np.inf)
+        best = np.argmin(in_class, axis=1)
+        has = np.isfinite(in_class[np.arange(L), best])
+        fastest[:, a] = np.where(has, best, any_fastest)
     choices: list[list[int]] = []
-    for k in range(t.num_strategies):
-        choice = []
-        for u in range(L):
-            if k in t.allowed[u]:
-                choice.append(k)
-            else:
-                same = [j for j in t.allowed[u] if t.layout[u, j] == t.layout[u, k]] or t.allowed[u]
-                choice.append(min(same, key=lambda j: t.A[u, j]))
-        choices.append(choice)
+    for k in range(K):
+        alt = fastest[np.arange(L), t.layout[:, k]]
+        choices.append(np.where(mask[:, k], k, alt).tolist())
     # Memory-lean choice: each layer's smallest-memory strategy.
-    choices.append([min(t.allowed[u], key=lambda j: t.M[u, j, 0]) for u in range(L)])
+    choices.append(np.argmin(np.where(mask, t.M[:, :, 0], np.inf), axis=1).tolist())
     best, best_tpi = None, float("inf")
     seen = set()
     for choice in choices:
@@ -78,26 +84,41 @@ def heuristic(t: CostTables) -> tuple[list[int], list[int]] | None:
     return best
 
 
+def allowed_mask(t: CostTables) -> np.ndarray:
+    """``(L, K)`` booleans: layer u may use strategy k."""
+    mask = np.zeros((t.num_layers, t.num_strategies), dtype=bool)
+    for u, ks in enumerate(t.allowed):
+        mask[u, ks] = True
+    return mask
+
+
 def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
     L, pp = t.num_layers, t.pp
-    w = np.array([t.A[u, k] for u, k in enumerate(choice)])
-    mem = np.array([[t.M[u, k, i] for i in range(pp)] for u, k in enumerate(choice)])
+    idx = np.arange(L)
+    w = t.A[idx, choice]
+    mem = t.M[idx, choice, :]
     limit = t.memory_limit_bytes
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cmem = np.vstack([np.zeros((1, pp)), np.cumsum(mem, axis=0)])
+    # by_mem[u][i]: where a stage i that starts at layer u must end at the latest (memory)
+    by_mem = np.stack([np.searchsorted(cmem[:, i], cmem[:-1, i] + limit, side="right") - 1
+                       for i in range(pp)], axis=1).tolist()
+    too_big = (mem > limit).tolist()
 
     def greedy(cap: float) -> list[int] | None:
-        stage_of, i, seg_t, seg_m = [], 0, 0.0, 0.0
-        for u in range(L):
-            if stage_of and (seg_t + w[u] > cap or seg_m + mem[u, i] > limit):
-                i += 1
-                seg_t, seg_m = 0.0, 0.0
-                if i >= pp:
-                    return None
-            if mem[u, i] > limit:
+        """Fill each stage while its time stays within ``cap`` and its memory within the limit
+        (every stage takes at least one layer); the number of layers of each stage."""
+        by_time = (np.searchsorted(cw, cw[:-1] + cap, side="right") - 1).tolist()
+        counts, u = [], 0
+        for i in range(pp):
+            if u >= L:
+                break
+            if too_big[u][i]:
                 return None
-            seg_t += w[u]
-            seg_m += mem[u, i]
-            stage_of.append(i)
-        return _fill(stage_of, pp)
+            e = max(min(by_time[u], by_mem[u][i]), u + 1)
+            counts.append(e - u)
+            u = e
+        return counts if u >= L else None
 
     lo, hi = float(w.max()), float(w.sum())
     best = greedy(hi)
@@ -112,7 +133,7 @@ def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
             hi, best = mid, got
         if hi - lo <= 1e-9 * hi:
             break
-    return best
+    return _fill([i for i, n in enumerate(best) for _ in range(n)], pp)
 
 
 def _fill(stage_of: list[int], pp: int) -> list[int]:
