@@ -64,7 +64,7 @@ import pulp
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.search import allowed_mask
 
-__all__ = ["Solution", "solve", "min_peak_memory"]
+__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,166 @@ def bottleneck_lower_bound(t: CostTables) -> float:
         if hi - lo <= 1e-12 * hi:
             break
     return lo * (1 - 1e-9)
+
+
+def segment_lower_bound(t: CostTables, target: float | None = None, *, max_evals: int = 48) -> float:
+    """A lower bound on the time per iteration of every assignment that fits, stronger than
+    the candidate bound of the planner: it keeps the stages contiguous and every stage's own
+    compute, gradient synchronisation, memory and outgoing edge together. When ``target`` is
+    given it refines until the bound reaches it (the candidate cannot beat ``target``) or
+    ``max_evals`` dynamic programs were run; the value is valid either way.
+
+    With ``T* = max(max_i p_i, max_i o_i)`` and ``S* = max_i s_i`` of an assignment,
+    ``TPI = sum_i p_i + sum_i o_i + (c - 1) T* + S* + step``. For a box
+    ``T* in [Ta, Tb]``, ``S* in [Sa, Sb]``: every stage ``i`` holds a run ``s..e`` with
+
+    - ``p_i >= lb(s, e) + k`` where ``lb = max_nu sum_u min_k (A + nu G) - nu Sb`` over a grid
+      of ``nu >= 0`` (Lagrangian bound of "min sum A with sum G <= Sb"; ``nu = 0`` is the sum of
+      the fastest times), and ``p_i <= Tb``;
+    - ``sum_u min_k G[u,k] <= Sb`` and ``sum_u min_k M[u,k,i] <=`` the memory limit;
+    - an outgoing edge ``o_i >= min_ab Rp[e,a,b]``, ``o_i <= Tb`` (all stages but the last).
+
+    So ``TPI >= (c - 1) Ta + Sa + F(Tb, Sb) + step`` where ``F`` is the cheapest split of the
+    chain into ``pp`` such runs (a dynamic program over run ends, stage by stage). The boxes
+    cover ``T* >= T0`` (the min-max split bound plus the stage overhead) and
+    ``S* >= max(sum G_min / pp, max G_min)``; the box with the lowest bound is split until all
+    reach ``target``. The result is scaled by ``1 - 1e-9`` against rounding."""
+    import heapq
+
+    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    if L < pp:
+        return float("inf")
+    k, step = t.stage_overhead_s, t.step_overhead_s
+    amin, gmin, mmin = _minima(t)
+    split = bottleneck_lower_bound(t)
+    if not np.isfinite(split):
+        return float("inf")
+    mask = allowed_mask(t)
+    T0 = max(split, float(amin.sum()) / pp) + k
+    S0 = max(float(gmin.sum()) / pp, float(gmin.max()))
+    # Stages with the same memory rows (1F1B: all that hold c micro-batches) share their runs.
+    group_of, reps = [], []
+    seen: dict[bytes, int] = {}
+    for i in range(pp):
+        j = seen.setdefault(np.ascontiguousarray(t.M[:, :, i]).tobytes(), len(reps))
+        if j == len(reps):
+            reps.append(i)
+        group_of.append(j)
+    # Multiplier grids: the exchange rates between the layers' strategies of time and
+    # synchronisation (nu) and of time and memory (mu), at a few quantiles.
+    nus = _rates(t.A, t.G, mask, 12)
+    budget = 3_000_000  # floats per table of runs: fewer memory multipliers on big programs
+    n_mu = int(max(1, min(8, budget // (len(nus) * len(reps) * L * L))))
+    mus = _rates(t.A, t.M[:, :, 0], mask, n_mu - 1) if n_mu > 1 else np.zeros(1)
+    nu_of = np.repeat(nus, len(mus))
+    mu_of = np.tile(mus, len(nus))
+    upper = np.triu(np.ones((L, L), dtype=bool))
+    cg = np.concatenate([[0.0], np.cumsum(gmin)])
+    seg_g = cg[None, 1:] - cg[:-1, None]
+    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
+    slack_m = 1e-12 * float(cm[-1].max())
+    limit = t.memory_limit_bytes * (1 + 1e-9) + slack_m
+    mem_ok = np.stack([upper & (cm[None, 1:, i] - cm[:-1, None, i] <= limit) for i in range(pp)])
+    seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
+    slack_t = 1e-300
+    for i in reps:
+        h = np.where(mask[None], t.A[None] + nu_of[:, None, None] * t.G[None]
+                     + mu_of[:, None, None] * t.M[None, :, :, i], np.inf).min(axis=2)
+        H = np.concatenate([np.zeros((len(nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
+        slack_t = max(slack_t, 1e-12 * float(np.max(np.abs(H))))
+        seg_h.append(H[:, None, 1:] - H[:, :-1, None])
+    cut = np.full(L, np.inf)
+    if L > 1:
+        cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
+    run_cache: dict[float, list[np.ndarray]] = {}
+
+    def run_time(Sb: float) -> list[np.ndarray]:
+        """Per stage group, [s, e]: a lower bound on the stage time of layers s..e (compute,
+        within memory, with sync <= Sb)."""
+        if Sb not in run_cache:
+            use = slice(None) if np.isfinite(Sb) else nu_of == 0  # an unbounded S*: nu = 0 only
+            off = (nu_of * (Sb if np.isfinite(Sb) else 0.0) + mu_of * limit)[use][:, None, None]
+            out = []
+            for sh in seg_h:
+                v = (sh[use] - off).max(axis=0)
+                if np.isfinite(Sb):
+                    v = np.where(seg_g <= Sb * (1 + 1e-12) + slack_t, v, np.inf)
+                out.append(np.where(upper, v - slack_t, np.inf) + k)
+            run_cache[Sb] = out
+        return run_cache[Sb]
+
+    evals = [0]
+
+    def cheapest_split(Tb: float, Sb: float) -> float:
+        evals[0] += 1
+        runs = run_time(Sb)
+        f = None
+        for i in range(pp):
+            val = runs[group_of[i]]
+            ok = mem_ok[i] & (val <= Tb)
+            if i < pp - 1:
+                ok &= (cut <= Tb)[None, :]
+                add = np.where(ok, val + cut[None, :], np.inf)
+            else:
+                add = np.where(ok, val, np.inf)
+            if i == 0:
+                f = add[0]
+            else:
+                prev = np.concatenate([[np.inf], f[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
+                f = (prev[:, None] + add).min(axis=0)
+        return float(f[L - 1])
+
+    w = c - 1  # with one micro-batch T* does not count: its side of the boxes stays open
+    inf = float("inf")
+
+    def bound(Ta: float, Sa: float, F: float) -> float:
+        return w * Ta + Sa + F + step
+
+    F0 = cheapest_split(inf, inf)
+    b0 = bound(T0, S0, F0)
+    if target is None or not np.isfinite(b0) or b0 * (1 - 1e-9) >= target:
+        return b0 * (1 - 1e-9)
+    goal = float(target)
+    aim = goal * (1 + 2e-9)  # where the unbounded sides are cut: just above the goal
+    heap = [(b0, 0, T0, inf, S0, inf, F0)]
+    tick = 1
+    while True:
+        b, _, Ta, Tb, Sa, Sb, F = heapq.heappop(heap)
+        if not np.isfinite(b) or b * (1 - 1e-9) >= goal or evals[0] >= max_evals:
+            return b * (1 - 1e-9)
+        cells = []
+        if w and not np.isfinite(Tb):  # T* so large that (c - 1) T* alone reaches the goal
+            Ts = max(Ta, (aim - step - Sa - F) / w)
+            cells += [(Ts, Tb, Sa, Sb, F), (Ta, Ts, Sa, Sb, None)]
+        elif not np.isfinite(Sb):  # likewise S*
+            Ss = max(Sa, aim - step - w * Ta - F)
+            cells += [(Ta, Tb, Ss, Sb, F), (Ta, Tb, Sa, Ss, None)]
+        else:
+            wt, ws = (w * (Tb - Ta) if w else 0.0), Sb - Sa
+            if max(wt, ws) <= 1e-9 * b:
+                return b * (1 - 1e-9)  # the box is as small as it gets
+            if wt >= ws:
+                m = (Ta + Tb) / 2
+                cells += [(m, Tb, Sa, Sb, F), (Ta, m, Sa, Sb, None)]
+            else:
+                m = (Sa + Sb) / 2
+                cells += [(Ta, Tb, m, Sb, F), (Ta, Tb, Sa, m, None)]
+        for Ta2, Tb2, Sa2, Sb2, F2 in cells:
+            if F2 is None:
+                F2 = cheapest_split(Tb2, Sb2)
+            heapq.heappush(heap, (bound(Ta2, Sa2, F2), tick, Ta2, Tb2, Sa2, Sb2, F2))
+            tick += 1
+
+
+def _rates(A: np.ndarray, B: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """0 and ``n`` quantiles of the positive exchange rates ``(A_j - A_k) / (B_k - B_j)``
+    between two allowed strategies of a layer (time saved per unit of ``B`` spent)."""
+    a, b = np.where(mask, A, np.nan), np.where(mask, B, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a[:, :, None] - a[:, None, :]) / (b[:, None, :] - b[:, :, None])
+    r = r[np.isfinite(r) & (r > 0)]
+    q = np.quantile(r, np.linspace(0.0, 1.0, n)) if r.size and n > 0 else []
+    return np.unique(np.concatenate([[0.0], q]))
 
 
 def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:

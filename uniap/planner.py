@@ -8,11 +8,14 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
 2. a lower bound ``LB = S + (c - 1) T + Gmin / pp`` with ``S = sum_u min_k A[u,k]``,
    ``Gmin = sum_u min_k G[u,k]`` and ``T`` the min-max contiguous split of the fastest layer
    times under memory (:func:`uniap.milp.bottleneck_lower_bound`; every stage time is at
-   least its compute, so the bottleneck is at least ``T``); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
-   the best time found (they cannot win);
+   least its compute, so the bottleneck is at least ``T``);
 3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
-   the first incumbent, and candidates are visited in order of their heuristic time;
-4. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
+   the first incumbent;
+4. the segment bound of each candidate (:func:`uniap.milp.segment_lower_bound`: contiguous
+   stages, each with its own compute, synchronisation, memory and outgoing edge, refined
+   towards the incumbent); a candidate whose bound reaches the best time found is skipped
+   (it cannot win), and candidates are visited in increasing bound;
+5. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
    everything that cannot beat it (:func:`uniap.milp.solve`); a first pass gives every
    candidate a short time limit, and a second pass finishes the ones that stopped early,
    against the (by then usually much better) incumbent.
@@ -35,7 +38,14 @@ from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
-from uniap.milp import Solution, _minima, bottleneck_lower_bound, min_peak_memory, solve
+from uniap.milp import (
+    Solution,
+    _minima,
+    bottleneck_lower_bound,
+    min_peak_memory,
+    segment_lower_bound,
+    solve,
+)
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
@@ -62,6 +72,8 @@ class Candidate:
     win), ``cutoff`` (solved: nothing beats the incumbent)."""
     time_per_iteration_s: float = math.inf
     wall_s: float = 0.0
+    bound_target_s: float = math.inf
+    """The incumbent the strong bound was last refined against (it refines again for a lower one)."""
 
     def row(self) -> dict:
         tpi = self.time_per_iteration_s
@@ -132,15 +144,21 @@ def plan_graph(
             f"(e.g. a multiple of {N})",
         )
     # Heuristic plans for every candidate first: the best of them is a global incumbent that
-    # cuts off every program that cannot beat it, and the visiting order follows them.
+    # cuts off every program that cannot beat it.
     heur = {}
-    best_tpi = math.inf
+    best_tpi, owner = math.inf, None
     for _, t in cands:
         inc = heuristic(t)
         tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
         heur[id(t)] = (inc, tpi)
-        best_tpi = min(best_tpi, tpi)
-    cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
+        if tpi < best_tpi:
+            best_tpi, owner = tpi, id(t)
+    # The strong bound against that incumbent (candidates that cannot beat it are settled
+    # here), and candidates are visited best bound first: the one that holds the optimum
+    # usually comes first, and its plan then cuts off or prunes the others.
+    for cand, t in cands:
+        _strengthen(cand, t, best_tpi)
+    cands.sort(key=lambda ct: (ct[0].lower_bound_s, heur[id(ct[1])][1], ct[0].pp, ct[0].num_microbatches))
     best: tuple[Solution, CostTables] | None = None
     final: dict[int, Solution] = {}
     num_solves = 0
@@ -153,7 +171,9 @@ def plan_graph(
         for idx, (cand, t) in enumerate(cands):
             if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or limit <= quick_s):
                 continue
-            if best is not None and cand.lower_bound_s >= best_tpi * (1 - 1e-12):
+            # Prune by the bound, against the best plan so far (or the heuristic incumbent,
+            # except on the candidate that holds it: its own program must produce the plan).
+            if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi) >= best_tpi * (1 - 1e-12):
                 cand.status = "pruned"
                 if idx in final:  # a first-pass time-out that the bound now settles
                     final[idx] = dataclasses.replace(final[idx], status="pruned")
@@ -266,6 +286,15 @@ def _lower_bound(t: CostTables) -> float:
         return math.inf  # no split of the chain fits in memory
     bottleneck = max(s / t.pp, split) + k
     return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
+
+
+def _strengthen(cand: Candidate, t: CostTables, target: float) -> float:
+    """Raise the candidate's lower bound with :func:`uniap.milp.segment_lower_bound`, refined
+    towards ``target`` (the incumbent), when the cheap bound does not already reach it."""
+    if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
+        cand.lower_bound_s = max(cand.lower_bound_s, segment_lower_bound(t, target))
+        cand.bound_target_s = target
+    return cand.lower_bound_s
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:

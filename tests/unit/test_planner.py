@@ -218,3 +218,26 @@ def test_identical_layers_share_rows_exactly() -> None:
         for part in a.breakdown:
             np.testing.assert_array_equal(a.breakdown[part], b.breakdown[part])
         assert a.allowed == b.allowed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:
+    """On the cost model's own tables (memory binding on a 4 GiB device) the segment bound
+    of every (pp, c) stays below that candidate's exhaustive optimum, for any target."""
+    from uniap.milp import segment_lower_bound
+    from uniap.search import exhaustive
+
+    graph = synthetic_graph(4, seed + 10)
+    cm = CostModel(graph, load_cluster("cpu-4"))
+    checked = 0
+    for pp in (1, 2, 4):
+        for c in divisors(8):
+            try:
+                t = cm.tables(pp, c, 8)
+            except ConfigError:
+                continue
+            best, _, _ = exhaustive(t)
+            for target in (None, best, best * 1.1):
+                assert segment_lower_bound(t, target) <= best * (1 + 1e-12)
+            checked += math.isfinite(best)
+    assert checked >= 4
