@@ -56,6 +56,9 @@ __all__ = ["plan", "plan_graph", "Candidate"]
 _QUICK_SOLVE_S = 2.0
 """First-pass time limit per candidate (see :func:`plan_graph`)."""
 
+_IMPROVE_STARTS = 3
+"""Heuristic starts that local search improves on each candidate that may win."""
+
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +161,18 @@ def plan_graph(
     # usually comes first, and its plan then cuts off or prunes the others.
     for cand, t in cands:
         _strengthen(cand, t, best_tpi)
-    cands.sort(key=lambda ct: (ct[0].lower_bound_s, heur[id(ct[1])][1], ct[0].pp, ct[0].num_microbatches))
+    # Local search from the best starts of the candidates that may still win (best bound first,
+    # each new incumbent refining the others' bounds); then they are visited best plan first.
+    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
+        if _strengthen(cand, t, best_tpi) >= best_tpi * (1 - 1e-12):
+            continue
+        inc = heuristic(t, starts=_IMPROVE_STARTS)
+        tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
+        if tpi < heur[id(t)][1]:
+            heur[id(t)] = (inc, tpi)
+        if tpi < best_tpi:
+            best_tpi, owner = tpi, id(t)
+    cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
     best: tuple[Solution, CostTables] | None = None
     final: dict[int, Solution] = {}
     num_solves = 0

@@ -144,3 +144,39 @@ def test_segment_lower_bound_is_valid(seed: int) -> None:
         lb = segment_lower_bound(t, target)
         assert lb <= best * (1 + 1e-12)
     assert segment_lower_bound(t) >= _lower_bound(t) * (1 - 2e-9)
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_local_search_ends_in_a_local_optimum(seed: int) -> None:
+    """improve() returns a fitting assignment no slower than its start, from which no single
+    move it considers (another strategy for one layer, one layer across a stage boundary)
+    is faster by evaluate_assignment: its incremental move scores are exact."""
+    from uniap.search import improve
+
+    t = random_tables(seed)
+    rng = np.random.default_rng(seed)
+    t.stage_overhead_s = float(rng.uniform(0, 0.3))
+    t.step_overhead_s = float(rng.uniform(0, 0.3))
+    start = heuristic(t)
+    if start is None:
+        pytest.skip("nothing fits")
+    stage_of, strategy_of = improve(t, *start)
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    assert ev.fits
+    assert ev.time_per_iteration_s <= evaluate_assignment(t, *start).time_per_iteration_s
+    tpi = ev.time_per_iteration_s
+    for u in range(t.num_layers):
+        for k in t.allowed[u]:
+            s = list(strategy_of)
+            s[u] = k
+            e = evaluate_assignment(t, stage_of, s)
+            assert not (e.fits and e.time_per_iteration_s < tpi * (1 - 1e-9))
+    for u in range(1, t.num_layers):
+        for d in (-1, 1):  # u to the stage before / after
+            so = list(stage_of)
+            so[u] += d if (d == -1 and so[u - 1] == so[u] - 1) or (d == 1 and u + 1 < t.num_layers
+                                                                    and so[u + 1] == so[u] + 1) else 0
+            if so == stage_of or sorted(set(so)) != list(range(t.pp)):
+                continue
+            e = evaluate_assignment(t, so, strategy_of)
+            assert not (e.fits and e.time_per_iteration_s < tpi * (1 - 1e-9))
