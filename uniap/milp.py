@@ -43,8 +43,10 @@ Constraints (one builder per family, named ``<family>_<indices>``)
 Windows: layer u may sit on stage i only if ``i <= u`` and ``pp - 1 - i <= L - 1 - u``; with an
 incumbent of time ``T``, also only if stages 0..i can reach u and stages i..pp-1 can cover
 u..L-1 with every stage's compute lower bound ``seg`` satisfying
-``total_min + (c - 1) seg <= T`` and its memory lower bound within the limit. These cuts only
-remove assignments that cannot beat ``T``, so exactness is kept.
+``total_min + (c - 1) seg <= T`` and its memory lower bound within the limit, and only if some
+run of layers through u on stage i keeps the segment bound below ``T``
+(:func:`segment_windows`). These cuts only remove assignments that cannot beat ``T``, so
+exactness is kept.
 
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
@@ -64,7 +66,7 @@ import pulp
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.search import allowed_mask
 
-__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound"]
+__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound", "segment_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,11 @@ def solve(
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
     window = _windows(t, bound)
+    if bound is not None and all(window):
+        # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits
+        # up to bound * (1 + 1e-7): every assignment the program may return stays inside)
+        runs = segment_windows(t, bound * (1 + 2e-7))
+        window = [[i for i in w if i in r] for w, r in zip(window, runs)]
     if any(not w for w in window):
         return Solution("cutoff" if bound is not None else "infeasible", float("inf"), float("inf"),
                         [], [], 0.0, time.perf_counter() - t0)
@@ -398,131 +405,208 @@ def segment_lower_bound(t: CostTables, target: float | None = None, *, max_evals
     cover ``T* >= T0`` (the min-max split bound plus the stage overhead) and
     ``S* >= max(sum G_min / pp, max G_min)``; the box with the lowest bound is split until all
     reach ``target``. The result is scaled by ``1 - 1e-9`` against rounding."""
-    import heapq
+    return _Segments(t).refine(target, max_evals)[0]
 
-    L, pp, c = t.num_layers, t.pp, t.num_microbatches
-    if L < pp:
-        return float("inf")
-    k, step = t.stage_overhead_s, t.step_overhead_s
-    amin, gmin, mmin = _minima(t)
-    split = bottleneck_lower_bound(t)
-    if not np.isfinite(split):
-        return float("inf")
-    mask = allowed_mask(t)
-    T0 = max(split, float(amin.sum()) / pp) + k
-    S0 = max(float(gmin.sum()) / pp, float(gmin.max()))
-    # Stages with the same memory rows (1F1B: all that hold c micro-batches) share their runs.
-    group_of, reps = [], []
-    seen: dict[bytes, int] = {}
-    for i in range(pp):
-        j = seen.setdefault(np.ascontiguousarray(t.M[:, :, i]).tobytes(), len(reps))
-        if j == len(reps):
-            reps.append(i)
-        group_of.append(j)
-    # Multiplier grids: the exchange rates between the layers' strategies of time and
-    # synchronisation (nu) and of time and memory (mu), at a few quantiles.
-    nus = _rates(t.A, t.G, mask, 12)
-    budget = 3_000_000  # floats per table of runs: fewer memory multipliers on big programs
-    n_mu = int(max(1, min(8, budget // (len(nus) * len(reps) * L * L))))
-    mus = _rates(t.A, t.M[:, :, 0], mask, n_mu - 1) if n_mu > 1 else np.zeros(1)
-    nu_of = np.repeat(nus, len(mus))
-    mu_of = np.tile(mus, len(nus))
-    upper = np.triu(np.ones((L, L), dtype=bool))
-    cg = np.concatenate([[0.0], np.cumsum(gmin)])
-    seg_g = cg[None, 1:] - cg[:-1, None]
-    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
-    slack_m = 1e-12 * float(cm[-1].max())
-    limit = t.memory_limit_bytes * (1 + 1e-9) + slack_m
-    mem_ok = np.stack([upper & (cm[None, 1:, i] - cm[:-1, None, i] <= limit) for i in range(pp)])
-    seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
-    slack_t = 1e-300
-    for i in reps:
-        h = np.where(mask[None], t.A[None] + nu_of[:, None, None] * t.G[None]
-                     + mu_of[:, None, None] * t.M[None, :, :, i], np.inf).min(axis=2)
-        H = np.concatenate([np.zeros((len(nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
-        slack_t = max(slack_t, 1e-12 * float(np.max(np.abs(H))))
-        seg_h.append(H[:, None, 1:] - H[:, :-1, None])
-    cut = np.full(L, np.inf)
-    if L > 1:
-        cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
-    run_cache: dict[float, list[np.ndarray]] = {}
 
-    def run_time(Sb: float) -> list[np.ndarray]:
+def segment_windows(t: CostTables, target: float, *, max_evals: int = 48) -> list[list[int]]:
+    """For each layer, the stages it may sit on in any assignment faster than ``target``: the
+    runs ``s..e`` on stage ``i`` whose segment bound (:func:`segment_lower_bound`, the best
+    split through that run, in every box of ``(T*, S*)`` the refinement leaves) stays below
+    ``target``. Empty lists when nothing can be faster."""
+    seg = _Segments(t)
+    lb, boxes = seg.refine(target, max_evals)
+    L, pp = t.num_layers, t.pp
+    cover = np.zeros((L, pp), dtype=bool)
+    if lb < target:
+        for box in boxes:
+            cover |= seg.covering(box, target)
+    return [[i for i in range(pp) if cover[u, i]] for u in range(L)]
+
+
+class _Segments:
+    """The dynamic program behind :func:`segment_lower_bound` for one table."""
+
+    def __init__(self, t: CostTables) -> None:
+        L, pp, c = t.num_layers, t.pp, t.num_microbatches
+        self.t, self.L, self.pp = t, L, pp
+        self.k, self.step, self.w = t.stage_overhead_s, t.step_overhead_s, c - 1
+        self.split = bottleneck_lower_bound(t) if L >= pp else float("inf")
+        if not np.isfinite(self.split):
+            return
+        k = self.k
+        amin, gmin, mmin = _minima(t)
+        mask = allowed_mask(t)
+        self.T0 = max(self.split, float(amin.sum()) / pp) + k
+        self.S0 = max(float(gmin.sum()) / pp, float(gmin.max()))
+        # Stages with the same memory rows (1F1B: all that hold c micro-batches) share their runs.
+        self.group_of, reps = [], []
+        seen: dict[bytes, int] = {}
+        for i in range(pp):
+            j = seen.setdefault(np.ascontiguousarray(t.M[:, :, i]).tobytes(), len(reps))
+            if j == len(reps):
+                reps.append(i)
+            self.group_of.append(j)
+        # Multiplier grids: the exchange rates between the layers' strategies of time and
+        # synchronisation (nu) and of time and memory (mu), at a few quantiles.
+        nus = _rates(t.A, t.G, mask, 12)
+        budget = 3_000_000  # floats per table of runs: fewer memory multipliers on big programs
+        n_mu = int(max(1, min(8, budget // (len(nus) * len(reps) * L * L))))
+        mus = _rates(t.A, t.M[:, :, 0], mask, n_mu - 1) if n_mu > 1 else np.zeros(1)
+        self.nu_of = np.repeat(nus, len(mus))
+        self.mu_of = np.tile(mus, len(nus))
+        self.upper = np.triu(np.ones((L, L), dtype=bool))
+        cg = np.concatenate([[0.0], np.cumsum(gmin)])
+        self.seg_g = cg[None, 1:] - cg[:-1, None]
+        cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
+        slack_m = 1e-12 * float(cm[-1].max())
+        self.limit = t.memory_limit_bytes * (1 + 1e-9) + slack_m
+        self.mem_ok = np.stack([self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)])
+        self.seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
+        self.slack_t = 1e-300
+        for i in reps:
+            h = np.where(mask[None], t.A[None] + self.nu_of[:, None, None] * t.G[None]
+                         + self.mu_of[:, None, None] * t.M[None, :, :, i], np.inf).min(axis=2)
+            H = np.concatenate([np.zeros((len(self.nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
+            self.slack_t = max(self.slack_t, 1e-12 * float(np.max(np.abs(H))))
+            self.seg_h.append(H[:, None, 1:] - H[:, :-1, None])
+        self.cut = np.full(L, np.inf)
+        if L > 1:
+            self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
+        self.run_cache: dict[float, list[np.ndarray]] = {}
+        self.evals = 0
+
+    def run_time(self, Sb: float) -> list[np.ndarray]:
         """Per stage group, [s, e]: a lower bound on the stage time of layers s..e (compute,
         within memory, with sync <= Sb)."""
-        if Sb not in run_cache:
-            use = slice(None) if np.isfinite(Sb) else nu_of == 0  # an unbounded S*: nu = 0 only
-            off = (nu_of * (Sb if np.isfinite(Sb) else 0.0) + mu_of * limit)[use][:, None, None]
+        if Sb not in self.run_cache:
+            finite = np.isfinite(Sb)
+            use = slice(None) if finite else self.nu_of == 0  # an unbounded S*: nu = 0 only
+            off = (self.nu_of * (Sb if finite else 0.0) + self.mu_of * self.limit)[use][:, None, None]
             out = []
-            for sh in seg_h:
+            for sh in self.seg_h:
                 v = (sh[use] - off).max(axis=0)
-                if np.isfinite(Sb):
-                    v = np.where(seg_g <= Sb * (1 + 1e-12) + slack_t, v, np.inf)
-                out.append(np.where(upper, v - slack_t, np.inf) + k)
-            run_cache[Sb] = out
-        return run_cache[Sb]
+                if finite:
+                    v = np.where(self.seg_g <= Sb * (1 + 1e-12) + self.slack_t, v, np.inf)
+                out.append(np.where(self.upper, v - self.slack_t, np.inf) + self.k)
+            self.run_cache[Sb] = out
+        return self.run_cache[Sb]
 
-    evals = [0]
-
-    def cheapest_split(Tb: float, Sb: float) -> float:
-        evals[0] += 1
-        runs = run_time(Sb)
-        f = None
-        for i in range(pp):
-            val = runs[group_of[i]]
-            ok = mem_ok[i] & (val <= Tb)
-            if i < pp - 1:
-                ok &= (cut <= Tb)[None, :]
-                add = np.where(ok, val + cut[None, :], np.inf)
+    def stage_costs(self, Tb: float, Sb: float) -> list[np.ndarray]:
+        """Per stage, [s, e]: the cost of run s..e as that stage (its time bound and outgoing
+        edge), inf where it cannot be (memory, or above Tb)."""
+        runs = self.run_time(Sb)
+        out = []
+        for i in range(self.pp):
+            val = runs[self.group_of[i]]
+            ok = self.mem_ok[i] & (val <= Tb)
+            if i < self.pp - 1:
+                ok &= (self.cut <= Tb)[None, :]
+                out.append(np.where(ok, val + self.cut[None, :], np.inf))
             else:
-                add = np.where(ok, val, np.inf)
+                out.append(np.where(ok, val, np.inf))
+        return out
+
+    def cheapest_split(self, Tb: float, Sb: float) -> float:
+        """F(Tb, Sb): the cheapest split of the chain into pp runs (stage by stage over run ends)."""
+        self.evals += 1
+        f = None
+        for i, add in enumerate(self.stage_costs(Tb, Sb)):
             if i == 0:
                 f = add[0]
             else:
                 prev = np.concatenate([[np.inf], f[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
                 f = (prev[:, None] + add).min(axis=0)
-        return float(f[L - 1])
+        return float(f[self.L - 1])
 
-    w = c - 1  # with one micro-batch T* does not count: its side of the boxes stays open
-    inf = float("inf")
+    def bound(self, Ta: float, Sa: float, F: float) -> float:
+        return self.w * Ta + Sa + F + self.step
 
-    def bound(Ta: float, Sa: float, F: float) -> float:
-        return w * Ta + Sa + F + step
+    def refine(self, target: float | None, max_evals: int) -> tuple[float, list[tuple]]:
+        """The bound, and the boxes ``(Ta, Tb, Sa, Sb)`` left below ``target`` (see
+        :func:`segment_lower_bound`)."""
+        import heapq
 
-    F0 = cheapest_split(inf, inf)
-    b0 = bound(T0, S0, F0)
-    if target is None or not np.isfinite(b0) or b0 * (1 - 1e-9) >= target:
-        return b0 * (1 - 1e-9)
-    goal = float(target)
-    aim = goal * (1 + 2e-9)  # where the unbounded sides are cut: just above the goal
-    heap = [(b0, 0, T0, inf, S0, inf, F0)]
-    tick = 1
-    while True:
-        b, _, Ta, Tb, Sa, Sb, F = heapq.heappop(heap)
-        if not np.isfinite(b) or b * (1 - 1e-9) >= goal or evals[0] >= max_evals:
-            return b * (1 - 1e-9)
-        cells = []
-        if w and not np.isfinite(Tb):  # T* so large that (c - 1) T* alone reaches the goal
-            Ts = max(Ta, (aim - step - Sa - F) / w)
-            cells += [(Ts, Tb, Sa, Sb, F), (Ta, Ts, Sa, Sb, None)]
-        elif not np.isfinite(Sb):  # likewise S*
-            Ss = max(Sa, aim - step - w * Ta - F)
-            cells += [(Ta, Tb, Ss, Sb, F), (Ta, Tb, Sa, Ss, None)]
-        else:
-            wt, ws = (w * (Tb - Ta) if w else 0.0), Sb - Sa
-            if max(wt, ws) <= 1e-9 * b:
-                return b * (1 - 1e-9)  # the box is as small as it gets
-            if wt >= ws:
-                m = (Ta + Tb) / 2
-                cells += [(m, Tb, Sa, Sb, F), (Ta, m, Sa, Sb, None)]
+        inf = float("inf")
+        if not np.isfinite(self.split):
+            return inf, []
+        w = self.w  # with one micro-batch T* does not count: its side of the boxes stays open
+        F0 = self.cheapest_split(inf, inf)
+        b0 = self.bound(self.T0, self.S0, F0)
+        first = (self.T0, inf, self.S0, inf)
+        if target is None or not np.isfinite(b0) or b0 * (1 - 1e-9) >= target:
+            return b0 * (1 - 1e-9), ([first] if target is not None and b0 * (1 - 1e-9) < target else [])
+        goal = float(target)
+        aim = goal * (1 + 2e-9)  # where the unbounded sides are cut: just above the goal
+        heap = [(b0, 0, *first, F0)]
+        tick = 1
+
+        def left(b: float, box: tuple) -> tuple[float, list[tuple]]:
+            return b * (1 - 1e-9), [box] + [h[2:6] for h in heap if h[0] * (1 - 1e-9) < goal]
+
+        while True:
+            b, _, Ta, Tb, Sa, Sb, F = heapq.heappop(heap)
+            if not np.isfinite(b) or b * (1 - 1e-9) >= goal:
+                return b * (1 - 1e-9), []
+            if self.evals >= max_evals:
+                return left(b, (Ta, Tb, Sa, Sb))
+            cells = []
+            if w and not np.isfinite(Tb):  # T* so large that (c - 1) T* alone reaches the goal
+                Ts = max(Ta, (aim - self.step - Sa - F) / w)
+                cells += [(Ts, Tb, Sa, Sb, F), (Ta, Ts, Sa, Sb, None)]
+            elif not np.isfinite(Sb):  # likewise S*
+                Ss = max(Sa, aim - self.step - w * Ta - F)
+                cells += [(Ta, Tb, Ss, Sb, F), (Ta, Tb, Sa, Ss, None)]
             else:
-                m = (Sa + Sb) / 2
-                cells += [(Ta, Tb, m, Sb, F), (Ta, Tb, Sa, m, None)]
-        for Ta2, Tb2, Sa2, Sb2, F2 in cells:
-            if F2 is None:
-                F2 = cheapest_split(Tb2, Sb2)
-            heapq.heappush(heap, (bound(Ta2, Sa2, F2), tick, Ta2, Tb2, Sa2, Sb2, F2))
-            tick += 1
+                wt, ws = (w * (Tb - Ta) if w else 0.0), Sb - Sa
+                if max(wt, ws) <= 1e-9 * b:  # the box is as small as it gets
+                    return left(b, (Ta, Tb, Sa, Sb))
+                if wt >= ws:
+                    m = (Ta + Tb) / 2
+                    cells += [(m, Tb, Sa, Sb, F), (Ta, m, Sa, Sb, None)]
+                else:
+                    m = (Sa + Sb) / 2
+                    cells += [(Ta, Tb, m, Sb, F), (Ta, Tb, Sa, m, None)]
+            for Ta2, Tb2, Sa2, Sb2, F2 in cells:
+                if F2 is None:
+                    F2 = self.cheapest_split(Tb2, Sb2)
+                heapq.heappush(heap, (self.bound(Ta2, Sa2, F2), tick, Ta2, Tb2, Sa2, Sb2, F2))
+                tick += 1
+
+    def covering(self, box: tuple, goal: float) -> np.ndarray:
+        """``(L, pp)``: layer u may sit on stage i in an assignment of this box faster than
+        ``goal``: some run s..e on stage i holds u and the best split through it, plus the
+        box's ``(c - 1) Ta + Sa + step``, stays below ``goal``."""
+        Ta, Tb, Sa, Sb = box
+        L, pp = self.L, self.pp
+        adds = self.stage_costs(Tb, Sb)
+        fw = []  # fw[i][e]: stages 0..i cover layers 0..e
+        for i, add in enumerate(adds):
+            if i == 0:
+                fw.append(add[0].copy())
+            else:
+                prev = np.concatenate([[np.inf], fw[-1][:-1]])
+                fw.append((prev[:, None] + add).min(axis=0))
+        bw: list[np.ndarray] = [np.empty(0)] * pp  # bw[i][s]: stages i..pp-1 cover s..L-1
+        for i in range(pp - 1, -1, -1):
+            if i == pp - 1:
+                bw[i] = adds[i][:, L - 1].copy()
+            else:
+                nxt = np.concatenate([bw[i + 1][1:], [np.inf]])  # nxt[e] = bw[i + 1][e + 1]
+                bw[i] = (adds[i] + nxt[None, :]).min(axis=1)
+        start = np.full(L, np.inf)
+        start[0] = 0.0
+        end = np.full(L, np.inf)
+        end[L - 1] = 0.0
+        budget = goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)
+        cover = np.zeros((L, pp), dtype=bool)
+        idx = np.arange(L)
+        for i in range(pp):
+            pre = np.concatenate([[np.inf], fw[i - 1][:-1]]) if i else start  # pre[s]: before run s..
+            post = np.concatenate([bw[i + 1][1:], [np.inf]]) if i < pp - 1 else end  # post[e]: after ..e
+            good = (pre[:, None] + adds[i] + post[None, :]) < budget
+            last = np.where(good.any(axis=1), L - 1 - np.argmax(good[:, ::-1], axis=1), -1)  # furthest e per s
+            cover[:, i] = np.maximum.accumulate(last) >= idx
+        return cover
 
 
 def _rates(A: np.ndarray, B: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -180,3 +180,28 @@ def test_local_search_ends_in_a_local_optimum(seed: int) -> None:
                 continue
             e = evaluate_assignment(t, so, strategy_of)
             assert not (e.fits and e.time_per_iteration_s < tpi * (1 - 1e-9))
+
+
+@pytest.mark.parametrize("seed", range(1, 60, 4))
+def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
+    """Every fitting assignment faster than the target (checked one by one, over all of them)
+    puts each layer on a stage its segment window allows."""
+    import itertools
+
+    from uniap.milp import segment_windows
+
+    t = random_tables(seed)
+    if seed % 8 == 1:
+        t.stage_overhead_s, t.step_overhead_s = 0.2, 0.1
+    sols = []
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                sols.append((ev.time_per_iteration_s, stage_of))
+    best = min(tpi for tpi, _ in sols)
+    for slack in (1e-7, 0.05, 0.5):
+        window = segment_windows(t, best * (1 + slack))
+        for tpi, stage_of in sols:
+            if tpi < best * (1 + slack):
+                assert all(stage_of[u] in window[u] for u in range(t.num_layers))
