@@ -66,7 +66,8 @@ import pulp
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.search import allowed_mask
 
-__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound", "segment_windows"]
+__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound", "segment_windows",
+           "SegmentBound"]
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,12 @@ def solve(
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
+    segments: SegmentBound | None = None,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
-    plan of another ``(pp, c)``), cuts off everything that cannot beat it."""
+    plan of another ``(pp, c)``), cuts off everything that cannot beat it. ``segments``: the
+    :class:`SegmentBound` of these tables when the caller already has it."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -137,7 +140,7 @@ def solve(
     if bound is not None and all(window):
         # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits
         # up to bound * (1 + 1e-7): every assignment the program may return stays inside)
-        runs = segment_windows(t, bound * (1 + 2e-7))
+        runs = (segments or SegmentBound(t)).windows(bound * (1 + 2e-7))
         window = [[i for i in w if i in r] for w, r in zip(window, runs)]
     if any(not w for w in window):
         return Solution("cutoff" if bound is not None else "infeasible", float("inf"), float("inf"),
@@ -405,7 +408,7 @@ def segment_lower_bound(t: CostTables, target: float | None = None, *, max_evals
     cover ``T* >= T0`` (the min-max split bound plus the stage overhead) and
     ``S* >= max(sum G_min / pp, max G_min)``; the box with the lowest bound is split until all
     reach ``target``. The result is scaled by ``1 - 1e-9`` against rounding."""
-    return _Segments(t).refine(target, max_evals)[0]
+    return SegmentBound(t).lower_bound(target, max_evals=max_evals)
 
 
 def segment_windows(t: CostTables, target: float, *, max_evals: int = 48) -> list[list[int]]:
@@ -413,18 +416,12 @@ def segment_windows(t: CostTables, target: float, *, max_evals: int = 48) -> lis
     runs ``s..e`` on stage ``i`` whose segment bound (:func:`segment_lower_bound`, the best
     split through that run, in every box of ``(T*, S*)`` the refinement leaves) stays below
     ``target``. Empty lists when nothing can be faster."""
-    seg = _Segments(t)
-    lb, boxes = seg.refine(target, max_evals)
-    L, pp = t.num_layers, t.pp
-    cover = np.zeros((L, pp), dtype=bool)
-    if lb < target:
-        for box in boxes:
-            cover |= seg.covering(box, target)
-    return [[i for i in range(pp) if cover[u, i]] for u in range(L)]
+    return SegmentBound(t).windows(target, max_evals=max_evals)
 
 
-class _Segments:
-    """The dynamic program behind :func:`segment_lower_bound` for one table."""
+class SegmentBound:
+    """The dynamic program behind :func:`segment_lower_bound` and :func:`segment_windows` for
+    one table (built once, asked again for other targets; the table must not change)."""
 
     def __init__(self, t: CostTables) -> None:
         L, pp, c = t.num_layers, t.pp, t.num_microbatches
@@ -474,6 +471,19 @@ class _Segments:
             self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
         self.run_cache: dict[float, list[np.ndarray]] = {}
         self.evals = 0
+
+    def lower_bound(self, target: float | None = None, *, max_evals: int = 48) -> float:
+        """See :func:`segment_lower_bound`."""
+        return self.refine(target, max_evals)[0]
+
+    def windows(self, target: float, *, max_evals: int = 48) -> list[list[int]]:
+        """See :func:`segment_windows`."""
+        lb, boxes = self.refine(target, max_evals)
+        cover = np.zeros((self.L, self.pp), dtype=bool)
+        if lb < target:
+            for box in boxes:
+                cover |= self.covering(box, target)
+        return [[i for i in range(self.pp) if cover[u, i]] for u in range(self.L)]
 
     def run_time(self, Sb: float) -> list[np.ndarray]:
         """Per stage group, [s, e]: a lower bound on the stage time of layers s..e (compute,
@@ -529,6 +539,7 @@ class _Segments:
         inf = float("inf")
         if not np.isfinite(self.split):
             return inf, []
+        self.evals = 0
         w = self.w  # with one micro-batch T* does not count: its side of the boxes stays open
         F0 = self.cheapest_split(inf, inf)
         b0 = self.bound(self.T0, self.S0, F0)

@@ -39,11 +39,11 @@ from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
 from uniap.milp import (
+    SegmentBound,
     Solution,
     _minima,
     bottleneck_lower_bound,
     min_peak_memory,
-    segment_lower_bound,
     solve,
 )
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
@@ -56,7 +56,10 @@ __all__ = ["plan", "plan_graph", "Candidate"]
 _QUICK_SOLVE_S = 2.0
 """First-pass time limit per candidate (see :func:`plan_graph`)."""
 
-_IMPROVE_STARTS = 3
+_FIRST_SOLVE_FACTOR = 4.0
+"""The first program solved gets this many times the first-pass time limit."""
+
+_IMPROVE_STARTS = 4
 """Heuristic starts that local search improves on each candidate that may win."""
 
 log = logging.getLogger(__name__)
@@ -149,8 +152,12 @@ def plan_graph(
     # Heuristic plans for every candidate first: the best of them is a global incumbent that
     # cuts off every program that cannot beat it.
     heur = {}
+    segments: dict[int, SegmentBound] = {}
     best_tpi, owner = math.inf, None
-    for _, t in cands:
+    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
+        if cand.lower_bound_s >= best_tpi:
+            heur[id(t)] = (None, math.inf)  # cannot win: it will be pruned
+            continue
         inc = heuristic(t)
         tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
         heur[id(t)] = (inc, tpi)
@@ -160,11 +167,11 @@ def plan_graph(
     # here), and candidates are visited best bound first: the one that holds the optimum
     # usually comes first, and its plan then cuts off or prunes the others.
     for cand, t in cands:
-        _strengthen(cand, t, best_tpi)
+        _strengthen(cand, t, best_tpi, segments)
     # Local search from the best starts of the candidates that may still win (best bound first,
     # each new incumbent refining the others' bounds); then they are visited best plan first.
     for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
-        if _strengthen(cand, t, best_tpi) >= best_tpi * (1 - 1e-12):
+        if _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
             continue
         inc = heuristic(t, starts=_IMPROVE_STARTS)
         tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
@@ -179,15 +186,18 @@ def plan_graph(
     # Two passes. First every candidate gets a short solve: most finish (optimal, or cut off by
     # the incumbent); the hard ones stop early, but the easy ones have meanwhile lowered the
     # incumbent. Then the unfinished ones are solved to the end against that better bound,
-    # which usually cuts them off quickly.
+    # which usually cuts them off quickly. The first program solved (the best incumbent, most
+    # often the optimum's) gets a longer first try: a restart would repeat its work.
     quick_s = min(time_limit_s, _QUICK_SOLVE_S)
+    first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
+    used: dict[int, float] = {}
     for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
         for idx, (cand, t) in enumerate(cands):
-            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or limit <= quick_s):
+            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or used[idx] >= limit):
                 continue
             # Prune by the bound, against the best plan so far (or the heuristic incumbent,
             # except on the candidate that holds it: its own program must produce the plan).
-            if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi) >= best_tpi * (1 - 1e-12):
+            if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
                 cand.status = "pruned"
                 if idx in final:  # a first-pass time-out that the bound now settles
                     final[idx] = dataclasses.replace(final[idx], status="pruned")
@@ -195,8 +205,10 @@ def plan_graph(
             inc = heur[id(t)][0]
             if idx in final and final[idx].stage_of:
                 inc = (final[idx].stage_of, final[idx].strategy_of)
+            lim = first_s if pass_no == 1 and not used else limit
+            used[idx] = lim
             sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
-                        time_limit_s=limit, threads=threads, seed=seed)
+                        time_limit_s=lim, threads=threads, seed=seed, segments=segments.get(id(t)))
             final[idx] = sol
             num_solves += 1
             cand.status = sol.status
@@ -302,11 +314,12 @@ def _lower_bound(t: CostTables) -> float:
     return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
 
 
-def _strengthen(cand: Candidate, t: CostTables, target: float) -> float:
+def _strengthen(cand: Candidate, t: CostTables, target: float, segments: dict[int, SegmentBound]) -> float:
     """Raise the candidate's lower bound with :func:`uniap.milp.segment_lower_bound`, refined
     towards ``target`` (the incumbent), when the cheap bound does not already reach it."""
     if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
-        cand.lower_bound_s = max(cand.lower_bound_s, segment_lower_bound(t, target))
+        seg = segments.setdefault(id(t), SegmentBound(t))
+        cand.lower_bound_s = max(cand.lower_bound_s, seg.lower_bound(target))
         cand.bound_target_s = target
     return cand.lower_bound_s
 

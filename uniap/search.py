@@ -15,7 +15,7 @@ import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "heuristic", "improve", "compositions", "allowed_mask"]
+__all__ = ["exhaustive", "heuristic", "improve", "restrategize", "compositions", "allowed_mask"]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -86,12 +86,96 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
         return None
     found.sort()
     best_tpi, _, *best = found[0]
-    for _, _, stage_of, choice in found[:starts]:
+    if starts:
+        # the best placement with each stage's strategies chosen on their own within memory
+        stage_of = found[0][2]
+        choice = restrategize(t, stage_of)
+        if choice is not None:
+            ev = evaluate_assignment(t, stage_of, choice)
+            if ev.fits:
+                found.insert(0, (ev.time_per_iteration_s, -1, stage_of, choice))
+    tried = set()
+    for _, _, stage_of, choice in found[:starts + (found[0][1] == -1)]:
         got = improve(t, stage_of, choice)
         tpi = evaluate_assignment(t, *got).time_per_iteration_s
+        if tuple(got[0]) in tried:
+            if tpi < best_tpi:
+                best, best_tpi = list(got), tpi
+            continue
+        tried.add(tuple(got[0]))
+        # the strategies of the improved placement chosen again stage by stage, then improved
+        again = restrategize(t, got[0])
+        if again is not None and evaluate_assignment(t, got[0], again).fits:
+            got2 = improve(t, got[0], again)
+            tpi2 = evaluate_assignment(t, *got2).time_per_iteration_s
+            if tpi2 < tpi:
+                got, tpi = got2, tpi2
         if tpi < best_tpi:
             best, best_tpi = list(got), tpi
     return best[0], best[1]
+
+
+def restrategize(t: CostTables, stage_of: list[int]) -> list[int] | None:
+    """Strategies for a fixed placement: each stage on its own takes the strategies that
+    minimise ``c A + G`` plus resharding ``c R`` within the memory limit, by a Lagrangian
+    price on memory (a dynamic program over layouts for each price, bisected to the lowest
+    price that fits); None when some stage cannot fit."""
+    L, c = t.num_layers, t.num_microbatches
+    mask = allowed_mask(t)
+    limit = t.memory_limit_bytes
+    strategy_of = [0] * L
+    for i in sorted(set(stage_of)):
+        us = [u for u in range(L) if stage_of[u] == i]
+        ks, mem = _priced(t, mask, us, i, 0.0)
+        if mem > limit:
+            scale = float(np.max(np.where(mask[us], c * t.A[us] + t.G[us], 0.0))) / max(limit, 1.0)
+            hi = scale
+            for _ in range(40):
+                ks_hi, mem_hi = _priced(t, mask, us, i, hi)
+                if mem_hi <= limit:
+                    break
+                hi *= 8
+            else:
+                return None
+            lo, ks = 0.0, ks_hi
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                k_mid, m_mid = _priced(t, mask, us, i, mid)
+                if m_mid <= limit:
+                    hi, ks = mid, k_mid
+                else:
+                    lo = mid
+        for u, k in zip(us, ks):
+            strategy_of[u] = k
+    return strategy_of
+
+
+def _priced(t: CostTables, mask: np.ndarray, us: list[int], i: int, mu: float) -> tuple[list[int], float]:
+    """Strategies of layers ``us`` (one stage, ``i``) minimising ``c A + G + mu M`` plus
+    ``c R`` between neighbours (a dynamic program over layouts), and their memory."""
+    c, C, n = t.num_microbatches, t.num_layouts, len(us)
+    M = t.M[us, :, i]
+    val = np.where(mask[us], c * t.A[us] + t.G[us] + mu * M, np.inf)
+    lay = t.layout[us]
+    best_k = np.zeros((n, C), dtype=np.int64)
+    cost = np.full((n, C), np.inf)
+    for a in range(C):
+        v = np.where(lay == a, val, np.inf)
+        best_k[:, a] = np.argmin(v, axis=1)
+        cost[:, a] = v[np.arange(n), best_k[:, a]]
+    f, back = cost[0].copy(), []
+    for j in range(1, n):
+        tot = f[:, None] + c * t.R[us[j] - 1]  # [a, b]
+        arg = np.argmin(tot, axis=0)
+        back.append(arg)
+        f = tot[arg, np.arange(C)] + cost[j]
+    a = int(np.argmin(f))
+    ks = [0] * n
+    for j in range(n - 1, -1, -1):
+        ks[j] = int(best_k[j, a])
+        if j:
+            a = int(back[j - 1][a])
+    return ks, float(M[np.arange(n), ks].sum())
 
 
 def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
@@ -138,12 +222,10 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
             new_rp = Rp[u[:, None], lay[u], au[u + 1][:, None]] - Rp[u, au[u], au[u + 1]][:, None]
             dp[:-1] += np.where(same, new_r, 0.0)
             d_next[:-1] = np.where(same, 0.0, new_rp)
-        others_p = np.array([max((p[j] for j in range(pp) if j != i), default=neg) for i in range(pp)])
-        others_s = np.array([max((sy[j] for j in range(pp) if j != i), default=neg) for i in range(pp)])
-        others_o = np.array([max((o[j] for j in range(pp - 1) if j not in (i - 1, i)), default=neg)
-                             for i in range(pp)])
-        o_in = np.array([o[i - 1] if i >= 1 else neg for i in range(pp)])
-        o_out = np.array([o[i] if i < pp - 1 else neg for i in range(pp)])
+        others_p, others_s = _max_outside(p, 0, 0), _max_outside(sy, 0, 0)  # [i]: over stages j != i
+        o_ext = np.concatenate([[neg], o, [neg]])  # o_ext[i]: link into stage i, o_ext[i + 1]: out of it
+        others_o = _max_outside(o_ext, 0, 1)[:pp]  # [i]: over links other than i - 1, i
+        o_in, o_out = o_ext[:pp], o_ext[1:pp + 1]
         bott = np.maximum(np.maximum(others_p[st][:, None], p[st][:, None] + dp),
                           np.maximum(others_o[st][:, None],
                                      np.maximum(o_in[st][:, None] + d_prev, o_out[st][:, None] + d_next)))
@@ -155,29 +237,36 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
         move_u, move_k = divmod(j, K)
         best, shift = float(score[move_u, move_k]), None
         # one layer across the boundary between stages i and i + 1
+        sizes = np.bincount(st, minlength=pp).tolist()
+        firsts = np.searchsorted(st, np.arange(pp)).tolist()
+        if pp > 1:
+            rest_p = _max_outside(p, 0, 1).tolist()  # [i]: max over stages other than i, i + 1
+            rest_s = _max_outside(sy, 0, 1).tolist()
+            rest_o = _max_outside(o, 0, 0).tolist()  # [i]: max over links other than i
+            p_sum, o_sum, pl, sl, ol, ml = float(p.sum()), float(o.sum()), p.tolist(), sy.tolist(), o.tolist(), mem.tolist()
         for i in range(pp - 1):
-            first = stage_of.index(i + 1)
+            first = firsts[i + 1]
             for u, src, dst in ((first - 1, i, i + 1), (first, i + 1, i)):
-                if stage_of.count(src) < 2:
+                if sizes[src] < 2:
                     continue
                 k, a = strategy_of[u], au[u]
-                ap, an = au[u - 1], au[u + 1] if u + 1 < L else -1
-                q, oo, ss, mm = p.copy(), o.copy(), sy.copy(), mem.copy()
+                ap, an = au[u - 1], au[u + 1]
                 if dst == i + 1:  # u leaves the end of stage i
-                    q[i] -= A[u, k] + R[u - 1, ap, a]
-                    q[i + 1] += A[u, k] + (R[u, a, an] if u + 1 < L else 0.0)
-                    oo[i] = Rp[u - 1, ap, a]
+                    d_i = -(A[u, k] + R[u - 1, ap, a])
+                    d_j = A[u, k] + R[u, a, an]
+                    o_new = Rp[u - 1, ap, a]
                 else:  # u leaves the start of stage i + 1
-                    q[i] += A[u, k] + R[u - 1, ap, a]
-                    q[i + 1] -= A[u, k] + (R[u, a, an] if u + 1 < L else 0.0)
-                    oo[i] = Rp[u, a, an]
-                ss[src] -= G[u, k]
-                ss[dst] += G[u, k]
-                mm[src] -= t.M[u, k, src]
-                mm[dst] += t.M[u, k, dst]
-                if mm[dst] > limit:
+                    d_i = A[u, k] + R[u - 1, ap, a]
+                    d_j = -(A[u, k] + R[u, a, an])
+                    o_new = Rp[u, a, an]
+                if ml[dst] + t.M[u, k, dst] > limit:
                     continue
-                tpi = q.sum() + oo.sum() + (c - 1) * max(q.max(), oo.max(initial=neg)) + ss.max() + t.step_overhead_s
+                q_i, q_j = pl[i] + d_i, pl[i + 1] + d_j
+                g = G[u, k]
+                s_i, s_j = (sl[i] - g, sl[i + 1] + g) if dst == i + 1 else (sl[i] + g, sl[i + 1] - g)
+                tpi = (p_sum + d_i + d_j + o_sum - ol[i] + o_new
+                       + (c - 1) * max(rest_p[i], q_i, q_j, rest_o[i], o_new)
+                       + max(rest_s[i], s_i, s_j) + t.step_overhead_s)
                 if tpi < best:
                     best, shift = tpi, (u, dst)
         if not best < cur * (1 - 1e-12):
@@ -192,6 +281,20 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
             break  # rounding: the move does not really help
         stage_of, strategy_of, ev, cur = new_stage, new_strategy, nev, nev.time_per_iteration_s
     return stage_of, strategy_of
+
+
+def _max_outside(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``[i]``: the largest ``x[j]`` with ``j`` outside ``i + lo .. i + hi`` (``-inf`` when
+    there is none)."""
+    n = len(x)
+    out = np.full(n, -np.inf)
+    order = np.argsort(-x, kind="stable")[:hi - lo + 2].tolist()  # enough to skip the excluded
+    for i in range(n):
+        for j in order:
+            if not i + lo <= j <= i + hi:
+                out[i] = x[j]
+                break
+    return out
 
 
 def allowed_mask(t: CostTables) -> np.ndarray:

@@ -205,3 +205,34 @@ def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
         for tpi, stage_of in sols:
             if tpi < best * (1 + slack):
                 assert all(stage_of[u] in window[u] for u in range(t.num_layers))
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 5))
+def test_restrategize_fits_and_minimises_with_free_memory(seed: int) -> None:
+    """restrategize() keeps the placement, gives every layer an allowed strategy and fits;
+    with memory not binding it finds each stage's cheapest c A + G + c R (brute force)."""
+    import dataclasses
+    import itertools
+
+    from uniap.search import restrategize
+
+    t = random_tables(seed)
+    start = heuristic(t)
+    if start is None:
+        pytest.skip("nothing fits")
+    stage_of = start[0]
+    got = restrategize(t, stage_of)
+    assert got is not None
+    assert all(k in t.allowed[u] for u, k in enumerate(got))
+    assert evaluate_assignment(t, stage_of, got).fits
+    free = dataclasses.replace(t, memory_limit_bytes=1e30)
+    got = restrategize(free, stage_of)
+    c = t.num_microbatches
+
+    def cost(strat) -> float:
+        total = sum(c * t.A[u, k] + t.G[u, k] for u, k in enumerate(strat))
+        return total + sum(c * t.R[u, t.layout[u, strat[u]], t.layout[u + 1, strat[u + 1]]]
+                           for u in range(t.num_layers - 1) if stage_of[u] == stage_of[u + 1])
+
+    best = min(cost(s) for s in itertools.product(*t.allowed))
+    assert cost(got) == pytest.approx(best, rel=1e-12)
