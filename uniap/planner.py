@@ -9,16 +9,23 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    ``Gmin = sum_u min_k G[u,k]`` and ``T`` the min-max contiguous split of the fastest layer
    times under memory (:func:`uniap.milp.bottleneck_lower_bound`; every stage time is at
    least its compute, so the bottleneck is at least ``T``);
-3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
-   the first incumbent;
+3. a heuristic assignment per candidate that may still win (:func:`uniap.search.heuristic`);
+   the best of them is the first incumbent;
 4. the segment bound of each candidate (:func:`uniap.milp.segment_lower_bound`: contiguous
    stages, each with its own compute, synchronisation, memory and outgoing edge, refined
    towards the incumbent); a candidate whose bound reaches the best time found is skipped
-   (it cannot win), and candidates are visited in increasing bound;
+   (it cannot win); the others get a better heuristic assignment (local search, stages
+   re-planned within memory), in increasing bound, each new incumbent refining the others'
+   bounds; they are visited in increasing heuristic time;
 5. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
-   everything that cannot beat it (:func:`uniap.milp.solve`); a first pass gives every
-   candidate a short time limit, and a second pass finishes the ones that stopped early,
-   against the (by then usually much better) incumbent.
+   everything that cannot beat it (:func:`uniap.milp.solve`, which also narrows each layer's
+   stages to the runs the segment bound allows below that time); a first pass gives every
+   candidate a short time limit (the first one solved four times as long), and a second
+   pass finishes the ones that stopped early, against the (by then usually much better)
+   incumbent.
+
+Every skip and every cut only removes assignments that cannot beat a plan already in hand,
+so the result is the optimum over all candidates (tests check it against exhaustive search).
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
