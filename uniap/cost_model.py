@@ -50,6 +50,7 @@ collective waits for it). Everything is a pure function of its inputs: no proces
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -193,6 +194,7 @@ class CostModel:
         self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
         self.opt_bytes = optimizer_bytes_per_param(graph.dtype)
         self.recompute = recompute
+        self._rep: list[int] | None = None
 
     # ------------------------------------------------------------------ groups
     @lru_cache(maxsize=4096)  # noqa: B019 - the model is immutable once built
@@ -241,12 +243,21 @@ class CostModel:
         parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")}
         inflight = [1 if pp == 1 else (c if schedule == "GPipe" else min(c, pp - i)) for i in range(pp)]
         allowed = []
+        for k, s in enumerate(strategies):
+            layout[:, k] = layout_of[s.dp]
+        rep = self._representatives()
         for u, layer in enumerate(layers):
+            if rep[u] != u:
+                # the same inputs as an earlier layer (a run of identical blocks): same rows
+                r = rep[u]
+                allowed.append(list(allowed[r]))
+                A[u], G[u], M[u] = A[r], G[r], M[r]
+                for part in parts.values():
+                    part[u] = part[r]
+                continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
             allowed.append(ks)
-            for k, s in enumerate(strategies):
-                layout[u, k] = layout_of[s.dp]
             for k in ks:
                 s = strategies[k]
                 bl = b / s.dp
@@ -321,8 +332,13 @@ class CostModel:
                 )
         R = np.zeros((max(L - 1, 0), C, C))
         Rp = np.zeros((max(L - 1, 0), C, C))
+        done: dict[float, int] = {}  # output bytes -> first layer with them (same R, Rp rows)
         for u in range(L - 1):
             out = layers[u].output_bytes_per_sample
+            if out in done:
+                R[u], Rp[u] = R[done[out]], Rp[done[out]]
+                continue
+            done[out] = u
             for a, da in enumerate(dps):
                 for bb, db in enumerate(dps):
                     r = 0.0
@@ -339,6 +355,20 @@ class CostModel:
             stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
             step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
         )
+
+    def _representatives(self) -> list[int]:
+        """For each layer, the first layer whose cost-table rows are necessarily equal to its
+        own: the same :class:`Layer` fields but the FQN (what the profile and the formulas read),
+        the same input bytes (its predecessor's output) and both last or both not."""
+        if self._rep is None:
+            layers = self.graph.layers
+            first: dict[tuple, int] = {}
+            self._rep = []
+            for u, layer in enumerate(layers):
+                key = (dataclasses.replace(layer, fqn=""),
+                       layers[u - 1].output_bytes_per_sample if u else 0.0, u == len(layers) - 1)
+                self._rep.append(first.setdefault(key, u))
+        return self._rep
 
     # ------------------------------------------------------------------ plans
     def assignment(self, plan: Plan, tables: CostTables) -> tuple[list[int], list[int]]:

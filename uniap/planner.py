@@ -8,14 +8,24 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
 2. a lower bound ``LB = S + (c - 1) T + Gmin / pp`` with ``S = sum_u min_k A[u,k]``,
    ``Gmin = sum_u min_k G[u,k]`` and ``T`` the min-max contiguous split of the fastest layer
    times under memory (:func:`uniap.milp.bottleneck_lower_bound`; every stage time is at
-   least its compute, so the bottleneck is at least ``T``); candidates are visited in increasing ``LB`` and skipped once ``LB`` reaches
-   the best time found (they cannot win);
-3. a heuristic assignment per candidate (:func:`uniap.search.heuristic`); the best of them is
-   the first incumbent, and candidates are visited in order of their heuristic time;
-4. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
-   everything that cannot beat it (:func:`uniap.milp.solve`); a first pass gives every
-   candidate a short time limit, and a second pass finishes the ones that stopped early,
-   against the (by then usually much better) incumbent.
+   least its compute, so the bottleneck is at least ``T``);
+3. a heuristic assignment per candidate that may still win (:func:`uniap.search.heuristic`);
+   the best of them is the first incumbent;
+4. the segment bound of each candidate (:func:`uniap.milp.segment_lower_bound`: contiguous
+   stages, each with its own compute, synchronisation, memory and outgoing edge, refined
+   towards the incumbent); a candidate whose bound reaches the best time found is skipped
+   (it cannot win); the others get a better heuristic assignment (local search, stages
+   re-planned within memory), in increasing bound, each new incumbent refining the others'
+   bounds; they are visited in increasing heuristic time;
+5. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
+   everything that cannot beat it (:func:`uniap.milp.solve`, which also narrows each layer's
+   stages to the runs the segment bound allows below that time); a first pass gives every
+   candidate a short time limit (the first one solved four times as long), and a second
+   pass finishes the ones that stopped early, against the (by then usually much better)
+   incumbent.
+
+Every skip and every cut only removes assignments that cannot beat a plan already in hand,
+so the result is the optimum over all candidates (tests check it against exhaustive search).
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
@@ -31,13 +41,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
-from uniap.milp import Solution, bottleneck_lower_bound, min_peak_memory, solve
+from uniap.milp import (
+    SegmentBound,
+    Solution,
+    _minima,
+    bottleneck_lower_bound,
+    min_peak_memory,
+    solve,
+)
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
@@ -47,6 +62,12 @@ __all__ = ["plan", "plan_graph", "Candidate"]
 
 _QUICK_SOLVE_S = 2.0
 """First-pass time limit per candidate (see :func:`plan_graph`)."""
+
+_FIRST_SOLVE_FACTOR = 4.0
+"""The first program solved gets this many times the first-pass time limit."""
+
+_IMPROVE_STARTS = 4
+"""Heuristic starts that local search improves on each candidate that may win."""
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +85,8 @@ class Candidate:
     win), ``cutoff`` (solved: nothing beats the incumbent)."""
     time_per_iteration_s: float = math.inf
     wall_s: float = 0.0
+    bound_target_s: float = math.inf
+    """The incumbent the strong bound was last refined against (it refines again for a lower one)."""
 
     def row(self) -> dict:
         tpi = self.time_per_iteration_s
@@ -134,14 +157,35 @@ def plan_graph(
             f"(e.g. a multiple of {N})",
         )
     # Heuristic plans for every candidate first: the best of them is a global incumbent that
-    # cuts off every program that cannot beat it, and the visiting order follows them.
+    # cuts off every program that cannot beat it.
     heur = {}
-    best_tpi = math.inf
-    for _, t in cands:
+    segments: dict[int, SegmentBound] = {}
+    best_tpi, owner = math.inf, None
+    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
+        if cand.lower_bound_s >= best_tpi:
+            heur[id(t)] = (None, math.inf)  # cannot win: it will be pruned
+            continue
         inc = heuristic(t)
         tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
         heur[id(t)] = (inc, tpi)
-        best_tpi = min(best_tpi, tpi)
+        if tpi < best_tpi:
+            best_tpi, owner = tpi, id(t)
+    # The strong bound against that incumbent (candidates that cannot beat it are settled
+    # here), and candidates are visited best bound first: the one that holds the optimum
+    # usually comes first, and its plan then cuts off or prunes the others.
+    for cand, t in cands:
+        _strengthen(cand, t, best_tpi, segments)
+    # Local search from the best starts of the candidates that may still win (best bound first,
+    # each new incumbent refining the others' bounds); then they are visited best plan first.
+    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
+        if _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
+            continue
+        inc = heuristic(t, starts=_IMPROVE_STARTS)
+        tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
+        if tpi < heur[id(t)][1]:
+            heur[id(t)] = (inc, tpi)
+        if tpi < best_tpi:
+            best_tpi, owner = tpi, id(t)
     cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
     best: tuple[Solution, CostTables] | None = None
     final: dict[int, Solution] = {}
@@ -149,13 +193,18 @@ def plan_graph(
     # Two passes. First every candidate gets a short solve: most finish (optimal, or cut off by
     # the incumbent); the hard ones stop early, but the easy ones have meanwhile lowered the
     # incumbent. Then the unfinished ones are solved to the end against that better bound,
-    # which usually cuts them off quickly.
+    # which usually cuts them off quickly. The first program solved (the best incumbent, most
+    # often the optimum's) gets a longer first try: a restart would repeat its work.
     quick_s = min(time_limit_s, _QUICK_SOLVE_S)
+    first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
+    used: dict[int, float] = {}
     for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
         for idx, (cand, t) in enumerate(cands):
-            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or limit <= quick_s):
+            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or used[idx] >= limit):
                 continue
-            if best is not None and cand.lower_bound_s >= best_tpi * (1 - 1e-12):
+            # Prune by the bound, against the best plan so far (or the heuristic incumbent,
+            # except on the candidate that holds it: its own program must produce the plan).
+            if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
                 cand.status = "pruned"
                 if idx in final:  # a first-pass time-out that the bound now settles
                     final[idx] = dataclasses.replace(final[idx], status="pruned")
@@ -163,8 +212,10 @@ def plan_graph(
             inc = heur[id(t)][0]
             if idx in final and final[idx].stage_of:
                 inc = (final[idx].stage_of, final[idx].strategy_of)
+            lim = first_s if pass_no == 1 and not used else limit
+            used[idx] = lim
             sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
-                        time_limit_s=limit, threads=threads, seed=seed)
+                        time_limit_s=lim, threads=threads, seed=seed, segments=segments.get(id(t)))
             final[idx] = sol
             num_solves += 1
             cand.status = sol.status
@@ -260,12 +311,24 @@ def plan(
 
 # ---------------------------------------------------------------------- helpers
 def _lower_bound(t: CostTables) -> float:
-    amin = np.array([min(t.A[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
-    gmin = np.array([min(t.G[u, k] for k in t.allowed[u]) for u in range(t.num_layers)])
+    amin, gmin, _ = _minima(t)
     s = float(amin.sum())
     k = t.stage_overhead_s  # every stage pays it, the bottleneck one too
-    bottleneck = max(s / t.pp, bottleneck_lower_bound(t)) + k
+    split = bottleneck_lower_bound(t)
+    if not math.isfinite(split):
+        return math.inf  # no split of the chain fits in memory
+    bottleneck = max(s / t.pp, split) + k
     return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
+
+
+def _strengthen(cand: Candidate, t: CostTables, target: float, segments: dict[int, SegmentBound]) -> float:
+    """Raise the candidate's lower bound with :func:`uniap.milp.segment_lower_bound`, refined
+    towards ``target`` (the incumbent), when the cheap bound does not already reach it."""
+    if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
+        seg = segments.setdefault(id(t), SegmentBound(t))
+        cand.lower_bound_s = max(cand.lower_bound_s, seg.lower_bound(target))
+        cand.bound_target_s = target
+    return cand.lower_bound_s
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "heuristic", "compositions"]
+__all__ = ["exhaustive", "heuristic", "improve", "restrategize", "compositions", "allowed_mask"]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -43,26 +43,33 @@ def exhaustive(t: CostTables) -> tuple[float, list[int], list[int]]:
     return best
 
 
-def heuristic(t: CostTables) -> tuple[list[int], list[int]] | None:
+def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] | None:
     """A good feasible assignment, fast: for each strategy (and for each layer's own fastest
     strategy), give it to every layer that may use it, balance the stages by binary search
-    on the bottleneck with a greedy fill under the memory limit, and keep the best that fits."""
-    L, pp = t.num_layers, t.pp
+    on the bottleneck with a greedy fill under the memory limit, and keep the best that fits.
+    With ``starts > 0`` the best ``starts`` of them are improved by :func:`improve` first."""
+    L, pp, K = t.num_layers, t.pp, t.num_strategies
     if L < pp:
         return None
+    mask = allowed_mask(t)
+    A = np.where(mask, t.A, np.inf)
+    # fastest[u, a]: the fastest strategy of layer u with layout a (first index on ties), or
+    # its fastest strategy overall when none of that layout is allowed.
+    C = int(t.layout.max()) + 1
+    fastest = np.empty((L, C), dtype=np.int64)
+    any_fastest = np.argmin(A, axis=1)
+    for a in range(C):
+        in_class = np.where(t.layout == a, A, np.inf)
+        best = np.argmin(in_class, axis=1)
+        has = np.isfinite(in_class[np.arange(L), best])
+        fastest[:, a] = np.where(has, best, any_fastest)
     choices: list[list[int]] = []
-    for k in range(t.num_strategies):
-        choice = []
-        for u in range(L):
-            if k in t.allowed[u]:
-                choice.append(k)
-            else:
-                same = [j for j in t.allowed[u] if t.layout[u, j] == t.layout[u, k]] or t.allowed[u]
-                choice.append(min(same, key=lambda j: t.A[u, j]))
-        choices.append(choice)
+    for k in range(K):
+        alt = fastest[np.arange(L), t.layout[:, k]]
+        choices.append(np.where(mask[:, k], k, alt).tolist())
     # Memory-lean choice: each layer's smallest-memory strategy.
-    choices.append([min(t.allowed[u], key=lambda j: t.M[u, j, 0]) for u in range(L)])
-    best, best_tpi = None, float("inf")
+    choices.append(np.argmin(np.where(mask, t.M[:, :, 0], np.inf), axis=1).tolist())
+    found = []
     seen = set()
     for choice in choices:
         key = tuple(choice)
@@ -73,31 +80,258 @@ def heuristic(t: CostTables) -> tuple[list[int], list[int]] | None:
         if stage_of is None:
             continue
         ev = evaluate_assignment(t, stage_of, choice)
-        if ev.fits and ev.time_per_iteration_s < best_tpi:
-            best, best_tpi = (stage_of, choice), ev.time_per_iteration_s
-    return best
+        if ev.fits:
+            found.append((ev.time_per_iteration_s, len(found), stage_of, choice))
+    if not found:
+        return None
+    found.sort()
+    best_tpi, _, *best = found[0]
+    if starts:
+        # the best placement with each stage's strategies chosen on their own within memory
+        stage_of = found[0][2]
+        choice = restrategize(t, stage_of)
+        if choice is not None:
+            ev = evaluate_assignment(t, stage_of, choice)
+            if ev.fits:
+                found.insert(0, (ev.time_per_iteration_s, -1, stage_of, choice))
+    tried = set()
+    for _, _, stage_of, choice in found[:starts + (found[0][1] == -1)]:
+        got = improve(t, stage_of, choice)
+        tpi = evaluate_assignment(t, *got).time_per_iteration_s
+        if tuple(got[0]) in tried:
+            if tpi < best_tpi:
+                best, best_tpi = list(got), tpi
+            continue
+        tried.add(tuple(got[0]))
+        # the strategies of the improved placement chosen again stage by stage, then improved
+        again = restrategize(t, got[0])
+        if again is not None and evaluate_assignment(t, got[0], again).fits:
+            got2 = improve(t, got[0], again)
+            tpi2 = evaluate_assignment(t, *got2).time_per_iteration_s
+            if tpi2 < tpi:
+                got, tpi = got2, tpi2
+        if tpi < best_tpi:
+            best, best_tpi = list(got), tpi
+    return best[0], best[1]
+
+
+def restrategize(t: CostTables, stage_of: list[int]) -> list[int] | None:
+    """Strategies for a fixed placement: each stage on its own takes the strategies that
+    minimise ``c A + G`` plus resharding ``c R`` within the memory limit, by a Lagrangian
+    price on memory (a dynamic program over layouts for each price, bisected to the lowest
+    price that fits); None when some stage cannot fit."""
+    L, c = t.num_layers, t.num_microbatches
+    mask = allowed_mask(t)
+    limit = t.memory_limit_bytes
+    strategy_of = [0] * L
+    for i in sorted(set(stage_of)):
+        us = [u for u in range(L) if stage_of[u] == i]
+        ks, mem = _priced(t, mask, us, i, 0.0)
+        if mem > limit:
+            scale = float(np.max(np.where(mask[us], c * t.A[us] + t.G[us], 0.0))) / max(limit, 1.0)
+            hi = scale
+            for _ in range(40):
+                ks_hi, mem_hi = _priced(t, mask, us, i, hi)
+                if mem_hi <= limit:
+                    break
+                hi *= 8
+            else:
+                return None
+            lo, ks = 0.0, ks_hi
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                k_mid, m_mid = _priced(t, mask, us, i, mid)
+                if m_mid <= limit:
+                    hi, ks = mid, k_mid
+                else:
+                    lo = mid
+        for u, k in zip(us, ks):
+            strategy_of[u] = k
+    return strategy_of
+
+
+def _priced(t: CostTables, mask: np.ndarray, us: list[int], i: int, mu: float) -> tuple[list[int], float]:
+    """Strategies of layers ``us`` (one stage, ``i``) minimising ``c A + G + mu M`` plus
+    ``c R`` between neighbours (a dynamic program over layouts), and their memory."""
+    c, C, n = t.num_microbatches, t.num_layouts, len(us)
+    M = t.M[us, :, i]
+    val = np.where(mask[us], c * t.A[us] + t.G[us] + mu * M, np.inf)
+    lay = t.layout[us]
+    best_k = np.zeros((n, C), dtype=np.int64)
+    cost = np.full((n, C), np.inf)
+    for a in range(C):
+        v = np.where(lay == a, val, np.inf)
+        best_k[:, a] = np.argmin(v, axis=1)
+        cost[:, a] = v[np.arange(n), best_k[:, a]]
+    f, back = cost[0].copy(), []
+    for j in range(1, n):
+        tot = f[:, None] + c * t.R[us[j] - 1]  # [a, b]
+        arg = np.argmin(tot, axis=0)
+        back.append(arg)
+        f = tot[arg, np.arange(C)] + cost[j]
+    a = int(np.argmin(f))
+    ks = [0] * n
+    for j in range(n - 1, -1, -1):
+        ks[j] = int(best_k[j, a])
+        if j:
+            a = int(back[j - 1][a])
+    return ks, float(M[np.arange(n), ks].sum())
+
+
+def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
+            max_moves: int | None = None) -> tuple[list[int], list[int]]:
+    """Steepest descent from a fitting assignment: each step makes the single move that lowers
+    the time per iteration most while every stage still fits (another strategy for one
+    layer, or one layer across a stage boundary), until none does or ``max_moves`` (default
+    ``4 L``) were made. Every move is scored exactly (the formula of
+    :func:`uniap.cost_model.evaluate_assignment`, updated for what the move changes)."""
+    L, pp, c, K = t.num_layers, t.pp, t.num_microbatches, t.num_strategies
+    mask = allowed_mask(t)
+    A = np.where(mask, t.A, np.inf)
+    lay, R, Rp, G = t.layout, t.R, t.Rp, t.G
+    limit = t.memory_limit_bytes
+    stage_of, strategy_of = list(stage_of), list(strategy_of)
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    if not ev.fits:
+        return stage_of, strategy_of
+    cur = ev.time_per_iteration_s
+    ar = np.arange(L)
+    neg = -np.inf
+    for _ in range(max_moves if max_moves is not None else 4 * L):
+        p, o = np.array(ev.stage_time_s), np.array(ev.link_time_s)
+        sy, mem = np.array(ev.sync_time_s), np.array(ev.peak_memory_bytes)
+        st, ku = np.array(stage_of), np.array(strategy_of)
+        au = lay[ar, ku]
+        # another strategy k for layer u (its stage i = st[u])
+        dp = A - A[ar, ku][:, None]
+        dg = G - G[ar, ku][:, None]
+        mi = t.M[ar, :, st]
+        dm = mi - mi[ar, ku][:, None]
+        d_prev = np.zeros((L, K))  # change of the edge into u's stage (u first on it)
+        d_next = np.zeros((L, K))  # change of the edge out of u's stage (u last on it)
+        if L > 1:
+            u = ar[1:]
+            same = (st[u - 1] == st[u])[:, None]
+            new_r = R[(u - 1)[:, None], au[u - 1][:, None], lay[u]] - R[u - 1, au[u - 1], au[u]][:, None]
+            new_rp = Rp[(u - 1)[:, None], au[u - 1][:, None], lay[u]] - Rp[u - 1, au[u - 1], au[u]][:, None]
+            dp[1:] += np.where(same, new_r, 0.0)
+            d_prev[1:] = np.where(same, 0.0, new_rp)
+            u = ar[:-1]
+            same = (st[u + 1] == st[u])[:, None]
+            new_r = R[u[:, None], lay[u], au[u + 1][:, None]] - R[u, au[u], au[u + 1]][:, None]
+            new_rp = Rp[u[:, None], lay[u], au[u + 1][:, None]] - Rp[u, au[u], au[u + 1]][:, None]
+            dp[:-1] += np.where(same, new_r, 0.0)
+            d_next[:-1] = np.where(same, 0.0, new_rp)
+        others_p, others_s = _max_outside(p, 0, 0), _max_outside(sy, 0, 0)  # [i]: over stages j != i
+        o_ext = np.concatenate([[neg], o, [neg]])  # o_ext[i]: link into stage i, o_ext[i + 1]: out of it
+        others_o = _max_outside(o_ext, 0, 1)[:pp]  # [i]: over links other than i - 1, i
+        o_in, o_out = o_ext[:pp], o_ext[1:pp + 1]
+        bott = np.maximum(np.maximum(others_p[st][:, None], p[st][:, None] + dp),
+                          np.maximum(others_o[st][:, None],
+                                     np.maximum(o_in[st][:, None] + d_prev, o_out[st][:, None] + d_next)))
+        sync = np.maximum(others_s[st][:, None], sy[st][:, None] + dg)
+        with np.errstate(invalid="ignore"):  # (c - 1) * inf on strategies a layer may not use
+            score = p.sum() + o.sum() + dp + d_prev + d_next + (c - 1) * bott + sync + t.step_overhead_s
+        score = np.where(mask & (mem[st][:, None] + dm <= limit), score, np.inf)
+        j = int(np.argmin(score))
+        move_u, move_k = divmod(j, K)
+        best, shift = float(score[move_u, move_k]), None
+        # one layer across the boundary between stages i and i + 1
+        sizes = np.bincount(st, minlength=pp).tolist()
+        firsts = np.searchsorted(st, np.arange(pp)).tolist()
+        if pp > 1:
+            rest_p = _max_outside(p, 0, 1).tolist()  # [i]: max over stages other than i, i + 1
+            rest_s = _max_outside(sy, 0, 1).tolist()
+            rest_o = _max_outside(o, 0, 0).tolist()  # [i]: max over links other than i
+            p_sum, o_sum, pl, sl, ol, ml = float(p.sum()), float(o.sum()), p.tolist(), sy.tolist(), o.tolist(), mem.tolist()
+        for i in range(pp - 1):
+            first = firsts[i + 1]
+            for u, src, dst in ((first - 1, i, i + 1), (first, i + 1, i)):
+                if sizes[src] < 2:
+                    continue
+                k, a = strategy_of[u], au[u]
+                ap, an = au[u - 1], au[u + 1]
+                if dst == i + 1:  # u leaves the end of stage i
+                    d_i = -(A[u, k] + R[u - 1, ap, a])
+                    d_j = A[u, k] + R[u, a, an]
+                    o_new = Rp[u - 1, ap, a]
+                else:  # u leaves the start of stage i + 1
+                    d_i = A[u, k] + R[u - 1, ap, a]
+                    d_j = -(A[u, k] + R[u, a, an])
+                    o_new = Rp[u, a, an]
+                if ml[dst] + t.M[u, k, dst] > limit:
+                    continue
+                q_i, q_j = pl[i] + d_i, pl[i + 1] + d_j
+                g = G[u, k]
+                s_i, s_j = (sl[i] - g, sl[i + 1] + g) if dst == i + 1 else (sl[i] + g, sl[i + 1] - g)
+                tpi = (p_sum + d_i + d_j + o_sum - ol[i] + o_new
+                       + (c - 1) * max(rest_p[i], q_i, q_j, rest_o[i], o_new)
+                       + max(rest_s[i], s_i, s_j) + t.step_overhead_s)
+                if tpi < best:
+                    best, shift = tpi, (u, dst)
+        if not best < cur * (1 - 1e-12):
+            break
+        new_stage, new_strategy = list(stage_of), list(strategy_of)
+        if shift is not None:
+            new_stage[shift[0]] = shift[1]
+        else:
+            new_strategy[move_u] = move_k
+        nev = evaluate_assignment(t, new_stage, new_strategy)
+        if not (nev.fits and nev.time_per_iteration_s < cur):
+            break  # rounding: the move does not really help
+        stage_of, strategy_of, ev, cur = new_stage, new_strategy, nev, nev.time_per_iteration_s
+    return stage_of, strategy_of
+
+
+def _max_outside(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``[i]``: the largest ``x[j]`` with ``j`` outside ``i + lo .. i + hi`` (``-inf`` when
+    there is none)."""
+    n = len(x)
+    out = np.full(n, -np.inf)
+    order = np.argsort(-x, kind="stable")[:hi - lo + 2].tolist()  # enough to skip the excluded
+    for i in range(n):
+        for j in order:
+            if not i + lo <= j <= i + hi:
+                out[i] = x[j]
+                break
+    return out
+
+
+def allowed_mask(t: CostTables) -> np.ndarray:
+    """``(L, K)`` booleans: layer u may use strategy k."""
+    mask = np.zeros((t.num_layers, t.num_strategies), dtype=bool)
+    for u, ks in enumerate(t.allowed):
+        mask[u, ks] = True
+    return mask
 
 
 def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
     L, pp = t.num_layers, t.pp
-    w = np.array([t.A[u, k] for u, k in enumerate(choice)])
-    mem = np.array([[t.M[u, k, i] for i in range(pp)] for u, k in enumerate(choice)])
+    idx = np.arange(L)
+    w = t.A[idx, choice]
+    mem = t.M[idx, choice, :]
     limit = t.memory_limit_bytes
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cmem = np.vstack([np.zeros((1, pp)), np.cumsum(mem, axis=0)])
+    # by_mem[u][i]: where a stage i that starts at layer u must end at the latest (memory)
+    by_mem = np.stack([np.searchsorted(cmem[:, i], cmem[:-1, i] + limit, side="right") - 1
+                       for i in range(pp)], axis=1).tolist()
+    too_big = (mem > limit).tolist()
 
     def greedy(cap: float) -> list[int] | None:
-        stage_of, i, seg_t, seg_m = [], 0, 0.0, 0.0
-        for u in range(L):
-            if stage_of and (seg_t + w[u] > cap or seg_m + mem[u, i] > limit):
-                i += 1
-                seg_t, seg_m = 0.0, 0.0
-                if i >= pp:
-                    return None
-            if mem[u, i] > limit:
+        """Fill each stage while its time stays within ``cap`` and its memory within the limit
+        (every stage takes at least one layer); the number of layers of each stage."""
+        by_time = (np.searchsorted(cw, cw[:-1] + cap, side="right") - 1).tolist()
+        counts, u = [], 0
+        for i in range(pp):
+            if u >= L:
+                break
+            if too_big[u][i]:
                 return None
-            seg_t += w[u]
-            seg_m += mem[u, i]
-            stage_of.append(i)
-        return _fill(stage_of, pp)
+            e = max(min(by_time[u], by_mem[u][i]), u + 1)
+            counts.append(e - u)
+            u = e
+        return counts if u >= L else None
 
     lo, hi = float(w.max()), float(w.sum())
     best = greedy(hi)
@@ -112,7 +346,7 @@ def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
             hi, best = mid, got
         if hi - lo <= 1e-9 * hi:
             break
-    return best
+    return _fill([i for i, n in enumerate(best) for _ in range(n)], pp)
 
 
 def _fill(stage_of: list[int], pp: int) -> list[int]:

@@ -149,3 +149,35 @@ def test_stage_splits() -> None:
     assert param_split([1, 1, 1, 1], 4) == [0, 1, 2, 3]
     assert param_split([10, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1]
     assert param_split([1, 1, 1, 1, 1, 1], 2) == [0, 0, 0, 1, 1, 1]
+
+
+def test_compare_alpa_cap_and_search_time_verdicts() -> None:
+    """compare.py raises the Alpa-style cap only where the target applies (>= 16 devices), and
+    reports a capped run's ratio as a lower bound: the target holds only when every row with
+    >= 16 devices reaches 10x, measured or as a lower bound."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare
+
+    from benchmarks.baselines import BaselineResult
+
+    small = compare.Workload("bert-tiny", compare.tiny(4, 1.0), 16)
+    big = compare.Workload("llama2-70b", compare.h100(8), 128)
+    assert compare.alpa_cap(small, 5.0, 20.0, 15.0, 180.0) == 20.0
+    assert compare.alpa_cap(big, 0.5, 20.0, 15.0, 180.0) == 20.0
+    assert compare.alpa_cap(big, 5.0, 20.0, 15.0, 180.0) == 75.0
+    assert compare.alpa_cap(big, 50.0, 20.0, 15.0, 180.0) == 180.0
+    assert compare.alpa_cap(big, 5.0, 20.0, 0.0, 180.0) == 20.0
+
+    def row(uniap_s: float, alpa_s: float, capped: bool):
+        return big, {"uniap": BaselineResult("uniap", wall_s=uniap_s),
+                     "alpa": BaselineResult("alpa", wall_s=alpa_s, capped=capped)}
+
+    text, holds = compare.search_time_target([row(1.0, 30.0, True), row(2.0, 25.0, False)])
+    assert holds and "yes (lower bound)" in text and ">= 30x" in text
+    text, holds = compare.search_time_target([row(1.0, 30.0, True), row(3.0, 20.0, True)])
+    assert not holds and "not shown (Alpa capped)" in text and "shown on 1 of 2 rows" in text
+    text, holds = compare.search_time_target([row(3.0, 20.0, False)])
+    assert not holds and "| no |" in text
+    _, holds = compare.search_time_target([(small, {"uniap": BaselineResult("uniap", wall_s=1.0),
+                                                    "alpa": BaselineResult("alpa", wall_s=1.0)})])
+    assert not holds  # no row the target applies to: nothing shown

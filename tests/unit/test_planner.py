@@ -195,3 +195,49 @@ def test_bad_arguments() -> None:
         plan("gpt-tiny", "cpu-4", global_batch_size=0)
     with pytest.raises(ConfigError, match=r"unknown schedule"):
         plan("gpt-tiny", "cpu-4", global_batch_size=16, schedules=["zigzag"])
+
+
+def test_identical_layers_share_rows_exactly() -> None:
+    """Cost tables computed once per distinct layer equal the tables computed layer by layer."""
+    import dataclasses
+
+    import numpy as np
+
+    base = synthetic_graph(4, 2)
+    layers = list(base.layers)
+    layers = layers[:2] + [dataclasses.replace(layers[1], fqn=f"rep.{j}") for j in range(3)] + layers[2:]
+    graph = ModelGraph("repeated", tuple(layers))
+    cluster = load_cluster("cpu-4")
+    fast, slow = CostModel(graph, cluster), CostModel(graph, cluster)
+    slow._rep = list(range(graph.num_layers))  # no sharing
+    assert fast._representatives() != slow._rep
+    for pp, c in [(1, 1), (1, 2), (2, 2), (2, 4), (4, 8)]:
+        a, b = fast.tables(pp, c, 8), slow.tables(pp, c, 8)
+        for name in ("A", "G", "M", "layout", "R", "Rp"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        for part in a.breakdown:
+            np.testing.assert_array_equal(a.breakdown[part], b.breakdown[part])
+        assert a.allowed == b.allowed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:
+    """On the cost model's own tables (memory binding on a 4 GiB device) the segment bound
+    of every (pp, c) stays below that candidate's exhaustive optimum, for any target."""
+    from uniap.milp import segment_lower_bound
+    from uniap.search import exhaustive
+
+    graph = synthetic_graph(4, seed + 10)
+    cm = CostModel(graph, load_cluster("cpu-4"))
+    checked = 0
+    for pp in (1, 2, 4):
+        for c in divisors(8):
+            try:
+                t = cm.tables(pp, c, 8)
+            except ConfigError:
+                continue
+            best, _, _ = exhaustive(t)
+            for target in (None, best, best * 1.1):
+                assert segment_lower_bound(t, target) <= best * (1 + 1e-12)
+            checked += math.isfinite(best)
+    assert checked >= 4
