@@ -10,7 +10,9 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   forward and backward)
   ``+ sum_pairs [all_reduce(out_bytes * bl) + sum_inputs all_reduce(in_bytes * bl)]`` on the TP
   group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
-  input backward: one for self-attention and MLP, two for cross-attention)
+  input backward: one for self-attention and MLP, two for cross-attention); not added when
+  the profile's TP layer times already include them (``profile.tp_comm_in_compute``: a
+  measured profile times TP layers on a real TP group)
   ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
   gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches)
   ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``) when ``dp > 1``:
@@ -267,7 +269,7 @@ class CostModel:
                 if s.recompute:
                     bwd += fwd
                 tp_comm = 0.0
-                if s.tp > 1:
+                if s.tp > 1 and not self.profile.tp_comm_in_compute:
                     for pair in layer.tp_pairs:
                         tp_comm += self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
                         for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):

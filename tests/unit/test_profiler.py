@@ -289,3 +289,36 @@ def test_mutated_profile_files_give_config_errors_only(graph, tmp_path) -> None:
             assert str(f) in str(e) or "profile" in str(e)
 
     check()
+
+
+def test_combined_profile_is_the_median_of_every_measurement(graph) -> None:
+    """Profiles of one model taken at three machine speeds combine into the middle one's
+    numbers; profiles of different models are refused."""
+    speeds = (1e-4, 4e-4, 2e-4)
+    parts = [fake_profile(graph, per_sample_s=s) for s in speeds]
+    for p, s in zip(parts, speeds):
+        p.overlap_coefficient = s * 1e3
+        p.collectives["p2p"] = {
+            k: CollectiveFit(s, 1e9, 0.0, [4096, 8192], [s, 2 * s]) for k in p.collectives["p2p"]
+        }
+    combined = MeasuredProfile.combine(parts)
+    middle = parts[2]
+    block = graph.layer("blocks.0")
+    assert combined.layer_compute_s(block, 3, 2) == pytest.approx(middle.layer_compute_s(block, 3, 2))
+    assert combined.overlap_coefficient == pytest.approx(0.2)
+    assert combined.collective_s("p2p", 6144, [0, 1]) == pytest.approx(1.5 * 2e-4)
+    assert combined.settings["combined_from"] == 3
+    other = fake_profile(graph)
+    other.model = {**other.model, "signature": "0" * 16}
+    with pytest.raises(ConfigError, match="cannot combine profiles with different model"):
+        MeasuredProfile.combine([parts[0], other])
+
+
+def test_collective_points_are_robust_and_monotone_in_size() -> None:
+    """A rare stall does not move a collective's estimate; a larger message never gets a
+    smaller time than a smaller one."""
+    from uniap.profiler.comm import _monotone, interquartile_mean
+
+    assert interquartile_mean([1.0] * 7 + [100.0]) == 1.0
+    assert interquartile_mean([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert _monotone([3.0, 1.0, 2.0, 5.0, 4.0]) == [1.0, 1.0, 2.0, 4.0, 4.0]

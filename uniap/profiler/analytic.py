@@ -42,6 +42,9 @@ class Profile:
     pipeline_overhead_s: float = 0.0
     """Seconds a pipeline stage spends per micro-batch on the schedule itself (its bookkeeping
     and point-to-point waits), whatever its layers; 0 unless measured."""
+    tp_comm_in_compute: bool = False
+    """Whether ``layer_compute_s`` at ``tp > 1`` already includes the layer's TP collectives
+    (measured on a real TP group); else the cost model adds them from ``collective_s``."""
 
     def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
         """(forward_s, backward_s) of ``layer`` at local batch ``batch`` and TP degree ``tp``."""

@@ -302,16 +302,10 @@ def collect_profile(
                 fwd.append(f)
                 bwd.append(g)
                 act.append(float(saved_activation_bytes(module, inputs_at[b][fqns[0]])))
+            # at tp > 1 the times include the layer's own TP collectives, as they run on a
+            # real TP group (profile.tp_comm_in_compute): subtracting a modelled estimate of
+            # them would only add the collectives' noise to the compute
             fwd, bwd = _mean_over_ranks(fwd), _mean_over_ranks(bwd)
-            if tp > 1:
-                ranks = list(range(tp))
-                for i, b in enumerate(batches):
-                    comm = sum(
-                        skeleton.collective_s("all_reduce", p.allreduce_bytes_per_sample * b, ranks)
-                        for p in layer.tp_pairs
-                    )
-                    fwd[i] = max(fwd[i] - comm, fwd[i] / 5)
-                    bwd[i] = max(bwd[i] - comm, bwd[i] / 5)
             lp = profiles[key]
             lp.fwd_s[tp], lp.bwd_s[tp], lp.activation_bytes[tp] = fwd, bwd, act
             lp.state_bytes[tp] = state_bytes(module)

@@ -8,7 +8,8 @@ measured at several message sizes and fitted as
 all-reduced tensor, the gathered output, the reduce-scatter input, the message sent)
 
 by least squares weighted by ``1 / t`` (relative error); the worst relative residual is kept
-as ``fit_error``. Predictions interpolate the measured points themselves
+as ``fit_error``. Each point is the interquartile mean of at least :data:`MIN_REPEATS` calls
+(slowest rank per call), and the points are made non-decreasing in the size. Predictions interpolate the measured points themselves
 (:meth:`CollectiveFit.time_s`); the fit reports the link and extrapolates. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups
 are consecutive ranks, DP groups strided, and a group is intra-node when all its ranks share
 a node. All groups of one shape run concurrently (as in a real step, where every TP or DP
@@ -99,23 +100,46 @@ def planner_group_shapes(world_size: int) -> dict[str, list[list[list[int]]]]:
     return out
 
 
-def _median_s(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+MIN_REPEATS = 21
+"""Calls timed per collective and size at least: one call's time is heavy-tailed (a rank
+descheduled for a time slice makes every rank of the group wait), so few samples give
+estimates that differ several-fold between runs."""
+
+
+def _typical_s(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Time of one call of ``fn`` as a training step sees it: every rank times the same calls
+    (after a barrier), the slowest rank of each call counts, and the estimate is the mean of
+    the middle half of those (robust to the rare stall, unlike the mean; unlike the median,
+    it keeps the frequent small delays that a step of many collectives accumulates)."""
     for _ in range(warmup):
         fn()
     samples = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, MIN_REPEATS)):
         dist.barrier()
         with Timer(device) as t:
             fn()
         samples.append(t.elapsed_s)
-    return statistics.median(samples)
+    slowest = torch.tensor(samples, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return interquartile_mean(slowest.tolist())
 
 
-def _slowest(value_s: float) -> float:
-    """Max over ranks (a collective waits for its slowest group)."""
-    t = torch.tensor([value_s], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+def interquartile_mean(values: Sequence[float]) -> float:
+    """Mean of the middle half of ``values`` (all of them when fewer than 4)."""
+    v = sorted(values)
+    if len(v) < 4:
+        return statistics.fmean(v)
+    q = len(v) // 4
+    return statistics.fmean(v[q : len(v) - q])
+
+
+def _monotone(times: Sequence[float]) -> list[float]:
+    """Times over increasing sizes made non-decreasing (a larger message never takes less
+    time): each point is capped by every larger size's time."""
+    out = list(times)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
 
 
 def measure_collectives(
@@ -156,8 +180,8 @@ def measure_collectives(
                     def fn(full: torch.Tensor = full, shard=shard, group=group) -> None:
                         dist.reduce_scatter_single(shard, full, group=group)
 
-                times.append(_slowest(_median_s(fn, device, warmup, repeats)))
-            fits.setdefault(op, {})[key] = _fit(sizes_bytes, times)
+                times.append(_typical_s(fn, device, warmup, repeats))
+            fits.setdefault(op, {})[key] = _fit(sizes_bytes, _monotone(times))
         if progress is not None:
             progress(f"collectives on {key}: " + _describe(fits, key))
     for pairs in shapes["p2p"]:
@@ -177,8 +201,8 @@ def measure_collectives(
                     dist.recv(buf, peer)
                     dist.send(buf, peer)
 
-            times.append(_slowest(_median_s(ping, device, warmup, repeats)) / 2)
-        fits.setdefault("p2p", {})[key] = _fit(sizes_bytes, times)
+            times.append(_typical_s(ping, device, warmup, repeats) / 2)
+        fits.setdefault("p2p", {})[key] = _fit(sizes_bytes, _monotone(times))
         if progress is not None:
             progress(f"p2p on {key}: {_describe(fits, key, ('p2p',))}")
     return fits

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,10 @@ class MeasuredProfile(Profile):
     pipeline_overhead_s: float = 0.0
     """Measured seconds a pipeline stage spends per micro-batch on the schedule itself
     (:mod:`uniap.profiler.pipeline`)."""
+    tp_comm_in_compute: bool = True
+    """The TP layer times were measured on a real TP group and include the layer's TP
+    collectives (profiles written before this field: False, the collectives were
+    subtracted)."""
     optimizer_a_s: float = 0.0
     """Fixed seconds per optimizer call (per layer)."""
     optimizer_s_per_param: float = 0.0
@@ -347,6 +352,7 @@ class MeasuredProfile(Profile):
             "overlap_coefficient": float(self.overlap_coefficient),
             "overlap": {k: float(v) for k, v in self.overlap.items()},
             "pipeline_overhead_s": float(self.pipeline_overhead_s),
+            "tp_comm_in_compute": bool(self.tp_comm_in_compute),
             "optimizer": {
                 "a_s": float(self.optimizer_a_s),
                 "s_per_param": float(self.optimizer_s_per_param),
@@ -381,6 +387,7 @@ class MeasuredProfile(Profile):
                 overlap_coefficient=float(d["overlap_coefficient"]),
                 overlap=dict(d.get("overlap", {})),
                 pipeline_overhead_s=float(d.get("pipeline_overhead_s", 0.0)),
+                tp_comm_in_compute=bool(d.get("tp_comm_in_compute", False)),
                 optimizer_a_s=float(d["optimizer"]["a_s"]),
                 optimizer_s_per_param=float(d["optimizer"]["s_per_param"]),
                 calibration={**_CALIBRATION_DEFAULTS, **d.get("calibration", {})},
@@ -392,6 +399,34 @@ class MeasuredProfile(Profile):
                 f"{source}: malformed measured profile ({type(e).__name__}: {e}); "
                 "re-run `uniap profile`"
             ) from None
+
+    @classmethod
+    def combine(cls, profiles: Sequence[MeasuredProfile]) -> MeasuredProfile:
+        """One profile from several measurements of the same model on the same machine (e.g.
+        taken at different times on a shared machine): every measured number is the median
+        of its values over ``profiles``; everything else is the first profile's. Refuses
+        profiles of different models, hardware or measurement settings."""
+        if not profiles:
+            raise ValueError("combine needs at least one profile")
+        dicts = [p.to_dict() for p in profiles]
+        first = dicts[0]
+        for d in dicts[1:]:
+            for part in ("model", "hardware", "versions"):
+                if d[part] != first[part]:
+                    raise ConfigError(
+                        f"cannot combine profiles with different {part}: {first[part]} vs "
+                        f"{d[part]}; combine measurements of one model on one machine"
+                    )
+            for k in ("batches", "tp_degrees"):
+                if d["settings"].get(k) != first["settings"].get(k):
+                    raise ConfigError(
+                        f"cannot combine profiles measured at different {k}: "
+                        f"{first['settings'].get(k)} vs {d['settings'].get(k)}"
+                    )
+        merged = _median_tree(dicts)
+        merged["settings"]["combined_from"] = len(dicts)
+        merged["settings"]["wall_s"] = round(sum(d["settings"].get("wall_s", 0.0) for d in dicts), 2)
+        return cls.from_dict(merged, source="<combined profiles>")
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         """YAML text, also written to ``path`` when given."""
@@ -449,3 +484,23 @@ class MeasuredProfile(Profile):
                     f"{f.bandwidth_bytes_per_s / 1e9:.2f} GB/s (fit err {f.fit_error:.0%})"
                 )
         return "\n".join(lines)
+
+
+def _median_tree(values: list[Any]) -> Any:
+    """Element-wise median of equally shaped plain trees (dicts, lists, numbers); other
+    leaves (strings, booleans, shapes that differ) are taken from the first tree."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {
+            k: _median_tree([v[k] for v in values if isinstance(v, dict) and k in v])
+            for k in first
+        }
+    if isinstance(first, list):
+        if all(isinstance(v, list) and len(v) == len(first) for v in values):
+            return [_median_tree([v[i] for v in values]) for i in range(len(first))]
+        return first
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        med = statistics.median(nums)
+        return type(first)(med) if isinstance(first, int) and float(med).is_integer() else med
+    return first
