@@ -58,6 +58,18 @@ def make_plan(graph, world: int, stages: list[list[tuple]], c: int, schedule: st
     return Plan(graph.name, graph.signature, len(fqns), world, BATCH, c, schedule, tuple(out))
 
 
+def best_plan(graph, cluster, profile) -> Plan:
+    """The planner's plan for the benchmark's model and batch from ``profile``."""
+    return plan_graph(
+        graph,
+        cluster,
+        global_batch_size=BATCH,
+        profile=profile,
+        recompute=False,
+        schedules=["GPipe", "1F1B"],
+    )
+
+
 def _same_plan(a: Plan, b: Plan) -> bool:
     """The same layout, schedule and micro-batch count (predictions and timings aside)."""
     return (a.stages, a.num_microbatches, a.schedule) == (b.stages, b.num_microbatches, b.schedule)
@@ -165,14 +177,7 @@ def main() -> int:
         )
         profiles.append(prof_r)
         if chosen is None:  # the planner's choice from the first profile, run in every round
-            chosen = plan_graph(
-                graph,
-                cluster,
-                global_batch_size=BATCH,
-                profile=prof_r,
-                recompute=False,
-                schedules=["GPipe", "1F1B"],
-            )
+            chosen = best_plan(graph, cluster, prof_r)
             same = [i for i, (_, p) in enumerate(plans) if _same_plan(p, chosen)]
             if same:  # one of the listed plans: measured once, marked (a rerun is only noise)
                 chosen_index = same[0]
@@ -261,14 +266,7 @@ def main() -> int:
         f"({plans[meas.index(fastest)][0]}): {chosen_meas / fastest - 1:+.1%}"
     )
     if args.rounds > 1:
-        again = plan_graph(
-            graph,
-            cluster,
-            global_batch_size=BATCH,
-            profile=prof,
-            recompute=False,
-            schedules=["GPipe", "1F1B"],
-        )
+        again = best_plan(graph, cluster, prof)
         same = _same_plan(again, chosen)
         print(
             "the combined profile's plan: "
@@ -290,14 +288,7 @@ def main() -> int:
         f"{stats['median_abs_error']:.1%} -> {after_all['median_abs_error']:.1%} (worst "
         f"{after_all['worst_abs_error']:.1%}, Spearman {after_all['spearman']:.3f})"
     )
-    replan = plan_graph(
-        graph,
-        cluster,
-        global_batch_size=BATCH,
-        profile=cal,
-        recompute=False,
-        schedules=["GPipe", "1F1B"],
-    )
+    replan = best_plan(graph, cluster, cal)
     print(
         f"re-plan with the calibrated profile: {replan.summary()} (predicted "
         f"{replan.predicted['time_per_iteration_s'] * 1e3:.1f} ms)"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from uniap.profiler.compute import Timer, fit_line
+from uniap.profiler.compute import fit_line, time_samples_s
 
 __all__ = ["CollectiveFit", "group_shape_key", "measure_collectives", "planner_group_shapes"]
 
@@ -111,14 +111,9 @@ def _typical_s(fn: Callable[[], None], device: torch.device, warmup: int, repeat
     (after a barrier), the slowest rank of each call counts, and the estimate is the mean of
     the middle half of those (robust to the rare stall, unlike the mean; unlike the median,
     it keeps the frequent small delays that a step of many collectives accumulates)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(max(repeats, MIN_REPEATS)):
-        dist.barrier()
-        with Timer(device) as t:
-            fn()
-        samples.append(t.elapsed_s)
+    samples = time_samples_s(
+        fn, device, warmup=warmup, repeats=max(repeats, MIN_REPEATS), synchronized=True
+    )
     slowest = torch.tensor(samples, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return interquartile_mean(slowest.tolist())

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "resize_batch",
     "time_layer",
     "time_median_s",
+    "time_samples_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,18 +73,33 @@ class Timer:
             self.elapsed_s = time.perf_counter() - self._t0
 
 
+def time_samples_s(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    synchronized: bool = False,
+) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``fn()`` after ``warmup`` runs; with
+    ``synchronized``, every run starts after a barrier of the default process group (so all
+    ranks time the same calls together; every rank must call it)."""
+    samples = []
+    for i in range(warmup + repeats):
+        if synchronized:
+            dist.barrier()
+        with Timer(device) as t:
+            fn()
+        if i >= warmup:
+            samples.append(t.elapsed_s)
+    return samples
+
+
 def time_median_s(
     fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5
 ) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        with Timer(device) as t:
-            fn()
-        samples.append(t.elapsed_s)
-    return statistics.median(samples)
+    return statistics.median(time_samples_s(fn, device, warmup=warmup, repeats=repeats))
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from uniap.profiler.compute import Timer
+from uniap.profiler.compute import time_samples_s
 
 __all__ = ["measure_overlap"]
 
@@ -31,13 +31,7 @@ logger = logging.getLogger(__name__)
 
 def _median_max(fn: Callable[[], None], device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median over repeats of ``fn()``'s time (all ranks start together), slowest rank."""
-    samples = []
-    for i in range(warmup + repeats):
-        dist.barrier()
-        with Timer(device) as t:
-            fn()
-        if i >= warmup:
-            samples.append(t.elapsed_s)
+    samples = time_samples_s(fn, device, warmup=warmup, repeats=repeats, synchronized=True)
     local = torch.tensor([statistics.median(samples)], dtype=torch.float64)
     dist.all_reduce(local, op=dist.ReduceOp.MAX)
     return float(local.item())

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uniap.profiler.compute import Timer
+from uniap.profiler.compute import time_samples_s
 
 __all__ = ["measure_pipeline_overhead"]
 
@@ -83,13 +83,9 @@ def measure_pipeline_overhead(
                     losses: list[torch.Tensor] = []
                     sched.step(target=x, losses=losses, return_outputs=False)
 
-            samples = []
-            for i in range(warmup + repeats):
-                dist.barrier()
-                with Timer(device) as t:
-                    step()
-                if i >= warmup:
-                    samples.append(t.elapsed_s)
+            samples = time_samples_s(
+                step, device, warmup=warmup, repeats=repeats, synchronized=True
+            )
             elapsed = statistics.median(samples)
         else:  # an odd rank out keeps the barriers company
             for _ in range(warmup + repeats):
