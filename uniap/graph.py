@@ -20,6 +20,7 @@ the log-sum-exp, never the (seq x seq) probabilities; its FLOPs follow torch's S
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -635,6 +636,49 @@ def _cost_key(layer: nn.Module, fields: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+class _MetaMode(contextlib.nullcontext):
+    """Plain meta tensors in the place of a ``FakeTensorMode``: the fast trace."""
+
+    def from_tensor(self, t: Tensor) -> Tensor:
+        return t
+
+
+def _trace(
+    model: nn.Module,
+    fqns: list[str],
+    example_inputs: Any,
+    dtype: torch.dtype,
+    loss_fn: Callable[[Any], Tensor] | None,
+    mode: Any,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], _Tracer, dict, dict]:
+    """One forward and backward of a meta copy of ``model`` (tensors made by ``mode``:
+    :class:`_MetaMode` or a ``FakeTensorMode``) at ``TRACE_BATCH_SIZE``, recorded per layer:
+    ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts)``."""
+    traced = _fake_copy(model, dtype, mode)
+    chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
+    inputs = _fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
+    excluded = {_storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
+    tracer = _Tracer(chain, excluded)
+    tracer.install()
+    counter = FlopCounterMode(display=False, custom_mapping=_FUSED_SDPA_FLOPS)
+    try:
+        with mode, torch.enable_grad(), counter, _FusedAttentionMode(tracer.on_heads):
+            with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
+                if isinstance(inputs, Mapping):
+                    output = traced(**inputs)
+                elif isinstance(inputs, (tuple, list)):
+                    output = traced(*inputs)
+                else:
+                    output = traced(inputs)
+            fwd_counts = counter.get_flop_counts()
+            loss = loss_fn(output) if loss_fn is not None else _default_loss(output)
+            loss.backward()
+        all_counts = counter.get_flop_counts()
+    finally:
+        tracer.remove()
+    return traced, chain, tracer, fwd_counts, all_counts
+
+
 def build_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -664,33 +708,19 @@ def build_graph(
         raise UniapError(f"layer FQNs must be unique and not nested ({clashes[:3]}), got {fqns}")
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    # fake (not plain meta) tensors: libraries such as transformers skip their data-dependent
-    # checks (`.all()`, `.item()`) on fake tensors, as under torch.compile
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    traced = _fake_copy(model, dtype, fake_mode)
-    chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
     batch = TRACE_BATCH_SIZE
-    inputs = _fake_inputs(example_inputs, batch, dtype, fake_mode)
-    excluded = {_storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
-
-    tracer = _Tracer(chain, excluded)
-    tracer.install()
-    counter = FlopCounterMode(display=False, custom_mapping=_FUSED_SDPA_FLOPS)
     try:
-        with fake_mode, torch.enable_grad(), counter, _FusedAttentionMode(tracer.on_heads):
-            with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
-                if isinstance(inputs, Mapping):
-                    output = traced(**inputs)
-                elif isinstance(inputs, (tuple, list)):
-                    output = traced(*inputs)
-                else:
-                    output = traced(inputs)
-            fwd_counts = counter.get_flop_counts()
-            loss = loss_fn(output) if loss_fn is not None else _default_loss(output)
-            loss.backward()
-        all_counts = counter.get_flop_counts()
-    finally:
-        tracer.remove()
+        traced, chain, tracer, fwd_counts, all_counts = _trace(
+            model, fqns, example_inputs, dtype, loss_fn, _MetaMode()
+        )
+    except Exception as e:  # noqa: BLE001 - any op a plain meta tensor cannot answer
+        # fake (not plain meta) tensors: libraries such as transformers skip their
+        # data-dependent checks (`.all()`, `.item()`) on fake tensors, as under torch.compile;
+        # they cost about 3x the time, so they are the fallback
+        logger.debug("meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e)
+        traced, chain, tracer, fwd_counts, all_counts = _trace(
+            model, fqns, example_inputs, dtype, loss_fn, FakeTensorMode(allow_non_fake_inputs=True)
+        )
 
     unused = [fqn for (fqn, _), t in zip(chain, tracer.layers) if t.num_calls == 0]
     if unused:

@@ -344,3 +344,37 @@ def test_trace_batch_is_two():
     a = build_graph(seq, torch.randn(1, 4))
     b = build_graph(seq, torch.randn(64, 4))
     assert a.layers == b.layers
+
+
+@pytest.mark.parametrize("name", ["t5-tiny", "swin-tiny", "llama-tiny"])
+def test_meta_trace_gives_the_fake_tensor_graph(name: str, monkeypatch) -> None:
+    """The fast plain-meta trace and the fake-tensor trace give identical layer chains."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import uniap.graph as graph_module
+
+    fast = _graph(name)
+    monkeypatch.setattr(graph_module, "_MetaMode", lambda: FakeTensorMode(allow_non_fake_inputs=True))
+    assert _graph(name).layers == fast.layers
+
+
+def test_data_dependent_forward_falls_back_to_fake_tensors() -> None:
+    """A forward that checks a tensor's value unless it is being traced with fake tensors
+    (as Hugging Face models do) has no answer on plain meta tensors: it is traced with fake
+    tensors instead of failing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(x, FakeTensor) and bool((x != 0).all()):  # raises on meta
+                x = x * 1.0
+            return self.b(self.a(x))
+
+    g = build_graph(Checked(), torch.randn(2, 8), layer_fqns=["a", "b"])
+    assert [layer.fqn for layer in g.layers] == ["a", "b"]
+    assert g.layer("a").fwd_flops_per_sample == 2 * 8 * 8
