@@ -21,7 +21,6 @@ the loss is already scaled to the global-batch mean.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +30,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-from torch.nn.parallel import DistributedDataParallel
 
 from uniap.executor.data_parallel import GradSync
 
@@ -64,20 +62,15 @@ class _StageWithGradSync(PipelineStage):
         super().__init__(*args, **kwargs)
         self._grad_sync = grad_sync
 
-    def _quiet_ddp(self) -> contextlib.AbstractContextManager:
-        if isinstance(self.submod, DistributedDataParallel):
-            return self.submod.no_sync()
-        return contextlib.nullcontext()
-
     # torch's metadata inference runs a real forward with grad enabled on the first step; under
     # a DDP wrapper that forward would arm the reducer for a backward that never comes (and
     # the next micro-batch's hooks would then be recorded twice), so it runs under no_sync.
     def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
-        with self._quiet_ddp():
+        with self._grad_sync.microbatch(last=False):
             return super()._forward_metadata_inference(*args, **kwargs)
 
     def _backward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
-        with self._quiet_ddp():
+        with self._grad_sync.microbatch(last=False):
             return super()._backward_metadata_inference(*args, **kwargs)
 
     def backward_maybe_with_nosync(
