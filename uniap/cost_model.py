@@ -64,7 +64,7 @@ from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.plan import Plan
 from uniap.profiler import AnalyticProfile, Profile
-from uniap.strategies import DDP_BUCKET_BYTES, Strategy, layer_strategies, stage_strategies
+from uniap.strategies import DDP_BUCKET_BYTES, Strategy, layer_strategies, stage_strategies, why_not
 
 __all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]
 
@@ -373,16 +373,51 @@ class CostModel:
         return self._rep
 
     # ------------------------------------------------------------------ plans
+    def allowed_strategies(self, layer: int | str, pp: int, num_microbatches: int,
+                           global_batch_size: int) -> list[Strategy]:
+        """The strategies ``layer`` (index or FQN) may use on a stage of a ``pp``-stage plan with
+        ``num_microbatches`` micro-batches: the stage's strategies (``dp * tp`` = devices per
+        stage, TP degree at most ``max_tp``, FSDP only with dp > 1, recompute only when the
+        cost model offers it) that :func:`uniap.strategies.why_not` accepts (TP only with a
+        TP plan, the micro-batch splits over dp, recompute only where it saves memory)."""
+        u = self._layer_index(layer)
+        b = global_batch_size // num_microbatches
+        in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
+        return [s for s in self.strategies(pp) if why_not(self.graph.layers[u], s, b, in_bytes) is None]
+
+    def _layer_index(self, layer: int | str) -> int:
+        if isinstance(layer, str):
+            if layer not in self.graph.fqns:
+                raise ConfigError(f"unknown layer {layer!r}; layers: {', '.join(self.graph.fqns)}")
+            return self.graph.fqns.index(layer)
+        if not 0 <= layer < self.graph.num_layers:
+            raise ConfigError(f"layer index {layer} out of range 0..{self.graph.num_layers - 1}")
+        return layer
+
     def assignment(self, plan: Plan, tables: CostTables) -> tuple[list[int], list[int]]:
-        """(stage_of, strategy_of) of a plan in the indices of ``tables``."""
+        """(stage_of, strategy_of) of a plan in the indices of ``tables``; a strategy that a
+        layer may not use (see :meth:`allowed_strategies`) is a :class:`ConfigError` naming the
+        layer and the rule."""
         index = {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(tables.strategies)}
+        b = tables.microbatch_size
         stage_of, strategy_of = [], []
         for i, st in enumerate(plan.stages):
             for ls in st.layers:
+                u = len(stage_of)
                 stage_of.append(i)
                 if ls.key not in index:
-                    raise ConfigError(f"layer {ls.fqn!r}: strategy {ls.key} is not offered on a stage of {st.num_devices} devices")
-                strategy_of.append(index[ls.key])
+                    offered = ", ".join(_strategy_name(s) for s in tables.strategies)
+                    raise ConfigError(
+                        f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a stage of "
+                        f"{st.num_devices} devices (dp * tp must equal the stage size, tp at most "
+                        f"{self.max_tp}, FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
+                        f"offered: {offered}")
+                k = index[ls.key]
+                if k not in tables.allowed[u]:
+                    in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
+                    reason = why_not(self.graph.layers[u], tables.strategies[k], b, in_bytes)
+                    raise ConfigError(f"layer {ls.fqn!r} may not use {_strategy_name(ls)}: {reason}")
+                strategy_of.append(k)
         return stage_of, strategy_of
 
     def evaluate(self, plan: Plan) -> Evaluation:
@@ -391,6 +426,11 @@ class CostModel:
         t = self.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
+
+
+def _strategy_name(s) -> str:
+    """``dp2 tp1 FSDP +ckpt`` for a strategy or a layer's strategy."""
+    return f"dp{s.dp} tp{s.tp} {s.kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _groups(kind: str, g: int, pp: int, a: int, b: int):

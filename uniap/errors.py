@@ -27,9 +27,13 @@ class InfeasibleError(RuntimeError):
     """No plan fits the constraints; the message names what to relax.
 
     `min_memory_bytes` is the smallest per-device memory with which some plan would fit,
-    when the planner knows it, else None.
+    when the planner knows it, else None. `candidates` lists every (pipeline degree,
+    micro-batch count, schedule) the planner tried, each with its status and the reason it
+    gave no plan (rows as in `Plan.solver["candidates"]`).
     """
 
-    def __init__(self, message: str, *, min_memory_bytes: float | None = None) -> None:
+    def __init__(self, message: str, *, min_memory_bytes: float | None = None,
+                 candidates: list[dict] | None = None) -> None:
         super().__init__(message)
         self.min_memory_bytes = min_memory_bytes
+        self.candidates = list(candidates or [])

@@ -339,15 +339,25 @@ def _minima(t: CostTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def bottleneck_lower_bound(t: CostTables) -> float:
-    """A lower bound on the slowest stage ``max_i p_i`` of any assignment: the min-max split of
-    the chain into ``pp`` contiguous stages where layer u weighs ``min_k A[u,k]`` and stage i
-    must hold ``sum min_k M[u,k,i]`` within the memory limit (inf if no split fits).
+    """A lower bound on the slowest stage ``max_i p_i`` of any assignment that fits: the min-max
+    split of the chain into ``pp`` contiguous, non-empty stages where layer u weighs
+    ``min_k A[u,k]`` and stage i must hold ``sum min_k M[u,k,i]`` within the memory limit
+    (``inf`` only if no split fits, i.e. the candidate has no feasible assignment).
 
-    Every stage's time is at least the sum of its layers' fastest times, so the real
-    bottleneck is at least this one. Solved exactly by bisection on the bottleneck with a
-    greedy fill (segment feasibility is monotone, so filling each stage as far as it goes
-    reaches furthest)."""
+    Validity: an assignment that fits splits the chain into such runs; each of its stages
+    takes at least the sum of its layers' fastest times and holds at least the sum of their
+    smallest memories *on that stage*, so its split is feasible here and its bottleneck is at
+    least this one. Exactness of the split: bisection on the bottleneck ``cap``, and for each
+    ``cap`` a dynamic program over split points, stage by stage (which run ends are reachable
+    by stages ``0..i``). A sub-run of a run that fits also fits (weights and memories are
+    non-negative), so from each reachable start the allowed ends form one interval and a
+    stage is one pass over starts. A greedy fill ("each stage as far as it goes") is NOT
+    valid here: memory depends on the stage (1F1B keeps ``min(c, pp - i)`` micro-batches on
+    stage i), so a longer stage i can push a large layer onto a stage where it no longer
+    fits while a shorter stage i would have worked."""
     L, pp = t.num_layers, t.pp
+    if L < pp:
+        return float("inf")
     amin, _, mmin = _minima(t)
     limit = t.memory_limit_bytes * (1 + 1e-9)
 
@@ -356,27 +366,30 @@ def bottleneck_lower_bound(t: CostTables) -> float:
     # Sums of runs are differences of prefix sums: allow for their rounding so that a run that
     # fits is never judged too big (the bound must stay below the true one).
     t_slack = 1e-12 * float(ca[-1])
-    m_slack = 1e-12 * float(cm[-1].max())
-    # by_mem[u][i]: where a stage i that starts at layer u ends at the latest (memory)
-    by_mem = np.stack([np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1
-                       for i in range(pp)], axis=1).tolist()
+    m_slack = 1e-12 * float(np.nanmax(np.where(np.isfinite(cm[-1]), cm[-1], 0.0)))
+    # by_mem[i][s]: the largest end e (exclusive) with layers s..e-1 within memory on stage i.
+    by_mem = [np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1 for i in range(pp)]
+    starts = np.arange(L)
 
     def fits(cap: float) -> bool:
-        by_time = (np.searchsorted(ca, ca[:-1] + cap + t_slack, side="right") - 1).tolist()
-        u = 0
+        by_time = np.searchsorted(ca, ca[:-1] + cap + t_slack, side="right") - 1
+        reach = np.zeros(L + 1, dtype=bool)  # reach[s]: stages 0..i-1 cover layers 0..s-1
+        reach[0] = True
         for i in range(pp):
-            if u >= L:
-                return False  # an empty stage
-            e = min(by_time[u], by_mem[u][i])  # fill the stage as far as it goes
-            if e == u:
-                return False  # nothing fits here
-            if (L - e) < (pp - 1 - i):
-                e = L - (pp - 1 - i)  # too few layers left: give later stages one each
-            u = e
-        return u >= L
+            # Stage i runs from a reachable start s to an end in s+1..hi[s]; it must leave at
+            # least one layer to each later stage.
+            hi = np.minimum(np.minimum(by_time, by_mem[i]), L - (pp - 1 - i))
+            ok = reach[:L] & (hi >= starts + 1)
+            if not ok.any():
+                return False
+            diff = np.zeros(L + 2, dtype=np.int64)
+            np.add.at(diff, starts[ok] + 1, 1)
+            np.add.at(diff, hi[ok] + 1, -1)
+            reach = np.cumsum(diff)[: L + 1] > 0
+        return bool(reach[L])
 
     lo, hi = float(amin.max()), float(amin.sum())
-    if not fits(hi * (1 + 1e-12)):
+    if not np.isfinite(hi) or not fits(hi * (1 + 1e-12)):
         return float("inf")
     for _ in range(60):
         mid = (lo + hi) / 2

@@ -25,7 +25,11 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    incumbent.
 
 Every skip and every cut only removes assignments that cannot beat a plan already in hand,
-so the result is the optimum over all candidates (tests check it against exhaustive search).
+so the result is the optimum over all candidates (tests check it against exhaustive search,
+and :mod:`uniap.exactness` at every memory limit where the optimum changes). A bound that says
+a candidate cannot fit at all is never the only reason for :class:`InfeasibleError`: before
+raising, the leanest candidate (and any whose leanest assignment fits) is solved after all,
+and the error lists every candidate with the reason it gave no plan.
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
@@ -58,13 +62,15 @@ from uniap.profiler import Profile
 from uniap.search import heuristic
 from uniap.strategies import divisors
 
-__all__ = ["plan", "plan_graph", "Candidate"]
+__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables"]
 
 _QUICK_SOLVE_S = 2.0
 """First-pass time limit per candidate (see :func:`plan_graph`)."""
 
 _FIRST_SOLVE_FACTOR = 4.0
 """The first program solved gets this many times the first-pass time limit."""
+
+_NO_SPLIT_FITS = "even with every layer's leanest strategy, nothing fits in memory (lower bound)"
 
 _IMPROVE_STARTS = 4
 """Heuristic starts that local search improves on each candidate that may win."""
@@ -87,6 +93,8 @@ class Candidate:
     wall_s: float = 0.0
     bound_target_s: float = math.inf
     """The incumbent the strong bound was last refined against (it refines again for a lower one)."""
+    reason: str = ""
+    """Why the candidate did not give the plan (empty for the winner and unsolved ones)."""
 
     def row(self) -> dict:
         tpi = self.time_per_iteration_s
@@ -94,7 +102,7 @@ class Candidate:
             "pp": self.pp, "c": self.num_microbatches, "schedule": self.schedule,
             "status": self.status, "lower_bound_s": float(self.lower_bound_s),
             "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
-            "wall_s": round(self.wall_s, 4),
+            "wall_s": round(self.wall_s, 4), "reason": self.reason,
         }
 
 
@@ -137,19 +145,8 @@ def plan_graph(
                 f"the number of layers ({L}); try pp in {pps}"
             )
         pps = sorted(pp_degrees)
-    cs = divisors(B) if num_microbatches is None else sorted(num_microbatches)
-    cands: list[tuple[Candidate, CostTables]] = []
-    for pp in pps:
-        for c in cs:
-            if B % c:
-                raise ConfigError(f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}")
-            scheds = ["1F1B"] if pp == 1 else list(schedules or ["1F1B"])
-            for sched in scheds:
-                try:
-                    t = cm.tables(pp, c, B, sched)
-                except ConfigError:
-                    continue  # some layer has no strategy for this micro-batch size
-                cands.append((Candidate(pp, c, sched, _lower_bound(t)), t))
+    cands = [(Candidate(pp, c, sched, _lower_bound(t)), t)
+             for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)]
     if not cands:
         raise InfeasibleError(
             f"no (pipeline degree, micro-batch count) gives every layer a strategy for global batch "
@@ -206,6 +203,8 @@ def plan_graph(
             # except on the candidate that holds it: its own program must produce the plan).
             if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
                 cand.status = "pruned"
+                cand.reason = (_NO_SPLIT_FITS if not math.isfinite(cand.lower_bound_s) else
+                               f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {best_tpi:.6g} s")
                 if idx in final:  # a first-pass time-out that the bound now settles
                     final[idx] = dataclasses.replace(final[idx], status="pruned")
                 continue
@@ -219,6 +218,8 @@ def plan_graph(
             final[idx] = sol
             num_solves += 1
             cand.status = sol.status
+            cand.reason = {"infeasible": "no assignment fits in memory (the program is infeasible)",
+                           "cutoff": f"nothing beats {best_tpi:.6g} s (the program is cut off)"}.get(sol.status, "")
             cand.wall_s += sol.wall_s
             cand.time_per_iteration_s = sol.time_per_iteration_s
             if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
@@ -228,24 +229,12 @@ def plan_graph(
                 tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
                 progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
                          f"{sol.status} {tpi} ({sol.wall_s:.2f} s)" + (" (second pass)" if pass_no == 2 else ""))
-    statuses = list(final.values())
     if best is None:
-        # Memory falls with more micro-batches (fewer activations) except that FSDP keeps
-        # parameters unsharded when c > 1: the leanest plan has c = 1 or the largest c.
-        lean = {}
-        for cand, t in cands:
-            key = (cand.pp, cand.num_microbatches == 1)
-            if key not in lean or cand.num_microbatches > lean[key][0].num_microbatches:
-                lean[key] = (cand, t)
-        need = min(min_peak_memory(t, time_limit_s=min(time_limit_s, 10.0)) for _, t in lean.values())
-        limit = cm.memory_limit_bytes
-        raise InfeasibleError(
-            f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
-            f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
-            f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
-            f"or sequence length, or a cluster with more memory",
-            min_memory_bytes=need,
-        )
+        lean = _leanest(cands, time_limit_s)
+        best = _last_resort(cands, final, lean, time_limit_s, threads, seed)
+        if best is None:
+            _raise_infeasible(cands, lean, cm, cluster, memory_fraction)
+    statuses = list(final.values())
     sol, t = best
     wall = time.perf_counter() - t_start
     timed_out = [s for s in statuses if s.status == "time_limit"]
@@ -310,6 +299,32 @@ def plan(
 
 
 # ---------------------------------------------------------------------- helpers
+def candidate_tables(
+    cm: CostModel,
+    pp_degrees: Sequence[int],
+    global_batch_size: int,
+    num_microbatches: Sequence[int] | None = None,
+    schedules: Sequence[str] | None = None,
+) -> list[tuple[int, int, str, CostTables]]:
+    """Every ``(pp, c, schedule, tables)`` the planner considers: ``c`` among the divisors of
+    the global batch (or the ones given), 1F1B (and the other schedules asked for) when
+    ``pp > 1``, and only ``c`` for which every layer has a strategy."""
+    B = global_batch_size
+    cs = divisors(B) if num_microbatches is None else sorted(num_microbatches)
+    out = []
+    for pp in pp_degrees:
+        for c in cs:
+            if B % c:
+                raise ConfigError(f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}")
+            for sched in ["1F1B"] if pp == 1 else list(schedules or ["1F1B"]):
+                try:
+                    t = cm.tables(pp, c, B, sched)
+                except ConfigError:
+                    continue  # some layer has no strategy for this micro-batch size
+                out.append((pp, c, sched, t))
+    return out
+
+
 def _lower_bound(t: CostTables) -> float:
     amin, gmin, _ = _minima(t)
     s = float(amin.sum())
@@ -329,6 +344,64 @@ def _strengthen(cand: Candidate, t: CostTables, target: float, segments: dict[in
         cand.lower_bound_s = max(cand.lower_bound_s, seg.lower_bound(target))
         cand.bound_target_s = target
     return cand.lower_bound_s
+
+
+def _leanest(cands: list[tuple[Candidate, CostTables]], time_limit_s: float) -> list[tuple[float, int]]:
+    """``(memory the leanest assignment needs, index)`` of the candidates that can be the
+    leanest, leanest first. Memory falls with more micro-batches (fewer activations in flight)
+    except that FSDP keeps parameters unsharded when c > 1, and 1F1B never keeps more than
+    GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
+    lean: dict[tuple[int, bool], int] = {}
+    for idx, (cand, _) in enumerate(cands):
+        key = (cand.pp, cand.num_microbatches == 1)
+        if key not in lean or cand.num_microbatches > cands[lean[key]][0].num_microbatches:
+            lean[key] = idx
+    need = [(min_peak_memory(cands[idx][1], time_limit_s=min(time_limit_s, 10.0)), idx) for idx in lean.values()]
+    return sorted(need)
+
+
+def _last_resort(cands: list[tuple[Candidate, CostTables]], final: dict[int, Solution],
+                 lean: list[tuple[float, int]], time_limit_s: float, threads: int,
+                 seed: int) -> tuple[Solution, CostTables] | None:
+    """Before saying that no plan fits: the leanest candidate, and any other whose leanest
+    assignment fits, is solved after all when a bound settled it, so that a bound is never the
+    only reason for an :class:`InfeasibleError` and the error never says that a plan needs
+    less memory than the limit. The bounds are valid, so this finds nothing unless one of them
+    is wrong (then it warns)."""
+    for rank, (need, idx) in enumerate(lean):
+        cand, t = cands[idx]
+        if rank and need > t.memory_limit_bytes * (1 + 1e-9):
+            break
+        if idx in final and final[idx].status != "pruned":
+            continue  # the program itself said so
+        sol = solve(t, time_limit_s=time_limit_s, threads=threads, seed=seed)
+        final[idx] = sol
+        cand.status, cand.time_per_iteration_s = sol.status, sol.time_per_iteration_s
+        cand.wall_s += sol.wall_s
+        if sol.stage_of:
+            log.warning("pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
+                        cand.pp, cand.num_microbatches)
+            cand.reason = ""
+            return sol, t
+        cand.reason = "no assignment fits in memory (the program is infeasible)"
+    return None
+
+
+def _raise_infeasible(cands: list[tuple[Candidate, CostTables]], lean: list[tuple[float, int]], cm: CostModel,
+                      cluster: Cluster, memory_fraction: float) -> None:
+    """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate tried."""
+    need = lean[0][0]
+    limit = cm.memory_limit_bytes
+    tried = [c for c, _ in cands]
+    shown = "; ".join(f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}" for c in tried[:4])
+    more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
+    raise InfeasibleError(
+        f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
+        f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
+        f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
+        f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: {shown}{more}",
+        min_memory_bytes=need, candidates=[c.row() for c in tried],
+    )
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:

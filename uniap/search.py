@@ -9,13 +9,14 @@ objective, so "MILP optimum == exhaustive optimum" is a statement about the solv
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 
 import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "heuristic", "improve", "restrategize", "compositions", "allowed_mask"]
+__all__ = ["exhaustive", "frontier", "heuristic", "improve", "restrategize", "compositions", "allowed_mask"]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -360,3 +361,53 @@ def _fill(stage_of: list[int], pp: int) -> list[int]:
         half = first + counts[i] // 2
         stage_of = [s if u < half else s + 1 for u, s in enumerate(stage_of)]
     return stage_of
+
+
+def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[float, float]]:
+    """The exhaustive memory/time trade-off of one table: ``(peak_bytes, tpi_s)`` pairs, peak
+    ascending and time strictly descending, such that the optimum under a memory limit ``m`` is
+    the time of the last pair with ``peak_bytes <= m`` (nothing fits below the first).
+
+    ``peak_bytes`` is the largest per-stage memory of an assignment (it fits iff that is within
+    the limit), and ``t.memory_limit_bytes`` is ignored. Every placement and every strategy is
+    scored, vectorised over the strategy choices of one placement, with the formula of
+    :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small instances
+    (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``)."""
+    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
+    if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:
+        raise ValueError(f"too many assignments for an exhaustive frontier (L={L}, pp={pp})")
+    grids = np.meshgrid(*[np.asarray(ks, dtype=np.int64) for ks in t.allowed], indexing="ij")
+    S = np.stack([g.reshape(-1) for g in grids], axis=1)  # (N, L) strategy of each layer
+    rows = np.arange(L)[None, :]
+    A, G = t.A[rows, S], t.G[rows, S]
+    lay = t.layout[rows, S]
+    peaks, times = [], []
+    for stage_of in compositions(L, pp):
+        st = np.asarray(stage_of)
+        p = np.zeros((len(S), pp))
+        o = np.zeros((len(S), max(pp - 1, 1)))
+        s = np.zeros((len(S), pp))
+        mem = np.zeros((len(S), pp))
+        for u in range(L):
+            i = st[u]
+            p[:, i] += A[:, u]
+            s[:, i] += G[:, u]
+            mem[:, i] += t.M[u, S[:, u], i]
+            if u + 1 < L:
+                if st[u + 1] == i:
+                    p[:, i] += t.R[u, lay[:, u], lay[:, u + 1]]
+                else:
+                    o[:, i] += t.Rp[u, lay[:, u], lay[:, u + 1]]
+        p += t.stage_overhead_s
+        o = o[:, : pp - 1]
+        bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
+        tpi = p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
+        peaks.append(mem.max(axis=1))
+        times.append(tpi)
+    peak, tpi = np.concatenate(peaks), np.concatenate(times)
+    out: list[tuple[float, float]] = []
+    for j in np.lexsort((tpi, peak)):
+        if not out or tpi[j] < out[-1][1]:
+            out.append((float(peak[j]), float(tpi[j])))
+    return out

@@ -88,13 +88,25 @@ def stage_strategies(stage_size: int, *, max_tp: int | None = None, recompute: b
 
 def layer_strategies(layer: Layer, strategies: list[Strategy], microbatch_size: int,
                      input_bytes_per_sample: float = 0.0) -> list[int]:
-    """Indices into ``strategies`` that ``layer`` may use at this micro-batch size.
+    """Indices into ``strategies`` that ``layer`` may use at this micro-batch size (those for
+    which :func:`why_not` has no objection)."""
+    return [k for k, s in enumerate(strategies) if why_not(layer, s, microbatch_size, input_bytes_per_sample) is None]
 
-    Recompute is offered only where it saves memory: the layer keeps more for backward than
-    twice its input (which checkpointing keeps instead)."""
-    worth_ckpt = layer.saved_bytes_per_sample > 2 * input_bytes_per_sample
-    return [
-        k
-        for k, s in enumerate(strategies)
-        if layer.supports_tp(s.tp) and microbatch_size % s.dp == 0 and (worth_ckpt or not s.recompute)
-    ]
+
+def why_not(layer: Layer, strategy: Strategy, microbatch_size: int, input_bytes_per_sample: float = 0.0) -> str | None:
+    """Why ``layer`` may not use ``strategy`` (one of its stage's strategies) at this micro-batch
+    size, or None when it may. The rules:
+
+    - TP degree > 1 only on a layer with a tensor-parallel plan that this degree divides;
+    - the micro-batch splits evenly over the data-parallel degree;
+    - recompute only where it saves memory: the layer keeps more for backward than twice its
+      input (which checkpointing keeps instead)."""
+    if not layer.supports_tp(strategy.tp):
+        reason = layer.tp_excluded_reason or "it has no tensor-parallel plan for this degree"
+        return f"tensor parallelism of degree {strategy.tp} is not possible: {reason}"
+    if microbatch_size % strategy.dp:
+        return f"the micro-batch of {microbatch_size} samples does not split over dp = {strategy.dp}"
+    if strategy.recompute and not layer.saved_bytes_per_sample > 2 * input_bytes_per_sample:
+        return ("recompute saves no memory here: the layer keeps no more for backward than twice its "
+                "input, which checkpointing would keep instead")
+    return None

@@ -1,0 +1,250 @@
+"""The planner is exact under tight memory: every bound it prunes by is valid, and the plan
+equals the exhaustive optimum at every memory limit where the optimum changes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from uniap import models
+from uniap.cluster import Cluster
+from uniap.cost_model import CostModel, CostTables, evaluate_assignment
+from uniap.errors import ConfigError, InfeasibleError
+from uniap.exactness import optimum_curve, sweep, sweep_limits
+from uniap.graph import build_graph
+from uniap.milp import SegmentBound, _windows, bottleneck_lower_bound
+from uniap.plan import LayerStrategy, Plan, Stage
+from uniap.planner import _lower_bound, candidate_tables, plan_graph
+from uniap.search import compositions, frontier
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(x)))
+
+
+def _cluster(nodes: int, per_node: int = 1) -> Cluster:
+    return Cluster.from_dict({
+        "name": f"{nodes}x{per_node}", "num_nodes": nodes, "devices_per_node": per_node,
+        "device": {"memory": "4 GiB", "peak_flops": {"float32": "50 GFLOP/s"}, "compute_efficiency": 0.5, "type": "cpu"},
+        "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
+        "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"}, "backend": "gloo",
+    })
+
+
+def _seq7():
+    with torch.device("meta"):
+        m = nn.Sequential(MLP(64, 256), nn.LayerNorm(64), MLP(64, 128), MLP(64, 512), MLP(64, 256),
+                          nn.LayerNorm(64), MLP(64, 128))
+    return build_graph(m, torch.empty(2, 16, 64, device="meta"), name="seq7")
+
+
+def _chain(seed: int):
+    rng = np.random.default_rng(seed)
+    blocks = [nn.LayerNorm(64) if rng.random() < 0.25 else MLP(64, int(rng.choice([64, 256, 1024])))
+              for _ in range(int(rng.integers(3, 7)))]
+    with torch.device("meta"):
+        m = nn.Sequential(*blocks)
+    return build_graph(m, torch.empty(2, 16, 64, device="meta"), name=f"chain{seed}")
+
+
+def test_stage_dependent_memory_keeps_the_optimum() -> None:
+    """The reported case: pp=4, c=4 with stages 1/2/1/3 fits and beats pp=2 by 17 %; a greedy
+    fill of the split bound called that candidate infeasible and the planner returned pp=2."""
+    p = plan_graph(_seq7(), _cluster(8).with_memory(1080000 / 0.9), global_batch_size=16)
+    assert p.pp_degree == 4 and p.num_microbatches == 4
+    assert [len(s.layers) for s in p.stages] == [1, 2, 1, 3]
+    assert p.predicted["time_per_iteration_s"] == pytest.approx(0.017919, rel=1e-4)
+    assert p.solver["status"] == "optimal"
+
+
+def test_t5_with_three_plus_three_blocks_plans_at_every_limit() -> None:
+    """t5-tiny with 3 + 3 blocks on 8 x 1 devices without recompute: the plan equals the
+    enumeration at every step of the optimum and just below it (it raised InfeasibleError
+    saying a plan needs less memory than the limit)."""
+    m = models.build_model("t5-tiny", device="meta", n_layers=3, n_decoder_layers=3)
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="t5")
+    checks = sweep(g, _cluster(8), global_batch_size=16, recompute=False, max_tp=1)
+    assert len(checks) >= 10
+    assert [c for c in checks if not c.ok] == []
+    assert any(math.isinf(c.expected_s) for c in checks) and any(math.isfinite(c.expected_s) for c in checks)
+
+
+@pytest.mark.parametrize("seed,nodes,per_node,opts", [
+    (0, 4, 1, {"schedules": ["1F1B"]}),
+    (1, 4, 1, {"schedules": ["GPipe"], "recompute": False}),
+    (2, 2, 2, {"schedules": ["GPipe", "1F1B"], "max_tp": 2}),
+    (3, 8, 1, {"schedules": ["1F1B"], "max_tp": 1}),
+])
+def test_planner_equals_enumeration_at_every_breakpoint(seed: int, nodes: int, per_node: int, opts: dict) -> None:
+    """Random chains of different layer sizes: at every memory limit where the optimum changes
+    (and just below it) the planner's time equals the exhaustive optimum over every candidate,
+    and it raises InfeasibleError exactly when nothing fits."""
+    checks = sweep(_chain(seed), _cluster(nodes, per_node), global_batch_size=8, max_checks=24, **opts)
+    assert [c for c in checks if not c.ok] == []
+
+
+def test_sweep_limits_bracket_every_step() -> None:
+    """The sweep asks at each step of the curve and just below it, where the previous optimum holds."""
+    curve = [(10.0, 5.0), (20.0, 3.0)]
+    assert list(sweep_limits(curve)) == [(10.0 * (1 - 1e-6), math.inf), (10.0, 5.0),
+                                         (20.0 * (1 - 1e-6), 5.0), (20.0, 3.0)]
+
+
+# ---------------------------------------------------------------------- each bound on its own
+def _brute(t: CostTables) -> tuple[float, float]:
+    """(the smallest bottleneck max_i p_i, the optimum) over every assignment that fits."""
+    best_bottleneck = best = math.inf
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                best_bottleneck = min(best_bottleneck, max(ev.stage_time_s) - t.stage_overhead_s)
+                best = min(best, ev.time_per_iteration_s)
+    return best_bottleneck, best
+
+
+def _min_max_split(t: CostTables) -> float:
+    """The min-max split of the layers' fastest times with each stage's leanest memory, by
+    enumeration (what bottleneck_lower_bound computes by bisection and dynamic programming)."""
+    mask = np.zeros_like(t.A, dtype=bool)
+    for u, ks in enumerate(t.allowed):
+        mask[u, ks] = True
+    amin = np.where(mask, t.A, np.inf).min(axis=1)
+    mmin = np.where(mask[:, :, None], t.M, np.inf).min(axis=1)
+    best = math.inf
+    for stage_of in compositions(t.num_layers, t.pp):
+        st = np.asarray(stage_of)
+        if all(mmin[st == i, i].sum() <= t.memory_limit_bytes * (1 + 1e-9) for i in range(t.pp)):
+            best = min(best, max(amin[st == i].sum() for i in range(t.pp)))
+    return best
+
+
+def _candidate_tables(graph, cluster, **opts) -> list[CostTables]:
+    cm = CostModel(graph, cluster, memory_fraction=0.9, max_tp=opts.get("max_tp"))
+    pps = [p for p in (1, 2, 4, 8) if cluster.world_size % p == 0 and p <= graph.num_layers]
+    return [t for _, _, _, t in candidate_tables(cm, pps, 8, None, opts.get("schedules"))]
+
+
+@pytest.mark.parametrize("case", ["seq7", "chain3", "chain5"])
+def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
+    """For every candidate and every memory limit where its own optimum changes (and just
+    below): the split bound equals the enumerated min-max split, the candidate bound, the
+    segment bound (for any target) and the bottleneck bound stay below the optimum, each is
+    +inf only when nothing fits, and the windows keep every assignment faster than a target."""
+    graph = _seq7() if case == "seq7" else _chain(int(case[-1]))
+    tables = _candidate_tables(graph, _cluster(8 if case == "seq7" else 4), max_tp=1, schedules=["1F1B"])
+    checked = 0
+    for t0 in tables:
+        if math.comb(t0.num_layers - 1, t0.pp - 1) * np.prod([len(k) for k in t0.allowed]) > 20000:
+            continue
+        for limit, _ in list(sweep_limits(frontier(t0)))[::5]:
+            t = CostTables(**{**t0.__dict__, "memory_limit_bytes": limit})
+            min_bottleneck, opt = _brute(t)
+            split = bottleneck_lower_bound(t)
+            assert split == pytest.approx(_min_max_split(t), rel=1e-8) if math.isfinite(opt) or math.isfinite(split) else True
+            assert math.isinf(split) == math.isinf(opt)
+            assert split <= min_bottleneck * (1 + 1e-12)
+            assert _lower_bound(t) <= opt * (1 + 1e-12)
+            seg = SegmentBound(t)
+            for target in (None, opt * 0.999, opt, opt * 1.5):
+                if target is not None and math.isinf(target):
+                    continue
+                lb = seg.lower_bound(target)
+                assert lb <= opt * (1 + 1e-12) and (math.isfinite(lb) or math.isinf(opt))
+            if math.isfinite(opt):
+                target = opt * 1.05
+                win, runs = _windows(t, target), seg.windows(target)
+                for stage_of in compositions(t.num_layers, t.pp):
+                    for strat in itertools.product(*t.allowed):
+                        ev = evaluate_assignment(t, stage_of, list(strat))
+                        if ev.fits and ev.time_per_iteration_s < target:
+                            assert all(i in win[u] and i in runs[u] for u, i in enumerate(stage_of))
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_split_bound_equals_min_max_split_with_stage_dependent_memory(seed: int) -> None:
+    """Random tables whose memory differs strongly between stages: bisection with the dynamic
+    program equals the enumerated min-max split (a greedy fill does not)."""
+    rng = np.random.default_rng(seed)
+    L, pp = int(rng.integers(4, 10)), int(rng.integers(2, 6))
+    pp = min(pp, L)
+    K = 2
+    A = rng.uniform(0.1, 2.0, size=(L, K))
+    M = rng.uniform(0.0, 10.0, size=(L, K, 1)) * rng.uniform(0.2, 3.0, size=(1, 1, pp))
+    t = CostTables(pp, 4, A, np.zeros((L, K)), M, np.zeros((L, K), dtype=np.int64),
+                   np.zeros((L - 1, 1, 1)), np.zeros((L - 1, 1, 1)), 0.0, [[0, 1]] * L)
+    peaks = sorted({float(M[:, :, i].min(axis=1)[s:e].sum()) for i in range(pp) for s in range(L) for e in range(s + 1, L + 1)})
+    for limit in peaks[:: max(1, len(peaks) // 25)]:
+        t.memory_limit_bytes = limit
+        want = _min_max_split(t)
+        got = bottleneck_lower_bound(t)
+        assert (math.isinf(want) and math.isinf(got)) or got == pytest.approx(want, rel=1e-8)
+
+
+# ---------------------------------------------------------------------- illegal strategies
+def _plan_with(graph, world: int, layers: list[LayerStrategy], c: int = 1) -> Plan:
+    return Plan(model_name=graph.name, model_signature=graph.signature, num_layers=graph.num_layers,
+                world_size=world, global_batch_size=8, num_microbatches=c, schedule="1F1B",
+                stages=(Stage(layers=tuple(layers), ranks=tuple(range(world))),))
+
+
+def test_evaluate_rejects_illegal_strategies_with_one_error() -> None:
+    """A strategy a layer may not use is a ConfigError naming the layer and the rule (it gave
+    NaN with fits=True, or inf), for c = 1 and c > 1."""
+    with torch.device("meta"):
+        m = nn.Sequential(MLP(64, 256), nn.LayerNorm(64), nn.Linear(64, 64), MLP(64, 128))
+    graph = build_graph(m, torch.empty(2, 16, 64, device="meta"), name="mixed")
+    cm = CostModel(graph, _cluster(2, 2), max_tp=2)
+    fqns = graph.fqns
+    norm = next(f for f, layer in zip(fqns, graph.layers) if not layer.tp_pairs)
+    for c in (1, 2):
+        layers = [LayerStrategy(f, 2 if f == norm else 4, 2 if f == norm else 1) for f in fqns]
+        with pytest.raises(ConfigError, match=rf"layer '{norm}' may not use dp2 tp2 DDP: tensor parallelism"):
+            cm.evaluate(_plan_with(graph, 4, layers, c))
+    lean = [f for f in fqns if not any(s.recompute for s in cm.allowed_strategies(f, 1, 1, 8))]
+    assert lean, "some layer of the chain keeps too little for recompute to pay"
+    layers = [LayerStrategy(f, 4, 1, "FSDP", recompute=(f == lean[0])) for f in fqns]
+    with pytest.raises(ConfigError, match=rf"layer '{lean[0]}' may not use dp4 tp1 FSDP \+ckpt: recompute saves no memory"):
+        cm.evaluate(_plan_with(graph, 4, layers))
+    layers = [LayerStrategy(f, 1, 4) for f in fqns]
+    with pytest.raises(ConfigError, match=r"strategy dp1 tp4 DDP is not offered on a stage of 4 devices"):
+        cm.evaluate(_plan_with(graph, 4, layers))
+
+
+def test_allowed_strategies_is_what_the_tables_offer() -> None:
+    """CostModel.allowed_strategies lists exactly the strategies of the cost tables' rows."""
+    graph = _chain(3)
+    cm = CostModel(graph, _cluster(2, 2), max_tp=2)
+    for pp, c in ((1, 1), (1, 2), (2, 2)):
+        t = cm.tables(pp, c, 8)
+        for u, fqn in enumerate(graph.fqns):
+            assert cm.allowed_strategies(fqn, pp, c, 8) == [t.strategies[k] for k in t.allowed[u]]
+    with pytest.raises(ConfigError, match="unknown layer 'nope'"):
+        cm.allowed_strategies("nope", 1, 1, 8)
+
+
+def test_infeasible_error_lists_the_candidates_and_never_contradicts_itself() -> None:
+    """Below the leanest plan: InfeasibleError says what the leanest plan needs (more than the
+    limit) and carries every candidate tried with its reason."""
+    graph = _seq7()
+    curve = optimum_curve(graph, _cluster(8), global_batch_size=16)
+    cl = _cluster(8).with_memory(curve[0][0] * 0.99 / 0.9)
+    with pytest.raises(InfeasibleError) as err:
+        plan_graph(graph, cl, global_batch_size=16)
+    e = err.value
+    assert e.min_memory_bytes > cl.device_memory_bytes * 0.9
+    assert e.min_memory_bytes == pytest.approx(curve[0][0], rel=1e-4)
+    assert len(e.candidates) >= 8 and all(c["reason"] for c in e.candidates)
+    assert "Tried" in str(e) and "pp=" in str(e)
