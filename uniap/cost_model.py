@@ -125,6 +125,22 @@ class CostTables:
     def num_layouts(self) -> int:
         return self.R.shape[1] if self.R.ndim == 3 and self.R.shape[0] else int(self.layout.max()) + 1
 
+    def allowed_mask(self) -> np.ndarray:
+        """``(L, K)`` booleans: layer u may use strategy k."""
+        mask = np.zeros((self.num_layers, self.num_strategies), dtype=bool)
+        for u, ks in enumerate(self.allowed):
+            mask[u, ks] = True
+        return mask
+
+    def minima(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each layer's smallest ``A`` and ``G`` over its allowed strategies, ``(L,)``, and its
+        smallest memory per stage, ``(L, pp)``."""
+        mask = self.allowed_mask()
+        amin = np.where(mask, self.A, np.inf).min(axis=1)
+        gmin = np.where(mask, self.G, np.inf).min(axis=1)
+        mmin = np.where(mask[:, :, None], self.M, np.inf).min(axis=1)
+        return amin, gmin, mmin
+
 
 @dataclass
 class Evaluation:

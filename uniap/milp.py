@@ -32,7 +32,7 @@ Constraints (one builder per family, named ``<family>_<indices>``)
     ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.
     ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k]``.
     ``bottleneck_lb``  (:func:`_bottleneck`) ``t >=`` the min-max contiguous split of the
-        layers' fastest times (:func:`bottleneck_lower_bound`): a valid cut that the LP
+        layers' fastest times (:func:`uniap.bounds.bottleneck_lower_bound`): a valid cut that the LP
         relaxation, which spreads layers fractionally over stages, does not see.
     ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
     ``order_u_w_i_j``  (:func:`_symmetry`) identical layers u < w on one stage with strategies of
@@ -40,13 +40,9 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         ``count_r_i_k`` integer counts per group of identical layers, stage and strategy.
     ``cutoff``         (:func:`_objective`) objective <= incumbent, when one is known.
 
-Windows: layer u may sit on stage i only if ``i <= u`` and ``pp - 1 - i <= L - 1 - u``; with an
-incumbent of time ``T``, also only if stages 0..i can reach u and stages i..pp-1 can cover
-u..L-1 with every stage's compute lower bound ``seg`` satisfying
-``total_min + (c - 1) seg <= T`` and its memory lower bound within the limit, and only if some
-run of layers through u on stage i keeps the segment bound below ``T``
-(:func:`segment_windows`). These cuts only remove assignments that cannot beat ``T``, so
-exactness is kept.
+Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves to layer u
+(:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
+they remove only assignments that cannot beat the incumbent, so exactness is kept.
 
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
@@ -64,11 +60,10 @@ import numpy as np
 import pulp
 
 from uniap._highs import silence_highs_banner
+from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment
-from uniap.search import allowed_mask
 
-__all__ = ["Solution", "solve", "min_peak_memory", "bottleneck_lower_bound", "segment_lower_bound", "segment_windows",
-           "SegmentBound"]
+__all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +132,7 @@ def solve(
             incumbent, bound = None, None
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
-    window = _windows(t, bound)
+    window = stage_windows(t, bound)
     if bound is not None and all(window):
         # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits
         # up to bound * (1 + 1e-7): every assignment the program may return stays inside)
@@ -161,7 +156,7 @@ def solve(
     ms = h.getModelStatus()
     info = h.getInfo()
     wall = time.perf_counter() - t0
-    nvar, ncon = len(prob.variables()), len(prob.constraints)
+    nvar, ncon = prob.numVariables(), prob.numConstraints()
     has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
     if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible) or not has_sol:
         if ms == highspy.HighsModelStatus.kTimeLimit:
@@ -191,7 +186,7 @@ def _build(t: CostTables, window: list[list[int]], bound: float | None) -> tuple
     # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
     scale = _time_scale(t, bound)
     prob = pulp.LpProblem("uniap", pulp.LpMinimize)
-    v = _variables(t, window)
+    v = _variables(prob, t, window)
     _assign(prob, t, v)
     _flow(prob, t, v)
     p, o = _stage_times(t, v, scale)
@@ -206,12 +201,12 @@ def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int =
     """The smallest per-device peak memory of any assignment (ignoring the memory limit): what
     an infeasibility error reports as the memory needed. Same path variables, objective
     ``min m`` with ``m >= memory of stage i``."""
-    window = _windows(dataclasses.replace(t, memory_limit_bytes=float("inf")), None)
+    window = stage_windows(dataclasses.replace(t, memory_limit_bytes=float("inf")), None)
     prob = pulp.LpProblem("uniap_memory", pulp.LpMinimize)
-    v = _variables(t, window)
+    v = _variables(prob, t, window)
     _assign(prob, t, v)
     _flow(prob, t, v)
-    m = pulp.LpVariable("m", lowBound=0)
+    m = prob.add_variable("m", lowBound=0)
     scale = float(np.max(t.M)) or 1.0
     terms: list[list] = [[] for _ in range(t.pp)]
     for (u, i, k), var in v.x.items():
@@ -224,9 +219,9 @@ def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int =
     return float(pulp.value(m)) * scale
 
 
-def _variables(t: CostTables, window: list[list[int]]) -> _Vars:
+def _variables(prob: pulp.LpProblem, t: CostTables, window: list[list[int]]) -> _Vars:
     L = t.num_layers
-    x = {(u, i, k): pulp.LpVariable(f"x_{u}_{i}_{k}", cat=pulp.LpBinary)
+    x = {(u, i, k): prob.add_variable(f"x_{u}_{i}_{k}", cat=pulp.LpBinary)
          for u in range(L) for i in window[u] for k in t.allowed[u]}
     lay = [{k: int(t.layout[u, k]) for k in t.allowed[u]} for u in range(L)]
     classes = [sorted(set(lay[u].values())) for u in range(L)]
@@ -236,11 +231,11 @@ def _variables(t: CostTables, window: list[list[int]]) -> _Vars:
             for a in classes[u]:
                 for b in classes[u + 1]:
                     if i in window[u + 1]:
-                        y[u, i, a, b] = pulp.LpVariable(f"y_{u}_{i}_{a}_{b}", lowBound=0)
+                        y[u, i, a, b] = prob.add_variable(f"y_{u}_{i}_{a}_{b}", lowBound=0)
                     if i + 1 in window[u + 1]:
-                        z[u, i, a, b] = pulp.LpVariable(f"z_{u}_{i}_{a}_{b}", lowBound=0)
-    tb = pulp.LpVariable("t", lowBound=0)
-    ts = pulp.LpVariable("t_sync", lowBound=0)
+                        z[u, i, a, b] = prob.add_variable(f"z_{u}_{i}_{a}_{b}", lowBound=0)
+    tb = prob.add_variable("t", lowBound=0)
+    ts = prob.add_variable("t_sync", lowBound=0)
     return _Vars(x, y, z, tb, ts, window, lay, classes)
 
 
@@ -266,385 +261,6 @@ def _time_scale(t: CostTables, bound: float | None) -> float:
     finite = np.where(np.isfinite(t.A), t.A, 0.0)
     s = float(finite.max(axis=1).sum()) * t.num_microbatches
     return s if s > 0 else 1.0
-
-
-def _windows(t: CostTables, bound: float | None) -> list[list[int]]:
-    """Stages each layer may sit on (see the module docstring)."""
-    L, pp, c = t.num_layers, t.pp, t.num_microbatches
-    lo = [max(0, pp - L + u) for u in range(L)]
-    hi = [min(u, pp - 1) for u in range(L)]
-    amin, _, mmin = _minima(t)
-    limit = t.memory_limit_bytes * (1 + 1e-9)
-    total = float(amin.sum())
-    cap = float("inf")
-    if bound is not None and c > 1:
-        cap = (bound * (1 + 1e-9) - total) / (c - 1)
-    elif bound is not None and bound * (1 + 1e-9) < total:
-        cap = -1.0
-
-    ca = np.concatenate([[0.0], np.cumsum(amin)])
-    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
-
-    def min_start(i: int) -> list[int]:
-        """For each end e, the first start s with layers s..e fitting on stage i (L if none)."""
-        out, s = [], 0
-        for e in range(L):
-            s = max(s, 0)
-            while s <= e and not (ca[e + 1] - ca[s] <= cap + 1e-15 and cm[e + 1, i] - cm[s, i] <= limit):
-                s += 1
-            out.append(s if s <= e else L)
-            if s > e:
-                s = e + 1
-        return out
-
-    ms = [min_start(i) for i in range(pp)]
-    # F[i][e]: stages 0..i can exactly cover layers 0..e; B[i][s]: stages i..pp-1 cover s..L-1.
-    F = np.zeros((pp, L), dtype=bool)
-    B = np.zeros((pp, L + 1), dtype=bool)
-    for i in range(pp):
-        if i == 0:
-            F[0] = [ms[0][e] == 0 for e in range(L)]
-            continue
-        cnt = np.concatenate([[0], np.cumsum(F[i - 1])])  # cnt[j] = #F[i-1][0..j-1]
-        for e in range(L):
-            lo_s = max(ms[i][e], 1)
-            if lo_s <= e and cnt[e] - cnt[lo_s - 1] > 0:  # some F[i-1][s-1], s in [lo_s, e]
-                F[i, e] = True
-    for i in range(pp - 1, -1, -1):
-        for s in range(L):
-            if i == pp - 1:
-                B[i, s] = ms[i][L - 1] <= s
-            else:
-                B[i, s] = any(B[i + 1, e + 1] for e in range(s, L - 1) if ms[i][e] <= s)
-    out = []
-    for u in range(L):
-        w = []
-        for i in range(lo[u], hi[u] + 1):
-            end_ok = any(F[i, e] and (B[i + 1, e + 1] if i + 1 < pp else e == L - 1) for e in range(u, L))
-            start_ok = any(B[i, s] and (F[i - 1, s - 1] if i > 0 else s == 0) for s in range(0, u + 1))
-            if end_ok and start_ok:
-                w.append(i)
-        out.append(w)
-    return out
-
-
-def _minima(t: CostTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each layer's smallest ``A`` and ``G`` over its allowed strategies, ``(L,)``, and its
-    smallest memory per stage, ``(L, pp)``."""
-    mask = allowed_mask(t)
-    amin = np.where(mask, t.A, np.inf).min(axis=1)
-    gmin = np.where(mask, t.G, np.inf).min(axis=1)
-    mmin = np.where(mask[:, :, None], t.M, np.inf).min(axis=1)
-    return amin, gmin, mmin
-
-
-def bottleneck_lower_bound(t: CostTables) -> float:
-    """A lower bound on the slowest stage ``max_i p_i`` of any assignment that fits: the min-max
-    split of the chain into ``pp`` contiguous, non-empty stages where layer u weighs
-    ``min_k A[u,k]`` and stage i must hold ``sum min_k M[u,k,i]`` within the memory limit
-    (``inf`` only if no split fits, i.e. the candidate has no feasible assignment).
-
-    Validity: an assignment that fits splits the chain into such runs; each of its stages
-    takes at least the sum of its layers' fastest times and holds at least the sum of their
-    smallest memories *on that stage*, so its split is feasible here and its bottleneck is at
-    least this one. Exactness of the split: bisection on the bottleneck ``cap``, and for each
-    ``cap`` a dynamic program over split points, stage by stage (which run ends are reachable
-    by stages ``0..i``). A sub-run of a run that fits also fits (weights and memories are
-    non-negative), so from each reachable start the allowed ends form one interval and a
-    stage is one pass over starts. A greedy fill ("each stage as far as it goes") is NOT
-    valid here: memory depends on the stage (1F1B keeps ``min(c, pp - i)`` micro-batches on
-    stage i), so a longer stage i can push a large layer onto a stage where it no longer
-    fits while a shorter stage i would have worked."""
-    L, pp = t.num_layers, t.pp
-    if L < pp:
-        return float("inf")
-    amin, _, mmin = _minima(t)
-    limit = t.memory_limit_bytes * (1 + 1e-9)
-
-    ca = np.concatenate([[0.0], np.cumsum(amin)])
-    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
-    # Sums of runs are differences of prefix sums: allow for their rounding so that a run that
-    # fits is never judged too big (the bound must stay below the true one).
-    t_slack = 1e-12 * float(ca[-1])
-    m_slack = 1e-12 * float(np.nanmax(np.where(np.isfinite(cm[-1]), cm[-1], 0.0)))
-    # by_mem[i][s]: the largest end e (exclusive) with layers s..e-1 within memory on stage i.
-    by_mem = [np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1 for i in range(pp)]
-    starts = np.arange(L)
-
-    def fits(cap: float) -> bool:
-        by_time = np.searchsorted(ca, ca[:-1] + cap + t_slack, side="right") - 1
-        reach = np.zeros(L + 1, dtype=bool)  # reach[s]: stages 0..i-1 cover layers 0..s-1
-        reach[0] = True
-        for i in range(pp):
-            # Stage i runs from a reachable start s to an end in s+1..hi[s]; it must leave at
-            # least one layer to each later stage.
-            hi = np.minimum(np.minimum(by_time, by_mem[i]), L - (pp - 1 - i))
-            ok = reach[:L] & (hi >= starts + 1)
-            if not ok.any():
-                return False
-            diff = np.zeros(L + 2, dtype=np.int64)
-            np.add.at(diff, starts[ok] + 1, 1)
-            np.add.at(diff, hi[ok] + 1, -1)
-            reach = np.cumsum(diff)[: L + 1] > 0
-        return bool(reach[L])
-
-    lo, hi = float(amin.max()), float(amin.sum())
-    if not np.isfinite(hi) or not fits(hi * (1 + 1e-12)):
-        return float("inf")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return lo * (1 - 1e-9)
-
-
-def segment_lower_bound(t: CostTables, target: float | None = None, *, max_evals: int = 48) -> float:
-    """A lower bound on the time per iteration of every assignment that fits, stronger than
-    the candidate bound of the planner: it keeps the stages contiguous and every stage's own
-    compute, gradient synchronisation, memory and outgoing edge together. When ``target`` is
-    given it refines until the bound reaches it (the candidate cannot beat ``target``) or
-    ``max_evals`` dynamic programs were run; the value is valid either way.
-
-    With ``T* = max(max_i p_i, max_i o_i)`` and ``S* = max_i s_i`` of an assignment,
-    ``TPI = sum_i p_i + sum_i o_i + (c - 1) T* + S* + step``. For a box
-    ``T* in [Ta, Tb]``, ``S* in [Sa, Sb]``: every stage ``i`` holds a run ``s..e`` with
-
-    - ``p_i >= lb(s, e) + k`` where ``lb = max_nu sum_u min_k (A + nu G) - nu Sb`` over a grid
-      of ``nu >= 0`` (Lagrangian bound of "min sum A with sum G <= Sb"; ``nu = 0`` is the sum of
-      the fastest times), and ``p_i <= Tb``;
-    - ``sum_u min_k G[u,k] <= Sb`` and ``sum_u min_k M[u,k,i] <=`` the memory limit;
-    - an outgoing edge ``o_i >= min_ab Rp[e,a,b]``, ``o_i <= Tb`` (all stages but the last).
-
-    So ``TPI >= (c - 1) Ta + Sa + F(Tb, Sb) + step`` where ``F`` is the cheapest split of the
-    chain into ``pp`` such runs (a dynamic program over run ends, stage by stage). The boxes
-    cover ``T* >= T0`` (the min-max split bound plus the stage overhead) and
-    ``S* >= max(sum G_min / pp, max G_min)``; the box with the lowest bound is split until all
-    reach ``target``. The result is scaled by ``1 - 1e-9`` against rounding."""
-    return SegmentBound(t).lower_bound(target, max_evals=max_evals)
-
-
-def segment_windows(t: CostTables, target: float, *, max_evals: int = 48) -> list[list[int]]:
-    """For each layer, the stages it may sit on in any assignment faster than ``target``: the
-    runs ``s..e`` on stage ``i`` whose segment bound (:func:`segment_lower_bound`, the best
-    split through that run, in every box of ``(T*, S*)`` the refinement leaves) stays below
-    ``target``. Empty lists when nothing can be faster."""
-    return SegmentBound(t).windows(target, max_evals=max_evals)
-
-
-class SegmentBound:
-    """The dynamic program behind :func:`segment_lower_bound` and :func:`segment_windows` for
-    one table (built once, asked again for other targets; the table must not change)."""
-
-    def __init__(self, t: CostTables) -> None:
-        L, pp, c = t.num_layers, t.pp, t.num_microbatches
-        self.t, self.L, self.pp = t, L, pp
-        self.k, self.step, self.w = t.stage_overhead_s, t.step_overhead_s, c - 1
-        self.split = bottleneck_lower_bound(t) if L >= pp else float("inf")
-        if not np.isfinite(self.split):
-            return
-        k = self.k
-        amin, gmin, mmin = _minima(t)
-        mask = allowed_mask(t)
-        self.T0 = max(self.split, float(amin.sum()) / pp) + k
-        self.S0 = max(float(gmin.sum()) / pp, float(gmin.max()))
-        # Stages with the same memory rows (1F1B: all that hold c micro-batches) share their runs.
-        self.group_of, reps = [], []
-        seen: dict[bytes, int] = {}
-        for i in range(pp):
-            j = seen.setdefault(np.ascontiguousarray(t.M[:, :, i]).tobytes(), len(reps))
-            if j == len(reps):
-                reps.append(i)
-            self.group_of.append(j)
-        # Multiplier grids: the exchange rates between the layers' strategies of time and
-        # synchronisation (nu) and of time and memory (mu), at a few quantiles.
-        nus = _rates(t.A, t.G, mask, 12)
-        budget = 3_000_000  # floats per table of runs: fewer memory multipliers on big programs
-        n_mu = int(max(1, min(8, budget // (len(nus) * len(reps) * L * L))))
-        mus = _rates(t.A, t.M[:, :, 0], mask, n_mu - 1) if n_mu > 1 else np.zeros(1)
-        self.nu_of = np.repeat(nus, len(mus))
-        self.mu_of = np.tile(mus, len(nus))
-        self.upper = np.triu(np.ones((L, L), dtype=bool))
-        cg = np.concatenate([[0.0], np.cumsum(gmin)])
-        self.seg_g = cg[None, 1:] - cg[:-1, None]
-        cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
-        slack_m = 1e-12 * float(cm[-1].max())
-        self.limit = t.memory_limit_bytes * (1 + 1e-9) + slack_m
-        self.mem_ok = np.stack([self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)])
-        self.seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
-        self.slack_t = 1e-300
-        for i in reps:
-            h = np.where(mask[None], t.A[None] + self.nu_of[:, None, None] * t.G[None]
-                         + self.mu_of[:, None, None] * t.M[None, :, :, i], np.inf).min(axis=2)
-            H = np.concatenate([np.zeros((len(self.nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
-            self.slack_t = max(self.slack_t, 1e-12 * float(np.max(np.abs(H))))
-            self.seg_h.append(H[:, None, 1:] - H[:, :-1, None])
-        self.cut = np.full(L, np.inf)
-        if L > 1:
-            self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
-        self.run_cache: dict[float, list[np.ndarray]] = {}
-        self.evals = 0
-
-    def lower_bound(self, target: float | None = None, *, max_evals: int = 48) -> float:
-        """See :func:`segment_lower_bound`."""
-        return self.refine(target, max_evals)[0]
-
-    def windows(self, target: float, *, max_evals: int = 48) -> list[list[int]]:
-        """See :func:`segment_windows`."""
-        lb, boxes = self.refine(target, max_evals)
-        cover = np.zeros((self.L, self.pp), dtype=bool)
-        if lb < target:
-            for box in boxes:
-                cover |= self.covering(box, target)
-        return [[i for i in range(self.pp) if cover[u, i]] for u in range(self.L)]
-
-    def run_time(self, Sb: float) -> list[np.ndarray]:
-        """Per stage group, [s, e]: a lower bound on the stage time of layers s..e (compute,
-        within memory, with sync <= Sb)."""
-        if Sb not in self.run_cache:
-            finite = np.isfinite(Sb)
-            use = slice(None) if finite else self.nu_of == 0  # an unbounded S*: nu = 0 only
-            off = (self.nu_of * (Sb if finite else 0.0) + self.mu_of * self.limit)[use][:, None, None]
-            out = []
-            for sh in self.seg_h:
-                v = (sh[use] - off).max(axis=0)
-                if finite:
-                    v = np.where(self.seg_g <= Sb * (1 + 1e-12) + self.slack_t, v, np.inf)
-                out.append(np.where(self.upper, v - self.slack_t, np.inf) + self.k)
-            self.run_cache[Sb] = out
-        return self.run_cache[Sb]
-
-    def stage_costs(self, Tb: float, Sb: float) -> list[np.ndarray]:
-        """Per stage, [s, e]: the cost of run s..e as that stage (its time bound and outgoing
-        edge), inf where it cannot be (memory, or above Tb)."""
-        runs = self.run_time(Sb)
-        out = []
-        for i in range(self.pp):
-            val = runs[self.group_of[i]]
-            ok = self.mem_ok[i] & (val <= Tb)
-            if i < self.pp - 1:
-                ok &= (self.cut <= Tb)[None, :]
-                out.append(np.where(ok, val + self.cut[None, :], np.inf))
-            else:
-                out.append(np.where(ok, val, np.inf))
-        return out
-
-    def cheapest_split(self, Tb: float, Sb: float) -> float:
-        """F(Tb, Sb): the cheapest split of the chain into pp runs (stage by stage over run ends)."""
-        self.evals += 1
-        f = None
-        for i, add in enumerate(self.stage_costs(Tb, Sb)):
-            if i == 0:
-                f = add[0]
-            else:
-                prev = np.concatenate([[np.inf], f[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
-                f = (prev[:, None] + add).min(axis=0)
-        return float(f[self.L - 1])
-
-    def bound(self, Ta: float, Sa: float, F: float) -> float:
-        return self.w * Ta + Sa + F + self.step
-
-    def refine(self, target: float | None, max_evals: int) -> tuple[float, list[tuple]]:
-        """The bound, and the boxes ``(Ta, Tb, Sa, Sb)`` left below ``target`` (see
-        :func:`segment_lower_bound`)."""
-        import heapq
-
-        inf = float("inf")
-        if not np.isfinite(self.split):
-            return inf, []
-        self.evals = 0
-        w = self.w  # with one micro-batch T* does not count: its side of the boxes stays open
-        F0 = self.cheapest_split(inf, inf)
-        b0 = self.bound(self.T0, self.S0, F0)
-        first = (self.T0, inf, self.S0, inf)
-        if target is None or not np.isfinite(b0) or b0 * (1 - 1e-9) >= target:
-            return b0 * (1 - 1e-9), ([first] if target is not None and b0 * (1 - 1e-9) < target else [])
-        goal = float(target)
-        aim = goal * (1 + 2e-9)  # where the unbounded sides are cut: just above the goal
-        heap = [(b0, 0, *first, F0)]
-        tick = 1
-
-        def left(b: float, box: tuple) -> tuple[float, list[tuple]]:
-            return b * (1 - 1e-9), [box] + [h[2:6] for h in heap if h[0] * (1 - 1e-9) < goal]
-
-        while True:
-            b, _, Ta, Tb, Sa, Sb, F = heapq.heappop(heap)
-            if not np.isfinite(b) or b * (1 - 1e-9) >= goal:
-                return b * (1 - 1e-9), []
-            if self.evals >= max_evals:
-                return left(b, (Ta, Tb, Sa, Sb))
-            cells = []
-            if w and not np.isfinite(Tb):  # T* so large that (c - 1) T* alone reaches the goal
-                Ts = max(Ta, (aim - self.step - Sa - F) / w)
-                cells += [(Ts, Tb, Sa, Sb, F), (Ta, Ts, Sa, Sb, None)]
-            elif not np.isfinite(Sb):  # likewise S*
-                Ss = max(Sa, aim - self.step - w * Ta - F)
-                cells += [(Ta, Tb, Ss, Sb, F), (Ta, Tb, Sa, Ss, None)]
-            else:
-                wt, ws = (w * (Tb - Ta) if w else 0.0), Sb - Sa
-                if max(wt, ws) <= 1e-9 * b:  # the box is as small as it gets
-                    return left(b, (Ta, Tb, Sa, Sb))
-                if wt >= ws:
-                    m = (Ta + Tb) / 2
-                    cells += [(m, Tb, Sa, Sb, F), (Ta, m, Sa, Sb, None)]
-                else:
-                    m = (Sa + Sb) / 2
-                    cells += [(Ta, Tb, m, Sb, F), (Ta, Tb, Sa, m, None)]
-            for Ta2, Tb2, Sa2, Sb2, F2 in cells:
-                if F2 is None:
-                    F2 = self.cheapest_split(Tb2, Sb2)
-                heapq.heappush(heap, (self.bound(Ta2, Sa2, F2), tick, Ta2, Tb2, Sa2, Sb2, F2))
-                tick += 1
-
-    def covering(self, box: tuple, goal: float) -> np.ndarray:
-        """``(L, pp)``: layer u may sit on stage i in an assignment of this box faster than
-        ``goal``: some run s..e on stage i holds u and the best split through it, plus the
-        box's ``(c - 1) Ta + Sa + step``, stays below ``goal``."""
-        Ta, Tb, Sa, Sb = box
-        L, pp = self.L, self.pp
-        adds = self.stage_costs(Tb, Sb)
-        fw = []  # fw[i][e]: stages 0..i cover layers 0..e
-        for i, add in enumerate(adds):
-            if i == 0:
-                fw.append(add[0].copy())
-            else:
-                prev = np.concatenate([[np.inf], fw[-1][:-1]])
-                fw.append((prev[:, None] + add).min(axis=0))
-        bw: list[np.ndarray] = [np.empty(0)] * pp  # bw[i][s]: stages i..pp-1 cover s..L-1
-        for i in range(pp - 1, -1, -1):
-            if i == pp - 1:
-                bw[i] = adds[i][:, L - 1].copy()
-            else:
-                nxt = np.concatenate([bw[i + 1][1:], [np.inf]])  # nxt[e] = bw[i + 1][e + 1]
-                bw[i] = (adds[i] + nxt[None, :]).min(axis=1)
-        start = np.full(L, np.inf)
-        start[0] = 0.0
-        end = np.full(L, np.inf)
-        end[L - 1] = 0.0
-        budget = goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)
-        cover = np.zeros((L, pp), dtype=bool)
-        idx = np.arange(L)
-        for i in range(pp):
-            pre = np.concatenate([[np.inf], fw[i - 1][:-1]]) if i else start  # pre[s]: before run s..
-            post = np.concatenate([bw[i + 1][1:], [np.inf]]) if i < pp - 1 else end  # post[e]: after ..e
-            good = (pre[:, None] + adds[i] + post[None, :]) < budget
-            last = np.where(good.any(axis=1), L - 1 - np.argmax(good[:, ::-1], axis=1), -1)  # furthest e per s
-            cover[:, i] = np.maximum.accumulate(last) >= idx
-        return cover
-
-
-def _rates(A: np.ndarray, B: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    """0 and ``n`` quantiles of the positive exchange rates ``(A_j - A_k) / (B_k - B_j)``
-    between two allowed strategies of a layer (time saved per unit of ``B`` spent)."""
-    a, b = np.where(mask, A, np.nan), np.where(mask, B, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a[:, :, None] - a[:, None, :]) / (b[:, None, :] - b[:, :, None])
-    r = r[np.isfinite(r) & (r > 0)]
-    q = np.quantile(r, np.linspace(0.0, 1.0, n)) if r.size and n > 0 else []
-    return np.unique(np.concatenate([[0.0], q]))
 
 
 def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
@@ -761,7 +377,7 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
         for i in stages:
             for k in t.allowed[grp[0]]:
                 xs = [v.x[u, i, k] for u in grp if (u, i, k) in v.x]
-                n = pulp.LpVariable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
+                n = prob.add_variable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
                 v.counts[r, i, k] = n
                 prob += n == pulp.lpSum(xs), f"count_{r}_{i}_{k}"
     for u, w in pairs:

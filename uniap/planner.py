@@ -7,11 +7,11 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
 1. build the cost tables (:class:`uniap.cost_model.CostModel`);
 2. a lower bound ``LB = S + (c - 1) T + Gmin / pp`` with ``S = sum_u min_k A[u,k]``,
    ``Gmin = sum_u min_k G[u,k]`` and ``T`` the min-max contiguous split of the fastest layer
-   times under memory (:func:`uniap.milp.bottleneck_lower_bound`; every stage time is at
+   times under memory (:func:`uniap.bounds.bottleneck_lower_bound`; every stage time is at
    least its compute, so the bottleneck is at least ``T``);
 3. a heuristic assignment per candidate that may still win (:func:`uniap.search.heuristic`);
    the best of them is the first incumbent;
-4. the segment bound of each candidate (:func:`uniap.milp.segment_lower_bound`: contiguous
+4. the segment bound of each candidate (:func:`uniap.bounds.segment_lower_bound`: contiguous
    stages, each with its own compute, synchronisation, memory and outgoing edge, refined
    towards the incumbent); a candidate whose bound reaches the best time found is skipped
    (it cannot win); the others get a better heuristic assignment (local search, stages
@@ -45,18 +45,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from uniap.bounds import SegmentBound, candidate_lower_bound
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
-from uniap.milp import (
-    SegmentBound,
-    Solution,
-    _minima,
-    bottleneck_lower_bound,
-    min_peak_memory,
-    solve,
-)
+from uniap.milp import Solution, min_peak_memory, solve
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.search import heuristic
@@ -106,6 +100,183 @@ class Candidate:
         }
 
 
+@dataclass(eq=False)
+class _Entry:
+    """One candidate during the search: its tables, its best heuristic assignment, its segment
+    bound (built when first needed) and its program's latest result."""
+
+    cand: Candidate
+    tables: CostTables
+    start: tuple[list[int], list[int]] | None = None
+    """The best heuristic assignment found (the program's warm start)."""
+    start_tpi_s: float = math.inf
+    segments: SegmentBound | None = None
+    solution: Solution | None = None
+    limit_used_s: float = 0.0
+    """Time limit of the program's latest solve."""
+
+    def strengthen(self, target: float) -> float:
+        """Raise the candidate's lower bound with the segment bound refined towards ``target``
+        (the incumbent), when the cheap bound does not already reach it; the bound."""
+        cand = self.cand
+        if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
+            if self.segments is None:
+                self.segments = SegmentBound(self.tables)
+            cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
+            cand.bound_target_s = target
+        return cand.lower_bound_s
+
+    def settled(self, target: float) -> bool:
+        """The bound shows that this candidate cannot beat ``target``."""
+        return self.strengthen(target) >= target * (1 - 1e-12)
+
+
+@dataclass
+class _Search:
+    """The state of the Unified Optimization Process (see the module docstring, steps 3-5)."""
+
+    entries: list[_Entry]
+    best_tpi_s: float = math.inf
+    """The best time in hand (a heuristic assignment's or a program's)."""
+    owner: _Entry | None = None
+    """The candidate whose heuristic assignment holds ``best_tpi_s`` before any program ran."""
+    best: _Entry | None = None
+    """The candidate whose program gave the best plan so far."""
+    num_solves: int = 0
+
+    def _offer(self, e: _Entry, inc: tuple[list[int], list[int]] | None) -> None:
+        tpi = evaluate_assignment(e.tables, *inc).time_per_iteration_s if inc is not None else math.inf
+        if e.start is None or tpi < e.start_tpi_s:
+            e.start, e.start_tpi_s = inc, tpi
+        if tpi < self.best_tpi_s:
+            self.best_tpi_s, self.owner = tpi, e
+
+    def by_bound(self) -> list[_Entry]:
+        return sorted(self.entries, key=lambda e: e.cand.lower_bound_s)
+
+    def first_incumbents(self) -> None:
+        """Step 3: a heuristic assignment per candidate that may still win (best bound first);
+        the best of them is a global incumbent that cuts off every program that cannot beat it.
+        Then the strong bound against it settles the candidates that cannot beat it."""
+        for e in self.by_bound():
+            if e.cand.lower_bound_s < self.best_tpi_s:
+                self._offer(e, heuristic(e.tables))
+        for e in self.entries:
+            e.strengthen(self.best_tpi_s)
+
+    def improve_incumbents(self) -> None:
+        """Step 4: local search from the best starts of the candidates that may still win (best
+        bound first, each new incumbent refining the others' bounds); then they are visited best
+        plan first: the one that holds the optimum usually comes first, and its plan then cuts
+        off or prunes the others."""
+        for e in self.by_bound():
+            if not e.settled(self.best_tpi_s):
+                self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
+        self.entries.sort(key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches))
+
+    def solve_all(self, time_limit_s: float, threads: int, seed: int, progress: Callable[[str], None] | None) -> None:
+        """Step 5, in two passes. First every candidate gets a short solve: most finish (optimal,
+        or cut off by the incumbent); the hard ones stop early, but the easy ones have meanwhile
+        lowered the incumbent. Then the unfinished ones are solved to the end against that
+        better bound, which usually cuts them off quickly. The first program solved (the best
+        incumbent, most often the optimum's) gets a longer first try: a restart would repeat
+        its work."""
+        quick_s = min(time_limit_s, _QUICK_SOLVE_S)
+        first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
+        for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
+            for idx, e in enumerate(self.entries):
+                if pass_no == 2 and (e.solution is None or e.solution.status != "time_limit" or e.limit_used_s >= limit):
+                    continue
+                # Prune by the bound, against the best plan so far (or the heuristic incumbent,
+                # except on the candidate that holds it: its own program must produce the plan).
+                if (self.best is not None or e is not self.owner) and e.settled(self.best_tpi_s):
+                    self._prune(e)
+                    continue
+                lim = first_s if pass_no == 1 and not self.num_solves else limit
+                sol = self._solve(e, lim, threads, seed)
+                if progress is not None:
+                    tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
+                    progress(f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} c={e.cand.num_microbatches} "
+                             f"{e.cand.schedule}: {sol.status} {tpi} ({sol.wall_s:.2f} s)"
+                             + (" (second pass)" if pass_no == 2 else ""))
+
+    def _prune(self, e: _Entry) -> None:
+        cand = e.cand
+        cand.status = "pruned"
+        cand.reason = (_NO_SPLIT_FITS if not math.isfinite(cand.lower_bound_s) else
+                       f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {self.best_tpi_s:.6g} s")
+        if e.solution is not None:  # a first-pass time-out that the bound now settles
+            e.solution = dataclasses.replace(e.solution, status="pruned")
+
+    def _solve(self, e: _Entry, limit_s: float, threads: int, seed: int, *, cutoff: bool = True) -> Solution:
+        inc = e.start
+        if e.solution is not None and e.solution.stage_of:
+            inc = (e.solution.stage_of, e.solution.strategy_of)
+        e.limit_used_s = limit_s
+        bound = self.best_tpi_s if cutoff and math.isfinite(self.best_tpi_s) else None
+        sol = solve(e.tables, incumbent=inc if cutoff else None, incumbent_tpi_s=bound, time_limit_s=limit_s,
+                    threads=threads, seed=seed, segments=e.segments)
+        e.solution = sol
+        self.num_solves += 1
+        cand = e.cand
+        cand.status = sol.status
+        cand.reason = {"infeasible": "no assignment fits in memory (the program is infeasible)",
+                       "cutoff": f"nothing beats {self.best_tpi_s:.6g} s (the program is cut off)"}.get(sol.status, "")
+        cand.wall_s += sol.wall_s
+        cand.time_per_iteration_s = sol.time_per_iteration_s
+        if sol.stage_of and (self.best is None or sol.time_per_iteration_s < self.best.solution.time_per_iteration_s):
+            self.best = e
+            self.best_tpi_s = min(self.best_tpi_s, sol.time_per_iteration_s)
+        return sol
+
+    def leanest(self, time_limit_s: float) -> list[tuple[float, int]]:
+        """``(memory the leanest assignment needs, index)`` of the candidates that can be the
+        leanest, leanest first. Memory falls with more micro-batches (fewer activations in
+        flight) except that FSDP keeps parameters unsharded when c > 1, and 1F1B never keeps
+        more than GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
+        lean: dict[tuple[int, bool], int] = {}
+        for idx, e in enumerate(self.entries):
+            key = (e.cand.pp, e.cand.num_microbatches == 1)
+            if key not in lean or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches:
+                lean[key] = idx
+        return sorted((min_peak_memory(self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)), idx)
+                      for idx in lean.values())
+
+    def last_resort(self, time_limit_s: float, threads: int, seed: int) -> None:
+        """Before saying that no plan fits: the leanest candidate, and any other whose leanest
+        assignment fits, is solved after all when a bound settled it, so that a bound is never
+        the only reason for an :class:`InfeasibleError` and the error never says that a plan
+        needs less memory than the limit. The bounds are valid, so this finds nothing unless
+        one of them is wrong (then it warns)."""
+        self.lean = self.leanest(time_limit_s)
+        for rank, (need, idx) in enumerate(self.lean):
+            e = self.entries[idx]
+            if rank and need > e.tables.memory_limit_bytes * (1 + 1e-9):
+                break
+            if e.solution is not None and e.solution.status != "pruned":
+                continue  # the program itself said so
+            sol = self._solve(e, time_limit_s, threads, seed, cutoff=False)
+            if sol.stage_of:
+                log.warning("pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
+                            e.cand.pp, e.cand.num_microbatches)
+                return
+
+    def raise_infeasible(self, cm: CostModel, cluster: Cluster, memory_fraction: float) -> None:
+        """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate tried."""
+        need = self.lean[0][0]
+        limit = cm.memory_limit_bytes
+        tried = [e.cand for e in self.entries]
+        shown = "; ".join(f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}" for c in tried[:4])
+        more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
+        raise InfeasibleError(
+            f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
+            f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
+            f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
+            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: {shown}{more}",
+            min_memory_bytes=need, candidates=[c.row() for c in tried],
+        )
+
+
 def plan_graph(
     graph: ModelGraph,
     cluster: Cluster,
@@ -145,110 +316,36 @@ def plan_graph(
                 f"the number of layers ({L}); try pp in {pps}"
             )
         pps = sorted(pp_degrees)
-    cands = [(Candidate(pp, c, sched, _lower_bound(t)), t)
-             for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)]
-    if not cands:
+    # ---------------------------------------------------------------- the search, in phases
+    search = _Search([_Entry(Candidate(pp, c, sched, candidate_lower_bound(t)), t)
+                      for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)])
+    if not search.entries:
         raise InfeasibleError(
             f"no (pipeline degree, micro-batch count) gives every layer a strategy for global batch "
             f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
             f"(e.g. a multiple of {N})",
         )
-    # Heuristic plans for every candidate first: the best of them is a global incumbent that
-    # cuts off every program that cannot beat it.
-    heur = {}
-    segments: dict[int, SegmentBound] = {}
-    best_tpi, owner = math.inf, None
-    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
-        if cand.lower_bound_s >= best_tpi:
-            heur[id(t)] = (None, math.inf)  # cannot win: it will be pruned
-            continue
-        inc = heuristic(t)
-        tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
-        heur[id(t)] = (inc, tpi)
-        if tpi < best_tpi:
-            best_tpi, owner = tpi, id(t)
-    # The strong bound against that incumbent (candidates that cannot beat it are settled
-    # here), and candidates are visited best bound first: the one that holds the optimum
-    # usually comes first, and its plan then cuts off or prunes the others.
-    for cand, t in cands:
-        _strengthen(cand, t, best_tpi, segments)
-    # Local search from the best starts of the candidates that may still win (best bound first,
-    # each new incumbent refining the others' bounds); then they are visited best plan first.
-    for cand, t in sorted(cands, key=lambda ct: ct[0].lower_bound_s):
-        if _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
-            continue
-        inc = heuristic(t, starts=_IMPROVE_STARTS)
-        tpi = evaluate_assignment(t, *inc).time_per_iteration_s if inc is not None else math.inf
-        if tpi < heur[id(t)][1]:
-            heur[id(t)] = (inc, tpi)
-        if tpi < best_tpi:
-            best_tpi, owner = tpi, id(t)
-    cands.sort(key=lambda ct: (heur[id(ct[1])][1], ct[0].lower_bound_s, ct[0].pp, ct[0].num_microbatches))
-    best: tuple[Solution, CostTables] | None = None
-    final: dict[int, Solution] = {}
-    num_solves = 0
-    # Two passes. First every candidate gets a short solve: most finish (optimal, or cut off by
-    # the incumbent); the hard ones stop early, but the easy ones have meanwhile lowered the
-    # incumbent. Then the unfinished ones are solved to the end against that better bound,
-    # which usually cuts them off quickly. The first program solved (the best incumbent, most
-    # often the optimum's) gets a longer first try: a restart would repeat its work.
-    quick_s = min(time_limit_s, _QUICK_SOLVE_S)
-    first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
-    used: dict[int, float] = {}
-    for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
-        for idx, (cand, t) in enumerate(cands):
-            if pass_no == 2 and (idx not in final or final[idx].status != "time_limit" or used[idx] >= limit):
-                continue
-            # Prune by the bound, against the best plan so far (or the heuristic incumbent,
-            # except on the candidate that holds it: its own program must produce the plan).
-            if (best is not None or id(t) != owner) and _strengthen(cand, t, best_tpi, segments) >= best_tpi * (1 - 1e-12):
-                cand.status = "pruned"
-                cand.reason = (_NO_SPLIT_FITS if not math.isfinite(cand.lower_bound_s) else
-                               f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {best_tpi:.6g} s")
-                if idx in final:  # a first-pass time-out that the bound now settles
-                    final[idx] = dataclasses.replace(final[idx], status="pruned")
-                continue
-            inc = heur[id(t)][0]
-            if idx in final and final[idx].stage_of:
-                inc = (final[idx].stage_of, final[idx].strategy_of)
-            lim = first_s if pass_no == 1 and not used else limit
-            used[idx] = lim
-            sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
-                        time_limit_s=lim, threads=threads, seed=seed, segments=segments.get(id(t)))
-            final[idx] = sol
-            num_solves += 1
-            cand.status = sol.status
-            cand.reason = {"infeasible": "no assignment fits in memory (the program is infeasible)",
-                           "cutoff": f"nothing beats {best_tpi:.6g} s (the program is cut off)"}.get(sol.status, "")
-            cand.wall_s += sol.wall_s
-            cand.time_per_iteration_s = sol.time_per_iteration_s
-            if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
-                best = (sol, t)
-                best_tpi = min(best_tpi, sol.time_per_iteration_s)
-            if progress is not None:
-                tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
-                progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
-                         f"{sol.status} {tpi} ({sol.wall_s:.2f} s)" + (" (second pass)" if pass_no == 2 else ""))
-    if best is None:
-        lean = _leanest(cands, time_limit_s)
-        best = _last_resort(cands, final, lean, time_limit_s, threads, seed)
-        if best is None:
-            _raise_infeasible(cands, lean, cm, cluster, memory_fraction)
-    statuses = list(final.values())
-    sol, t = best
+    search.first_incumbents()
+    search.improve_incumbents()
+    search.solve_all(time_limit_s, threads, seed, progress)
+    if search.best is None:
+        search.last_resort(time_limit_s, threads, seed)
+    if search.best is None:
+        search.raise_infeasible(cm, cluster, memory_fraction)
+    best = search.best
     wall = time.perf_counter() - t_start
-    timed_out = [s for s in statuses if s.status == "time_limit"]
+    timed_out = [e.solution for e in search.entries if e.solution is not None and e.solution.status == "time_limit"]
     for s in timed_out:
         log.warning("a program stopped at its %.3g s time limit with gap %.3g: the plan may not be optimal; "
                     "raise time_limit_s to prove it", time_limit_s, s.gap)
     status = "optimal" if not timed_out else "time_limit"
     gap = max((s.gap for s in timed_out), default=0.0)
-    out = _to_plan(graph, cluster, cm, t, sol, B)
+    out = _to_plan(graph, cluster, cm, best.tables, best.solution, B)
     out.solver = {
         "status": status, "gap": float(gap), "wall_s": round(wall, 4),
-        "milps_solved": num_solves, "candidates": [c.row() for c, _ in cands],
+        "milps_solved": search.num_solves, "candidates": [e.cand.row() for e in search.entries],
     }
-    log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, num_solves, wall)
+    log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, search.num_solves, wall)
     return out
 
 
@@ -323,85 +420,6 @@ def candidate_tables(
                     continue  # some layer has no strategy for this micro-batch size
                 out.append((pp, c, sched, t))
     return out
-
-
-def _lower_bound(t: CostTables) -> float:
-    amin, gmin, _ = _minima(t)
-    s = float(amin.sum())
-    k = t.stage_overhead_s  # every stage pays it, the bottleneck one too
-    split = bottleneck_lower_bound(t)
-    if not math.isfinite(split):
-        return math.inf  # no split of the chain fits in memory
-    bottleneck = max(s / t.pp, split) + k
-    return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
-
-
-def _strengthen(cand: Candidate, t: CostTables, target: float, segments: dict[int, SegmentBound]) -> float:
-    """Raise the candidate's lower bound with :func:`uniap.milp.segment_lower_bound`, refined
-    towards ``target`` (the incumbent), when the cheap bound does not already reach it."""
-    if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
-        seg = segments.setdefault(id(t), SegmentBound(t))
-        cand.lower_bound_s = max(cand.lower_bound_s, seg.lower_bound(target))
-        cand.bound_target_s = target
-    return cand.lower_bound_s
-
-
-def _leanest(cands: list[tuple[Candidate, CostTables]], time_limit_s: float) -> list[tuple[float, int]]:
-    """``(memory the leanest assignment needs, index)`` of the candidates that can be the
-    leanest, leanest first. Memory falls with more micro-batches (fewer activations in flight)
-    except that FSDP keeps parameters unsharded when c > 1, and 1F1B never keeps more than
-    GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
-    lean: dict[tuple[int, bool], int] = {}
-    for idx, (cand, _) in enumerate(cands):
-        key = (cand.pp, cand.num_microbatches == 1)
-        if key not in lean or cand.num_microbatches > cands[lean[key]][0].num_microbatches:
-            lean[key] = idx
-    need = [(min_peak_memory(cands[idx][1], time_limit_s=min(time_limit_s, 10.0)), idx) for idx in lean.values()]
-    return sorted(need)
-
-
-def _last_resort(cands: list[tuple[Candidate, CostTables]], final: dict[int, Solution],
-                 lean: list[tuple[float, int]], time_limit_s: float, threads: int,
-                 seed: int) -> tuple[Solution, CostTables] | None:
-    """Before saying that no plan fits: the leanest candidate, and any other whose leanest
-    assignment fits, is solved after all when a bound settled it, so that a bound is never the
-    only reason for an :class:`InfeasibleError` and the error never says that a plan needs
-    less memory than the limit. The bounds are valid, so this finds nothing unless one of them
-    is wrong (then it warns)."""
-    for rank, (need, idx) in enumerate(lean):
-        cand, t = cands[idx]
-        if rank and need > t.memory_limit_bytes * (1 + 1e-9):
-            break
-        if idx in final and final[idx].status != "pruned":
-            continue  # the program itself said so
-        sol = solve(t, time_limit_s=time_limit_s, threads=threads, seed=seed)
-        final[idx] = sol
-        cand.status, cand.time_per_iteration_s = sol.status, sol.time_per_iteration_s
-        cand.wall_s += sol.wall_s
-        if sol.stage_of:
-            log.warning("pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
-                        cand.pp, cand.num_microbatches)
-            cand.reason = ""
-            return sol, t
-        cand.reason = "no assignment fits in memory (the program is infeasible)"
-    return None
-
-
-def _raise_infeasible(cands: list[tuple[Candidate, CostTables]], lean: list[tuple[float, int]], cm: CostModel,
-                      cluster: Cluster, memory_fraction: float) -> None:
-    """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate tried."""
-    need = lean[0][0]
-    limit = cm.memory_limit_bytes
-    tried = [c for c, _ in cands]
-    shown = "; ".join(f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}" for c in tried[:4])
-    more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
-    raise InfeasibleError(
-        f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
-        f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
-        f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
-        f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: {shown}{more}",
-        min_memory_bytes=need, candidates=[c.row() for c in tried],
-    )
 
 
 def _log_tp_exclusions(graph: ModelGraph) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "frontier", "heuristic", "improve", "restrategize", "compositions", "allowed_mask"]
+__all__ = ["exhaustive", "frontier", "heuristic", "improve", "restrategize", "compositions"]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -52,7 +52,7 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
     L, pp, K = t.num_layers, t.pp, t.num_strategies
     if L < pp:
         return None
-    mask = allowed_mask(t)
+    mask = t.allowed_mask()
     A = np.where(mask, t.A, np.inf)
     # fastest[u, a]: the fastest strategy of layer u with layout a (first index on ties), or
     # its fastest strategy overall when none of that layout is allowed.
@@ -122,7 +122,7 @@ def restrategize(t: CostTables, stage_of: list[int]) -> list[int] | None:
     price on memory (a dynamic program over layouts for each price, bisected to the lowest
     price that fits); None when some stage cannot fit."""
     L, c = t.num_layers, t.num_microbatches
-    mask = allowed_mask(t)
+    mask = t.allowed_mask()
     limit = t.memory_limit_bytes
     strategy_of = [0] * L
     for i in sorted(set(stage_of)):
@@ -187,7 +187,7 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
     ``4 L``) were made. Every move is scored exactly (the formula of
     :func:`uniap.cost_model.evaluate_assignment`, updated for what the move changes)."""
     L, pp, c, K = t.num_layers, t.pp, t.num_microbatches, t.num_strategies
-    mask = allowed_mask(t)
+    mask = t.allowed_mask()
     A = np.where(mask, t.A, np.inf)
     lay, R, Rp, G = t.layout, t.R, t.Rp, t.G
     limit = t.memory_limit_bytes
@@ -296,14 +296,6 @@ def _max_outside(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
                 out[i] = x[j]
                 break
     return out
-
-
-def allowed_mask(t: CostTables) -> np.ndarray:
-    """``(L, K)`` booleans: layer u may use strategy k."""
-    mask = np.zeros((t.num_layers, t.num_strategies), dtype=bool)
-    for u, ks in enumerate(t.allowed):
-        mask[u, ks] = True
-    return mask
 
 
 def _balance(t: CostTables, choice: list[int]) -> list[int] | None:

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from uniap import models
+from uniap.bounds import SegmentBound, bottleneck_lower_bound, candidate_lower_bound, stage_windows
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.exactness import optimum_curve, sweep, sweep_limits
 from uniap.graph import build_graph
-from uniap.milp import SegmentBound, _windows, bottleneck_lower_bound
 from uniap.plan import LayerStrategy, Plan, Stage
-from uniap.planner import _lower_bound, candidate_tables, plan_graph
+from uniap.planner import candidate_tables, plan_graph
 from uniap.search import compositions, frontier
 
 
@@ -154,7 +154,7 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
             assert split == pytest.approx(_min_max_split(t), rel=1e-8) if math.isfinite(opt) or math.isfinite(split) else True
             assert math.isinf(split) == math.isinf(opt)
             assert split <= min_bottleneck * (1 + 1e-12)
-            assert _lower_bound(t) <= opt * (1 + 1e-12)
+            assert candidate_lower_bound(t) <= opt * (1 + 1e-12)
             seg = SegmentBound(t)
             for target in (None, opt * 0.999, opt, opt * 1.5):
                 if target is not None and math.isinf(target):
@@ -163,7 +163,7 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
                 assert lb <= opt * (1 + 1e-12) and (math.isfinite(lb) or math.isinf(opt))
             if math.isfinite(opt):
                 target = opt * 1.05
-                win, runs = _windows(t, target), seg.windows(target)
+                win, runs = stage_windows(t, target), seg.windows(target)
                 for stage_of in compositions(t.num_layers, t.pp):
                     for strat in itertools.product(*t.allowed):
                         ev = evaluate_assignment(t, stage_of, list(strat))

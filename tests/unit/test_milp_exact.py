@@ -83,7 +83,7 @@ def test_bottleneck_lower_bound_is_valid(seed: int) -> None:
     """The min-max split bound never exceeds the slowest stage of any plan that fits."""
     import itertools
 
-    from uniap.milp import bottleneck_lower_bound
+    from uniap.bounds import bottleneck_lower_bound
 
     t = random_tables(seed)
     lb = bottleneck_lower_bound(t)
@@ -102,20 +102,21 @@ def test_start_values_satisfy_every_row(seed: int) -> None:
     its count variables) satisfies every constraint of the program, so HiGHS accepts it."""
     import pulp
 
-    from uniap.milp import _build, _start_values, _windows
+    from uniap.bounds import stage_windows
+    from uniap.milp import _build, _start_values
 
     t = random_tables(seed)
     inc = heuristic(t)
     if inc is None:
         pytest.skip("nothing fits")
-    window = _windows(t, None)
+    window = stage_windows(t, None)
     prob, v, scale = _build(t, window, None)
     assert v.counts, "the instance has a run of identical layers"
     start = _start_values(t, v, inc, scale)
     assert start
     for var in prob.variables():
         var.varValue = start.get(var.name, 0.0)
-    bad = [name for name, row in prob.constraints.items() if not row.valid(1e-9)]
+    bad = [row.name for row in prob.constraints() if not row.valid(1e-9)]
     assert not bad
     for var in prob.variables():
         if var.cat == pulp.LpInteger:
@@ -130,8 +131,7 @@ def test_segment_lower_bound_is_valid(seed: int) -> None:
     """The segment bound never exceeds the exhaustive optimum, whatever target it refines
     towards (with stage and step overheads and a heavier synchronisation on some instances),
     and it is never weaker than the planner's cheap candidate bound."""
-    from uniap.milp import segment_lower_bound
-    from uniap.planner import _lower_bound
+    from uniap.bounds import candidate_lower_bound, segment_lower_bound
 
     t = random_tables(seed)
     rng = np.random.default_rng(1000 + seed)
@@ -143,7 +143,7 @@ def test_segment_lower_bound_is_valid(seed: int) -> None:
     for target in (None, best, best * 1.02, best * 1.5, best * 0.8):
         lb = segment_lower_bound(t, target)
         assert lb <= best * (1 + 1e-12)
-    assert segment_lower_bound(t) >= _lower_bound(t) * (1 - 2e-9)
+    assert segment_lower_bound(t) >= candidate_lower_bound(t) * (1 - 2e-9)
 
 
 @pytest.mark.parametrize("seed", range(0, 60, 3))
@@ -188,7 +188,7 @@ def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
     puts each layer on a stage its segment window allows."""
     import itertools
 
-    from uniap.milp import segment_windows
+    from uniap.bounds import segment_windows
 
     t = random_tables(seed)
     if seed % 8 == 1:

@@ -224,7 +224,7 @@ def test_identical_layers_share_rows_exactly() -> None:
 def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:
     """On the cost model's own tables (memory binding on a 4 GiB device) the segment bound
     of every (pp, c) stays below that candidate's exhaustive optimum, for any target."""
-    from uniap.milp import segment_lower_bound
+    from uniap.bounds import segment_lower_bound
     from uniap.search import exhaustive
 
     graph = synthetic_graph(4, seed + 10)
