@@ -29,14 +29,16 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from accuracy_harness import compare, spawn  # noqa: E402
+
+from uniap.calibration import Measurement, calibrate  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
 from uniap.cost_model import CostModel  # noqa: E402
 from uniap.graph import build_graph  # noqa: E402
 from uniap.models import GPTConfig, build_model, example_batch  # noqa: E402
 from uniap.plan import LayerStrategy, Plan, Stage  # noqa: E402
 from uniap.planner import plan_graph  # noqa: E402
-from uniap.profiler import MeasuredProfile, Measurement, calibrate  # noqa: E402
-from uniap.profiler.accuracy import compare, spawn  # noqa: E402
+from uniap.profiles import MeasuredProfile  # noqa: E402
 
 MODEL = {"vocab_size": 512, "seq_len": 64, "dim": 128, "n_layers": 4, "n_heads": 4}
 BATCH = 16

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+from uniap.calibration import calibrate
 from uniap.cluster import Cluster, list_presets, load_cluster
 from uniap.cost_model import CostModel
 from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError, UniapError
 from uniap.graph import Layer, ModelGraph, build_graph, layer_chain
 from uniap.plan import LayerStrategy, Plan, Stage
 from uniap.planner import plan, plan_graph
-from uniap.profiler import MeasuredProfile, calibrate
+from uniap.profiles import MeasuredProfile
 
 __version__ = "0.1.0"
 

@@ -63,7 +63,7 @@ from uniap.cluster import Cluster
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.plan import Plan
-from uniap.profiler import AnalyticProfile, Profile
+from uniap.profiles import AnalyticProfile, Profile
 from uniap.strategies import DDP_BUCKET_BYTES, Strategy, layer_strategies, stage_strategies
 
 __all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]

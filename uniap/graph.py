@@ -37,6 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
 
 __all__ = [
@@ -258,15 +259,6 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _storage_key(t: Tensor) -> tuple[int, int]:
-    """(storage id, bytes) of the storage a tensor keeps alive; views share their base's."""
-    try:
-        storage = t.untyped_storage()
-        return storage._cdata, storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # storage-less tensor subclasses
-        return id(t), t.nbytes
-
-
 def _fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are fake meta tensors (shared
     parameters stay shared, floating ones trainable and cast to ``dtype``); real weights are
@@ -471,7 +463,7 @@ class _Tracer:
 
     def pack(self, t: Tensor) -> Tensor:
         if self.stack:
-            key, nbytes = _storage_key(t)
+            key, nbytes = storage_key(t)
             saved = self.layers[self.stack[-1]].saved
             if key not in self.excluded and key not in saved:
                 saved[key] = (nbytes, self._tick())
@@ -603,13 +595,13 @@ def _tp_plan(layer: nn.Module, trace: _LayerTrace, batch: int) -> _TPPlan:
                 allreduce_bytes_per_sample=calls[r].output.nbytes / batch,
                 input_bytes_per_sample=tuple(sorted(
                     nbytes / batch
-                    for nbytes in {_storage_key(calls[c].input)[0]: calls[c].input.nbytes for c in cols}.values()
+                    for nbytes in {storage_key(calls[c].input)[0]: calls[c].input.nbytes for c in cols}.values()
                 )),
             )
         )
     # saved inside a pair's span, except the (replicated) inputs of its column-wise Linears
     spans = [(min(calls[c].start_event for c in cols), calls[r].end_event) for cols, r in pairs]
-    replicated = {_storage_key(calls[c].input)[0] for cols, _ in pairs for c in cols}
+    replicated = {storage_key(calls[c].input)[0] for cols, _ in pairs for c in cols}
     total = sum(nbytes for nbytes, _ in trace.saved.values())
     inside = sum(
         nbytes
@@ -657,7 +649,7 @@ def _trace(
     traced = _fake_copy(model, dtype, mode)
     chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
     inputs = _fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
-    excluded = {_storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
+    excluded = {storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
     tracer = _Tracer(chain, excluded)
     tracer.install()
     counter = FlopCounterMode(display=False, custom_mapping=_FUSED_SDPA_FLOPS)

@@ -54,7 +54,7 @@ from uniap.milp import (
     solve,
 )
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
-from uniap.profiler import Profile
+from uniap.profiles import Profile
 from uniap.search import heuristic
 from uniap.strategies import divisors
 

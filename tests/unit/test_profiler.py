@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from uniap.calibration import Measurement, calibrate, prediction_errors
 from uniap.cli import main
 from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel
@@ -16,11 +17,11 @@ from uniap.errors import ConfigError
 from uniap.graph import build_graph
 from uniap.models import build_model, example_batch
 from uniap.planner import plan_graph
-from uniap.profiler import MeasuredProfile, Measurement, calibrate, prediction_errors
-from uniap.profiler.comm import CollectiveFit, group_shape_key, planner_group_shapes
-from uniap.profiler.compute import fit_line, interpolate
-from uniap.profiler.measured import LayerProfile, library_versions
+from uniap.profiler.comm import planner_group_shapes
 from uniap.profiler.memory import PeakMemory, saved_activation_bytes, state_bytes
+from uniap.profiles import MeasuredProfile
+from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key, interpolate
+from uniap.profiles.measured import LayerProfile, library_versions
 
 BATCHES = [1, 2, 4, 8, 16]
 

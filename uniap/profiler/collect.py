@@ -32,16 +32,16 @@ from uniap.graph import ModelGraph
 from uniap.profiler.comm import measure_collectives
 from uniap.profiler.compute import (
     capture_layer_inputs,
-    fit_line,
     layer_copy,
     resize_batch,
     time_layer,
     time_median_s,
 )
-from uniap.profiler.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
 from uniap.profiler.pipeline import measure_pipeline_overhead
+from uniap.profiles.fits import fit_line
+from uniap.profiles.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.strategies import divisors
 
 __all__ = ["collect_profile", "planner_batches"]

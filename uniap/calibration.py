@@ -26,7 +26,7 @@ from uniap.cluster import Cluster
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.plan import Plan
-from uniap.profiler.measured import MeasuredProfile
+from uniap.profiles.measured import MeasuredProfile
 
 __all__ = ["Measurement", "calibrate", "prediction_errors"]
 
