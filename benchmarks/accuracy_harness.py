@@ -162,7 +162,7 @@ def _job_run(job: dict) -> list[dict]:
     import torch.distributed as dist
 
     from uniap.api import parallelize
-    from uniap.plan import Plan
+    from uniap.contract import Plan
     from uniap.profiler.memory import PeakMemory
 
     model, x, y, loss_fn = _model_and_batch(job)

@@ -33,10 +33,10 @@ from accuracy_harness import compare, spawn  # noqa: E402
 
 from uniap.calibration import Measurement, calibrate  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy  # noqa: E402
 from uniap.cost_model import CostModel  # noqa: E402
 from uniap.graph import build_graph  # noqa: E402
 from uniap.models import GPTConfig, build_model, example_batch  # noqa: E402
-from uniap.plan import LayerStrategy, Plan, Stage  # noqa: E402
 from uniap.planner import plan_graph  # noqa: E402
 from uniap.profiles import MeasuredProfile  # noqa: E402
 
@@ -54,7 +54,7 @@ def make_plan(graph, world: int, stages: list[list[tuple]], c: int, schedule: st
         layers = []
         for j in range(n):
             dp, tp, kind = spec[min(j, len(spec) - 1)]
-            layers.append(LayerStrategy(fqns[u], dp, tp, kind))
+            layers.append(LayerStrategy(fqns[u], Strategy(dp, tp, kind)))
             u += 1
         out.append(Stage(tuple(range(i * g, (i + 1) * g)), tuple(layers)))
     return Plan(graph.name, graph.signature, len(fqns), world, BATCH, c, schedule, tuple(out))

@@ -72,18 +72,18 @@ def _model_meta() -> nn.Module:
 
 
 def _plan(name: str, fqns: list[str], signature: str) -> Any:
-    from uniap.plan import LayerStrategy, Plan, Stage
+    from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 
     if name == "pp2 1F1B c4":
         half = len(fqns) // 2 - 1  # embed + 2 blocks | 2 blocks + norm + head
         stages = (
-            Stage((0,), tuple(LayerStrategy(f, 1, 1, "DDP") for f in fqns[: half + 1])),
-            Stage((1,), tuple(LayerStrategy(f, 1, 1, "DDP") for f in fqns[half + 1 :])),
+            Stage((0,), tuple(LayerStrategy(f, Strategy(1, 1, "DDP")) for f in fqns[: half + 1])),
+            Stage((1,), tuple(LayerStrategy(f, Strategy(1, 1, "DDP")) for f in fqns[half + 1 :])),
         )
         c, schedule = 4, "1F1B"
     else:
         kind = name.split()[1]
-        stages = (Stage((0, 1), tuple(LayerStrategy(f, 2, 1, kind) for f in fqns)),)
+        stages = (Stage((0, 1), tuple(LayerStrategy(f, Strategy(2, 1, kind)) for f in fqns)),)
         c, schedule = 1, "1F1B"
     return Plan(
         model_name="gpt-tiny",

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from torch import nn
 
 from uniap._dist import default_device, init_from_env
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor import ParallelModel, apply_plan
 from uniap.executor.tensor_parallel import check_tp_supported
-from uniap.plan import Plan
 
 __all__ = ["parallelize", "plan_hash"]
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from uniap.errors import InfeasibleError, UniapError
+from uniap.schedules import SCHEDULES
 
 __all__ = ["main"]
 
@@ -168,7 +169,7 @@ def _profile_on_ranks(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from uniap.plan import Plan
+    from uniap.contract import Plan
 
     p = Plan.load(args.plan)
     print(p.describe())
@@ -236,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
     p.add_argument("--global-batch-size", type=int, required=True)
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
-    p.add_argument("--schedule", choices=["GPipe", "1F1B"], default=None)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="restrict to one schedule: " + "; ".join(f"{s.name}: {s.description}" for s in SCHEDULES.values()))
     p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of a text preset")
     p.add_argument("--profile", default=None, help="a measured profile YAML")

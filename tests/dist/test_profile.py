@@ -15,7 +15,7 @@ from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel
 from uniap.graph import build_graph
 from uniap.models import build_model, example_batch
-from uniap.plan import Plan
+from uniap.contract import Plan
 from uniap.profiles import MeasuredProfile
 
 pytestmark = pytest.mark.dist

@@ -8,11 +8,11 @@ import math
 import pytest
 
 from uniap.cluster import load_cluster
+from uniap.contract import Plan
 from uniap.cost_model import CostModel, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError
 from uniap.graph import Layer, ModelGraph, TPPair
 from uniap.milp import solve
-from uniap.plan import Plan
 from uniap.planner import plan, plan_graph
 from uniap.search import compositions, heuristic
 from uniap.strategies import divisors

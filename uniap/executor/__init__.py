@@ -1,4 +1,4 @@
-"""The executor: a model and a :class:`~uniap.plan.Plan` -> this rank's :class:`ParallelModel`.
+"""The executor: a model and a :class:`~uniap.contract.Plan` -> this rank's :class:`ParallelModel`.
 
 One parallelism per module: :mod:`.mesh` (rank arithmetic, meshes, groups), :mod:`.reshard`
 (batch layouts), :mod:`.stage_module` (pipeline split by FQN), :mod:`.tensor_parallel`,

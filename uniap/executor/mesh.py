@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from uniap._dist import default_device
-from uniap.plan import Plan
+from uniap.contract import Plan
 
 __all__ = [
     "GatherStep",

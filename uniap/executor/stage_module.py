@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from uniap._torch_utils import attach_module, parent_of
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.reshard import BatchReshard
-from uniap.plan import Plan
 
 __all__ = ["StageModule", "build_stage_module", "chain_fqns", "leftover_state"]
 

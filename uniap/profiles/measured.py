@@ -55,7 +55,7 @@ def library_versions() -> dict[str, str]:
     """Versions that change measured numbers: uniap and torch."""
     import torch
 
-    from uniap import __version__
+    from uniap._version import __version__
 
     return {"uniap": __version__, "torch": torch.__version__.split("+")[0]}
 
