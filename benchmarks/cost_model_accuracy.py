@@ -133,7 +133,7 @@ def world4_plans(graph) -> list[tuple[str, Plan]]:
     ]
 
 
-def fmt_mb(x: float) -> str:
+def fmt_mib(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
 
@@ -251,7 +251,7 @@ def main() -> int:
         print(
             f"| {i + 1} | {name} | {e.time_per_iteration_s * 1e3:.1f} | {r['tpi_s'] * 1e3:.1f} "
             f"| {r['train_step_s'] * 1e3:.1f} / {r['optimizer_s'] * 1e3:.1f} | {err:+.1%} "
-            f"| {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |"
+            f"| {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |"
         )
     fastest = min(meas)
     chosen_meas = meas[chosen_index]
@@ -326,7 +326,7 @@ def main() -> int:
             ev = cm4.evaluate(p)
             for i, (pm, mm) in enumerate(zip(ev.peak_memory_bytes, r["stage_peak_bytes"])):
                 errs4.append(pm / mm - 1)
-                print(f"| {name} | {i} | {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |")
+                print(f"| {name} | {i} | {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |")
         print(
             f"memory error (world 4): median {statistics.median(abs(x) for x in errs4):.1%}, "
             f"worst {max(abs(x) for x in errs4):.1%}"

@@ -149,10 +149,14 @@ PLANNER_SIDE = sorted(m for m in MODULES if m != "uniap" and not _under(m, RUNTI
 
 def test_the_graph_is_read() -> None:
     """The walk sees the package: the planner, the executor and their known imports."""
-    assert {"uniap.planner", "uniap.cost_model", "uniap.contract", "uniap.executor.mesh"} <= set(MODULES)
+    assert {"uniap.planner", "uniap.cost_model", "uniap.contract", "uniap.executor.mesh"} <= set(
+        MODULES
+    )
     assert "uniap.contract" in INTERNAL["uniap.executor.mesh"]
     assert "torch.distributed" in IMPORTS["uniap.executor.mesh"]
-    assert {"uniap.cluster", "uniap.graph", "uniap.planner", "uniap.profiles.measured"} <= set(PLANNER_SIDE)
+    assert {"uniap.cluster", "uniap.graph", "uniap.planner", "uniap.profiles.measured"} <= set(
+        PLANNER_SIDE
+    )
 
 
 def test_no_import_cycles() -> None:

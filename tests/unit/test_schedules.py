@@ -36,5 +36,7 @@ def test_every_schedule_names_a_torch_class_and_the_plan_accepts_it() -> None:
 
 def test_unknown_schedule_is_one_clear_error() -> None:
     """An unknown name lists the known ones."""
-    with pytest.raises(ConfigError, match=r"schedule 'ZeroBubble' is not one of \['GPipe', '1F1B'\]"):
+    with pytest.raises(
+        ConfigError, match=r"schedule 'ZeroBubble' is not one of \['GPipe', '1F1B'\]"
+    ):
         get_schedule("ZeroBubble")

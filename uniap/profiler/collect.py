@@ -109,7 +109,7 @@ def _dp_costs(
         def fb(m: nn.Module, x: tuple = x) -> float:
             return sum(time_layer(m, x, device, warmup=warmup, repeats=repeats))
 
-        base = fb(layer_copy(model, fqns[0], device))
+        base_s = fb(layer_copy(model, fqns[0], device))
         p = float(layer.param_bytes)
         ar, ag, rs = (collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         res: dict[str, dict[str, float]] = {}
@@ -122,18 +122,18 @@ def _dp_costs(
                 sync = GradSync([many])
             sync.before_backward(last=False)
             with sync.microbatch(last=False):
-                t_mb = fb(many)
+                t_microbatch_s = fb(many)
             sync.before_backward(last=True)
-            t_sync = fb(many)
+            t_sync_s = fb(many)
             if kind == "DDP":
-                res[kind] = {"microbatch": t_mb - base, "sync": t_sync - t_mb - (1 - rho) * ar}
+                res[kind] = {"microbatch": t_microbatch_s - base_s, "sync": t_sync_s - t_microbatch_s - (1 - rho) * ar}
             else:
                 one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
-                t_one = fb(one)
+                t_single_s = fb(one)
                 res[kind] = {
-                    "microbatch": t_mb - base,
-                    "sync": t_sync - t_mb - ag - (1 - rho) * rs,
-                    "single": t_one - base - (1 - rho) * (2 * ag + rs),
+                    "microbatch": t_microbatch_s - base_s,
+                    "sync": t_sync_s - t_microbatch_s - ag - (1 - rho) * rs,
+                    "single": t_single_s - base_s - (1 - rho) * (2 * ag + rs),
                 }
         names = [(k, ph) for k in sorted(res) for ph in sorted(res[k])]
         vals = _mean_over_ranks([res[k][ph] for k, ph in names])
@@ -212,18 +212,18 @@ def _loss_costs(
 
         times.append(time_median_s(loss_pass, device, warmup=warmup, repeats=repeats))
         del out
-        saved = saved_activation_bytes(module, x)
+        saved_bytes = saved_activation_bytes(module, x)
         if device.type == "cuda":  # the allocator's peak counts everything already there
             torch.cuda.synchronize(device)
-            base = float(torch.cuda.memory_allocated(device))
+            base_bytes = float(torch.cuda.memory_allocated(device))
         else:  # the tracker counts the registered parameters and gradients
             st = state_bytes(module)
-            base = float(st["param_bytes"] + st["grad_bytes"])
+            base_bytes = float(st["param_bytes"] + st["grad_bytes"])
         with PeakMemory(device, [module]) as pm, torch.enable_grad():
             loss = loss_fn(module(*x), tgt)
             loss.backward()
             del loss
-        working.append(max(pm.peak_bytes - base - saved, 0.0))
+        working.append(max(pm.peak_bytes - base_bytes - saved_bytes, 0.0))
     return _mean_over_ranks(times), working
 
 
