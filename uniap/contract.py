@@ -12,7 +12,9 @@ must agree on is a property of a value defined here (:attr:`Strategy.uses_classi
 what the executor runs. The rank layout a plan implies (stages of consecutive ranks, TP
 innermost) is spelled out in :mod:`uniap.executor.mesh`.
 
-Every value here is frozen: a changed plan is a new plan (``dataclasses.replace``).
+Every value here is frozen: a changed plan is a new plan (``dataclasses.replace``). The values,
+their validation, the file format and the plan's display are one concept (what a plan is), so
+they stay in one module.
 
 Plan file layout (YAML; JSON is the same tree)::
 

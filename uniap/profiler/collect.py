@@ -1,4 +1,4 @@
-"""Measuring a :class:`~uniap.profiler.measured.MeasuredProfile` on the launched ranks.
+"""Measuring a :class:`~uniap.profiles.measured.MeasuredProfile` on the launched ranks.
 
 :func:`collect_profile` is collective over the default process group (run it under
 ``torchrun``, every rank with the same model and inputs) and, in order:
@@ -88,7 +88,7 @@ def _dp_costs(
     :func:`uniap.executor.data_parallel.wrap_ddp`, and FSDP2,
     :func:`uniap.executor.data_parallel.apply_dp`, over the whole world) costs beyond the
     layer's plain forward + backward, as residuals over the cost model's collective terms
-    (see :class:`~uniap.profiler.measured.LayerProfile.dp_residual_s`). Collective."""
+    (see :class:`~uniap.profiles.measured.LayerProfile.dp_residual_s`). Collective."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from uniap.executor.data_parallel import GradSync, apply_dp, wrap_ddp
