@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m uniap.cli demo
+	$(PY) -m uniap demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,14 +29,16 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from accuracy_harness import compare, spawn  # noqa: E402
+
+from uniap.calibration import Measurement, calibrate  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy  # noqa: E402
 from uniap.cost_model import CostModel  # noqa: E402
 from uniap.graph import build_graph  # noqa: E402
 from uniap.models import GPTConfig, build_model, example_batch  # noqa: E402
-from uniap.plan import LayerStrategy, Plan, Stage  # noqa: E402
 from uniap.planner import plan_graph  # noqa: E402
-from uniap.profiler import MeasuredProfile, Measurement, calibrate  # noqa: E402
-from uniap.profiler.accuracy import compare, spawn  # noqa: E402
+from uniap.profiles import MeasuredProfile  # noqa: E402
 
 MODEL = {"vocab_size": 512, "seq_len": 64, "dim": 128, "n_layers": 4, "n_heads": 4}
 BATCH = 16
@@ -52,7 +54,7 @@ def make_plan(graph, world: int, stages: list[list[tuple]], c: int, schedule: st
         layers = []
         for j in range(n):
             dp, tp, kind = spec[min(j, len(spec) - 1)]
-            layers.append(LayerStrategy(fqns[u], dp, tp, kind))
+            layers.append(LayerStrategy(fqns[u], Strategy(dp, tp, kind)))
             u += 1
         out.append(Stage(tuple(range(i * g, (i + 1) * g)), tuple(layers)))
     return Plan(graph.name, graph.signature, len(fqns), world, BATCH, c, schedule, tuple(out))
@@ -131,7 +133,7 @@ def world4_plans(graph) -> list[tuple[str, Plan]]:
     ]
 
 
-def fmt_mb(x: float) -> str:
+def fmt_mib(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
 
@@ -249,7 +251,7 @@ def main() -> int:
         print(
             f"| {i + 1} | {name} | {e.time_per_iteration_s * 1e3:.1f} | {r['tpi_s'] * 1e3:.1f} "
             f"| {r['train_step_s'] * 1e3:.1f} / {r['optimizer_s'] * 1e3:.1f} | {err:+.1%} "
-            f"| {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |"
+            f"| {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |"
         )
     fastest = min(meas)
     chosen_meas = meas[chosen_index]
@@ -324,7 +326,7 @@ def main() -> int:
             ev = cm4.evaluate(p)
             for i, (pm, mm) in enumerate(zip(ev.peak_memory_bytes, r["stage_peak_bytes"])):
                 errs4.append(pm / mm - 1)
-                print(f"| {name} | {i} | {fmt_mb(pm)} | {fmt_mb(mm)} | {pm / mm - 1:+.1%} |")
+                print(f"| {name} | {i} | {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |")
         print(
             f"memory error (world 4): median {statistics.median(abs(x) for x in errs4):.1%}, "
             f"worst {max(abs(x) for x in errs4):.1%}"

@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from uniap._dist import free_port
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -71,18 +72,18 @@ def _model_meta() -> nn.Module:
 
 
 def _plan(name: str, fqns: list[str], signature: str) -> Any:
-    from uniap.plan import LayerStrategy, Plan, Stage
+    from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 
     if name == "pp2 1F1B c4":
         half = len(fqns) // 2 - 1  # embed + 2 blocks | 2 blocks + norm + head
         stages = (
-            Stage((0,), tuple(LayerStrategy(f, 1, 1, "DDP") for f in fqns[: half + 1])),
-            Stage((1,), tuple(LayerStrategy(f, 1, 1, "DDP") for f in fqns[half + 1 :])),
+            Stage((0,), tuple(LayerStrategy(f, Strategy(1, 1, "DDP")) for f in fqns[: half + 1])),
+            Stage((1,), tuple(LayerStrategy(f, Strategy(1, 1, "DDP")) for f in fqns[half + 1 :])),
         )
         c, schedule = 4, "1F1B"
     else:
         kind = name.split()[1]
-        stages = (Stage((0, 1), tuple(LayerStrategy(f, 2, 1, kind) for f in fqns)),)
+        stages = (Stage((0, 1), tuple(LayerStrategy(f, Strategy(2, 1, kind)) for f in fqns)),)
         c, schedule = 1, "1F1B"
     return Plan(
         model_name="gpt-tiny",
@@ -175,7 +176,7 @@ def _uniap(
 # ------------------------------------------------------------------------------ per rank
 def _worker(rank: int, port: int, out: str, warmup: int, steps: int, measure: bool) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from uniap.api import init_local_worker
+    from uniap._dist import init_local_worker
 
     init_local_worker(rank, WORLD, port, backend="gloo", timeout_s=300)
     from uniap.graph import build_graph
@@ -222,12 +223,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warmup", type=int, default=5)
@@ -243,7 +238,7 @@ def main() -> int:
         out = os.path.join(tmp, "rows.json")
         mp.start_processes(
             _worker,
-            args=(_free_port(), out, args.warmup, args.steps, args.measure_memory),
+            args=(free_port(), out, args.warmup, args.steps, args.measure_memory),
             nprocs=WORLD,
             join=True,
             start_method="spawn",

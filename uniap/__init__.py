@@ -7,19 +7,20 @@
 
 from __future__ import annotations
 
+from uniap._version import __version__
+from uniap.calibration import calibrate
 from uniap.cluster import Cluster, list_presets, load_cluster
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 from uniap.cost_model import CostModel
 from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError, UniapError
 from uniap.graph import Layer, ModelGraph, build_graph, layer_chain
-from uniap.plan import LayerStrategy, Plan, Stage
 from uniap.planner import plan, plan_graph
-from uniap.profiler import MeasuredProfile, calibrate
-
-__version__ = "0.1.0"
+from uniap.profiles import MeasuredProfile
 
 __all__ = [
+    "__version__",
     "Cluster", "ConfigError", "CostModel", "InfeasibleError", "Layer", "LayerStrategy", "MeasuredProfile", "ModelGraph",
-    "Plan", "PlanMismatchError", "Stage", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
+    "Plan", "PlanMismatchError", "Stage", "Strategy", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
     "load_cluster", "parallelize", "plan", "plan_graph",
 ]
 

@@ -26,19 +26,17 @@ import hashlib
 import json
 import logging
 import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
+from uniap._dist import default_device, init_from_env
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
-from uniap.executor import ParallelModel, apply_plan, default_device
+from uniap.executor import ParallelModel, apply_plan
 from uniap.executor.tensor_parallel import check_tp_supported
-from uniap.plan import Plan
 
 __all__ = ["parallelize", "plan_hash"]
 
@@ -68,57 +66,6 @@ def _launched_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_local_worker(
-    rank: int, world_size: int, port: int, *, backend: str = "gloo", timeout_s: float = 300.0
-) -> None:
-    """Join a process group as one of ``world_size`` processes started by hand on this machine
-    (multiprocessing spawn in tests and benchmarks): set the environment torchrun would set,
-    one intra-op thread per process (the ranks share the cores), and initialise the group."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-    )
-
-
-def _init_process_group(timeout_s: float) -> None:
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:  # plain `python script.py`: a world of one
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    # torch 2.13's elastic agent shares its TCP store with the workers; after a restart the
-    # workers then read the previous attempt's gloo addresses and fail to connect
-    # (pytorch/pytorch#135712). A store of their own per attempt avoids that.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    device = default_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    logger.info(
-        "initialised %s process group: rank %d of %d",
-        backend,
-        dist.get_rank(),
-        dist.get_world_size(),
-    )
 
 
 def _model_identity(model: nn.Module, example_inputs: Any) -> tuple[Any, tuple[str, ...]]:
@@ -212,7 +159,7 @@ def parallelize(
             "or pass plan="
         )
 
-    _init_process_group(timeout_s)
+    init_from_env(timeout_s)
     if given is None:
         given = _plan_on_rank0(
             model if graph is None else graph,

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
-from uniap.plan import Plan
 
 __all__ = [
     "CheckpointError",

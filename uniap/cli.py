@@ -6,6 +6,7 @@
     uniap plan --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --profile profile.yaml
     uniap models | clusters
     uniap demo                    # plan the demo model on cpu-4, then train it on 4 processes
+    torchrun --nproc-per-node 2 -m uniap.cli profile --model gpt-tiny --out profile.yaml
 
 Bad input prints one line, ``uniap: error: ...``, and exits with code 2.
 """
@@ -13,15 +14,16 @@ Bad input prints one line, ``uniap: error: ...``, and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from uniap.errors import InfeasibleError, UniapError
+from uniap.schedules import SCHEDULES
 
 __all__ = ["main"]
 
@@ -30,45 +32,14 @@ DEMO_CLUSTER = "cpu-4"
 DEMO_BATCH = 16
 
 
-def _resolve_model(spec: str, batch_size: int):
-    """A preset name, or ``module:function`` returning a model or ``(model, example_inputs)``."""
-    from uniap import models
-
-    if ":" not in spec:
-        if spec not in models.list_models():
-            raise UniapError(f"unknown model {spec!r}; presets: {', '.join(models.list_models())}; "
-                             "or give module:function")
-        return spec, None
-    mod_name, fn_name = spec.split(":", 1)
-    if not mod_name or not fn_name:
-        raise UniapError(f"--model {spec!r}: expected module:function, e.g. mypkg.models:build")
-    try:
-        mod = importlib.import_module(mod_name)
-    except (ImportError, ValueError, TypeError) as e:
-        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e}") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
-    try:
-        out = fn()
-    except Exception as e:  # the user's builder: report it in one line
-        raise UniapError(f"--model {spec!r}: calling {fn_name}() failed: {type(e).__name__}: {e}") from None
-    if isinstance(out, tuple) and len(out) == 2:
-        return out
-    example = getattr(out, "example_inputs", None)
-    if example is None:
-        raise UniapError(f"--model {spec!r}: the function must return (model, example_inputs) "
-                         "or a model with an `example_inputs` attribute")
-    return out, example
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from uniap.models import resolve_model
     from uniap.planner import plan
 
-    model, example = _resolve_model(args.model, args.global_batch_size)
+    model, example = resolve_model(args.model)
     profile = None
     if args.profile:
-        from uniap.profiler import MeasuredProfile
+        from uniap.profiles import MeasuredProfile
 
         profile = MeasuredProfile.load(args.profile)
     p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
@@ -83,13 +54,122 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from uniap.profiler.launch import run_profile
+    """Measure the model and the launched cluster into a profile YAML. Under ``torchrun``
+    every rank measures (:func:`_profile_on_ranks`); run plainly, it launches ``torchrun
+    --nproc-per-node N`` on itself (``N`` = ``--nproc``, else the cluster's devices, else 2)
+    with one thread per process. An existing ``--out`` made for the same model, machine,
+    library versions and batches is reused (``--force`` measures again). Rank 0 shows
+    progress on stderr and writes the file."""
+    if "LOCAL_RANK" not in os.environ:
+        return _launch_profile(args)
+    return _profile_on_ranks(args)
 
-    return run_profile(args)
+
+def _forwarded_profile_args(args: argparse.Namespace) -> list[str]:
+    argv = ["--model", args.model, "--global-batch-size", str(args.global_batch_size),
+            "--out", args.out, "--warmup", str(args.warmup), "--repeats", str(args.repeats)]  # fmt: skip
+    if args.cluster:
+        argv += ["--cluster", args.cluster]
+    if args.batches:
+        argv += ["--batches", args.batches]
+    if args.force:
+        argv.append("--force")
+    if args.quiet:
+        argv.append("--quiet")
+    return argv
+
+
+def _launch_profile(args: argparse.Namespace) -> int:
+    from uniap._dist import free_port
+    from uniap.cluster import load_cluster
+    from uniap.models import resolve_model
+
+    resolve_model(args.model)  # a bad name fails before launching
+    nproc = args.nproc
+    if args.cluster:
+        cluster = load_cluster(args.cluster)
+        if nproc is not None and nproc != cluster.world_size:
+            raise UniapError(
+                f"--nproc {nproc} but cluster {cluster.name!r} has {cluster.world_size} devices; "
+                "drop --nproc or pass the matching cluster"
+            )
+        nproc = cluster.world_size
+    nproc = nproc or 2
+    port = args.port or free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(port), "-m", "uniap.cli", "profile", *_forwarded_profile_args(args)]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if not args.quiet:
+        print(f"launching {nproc} processes: torchrun --nproc-per-node {nproc} -m uniap.cli profile ...",
+              file=sys.stderr, flush=True)  # fmt: skip
+    rc = subprocess.call(cmd, env=env)
+    return 0 if rc == 0 else 2
+
+
+def _profile_on_ranks(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from uniap import models
+    from uniap._dist import default_device, init_from_env
+    from uniap.cluster import Cluster, load_cluster
+    from uniap.errors import ConfigError
+    from uniap.graph import build_graph
+    from uniap.profiler import collect_profile
+    from uniap.profiles import MeasuredProfile
+
+    t0 = time.perf_counter()
+    rank = int(os.environ.get("RANK", "0"))
+    verbose = rank == 0 and not args.quiet
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    spec, example = models.resolve_model(args.model)
+    cluster = load_cluster(args.cluster) if args.cluster else Cluster.detect()
+    device = default_device()
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    if isinstance(spec, str):
+        name = spec
+        model = models.build_model(spec, device="cpu", seed=0)
+        example, targets = models.example_batch(spec, args.global_batch_size)
+        loss_fn = models.loss_fn_for(spec)
+    else:  # a user's model: no known loss, so the cost model's analytic loss memory
+        model, name, targets, loss_fn = spec, None, None, None
+    graph = build_graph(model, example, name=name)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        try:
+            old = MeasuredProfile.load(out)
+            old.check_compatible(graph, cluster)
+            same = batches is None or old.settings.get("batches") == sorted(batches)
+            if same and old.settings.get("global_batch_size") == args.global_batch_size:
+                say(f"{out} matches {graph.name} on this machine: reused (--force to measure again)")
+                return 0
+        except ConfigError as e:
+            say(f"{out} is stale, measuring again ({e})")
+    init_from_env(timeout_s=600)
+    try:
+        say(f"profiling {graph.name} ({graph.num_layers} layers) on {dist.get_world_size()} ranks, "
+            f"{cluster.name}")  # fmt: skip
+        profile = collect_profile(
+            model, example, graph=graph, cluster=cluster, global_batch_size=args.global_batch_size,
+            device=device, batches=batches, warmup=args.warmup, repeats=args.repeats,
+            progress=say, targets=targets, loss_fn=loss_fn,
+        )  # fmt: skip
+        if rank == 0:
+            profile.to_yaml(out)
+            if not args.quiet:
+                print(profile.summary())
+            say(f"profile written to {out}")
+    finally:
+        dist.destroy_process_group()
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from uniap.plan import Plan
+    from uniap.contract import Plan
 
     p = Plan.load(args.plan)
     print(p.describe())
@@ -157,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
     p.add_argument("--global-batch-size", type=int, required=True)
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
-    p.add_argument("--schedule", choices=["GPipe", "1F1B"], default=None)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="restrict to one schedule: " + "; ".join(f"{s.name}: {s.description}" for s in SCHEDULES.values()))
     p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of a text preset")
     p.add_argument("--profile", default=None, help="a measured profile YAML")

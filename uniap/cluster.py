@@ -1,7 +1,7 @@
 """The hardware a plan runs on: nodes, devices, memory, peak FLOP/s and links.
 
 A `Cluster` is loaded from a YAML file written in human units ("40 GiB", "300 GB/s",
-"25 Gb/s", "5 us", "312 TFLOP/s"), or from a preset in `uniap/clusters/`, and holds
+"25 Gb/s", "5 us", "312 TFLOP/s"; parsed by :mod:`uniap.units`), or from a preset in `uniap/clusters/`, and holds
 everything in SI units (bytes, bytes/s, seconds, FLOP/s)::
 
     name: a100-2x8
@@ -24,14 +24,11 @@ raises `ConfigError` naming the file, the dotted field (`intra_node.bandwidth`) 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,45 +36,24 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from uniap.errors import ConfigError, UniapError
+from uniap.units import (
+    QUANTITY_EXAMPLES,
+    check_choice,
+    check_number,
+    did_you_mean,
+    format_quantity,
+    parse_quantity,
+)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Cluster", "format_quantity", "list_presets", "load_cluster", "parse_quantity"]
+__all__ = ["Cluster", "list_presets", "load_cluster"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("nccl", "gloo")
-DEVICE_TYPES = ("cuda", "cpu")
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-# ---------------------------------------------------------------------------------------------
-# Units: "40 GiB" -> 42949672960.0. Decimal arithmetic, so "5 us" is exactly float("5e-6").
-
-_SI = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_MICRO = Decimal("1e-6")
-_UNITS: dict[str, dict[str, Decimal]] = {  # unit -> SI factor, per kind of quantity
-    "memory": {f"{p}B": Decimal(f) for p, f in (_SI | _BINARY).items()} | {"bytes": Decimal(1)},
-    "bandwidth": {f"{p}B/s": Decimal(f) for p, f in (_SI | _BINARY).items()}
-    | {f"{p}{b}": Decimal(f) / 8 for p, f in _SI.items() for b in ("b/s", "bit/s", "bps")},
-    "latency": {"s": Decimal(1), "ms": Decimal("1e-3"), "us": _MICRO, "µs": _MICRO, "μs": _MICRO}
-    | {"ns": Decimal("1e-9")},
-    "flops": {f"{p}{s}": Decimal(f) for p, f in _SI.items() for s in ("FLOP/s", "FLOPS")},
-}
-# The units format_quantity tries, largest first, and error messages show.
-_OUT_UNITS = {
-    "memory": ("TiB", "TB", "GiB", "GB", "MiB", "MB", "KiB", "kB", "B"),
-    "bandwidth": ("TB/s", "GB/s", "MB/s", "kB/s", "B/s"),
-    "latency": ("s", "ms", "us", "ns"),
-    "flops": ("PFLOP/s", "TFLOP/s", "GFLOP/s", "MFLOP/s", "FLOP/s"),
-}
 _EXAMPLES = {
-    "memory": "40 GiB",
-    "flops": "312 TFLOP/s",
-    "bandwidth": "300 GB/s",
-    "latency": "5 us",
+    **QUANTITY_EXAMPLES,
     "peak_flops": "{bfloat16: 312 TFLOP/s, float32: 19.5 TFLOP/s}",
     "device": "{memory: 40 GiB, peak_flops: {bfloat16: 312 TFLOP/s}}",
     "intra_node": "{bandwidth: 300 GB/s, latency: 5 us}",
@@ -86,84 +62,11 @@ _EXAMPLES = {
     "num_nodes": "2",
     "devices_per_node": "8",
 }
-_NEEDS = {"count": "a positive integer", "positive": "a positive number", "fraction": "in (0, 1]"}
-_QUANTITY = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*(.*?)\s*")
 
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    same = [c for c in choices if c.lower() == word.lower()]  # "gib" -> "GiB"
-    close = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_number(
-    value: object, where: str, example: str, need: str = "positive", shown: object = None
-) -> Any:
-    """`value` as an int ("count") or float, else a ConfigError "e.g. {leaf}: {example}"."""
-    ok = not isinstance(value, bool) and isinstance(value, int if need == "count" else int | float)
-    if ok and need == "fraction":
-        ok = 0 < value <= 1  # type: ignore[operator]
-    elif ok:
-        ok = math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
-    if not ok:
-        shown = value if shown is None else shown
-        leaf = re.split(r"[ .]", where)[-1]
-        raise ConfigError(f"{where} must be {_NEEDS[need]}, got {shown!r}; e.g. {leaf}: {example}")
-    return value if need == "count" else float(value)  # type: ignore[arg-type]
-
-
-def _check_choice(value: object, choices: tuple[str, ...], where: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
-        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}{hint}")
-    return value
-
-
-def parse_quantity(value: object, kind: str, where: str = "value") -> float:
-    """Parse "40 GiB", "25 Gb/s", "5 us", "312 TFLOP/s" (or a plain SI number) to SI units.
-
-    `kind` is "memory", "bandwidth", "latency" or "flops"; `where` prefixes error messages.
-    """
-    units, example, shown = _UNITS[kind], _EXAMPLES[kind], value
-    if isinstance(value, str):
-        match = _QUANTITY.fullmatch(value)
-        if match is None:
-            raise ConfigError(
-                f"{where} must be a number with a {kind} unit, got {value!r}; "
-                f"e.g. {re.split(r'[ .]', where)[-1]}: {example}"
-            )
-        number, unit = match.groups()
-        if unit and unit not in units:
-            other = next((k for k, u in _UNITS.items() if unit in u), None)
-            problem = f"{unit!r} is a {other} unit" if other else f"unknown unit {unit!r}"
-            valid = ", ".join(_OUT_UNITS[kind][::-1])
-            valid += " (bytes), Mb/s, Gb/s (bits)" if kind == "bandwidth" else ""
-            raise ConfigError(
-                f"{where}: {problem} in {value!r}{_did_you_mean(unit, units)}, but a {kind} is "
-                f"needed; use one of {valid}; e.g. {re.split(r'[ .]', where)[-1]}: {example}"
-            )
-        with localcontext() as ctx:
-            ctx.prec = 80
-            value = float(Decimal(number) * units.get(unit, Decimal(1)))
-    return _check_number(value, where, example, shown=shown)
-
-
-def format_quantity(value: float, kind: str) -> str:
-    """Write an SI `value` in the largest short unit of `kind` that parses back exactly."""
-    if not (math.isfinite(value) and value > 0):
-        return repr(value)
-    exact = Decimal(repr(float(value)))
-    with localcontext() as ctx:
-        ctx.prec = 80
-        for unit in _OUT_UNITS[kind]:
-            q = (exact / _UNITS[kind][unit]).normalize()
-            text = f"{q:f} {unit}"
-            short = 1 <= q < 10**6 and len(q.as_tuple().digits) <= 17
-            if short and parse_quantity(text, kind) == value:
-                return text
-    si_unit = next(u for u, factor in _UNITS[kind].items() if factor == 1)  # B, B/s, s, FLOP/s
-    return f"{float(value)!r} {si_unit}"
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("nccl", "gloo")
+DEVICE_TYPES = ("cuda", "cpu")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 def _dtype_name(dtype: object) -> str:
@@ -232,17 +135,17 @@ class Cluster:
             raise ConfigError(f"cluster name must be a non-empty string, got {self.name!r}")
         where = f"cluster {self.name!r}:"
         for field in ("num_nodes", "devices_per_node"):
-            _check_number(getattr(self, field), f"{where} {field}", "8", "count")
+            check_number(getattr(self, field), f"{where} {field}", "8", "count")
         for field in _SI_FIELDS:
             example = "5e-06" if field.endswith("latency_s") else "25e9"
-            value = _check_number(getattr(self, field), f"{where} {field}", example)
+            value = check_number(getattr(self, field), f"{where} {field}", example)
             object.__setattr__(self, field, value)
-        efficiency = _check_number(
+        efficiency = check_number(
             self.compute_efficiency, f"{where} compute_efficiency", "0.5", "fraction"
         )
         object.__setattr__(self, "compute_efficiency", efficiency)
-        _check_choice(self.backend, BACKENDS, f"{where} backend")
-        _check_choice(self.device_type, DEVICE_TYPES, f"{where} device_type")
+        check_choice(self.backend, BACKENDS, f"{where} backend")
+        check_choice(self.device_type, DEVICE_TYPES, f"{where} device_type")
         if self.backend == "nccl" and self.device_type != "cuda":
             raise ConfigError(
                 f"{where} backend 'nccl' needs device type 'cuda', got {self.device_type!r}; "
@@ -255,10 +158,10 @@ class Cluster:
                 "e.g. {'bfloat16': 312e12, 'float32': 19.5e12}"
             )
         checked = {
-            _check_choice(_dtype_name(d), DTYPES, f"{where} dtype"): f for d, f in flops.items()
+            check_choice(_dtype_name(d), DTYPES, f"{where} dtype"): f for d, f in flops.items()
         }
         for dtype, value in checked.items():
-            checked[dtype] = _check_number(value, f"{where} peak_flops_per_s.{dtype}", "312e12")
+            checked[dtype] = check_number(value, f"{where} peak_flops_per_s.{dtype}", "312e12")
         ordered = _FrozenDict({d: checked[d] for d in DTYPES if d in checked})
         object.__setattr__(self, "peak_flops_per_s", ordered)
 
@@ -382,7 +285,7 @@ class Cluster:
         presets = list_presets()
         if name not in presets:
             raise ConfigError(
-                f"unknown cluster preset {name!r}{_did_you_mean(str(name), presets)}; available "
+                f"unknown cluster preset {name!r}{did_you_mean(str(name), presets)}; available "
                 f"presets: {', '.join(presets)}; or pass the path to a cluster YAML file"
             )
         text = (resources.files("uniap.clusters") / f"{name}.yaml").read_text(encoding="utf-8")
@@ -484,7 +387,7 @@ def _section(
         shown = str(key) if isinstance(key, str) and key.isprintable() and key.strip() else repr(key)
         dotted = f"{path}.{shown}" if path else shown
         if name not in keys:
-            hint = _did_you_mean(str(key), [*keys, *aliases])
+            hint = did_you_mean(str(key), [*keys, *aliases])
             raise ConfigError(
                 f"{source}: {dotted}: unknown key{hint}; valid keys here: {', '.join(keys)}"
             )
@@ -518,8 +421,8 @@ def _from_layout(data: Any, source: str) -> Cluster:
         raise ConfigError(
             f"{at('name')} must be a non-empty string, got {name!r}; e.g. name: a100-2x8"
         )
-    num_nodes = _check_number(top["num_nodes"], at("num_nodes"), "2", "count")
-    per_node = _check_number(top["devices_per_node"], at("devices_per_node"), "8", "count")
+    num_nodes = check_number(top["num_nodes"], at("num_nodes"), "2", "count")
+    per_node = check_number(top["devices_per_node"], at("devices_per_node"), "8", "count")
     device = _section(top["device"], "device", source, _DEVICE_KEYS, ("memory", "peak_flops"))
     memory = parse_quantity(device["memory"], "memory", at("device.memory"))
     flops = _section(device["peak_flops"], "device.peak_flops", source, DTYPES, (), _DTYPE_ALIASES)
@@ -528,10 +431,10 @@ def _from_layout(data: Any, source: str) -> Cluster:
         raise ConfigError(f"{at('device.peak_flops')}: needs a dtype; e.g. peak_flops: {example}")
     flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}")) for d, v in flops.items()}
     efficiency = device.get("compute_efficiency", 0.5)
-    efficiency = _check_number(efficiency, at("device.compute_efficiency"), "0.5", "fraction")
-    device_type = _check_choice(device.get("type", "cuda"), DEVICE_TYPES, at("device.type"))
+    efficiency = check_number(efficiency, at("device.compute_efficiency"), "0.5", "fraction")
+    device_type = check_choice(device.get("type", "cuda"), DEVICE_TYPES, at("device.type"))
     backend = top.get("backend", "nccl" if device_type == "cuda" else "gloo")
-    backend = _check_choice(backend, BACKENDS, at("backend"))
+    backend = check_choice(backend, BACKENDS, at("backend"))
     intra = _link(top["intra_node"], "intra_node", source)
     if "inter_node" in top:
         inter = _link(top["inter_node"], "inter_node", source)

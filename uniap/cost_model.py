@@ -60,11 +60,12 @@ from functools import lru_cache
 import numpy as np
 
 from uniap.cluster import Cluster
+from uniap.contract import DDP_BUCKET_BYTES, Plan, Strategy
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
-from uniap.plan import Plan
-from uniap.profiler import AnalyticProfile, Profile
-from uniap.strategies import DDP_BUCKET_BYTES, Strategy, layer_strategies, stage_strategies, why_not
+from uniap.profiles import AnalyticProfile, Profile
+from uniap.schedules import inflight_microbatches
+from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]
 
@@ -259,7 +260,7 @@ class CostModel:
         M = np.zeros((L, K, pp))
         layout = np.zeros((L, K), dtype=np.int64)
         parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")}
-        inflight = [1 if pp == 1 else (c if schedule == "GPipe" else min(c, pp - i)) for i in range(pp)]
+        inflight = [inflight_microbatches(schedule, i, pp, c) for i in range(pp)]
         allowed = []
         for k, s in enumerate(strategies):
             layout[:, k] = layout_of[s.dp]
@@ -313,7 +314,7 @@ class CostModel:
                         static = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
                     local_params /= s.dp
                 else:
-                    if s.classic_ddp:  # the layer's share of DDP's full buckets
+                    if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                         bk = DDP_BUCKET_BYTES
                         ar = p_bytes / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
                     else:

@@ -11,7 +11,9 @@ Everything here runs on the meta device: no real weights are allocated.
 forward + backward of a meta copy at batch ``TRACE_BATCH_SIZE`` and measures, per layer, the
 FLOPs (``torch.utils.flop_counter``), the output and saved-for-backward bytes (forward hooks and
 ``saved_tensors_hooks``) and the tensor-parallel plan (Megatron column-/row-wise Linear pairs,
-found from the autograd graph, no model-specific names).
+found from the autograd graph, no model-specific names). The trace's machinery lives in
+:mod:`uniap.tracing`, the pair discovery in :mod:`uniap.tp_pairs`; this module holds the
+types, the layer chain and :func:`build_graph`, which reads them in order.
 
 Attention is traced as a fused (flash) kernel, as on GPUs: it saves q, k, v, the output and
 the log-sum-exp, never the (seq x seq) probabilities; its FLOPs follow torch's SDPA formula
@@ -21,23 +23,30 @@ the log-sum-exp, never the (seq x seq) probabilities; its FLOPs follow torch's S
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
+from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
+from uniap.tp_pairs import EMBEDDING_HEAD_REASON, TPPair, TPPlan, tp_plan
+from uniap.tracing import (
+    FUSED_SDPA_FLOPS,
+    FusedAttentionMode,
+    Tracer,
+    default_loss,
+    fake_copy,
+    fake_inputs,
+    tensors_in,
+)
 
 __all__ = [
     "TRACE_BATCH_SIZE",
@@ -53,27 +62,6 @@ logger = logging.getLogger(__name__)
 
 TRACE_BATCH_SIZE = 2
 """Batch size of the meta trace; per-sample numbers are the traced numbers divided by it."""
-
-
-@dataclass(frozen=True)
-class TPPair:
-    """A Megatron-style tensor-parallel pair inside a layer.
-
-    The ``colwise`` Linears consume the same input and are split by output features; the
-    ``rowwise`` Linear consumes their (combined) output and is split by input features, so one
-    all-reduce of the row-wise output per pair is needed forward and one backward.
-    """
-
-    colwise: tuple[str, ...]
-    """FQNs of the column-wise Linears, relative to the layer (e.g. ``attn.q_proj``)."""
-    rowwise: str
-    """FQN of the row-wise Linear, relative to the layer (e.g. ``attn.o_proj``)."""
-    allreduce_bytes_per_sample: float
-    """Bytes of the row-wise output for one sample: the tensor all-reduced in forward."""
-    input_bytes_per_sample: tuple[float, ...] = ()
-    """Bytes per sample of each distinct input of the column-wise Linears: in backward, the
-    gradient of each is all-reduced once (self-attention/MLP: one input; cross-attention: two).
-    Empty means one input of ``allreduce_bytes_per_sample`` bytes."""
 
 
 @dataclass(frozen=True)
@@ -243,387 +231,6 @@ def run_chain(modules: Iterable[nn.Module | tuple[str, nn.Module]], x: Any) -> A
 
 
 # --------------------------------------------------------------------------------------------
-# Meta tracing helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    """Every tensor in a (nested) output: tensors, tuples, lists, dicts, HF ModelOutputs."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
-def _storage_key(t: Tensor) -> tuple[int, int]:
-    """(storage id, bytes) of the storage a tensor keeps alive; views share their base's."""
-    try:
-        storage = t.untyped_storage()
-        return storage._cdata, storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # storage-less tensor subclasses
-        return id(t), t.nbytes
-
-
-def _fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are fake meta tensors (shared
-    parameters stay shared, floating ones trainable and cast to ``dtype``); real weights are
-    never read or copied."""
-
-    def fake(t: Tensor) -> Tensor:
-        dt = dtype if t.is_floating_point() else t.dtype
-        return fake_mode.from_tensor(torch.empty_like(t, device="meta", dtype=dt))
-
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(fake(p), requires_grad=p.is_floating_point())
-    for b in model.buffers():
-        memo[id(b)] = fake(b)
-    return copy.deepcopy(model, memo)
-
-
-def _fake_inputs(obj: Any, batch: int, dtype: torch.dtype, fake_mode: FakeTensorMode) -> Any:
-    """Fake meta tensors of the inputs' dtypes and shapes, with dim 0 (the batch) set to
-    ``batch``; floating inputs are cast to ``dtype``."""
-    if isinstance(obj, Tensor):
-        shape = (batch, *obj.shape[1:]) if obj.dim() else obj.shape
-        dt = dtype if obj.is_floating_point() else obj.dtype
-        return fake_mode.from_tensor(torch.empty(shape, dtype=dt, device="meta"))
-    if isinstance(obj, Mapping):
-        return {k: _fake_inputs(v, batch, dtype, fake_mode) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_fake_inputs(v, batch, dtype, fake_mode) for v in obj)
-    return obj
-
-
-def _fused_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _fused_sdpa_backward_flop(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-_FUSED_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FUSED_SDPA_FLOPS = {
-    _FUSED_SDPA: _fused_sdpa_flop,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _fused_sdpa_backward_flop,
-}
-
-
-class _FusedAttentionMode(TorchFunctionMode):
-    """Reroutes ``F.scaled_dot_product_attention`` to the fused (flash) kernel during the meta
-    trace (meta tensors would otherwise take the unfused math path, which saves the
-    probabilities) and reports the query / key-value head counts of every call."""
-
-    def __init__(self, on_heads: Callable[[int, int], None]) -> None:
-        super().__init__()
-        self.on_heads = on_heads
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-        call = {**dict(zip(names, args)), **kwargs}
-        q, k, v = call["query"], call["key"], call["value"]
-        if q.dim() < 3:
-            return func(*args, **kwargs)
-        self.on_heads(q.shape[-3], k.shape[-3])
-        if q.dim() != 4:
-            return func(*args, **kwargs)
-        if k.shape[-3] != q.shape[-3]:  # grouped-query attention (enable_gqa)
-            rep = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        mask = call.get("attn_mask")
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~mask, float("-inf")
-            )
-        try:
-            out, _ = _FUSED_SDPA(
-                q,
-                k,
-                v,
-                call.get("dropout_p", 0.0),
-                call.get("is_causal", False),
-                attn_mask=mask,
-                scale=call.get("scale"),
-            )
-        except RuntimeError as e:  # unsupported shapes: the unfused path is still correct
-            logger.debug("fused attention unavailable (%s); tracing the math path", e)
-            return func(*args, **kwargs)
-        return out
-
-
-def _default_loss(output: Any) -> Tensor:
-    """Sum of every floating output that requires grad: the backward FLOPs of the layers are
-    those of any real loss (loss functions themselves do no matmuls)."""
-    parts = [t.float().sum() for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
-    if not parts:
-        raise UniapError(
-            "the model output has no floating tensor that requires grad; pass loss_fn=..."
-        )
-    return torch.stack(parts).sum()
-
-
-# --------------------------------------------------------------------------------------------
-# The trace
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _LinearCall:
-    """One nn.Linear call inside a layer during the trace."""
-
-    fqn: str
-    module: nn.Linear
-    input: Tensor
-    start_event: int
-    output: Tensor | None = None
-    end_event: int = -1
-    num_calls: int = 1
-
-
-@dataclass
-class _LayerTrace:
-    """What the hooks saw of one chain layer."""
-
-    input_nodes: set = field(default_factory=set)
-    input_last_dim: int | None = None
-    output_nodes: list = field(default_factory=list)
-    output_last_dim: int | None = None
-    output_bytes: int = 0
-    saved: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """storage id -> (bytes, event index), first save only."""
-    linears: list[_LinearCall] = field(default_factory=list)
-    heads: set[int] = field(default_factory=set)
-    num_calls: int = 0
-
-
-class _Tracer:
-    """Hooks that attribute outputs, saved tensors, Linear calls and attention heads to the
-    chain layer currently running."""
-
-    def __init__(self, chain: list[tuple[str, nn.Module]], excluded_storages: set[int]) -> None:
-        self.chain = chain
-        self.excluded = excluded_storages
-        self.layers = [_LayerTrace() for _ in chain]
-        self.stack: list[int] = []
-        self.event = 0
-        self.handles: list[Any] = []
-
-    def install(self) -> None:
-        for i, (_, layer) in enumerate(self.chain):
-            self.handles.append(
-                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True)
-            )
-            self.handles.append(layer.register_forward_hook(partial(self._exit, i)))
-            for rel, sub in layer.named_modules():
-                if isinstance(sub, nn.Linear):
-                    hook = partial(self._linear_pre, i, rel)
-                    self.handles.append(sub.register_forward_pre_hook(hook))
-                    self.handles.append(sub.register_forward_hook(partial(self._linear_post, i)))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _tick(self) -> int:
-        self.event += 1
-        return self.event
-
-    def _enter(self, i: int, module, args, kwargs) -> None:
-        trace = self.layers[i]
-        tensors = _tensors(list(args)) + _tensors(kwargs)
-        trace.num_calls += 1
-        trace.input_nodes |= {t.grad_fn for t in tensors if t.grad_fn is not None}
-        if tensors and trace.input_last_dim is None and tensors[0].dim():
-            trace.input_last_dim = tensors[0].shape[-1]
-        self.stack.append(i)
-
-    def _exit(self, i: int, module, args, output) -> None:
-        trace = self.layers[i]
-        tensors = _tensors(output)
-        trace.output_bytes += sum(t.nbytes for t in tensors)
-        trace.output_nodes += [t.grad_fn for t in tensors if t.grad_fn is not None]
-        if tensors and tensors[0].dim():
-            trace.output_last_dim = tensors[0].shape[-1]
-        self.stack.pop()
-
-    def _linear_pre(self, i: int, rel: str, module, args) -> None:
-        trace = self.layers[i]
-        for call in trace.linears:
-            if call.module is module:
-                call.num_calls += 1
-                return
-        if args and isinstance(args[0], Tensor):
-            trace.linears.append(_LinearCall(rel, module, args[0], self._tick()))
-
-    def _linear_post(self, i: int, module, args, output) -> None:
-        for call in self.layers[i].linears:
-            if call.module is module and call.output is None and isinstance(output, Tensor):
-                call.output, call.end_event = output, self._tick()
-
-    def pack(self, t: Tensor) -> Tensor:
-        if self.stack:
-            key, nbytes = _storage_key(t)
-            saved = self.layers[self.stack[-1]].saved
-            if key not in self.excluded and key not in saved:
-                saved[key] = (nbytes, self._tick())
-        return t
-
-    def on_heads(self, q_heads: int, kv_heads: int) -> None:
-        if self.stack:
-            self.layers[self.stack[-1]].heads |= {q_heads, kv_heads}
-
-
-# --------------------------------------------------------------------------------------------
-# Tensor-parallel plan
-# --------------------------------------------------------------------------------------------
-
-_HEAD_COUNT_ATTRS = (
-    "n_heads",
-    "num_heads",
-    "num_attention_heads",
-    "n_head",
-    "n_kv_heads",
-    "num_key_value_heads",
-)
-_EMBEDDING_HEAD_REASON = "embedding/head: vocabulary-parallel TP not supported"
-_MAX_WALK_NODES = 200_000
-
-
-def _direct_linear_sources(
-    starts: Iterable[Any], linear_of: dict[Any, int], stop_nodes: set
-) -> tuple[set[int], bool]:
-    """Walk the autograd graph back from ``starts``; return the Linear calls whose outputs are
-    reached without passing through another Linear, and whether a layer input was reached."""
-    found: set[int] = set()
-    reached_input = False
-    seen: set = set()
-    todo = [n for n in starts if n is not None]
-    while todo and len(seen) < _MAX_WALK_NODES:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in linear_of:
-            found.add(linear_of[node])
-        elif node in stop_nodes:
-            reached_input = True
-        else:
-            todo += [nxt for nxt, _ in node.next_functions if nxt is not None]
-    return found, reached_input
-
-
-def _head_counts(layer: nn.Module) -> set[int]:
-    """Head counts stored as int attributes (or in a ``config``) of the layer's submodules."""
-    counts: set[int] = set()
-    for sub in layer.modules():
-        for holder in (sub, getattr(sub, "config", None)):
-            for attr in _HEAD_COUNT_ATTRS:
-                value = getattr(holder, attr, None) if holder is not None else None
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    counts.add(value)
-    return counts
-
-
-def _no_pair_reason(layer: nn.Module, calls: list[_LinearCall]) -> str:
-    base = "no column-wise/row-wise Linear pair found"
-    projections = sorted(
-        {
-            type(m).__name__
-            for m in layer.modules()
-            if not isinstance(m, (nn.Linear, nn.Embedding, nn.EmbeddingBag))
-            and any(p.dim() >= 2 for p in m.parameters(recurse=False))
-        }
-    )
-    if projections:
-        return f"{base} (fused or non-Linear projections: {', '.join(projections)})"
-    if not calls:
-        return f"{base} (no nn.Linear inside)"
-    names = ", ".join(
-        f"{c.fqn or type(layer).__name__} ({c.module.in_features}->{c.module.out_features})"
-        for c in calls
-    )
-    return f"{base} (Linear sizes or data flow do not line up: {names})"
-
-
-@dataclass(frozen=True)
-class _TPPlan:
-    pairs: tuple[TPPair, ...] = ()
-    divisors: tuple[int, ...] = ()
-    excluded_reason: str = ""
-    saved_fraction: float = 0.0
-
-
-def _tp_plan(layer: nn.Module, trace: _LayerTrace, batch: int) -> _TPPlan:
-    """Megatron pairs of a layer: a row-wise Linear R whose input derives (through non-Linear
-    ops only, not from the layer input) from column-wise Linears C, with
-    ``R.out_features`` equal to some ``C.in_features``, and whose column-wise outputs reach
-    nothing but R (no other Linear, not the layer output)."""
-    calls = [c for c in trace.linears if c.output is not None]
-    reused = [c.fqn for c in calls if c.num_calls > 1]
-    if reused:
-        return _TPPlan(excluded_reason=f"Linear(s) {reused} called more than once per forward")
-    linear_of = {c.output.grad_fn: j for j, c in enumerate(calls) if c.output.grad_fn is not None}
-    sources = {
-        j: _direct_linear_sources([c.input.grad_fn], linear_of, trace.input_nodes)
-        for j, c in enumerate(calls)
-    }
-    out_sources, _ = _direct_linear_sources(trace.output_nodes, linear_of, trace.input_nodes)
-    pairs: list[tuple[list[int], int]] = []
-    assigned: set[int] = set()
-    for r, call in enumerate(calls):
-        cols, hits_input = sources[r]
-        if r in assigned or not cols or hits_input or cols & assigned:
-            continue
-        if call.module.out_features not in {calls[c].module.in_features for c in cols}:
-            continue
-        consumers = [out_sources] + [s for j, (s, _) in sources.items() if j != r]
-        if any(cols & other for other in consumers):
-            continue  # a column-wise output escapes the pair: sharding it would be wrong
-        pairs.append((sorted(cols), r))
-        assigned |= cols | {r}
-    if not pairs:
-        return _TPPlan(excluded_reason=_no_pair_reason(layer, calls))
-    divisors = set(_head_counts(layer)) | trace.heads
-    tp_pairs = []
-    for cols, r in pairs:
-        divisors |= {calls[c].module.out_features for c in cols} | {calls[r].module.in_features}
-        tp_pairs.append(
-            TPPair(
-                colwise=tuple(calls[c].fqn for c in cols),
-                rowwise=calls[r].fqn,
-                allreduce_bytes_per_sample=calls[r].output.nbytes / batch,
-                input_bytes_per_sample=tuple(sorted(
-                    nbytes / batch
-                    for nbytes in {_storage_key(calls[c].input)[0]: calls[c].input.nbytes for c in cols}.values()
-                )),
-            )
-        )
-    # saved inside a pair's span, except the (replicated) inputs of its column-wise Linears
-    spans = [(min(calls[c].start_event for c in cols), calls[r].end_event) for cols, r in pairs]
-    replicated = {_storage_key(calls[c].input)[0] for cols, _ in pairs for c in cols}
-    total = sum(nbytes for nbytes, _ in trace.saved.values())
-    inside = sum(
-        nbytes
-        for key, (nbytes, event) in trace.saved.items()
-        if key not in replicated and any(lo <= event <= hi for lo, hi in spans)
-    )
-    return _TPPlan(
-        pairs=tuple(tp_pairs),
-        divisors=tuple(sorted(divisors)),
-        saved_fraction=inside / total if total else 0.0,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # build_graph
 # --------------------------------------------------------------------------------------------
 
@@ -650,19 +257,19 @@ def _trace(
     dtype: torch.dtype,
     loss_fn: Callable[[Any], Tensor] | None,
     mode: Any,
-) -> tuple[nn.Module, list[tuple[str, nn.Module]], _Tracer, dict, dict]:
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict]:
     """One forward and backward of a meta copy of ``model`` (tensors made by ``mode``:
     :class:`_MetaMode` or a ``FakeTensorMode``) at ``TRACE_BATCH_SIZE``, recorded per layer:
     ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts)``."""
-    traced = _fake_copy(model, dtype, mode)
+    traced = fake_copy(model, dtype, mode)
     chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
-    inputs = _fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
-    excluded = {_storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
-    tracer = _Tracer(chain, excluded)
+    inputs = fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
+    excluded = {storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
+    tracer = Tracer(chain, excluded)
     tracer.install()
-    counter = FlopCounterMode(display=False, custom_mapping=_FUSED_SDPA_FLOPS)
+    counter = FlopCounterMode(display=False, custom_mapping=FUSED_SDPA_FLOPS)
     try:
-        with mode, torch.enable_grad(), counter, _FusedAttentionMode(tracer.on_heads):
+        with mode, torch.enable_grad(), counter, FusedAttentionMode(tracer.on_heads):
             with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
                 if isinstance(inputs, Mapping):
                     output = traced(**inputs)
@@ -671,7 +278,7 @@ def _trace(
                 else:
                     output = traced(inputs)
             fwd_counts = counter.get_flop_counts()
-            loss = loss_fn(output) if loss_fn is not None else _default_loss(output)
+            loss = loss_fn(output) if loss_fn is not None else default_loss(output)
             loss.backward()
         all_counts = counter.get_flop_counts()
     finally:
@@ -738,9 +345,9 @@ def build_graph(
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
         if is_embedding or is_head:
-            tp = _TPPlan(excluded_reason=_EMBEDDING_HEAD_REASON)
+            tp = TPPlan(excluded_reason=EMBEDDING_HEAD_REASON)
         else:
-            tp = _tp_plan(module, trace, batch)
+            tp = tp_plan(module, trace, batch)
         numbers = {
             "num_params": sum(p.numel() for p in own),
             "param_bytes": sum(p.numel() * p.element_size() for p in own),
@@ -762,7 +369,7 @@ def build_graph(
             )
         )
 
-    first_input = next(iter(_tensors(example_inputs)), None)
+    first_input = next(iter(tensors_in(example_inputs)), None)
     total_params = sum(p.numel() for p in traced.parameters())
     graph = ModelGraph(
         name=name or getattr(model, "uniap_name", None) or type(model).__name__,

@@ -1,5 +1,5 @@
 """The Unified Optimization Process: search every (pp, c, schedule), solve each exactly, keep
-the best, and return it as a :class:`uniap.plan.Plan`.
+the best, and return it as a :class:`uniap.contract.Plan`.
 
 For ``pp`` in the divisors of the device count (at most the number of layers) and ``c`` in the
 divisors of the global batch (every layer must have a strategy whose dp splits the micro-batch):
@@ -47,12 +47,12 @@ from dataclasses import dataclass
 
 from uniap.bounds import SegmentBound, candidate_lower_bound
 from uniap.cluster import Cluster
+from uniap.contract import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.graph import ModelGraph
 from uniap.milp import Solution, min_peak_memory, solve
-from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
-from uniap.profiler import Profile
+from uniap.profiles import Profile
 from uniap.search import heuristic
 from uniap.strategies import divisors
 
@@ -341,10 +341,10 @@ def plan_graph(
     status = "optimal" if not timed_out else "time_limit"
     gap = max((s.gap for s in timed_out), default=0.0)
     out = _to_plan(graph, cluster, cm, best.tables, best.solution, B)
-    out.solver = {
+    out = dataclasses.replace(out, solver={
         "status": status, "gap": float(gap), "wall_s": round(wall, 4),
         "milps_solved": search.num_solves, "candidates": [e.cand.row() for e in search.entries],
-    }
+    })
     log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, search.num_solves, wall)
     return out
 
@@ -434,7 +434,7 @@ def _log_tp_exclusions(graph: ModelGraph) -> None:
 def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, sol: Solution, B: int) -> Plan:
     import torch
 
-    from uniap import __version__
+    from uniap._version import __version__
 
     N, pp = cluster.world_size, t.pp
     g = N // pp
@@ -442,8 +442,7 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
     stages = []
     for i in range(pp):
         layers = tuple(
-            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp, t.strategies[k].kind,
-                          t.strategies[k].recompute)
+            LayerStrategy(graph.layers[u].fqn, t.strategies[k])
             for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of)) if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))

@@ -1,4 +1,5 @@
-"""Intra-layer strategies: how one layer uses the ``g`` devices of its pipeline stage.
+"""The intra-layer strategy space: every :class:`~uniap.contract.Strategy` a layer may use on
+the ``g`` devices of its pipeline stage (the value itself belongs to the Plan contract).
 
 A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into ``dp`` data-parallel
 groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says whether the
@@ -11,50 +12,10 @@ checkpointing of the layer (torch.utils.checkpoint): less memory, one more forwa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from uniap.contract import Strategy
 from uniap.graph import Layer
 
-__all__ = ["Strategy", "stage_strategies", "layer_strategies", "divisors", "uses_classic_ddp"]
-
-DDP_BUCKET_BYTES = 25 * 2**20
-"""Bucket size of classic DDP's gradient all-reduce (``bucket_cap_mb``, torch's default)."""
-
-
-def uses_classic_ddp(kind: str, dp: int, tp: int) -> bool:
-    """Whether the executor synchronises a layer with the stage's classic
-    ``DistributedDataParallel`` wrapper (bucketed all-reduce, plain-tensor parameters): DDP
-    over the whole stage (``tp == 1``). DDP with ``tp > 1`` uses FSDP2's ``replicate`` per
-    layer. One rule for the cost model and the executor."""
-    return kind == "DDP" and dp > 1 and tp == 1
-
-
-@dataclass(frozen=True, order=True)
-class Strategy:
-    """One intra-layer strategy for a stage of ``dp * tp`` devices."""
-
-    dp: int
-    """Data-parallel degree."""
-    tp: int
-    """Tensor-parallel degree (consecutive ranks)."""
-    kind: str
-    """``DDP`` or ``FSDP``."""
-    recompute: bool = False
-    """Activation checkpointing: keep the layer's input only, recompute forward in backward."""
-
-    def __str__(self) -> str:
-        return f"dp{self.dp}xtp{self.tp}-{self.kind}" + ("-ckpt" if self.recompute else "")
-
-    @property
-    def classic_ddp(self) -> bool:
-        """Synchronised by the stage's classic DDP wrapper (see :func:`uses_classic_ddp`)."""
-        return uses_classic_ddp(self.kind, self.dp, self.tp)
-
-    @property
-    def dtensor_params(self) -> bool:
-        """Whether the executor holds the layer's parameters as DTensors (TP shards, FSDP2
-        shards, ``replicate``), so that the optimizer pays DTensor dispatch per tensor."""
-        return self.tp > 1 or (self.dp > 1 and not self.classic_ddp)
+__all__ = ["divisors", "layer_strategies", "stage_strategies"]
 
 
 def divisors(n: int) -> list[int]:

@@ -1,5 +1,5 @@
 """What every search of the comparison shares: the candidate ``(pp, c)`` tables, the result
-record, the scoring and the conversion of an assignment to a :class:`uniap.plan.Plan`.
+record, the scoring and the conversion of an assignment to a :class:`uniap.contract.Plan`.
 
 Every method searches the same cost tables (:class:`uniap.cost_model.CostTables`, 1F1B, the
 same strategy space) and every assignment is scored by :func:`uniap.cost_model.evaluate_assignment`,
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from uniap.cluster import Cluster
+from uniap.contract import LayerStrategy, Plan, Stage
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
-from uniap.plan import LayerStrategy, Plan, Stage
 from uniap.strategies import divisors
 
 __all__ = [
@@ -127,8 +127,7 @@ def to_plan(graph: ModelGraph, cluster: Cluster, t: CostTables, stage_of: Sequen
     stages = []
     for i in range(t.pp):
         layers = tuple(
-            LayerStrategy(graph.layers[u].fqn, t.strategies[k].dp, t.strategies[k].tp,
-                          t.strategies[k].kind, t.strategies[k].recompute)
+            LayerStrategy(graph.layers[u].fqn, t.strategies[k])
             for u, (si, k) in enumerate(zip(stage_of, strategy_of)) if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))

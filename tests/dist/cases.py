@@ -16,7 +16,7 @@ import torch.distributed as dist
 from uniap.api import parallelize
 from uniap.errors import PlanMismatchError
 from uniap.executor import apply_plan, default_device
-from uniap.plan import Plan
+from uniap.contract import Plan
 
 LR = 1e-3
 # Adam divides by sqrt(v) + eps: a gradient entry near zero (|g| ~ 1e-8, e.g. an embedding row

@@ -1,17 +1,12 @@
-"""Make the helpers in this folder importable (also from spawned processes), and run every
-case of one world size in ONE spawned process group per session."""
+"""Run every case of one world size in ONE spawned process group per session (this folder's
+helpers are importable through pytest's ``pythonpath``, see pyproject.toml)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
 
 
 def _run(world_size: int, cases: list[dict], tmp: Path) -> dict[str, Any]:

@@ -14,23 +14,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from uniap._dist import free_port
+
 PG_TIMEOUT_S = float(os.environ.get("UNIAP_TEST_PG_TIMEOUT_S", "90"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(
@@ -46,7 +40,7 @@ def _worker(
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     import torch.distributed as dist
 
-    from uniap.api import init_local_worker
+    from uniap._dist import init_local_worker
 
     init_local_worker(rank, world_size, port, backend=backend, timeout_s=PG_TIMEOUT_S)
     mod_name, fn_name = target.split(":")
@@ -94,7 +88,7 @@ def run_cases(
         try:
             mp.start_processes(
                 _worker,
-                args=(world_size, _free_port(), target, cases, out, list(sys.path), backend),
+                args=(world_size, free_port(), target, cases, out, list(sys.path), backend),
                 nprocs=world_size,
                 join=True,
                 start_method="spawn",

@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from uniap._dist import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -150,12 +151,6 @@ def test_sigkill_rank2_torchrun_restarts_resumes_and_matches(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------ hung peer
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hung_peer_worker(rank: int, port: int, timeout_s: float, queue: Any) -> None:
     """Rank 1 joins, then hangs; rank 0 trains and reports how long until it got an error."""
     try:
@@ -172,7 +167,6 @@ def _hung_peer_body(rank: int, port: int, timeout_s: float, queue: Any) -> None:
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
     )  # fmt: skip
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from toy import build_toy, make_plan, toy_batch, toy_fqns, toy_loss
 
     from uniap.api import parallelize
@@ -199,7 +193,7 @@ def test_hung_peer_fails_within_process_group_timeout() -> None:
     error within seconds instead of hanging."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_hung_peer_worker, args=(r, port, 3.0, queue), daemon=True)
         for r in range(2)

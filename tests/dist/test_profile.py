@@ -15,9 +15,8 @@ from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel
 from uniap.graph import build_graph
 from uniap.models import build_model, example_batch
-from uniap.plan import Plan
-from uniap.profiler import MeasuredProfile
-from uniap.profiler.accuracy import spawn
+from uniap.contract import Plan
+from uniap.profiles import MeasuredProfile
 
 pytestmark = pytest.mark.dist
 
@@ -112,7 +111,7 @@ def test_profile_cli_two_processes_under_60_s_then_plan_from_it(tmp_path: Path) 
 def test_three_plans_predicted_order_matches_measured_extremes() -> None:
     """Profile, then run 3 clearly different plans: the plan predicted slowest is measured
     slower than the plan predicted fastest, and every error stays under 100 %."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy_harness import spawn
     from cost_model_accuracy import make_plan
 
     from uniap.models import GPTConfig

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniap.graph import Layer, TPPair
-from uniap.plan import LayerStrategy, Plan, Stage
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 
 VOCAB, SEQ, DIM, HEADS, FFN = 32, 8, 16, 4, 32
 
@@ -144,7 +144,7 @@ def make_plan(
         names = fqns[pos : pos + n]
         pos += n
         per = strat if len(strat) == n and isinstance(strat[0], tuple) else [strat[0]] * n
-        layers = tuple(LayerStrategy(f, *strategy) for f, strategy in zip(names, per))
+        layers = tuple(LayerStrategy(f, Strategy(*strategy)) for f, strategy in zip(names, per))
         out.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
     return Plan(
         model_name=model_name,

@@ -4,14 +4,10 @@ than uniap, and uniap equal to the exhaustive search."""
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.baselines import (  # noqa: E402
     HANDSET_METHODS,
@@ -155,7 +151,6 @@ def test_compare_alpa_cap_and_search_time_verdicts() -> None:
     """compare.py raises the Alpa-style cap only where the target applies (>= 16 devices), and
     reports a capped run's ratio as a lower bound: the target holds only when every row with
     >= 16 devices reaches 10x, measured or as a lower bound."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import compare
 
     from benchmarks.baselines import BaselineResult

@@ -11,8 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uniap.cluster import Cluster, format_quantity, list_presets, load_cluster, parse_quantity
+from uniap.cluster import Cluster, list_presets, load_cluster
 from uniap.errors import ConfigError, InfeasibleError, UniapError
+from uniap.units import format_quantity, parse_quantity
 
 BASE = {
     "name": "test-2x4",

@@ -15,9 +15,9 @@ from torch import nn
 
 from uniap import plan as make_plan
 from uniap.cluster import Cluster, load_cluster
+from uniap.contract import Plan
 from uniap.errors import InfeasibleError, PlanMismatchError
 from uniap.models import build_model, example_batch, loss_fn_for
-from uniap.plan import Plan
 
 PLAN_KW = {"time_limit_s": 20.0}
 

@@ -14,11 +14,11 @@ from torch import nn
 from uniap import models
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, candidate_lower_bound, stage_windows
 from uniap.cluster import Cluster
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.exactness import optimum_curve, sweep, sweep_limits
 from uniap.graph import build_graph
-from uniap.plan import LayerStrategy, Plan, Stage
 from uniap.planner import candidate_tables, plan_graph
 from uniap.search import compositions, frontier
 
@@ -210,15 +210,15 @@ def test_evaluate_rejects_illegal_strategies_with_one_error() -> None:
     fqns = graph.fqns
     norm = next(f for f, layer in zip(fqns, graph.layers) if not layer.tp_pairs)
     for c in (1, 2):
-        layers = [LayerStrategy(f, 2 if f == norm else 4, 2 if f == norm else 1) for f in fqns]
+        layers = [LayerStrategy(f, Strategy(2 if f == norm else 4, 2 if f == norm else 1)) for f in fqns]
         with pytest.raises(ConfigError, match=rf"layer '{norm}' may not use dp2 tp2 DDP: tensor parallelism"):
             cm.evaluate(_plan_with(graph, 4, layers, c))
     lean = [f for f in fqns if not any(s.recompute for s in cm.allowed_strategies(f, 1, 1, 8))]
     assert lean, "some layer of the chain keeps too little for recompute to pay"
-    layers = [LayerStrategy(f, 4, 1, "FSDP", recompute=(f == lean[0])) for f in fqns]
+    layers = [LayerStrategy(f, Strategy(4, 1, "FSDP", recompute=(f == lean[0]))) for f in fqns]
     with pytest.raises(ConfigError, match=rf"layer '{lean[0]}' may not use dp4 tp1 FSDP \+ckpt: recompute saves no memory"):
         cm.evaluate(_plan_with(graph, 4, layers))
-    layers = [LayerStrategy(f, 1, 4) for f in fqns]
+    layers = [LayerStrategy(f, Strategy(1, 4)) for f in fqns]
     with pytest.raises(ConfigError, match=r"strategy dp1 tp4 DDP is not offered on a stage of 4 devices"):
         cm.evaluate(_plan_with(graph, 4, layers))
 

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from uniap.cli import main as cli_main
 from uniap.cluster import load_cluster
+from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 from uniap.errors import UniapError
-from uniap.plan import LayerStrategy, Plan, Stage
 
 FUZZ = settings(
     derandomize=True,
@@ -51,8 +51,8 @@ def _base_plan() -> Plan:
         num_microbatches=2,
         schedule="1F1B",
         stages=(
-            Stage((0, 1), tuple(LayerStrategy(f, 2, 1, "FSDP") for f in fqns[:2])),
-            Stage((2, 3), (LayerStrategy(fqns[2], 1, 2, "DDP"), LayerStrategy(fqns[3], 2, 1))),
+            Stage((0, 1), tuple(LayerStrategy(f, Strategy(2, 1, "FSDP")) for f in fqns[:2])),
+            Stage((2, 3), (LayerStrategy(fqns[2], Strategy(1, 2, "DDP")), LayerStrategy(fqns[3], Strategy(2, 1)))),
         ),
         predicted={"time_per_iteration_s": 0.1, "peak_memory_bytes": [1e6, 2e6]},
     )

@@ -46,9 +46,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from uniap.strategies import DDP_BUCKET_BYTES, uses_classic_ddp
+from uniap.contract import DDP_BUCKET_BYTES
 
-__all__ = ["GradSync", "apply_dp", "uses_classic_ddp", "wrap_ddp"]
+__all__ = ["GradSync", "apply_dp", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def apply_dp(
     """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
-    Layers for which :func:`uses_classic_ddp` holds are synchronised by :func:`wrap_ddp`
+    Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by :func:`wrap_ddp`
     instead; this function is not called for them.
     """
     if dp_mesh.size() == 1 or not any(True for _ in module.parameters()):

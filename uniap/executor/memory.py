@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from uniap._torch_utils import storage_key
 
 __all__ = ["StepMemory", "tensor_bytes"]
 
@@ -55,27 +56,15 @@ def _watch_optimizers() -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_remember_optimizer)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the (local) storages of ``tensors``, each storage counted once."""
     seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
             continue
-        key, nbytes = _storage(_local(t))
+        key, nbytes = storage_key(t)
         seen[key] = nbytes
     return sum(seen.values())
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    try:
-        s = t.untyped_storage()
-        return s.data_ptr() or id(s), s.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):  # storage-less subclasses
-        return id(t), t.numel() * t.element_size()
 
 
 class _Packed:
@@ -115,7 +104,7 @@ class StepMemory:
         base = t._base if t._base is not None else t
         if isinstance(base, nn.Parameter) or isinstance(t, nn.Parameter):
             return _Packed(t, None, self, self._generation)
-        key, nbytes = _storage(_local(t))
+        key, nbytes = storage_key(t)
         entry = self._live.get(key)
         if entry is None:
             self._live[key] = [1, nbytes]

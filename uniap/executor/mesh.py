@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from uniap.plan import Plan
+from uniap._dist import default_device
+from uniap.contract import Plan
 
 __all__ = [
     "GatherStep",
@@ -171,21 +171,6 @@ def reshard_steps(
         return [SliceStep(tp_b, tp_a)]
     tp_mid = stage_size // math.gcd(dp_a, dp_b)
     return [GatherStep(tp_a, tp_mid), SliceStep(tp_b, tp_mid)]
-
-
-def default_device() -> torch.device:
-    """``cuda:{LOCAL_RANK}`` when CUDA is really available, else ``cpu`` (hide the GPUs with
-    ``CUDA_VISIBLE_DEVICES=""`` to run on CPU with gloo on a GPU machine)."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise ValueError(
-                f"LOCAL_RANK {local_rank} has no GPU: this node has {count} visible GPU(s); launch "
-                f"at most {count} processes per node, or set CUDA_VISIBLE_DEVICES='' to use the CPU"
-            )
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 # Groups survive as long as the world group does; key every cache entry by the world group.

@@ -31,9 +31,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
-from uniap.executor.data_parallel import GradSync, apply_dp, uses_classic_ddp, wrap_ddp
+from uniap.executor.data_parallel import GradSync, apply_dp, wrap_ddp
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
@@ -41,7 +42,6 @@ from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.graph import Layer
-from uniap.plan import Plan
 
 __all__ = ["ParallelModel", "apply_plan"]
 
@@ -81,7 +81,7 @@ def apply_plan(
     for ls in stage.layers:
         if ls.recompute:
             apply_ac(module.get_submodule(ls.fqn))
-    classic = [ls for ls in stage.layers if uses_classic_ddp(ls.kind, ls.dp, ls.tp)]
+    classic = [ls for ls in stage.layers if ls.strategy.uses_classic_ddp]
     for ls in stage.layers:
         if ls.dp > 1 and ls not in classic:
             apply_dp(
@@ -107,7 +107,7 @@ def apply_plan(
 
 
 class ParallelModel:
-    """This rank's share of a model parallelised by a :class:`~uniap.plan.Plan`.
+    """This rank's share of a model parallelised by a :class:`~uniap.contract.Plan`.
 
     ``train_step(inputs, targets)`` runs one iteration's forward and backward over the global
     batch (every rank may be given the same global batch; each takes its part) and leaves the

@@ -2,7 +2,8 @@
 
 The rank at local index ``l`` of stage ``i`` builds a ``PipelineStage`` for stage ``i`` whose
 process group is its *lane* ``{l + j g : j < pp}`` (group rank ``j`` = stage ``j``), and runs
-``ScheduleGPipe`` or ``Schedule1F1B`` with the plan's ``c`` micro-batches. Each lane sends its
+the torch schedule class that the plan's schedule names in :mod:`uniap.schedules`
+(``ScheduleGPipe``, ``Schedule1F1B``) with the plan's ``c`` micro-batches. Each lane sends its
 local activation shard in the layout of stage ``i``'s last layer (``b / dp_last`` samples per
 micro-batch); stage ``i + 1`` reshards it to its first layer's layout inside its
 :class:`~uniap.executor.stage_module.StageModule`.
@@ -32,6 +33,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from uniap.executor.data_parallel import GradSync
+from uniap.schedules import get_schedule
 
 __all__ = ["build_schedule"]
 
@@ -52,7 +54,8 @@ class _Schedule1F1BAnyCount(Schedule1F1B):
         PipelineScheduleSingle.__init__(self, stage, n_microbatches, **kwargs)
 
 
-_SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": _Schedule1F1BAnyCount}
+_TORCH_CLASSES = {"ScheduleGPipe": ScheduleGPipe, "Schedule1F1B": _Schedule1F1BAnyCount}
+"""The class run for each ``ScheduleSpec.torch_class`` (torch's, or adapted above)."""
 
 
 class _StageWithGradSync(PipelineStage):
@@ -95,12 +98,12 @@ def build_schedule(
     loss_fn: Callable[[Any, Any], torch.Tensor],
 ) -> Any:
     """The pipeline schedule that runs ``module`` as stage ``stage_index`` of this lane."""
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not one of {sorted(_SCHEDULES)}")
+    spec = get_schedule(schedule)
+    assert spec.stages_per_rank == 1, f"{spec.name}: only one stage per rank is implemented"
     stage = _StageWithGradSync(
         module, stage_index, num_stages, device, group=lane_group, grad_sync=grad_sync
     )
-    sched = _SCHEDULES[schedule](
+    sched = _TORCH_CLASSES[spec.torch_class](
         stage, n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False
     )
     logger.info(

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from uniap._torch_utils import attach_module, parent_of
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.reshard import BatchReshard
-from uniap.plan import Plan
 
 __all__ = ["StageModule", "build_stage_module", "chain_fqns", "leftover_state"]
 
@@ -72,31 +73,8 @@ def leftover_state(model: nn.Module, fqns: Sequence[str]) -> list[tuple[str, tor
     return out
 
 
-def _parent_of(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
-    """(module that will own ``fqn``'s last component, that component), creating plain
-    containers on the way."""
-    parent = root
-    *path, leaf = fqn.split(".")
-    for part in path:
-        child = parent._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
-    return parent, leaf
-
-
-def attach_module(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    """Place ``module`` at ``fqn`` under ``root``, creating plain containers on the way."""
-    parent, leaf = _parent_of(root, fqn)
-    parent.add_module(leaf, module)
-
-
-_attach = attach_module
-
-
 def _attach_tensor(root: nn.Module, fqn: str, tensor: torch.Tensor, is_param: bool) -> None:
-    parent, leaf = _parent_of(root, fqn)
+    parent, leaf = parent_of(root, fqn)
     t = tensor.detach().clone()
     if is_param:
         parent.register_parameter(leaf, nn.Parameter(t, requires_grad=tensor.requires_grad))
@@ -153,7 +131,7 @@ def build_stage_module(
     stage = plan.stages[stage_index]
     sm = StageModule([ls.fqn for ls in stage.layers])
     for ls in stage.layers:
-        _attach(sm, ls.fqn, copy.deepcopy(model.get_submodule(ls.fqn)))
+        attach_module(sm, ls.fqn, copy.deepcopy(model.get_submodule(ls.fqn)))
     if stage_index == 0:
         extra = leftover_state(model, all_fqns)
         if extra:

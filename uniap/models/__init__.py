@@ -28,6 +28,7 @@ materialises and initialises deterministically from the seed (see ``init_weights
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ from uniap.models.swin import Swin, SwinConfig, swin_example_batch
 from uniap.models.t5 import T5, T5Config, t5_example_batch
 
 __all__ = [
+    "resolve_model",
     "BERT",
     "GPT",
     "T5",
@@ -254,3 +256,42 @@ def loss_fn_for(name_or_model: str | nn.Module) -> Callable[[Tensor, Tensor], Te
     cross-entropy over all target positions (tokens, or samples for classifiers)."""
     _config_of(name_or_model)  # validates the name
     return cross_entropy_loss
+
+
+def resolve_model(spec: str) -> tuple[Any, Any]:
+    """What a command line's ``--model`` names: ``(preset name, None)`` for a preset, or
+    ``(model, example_inputs)`` for ``module:function``, where the function returns a model or
+    ``(model, example_inputs)`` (a model then needs an ``example_inputs`` attribute). Bad input
+    raises one UniapError naming the fix."""
+    if ":" not in spec:
+        if spec not in list_models():
+            raise UniapError(
+                f"unknown model {spec!r}; presets: {', '.join(list_models())}; "
+                "or give module:function"
+            )
+        return spec, None
+    mod_name, fn_name = spec.split(":", 1)
+    if not mod_name or not fn_name:
+        raise UniapError(f"--model {spec!r}: expected module:function, e.g. mypkg.models:build")
+    try:
+        mod = importlib.import_module(mod_name)
+    except (ImportError, ValueError, TypeError) as e:
+        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    try:
+        out = fn()
+    except Exception as e:  # the user's builder: report it in one line
+        raise UniapError(
+            f"--model {spec!r}: calling {fn_name}() failed: {type(e).__name__}: {e}"
+        ) from None
+    if isinstance(out, tuple) and len(out) == 2:
+        return out
+    example = getattr(out, "example_inputs", None)
+    if example is None:
+        raise UniapError(
+            f"--model {spec!r}: the function must return (model, example_inputs) "
+            "or a model with an `example_inputs` attribute"
+        )
+    return out, example

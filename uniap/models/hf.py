@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uniap._torch_utils import attach_module
 from uniap.errors import UniapError
 
 __all__ = ["FAMILIES", "HFChain", "from_hf", "hf_example_batch", "tiny_hf_model"]
@@ -251,12 +252,6 @@ def _untie(chain: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _place(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    from uniap.executor.stage_module import attach_module
-
-    attach_module(root, fqn, module)
-
-
 def from_hf(model: nn.Module) -> HFChain:
     """The chain-executable :class:`HFChain` of a Hugging Face ``GPT2LMHeadModel``,
     ``LlamaForCausalLM`` or ``BertForMaskedLM`` (sharing its parameters; see the module
@@ -273,7 +268,7 @@ def from_hf(model: nn.Module) -> HFChain:
     chain = _untie(_ADAPTERS[family](model))
     out = HFChain([fqn for fqn, _ in chain], name=f"hf-{family}", hf_config=config)
     for fqn, module in chain:
-        _place(out, fqn, module)
+        attach_module(out, fqn, module)
     out.train(model.training)
     logger.info(
         "adapted %s: %d layers (%s .. %s)",

@@ -1,32 +1,17 @@
-"""Profiles: the per-layer and per-collective numbers the cost model turns into costs.
+"""Measuring a profile on the launched ranks: the code that runs collectives, times layers and
+counts bytes, collective over the default process group.
 
-:class:`Profile` is the interface; :class:`AnalyticProfile` derives every number from FLOP
-counts and the cluster's datasheet constants (no hardware needed); :class:`MeasuredProfile`
-holds numbers measured on the real ranks (``uniap profile``, :func:`collect_profile`), saved
-as YAML and refused when stale; :func:`calibrate` fits correction coefficients from measured
-steps so that a re-plan uses them.
+It sits above the executor (it times the executor's own tensor and data parallelism and its
+pipeline schedules) and writes the data the planner reads (:mod:`uniap.profiles`); nothing on
+the planner side imports it. :func:`collect_profile` runs every measurement in order:
+
+- :mod:`.comm`: alpha-beta fits per collective and planner group shape;
+- :mod:`.compute`: forward / backward seconds per layer shape, local batch and TP degree;
+- :mod:`.memory`: bytes saved for backward, state bytes, a step's peak memory;
+- :mod:`.overlap`: how much of a collective hides behind backward compute;
+- :mod:`.pipeline`: the pipeline schedule's fixed cost per micro-batch and stage.
 """
 
-from uniap.profiler.analytic import AnalyticProfile, Profile
-from uniap.profiler.calibrate import Measurement, calibrate, prediction_errors
-from uniap.profiler.measured import MeasuredProfile
+from uniap.profiler.collect import collect_profile, planner_batches
 
-
-def __getattr__(name: str):
-    # collect_profile needs torch.distributed at run time; keep the planner's import light
-    if name == "collect_profile":
-        from uniap.profiler.collect import collect_profile
-
-        return collect_profile
-    raise AttributeError(f"module 'uniap.profiler' has no attribute {name!r}")
-
-
-__all__ = [
-    "AnalyticProfile",
-    "Measurement",
-    "MeasuredProfile",
-    "Profile",
-    "calibrate",
-    "collect_profile",
-    "prediction_errors",
-]
+__all__ = ["collect_profile", "planner_batches"]

@@ -1,4 +1,4 @@
-"""Measuring a :class:`~uniap.profiler.measured.MeasuredProfile` on the launched ranks.
+"""Measuring a :class:`~uniap.profiles.measured.MeasuredProfile` on the launched ranks.
 
 :func:`collect_profile` is collective over the default process group (run it under
 ``torchrun``, every rank with the same model and inputs) and, in order:
@@ -32,16 +32,16 @@ from uniap.graph import ModelGraph
 from uniap.profiler.comm import measure_collectives
 from uniap.profiler.compute import (
     capture_layer_inputs,
-    fit_line,
     layer_copy,
     resize_batch,
     time_layer,
     time_median_s,
 )
-from uniap.profiler.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
 from uniap.profiler.pipeline import measure_pipeline_overhead
+from uniap.profiles.fits import fit_line
+from uniap.profiles.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.strategies import divisors
 
 __all__ = ["collect_profile", "planner_batches"]
@@ -88,7 +88,7 @@ def _dp_costs(
     :func:`uniap.executor.data_parallel.wrap_ddp`, and FSDP2,
     :func:`uniap.executor.data_parallel.apply_dp`, over the whole world) costs beyond the
     layer's plain forward + backward, as residuals over the cost model's collective terms
-    (see :class:`~uniap.profiler.measured.LayerProfile.dp_residual_s`). Collective."""
+    (see :class:`~uniap.profiles.measured.LayerProfile.dp_residual_s`). Collective."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from uniap.executor.data_parallel import GradSync, apply_dp, wrap_ddp
@@ -109,7 +109,7 @@ def _dp_costs(
         def fb(m: nn.Module, x: tuple = x) -> float:
             return sum(time_layer(m, x, device, warmup=warmup, repeats=repeats))
 
-        base = fb(layer_copy(model, fqns[0], device))
+        base_s = fb(layer_copy(model, fqns[0], device))
         p = float(layer.param_bytes)
         ar, ag, rs = (collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         res: dict[str, dict[str, float]] = {}
@@ -122,18 +122,18 @@ def _dp_costs(
                 sync = GradSync([many])
             sync.before_backward(last=False)
             with sync.microbatch(last=False):
-                t_mb = fb(many)
+                t_microbatch_s = fb(many)
             sync.before_backward(last=True)
-            t_sync = fb(many)
+            t_sync_s = fb(many)
             if kind == "DDP":
-                res[kind] = {"microbatch": t_mb - base, "sync": t_sync - t_mb - (1 - rho) * ar}
+                res[kind] = {"microbatch": t_microbatch_s - base_s, "sync": t_sync_s - t_microbatch_s - (1 - rho) * ar}
             else:
                 one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
-                t_one = fb(one)
+                t_single_s = fb(one)
                 res[kind] = {
-                    "microbatch": t_mb - base,
-                    "sync": t_sync - t_mb - ag - (1 - rho) * rs,
-                    "single": t_one - base - (1 - rho) * (2 * ag + rs),
+                    "microbatch": t_microbatch_s - base_s,
+                    "sync": t_sync_s - t_microbatch_s - ag - (1 - rho) * rs,
+                    "single": t_single_s - base_s - (1 - rho) * (2 * ag + rs),
                 }
         names = [(k, ph) for k in sorted(res) for ph in sorted(res[k])]
         vals = _mean_over_ranks([res[k][ph] for k, ph in names])
@@ -212,18 +212,18 @@ def _loss_costs(
 
         times.append(time_median_s(loss_pass, device, warmup=warmup, repeats=repeats))
         del out
-        saved = saved_activation_bytes(module, x)
+        saved_bytes = saved_activation_bytes(module, x)
         if device.type == "cuda":  # the allocator's peak counts everything already there
             torch.cuda.synchronize(device)
-            base = float(torch.cuda.memory_allocated(device))
+            base_bytes = float(torch.cuda.memory_allocated(device))
         else:  # the tracker counts the registered parameters and gradients
             st = state_bytes(module)
-            base = float(st["param_bytes"] + st["grad_bytes"])
+            base_bytes = float(st["param_bytes"] + st["grad_bytes"])
         with PeakMemory(device, [module]) as pm, torch.enable_grad():
             loss = loss_fn(module(*x), tgt)
             loss.backward()
             del loss
-        working.append(max(pm.peak_bytes - base - saved, 0.0))
+        working.append(max(pm.peak_bytes - base_bytes - saved_bytes, 0.0))
     return _mean_over_ranks(times), working
 
 

@@ -19,64 +19,21 @@ distance (half the round trip), all pairs at once.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from uniap.profiler.compute import fit_line, time_samples_s
+from uniap.profiler.compute import time_samples_s
+from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key
 
-__all__ = ["CollectiveFit", "group_shape_key", "measure_collectives", "planner_group_shapes"]
+__all__ = ["measure_collectives", "planner_group_shapes"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES_BYTES = (2**12, 2**15, 2**18, 2**20, 2**22)
-
-
-@dataclass
-class CollectiveFit:
-    """``t(S) = alpha_s + S / bandwidth_bytes_per_s`` for one collective on one group shape."""
-
-    alpha_s: float
-    """Latency: seconds of a zero-byte call."""
-    bandwidth_bytes_per_s: float
-    """Effective bandwidth for the full tensor size ``S``."""
-    fit_error: float = 0.0
-    """Worst relative residual of the fit over the measured sizes."""
-    sizes_bytes: list[int] = field(default_factory=list)
-    """Message sizes measured."""
-    times_s: list[float] = field(default_factory=list)
-    """Median seconds at each size (slowest rank)."""
-
-    def time_s(self, nbytes: float) -> float:
-        """Seconds for a tensor of ``nbytes``: piecewise-linear through the measured sizes
-        (the alpha-beta line misses real collectives, whose algorithm changes with the size,
-        by up to the ``fit_error``); below them the smallest size's time (latency-bound);
-        above them the largest size's time plus the extra bytes at the fitted bandwidth.
-        Without measured points: the alpha-beta line."""
-        xs, ys = self.sizes_bytes, self.times_s
-        if not xs or len(xs) != len(ys):
-            return self.alpha_s + nbytes / self.bandwidth_bytes_per_s
-        if nbytes <= xs[0]:
-            return ys[0]
-        if nbytes >= xs[-1]:
-            return ys[-1] + (nbytes - xs[-1]) / self.bandwidth_bytes_per_s
-        i = bisect.bisect_right(xs, nbytes) - 1
-        w = (nbytes - xs[i]) / (xs[i + 1] - xs[i])
-        return ys[i] + w * (ys[i + 1] - ys[i])
-
-
-def group_shape_key(ranks: Sequence[int], devices_per_node: int) -> str:
-    """``n{size}-{intra|inter}-{consecutive|strided}`` of a rank group."""
-    rs = sorted(ranks)
-    nodes = {r // devices_per_node for r in rs}
-    place = "intra" if len(nodes) <= 1 else "inter"
-    contiguous = all(b - a == 1 for a, b in zip(rs, rs[1:]))
-    return f"n{len(rs)}-{place}-{'consecutive' if contiguous else 'strided'}"
 
 
 def planner_group_shapes(world_size: int) -> dict[str, list[list[list[int]]]]:

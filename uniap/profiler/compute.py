@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from uniap.profiles.fits import fit_line
+
 __all__ = [
     "LayerTiming",
     "Timer",
     "capture_layer_inputs",
-    "fit_line",
-    "interpolate",
     "resize_batch",
     "time_layer",
     "time_median_s",
@@ -100,36 +100,6 @@ def time_median_s(
 ) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     return statistics.median(time_samples_s(fn, device, warmup=warmup, repeats=repeats))
-
-
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares ``y = a + slope * x`` weighted by ``1 / y`` (relative error), returning
-    ``(a, slope, worst relative residual)``; one point gives ``(0, y / x, 0)``."""
-    if len(xs) == 1:
-        return 0.0, ys[0] / xs[0] if xs[0] else 0.0, 0.0
-    w = [1.0 / max(y, 1e-12) for y in ys]
-    sw = sum(w)
-    sx = sum(wi * x for wi, x in zip(w, xs))
-    sy = sum(wi * y for wi, y in zip(w, ys))
-    sxx = sum(wi * x * x for wi, x in zip(w, xs))
-    sxy = sum(wi * x * y for wi, x, y in zip(w, xs, ys))
-    den = sw * sxx - sx * sx
-    slope = (sw * sxy - sx * sy) / den if den else 0.0
-    a = (sy - slope * sx) / sw
-    err = max(abs(a + slope * x - y) / max(y, 1e-12) for x, y in zip(xs, ys))
-    return a, slope, err
-
-
-def interpolate(x: float, xs: Sequence[float], ys: Sequence[float], fit: Sequence[float]) -> float:
-    """Piecewise-linear through the measured ``(xs, ys)`` (sorted by ``xs``); outside them
-    the fitted line ``fit = (a, slope)``; never below zero."""
-    if xs and xs[0] <= x <= xs[-1]:
-        for i in range(len(xs) - 1):
-            if xs[i] <= x <= xs[i + 1]:
-                w = (x - xs[i]) / (xs[i + 1] - xs[i])
-                return ys[i] + w * (ys[i + 1] - ys[i])
-        return ys[0]
-    return max(fit[0] + fit[1] * x, 0.0)
 
 
 @dataclass

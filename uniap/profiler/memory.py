@@ -19,34 +19,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from uniap._torch_utils import local_tensor, storage_key
 
 __all__ = ["PeakMemory", "saved_activation_bytes", "state_bytes"]
 
 logger = logging.getLogger(__name__)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    t = _local(t)
-    try:
-        st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
-    except (RuntimeError, NotImplementedError):
-        return id(t), t.nbytes
-
-
 def saved_activation_bytes(module: nn.Module, inputs: tuple) -> int:
     """Bytes of the distinct storages autograd saves for backward in ``module(*inputs)``
     (parameters and buffers excluded)."""
-    excluded = {_storage_key(t)[0] for t in [*module.parameters(), *module.buffers()]}
+    excluded = {storage_key(t)[0] for t in [*module.parameters(), *module.buffers()]}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key, nbytes = _storage_key(t)
+        key, nbytes = storage_key(t)
         if key not in excluded:
             saved[key] = nbytes
         return t
@@ -66,19 +54,19 @@ def state_bytes(module: nn.Module) -> dict[str, int]:
     AdamW state is measured after one step with zero gradients and ``lr = 0`` (parameters
     unchanged), then dropped, and the gradients are restored."""
     params = [p for p in module.parameters() if p.requires_grad]
-    param_bytes = sum(_local(p).nbytes for p in params)
+    param_bytes = sum(local_tensor(p).nbytes for p in params)
     saved_grads = [p.grad for p in params]
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     opt.step()
-    grad_bytes = sum(_local(p.grad).nbytes for p in params)
+    grad_bytes = sum(local_tensor(p.grad).nbytes for p in params)
     opt_bytes = 0
     for state in opt.state.values():
         for v in state.values():
             # the step counter is a 0-d tensor: not a per-parameter cost
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                opt_bytes += _local(v).nbytes
+                opt_bytes += local_tensor(v).nbytes
     for p, g in zip(params, saved_grads):
         p.grad = g
     return {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": opt_bytes}

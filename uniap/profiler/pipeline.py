@@ -93,6 +93,6 @@ def measure_pipeline_overhead(
         local = torch.tensor([elapsed], dtype=torch.float64)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         times.append(float(local.item()))
-    per_mb = max((times[1] - times[0]) / (num_microbatches - 1), 0.0)
-    logger.info("pipeline: T(1) %.4f s, T(%d) %.4f s -> %.1f us per micro-batch", times[0], num_microbatches, times[1], per_mb * 1e6)
-    return per_mb
+    per_microbatch_s = max((times[1] - times[0]) / (num_microbatches - 1), 0.0)
+    logger.info("pipeline: T(1) %.4f s, T(%d) %.4f s -> %.1f us per micro-batch", times[0], num_microbatches, times[1], per_microbatch_s * 1e6)
+    return per_microbatch_s

@@ -1,4 +1,5 @@
-"""Does the cost model predict real runs? Profile, run plans, compare.
+"""Does the cost model predict real runs? Profile, run plans, compare (the harness of
+``cost_model_accuracy.py`` and ``tests/dist/test_profile.py``).
 
 :func:`spawn` runs a job on ``world_size`` local processes (gloo on CPU, NCCL with one GPU per
 rank when CUDA is available) and returns rank 0's result. Jobs:
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -70,16 +70,12 @@ def compare(predicted_s: Sequence[float], measured_s: Sequence[float]) -> dict[s
 
 
 # ------------------------------------------------------------------ spawning
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world_size: int, job: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
     """Run ``job`` on ``world_size`` spawned local ranks; rank 0's (JSON-able) result."""
     import torch
     import torch.multiprocessing as mp
+
+    from uniap._dist import free_port
 
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -90,7 +86,7 @@ def spawn(world_size: int, job: dict[str, Any], *, timeout_s: float = 600.0) -> 
             out = os.path.join(tmp, "result.json")
             mp.start_processes(
                 _worker,
-                args=(world_size, _free_port(), job, out, timeout_s, cuda),
+                args=(world_size, free_port(), job, out, timeout_s, cuda),
                 nprocs=world_size,
                 join=True,
                 start_method="spawn",
@@ -109,7 +105,7 @@ def _worker(
 ) -> None:
     import torch.distributed as dist
 
-    from uniap.api import init_local_worker
+    from uniap._dist import init_local_worker
 
     init_local_worker(rank, world, port, backend="nccl" if cuda else "gloo", timeout_s=timeout_s)
     try:
@@ -166,7 +162,7 @@ def _job_run(job: dict) -> list[dict]:
     import torch.distributed as dist
 
     from uniap.api import parallelize
-    from uniap.plan import Plan
+    from uniap.contract import Plan
     from uniap.profiler.memory import PeakMemory
 
     model, x, y, loss_fn = _model_and_batch(job)

@@ -41,9 +41,8 @@ import yaml
 from uniap.cluster import Cluster
 from uniap.errors import ConfigError
 from uniap.graph import Layer, ModelGraph
-from uniap.profiler.analytic import COLLECTIVES, Profile
-from uniap.profiler.comm import CollectiveFit, group_shape_key
-from uniap.profiler.compute import fit_line, interpolate
+from uniap.profiles.analytic import COLLECTIVES, Profile
+from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key, interpolate
 
 __all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions"]
 
@@ -56,7 +55,7 @@ def library_versions() -> dict[str, str]:
     """Versions that change measured numbers: uniap and torch."""
     import torch
 
-    from uniap import __version__
+    from uniap._version import __version__
 
     return {"uniap": __version__, "torch": torch.__version__.split("+")[0]}
 

@@ -2,43 +2,79 @@
 
 A plan says, for a model and a world of devices: how many pipeline stages, which consecutive
 layers and which consecutive device ranks each stage gets, and every layer's intra-layer
-strategy ``(dp, tp, kind)``; plus the micro-batch count, the schedule, what the cost model
-predicts and how the solver got there. It round-trips through YAML and JSON with a schema
-version, and refuses to be applied to another model or world size.
+:class:`Strategy` ``(dp, tp, kind, recompute)``; plus the micro-batch count, the schedule,
+what the cost model predicts and how the solver got there. It round-trips through YAML and
+JSON with a schema version, and refuses to be applied to another model or world size.
+
+The executor's only inputs are a Plan and the model: every rule the planner and the executor
+must agree on is a property of a value defined here (:attr:`Strategy.uses_classic_ddp`,
+:attr:`Strategy.dtensor_params`, :data:`DDP_BUCKET_BYTES`), so that the cost model charges
+what the executor runs. The rank layout a plan implies (stages of consecutive ranks, TP
+innermost) is spelled out in :mod:`uniap.executor.mesh`.
+
+Every value here is frozen: a changed plan is a new plan (``dataclasses.replace``). The values,
+their validation, the file format and the plan's display are one concept (what a plan is), so
+they stay in one module.
+
+Plan file layout (YAML; JSON is the same tree)::
+
+    schema_version: 1
+    model: {name: gpt-tiny, signature: 0123abcd..., num_layers: 6}
+    world_size: 4
+    global_batch_size: 16
+    num_microbatches: 4
+    schedule: 1F1B                       # a name in uniap.schedules
+    stages:
+    - ranks: [0, 1]
+      layers:
+      - {fqn: embed, dp: 2, tp: 1, kind: DDP}
+      - {fqn: blocks.0, dp: 1, tp: 2, kind: DDP, recompute: true}   # recompute only when true
+    - ranks: [2, 3]
+      layers: [...]
+    predicted: {time_per_iteration_s: ..., samples_per_s: ..., peak_memory_bytes: [...], ...}
+    solver: {status: optimal, gap: 0.0, milps_solved: ..., candidates: [...]}   # wall_s with timings=True
+    provenance: {uniap: ..., torch: ..., highspy: ..., cluster: ..., profile: analytic}
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from uniap.errors import ConfigError, PlanMismatchError
+from uniap.schedules import SCHEDULES as _SCHEDULE_SPECS
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "SCHEDULES",
+    "DDP_BUCKET_BYTES",
     "KINDS",
+    "SCHEDULES",
+    "SCHEMA_VERSION",
     "LayerStrategy",
-    "Stage",
     "Plan",
+    "Stage",
+    "Strategy",
 ]
 
 SCHEMA_VERSION = 1
-SCHEDULES = ("GPipe", "1F1B")
+SCHEDULES = tuple(_SCHEDULE_SPECS)
+"""Schedule names a plan may name (specs in :mod:`uniap.schedules`)."""
 KINDS = ("DDP", "FSDP")
 
+DDP_BUCKET_BYTES = 25 * 2**20
+"""Bucket size of classic DDP's gradient all-reduce (``bucket_cap_mb``, torch's default): the
+executor's wrapper uses it, the cost model charges by it."""
 
-@dataclass(frozen=True)
-class LayerStrategy:
-    """One layer's intra-layer strategy inside its stage."""
 
-    fqn: str
-    """Layer FQN."""
+@dataclass(frozen=True, order=True)
+class Strategy:
+    """One layer's intra-layer strategy on a stage of ``dp * tp`` devices: the stage's ranks
+    split into ``dp`` data-parallel groups of ``tp`` consecutive tensor-parallel ranks."""
+
     dp: int
     """Data-parallel degree (the batch is split over ``dp`` groups of the stage's ranks)."""
     tp: int
@@ -48,10 +84,62 @@ class LayerStrategy:
     recompute: bool = False
     """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
 
+    def __str__(self) -> str:
+        return f"dp{self.dp}xtp{self.tp}-{self.kind}" + ("-ckpt" if self.recompute else "")
+
     @property
     def key(self) -> tuple[int, int, str, bool]:
         """``(dp, tp, kind, recompute)``."""
         return (self.dp, self.tp, self.kind, self.recompute)
+
+    @property
+    def uses_classic_ddp(self) -> bool:
+        """Whether the executor synchronises the layer with the stage's classic
+        ``DistributedDataParallel`` wrapper (bucketed all-reduce of :data:`DDP_BUCKET_BYTES`,
+        plain-tensor parameters): DDP over the whole stage (``tp == 1``). DDP with ``tp > 1``
+        uses FSDP2's ``replicate`` per layer. One rule for the cost model and the executor."""
+        return self.kind == "DDP" and self.dp > 1 and self.tp == 1
+
+    @property
+    def dtensor_params(self) -> bool:
+        """Whether the executor holds the layer's parameters as DTensors (TP shards, FSDP2
+        shards, ``replicate``), so that the optimizer pays DTensor dispatch per tensor."""
+        return self.tp > 1 or (self.dp > 1 and not self.uses_classic_ddp)
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    """One layer's strategy inside its stage."""
+
+    fqn: str
+    """Layer FQN."""
+    strategy: Strategy
+    """How the layer uses its stage's devices."""
+
+    @property
+    def dp(self) -> int:
+        """``strategy.dp``."""
+        return self.strategy.dp
+
+    @property
+    def tp(self) -> int:
+        """``strategy.tp``."""
+        return self.strategy.tp
+
+    @property
+    def kind(self) -> str:
+        """``strategy.kind``."""
+        return self.strategy.kind
+
+    @property
+    def recompute(self) -> bool:
+        """``strategy.recompute``."""
+        return self.strategy.recompute
+
+    @property
+    def key(self) -> tuple[int, int, str, bool]:
+        """``(dp, tp, kind, recompute)``."""
+        return self.strategy.key
 
 
 @dataclass(frozen=True)
@@ -69,9 +157,9 @@ class Stage:
         return len(self.ranks)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """A complete parallel plan. See DESIGN.md, "The Plan"."""
+    """A complete parallel plan (layout in the module docstring)."""
 
     model_name: str
     """Name of the model the plan was made for."""
@@ -98,7 +186,7 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        self.stages = tuple(self.stages)
+        object.__setattr__(self, "stages", tuple(self.stages))
         self.validate()
 
     # ---------------------------------------------------------------- properties
@@ -210,7 +298,7 @@ class Plan:
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
-        """Plain dict in the documented layout (DESIGN.md). Wall-clock fields (``wall_s``)
+        """Plain dict in the documented layout (module docstring). Wall-clock fields (``wall_s``)
         are left out unless ``timings``: the same inputs then give byte-identical plan files."""
         return {
             "schema_version": self.schema_version,
@@ -257,9 +345,10 @@ class Plan:
                     rc = ls.get("recompute", False)
                     if not isinstance(rc, bool):
                         raise ConfigError(f"{source}: stages[{i}].layers[{j}].recompute must be true or false, got {rc!r}")
-                    layers.append(LayerStrategy(str(ls["fqn"]), _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
-                                                _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
-                                                str(ls.get("kind", "DDP")), rc))
+                    strategy = Strategy(_int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
+                                        _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
+                                        str(ls.get("kind", "DDP")), rc)
+                    layers.append(LayerStrategy(str(ls["fqn"]), strategy))
                 ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
                 stages.append(Stage(ranks, tuple(layers)))
             plan = cls(
@@ -279,7 +368,7 @@ class Plan:
         except KeyError as e:
             raise ConfigError(f"{source}: missing plan field {e.args[0]!r}") from None
         except (TypeError, AttributeError) as e:
-            raise ConfigError(f"{source}: malformed plan ({e}); see DESIGN.md for the layout") from None
+            raise ConfigError(f"{source}: malformed plan ({e}); see uniap.contract for the layout") from None
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
@@ -379,24 +468,23 @@ def _drop_timings(x: Any) -> Any:
 
 
 def _layer_dict(ls: LayerStrategy) -> dict[str, Any]:
-    d = asdict(ls)
-    if not ls.recompute:
-        d.pop("recompute")  # the common case stays as DESIGN.md shows it
+    d: dict[str, Any] = {"fqn": ls.fqn, "dp": ls.dp, "tp": ls.tp, "kind": ls.kind}
+    if ls.recompute:  # the common case stays short
+        d["recompute"] = True
     return d
 
 
-def _strat(k: tuple) -> str:
-    dp, tp, kind, recompute = k
-    return f"dp{dp} tp{tp} {kind}" + (" +ckpt" if recompute else "")
+def _strat(s: Strategy) -> str:
+    return f"dp{s.dp} tp{s.tp} {s.kind}" + (" +ckpt" if s.recompute else "")
 
 
-def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[tuple, int]]:
-    out: list[tuple[tuple, int]] = []
+def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[Strategy, int]]:
+    out: list[tuple[Strategy, int]] = []
     for ls in layers:
-        if out and out[-1][0] == ls.key:
-            out[-1] = (ls.key, out[-1][1] + 1)
+        if out and out[-1][0] == ls.strategy:
+            out[-1] = (ls.strategy, out[-1][1] + 1)
         else:
-            out.append((ls.key, 1))
+            out.append((ls.strategy, 1))
     return out
 
 

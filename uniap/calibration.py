@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from uniap.cluster import Cluster
+from uniap.contract import Plan
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
-from uniap.plan import Plan
-from uniap.profiler.measured import MeasuredProfile
+from uniap.profiles.measured import MeasuredProfile
 
 __all__ = ["Measurement", "calibrate", "prediction_errors"]
 

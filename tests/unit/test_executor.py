@@ -4,8 +4,6 @@ sample by sample, global-batch slicing, and large meshes built with the fake pro
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,6 @@ import torch.distributed as dist
 
 from uniap.executor.mesh import GatherStep, RankLayout, SliceStep, reshard_steps
 from uniap.executor.reshard import slice_global_batch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,0 +1,52 @@
+"""Small torch helpers shared by the tracer, the measuring code, the executor and the model
+adapters, each of which must not depend on the others: a tensor's storage identity (for
+counting bytes once per storage) and placing a module at an FQN of a module tree.
+
+Nothing here imports ``torch.distributed``: the graph tracer (planner side) uses it too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["attach_module", "local_tensor", "parent_of", "storage_key"]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (its ``_local_tensor``); any other tensor itself. Read by
+    attribute so that this module needs no ``torch.distributed``."""
+    return getattr(t, "_local_tensor", t)
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """``(storage id, bytes)`` of the storage ``t`` keeps alive (a DTensor's local shard's):
+    views share their base's id. The id is the storage object's address, valid on meta and
+    fake tensors too (whose ``data_ptr`` is 0); storage-less tensor subclasses count as their
+    own storage of ``t.nbytes``."""
+    t = local_tensor(t)
+    try:
+        storage = t.untyped_storage()
+        return storage._cdata, storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return id(t), t.nbytes
+
+
+def parent_of(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    """(module that will own ``fqn``'s last component, that component), creating plain
+    containers on the way."""
+    parent = root
+    *path, leaf = fqn.split(".")
+    for part in path:
+        child = parent._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            parent.add_module(part, child)
+        parent = child
+    return parent, leaf
+
+
+def attach_module(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Place ``module`` at ``fqn`` under ``root``, creating plain containers on the way."""
+    parent, leaf = parent_of(root, fqn)
+    parent.add_module(leaf, module)

@@ -1,0 +1,184 @@
+"""Tensor-parallel pair discovery: the Megatron column-/row-wise Linear pairs of a layer, found
+from the autograd graph of its meta trace (no model-specific names), the TP degrees its
+shapes allow, and the share of its saved bytes that TP shards.
+
+A pair is a row-wise Linear ``R`` whose input derives, through non-Linear ops only and not
+from the layer input, from column-wise Linears ``C`` with ``R.out_features`` equal to some
+``C.in_features``, and whose column-wise outputs reach nothing but ``R``. A layer where no
+pair is found gets no TP and a one-line reason (logged by the planner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from uniap._torch_utils import storage_key
+from uniap.tracing import LayerTrace, LinearCall
+
+__all__ = ["EMBEDDING_HEAD_REASON", "TPPair", "TPPlan", "tp_plan"]
+
+
+@dataclass(frozen=True)
+class TPPair:
+    """A Megatron-style tensor-parallel pair inside a layer.
+
+    The ``colwise`` Linears consume the same input and are split by output features; the
+    ``rowwise`` Linear consumes their (combined) output and is split by input features, so one
+    all-reduce of the row-wise output per pair is needed forward and one backward.
+    """
+
+    colwise: tuple[str, ...]
+    """FQNs of the column-wise Linears, relative to the layer (e.g. ``attn.q_proj``)."""
+    rowwise: str
+    """FQN of the row-wise Linear, relative to the layer (e.g. ``attn.o_proj``)."""
+    allreduce_bytes_per_sample: float
+    """Bytes of the row-wise output for one sample: the tensor all-reduced in forward."""
+    input_bytes_per_sample: tuple[float, ...] = ()
+    """Bytes per sample of each distinct input of the column-wise Linears: in backward, the
+    gradient of each is all-reduced once (self-attention/MLP: one input; cross-attention: two).
+    Empty means one input of ``allreduce_bytes_per_sample`` bytes."""
+
+
+_HEAD_COUNT_ATTRS = (
+    "n_heads",
+    "num_heads",
+    "num_attention_heads",
+    "n_head",
+    "n_kv_heads",
+    "num_key_value_heads",
+)
+EMBEDDING_HEAD_REASON = "embedding/head: vocabulary-parallel TP not supported"
+_MAX_WALK_NODES = 200_000
+
+
+def _direct_linear_sources(
+    starts: Iterable[Any], linear_of: dict[Any, int], stop_nodes: set
+) -> tuple[set[int], bool]:
+    """Walk the autograd graph back from ``starts``; return the Linear calls whose outputs are
+    reached without passing through another Linear, and whether a layer input was reached."""
+    found: set[int] = set()
+    reached_input = False
+    seen: set = set()
+    todo = [n for n in starts if n is not None]
+    while todo and len(seen) < _MAX_WALK_NODES:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in linear_of:
+            found.add(linear_of[node])
+        elif node in stop_nodes:
+            reached_input = True
+        else:
+            todo += [nxt for nxt, _ in node.next_functions if nxt is not None]
+    return found, reached_input
+
+
+def _head_counts(layer: nn.Module) -> set[int]:
+    """Head counts stored as int attributes (or in a ``config``) of the layer's submodules."""
+    counts: set[int] = set()
+    for sub in layer.modules():
+        for holder in (sub, getattr(sub, "config", None)):
+            for attr in _HEAD_COUNT_ATTRS:
+                value = getattr(holder, attr, None) if holder is not None else None
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    counts.add(value)
+    return counts
+
+
+def _no_pair_reason(layer: nn.Module, calls: list[LinearCall]) -> str:
+    base = "no column-wise/row-wise Linear pair found"
+    projections = sorted(
+        {
+            type(m).__name__
+            for m in layer.modules()
+            if not isinstance(m, (nn.Linear, nn.Embedding, nn.EmbeddingBag))
+            and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        }
+    )
+    if projections:
+        return f"{base} (fused or non-Linear projections: {', '.join(projections)})"
+    if not calls:
+        return f"{base} (no nn.Linear inside)"
+    names = ", ".join(
+        f"{c.fqn or type(layer).__name__} ({c.module.in_features}->{c.module.out_features})"
+        for c in calls
+    )
+    return f"{base} (Linear sizes or data flow do not line up: {names})"
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    pairs: tuple[TPPair, ...] = ()
+    divisors: tuple[int, ...] = ()
+    excluded_reason: str = ""
+    saved_fraction: float = 0.0
+
+
+def tp_plan(layer: nn.Module, trace: LayerTrace, batch: int) -> TPPlan:
+    """Megatron pairs of a layer: a row-wise Linear R whose input derives (through non-Linear
+    ops only, not from the layer input) from column-wise Linears C, with
+    ``R.out_features`` equal to some ``C.in_features``, and whose column-wise outputs reach
+    nothing but R (no other Linear, not the layer output)."""
+    calls = [c for c in trace.linears if c.output is not None]
+    reused = [c.fqn for c in calls if c.num_calls > 1]
+    if reused:
+        return TPPlan(excluded_reason=f"Linear(s) {reused} called more than once per forward")
+    linear_of = {c.output.grad_fn: j for j, c in enumerate(calls) if c.output.grad_fn is not None}
+    sources = {
+        j: _direct_linear_sources([c.input.grad_fn], linear_of, trace.input_nodes)
+        for j, c in enumerate(calls)
+    }
+    out_sources, _ = _direct_linear_sources(trace.output_nodes, linear_of, trace.input_nodes)
+    pairs: list[tuple[list[int], int]] = []
+    assigned: set[int] = set()
+    for r, call in enumerate(calls):
+        cols, hits_input = sources[r]
+        if r in assigned or not cols or hits_input or cols & assigned:
+            continue
+        if call.module.out_features not in {calls[c].module.in_features for c in cols}:
+            continue
+        consumers = [out_sources] + [s for j, (s, _) in sources.items() if j != r]
+        if any(cols & other for other in consumers):
+            continue  # a column-wise output escapes the pair: sharding it would be wrong
+        pairs.append((sorted(cols), r))
+        assigned |= cols | {r}
+    if not pairs:
+        return TPPlan(excluded_reason=_no_pair_reason(layer, calls))
+    divisors = set(_head_counts(layer)) | trace.heads
+    tp_pairs = []
+    for cols, r in pairs:
+        divisors |= {calls[c].module.out_features for c in cols} | {calls[r].module.in_features}
+        tp_pairs.append(
+            TPPair(
+                colwise=tuple(calls[c].fqn for c in cols),
+                rowwise=calls[r].fqn,
+                allreduce_bytes_per_sample=calls[r].output.nbytes / batch,
+                input_bytes_per_sample=tuple(
+                    sorted(
+                        nbytes / batch
+                        for nbytes in {
+                            storage_key(calls[c].input)[0]: calls[c].input.nbytes for c in cols
+                        }.values()
+                    )
+                ),
+            )
+        )
+    # saved inside a pair's span, except the (replicated) inputs of its column-wise Linears
+    spans = [(min(calls[c].start_event for c in cols), calls[r].end_event) for cols, r in pairs]
+    replicated = {storage_key(calls[c].input)[0] for cols, _ in pairs for c in cols}
+    total = sum(nbytes for nbytes, _ in trace.saved.values())
+    inside = sum(
+        nbytes
+        for key, (nbytes, event) in trace.saved.items()
+        if key not in replicated and any(lo <= event <= hi for lo, hi in spans)
+    )
+    return TPPlan(
+        pairs=tuple(tp_pairs),
+        divisors=tuple(sorted(divisors)),
+        saved_fraction=inside / total if total else 0.0,
+    )

@@ -1,0 +1,269 @@
+"""The meta-device trace's machinery: copies of a model and its inputs on meta (or fake)
+tensors, attention traced as a fused kernel, and the hooks that attribute outputs, saved
+tensors, Linear calls and head counts to the chain layer running.
+
+:func:`uniap.graph.build_graph` drives one forward and backward through these; the
+tensor-parallel pairs are read from what :class:`Tracer` recorded (:mod:`uniap.tp_pairs`).
+Nothing here allocates real weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+from uniap._torch_utils import storage_key
+from uniap.errors import UniapError
+
+__all__ = [
+    "FUSED_SDPA_FLOPS",
+    "FusedAttentionMode",
+    "LayerTrace",
+    "LinearCall",
+    "Tracer",
+    "default_loss",
+    "fake_copy",
+    "fake_inputs",
+    "tensors_in",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in a (nested) output: tensors, tuples, lists, dicts, HF ModelOutputs."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in tensors_in(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+def fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are fake meta tensors (shared
+    parameters stay shared, floating ones trainable and cast to ``dtype``); real weights are
+    never read or copied."""
+
+    def fake(t: Tensor) -> Tensor:
+        dt = dtype if t.is_floating_point() else t.dtype
+        return fake_mode.from_tensor(torch.empty_like(t, device="meta", dtype=dt))
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(fake(p), requires_grad=p.is_floating_point())
+    for b in model.buffers():
+        memo[id(b)] = fake(b)
+    return copy.deepcopy(model, memo)
+
+
+def fake_inputs(obj: Any, batch: int, dtype: torch.dtype, fake_mode: FakeTensorMode) -> Any:
+    """Fake meta tensors of the inputs' dtypes and shapes, with dim 0 (the batch) set to
+    ``batch``; floating inputs are cast to ``dtype``."""
+    if isinstance(obj, Tensor):
+        shape = (batch, *obj.shape[1:]) if obj.dim() else obj.shape
+        dt = dtype if obj.is_floating_point() else obj.dtype
+        return fake_mode.from_tensor(torch.empty(shape, dtype=dt, device="meta"))
+    if isinstance(obj, Mapping):
+        return {k: fake_inputs(v, batch, dtype, fake_mode) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(fake_inputs(v, batch, dtype, fake_mode) for v in obj)
+    return obj
+
+
+def _fused_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _fused_sdpa_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_FUSED_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FUSED_SDPA_FLOPS = {
+    _FUSED_SDPA: _fused_sdpa_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _fused_sdpa_backward_flop,
+}
+
+
+class FusedAttentionMode(TorchFunctionMode):
+    """Reroutes ``F.scaled_dot_product_attention`` to the fused (flash) kernel during the meta
+    trace (meta tensors would otherwise take the unfused math path, which saves the
+    probabilities) and reports the query / key-value head counts of every call."""
+
+    def __init__(self, on_heads: Callable[[int, int], None]) -> None:
+        super().__init__()
+        self.on_heads = on_heads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        call = {**dict(zip(names, args)), **kwargs}
+        q, k, v = call["query"], call["key"], call["value"]
+        if q.dim() < 3:
+            return func(*args, **kwargs)
+        self.on_heads(q.shape[-3], k.shape[-3])
+        if q.dim() != 4:
+            return func(*args, **kwargs)
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention (enable_gqa)
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        mask = call.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~mask, float("-inf")
+            )
+        try:
+            out, _ = _FUSED_SDPA(
+                q,
+                k,
+                v,
+                call.get("dropout_p", 0.0),
+                call.get("is_causal", False),
+                attn_mask=mask,
+                scale=call.get("scale"),
+            )
+        except RuntimeError as e:  # unsupported shapes: the unfused path is still correct
+            logger.debug("fused attention unavailable (%s); tracing the math path", e)
+            return func(*args, **kwargs)
+        return out
+
+
+def default_loss(output: Any) -> Tensor:
+    """Sum of every floating output that requires grad: the backward FLOPs of the layers are
+    those of any real loss (loss functions themselves do no matmuls)."""
+    parts = [
+        t.float().sum() for t in tensors_in(output) if t.is_floating_point() and t.requires_grad
+    ]
+    if not parts:
+        raise UniapError(
+            "the model output has no floating tensor that requires grad; pass loss_fn=..."
+        )
+    return torch.stack(parts).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# The trace
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearCall:
+    """One nn.Linear call inside a layer during the trace."""
+
+    fqn: str
+    module: nn.Linear
+    input: Tensor
+    start_event: int
+    output: Tensor | None = None
+    end_event: int = -1
+    num_calls: int = 1
+
+
+@dataclass
+class LayerTrace:
+    """What the hooks saw of one chain layer."""
+
+    input_nodes: set = field(default_factory=set)
+    input_last_dim: int | None = None
+    output_nodes: list = field(default_factory=list)
+    output_last_dim: int | None = None
+    output_bytes: int = 0
+    saved: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """storage id -> (bytes, event index), first save only."""
+    linears: list[LinearCall] = field(default_factory=list)
+    heads: set[int] = field(default_factory=set)
+    num_calls: int = 0
+
+
+class Tracer:
+    """Hooks that attribute outputs, saved tensors, Linear calls and attention heads to the
+    chain layer currently running."""
+
+    def __init__(self, chain: list[tuple[str, nn.Module]], excluded_storages: set[int]) -> None:
+        self.chain = chain
+        self.excluded = excluded_storages
+        self.layers = [LayerTrace() for _ in chain]
+        self.stack: list[int] = []
+        self.event = 0
+        self.handles: list[Any] = []
+
+    def install(self) -> None:
+        for i, (_, layer) in enumerate(self.chain):
+            self.handles.append(
+                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True)
+            )
+            self.handles.append(layer.register_forward_hook(partial(self._exit, i)))
+            for rel, sub in layer.named_modules():
+                if isinstance(sub, nn.Linear):
+                    hook = partial(self._linear_pre, i, rel)
+                    self.handles.append(sub.register_forward_pre_hook(hook))
+                    self.handles.append(sub.register_forward_hook(partial(self._linear_post, i)))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _tick(self) -> int:
+        self.event += 1
+        return self.event
+
+    def _enter(self, i: int, module, args, kwargs) -> None:
+        trace = self.layers[i]
+        tensors = tensors_in(list(args)) + tensors_in(kwargs)
+        trace.num_calls += 1
+        trace.input_nodes |= {t.grad_fn for t in tensors if t.grad_fn is not None}
+        if tensors and trace.input_last_dim is None and tensors[0].dim():
+            trace.input_last_dim = tensors[0].shape[-1]
+        self.stack.append(i)
+
+    def _exit(self, i: int, module, args, output) -> None:
+        trace = self.layers[i]
+        tensors = tensors_in(output)
+        trace.output_bytes += sum(t.nbytes for t in tensors)
+        trace.output_nodes += [t.grad_fn for t in tensors if t.grad_fn is not None]
+        if tensors and tensors[0].dim():
+            trace.output_last_dim = tensors[0].shape[-1]
+        self.stack.pop()
+
+    def _linear_pre(self, i: int, rel: str, module, args) -> None:
+        trace = self.layers[i]
+        for call in trace.linears:
+            if call.module is module:
+                call.num_calls += 1
+                return
+        if args and isinstance(args[0], Tensor):
+            trace.linears.append(LinearCall(rel, module, args[0], self._tick()))
+
+    def _linear_post(self, i: int, module, args, output) -> None:
+        for call in self.layers[i].linears:
+            if call.module is module and call.output is None and isinstance(output, Tensor):
+                call.output, call.end_event = output, self._tick()
+
+    def pack(self, t: Tensor) -> Tensor:
+        if self.stack:
+            key, nbytes = storage_key(t)
+            saved = self.layers[self.stack[-1]].saved
+            if key not in self.excluded and key not in saved:
+                saved[key] = (nbytes, self._tick())
+        return t
+
+    def on_heads(self, q_heads: int, kv_heads: int) -> None:
+        if self.stack:
+            self.layers[self.stack[-1]].heads |= {q_heads, kv_heads}
