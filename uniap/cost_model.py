@@ -67,7 +67,7 @@ from uniap.profiles import AnalyticProfile, Profile
 from uniap.schedules import inflight_microbatches
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
-__all__ = ["CostTables", "Evaluation", "CostModel", "evaluate_assignment", "optimizer_bytes_per_param"]
+__all__ = ["CostTables", "Evaluation", "CostModel", "LayerCost", "evaluate_assignment", "optimizer_bytes_per_param"]
 
 INF = float("inf")
 
@@ -141,6 +141,22 @@ class CostTables:
         gmin = np.where(mask, self.G, np.inf).min(axis=1)
         mmin = np.where(mask[:, :, None], self.M, np.inf).min(axis=1)
         return amin, gmin, mmin
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer with one strategy: its entries of the cost tables."""
+
+    PARTS = ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")
+
+    per_microbatch_s: float
+    """``A``: forward, backward (and recompute), TP collectives, exposed FSDP gathers."""
+    per_iteration_s: float
+    """``G``: exposed gradient synchronisation and the optimizer step."""
+    memory_bytes: tuple[float, ...]
+    """``M`` on each stage: parameters, gradients, optimizer state, activations in flight."""
+    parts: dict[str, float]
+    """The terms of ``A`` and ``G`` by name (:attr:`PARTS`), for explanations."""
 
 
 @dataclass
@@ -239,7 +255,9 @@ class CostModel:
         return stage_strategies(self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute)
 
     def tables(self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B") -> CostTables:
-        """Cost tables for ``(pp, c, schedule)``; see the module docstring for every formula."""
+        """Cost tables for ``(pp, c, schedule)``: one row per layer and strategy from
+        :meth:`layer_cost`, resharding and stage-boundary rows from :meth:`_edge_rows`; see the
+        module docstring for every formula."""
         n = self.cluster.world_size
         if n % pp:
             raise ConfigError(f"pipeline degree ({pp}) must divide the number of devices ({n})")
@@ -251,19 +269,14 @@ class CostModel:
         strategies = self.strategies(pp)
         layers = self.graph.layers
         L, K = len(layers), len(strategies)
-        rho = self.profile.overlap_coefficient
         dps = sorted({s.dp for s in strategies})
-        layout_of = {d: j for j, d in enumerate(dps)}
-        C = len(dps)
         A = np.full((L, K), INF)
         G = np.zeros((L, K))
         M = np.zeros((L, K, pp))
-        layout = np.zeros((L, K), dtype=np.int64)
-        parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")}
+        layout = np.tile([dps.index(s.dp) for s in strategies], (L, 1)).astype(np.int64)
+        parts = {k: np.zeros((L, K)) for k in LayerCost.PARTS}
         inflight = [inflight_microbatches(schedule, i, pp, c) for i in range(pp)]
-        allowed = []
-        for k, s in enumerate(strategies):
-            layout[:, k] = layout_of[s.dp]
+        allowed: list[list[int]] = []
         rep = self._representatives()
         for u, layer in enumerate(layers):
             if rep[u] != u:
@@ -276,79 +289,105 @@ class CostModel:
                 continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
-            allowed.append(ks)
-            for k in ks:
-                s = strategies[k]
-                bl = b / s.dp
-                fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
-                if u == L - 1:
-                    bwd += self.profile.loss_s(layer, bl)
-                if s.recompute:
-                    bwd += fwd
-                tp_comm = 0.0
-                if s.tp > 1 and not self.profile.tp_comm_in_compute:
-                    for pair in layer.tp_pairs:
-                        tp_comm += self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
-                        for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
-                            tp_comm += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
-                p_bytes = layer.param_bytes / s.tp
-                local_params = layer.num_params / s.tp
-                opt_bytes = local_params * self.opt_bytes
-                fsdp_mb = sync = wrap = 0.0
-                wrapped = s.dp > 1 and layer.num_params > 0
-                if s.kind == "FSDP":
-                    ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
-                    rs = self._group_time("reduce_scatter", p_bytes, "dp", pp, s.dp, s.tp)
-                    if c == 1:
-                        fsdp_mb = (1 - rho) * 2 * ag
-                        if wrapped:
-                            fsdp_mb = max(fsdp_mb + self.profile.dp_residual_s(layer, "FSDP", "single"), 0.0)
-                        sync = (1 - rho) * rs
-                        static = (2 * p_bytes + opt_bytes) / s.dp
-                    else:
-                        sync = ag + (1 - rho) * rs
-                        if wrapped:
-                            wrap = self.profile.dp_residual_s(layer, "FSDP", "microbatch")
-                            sync += self.profile.dp_residual_s(layer, "FSDP", "sync")
-                        # unsharded parameters and gradients stay resident next to the shards
-                        static = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
-                    local_params /= s.dp
-                else:
-                    if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
-                        bk = DDP_BUCKET_BYTES
-                        ar = p_bytes / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
-                    else:
-                        ar = self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
-                    sync = (1 - rho) * ar
-                    if wrapped:
-                        wrap = self.profile.dp_residual_s(layer, "DDP", "microbatch")
-                        sync += self.profile.dp_residual_s(layer, "DDP", "sync")
-                    static = 2 * p_bytes + opt_bytes
-                sync = max(sync, 0.0)
-                opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
-                fsdp_mb = max(fsdp_mb + wrap, 0.0)
-                A[u, k] = fwd + bwd + tp_comm + fsdp_mb
-                G[u, k] = sync + opt_s
-                if s.recompute:
-                    act = in_bytes * bl
-                else:
-                    act = self.profile.activation_bytes(layer, bl, s.tp)
-                for i in range(pp):
-                    M[u, k, i] = static + act * inflight[i]
-                    if u == L - 1:
-                        # The loss keeps a copy of the model output (log-softmax) per in-flight
-                        # micro-batch; the one in backward needs its working memory.
-                        M[u, k, i] += layer.output_bytes_per_sample * bl * (inflight[i] - 1)
-                        M[u, k, i] += self.profile.loss_working_bytes(layer, bl)
-                parts["compute"][u, k] = fwd + bwd
-                parts["tp_comm"][u, k] = tp_comm
-                parts["fsdp_comm"][u, k] = fsdp_mb
-                parts["dp_sync"][u, k] = sync
-                parts["optimizer"][u, k] = opt_s
             if not ks:
                 raise ConfigError(
                     f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} devices per stage"
                 )
+            allowed.append(ks)
+            for k in ks:
+                cost = self.layer_cost(u, strategies[k], pp=pp, num_microbatches=c, microbatch_size=b, inflight=inflight)
+                A[u, k], G[u, k], M[u, k] = cost.per_microbatch_s, cost.per_iteration_s, cost.memory_bytes
+                for name in LayerCost.PARTS:
+                    parts[name][u, k] = cost.parts[name]
+        R, Rp = self._edge_rows(pp, b, dps)
+        return CostTables(
+            pp=pp, num_microbatches=c, A=A, G=G, M=M, layout=layout, R=R, Rp=Rp,
+            memory_limit_bytes=self.memory_limit_bytes, allowed=allowed, strategies=strategies,
+            schedule=schedule, microbatch_size=b, breakdown=parts,
+            stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
+            step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
+        )
+
+    def layer_cost(self, u: int, s: Strategy, *, pp: int, num_microbatches: int, microbatch_size: int,
+                   inflight: Sequence[int]) -> LayerCost:
+        """Layer ``u`` with strategy ``s`` on a stage of a ``pp``-stage plan: its ``A``, ``G`` and
+        per-stage ``M`` entries (``inflight[i]``: micro-batches in flight on stage i) and their
+        parts. See the module docstring for the formulas."""
+        layers = self.graph.layers
+        layer, last = layers[u], u == len(layers) - 1
+        in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
+        c, rho = num_microbatches, self.profile.overlap_coefficient
+        bl = microbatch_size / s.dp
+        fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+        if last:
+            bwd += self.profile.loss_s(layer, bl)
+        if s.recompute:
+            bwd += fwd
+        tp_comm_s = 0.0
+        if s.tp > 1 and not self.profile.tp_comm_in_compute:
+            for pair in layer.tp_pairs:
+                tp_comm_s += self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
+                for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
+                    tp_comm_s += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
+        p_bytes = layer.param_bytes / s.tp
+        local_params = layer.num_params / s.tp
+        opt_bytes = local_params * self.opt_bytes
+        fsdp_per_microbatch_s = sync_s = wrap_s = 0.0
+        wrapped = s.dp > 1 and layer.num_params > 0
+        if s.kind == "FSDP":
+            ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
+            rs = self._group_time("reduce_scatter", p_bytes, "dp", pp, s.dp, s.tp)
+            if c == 1:
+                fsdp_per_microbatch_s = (1 - rho) * 2 * ag
+                if wrapped:
+                    fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + self.profile.dp_residual_s(layer, "FSDP", "single"), 0.0)
+                sync_s = (1 - rho) * rs
+                static_bytes = (2 * p_bytes + opt_bytes) / s.dp
+            else:
+                sync_s = ag + (1 - rho) * rs
+                if wrapped:
+                    wrap_s = self.profile.dp_residual_s(layer, "FSDP", "microbatch")
+                    sync_s += self.profile.dp_residual_s(layer, "FSDP", "sync")
+                # unsharded parameters and gradients stay resident next to the shards
+                static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
+            local_params /= s.dp
+        else:
+            if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
+                bk = DDP_BUCKET_BYTES
+                ar = p_bytes / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
+            else:
+                ar = self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+            sync_s = (1 - rho) * ar
+            if wrapped:
+                wrap_s = self.profile.dp_residual_s(layer, "DDP", "microbatch")
+                sync_s += self.profile.dp_residual_s(layer, "DDP", "sync")
+            static_bytes = 2 * p_bytes + opt_bytes
+        sync_s = max(sync_s, 0.0)
+        opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
+        fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
+        act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
+        memory = []
+        for n_inflight in inflight:
+            m = static_bytes + act_bytes * n_inflight
+            if last:
+                # The loss keeps a copy of the model output (log-softmax) per in-flight
+                # micro-batch; the one in backward needs its working memory.
+                m += layer.output_bytes_per_sample * bl * (n_inflight - 1)
+                m += self.profile.loss_working_bytes(layer, bl)
+            memory.append(m)
+        return LayerCost(
+            per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,
+            per_iteration_s=sync_s + opt_s,
+            memory_bytes=tuple(memory),
+            parts={"compute": fwd + bwd, "tp_comm": tp_comm_s, "fsdp_comm": fsdp_per_microbatch_s,
+                   "dp_sync": sync_s, "optimizer": opt_s},
+        )
+
+    def _edge_rows(self, pp: int, microbatch_size: int, dps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``R`` and ``Rp``: resharding between neighbours on one stage, and the stage-boundary
+        transfer (activation forward, gradient back) plus that resharding."""
+        layers, b, C = self.graph.layers, microbatch_size, len(dps)
+        L = len(layers)
         R = np.zeros((max(L - 1, 0), C, C))
         Rp = np.zeros((max(L - 1, 0), C, C))
         done: dict[float, int] = {}  # output bytes -> first layer with them (same R, Rp rows)
@@ -367,13 +406,7 @@ class CostModel:
                     R[u, a, bb] = r
                     if pp > 1:
                         Rp[u, a, bb] = 2 * self._group_time("p2p", out * b / da, "p2p", pp, 0, 0) + r
-        return CostTables(
-            pp=pp, num_microbatches=c, A=A, G=G, M=M, layout=layout, R=R, Rp=Rp,
-            memory_limit_bytes=self.memory_limit_bytes, allowed=allowed, strategies=strategies,
-            schedule=schedule, microbatch_size=b, breakdown=parts,
-            stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
-            step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
-        )
+        return R, Rp
 
     def _representatives(self) -> list[int]:
         """For each layer, the first layer whose cost-table rows are necessarily equal to its
