@@ -16,7 +16,8 @@ everything in SI units (bytes, bytes/s, seconds, FLOP/s)::
     inter_node: {bandwidth: 25 GB/s, latency: 10 us}
     backend: nccl
 
-Bandwidths are per device and per direction; a plain number is read as SI. A bad file
+Bandwidths are per device and per direction. A number without a unit is refused ("did you
+mean 24 GiB?"): `memory: 24` is not 24 bytes. A bad file
 raises `ConfigError` naming the file, the dotted field (`intra_node.bandwidth`) and the fix.
 `to_yaml` writes the same layout and `from_yaml` reads it back exactly.
 """
@@ -120,12 +121,15 @@ def _check_choice(value: object, choices: tuple[str, ...], where: str) -> str:
     return value
 
 
-def parse_quantity(value: object, kind: str, where: str = "value") -> float:
+def parse_quantity(value: object, kind: str, where: str = "value", *, unit_required: bool = False) -> float:
     """Parse "40 GiB", "25 Gb/s", "5 us", "312 TFLOP/s" (or a plain SI number) to SI units.
 
     `kind` is "memory", "bandwidth", "latency" or "flops"; `where` prefixes error messages.
+    `unit_required` (cluster files) refuses a number without a unit, suggesting one.
     """
     units, example, shown = _UNITS[kind], _EXAMPLES[kind], value
+    if unit_required:
+        _refuse_bare_number(value, kind, where)
     if isinstance(value, str):
         match = _QUANTITY.fullmatch(value)
         if match is None:
@@ -147,6 +151,35 @@ def parse_quantity(value: object, kind: str, where: str = "value") -> float:
             ctx.prec = 80
             value = float(Decimal(number) * units.get(unit, Decimal(1)))
     return _check_number(value, where, example, shown=shown)
+
+
+# A bare number this large is plausibly already SI (bytes, B/s, FLOP/s) and a latency this
+# small plausibly seconds: the hint shows it in units; otherwise the usual unit is suggested.
+_SI_LOOKING = {"memory": 2**20, "bandwidth": 1e6, "flops": 1e9}
+_USUAL_UNIT = {"memory": "GiB", "bandwidth": "GB/s", "latency": "us", "flops": "TFLOP/s"}
+
+
+def _refuse_bare_number(value: object, kind: str, where: str) -> None:
+    """A ConfigError for a number without a unit (YAML number, or a string of digits alone)."""
+    if isinstance(value, str):
+        match = _QUANTITY.fullmatch(value)
+        if match is None or match.group(2):
+            return
+        number = float(match.group(1))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        return
+    if not (math.isfinite(number) and number > 0):
+        return  # the usual "must be positive" error says more
+    si_like = number >= _SI_LOOKING[kind] if kind in _SI_LOOKING else number < 1e-2
+    text = f"{value:g}" if isinstance(value, int | float) else value.strip()
+    hint = format_quantity(number, kind) if si_like else f"{text} {_USUAL_UNIT[kind]}"
+    leaf = re.split(r"[ .]", where)[-1]
+    raise ConfigError(
+        f"{where}: {text} has no unit; did you mean {hint}? A {kind} needs a unit, "
+        f"e.g. {leaf}: {_EXAMPLES[kind]}"
+    )
 
 
 def format_quantity(value: float, kind: str) -> str:
@@ -503,8 +536,8 @@ def _section(
 def _link(data: Any, path: str, source: str) -> tuple[float, float]:
     link = _section(data, path, source, _LINK_KEYS, _LINK_KEYS)
     return (
-        parse_quantity(link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth"),
-        parse_quantity(link["latency"], "latency", f"{source}: {path}.latency"),
+        parse_quantity(link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth", unit_required=True),
+        parse_quantity(link["latency"], "latency", f"{source}: {path}.latency", unit_required=True),
     )
 
 
@@ -521,12 +554,13 @@ def _from_layout(data: Any, source: str) -> Cluster:
     num_nodes = _check_number(top["num_nodes"], at("num_nodes"), "2", "count")
     per_node = _check_number(top["devices_per_node"], at("devices_per_node"), "8", "count")
     device = _section(top["device"], "device", source, _DEVICE_KEYS, ("memory", "peak_flops"))
-    memory = parse_quantity(device["memory"], "memory", at("device.memory"))
+    memory = parse_quantity(device["memory"], "memory", at("device.memory"), unit_required=True)
     flops = _section(device["peak_flops"], "device.peak_flops", source, DTYPES, (), _DTYPE_ALIASES)
     if not flops:
         example = _EXAMPLES["peak_flops"]
         raise ConfigError(f"{at('device.peak_flops')}: needs a dtype; e.g. peak_flops: {example}")
-    flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}")) for d, v in flops.items()}
+    flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}"), unit_required=True)
+             for d, v in flops.items()}
     efficiency = device.get("compute_efficiency", 0.5)
     efficiency = _check_number(efficiency, at("device.compute_efficiency"), "0.5", "fraction")
     device_type = _check_choice(device.get("type", "cuda"), DEVICE_TYPES, at("device.type"))
