@@ -106,7 +106,9 @@ class CostTables:
     schedule: str = "1F1B"
     microbatch_size: int = 1
     breakdown: dict[str, np.ndarray] = field(default_factory=dict)
-    """Optional (L, K) parts of ``A`` and ``G`` for explanations."""
+    """Optional (L, K) parts of ``A`` and ``G`` for explanations (``compute`` and its ``forward``, ``tp_comm``,
+    ``fsdp_comm``, ``dp_sync``, ``optimizer``) and of ``M``'s static bytes (``param_bytes``,
+    ``grad_bytes``, ``optimizer_bytes``; the rest of ``M`` is activations)."""
     stage_overhead_s: float = 0.0
     """Seconds every stage pays per micro-batch whatever its layers (the pipeline schedule's
     own work and waits), added to every ``p_i``."""
@@ -242,7 +244,8 @@ class CostModel:
         G = np.zeros((L, K))
         M = np.zeros((L, K, pp))
         layout = np.zeros((L, K), dtype=np.int64)
-        parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")}
+        parts = {k: np.zeros((L, K)) for k in ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer", "forward",
+                                              "param_bytes", "grad_bytes", "optimizer_bytes")}
         inflight = [1 if pp == 1 else (c if schedule == "GPipe" else min(c, pp - i)) for i in range(pp)]
         allowed = []
         for k, s in enumerate(strategies):
@@ -324,10 +327,16 @@ class CostModel:
                         M[u, k, i] += layer.output_bytes_per_sample * bl * (inflight[i] - 1)
                         M[u, k, i] += self.profile.loss_working_bytes(layer, bl)
                 parts["compute"][u, k] = fwd + bwd
+                parts["forward"][u, k] = fwd
                 parts["tp_comm"][u, k] = tp_comm
                 parts["fsdp_comm"][u, k] = fsdp_mb
                 parts["dp_sync"][u, k] = sync
                 parts["optimizer"][u, k] = opt_s
+                # static memory = parameters + gradients + optimizer state (M's other part: activations)
+                shard = s.dp if s.kind == "FSDP" else 1
+                resident = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
+                parts["param_bytes"][u, k] = parts["grad_bytes"][u, k] = resident + p_bytes / shard
+                parts["optimizer_bytes"][u, k] = opt_bytes / shard
             if not ks:
                 raise ConfigError(
                     f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} devices per stage"

@@ -351,7 +351,7 @@ class Plan:
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
             strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
             m = _fmt_bytes(mem[i]) if i < len(mem) else "-"
-            t = f"{st_time[i] * 1e3:.3g} ms" if i < len(st_time) else "-"
+            t = f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms" if i < len(st_time) else "-"
             lines.append(f"{i:>5}  {ranks:<12} {span:<28} {strat:<34} {m:>10} {t:>10}")
         p = self.predicted
         if "time_per_iteration_s" in p:

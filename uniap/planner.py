@@ -55,6 +55,8 @@ from uniap.milp import (
 )
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
+from uniap.progress import progress_lines, solve_progress
+from uniap.report import explain_candidates, fmt_seconds, predicted_breakdown
 from uniap.search import heuristic
 from uniap.strategies import divisors
 
@@ -113,9 +115,25 @@ def plan_graph(
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | bool | None = None,
+    progress_interval_s: float = 5.0,
 ) -> Plan:
-    """The optimal plan for a layer chain on a cluster (see the module docstring)."""
+    """The optimal plan for a layer chain on a cluster (see the module docstring).
+
+    Progress lines (each program solved; during a solve, every ``progress_interval_s``, the
+    candidate, incumbent, bound and gap) go to the ``uniap.progress`` logger at INFO;
+    ``progress=True`` shows them on stderr when logging is not configured, a callable
+    receives each line as well."""
+    with progress_lines(progress) as say:
+        return _plan_graph(graph, cluster, global_batch_size=global_batch_size, profile=profile,
+                           schedules=schedules, pp_degrees=pp_degrees, num_microbatches=num_microbatches,
+                           memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
+                           time_limit_s=time_limit_s, threads=threads, seed=seed, say=say,
+                           progress_interval_s=progress_interval_s)
+
+
+def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_degrees, num_microbatches,
+                memory_fraction, max_tp, recompute, time_limit_s, threads, seed, say, progress_interval_s) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
@@ -214,8 +232,11 @@ def plan_graph(
                 inc = (final[idx].stage_of, final[idx].strategy_of)
             lim = first_s if pass_no == 1 and not used else limit
             used[idx] = lim
+            label = f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}"
             sol = solve(t, incumbent=inc, incumbent_tpi_s=best_tpi if math.isfinite(best_tpi) else None,
-                        time_limit_s=lim, threads=threads, seed=seed, segments=segments.get(id(t)))
+                        time_limit_s=lim, threads=threads, seed=seed, segments=segments.get(id(t)),
+                        progress=solve_progress(say, label, best_tpi) if say is not None else None,
+                        progress_interval_s=progress_interval_s)
             final[idx] = sol
             num_solves += 1
             cand.status = sol.status
@@ -224,10 +245,10 @@ def plan_graph(
             if sol.stage_of and (best is None or sol.time_per_iteration_s < best[0].time_per_iteration_s):
                 best = (sol, t)
                 best_tpi = min(best_tpi, sol.time_per_iteration_s)
-            if progress is not None:
-                tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
-                progress(f"[{idx + 1}/{len(cands)}] pp={cand.pp} c={cand.num_microbatches} {cand.schedule}: "
-                         f"{sol.status} {tpi} ({sol.wall_s:.2f} s)" + (" (second pass)" if pass_no == 2 else ""))
+            if say is not None:
+                tpi = fmt_seconds(sol.time_per_iteration_s) if math.isfinite(sol.time_per_iteration_s) else "-"
+                say(f"{label}: {sol.status} {tpi} per iteration (solved in {fmt_seconds(sol.wall_s)})"
+                    + (" (second pass)" if pass_no == 2 else ""))
     statuses = list(final.values())
     if best is None:
         # Memory falls with more micro-batches (fewer activations) except that FSDP keeps
@@ -258,6 +279,8 @@ def plan_graph(
     out.solver = {
         "status": status, "gap": float(gap), "wall_s": round(wall, 4),
         "milps_solved": num_solves, "candidates": [c.row() for c, _ in cands],
+        # the best plan at every (pp, schedule): the solver's assignment, else the heuristic's
+        "best_per_pp": explain_candidates(_explain_entries(cands, final, heur), cluster),
     }
     log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, num_solves, wall)
     return out
@@ -331,6 +354,21 @@ def _strengthen(cand: Candidate, t: CostTables, target: float, segments: dict[in
     return cand.lower_bound_s
 
 
+def _explain_entries(cands: list[tuple[Candidate, CostTables]], final: dict[int, Solution], heur: dict) -> list:
+    """Per candidate: its row, tables and best known assignment (the solver's, else the
+    heuristic's). A (pp, schedule) with none at all (pruned by its bound before any heuristic
+    ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to show."""
+    entries = [(c.row(), t, (final[i].stage_of, final[i].strategy_of) if i in final and final[i].stage_of
+                else heur[id(t)][0]) for i, (c, t) in enumerate(cands)]
+    for key in {(c.pp, c.schedule) for c, _ in cands}:
+        group = [i for i, (c, _) in enumerate(cands) if (c.pp, c.schedule) == key]
+        if all(entries[i][2] is None for i in group):
+            i = min(group, key=lambda j: cands[j][0].lower_bound_s)
+            if math.isfinite(cands[i][0].lower_bound_s):
+                entries[i] = (entries[i][0], entries[i][1], heuristic(cands[i][1]))
+    return entries
+
+
 def _log_tp_exclusions(graph: ModelGraph) -> None:
     seen = set()
     for layer in graph.layers:
@@ -378,9 +416,10 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
             "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
             "stage_time_s": [float(x) for x in ev.stage_time_s],
             "memory_limit_bytes": float(t.memory_limit_bytes),
+            **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
         },
         provenance={
             "uniap": __version__, "torch": torch.__version__.split("+")[0], "highspy": highs_version,
-            "cluster": cluster.name, "profile": cm.profile.source,
+            "cluster": cluster.name, "profile": cm.profile.source, "dtype": graph.dtype,
         },
     )

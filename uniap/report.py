@@ -1,0 +1,735 @@
+"""Reading a plan: where its predicted time and memory go, what binds it, and why it won.
+
+Everything here is re-derived from the cost model's tables (:class:`uniap.cost_model.CostTables`)
+for an assignment, so the numbers add up to what the planner optimised:
+
+- :func:`time_breakdown` splits ``TPI = sum_i p_i + sum_i o_i + (c - 1) max(p, o) + max_i s_i
+  + step`` into terms that sum to it exactly. Seen from the busiest stage ``i*`` (largest
+  ``p_i``), which works ``c * p_i*``: ``compute`` its forward and backward (recompute included),
+  ``communication`` its TP and FSDP collectives and reshards, the stage-to-stage sends (and
+  how much a send slower than ``p_i*`` stretches the steady state), the gradient sync of the
+  stage that syncs longest ``s*`` and the loss's all-reduce; ``bubble`` the other stages' fill
+  and drain (``sum_{i != i*} p_i``), ``optimizer`` the optimizer step of ``s*``, ``overhead``
+  the pipeline schedule's own time per micro-batch.
+- :func:`memory_breakdown` splits each stage's peak bytes into parameters, gradients,
+  optimizer state and activations (the rest: saved activations of the micro-batches in flight
+  and the loss's buffers).
+- :func:`binding` names what limits a plan: memory on a stage near the limit, the bubble,
+  or the largest communication term and its link (intra- or inter-node).
+- :func:`explain_candidates` condenses the planner's search into the best plan at every
+  ``(pp, schedule)`` tried; the planner keeps it in ``Plan.solver["best_per_pp"]``.
+
+:func:`plan_report` gathers it into one dict (``uniap show --json``) and :func:`render_plan`
+and :func:`render_explain` write the text ``uniap show`` and ``uniap explain`` print.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from uniap.cost_model import CostTables, evaluate_assignment
+
+if TYPE_CHECKING:
+    from uniap.cluster import Cluster
+    from uniap.cost_model import CostModel
+    from uniap.plan import Plan
+
+__all__ = [
+    "TIME_TERMS",
+    "MEMORY_TERMS",
+    "time_breakdown",
+    "memory_breakdown",
+    "stage_details",
+    "binding",
+    "explain_candidates",
+    "plan_report",
+    "render_plan",
+    "render_explain",
+    "fmt_seconds",
+    "fmt_bytes",
+]
+
+TIME_TERMS = ("compute", "communication", "bubble", "optimizer", "overhead")
+"""The terms of :func:`time_breakdown`, which sum to the time per iteration."""
+MEMORY_TERMS = ("parameters", "gradients", "optimizer", "activations")
+"""The terms of :func:`memory_breakdown`, which sum to a stage's peak bytes."""
+
+_MEMORY_BINDS = 0.95
+"""A stage at this fraction of the usable memory or more is said to be bound by memory."""
+_TERM_BINDS = 0.15
+"""A non-compute time term at this fraction of the TPI or more is named as binding."""
+
+
+# ---------------------------------------------------------------------- units
+def fmt_seconds(s: float | None) -> str:
+    """``0.0123`` -> ``12.3 ms``: us, ms, s or min with three significant digits, no exponent."""
+    if s is None or not isinstance(s, int | float) or math.isnan(s):
+        return "-"
+    if math.isinf(s):
+        return "inf"
+    if s == 0:
+        return "0 s"
+    for unit, scale in (("min", 60.0), ("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale * (10 if unit == "min" else 1) or unit == "us":
+            return f"{_sig3(s / scale)} {unit}"
+    raise AssertionError  # pragma: no cover
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``3.2e9`` -> ``2.98 GiB``: B, KiB, MiB, GiB or TiB with three significant digits."""
+    if n is None or not isinstance(n, int | float) or math.isnan(n):
+        return "-"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{_sig3(n / scale)} {unit}"
+    return f"{n:.0f} B"
+
+
+def _sig3(v: float) -> str:
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:.0f}"
+    return f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole > 0 and math.isfinite(whole) else "-"
+
+
+# ---------------------------------------------------------------------- breakdowns
+def _part(t: CostTables, name: str, u: int, k: int, default: float = 0.0) -> float:
+    arr = t.breakdown.get(name)
+    return float(arr[u, k]) if arr is not None else default
+
+
+def stage_details(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
+) -> list[dict[str, float]]:
+    """Per stage, seconds per micro-batch (``forward_s``, ``backward_s``, the parts ``compute_s``,
+    ``tp_comm_s``, ``fsdp_comm_s``, ``reshard_s``, ``overhead_s``), the send to the next
+    stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``."""
+    pp, L = t.pp, t.num_layers
+    out = [
+        dict.fromkeys(
+            (
+                "compute_s",
+                "forward_only_s",
+                "tp_comm_s",
+                "fsdp_comm_s",
+                "reshard_s",
+                "send_s",
+                "sync_s",
+                "optimizer_s",
+            ),
+            0.0,
+        )
+        for _ in range(pp)
+    ]
+    for u in range(L):
+        i, k = stage_of[u], strategy_of[u]
+        d = out[i]
+        a = float(t.A[u, k])
+        d["compute_s"] += _part(t, "compute", u, k, a)
+        d["forward_only_s"] += _part(t, "forward", u, k, a / 3)
+        d["tp_comm_s"] += _part(t, "tp_comm", u, k)
+        d["fsdp_comm_s"] += _part(t, "fsdp_comm", u, k)
+        g = float(t.G[u, k])
+        d["optimizer_s"] += _part(t, "optimizer", u, k, 0.0)
+        d["sync_s"] += _part(t, "dp_sync", u, k, g)
+        if u + 1 < L:
+            a_, b_ = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
+            if stage_of[u + 1] == i:
+                d["reshard_s"] += float(t.R[u, a_, b_])
+            else:
+                d["send_s"] += float(t.Rp[u, a_, b_])
+    for d in out:
+        d["overhead_s"] = t.stage_overhead_s
+        busy = d["compute_s"] + d["tp_comm_s"] + d["fsdp_comm_s"] + d["reshard_s"] + d["overhead_s"]
+        comm = busy - d["compute_s"]
+        d["forward_s"] = d.pop("forward_only_s") + comm / 2  # drawn half in each direction
+        d["backward_s"] = busy - d["forward_s"]
+    return out
+
+
+def time_breakdown(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
+) -> dict[str, Any]:
+    """The TPI split into :data:`TIME_TERMS` (seconds, summing to the TPI; see the module
+    docstring), with ``communication_parts`` (``tp``, ``fsdp``, ``reshard``, ``p2p``,
+    ``dp_sync``, ``loss_all_reduce``) and the stages the split is seen from
+    (``busiest_stage``, ``sync_stage``)."""
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    st = stage_details(t, stage_of, strategy_of)
+    c, p, o, s = t.num_microbatches, ev.stage_time_s, ev.link_time_s, ev.sync_time_s
+    i = max(range(t.pp), key=lambda j: p[j])
+    j = max(range(t.pp), key=lambda q: s[q])
+    bottleneck = max(p + o)
+    comm = {
+        "tp": c * st[i]["tp_comm_s"],
+        "fsdp": c * st[i]["fsdp_comm_s"],
+        "reshard": c * st[i]["reshard_s"],
+        "p2p": sum(o) + (c - 1) * (bottleneck - p[i]),
+        "dp_sync": st[j]["sync_s"],
+        "loss_all_reduce": t.step_overhead_s,
+    }
+    terms = {
+        "compute": c * st[i]["compute_s"],
+        "communication": sum(comm.values()),
+        "bubble": sum(p) - p[i],
+        "optimizer": st[j]["optimizer_s"],
+        "overhead": c * t.stage_overhead_s,
+    }
+    return {
+        **terms,
+        "time_per_iteration_s": ev.time_per_iteration_s,
+        "communication_parts": comm,
+        "busiest_stage": i,
+        "sync_stage": j,
+    }
+
+
+def memory_breakdown(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
+) -> list[dict[str, float]]:
+    """Per stage, bytes per device split into :data:`MEMORY_TERMS` (summing to the peak the
+    cost model predicts), and ``total``."""
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    out = [dict.fromkeys(MEMORY_TERMS, 0.0) for _ in range(t.pp)]
+    for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
+        out[i]["parameters"] += _part(t, "param_bytes", u, k)
+        out[i]["gradients"] += _part(t, "grad_bytes", u, k)
+        out[i]["optimizer"] += _part(t, "optimizer_bytes", u, k)
+    for i, d in enumerate(out):
+        d["activations"] = (
+            ev.peak_memory_bytes[i] - d["parameters"] - d["gradients"] - d["optimizer"]
+        )
+        d["total"] = ev.peak_memory_bytes[i]
+    return out
+
+
+_COMM_NAMES = {
+    "tp": "tensor-parallel all-reduces",
+    "fsdp": "FSDP parameter all-gathers",
+    "reshard": "activation reshards",
+    "p2p": "stage-to-stage sends",
+    "dp_sync": "gradient sync",
+    "loss_all_reduce": "the loss all-reduce",
+}
+
+
+def binding(
+    t: CostTables,
+    stage_of: Sequence[int],
+    strategy_of: Sequence[int],
+    cluster: Cluster | None = None,
+) -> list[str]:
+    """What limits this assignment, most binding first: ``memory on stage i (97% of the
+    limit)``, ``bubble 23%``, ``gradient sync 31% (inter-node)``, else ``compute 80%``."""
+    tb = time_breakdown(t, stage_of, strategy_of)
+    mem = memory_breakdown(t, stage_of, strategy_of)
+    tpi = tb["time_per_iteration_s"]
+    out = []
+    for i, m in enumerate(mem):
+        if m["total"] >= _MEMORY_BINDS * t.memory_limit_bytes:
+            out.append(
+                f"memory on stage {i} ({_pct(m['total'], t.memory_limit_bytes)} of the limit)"
+            )
+    ranked = sorted(
+        ((tb[k], k) for k in ("communication", "bubble", "optimizer", "overhead")), reverse=True
+    )
+    for v, k in ranked:
+        if v < _TERM_BINDS * tpi:
+            break
+        if k == "communication":
+            part = max(tb["communication_parts"], key=lambda q: tb["communication_parts"][q])
+            link = _link_of(part, t, stage_of, strategy_of, tb, cluster)
+            out.append(
+                f"{_COMM_NAMES[part]} {_pct(tb['communication_parts'][part], tpi)}"
+                + (f" ({link})" if link else "")
+            )
+        else:
+            out.append(f"{k} {_pct(v, tpi)}")
+    if not out or all(x.startswith("memory") for x in out):
+        out.append(f"compute {_pct(tb['compute'], tpi)}")
+    return out
+
+
+def _link_of(
+    part: str, t: CostTables, stage_of, strategy_of, tb: dict, cluster: Cluster | None
+) -> str:
+    """``intra-node`` or ``inter-node``: the link the largest communication term crosses."""
+    if cluster is None:
+        return ""
+    g = cluster.world_size // t.pp
+    if part == "loss_all_reduce":
+        ranks = list(range(cluster.world_size))
+    elif part == "p2p":
+        ranks = [0, g] if t.pp > 1 else [0]
+        for i in range(t.pp - 1):  # any boundary that crosses nodes is the slow one
+            if not cluster.same_node([i * g, (i + 1) * g]):
+                ranks = [i * g, (i + 1) * g]
+    else:
+        i = tb["sync_stage"] if part == "dp_sync" else tb["busiest_stage"]
+        ks = [strategy_of[u] for u in range(len(stage_of)) if stage_of[u] == i]
+        s = (
+            max((t.strategies[k] for k in ks), key=lambda x: x.dp if part != "tp" else x.tp)
+            if t.strategies
+            else None
+        )
+        if s is None:
+            return ""
+        s0 = i * g
+        ranks = list(range(s0, s0 + s.tp)) if part == "tp" else [s0 + m * s.tp for m in range(s.dp)]
+    return "intra-node" if cluster.same_node(ranks) else "inter-node"
+
+
+# ---------------------------------------------------------------------- the search
+def explain_candidates(
+    entries: Sequence[tuple[dict, CostTables, tuple[list[int], list[int]] | None]],
+    cluster: Cluster | None = None,
+) -> list[dict[str, Any]]:
+    """The best plan at every ``(pp, schedule)`` of the search.
+
+    ``entries``: per candidate, its row of ``Plan.solver["candidates"]``, its tables and the
+    best assignment known for it (the solver's, else the heuristic's, else None). Per
+    ``(pp, schedule)``: the ``c`` and TPI of the best assignment, its ``source`` (``solver``,
+    ``heuristic``: the solver proved nothing there beats the winner, ``bound``: only a lower
+    bound is known), the lowest lower bound, the time breakdown, peak memory and
+    :func:`binding`.
+    """
+    groups: dict[tuple[int, str], list] = {}
+    for row, t, asg in entries:
+        groups.setdefault((row["pp"], row["schedule"]), []).append((row, t, asg))
+    out = []
+    for (pp, sched), items in sorted(groups.items()):
+        lb = min(r["lower_bound_s"] for r, _, _ in items)
+        best = None
+        for row, t, asg in items:
+            if asg is None or not asg[0]:
+                continue
+            tpi = evaluate_assignment(t, *asg).time_per_iteration_s
+            if math.isfinite(tpi) and (best is None or tpi < best[0]):
+                best = (tpi, row, t, asg)
+        entry: dict[str, Any] = {"pp": pp, "schedule": sched, "lower_bound_s": float(lb)}
+        if best is None:
+            entry.update(
+                c=None,
+                time_per_iteration_s=None,
+                source="bound",
+                status=_group_status(items),
+                binds=[],
+            )
+        else:
+            tpi, row, t, asg = best
+            tb = time_breakdown(t, *asg)
+            solved = (
+                row.get("time_per_iteration_s") is not None
+                and abs(row["time_per_iteration_s"] - tpi) <= 1e-12 * tpi
+            )
+            entry.update(
+                c=row["c"],
+                time_per_iteration_s=float(tpi),
+                source="solver" if solved else "heuristic",
+                status=row["status"],
+                time_breakdown_s={k: float(tb[k]) for k in TIME_TERMS},
+                peak_memory_bytes=[float(m["total"]) for m in memory_breakdown(t, *asg)],
+                memory_limit_bytes=float(t.memory_limit_bytes),
+                binds=binding(t, *asg, cluster),
+            )
+        out.append(entry)
+    return out
+
+
+def _group_status(items) -> str:
+    statuses = {r["status"] for r, _, _ in items}
+    return "infeasible" if statuses <= {"infeasible"} else "pruned"
+
+
+# ---------------------------------------------------------------------- a plan's report
+def breakdown_from_cost_model(cm: CostModel, plan: Plan) -> dict[str, Any]:
+    """The plan's time and memory breakdown and per-layer costs, re-derived from ``cm``."""
+    plan.check_compatible(layer_fqns=cm.graph.fqns, world_size=cm.cluster.world_size)
+    t = cm.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
+    stage_of, strategy_of = cm.assignment(plan, t)
+    return _breakdown(t, stage_of, strategy_of, per_layer=True)
+
+
+def _breakdown(t: CostTables, stage_of, strategy_of, *, per_layer: bool = False) -> dict[str, Any]:
+    tb = time_breakdown(t, stage_of, strategy_of)
+    out: dict[str, Any] = {
+        "time_breakdown_s": {k: float(tb[k]) for k in TIME_TERMS},
+        "communication_s": {k: float(v) for k, v in tb["communication_parts"].items()},
+        "stage_detail": [
+            {k: float(v) for k, v in d.items()} | {f"{m}_bytes": float(mb[m]) for m in MEMORY_TERMS}
+            for d, mb in zip(
+                stage_details(t, stage_of, strategy_of), memory_breakdown(t, stage_of, strategy_of)
+            )
+        ],
+    }
+    if per_layer:
+        out["layers"] = [
+            {
+                "time_s": float(t.A[u, k]),
+                "sync_s": float(t.G[u, k]),
+                "memory_bytes": float(t.M[u, k, i]),
+            }
+            for u, (i, k) in enumerate(zip(stage_of, strategy_of))
+        ]
+    return out
+
+
+def predicted_breakdown(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
+) -> dict[str, Any]:
+    """What the planner stores in ``Plan.predicted`` so a plan file explains itself."""
+    return _breakdown(t, stage_of, strategy_of)
+
+
+def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, Any]:
+    """Everything ``uniap show`` prints, as plain data (``--json``). The breakdowns come from
+    ``cost_model`` when given, else from what the planner stored in ``plan.predicted``."""
+    from uniap.plan import _runs, _strat
+
+    pred = _stored(plan)
+    bd = (
+        breakdown_from_cost_model(cost_model, plan)
+        if cost_model is not None
+        else {
+            k: pred[k] for k in ("time_breakdown_s", "communication_s", "stage_detail") if k in pred
+        }
+    )
+    limit = pred.get("memory_limit_bytes")
+    if cost_model is not None:
+        limit = cost_model.memory_limit_bytes
+    mem = pred.get("peak_memory_bytes") or []
+    st_time = pred.get("stage_time_s") or []
+    detail = bd.get("stage_detail") or []
+    stages, u0 = [], 0
+    for i, st in enumerate(plan.stages):
+        groups, u = [], u0
+        for key, n in _runs(st.layers):
+            groups.append(
+                {
+                    "first": u,
+                    "last": u + n - 1,
+                    "first_fqn": plan.layer_strategies[u].fqn,
+                    "last_fqn": plan.layer_strategies[u + n - 1].fqn,
+                    "num_layers": n,
+                    "strategy": _strat(key),
+                }
+            )
+            u += n
+        d = detail[i] if i < len(detail) else {}
+        stages.append(
+            {
+                "index": i,
+                "ranks": [st.ranks[0], st.ranks[-1]],
+                "num_devices": st.num_devices,
+                "layers": [u0, u - 1],
+                "groups": groups,
+                "time_per_microbatch_s": st_time[i] if i < len(st_time) else None,
+                "peak_memory_bytes": d.get("total_bytes", mem[i] if i < len(mem) else None),
+                "memory_bytes": {m: d[f"{m}_bytes"] for m in MEMORY_TERMS if f"{m}_bytes" in d},
+            }
+        )
+        if stages[-1]["peak_memory_bytes"] is None and stages[-1]["memory_bytes"]:
+            stages[-1]["peak_memory_bytes"] = sum(stages[-1]["memory_bytes"].values())
+        u0 = u
+    layers = []
+    per_layer = bd.get("layers") or []
+    u = 0
+    for i, st in enumerate(plan.stages):
+        for ls in st.layers:
+            row = {"index": u, "fqn": ls.fqn, "stage": i, "strategy": _strat(ls.key)}
+            if u < len(per_layer):
+                row.update(per_layer[u])
+            layers.append(row)
+            u += 1
+    return {
+        "model": plan.model_name,
+        "num_layers": plan.num_layers,
+        "world_size": plan.world_size,
+        "dtype": plan.provenance.get("dtype"),
+        "cluster": plan.provenance.get("cluster"),
+        "profile": plan.provenance.get("profile"),
+        "pp": plan.pp_degree,
+        "num_microbatches": plan.num_microbatches,
+        "microbatch_size": plan.microbatch_size,
+        "global_batch_size": plan.global_batch_size,
+        "schedule": plan.schedule,
+        "time_per_iteration_s": pred.get("time_per_iteration_s"),
+        "samples_per_s": pred.get("samples_per_s"),
+        "time_breakdown_s": bd.get("time_breakdown_s"),
+        "communication_s": bd.get("communication_s"),
+        "memory_limit_bytes": limit,
+        "stages": stages,
+        "layers": layers,
+        "solver": {
+            k: v for k, v in plan.solver.items() if k in ("status", "gap", "milps_solved", "wall_s")
+        },
+        "source": "cost model"
+        if cost_model is not None
+        else ("plan file" if "stage_detail" in pred else "plan file (no breakdown)"),
+    }
+
+
+def _stored(plan: Plan) -> dict[str, Any]:
+    """The plan's ``predicted`` section with anything malformed left out (a hand-edited file
+    still shows, with fewer numbers)."""
+    pred = plan.predicted
+    out: dict[str, Any] = {}
+    for k in ("time_per_iteration_s", "samples_per_s", "memory_limit_bytes"):
+        if _is_num(pred.get(k)):
+            out[k] = float(pred[k])
+    for k in ("peak_memory_bytes", "stage_time_s"):
+        v = pred.get(k)
+        if isinstance(v, list) and len(v) == plan.pp_degree and all(_is_num(x) for x in v):
+            out[k] = [float(x) for x in v]
+    for k, keys in (("time_breakdown_s", TIME_TERMS), ("communication_s", tuple(_COMM_NAMES))):
+        v = pred.get(k)
+        if isinstance(v, dict) and all(_is_num(v.get(q)) for q in keys):
+            out[k] = {q: float(v[q]) for q in keys}
+    v = pred.get("stage_detail")
+    if (
+        isinstance(v, list)
+        and len(v) == plan.pp_degree
+        and all(isinstance(d, dict) for d in v)
+        and all(_is_num(x) for d in v for x in d.values())
+    ):
+        out["stage_detail"] = [{q: float(x) for q, x in d.items()} for d in v]
+    if "time_breakdown_s" not in out or "time_per_iteration_s" not in out:
+        out.pop("time_breakdown_s", None)
+    return out
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
+    """The text of ``uniap show``: header, stage table (one row per layer group), time and
+    memory breakdowns; ``layers`` adds the per-layer listing."""
+    r = report
+    lines = [
+        f"Plan for {r['model']} ({r['num_layers']} layers) on {r['world_size']} devices"
+        + (f" ({r['cluster']})" if r.get("cluster") else ""),
+        f"  precision: {_precision(r.get('dtype'))}",
+        f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} devices, "
+        f"schedule {r['schedule']}, {r['num_microbatches']} micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
+        f"of {r['microbatch_size']} (global batch {r['global_batch_size']})",
+    ]
+    if r.get("time_per_iteration_s") is not None:
+        sps = r.get("samples_per_s")
+        lines.append(
+            f"  predicted: {fmt_seconds(r['time_per_iteration_s'])} per iteration"
+            + (f", {sps:.1f} samples/s" if sps is not None else "")
+        )
+    lines.append("")
+    w = max(
+        [len(f"{g['first_fqn']} .. {g['last_fqn']}") for s in r["stages"] for g in s["groups"]]
+        + [20]
+    )
+    w = min(w, 48)
+    head = f"{'stage':<6}{'devices':<10}{'layers':<10}{'names':<{w}}  {'strategy':<22}{'time/mb':>9}{'memory':>11}"
+    lines += [head, "-" * len(head)]
+    for s in r["stages"]:
+        for n, g in enumerate(s["groups"]):
+            names = (
+                g["first_fqn"] if g["num_layers"] == 1 else f"{g['first_fqn']} .. {g['last_fqn']}"
+            )
+            if len(names) > w:
+                names = names[: w - 2] + ".."
+            span = f"{g['first']}" if g["num_layers"] == 1 else f"{g['first']}-{g['last']}"
+            first = n == 0
+            dev = (
+                f"{s['ranks'][0]}-{s['ranks'][1]}"
+                if s["ranks"][1] != s["ranks"][0]
+                else str(s["ranks"][0])
+            )
+            lines.append(
+                f"{(str(s['index']) if first else ''):<6}{(dev if first else ''):<10}{span:<10}{names:<{w}}  "
+                f"{g['strategy']:<22}{(fmt_seconds(s['time_per_microbatch_s']) if first else ''):>9}"
+                f"{(fmt_bytes(s['peak_memory_bytes']) if first else ''):>11}"
+            )
+    tb = r.get("time_breakdown_s")
+    tpi = r.get("time_per_iteration_s")
+    if tb:
+        lines += ["", f"time per iteration {fmt_seconds(tpi)}:"]
+        names = {
+            "compute": "compute",
+            "communication": "exposed communication",
+            "bubble": "pipeline bubble",
+            "optimizer": "optimizer step",
+            "overhead": "schedule overhead",
+        }
+        for k in TIME_TERMS:
+            extra = ""
+            if k == "communication" and r.get("communication_s"):
+                parts = [
+                    f"{_COMM_NAMES[q]} {fmt_seconds(v)}"
+                    for q, v in r["communication_s"].items()
+                    if v > 0
+                ]
+                extra = f"  ({', '.join(parts)})" if parts else ""
+            lines.append(f"  {names[k]:<22}{fmt_seconds(tb[k]):>10}  {_pct(tb[k], tpi):>4}{extra}")
+    if any(s["memory_bytes"] for s in r["stages"]):
+        limit = r.get("memory_limit_bytes")
+        lines += ["", f"memory per device (usable limit {fmt_bytes(limit)}):"]
+        lines.append(
+            f"  {'stage':<6}"
+            + "".join(f"{m:>13}" for m in MEMORY_TERMS)
+            + f"{'total':>12}{'of limit':>10}"
+        )
+        for s in r["stages"]:
+            mb = s["memory_bytes"]
+            lines.append(
+                f"  {s['index']:<6}"
+                + "".join(f"{fmt_bytes(mb.get(m)):>13}" for m in MEMORY_TERMS)
+                + f"{fmt_bytes(s['peak_memory_bytes']):>12}"
+                + f"{_pct(s['peak_memory_bytes'], limit) if limit else '-':>10}"
+            )
+    elif r["stages"] and r["stages"][0]["peak_memory_bytes"] is not None:
+        lines += [
+            "",
+            "memory per device: "
+            + ", ".join(
+                f"stage {s['index']} {fmt_bytes(s['peak_memory_bytes'])}" for s in r["stages"]
+            )
+            + " (no breakdown in this plan file: pass --model and --cluster to re-derive it)",
+        ]
+    if layers:
+        lines += [
+            "",
+            f"{'layer':>5}  {'name':<40}{'stage':>6}  {'strategy':<22}{'time/mb':>9}{'sync':>9}{'memory':>11}",
+        ]
+        for row in r["layers"]:
+            lines.append(
+                f"{row['index']:>5}  {row['fqn'][:40]:<40}{row['stage']:>6}  {row['strategy']:<22}"
+                f"{fmt_seconds(row.get('time_s')):>9}{fmt_seconds(row.get('sync_s')):>9}"
+                f"{fmt_bytes(row.get('memory_bytes')):>11}"
+            )
+    s = r.get("solver") or {}
+    if s:
+        n = s.get("milps_solved", 0)
+        wall = f", {fmt_seconds(s['wall_s'])}" if "wall_s" in s else ""
+        lines += [
+            "",
+            f"solver: {s.get('status')}, gap {s.get('gap', 0):.3g}{wall}, "
+            f"{n} program{'s' if n != 1 else ''} solved",
+        ]
+    return "\n".join(lines)
+
+
+def _precision(dtype: str | None) -> str:
+    if not dtype:
+        return "not recorded in this plan file (planned before uniap recorded it)"
+    from uniap.cost_model import optimizer_bytes_per_param
+
+    master = " + fp32 master copy" if dtype in ("bfloat16", "float16") else ""
+    return (
+        f"{dtype} parameters, activations and gradients; AdamW state fp32{master} "
+        f"({optimizer_bytes_per_param(dtype)} B/parameter)"
+    )
+
+
+def render_explain(plan: Plan, cluster_name: str | None = None) -> str:
+    """The text of ``uniap explain``: the best plan at every (pp, schedule) tried with its TPI
+    and what binds it, the winner's breakdown per term, the runner-up and why it lost."""
+    from uniap.errors import ConfigError
+
+    try:
+        return _render_explain(plan, cluster_name)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ConfigError(
+            f"the plan's solver.best_per_pp section is malformed ({type(e).__name__}: {e}); "
+            "re-create the plan with `uniap plan`"
+        ) from None
+
+
+def _render_explain(plan: Plan, cluster_name: str | None) -> str:
+    rows = plan.solver.get("best_per_pp") or []
+    tpi = _stored(plan).get("time_per_iteration_s")
+    lines = [
+        f"Why this plan: {plan.model_name} on {plan.world_size} devices"
+        + (
+            f" ({cluster_name or plan.provenance.get('cluster')})"
+            if (cluster_name or plan.provenance.get("cluster"))
+            else ""
+        )
+        + f", global batch {plan.global_batch_size}, {plan.provenance.get('dtype', 'dtype not recorded')}"
+    ]
+    if not rows:
+        lines.append(
+            "this plan file has no search record (solver.best_per_pp): re-run `uniap plan`"
+        )
+        return "\n".join(lines)
+    lines += [
+        "",
+        "best plan at each pipeline degree and schedule tried:",
+        f"   {'pp':>3}  {'schedule':<9}{'c':>4}  {'time/iter':>12}  {'vs winner':>9}  what binds it",
+    ]
+    win = next(
+        (e for e in rows if e["pp"] == plan.pp_degree and e["schedule"] == plan.schedule), None
+    )
+    for e in rows:
+        mark = "*" if e is win else " "
+        if e["time_per_iteration_s"] is None:
+            t, vs = f">= {fmt_seconds(e['lower_bound_s'])}", "-"
+            why = (
+                "nothing fits in memory"
+                if e["status"] == "infeasible"
+                else "pruned: its lower bound cannot beat the winner"
+            )
+        else:
+            t = fmt_seconds(e["time_per_iteration_s"])
+            vs = "winner" if e is win else f"+{100 * (e['time_per_iteration_s'] / tpi - 1):.1f}%"
+            why = "; ".join(e["binds"]) + (
+                " (heuristic plan)" if e["source"] == "heuristic" else ""
+            )
+        c = "-" if e["c"] is None else str(e["c"])
+        lines.append(f"{mark}  {e['pp']:>3}  {e['schedule']:<9}{c:>4}  {t:>12}  {vs:>9}  {why}")
+    if any(e["source"] == "heuristic" for e in rows):
+        lines.append(
+            "(heuristic plan: the best the heuristic found there; the solver or the lower bound "
+            "proved that nothing there beats the winner)"
+        )
+    tb = _stored(plan).get("time_breakdown_s") or (win or {}).get("time_breakdown_s")
+    lines += [
+        "",
+        f"winner: pp={plan.pp_degree} c={plan.num_microbatches} {plan.schedule}, "
+        f"{fmt_seconds(tpi)} per iteration",
+    ]
+    if tb:
+        lines.append(
+            "  " + ", ".join(f"{k} {fmt_seconds(tb[k])} ({_pct(tb[k], tpi)})" for k in TIME_TERMS)
+        )
+    if win is not None:
+        lines.append("  binds: " + "; ".join(win["binds"]))
+    others = [e for e in rows if e is not win and e["time_per_iteration_s"] is not None]
+    if others:
+        ru = min(others, key=lambda e: e["time_per_iteration_s"])
+        d = ru["time_per_iteration_s"] - tpi
+        diffs = (
+            sorted(
+                ((ru["time_breakdown_s"][k] - tb[k], k) for k in TIME_TERMS),
+                key=lambda x: -abs(x[0]),
+            )
+            if tb
+            else []
+        )
+        why = ", ".join(
+            f"{'+' if v >= 0 else '-'}{fmt_seconds(abs(v))} {k}"
+            for v, k in diffs
+            if abs(v) > 1e-3 * tpi
+        )
+        lines.append(
+            f"runner-up: pp={ru['pp']} c={ru['c']} {ru['schedule']}, {fmt_seconds(ru['time_per_iteration_s'])} "
+            f"(+{fmt_seconds(d)}, +{100 * d / tpi:.1f}%)" + (f": {why}" if why else "")
+        )
+    else:
+        lines.append(
+            "runner-up: none (every other pipeline degree was pruned by its lower bound or does not fit)"
+        )
+    return "\n".join(lines)
