@@ -465,6 +465,7 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
         "communication_s": bd.get("communication_s"),
         "memory_limit_bytes": limit,
         "stages": stages,
+        "stage_detail": bd.get("stage_detail"),
         "layers": layers,
         "solver": {
             k: v for k, v in plan.solver.items() if k in ("status", "gap", "milps_solved", "wall_s")

@@ -191,3 +191,13 @@ def test_model_module_function_imports_from_the_current_directory(tmp_path, monk
         ]
     )
     assert code == 2 and "current directory" in err and err.count("\n") == 1
+
+
+def test_show_plot_writes_the_picture(plan_run, tmp_path):
+    """`uniap show plan.yaml --plot plan.png` writes the picture and says where."""
+    pytest.importorskip("matplotlib")
+    path, _, _ = plan_run
+    png = tmp_path / "plan.png"
+    code, out, err = _run(["show", str(path), "--plot", str(png)])
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"picture written to {png}" in out

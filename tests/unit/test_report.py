@@ -177,3 +177,67 @@ def test_show_of_a_plan_without_breakdown_still_prints():
     )
     text = render_plan(plan_report(p))
     assert "not recorded" in text and "977 KiB" in text and "a .. b" not in text
+
+
+def test_plot_draws_the_plans_devices_timeline_and_memory(planned, tmp_path):
+    """`show --plot`: the file is written; one box per device, F and B per micro-batch per
+    stage, one memory bar per term per stage, the limit line."""
+    pytest.importorskip("matplotlib")
+    from uniap.plot import plot_plan, timeline
+
+    p = Plan.load(planned.to_yaml())
+    pp, c = p.pp_degree, p.num_microbatches
+    path = tmp_path / "plan.png"
+    fig = plot_plan(p, path)
+    assert path.stat().st_size > 10_000
+    ax_dev, ax_mem, ax_tl = fig.axes
+    devices = [x for x in ax_dev.patches if (x.get_label() or "").startswith("device ")]
+    assert len(devices) == p.world_size
+    fb = [x for x in ax_tl.patches if re.fullmatch(r"[FB]\d+", x.get_label() or "")]
+    assert len(fb) == 2 * c * pp
+    assert len(ax_mem.patches) == len(MEMORY_TERMS) * pp
+    limit = p.predicted["memory_limit_bytes"] / 2**30
+    assert any(abs(line.get_ydata()[0] - limit) < 1e-9 for line in ax_mem.lines)
+    # the simulated 1F1B timeline: every stage runs each micro-batch's F before its B, and the
+    # last stage's B starts right after its F
+    st = [{"forward_s": 1.0, "backward_s": 2.0, "send_s": 0.0} for _ in range(3)]
+    ops = timeline("1F1B", 4, st)
+    for stage in ops:
+        f = {m: a for k, m, a, _ in stage if k == "F"}
+        b = {m: a for k, m, a, _ in stage if k == "B"}
+        assert all(f[m] < b[m] for m in range(4))
+    # 1F1B with equal stages: (c + pp - 1) * (f + b) + nothing else
+    assert max(op[3] for s in ops for op in s) == pytest.approx((4 + 3 - 1) * 3.0)
+
+
+def test_plot_pipelined_plan_counts(graph, tmp_path):
+    """A pp=2, c=4 plan: 16 F/B boxes, 8 memory bars, 4 devices."""
+    pytest.importorskip("matplotlib")
+    from uniap.plot import plot_plan
+
+    p = make_plan(
+        graph, load_cluster("cpu-4"), global_batch_size=16, pp_degrees=[2], num_microbatches=[4]
+    )
+    fig = plot_plan(p, tmp_path / "pp2.png")
+    ax_dev, ax_mem, ax_tl = fig.axes
+    assert len([x for x in ax_dev.patches if (x.get_label() or "").startswith("device ")]) == 4
+    assert (
+        len([x for x in ax_tl.patches if re.fullmatch(r"[FB]\d+", x.get_label() or "")])
+        == 2 * 4 * 2
+    )
+    assert len(ax_mem.patches) == 4 * 2
+    assert (tmp_path / "pp2.png").exists()
+
+
+def test_plot_without_matplotlib_says_how_to_install(planned, monkeypatch):
+    """matplotlib is optional: without it, one clear error naming the extra."""
+    import sys
+
+    from uniap.errors import UniapError
+    from uniap.plot import plot_plan
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UniapError, match=r"pip install 'uniap\[plot\]'"):
+        plot_plan(planned)
