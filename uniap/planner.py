@@ -417,6 +417,9 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
             "stage_time_s": [float(x) for x in ev.stage_time_s],
             "memory_limit_bytes": float(t.memory_limit_bytes),
             **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
+            # for the training log's MFU: model FLOPs (forward + backward) and the device peak
+            "model_flops_per_sample": float(sum(x.fwd_flops_per_sample + x.bwd_flops_per_sample for x in graph.layers)),
+            "peak_flops_per_s": float(cluster.peak_flops_per_s.get(graph.dtype, 0.0)),
         },
         provenance={
             "uniap": __version__, "torch": torch.__version__.split("+")[0], "highspy": highs_version,
