@@ -253,6 +253,9 @@ def binding(
             out.append(f"{k} {_pct(v, tpi)}")
     if not out or all(x.startswith("memory") for x in out):
         out.append(f"compute {_pct(tb['compute'], tpi)}")
+    ckpt = sum(1 for k in strategy_of if t.strategies and t.strategies[k].recompute)
+    if ckpt:  # memory forced a forward to be paid twice
+        out.append(f"recompute on {ckpt} layer{'s' if ckpt > 1 else ''} to fit memory")
     return out
 
 
@@ -669,11 +672,13 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
     lines += [
         "",
         "best plan at each pipeline degree and schedule tried:",
-        f"   {'pp':>3}  {'schedule':<9}{'c':>4}  {'time/iter':>12}  {'vs winner':>9}  what binds it",
+        f"   {'pp':>3}  {'schedule':<9}{'c':>4}  {'time/iter':>12}  {'vs winner':>9}  "
+        f"{'loses most on':<22}what binds it",
     ]
     win = next(
         (e for e in rows if e["pp"] == plan.pp_degree and e["schedule"] == plan.schedule), None
     )
+    win_tb = _stored(plan).get("time_breakdown_s") or (win or {}).get("time_breakdown_s")
     for e in rows:
         mark = "*" if e is win else " "
         if e["time_per_iteration_s"] is None:
@@ -690,7 +695,13 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
                 " (heuristic plan)" if e["source"] == "heuristic" else ""
             )
         c = "-" if e["c"] is None else str(e["c"])
-        lines.append(f"{mark}  {e['pp']:>3}  {e['schedule']:<9}{c:>4}  {t:>12}  {vs:>9}  {why}")
+        lost = ""
+        if e is not win and win_tb and e.get("time_breakdown_s"):
+            d, k = max((e["time_breakdown_s"][k] - win_tb[k], k) for k in TIME_TERMS)
+            lost = f"+{fmt_seconds(d)} {k}" if d > 0 else ""
+        lines.append(
+            f"{mark}  {e['pp']:>3}  {e['schedule']:<9}{c:>4}  {t:>12}  {vs:>9}  {lost:<22}{why}"
+        )
     if any(e["source"] == "heuristic" for e in rows):
         lines.append(
             "(heuristic plan: the best the heuristic found there; the solver or the lower bound "
