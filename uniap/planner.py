@@ -174,6 +174,9 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
             f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
             f"(e.g. a multiple of {N})",
         )
+    if say is not None:
+        say(f"searching {len(cands)} candidates (pp in {sorted({c.pp for c, _ in cands})}, "
+            f"micro-batches in {sorted({c.num_microbatches for c, _ in cands})}): heuristic plans and bounds first")
     # Heuristic plans for every candidate first: the best of them is a global incumbent that
     # cuts off every program that cannot beat it.
     heur = {}
