@@ -86,7 +86,8 @@ def _plan_from_args(args: argparse.Namespace):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from uniap.report import plan_report, render_explain, render_plan
+    from uniap.explain import render_explain
+    from uniap.report import plan_report, render_plan
 
     p = _plan_from_args(args)
     print(render_plan(plan_report(p)))
@@ -100,8 +101,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from uniap.explain import render_explain
     from uniap.plan import Plan
-    from uniap.report import render_explain
 
     if args.plan:
         if args.model or args.cluster or args.global_batch_size:

@@ -90,11 +90,13 @@ class Plan:
     stages: tuple[Stage, ...]
     """Pipeline stages in order."""
     predicted: dict[str, Any] = field(default_factory=dict)
-    """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage)."""
+    """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage), and
+    where the time and memory go (``time_breakdown_s``, ``stage_detail``: see :mod:`uniap.report`)."""
     solver: dict[str, Any] = field(default_factory=dict)
-    """``status``, ``gap``, ``wall_s``, ``milps_solved`` and the (pp, c) candidates table."""
+    """``status``, ``gap``, ``wall_s``, ``milps_solved``, the (pp, c) candidates table and the
+    best plan per (pp, schedule) with what binds it (``best_per_pp``: see :mod:`uniap.explain`)."""
     provenance: dict[str, Any] = field(default_factory=dict)
-    """Versions of uniap / torch / highspy, the cluster name, the profile source."""
+    """Versions of uniap / torch / highspy, the cluster name, the profile source, the dtype."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

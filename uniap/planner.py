@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
+from uniap.explain import explain_candidates
 from uniap.graph import ModelGraph
 from uniap.milp import (
     SegmentBound,
@@ -56,7 +57,7 @@ from uniap.milp import (
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.profiler import Profile
 from uniap.progress import progress_lines, solve_progress
-from uniap.report import explain_candidates, fmt_seconds, predicted_breakdown
+from uniap.report import fmt_seconds, predicted_breakdown
 from uniap.search import heuristic
 from uniap.strategies import divisors
 

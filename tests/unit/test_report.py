@@ -10,6 +10,7 @@ import pytest
 
 from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel, evaluate_assignment
+from uniap.explain import render_explain
 from uniap.models import build_model, example_batch
 from uniap.plan import Plan
 from uniap.planner import plan as make_plan
@@ -20,7 +21,6 @@ from uniap.report import (
     fmt_seconds,
     memory_breakdown,
     plan_report,
-    render_explain,
     render_plan,
     time_breakdown,
 )
@@ -119,7 +119,7 @@ def test_explain_names_memory_when_it_binds(graph):
     t = cm.tables(1, 1, 16)
     stage_of, strategy_of = heuristic(t)
     need = max(evaluate_assignment(t, stage_of, strategy_of).peak_memory_bytes)
-    from uniap.report import binding
+    from uniap.explain import binding
 
     t.memory_limit_bytes = need * 1.01
     assert binding(t, stage_of, strategy_of)[0].startswith("memory on stage 0 (99% of the limit)")
