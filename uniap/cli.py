@@ -205,7 +205,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH)
     example = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
     if args.plan_only or not example.exists():
-        print(p.describe())
+        from uniap.report import plan_report, render_plan
+
+        print(render_plan(plan_report(p)))
         return 0
     with tempfile.TemporaryDirectory(prefix="uniap-demo-") as tmp:
         plan_file = Path(tmp) / "plan.yaml"
@@ -273,9 +275,9 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="uniap", description="Automatic parallelism for PyTorch (UniAP): find the fastest "
-                 "plan that fits (pipeline stages, data/tensor parallelism, FSDP, recompute per layer), "
-                 "see why it won, and run it.",
+    ap = _Parser(prog="uniap", description=textwrap.fill(
+                     "Automatic parallelism for PyTorch (UniAP): find the fastest plan that fits (pipeline "
+                     "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run it.", 90),
                  epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 --out plan.yaml\n"
                         "  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for each command.",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
