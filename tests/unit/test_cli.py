@@ -96,6 +96,13 @@ def test_progress_lines_during_a_solve_and_quiet(plan_run):
     ), lines
     code, _, err = _run(["plan", *PLAN_ARGS, "-q", "--progress-interval-s", "0"])
     assert code == 0 and err == ""
+    # the default interval: a solve this short prints only its result line
+    code, _, err = _run(["plan", *PLAN_ARGS])
+    assert code == 0 and "solving for" not in err
+    assert re.search(r"^searching \d+ candidates", err, re.M)
+    assert re.search(r"^\[1/\d+\] pp=\d+ c=\d+ 1F1B: optimal [\d.]+ ms per iteration", err, re.M), (
+        err
+    )
 
 
 def test_progress_through_logging_in_python(caplog):
