@@ -116,9 +116,10 @@ class _HiGHS(pulp.HiGHS):
             now = time.perf_counter()
             if now - last[0] >= self.interval_s:
                 last[0] = now
-                self.progress({"running_s": float(out.running_time), "incumbent": float(out.mip_primal_bound) + offset,
-                               "bound": float(out.mip_dual_bound) + offset, "gap": float(out.mip_gap),
-                               "nodes": int(out.mip_node_count)})
+                self.progress({"running_s": float(out.running_time),
+                               "incumbent": float(out.mip_primal_bound) + offset,
+                               "bound": float(out.mip_dual_bound) + offset,
+                               "gap": float(out.mip_gap), "nodes": int(out.mip_node_count)})
 
         h.setCallback(on_interrupt, None)
         h.startCallback(highspy.cb.HighsCallbackType.kCallbackMipInterrupt)
@@ -185,7 +186,8 @@ def solve(
         def report(d: dict) -> None:  # the program's objective is the TPI divided by `scale`
             progress({**d, "incumbent": d["incumbent"] * scale, "bound": d["bound"] * scale})
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
-                    start=start, progress=report, interval_s=progress_interval_s, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
+                    start=start, progress=report, interval_s=progress_interval_s,
+                    random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
                     primal_feasibility_tolerance=1e-9, mip_heuristic_run_feasibility_jump=False)
     prob.solve(solver)
     h = prob.solverModel
