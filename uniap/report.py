@@ -213,11 +213,25 @@ _COMM_NAMES = {
 
 # ---------------------------------------------------------------------- a plan's report
 def breakdown_from_cost_model(cm: CostModel, plan: Plan) -> dict[str, Any]:
-    """The plan's time and memory breakdown and per-layer costs, re-derived from ``cm``."""
-    plan.check_compatible(layer_fqns=cm.graph.fqns, world_size=cm.cluster.world_size)
+    """The plan's predictions, time and memory breakdown and per-layer costs, re-derived
+    from ``cm`` (refused for another model or world size)."""
+    plan.check_compatible(
+        model_signature=cm.graph.signature,
+        model_name=cm.graph.name,
+        layer_fqns=cm.graph.fqns,
+        world_size=cm.cluster.world_size,
+    )
     t = cm.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
     stage_of, strategy_of = cm.assignment(plan, t)
-    return _breakdown(t, stage_of, strategy_of, per_layer=True)
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    return {
+        **_breakdown(t, stage_of, strategy_of, per_layer=True),
+        "time_per_iteration_s": ev.time_per_iteration_s,
+        "samples_per_s": plan.global_batch_size / ev.time_per_iteration_s,
+        "peak_memory_bytes": list(ev.peak_memory_bytes),
+        "stage_time_s": list(ev.stage_time_s),
+        "memory_limit_bytes": t.memory_limit_bytes,
+    }
 
 
 def _breakdown(t: CostTables, stage_of, strategy_of, *, per_layer: bool = False) -> dict[str, Any]:
@@ -257,16 +271,13 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
     from uniap.plan import _runs, _strat
 
     pred = _stored(plan)
-    bd = (
-        breakdown_from_cost_model(cost_model, plan)
-        if cost_model is not None
-        else {
+    if cost_model is not None:  # every predicted number from the cost model, none from the file
+        pred = bd = breakdown_from_cost_model(cost_model, plan)
+    else:
+        bd = {
             k: pred[k] for k in ("time_breakdown_s", "communication_s", "stage_detail") if k in pred
         }
-    )
     limit = pred.get("memory_limit_bytes")
-    if cost_model is not None:
-        limit = cost_model.memory_limit_bytes
     mem = pred.get("peak_memory_bytes") or []
     st_time = pred.get("stage_time_s") or []
     detail = bd.get("stage_detail") or []

@@ -208,3 +208,10 @@ def test_show_plot_writes_the_picture(plan_run, tmp_path):
     code, out, err = _run(["show", str(path), "--plot", str(png)])
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"picture written to {png}" in out
+
+
+def test_show_rederiving_with_another_model_is_refused(plan_run):
+    """`show --model` re-derives from the cost model only for the plan's own model."""
+    path, _, _ = plan_run
+    code, _, err = _run(["show", str(path), "--model", "llama-tiny", "--cluster", "cpu-4"])
+    assert code == 2 and "the plan does not match: model signature" in err and err.count("\n") == 1
