@@ -147,6 +147,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(render_plan(report, layers=args.layers))
     if args.plot:
         print(f"picture written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    if args.html:
+        from uniap.plot import plan_html
+
+        Path(args.html).write_text(plan_html(p, report=report))
+        print(f"page written to {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -319,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON (for tools)")
     s.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the device grid, the pipeline timeline and memory per stage (matplotlib)")
+    s.add_argument("--html", default=None, metavar="FILE.html",
+                   help="write one self-contained page: the picture, the report and why it won (matplotlib)")
     s.add_argument("--model", default=None, metavar="NAME|MODULE:FUNCTION",
                    help="the plan's model, to re-derive costs (default: use the numbers stored in the plan)")
     s.add_argument("--cluster", default=None, metavar="NAME|FILE.yaml", help="the plan's cluster (with --model)")

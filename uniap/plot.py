@@ -13,7 +13,9 @@ Three panels, all from the plan and the cost model's numbers stored in it (or re
     the usable limit.
 
 matplotlib is an optional extra (``pip install 'uniap[plot]'``); nothing else in uniap needs it.
-The figure is built without pyplot (no global state, no display needed).
+The figure is built without pyplot (no global state, no display needed). :func:`plan_html`
+puts the picture, the ``uniap show`` report and the ``uniap explain`` text on one
+self-contained page (``uniap show plan.yaml --html plan.html``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
     from uniap.plan import Plan
 
-__all__ = ["plot_plan", "timeline"]
+__all__ = ["plot_plan", "plan_html", "timeline"]
 
 _STAGE_COLOURS = (
     "#4C72B0",
@@ -385,3 +387,29 @@ def _detail_from_report(plan: Plan, r: dict) -> list[dict[str, float]]:
     if any(t is None for t in times):
         return []
     return [{"forward_s": t / 3, "backward_s": 2 * t / 3, "send_s": 0.0} for t in times]
+
+
+def plan_html(plan: Plan, *, report: dict[str, Any] | None = None) -> str:
+    """One self-contained HTML page: the picture (inline PNG), the report and why it won."""
+    import base64
+    import html
+    import io
+
+    from uniap.explain import render_explain
+    from uniap.report import render_plan
+
+    r = report if report is not None else plan_report(plan)
+    buf = io.BytesIO()
+    plot_plan(plan, report=r).savefig(buf, format="png", dpi=90)
+    png = base64.b64encode(buf.getvalue()).decode()
+    text = html.escape(render_plan(r, layers=True))
+    why = html.escape(render_explain(plan)) if plan.solver.get("best_per_pp") else ""
+    title = html.escape(f"uniap plan: {plan.model_name} on {plan.world_size} devices")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body style='font-family: sans-serif'>\n<h1>{title}</h1>\n"
+        f"<img alt='the plan: devices, memory, one iteration' src='data:image/png;base64,{png}'>\n"
+        f"<h2>Plan</h2>\n<pre>{text}</pre>\n"
+        + (f"<h2>Why this plan</h2>\n<pre>{why}</pre>\n" if why else "")
+        + "</body></html>\n"
+    )

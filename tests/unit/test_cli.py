@@ -215,3 +215,15 @@ def test_show_rederiving_with_another_model_is_refused(plan_run):
     path, _, _ = plan_run
     code, _, err = _run(["show", str(path), "--model", "llama-tiny", "--cluster", "cpu-4"])
     assert code == 2 and "the plan does not match: model signature" in err and err.count("\n") == 1
+
+
+def test_show_html_is_one_page_with_picture_report_and_explain(plan_run, tmp_path):
+    """`uniap show plan.yaml --html plan.html`: the picture inline, the report and why it won."""
+    pytest.importorskip("matplotlib")
+    path, _, _ = plan_run
+    page = tmp_path / "plan.html"
+    code, out, err = _run(["show", str(path), "--html", str(page)])
+    assert code == 0, err
+    text = page.read_text()
+    assert "src='data:image/png;base64," in text and "precision: float32" in text
+    assert "Why this plan" in text and "runner-up:" in text and f"page written to {page}" in out
