@@ -1,7 +1,7 @@
 """``uniap`` command line: thin wrappers over the public API.
 
     uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml] [--explain]
-    uniap show plan.yaml [--layers] [--json] [--plot plan.png]
+    uniap show plan.yaml [--layers] [--json] [--plot plan.png] [--html plan.html]
     uniap explain plan.yaml      # or the `uniap plan` arguments: plan, then explain
     uniap profile --model gpt-tiny [--cluster cpu-2] --global-batch-size 16 --out profile.yaml
     uniap plan --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --profile profile.yaml
