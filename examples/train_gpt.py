@@ -6,10 +6,10 @@
 
 Rank 0 plans ``gpt-tiny`` for the cluster (``cpu-4`` on CPU with 4 processes, else the detected
 one) and broadcasts the plan; every rank applies its share of it; then ``--steps`` AdamW steps
-on synthetic next-token batches. Rank 0 prints, per step, the loss, the time of
-``train_step`` and the iteration time (``train_step`` + optimizer step) next to the plan's
-predicted time per iteration, and at the end the measured peak memory of its stage next to
-the prediction. Without a GPU it runs on CPU with gloo (set ``OMP_NUM_THREADS=1`` on small
+on synthetic next-token batches. Rank 0 prints the plan, then uniap's training log every
+step (``uniap.training`` logger): loss, iteration time next to the plan's predicted time per
+iteration, samples/s and tokens/s, MFU against the cluster's peak, and the measured peak
+memory of its stage next to the prediction. Without a GPU it runs on CPU with gloo (set ``OMP_NUM_THREADS=1`` on small
 machines). Bad input prints one line, ``train_gpt.py: error: ...``, and exits with code 2.
 """
 
@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from typing import NoReturn
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import uniap
 from uniap.errors import InfeasibleError, UniapError
 from uniap.models import build_model, example_batch, loss_fn_for
+from uniap.report import plan_report, render_plan
 
 MODEL = "gpt-tiny"
 GLOBAL_BATCH = 16
@@ -73,16 +73,13 @@ def _cluster(spec: str | None) -> str | uniap.Cluster:
     return uniap.Cluster.detect()
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uniap.training").setLevel(logging.INFO)
     model = build_model(MODEL, device="cpu", seed=SEED)
     loss_fn = loss_fn_for(MODEL)
     x0, _ = example_batch(MODEL, GLOBAL_BATCH, seed=0)
@@ -94,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn=loss_fn,
         plan=args.plan,
     )
-    pm.measure_memory = True  # on CPU too, to print measured next to predicted memory
+    pm.measure_memory = True  # on CPU too, to log measured next to predicted memory
+    pm.training_log.every = 1  # uniap's training log, every step (rank 0)
     rank = dist.get_rank()
     plan = pm.plan
-    predicted_tpi = plan.predicted.get("time_per_iteration_s")
     if rank == 0:
-        print(plan.describe(), flush=True)
+        print(render_plan(plan_report(plan)), flush=True)
         print(
             f"\ntraining {MODEL} for {args.steps} steps on {dist.get_world_size()} processes "
             f"({pm.device.type}), global batch {GLOBAL_BATCH}",
@@ -108,30 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
     for step in range(1, args.steps + 1):
         x, y = example_batch(MODEL, GLOBAL_BATCH, seed=step)
-        t0 = time.perf_counter()
         opt.zero_grad()
-        loss = pm.train_step(x, y)
+        pm.train_step(x, y)  # logs the step on rank 0 (see uniap.training_log)
         opt.step()
-        tpi = time.perf_counter() - t0
-        if rank == 0:
-            pred = f"{predicted_tpi:.4f} s" if isinstance(predicted_tpi, float) else "n/a"
-            print(
-                f"step {step:3d} | loss {loss:.4f} | train_step {pm.last_step_time_s:.4f} s | "
-                f"TPI predicted {pred}, measured {tpi:.4f} s",
-                flush=True,
-            )
-    if rank == 0:
-        predicted_mem = plan.predicted.get("peak_memory_bytes") or []
-        pred = (
-            _fmt_bytes(predicted_mem[pm.stage_index])
-            if pm.stage_index < len(predicted_mem)
-            else "n/a"
-        )
-        print(
-            f"peak memory of rank 0 (stage {pm.stage_index}): predicted {pred}, measured "
-            f"{_fmt_bytes(pm.peak_memory_bytes)} ({pm.memory_breakdown})",
-            flush=True,
-        )
     dist.destroy_process_group()
     return 0
 

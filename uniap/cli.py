@@ -1,14 +1,15 @@
 """``uniap`` command line: thin wrappers over the public API.
 
-    uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml]
-    uniap show plan.yaml
+    uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml] [--explain]
+    uniap show plan.yaml [--layers] [--json] [--plot plan.png] [--html plan.html]
+    uniap explain plan.yaml      # or the `uniap plan` arguments: plan, then explain
     uniap profile --model gpt-tiny [--cluster cpu-2] --global-batch-size 16 --out profile.yaml
     uniap plan --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --profile profile.yaml
     uniap models | clusters
     uniap demo                    # plan the demo model on cpu-4, then train it on 4 processes
-    torchrun --nproc-per-node 2 -m uniap.cli profile --model gpt-tiny --out profile.yaml
 
-Bad input prints one line, ``uniap: error: ...``, and exits with code 2.
+Every command's ``--help`` has a description and examples. Bad input prints one line,
+``uniap: error: ...``, and exits with code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ DEMO_CLUSTER = "cpu-4"
 DEMO_BATCH = 16
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _plan_from_args(args: argparse.Namespace):
     from uniap.models import resolve_model
     from uniap.planner import plan
 
@@ -42,14 +44,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from uniap.profiles import MeasuredProfile
 
         profile = MeasuredProfile.load(args.profile)
-    p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
-             dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
-             schedules=[args.schedule] if args.schedule else None,
-             progress=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
-    print(p.describe())
+    return plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
+                dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
+                schedules=[args.schedule] if args.schedule else None,
+                progress_interval_s=args.progress_interval_s)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from uniap.explain import render_explain
+    from uniap.report import plan_report, render_plan
+
+    p = _plan_from_args(args)
+    print(render_plan(plan_report(p)))
+    if args.explain:
+        print()
+        print(render_explain(p))
     if args.out:
         (p.to_json if args.out.endswith(".json") else p.to_yaml)(args.out)
         print(f"plan written to {args.out}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from uniap.contract import Plan
+    from uniap.explain import render_explain
+
+    if args.plan:
+        if args.model or args.cluster or args.global_batch_size:
+            raise UniapError("uniap explain: give a plan file, or --model/--cluster/--global-batch-size to plan "
+                             "and explain, not both")
+        p = Plan.load(args.plan)
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in ("model", "cluster", "global_batch_size")
+                   if not getattr(args, n)]
+        if missing:
+            raise UniapError(f"uniap explain: give a plan file, or {', '.join(missing)} to plan first; "
+                             "e.g. uniap explain plan.yaml")
+        p = _plan_from_args(args)
+    print(render_explain(p))
     return 0
 
 
@@ -169,11 +201,66 @@ def _profile_on_ranks(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    import json
+
     from uniap.contract import Plan
+    from uniap.report import plan_report, render_plan
 
     p = Plan.load(args.plan)
-    print(p.describe())
+    cm = _cost_model_for(p, args) if args.model else None
+    if args.cluster and not args.model:
+        raise UniapError("uniap show: --cluster re-derives the costs with --model; give both")
+    report = plan_report(p, cm)
+    if args.plot:
+        from uniap.plot import plot_plan
+
+        plot_plan(p, args.plot, report=report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_plan(report, layers=args.layers))
+    if args.plot:
+        print(f"picture written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    if args.html:
+        from uniap.plot import plan_html
+
+        Path(args.html).write_text(plan_html(p, report=report))
+        print(f"page written to {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _cost_model_for(p, args: argparse.Namespace):
+    """The cost model of the plan's model on a cluster (``show --model/--cluster``)."""
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+    from uniap.graph import ModelGraph
+    from uniap.models import resolve_model
+
+    if not args.cluster:
+        raise UniapError("uniap show: --model needs --cluster (the cluster the plan was made for, "
+                         f"{p.provenance.get('cluster', 'see the plan file')})")
+    model, example = resolve_model(args.model)
+    graph = _graph(model, example, args.seq_len, p.provenance.get("dtype"))
+    assert isinstance(graph, ModelGraph)
+    profile = None
+    if args.profile:
+        from uniap.profiles import MeasuredProfile
+
+        profile = MeasuredProfile.load(args.profile)
+    return CostModel(graph, load_cluster(args.cluster), profile)
+
+
+def _graph(model, example, seq_len, dtype):
+    import torch
+
+    from uniap import models
+    from uniap.graph import build_graph
+
+    dt = getattr(torch, dtype) if dtype else None
+    if isinstance(model, str):
+        m = models.build_model(model, device="meta", **({"seq_len": seq_len} if seq_len else {}))
+        return build_graph(m, models.example_batch(m, 2, device="meta")[0], name=model, dtype=dt)
+    return build_graph(model, example, dtype=dt)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -198,7 +285,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH)
     example = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
     if args.plan_only or not example.exists():
-        print(p.describe())
+        from uniap.report import plan_report, render_plan
+
+        print(render_plan(plan_report(p)))
         return 0
     with tempfile.TemporaryDirectory(prefix="uniap-demo-") as tmp:
         plan_file = Path(tmp) / "plan.yaml"
@@ -228,56 +317,160 @@ def _one_line(message: object) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="uniap", description="Automatic parallelism for PyTorch (UniAP).")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log decisions (INFO)")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    p = sub.add_parser("plan", help="find the fastest plan that fits")
-    p.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
-    p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
-    p.add_argument("--global-batch-size", type=int, required=True)
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+def _command(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary (``uniap --help``), a description and examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 90), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="NAME|MODULE:FUNCTION",
+                   help="a preset (see `uniap models`) or module:function returning (model, example_inputs) "
+                        "or a model with .example_inputs; the module is imported from the current "
+                        "directory or PYTHONPATH")
+    p.add_argument("--cluster", required=required, metavar="NAME|FILE.yaml",
+                   help="a preset (see `uniap clusters`) or a cluster YAML file")
+    p.add_argument("--global-batch-size", type=int, required=required, metavar="B",
+                   help="samples per iteration over all data-parallel replicas (the micro-batch count "
+                        "and size are chosen by the planner among the divisors of B)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="training dtype of parameters and activations (default: the model's; presets "
+                        "are float32); AdamW state stays fp32")
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
-                   help="restrict to one schedule: " + "; ".join(f"{s.name}: {s.description}" for s in SCHEDULES.values()))
-    p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length of a text preset")
-    p.add_argument("--profile", default=None, help="a measured profile YAML")
-    p.add_argument("--out", default=None, help="write the plan (.yaml or .json)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+                   help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
+                        "than GPipe at the same time per iteration)")
+    p.add_argument("--time-limit-s", type=float, default=60.0, metavar="S",
+                   help="time limit per program solved; a plan found at the limit is reported with its gap "
+                        "(default: 60)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="sequence length of a text preset (default: the preset's)")
+    p.add_argument("--profile", default=None, metavar="FILE.yaml",
+                   help="a measured profile from `uniap profile` (default: analytic costs from the cluster's "
+                        "datasheet numbers)")
+    p.add_argument("--progress-interval-s", type=float, default=5.0, metavar="S",
+                   help="during a solve, print the candidate, incumbent, bound and gap every S seconds "
+                        "(default: 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (default: shown on stderr)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="uniap", description=textwrap.fill(
+                     "Automatic parallelism for PyTorch (UniAP): find the fastest plan that fits (pipeline "
+                     "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run it.", 90),
+                 epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 --out plan.yaml\n"
+                        "  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for each command.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what uniap decides (INFO)")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    p = _command(sub, "plan", "find the fastest plan that fits",
+                 "Find the plan with the lowest predicted time per iteration that fits in device memory: "
+                 "every pipeline degree, micro-batch count and per-layer strategy is searched and solved "
+                 "exactly. Prints the plan (the precision assumed, the stage table, where the time and "
+                 "memory go) and writes it with --out.",
+                 ["uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 --dtype bfloat16 --out plan.yaml",
+                  "uniap plan --model mymodels:build --cluster my-cluster.yaml --global-batch-size 32 --explain"])
+    _add_plan_args(p)
+    p.add_argument("--out", default=None, metavar="FILE", help="write the plan (.yaml, or .json) (default: not written)")
+    p.add_argument("--explain", action="store_true", help="also print why this plan won (as `uniap explain`)")
     p.set_defaults(fn=_cmd_plan)
-    pr = sub.add_parser("profile", help="measure the model and the cluster into a profile YAML")
-    pr.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
-    pr.add_argument("--cluster", default=None,
+
+    e = _command(sub, "explain", "why this plan won: the best plan at every pipeline degree",
+                 "Show the best plan found at every (pipeline degree, schedule) tried, its time per "
+                 "iteration and what binds it (memory on a stage, the pipeline bubble, a link), the "
+                 "winner's time per term, and the runner-up and why it lost. Reads a plan file, or plans "
+                 "first with the `uniap plan` arguments.",
+                 ["uniap explain plan.yaml",
+                  "uniap explain --model gpt-tiny --cluster cpu-4 --global-batch-size 16"])
+    e.add_argument("plan", nargs="?", default=None, help="a plan file from `uniap plan --out` (default: plan now)")
+    _add_plan_args(e, required=False)
+    e.set_defaults(fn=_cmd_explain)
+
+    s = _command(sub, "show", "print a plan file as a readable report (or JSON, or a picture)",
+                 "Print a plan: precision, schedule, the stage table (one row per run of layers with one "
+                 "strategy), the predicted time split into compute / exposed communication / bubble / "
+                 "optimizer, and memory per stage split into parameters / gradients / optimizer state / "
+                 "activations against the limit. --model and --cluster re-derive the costs with the "
+                 "cost model (and fill --layers' per-layer costs).",
+                 ["uniap show plan.yaml --layers",
+                  "uniap show plan.yaml --plot plan.png   # needs matplotlib: pip install 'uniap[plot]'"])
+    s.add_argument("plan", help="a plan file from `uniap plan --out`")
+    s.add_argument("--layers", action="store_true", help="also list every layer: stage, strategy, time, memory")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (for tools)")
+    s.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the device grid, the pipeline timeline and memory per stage (matplotlib)")
+    s.add_argument("--html", default=None, metavar="FILE.html",
+                   help="write one self-contained page: the picture, the report and why it won (matplotlib)")
+    s.add_argument("--model", default=None, metavar="NAME|MODULE:FUNCTION",
+                   help="the plan's model, to re-derive costs (default: use the numbers stored in the plan)")
+    s.add_argument("--cluster", default=None, metavar="NAME|FILE.yaml", help="the plan's cluster (with --model)")
+    s.add_argument("--profile", default=None, metavar="FILE.yaml", help="a measured profile (with --model)")
+    s.add_argument("--seq-len", type=int, default=None, metavar="N", help="sequence length of a text preset (with --model)")
+    s.set_defaults(fn=_cmd_show)
+
+    pr = _command(sub, "profile", "measure the model and the cluster into a profile YAML",
+                  "Time every distinct layer, the collectives on every group shape, the overlap of "
+                  "communication with compute and the pipeline's own overhead on the launched devices, "
+                  "and write them to a profile that `uniap plan --profile` uses instead of analytic costs. "
+                  "Runs under torchrun, or launches it.",
+                  ["uniap profile --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --out profile.yaml",
+                   "torchrun --nproc-per-node 8 -m uniap.cli profile --model llama-7b --global-batch-size 64 --out p.yaml"])
+    pr.add_argument("--model", required=True, metavar="NAME|MODULE:FUNCTION",
+                    help="preset name (see `uniap models`) or module:function")
+    pr.add_argument("--cluster", default=None, metavar="NAME|FILE.yaml",
                     help="preset or YAML with the launched world size (default: detected)")
-    pr.add_argument("--global-batch-size", type=int, default=16,
-                    help="the batch the plans will use: local batches measured are its divisors")
-    pr.add_argument("--out", required=True, help="profile YAML to write (reused when it matches)")
+    pr.add_argument("--global-batch-size", type=int, default=16, metavar="B",
+                    help="the batch the plans will use: local batches measured are its divisors (default: 16)")
+    pr.add_argument("--out", required=True, metavar="FILE.yaml", help="profile YAML to write (reused when it matches)")
     pr.add_argument("--nproc", type=int, default=None,
                     help="processes to launch when not under torchrun (default: the cluster's devices, else 2)")
-    pr.add_argument("--warmup", type=int, default=2)
-    pr.add_argument("--repeats", type=int, default=5)
-    pr.add_argument("--batches", default=None, help="comma-separated local batch sizes to time")
+    pr.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default: 2)")
+    pr.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: 5)")
+    pr.add_argument("--batches", default=None, metavar="B1,B2,..",
+                    help="comma-separated local batch sizes to time (default: the divisors that plans can use)")
     pr.add_argument("--force", action="store_true", help="measure even if --out matches")
-    pr.add_argument("--port", type=int, default=None, help="rendezvous port when launching")
+    pr.add_argument("--port", type=int, default=None, help="rendezvous port when launching (default: a free one)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     pr.set_defaults(fn=_cmd_profile)
-    s = sub.add_parser("show", help="print a plan file")
-    s.add_argument("plan")
-    s.set_defaults(fn=_cmd_show)
-    sub.add_parser("models", help="list model presets").set_defaults(fn=_cmd_models)
-    sub.add_parser("clusters", help="list cluster presets").set_defaults(fn=_cmd_clusters)
-    d = sub.add_parser("demo", help="plan and train the demo model on 4 CPU processes")
-    d.add_argument("--plan-only", action="store_true")
-    d.add_argument("--steps", type=int, default=5)
-    d.add_argument("--port", type=int, default=29517)
+
+    _command(sub, "models", "list model presets", "List the model presets (random weights, built from configs).",
+             ["uniap models", "uniap models | grep llama"]
+             ).set_defaults(fn=_cmd_models)
+    _command(sub, "clusters", "list cluster presets",
+             "List the cluster presets with their devices, memory, peak FLOP/s and links (each number's "
+             "datasheet source is in its YAML). Write your own cluster YAML in the same layout.",
+             ["uniap clusters", "uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16"]
+             ).set_defaults(fn=_cmd_clusters)
+    d = _command(sub, "demo", "plan and train the demo model on 4 CPU processes",
+                 f"Plan {DEMO_MODEL} on the {DEMO_CLUSTER} preset (global batch {DEMO_BATCH}), then train it "
+                 "with examples/train_gpt.py on 4 CPU processes (gloo).",
+                 ["uniap demo", "uniap demo --plan-only"])
+    d.add_argument("--plan-only", action="store_true", help="plan and print, do not train")
+    d.add_argument("--steps", type=int, default=5, help="training steps (default: 5)")
+    d.add_argument("--port", type=int, default=29517, help="rendezvous port (default: 29517)")
     d.set_defaults(fn=_cmd_demo)
     return ap
+
+
+def _setup_progress(args: argparse.Namespace) -> None:
+    """Progress lines (logger ``uniap.progress``) as plain lines on stderr unless ``-q``."""
+    from uniap.progress import LOGGER_NAME
+
+    log = logging.getLogger(LOGGER_NAME)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _setup_progress(args)
     try:
         return args.fn(args)
     except (UniapError, InfeasibleError) as e:

@@ -16,7 +16,8 @@ everything in SI units (bytes, bytes/s, seconds, FLOP/s)::
     inter_node: {bandwidth: 25 GB/s, latency: 10 us}
     backend: nccl
 
-Bandwidths are per device and per direction; a plain number is read as SI. A bad file
+Bandwidths are per device and per direction. A number without a unit is refused ("did you
+mean 24 GiB?"): `memory: 24` is not 24 bytes. A bad file
 raises `ConfigError` naming the file, the dotted field (`intra_node.bandwidth`) and the fix.
 `to_yaml` writes the same layout and `from_yaml` reads it back exactly.
 """
@@ -406,8 +407,8 @@ def _section(
 def _link(data: Any, path: str, source: str) -> tuple[float, float]:
     link = _section(data, path, source, _LINK_KEYS, _LINK_KEYS)
     return (
-        parse_quantity(link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth"),
-        parse_quantity(link["latency"], "latency", f"{source}: {path}.latency"),
+        parse_quantity(link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth", unit_required=True),
+        parse_quantity(link["latency"], "latency", f"{source}: {path}.latency", unit_required=True),
     )
 
 
@@ -424,12 +425,13 @@ def _from_layout(data: Any, source: str) -> Cluster:
     num_nodes = check_number(top["num_nodes"], at("num_nodes"), "2", "count")
     per_node = check_number(top["devices_per_node"], at("devices_per_node"), "8", "count")
     device = _section(top["device"], "device", source, _DEVICE_KEYS, ("memory", "peak_flops"))
-    memory = parse_quantity(device["memory"], "memory", at("device.memory"))
+    memory = parse_quantity(device["memory"], "memory", at("device.memory"), unit_required=True)
     flops = _section(device["peak_flops"], "device.peak_flops", source, DTYPES, (), _DTYPE_ALIASES)
     if not flops:
         example = _EXAMPLES["peak_flops"]
         raise ConfigError(f"{at('device.peak_flops')}: needs a dtype; e.g. peak_flops: {example}")
-    flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}")) for d, v in flops.items()}
+    flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}"), unit_required=True)
+             for d, v in flops.items()}
     efficiency = device.get("compute_efficiency", 0.5)
     efficiency = check_number(efficiency, at("device.compute_efficiency"), "0.5", "fraction")
     device_type = check_choice(device.get("type", "cuda"), DEVICE_TYPES, at("device.type"))

@@ -178,11 +178,13 @@ class Plan:
     stages: tuple[Stage, ...]
     """Pipeline stages in order."""
     predicted: dict[str, Any] = field(default_factory=dict)
-    """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage)."""
+    """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage), and
+    where the time and memory go (``time_breakdown_s``, ``stage_detail``: see :mod:`uniap.report`)."""
     solver: dict[str, Any] = field(default_factory=dict)
-    """``status``, ``gap``, ``wall_s``, ``milps_solved`` and the (pp, c) candidates table."""
+    """``status``, ``gap``, ``wall_s``, ``milps_solved``, the (pp, c) candidates table and the
+    best plan per (pp, schedule) with what binds it (``best_per_pp``: see :mod:`uniap.explain`)."""
     provenance: dict[str, Any] = field(default_factory=dict)
-    """Versions of uniap / torch / highspy, the cluster name, the profile source."""
+    """Versions of uniap / torch / highspy, the cluster name, the profile source, the dtype."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -440,7 +442,7 @@ class Plan:
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
             strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
             m = _fmt_bytes(mem[i]) if i < len(mem) else "-"
-            t = f"{st_time[i] * 1e3:.3g} ms" if i < len(st_time) else "-"
+            t = f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms" if i < len(st_time) else "-"
             lines.append(f"{i:>5}  {ranks:<12} {span:<28} {strat:<34} {m:>10} {t:>10}")
         p = self.predicted
         if "time_per_iteration_s" in p:

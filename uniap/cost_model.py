@@ -107,7 +107,9 @@ class CostTables:
     schedule: str = "1F1B"
     microbatch_size: int = 1
     breakdown: dict[str, np.ndarray] = field(default_factory=dict)
-    """Optional (L, K) parts of ``A`` and ``G`` for explanations."""
+    """Optional (L, K) parts of ``A`` and ``G`` for explanations (``compute`` and its ``forward``, ``tp_comm``,
+    ``fsdp_comm``, ``dp_sync``, ``optimizer``) and of ``M``'s static bytes (``param_bytes``,
+    ``grad_bytes``, ``optimizer_bytes``; the rest of ``M`` is activations)."""
     stage_overhead_s: float = 0.0
     """Seconds every stage pays per micro-batch whatever its layers (the pipeline schedule's
     own work and waits), added to every ``p_i``."""
@@ -147,7 +149,8 @@ class CostTables:
 class LayerCost:
     """One layer with one strategy: its entries of the cost tables."""
 
-    PARTS = ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer")
+    PARTS = ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer", "forward",
+             "param_bytes", "grad_bytes", "optimizer_bytes")
 
     per_microbatch_s: float
     """``A``: forward, backward (and recompute), TP collectives, exposed FSDP gathers."""
@@ -156,7 +159,9 @@ class LayerCost:
     memory_bytes: tuple[float, ...]
     """``M`` on each stage: parameters, gradients, optimizer state, activations in flight."""
     parts: dict[str, float]
-    """The terms of ``A`` and ``G`` by name (:attr:`PARTS`), for explanations."""
+    """The terms of ``A`` and ``G`` by name, the forward part of compute, and the static memory
+    by kind (parameters, gradients, optimizer state; ``M``'s other part is activations), for
+    explanations (:attr:`PARTS`)."""
 
 
 @dataclass
@@ -366,6 +371,9 @@ class CostModel:
         opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
+        # static memory by kind: FSDP shards it, and with c > 1 keeps parameters and gradients unsharded too
+        shard = s.dp if s.kind == "FSDP" else 1
+        resident_bytes = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
         memory = []
         for n_inflight in inflight:
             m = static_bytes + act_bytes * n_inflight
@@ -380,7 +388,9 @@ class CostModel:
             per_iteration_s=sync_s + opt_s,
             memory_bytes=tuple(memory),
             parts={"compute": fwd + bwd, "tp_comm": tp_comm_s, "fsdp_comm": fsdp_per_microbatch_s,
-                   "dp_sync": sync_s, "optimizer": opt_s},
+                   "dp_sync": sync_s, "optimizer": opt_s, "forward": fwd,
+                   "param_bytes": resident_bytes + p_bytes / shard, "grad_bytes": resident_bytes + p_bytes / shard,
+                   "optimizer_bytes": opt_bytes / shard},
         )
 
     def _edge_rows(self, pp: int, microbatch_size: int, dps: list[int]) -> tuple[np.ndarray, np.ndarray]:

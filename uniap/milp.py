@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,13 +90,38 @@ class Solution:
 
 
 class _HiGHS(pulp.HiGHS):
-    """``pulp.HiGHS`` that can hand HiGHS a starting solution (PuLP's HiGHS API cannot)."""
+    """``pulp.HiGHS`` that can hand HiGHS a starting solution (PuLP's HiGHS API cannot) and
+    report the search's progress (HiGHS's MIP interrupt callback, at most every ``interval_s``)."""
 
-    def __init__(self, *args, start: dict | None = None, **kwargs):
+    def __init__(self, *args, start: dict | None = None, progress: Callable[[dict], None] | None = None,
+                 interval_s: float = 5.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.start = start or {}
+        self.progress, self.interval_s = progress, interval_s
+
+    def _watch(self, lp) -> None:
+        import highspy
+
+        h = lp.solverModel
+        last = [time.perf_counter()]
+        # PuLP keeps the objective's constant out of the HiGHS model: add it back
+        offset = float(h.getLp().offset_) or float(lp.objective.constant or 0.0)
+
+        def on_interrupt(kind, message, out, into, user_data) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= self.interval_s:
+                last[0] = now
+                self.progress({"running_s": float(out.running_time),
+                               "incumbent": float(out.mip_primal_bound) + offset,
+                               "bound": float(out.mip_dual_bound) + offset,
+                               "gap": float(out.mip_gap), "nodes": int(out.mip_node_count)})
+
+        h.setCallback(on_interrupt, None)
+        h.startCallback(highspy.cb.HighsCallbackType.kCallbackMipInterrupt)
 
     def callSolver(self, lp):  # noqa: N802 - PuLP's name
+        if self.progress is not None:
+            self._watch(lp)
         if self.start:
             import highspy
 
@@ -118,11 +144,15 @@ def solve(
     threads: int = 1,
     seed: int = 0,
     segments: SegmentBound | None = None,
+    progress: Callable[[dict], None] | None = None,
+    progress_interval_s: float = 5.0,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
     plan of another ``(pp, c)``), cuts off everything that cannot beat it. ``segments``: the
-    :class:`SegmentBound` of these tables when the caller already has it."""
+    :class:`SegmentBound` of these tables when the caller already has it. ``progress`` is
+    called at most every ``progress_interval_s`` during the search with ``running_s``,
+    ``incumbent`` and ``bound`` (seconds per iteration; inf while none), ``gap`` and ``nodes``."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -146,8 +176,13 @@ def solve(
     silence_highs_banner()
     # No feasibility jump: with it (HiGHS 1.16, presolve off) HiGHS declared a worse solution
     # optimal on one of the exactness test instances (tests/unit/test_milp_exact.py, seed 20).
+    report = None
+    if progress is not None:
+        def report(d: dict) -> None:  # the program's objective is the TPI divided by `scale`
+            progress({**d, "incumbent": d["incumbent"] * scale, "bound": d["bound"] * scale})
     solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
-                    start=start, random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
+                    start=start, progress=report, interval_s=progress_interval_s,
+                    random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
                     primal_feasibility_tolerance=1e-9, mip_heuristic_run_feasibility_jump=False)
     prob.solve(solver)
     h = prob.solverModel

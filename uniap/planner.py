@@ -50,9 +50,12 @@ from uniap.cluster import Cluster
 from uniap.contract import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
+from uniap.explain import explain_candidates
 from uniap.graph import ModelGraph
 from uniap.milp import Solution, min_peak_memory, solve
 from uniap.profiles import Profile
+from uniap.progress import progress_lines, solve_progress
+from uniap.report import fmt_seconds, predicted_breakdown
 from uniap.search import heuristic
 from uniap.strategies import divisors
 
@@ -174,7 +177,8 @@ class _Search:
                 self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
         self.entries.sort(key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches))
 
-    def solve_all(self, time_limit_s: float, threads: int, seed: int, progress: Callable[[str], None] | None) -> None:
+    def solve_all(self, time_limit_s: float, threads: int, seed: int, say: Callable[[str], None] | None,
+                  progress_interval_s: float) -> None:
         """Step 5, in two passes. First every candidate gets a short solve: most finish (optimal,
         or cut off by the incumbent); the hard ones stop early, but the easy ones have meanwhile
         lowered the incumbent. Then the unfinished ones are solved to the end against that
@@ -193,12 +197,13 @@ class _Search:
                     self._prune(e)
                     continue
                 lim = first_s if pass_no == 1 and not self.num_solves else limit
-                sol = self._solve(e, lim, threads, seed)
-                if progress is not None:
-                    tpi = f"{sol.time_per_iteration_s:.4g} s" if math.isfinite(sol.time_per_iteration_s) else "-"
-                    progress(f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} c={e.cand.num_microbatches} "
-                             f"{e.cand.schedule}: {sol.status} {tpi} ({sol.wall_s:.2f} s)"
-                             + (" (second pass)" if pass_no == 2 else ""))
+                label = f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} c={e.cand.num_microbatches} {e.cand.schedule}"
+                watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
+                sol = self._solve(e, lim, threads, seed, progress=watch, progress_interval_s=progress_interval_s)
+                if say is not None:
+                    tpi = fmt_seconds(sol.time_per_iteration_s) if math.isfinite(sol.time_per_iteration_s) else "-"
+                    say(f"{label}: {sol.status} {tpi} per iteration (solved in {fmt_seconds(sol.wall_s)})"
+                        + (" (second pass)" if pass_no == 2 else ""))
 
     def _prune(self, e: _Entry) -> None:
         cand = e.cand
@@ -208,14 +213,16 @@ class _Search:
         if e.solution is not None:  # a first-pass time-out that the bound now settles
             e.solution = dataclasses.replace(e.solution, status="pruned")
 
-    def _solve(self, e: _Entry, limit_s: float, threads: int, seed: int, *, cutoff: bool = True) -> Solution:
+    def _solve(self, e: _Entry, limit_s: float, threads: int, seed: int, *, cutoff: bool = True,
+               progress: Callable | None = None, progress_interval_s: float = 5.0) -> Solution:
         inc = e.start
         if e.solution is not None and e.solution.stage_of:
             inc = (e.solution.stage_of, e.solution.strategy_of)
         e.limit_used_s = limit_s
         bound = self.best_tpi_s if cutoff and math.isfinite(self.best_tpi_s) else None
         sol = solve(e.tables, incumbent=inc if cutoff else None, incumbent_tpi_s=bound, time_limit_s=limit_s,
-                    threads=threads, seed=seed, segments=e.segments)
+                    threads=threads, seed=seed, segments=e.segments, progress=progress,
+                    progress_interval_s=progress_interval_s)
         e.solution = sol
         self.num_solves += 1
         cand = e.cand
@@ -292,9 +299,25 @@ def plan_graph(
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | bool | None = None,
+    progress_interval_s: float = 5.0,
 ) -> Plan:
-    """The optimal plan for a layer chain on a cluster (see the module docstring)."""
+    """The optimal plan for a layer chain on a cluster (see the module docstring).
+
+    Progress lines (each program solved; during a solve, every ``progress_interval_s``, the
+    candidate, incumbent, bound and gap) go to the ``uniap.progress`` logger at INFO;
+    ``progress=True`` shows them on stderr when logging is not configured, a callable
+    receives each line as well."""
+    with progress_lines(progress) as say:
+        return _plan_graph(graph, cluster, global_batch_size=global_batch_size, profile=profile,
+                           schedules=schedules, pp_degrees=pp_degrees, num_microbatches=num_microbatches,
+                           memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
+                           time_limit_s=time_limit_s, threads=threads, seed=seed, say=say,
+                           progress_interval_s=progress_interval_s)
+
+
+def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_degrees, num_microbatches,
+                memory_fraction, max_tp, recompute, time_limit_s, threads, seed, say, progress_interval_s) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
@@ -325,9 +348,13 @@ def plan_graph(
             f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
             f"(e.g. a multiple of {N})",
         )
+    if say is not None:
+        cands = [e.cand for e in search.entries]
+        say(f"searching {len(cands)} candidates (pp in {sorted({c.pp for c in cands})}, "
+            f"micro-batches in {sorted({c.num_microbatches for c in cands})}): heuristic plans and bounds first")
     search.first_incumbents()
     search.improve_incumbents()
-    search.solve_all(time_limit_s, threads, seed, progress)
+    search.solve_all(time_limit_s, threads, seed, say, progress_interval_s)
     if search.best is None:
         search.last_resort(time_limit_s, threads, seed)
     if search.best is None:
@@ -344,6 +371,8 @@ def plan_graph(
     out = dataclasses.replace(out, solver={
         "status": status, "gap": float(gap), "wall_s": round(wall, 4),
         "milps_solved": search.num_solves, "candidates": [e.cand.row() for e in search.entries],
+        # the best plan at every (pp, schedule): the solver's assignment, else the heuristic's
+        "best_per_pp": explain_candidates(_explain_entries(search.entries), cluster),
     })
     log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, search.num_solves, wall)
     return out
@@ -422,6 +451,21 @@ def candidate_tables(
     return out
 
 
+def _explain_entries(entries: list[_Entry]) -> list:
+    """Per candidate: its row, tables and best known assignment (the solver's, else the
+    heuristic's). A (pp, schedule) with none at all (pruned by its bound before any heuristic
+    ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to show."""
+    rows = [(e.cand.row(), e.tables, (e.solution.stage_of, e.solution.strategy_of)
+             if e.solution is not None and e.solution.stage_of else e.start) for e in entries]
+    for key in {(e.cand.pp, e.cand.schedule) for e in entries}:
+        group = [i for i, e in enumerate(entries) if (e.cand.pp, e.cand.schedule) == key]
+        if all(rows[i][2] is None for i in group):
+            i = min(group, key=lambda j: entries[j].cand.lower_bound_s)
+            if math.isfinite(entries[i].cand.lower_bound_s):
+                rows[i] = (rows[i][0], rows[i][1], heuristic(entries[i].tables))
+    return rows
+
+
 def _log_tp_exclusions(graph: ModelGraph) -> None:
     seen = set()
     for layer in graph.layers:
@@ -468,9 +512,13 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
             "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
             "stage_time_s": [float(x) for x in ev.stage_time_s],
             "memory_limit_bytes": float(t.memory_limit_bytes),
+            **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
+            # for the training log's MFU: model FLOPs (forward + backward) and the device peak
+            "model_flops_per_sample": float(sum(x.fwd_flops_per_sample + x.bwd_flops_per_sample for x in graph.layers)),
+            "peak_flops_per_s": float(cluster.peak_flops_per_s.get(graph.dtype, 0.0)),
         },
         provenance={
             "uniap": __version__, "torch": torch.__version__.split("+")[0], "highspy": highs_version,
-            "cluster": cluster.name, "profile": cm.profile.source,
+            "cluster": cluster.name, "profile": cm.profile.source, "dtype": graph.dtype,
         },
     )

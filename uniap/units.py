@@ -87,12 +87,15 @@ def check_choice(value: object, choices: tuple[str, ...], where: str) -> str:
     return value
 
 
-def parse_quantity(value: object, kind: str, where: str = "value") -> float:
+def parse_quantity(value: object, kind: str, where: str = "value", *, unit_required: bool = False) -> float:
     """Parse "40 GiB", "25 Gb/s", "5 us", "312 TFLOP/s" (or a plain SI number) to SI units.
 
     `kind` is "memory", "bandwidth", "latency" or "flops"; `where` prefixes error messages.
+    `unit_required` (cluster files) refuses a number without a unit, suggesting one.
     """
     units, example, shown = _UNITS[kind], QUANTITY_EXAMPLES[kind], value
+    if unit_required:
+        _refuse_bare_number(value, kind, where)
     if isinstance(value, str):
         match = _QUANTITY.fullmatch(value)
         if match is None:
@@ -116,6 +119,35 @@ def parse_quantity(value: object, kind: str, where: str = "value") -> float:
     return check_number(value, where, example, shown=shown)
 
 
+# A bare number this large is plausibly already SI (bytes, B/s, FLOP/s) and a latency this
+# small plausibly seconds: the hint shows it in units; otherwise the usual unit is suggested.
+_SI_LOOKING = {"memory": 2**20, "bandwidth": 1e6, "flops": 1e9}
+_USUAL_UNIT = {"memory": "GiB", "bandwidth": "GB/s", "latency": "us", "flops": "TFLOP/s"}
+
+
+def _refuse_bare_number(value: object, kind: str, where: str) -> None:
+    """A ConfigError for a number without a unit (YAML number, or a string of digits alone)."""
+    if isinstance(value, str):
+        match = _QUANTITY.fullmatch(value)
+        if match is None or match.group(2):
+            return
+        number = float(match.group(1))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        return
+    if not (math.isfinite(number) and number > 0):
+        return  # the usual "must be positive" error says more
+    si_like = number >= _SI_LOOKING[kind] if kind in _SI_LOOKING else number < 1e-2
+    text = f"{value:g}" if isinstance(value, int | float) else value.strip()
+    hint = format_quantity(number, kind) if si_like else f"{text} {_USUAL_UNIT[kind]}"
+    leaf = re.split(r"[ .]", where)[-1]
+    raise ConfigError(
+        f"{where}: {text} has no unit; did you mean {hint}? A {kind} needs a unit, "
+        f"e.g. {leaf}: {QUANTITY_EXAMPLES[kind]}"
+    )
+
+
 def format_quantity(value: float, kind: str) -> str:
     """Write an SI `value` in the largest short unit of `kind` that parses back exactly."""
     if not (math.isfinite(value) and value > 0):
@@ -131,3 +163,35 @@ def format_quantity(value: float, kind: str) -> str:
                 return text
     si_unit = next(u for u, factor in _UNITS[kind].items() if factor == 1)  # B, B/s, s, FLOP/s
     return f"{float(value)!r} {si_unit}"
+
+
+# ---------------------------------------------------------------------- human units
+def fmt_seconds(s: float | None) -> str:
+    """``0.0123`` -> ``12.3 ms``: us, ms, s or min with three significant digits, no exponent."""
+    if s is None or not isinstance(s, int | float) or math.isnan(s):
+        return "-"
+    if math.isinf(s):
+        return "inf"
+    if s == 0:
+        return "0 s"
+    for unit, scale in (("min", 60.0), ("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale * (10 if unit == "min" else 1) or unit == "us":
+            return f"{_sig3(s / scale)} {unit}"
+    raise AssertionError  # pragma: no cover
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``3.2e9`` -> ``2.98 GiB``: B, KiB, MiB, GiB or TiB with three significant digits."""
+    if n is None or not isinstance(n, int | float) or math.isnan(n):
+        return "-"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{_sig3(n / scale)} {unit}"
+    return f"{n:.0f} B"
+
+
+def _sig3(v: float) -> str:
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:.0f}"
+    return f"{v:.1f}" if a >= 10 else f"{v:.2f}"

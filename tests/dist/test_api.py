@@ -243,6 +243,35 @@ def test_world1_without_torchrun_trains_like_one_process(monkeypatch: pytest.Mon
         os.environ.update(saved_env)
 
 
+def test_world1_train_step_writes_the_training_log(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """ParallelModel.train_step feeds its TrainingLog: rank 0 logs step, loss, time and throughput
+    (``uniap.training``), every ``every`` steps."""
+    import logging
+    import os
+
+    saved_env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    plan = make_plan(toy_fqns(), 1, [[(1, 1, D)]], global_batch_size=8, num_microbatches=2,
+                     signature=toy_signature())
+    x, y = toy_batch(8)
+    try:
+        pm = parallelize(build_toy(), plan=plan, loss_fn=toy_loss, global_batch_size=8, example_inputs=x)
+        pm.training_log.every = 2
+        with caplog.at_level(logging.INFO, logger="uniap.training"):
+            losses = [pm.train_step(x, y) for _ in range(3)]
+        lines = [r.getMessage() for r in caplog.records if r.name == "uniap.training"]
+        assert [line.split(" |")[0] for line in lines] == ["step 1", "step 2"]
+        assert f"loss {losses[1]:.4f}" in lines[1] and "samples/s" in lines[1] and "/iteration" in lines[1]
+        assert pm.training_log.step == 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
 @pytest.mark.dist
 def test_world2_peak_memory_counts_state_and_recompute_shrinks_activations(
     results_w2: dict[str, Any],

@@ -287,19 +287,31 @@ def test_any_bad_value_is_a_config_error(dotted, bad):
         assert "fuzz.yaml" in str(e)
 
 
-def test_plain_si_numbers_and_dtype_aliases_are_accepted():
-    """Plain numbers are SI; bf16/fp32 alias the dtype names; one node may omit inter_node."""
-    data = _layout(
-        num_nodes=1,
-        inter_node=...,
-        device__memory=42949672960,
-        device__peak_flops={"bf16": 312e12, "fp32": "19.5 TFLOP/s"},
-        intra_node__latency=5.0e-6,
-    )
+def test_dtype_aliases_are_accepted():
+    """bf16/fp32 alias the dtype names; one node may omit inter_node."""
+    data = _layout(num_nodes=1, inter_node=..., device__peak_flops={"bf16": "312 TFLOP/s", "fp32": "19.5 TFLOP/s"})
     c = Cluster.from_dict(data)
     assert c.device_memory_bytes == 40 * 2**30 and c.intra_node_latency_s == 5e-6
     assert dict(c.peak_flops_per_s) == {"float32": 19.5e12, "bfloat16": 312e12}
-    assert (c.inter_node_bandwidth_bytes_per_s, c.inter_node_latency_s) == (300e9, 5e-6)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "hint"),
+    [
+        ("device__memory", 24, "device.memory: 24 has no unit; did you mean 24 GiB?"),
+        ("device__memory", "24", "device.memory: 24 has no unit; did you mean 24 GiB?"),
+        ("device__memory", 42949672960, "did you mean 40 GiB?"),
+        ("intra_node__bandwidth", 300, "intra_node.bandwidth: 300 has no unit; did you mean 300 GB/s?"),
+        ("intra_node__latency", 5, "did you mean 5 us?"),
+        ("intra_node__latency", 5e-6, "did you mean 5 us?"),
+        ("device__peak_flops__bfloat16", 312, "did you mean 312 TFLOP/s?"),
+    ],
+)
+def test_bare_number_without_unit_is_refused_at_load(dotted, value, hint):
+    """`memory: 24` is not 24 bytes: a number without a unit is refused at load, with the fix."""
+    with pytest.raises(ConfigError) as info:
+        Cluster.from_dict(_layout(**{dotted: value}), source="c.yaml")
+    assert str(info.value).startswith("c.yaml: ") and hint in str(info.value)
 
 
 def test_cpu_device_defaults_to_gloo():

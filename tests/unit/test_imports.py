@@ -21,6 +21,7 @@ RUNTIME_SIDE = (
     "uniap.executor",
     "uniap.models",
     "uniap.profiler",
+    "uniap.training_log",
 )
 """Modules that run on launched ranks (or launch them) and the model zoo. Every other module of
 ``uniap/`` is the planner side: cluster, graph, profile data, cost model, solver, planner,

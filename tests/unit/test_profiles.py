@@ -280,3 +280,29 @@ def test_combined_profile_is_the_median_of_every_measurement(graph) -> None:
     other.model = {**other.model, "signature": "0" * 16}
     with pytest.raises(ConfigError, match="cannot combine profiles with different model"):
         MeasuredProfile.combine([parts[0], other])
+
+
+def test_profile_summary_marks_noise_and_clamped_negative_rates(graph) -> None:
+    """`uniap profile` output: a fit error above the threshold is marked [noise], a negative
+    fitted rate [negative, clamped], each with one line saying what the planner does with it;
+    a clean profile has no marks."""
+    from uniap.profiles.marks import NOISE_FIT_ERROR, measured_rate, overlap_line
+
+    clean = fake_profile(graph).summary()
+    assert "[noise]" not in clean and "clamped" not in clean
+    p = fake_profile(graph)
+    lp = next(iter(p.layers.values()))
+    lp.fwd_s[1] = [5e-4, 3e-4, 4e-4, 2e-4, 1e-4]  # noisy and falling: a negative fitted rate
+    text = p.summary()
+    row = next(line for line in text.splitlines() if line.strip().startswith(lp.fqns[0]))
+    assert "[negative, clamped]" in row and "[noise]" in row
+    assert "the fit only beyond the largest" in text and "never used below zero" in text
+    marks: set[str] = set()
+    assert measured_rate("fwd", 1.23e-4, 0.05, marks) == "fwd 123 us/sample (fit err 5%)" and not marks
+    assert measured_rate("bwd", 2e-3, NOISE_FIT_ERROR + 0.24, marks).endswith("(fit err 44%) [noise]")
+    assert marks == {"noise"}
+    assert overlap_line(0.0, -8.99) == (
+        "overlap coefficient 0.00 (measured -8.99, outside [0, 1]: noise, clamped to 0.00; the planner "
+        "assumes no overlap: the whole gradient sync is exposed)"
+    )
+    assert overlap_line(0.42, 0.42) == "overlap coefficient 0.42"

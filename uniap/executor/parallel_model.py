@@ -42,6 +42,7 @@ from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.graph import Layer
+from uniap.training_log import TrainingLog
 
 __all__ = ["ParallelModel", "apply_plan"]
 
@@ -151,6 +152,9 @@ class ParallelModel:
         """The terms of ``peak_memory_bytes`` (``parameters_bytes``, ``gradients_bytes``,
         ``optimizer_state_bytes``, and on CPU ``activations_peak_bytes``)."""
         self._memory = StepMemory(module, groups.device)
+        self.training_log: TrainingLog | None = TrainingLog(plan)
+        """Logs step time, throughput, MFU and memory against the plan on rank 0 every
+        ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
         self._grad_sync = GradSync(module.layers(), ddp)
         layout = groups.layout
@@ -237,6 +241,8 @@ class ParallelModel:
         dist.all_reduce(total)
         loss = float(total.item())
         self.last_step_time_s = time.perf_counter() - t0
+        if self.training_log is not None:
+            self.training_log.record(self, inputs, loss)
         logger.debug(
             "train_step: loss %.6g in %.4f s, peak %d bytes",
             loss,

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -273,10 +275,15 @@ def resolve_model(spec: str) -> tuple[Any, Any]:
     mod_name, fn_name = spec.split(":", 1)
     if not mod_name or not fn_name:
         raise UniapError(f"--model {spec!r}: expected module:function, e.g. mypkg.models:build")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as `python -m` does: modules in the current directory import
     try:
         mod = importlib.import_module(mod_name)
     except (ImportError, ValueError, TypeError) as e:
-        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e}") from None
+        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e} (looked in the "
+                         f"current directory {cwd} and on PYTHONPATH; run uniap from the folder that "
+                         f"holds {mod_name.split('.')[0]}, or add that folder to PYTHONPATH)") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")

@@ -41,6 +41,7 @@ from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
 from uniap.profiler.pipeline import measure_pipeline_overhead
 from uniap.profiles.fits import fit_line
+from uniap.profiles.marks import NOISE_FIT_ERROR, measured_rate, overlap_line, profile_legend
 from uniap.profiles.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.strategies import divisors
 
@@ -283,6 +284,7 @@ def collect_profile(
         b: capture_layer_inputs(model, graph.fqns, resize_batch(example_inputs, b)) for b in batches
     }
     profiles = {key: LayerProfile(fqns=fqns, batches=list(batches)) for key, fqns in by_key.items()}
+    marks: set[str] = set()  # which noise / clamp notes the output used (explained at the end)
     for tp in tp_degrees:
         mesh = _tp_mesh(tp, device) if tp > 1 else None
         for key, fqns in by_key.items():
@@ -312,8 +314,8 @@ def collect_profile(
             _, fs, fe = fit_line(batches, fwd)
             _, bs, be = fit_line(batches, bwd)
             say(
-                f"{fqns[0]} (x{len(fqns)}) tp{tp}: fwd {fs * 1e3:.3f} ms/sample (fit err {fe:.0%}), "
-                f"bwd {bs * 1e3:.3f} ms/sample (fit err {be:.0%}), saved {act[-1] / batches[-1] / 1e3:.1f} kB/sample"
+                f"{fqns[0]} (x{len(fqns)}) tp{tp}: {measured_rate('fwd', fs, fe, marks)}, "
+                f"{measured_rate('bwd', bs, be, marks)}, saved {act[-1] / batches[-1] / 1e3:.1f} kB/sample"
             )
             del module
 
@@ -327,7 +329,7 @@ def collect_profile(
 
     numel = sum(p.numel() for p in heavy.parameters())
     overlap = measure_overlap(backward_pass, numel, device, warmup=warmup, repeats=repeats)
-    say(f"overlap coefficient {overlap['rho']:.2f} (raw {overlap['raw']:.2f})")
+    say(overlap_line(overlap["rho"], overlap["raw"]))
 
     say("data-parallel wrapping (DDP, FSDP) per layer")
     mid = batches[len(batches) // 2]
@@ -339,8 +341,11 @@ def collect_profile(
         profiles[key].dp_residual_s = res
         say(
             f"{by_key[key][0]}: "
-            + ", ".join(f"{k} {ph} {v * 1e3:+.2f} ms" for k, r in res.items() for ph, v in r.items())
+            + ", ".join(f"{k} {ph} {v * 1e3:+.2f} ms" + (" [negative]" if v < 0 else "")
+                        for k, r in res.items() for ph, v in r.items())
         )
+        if any(v < 0 for r in res.values() for v in r.values()):
+            marks.add("residual")
 
     # optimizer: AdamW per distinct layer, plain and as DTensor shards; a + s * n over plain
     opt_times = _optimizer_costs(model, by_key, device, warmup, repeats)
@@ -354,11 +359,19 @@ def collect_profile(
     opt_a, opt_slope, opt_err = (
         fit_line(sizes, times) if len(sizes) > 1 else (0.0, times[0] / sizes[0], 0.0)
     )
-    if opt_slope <= 0:
+    clamped = opt_slope <= 0
+    if clamped:
         opt_a, opt_slope = 0.0, max(times) / max(sizes)
+        marks.add("optimizer")
+    if opt_err > NOISE_FIT_ERROR:
+        marks.add("noise")
     say(
         f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err {opt_err:.0%})"
+        + (" [slope <= 0, clamped]" if clamped else "")
+        + (" [noise]" if opt_err > NOISE_FIT_ERROR else "")
     )
+    for line in profile_legend(marks):
+        say(line)
 
     say("pipeline schedule overhead")
     boundary = max((la.output_bytes_per_sample for la in graph.layers[:-1]), default=4.0)

@@ -463,25 +463,32 @@ class MeasuredProfile(Profile):
 
     def summary(self) -> str:
         """A few lines for the CLI: layers, fits and collectives."""
+        from uniap.profiles.marks import NOISE_FIT_ERROR, measured_rate, profile_legend
+
         lines = [
             f"measured profile of {self.model.get('name')} ({self.model.get('signature')}) on "
             f"{self.hardware.get('world_size')} x {self.hardware.get('device_type')} "
             f"({self.hardware.get('device_name')}), overlap {self.overlap_coefficient:.2f}"
         ]
+        marks: set[str] = set()
         for lp in self.layers.values():
             for tp in sorted(lp.fwd_s):
                 _, fslope, ferr = lp.fit("fwd_s", tp)
                 _, bslope, berr = lp.fit("bwd_s", tp)
                 lines.append(
-                    f"  {lp.fqns[0]:<12} x{len(lp.fqns)} tp{tp}: fwd {fslope * 1e3:.3f} ms/sample "
-                    f"(fit err {ferr:.0%}), bwd {bslope * 1e3:.3f} ms/sample (fit err {berr:.0%})"
+                    f"  {lp.fqns[0]:<12} x{len(lp.fqns)} tp{tp}: {measured_rate('fwd', fslope, ferr, marks)}, "
+                    f"{measured_rate('bwd', bslope, berr, marks)}"
                 )
         for op, fits in sorted(self.collectives.items()):
             for key, f in sorted(fits.items()):
+                noise = f.fit_error > NOISE_FIT_ERROR
+                marks.update({"noise"} if noise else set())
                 lines.append(
                     f"  {op:<14} {key:<22} {f.alpha_s * 1e6:8.1f} us + S / "
                     f"{f.bandwidth_bytes_per_s / 1e9:.2f} GB/s (fit err {f.fit_error:.0%})"
+                    + (" [noise]" if noise else "")
                 )
+        lines += [f"  {line}" for line in profile_legend(marks)]
         return "\n".join(lines)
 
 
