@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from uniap.api import parallelize
+from uniap.contract import Plan
 from uniap.errors import PlanMismatchError
 from uniap.executor import apply_plan, default_device
-from uniap.contract import Plan
 
 LR = 1e-3
 # Adam divides by sqrt(v) + eps: a gradient entry near zero (|g| ~ 1e-8, e.g. an embedding row
@@ -336,7 +336,12 @@ def memory_case(case: dict) -> dict[str, Any] | None:
             dataclasses.replace(
                 st,
                 layers=tuple(
-                    dataclasses.replace(ls, recompute=recompute and ls.fqn.startswith("blocks"))
+                    dataclasses.replace(
+                        ls,
+                        strategy=dataclasses.replace(
+                            ls.strategy, recompute=recompute and ls.fqn.startswith("blocks")
+                        ),
+                    )
                     for ls in st.layers
                 ),
             )

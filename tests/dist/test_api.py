@@ -3,6 +3,7 @@ planning on rank 0, checkpoints, and the collectives each strategy really issues
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -133,8 +134,10 @@ def test_other_global_batch_refused_before_any_collective(launched_world_of_2: N
 def test_plan_hash_ignores_predictions_but_not_strategies() -> None:
     """The agreement hash covers what runs, not what was predicted."""
     a = make_plan(toy_fqns(), 2, [[(2, 1, D)]], global_batch_size=8, num_microbatches=1)
-    b = make_plan(toy_fqns(), 2, [[(2, 1, D)]], global_batch_size=8, num_microbatches=1)
-    b.predicted = {"time_per_iteration_s": 1.0}
+    b = dataclasses.replace(
+        make_plan(toy_fqns(), 2, [[(2, 1, D)]], global_batch_size=8, num_microbatches=1),
+        predicted={"time_per_iteration_s": 1.0},
+    )
     c = make_plan(toy_fqns(), 2, [[(2, 1, F)]], global_batch_size=8, num_microbatches=1)
     assert plan_hash(a) == plan_hash(b) != plan_hash(c)
 

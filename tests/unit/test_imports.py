@@ -170,3 +170,29 @@ def test_planner_side_does_not_reach_distributed_executor_or_measuring(module: s
     """Planning imports without torch.distributed, the executor or the measuring package,
     through any chain of imports."""
     assert _path(module, FORBIDDEN) is None, " -> ".join(_path(module, FORBIDDEN) or [])
+
+
+@pytest.mark.parametrize(
+    ("side", "forbidden"),
+    [
+        # the executor reads the Plan and the model, never the planner's own modules
+        (
+            "uniap.executor",
+            ("uniap.strategies", "uniap.cost_model", "uniap.planner", "uniap.milp", "uniap.search"),
+        ),
+        # model code and its adapters do not depend on how they are run
+        ("uniap.models", ("uniap.executor", "uniap.profiler", "uniap.api")),
+        # the measured data does not depend on the code that measures it
+        ("uniap.profiles", ("uniap.profiler", "torch.distributed")),
+    ],
+)
+def test_arrows_point_one_way(side: str, forbidden: tuple[str, ...]) -> None:
+    """No module of ``side`` imports, directly, anything in ``forbidden``."""
+    bad = sorted(
+        f"{m} -> {n}"
+        for m, names in IMPORTS.items()
+        if _under(m, (side,))
+        for n in names
+        if _under(n, forbidden)
+    )
+    assert bad == []
