@@ -1,4 +1,4 @@
-# Quick start: `make demo` (plan and train the demo model) and `make test`.
+# Quick start: `make demo` (profile, plan and train the demo model) and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -279,17 +279,35 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """Profile the demo model on this machine (so the prediction is about this machine, not a
+    datasheet), plan with that profile, then train with the plan and print measured next to
+    predicted. ``--analytic`` skips the profile (the cpu-4 preset's datasheet numbers)."""
     from uniap.planner import plan
 
-    print(f"== planning {DEMO_MODEL} on the {DEMO_CLUSTER} preset (global batch {DEMO_BATCH})")
-    p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH)
     example = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
-    if args.plan_only or not example.exists():
-        from uniap.report import plan_report, render_plan
-
-        print(render_plan(plan_report(p)))
-        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="uniap-demo-") as tmp:
+        profile = None
+        if not args.analytic:
+            profile_file = Path(tmp) / "profile.yaml"
+            print(f"== profiling {DEMO_MODEL} on this machine (4 processes, gloo): uniap profile --model "
+                  f"{DEMO_MODEL} --cluster {DEMO_CLUSTER} --global-batch-size {DEMO_BATCH}", flush=True)
+            cmd = [sys.executable, "-m", "uniap", "profile", "--model", DEMO_MODEL, "--cluster", DEMO_CLUSTER,
+                   "--global-batch-size", str(DEMO_BATCH), "--out", str(profile_file), "--quiet"]
+            t0 = time.perf_counter()
+            if subprocess.call(cmd, env=env) != 0 or not profile_file.exists():
+                raise UniapError("uniap demo: profiling failed (see above); `uniap demo --analytic` plans "
+                                 "from the cpu-4 preset's datasheet numbers instead")
+            print(f"profile measured in {time.perf_counter() - t0:.0f} s", flush=True)
+            profile = str(profile_file)
+        source = "this machine's measured profile" if profile else f"the {DEMO_CLUSTER} preset's datasheet numbers"
+        print(f"== planning {DEMO_MODEL} on {DEMO_CLUSTER} (global batch {DEMO_BATCH}) from {source}", flush=True)
+        p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH, profile=_load_profile(profile))
+        if args.plan_only or not example.exists():
+            from uniap.report import plan_report, render_plan
+
+            print(render_plan(plan_report(p)))
+            return 0
         plan_file = Path(tmp) / "plan.yaml"
         p.to_yaml(plan_file)
         print(f"plan: {p.summary()}")
@@ -297,8 +315,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"torchrun --nproc-per-node 4 {example.name} --plan plan.yaml")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
                str(args.port), str(example), "--steps", str(args.steps), "--plan", str(plan_file)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.call(cmd, env=env)
+
+
+def _load_profile(path: str | None):
+    if path is None:
+        return None
+    from uniap.profiles import MeasuredProfile
+
+    return MeasuredProfile.load(path)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -441,12 +466,16 @@ def _parser() -> argparse.ArgumentParser:
              "datasheet source is in its YAML). Write your own cluster YAML in the same layout.",
              ["uniap clusters", "uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16"]
              ).set_defaults(fn=_cmd_clusters)
-    d = _command(sub, "demo", "plan and train the demo model on 4 CPU processes",
-                 f"Plan {DEMO_MODEL} on the {DEMO_CLUSTER} preset (global batch {DEMO_BATCH}), then train it "
-                 "with examples/train_gpt.py on 4 CPU processes (gloo).",
-                 ["uniap demo", "uniap demo --plan-only"])
+    d = _command(sub, "demo", "profile, plan and train the demo model on 4 CPU processes",
+                 f"Profile {DEMO_MODEL} on this machine (4 processes), plan it on the {DEMO_CLUSTER} preset "
+                 f"(global batch {DEMO_BATCH}) from that profile, then train it with examples/train_gpt.py on "
+                 "4 CPU processes (gloo), printing measured next to predicted time.",
+                 ["uniap demo", "uniap demo --analytic --plan-only"])
     d.add_argument("--plan-only", action="store_true", help="plan and print, do not train")
-    d.add_argument("--steps", type=int, default=5, help="training steps (default: 5)")
+    d.add_argument("--analytic", action="store_true",
+                   help="skip profiling: plan from the preset's datasheet numbers (the prediction is then "
+                        "about a datasheet machine, not this one)")
+    d.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
     d.add_argument("--port", type=int, default=29517, help="rendezvous port (default: 29517)")
     d.set_defaults(fn=_cmd_demo)
     return ap
