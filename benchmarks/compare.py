@@ -55,8 +55,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_MODELS = ["bert-huge", "t5-large", "vit-huge", "swin-huge", "llama-7b"]
 BASELINES = ["galvatron", "alpa", *HANDSET_METHODS]
 METHODS = ["uniap", *BASELINES, "exhaustive"]
-LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "ddp": "DDP",
-          "fsdp": "FSDP", "megatron": "Megatron", "exhaustive": "exhaustive"}
+LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "torchtitan": "torchtitan recipe",
+          "handtuned": "best hand-tuned", "exhaustive": "exhaustive"}
 
 
 @dataclass
@@ -296,8 +296,8 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "ddp": "C2", "fsdp": "C4",
-              "megatron": "C5", "exhaustive": "C7"}
+    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "torchtitan": "C2", "handtuned": "C4",
+              "exhaustive": "C7"}
     searches = ["uniap", "galvatron", "alpa"]
     paths = []
 

@@ -37,6 +37,7 @@ of 16 strategies), so fixed splits of LLM-size tables take seconds to minutes; e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -155,6 +156,8 @@ class StageFront:
     row: np.ndarray
     layers: list[_Layer]
     start: int
+    backward: bool = False
+    """The labels were built from the stage's last layer towards its first."""
 
     def strategies(self, r: int) -> list[int]:
         """The strategies of front row ``r``, first layer first."""
@@ -163,16 +166,26 @@ class StageFront:
         for lay in reversed(self.layers):
             out.append(int(lay.k[j]))
             j = int(lay.parent[j])
-        return out[::-1]
+        return out if self.backward else out[::-1]
 
 
 def _stage_layers(
-    t: CostTables, start: int, end: int, stage: int, linear: bool, lookahead: bool = True
+    t: CostTables,
+    start: int,
+    end: int,
+    stage: int,
+    linear: bool,
+    lookahead: bool = True,
+    backward: bool = False,
+    upper_bound_s: float = math.inf,
 ) -> Iterator[_Layer]:
     """The DP of step 1 over layers ``start..end`` on stage ``stage``, yielding the labels
     after each layer. ``linear``: one objective ``c (A + R) + G`` in ``p`` and ``s = 0``.
     ``lookahead``: the stage ends at ``end`` (labels that cannot fit the rest are cut); off
-    when the labels after every layer are fronts of shorter stages."""
+    when the labels after every layer are fronts of shorter stages. ``backward``: from
+    ``end`` down to ``start`` (``first`` is then the layout of ``end``), so one sweep gives the
+    fronts of every stage that ends at ``end``. ``upper_bound_s``: labels whose every
+    completion has a TPI above it are cut (see :func:`_floor`)."""
     c = t.num_microbatches
     limit = t.memory_limit_bytes * (1 + _MEM_TOL)
     # least memory layers u..end still need (for the lookahead cut)
@@ -182,8 +195,10 @@ def _stage_layers(
         least[j] = least[j + 1] + (
             min(float(t.M[u, k, stage]) for k in t.allowed[u]) if lookahead else 0.0
         )
+    order = list(range(end, start - 1, -1) if backward else range(start, end + 1))
+    floor = _floor(t, order, stage, linear)
     prev: _Layer | None = None
-    for u in range(start, end + 1):
+    for j_u, u in enumerate(order):
         ks = np.asarray(t.allowed[u], dtype=np.int64)
         a_k = t.A[u, ks].astype(float)
         g_k = t.G[u, ks].astype(float)
@@ -197,7 +212,10 @@ def _stage_layers(
             first, last, parent, kk = lay_k.copy(), lay_k.copy(), np.full(n, -1), ks.copy()
         else:
             n0 = len(prev.p)
-            rr = t.R[u - 1][prev.last[:, None], lay_k[None, :]]  # (n0, K_u)
+            if backward:  # u is followed by the layer before it in this sweep
+                rr = t.R[u][lay_k[None, :], prev.last[:, None]]  # (n0, K_u)
+            else:
+                rr = t.R[u - 1][prev.last[:, None], lay_k[None, :]]
             if linear:
                 rr = c * rr
             p = (prev.p[:, None] + rr + a_k[None, :]).ravel()
@@ -207,7 +225,10 @@ def _stage_layers(
             last = np.tile(lay_k, n0)
             parent = np.repeat(np.arange(n0), len(ks))
             kk = np.tile(ks, n0)
-        ok = m + least[u - start + 1] <= limit
+        ok = m + (0.0 if backward else least[u - start + 1]) <= limit
+        if math.isfinite(upper_bound_s):
+            cost = p if linear else c * p + s
+            ok &= cost + floor[j_u] <= upper_bound_s * (1 + _MEM_TOL)
         p, s, m, first, last, parent, kk = (x[ok] for x in (p, s, m, first, last, parent, kk))
         keep = []
         for key in np.unique(first * 1_000_003 + last):
@@ -223,9 +244,38 @@ def _stage_layers(
         yield prev
 
 
-def _front(t: CostTables, layers: list[_Layer], start: int, linear: bool) -> StageFront:
+def _floor(t: CostTables, order: list[int], stage: int, linear: bool) -> np.ndarray:
+    """``floor[j]``: what any assignment adds to ``c p + s`` of a stage label after the
+    sweep's layer ``order[j]`` (``p + 0`` for ``linear`` labels), a lower bound:
+
+    ``TPI >= sum_i p_i + (c - 1) p_stage + s_stage + step >= c p_label + s_label + c * ovh
+    + (pp - 1) ovh + sum of min_k A over the layers not yet swept + step``
+
+    (every stage pays its overhead, every layer its fastest time in some stage; the linear
+    case, one stage, pays ``min_k (c A + G)`` per layer left)."""
+    c, L, pp = t.num_microbatches, t.num_layers, t.pp
+    per = np.array(
+        [
+            min(
+                (c * float(t.A[u, k]) + float(t.G[u, k])) if linear else float(t.A[u, k])
+                for k in t.allowed[u]
+            )
+            for u in range(L)
+        ]
+    )
+    total = float(per.sum())
+    swept = np.cumsum([per[u] for u in order])
+    ovh = 0.0 if linear else (c + pp - 1) * t.stage_overhead_s
+    return total - swept + ovh + t.step_overhead_s
+
+
+def _front(
+    t: CostTables, layers: list[_Layer], start: int, linear: bool, backward: bool = False
+) -> StageFront:
     """Step 1's end: memory dropped, the ``(p, s)`` front per ``(first, last)`` layout."""
     lay = layers[-1]
+    if backward:  # in stage order: the sweep's current layer is the stage's first
+        lay = dataclasses.replace(lay, first=lay.last, last=lay.first)
     p = lay.p + (0.0 if linear else t.stage_overhead_s)
     rows = []
     for key in np.unique(lay.first * 1_000_003 + lay.last):
@@ -234,7 +284,9 @@ def _front(t: CostTables, layers: list[_Layer], start: int, linear: bool) -> Sta
             idx[_pareto2(p[idx], lay.s[idx])] if not linear else idx[[int(np.argmin(p[idx]))]]
         )
     row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return StageFront(p[row], lay.s[row], lay.first[row], lay.last[row], row, layers, start)
+    return StageFront(
+        p[row], lay.s[row], lay.first[row], lay.last[row], row, layers, start, backward
+    )
 
 
 def stage_front(t: CostTables, start: int, end: int, stage: int) -> StageFront:
@@ -334,7 +386,7 @@ def optimum(
     L, pp = t.num_layers, t.pp
     best = Optimum(math.inf)
     if pp == 1:
-        layers = list(_stage_layers(t, 0, L - 1, 0, linear=True))
+        layers = list(_stage_layers(t, 0, L - 1, 0, True, upper_bound_s=upper_bound_s))
         best.max_labels = max(len(x.p) for x in layers)
         f = _front(t, layers, 0, linear=True)
         if len(f.p):
@@ -361,20 +413,30 @@ def optimum(
             bounds = _bounds(so, pp)
             fronts = []
             for i, (s, e) in enumerate(bounds):
-                if (i, s, e) not in cache:
-                    # one sweep from s records the front at every end this stage may have
-                    last = e if stage_of is not None else L - pp + i
+                if (i, s, e) in cache:
+                    pass
+                elif stage_of is not None:
+                    layers = list(_stage_layers(t, s, e, i, False, upper_bound_s=incumbent))
+                    max_labels = max(max_labels, *(len(x.p) for x in layers))
+                    cache[i, s, e] = _front(t, layers, s, linear=False)
+                elif i == pp - 1:
+                    # the last stage ends at L - 1: one backward sweep gives every start
                     acc: list[_Layer] = []
                     for j, lay in enumerate(
-                        _stage_layers(t, s, last, i, linear=False, lookahead=stage_of is not None)
+                        _stage_layers(t, i, e, i, False, False, True, incumbent)
+                    ):
+                        acc.append(lay)
+                        max_labels = max(max_labels, len(lay.p))
+                        cache[i, e - j, e] = _front(t, list(acc), e - j, False, backward=True)
+                else:
+                    # one sweep from s records the front at every end this stage may have
+                    acc = []
+                    for j, lay in enumerate(
+                        _stage_layers(t, s, L - pp + i, i, False, False, upper_bound_s=incumbent)
                     ):
                         acc.append(lay)
                         max_labels = max(max_labels, len(lay.p))
                         cache[i, s, s + j] = _front(t, list(acc), s, linear=False)
-                    for e2 in range(s + len(acc), last + 1):
-                        cache[i, s, e2] = StageFront(
-                            *(np.zeros(0),) * 2, *(np.zeros(0, dtype=np.int64),) * 3, [], s
-                        )
                 fronts.append(cache[i, s, e])
             if any(len(f.p) == 0 for f in fronts):
                 continue
