@@ -22,7 +22,7 @@ from benchmarks.baselines import (  # noqa: E402
     to_plan,
     uniap_search,
 )
-from benchmarks.baselines.alpa import inter_op_dp  # noqa: E402
+from benchmarks.baselines.alpa import candidate_order, inter_op_dp  # noqa: E402
 from benchmarks.baselines.common import candidate_tables, even_split, param_split  # noqa: E402
 from benchmarks.baselines.galvatron import galvatron_split, memory_unit, stage_dp  # noqa: E402
 from uniap import models  # noqa: E402
@@ -215,3 +215,17 @@ def test_compare_alpa_cap_and_search_time_verdicts() -> None:
     _, holds = compare.search_time_target([(small, {"uniap": BaselineResult("uniap", wall_s=1.0),
                                                     "alpa": BaselineResult("alpa", wall_s=1.0)})])
     assert not holds  # no row the target applies to: nothing shown
+
+
+def test_alpa_visits_every_pp_first_and_reports_progress(results) -> None:
+    """Candidates go round-robin over pp (a capped run has seen every pp); the result says how
+    many (pp, c) it finished, all of them when it was not capped."""
+    assert candidate_order([1, 2, 4], [1, 2, 8]) == [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2),
+                                                     (1, 8), (2, 8), (4, 8)]
+    for key, (_, res) in results.items():
+        a = res["alpa"]
+        assert not a.capped and a.candidates_done == a.candidates_total > 0, key
+    cm, _ = results[INSTANCES[0]]
+    capped = alpa(cm, INSTANCES[0][3], time_cap_s=0.0)
+    assert capped.capped and capped.candidates_done < capped.candidates_total
+    assert capped.progress == f"{capped.candidates_done}/{capped.candidates_total} (pp, c)"
