@@ -1,7 +1,7 @@
 """The MILP's optimum at LLM size against an independent exact method (:mod:`uniap.verify`, a
 dynamic program over layers that shares no code with :mod:`uniap.milp`).
 
-    .venv/bin/python benchmarks/optimality_check.py              # fixed splits, about 10 min
+    .venv/bin/python benchmarks/optimality_check.py              # fixed splits
     .venv/bin/python benchmarks/optimality_check.py --all-splits # also every split where affordable
 
 For each workload and ``pp`` in {1, 2, 4}: uniap's planner restricted to that ``pp``
@@ -41,7 +41,7 @@ def workloads() -> list[Workload]:
     ]
 
 
-ALL_SPLITS = {("llama-7b", 2)}
+ALL_SPLITS = {("llama-7b", 2), ("llama-7b", 4)}
 """(model, pp) where ``--all-splits`` searches every split (the others: too many splits x fronts)."""
 
 
