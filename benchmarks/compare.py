@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -390,7 +391,8 @@ def alpa_full(todo: list[Workload], limit_s: float) -> str:
             tpi = f"{a.time_per_iteration_s / u.time_per_iteration_s:.4f}{so_far}"
         else:
             tpi = ("no plan" if not a.found else "OOM") + so_far
-        ilps = a.detail.split(", ")[1].split(" stage")[0] if ", " in a.detail else "-"
+        found = re.search(r"(\d+) stage ILPs", a.detail)
+        ilps = found.group(1) if found else "-"
         done = f"no (stopped at {limit_s:g} s)" if a.capped else "yes"
         line = (f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.1f} | {done} | "
                 f"{a.progress} | {ilps} | {'>= ' if a.capped else ''}{ratio:.3g}x | {tpi} |")

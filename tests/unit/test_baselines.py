@@ -229,3 +229,17 @@ def test_alpa_visits_every_pp_first_and_reports_progress(results) -> None:
     capped = alpa(cm, INSTANCES[0][3], time_cap_s=0.0)
     assert capped.capped and capped.candidates_done < capped.candidates_total
     assert capped.progress == f"{capped.candidates_done}/{capped.candidates_total} (pp, c)"
+
+
+def test_compare_full_mode_reports_measured_rows() -> None:
+    """compare.py --full: a row that finishes says so with every (pp, c) done and a measured
+    ratio; one stopped at its limit says how far it got and gives a lower bound."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare
+
+    w = compare.Workload("bert-tiny", compare.tiny(2, 0.0022), 8)
+    done = compare.alpa_full([w], 600.0).splitlines()[-1].split(" | ")
+    assert done[4] == "yes" and done[5].split("/")[0] == done[5].split("/")[1].split(" ")[0]
+    assert int(done[6]) > 0 and not done[7].startswith(">=") and done[8].rstrip(" |") == "1.0000"
+    stopped = compare.alpa_full([w], 0.0).splitlines()[-1].split(" | ")
+    assert stopped[4].startswith("no (stopped") and stopped[7].startswith(">= ")
