@@ -408,7 +408,8 @@ def main() -> None:
                          "--alpa-row-limit-s), on the table's workloads (see --only)")
     ap.add_argument("--alpa-row-limit-s", type=float, default=1800.0,
                     help="with --full: the most one row's Alpa-style search may take (default 1800 s)")
-    ap.add_argument("--only", default=None, help="only workloads whose name contains this text")
+    ap.add_argument("--only", default=None,
+                    help="only workloads whose name contains one of these comma-separated texts")
     ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
     ap.add_argument("--alpa-cap-s", type=float, default=None,
                     help="wall-time cap of the Alpa-style search per workload (default 20; 15 with --quick)")
@@ -426,7 +427,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
     rows, layer_rows = [], []
-    todo = [w for w in workloads(args.quick) if not args.only or args.only in w.name]
+    only = [x for x in (args.only or "").split(",") if x]
+    todo = [w for w in workloads(args.quick) if not only or any(x in w.name for x in only)]
     if args.full:
         print(f"machine: {machine()}")
         text = alpa_full([w for w in todo if w.tag == "table"], args.alpa_row_limit_s)
@@ -439,6 +441,7 @@ def main() -> None:
         (rows if w.tag == "table" else layer_rows).append((w, res))
         brief = ", ".join(f"{m} {r.wall_s:.1f}s" for m, r in res.items())
         print(f"# {w.name} B={w.global_batch_size}: {brief}", file=sys.stderr, flush=True)
+        print(table([(w, res)]).splitlines()[-1], file=sys.stderr, flush=True)  # the row, as it comes
         if w.tight:
             need = max(_peak(w, res["uniap"])) / 0.9
             mem = 0.6 * need
