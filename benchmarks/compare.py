@@ -456,7 +456,7 @@ def main() -> None:
            f"time there (at most {args.alpa_cap_max_s:g} s)" if args.alpa_cap_factor > 0 else "")
         + f"; total run {time.perf_counter() - t_start:.0f} s" + (" (--quick)" if args.quick else ""),
         "",
-        "Cells: predicted samples/s (uniap TPI / method TPI; search wall time). OOM: the method's best "
+        "Cells: predicted samples/s (method TPI / uniap TPI; search wall time). OOM: the method's best "
         "plan does not fit device memory. mem: uniap plan's peak memory / usable memory (90%).",
         "",
         table(rows),
