@@ -410,7 +410,7 @@ def optimum(
         incumbent = upper_bound_s
         for so in splits:
             n_splits += 1
-            bounds = _bounds(so, pp)
+            bounds = _bounds(so, pp, L)
             fronts = []
             for i, (s, e) in enumerate(bounds):
                 if (i, s, e) in cache:
@@ -469,7 +469,13 @@ def optimum(
     return best
 
 
-def _bounds(stage_of: Sequence[int], pp: int) -> list[tuple[int, int]]:
+def _bounds(stage_of: Sequence[int], pp: int, num_layers: int) -> list[tuple[int, int]]:
+    """``(first, last)`` layer of every stage of a split, checked."""
+    if len(stage_of) != num_layers or any(not 0 <= x < pp for x in stage_of):
+        raise ValueError(
+            f"stage_of must give each of the {num_layers} layers a stage in 0..{pp - 1}, "
+            f"got {len(stage_of)} entries"
+        )
     out = []
     for i in range(pp):
         us = [u for u, x in enumerate(stage_of) if x == i]

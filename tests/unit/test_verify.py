@@ -96,6 +96,8 @@ def test_bad_stage_split_is_refused() -> None:
     t = next(t for t in map(random_tables, range(100)) if t.pp == 3 and t.num_layers >= 4)
     with pytest.raises(ValueError, match="contiguous, non-empty run"):
         optimum(t, [0, 2, 2] + [2] * (t.num_layers - 3))
+    with pytest.raises(ValueError, match=f"each of the {t.num_layers} layers a stage in 0..2"):
+        optimum(t, [0, 1, 2])
     assert len(list(compositions(6, 3))) == len(list(itertools.combinations(range(1, 6), 2)))
 
 
