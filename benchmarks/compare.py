@@ -5,6 +5,7 @@ so only the search differs (see ``benchmarks/baselines``).
     .venv/bin/python benchmarks/compare.py                 # full run (about 15-25 min on 2 cores)
     .venv/bin/python benchmarks/compare.py --quick         # 4 workloads, a few minutes
     .venv/bin/python benchmarks/compare.py --alpa-cap-s 300 --alpa-cap-factor 0
+    .venv/bin/python benchmarks/compare.py --full --only llama   # Alpa-style uncapped (long)
 
 Prints one markdown table (per workload and method: predicted samples/s, uniap / method, search
 wall time; OOM when the method's best plan does not fit), then the geometric-mean and maximum
@@ -17,7 +18,11 @@ The Alpa-style search stops at a wall-time cap and returns its best plan so far 
 ``capped``); its real search time is then longer, so a search-time ratio against a capped run
 is a lower bound. On workloads with >= 16 devices the cap is raised to ``--alpa-cap-factor``
 times uniap's search time on that workload (uniap runs first), within ``--alpa-cap-max-s``, so
-that a capped run still measures whether the ratio reaches the target: ``>= X (capped)``.
+that a capped run still measures whether the ratio reaches the target: ``>= X (capped)``;
+a capped cell also says how many ``(pp, c)`` candidates the run finished, and its plan ratio is
+"so far". ``--full`` runs only uniap and the Alpa-style search, uncapped up to
+``--alpa-row-limit-s`` per row, and writes ``alpa_full.md``: measured ratios where the search
+finished, its progress where it did not.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -55,8 +61,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_MODELS = ["bert-huge", "t5-large", "vit-huge", "swin-huge", "llama-7b"]
 BASELINES = ["galvatron", "alpa", *HANDSET_METHODS]
 METHODS = ["uniap", *BASELINES, "exhaustive"]
-LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "ddp": "DDP",
-          "fsdp": "FSDP", "megatron": "Megatron", "exhaustive": "exhaustive"}
+LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "torchtitan": "torchtitan recipe",
+          "handtuned": "best hand-tuned", "exhaustive": "exhaustive"}
 
 
 @dataclass
@@ -173,13 +179,13 @@ def run_workload(w: Workload, alpa_cap_s: float, alpa_cap_factor: float = 0.0,
 def _cell(r: BaselineResult | None, ref: BaselineResult, B: int) -> str:
     if r is None:
         return "-"
-    t = f"{r.wall_s:.2f} s" + (" (capped)" if r.capped else "")
+    t = f"{r.wall_s:.2f} s" + (f" (capped, {r.progress or 'partial'})" if r.capped else "")
     if not r.found:
         return f"no plan; {t}"
     if not r.fits:
         return f"OOM; {t}"
     ratio = r.time_per_iteration_s / ref.time_per_iteration_s
-    return f"{r.samples_per_s(B):.4g} ({ratio:.2f}x; {t})"
+    return f"{r.samples_per_s(B):.4g} ({ratio:.2f}x{' so far' if r.capped else ''}; {t})"
 
 
 def table(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> str:
@@ -296,8 +302,8 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "ddp": "C2", "fsdp": "C4",
-              "megatron": "C5", "exhaustive": "C7"}
+    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "torchtitan": "C2", "handtuned": "C4",
+              "exhaustive": "C7"}
     searches = ["uniap", "galvatron", "alpa"]
     paths = []
 
@@ -369,8 +375,41 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
     return paths
 
 
+def alpa_full(todo: list[Workload], limit_s: float) -> str:
+    """``--full``: uniap and the Alpa-style search without the cap (each row stops at
+    ``limit_s`` at most, reported with its progress); one markdown table."""
+    lines = ["| workload | N | uniap s | Alpa-style s | finished | (pp, c) done | stage ILPs | "
+             "Alpa-style / uniap time | Alpa-style TPI / uniap TPI |", "|---|---|---|---|---|---|---|---|---|"]
+    for w in todo:
+        g = graph_of(w)
+        B = w.global_batch_size
+        u = uniap_search(CostModel(g, w.cluster), B)
+        a = alpa(CostModel(g, w.cluster), B, time_cap_s=limit_s)
+        ratio = a.wall_s / u.wall_s
+        so_far = " so far" if a.capped else ""
+        if a.found and a.fits:
+            tpi = f"{a.time_per_iteration_s / u.time_per_iteration_s:.4f}{so_far}"
+        else:
+            tpi = ("no plan" if not a.found else "OOM") + so_far
+        found = re.search(r"(\d+) stage ILPs", a.detail)
+        ilps = found.group(1) if found else "-"
+        done = f"no (stopped at {limit_s:g} s)" if a.capped else "yes"
+        line = (f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.1f} | {done} | "
+                f"{a.progress} | {ilps} | {'>= ' if a.capped else ''}{ratio:.3g}x | {tpi} |")
+        print(line, flush=True)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true",
+                    help="uniap and the Alpa-style search only, without the cap (each row stops at "
+                         "--alpa-row-limit-s), on the table's workloads (see --only)")
+    ap.add_argument("--alpa-row-limit-s", type=float, default=1800.0,
+                    help="with --full: the most one row's Alpa-style search may take (default 1800 s)")
+    ap.add_argument("--only", default=None,
+                    help="only workloads whose name contains one of these comma-separated texts")
     ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
     ap.add_argument("--alpa-cap-s", type=float, default=None,
                     help="wall-time cap of the Alpa-style search per workload (default 20; 15 with --quick)")
@@ -388,13 +427,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
     rows, layer_rows = [], []
-    todo = workloads(args.quick)
+    only = [x for x in (args.only or "").split(",") if x]
+    todo = [w for w in workloads(args.quick) if not only or any(x in w.name for x in only)]
+    if args.full:
+        print(f"machine: {machine()}")
+        text = alpa_full([w for w in todo if w.tag == "table"], args.alpa_row_limit_s)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "alpa_full.md").write_text(f"machine: {machine()}\n\n{text}\n")
+        return
     while todo:
         w = todo.pop(0)
         res = run_workload(w, cap, args.alpa_cap_factor, args.alpa_cap_max_s)
         (rows if w.tag == "table" else layer_rows).append((w, res))
         brief = ", ".join(f"{m} {r.wall_s:.1f}s" for m, r in res.items())
         print(f"# {w.name} B={w.global_batch_size}: {brief}", file=sys.stderr, flush=True)
+        print(table([(w, res)]).splitlines()[-1], file=sys.stderr, flush=True)  # the row, as it comes
         if w.tight:
             need = max(_peak(w, res["uniap"])) / 0.9
             mem = 0.6 * need
@@ -409,7 +456,7 @@ def main() -> None:
            f"time there (at most {args.alpa_cap_max_s:g} s)" if args.alpa_cap_factor > 0 else "")
         + f"; total run {time.perf_counter() - t_start:.0f} s" + (" (--quick)" if args.quick else ""),
         "",
-        "Cells: predicted samples/s (uniap TPI / method TPI; search wall time). OOM: the method's best "
+        "Cells: predicted samples/s (method TPI / uniap TPI; search wall time). OOM: the method's best "
         "plan does not fit device memory. mem: uniap plan's peak memory / usable memory (90%).",
         "",
         table(rows),

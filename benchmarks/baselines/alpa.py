@@ -24,8 +24,12 @@ still fits, and a new ILP is solved only where it does not. Every stage ILP is b
 and solved with HiGHS: Alpa's cost is many small ILPs, which is the point of the comparison.
 
 Each ``(pp, c)`` gives one plan (Alpa's optimum of ``T*``); the plans are scored by uniap's
-evaluation and the best that fits is kept. The search stops at ``time_cap_s`` and returns the
-best plan so far, marked ``capped``.
+evaluation and the best that fits is kept. Candidates are visited round-robin over ``pp``
+(every ``pp`` with its first ``c``, then every ``pp`` with its second ``c``, ...), so that a
+capped run has looked at every pipeline degree rather than only the small ones. Stage ILPs
+are solved to the gap uniap's MILP uses (``gapRel = 0``, ``gapAbs = 1e-12``). The search stops
+at ``time_cap_s`` (``inf``: never) and returns the best plan so far, marked ``capped``, with
+how many candidates it finished (``candidates_done / candidates_total``).
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ import pulp
 
 from uniap._highs import silence_highs_banner
 from uniap.cost_model import CostModel, CostTables
+from uniap.strategies import divisors
 
 from .common import BaselineResult, candidate_tables, score
 
-__all__ = ["alpa", "stage_ilp", "inter_op_dp"]
+__all__ = ["alpa", "stage_ilp", "inter_op_dp", "candidate_order"]
 
 
 class _Capped(Exception):
@@ -220,6 +225,11 @@ def _solve_candidate(t: CostTables, deadline: float, counter: list[int], cache: 
     return stage_of, strategy_of
 
 
+def candidate_order(pps: list[int], cs: list[int]) -> list[tuple[int, int]]:
+    """``(pp, c)`` round-robin over ``pp``: the first ``c`` of every ``pp``, then the second, ..."""
+    return [(pp, c) for j in range(len(cs)) for pp in pps for c in cs[j:j + 1]]
+
+
 def alpa(cm: CostModel, global_batch_size: int, *, time_cap_s: float = 300.0) -> BaselineResult:
     """Alpa's two-level search over every ``(pp, c)``; the best plan that fits (uniap's TPI)."""
     t0 = time.perf_counter()
@@ -227,22 +237,28 @@ def alpa(cm: CostModel, global_batch_size: int, *, time_cap_s: float = 300.0) ->
     best = BaselineResult("alpa")
     counter = [0]
     cache: dict[bytes, tuple[float, list[int]] | None] = {}
-    visited = 0
+    n, num_layers = cm.cluster.world_size, cm.graph.num_layers
+    pairs = candidate_order([p for p in divisors(n) if p <= num_layers], divisors(global_batch_size))
+    done = 0
     capped = False
     try:
-        for t in candidate_tables(cm, global_batch_size):
-            got = _solve_candidate(t, deadline, counter, cache)
-            visited += 1
+        for pp, c in pairs:
+            if time.perf_counter() > deadline:
+                raise _Capped
+            ts = list(candidate_tables(cm, global_batch_size, pp_degrees=[pp], num_microbatches=[c]))
+            got = _solve_candidate(ts[0], deadline, counter, cache) if ts else None
+            done += 1
             if got is None:
                 continue
-            tpi, fits = score(t, *got)
+            tpi, fits = score(ts[0], *got)
             if fits and tpi < best.time_per_iteration_s:
-                best = BaselineResult("alpa", tpi, fits, 0.0, t.pp, t.num_microbatches, got[0], got[1])
+                best = BaselineResult("alpa", tpi, fits, 0.0, pp, c, got[0], got[1])
     except _Capped:
         capped = True
     best.wall_s = time.perf_counter() - t0
     best.capped = capped
-    best.detail = f"{visited} (pp, c) searched, {counter[0]} stage ILPs" + (" (capped)" if capped else "")
+    best.candidates_done, best.candidates_total = done, len(pairs)
+    best.detail = f"{done}/{len(pairs)} (pp, c) searched, {counter[0]} stage ILPs" + (" (capped)" if capped else "")
     if not math.isfinite(best.time_per_iteration_s):
         best.fits = False
     return best

@@ -49,8 +49,17 @@ class BaselineResult:
     strategy_of: list[int] = field(default_factory=list)
     capped: bool = False
     """The search hit its wall-time cap; the plan is the best found until then."""
+    candidates_done: int = 0
+    """``(pp, c)`` candidates searched to the end (searches that visit candidates)."""
+    candidates_total: int = 0
+    """``(pp, c)`` candidates there are (0: not reported)."""
     detail: str = ""
     """Free text: the variant that won (e.g. ``recompute``), candidates visited, ILPs solved."""
+
+    @property
+    def progress(self) -> str:
+        """``done/total (pp, c)`` when the search reports it, else empty."""
+        return f"{self.candidates_done}/{self.candidates_total} (pp, c)" if self.candidates_total else ""
 
     @property
     def found(self) -> bool:

@@ -1,16 +1,21 @@
-"""Hand-set plans a user would write, each tuned over what a user would try by hand.
+"""Hand-set plans: the recipe a user copies, and the best plan a user could find by hand.
 
-- ``ddp``: no pipeline, every layer data-parallel over all devices with replicated parameters
-  (PyTorch DDP, gradient accumulation over ``c`` micro-batches).
-- ``fsdp``: no pipeline, every layer fully sharded over all devices (ZeRO-3 / FSDP).
-- ``megatron``: Megatron-LM / torchtitan 3D: tensor parallelism inside a node (TP = devices per
-  node, or the largest degree the layer supports), pipeline stages across nodes (layers split
-  evenly by count; ``pp`` a divisor of the node count), data parallelism for the rest (DDP, or
-  FSDP as torchtitan does), 1F1B.
+- ``torchtitan``: torchtitan's default Llama 3 recipes (``torchtitan/models/llama3/train_configs``):
+  models under ``TITAN_TP_PARAMS`` parameters as ``llama3_8b.toml`` (FSDP over every device,
+  TP 1, PP 1, selective activation checkpointing), larger ones as ``llama3_70b.toml`` (TP 8
+  inside the node, FSDP over the rest, PP 1, full activation checkpointing). Selective
+  (per-op) checkpointing is not in uniap's strategy space; the 8B recipe is scored with no
+  and with full checkpointing of every layer, the better one that fits kept. The micro-batch
+  count (gradient accumulation) is the one free knob, set to the best that fits.
+- ``handtuned``: the best **uniform** plan of a grid search a user could run on the same cost
+  model: every ``(pp, c)`` uniap visits, both usual stage splits (even by layer count, even by
+  parameters), every TP degree inside the node, DDP or FSDP, with or without activation
+  checkpointing, the same strategy for every layer (a layer that does not support that TP
+  degree takes the largest it supports; checkpointing falls back to none where it is not
+  offered, as it saves nothing there). Pure DDP, pure FSDP, FSDP + TP and Megatron-style
+  TP + PP plans are all points of this grid.
 
-Each is tried with every micro-batch count, with and without activation checkpointing of every
-layer (where it saves memory); Megatron also over its ``pp`` and DDP/FSDP. The best plan that
-fits (by uniap's TPI) is kept; when none fits, the fastest is reported as OOM.
+The best plan that fits (by uniap's TPI) is kept; when none fits, the fastest is reported as OOM.
 """
 
 from __future__ import annotations
@@ -21,47 +26,32 @@ import time
 from uniap.cost_model import CostModel, CostTables
 from uniap.strategies import divisors
 
-from .common import BaselineResult, candidate_tables, even_split, score
+from .common import BaselineResult, candidate_tables, even_split, param_split, score
 
-__all__ = ["handset", "HANDSET_METHODS"]
+__all__ = ["handset", "HANDSET_METHODS", "TITAN_TP_PARAMS"]
 
-HANDSET_METHODS = ("ddp", "fsdp", "megatron")
+HANDSET_METHODS = ("torchtitan", "handtuned")
 
-
-def _index(t: CostTables) -> dict[tuple[int, int, str, bool], int]:
-    return {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(t.strategies)}
-
-
-def _pick(t: CostTables, u: int, dp: int, tp: int, kind: str, recompute: bool) -> int | None:
-    """Strategy index for layer ``u``; recompute falls back to none where it is not offered."""
-    idx = _index(t)
-    if dp == 1:
-        kind = "DDP"  # FSDP over one rank is DDP
-    for rc in ((True, False) if recompute else (False,)):
-        k = idx.get((dp, tp, kind, rc))
-        if k is not None and k in t.allowed[u]:
-            return k
-    return None
+TITAN_TP_PARAMS = 30e9
+"""Models with at least this many parameters get torchtitan's 70B recipe (TP 8 + FSDP, full
+checkpointing); smaller ones its 8B recipe (FSDP only)."""
 
 
-def _uniform(t: CostTables, g: int, kind: str, recompute: bool) -> list[int] | None:
-    """Every layer data-parallel over the whole stage (``dp = g``, ``tp = 1``)."""
-    out = []
-    for u in range(t.num_layers):
-        k = _pick(t, u, g, 1, kind, recompute)
-        if k is None:
-            return None
-        out.append(k)
-    return out
-
-
-def _megatron(t: CostTables, g: int, tp_max: int, kind: str, recompute: bool) -> list[int] | None:
-    """TP = the largest degree <= devices per node the layer supports, DP for the rest."""
+def _uniform(t: CostTables, g: int, tp: int, kind: str, recompute: bool) -> list[int] | None:
+    """Every layer ``(g / tp, tp, kind, recompute)``; a layer without that TP degree takes the
+    largest it supports, one without checkpointing goes without."""
+    index = {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(t.strategies)}
     out = []
     for u in range(t.num_layers):
         k = None
-        for tp in sorted((d for d in divisors(min(tp_max, g))), reverse=True):
-            k = _pick(t, u, g // tp, tp, kind, recompute)
+        for tp_u in sorted((d for d in divisors(tp)), reverse=True):
+            dp = g // tp_u
+            kind_u = "DDP" if dp == 1 else kind  # FSDP over one rank is DDP
+            for rc in (recompute, False) if recompute else (False,):
+                k = index.get((dp, tp_u, kind_u, rc))
+                if k is not None and k in t.allowed[u]:
+                    break
+                k = None
             if k is not None:
                 break
         if k is None:
@@ -70,41 +60,51 @@ def _megatron(t: CostTables, g: int, tp_max: int, kind: str, recompute: bool) ->
     return out
 
 
+def _grid(cm: CostModel, method: str, t: CostTables) -> list[tuple[str, list[int], int, str, bool]]:
+    """``(split name, stage_of, tp, kind, recompute)`` a method tries on these tables."""
+    n, L = cm.cluster.world_size, cm.graph.num_layers
+    g = n // t.pp
+    if method == "torchtitan":
+        if t.pp != 1:
+            return []
+        if sum(layer.num_params for layer in cm.graph.layers) >= TITAN_TP_PARAMS:
+            return [("", [0] * L, min(8, cm.cluster.devices_per_node, g), "FSDP", True)]
+        return [("", [0] * L, 1, "FSDP", rc) for rc in (False, True)]
+    splits = {"even": even_split(L, t.pp)}
+    split_p = param_split([max(layer.num_params, 1) for layer in cm.graph.layers], t.pp)
+    if split_p != splits["even"]:
+        splits["params"] = split_p
+    tps = [d for d in divisors(g) if d <= cm.max_tp]
+    return [(name, so, tp, kind, rc) for name, so in splits.items() for tp in tps
+            for kind in ("DDP", "FSDP") for rc in (False, True)]
+
+
 def handset(cm: CostModel, global_batch_size: int, method: str) -> BaselineResult:
-    """The best hand-set plan of one family (``ddp``, ``fsdp`` or ``megatron``)."""
+    """The best plan of one hand-set family (``torchtitan`` or ``handtuned``)."""
     if method not in HANDSET_METHODS:
         raise ValueError(f"unknown hand-set method {method!r}; choose from {HANDSET_METHODS}")
     t0 = time.perf_counter()
-    cluster = cm.cluster
-    n, num_layers = cluster.world_size, cm.graph.num_layers
-    if method == "megatron":
-        pps = [p for p in divisors(cluster.num_nodes) if p <= num_layers]
-        kinds = ("DDP", "FSDP")
-    else:
-        pps = [1]
-        kinds = ("DDP",) if method == "ddp" else ("FSDP",)
+    n = cm.cluster.world_size
     best = BaselineResult(method)
     fallback = BaselineResult(method)  # fastest plan regardless of memory, reported as OOM
     tried = 0
+    pps = [1] if method == "torchtitan" else None
     for t in candidate_tables(cm, global_batch_size, pp_degrees=pps):
         g = n // t.pp
-        stage_of = even_split(num_layers, t.pp)
-        for kind in kinds:
-            for rc in (False, True):
-                if method == "megatron":
-                    strat = _megatron(t, g, cluster.devices_per_node, kind, rc)
-                else:
-                    strat = _uniform(t, g, kind, rc)
-                if strat is None:
-                    continue
-                tried += 1
-                tpi, fits = score(t, stage_of, strat)
-                cand = BaselineResult(method, tpi, fits, 0.0, t.pp, t.num_microbatches, stage_of,
-                                      strat, detail=f"{kind}{' +ckpt' if rc else ''}")
-                if fits and tpi < best.time_per_iteration_s:
-                    best = cand
-                if tpi < fallback.time_per_iteration_s:
-                    fallback = cand
+        seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+        for split, stage_of, tp, kind, rc in _grid(cm, method, t):
+            strat = _uniform(t, g, tp, kind, rc)
+            if strat is None or (tuple(stage_of), tuple(strat)) in seen:
+                continue
+            seen.add((tuple(stage_of), tuple(strat)))
+            tried += 1
+            tpi, fits = score(t, stage_of, strat)
+            what = f"tp{tp} {kind}{' +ckpt' if rc else ''}" + (f", {split} split" if t.pp > 1 else "")
+            cand = BaselineResult(method, tpi, fits, 0.0, t.pp, t.num_microbatches, stage_of, strat, detail=what)
+            if fits and tpi < best.time_per_iteration_s:
+                best = cand
+            if tpi < fallback.time_per_iteration_s:
+                fallback = cand
     out = best if best.found else fallback
     if not out.found:
         out = BaselineResult(method, math.inf, False, detail="no plan in this family")

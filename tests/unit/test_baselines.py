@@ -18,9 +18,9 @@ from benchmarks.baselines import (  # noqa: E402
     to_plan,
     uniap_search,
 )
-from benchmarks.baselines.alpa import inter_op_dp  # noqa: E402
-from benchmarks.baselines.common import even_split, param_split  # noqa: E402
-from benchmarks.baselines.galvatron import stage_dp  # noqa: E402
+from benchmarks.baselines.alpa import candidate_order, inter_op_dp  # noqa: E402
+from benchmarks.baselines.common import candidate_tables, even_split, param_split  # noqa: E402
+from benchmarks.baselines.galvatron import galvatron_split, memory_unit, stage_dp  # noqa: E402
 from uniap import models  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
 from uniap.cost_model import CostModel, evaluate_assignment  # noqa: E402
@@ -100,24 +100,58 @@ def test_exhaustive_agrees_with_uniap(results, instance) -> None:
 
 
 def test_galvatron_stage_dp_is_optimal_for_its_objective(results) -> None:
-    """The per-stage DP equals brute force over the stage's strategies (its objective, its memory rounding)."""
+    """The per-stage DP equals brute force over the stage's strategies (its objective, its
+    memory units), with coarse units and with its default (1 MiB, or finer on tiny devices)."""
     cm, _ = results[INSTANCES[1]]
     t = cm.tables(1, 2, INSTANCES[1][3])
     layers = list(range(t.num_layers))
-    q = 1024
-    unit = t.memory_limit_bytes / q
-    best = np.inf
-    for strat in itertools.product(*t.allowed):
-        mem = sum(int(np.ceil(t.M[u, k, 0] / unit - 1e-9)) for u, k in zip(layers, strat))
-        if mem > q:
-            continue
-        cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, strat))
-        cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(strat, strat[1:])))
-        best = min(best, cost)
-    got = stage_dp(t, layers, 0, q)
-    cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, got))
-    cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(got, got[1:])))
-    assert cost == pytest.approx(best, rel=1e-12)
+    assert memory_unit(t) == pytest.approx(t.memory_limit_bytes / 40960)  # a 1.2 MiB device
+    for unit in (t.memory_limit_bytes / 1024, memory_unit(t)):
+        q = int(np.floor(t.memory_limit_bytes / unit + 1e-9))
+        best = np.inf
+        for strat in itertools.product(*t.allowed):
+            mem = sum(int(np.ceil(t.M[u, k, 0] / unit - 1e-9)) for u, k in zip(layers, strat))
+            if mem > q:
+                continue
+            cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, strat))
+            cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(strat, strat[1:])))
+            best = min(best, cost)
+        got = stage_dp(t, layers, 0, unit)
+        cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, got))
+        cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(got, got[1:])))
+        assert cost == pytest.approx(best, rel=1e-12)
+
+
+def test_galvatron_split_puts_the_remainder_last() -> None:
+    """Galvatron's pp_division_even: L // pp blocks per stage, the remainder on the last stage,
+    embeddings with the first and norm + head with the last (llama-tiny with 9 blocks: 12 layers)."""
+    graph = build_graph(models.build_model("llama-tiny", device="meta", n_layers=9),
+                        models.example_batch("llama-tiny", 2, device="meta")[0], name="llama-tiny",
+                        dtype=torch.bfloat16)
+    assert graph.num_layers == 12
+    sizes = lambda so: [so.count(i) for i in range(max(so) + 1)]  # noqa: E731
+    assert sizes(galvatron_split(graph, 2)) == [1 + 4, 5 + 2]
+    assert sizes(galvatron_split(graph, 4)) == [1 + 2, 2, 2, 3 + 2]
+    assert sizes(galvatron_split(graph, 12)) == [1] * 12  # fewer blocks than stages: every layer
+
+
+def test_handtuned_is_the_best_uniform_plan(results) -> None:
+    """The hand-tuned grid contains torchtitan's recipe and pure DDP / FSDP: it is never worse."""
+    for key, (cm, res) in results.items():
+        h = res["handtuned"]
+        assert h.fits, key
+        if res["torchtitan"].fits:
+            assert h.time_per_iteration_s <= res["torchtitan"].time_per_iteration_s * (1 + 1e-12), key
+        n, batch = cm.cluster.world_size, key[3]
+        for t in candidate_tables(cm, batch, pp_degrees=[1]):
+            for kind in ("DDP", "FSDP"):
+                ks = [next((k for k in t.allowed[u] if t.strategies[k].dp == n and t.strategies[k].kind == kind
+                            and not t.strategies[k].recompute), None) for u in range(t.num_layers)]
+                if None in ks:
+                    continue
+                ev = evaluate_assignment(t, [0] * t.num_layers, ks)
+                if ev.fits:
+                    assert h.time_per_iteration_s <= ev.time_per_iteration_s * (1 + 1e-12), (key, kind)
 
 
 def test_alpa_inter_op_dp_matches_brute_force() -> None:
@@ -176,3 +210,31 @@ def test_compare_alpa_cap_and_search_time_verdicts() -> None:
     _, holds = compare.search_time_target([(small, {"uniap": BaselineResult("uniap", wall_s=1.0),
                                                     "alpa": BaselineResult("alpa", wall_s=1.0)})])
     assert not holds  # no row the target applies to: nothing shown
+
+
+def test_alpa_visits_every_pp_first_and_reports_progress(results) -> None:
+    """Candidates go round-robin over pp (a capped run has seen every pp); the result says how
+    many (pp, c) it finished, all of them when it was not capped."""
+    assert candidate_order([1, 2, 4], [1, 2, 8]) == [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2),
+                                                     (1, 8), (2, 8), (4, 8)]
+    for key, (_, res) in results.items():
+        a = res["alpa"]
+        assert not a.capped and a.candidates_done == a.candidates_total > 0, key
+    cm, _ = results[INSTANCES[0]]
+    capped = alpa(cm, INSTANCES[0][3], time_cap_s=0.0)
+    assert capped.capped and capped.candidates_done < capped.candidates_total
+    assert capped.progress == f"{capped.candidates_done}/{capped.candidates_total} (pp, c)"
+
+
+def test_compare_full_mode_reports_measured_rows() -> None:
+    """compare.py --full: a row that finishes says so with every (pp, c) done and a measured
+    ratio; one stopped at its limit says how far it got and gives a lower bound."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare
+
+    w = compare.Workload("bert-tiny", compare.tiny(2, 0.0022), 8)
+    done = compare.alpa_full([w], 600.0).splitlines()[-1].split(" | ")
+    assert done[4] == "yes" and done[5].split("/")[0] == done[5].split("/")[1].split(" ")[0]
+    assert int(done[6]) > 0 and not done[7].startswith(">=") and done[8].rstrip(" |") == "1.0000"
+    stopped = compare.alpa_full([w], 0.0).splitlines()[-1].split(" | ")
+    assert stopped[4].startswith("no (stopped") and stopped[7].startswith(">= ")
