@@ -61,13 +61,13 @@ def stage_ilp(t: CostTables, s: int, e: int, stage: int,
     c = t.num_microbatches
     layers = range(s, e + 1)
     prob = pulp.LpProblem("alpa_stage", pulp.LpMinimize)
-    x = {(u, k): pulp.LpVariable(f"x_{u}_{k}", cat=pulp.LpBinary) for u in layers for k in t.allowed[u]}
+    x = {(u, k): prob.add_variable(f"x_{u}_{k}", cat=pulp.LpBinary) for u in layers for k in t.allowed[u]}
     classes = {u: sorted({int(t.layout[u, k]) for k in t.allowed[u]}) for u in layers}
     y = {}
     for u in range(s, e):
         for a in classes[u]:
             for b in classes[u + 1]:
-                y[u, a, b] = pulp.LpVariable(f"y_{u}_{a}_{b}", lowBound=0)
+                y[u, a, b] = prob.add_variable(f"y_{u}_{a}_{b}", lowBound=0)
     # Latencies are scaled to O(1) (HiGHS tolerances are absolute).
     finite = [float(t.A[u, k]) for (u, k) in x]
     scale = max(sum(finite) / max(len(finite), 1), 1e-12)

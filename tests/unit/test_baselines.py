@@ -229,7 +229,6 @@ def test_alpa_visits_every_pp_first_and_reports_progress(results) -> None:
 def test_compare_full_mode_reports_measured_rows() -> None:
     """compare.py --full: a row that finishes says so with every (pp, c) done and a measured
     ratio; one stopped at its limit says how far it got and gives a lower bound."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import compare
 
     w = compare.Workload("bert-tiny", compare.tiny(2, 0.0022), 8)
