@@ -4,7 +4,7 @@ Run it under ``torchrun`` (every rank calls it with the same arguments)::
 
     pm = uniap.api.parallelize(model, "cpu-4", global_batch_size=16,
                                example_inputs=x, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(pm.param_groups(), lr=1e-3, foreach=True)
     for x, y in batches:
         opt.zero_grad()
         loss = pm.train_step(x, y)

@@ -26,7 +26,20 @@ LR = 1e-3
 EPS = 1e-6
 RTOL, ATOL = 1e-4, 1e-5
 _FUNCOLS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
-_REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor]]] = {}
+_REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor], list[float]]] = {}
+
+
+def make_optimizer(pm: Any, kernel: str = "foreach") -> torch.optim.Optimizer:
+    """AdamW with CUDA's multi-tensor kernel (``foreach``) or the ``fused`` one, on
+    ``pm.param_groups()``: what a training loop on GPUs runs."""
+    return torch.optim.AdamW(pm.param_groups(), lr=LR, eps=EPS, **{kernel: True})
+
+
+def _tensor_kinds(pm: Any) -> list[str]:
+    """Kinds of this rank's parameters: ``plain`` and/or ``dtensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return sorted({"dtensor" if isinstance(p, DTensor) else "plain" for p in pm.parameters()})
 
 
 def _toy(case: dict) -> tuple[Any, Any, Any, Any]:
@@ -81,23 +94,29 @@ def _setup(case: dict) -> tuple[Any, Any, Any, Any]:
 
 def _reference(
     case: dict, build: Any, batch: Any, loss_fn: Any, big_b: int, steps: int
-) -> tuple[list[float], dict[str, torch.Tensor]]:
+) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """Single-process training: losses, final state and (with ``case["clip"]``) the gradient
+    norms ``torch.nn.utils.clip_grad_norm_`` returned."""
     device = default_device()  # the same kind of device as the parallel run
-    key = (case["model"], case.get("n_blocks"), big_b, steps, device.type)
+    clip = case.get("clip")
+    key = (case["model"], case.get("n_blocks"), big_b, steps, device.type, clip)
     if key not in _REFERENCE:
         model = build().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
-        losses = []
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
+        losses, norms = [], []
         for step in range(steps):
             x, y = batch(big_b, step)
             opt.zero_grad()
             loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
+            if clip is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             opt.step()
             losses.append(float(loss.detach()))
         _REFERENCE[key] = (
             losses,
             {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            norms,
         )
     return _REFERENCE[key]
 
@@ -147,13 +166,18 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             example_inputs=x0,
             schedule=case.get("schedule"),
         )
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
-    losses, times = [], []
+    opt = make_optimizer(pm, case.get("optimizer", "foreach"))
+    losses, times, norms, post_norms = [], [], [], []
     for step in range(steps):
         x, y = batch(big_b, step)
         opt.zero_grad()
         losses.append(pm.train_step(x, y))
         times.append(pm.last_step_time_s)
+        if case.get("clip") is not None:
+            norms.append(float(pm.clip_grad_norm_(case["clip"])))
+            # re-measured after clipping (an infinite max_norm clips nothing): every plain
+            # tensor and every shard must have been scaled
+            post_norms.append(float(pm.clip_grad_norm_(float("inf"))))
         opt.step()
     out: dict[str, Any] = {}
     if case.get("forward") and pm.plan.pp_degree == 1:
@@ -163,13 +187,20 @@ def parity_case(case: dict) -> dict[str, Any] | None:
     full = pm.full_state_dict()
     if dist.get_rank() != 0:
         return None
-    ref_losses, ref_state = _reference(case, build, batch, loss_fn, big_b, steps)
+    ref_losses, ref_state, ref_norms = _reference(case, build, batch, loss_fn, big_b, steps)
     result = {
         "plan": pm.plan.summary(),
         "losses": losses,
         "ref_losses": ref_losses,
         "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
         "step_time_s": times,
+        "tensor_kinds": _tensor_kinds(pm),
+        "grad_norms": norms,
+        "post_clip_norms": post_norms,
+        "ref_grad_norms": ref_norms,
+        "grad_norms_close": len(norms) == len(ref_norms)
+        and all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(norms, ref_norms)),
+        "num_param_groups": len(opt.param_groups),
         **_compare(full, ref_state),
     }
     if "forward" in out:
@@ -230,7 +261,7 @@ def checkpoint_case(case: dict) -> dict[str, Any] | None:
         global_batch_size=plan.global_batch_size,
         example_inputs=x,
     )
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+    opt = make_optimizer(pm)
     opt.zero_grad()
     pm.train_step(x, y)
     opt.step()
@@ -353,7 +384,7 @@ def memory_case(case: dict) -> dict[str, Any] | None:
             example_inputs=x,
         )
         pm.measure_memory = True
-        opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+        opt = make_optimizer(pm)
         for _ in range(2):
             opt.zero_grad()
             pm.train_step(x, y)

@@ -187,6 +187,14 @@ def w2_cases() -> list[dict]:
             c=4,
             schedule="1F1B",
         ),
+        # classic DDP (embed), FSDP x TP, TP alone (plain norms next to DTensors), FSDP: one stage
+        toy(
+            "fused_pp1_ddp_fsdptp2_tp2_fsdp_c2",
+            2,
+            [[(2, 1, D), (1, 2, F), (1, 2, D), (2, 1, F)]],
+            c=2,
+            optimizer="fused",
+        ),
         preset("gpt_tiny_pp1_tp2_c2", "gpt-tiny", 2, 1, tp_layers=(1, 2, D), others=(2, 1, D), c=2),
         preset(
             "llama_tiny_pp1_fsdp_tp2_c2",
@@ -312,6 +320,26 @@ def w4_cases() -> list[dict]:
             c=2,
             schedule="1F1B",
         ),
+        # AdamW(fused=True) and the global gradient norm on stages that mix every kind;
+        # clip 0.05 is below the toy's gradient norms (about 1), so clipping really scales
+        toy(
+            "clip_fused_pp1_ddp_dp2tp2fsdp_tp4_fsdp_c2",
+            4,
+            [[(4, 1, D), (2, 2, F), (1, 4, D), (4, 1, F)]],
+            c=2,
+            optimizer="fused",
+            clip=0.05,
+        ),
+        toy(
+            "clip_fused_pp2_fsdp_tp2_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+            c=2,
+            schedule="1F1B",
+            optimizer="fused",
+            clip=0.05,
+        ),
+        toy("clip_pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B", clip=0.05),
         toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
         toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),
         toy("pp4_gpipe_c1", 4, [[(1, 1, D)]] * 4, c=1),

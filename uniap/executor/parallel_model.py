@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
 from uniap.executor.data_parallel import GradSync, apply_dp, uses_classic_ddp, wrap_ddp
+from uniap.executor.grad_norm import clip_grad_norm_
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
@@ -93,7 +94,9 @@ def apply_plan(
     ddp = None
     if classic:  # root last: one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
-        ddp = wrap_ddp(module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group())
+        ddp = wrap_ddp(
+            module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group()
+        )
     logger.info(
         "rank %d: stage %d/%d with %d layers (%s .. %s) applied",
         groups.rank,
@@ -111,8 +114,22 @@ class ParallelModel:
 
     ``train_step(inputs, targets)`` runs one iteration's forward and backward over the global
     batch (every rank may be given the same global batch; each takes its part) and leaves the
-    gradients of this rank's parameter shards in ``.grad``, ready for any optimizer built on
-    :meth:`parameters`.
+    gradients of this rank's parameter shards in ``.grad``.
+
+    **Optimizers.** Build them on :meth:`param_groups`, not :meth:`parameters`::
+
+        opt = torch.optim.AdamW(pm.param_groups(), lr=3e-4, foreach=True)   # or fused=True
+
+    A stage may hold plain tensors (layers under classic DDP, and the non-TP parameters of a
+    TP layer without data parallelism) next to DTensors (FSDP / ``replicate`` / TP layers).
+    torch's multi-tensor (``foreach``, CUDA's default) and ``fused`` optimizer kernels refuse a
+    list that mixes the two (``got mixed torch.Tensor and DTensor``), while DTensors of
+    different meshes may share a call. :meth:`param_groups` therefore returns one group of
+    plain tensors and one of DTensors (each present only when non-empty); the optimizer runs
+    one kernel launch per group. Classic DDP keeps plain tensors because its bucketed
+    all-reduce (what the cost model charges for ``DDP`` at ``tp == 1``) works on them.
+    Gradients are clipped with :meth:`clip_grad_norm_` (the global norm over every stage,
+    mesh and kind).
     """
 
     def __init__(
@@ -200,6 +217,56 @@ class ParallelModel:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under the model's original FQNs."""
         return self.module.named_parameters()
+
+    def param_groups(
+        self, groups: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups in which no group mixes plain tensors and DTensors (see
+        the class docstring): ``torch.optim.AdamW(pm.param_groups(), foreach=True)``.
+
+        ``groups``: this rank's parameters, or parameter groups (dicts with ``params`` and
+        per-group options such as ``weight_decay``) to split the same way, each option
+        carried to both halves; default: every parameter of :meth:`parameters`. Plain tensors
+        come first. The groups carry no extra keys, so optimizer checkpoints keyed by FQN
+        (:mod:`uniap.checkpoint`) load under any other plan."""
+        if groups is None:
+            groups = [{"params": list(self.parameters())}]
+        groups = list(groups)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        out: list[dict[str, Any]] = []
+        for group in groups:
+            params = group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            options = {k: v for k, v in group.items() if k != "params"}
+            plain = [p for p in params if not isinstance(p, DTensor)]
+            dtensors = [p for p in params if isinstance(p, DTensor)]
+            for members in (plain, dtensors):
+                if members:
+                    out.append({"params": members, **options})
+        return out
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Clip the gradients of the whole model (every stage, mesh and kind) by their global
+        ``norm_type``-norm, as ``torch.nn.utils.clip_grad_norm_`` does on one process; returns
+        that norm (a 0-dim tensor, the same on every rank). Collective: every rank calls it,
+        after ``train_step`` and before the optimizer step (see :mod:`.grad_norm`)."""
+        return clip_grad_norm_(
+            self.parameters(),
+            max_norm,
+            norm_type,
+            pp_group=self.groups.lane_group,
+            device=self.device,
+            foreach=foreach,
+            error_if_nonfinite=error_if_nonfinite,
+        )
 
     # ---------------------------------------------------------------- running
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
