@@ -40,6 +40,25 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
   (activation forward, its gradient backward) ``+ R[u,a,b]``.
 
+What is hidden behind what (``rho``, the profile's overlap coefficient, is the fraction of a
+collective that runs concurrently with compute; the executor arranges exactly these overlaps,
+see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its FSDP /
+``replicate`` layers, so:
+
+- FSDP, ``c == 1``: the forward all-gather of layer ``u + 1`` is issued while layer ``u``
+  computes (forward prefetch) and the backward all-gather of layer ``u - 1`` while layer
+  ``u``'s backward computes (explicit backward prefetch): ``(1 - rho)`` of both is exposed,
+  in ``A``. The reduce-scatter of layer ``u`` runs during the backward of the layers before
+  it: ``(1 - rho)`` exposed, in ``G``.
+- FSDP, ``c > 1``: the one all-gather, in the first micro-batch's forward, is charged whole
+  in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
+  the first micro-batch also pays the pipeline's warm-up, which the formula does not
+  separate); the reduce-scatter during the last micro-batch's backward, ``(1 - rho)``.
+- DDP (classic buckets, and ``replicate``): the all-reduce during the last micro-batch's
+  backward, ``(1 - rho)`` exposed. With ``pp > 1`` the stage reduces during its last
+  backward too (not after the schedule, as torch's pipelining would for an FSDP root).
+- TP all-reduces and reshards are on the critical path: never hidden.
+
 Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` between stages):
 
 ``TPI = sum_i p_i + sum_i o_i + (c - 1) * max(max_i p_i, max_i o_i) + max_i s_i``,

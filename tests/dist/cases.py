@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from uniap.api import parallelize
 from uniap.errors import PlanMismatchError
 from uniap.executor import apply_plan, default_device
+from uniap.executor.data_parallel import fsdp_roots
 from uniap.plan import Plan
 
 LR = 1e-3
@@ -184,6 +186,8 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         with torch.no_grad():
             out["forward"] = pm.forward(batch(big_b, steps)[0]).detach().cpu()
         out["forward_full_batch"] = out["forward"].shape[0] == big_b
+    roots = fsdp_roots(pm.module)
+    layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.module.layers())
     full = pm.full_state_dict()
     if dist.get_rank() != 0:
         return None
@@ -195,6 +199,9 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
         "step_time_s": times,
         "tensor_kinds": _tensor_kinds(pm),
+        "fsdp2_layers": layers_fsdp2,
+        "fsdp_roots": len(roots),
+        "fsdp_root_is_stage": roots == [pm.module],
         "grad_norms": norms,
         "post_clip_norms": post_norms,
         "ref_grad_norms": ref_norms,

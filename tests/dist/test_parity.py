@@ -90,3 +90,23 @@ def test_world4_clip_grad_norm_equals_single_process(results_w4: dict[str, Any],
     assert all(n > 0.05 for n in res["ref_grad_norms"]), "the clip must be active"
     for post in res["post_clip_norms"]:
         assert post == pytest.approx(0.05, rel=1e-4), res["post_clip_norms"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_fsdp_root_per_stage(
+    results_w2: dict[str, Any], results_w4: dict[str, Any], world: int
+) -> None:
+    """Every parity case whose (rank 0) stage has FSDP2 layers (fully_shard or replicate) has
+    exactly one FSDP root, the stage module; a stage without them has none."""
+    results = results_w2 if world == 2 else results_w4
+    cases = cases_of(w2_cases() if world == 2 else w4_cases(), "parity")
+    checked = 0
+    for name in cases:
+        res = results[name]
+        assert "error" not in res, f"{name}: {res.get('error')}"
+        if res["fsdp2_layers"]:
+            assert res["fsdp_roots"] == 1 and res["fsdp_root_is_stage"], (name, res)
+            checked += 1
+        else:
+            assert res["fsdp_roots"] == 0, (name, res)
+    assert checked >= 5

@@ -7,8 +7,9 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
 4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
    FQNs do not change);
-5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), then
-   classic DDP around the stage for its ``tp == 1`` DDP layers (root last);
+5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), the
+   stage module as the one FSDP2 root of them (root last, so prefetching spans the stage),
+   then classic DDP around the stage for its ``tp == 1`` DDP layers;
 6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
 
 Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
@@ -33,7 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
-from uniap.executor.data_parallel import GradSync, apply_dp, uses_classic_ddp, wrap_ddp
+from uniap.executor.data_parallel import (
+    GradSync,
+    apply_dp,
+    apply_fsdp_root,
+    uses_classic_ddp,
+    wrap_ddp,
+)
 from uniap.executor.grad_norm import clip_grad_norm_
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
@@ -83,16 +90,21 @@ def apply_plan(
         if ls.recompute:
             apply_ac(module.get_submodule(ls.fqn))
     classic = [ls for ls in stage.layers if uses_classic_ddp(ls.kind, ls.dp, ls.tp)]
+    root_mesh = None
     for ls in stage.layers:
         if ls.dp > 1 and ls not in classic:
+            dp_mesh = groups.layer_mesh(ls.dp, ls.tp)["dp"]
             apply_dp(
                 module.get_submodule(ls.fqn),
                 ls.kind,
-                groups.layer_mesh(ls.dp, ls.tp)["dp"],
+                dp_mesh,
                 num_microbatches=plan.num_microbatches,
             )
+            root_mesh = root_mesh or dp_mesh
+    if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
+        apply_fsdp_root(module, root_mesh)
     ddp = None
-    if classic:  # root last: one DDP wrapper over the stage's tp == 1 DDP layers
+    if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
         ddp = wrap_ddp(
             module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group()
@@ -169,7 +181,7 @@ class ParallelModel:
         ``optimizer_state_bytes``, and on CPU ``activations_peak_bytes``)."""
         self._memory = StepMemory(module, groups.device)
         self._loss_fn = loss_fn
-        self._grad_sync = GradSync(module.layers(), ddp)
+        self._grad_sync = GradSync([module, *module.layers()], ddp)
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]
