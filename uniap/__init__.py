@@ -13,13 +13,14 @@ from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError, UniapE
 from uniap.graph import Layer, ModelGraph, build_graph, layer_chain
 from uniap.plan import LayerStrategy, Plan, Stage
 from uniap.planner import plan, plan_graph
+from uniap.precision import Precision
 from uniap.profiler import MeasuredProfile, calibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cluster", "ConfigError", "CostModel", "InfeasibleError", "Layer", "LayerStrategy", "MeasuredProfile", "ModelGraph",
-    "Plan", "PlanMismatchError", "Stage", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
+    "Plan", "PlanMismatchError", "Precision", "Stage", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
     "load_cluster", "parallelize", "plan", "plan_graph",
 ]
 

@@ -27,13 +27,20 @@ LR = 1e-3
 # by at most lr * |dg| / eps (~1e-6); every other entry is unaffected.
 EPS = 1e-6
 RTOL, ATOL = 1e-4, 1e-5
+# bf16-mixed parity (see test_precision.py for the justification of these bounds)
+LOSS_RTOL_BF16 = 2e-3
+UPDATE_RTOL_BF16 = 5e-2
+SGD_OPTIONS = {"lr": 0.5, "momentum": 0.5, "foreach": True}
 _FUNCOLS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
 _REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor], list[float]]] = {}
 
 
 def make_optimizer(pm: Any, kernel: str = "foreach") -> torch.optim.Optimizer:
     """AdamW with CUDA's multi-tensor kernel (``foreach``) or the ``fused`` one, on
-    ``pm.param_groups()``: what a training loop on GPUs runs."""
+    ``pm.param_groups()``: what a training loop on GPUs runs; ``sgd``: SGD with momentum
+    (``foreach``), whose updates are linear in the gradients (the bf16 parity cases)."""
+    if kernel == "sgd":
+        return torch.optim.SGD(pm.param_groups(), **SGD_OPTIONS)
     return torch.optim.AdamW(pm.param_groups(), lr=LR, eps=EPS, **{kernel: True})
 
 
@@ -42,6 +49,17 @@ def _tensor_kinds(pm: Any) -> list[str]:
     from torch.distributed.tensor import DTensor
 
     return sorted({"dtensor" if isinstance(p, DTensor) else "plain" for p in pm.parameters()})
+
+
+def _autocast(precision: str | None, device: torch.device) -> Any:
+    """The single-process reference of a mixed-precision plan: ``torch.autocast``."""
+    import contextlib
+
+    from uniap.precision import resolve_precision
+
+    if precision is None:
+        return contextlib.nullcontext()
+    return resolve_precision(precision).autocast(device.type)
 
 
 def _toy(case: dict) -> tuple[Any, Any, Any, Any]:
@@ -101,15 +119,29 @@ def _reference(
     norms ``torch.nn.utils.clip_grad_norm_`` returned."""
     device = default_device()  # the same kind of device as the parallel run
     clip = case.get("clip")
-    key = (case["model"], case.get("n_blocks"), big_b, steps, device.type, clip)
+    precision = case.get("precision")
+    key = (
+        case["model"],
+        case.get("n_blocks"),
+        big_b,
+        steps,
+        device.type,
+        clip,
+        precision,
+        case.get("optimizer"),
+    )
     if key not in _REFERENCE:
         model = build().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
+        if case.get("optimizer") == "sgd":
+            opt = torch.optim.SGD(model.parameters(), **SGD_OPTIONS)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
         losses, norms = [], []
         for step in range(steps):
             x, y = batch(big_b, step)
             opt.zero_grad()
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            with _autocast(precision, device):  # fp32 master weights, bf16 compute
+                loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
             if clip is not None:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
@@ -123,7 +155,13 @@ def _reference(
     return _REFERENCE[key]
 
 
-def _compare(full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _compare(
+    full: dict[str, torch.Tensor],
+    ref_state: dict[str, torch.Tensor],
+    *,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> dict[str, Any]:
     worst, worst_key, bad = 0.0, None, []
     for k, ref in ref_state.items():
         got = full.get(k)
@@ -135,8 +173,37 @@ def _compare(full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) 
         diff = float((got.float() - ref.float()).abs().max()) if ref.numel() else 0.0
         if diff > worst:
             worst, worst_key = diff, k
-        if not torch.allclose(got.float(), ref.float(), rtol=RTOL, atol=ATOL):
+        if not torch.allclose(got.float(), ref.float(), rtol=rtol, atol=atol):
             bad.append(f"{k}: max abs diff {diff:.3g}")
+    extra = sorted(set(full) - set(ref_state))
+    return {
+        "params_close": not bad and not extra,
+        "bad_params": bad[:5],
+        "extra_params": extra[:5],
+        "worst_param_diff": worst,
+        "worst_param": worst_key,
+    }
+
+
+def _compare_updates(
+    full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Mixed-precision parity: each tensor's total update ``final - init`` against the
+    reference's, relative error ``|d - d_ref| / |d_ref|`` (2-norms) at most UPDATE_RTOL_BF16."""
+    worst, worst_key, bad = 0.0, None, []
+    for k, ref in ref_state.items():
+        got = full.get(k)
+        if got is None or got.shape != ref.shape:
+            bad.append(f"{k}: missing or misshapen")
+            continue
+        d_ref = (ref.float() - init[k].float()).norm()
+        if not ref.is_floating_point() or d_ref == 0:
+            continue
+        err = float((got.float() - ref.float()).norm() / d_ref)
+        if err > worst:
+            worst, worst_key = err, k
+        if err > UPDATE_RTOL_BF16:
+            bad.append(f"{k}: relative update error {err:.3g}")
     extra = sorted(set(full) - set(ref_state))
     return {
         "params_close": not bad and not extra,
@@ -169,6 +236,10 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             schedule=case.get("schedule"),
         )
     opt = make_optimizer(pm, case.get("optimizer", "foreach"))
+    linear_out_dtypes: set[str] = set()  # what the Linears compute in, during training
+    for m in pm.module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, o: linear_out_dtypes.add(str(o.dtype)))
     losses, times, norms, post_norms = [], [], [], []
     for step in range(steps):
         x, y = batch(big_b, step)
@@ -185,18 +256,48 @@ def parity_case(case: dict) -> dict[str, Any] | None:
     if case.get("forward") and pm.plan.pp_degree == 1:
         with torch.no_grad():
             out["forward"] = pm.forward(batch(big_b, steps)[0]).detach().cpu()
+        out["forward_dtype"] = str(out["forward"].dtype)
+        out["forward"] = out["forward"].float()
         out["forward_full_batch"] = out["forward"].shape[0] == big_b
+    master_dtypes = sorted({str(p.dtype) for p in pm.parameters()})
+    state_dtypes = sorted(
+        {
+            str(v.dtype)
+            for st in opt.state.values()
+            for k, v in st.items()
+            if k != "step" and torch.is_tensor(v)
+        }
+    )
     roots = fsdp_roots(pm.module)
     layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.module.layers())
     full = pm.full_state_dict()
     if dist.get_rank() != 0:
         return None
     ref_losses, ref_state, ref_norms = _reference(case, build, batch, loss_fn, big_b, steps)
+    precision_checks: dict[str, Any] = {}
+    if case.get("precision"):
+        fp32_losses, fp32_state, _ = _reference(
+            {**case, "precision": None, "clip": None}, build, batch, loss_fn, big_b, steps
+        )
+        fp32_gap = _compare_updates(fp32_state, ref_state, build().state_dict())
+        precision_checks = {
+            "master_dtypes": master_dtypes,
+            "optimizer_state_dtypes": state_dtypes,
+            "forward_dtype": out.get("forward_dtype"),
+            "linear_output_dtypes": sorted(linear_out_dtypes),
+            "fp32_ref_losses": fp32_losses,
+            "loss_gap_to_ref": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "loss_gap_to_fp32_ref": max(abs(a - b) for a, b in zip(losses, fp32_losses)),
+            "fp32_vs_bf16_ref_update_error": fp32_gap["worst_param_diff"],
+        }
     result = {
         "plan": pm.plan.summary(),
         "losses": losses,
         "ref_losses": ref_losses,
-        "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
+        "losses_close": all(
+            abs(a - b) <= (LOSS_RTOL_BF16 if case.get("precision") else RTOL) * abs(b) + ATOL
+            for a, b in zip(losses, ref_losses)
+        ),
         "step_time_s": times,
         "tensor_kinds": _tensor_kinds(pm),
         "fsdp2_layers": layers_fsdp2,
@@ -208,15 +309,21 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         "grad_norms_close": len(norms) == len(ref_norms)
         and all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(norms, ref_norms)),
         "num_param_groups": len(opt.param_groups),
-        **_compare(full, ref_state),
+        **(
+            _compare_updates(full, ref_state, build().state_dict())
+            if case.get("precision")
+            else _compare(full, ref_state)
+        ),
+        **precision_checks,
     }
     if "forward" in out:
         ref_model = build()
         ref_model.load_state_dict(ref_state)
-        with torch.no_grad():
-            expect = ref_model(batch(big_b, steps)[0])
+        with torch.no_grad(), _autocast(case.get("precision"), torch.device("cpu")):
+            expect = ref_model(batch(big_b, steps)[0]).float()
+        tol = (LOSS_RTOL_BF16, 1e-2) if case.get("precision") else (RTOL, ATOL)
         result["forward_close"] = out["forward_full_batch"] and bool(
-            torch.allclose(out["forward"], expect, rtol=RTOL, atol=ATOL)
+            torch.allclose(out["forward"], expect, rtol=tol[0], atol=tol[1])
         )
     return result
 

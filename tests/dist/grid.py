@@ -144,6 +144,31 @@ def preset(
 
 
 # ------------------------------------------------------------------------------ the grid
+def bf16(case: dict) -> dict:
+    """The same case with ``precision: bf16-mixed`` in its plan (reference under autocast)."""
+    case["plan"]["precision"] = "bf16-mixed"
+    return {**case, "name": "bf16_" + case["name"], "precision": "bf16-mixed", "optimizer": "sgd"}
+
+
+def precision_cases() -> list[dict]:
+    """World size 4, bf16-mixed: DDP, FSDP, TP (with FSDP and with classic DDP) and pp = 2."""
+    return [
+        bf16(toy("pp1_dp4_ddp_c2", 4, [[(4, 1, D)]], c=2, forward=True)),
+        bf16(toy("pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2)),
+        bf16(toy("pp1_tp4_blocks_c1", 4, [[(4, 1, D), (1, 4, D), (1, 4, D), (4, 1, D)]])),
+        bf16(toy("pp1_dp2tp2_fsdp_c2", 4, [[(4, 1, F), (2, 2, F), (2, 2, D), (4, 1, F)]], c=2)),
+        bf16(
+            toy(
+                "pp2_fsdp_tp2_1f1b_c2",
+                4,
+                [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+                c=2,
+                schedule="1F1B",
+            )
+        ),
+    ]
+
+
 def w2_cases() -> list[dict]:
     """World size 2."""
     return [
@@ -340,6 +365,7 @@ def w4_cases() -> list[dict]:
             clip=0.05,
         ),
         toy("clip_pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B", clip=0.05),
+        *precision_cases(),
         toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
         toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),
         toy("pp4_gpipe_c1", 4, [[(1, 1, D)]] * 4, c=1),

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from uniap.strategies import DDP_BUCKET_BYTES, uses_classic_ddp
@@ -66,20 +66,32 @@ logger = logging.getLogger(__name__)
 
 
 def apply_dp(
-    module: nn.Module, kind: str, dp_mesh: DeviceMesh, *, num_microbatches: int
+    module: nn.Module,
+    kind: str,
+    dp_mesh: DeviceMesh,
+    *,
+    num_microbatches: int,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
     Layers for which :func:`uses_classic_ddp` holds are synchronised by :func:`wrap_ddp`
-    instead; this function is not called for them.
+    instead; this function is not called for them. ``mp_policy``: FSDP2's mixed precision
+    (:meth:`uniap.precision.Precision.mp_policy`), default full precision.
     """
+    mp_policy = mp_policy or MixedPrecisionPolicy()
     if dp_mesh.size() == 1 or not any(True for _ in module.parameters()):
         return module
     if kind == "FSDP":
-        fully_shard(module, mesh=dp_mesh, reshard_after_forward=num_microbatches == 1)
+        fully_shard(
+            module,
+            mesh=dp_mesh,
+            reshard_after_forward=num_microbatches == 1,
+            mp_policy=mp_policy,
+        )
     elif kind == "DDP":
-        replicate(module, mesh=dp_mesh)
+        replicate(module, mesh=dp_mesh, mp_policy=mp_policy)
     else:
         raise ValueError(f"unknown data-parallel kind {kind!r}; use 'DDP' or 'FSDP'")
     assert isinstance(module, FSDPModule)
@@ -88,7 +100,9 @@ def apply_dp(
     return module
 
 
-def apply_fsdp_root(module: nn.Module, mesh: DeviceMesh) -> bool:
+def apply_fsdp_root(
+    module: nn.Module, mesh: DeviceMesh, *, mp_policy: MixedPrecisionPolicy | None = None
+) -> bool:
     """Make ``module`` (a stage) the FSDP2 root of the FSDP2 / ``replicate`` states below it,
     managing no parameter of its own; False (nothing done) when there is none. Call it after
     every layer's :func:`apply_dp` and before :func:`wrap_ddp`. ``mesh``: one of the layers'
@@ -100,7 +114,21 @@ def apply_fsdp_root(module: nn.Module, mesh: DeviceMesh) -> bool:
     if not managed:
         return False
     ignored = {p for p in module.parameters() if id(p) not in managed}
-    fully_shard(module, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+    policy = mp_policy or MixedPrecisionPolicy()
+    # the stage's inputs are left as they are: autocast decides per op (see uniap.precision)
+    policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype,
+        reduce_dtype=policy.reduce_dtype,
+        output_dtype=policy.output_dtype,
+        cast_forward_inputs=False,
+    )
+    fully_shard(
+        module,
+        mesh=mesh,
+        reshard_after_forward=False,
+        ignored_params=ignored,
+        mp_policy=policy,
+    )
     assert isinstance(module, FSDPModule)
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)

@@ -12,6 +12,10 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
    then classic DDP around the stage for its ``tp == 1`` DDP layers;
 6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
 
+Precision (``plan.precision``, see :mod:`uniap.precision`): the stage is cast to the master
+dtype before sharding, its forward and the loss run under ``torch.autocast(param_dtype)``,
+and FSDP / ``replicate`` layers (and the stage root) get FSDP2's ``MixedPrecisionPolicy``.
+
 Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
 (``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
 ``local_samples / global_batch``, gradients are summed over DP groups, and the returned value
@@ -21,6 +25,7 @@ rank returns the same float.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,6 +55,7 @@ from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.graph import Layer
 from uniap.plan import Plan
+from uniap.precision import install_autocast
 
 __all__ = ["ParallelModel", "apply_plan"]
 
@@ -77,10 +83,21 @@ def apply_plan(
         )
     for ls in plan.layer_strategies:
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+    precision = plan.precision
+    if precision is not None and precision.mixed and precision.param_dtype == "float16":
+        raise UniapError(
+            f"precision {precision.name}: fp16 compute needs a loss scaler, which the executor "
+            "does not provide yet; use 'bf16-mixed' (or 'fp32')"
+        )
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
     module = build_stage_module(model, plan, stage_index, groups, device)
+    mp_policy = None
+    if precision is not None:  # master copy in master_dtype, compute under autocast
+        module.to(precision.torch_dtype("master_dtype"))
+        install_autocast(module, precision, device.type)
+        mp_policy = precision.mp_policy()
     for ls in stage.layers:
         if ls.tp > 1:
             apply_tp(
@@ -99,10 +116,11 @@ def apply_plan(
                 ls.kind,
                 dp_mesh,
                 num_microbatches=plan.num_microbatches,
+                mp_policy=mp_policy,
             )
             root_mesh = root_mesh or dp_mesh
     if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
-        apply_fsdp_root(module, root_mesh)
+        apply_fsdp_root(module, root_mesh, mp_policy=mp_policy)
     ddp = None
     if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
@@ -282,7 +300,13 @@ class ParallelModel:
 
     # ---------------------------------------------------------------- running
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
-        return self._loss_fn(output, target) * self._loss_scale
+        with self._autocast():
+            return self._loss_fn(output, target) * self._loss_scale
+
+    def _autocast(self) -> Any:
+        """The loss runs under the plan's autocast, like the stage's forward."""
+        p = self.plan.precision
+        return p.autocast(self.device.type) if p is not None else contextlib.nullcontext()
 
     def _to_device(self, value: Any) -> Any:
         return map_tensors(lambda t: t.to(self.device, non_blocking=True), value)
