@@ -72,7 +72,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         profile = MeasuredProfile.load(args.profile)
     p = plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
-             dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
+             dtype=args.dtype, precision=args.precision, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
              schedules=[args.schedule] if args.schedule else None,
              progress=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     print(p.describe())
@@ -156,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="preset name (see `uniap models`) or module:function")
     p.add_argument("--cluster", required=True, help="preset name (see `uniap clusters`) or a YAML file")
     p.add_argument("--global-batch-size", type=int, required=True)
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (compute dtype; prefer --precision)")
+    p.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "fp32"], default=None,
+                   help="mixed precision to plan for (default: bf16-mixed on CUDA clusters, fp32 on CPU ones, "
+                        "or from --dtype)")
     p.add_argument("--schedule", choices=["GPipe", "1F1B"], default=None)
     p.add_argument("--time-limit-s", type=float, default=60.0, help="per program solved")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of a text preset")

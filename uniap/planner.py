@@ -54,6 +54,7 @@ from uniap.milp import (
     solve,
 )
 from uniap.plan import SCHEDULES, LayerStrategy, Plan, Stage, _fmt_bytes
+from uniap.precision import Precision, default_precision, precision_for_dtype, resolve_precision
 from uniap.profiler import Profile
 from uniap.search import heuristic
 from uniap.strategies import divisors
@@ -114,8 +115,11 @@ def plan_graph(
     threads: int = 1,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    precision: Precision | str | None = None,
 ) -> Plan:
-    """The optimal plan for a layer chain on a cluster (see the module docstring)."""
+    """The optimal plan for a layer chain on a cluster (see the module docstring).
+    ``precision``: recorded in the plan and charged by the cost model (default: from the
+    graph's dtype, :func:`uniap.precision.precision_for_dtype`)."""
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
@@ -127,7 +131,9 @@ def plan_graph(
         if bad:
             raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
     _log_tp_exclusions(graph)
-    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute)
+    precision = resolve_precision(precision) if precision is not None else precision_for_dtype(graph.dtype)
+    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
+                   precision=precision)
     pps = [p for p in divisors(N) if p <= L]
     if pp_degrees is not None:
         bad = [p for p in pp_degrees if p not in pps]
@@ -271,22 +277,41 @@ def plan(
     example_inputs=None,
     seq_len: int | None = None,
     dtype: str | None = None,
+    precision: Precision | str | None = None,
     **kwargs,
 ) -> Plan:
     """The optimal plan for ``model`` (an ``nn.Module``, on any device, or a preset name from
     :mod:`uniap.models`; ``seq_len`` overrides a text preset's sequence length) on ``cluster``
-    (a :class:`Cluster`, preset name or YAML path). Keyword arguments go to :func:`plan_graph`."""
+    (a :class:`Cluster`, preset name or YAML path). Keyword arguments go to :func:`plan_graph`.
+
+    ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``, ``"fp32"`` or a
+    :class:`~uniap.precision.Precision`; the graph is built in its ``param_dtype``. Default:
+    from ``dtype`` when given (float32 -> fp32, bfloat16 -> bf16-mixed), else
+    ``bf16-mixed`` on a CUDA cluster and ``fp32`` on a CPU one (for a :class:`ModelGraph`:
+    from its dtype)."""
     from uniap.cluster import load_cluster
     from uniap.graph import build_graph
 
     if isinstance(cluster, str):
         cluster = load_cluster(cluster)
-    if isinstance(dtype, str):
-        import torch
+    if isinstance(dtype, str) and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    if precision is not None:
+        precision = resolve_precision(precision)
+        if dtype is not None and str(dtype).removeprefix("torch.") != precision.param_dtype:
+            raise ConfigError(
+                f"dtype {dtype} contradicts precision {precision.name} (compute in "
+                f"{precision.param_dtype}); pass one of them"
+            )
+    elif isinstance(model, ModelGraph):
+        precision = precision_for_dtype(model.dtype)
+    elif dtype is not None:
+        precision = precision_for_dtype(dtype)
+    else:
+        precision = default_precision(cluster)
+    import torch
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
+    dtype = getattr(torch, precision.param_dtype)
     if isinstance(model, ModelGraph):
         graph = model
     elif isinstance(model, str):
@@ -306,7 +331,7 @@ def plan(
         if seq_len is not None:
             raise ConfigError("seq_len applies to model presets; for an nn.Module pass example_inputs of that length")
         graph = build_graph(model, example_inputs, dtype=dtype)
-    return plan_graph(graph, cluster, global_batch_size=global_batch_size, **kwargs)
+    return plan_graph(graph, cluster, global_batch_size=global_batch_size, precision=precision, **kwargs)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -372,6 +397,7 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
         num_microbatches=t.num_microbatches,
         schedule=t.schedule,
         stages=tuple(stages),
+        precision=cm.precision,
         predicted={
             "time_per_iteration_s": float(tpi),
             "samples_per_s": float(B / tpi),

@@ -46,6 +46,7 @@ __all__ = [
     "Precision",
     "default_precision",
     "install_autocast",
+    "precision_for_dtype",
     "resolve_precision",
 ]
 
@@ -185,6 +186,15 @@ def resolve_precision(value: Precision | str | None, *, cluster: Any = None) -> 
     raise ConfigError(
         f"unknown precision {value!r}; use one of {sorted(PRECISIONS)} or "
         "uniap.Precision(param_dtype=..., reduce_dtype=..., master_dtype=...)"
+    )
+
+
+def precision_for_dtype(dtype: Any) -> Precision:
+    """The precision a model in ``dtype`` is planned with when none is given: ``fp32`` for
+    float32, else mixed with that compute dtype (fp32 master copy and reduction)."""
+    name = _dtype_name(dtype, "dtype")
+    return {"float32": PRECISIONS["fp32"], "bfloat16": PRECISIONS["bf16-mixed"]}.get(
+        name, PRECISIONS["fp16-mixed"]
     )
 
 

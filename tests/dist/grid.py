@@ -59,6 +59,13 @@ def _graph(name: str) -> Any:
     return build_graph(build_model(name), example_batch(name, 2)[0], name=name)
 
 
+@functools.cache
+def _toy_sig_bf16() -> str:
+    import torch
+
+    return toy_signature(dtype=torch.bfloat16)
+
+
 def has_transformers() -> bool:
     """True when Hugging Face ``transformers`` is installed (the HF cases need it)."""
     import importlib.util
@@ -146,7 +153,10 @@ def preset(
 # ------------------------------------------------------------------------------ the grid
 def bf16(case: dict) -> dict:
     """The same case with ``precision: bf16-mixed`` in its plan (reference under autocast)."""
+
     case["plan"]["precision"] = "bf16-mixed"
+    # parallelize checks the plan against the model's graph in the plan's compute dtype
+    case["plan"]["model"]["signature"] = _toy_sig_bf16()
     return {**case, "name": "bf16_" + case["name"], "precision": "bf16-mixed", "optimizer": "sgd"}
 
 
@@ -154,6 +164,16 @@ def precision_cases() -> list[dict]:
     """World size 4, bf16-mixed: DDP, FSDP, TP (with FSDP and with classic DDP) and pp = 2."""
     return [
         bf16(toy("pp1_dp4_ddp_c2", 4, [[(4, 1, D)]], c=2, forward=True)),
+        # planned by parallelize(precision="bf16-mixed") on rank 0, on the cpu-4 preset
+        {
+            "name": "bf16_planned_gpt_tiny_cpu4",
+            "model": "gpt-tiny",
+            "plan": None,
+            "cluster": "cpu-4",
+            "global_batch_size": 8,
+            "precision": "bf16-mixed",
+            "optimizer": "sgd",
+        },
         bf16(toy("pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2)),
         bf16(toy("pp1_tp4_blocks_c1", 4, [[(4, 1, D), (1, 4, D), (1, 4, D), (4, 1, D)]])),
         bf16(toy("pp1_dp2tp2_fsdp_c2", 4, [[(4, 1, F), (2, 2, F), (2, 2, D), (4, 1, F)]], c=2)),

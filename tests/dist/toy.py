@@ -158,11 +158,12 @@ def make_plan(
     )
 
 
-def toy_signature(n_blocks: int = 2) -> str:
-    """``ModelGraph.signature`` of the toy (what ``parallelize`` checks plans against)."""
+def toy_signature(n_blocks: int = 2, dtype: torch.dtype | None = None) -> str:
+    """``ModelGraph.signature`` of the toy (what ``parallelize`` checks plans against), with
+    the graph in compute ``dtype`` (a plan's precision; default the model's)."""
     from uniap.graph import build_graph
 
-    return build_graph(build_toy(n_blocks), toy_batch(2)[0]).signature
+    return build_graph(build_toy(n_blocks), toy_batch(2)[0], dtype=dtype).signature
 
 
 def toy_fqns(n_blocks: int = 2) -> list[str]:
