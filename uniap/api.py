@@ -176,6 +176,8 @@ def parallelize(
     time_limit_s: float | None = None,
     timeout_s: float = 1800.0,
     precision: Any = None,
+    init_weights: Any = None,
+    seed: int = 0,
 ) -> ParallelModel:
     """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
 
@@ -190,6 +192,9 @@ def parallelize(
     ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``, ``"fp32"`` or a
     :class:`~uniap.precision.Precision`, to plan with (default: the planner's, by cluster),
     or to run a given plan with (overrides the plan's; see :mod:`uniap.precision`).
+    ``init_weights(layer)``, ``seed``: for a ``model`` built on the meta device, how each
+    rank initialises its shards (default: ``reset_parameters()``; see
+    :mod:`uniap.executor.materialize`).
     """
     if precision is not None:
         from uniap.precision import resolve_precision
@@ -265,7 +270,15 @@ def parallelize(
     _agree_on_plan(given, status)
     layers = {layer.fqn: layer for layer in graph.layers} if graph is not None else None
     logger.info("applying plan %s: %s", plan_hash(given), given.summary())
-    return apply_plan(model, given, loss_fn=loss_fn, layers=layers, device=default_device())
+    return apply_plan(
+        model,
+        given,
+        loss_fn=loss_fn,
+        layers=layers,
+        device=default_device(),
+        init_weights=init_weights,
+        seed=seed,
+    )
 
 
 def _plan_on_rank0(

@@ -519,3 +519,74 @@ def memory_case(case: dict) -> dict[str, Any] | None:
 
 
 _KINDS["memory"] = memory_case
+
+
+def meta_case(case: dict) -> dict[str, Any] | None:
+    """A toy built on the meta device: every rank materialises only its shards; the full
+    parameters equal a single-process init with the same seed, and two AdamW steps give the
+    reference's losses. Reports this rank's parameter bytes against the model's."""
+    from toy import Toy, toy_batch, toy_fqns, toy_init_weights, toy_loss
+
+    from uniap.executor.materialize import init_model
+
+    plan = Plan.from_dict(case["plan"])
+    with torch.device("meta"):
+        model = Toy()
+    x, y = toy_batch(plan.global_batch_size, seed=0)
+    pm = parallelize(
+        model,
+        plan=plan,
+        loss_fn=toy_loss,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+        init_weights=toy_init_weights,
+        seed=7,
+    )
+    local_bytes = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        for p in pm.parameters()
+    )
+    on_meta = any(p.is_meta for p in pm.parameters())
+    init_full = pm.full_state_dict()
+    opt = make_optimizer(pm)
+    losses = []
+    for step in range(2):
+        xb, yb = toy_batch(plan.global_batch_size, seed=step)
+        opt.zero_grad()
+        losses.append(pm.train_step(xb, yb))
+        opt.step()
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local_bytes)
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        ref = Toy()
+    init_model(ref, toy_fqns(), seed=7, init_weights=toy_init_weights)
+    ref_init = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, foreach=True)
+    ref_losses = []
+    for step in range(2):
+        xb, yb = toy_batch(plan.global_batch_size, seed=step)
+        ref_opt.zero_grad()
+        loss = toy_loss(ref(xb), yb)
+        loss.backward()
+        ref_opt.step()
+        ref_losses.append(float(loss))
+    layer_bytes = [
+        sum(p.numel() * p.element_size() for p in ref.get_submodule(f).parameters())
+        for f in toy_fqns()
+    ]
+    return {
+        "init_equal": set(init_full) == set(ref_init)
+        and all(torch.equal(init_full[k], ref_init[k]) for k in ref_init),
+        "on_meta_after": on_meta,
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
+        "local_param_bytes": everyone,
+        "model_param_bytes": sum(layer_bytes),
+        "largest_layer_bytes": max(layer_bytes),
+    }
+
+
+_KINDS["meta"] = meta_case

@@ -386,6 +386,23 @@ def w4_cases() -> list[dict]:
         ),
         toy("clip_pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B", clip=0.05),
         *precision_cases(),
+        # built on the meta device: FSDP; FSDP x TP with classic DDP; pp = 2 with TP
+        toy("meta_pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2, kind="meta"),
+        toy(
+            "meta_pp1_ddp_dp2tp2fsdp_tp4_c2",
+            4,
+            [[(4, 1, D), (2, 2, F), (1, 4, D), (4, 1, F)]],
+            c=2,
+            kind="meta",
+        ),
+        toy(
+            "meta_pp2_fsdp_tp2_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+            c=2,
+            schedule="1F1B",
+            kind="meta",
+        ),
         toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
         toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),
         toy("pp4_gpipe_c1", 4, [[(1, 1, D)]] * 4, c=1),

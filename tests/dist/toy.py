@@ -87,6 +87,16 @@ def build_toy(n_blocks: int = 2, seed: int = 0) -> Toy:
     return Toy(n_blocks)
 
 
+def toy_init_weights(layer: nn.Module) -> None:
+    """Initialise one toy layer in place (for a model built on the meta device)."""
+    for m in layer.modules():
+        if isinstance(m, Embed):
+            nn.init.normal_(m.pos, std=0.02)
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
 def toy_layers(n_blocks: int = 2) -> dict[str, Layer]:
     """Hand-written layer descriptions: blocks have two TP pairs."""
     pairs = (

@@ -47,6 +47,7 @@ from uniap.executor.data_parallel import (
     wrap_ddp,
 )
 from uniap.executor.grad_norm import clip_grad_norm_
+from uniap.executor.materialize import is_meta, materialize_stage
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
@@ -69,12 +70,18 @@ def apply_plan(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     layers: Mapping[str, Layer] | None = None,
     device: torch.device,
+    init_weights: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
 ) -> ParallelModel:
     """Build this rank's part of ``plan`` from ``model`` (left untouched). Collective.
 
     ``layers`` maps layer FQNs to their :class:`~uniap.graph.Layer` (for the TP plans); it is
-    only needed when some layer has ``tp > 1``.
+    only needed when some layer has ``tp > 1``. A ``model`` on the meta device is sharded on
+    meta and then only this rank's shards are materialised and initialised
+    (:mod:`.materialize`: ``init_weights(layer)`` per layer, else ``reset_parameters()``,
+    under ``seed + layer index``).
     """
+    meta = is_meta(model)
     layers = dict(layers or {})
     if dist.get_world_size() != plan.world_size:  # refuse before any collective
         raise PlanMismatchError(
@@ -121,6 +128,15 @@ def apply_plan(
             root_mesh = root_mesh or dp_mesh
     if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
         apply_fsdp_root(module, root_mesh, mp_policy=mp_policy)
+    if meta:  # this rank's shards only, initialised layer by layer
+        materialize_stage(
+            module,
+            model,
+            [ls.fqn for ls in plan.layer_strategies],
+            device=device,
+            seed=seed,
+            init_weights=init_weights,
+        )
     ddp = None
     if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
