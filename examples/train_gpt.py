@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({pm.device.type}), global batch {GLOBAL_BATCH}",
             flush=True,
         )
-    opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(pm.param_groups(), lr=args.lr, foreach=True)
     for step in range(1, args.steps + 1):
         x, y = example_batch(MODEL, GLOBAL_BATCH, seed=step)
         opt.zero_grad()

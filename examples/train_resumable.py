@@ -74,7 +74,7 @@ def main() -> None:
         loss_fn=loss_fn_for(args.model),
         timeout_s=args.timeout_s,
     )
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+    opt = torch.optim.AdamW(pm.param_groups(), lr=LR, eps=EPS, foreach=True)
     rank = dist.get_rank()
     start = 0
     if ckpt is not None:

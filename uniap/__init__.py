@@ -15,12 +15,13 @@ from uniap.cost_model import CostModel
 from uniap.errors import ConfigError, InfeasibleError, PlanMismatchError, UniapError
 from uniap.graph import Layer, ModelGraph, build_graph, layer_chain
 from uniap.planner import plan, plan_graph
+from uniap.precision import Precision
 from uniap.profiles import MeasuredProfile
 
 __all__ = [
     "__version__",
     "Cluster", "ConfigError", "CostModel", "InfeasibleError", "Layer", "LayerStrategy", "MeasuredProfile", "ModelGraph",
-    "Plan", "PlanMismatchError", "Stage", "Strategy", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
+    "Plan", "PlanMismatchError", "Precision", "Stage", "Strategy", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
     "load_cluster", "parallelize", "plan", "plan_graph",
 ]
 

@@ -4,7 +4,7 @@ Run it under ``torchrun`` (every rank calls it with the same arguments)::
 
     pm = uniap.api.parallelize(model, "cpu-4", global_batch_size=16,
                                example_inputs=x, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(pm.param_groups(), lr=1e-3, foreach=True)
     for x, y in batches:
         opt.zero_grad()
         loss = pm.train_step(x, y)
@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -44,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 
 def plan_hash(plan: Plan) -> str:
-    """Hash of what the executor runs (model signature, sizes, schedule, stages); predictions
-    and solver statistics do not count."""
+    """Hash of what the executor runs (model signature, sizes, schedule, precision when
+    recorded, stages); predictions and solver statistics do not count."""
     d = plan.to_dict()
     key = {
         k: d[k]
@@ -55,8 +56,10 @@ def plan_hash(plan: Plan) -> str:
             "global_batch_size",
             "num_microbatches",
             "schedule",
+            "precision",
             "stages",
         )
+        if k in d
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -68,13 +71,20 @@ def _launched_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _model_identity(model: nn.Module, example_inputs: Any) -> tuple[Any, tuple[str, ...]]:
-    """(ModelGraph or None, layer FQNs)."""
+def _model_identity(
+    model: nn.Module, example_inputs: Any, dtype: str | None = None
+) -> tuple[Any, tuple[str, ...]]:
+    """(ModelGraph or None, layer FQNs); the graph in compute ``dtype`` (default: the model's)."""
     from uniap.graph import build_graph, layer_chain
 
     if example_inputs is None:
         return None, tuple(f for f, _ in layer_chain(model))
-    graph = build_graph(model, example_inputs, name=getattr(model, "uniap_name", None))
+    graph = build_graph(
+        model,
+        example_inputs,
+        name=getattr(model, "uniap_name", None),
+        dtype=getattr(torch, dtype) if dtype is not None else None,
+    )
     return graph, graph.fqns
 
 
@@ -113,6 +123,9 @@ def parallelize(
     schedule: str | None = None,
     time_limit_s: float | None = None,
     timeout_s: float = 1800.0,
+    precision: Any = None,
+    init_weights: Any = None,
+    seed: int = 0,
 ) -> ParallelModel:
     """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
 
@@ -124,7 +137,17 @@ def parallelize(
     planned on rank 0 when None. ``schedule``: restrict planning to ``GPipe``/``1F1B``, or
     override a given plan's schedule. ``time_limit_s``: the planner's budget.
     ``timeout_s``: the process group timeout when this call initialises it.
+    ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``, ``"fp32"`` or a
+    :class:`~uniap.precision.Precision`, to plan with (default: the planner's, by cluster),
+    or to run a given plan with (overrides the plan's; see :mod:`uniap.precision`).
+    ``init_weights(layer)``, ``seed``: for a ``model`` built on the meta device, how each
+    rank initialises its shards (default: ``reset_parameters()``; see
+    :mod:`uniap.executor.materialize`).
     """
+    if precision is not None:
+        from uniap.precision import resolve_precision
+
+        precision = resolve_precision(precision)
     rank, world_size = _launched_world()
     if (
         not isinstance(global_batch_size, int)
@@ -141,11 +164,21 @@ def parallelize(
                 f"cluster {cluster.name!r} has {cluster.world_size} devices but {world_size} "
                 "processes were launched; launch one process per device or pass the matching cluster"
             )
-    graph, fqns = _model_identity(model, example_inputs)
     given = _as_plan(plan) if plan is not None else None
+    if precision is None and given is None:  # the planner's default, known before planning
+        from uniap.cluster import Cluster
+        from uniap.precision import default_precision
+
+        precision = default_precision(cluster if cluster is not None else Cluster.detect())
+    compute = precision or (given.precision if given is not None else None)
+    graph, fqns = _model_identity(
+        model, example_inputs, compute.param_dtype if compute is not None else None
+    )
     if given is not None:
         if schedule is not None and schedule != given.schedule:
             given = dataclasses.replace(given, schedule=schedule)
+        if precision is not None and precision != given.precision:
+            given = dataclasses.replace(given, precision=precision)
         _check_plan(
             given,
             graph=graph,
@@ -169,6 +202,7 @@ def parallelize(
             example_inputs=example_inputs,
             schedule=schedule,
             time_limit_s=time_limit_s,
+            precision=precision,
         )
     status: str | None = None
     try:
@@ -184,7 +218,15 @@ def parallelize(
     _agree_on_plan(given, status)
     layers = {layer.fqn: layer for layer in graph.layers} if graph is not None else None
     logger.info("applying plan %s: %s", plan_hash(given), given.summary())
-    return apply_plan(model, given, loss_fn=loss_fn, layers=layers, device=default_device())
+    return apply_plan(
+        model,
+        given,
+        loss_fn=loss_fn,
+        layers=layers,
+        device=default_device(),
+        init_weights=init_weights,
+        seed=seed,
+    )
 
 
 def _plan_on_rank0(
@@ -196,6 +238,7 @@ def _plan_on_rank0(
     example_inputs: Any,
     schedule: str | None,
     time_limit_s: float | None,
+    precision: Any = None,
 ) -> Plan:
     """Rank 0 plans; every rank receives the plan (or rank 0's error)."""
     payload: list[Any] = [None]
@@ -209,6 +252,8 @@ def _plan_on_rank0(
                 kwargs["schedules"] = [schedule]
             if time_limit_s is not None:
                 kwargs["time_limit_s"] = time_limit_s
+            if precision is not None:
+                kwargs["precision"] = precision
             found = make_plan(
                 model_or_graph,
                 cluster if cluster is not None else Cluster.detect(),

@@ -45,7 +45,8 @@ def _plan_from_args(args: argparse.Namespace):
 
         profile = MeasuredProfile.load(args.profile)
     return plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
-                dtype=args.dtype, time_limit_s=args.time_limit_s, profile=profile, seq_len=args.seq_len,
+                dtype=args.dtype, precision=args.precision, time_limit_s=args.time_limit_s, profile=profile,
+                seq_len=args.seq_len,
                 schedules=[args.schedule] if args.schedule else None,
                 progress_interval_s=args.progress_interval_s)
 
@@ -359,9 +360,13 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
     p.add_argument("--global-batch-size", type=int, required=required, metavar="B",
                    help="samples per iteration over all data-parallel replicas (the micro-batch count "
                         "and size are chosen by the planner among the divisors of B)")
+    p.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "fp32"], default=None,
+                   help="precision to plan for: bf16-mixed / fp16-mixed = 16-bit compute and activations, "
+                        "fp32 master weights, gradient reductions and AdamW state (default: bf16-mixed on "
+                        "CUDA clusters, fp32 on CPU ones, or from --dtype)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="training dtype of parameters and activations (default: the model's; presets "
-                        "are float32); AdamW state stays fp32")
+                   help="compute dtype of parameters and activations without mixed precision (prefer "
+                        "--precision; default: from --precision)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
                    help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
                         "than GPipe at the same time per iteration)")

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from uniap.errors import ConfigError, PlanMismatchError
+from uniap.precision import Precision
 from uniap.schedules import SCHEDULES as _SCHEDULE_SPECS
 
 __all__ = [
@@ -186,9 +187,15 @@ class Plan:
     provenance: dict[str, Any] = field(default_factory=dict)
     """Versions of uniap / torch / highspy, the cluster name, the profile source, the dtype."""
     schema_version: int = SCHEMA_VERSION
+    precision: Precision | None = None
+    """Compute / gradient-reduction / master dtypes (:class:`uniap.precision.Precision`);
+    None in plan files written before it was recorded: the executor then runs the model in
+    its own dtype, without mixed precision."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        if isinstance(self.precision, str | dict):
+            object.__setattr__(self, "precision", Precision.from_dict(self.precision))
         self.validate()
 
     # ---------------------------------------------------------------- properties
@@ -313,6 +320,7 @@ class Plan:
             "global_batch_size": self.global_batch_size,
             "num_microbatches": self.num_microbatches,
             "schedule": self.schedule,
+            **({"precision": self.precision.to_dict()} if self.precision is not None else {}),
             "stages": [
                 {"ranks": list(st.ranks), "layers": [_layer_dict(ls) for ls in st.layers]}
                 for st in self.stages
@@ -328,7 +336,7 @@ class Plan:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: a plan must be a mapping, got {type(d).__name__}")
         known = {"schema_version", "model", "world_size", "global_batch_size", "num_microbatches",
-                 "schedule", "stages", "predicted", "solver", "provenance"}
+                 "schedule", "precision", "stages", "predicted", "solver", "provenance"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}")
@@ -366,6 +374,7 @@ class Plan:
                 solver=dict(d.get("solver") or {}),
                 provenance=dict(d.get("provenance") or {}),
                 schema_version=_int(d.get("schema_version", SCHEMA_VERSION), "schema_version", source),
+                precision=Precision.from_dict(d["precision"]) if d.get("precision") is not None else None,
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing plan field {e.args[0]!r}") from None
@@ -429,6 +438,8 @@ class Plan:
             f"pp={self.pp_degree}, {self.num_microbatches} micro-batch{'es' if self.num_microbatches > 1 else ''} "
             f"of {self.microbatch_size} "
             f"(global batch {self.global_batch_size}), schedule {self.schedule}",
+            "precision: "
+            + (self.precision.describe() if self.precision is not None else "not recorded (the model's dtype)"),
         ]
         mem = self.predicted.get("peak_memory_bytes") or []
         st_time = self.predicted.get("stage_time_s") or []

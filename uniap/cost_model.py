@@ -25,6 +25,13 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   dp_group)``, the layer's share of full buckets; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
   ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
   ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
+  :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
+  pipeline sends and FSDP all-gathers (``P``) at ``param_dtype``; gradient reductions
+  (FSDP reduce-scatter, DDP / ``replicate`` all-reduce) at ``reduce_dtype``: ``P *
+  reduce_bytes / param_bytes``; per parameter ``2 P + O = 4 * master_bytes`` (master copy,
+  its gradient, two AdamW moments; bf16-mixed: 2 * 2 + 12 = 16 bytes). Not charged: the
+  transient ``param_dtype`` copies autocast makes of classic-DDP / TP-only weights.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
   across micro-batches, next to the shards); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
@@ -39,6 +46,25 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
   (activation forward, its gradient backward) ``+ R[u,a,b]``.
+
+What is hidden behind what (``rho``, the profile's overlap coefficient, is the fraction of a
+collective that runs concurrently with compute; the executor arranges exactly these overlaps,
+see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its FSDP /
+``replicate`` layers, so:
+
+- FSDP, ``c == 1``: the forward all-gather of layer ``u + 1`` is issued while layer ``u``
+  computes (forward prefetch) and the backward all-gather of layer ``u - 1`` while layer
+  ``u``'s backward computes (explicit backward prefetch): ``(1 - rho)`` of both is exposed,
+  in ``A``. The reduce-scatter of layer ``u`` runs during the backward of the layers before
+  it: ``(1 - rho)`` exposed, in ``G``.
+- FSDP, ``c > 1``: the one all-gather, in the first micro-batch's forward, is charged whole
+  in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
+  the first micro-batch also pays the pipeline's warm-up, which the formula does not
+  separate); the reduce-scatter during the last micro-batch's backward, ``(1 - rho)``.
+- DDP (classic buckets, and ``replicate``): the all-reduce during the last micro-batch's
+  backward, ``(1 - rho)`` exposed. With ``pp > 1`` the stage reduces during its last
+  backward too (not after the schedule, as torch's pipelining would for an FSDP root).
+- TP all-reduces and reshards are on the critical path: never hidden.
 
 Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` between stages):
 
@@ -63,6 +89,7 @@ from uniap.cluster import Cluster
 from uniap.contract import DDP_BUCKET_BYTES, Plan, Strategy
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
+from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
 from uniap.schedules import inflight_microbatches
 from uniap.strategies import layer_strategies, stage_strategies, why_not
@@ -220,10 +247,13 @@ class CostModel:
         memory_fraction: float = 0.9,
         max_tp: int | None = None,
         recompute: bool = True,
+        precision: Precision | None = None,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
-        ``recompute`` offers activation checkpointing per layer."""
+        ``recompute`` offers activation checkpointing per layer; ``precision`` (default:
+        :func:`~uniap.precision.precision_for_dtype` of the graph's dtype, which must be its
+        ``param_dtype``) sets the gradient-reduction and per-parameter state bytes."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -232,7 +262,18 @@ class CostModel:
         self.profile.check_compatible(graph, cluster)
         self.memory_limit_bytes = cluster.device_memory_bytes * memory_fraction
         self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
-        self.opt_bytes = optimizer_bytes_per_param(graph.dtype)
+        self.precision = precision if precision is not None else precision_for_dtype(graph.dtype)
+        if self.precision.param_dtype != graph.dtype:
+            raise ConfigError(
+                f"precision {self.precision.name} computes in {self.precision.param_dtype} but the "
+                f"model graph is in {graph.dtype}; build the graph with dtype={self.precision.param_dtype}"
+            )
+        # per parameter: master copy + its gradient + two AdamW moments, all in master_dtype,
+        # written as 2 P + O with P the bytes at param_dtype (see the module docstring)
+        master = DTYPE_BYTES[self.precision.master_dtype]
+        self.opt_bytes = 4 * master - 2 * self.precision.param_bytes
+        # gradients are reduced in reduce_dtype: bytes per parameter relative to P
+        self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
         self._rep: list[int] | None = None
 
@@ -341,7 +382,7 @@ class CostModel:
         wrapped = s.dp > 1 and layer.num_params > 0
         if s.kind == "FSDP":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
-            rs = self._group_time("reduce_scatter", p_bytes, "dp", pp, s.dp, s.tp)
+            rs = self._group_time("reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp)
             if c == 1:
                 fsdp_per_microbatch_s = (1 - rho) * 2 * ag
                 if wrapped:
@@ -359,9 +400,9 @@ class CostModel:
         else:
             if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                 bk = DDP_BUCKET_BYTES
-                ar = p_bytes / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
+                ar = p_bytes * self.reduce_factor / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
             else:
-                ar = self._group_time("all_reduce", p_bytes, "dp", pp, s.dp, s.tp)
+                ar = self._group_time("all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp)
             sync_s = (1 - rho) * ar
             if wrapped:
                 wrap_s = self.profile.dp_residual_s(layer, "DDP", "microbatch")
@@ -483,6 +524,12 @@ class CostModel:
     def evaluate(self, plan: Plan) -> Evaluation:
         """TPI and per-stage peak memory of ANY plan for this model and cluster."""
         plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
+        if plan.precision is not None and plan.precision != self.precision:
+            raise ConfigError(
+                f"the plan is for precision {plan.precision.describe()}, this cost model charges "
+                f"{self.precision.describe()}; build the graph with dtype="
+                f"{plan.precision.param_dtype} and pass precision=plan.precision"
+            )
         t = self.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)

@@ -53,6 +53,7 @@ from uniap.errors import ConfigError, InfeasibleError
 from uniap.explain import explain_candidates
 from uniap.graph import ModelGraph
 from uniap.milp import Solution, min_peak_memory, solve
+from uniap.precision import Precision, default_precision, precision_for_dtype, resolve_precision
 from uniap.profiles import Profile
 from uniap.progress import progress_lines, solve_progress
 from uniap.report import fmt_seconds, predicted_breakdown
@@ -301,23 +302,26 @@ def plan_graph(
     seed: int = 0,
     progress: Callable[[str], None] | bool | None = None,
     progress_interval_s: float = 5.0,
+    precision: Precision | str | None = None,
 ) -> Plan:
     """The optimal plan for a layer chain on a cluster (see the module docstring).
 
     Progress lines (each program solved; during a solve, every ``progress_interval_s``, the
     candidate, incumbent, bound and gap) go to the ``uniap.progress`` logger at INFO;
     ``progress=True`` shows them on stderr when logging is not configured, a callable
-    receives each line as well."""
+    receives each line as well. ``precision``: recorded in the plan and charged by the cost
+    model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`)."""
     with progress_lines(progress) as say:
         return _plan_graph(graph, cluster, global_batch_size=global_batch_size, profile=profile,
                            schedules=schedules, pp_degrees=pp_degrees, num_microbatches=num_microbatches,
                            memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
                            time_limit_s=time_limit_s, threads=threads, seed=seed, say=say,
-                           progress_interval_s=progress_interval_s)
+                           progress_interval_s=progress_interval_s, precision=precision)
 
 
 def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_degrees, num_microbatches,
-                memory_fraction, max_tp, recompute, time_limit_s, threads, seed, say, progress_interval_s) -> Plan:
+                memory_fraction, max_tp, recompute, time_limit_s, threads, seed, say, progress_interval_s,
+                precision) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
@@ -329,7 +333,9 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
         if bad:
             raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
     _log_tp_exclusions(graph)
-    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute)
+    precision = resolve_precision(precision) if precision is not None else precision_for_dtype(graph.dtype)
+    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
+                   precision=precision)
     pps = [p for p in divisors(N) if p <= L]
     if pp_degrees is not None:
         bad = [p for p in pp_degrees if p not in pps]
@@ -386,22 +392,41 @@ def plan(
     example_inputs=None,
     seq_len: int | None = None,
     dtype: str | None = None,
+    precision: Precision | str | None = None,
     **kwargs,
 ) -> Plan:
     """The optimal plan for ``model`` (an ``nn.Module``, on any device, or a preset name from
     :mod:`uniap.models`; ``seq_len`` overrides a text preset's sequence length) on ``cluster``
-    (a :class:`Cluster`, preset name or YAML path). Keyword arguments go to :func:`plan_graph`."""
+    (a :class:`Cluster`, preset name or YAML path). Keyword arguments go to :func:`plan_graph`.
+
+    ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``, ``"fp32"`` or a
+    :class:`~uniap.precision.Precision`; the graph is built in its ``param_dtype``. Default:
+    from ``dtype`` when given (float32 -> fp32, bfloat16 -> bf16-mixed), else
+    ``bf16-mixed`` on a CUDA cluster and ``fp32`` on a CPU one (for a :class:`ModelGraph`:
+    from its dtype)."""
     from uniap.cluster import load_cluster
     from uniap.graph import build_graph
 
     if isinstance(cluster, str):
         cluster = load_cluster(cluster)
-    if isinstance(dtype, str):
-        import torch
+    if isinstance(dtype, str) and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    if precision is not None:
+        precision = resolve_precision(precision)
+        if dtype is not None and str(dtype).removeprefix("torch.") != precision.param_dtype:
+            raise ConfigError(
+                f"dtype {dtype} contradicts precision {precision.name} (compute in "
+                f"{precision.param_dtype}); pass one of them"
+            )
+    elif isinstance(model, ModelGraph):
+        precision = precision_for_dtype(model.dtype)
+    elif dtype is not None:
+        precision = precision_for_dtype(dtype)
+    else:
+        precision = default_precision(cluster)
+    import torch
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
+    dtype = getattr(torch, precision.param_dtype)
     if isinstance(model, ModelGraph):
         graph = model
     elif isinstance(model, str):
@@ -421,7 +446,7 @@ def plan(
         if seq_len is not None:
             raise ConfigError("seq_len applies to model presets; for an nn.Module pass example_inputs of that length")
         graph = build_graph(model, example_inputs, dtype=dtype)
-    return plan_graph(graph, cluster, global_batch_size=global_batch_size, **kwargs)
+    return plan_graph(graph, cluster, global_batch_size=global_batch_size, precision=precision, **kwargs)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -506,6 +531,7 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
         num_microbatches=t.num_microbatches,
         schedule=t.schedule,
         stages=tuple(stages),
+        precision=cm.precision,
         predicted={
             "time_per_iteration_s": float(tpi),
             "samples_per_s": float(B / tpi),

@@ -292,6 +292,7 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
         "num_layers": plan.num_layers,
         "world_size": plan.world_size,
         "dtype": plan.provenance.get("dtype"),
+        "precision": plan.precision.describe() if plan.precision is not None else None,
         "cluster": plan.provenance.get("cluster"),
         "profile": plan.provenance.get("profile"),
         "pp": plan.pp_degree,
@@ -356,7 +357,7 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
     lines = [
         f"Plan for {r['model']} ({r['num_layers']} layers) on {r['world_size']} devices"
         + (f" ({r['cluster']})" if r.get("cluster") else ""),
-        f"  precision: {_precision(r.get('dtype'))}",
+        f"  precision: {r['precision'] if r.get('precision') else _precision(r.get('dtype'))}",
         f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} devices, "
         f"schedule {r['schedule']}, {r['num_microbatches']} micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
         f"of {r['microbatch_size']} (global batch {r['global_batch_size']})",

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from uniap.api import parallelize
 from uniap.contract import Plan
 from uniap.errors import PlanMismatchError
 from uniap.executor import apply_plan, default_device
+from uniap.executor.data_parallel import fsdp_roots
 
 LR = 1e-3
 # Adam divides by sqrt(v) + eps: a gradient entry near zero (|g| ~ 1e-8, e.g. an embedding row
@@ -25,8 +27,39 @@ LR = 1e-3
 # by at most lr * |dg| / eps (~1e-6); every other entry is unaffected.
 EPS = 1e-6
 RTOL, ATOL = 1e-4, 1e-5
+# bf16-mixed parity (see test_precision.py for the justification of these bounds)
+LOSS_RTOL_BF16 = 2e-3
+UPDATE_RTOL_BF16 = 5e-2
+SGD_OPTIONS = {"lr": 0.5, "momentum": 0.5, "foreach": True}
 _FUNCOLS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
-_REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor]]] = {}
+_REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor], list[float]]] = {}
+
+
+def make_optimizer(pm: Any, kernel: str = "foreach") -> torch.optim.Optimizer:
+    """AdamW with CUDA's multi-tensor kernel (``foreach``) or the ``fused`` one, on
+    ``pm.param_groups()``: what a training loop on GPUs runs; ``sgd``: SGD with momentum
+    (``foreach``), whose updates are linear in the gradients (the bf16 parity cases)."""
+    if kernel == "sgd":
+        return torch.optim.SGD(pm.param_groups(), **SGD_OPTIONS)
+    return torch.optim.AdamW(pm.param_groups(), lr=LR, eps=EPS, **{kernel: True})
+
+
+def _tensor_kinds(pm: Any) -> list[str]:
+    """Kinds of this rank's parameters: ``plain`` and/or ``dtensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return sorted({"dtensor" if isinstance(p, DTensor) else "plain" for p in pm.parameters()})
+
+
+def _autocast(precision: str | None, device: torch.device) -> Any:
+    """The single-process reference of a mixed-precision plan: ``torch.autocast``."""
+    import contextlib
+
+    from uniap.precision import resolve_precision
+
+    if precision is None:
+        return contextlib.nullcontext()
+    return resolve_precision(precision).autocast(device.type)
 
 
 def _toy(case: dict) -> tuple[Any, Any, Any, Any]:
@@ -81,28 +114,54 @@ def _setup(case: dict) -> tuple[Any, Any, Any, Any]:
 
 def _reference(
     case: dict, build: Any, batch: Any, loss_fn: Any, big_b: int, steps: int
-) -> tuple[list[float], dict[str, torch.Tensor]]:
+) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """Single-process training: losses, final state and (with ``case["clip"]``) the gradient
+    norms ``torch.nn.utils.clip_grad_norm_`` returned."""
     device = default_device()  # the same kind of device as the parallel run
-    key = (case["model"], case.get("n_blocks"), big_b, steps, device.type)
+    clip = case.get("clip")
+    precision = case.get("precision")
+    key = (
+        case["model"],
+        case.get("n_blocks"),
+        big_b,
+        steps,
+        device.type,
+        clip,
+        precision,
+        case.get("optimizer"),
+    )
     if key not in _REFERENCE:
         model = build().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
-        losses = []
+        if case.get("optimizer") == "sgd":
+            opt = torch.optim.SGD(model.parameters(), **SGD_OPTIONS)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
+        losses, norms = [], []
         for step in range(steps):
             x, y = batch(big_b, step)
             opt.zero_grad()
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            with _autocast(precision, device):  # fp32 master weights, bf16 compute
+                loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
+            if clip is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             opt.step()
             losses.append(float(loss.detach()))
         _REFERENCE[key] = (
             losses,
             {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            norms,
         )
     return _REFERENCE[key]
 
 
-def _compare(full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _compare(
+    full: dict[str, torch.Tensor],
+    ref_state: dict[str, torch.Tensor],
+    *,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> dict[str, Any]:
     worst, worst_key, bad = 0.0, None, []
     for k, ref in ref_state.items():
         got = full.get(k)
@@ -114,7 +173,7 @@ def _compare(full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) 
         diff = float((got.float() - ref.float()).abs().max()) if ref.numel() else 0.0
         if diff > worst:
             worst, worst_key = diff, k
-        if not torch.allclose(got.float(), ref.float(), rtol=RTOL, atol=ATOL):
+        if not torch.allclose(got.float(), ref.float(), rtol=rtol, atol=atol):
             bad.append(f"{k}: max abs diff {diff:.3g}")
     extra = sorted(set(full) - set(ref_state))
     return {
@@ -124,6 +183,59 @@ def _compare(full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) 
         "worst_param_diff": worst,
         "worst_param": worst_key,
     }
+
+
+def _compare_updates(
+    full: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Mixed-precision parity: each tensor's total update ``final - init`` against the
+    reference's, relative error ``|d - d_ref| / max(|d_ref|, floor)`` (2-norms) at most
+    UPDATE_RTOL_BF16. ``floor`` is 1% of the largest tensor update: a tensor whose true
+    gradient is zero (the bias of attention keys: softmax ignores it) moves by rounding
+    noise only, which is judged against the model's scale, not its own."""
+    worst, worst_key, bad = 0.0, None, []
+    updates = [
+        float((ref.float() - init[k].float()).norm())
+        for k, ref in ref_state.items()
+        if ref.is_floating_point()
+    ]
+    floor = 1e-2 * max(updates, default=0.0)
+    for k, ref in ref_state.items():
+        got = full.get(k)
+        if got is None or got.shape != ref.shape:
+            bad.append(f"{k}: missing or misshapen")
+            continue
+        d_ref = (ref.float() - init[k].float()).norm()
+        if not ref.is_floating_point() or d_ref == 0:
+            continue
+        err = float((got.float() - ref.float()).norm() / max(float(d_ref), floor))
+        if err > worst:
+            worst, worst_key = err, k
+        if err > UPDATE_RTOL_BF16:
+            bad.append(f"{k}: relative update error {err:.3g}")
+    extra = sorted(set(full) - set(ref_state))
+    return {
+        "params_close": not bad and not extra,
+        "bad_params": bad[:5],
+        "extra_params": extra[:5],
+        "worst_param_diff": worst,
+        "worst_param": worst_key,
+    }
+
+
+def _full_state_without_gather_object(pm: Any) -> dict[str, torch.Tensor]:
+    """``pm.full_state_dict()``, failing if it uses ``gather_object`` (it must stream tensor
+    by tensor: gather_object puts every rank's payload on rank 0's device at once)."""
+    saved = dist.gather_object
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("full_state_dict used gather_object")
+
+    dist.gather_object = refuse
+    try:
+        return pm.full_state_dict()
+    finally:
+        dist.gather_object = saved
 
 
 def parity_case(case: dict) -> dict[str, Any] | None:
@@ -146,39 +258,97 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             global_batch_size=big_b,
             example_inputs=x0,
             schedule=case.get("schedule"),
+            precision=case.get("precision"),
         )
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
-    losses, times = [], []
+    opt = make_optimizer(pm, case.get("optimizer", "foreach"))
+    linear_out_dtypes: set[str] = set()  # what the Linears compute in, during training
+    for m in pm.module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, o: linear_out_dtypes.add(str(o.dtype)))
+    losses, times, norms, post_norms = [], [], [], []
     for step in range(steps):
         x, y = batch(big_b, step)
         opt.zero_grad()
         losses.append(pm.train_step(x, y))
         times.append(pm.last_step_time_s)
+        if case.get("clip") is not None:
+            norms.append(float(pm.clip_grad_norm_(case["clip"])))
+            # re-measured after clipping (an infinite max_norm clips nothing): every plain
+            # tensor and every shard must have been scaled
+            post_norms.append(float(pm.clip_grad_norm_(float("inf"))))
         opt.step()
     out: dict[str, Any] = {}
     if case.get("forward") and pm.plan.pp_degree == 1:
         with torch.no_grad():
             out["forward"] = pm.forward(batch(big_b, steps)[0]).detach().cpu()
+        out["forward_dtype"] = str(out["forward"].dtype)
+        out["forward"] = out["forward"].float()
         out["forward_full_batch"] = out["forward"].shape[0] == big_b
-    full = pm.full_state_dict()
+    master_dtypes = sorted({str(p.dtype) for p in pm.parameters()})
+    state_dtypes = sorted(
+        {
+            str(v.dtype)
+            for st in opt.state.values()
+            for k, v in st.items()
+            if k != "step" and torch.is_tensor(v)
+        }
+    )
+    roots = fsdp_roots(pm.module)
+    layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.module.layers())
+    full = _full_state_without_gather_object(pm)
     if dist.get_rank() != 0:
         return None
-    ref_losses, ref_state = _reference(case, build, batch, loss_fn, big_b, steps)
+    ref_losses, ref_state, ref_norms = _reference(case, build, batch, loss_fn, big_b, steps)
+    precision_checks: dict[str, Any] = {}
+    if case.get("precision"):
+        fp32_losses, fp32_state, _ = _reference(
+            {**case, "precision": None, "clip": None}, build, batch, loss_fn, big_b, steps
+        )
+        fp32_gap = _compare_updates(fp32_state, ref_state, build().state_dict())
+        precision_checks = {
+            "master_dtypes": master_dtypes,
+            "optimizer_state_dtypes": state_dtypes,
+            "forward_dtype": out.get("forward_dtype"),
+            "linear_output_dtypes": sorted(linear_out_dtypes),
+            "fp32_ref_losses": fp32_losses,
+            "loss_gap_to_ref": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "loss_gap_to_fp32_ref": max(abs(a - b) for a, b in zip(losses, fp32_losses)),
+            "fp32_vs_bf16_ref_update_error": fp32_gap["worst_param_diff"],
+        }
     result = {
         "plan": pm.plan.summary(),
         "losses": losses,
         "ref_losses": ref_losses,
-        "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
+        "losses_close": all(
+            abs(a - b) <= (LOSS_RTOL_BF16 if case.get("precision") else RTOL) * abs(b) + ATOL
+            for a, b in zip(losses, ref_losses)
+        ),
         "step_time_s": times,
-        **_compare(full, ref_state),
+        "tensor_kinds": _tensor_kinds(pm),
+        "fsdp2_layers": layers_fsdp2,
+        "fsdp_roots": len(roots),
+        "fsdp_root_is_stage": roots == [pm.module],
+        "grad_norms": norms,
+        "post_clip_norms": post_norms,
+        "ref_grad_norms": ref_norms,
+        "grad_norms_close": len(norms) == len(ref_norms)
+        and all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(norms, ref_norms)),
+        "num_param_groups": len(opt.param_groups),
+        **(
+            _compare_updates(full, ref_state, build().state_dict())
+            if case.get("precision")
+            else _compare(full, ref_state)
+        ),
+        **precision_checks,
     }
     if "forward" in out:
         ref_model = build()
         ref_model.load_state_dict(ref_state)
-        with torch.no_grad():
-            expect = ref_model(batch(big_b, steps)[0])
+        with torch.no_grad(), _autocast(case.get("precision"), torch.device("cpu")):
+            expect = ref_model(batch(big_b, steps)[0]).float()
+        tol = (LOSS_RTOL_BF16, 1e-2) if case.get("precision") else (RTOL, ATOL)
         result["forward_close"] = out["forward_full_batch"] and bool(
-            torch.allclose(out["forward"], expect, rtol=RTOL, atol=ATOL)
+            torch.allclose(out["forward"], expect, rtol=tol[0], atol=tol[1])
         )
     return result
 
@@ -230,7 +400,7 @@ def checkpoint_case(case: dict) -> dict[str, Any] | None:
         global_batch_size=plan.global_batch_size,
         example_inputs=x,
     )
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+    opt = make_optimizer(pm)
     opt.zero_grad()
     pm.train_step(x, y)
     opt.step()
@@ -358,7 +528,7 @@ def memory_case(case: dict) -> dict[str, Any] | None:
             example_inputs=x,
         )
         pm.measure_memory = True
-        opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+        opt = make_optimizer(pm)
         for _ in range(2):
             opt.zero_grad()
             pm.train_step(x, y)
@@ -369,3 +539,74 @@ def memory_case(case: dict) -> dict[str, Any] | None:
 
 
 _KINDS["memory"] = memory_case
+
+
+def meta_case(case: dict) -> dict[str, Any] | None:
+    """A toy built on the meta device: every rank materialises only its shards; the full
+    parameters equal a single-process init with the same seed, and two AdamW steps give the
+    reference's losses. Reports this rank's parameter bytes against the model's."""
+    from toy import Toy, toy_batch, toy_fqns, toy_init_weights, toy_loss
+
+    from uniap.executor.materialize import init_model
+
+    plan = Plan.from_dict(case["plan"])
+    with torch.device("meta"):
+        model = Toy()
+    x, y = toy_batch(plan.global_batch_size, seed=0)
+    pm = parallelize(
+        model,
+        plan=plan,
+        loss_fn=toy_loss,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+        init_weights=toy_init_weights,
+        seed=7,
+    )
+    local_bytes = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        for p in pm.parameters()
+    )
+    on_meta = any(p.is_meta for p in pm.parameters())
+    init_full = pm.full_state_dict()
+    opt = make_optimizer(pm)
+    losses = []
+    for step in range(2):
+        xb, yb = toy_batch(plan.global_batch_size, seed=step)
+        opt.zero_grad()
+        losses.append(pm.train_step(xb, yb))
+        opt.step()
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local_bytes)
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        ref = Toy()
+    init_model(ref, toy_fqns(), seed=7, init_weights=toy_init_weights)
+    ref_init = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, foreach=True)
+    ref_losses = []
+    for step in range(2):
+        xb, yb = toy_batch(plan.global_batch_size, seed=step)
+        ref_opt.zero_grad()
+        loss = toy_loss(ref(xb), yb)
+        loss.backward()
+        ref_opt.step()
+        ref_losses.append(float(loss))
+    layer_bytes = [
+        sum(p.numel() * p.element_size() for p in ref.get_submodule(f).parameters())
+        for f in toy_fqns()
+    ]
+    return {
+        "init_equal": set(init_full) == set(ref_init)
+        and all(torch.equal(init_full[k], ref_init[k]) for k in ref_init),
+        "on_meta_after": on_meta,
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "losses_close": all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses)),
+        "local_param_bytes": everyone,
+        "model_param_bytes": sum(layer_bytes),
+        "largest_layer_bytes": max(layer_bytes),
+    }
+
+
+_KINDS["meta"] = meta_case

@@ -59,6 +59,13 @@ def _graph(name: str) -> Any:
     return build_graph(build_model(name), example_batch(name, 2)[0], name=name)
 
 
+@functools.cache
+def _toy_sig_bf16() -> str:
+    import torch
+
+    return toy_signature(dtype=torch.bfloat16)
+
+
 def has_transformers() -> bool:
     """True when Hugging Face ``transformers`` is installed (the HF cases need it)."""
     import importlib.util
@@ -144,6 +151,44 @@ def preset(
 
 
 # ------------------------------------------------------------------------------ the grid
+def bf16(case: dict) -> dict:
+    """The same case with ``precision: bf16-mixed`` in its plan (reference under autocast)."""
+
+    case["plan"]["precision"] = "bf16-mixed"
+    # parallelize checks the plan against the model's graph in the plan's compute dtype
+    case["plan"]["model"]["signature"] = _toy_sig_bf16()
+    return {**case, "name": "bf16_" + case["name"], "precision": "bf16-mixed", "optimizer": "sgd"}
+
+
+def precision_cases() -> list[dict]:
+    """World size 4, bf16-mixed: DDP, FSDP, TP (with FSDP and with classic DDP) and pp = 2."""
+    return [
+        bf16(toy("pp1_dp4_ddp_c2", 4, [[(4, 1, D)]], c=2, forward=True)),
+        # planned by parallelize(precision="bf16-mixed") on rank 0, on the cpu-4 preset
+        {
+            "name": "bf16_planned_gpt_tiny_cpu4",
+            "model": "gpt-tiny",
+            "plan": None,
+            "cluster": "cpu-4",
+            "global_batch_size": 8,
+            "precision": "bf16-mixed",
+            "optimizer": "sgd",
+        },
+        bf16(toy("pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2)),
+        bf16(toy("pp1_tp4_blocks_c1", 4, [[(4, 1, D), (1, 4, D), (1, 4, D), (4, 1, D)]])),
+        bf16(toy("pp1_dp2tp2_fsdp_c2", 4, [[(4, 1, F), (2, 2, F), (2, 2, D), (4, 1, F)]], c=2)),
+        bf16(
+            toy(
+                "pp2_fsdp_tp2_1f1b_c2",
+                4,
+                [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+                c=2,
+                schedule="1F1B",
+            )
+        ),
+    ]
+
+
 def w2_cases() -> list[dict]:
     """World size 2."""
     return [
@@ -186,6 +231,14 @@ def w2_cases() -> list[dict]:
             [[(1, 1, D), (1, 1, D, True)], [(1, 1, F, True), (1, 1, F)]],
             c=4,
             schedule="1F1B",
+        ),
+        # classic DDP (embed), FSDP x TP, TP alone (plain norms next to DTensors), FSDP: one stage
+        toy(
+            "fused_pp1_ddp_fsdptp2_tp2_fsdp_c2",
+            2,
+            [[(2, 1, D), (1, 2, F), (1, 2, D), (2, 1, F)]],
+            c=2,
+            optimizer="fused",
         ),
         preset("gpt_tiny_pp1_tp2_c2", "gpt-tiny", 2, 1, tp_layers=(1, 2, D), others=(2, 1, D), c=2),
         preset(
@@ -311,6 +364,44 @@ def w4_cases() -> list[dict]:
             [[(2, 1, F), (1, 2, D, True)], [(1, 2, F, True), (2, 1, F, True)]],
             c=2,
             schedule="1F1B",
+        ),
+        # AdamW(fused=True) and the global gradient norm on stages that mix every kind;
+        # clip 0.05 is below the toy's gradient norms (about 1), so clipping really scales
+        toy(
+            "clip_fused_pp1_ddp_dp2tp2fsdp_tp4_fsdp_c2",
+            4,
+            [[(4, 1, D), (2, 2, F), (1, 4, D), (4, 1, F)]],
+            c=2,
+            optimizer="fused",
+            clip=0.05,
+        ),
+        toy(
+            "clip_fused_pp2_fsdp_tp2_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+            c=2,
+            schedule="1F1B",
+            optimizer="fused",
+            clip=0.05,
+        ),
+        toy("clip_pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B", clip=0.05),
+        *precision_cases(),
+        # built on the meta device: FSDP; FSDP x TP with classic DDP; pp = 2 with TP
+        toy("meta_pp1_dp4_fsdp_c2", 4, [[(4, 1, F)]], c=2, kind="meta"),
+        toy(
+            "meta_pp1_ddp_dp2tp2fsdp_tp4_c2",
+            4,
+            [[(4, 1, D), (2, 2, F), (1, 4, D), (4, 1, F)]],
+            c=2,
+            kind="meta",
+        ),
+        toy(
+            "meta_pp2_fsdp_tp2_1f1b_c2",
+            4,
+            [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
+            c=2,
+            schedule="1F1B",
+            kind="meta",
         ),
         toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
         toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),

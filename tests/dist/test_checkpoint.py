@@ -53,7 +53,7 @@ def _build(plan_name: str, seed: int = 0) -> tuple[Any, torch.optim.Optimizer]:
         device=default_device(),
         layers=_toy_layers(),
     )
-    return pm, torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+    return pm, torch.optim.AdamW(pm.param_groups(), lr=LR, eps=EPS, foreach=True)
 
 
 def _toy_layers() -> Any:
@@ -83,7 +83,7 @@ def _reference(steps: int) -> list[float]:
     """Single-process AdamW with the same seed and the same batches."""
     torch.manual_seed(1234)
     model = build_toy(seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
     torch.manual_seed(1234)
     losses = []
     for _ in range(steps):

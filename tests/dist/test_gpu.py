@@ -1,4 +1,8 @@
-"""The parity grid on CUDA with NCCL (one GPU per rank); skipped without enough GPUs."""
+"""The parity grid on CUDA with NCCL (one GPU per rank); skipped without enough GPUs.
+
+Standalone: ``python -m pytest tests/dist/test_gpu.py`` on a machine with GPUs. The last test
+uses every GPU present (1 is enough; pipeline cases need an even count).
+"""
 
 from __future__ import annotations
 
@@ -41,3 +45,74 @@ def test_gpu_world1_runs_on_cuda() -> None:
     res = run_cases(1, "cases:run_case", [case], device="cuda")["pp1_world1_cuda"]
     assert "error" not in res, res.get("error")
     assert res["losses_close"] and res["params_close"], res
+
+
+def _gpu_cases(n: int) -> list[dict]:
+    """What a GPU training loop runs, on ``n`` GPUs: bf16-mixed FSDP and DDP, fused AdamW with
+    clipping, and (n even) 1F1B over two stages with clipping, bf16-mixed."""
+    from grid import D, F, bf16, toy
+
+    cases = [
+        bf16(toy(f"pp1_dp{n}_fsdp_c2", n, [[(n, 1, F)]], c=2, B=4 * n)),
+        bf16(toy(f"pp1_dp{n}_ddp_c2", n, [[(n, 1, D)]], c=2, B=4 * n)),
+        toy(
+            f"clip_fused_pp1_dp{n}_fsdp_c2",
+            n,
+            [[(n, 1, F)]],
+            c=2,
+            B=4 * n,
+            optimizer="fused",
+            clip=0.05,
+        ),
+    ]
+    if n % 2 == 0:
+        h = n // 2
+        cases += [
+            toy(
+                f"clip_fused_pp2_dp{h}_1f1b_c4",
+                n,
+                [[(h, 1, F)], [(h, 1, D)]],
+                c=4,
+                B=4 * n,
+                schedule="1F1B",
+                optimizer="fused",
+                clip=0.05,
+            ),
+            bf16(
+                toy(
+                    f"pp2_dp{h}_1f1b_c4",
+                    n,
+                    [[(h, 1, F)], [(h, 1, D)]],
+                    c=4,
+                    B=4 * n,
+                    schedule="1F1B",
+                )
+            ),
+        ]
+    return cases
+
+
+def test_gpu_all_devices_bf16_mixed_clip_fused_1f1b() -> None:
+    """On every GPU present (NCCL): bf16-mixed FSDP / DDP / 1F1B match a one-GPU autocast
+    reference with fp32 master weights and optimizer state; fused AdamW steps on
+    pm.param_groups(); pm.clip_grad_norm_ equals torch's one-GPU norm and clips by it."""
+    n = torch.cuda.device_count()
+    cases = _gpu_cases(n)
+    results = run_cases(n, "cases:run_case", cases, device="cuda")
+    failures = []
+    for case in cases:
+        res = results[case["name"]]
+        if "error" in res:
+            failures.append(f"{case['name']}: {res['error']}")
+            continue
+        ok = res["losses_close"] and res["params_close"]
+        if case.get("clip") is not None:
+            ok = ok and res["grad_norms_close"]
+            ok = ok and all(abs(p - 0.05) <= 1e-4 * 0.05 for p in res["post_clip_norms"])
+        if case.get("precision"):
+            ok = ok and res["linear_output_dtypes"] == ["torch.bfloat16"]
+            ok = ok and res["master_dtypes"] == ["torch.float32"]
+            ok = ok and res["optimizer_state_dtypes"] == ["torch.float32"]
+        if not ok:
+            failures.append(f"{case['name']}: {res}")
+    assert not failures, "\n".join(failures)

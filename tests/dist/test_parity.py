@@ -1,7 +1,10 @@
 """Distributed parity: training under a plan equals single-process training (CPU, gloo).
 
-Every case runs three AdamW steps and compares the per-step losses and the final full
-parameters with a single-process reference (same seed, same global batches), rtol 1e-4.
+Every case runs three AdamW steps (``foreach=True``, CUDA's default, on ``pm.param_groups()``;
+``fused=True`` in the ``fused_`` cases) and compares the per-step losses and the final full
+parameters with a single-process reference (same seed, same global batches), rtol 1e-4. The
+``clip_`` cases also clip with ``pm.clip_grad_norm_`` and compare the norms with
+``torch.nn.utils.clip_grad_norm_`` on one process.
 The plans are in ``grid.py``; all cases of one world size share one spawned group.
 """
 
@@ -22,6 +25,10 @@ def _check(res: dict[str, Any]) -> None:
         f"parameters differ: {res['bad_params']} extra {res['extra_params']} "
         f"(worst {res['worst_param']}: {res['worst_param_diff']:.3g})"
     )
+    if res["grad_norms"] or res["ref_grad_norms"]:
+        assert res["grad_norms_close"], (
+            f"gradient norms {res['grad_norms']} vs reference {res['ref_grad_norms']}"
+        )
     if "forward_close" in res:
         assert res["forward_close"], "forward() output differs from the reference model's"
 
@@ -45,3 +52,61 @@ def test_world2_hf_model_matches_reference(results_w2: dict[str, Any], name: str
     """World size 2: a Hugging Face model adapted by uniap.models.hf trains like one process."""
     pytest.importorskip("transformers")
     _check(results_w2[name])
+
+
+@pytest.mark.parametrize(
+    ("world", "name"),
+    [
+        (2, "fused_pp1_ddp_fsdptp2_tp2_fsdp_c2"),
+        (4, "clip_fused_pp1_ddp_dp2tp2fsdp_tp4_fsdp_c2"),
+        (4, "clip_fused_pp2_fsdp_tp2_1f1b_c2"),
+    ],
+)
+def test_fused_adamw_steps_on_a_stage_mixing_plain_tensors_and_dtensors(
+    results_w2: dict[str, Any], results_w4: dict[str, Any], world: int, name: str
+) -> None:
+    """AdamW(fused=True) on pm.param_groups() steps where rank 0's stage holds plain tensors
+    (classic DDP / TP-replicated norms) and DTensors, one group of each."""
+    res = (results_w2 if world == 2 else results_w4)[name]
+    _check(res)
+    assert res["tensor_kinds"] == ["dtensor", "plain"], res["tensor_kinds"]
+    assert res["num_param_groups"] == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "clip_fused_pp1_ddp_dp2tp2fsdp_tp4_fsdp_c2",
+        "clip_fused_pp2_fsdp_tp2_1f1b_c2",
+        "clip_pp4_1f1b_c4",
+    ],
+)
+def test_world4_clip_grad_norm_equals_single_process(results_w4: dict[str, Any], name: str) -> None:
+    """pm.clip_grad_norm_ returns torch's single-process global norm at pp = 1, 2, 4 and clips
+    by it (the clipped training still matches)."""
+    res = results_w4[name]
+    _check(res)
+    assert len(res["grad_norms"]) == 3
+    assert all(n > 0.05 for n in res["ref_grad_norms"]), "the clip must be active"
+    for post in res["post_clip_norms"]:
+        assert post == pytest.approx(0.05, rel=1e-4), res["post_clip_norms"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_fsdp_root_per_stage(
+    results_w2: dict[str, Any], results_w4: dict[str, Any], world: int
+) -> None:
+    """Every parity case whose (rank 0) stage has FSDP2 layers (fully_shard or replicate) has
+    exactly one FSDP root, the stage module; a stage without them has none."""
+    results = results_w2 if world == 2 else results_w4
+    cases = cases_of(w2_cases() if world == 2 else w4_cases(), "parity")
+    checked = 0
+    for name in cases:
+        res = results[name]
+        assert "error" not in res, f"{name}: {res.get('error')}"
+        if res["fsdp2_layers"]:
+            assert res["fsdp_roots"] == 1 and res["fsdp_root_is_stage"], (name, res)
+            checked += 1
+        else:
+            assert res["fsdp_roots"] == 0, (name, res)
+    assert checked >= 5

@@ -87,6 +87,16 @@ def build_toy(n_blocks: int = 2, seed: int = 0) -> Toy:
     return Toy(n_blocks)
 
 
+def toy_init_weights(layer: nn.Module) -> None:
+    """Initialise one toy layer in place (for a model built on the meta device)."""
+    for m in layer.modules():
+        if isinstance(m, Embed):
+            nn.init.normal_(m.pos, std=0.02)
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
 def toy_layers(n_blocks: int = 2) -> dict[str, Layer]:
     """Hand-written layer descriptions: blocks have two TP pairs."""
     pairs = (
@@ -158,11 +168,12 @@ def make_plan(
     )
 
 
-def toy_signature(n_blocks: int = 2) -> str:
-    """``ModelGraph.signature`` of the toy (what ``parallelize`` checks plans against)."""
+def toy_signature(n_blocks: int = 2, dtype: torch.dtype | None = None) -> str:
+    """``ModelGraph.signature`` of the toy (what ``parallelize`` checks plans against), with
+    the graph in compute ``dtype`` (a plan's precision; default the model's)."""
     from uniap.graph import build_graph
 
-    return build_graph(build_toy(n_blocks), toy_batch(2)[0]).signature
+    return build_graph(build_toy(n_blocks), toy_batch(2)[0], dtype=dtype).signature
 
 
 def toy_fqns(n_blocks: int = 2) -> list[str]:

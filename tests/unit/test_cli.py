@@ -80,7 +80,7 @@ def plan_run(tmp_path_factory):
 def test_plan_prints_precision_human_units_and_breakdown(plan_run):
     """`uniap plan` names the dtype, uses ms/MiB (never 4.59e+03 ms) and splits time and memory."""
     _, out, _ = plan_run
-    assert "precision: float32 parameters, activations and gradients" in out
+    assert "precision: fp32 (compute float32, gradient reduction float32, master float32)" in out
     assert not re.search(r"\de[+-]\d", out), out
     assert re.search(r"predicted: [\d.]+ ms per iteration", out)
     assert "exposed communication" in out and "activations" in out
@@ -229,7 +229,7 @@ def test_show_html_is_one_page_with_picture_report_and_explain(plan_run, tmp_pat
     code, out, err = _run(["show", str(path), "--html", str(page)])
     assert code == 0, err
     text = page.read_text()
-    assert "src='data:image/png;base64," in text and "precision: float32" in text
+    assert "src='data:image/png;base64," in text and "precision: fp32" in text
     assert "Why this plan" in text and "runner-up:" in text and f"page written to {page}" in out
 
 

@@ -78,8 +78,10 @@ def test_predicted_tpi_equals_cost_model_evaluate(model: str, cluster: str, batc
     from uniap.graph import build_graph
 
     m = models.build_model(model, device="meta")
-    graph = build_graph(m, models.example_batch(model, 2, device="meta")[0], name=model)
-    ev = CostModel(graph, load_cluster(cluster)).evaluate(p)
+    # the plan's precision (bf16-mixed by default on the GPU presets): the graph in its dtype
+    dtype = getattr(__import__("torch"), p.precision.param_dtype)
+    graph = build_graph(m, models.example_batch(model, 2, device="meta")[0], name=model, dtype=dtype)
+    ev = CostModel(graph, load_cluster(cluster), precision=p.precision).evaluate(p)
     assert ev.time_per_iteration_s == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-12)
     assert ev.peak_memory_bytes == pytest.approx(p.predicted["peak_memory_bytes"], rel=1e-12)
     assert ev.fits

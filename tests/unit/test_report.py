@@ -152,7 +152,7 @@ def test_render_plan_wraps_per_layer_group_and_lists_layers(planned):
     for ls in planned.layer_strategies:
         assert re.search(rf"^\s+\d+\s+{re.escape(ls.fqn)}\s", text, re.M)
     assert not re.search(r"\de[+-]\d", text), text
-    assert "precision: float32" in text
+    assert "precision: fp32" in text
     for term in ("compute", "exposed communication", "pipeline bubble", "optimizer step"):
         assert term in text
     for term in ("parameters", "gradients", "optimizer", "activations", "of limit"):

@@ -20,6 +20,18 @@
   micro-batch): **one all-gather** (first forward) **and one reduce-scatter** (last backward)
   per iteration; the unsharded parameters and gradients stay resident meanwhile.
 
+**One FSDP root per stage** (:func:`apply_fsdp_root`, the torchtitan order: every layer
+first, the stage module last). The stage module gets ``fully_shard`` too, managing none of
+the layers' parameters (``ignored_params``: everything not already under a layer's FSDP2 /
+``replicate`` state, e.g. classic DDP layers and TP-only layers). It becomes the root of all
+the stage's FSDP2 states, which then share one stream context and one record of the forward
+order: while layer ``u`` computes, the all-gather of layer ``u + 1`` is already issued on
+the all-gather stream (implicit forward prefetch), and in backward the all-gather of layer
+``u - 1`` is issued before layer ``u``'s backward computes (explicit backward prefetch, set
+per layer); each layer's reduce-scatter runs on its own stream during the
+backward of the layers before it. With one root per layer (no stage root) every all-gather
+waited in its own layer's pre-forward, exposed. The root issues no collectives itself.
+
 Gradients are **summed** over the DP group (divide factor 1, SUM reductions): every rank
 scales its micro-batch loss by ``local_samples / global_batch`` so the sum is the global-batch
 mean. Gloo in torch 2.13 supports what FSDP2 needs on CPU (all-gather, reduce-scatter,
@@ -43,37 +55,116 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from uniap.contract import DDP_BUCKET_BYTES
+from uniap.precision import Precision
 
-__all__ = ["GradSync", "apply_dp", "wrap_ddp"]
+__all__ = ["GradSync", "apply_dp", "apply_fsdp_root", "fsdp_roots", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
 
+def mp_policy_for(precision: Precision) -> MixedPrecisionPolicy:
+    """FSDP2's ``MixedPrecisionPolicy`` for FSDP / ``replicate`` layers under ``precision``:
+    parameters gathered in ``param_dtype``, gradients reduced in ``reduce_dtype``."""
+    if not precision.mixed:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=precision.torch_dtype(), reduce_dtype=precision.torch_dtype("reduce_dtype"))
+
+
 def apply_dp(
-    module: nn.Module, kind: str, dp_mesh: DeviceMesh, *, num_microbatches: int
+    module: nn.Module,
+    kind: str,
+    dp_mesh: DeviceMesh,
+    *,
+    num_microbatches: int,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
-    Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by :func:`wrap_ddp`
-    instead; this function is not called for them.
+    Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by
+    :func:`wrap_ddp` instead; this function is not called for them. ``mp_policy``: FSDP2's mixed
+    precision (:func:`mp_policy_for`), default full precision.
     """
+    mp_policy = mp_policy or MixedPrecisionPolicy()
     if dp_mesh.size() == 1 or not any(True for _ in module.parameters()):
         return module
     if kind == "FSDP":
-        fully_shard(module, mesh=dp_mesh, reshard_after_forward=num_microbatches == 1)
+        fully_shard(
+            module,
+            mesh=dp_mesh,
+            reshard_after_forward=num_microbatches == 1,
+            mp_policy=mp_policy,
+        )
     elif kind == "DDP":
-        replicate(module, mesh=dp_mesh)
+        replicate(module, mesh=dp_mesh, mp_policy=mp_policy)
     else:
         raise ValueError(f"unknown data-parallel kind {kind!r}; use 'DDP' or 'FSDP'")
     assert isinstance(module, FSDPModule)
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
     return module
+
+
+def apply_fsdp_root(
+    module: nn.Module, mesh: DeviceMesh, *, mp_policy: MixedPrecisionPolicy | None = None
+) -> bool:
+    """Make ``module`` (a stage) the FSDP2 root of the FSDP2 / ``replicate`` states below it,
+    managing no parameter of its own; False (nothing done) when there is none. Call it after
+    every layer's :func:`apply_dp` and before :func:`wrap_ddp`. ``mesh``: one of the layers'
+    DP meshes (the root holds no shards and issues no collective on it)."""
+    managed: set[int] = set()
+    for sub in module.modules():
+        if sub is not module and isinstance(sub, FSDPModule):
+            managed.update(id(p) for p in sub.parameters())
+    if not managed:
+        return False
+    ignored = {p for p in module.parameters() if id(p) not in managed}
+    policy = mp_policy or MixedPrecisionPolicy()
+    # the stage's inputs are left as they are: autocast decides per op (see uniap.precision)
+    policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype,
+        reduce_dtype=policy.reduce_dtype,
+        output_dtype=policy.output_dtype,
+        cast_forward_inputs=False,
+    )
+    fully_shard(
+        module,
+        mesh=mesh,
+        reshard_after_forward=False,
+        ignored_params=ignored,
+        mp_policy=policy,
+    )
+    assert isinstance(module, FSDPModule)
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
+    # Explicit backward prefetch: each layer prefetches the one before it. FSDP2's default
+    # walks back through the root's record of every forward since the last backward, which
+    # with several micro-batches (forward m+1 after backward m, or a pipeline schedule)
+    # names a layer of the *previous* micro-batch: in the last backward the first layer
+    # would re-gather the last one, already resharded. The first layer names itself (a
+    # no-op: it is unsharded when its backward starts), since an empty list means default.
+    layers = [m for m in module.modules() if m is not module and isinstance(m, FSDPModule)]
+    for prev, layer in zip([layers[0], *layers[:-1]], layers):
+        layer.set_modules_to_backward_prefetch([prev])
+    logger.info("FSDP root over the stage (%d parameter(s) left to other wrappers)", len(ignored))
+    return True
+
+
+def fsdp_roots(module: nn.Module) -> list[nn.Module]:
+    """The modules under ``module`` (itself included) whose FSDP2 state is a root, after the
+    first forward (FSDP2 decides roots lazily)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+
+    roots = []
+    for sub in module.modules():
+        state = _get_module_fsdp_state(sub)
+        if state is not None and state._is_root:
+            roots.append(sub)
+    return roots
 
 
 def _sum_allreduce_hook(group, bucket):  # noqa: ANN001 - DDP rejects string annotations here
@@ -93,9 +184,7 @@ def wrap_ddp(
     if dist.get_world_size(group) == 1:
         return None
     prefixes = tuple(f"{f}." for f in layer_fqns) if layer_fqns is not None else ("",)
-    synced = [
-        n for n, p in module.named_parameters() if p.requires_grad and n.startswith(prefixes)
-    ]
+    synced = [n for n, p in module.named_parameters() if p.requires_grad and n.startswith(prefixes)]
     if not synced:
         return None
     keep = set(synced)

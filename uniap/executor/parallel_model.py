@@ -7,9 +7,14 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
 4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
    FQNs do not change);
-5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), then
-   classic DDP around the stage for its ``tp == 1`` DDP layers (root last);
+5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), the
+   stage module as the one FSDP2 root of them (root last, so prefetching spans the stage),
+   then classic DDP around the stage for its ``tp == 1`` DDP layers;
 6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
+
+Precision (``plan.precision``, see :mod:`uniap.precision`): the stage is cast to the master
+dtype before sharding, its forward and the loss run under ``torch.autocast(param_dtype)``,
+and FSDP / ``replicate`` layers (and the stage root) get FSDP2's ``MixedPrecisionPolicy``.
 
 Loss semantics: ``train_step`` computes exactly the single-device loss of the global batch
 (``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
@@ -20,9 +25,10 @@ rank returns the same float.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +40,16 @@ from torch.nn.parallel import DistributedDataParallel
 from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
-from uniap.executor.data_parallel import GradSync, apply_dp, wrap_ddp
+from uniap.executor.data_parallel import (
+    GradSync,
+    apply_dp,
+    apply_fsdp_root,
+    mp_policy_for,
+    wrap_ddp,
+)
+from uniap.executor.full_state import stream_full_state
+from uniap.executor.grad_norm import clip_grad_norm_
+from uniap.executor.materialize import is_meta, materialize_stage
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.pipeline_parallel import build_schedule
@@ -42,6 +57,7 @@ from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.graph import Layer
+from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
 
 __all__ = ["ParallelModel", "apply_plan"]
@@ -56,12 +72,18 @@ def apply_plan(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     layers: Mapping[str, Layer] | None = None,
     device: torch.device,
+    init_weights: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
 ) -> ParallelModel:
     """Build this rank's part of ``plan`` from ``model`` (left untouched). Collective.
 
     ``layers`` maps layer FQNs to their :class:`~uniap.graph.Layer` (for the TP plans); it is
-    only needed when some layer has ``tp > 1``.
+    only needed when some layer has ``tp > 1``. A ``model`` on the meta device is sharded on
+    meta and then only this rank's shards are materialised and initialised
+    (:mod:`.materialize`: ``init_weights(layer)`` per layer, else ``reset_parameters()``,
+    under ``seed + layer index``).
     """
+    meta = is_meta(model)
     layers = dict(layers or {})
     if dist.get_world_size() != plan.world_size:  # refuse before any collective
         raise PlanMismatchError(
@@ -70,10 +92,21 @@ def apply_plan(
         )
     for ls in plan.layer_strategies:
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+    precision = plan.precision
+    if precision is not None and precision.mixed and precision.param_dtype == "float16":
+        raise UniapError(
+            f"precision {precision.name}: fp16 compute needs a loss scaler, which the executor "
+            "does not provide yet; use 'bf16-mixed' (or 'fp32')"
+        )
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
     module = build_stage_module(model, plan, stage_index, groups, device)
+    mp_policy = None
+    if precision is not None:  # master copy in master_dtype, compute under autocast
+        module.to(precision.torch_dtype("master_dtype"))
+        install_autocast(module, precision, device.type)
+        mp_policy = mp_policy_for(precision)
     for ls in stage.layers:
         if ls.tp > 1:
             apply_tp(
@@ -83,18 +116,35 @@ def apply_plan(
         if ls.recompute:
             apply_ac(module.get_submodule(ls.fqn))
     classic = [ls for ls in stage.layers if ls.strategy.uses_classic_ddp]
+    root_mesh = None
     for ls in stage.layers:
         if ls.dp > 1 and ls not in classic:
+            dp_mesh = groups.layer_mesh(ls.dp, ls.tp)["dp"]
             apply_dp(
                 module.get_submodule(ls.fqn),
                 ls.kind,
-                groups.layer_mesh(ls.dp, ls.tp)["dp"],
+                dp_mesh,
                 num_microbatches=plan.num_microbatches,
+                mp_policy=mp_policy,
             )
+            root_mesh = root_mesh or dp_mesh
+    if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
+        apply_fsdp_root(module, root_mesh, mp_policy=mp_policy)
+    if meta:  # this rank's shards only, initialised layer by layer
+        materialize_stage(
+            module,
+            model,
+            [ls.fqn for ls in plan.layer_strategies],
+            device=device,
+            seed=seed,
+            init_weights=init_weights,
+        )
     ddp = None
-    if classic:  # root last: one DDP wrapper over the stage's tp == 1 DDP layers
+    if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
-        ddp = wrap_ddp(module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group())
+        ddp = wrap_ddp(
+            module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group()
+        )
     logger.info(
         "rank %d: stage %d/%d with %d layers (%s .. %s) applied",
         groups.rank,
@@ -112,8 +162,22 @@ class ParallelModel:
 
     ``train_step(inputs, targets)`` runs one iteration's forward and backward over the global
     batch (every rank may be given the same global batch; each takes its part) and leaves the
-    gradients of this rank's parameter shards in ``.grad``, ready for any optimizer built on
-    :meth:`parameters`.
+    gradients of this rank's parameter shards in ``.grad``.
+
+    **Optimizers.** Build them on :meth:`param_groups`, not :meth:`parameters`::
+
+        opt = torch.optim.AdamW(pm.param_groups(), lr=3e-4, foreach=True)   # or fused=True
+
+    A stage may hold plain tensors (layers under classic DDP, and the non-TP parameters of a
+    TP layer without data parallelism) next to DTensors (FSDP / ``replicate`` / TP layers).
+    torch's multi-tensor (``foreach``, CUDA's default) and ``fused`` optimizer kernels refuse a
+    list that mixes the two (``got mixed torch.Tensor and DTensor``), while DTensors of
+    different meshes may share a call. :meth:`param_groups` therefore returns one group of
+    plain tensors and one of DTensors (each present only when non-empty); the optimizer runs
+    one kernel launch per group. Classic DDP keeps plain tensors because its bucketed
+    all-reduce (what the cost model charges for ``DDP`` at ``tp == 1``) works on them.
+    Gradients are clipped with :meth:`clip_grad_norm_` (the global norm over every stage,
+    mesh and kind).
     """
 
     def __init__(
@@ -156,7 +220,7 @@ class ParallelModel:
         """Logs step time, throughput, MFU and memory against the plan on rank 0 every
         ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
-        self._grad_sync = GradSync(module.layers(), ddp)
+        self._grad_sync = GradSync([module, *module.layers()], ddp)
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]
@@ -205,9 +269,65 @@ class ParallelModel:
         """This rank's parameters under the model's original FQNs."""
         return self.module.named_parameters()
 
+    def param_groups(
+        self, groups: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups in which no group mixes plain tensors and DTensors (see
+        the class docstring): ``torch.optim.AdamW(pm.param_groups(), foreach=True)``.
+
+        ``groups``: this rank's parameters, or parameter groups (dicts with ``params`` and
+        per-group options such as ``weight_decay``) to split the same way, each option
+        carried to both halves; default: every parameter of :meth:`parameters`. Plain tensors
+        come first. The groups carry no extra keys, so optimizer checkpoints keyed by FQN
+        (:mod:`uniap.checkpoint`) load under any other plan."""
+        if groups is None:
+            groups = [{"params": list(self.parameters())}]
+        groups = list(groups)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        out: list[dict[str, Any]] = []
+        for group in groups:
+            params = group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            options = {k: v for k, v in group.items() if k != "params"}
+            plain = [p for p in params if not isinstance(p, DTensor)]
+            dtensors = [p for p in params if isinstance(p, DTensor)]
+            for members in (plain, dtensors):
+                if members:
+                    out.append({"params": members, **options})
+        return out
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Clip the gradients of the whole model (every stage, mesh and kind) by their global
+        ``norm_type``-norm, as ``torch.nn.utils.clip_grad_norm_`` does on one process; returns
+        that norm (a 0-dim tensor, the same on every rank). Collective: every rank calls it,
+        after ``train_step`` and before the optimizer step (see :mod:`.grad_norm`)."""
+        return clip_grad_norm_(
+            self.parameters(),
+            max_norm,
+            norm_type,
+            pp_group=self.groups.lane_group,
+            device=self.device,
+            foreach=foreach,
+            error_if_nonfinite=error_if_nonfinite,
+        )
+
     # ---------------------------------------------------------------- running
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
-        return self._loss_fn(output, target) * self._loss_scale
+        with self._autocast():
+            return self._loss_fn(output, target) * self._loss_scale
+
+    def _autocast(self) -> Any:
+        """The loss runs under the plan's autocast, like the stage's forward."""
+        p = self.plan.precision
+        return p.autocast(self.device.type) if p is not None else contextlib.nullcontext()
 
     def _to_device(self, value: Any) -> Any:
         return map_tensors(lambda t: t.to(self.device, non_blocking=True), value)
@@ -337,23 +457,10 @@ class ParallelModel:
         set_model_state_dict(self.module, dict(state_dict))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Gather every full, unsharded tensor to rank 0 (CPU), loadable into the original
-        model with ``load_state_dict``; other ranks get ``{}``. Collective over the world."""
-        local: dict[str, torch.Tensor] = {}
-        for key, value in self.module.state_dict().items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            local[key] = value.detach().to("cpu", copy=True)
-        leader = self.groups.layout.local(self.groups.rank) == 0
-        gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local if leader else None, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            if part:
-                full.update(part)
-        return full
+        """Every full, unsharded tensor on rank 0 (CPU), loadable into the original model with
+        ``load_state_dict``; other ranks get ``{}``. Collective over the world; streamed one
+        tensor at a time (:mod:`.full_state`)."""
+        return stream_full_state(self.groups, self.module.state_dict, self.device)
 
 
 def _split(value: Any, num_chunks: int) -> list[Any]:

@@ -12,11 +12,14 @@ Communication per iteration and lane, for the edge leaving stage ``i``: ``c`` se
 activation shard forward and ``c`` sends of its gradient backward (point-to-point).
 
 Data-parallel synchronisation is driven per micro-batch by :class:`GradSync`: the stage's
-module is not itself an FSDP module (its layers are, each on its own DP group), so the
-stage's ``backward_maybe_with_nosync`` is where the last micro-batch's backward turns
-gradient reduction on. When the stage has classic DDP layers the stage's module is the DDP
+``backward_maybe_with_nosync`` is where the last micro-batch's backward turns gradient
+reduction on. When the stage has classic DDP layers the stage's module is the DDP
 wrapper, and torch's stage runs every forward and all but the last backward under
-``no_sync`` itself. Gradients are never scaled by the schedule (``scale_grads=False``):
+``no_sync`` itself. A stage whose module is an FSDP2 root (:func:`~uniap.executor.data_parallel.apply_fsdp_root`)
+is handed to torch's stage inside a plain wrapper (:class:`_PlainStage`): torch's own FSDP
+path would turn gradient reduction off for every micro-batch and reduce-scatter after the
+last backward has finished, while :class:`GradSync` reduces during the last backward, hidden
+behind it (what the cost model charges). Gradients are never scaled by the schedule (``scale_grads=False``):
 the loss is already scaled to the global-batch mean.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
@@ -52,6 +56,17 @@ class _Schedule1F1BAnyCount(Schedule1F1B):
 
     def __init__(self, stage: Any, n_microbatches: int, **kwargs: Any) -> None:
         PipelineScheduleSingle.__init__(self, stage, n_microbatches, **kwargs)
+
+
+class _PlainStage(nn.Module):
+    """Runs an FSDP2-root stage module as an ordinary module (see the module docstring)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
 
 
 _TORCH_CLASSES = {"ScheduleGPipe": ScheduleGPipe, "Schedule1F1B": _Schedule1F1BAnyCount}
@@ -100,6 +115,8 @@ def build_schedule(
     """The pipeline schedule that runs ``module`` as stage ``stage_index`` of this lane."""
     spec = get_schedule(schedule)
     assert spec.stages_per_rank == 1, f"{spec.name}: only one stage per rank is implemented"
+    if isinstance(module, FSDPModule):
+        module = _PlainStage(module)
     stage = _StageWithGradSync(
         module, stage_index, num_stages, device, group=lane_group, grad_sync=grad_sync
     )

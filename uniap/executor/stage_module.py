@@ -143,7 +143,8 @@ def build_stage_module(
             )
         for name, t, is_param in extra:
             _attach_tensor(sm, name, t, is_param)
-    sm.to(device)
+    if not any(t.is_meta for t in (*sm.parameters(), *sm.buffers())):
+        sm.to(device)  # a meta model is materialised after sharding (executor.materialize)
 
     layouts = [(ls.dp, ls.tp) for ls in stage.layers]
     in_reshard = None
