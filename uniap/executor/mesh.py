@@ -269,8 +269,12 @@ def _gather_pairs(plan: Plan) -> set[tuple[int, int]]:
     for src, dst in _layout_edges(plan):
         for step in reshard_steps(g, src, dst):
             pairs.add((step.tp_small, step.tp_big))
-    if plan.pp_degree == 1:
-        last = plan.stages[-1].layers[-1]
-        for step in reshard_steps(g, (last.dp, last.tp), (1, g)):
-            pairs.add((step.tp_small, step.tp_big))
+    if plan.pp_degree == 1:  # base layout (the first layer's) <-> every layer, and -> (1, g)
+        first = plan.stages[0].layers[0]
+        base = (first.dp, first.tp)
+        edges = [(1, g)] + [(ls.dp, ls.tp) for ls in plan.layer_strategies]
+        for other in edges:
+            for src, dst in ((base, other), (other, base)):
+                for step in reshard_steps(g, src, dst):
+                    pairs.add((step.tp_small, step.tp_big))
     return pairs
