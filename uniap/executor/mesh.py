@@ -269,12 +269,15 @@ def _gather_pairs(plan: Plan) -> set[tuple[int, int]]:
     for src, dst in _layout_edges(plan):
         for step in reshard_steps(g, src, dst):
             pairs.add((step.tp_small, step.tp_big))
-    if plan.pp_degree == 1:  # base layout (the first layer's) <-> every layer, and -> (1, g)
-        first = plan.stages[0].layers[0]
+    if plan.pp_degree == 1:
+        # the model's own forward: base layout (the first layer's) <-> every layer, and
+        # base -> (1, g); a chain: its last layer -> (1, g)
+        first, last = plan.stages[0].layers[0], plan.stages[-1].layers[-1]
         base = (first.dp, first.tp)
-        edges = [(1, g)] + [(ls.dp, ls.tp) for ls in plan.layer_strategies]
-        for other in edges:
-            for src, dst in ((base, other), (other, base)):
-                for step in reshard_steps(g, src, dst):
-                    pairs.add((step.tp_small, step.tp_big))
+        edges = [(base, (1, g)), ((last.dp, last.tp), (1, g))]
+        for ls in plan.layer_strategies:
+            edges += [(base, (ls.dp, ls.tp)), ((ls.dp, ls.tp), base)]
+        for src, dst in edges:
+            for step in reshard_steps(g, src, dst):
+                pairs.add((step.tp_small, step.tp_big))
     return pairs

@@ -6,8 +6,10 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 2. ``pp == 1``: deep-copy the whole model to the device; the plan is applied to its layers in
    place, by FQN, and the model's own ``forward(*args, **kwargs)`` runs unchanged
    (:mod:`.model_forward`: base layout, layout adapters, free parameters).
-   ``pp > 1`` (declared chains: ``nn.Sequential``, ``uniap_layer_fqns()``): deep-copy this
-   rank's stage layers by FQN into a ``StageModule`` (with reshards) that runs them as a chain;
+   ``pp > 1``, or ``pp == 1`` for a declared chain (``nn.Sequential``, ``uniap_layer_fqns()``)
+   whose layers change layout (:func:`runs_own_forward`): deep-copy this rank's stage layers
+   by FQN into a ``StageModule`` (with reshards) that runs them as a chain, faithful by
+   declaration; a chain only *discovered* by ``layer_chain`` is never run as one;
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
 4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
    FQNs do not change);
@@ -75,6 +77,17 @@ def is_declared_chain(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) or callable(getattr(model, "uniap_layer_fqns", None))
 
 
+def runs_own_forward(model: nn.Module, plan: Plan) -> bool:
+    """True when the executor runs ``model``'s own forward under ``plan``: at ``pp == 1``,
+    except for a declared chain whose layers change layout (it runs as a chain, with one
+    reshard per change, what the cost model charges; its own forward would reshard in and
+    out of every layer in another layout than the first's)."""
+    if plan.pp_degree > 1:
+        return False
+    layouts = {(ls.dp, ls.tp) for ls in plan.layer_strategies}
+    return not (is_declared_chain(model) and len(layouts) > 1)
+
+
 def apply_plan(
     model: nn.Module,
     plan: Plan,
@@ -101,7 +114,8 @@ def apply_plan(
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
     all_fqns = [ls.fqn for ls in plan.layer_strategies]
     free: dict[str, tuple[str, ...]] = {}
-    if plan.pp_degree == 1:
+    own_forward = runs_own_forward(model, plan)
+    if own_forward:
         free = free_parameters(model, all_fqns)
         base = check_free_layouts(free, plan)
     elif not is_declared_chain(model):
@@ -120,7 +134,7 @@ def apply_plan(
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
-    if plan.pp_degree == 1:
+    if own_forward:
         module: nn.Module = copy.deepcopy(model).to(device)
     else:
         module = build_stage_module(model, plan, stage_index, groups, device)
@@ -155,7 +169,7 @@ def apply_plan(
         )
     free_sync = None
     context = BatchContext()
-    if plan.pp_degree == 1:
+    if own_forward:
         install_layout_adapters(module, plan, groups, base, context)
         free_sync = FreeParamSync(free_params, groups.layer_mesh(*base)["dp"].get_group())
         if free:
@@ -174,7 +188,7 @@ def apply_plan(
         len(stage.layers),
         stage.layers[0].fqn,
         stage.layers[-1].fqn,
-        "the model's own forward" if plan.pp_degree == 1 else "a chain",
+        "the model's own forward" if own_forward else "a chain",
     )
     return ParallelModel(
         module,
@@ -185,6 +199,7 @@ def apply_plan(
         layer_modules=[module.get_submodule(ls.fqn) for ls in stage.layers],
         free_sync=free_sync,
         batch_context=context,
+        own_forward=own_forward,
     )
 
 
@@ -216,6 +231,7 @@ class ParallelModel:
         layer_modules: list[nn.Module] | None = None,
         free_sync: FreeParamSync | None = None,
         batch_context: BatchContext | None = None,
+        own_forward: bool = False,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -259,7 +275,7 @@ class ParallelModel:
         first = plan.stages[0].layers[0]
         # the layout the loss is computed in: the last layer's for a chain, the base layout
         # (the first layer's) for the model's own forward
-        last = plan.stages[-1].layers[-1] if plan.pp_degree > 1 else first
+        last = first if own_forward else plan.stages[-1].layers[-1]
         self._first_dp, self._first_dp_index = first.dp, layout.dp_index(rank, first.tp)
         self._last_dp, self._last_dp_index = last.dp, layout.dp_index(rank, last.tp)
         self._counts_loss = self.is_last_stage and layout.local(rank) % last.tp == 0
@@ -418,7 +434,8 @@ class ParallelModel:
         return total
 
     def _run_own_forward(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """``pp == 1``: the model's own forward on each micro-batch, then its backward."""
+        """``pp == 1``: the model's own forward (or a declared chain's stage module) on each
+        micro-batch, then its backward."""
         c, big_b = self.plan.num_microbatches, self.plan.global_batch_size
         args, kwargs = _as_call(inputs)
         self._check_batch((args, kwargs), "inputs", exact=False)
@@ -430,6 +447,7 @@ class ParallelModel:
             batch_size=big_b, num_microbatches=c, dp=self._first_dp, dp_index=self._first_dp_index
         )
         in_mbs = microbatches(self._to_device((args, kwargs)), **split)
+        split.update(dp=self._last_dp, dp_index=self._last_dp_index)  # a chain's last layout
         tgt_mbs = microbatches(self._to_device(targets), **split)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self._batch_context.microbatch_size = big_b // c
@@ -506,7 +524,7 @@ class ParallelModel:
         with self._grad_sync.microbatch(last=False):
             out = self._runner(*mb_args, **mb_kwargs)
         if self._to_replicated is not None:
-            out = map_batch(self._to_replicated, out, big_b // self._first_dp)
+            out = map_batch(self._to_replicated, out, big_b // self._last_dp)
         if not torch.is_grad_enabled():
             self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
         return out
