@@ -45,6 +45,7 @@ __all__ = [
     "ModelGraph",
     "TPPair",
     "build_graph",
+    "is_declared_chain",
     "layer_chain",
     "run_chain",
 ]
@@ -222,6 +223,13 @@ def layer_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
             "wrap it in nn.Sequential or define uniap_layer_fqns()"
         )
     return chain
+
+
+def is_declared_chain(model: nn.Module) -> bool:
+    """True when ``model`` declares its forward to be its layer chain (``nn.Sequential`` or
+    ``uniap_layer_fqns()``): the executor may split it into pipeline stages by running its
+    layers one after the other. Any other model runs its own forward, at ``pp == 1``."""
+    return isinstance(model, nn.Sequential) or callable(getattr(model, "uniap_layer_fqns", None))
 
 
 def _submodule(model: nn.Module, fqn: str) -> nn.Module:
@@ -780,6 +788,8 @@ def build_graph(
             "num_params": total_params,
             "fwd_flops_per_sample": sum(layer.fwd_flops_per_sample for layer in layers),
             "trace_batch_size": batch,
+            # read by the planner (plan_graph): pp > 1 only for a model the executor can split
+            "pipeline_splittable": is_declared_chain(model),
         },
     )
     if outside:

@@ -125,23 +125,25 @@ def hf_case(case: dict) -> dict[str, Any] | None:
     the others ``case["others"]``; compare with one process."""
     family, big_b, c, steps = case["family"], case.get("B", 16), case.get("c", 2), 3
     x0 = batch(family, big_b, 0)
-    graph = build_graph(build(family), x0)
-    per_layer = [
-        tuple(case["tp_layers"] if layer.supports_tp(case["tp_layers"][1]) else case["others"])
-        for layer in graph.layers
-    ]
-    plan = make_plan(
-        list(graph.fqns),
-        dist.get_world_size(),
-        [per_layer],
-        global_batch_size=big_b,
-        num_microbatches=c,
-        model_name=graph.name,
-        signature=graph.signature,
-    )
+    plan = None
+    if "cluster" not in case:  # else planned by uniap on rank 0
+        graph = build_graph(build(family), x0)
+        per_layer = [
+            tuple(case["tp_layers"] if layer.supports_tp(case["tp_layers"][1]) else case["others"])
+            for layer in graph.layers
+        ]
+        plan = make_plan(
+            list(graph.fqns),
+            dist.get_world_size(),
+            [per_layer],
+            global_batch_size=big_b,
+            num_microbatches=c,
+            model_name=graph.name,
+            signature=graph.signature,
+        )
     pm = parallelize(
-        build(family), plan=plan, loss_fn=_loss_fn(family), global_batch_size=big_b,
-        example_inputs=x0,
+        build(family), case.get("cluster"), plan=plan, loss_fn=_loss_fn(family),
+        global_batch_size=big_b, example_inputs=x0,
     )  # fmt: skip
     opt = sgd(pm.parameters())
     losses, grads = [], {}
@@ -152,6 +154,9 @@ def hf_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             grads = full_grads(pm)
         opt.step()
+    pm.eval()
+    with torch.no_grad():
+        out = pm(batch(family, big_b, steps))  # inference: the whole batch on every rank
     if dist.get_rank() != 0:
         return None
     ref = build(family)
@@ -165,9 +170,15 @@ def hf_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref_opt.step()
+    with torch.no_grad():
+        expect = ref(**batch(family, big_b, steps))
+    key = "pooler_output" if _families()[family][3] == "vision" else "logits"
+    got, want = out[key], expect[key]
     return {
         "plan": pm.plan.summary(),
-        "tp_layers": sum(ls.tp > 1 for ls in plan.layer_strategies),
+        "forward_close": got.shape == want.shape
+        and float((got - want).abs().max()) <= ATOL + RTOL * float(want.abs().max()),
+        "training": pm.training,
         "losses": losses,
         "ref_losses": ref_losses,
         "losses_close": all(

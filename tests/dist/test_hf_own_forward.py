@@ -1,6 +1,8 @@
 """Hugging Face models passed to ``parallelize`` unmodified (pp = 1, world size 4, one spawn):
 every family trains exactly as on one process, per-step losses and gradients (SGD, rtol
-1e-4), with TP on the layers that have a TP plan, data parallelism elsewhere."""
+1e-4), with TP on the layers that have a TP plan, data parallelism elsewhere; then
+``pm.eval(); pm(batch)`` returns the whole batch's output on every rank, equal to the
+trained reference model's."""
 
 from __future__ import annotations
 
@@ -39,7 +41,11 @@ def _cases() -> list[dict]:
     return out
 
 
-CASES = _cases()
+CASES = [
+    *_cases(),
+    # planned by uniap (rank 0) for the cpu-4 preset, then run
+    {"name": "llama_untied_planned_cpu4", "family": "llama_untied", "cluster": "cpu-4"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +63,4 @@ def test_world4_hf_model_matches_one_process(results: dict[str, Any], name: str)
     assert res["num_grads"] > 0
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert not res["bad_grads"], res["bad_grads"]
+    assert res["forward_close"] and not res["training"], "pm.eval(); pm(batch) differs"

@@ -63,18 +63,12 @@ from uniap.executor.pipeline_parallel import build_schedule
 from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
-from uniap.graph import Layer
+from uniap.graph import Layer, is_declared_chain
 from uniap.plan import Plan
 
 __all__ = ["ParallelModel", "apply_plan"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_declared_chain(model: nn.Module) -> bool:
-    """True when ``model`` declares itself a chain (``nn.Sequential`` or
-    ``uniap_layer_fqns()``): feeding each layer's output to the next is its forward."""
-    return isinstance(model, nn.Sequential) or callable(getattr(model, "uniap_layer_fqns", None))
 
 
 def runs_own_forward(model: nn.Module, plan: Plan) -> bool:
