@@ -227,7 +227,7 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
     for step in range(steps):
         x, y = batch(name, big_b, step)
         if not (accumulate and step == 1):
-            opt.zero_grad()
+            pm.zero_grad()  # as nn.Module.zero_grad
         losses.append(pm.train_step(x, y))
         if step == (1 if accumulate else 0):
             grads = full_grads(pm)

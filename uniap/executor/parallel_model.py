@@ -570,7 +570,8 @@ def _as_call(inputs: Any) -> tuple[tuple, dict[str, Any]]:
 
 
 def _batch_size_of(value: Any) -> int | None:
-    """The largest dim 0 of the tensors of ``value`` (the batch of an inference call)."""
+    """The batch of an inference call: dim 0 of the first tensor of ``value`` that has one
+    (``input_ids``, ``pixel_values``: the inputs a forward takes first)."""
     sizes: list[int] = []
     map_tensors(lambda t: sizes.append(t.shape[0]) if t.dim() else None, value)
-    return max(sizes) if sizes else None
+    return sizes[0] if sizes else None
