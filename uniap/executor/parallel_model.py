@@ -291,7 +291,7 @@ class ParallelModel:
                 loss_fn=self._scaled_loss,
             )
         self._to_replicated: BatchReshard | None = None
-        if plan.pp_degree == 1:
+        if self.is_last_stage:  # forward(): the output gathered to every rank of the stage
             r = BatchReshard(groups, (last.dp, last.tp), (1, layout.stage_size))
             self._to_replicated = None if r.is_identity else r
 
@@ -490,15 +490,16 @@ class ParallelModel:
         return total
 
     def forward(self, inputs: Any) -> Any:
-        """Output of the model on a batch (``pp == 1`` plans only): every rank gets the whole
-        batch's output (batch-first tensors gathered; a loss in it is this rank's part's).
-        Meant for evaluation (gradients of a backward through it are not synchronised over
-        data-parallel ranks); train with :meth:`train_step`."""
+        """Output of the model on a batch: every rank gets the whole batch's output
+        (batch-first tensors gathered; a loss in it is this rank's part's). Meant for
+        evaluation (``pm.eval(); out = pm(batch)``; gradients of a backward through it are not
+        synchronised over data-parallel ranks); train with :meth:`train_step`.
+
+        With ``pp > 1`` the pipeline runs forward only (the schedule's ``eval``) on a batch of
+        the plan's global batch size, and the last stage's output (a tensor) is sent to every
+        stage over the lanes."""
         if self.plan.pp_degree > 1:
-            raise NotImplementedError(
-                f"forward() runs pp == 1 plans only (this plan has pp={self.plan.pp_degree}); "
-                "use train_step, or a pp=1 plan for inference"
-            )
+            return self._forward_pipeline(inputs)
         args, kwargs = _as_call(inputs)
         big_b = _batch_size_of((args, kwargs))
         if big_b is None or big_b % self._first_dp:
@@ -522,6 +523,45 @@ class ParallelModel:
         if not torch.is_grad_enabled():
             self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
         return out
+
+    def _forward_pipeline(self, inputs: Any) -> torch.Tensor:
+        c = self.plan.num_microbatches
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        local_in: Any = ()
+        if self.is_first_stage:
+            self._check_batch(args, "inputs")
+            local_in = self._to_device(
+                slice_global_batch(
+                    args, num_microbatches=c, dp=self._first_dp, dp_index=self._first_dp_index
+                )
+            )
+        schedule = self._schedule
+        assert schedule is not None
+        loss_fn, schedule._loss_fn = schedule._loss_fn, None  # forward only: no loss
+        try:
+            with torch.no_grad():
+                out = schedule.eval(*local_in)
+        finally:
+            schedule._loss_fn = loss_fn
+        self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
+        full = None
+        if self.is_last_stage:
+            if not isinstance(out, torch.Tensor):
+                raise UniapError(
+                    f"forward() with pp={self.plan.pp_degree} returns a tensor output only; the "
+                    f"last stage returned {type(out).__name__}"
+                )
+            # the local output is this rank's shard of each micro-batch, in order: gather
+            # each micro-batch, then concatenate
+            chunks = list(out.tensor_split(c))
+            if self._to_replicated is not None:
+                chunks = [self._to_replicated(ch) for ch in chunks]
+            full = torch.cat(chunks).cpu()
+        layout = self.groups.layout
+        src = layout.stage_start(self.plan.pp_degree - 1) + layout.local(self.groups.rank)
+        payload = [full]
+        dist.broadcast_object_list(payload, src=src, group=self.groups.lane_group)
+        return payload[0].to(self.device)
 
     __call__ = forward
 
