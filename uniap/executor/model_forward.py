@@ -14,7 +14,10 @@ arguments is resharded base -> layer, every batch-first tensor it returns layer 
 (:class:`~uniap.executor.reshard.BatchReshard`, autograd-aware). A tensor is batch-first when
 its dim 0 equals the local micro-batch size of the layout it is in; other tensors (masks
 broadcast over the batch, rotary tables, scalars) pass unchanged. The wrapper is part of the
-layer's forward, so a recomputed layer reshards again in its recomputation.
+layer's forward, so a recomputed layer reshards again in its recomputation. (A declared chain
+whose layers change layout runs as a chain instead, with one reshard per change; the cost
+model charges that, so for other models a plan that mixes layouts moves up to twice the
+activation bytes it was charged for.)
 
 **Free parameters.** Parameters outside every layer (a model-level parameter, a position
 table owned by the model) and parameters shared by several layers (tied input/output
