@@ -10,6 +10,12 @@ Run it under ``torchrun`` (every rank calls it with the same arguments)::
         loss = pm.train_step(x, y)
         opt.step()
 
+A Hugging Face model takes its batch as keyword inputs and computes its own loss::
+
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    pm = uniap.api.parallelize(model, "cpu-4", global_batch_size=16, example_inputs=batch)
+    loss = pm.train_step(batch)
+
 Order: (1) validate everything that can be checked locally, *before any collective* (a plan
 for another model or another world size, a cluster of another size, TP on a layer without a
 TP plan, a global batch the plan was not made for); (2) initialise the default process group
@@ -118,7 +124,7 @@ def parallelize(
     *,
     global_batch_size: int,
     example_inputs: Any = None,
-    loss_fn: Any,
+    loss_fn: Any = None,
     plan: Plan | str | Path | None = None,
     schedule: str | None = None,
     time_limit_s: float | None = None,
@@ -129,11 +135,16 @@ def parallelize(
 ) -> ParallelModel:
     """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
 
-    ``model``: the full model, identical on every rank (same seed), left untouched.
+    ``model``: the full model (any ``nn.Module``, e.g. a Hugging Face ``AutoModelFor...``
+    model), identical on every rank (same seed); a template, left untouched: the parallel
+    model trains a copy. At ``pp == 1`` its own ``forward`` runs with the plan applied to its
+    layers; ``pp > 1`` needs a declared chain (``nn.Sequential``, ``uniap_layer_fqns()``).
     ``cluster``: a :class:`~uniap.cluster.Cluster`, preset name or YAML path, for planning
     (default: detected); its world size must equal the launched one. ``example_inputs``: a
-    batch of inputs of the real shape (needed to plan, to check the model signature and for
-    TP). ``loss_fn(output, targets)``: a mean over the batch. ``plan``: a Plan or plan file;
+    batch of inputs of the real shape, as the forward takes them (a tensor, a tuple of
+    positional inputs or a dict of keyword inputs; needed to plan, to check the model
+    signature and for TP). ``loss_fn(output, targets)``: a mean over the batch; None uses the
+    model's own loss (``output.loss``, a Hugging Face model given ``labels``). ``plan``: a Plan or plan file;
     planned on rank 0 when None. ``schedule``: restrict planning to ``GPipe``/``1F1B``, or
     override a given plan's schedule. ``time_limit_s``: the planner's budget.
     ``timeout_s``: the process group timeout when this call initialises it.

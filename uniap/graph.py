@@ -54,6 +54,7 @@ __all__ = [
     "ModelGraph",
     "TPPair",
     "build_graph",
+    "is_declared_chain",
     "layer_chain",
     "run_chain",
 ]
@@ -212,6 +213,13 @@ def layer_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return chain
 
 
+def is_declared_chain(model: nn.Module) -> bool:
+    """True when ``model`` declares its forward to be its layer chain (``nn.Sequential`` or
+    ``uniap_layer_fqns()``): the executor may split it into pipeline stages by running its
+    layers one after the other. Any other model runs its own forward, at ``pp == 1``."""
+    return isinstance(model, nn.Sequential) or callable(getattr(model, "uniap_layer_fqns", None))
+
+
 def _submodule(model: nn.Module, fqn: str) -> nn.Module:
     try:
         return model.get_submodule(fqn)
@@ -335,12 +343,18 @@ def build_graph(
     root = type(traced).__name__
     last = len(chain) - 1
     seen_params: set[int] = set()
+    # parameters outside every layer (model-level ones) are trained with the first layer's
+    # data-parallel group by the executor: counted there
+    in_layers = {id(p) for _, module in chain for p in module.parameters()}
+    outside = [p for p in traced.parameters() if id(p) not in in_layers]
     layers = []
     for i, (fqn, module) in enumerate(chain):
         trace = tracer.layers[i]
         fwd = sum(fwd_counts.get(f"{root}.{fqn}", {}).values())
         total = sum(all_counts.get(f"{root}.{fqn}", {}).values())
         own = [p for p in module.parameters() if id(p) not in seen_params]
+        if i == 0:
+            own += outside
         seen_params |= {id(p) for p in own}
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
@@ -381,15 +395,17 @@ def build_graph(
             "num_params": total_params,
             "fwd_flops_per_sample": sum(layer.fwd_flops_per_sample for layer in layers),
             "trace_batch_size": batch,
+            # read by the planner (plan_graph): pp > 1 only for a model the executor can split
+            "pipeline_splittable": is_declared_chain(model),
         },
     )
-    chain_params = sum(layer.num_params for layer in layers)
-    if chain_params != total_params:
-        logger.warning(
-            "%s: the layer chain holds %d of the model's %d parameters; the rest are not planned",
+    if outside:
+        logger.info(
+            "%s: %d parameter(s) outside every layer (%d elements) counted with layer %s",
             graph.name,
-            chain_params,
-            total_params,
+            len(outside),
+            sum(p.numel() for p in outside),
+            layers[0].fqn,
         )
     logger.info(
         "traced %s: %d layers, %.3g params, %.3g fwd FLOP/sample, %d with a TP plan (%.2f s)",

@@ -337,6 +337,16 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
     cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
                    precision=precision)
     pps = [p for p in divisors(N) if p <= L]
+    if not graph.extra.get("pipeline_splittable", True):
+        # the executor runs this model's own forward, at pp = 1 only (see uniap.executor)
+        if pp_degrees is not None and any(p > 1 for p in pp_degrees):
+            raise ConfigError(
+                f"{graph.name} is not a declared layer chain (nn.Sequential or "
+                "uniap_layer_fqns()), so it cannot be split into pipeline stages; plan with "
+                "pp_degrees=[1], or define uniap_layer_fqns() if running its layers one after "
+                "the other is its forward"
+            )
+        pps = [1]
     if pp_degrees is not None:
         bad = [p for p in pp_degrees if p not in pps]
         if bad:

@@ -213,7 +213,7 @@ def w2_cases() -> list[dict]:
         ),
         toy("pp1_dp2_ddp_recompute_all_c1", 2, [[(2, 1, D, True)]], forward=True),
         toy("pp2_gpipe_c1", 2, [[(1, 1, D)], [(1, 1, D)]]),
-        toy("pp2_gpipe_c4", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="GPipe"),
+        toy("pp2_gpipe_c4", 2, [[(1, 1, D)], [(1, 1, F)]], c=4, schedule="GPipe", forward=True),
         toy("pp2_1f1b_c2", 2, [[(1, 1, D)], [(1, 1, D)]], c=2, schedule="1F1B"),
         toy(
             "pp2_1f1b_c1_fewer_microbatches_than_stages",
@@ -344,7 +344,14 @@ def w4_cases() -> list[dict]:
             forward=True,
         ),
         toy("pp2_dp2_ddp_gpipe_c2", 4, [[(2, 1, D)], [(2, 1, D)]], c=2),
-        toy("pp2_dp2_fsdp_1f1b_c4", 4, [[(2, 1, F)], [(2, 1, F)]], c=4, schedule="1F1B"),
+        toy(
+            "pp2_dp2_fsdp_1f1b_c4",
+            4,
+            [[(2, 1, F)], [(2, 1, F)]],
+            c=4,
+            schedule="1F1B",
+            forward=True,
+        ),
         toy(
             "pp2_tp2_cross_stage_reshard_gpipe_c2",
             4,
@@ -404,7 +411,7 @@ def w4_cases() -> list[dict]:
             kind="meta",
         ),
         toy("pp4_gpipe_c4", 4, [[(1, 1, D)]] * 4, c=4),
-        toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B"),
+        toy("pp4_1f1b_c4", 4, [[(1, 1, D)]] * 4, c=4, schedule="1F1B", forward=True),
         toy("pp4_gpipe_c1", 4, [[(1, 1, D)]] * 4, c=1),
         toy(
             "pp4_1f1b_c2_fewer_microbatches_than_stages", 4, [[(1, 1, D)]] * 4, c=2, schedule="1F1B"

@@ -17,11 +17,24 @@ Principles:
 - Device-agnostic: CPU/gloo and CUDA/NCCL run the same code; bad plans are refused before
   any collective, naming what differs.
 
+**It runs the model's own forward.** At ``pp == 1`` the whole model is copied to the device,
+the plan's per-layer strategies (TP, recompute, DDP/FSDP) are applied to its submodules in
+place, by FQN, and ``model.forward(*args, **kwargs)`` runs unchanged on each micro-batch, so
+the function trained is the model's whatever its structure (skip connections, scaled
+embeddings, masks, its own loss). Code outside the layers runs in the first layer's batch
+layout; a layer planned in another layout has its forward wrapped to reshard its batch-first
+inputs in and outputs back; parameters outside every layer and tied weights form one extra
+data-parallel unit (:mod:`.model_forward`). At ``pp > 1`` a *declared* chain
+(``nn.Sequential``, ``uniap_layer_fqns()``), whose forward is by declaration its layers run in
+order, is split by FQN into stages run by a ``torch.distributed.pipelining`` schedule; any other
+model is refused at ``pp > 1`` before training (and the planner does not offer it).
+
 One parallelism per module: :mod:`.mesh` (rank arithmetic, meshes, groups), :mod:`.reshard`
-(batch layouts), :mod:`.stage_module` (pipeline split by FQN), :mod:`.tensor_parallel`,
-:mod:`.activation_checkpoint`, :mod:`.data_parallel`, :mod:`.pipeline_parallel`,
-:mod:`.memory` (measured peak memory of a step); :mod:`.parallel_model` applies them in order.
-The public entry point is :func:`uniap.api.parallelize`.
+(batch layouts), :mod:`.model_forward` (the model's own forward), :mod:`.stage_module`
+(pipeline split by FQN), :mod:`.tensor_parallel`, :mod:`.activation_checkpoint`,
+:mod:`.data_parallel`, :mod:`.pipeline_parallel`, :mod:`.memory` (measured peak memory of a
+step); :mod:`.parallel_model` applies them in order. The public entry point is
+:func:`uniap.api.parallelize`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,16 +81,19 @@ def apply_dp(
     *,
     num_microbatches: int,
     mp_policy: MixedPrecisionPolicy | None = None,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
     Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by
     :func:`wrap_ddp` instead; this function is not called for them. ``mp_policy``: FSDP2's mixed
-    precision (:func:`mp_policy_for`), default full precision.
+    precision (:func:`mp_policy_for`), default full precision. ``ignored_params`` (parameters of
+    ``module`` synchronised elsewhere, e.g. tied weights) are left alone.
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    if dp_mesh.size() == 1 or not any(True for _ in module.parameters()):
+    ignored = set(ignored_params or ())
+    if dp_mesh.size() == 1 or all(p in ignored for p in module.parameters()):
         return module
     if kind == "FSDP":
         fully_shard(
@@ -98,9 +101,10 @@ def apply_dp(
             mesh=dp_mesh,
             reshard_after_forward=num_microbatches == 1,
             mp_policy=mp_policy,
+            ignored_params=ignored or None,
         )
     elif kind == "DDP":
-        replicate(module, mesh=dp_mesh, mp_policy=mp_policy)
+        replicate(module, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored or None)
     else:
         raise ValueError(f"unknown data-parallel kind {kind!r}; use 'DDP' or 'FSDP'")
     assert isinstance(module, FSDPModule)
@@ -175,21 +179,35 @@ def _sum_allreduce_hook(group, bucket):  # noqa: ANN001 - DDP rejects string ann
 
 
 def wrap_ddp(
-    module: nn.Module, layer_fqns: Sequence[str] | None, group: dist.ProcessGroup
+    module: nn.Module,
+    layer_fqns: Sequence[str] | None,
+    group: dist.ProcessGroup,
+    *,
+    exclude: Collection[str] = (),
 ) -> DistributedDataParallel | None:
     """Classic DDP over the parameters of the layers ``layer_fqns`` of ``module`` (all of its
     parameters when None; every other parameter and buffer is ignored by it), with ``SUM``
     all-reduce over ``group``; None when those layers have no trainable parameters or the
-    group has one rank. ``module`` itself is not changed (the wrapper holds it as ``.module``)."""
+    group has one rank. ``module`` itself is not changed (the wrapper holds it as ``.module``).
+    Parameters named in ``exclude`` (synchronised elsewhere, e.g. tied weights) are ignored."""
     if dist.get_world_size(group) == 1:
         return None
     prefixes = tuple(f"{f}." for f in layer_fqns) if layer_fqns is not None else ("",)
-    synced = [n for n, p in module.named_parameters() if p.requires_grad and n.startswith(prefixes)]
+    excluded = {id(p) for n, p in module.named_parameters() if n in exclude}
+    synced = [
+        n
+        for n, p in module.named_parameters()
+        if p.requires_grad and n.startswith(prefixes) and id(p) not in excluded
+    ]
     if not synced:
         return None
-    keep = set(synced)
-    ignored = [n for n, _ in module.named_parameters() if n not in keep]
-    ignored += [n for n, _ in module.named_buffers()]
+    named = dict(module.named_parameters())
+    keep = {id(named[n]) for n in synced}
+    # every name of an ignored tensor (a tied parameter has several), and DDP's spelling of a
+    # root-level one (it joins module and parameter names: ".pos" for the root's "pos")
+    ignored = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) not in keep]
+    ignored += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    ignored += [f".{n}" for n in ignored if "." not in n]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     ddp = DistributedDataParallel(
         module,

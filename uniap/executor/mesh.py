@@ -254,8 +254,18 @@ def _gather_pairs(plan: Plan) -> set[tuple[int, int]]:
     for src, dst in _layout_edges(plan):
         for step in reshard_steps(g, src, dst):
             pairs.add((step.tp_small, step.tp_big))
+    last = plan.stages[-1].layers[-1]
+    for step in reshard_steps(g, (last.dp, last.tp), (1, g)):  # forward(): gather the output
+        pairs.add((step.tp_small, step.tp_big))
     if plan.pp_degree == 1:
-        last = plan.stages[-1].layers[-1]
-        for step in reshard_steps(g, (last.dp, last.tp), (1, g)):
-            pairs.add((step.tp_small, step.tp_big))
+        # the model's own forward: base layout (the first layer's) <-> every layer, and
+        # base -> (1, g)
+        first = plan.stages[0].layers[0]
+        base = (first.dp, first.tp)
+        edges = [(base, (1, g)), ((last.dp, last.tp), (1, g))]
+        for ls in plan.layer_strategies:
+            edges += [(base, (ls.dp, ls.tp)), ((ls.dp, ls.tp), base)]
+        for src, dst in edges:
+            for step in reshard_steps(g, src, dst):
+                pairs.add((step.tp_small, step.tp_big))
     return pairs

@@ -3,14 +3,29 @@
 Order of operations (the torchtitan order), in :func:`apply_plan`:
 
 1. build the plan's meshes and groups (collective, same order on every rank);
-2. split: deep-copy this rank's stage layers by FQN into a ``StageModule`` (with reshards);
+2. ``pp == 1``: deep-copy the whole model to the device; the plan is applied to its layers in
+   place, by FQN, and the model's own ``forward(*args, **kwargs)`` runs unchanged
+   (:mod:`.model_forward`: base layout, layout adapters, free parameters).
+   ``pp > 1``, or ``pp == 1`` for a declared chain (``nn.Sequential``, ``uniap_layer_fqns()``)
+   whose layers change layout (:func:`runs_own_forward`): deep-copy this rank's stage layers
+   by FQN into a ``StageModule`` (with reshards) that runs them as a chain, faithful by
+   declaration; a chain only *discovered* by ``layer_chain`` is never run as one;
 3. TP per layer (``parallelize_module`` on the layer's TP mesh);
 4. activation checkpointing of the layers with ``recompute`` (composable ``checkpoint``: the
    FQNs do not change);
 5. DDP / FSDP per layer (FSDP2 ``fully_shard`` or ``replicate`` on the layer's DP mesh), the
-   stage module as the one FSDP2 root of them (root last, so prefetching spans the stage),
-   then classic DDP around the stage for its ``tp == 1`` DDP layers;
-6. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop.
+   module as the one FSDP2 root of them (root last, so prefetching spans the stage), then
+   classic DDP around the module for its ``tp == 1`` DDP layers; free parameters (outside
+   every layer, or tied) are left to :class:`~.model_forward.FreeParamSync`;
+6. a model on the meta device: only this rank's shards are materialised and initialised;
+7. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop over
+   the micro-batches.
+
+Gradient accumulation: without ``zero_grad`` between two ``train_step`` calls the gradients
+add up as they would on one device. FSDP2 and ``replicate`` add the reduced gradient to the
+sharded one; classic DDP would all-reduce the accumulated ``.grad`` bucket again, so its
+gradients (and those of the free parameters) are set aside before a step and added back after
+its reduction.
 
 Precision (``plan.precision``, see :mod:`uniap.precision`): the stage is cast to the master
 dtype before sharding, its forward and the loss run under ``torch.autocast(param_dtype)``,
@@ -26,6 +41,7 @@ rank returns the same float.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -52,11 +68,19 @@ from uniap.executor.grad_norm import clip_grad_norm_
 from uniap.executor.materialize import is_meta, materialize_stage
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
+from uniap.executor.model_forward import (
+    BatchContext,
+    FreeParamSync,
+    check_free_layouts,
+    free_parameters,
+    install_layout_adapters,
+    map_batch,
+)
 from uniap.executor.pipeline_parallel import build_schedule
-from uniap.executor.reshard import BatchReshard, map_tensors, slice_global_batch
+from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
-from uniap.graph import Layer
+from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
 
@@ -65,23 +89,37 @@ __all__ = ["ParallelModel", "apply_plan"]
 logger = logging.getLogger(__name__)
 
 
+def runs_own_forward(model: nn.Module, plan: Plan) -> bool:
+    """True when the executor runs ``model``'s own forward under ``plan``: at ``pp == 1``,
+    except for a declared chain whose layers change layout (it runs as a chain, with one
+    reshard per change, what the cost model charges; its own forward would reshard in and
+    out of every layer in another layout than the first's)."""
+    if plan.pp_degree > 1:
+        return False
+    layouts = {(ls.dp, ls.tp) for ls in plan.layer_strategies}
+    return not (is_declared_chain(model) and len(layouts) > 1)
+
+
 def apply_plan(
     model: nn.Module,
     plan: Plan,
     *,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     layers: Mapping[str, Layer] | None = None,
     device: torch.device,
     init_weights: Callable[[nn.Module], None] | None = None,
     seed: int = 0,
 ) -> ParallelModel:
-    """Build this rank's part of ``plan`` from ``model`` (left untouched). Collective.
+    """Build this rank's part of ``plan`` from ``model`` (a template, left untouched: the
+    parallel model trains a copy). Collective.
 
     ``layers`` maps layer FQNs to their :class:`~uniap.graph.Layer` (for the TP plans); it is
-    only needed when some layer has ``tp > 1``. A ``model`` on the meta device is sharded on
-    meta and then only this rank's shards are materialised and initialised
-    (:mod:`.materialize`: ``init_weights(layer)`` per layer, else ``reset_parameters()``,
-    under ``seed + layer index``).
+    only needed when some layer has ``tp > 1``. ``loss_fn(output, targets)`` is a mean over
+    its batch; None uses the model's own loss (``output.loss``, e.g. a Hugging Face model
+    given ``labels``). A ``model`` on the meta device is sharded on meta and then only this
+    rank's shards are materialised and initialised (:mod:`.materialize`:
+    ``init_weights(layer)`` per layer, else ``reset_parameters()``, under ``seed + layer
+    index``).
     """
     meta = is_meta(model)
     layers = dict(layers or {})
@@ -98,15 +136,52 @@ def apply_plan(
             f"precision {precision.name}: fp16 compute needs a loss scaler, which the executor "
             "does not provide yet; use 'bf16-mixed' (or 'fp32')"
         )
+    all_fqns = [ls.fqn for ls in plan.layer_strategies]
+    free: dict[str, tuple[str, ...]] = {}
+    own_forward = runs_own_forward(model, plan)
+    if own_forward:
+        free = free_parameters(model, all_fqns)
+        base = check_free_layouts(free, plan)
+    elif not is_declared_chain(model):
+        raise PlanMismatchError(
+            f"{type(model).__name__} is not a declared chain (nn.Sequential or "
+            f"uniap_layer_fqns()), so it cannot be split into {plan.pp_degree} pipeline stages "
+            "by running its layers one after the other: plan with pp=1 (any model runs there), "
+            "or define uniap_layer_fqns() if feeding each layer's output to the next is its "
+            "forward"
+        )
+    if loss_fn is None and plan.pp_degree > 1:
+        raise UniapError(
+            "loss_fn=None (the model's own loss) needs a pp=1 plan; pass loss_fn=... for a "
+            f"plan with pp={plan.pp_degree}"
+        )
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
-    module = build_stage_module(model, plan, stage_index, groups, device)
+    if own_forward:
+        module: nn.Module = copy.deepcopy(model)
+        if not meta:
+            module = module.to(device)
+        else:
+            outside = sorted(free) + [
+                n for n, _ in model.named_buffers()
+                if not any(n == f or n.startswith(f + ".") for f in all_fqns)
+            ]
+            if outside:
+                raise UniapError(
+                    f"{type(model).__name__} is on the meta device and has parameters or buffers "
+                    f"outside every layer ({', '.join(outside[:3])}): they cannot be initialised "
+                    "layer by layer yet; build the model on the CPU, or move them into a layer"
+                )
+    else:
+        module = build_stage_module(model, plan, stage_index, groups, device)
     mp_policy = None
     if precision is not None:  # master copy in master_dtype, compute under autocast
         module.to(precision.torch_dtype("master_dtype"))
         install_autocast(module, precision, device.type)
         mp_policy = mp_policy_for(precision)
+    named = dict(module.named_parameters())
+    free_params = [named[n] for n in sorted(free)]
     for ls in stage.layers:
         if ls.tp > 1:
             apply_tp(
@@ -126,6 +201,7 @@ def apply_plan(
                 dp_mesh,
                 num_microbatches=plan.num_microbatches,
                 mp_policy=mp_policy,
+                ignored_params=set(free_params),
             )
             root_mesh = root_mesh or dp_mesh
     if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
@@ -143,26 +219,62 @@ def apply_plan(
     if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
         ddp = wrap_ddp(
-            module, [ls.fqn for ls in classic], groups.layer_mesh(dp, 1)["dp"].get_group()
+            module,
+            [ls.fqn for ls in classic],
+            groups.layer_mesh(dp, 1)["dp"].get_group(),
+            exclude=set(free),
         )
+    free_sync = None
+    context = BatchContext()
+    if own_forward:
+        install_layout_adapters(module, plan, groups, base, context)
+        free_sync = FreeParamSync(free_params, groups.layer_mesh(*base)["dp"].get_group())
+        if free:
+            logger.info(
+                "%d free parameter(s) (outside every layer or tied: %s) synchronised over the "
+                "base layout dp=%d",
+                len(free),
+                ", ".join(sorted(free)[:4]),
+                base[0],
+            )
     logger.info(
-        "rank %d: stage %d/%d with %d layers (%s .. %s) applied",
+        "rank %d: stage %d/%d with %d layers (%s .. %s) applied (%s)",
         groups.rank,
         stage_index,
         plan.pp_degree,
         len(stage.layers),
         stage.layers[0].fqn,
         stage.layers[-1].fqn,
+        "the model's own forward" if own_forward else "a chain",
     )
-    return ParallelModel(module, plan, groups, loss_fn=loss_fn, ddp=ddp)
+    return ParallelModel(
+        module,
+        plan,
+        groups,
+        loss_fn=loss_fn,
+        ddp=ddp,
+        layer_modules=[module.get_submodule(ls.fqn) for ls in stage.layers],
+        free_sync=free_sync,
+        batch_context=context,
+        own_forward=own_forward,
+    )
 
 
 class ParallelModel:
-    """This rank's share of a model parallelised by a :class:`~uniap.contract.Plan`.
+    """This rank's share of a model parallelised by a :class:`~uniap.plan.Plan`; behaves like
+    the module it wraps for what training scripts call (``parameters``, ``named_parameters``,
+    ``zero_grad``, ``train``/``eval``, ``state_dict``, calling it for inference).
 
     ``train_step(inputs, targets)`` runs one iteration's forward and backward over the global
     batch (every rank may be given the same global batch; each takes its part) and leaves the
-    gradients of this rank's parameter shards in ``.grad``.
+    gradients of this rank's parameter shards in ``.grad``, ready for any optimizer built on
+    :meth:`parameters`. Without ``zero_grad`` between two calls the gradients accumulate, as
+    two ``backward`` calls of the plain model would (for every strategy kind).
+
+    ``inputs`` are what the model's forward takes: a tensor, a tuple of positional inputs or a
+    dict of keyword inputs (a Hugging Face batch: ``input_ids``, ``attention_mask``, ``labels``,
+    ``pixel_values``...). Every tensor whose dim 0 is the global batch size is split per
+    data-parallel rank and micro-batch; every other value is passed to each micro-batch as is.
 
     **Optimizers.** Build them on :meth:`param_groups`, not :meth:`parameters`::
 
@@ -182,18 +294,27 @@ class ParallelModel:
 
     def __init__(
         self,
-        module: StageModule,
+        module: nn.Module,
         plan: Plan,
         groups: ProcessGroups,
         *,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
         ddp: DistributedDataParallel | None = None,
+        layer_modules: list[nn.Module] | None = None,
+        free_sync: FreeParamSync | None = None,
+        batch_context: BatchContext | None = None,
+        own_forward: bool = False,
     ) -> None:
         self.module = module
-        """This rank's :class:`StageModule` (layers at their model FQNs)."""
+        """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
+        to its layers in place; at ``pp > 1`` the stage's :class:`StageModule` (layers at
+        their model FQNs)."""
         # what runs the stage: the classic DDP wrapper when the stage has one (kept out of
-        # the module tree: parameters and state dicts are the StageModule's, at model FQNs)
+        # the module tree: parameters and state dicts are the module's, at model FQNs)
         self._runner: nn.Module = ddp if ddp is not None else module
+        self._ddp = ddp
+        self._free_sync = free_sync
+        self._batch_context = batch_context or BatchContext()
         self.plan = plan
         """The plan being run."""
         self.groups = groups
@@ -220,11 +341,16 @@ class ParallelModel:
         """Logs step time, throughput, MFU and memory against the plan on rank 0 every
         ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
-        self._grad_sync = GradSync([module, *module.layers()], ddp)
+        if layer_modules is None:
+            assert isinstance(module, StageModule)
+            layer_modules = module.layers()
+        self._grad_sync = GradSync(layer_modules, ddp)
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]
-        last = plan.stages[-1].layers[-1]
+        # the layout the loss is computed in: the last layer's for a chain, the base layout
+        # (the first layer's) for the model's own forward
+        last = first if own_forward else plan.stages[-1].layers[-1]
         self._first_dp, self._first_dp_index = first.dp, layout.dp_index(rank, first.tp)
         self._last_dp, self._last_dp_index = last.dp, layout.dp_index(rank, last.tp)
         self._counts_loss = self.is_last_stage and layout.local(rank) % last.tp == 0
@@ -246,11 +372,11 @@ class ParallelModel:
                 loss_fn=self._scaled_loss,
             )
         self._to_replicated: BatchReshard | None = None
-        if plan.pp_degree == 1:
+        if self.is_last_stage:  # forward(): the output gathered to every rank of the stage
             r = BatchReshard(groups, (last.dp, last.tp), (1, layout.stage_size))
             self._to_replicated = None if r.is_identity else r
 
-    # ---------------------------------------------------------------- properties
+    # ---------------------------------------------------------------- nn.Module-like
     @property
     def is_first_stage(self) -> bool:
         """True on the ranks of stage 0."""
@@ -260,6 +386,11 @@ class ParallelModel:
     def is_last_stage(self) -> bool:
         """True on the ranks of the last stage."""
         return self.stage_index == self.plan.pp_degree - 1
+
+    @property
+    def training(self) -> bool:
+        """The module's training flag."""
+        return self.module.training
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (shards as DTensors where sharded)."""
@@ -319,10 +450,37 @@ class ParallelModel:
             error_if_nonfinite=error_if_nonfinite,
         )
 
+    def train(self, mode: bool = True) -> ParallelModel:
+        """Training mode (dropout on...) for the module, as ``nn.Module.train``."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> ParallelModel:
+        """Evaluation mode, as ``nn.Module.eval``."""
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of this rank's parameters, as ``nn.Module.zero_grad``."""
+        self.module.zero_grad(set_to_none=set_to_none)
+
     # ---------------------------------------------------------------- running
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        if self._loss_fn is not None:
+            return self._loss_fn(output, target)
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, Mapping):
+            loss = output.get("loss")
+        if not isinstance(loss, torch.Tensor):
+            raise UniapError(
+                f"loss_fn=None uses the model's own loss, but {type(self.module).__name__} "
+                "returned none (no `loss` in its output): pass the labels in the batch "
+                "(e.g. labels=...) or give parallelize a loss_fn"
+            )
+        return loss
+
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
         with self._autocast():
-            return self._loss_fn(output, target) * self._loss_scale
+            return self._loss(output, target) * self._loss_scale
 
     def _autocast(self) -> Any:
         """The loss runs under the plan's autocast, like the stage's forward."""
@@ -332,22 +490,24 @@ class ParallelModel:
     def _to_device(self, value: Any) -> Any:
         return map_tensors(lambda t: t.to(self.device, non_blocking=True), value)
 
-    def _check_batch(self, value: Any, what: str) -> None:
+    def _check_batch(self, value: Any, what: str, *, exact: bool = True) -> None:
         sizes = set()
-        map_tensors(lambda t: sizes.add(t.shape[0]), value)
-        if sizes != {self.plan.global_batch_size}:
+        map_tensors(lambda t: sizes.add(t.shape[0] if t.dim() else None), value)
+        big_b = self.plan.global_batch_size
+        if (exact and sizes != {big_b}) or (not exact and big_b not in sizes):
             raise UniapError(
-                f"train_step {what}: batch dim {sorted(sizes)} but the plan is for a global batch of "
-                f"{self.plan.global_batch_size}; pass the whole global batch on every rank"
+                f"train_step {what}: batch dim {sorted(sizes, key=str)} but the plan is for a "
+                f"global batch of {big_b}; pass the whole global batch on every rank"
             )
 
-    def train_step(self, inputs: Any, targets: Any) -> float:
+    def train_step(self, inputs: Any, targets: Any = None) -> float:
         """Forward and backward of one iteration over the global batch; returns its loss
         (the single-device mean over the global batch, the same float on every rank).
 
-        ``inputs`` (a tensor or a tuple of positional inputs) and ``targets`` are the whole
-        global batch, batch-first; only the first stage reads ``inputs`` and only the last
-        stage reads ``targets`` (other ranks may pass ``None``)."""
+        ``inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) and
+        ``targets`` (for ``loss_fn``; None when the model computes its own loss) are the whole
+        global batch, batch-first; with ``pp > 1`` only the first stage reads ``inputs`` and
+        only the last stage reads ``targets`` (other ranks may pass ``None``)."""
         t0 = time.perf_counter()
         if self.measure_memory:
             with self._memory:
@@ -371,8 +531,72 @@ class ParallelModel:
         )
         return loss
 
+    def _ddp_grads_aside(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Set aside the gradients classic DDP would sum again (its reducer all-reduces the
+        whole ``.grad`` bucket, accumulated gradients included): ``(grad, copy)`` pairs,
+        the grads zeroed; :meth:`_ddp_grads_back` adds the copies back after the step."""
+        if self._ddp is None:
+            return []
+        kept = []
+        for p in self._ddp.parameters():
+            if p.grad is not None and p.requires_grad:
+                kept.append((p, p.grad.clone()))
+                p.grad.zero_()
+        return kept
+
+    @staticmethod
+    def _ddp_grads_back(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p, g in kept:
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
     def _run_step(self, inputs: Any, targets: Any) -> torch.Tensor:
         """Forward and backward of every micro-batch; this rank's share of the loss."""
+        kept = self._ddp_grads_aside()
+        if self._free_sync is not None:
+            self._free_sync.begin()
+        if self._schedule is None:
+            total = self._run_own_forward(inputs, targets)
+        else:
+            total = self._run_schedule(inputs, targets)
+        if self._free_sync is not None:
+            self._free_sync.finish()
+        self._ddp_grads_back(kept)
+        return total
+
+    def _run_own_forward(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """``pp == 1``: the model's own forward (or a declared chain's stage module) on each
+        micro-batch, then its backward."""
+        c, big_b = self.plan.num_microbatches, self.plan.global_batch_size
+        args, kwargs = _as_call(inputs)
+        self._check_batch((args, kwargs), "inputs", exact=False)
+        if targets is not None:
+            self._check_batch(targets, "targets")
+        elif self._loss_fn is not None:
+            raise UniapError("train_step: targets are None but a loss_fn was given; pass targets")
+        split = dict(
+            batch_size=big_b, num_microbatches=c, dp=self._first_dp, dp_index=self._first_dp_index
+        )
+        in_mbs = microbatches(self._to_device((args, kwargs)), **split)
+        split.update(dp=self._last_dp, dp_index=self._last_dp_index)  # a chain's last layout
+        tgt_mbs = microbatches(self._to_device(targets), **split)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._batch_context.microbatch_size = big_b // c
+        for m in range(c):
+            last = m == c - 1
+            mb_args, mb_kwargs = in_mbs[m]
+            with self._grad_sync.microbatch(last=last):
+                out = self._runner(*mb_args, **mb_kwargs)
+                loss = self._scaled_loss(out, tgt_mbs[m])
+                self._grad_sync.before_backward(last=last)
+                loss.backward()
+            total += loss.detach().double()
+        return total
+
+    def _run_schedule(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """``pp > 1``: the pipeline schedule over the stages of a declared chain."""
         c = self.plan.num_microbatches
         if not isinstance(inputs, tuple):
             inputs = (inputs,)
@@ -392,53 +616,91 @@ class ParallelModel:
                 )
             )
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self._schedule is None:
-            in_mbs = _split(local_in, c)
-            tgt_mbs = _split(local_tgt, c)
-            for m in range(c):
-                last = m == c - 1
-                with self._grad_sync.microbatch(last=last):
-                    out = self._runner(*in_mbs[m])
-                    loss = self._scaled_loss(out, tgt_mbs[m])
-                    self._grad_sync.before_backward(last=last)
-                    loss.backward()
-                total += loss.detach().double()
-        else:
-            losses: list[torch.Tensor] = []
-            kwargs: dict[str, Any] = {}
-            if self.is_last_stage:
-                kwargs = {"target": local_tgt, "losses": losses}
-            args = local_in if self.is_first_stage else ()
-            # the losses are all that is needed: the last stage keeps no micro-batch outputs
-            self._schedule.step(*args, return_outputs=False, **kwargs)
-            for loss in losses:
-                total += loss.detach().double()
+        losses: list[torch.Tensor] = []
+        kwargs: dict[str, Any] = {}
+        if self.is_last_stage:
+            kwargs = {"target": local_tgt, "losses": losses}
+        args = local_in if self.is_first_stage else ()
+        # the losses are all that is needed: the last stage keeps no micro-batch outputs
+        assert self._schedule is not None
+        self._schedule.step(*args, return_outputs=False, **kwargs)
+        for loss in losses:
+            total += loss.detach().double()
         return total
 
     def forward(self, inputs: Any) -> Any:
-        """Output of the model on a batch (``pp == 1`` plans only): every rank gets the whole
-        batch's output. Meant for evaluation (gradients of a backward through it are not
-        synchronised over data-parallel ranks); train with :meth:`train_step`."""
+        """Output of the model on a batch: every rank gets the whole batch's output
+        (batch-first tensors gathered; a loss in it is this rank's part's). Meant for
+        evaluation (``pm.eval(); out = pm(batch)``; gradients of a backward through it are not
+        synchronised over data-parallel ranks); train with :meth:`train_step`.
+
+        With ``pp > 1`` the pipeline runs forward only (the schedule's ``eval``) on a batch of
+        the plan's global batch size, and the last stage's output (a tensor) is sent to every
+        stage over the lanes."""
         if self.plan.pp_degree > 1:
-            raise NotImplementedError(
-                f"forward() runs pp == 1 plans only (this plan has pp={self.plan.pp_degree}); "
-                "use train_step, or a pp=1 plan for inference"
+            return self._forward_pipeline(inputs)
+        args, kwargs = _as_call(inputs)
+        big_b = _batch_size_of((args, kwargs))
+        if big_b is None or big_b % self._first_dp:
+            raise UniapError(
+                f"forward: no input with a batch dim divisible by dp={self._first_dp} "
+                f"(batch dims {big_b}); pass a batch of a multiple of {self._first_dp} samples"
             )
-        if not isinstance(inputs, tuple):
-            inputs = (inputs,)
-        local_in = self._to_device(
-            slice_global_batch(
-                inputs, num_microbatches=1, dp=self._first_dp, dp_index=self._first_dp_index
-            )
+        ((mb_args, mb_kwargs),) = microbatches(
+            self._to_device((args, kwargs)),
+            batch_size=big_b,
+            num_microbatches=1,
+            dp=self._first_dp,
+            dp_index=self._first_dp_index,
         )
+        self._batch_context.microbatch_size = big_b
         # under no_sync: a forward that no backward follows must not arm DDP's reducer
         with self._grad_sync.microbatch(last=False):
-            out = self._runner(*local_in)
+            out = self._runner(*mb_args, **mb_kwargs)
         if self._to_replicated is not None:
-            out = self._to_replicated(out)
+            out = map_batch(self._to_replicated, out, big_b // self._last_dp)
         if not torch.is_grad_enabled():
             self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
         return out
+
+    def _forward_pipeline(self, inputs: Any) -> torch.Tensor:
+        c = self.plan.num_microbatches
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        local_in: Any = ()
+        if self.is_first_stage:
+            self._check_batch(args, "inputs")
+            local_in = self._to_device(
+                slice_global_batch(
+                    args, num_microbatches=c, dp=self._first_dp, dp_index=self._first_dp_index
+                )
+            )
+        schedule = self._schedule
+        assert schedule is not None
+        loss_fn, schedule._loss_fn = schedule._loss_fn, None  # forward only: no loss
+        try:
+            with torch.no_grad():
+                out = schedule.eval(*local_in)
+        finally:
+            schedule._loss_fn = loss_fn
+        self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
+        full = None
+        if self.is_last_stage:
+            if not isinstance(out, torch.Tensor):
+                raise UniapError(
+                    f"forward() with pp={self.plan.pp_degree} returns a tensor output only; the "
+                    f"last stage returned {type(out).__name__}"
+                )
+            # the local output is this rank's shard of each micro-batch, in order: gather
+            # each micro-batch, then concatenate
+            chunks = list(out.tensor_split(c))
+            if self._to_replicated is not None:
+                chunks = [self._to_replicated(ch) for ch in chunks]
+            full = torch.cat(chunks).cpu()
+        layout = self.groups.layout
+        src = layout.stage_start(self.plan.pp_degree - 1) + layout.local(self.groups.rank)
+        payload = [full]
+        dist.broadcast_object_list(payload, src=src, group=self.groups.lane_group)
+        return payload[0].to(self.device)
 
     __call__ = forward
 
@@ -463,16 +725,19 @@ class ParallelModel:
         return stream_full_state(self.groups, self.module.state_dict, self.device)
 
 
-def _split(value: Any, num_chunks: int) -> list[Any]:
-    """Split every batch-first tensor of ``value`` (a tuple of args, a tensor...) into chunks."""
-    if value is None:
-        return [None] * num_chunks
-    if isinstance(value, torch.Tensor):
-        return list(value.tensor_split(num_chunks))
-    if isinstance(value, tuple | list):
-        parts = [_split(v, num_chunks) for v in value]
-        return [type(value)(p[m] for p in parts) for m in range(num_chunks)]
-    if isinstance(value, dict):
-        parts_d = {k: _split(v, num_chunks) for k, v in value.items()}
-        return [{k: v[m] for k, v in parts_d.items()} for m in range(num_chunks)]
-    return [value] * num_chunks
+def _as_call(inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of the model's forward for a batch: a tensor is the one positional
+    input, a tuple or list the positional inputs, a mapping the keyword inputs."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple | list):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _batch_size_of(value: Any) -> int | None:
+    """The batch of an inference call: dim 0 of the first tensor of ``value`` that has one
+    (``input_ids``, ``pixel_values``: the inputs a forward takes first)."""
+    sizes: list[int] = []
+    map_tensors(lambda t: sizes.append(t.shape[0]) if t.dim() else None, value)
+    return sizes[0] if sizes else None

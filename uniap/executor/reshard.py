@@ -32,7 +32,14 @@ from torch import nn
 
 from uniap.executor.mesh import GatherStep, ProcessGroups, RankLayout, SliceStep, reshard_steps
 
-__all__ = ["BatchReshard", "gather_batch", "map_tensors", "slice_batch", "slice_global_batch"]
+__all__ = [
+    "BatchReshard",
+    "gather_batch",
+    "map_tensors",
+    "microbatches",
+    "slice_batch",
+    "slice_global_batch",
+]
 
 
 class _GatherBatch(torch.autograd.Function):
@@ -101,7 +108,13 @@ def map_tensors(fn: Any, value: Any) -> Any:
     if isinstance(value, list):
         return [map_tensors(fn, v) for v in value]
     if isinstance(value, dict):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
+        items = {k: map_tensors(fn, v) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        try:  # a dict subclass such as a Hugging Face ModelOutput keeps its type
+            return type(value)(**items)
+        except TypeError:
+            return items
     return value
 
 
@@ -166,3 +179,30 @@ def slice_global_batch(value: Any, *, num_microbatches: int, dp: int, dp_index: 
         return t.reshape(num_microbatches * s, *t.shape[2:]).contiguous()
 
     return map_tensors(take, value)
+
+
+def microbatches(
+    value: Any, *, batch_size: int, num_microbatches: int, dp: int, dp_index: int
+) -> list[Any]:
+    """This rank's part of every micro-batch of a global batch ``value`` (a nested tuple, list
+    or dict of inputs): micro-batch ``m`` holds, of every tensor whose dim 0 is the global
+    ``batch_size``, shard ``dp_index`` of ``dp`` of rows ``[m b, (m + 1) b)``; every other
+    value (a tensor without that batch dim, a flag, None) is passed to each micro-batch as is."""
+    c = num_microbatches
+    if batch_size % (c * dp):
+        raise ValueError(
+            f"batch of {batch_size} samples does not split into {c} micro-batches "
+            f"x {dp} data-parallel shards; use a multiple of {c * dp}"
+        )
+    s = batch_size // c // dp
+    out = []
+    for m in range(c):
+        start = m * (batch_size // c) + dp_index * s
+
+        def take(t: torch.Tensor, start: int = start) -> torch.Tensor:
+            if t.dim() == 0 or t.shape[0] != batch_size:
+                return t
+            return t.narrow(0, start, s)
+
+        out.append(map_tensors(take, value))
+    return out

@@ -1,4 +1,9 @@
-"""Splitting a model into this rank's pipeline stage, by layer FQN.
+"""Splitting a declared chain into this rank's pipeline stage, by layer FQN.
+
+Used for models whose forward is, by declaration, their layers run in order
+(``nn.Sequential``, ``uniap_layer_fqns()``): at ``pp > 1``, and at ``pp == 1`` when their
+layers change layout (one reshard per change). Every other model runs its own forward
+(:mod:`uniap.executor.model_forward`).
 
 A :class:`StageModule` holds deep copies of the stage's layers at their original FQNs (plain
 container modules stand in for the rest of the model's tree), so ``state_dict()`` keys are the

@@ -1,0 +1,81 @@
+"""The model's own forward at pp = 1 (world size 4, one spawn): models that are not chains
+train exactly as on one process, per-step losses and gradients (SGD, rtol 1e-4); gradient
+accumulation over two ``train_step`` calls equals ``g1 + g2`` for DDP, FSDP and TP layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+D, F = "DDP", "FSDP"
+
+
+def _case(name: str, model: str, tp_layers: tuple, others: tuple, **extra: Any) -> dict:
+    return {"name": name, "model": model, "tp_layers": tp_layers, "others": others, **extra}
+
+
+CASES = [
+    # the skip connection crosses a layout change (dp 4 -> dp 2 x tp 2 -> dp 4)
+    _case("skip_tp2_blocks_fsdp_c2", "skip", (2, 2, F), (4, 1, D), c=2),
+    _case("scaled_embedding_fsdp_recompute_c2", "scaled", (4, 1, F, True), (4, 1, F), c=2),
+    _case("model_parameter_ddp", "model_param", (4, 1, D), (4, 1, D)),
+    _case("model_parameter_fsdp_tp2_c2", "model_param", (2, 2, D), (4, 1, F), c=2),
+    _case("keyword_inputs_own_loss_tp2_c2", "kwargs", (2, 2, F), (4, 1, F), c=2),
+    _case("tied_embedding_fsdp_tp2", "tied", (2, 2, D), (4, 1, F)),
+    _case("tied_embedding_ddp_c2", "tied", (4, 1, D), (4, 1, D), c=2),
+    _case("accumulate_ddp_c2", "scaled", (4, 1, D), (4, 1, D), c=2, accumulate=True),
+    _case("accumulate_fsdp", "model_param", (4, 1, F), (4, 1, F), accumulate=True),
+    _case("accumulate_tp2_ddp_fsdp", "tied", (2, 2, D), (4, 1, F), accumulate=True),
+]
+
+
+REFUSALS = [
+    # a model that is not a declared chain is never split by running its layers in a row
+    {"name": "refuse_pp2_skip", "model": "skip", "stages": [[(2, 1, D)], [(2, 1, D)]]},
+]
+
+
+def dispatch(case: dict) -> Any:
+    """Run a parity case or a refusal case."""
+    import own_forward
+
+    if case["name"].startswith("refuse_"):
+        return own_forward.refusal_case(case)
+    return own_forward.own_forward_case(case)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    from harness import run_cases
+
+    return run_cases(4, "test_own_forward:dispatch", CASES + REFUSALS)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_world4_own_forward_matches_one_process(results: dict[str, Any], name: str) -> None:
+    """Losses and gradients under the plan equal the unmodified model's on one process."""
+    res = results[name]
+    assert "error" not in res, res.get("error")
+    assert res["num_grads"] > 0
+    assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
+    assert not res["bad_grads"], res["bad_grads"]
+
+
+def test_world4_pp2_of_a_model_that_is_not_a_chain_refused(results: dict[str, Any]) -> None:
+    """pp = 2 for a model with a skip connection is refused on every rank before training,
+    naming the model and the fixes."""
+    res = results["refuse_pp2_skip"]
+    assert "error" not in res, res.get("error")
+    assert (
+        res["errors"]
+        == [
+            "SkipNet is not a declared chain (nn.Sequential or uniap_layer_fqns()), so it cannot "
+            "be split into 2 pipeline stages by running its layers one after the other: plan with "
+            "pp=1 (any model runs there), or define uniap_layer_fqns() if feeding each layer's "
+            "output to the next is its forward"
+        ]
+        * 4
+    )

@@ -1,0 +1,202 @@
+"""Running the model's own forward (``pp == 1``): the plan applied in place, by FQN.
+
+At ``pp == 1`` the executor deep-copies the whole model to the device and applies each
+layer's strategy to the submodule at the layer's FQN (TP, recompute, DDP/FSDP, see
+:mod:`uniap.executor.parallel_model`); the model's own ``forward(*args, **kwargs)`` then runs
+unchanged. Whatever the forward does between and around the layers (scaling an embedding,
+skip connections, attention masks, position ids, a loss computed from ``labels``) is what is
+trained, so the function trained is the model's by construction, whatever its structure.
+
+**Batch layouts.** Code outside the layers runs in the *base layout*, the first layer's
+``(dp, tp)``: the inputs are sliced to it, and the loss is computed in it. A layer whose layout
+differs has its forward wrapped (:class:`LayoutAdapter`): every batch-first tensor of its
+arguments is resharded base -> layer, every batch-first tensor it returns layer -> base
+(:class:`~uniap.executor.reshard.BatchReshard`, autograd-aware). A tensor is batch-first when
+its dim 0 equals the local micro-batch size of the layout it is in; other tensors (masks
+broadcast over the batch, rotary tables, scalars) pass unchanged. The wrapper is part of the
+layer's forward, so a recomputed layer reshards again in its recomputation. (A declared chain
+whose layers change layout runs as a chain instead, with one reshard per change; the cost
+model charges that, so for other models a plan that mixes layouts moves up to twice the
+activation bytes it was charged for.)
+
+**Free parameters.** Parameters outside every layer (a model-level parameter, a position
+table owned by the model) and parameters shared by several layers (tied input/output
+embeddings) are one extra data-parallel unit: replicated, left out of the layers' DDP/FSDP
+wrapping, and their gradients summed over the base layout's DP group once per iteration,
+after the last micro-batch's backward. Every layer holding one must run in the base layout
+(checked before training, naming the layers); at ``pp == 1`` that is the same ``dp``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from uniap.contract import Plan
+from uniap.errors import PlanMismatchError
+from uniap.executor.mesh import ProcessGroups
+from uniap.executor.reshard import BatchReshard, map_tensors
+
+__all__ = [
+    "BatchContext",
+    "FreeParamSync",
+    "LayoutAdapter",
+    "check_free_layouts",
+    "free_parameters",
+    "install_layout_adapters",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _owner(name: str, fqns: Sequence[str]) -> str | None:
+    return next((f for f in fqns if _under(name, f)), None)
+
+
+def free_parameters(model: nn.Module, fqns: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The free parameters of ``model`` for the layers ``fqns``: ``{name: owning layers}``
+    (name: the parameter's first FQN; owning layers: the layers holding it, empty for a
+    parameter outside every layer). A parameter is free when no layer holds it or when two
+    layers do (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    free: dict[str, tuple[str, ...]] = {}
+    for all_names in names.values():
+        owners = {_owner(n, fqns) for n in all_names}
+        layers = tuple(sorted(o for o in owners if o is not None))
+        if None in owners or len(layers) != 1:
+            free[all_names[0]] = layers
+    return free
+
+
+def check_free_layouts(free: Mapping[str, tuple[str, ...]], plan: Plan) -> tuple[int, int]:
+    """The base layout ``(dp, tp)``; refuses a plan in which a layer holding a free parameter
+    runs in another layout (its gradient contributions would be summed over the wrong
+    ranks), naming the parameter, the layers and the fix."""
+    first = plan.stages[0].layers[0]
+    base = (first.dp, first.tp)
+    strategies = {ls.fqn: ls for ls in plan.layer_strategies}
+    for name, layers in sorted(free.items()):
+        for fqn in layers:
+            ls = strategies[fqn]
+            if (ls.dp, ls.tp) != base:
+                what = "shared by layers " + ", ".join(layers) if len(layers) > 1 else "in " + fqn
+                raise PlanMismatchError(
+                    f"parameter {name!r} ({what}) is trained as one data-parallel unit in the "
+                    f"first layer's layout (dp={base[0]}, tp={base[1]}), but layer {fqn!r} runs "
+                    f"at dp={ls.dp}, tp={ls.tp}; give {fqn!r} dp={base[0]}, tp={base[1]} or untie "
+                    "the parameter"
+                )
+    return base
+
+
+def _is_batch(t: torch.Tensor, batch_size: int) -> bool:
+    return t.dim() > 0 and t.shape[0] == batch_size
+
+
+def map_batch(fn: Any, value: Any, batch_size: int) -> Any:
+    """Apply ``fn`` to every batch-first tensor (dim 0 == ``batch_size``) of a nested value;
+    everything else passes. Mappings keep their type where it can be rebuilt (Hugging Face
+    ``ModelOutput``)."""
+    return map_tensors(lambda t: fn(t) if _is_batch(t, batch_size) else t, value)
+
+
+class BatchContext:
+    """The size of the micro-batch being run (set by the caller before each forward): what
+    makes a tensor batch-first for the layout adapters."""
+
+    def __init__(self) -> None:
+        self.microbatch_size = 0
+
+
+class LayoutAdapter:
+    """The forward of a layer in another layout than the base: reshards its batch-first
+    inputs base -> layer and its batch-first outputs layer -> base around the original
+    forward. Installed as the module's ``forward`` attribute (inside FSDP's and the
+    checkpoint's hooks)."""
+
+    def __init__(
+        self,
+        forward: Any,
+        groups: ProcessGroups,
+        base: tuple[int, int],
+        layer: tuple[int, int],
+        context: BatchContext,
+    ) -> None:
+        self._forward = forward
+        self._in = BatchReshard(groups, base, layer)
+        self._out = BatchReshard(groups, layer, base)
+        self._base_dp, self._layer_dp = base[0], layer[0]
+        self._context = context
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        b = self._context.microbatch_size
+        args, kwargs = map_batch(self._in, (args, kwargs), b // self._base_dp)
+        out = self._forward(*args, **kwargs)
+        return map_batch(self._out, out, b // self._layer_dp)
+
+
+def install_layout_adapters(
+    model: nn.Module,
+    plan: Plan,
+    groups: ProcessGroups,
+    base: tuple[int, int],
+    context: BatchContext,
+) -> list[str]:
+    """Wrap the forward of every layer whose layout differs from ``base``; their FQNs."""
+    wrapped = []
+    for ls in plan.stages[0].layers:
+        if ls.dp == base[0]:
+            continue  # equal dp (so equal tp at pp = 1): the data is where the layer needs it
+        module = model.get_submodule(ls.fqn)
+        module.forward = LayoutAdapter(module.forward, groups, base, (ls.dp, ls.tp), context)
+        wrapped.append(ls.fqn)
+    if wrapped:
+        logger.info("layers resharded from the base layout %s: %s", base, wrapped)
+    return wrapped
+
+
+class FreeParamSync:
+    """Gradient sum of the free parameters over the base layout's DP group, once per
+    iteration (after the last backward); gradients accumulated by earlier iterations (no
+    ``zero_grad`` in between) are set aside and added back after the sum, so they are not
+    summed again."""
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self._kept: list[torch.Tensor | None] = []
+
+    def begin(self) -> None:
+        """Set the accumulated gradients aside (call before the iteration's first backward)."""
+        self._kept = []
+        if self.group is None:
+            return
+        for p in self.params:
+            self._kept.append(p.grad)
+            p.grad = None
+
+    def finish(self) -> None:
+        """Sum this iteration's gradients over the group, then add back the accumulated ones."""
+        if self.group is None:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.group)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        for p, kept in zip(self.params, self._kept):
+            if kept is not None:
+                p.grad = kept if p.grad is None else p.grad.add_(kept)
+        self._kept = []
