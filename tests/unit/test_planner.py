@@ -7,6 +7,7 @@ import itertools
 import math
 
 import pytest
+from _tables import synthetic_graph
 
 from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel, evaluate_assignment
@@ -16,25 +17,6 @@ from uniap.milp import solve
 from uniap.planner import plan, plan_graph
 from uniap.search import compositions, heuristic
 from uniap.strategies import divisors
-
-
-def synthetic_graph(num_layers: int = 4, seed: int = 0) -> ModelGraph:
-    """A chain of uneven layers, some with a TP plan, sized so a 4 GiB device binds."""
-    import random
-
-    rng = random.Random(seed)
-    layers = []
-    for u in range(num_layers):
-        params = rng.choice([50e6, 120e6, 200e6])
-        tp = u % 2 == 1
-        layers.append(Layer(
-            fqn=f"layers.{u}", type_name="Block", num_params=int(params), param_bytes=int(params * 4),
-            fwd_flops_per_sample=rng.uniform(0.5, 3.0) * 1e9, bwd_flops_per_sample=rng.uniform(1.0, 6.0) * 1e9,
-            output_bytes_per_sample=rng.choice([1e5, 4e5]), saved_bytes_per_sample=rng.choice([2e7, 6e7]),
-            tp_pairs=(TPPair(("a",), "b", 2e5),) if tp else (), tp_divisors=(4,) if tp else (),
-            tp_saved_fraction=0.6, cost_key=f"k{u}",
-        ))
-    return ModelGraph("synthetic", tuple(layers))
 
 
 def brute_force_uop(graph: ModelGraph, cluster, batch: int) -> float:
@@ -54,7 +36,6 @@ def brute_force_uop(graph: ModelGraph, cluster, batch: int) -> float:
                         best = min(best, ev.time_per_iteration_s)
     return best
 
-
 @pytest.mark.parametrize("seed", range(4))
 def test_uop_equals_brute_force_over_all_pp_and_c(seed: int) -> None:
     """UOP (with bounds and pruning) finds the optimum over all (pp, c) and all plans."""
@@ -65,27 +46,6 @@ def test_uop_equals_brute_force_over_all_pp_and_c(seed: int) -> None:
     p = plan_graph(graph, cluster, global_batch_size=batch)
     assert p.predicted["time_per_iteration_s"] == pytest.approx(best, rel=1e-9)
     assert p.solver["status"] == "optimal"
-
-
-@pytest.mark.parametrize("model,cluster,batch", [
-    ("gpt-tiny", "cpu-4", 16), ("t5-tiny", "cpu-4", 8), ("swin-tiny", "cpu-2", 8),
-    ("llama-7b", "a100-2x8", 64), ("bert-huge", "a100-pcie-2x8", 64),
-])
-def test_predicted_tpi_equals_cost_model_evaluate(model: str, cluster: str, batch: int) -> None:
-    """The plan's predicted TPI and memory are CostModel.evaluate() of the plan."""
-    p = plan(model, cluster, global_batch_size=batch)
-    from uniap import models
-    from uniap.graph import build_graph
-
-    m = models.build_model(model, device="meta")
-    # the plan's precision (bf16-mixed by default on the GPU presets): the graph in its dtype
-    dtype = getattr(__import__("torch"), p.precision.param_dtype)
-    graph = build_graph(m, models.example_batch(model, 2, device="meta")[0], name=model, dtype=dtype)
-    ev = CostModel(graph, load_cluster(cluster), precision=p.precision).evaluate(p)
-    assert ev.time_per_iteration_s == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-12)
-    assert ev.peak_memory_bytes == pytest.approx(p.predicted["peak_memory_bytes"], rel=1e-12)
-    assert ev.fits
-
 
 def test_solver_objective_equals_evaluate_on_real_tables() -> None:
     """MILP objective == evaluate_assignment of the returned plan on real cost tables."""
@@ -102,13 +62,11 @@ def test_solver_objective_equals_evaluate_on_real_tables() -> None:
         assert sol.objective_s == pytest.approx(sol.time_per_iteration_s, rel=1e-7)
     assert solved >= 2
 
-
 def test_infeasible_names_the_memory_needed() -> None:
     """No plan fits: the error says how much memory the leanest plan needs."""
     with pytest.raises(InfeasibleError, match=r"the leanest plan needs [0-9.]+ GiB per device, the usable limit is 3.6 GiB") as e:
         plan("llama-7b", "cpu-4", global_batch_size=8)
     assert e.value.min_memory_bytes > 4 * 2**30
-
 
 def test_leanest_memory_is_exact_on_small_instances() -> None:
     """min_memory_bytes equals the brute-force smallest peak over every plan of that (pp, c)."""
@@ -120,7 +78,6 @@ def test_leanest_memory_is_exact_on_small_instances() -> None:
     brute = min(max(evaluate_assignment(t, s, list(k)).peak_memory_bytes)
                 for s in compositions(5, 2) for k in itertools.product(*t.allowed))
     assert min_peak_memory(t) == pytest.approx(brute, rel=1e-6)
-
 
 def test_time_limited_solve_reports_gap_not_optimal() -> None:
     """A solve stopped by its time limit is never reported optimal."""
@@ -139,7 +96,6 @@ def test_time_limited_solve_reports_gap_not_optimal() -> None:
     assert full.status == "optimal" and full.gap == 0.0
     assert full.time_per_iteration_s <= sol.time_per_iteration_s
 
-
 def test_bad_arguments() -> None:
     """Bad degrees and batch sizes are refused with the fix."""
     with pytest.raises(ConfigError, match=r"pipeline degree\(s\) \[3\] must divide the number of devices \(4\)"):
@@ -148,30 +104,6 @@ def test_bad_arguments() -> None:
         plan("gpt-tiny", "cpu-4", global_batch_size=0)
     with pytest.raises(ConfigError, match=r"unknown schedule"):
         plan("gpt-tiny", "cpu-4", global_batch_size=16, schedules=["zigzag"])
-
-
-def test_identical_layers_share_rows_exactly() -> None:
-    """Cost tables computed once per distinct layer equal the tables computed layer by layer."""
-    import dataclasses
-
-    import numpy as np
-
-    base = synthetic_graph(4, 2)
-    layers = list(base.layers)
-    layers = layers[:2] + [dataclasses.replace(layers[1], fqn=f"rep.{j}") for j in range(3)] + layers[2:]
-    graph = ModelGraph("repeated", tuple(layers))
-    cluster = load_cluster("cpu-4")
-    fast, slow = CostModel(graph, cluster), CostModel(graph, cluster)
-    slow._rep = list(range(graph.num_layers))  # no sharing
-    assert fast._representatives() != slow._rep
-    for pp, c in [(1, 1), (1, 2), (2, 2), (2, 4), (4, 8)]:
-        a, b = fast.tables(pp, c, 8), slow.tables(pp, c, 8)
-        for name in ("A", "G", "M", "layout", "R", "Rp"):
-            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-        for part in a.breakdown:
-            np.testing.assert_array_equal(a.breakdown[part], b.breakdown[part])
-        assert a.allowed == b.allowed
-
 
 @pytest.mark.parametrize("seed", range(3))
 def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:

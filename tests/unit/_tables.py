@@ -1,0 +1,70 @@
+"""Random cost tables for the solver, bound and search tests (small enough to enumerate)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.graph import Layer, ModelGraph, TPPair
+from uniap.search import compositions
+
+__all__ = ["random_tables", "synthetic_graph"]
+
+
+def random_tables(seed: int) -> CostTables:
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(3, 7))
+    pp = int(rng.integers(1, min(L, 4) + 1))
+    K = int(rng.integers(2, 5 if L <= 5 else 4))
+    C = int(rng.integers(1, K + 1))
+    c = int(rng.choice([1, 2, 3, 4, 8]))
+    layout_k = rng.integers(0, C, size=K)
+    layout = np.tile(layout_k, (L, 1))
+    A = rng.uniform(0.1, 2.0, size=(L, K))
+    allowed = []
+    for u in range(L):
+        ks = sorted(rng.choice(K, size=int(rng.integers(1, K + 1)), replace=False).tolist())
+        allowed.append(ks)
+        for k in range(K):
+            if k not in ks:
+                A[u, k] = np.inf
+    G = rng.uniform(0.0, 1.0, size=(L, K))
+    M = rng.uniform(1.0, 10.0, size=(L, K, 1)) + rng.uniform(0, 2.0, size=(L, K, pp))
+    if seed % 2:  # a run of identical layers (exercises symmetry breaking and count variables)
+        s0 = int(rng.integers(0, L - 2))
+        for u in range(s0 + 1, min(L, s0 + 4)):
+            A[u], G[u], M[u], allowed[u] = A[s0], G[s0], M[s0], list(allowed[s0])
+    R = rng.uniform(0.0, 0.5, size=(max(L - 1, 0), C, C))
+    for a in range(C):
+        R[:, a, a] = 0.0
+    Rp = rng.uniform(0.05, 1.0, size=(max(L - 1, 0), C, C))
+    # A memory limit that binds: between the leanest and the median plan's peak.
+    t = CostTables(pp, c, A, G, M, layout, R, Rp, 1e30, allowed)
+    peaks = []
+    for stage_of in compositions(L, pp):
+        strat = [min(allowed[u], key=lambda k, u=u: M[u, k, 0]) for u in range(L)]
+        peaks.append(max(evaluate_assignment(t, stage_of, strat).peak_memory_bytes))
+        strat = [min(allowed[u], key=lambda k, u=u: A[u, k]) for u in range(L)]
+        peaks.append(max(evaluate_assignment(t, stage_of, strat).peak_memory_bytes))
+    lo, hi = min(peaks), max(peaks)
+    t.memory_limit_bytes = float(lo + rng.uniform(0.0, 0.6) * (hi - lo))
+    return t
+
+
+def synthetic_graph(num_layers: int = 4, seed: int = 0) -> ModelGraph:
+    """A chain of uneven layers, some with a TP plan, sized so a 4 GiB device binds."""
+    import random
+
+    rng = random.Random(seed)
+    layers = []
+    for u in range(num_layers):
+        params = rng.choice([50e6, 120e6, 200e6])
+        tp = u % 2 == 1
+        layers.append(Layer(
+            fqn=f"layers.{u}", type_name="Block", num_params=int(params), param_bytes=int(params * 4),
+            fwd_flops_per_sample=rng.uniform(0.5, 3.0) * 1e9, bwd_flops_per_sample=rng.uniform(1.0, 6.0) * 1e9,
+            output_bytes_per_sample=rng.choice([1e5, 4e5]), saved_bytes_per_sample=rng.choice([2e7, 6e7]),
+            tp_pairs=(TPPair(("a",), "b", 2e5),) if tp else (), tp_divisors=(4,) if tp else (),
+            tp_saved_fraction=0.6, cost_key=f"k{u}",
+        ))
+    return ModelGraph("synthetic", tuple(layers))

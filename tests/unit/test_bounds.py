@@ -1,0 +1,71 @@
+"""Every bound is valid on random tables: never above the exhaustive optimum, windows keep every faster assignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _tables import random_tables
+
+from uniap.cost_model import evaluate_assignment
+from uniap.search import compositions, exhaustive
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 5))
+def test_bottleneck_lower_bound_is_valid(seed: int) -> None:
+    """The min-max split bound never exceeds the slowest stage of any plan that fits."""
+    import itertools
+
+    from uniap.bounds import bottleneck_lower_bound
+
+    t = random_tables(seed)
+    lb = bottleneck_lower_bound(t)
+    tightest = np.inf
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                tightest = min(tightest, max(ev.stage_time_s))
+    assert lb <= tightest * (1 + 1e-9)
+
+@pytest.mark.parametrize("seed", range(0, 60, 2))
+def test_segment_lower_bound_is_valid(seed: int) -> None:
+    """The segment bound never exceeds the exhaustive optimum, whatever target it refines
+    towards (with stage and step overheads and a heavier synchronisation on some instances),
+    and it is never weaker than the planner's cheap candidate bound."""
+    from uniap.bounds import candidate_lower_bound, segment_lower_bound
+
+    t = random_tables(seed)
+    rng = np.random.default_rng(1000 + seed)
+    if seed % 4 == 2:
+        t.stage_overhead_s = float(rng.uniform(0, 0.5))
+        t.step_overhead_s = float(rng.uniform(0, 0.5))
+        t.G = t.G * float(rng.choice([0.1, 5.0]))
+    best, _, _ = exhaustive(t)
+    for target in (None, best, best * 1.02, best * 1.5, best * 0.8):
+        lb = segment_lower_bound(t, target)
+        assert lb <= best * (1 + 1e-12)
+    assert segment_lower_bound(t) >= candidate_lower_bound(t) * (1 - 2e-9)
+
+@pytest.mark.parametrize("seed", range(1, 60, 4))
+def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
+    """Every fitting assignment faster than the target (checked one by one, over all of them)
+    puts each layer on a stage its segment window allows."""
+    import itertools
+
+    from uniap.bounds import segment_windows
+
+    t = random_tables(seed)
+    if seed % 8 == 1:
+        t.stage_overhead_s, t.step_overhead_s = 0.2, 0.1
+    sols = []
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                sols.append((ev.time_per_iteration_s, stage_of))
+    best = min(tpi for tpi, _ in sols)
+    for slack in (1e-7, 0.05, 0.5):
+        window = segment_windows(t, best * (1 + slack))
+        for tpi, stage_of in sols:
+            if tpi < best * (1 + slack):
+                assert all(stage_of[u] in window[u] for u in range(t.num_layers))
