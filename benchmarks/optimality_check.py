@@ -58,9 +58,20 @@ def check(w: Workload, pp: int, all_splits: bool) -> dict:
     milp = cm.evaluate(plan).time_per_iteration_s
     fixed = optimum(t, stage_of)
     row = {
-        "workload": w.name, "pp": pp, "c": plan.num_microbatches, "L": t.num_layers, "K": t.num_strategies,
-        "status": plan.solver.get("status"), "milp": milp, "milp_s": milp_s, "fixed": fixed.time_per_iteration_s,
-        "fixed_s": fixed.wall_s, "labels": fixed.max_labels, "all": None, "all_s": None, "splits": None,
+        "workload": w.name,
+        "pp": pp,
+        "c": plan.num_microbatches,
+        "L": t.num_layers,
+        "K": t.num_strategies,
+        "status": plan.solver.get("status"),
+        "milp": milp,
+        "milp_s": milp_s,
+        "fixed": fixed.time_per_iteration_s,
+        "fixed_s": fixed.wall_s,
+        "labels": fixed.max_labels,
+        "all": None,
+        "all_s": None,
+        "splits": None,
     }
     if all_splits and pp > 1 and (w.model, pp) in ALL_SPLITS:
         # Only assignments below the MILP's TPI (+1e-6) are looked for: the DP then either
@@ -78,14 +89,20 @@ def _rel(a: float, b: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--all-splits", action="store_true", help="also every split where affordable (ALL_SPLITS)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--all-splits", action="store_true", help="also every split where affordable (ALL_SPLITS)"
+    )
     ap.add_argument("--pp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    print("| workload | pp | c | layers | strategies | MILP status | MILP TPI (s) | DP TPI, MILP's split (s) "
-          "| DP - MILP (rel) | DP TPI, every split (s) | splits | MILP s | DP s (split / every) | max labels |")
+    print(
+        "| workload | pp | c | layers | strategies | MILP status | MILP TPI (s) | DP TPI, MILP's split (s) "
+        "| DP - MILP (rel) | DP TPI, every split (s) | splits | MILP s | DP s (split / every) | max labels |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for w in workloads():
         if args.only and args.only not in w.name:
@@ -94,9 +111,12 @@ def main() -> None:
             r = check(w, pp, args.all_splits)
             every = "-" if r["all"] is None else f"{r['all']:.9g} ({_rel(r['milp'], r['all'])})"
             all_s = "" if r["all_s"] is None else f" / {r['all_s']:.1f}"
-            print(f"| {r['workload']} | {pp} | {r['c']} | {r['L']} | {r['K']} | {r['status']} | {r['milp']:.9g} | "
-                  f"{r['fixed']:.9g} | {_rel(r['milp'], r['fixed'])} | {every} | {r['splits'] or '-'} | "
-                  f"{r['milp_s']:.1f} | {r['fixed_s']:.1f}{all_s} | {r['labels']} |", flush=True)
+            print(
+                f"| {r['workload']} | {pp} | {r['c']} | {r['L']} | {r['K']} | {r['status']} | {r['milp']:.9g} | "
+                f"{r['fixed']:.9g} | {_rel(r['milp'], r['fixed'])} | {every} | {r['splits'] or '-'} | "
+                f"{r['milp_s']:.1f} | {r['fixed_s']:.1f}{all_s} | {r['labels']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,13 @@ def _grid(cm: CostModel, method: str, t: CostTables) -> list[tuple[str, list[int
     if split_p != splits["even"]:
         splits["params"] = split_p
     tps = [d for d in divisors(g) if d <= cm.max_tp]
-    return [(name, so, tp, kind, rc) for name, so in splits.items() for tp in tps
-            for kind in ("DDP", "FSDP") for rc in (False, True)]
+    return [
+        (name, so, tp, kind, rc)
+        for name, so in splits.items()
+        for tp in tps
+        for kind in ("DDP", "FSDP")
+        for rc in (False, True)
+    ]
 
 
 def handset(cm: CostModel, global_batch_size: int, method: str) -> BaselineResult:
@@ -99,8 +104,12 @@ def handset(cm: CostModel, global_batch_size: int, method: str) -> BaselineResul
             seen.add((tuple(stage_of), tuple(strat)))
             tried += 1
             tpi, fits = score(t, stage_of, strat)
-            what = f"tp{tp} {kind}{' +ckpt' if rc else ''}" + (f", {split} split" if t.pp > 1 else "")
-            cand = BaselineResult(method, tpi, fits, 0.0, t.pp, t.num_microbatches, stage_of, strat, detail=what)
+            what = f"tp{tp} {kind}{' +ckpt' if rc else ''}" + (
+                f", {split} split" if t.pp > 1 else ""
+            )
+            cand = BaselineResult(
+                method, tpi, fits, 0.0, t.pp, t.num_microbatches, stage_of, strat, detail=what
+            )
             if fits and tpi < best.time_per_iteration_s:
                 best = cand
             if tpi < fallback.time_per_iteration_s:
