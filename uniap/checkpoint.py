@@ -323,37 +323,27 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
 def export_full_state_dict(pm: Any) -> dict[str, torch.Tensor]:
     """The full, unsharded model state dict on rank 0 (CPU tensors, original FQNs), loadable
     with ``model.load_state_dict`` into the original single-device model; ``{}`` on other
-    ranks. Collective."""
+    ranks. Collective; streamed tensor by tensor to rank 0, never through ``gather_object``
+    (:mod:`uniap.executor.full_state`)."""
     return pm.full_state_dict()
 
 
 def full_optimizer_state_dict(pm: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The full, unsharded optimizer state on rank 0 in the flattened FQN layout
-    (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``); ``{}`` on other ranks. Collective.
+    (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``); ``{}`` on other ranks. Collective;
+    streamed tensor by tensor like :func:`export_full_state_dict`.
 
     It loads into a single-device model's optimizer with
     ``set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(flatten_optimizer_state_dict=True))``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    from torch.distributed.tensor import DTensor
 
-    osd = get_optimizer_state_dict(pm.module, optimizer, options=_options())
-    local: dict[str, Any] = {}
-    for key in sorted(osd):  # the same order on every rank of a stage: full_tensor is collective
-        value = osd[key]
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        local[key] = (
-            value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
-        )
-    leader = pm.groups.layout.local(pm.groups.rank) == 0
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local if leader else None, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return {}
-    full: dict[str, Any] = {}
-    for part in gathered or []:
-        full.update(part or {})
-    return full
+    from uniap.executor.full_state import stream_full_state
+
+    return stream_full_state(
+        pm.groups,
+        lambda: get_optimizer_state_dict(pm.module, optimizer, options=_options()),
+        pm.device,
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -223,6 +223,21 @@ def _compare_updates(
     }
 
 
+def _full_state_without_gather_object(pm: Any) -> dict[str, torch.Tensor]:
+    """``pm.full_state_dict()``, failing if it uses ``gather_object`` (it must stream tensor
+    by tensor: gather_object puts every rank's payload on rank 0's device at once)."""
+    saved = dist.gather_object
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("full_state_dict used gather_object")
+
+    dist.gather_object = refuse
+    try:
+        return pm.full_state_dict()
+    finally:
+        dist.gather_object = saved
+
+
 def parity_case(case: dict) -> dict[str, Any] | None:
     """Train with ``case["plan"]`` (or the planner's plan for ``case["cluster"]``) and compare
     with the single-process reference."""
@@ -280,7 +295,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
     )
     roots = fsdp_roots(pm.module)
     layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.module.layers())
-    full = pm.full_state_dict()
+    full = _full_state_without_gather_object(pm)
     if dist.get_rank() != 0:
         return None
     ref_losses, ref_state, ref_norms = _reference(case, build, batch, loss_fn, big_b, steps)

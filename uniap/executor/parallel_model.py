@@ -46,6 +46,7 @@ from uniap.executor.data_parallel import (
     uses_classic_ddp,
     wrap_ddp,
 )
+from uniap.executor.full_state import stream_full_state
 from uniap.executor.grad_norm import clip_grad_norm_
 from uniap.executor.materialize import is_meta, materialize_stage
 from uniap.executor.memory import StepMemory
@@ -450,23 +451,10 @@ class ParallelModel:
         set_model_state_dict(self.module, dict(state_dict))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Gather every full, unsharded tensor to rank 0 (CPU), loadable into the original
-        model with ``load_state_dict``; other ranks get ``{}``. Collective over the world."""
-        local: dict[str, torch.Tensor] = {}
-        for key, value in self.module.state_dict().items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            local[key] = value.detach().to("cpu", copy=True)
-        leader = self.groups.layout.local(self.groups.rank) == 0
-        gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local if leader else None, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            if part:
-                full.update(part)
-        return full
+        """Every full, unsharded tensor on rank 0 (CPU), loadable into the original model with
+        ``load_state_dict``; other ranks get ``{}``. Collective over the world; streamed one
+        tensor at a time (:mod:`.full_state`)."""
+        return stream_full_state(self.groups, self.module.state_dict, self.device)
 
 
 def _split(value: Any, num_chunks: int) -> list[Any]:
