@@ -61,8 +61,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_MODELS = ["bert-huge", "t5-large", "vit-huge", "swin-huge", "llama-7b"]
 BASELINES = ["galvatron", "alpa", *HANDSET_METHODS]
 METHODS = ["uniap", *BASELINES, "exhaustive"]
-LABELS = {"uniap": "uniap", "galvatron": "Galvatron", "alpa": "Alpa", "torchtitan": "torchtitan recipe",
-          "handtuned": "best hand-tuned", "exhaustive": "exhaustive"}
+LABELS = {
+    "uniap": "uniap",
+    "galvatron": "Galvatron",
+    "alpa": "Alpa",
+    "torchtitan": "torchtitan recipe",
+    "handtuned": "best hand-tuned",
+    "exhaustive": "exhaustive",
+}
 
 
 @dataclass
@@ -100,9 +106,11 @@ def h100(nodes: int) -> Cluster:
 
 def tiny(devices: int, memory_gib: float) -> Cluster:
     """One node of ``devices`` A100s with little memory, so memory binds on the tiny models."""
-    return load_cluster("a100-1x8").replace(name=f"tiny-1x{devices}-{memory_gib:g}GiB",
-                                            devices_per_node=devices,
-                                            device_memory_bytes=memory_gib * 2**30)
+    return load_cluster("a100-1x8").replace(
+        name=f"tiny-1x{devices}-{memory_gib:g}GiB",
+        devices_per_node=devices,
+        device_memory_bytes=memory_gib * 2**30,
+    )
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -114,8 +122,10 @@ def workloads(quick: bool) -> list[Workload]:
             Workload("t5-large", a100(2, "nvlink"), 128, tight=True),
             Workload("llama2-70b", h100(8), 128),
         ]
-    out = [Workload("bert-tiny", tiny(2, 0.0022), 8, exhaustive=True),
-           Workload("vit-tiny", tiny(4, 0.0012), 16, exhaustive=True)]
+    out = [
+        Workload("bert-tiny", tiny(2, 0.0022), 8, exhaustive=True),
+        Workload("vit-tiny", tiny(4, 0.0012), 16, exhaustive=True),
+    ]
     clusters = [a100(1, "nvlink"), a100(2, "nvlink"), a100(2, "pcie"), a100(4, "nvlink")]
     for m in PAPER_MODELS:
         for c in clusters:
@@ -123,7 +133,9 @@ def workloads(quick: bool) -> list[Workload]:
     for nodes in (8, 32, 128):
         out.append(Workload("llama2-70b", h100(nodes), 2 * 8 * nodes))
     for n_layers in (8, 16, 24, 32):
-        out.append(Workload("bert-huge", a100(1, "nvlink"), 64, (("n_layers", n_layers),), tag="layers"))
+        out.append(
+            Workload("bert-huge", a100(1, "nvlink"), 64, (("n_layers", n_layers),), tag="layers")
+        )
     return out
 
 
@@ -155,8 +167,9 @@ def alpa_cap(w: Workload, uniap_wall_s: float, base_s: float, factor: float, max
     return max(base_s, min(factor * uniap_wall_s, max_s))
 
 
-def run_workload(w: Workload, alpa_cap_s: float, alpa_cap_factor: float = 0.0,
-                 alpa_cap_max_s: float = math.inf) -> dict[str, BaselineResult]:
+def run_workload(
+    w: Workload, alpa_cap_s: float, alpa_cap_factor: float = 0.0, alpa_cap_max_s: float = math.inf
+) -> dict[str, BaselineResult]:
     """Every method on one workload; each builds its own cost model (no shared caches)."""
     g = graph_of(w)
     B = w.global_batch_size
@@ -214,9 +227,11 @@ def _peak(w: Workload, r: BaselineResult) -> list[float]:
 
 def summary(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> tuple[str, list[str]]:
     """Speedups of uniap over each baseline and search-time ratios; plus any case uniap lost."""
-    lines = ["| baseline | workloads with a fitting plan | OOM / no plan | geo-mean speedup | max speedup "
-             "(workload) | geo-mean search-time ratio (baseline / uniap) | min ratio, N >= 16 | capped |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| baseline | workloads with a fitting plan | OOM / no plan | geo-mean speedup | max speedup "
+        "(workload) | geo-mean search-time ratio (baseline / uniap) | min ratio, N >= 16 | capped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lost = []
     for m in BASELINES + ["exhaustive"]:
         sp, tr, tr16, worst, n_bad, capped = [], [], [], ("", 0.0), 0, 0
@@ -237,17 +252,21 @@ def summary(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> tuple[str
             if s > worst[1]:
                 worst = (w.name, s)
             if s < 1 - 1e-9:
-                lost.append(f"{LABELS[m]} beats uniap on {w.name} (B={w.global_batch_size}): "
-                            f"TPI {r.time_per_iteration_s:.6g} s vs {u.time_per_iteration_s:.6g} s "
-                            f"(pp={r.pp} c={r.num_microbatches})")
+                lost.append(
+                    f"{LABELS[m]} beats uniap on {w.name} (B={w.global_batch_size}): "
+                    f"TPI {r.time_per_iteration_s:.6g} s vs {u.time_per_iteration_s:.6g} s "
+                    f"(pp={r.pp} c={r.num_microbatches})"
+                )
         if not sp and not n_bad:
             continue
         gm = math.exp(sum(map(math.log, sp)) / len(sp)) if sp else float("nan")
         gtr = math.exp(sum(map(math.log, tr)) / len(tr)) if tr else float("nan")
         low = min(tr16) if tr16 else None  # a capped run's ratio is a lower bound: ">="
         mtr = f"{'>= ' if low[1] else ''}{low[0]:.3g}x" if low else "-"
-        lines.append(f"| {LABELS[m]} | {len(sp)} | {n_bad} | {gm:.3f}x | {worst[1]:.3f}x ({worst[0]}) | "
-                     f"{gtr:.3g}x | {mtr} | {capped} |")
+        lines.append(
+            f"| {LABELS[m]} | {len(sp)} | {n_bad} | {gm:.3f}x | {worst[1]:.3f}x ({worst[0]}) | "
+            f"{gtr:.3g}x | {mtr} | {capped} |"
+        )
     return "\n".join(lines), lost
 
 
@@ -255,8 +274,10 @@ def search_time_target(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -
     """The search-time target row by row: every workload with >= 16 devices, uniap's and the
     Alpa-style search time and their ratio (``>=`` when the Alpa-style run was capped: its real
     time is longer); and whether the target holds, as measured, on every such row."""
-    lines = [f"| workload | N | uniap s | Alpa-style s | Alpa-style / uniap | >= {TARGET_RATIO:g}x |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| workload | N | uniap s | Alpa-style s | Alpa-style / uniap | >= {TARGET_RATIO:g}x |",
+        "|---|---|---|---|---|---|",
+    ]
     met = short = 0
     for w, res in rows:
         if w.cluster.world_size < TARGET_DEVICES or "alpa" not in res:
@@ -270,13 +291,23 @@ def search_time_target(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -
             verdict = "yes (lower bound)" if a.capped else "yes"
         else:
             verdict = "not shown (Alpa capped)" if a.capped else "no"
-        lines.append(f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.2f}"
-                     f"{' (capped)' if a.capped else ''} | {'>= ' if a.capped else ''}{ratio:.3g}x | {verdict} |")
+        lines.append(
+            f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.2f}"
+            f"{' (capped)' if a.capped else ''} | {'>= ' if a.capped else ''}{ratio:.3g}x | {verdict} |"
+        )
     holds = short == 0 and met > 0
-    lines += ["", (f"Search-time target (Alpa-style search >= {TARGET_RATIO:g}x uniap's on every workload "
-                   f"with >= {TARGET_DEVICES} devices): "
-                   + (f"met on all {met} rows, as measured lower bounds where the Alpa-style run was capped."
-                      if holds else f"NOT met: shown on {met} of {met + short} rows."))]
+    lines += [
+        "",
+        (
+            f"Search-time target (Alpa-style search >= {TARGET_RATIO:g}x uniap's on every workload "
+            f"with >= {TARGET_DEVICES} devices): "
+            + (
+                f"met on all {met} rows, as measured lower bounds where the Alpa-style run was capped."
+                if holds
+                else f"NOT met: shown on {met} of {met + short} rows."
+            )
+        ),
+    ]
     return "\n".join(lines), holds
 
 
@@ -290,8 +321,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
+    )
 
 
 # ---------------------------------------------------------------------- plots
@@ -302,8 +335,14 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"uniap": "C3", "galvatron": "C0", "alpa": "C1", "torchtitan": "C2", "handtuned": "C4",
-              "exhaustive": "C7"}
+    colors = {
+        "uniap": "C3",
+        "galvatron": "C0",
+        "alpa": "C1",
+        "torchtitan": "C2",
+        "handtuned": "C4",
+        "exhaustive": "C7",
+    }
     searches = ["uniap", "galvatron", "alpa"]
     paths = []
 
@@ -332,16 +371,31 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
         paths.append(p)
 
     # Search time vs devices: Llama-7B (A100 NVLink) and Llama-2-70B (H100).
-    dev_points = sorted(((w.cluster.world_size, res) for w, res in rows
-                         if (w.model == "llama-7b" and "nvlink" in w.cluster.name) or w.model == "llama2-70b"),
-                        key=lambda p: p[0])
+    dev_points = sorted(
+        (
+            (w.cluster.world_size, res)
+            for w, res in rows
+            if (w.model == "llama-7b" and "nvlink" in w.cluster.name) or w.model == "llama2-70b"
+        ),
+        key=lambda p: p[0],
+    )
     if len(dev_points) > 1:
-        time_plot(dev_points, "devices (Llama-7B on A100 NVLink; Llama-2-70B on H100)",
-                  "Search time vs number of devices", "search_time_vs_devices.png", True)
+        time_plot(
+            dev_points,
+            "devices (Llama-7B on A100 NVLink; Llama-2-70B on H100)",
+            "Search time vs number of devices",
+            "search_time_vs_devices.png",
+            True,
+        )
     if len(layer_rows) > 1:
         pts = sorted(((graph_of(w).num_layers, res) for w, res in layer_rows), key=lambda p: p[0])
-        time_plot(pts, "layers in the chain (BERT-Huge blocks + embedding + head, 8 x A100)",
-                  "Search time vs number of layers", "search_time_vs_layers.png", False)
+        time_plot(
+            pts,
+            "layers in the chain (BERT-Huge blocks + embedding + head, 8 x A100)",
+            "Search time vs number of layers",
+            "search_time_vs_layers.png",
+            False,
+        )
 
     # Throughput per workload per method, relative to uniap (OOM / no plan = 0).
     big = [(w, res) for w, res in rows]
@@ -356,7 +410,9 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
                 continue
             u = res["uniap"]
             xs.append(i + (j - (len(methods) - 1) / 2) * width)
-            ys.append(u.time_per_iteration_s / r.time_per_iteration_s if r.found and r.fits else 0.0)
+            ys.append(
+                u.time_per_iteration_s / r.time_per_iteration_s if r.found and r.fits else 0.0
+            )
         ax.bar(xs, ys, width=width, color=colors[m], label=LABELS[m])
         oom = [x for x, y in zip(xs, ys) if y == 0.0]
         ax.plot(oom, [0.02] * len(oom), "x", color=colors[m], markersize=6)
@@ -378,8 +434,11 @@ def plots(rows, layer_rows, out_dir: Path) -> list[Path]:
 def alpa_full(todo: list[Workload], limit_s: float) -> str:
     """``--full``: uniap and the Alpa-style search without the cap (each row stops at
     ``limit_s`` at most, reported with its progress); one markdown table."""
-    lines = ["| workload | N | uniap s | Alpa-style s | finished | (pp, c) done | stage ILPs | "
-             "Alpa-style / uniap time | Alpa-style TPI / uniap TPI |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | N | uniap s | Alpa-style s | finished | (pp, c) done | stage ILPs | "
+        "Alpa-style / uniap time | Alpa-style TPI / uniap TPI |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for w in todo:
         g = graph_of(w)
         B = w.global_batch_size
@@ -394,8 +453,10 @@ def alpa_full(todo: list[Workload], limit_s: float) -> str:
         found = re.search(r"(\d+) stage ILPs", a.detail)
         ilps = found.group(1) if found else "-"
         done = f"no (stopped at {limit_s:g} s)" if a.capped else "yes"
-        line = (f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.1f} | {done} | "
-                f"{a.progress} | {ilps} | {'>= ' if a.capped else ''}{ratio:.3g}x | {tpi} |")
+        line = (
+            f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.1f} | {done} | "
+            f"{a.progress} | {ilps} | {'>= ' if a.capped else ''}{ratio:.3g}x | {tpi} |"
+        )
         print(line, flush=True)
         lines.append(line)
     return "\n".join(lines)
@@ -403,24 +464,50 @@ def alpa_full(todo: list[Workload], limit_s: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true",
-                    help="uniap and the Alpa-style search only, without the cap (each row stops at "
-                         "--alpa-row-limit-s), on the table's workloads (see --only)")
-    ap.add_argument("--alpa-row-limit-s", type=float, default=1800.0,
-                    help="with --full: the most one row's Alpa-style search may take (default 1800 s)")
-    ap.add_argument("--only", default=None,
-                    help="only workloads whose name contains one of these comma-separated texts")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="uniap and the Alpa-style search only, without the cap (each row stops at "
+        "--alpa-row-limit-s), on the table's workloads (see --only)",
+    )
+    ap.add_argument(
+        "--alpa-row-limit-s",
+        type=float,
+        default=1800.0,
+        help="with --full: the most one row's Alpa-style search may take (default 1800 s)",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="only workloads whose name contains one of these comma-separated texts",
+    )
     ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
-    ap.add_argument("--alpa-cap-s", type=float, default=None,
-                    help="wall-time cap of the Alpa-style search per workload (default 20; 15 with --quick)")
-    ap.add_argument("--alpa-cap-factor", type=float, default=15.0,
-                    help="on workloads with >= 16 devices, raise the Alpa-style cap to this many times "
-                         "uniap's search time there (default 15; 0: the same cap everywhere)")
-    ap.add_argument("--alpa-cap-max-s", type=float, default=180.0,
-                    help="the largest Alpa-style cap --alpa-cap-factor may set (default 180 s)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="where compare.md and the plots go (default benchmarks/results, "
-                         "benchmarks/results/quick with --quick)")
+    ap.add_argument(
+        "--alpa-cap-s",
+        type=float,
+        default=None,
+        help="wall-time cap of the Alpa-style search per workload (default 20; 15 with --quick)",
+    )
+    ap.add_argument(
+        "--alpa-cap-factor",
+        type=float,
+        default=15.0,
+        help="on workloads with >= 16 devices, raise the Alpa-style cap to this many times "
+        "uniap's search time there (default 15; 0: the same cap everywhere)",
+    )
+    ap.add_argument(
+        "--alpa-cap-max-s",
+        type=float,
+        default=180.0,
+        help="the largest Alpa-style cap --alpa-cap-factor may set (default 180 s)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where compare.md and the plots go (default benchmarks/results, "
+        "benchmarks/results/quick with --quick)",
+    )
     args = ap.parse_args()
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     cap = args.alpa_cap_s if args.alpa_cap_s is not None else (15.0 if args.quick else 20.0)
@@ -441,20 +528,28 @@ def main() -> None:
         (rows if w.tag == "table" else layer_rows).append((w, res))
         brief = ", ".join(f"{m} {r.wall_s:.1f}s" for m, r in res.items())
         print(f"# {w.name} B={w.global_batch_size}: {brief}", file=sys.stderr, flush=True)
-        print(table([(w, res)]).splitlines()[-1], file=sys.stderr, flush=True)  # the row, as it comes
+        print(
+            table([(w, res)]).splitlines()[-1], file=sys.stderr, flush=True
+        )  # the row, as it comes
         if w.tight:
             need = max(_peak(w, res["uniap"])) / 0.9
             mem = 0.6 * need
-            tight_cluster = w.cluster.replace(name=f"{w.cluster.name}-{mem / 2**30:.3g}GiB",
-                                              device_memory_bytes=mem)
+            tight_cluster = w.cluster.replace(
+                name=f"{w.cluster.name}-{mem / 2**30:.3g}GiB", device_memory_bytes=mem
+            )
             todo.insert(0, Workload(w.model, tight_cluster, w.global_batch_size, w.overrides))
     mach = machine()
     body = [
         f"machine: {mach}",
         f"Alpa-style search capped at {cap:g} s per workload"
-        + (f", raised on workloads with >= {TARGET_DEVICES} devices to {args.alpa_cap_factor:g} x uniap's search "
-           f"time there (at most {args.alpa_cap_max_s:g} s)" if args.alpa_cap_factor > 0 else "")
-        + f"; total run {time.perf_counter() - t_start:.0f} s" + (" (--quick)" if args.quick else ""),
+        + (
+            f", raised on workloads with >= {TARGET_DEVICES} devices to {args.alpa_cap_factor:g} x uniap's search "
+            f"time there (at most {args.alpa_cap_max_s:g} s)"
+            if args.alpa_cap_factor > 0
+            else ""
+        )
+        + f"; total run {time.perf_counter() - t_start:.0f} s"
+        + (" (--quick)" if args.quick else ""),
         "",
         "Cells: predicted samples/s (method TPI / uniap TPI; search wall time). OOM: the method's best "
         "plan does not fit device memory. mem: uniap plan's peak memory / usable memory (90%).",
@@ -465,21 +560,36 @@ def main() -> None:
     if layer_rows:
         body += ["Layer-count sweep (plot only):", "", table(layer_rows), ""]
     summ, lost = summary(rows + layer_rows)
-    body += ["Speedup of uniap (method TPI / uniap TPI over workloads where the method's plan fits):", "",
-             summ, ""]
-    body += (["uniap LOST (a bug to report):", *[f"- {s}" for s in lost]] if lost
-             else ["uniap is never worse than any baseline on these workloads."])
+    body += [
+        "Speedup of uniap (method TPI / uniap TPI over workloads where the method's plan fits):",
+        "",
+        summ,
+        "",
+    ]
+    body += (
+        ["uniap LOST (a bug to report):", *[f"- {s}" for s in lost]]
+        if lost
+        else ["uniap is never worse than any baseline on these workloads."]
+    )
     target_table, _ = search_time_target(rows)
-    body += ["", "Search time against the Alpa-style search (workloads with "
-             f">= {TARGET_DEVICES} devices; '>=': the Alpa-style run hit its cap, its real time is longer):",
-             "", target_table]
+    body += [
+        "",
+        "Search time against the Alpa-style search (workloads with "
+        f">= {TARGET_DEVICES} devices; '>=': the Alpa-style run hit its cap, its real time is longer):",
+        "",
+        target_table,
+    ]
     text = "\n".join(body)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = plots(rows, layer_rows, out_dir)
     (out_dir / "compare.md").write_text(
-        "# uniap vs baselines (predicted, analytic profile)\n\n" + text + "\n\nPlots: "
-        + ", ".join(p.name for p in paths) + "\n")
+        "# uniap vs baselines (predicted, analytic profile)\n\n"
+        + text
+        + "\n\nPlots: "
+        + ", ".join(p.name for p in paths)
+        + "\n"
+    )
     print("\nplots: " + ", ".join(str(p) for p in paths), file=sys.stderr)
 
 

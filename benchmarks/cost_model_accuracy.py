@@ -142,7 +142,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 plans, no world-4 memory runs")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument(
-        "--rounds", type=int, default=None,
+        "--rounds",
+        type=int,
+        default=None,
         help="rounds of (profile, run every plan); the profiles are combined (median) and each "
         "plan's time is the median over rounds, so that a change of the shared machine's speed "
         "between profiling and running hits both alike (default 3; 1 with --quick)",
@@ -150,8 +152,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7, help="profile repeats")
     ap.add_argument("--profile-out", default=None, help="also save the measured profile YAML")
-    ap.add_argument("--raw-out", default=None,
-                    help="also save every round's profile and measurements (JSON) to this file")
+    ap.add_argument(
+        "--raw-out",
+        default=None,
+        help="also save every round's profile and measurements (JSON) to this file",
+    )
     args = ap.parse_args()
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3

@@ -38,13 +38,22 @@ class MLP(nn.Module):
 
 
 def cluster(nodes: int, per_node: int, rng: np.random.Generator) -> Cluster:
-    return Cluster.from_dict({
-        "name": f"{nodes}x{per_node}", "num_nodes": nodes, "devices_per_node": per_node,
-        "device": {"memory": "4 GiB", "peak_flops": {"float32": f"{int(rng.choice([20, 50, 200]))} GFLOP/s"},
-                   "compute_efficiency": 0.5, "type": "cpu"},
-        "intra_node": {"bandwidth": f"{int(rng.choice([1, 2, 10]))} GB/s", "latency": "50 us"},
-        "inter_node": {"bandwidth": f"{int(rng.choice([1, 10]))} Gb/s", "latency": "500 us"}, "backend": "gloo",
-    })
+    return Cluster.from_dict(
+        {
+            "name": f"{nodes}x{per_node}",
+            "num_nodes": nodes,
+            "devices_per_node": per_node,
+            "device": {
+                "memory": "4 GiB",
+                "peak_flops": {"float32": f"{int(rng.choice([20, 50, 200]))} GFLOP/s"},
+                "compute_efficiency": 0.5,
+                "type": "cpu",
+            },
+            "intra_node": {"bandwidth": f"{int(rng.choice([1, 2, 10]))} GB/s", "latency": "50 us"},
+            "inter_node": {"bandwidth": f"{int(rng.choice([1, 10]))} Gb/s", "latency": "500 us"},
+            "backend": "gloo",
+        }
+    )
 
 
 def random_instance(seed: int):
@@ -87,8 +96,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="at most 8 limits per instance")
     args = ap.parse_args()
     logging.getLogger("uniap").setLevel(logging.ERROR)
-    print(f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}")
-    print(f"{'seed':>4} {'model':<10} {'devices':<7} {'opts':<34} {'limits':>6} {'bad':>4} {'wall_s':>7}")
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}"
+    )
+    print(
+        f"{'seed':>4} {'model':<10} {'devices':<7} {'opts':<34} {'limits':>6} {'bad':>4} {'wall_s':>7}"
+    )
     total = bad = 0
     t_all = time.perf_counter()
     for seed in range(args.seed, args.seed + args.models):
@@ -98,11 +111,17 @@ def main() -> int:
         wrong = [r for r in res if not r.ok]
         total, bad = total + len(res), bad + len(wrong)
         o = f"tp<={opts['max_tp']} rc={int(opts['recompute'])} {'+'.join(opts['schedules'])} B={B}"
-        print(f"{seed:>4} {name:<10} {cl.name:<7} {o:<34} {len(res):>6} {len(wrong):>4} {time.perf_counter() - t0:>7.1f}")
+        print(
+            f"{seed:>4} {name:<10} {cl.name:<7} {o:<34} {len(res):>6} {len(wrong):>4} {time.perf_counter() - t0:>7.1f}"
+        )
         for r in wrong:
-            print(f"     MISMATCH limit={r.memory_limit_bytes:.0f} B expected={r.expected_s:.6g} got={r.got_s:.6g} ({r.status})")
+            print(
+                f"     MISMATCH limit={r.memory_limit_bytes:.0f} B expected={r.expected_s:.6g} got={r.got_s:.6g} ({r.status})"
+            )
         sys.stdout.flush()
-    print(f"# {args.models} instances, {total} memory limits, {bad} mismatches, {time.perf_counter() - t_all:.0f} s")
+    print(
+        f"# {args.models} instances, {total} memory limits, {bad} mismatches, {time.perf_counter() - t_all:.0f} s"
+    )
     return 1 if bad else 0
 
 

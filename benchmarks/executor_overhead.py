@@ -228,8 +228,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="timed steps (>= 20)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
-    ap.add_argument("--measure-memory", action="store_true",
-                    help="uniap measures every step's peak memory (on CPU: saved-tensor hooks)")
+    ap.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="uniap measures every step's peak memory (on CPU: saved-tensor hooks)",
+    )
     args = ap.parse_args()
     if args.steps < 20:
         print("executor_overhead.py: error: --steps must be >= 20", file=sys.stderr)

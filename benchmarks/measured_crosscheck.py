@@ -53,20 +53,31 @@ def best_handset(model, x0) -> tuple[str, uniap.Plan]:
     best = None
     for m in HANDSET_METHODS:
         r = handset(cm, GLOBAL_BATCH, m)
-        if r.found and r.fits and (best is None or r.time_per_iteration_s < best.time_per_iteration_s):
+        if (
+            r.found
+            and r.fits
+            and (best is None or r.time_per_iteration_s < best.time_per_iteration_s)
+        ):
             best = r
     assert best is not None, "no hand-set plan fits"
     t = cm.tables(best.pp, best.num_microbatches, GLOBAL_BATCH)
-    return f"{best.method} ({best.detail.split(';')[0]})", to_plan(graph, cm.cluster, t, best.stage_of,
-                                                                   best.strategy_of, GLOBAL_BATCH)
+    return f"{best.method} ({best.detail.split(';')[0]})", to_plan(
+        graph, cm.cluster, t, best.stage_of, best.strategy_of, GLOBAL_BATCH
+    )
 
 
 def measure(plan, steps: int, warmup: int) -> tuple[uniap.Plan, list[float]]:
     """Iteration times (train_step + optimizer step) after ``warmup`` steps."""
     model = _model()
     x0, _ = example_batch(model, GLOBAL_BATCH, seed=0)
-    pm = uniap.parallelize(model, CLUSTER, global_batch_size=GLOBAL_BATCH, example_inputs=x0,
-                           loss_fn=loss_fn_for(MODEL), plan=plan)
+    pm = uniap.parallelize(
+        model,
+        CLUSTER,
+        global_batch_size=GLOBAL_BATCH,
+        example_inputs=x0,
+        loss_fn=loss_fn_for(MODEL),
+        plan=plan,
+    )
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     times = []
     for step in range(warmup + steps):
@@ -86,7 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "crosscheck.md")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "crosscheck.md"
+    )
     args = ap.parse_args()
     model = _model()
     x0, _ = example_batch(model, GLOBAL_BATCH, seed=0)
@@ -95,28 +108,35 @@ def main() -> None:
     uni_plan, uni_t = measure(None, args.steps, args.warmup)
     if dist.get_rank() == 0:
         rows = []
-        for label, p, ts in ((f"best hand-set: {name}", hand_plan, hand_t), ("uniap", uni_plan, uni_t)):
+        for label, p, ts in (
+            (f"best hand-set: {name}", hand_plan, hand_t),
+            ("uniap", uni_plan, uni_t),
+        ):
             pred = p.predicted.get("time_per_iteration_s", float("nan"))
-            rows.append(f"| {label} | {p.summary().split(' | ')[0]} | {pred * 1e3:.1f} | "
-                        f"{statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} | {max(ts) * 1e3:.1f} |")
+            rows.append(
+                f"| {label} | {p.summary().split(' | ')[0]} | {pred * 1e3:.1f} | "
+                f"{statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} | {max(ts) * 1e3:.1f} |"
+            )
         ratio = statistics.median(hand_t) / statistics.median(uni_t)
         cfg = ", ".join(f"{k}={v}" for k, v in OVERRIDES.items())
-        text = "\n".join([
-            "# Measured cross-check: uniap's plan vs the best hand-set plan (CPU, gloo)",
-            "",
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}; "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-            f"model: {MODEL} with {cfg}; global batch {GLOBAL_BATCH}; cluster {CLUSTER} "
-            f"(2 processes); {args.warmup} warm-up + {args.steps} measured steps; iteration = "
-            "train_step + AdamW step, between barriers.",
-            "",
-            "| plan | layout | predicted ms | measured median ms | min ms | max ms |",
-            "|---|---|---|---|---|---|",
-            *rows,
-            "",
-            f"measured speedup of uniap over the best hand-set plan (median): {ratio:.2f}x",
-        ])
+        text = "\n".join(
+            [
+                "# Measured cross-check: uniap's plan vs the best hand-set plan (CPU, gloo)",
+                "",
+                f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"Python {platform.python_version()}, torch {torch.__version__}; "
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+                f"model: {MODEL} with {cfg}; global batch {GLOBAL_BATCH}; cluster {CLUSTER} "
+                f"(2 processes); {args.warmup} warm-up + {args.steps} measured steps; iteration = "
+                "train_step + AdamW step, between barriers.",
+                "",
+                "| plan | layout | predicted ms | measured median ms | min ms | max ms |",
+                "|---|---|---|---|---|---|",
+                *rows,
+                "",
+                f"measured speedup of uniap over the best hand-set plan (median): {ratio:.2f}x",
+            ]
+        )
         print(text, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")

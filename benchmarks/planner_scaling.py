@@ -47,24 +47,33 @@ def main() -> None:
     if args.quick:
         rows = [rows[len(CLUSTERS) * 4 + 1], rows[-1]]
     graphs: dict[str, tuple] = {}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
     print()
-    print("| model | cluster | devices | global batch | trace s | UOP s | programs | plan | samples/s | status |")
+    print(
+        "| model | cluster | devices | global batch | trace s | UOP s | programs | plan | samples/s | status |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cluster, batch in rows:
         if name not in graphs:
             t0 = time.perf_counter()
             m = models.build_model(name, device="meta")
-            g = build_graph(m, models.example_batch(name, 2, device="meta")[0], name=name, dtype=torch.bfloat16)
+            g = build_graph(
+                m, models.example_batch(name, 2, device="meta")[0], name=name, dtype=torch.bfloat16
+            )
             graphs[name] = (g, time.perf_counter() - t0)
         g, trace_s = graphs[name]
         t0 = time.perf_counter()
         p = plan_graph(g, cluster, global_batch_size=batch, time_limit_s=args.time_limit_s)
         wall = time.perf_counter() - t0
-        print(f"| {name} | {cluster.name} | {cluster.world_size} | {batch} | {trace_s:.2f} | {wall:.2f} | "
-              f"{p.solver['milps_solved']} | {p.summary().split(' | ')[0]} | "
-              f"{p.predicted['samples_per_s']:.1f} | {p.solver['status']} |", flush=True)
+        print(
+            f"| {name} | {cluster.name} | {cluster.world_size} | {batch} | {trace_s:.2f} | {wall:.2f} | "
+            f"{p.solver['milps_solved']} | {p.summary().split(' | ')[0]} | "
+            f"{p.predicted['samples_per_s']:.1f} | {p.solver['status']} |",
+            flush=True,
+        )
     print()
     print(f"peak resident memory of the whole process (torch included): {rss_gib():.2f} GiB")
 

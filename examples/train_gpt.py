@@ -111,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
     records = pm.training_log.records if pm.training_log is not None else []
     if rank == 0 and len(records) > 1:
-        measured = statistics.median(r["iteration_s"] for r in records[1:])  # the first step warms up
+        measured = statistics.median(
+            r["iteration_s"] for r in records[1:]
+        )  # the first step warms up
         predicted = records[-1]["predicted_iteration_s"]
         source = plan.provenance.get("profile", "?")
-        print(f"\nmedian iteration {measured * 1e3:.1f} ms measured (steps 2-{len(records)}), "
-              f"{predicted * 1e3:.1f} ms predicted ({100 * (measured / predicted - 1):+.0f}%) "
-              f"from the {source} profile", flush=True)
+        print(
+            f"\nmedian iteration {measured * 1e3:.1f} ms measured (steps 2-{len(records)}), "
+            f"{predicted * 1e3:.1f} ms predicted ({100 * (measured / predicted - 1):+.0f}%) "
+            f"from the {source} profile",
+            flush=True,
+        )
     dist.destroy_process_group()
     return 0
 

@@ -54,7 +54,9 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uniap.training").setLevel(logging.INFO)  # uniap's training log, every 10 steps
+    logging.getLogger("uniap.training").setLevel(
+        logging.INFO
+    )  # uniap's training log, every 10 steps
     world = int(os.environ.get("WORLD_SIZE", "1"))
     big_b = args.global_batch_size
     model = build_model(args.model, device="cpu", seed=0)

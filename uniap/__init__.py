@@ -1,8 +1,8 @@
 """uniap: PyTorch-native automatic parallelism (UniAP, solved exactly).
 
-    import uniap
-    plan = uniap.plan("llama-7b", "a100-2x8", global_batch_size=64)      # no GPU needed
-    model = uniap.parallelize(model, cluster, global_batch_size=..., example_inputs=..., loss_fn=...)
+import uniap
+plan = uniap.plan("llama-7b", "a100-2x8", global_batch_size=64)      # no GPU needed
+model = uniap.parallelize(model, cluster, global_batch_size=..., example_inputs=..., loss_fn=...)
 """
 
 from __future__ import annotations
@@ -20,9 +20,28 @@ from uniap.profiles import MeasuredProfile
 
 __all__ = [
     "__version__",
-    "Cluster", "ConfigError", "CostModel", "InfeasibleError", "Layer", "LayerStrategy", "MeasuredProfile", "ModelGraph",
-    "Plan", "PlanMismatchError", "Precision", "Stage", "Strategy", "UniapError", "build_graph", "calibrate", "layer_chain", "list_presets",
-    "load_cluster", "parallelize", "plan", "plan_graph",
+    "Cluster",
+    "ConfigError",
+    "CostModel",
+    "InfeasibleError",
+    "Layer",
+    "LayerStrategy",
+    "MeasuredProfile",
+    "ModelGraph",
+    "Plan",
+    "PlanMismatchError",
+    "Precision",
+    "Stage",
+    "Strategy",
+    "UniapError",
+    "build_graph",
+    "calibrate",
+    "layer_chain",
+    "list_presets",
+    "load_cluster",
+    "parallelize",
+    "plan",
+    "plan_graph",
 ]
 
 

@@ -62,7 +62,13 @@ def candidate_lower_bound(t: CostTables) -> float:
     if not np.isfinite(split):
         return float("inf")  # no split of the chain fits in memory
     bottleneck = max(s / t.pp, split) + k
-    return s + t.pp * k + (t.num_microbatches - 1) * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
+    return (
+        s
+        + t.pp * k
+        + (t.num_microbatches - 1) * bottleneck
+        + float(gmin.sum()) / t.pp
+        + t.step_overhead_s
+    )
 
 
 def bottleneck_lower_bound(t: CostTables) -> float:
@@ -95,7 +101,9 @@ def bottleneck_lower_bound(t: CostTables) -> float:
     t_slack = 1e-12 * float(ca[-1])
     m_slack = 1e-12 * float(np.nanmax(np.where(np.isfinite(cm[-1]), cm[-1], 0.0)))
     # by_mem[i][s]: the largest end e (exclusive) with layers s..e-1 within memory on stage i.
-    by_mem = [np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1 for i in range(pp)]
+    by_mem = [
+        np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1 for i in range(pp)
+    ]
     starts = np.arange(L)
 
     def fits(cap: float) -> bool:
@@ -129,7 +137,9 @@ def bottleneck_lower_bound(t: CostTables) -> float:
     return lo * (1 - 1e-9)
 
 
-def segment_lower_bound(t: CostTables, target: float | None = None, *, max_evals: int = 48) -> float:
+def segment_lower_bound(
+    t: CostTables, target: float | None = None, *, max_evals: int = 48
+) -> float:
     """A lower bound on the time per iteration of every assignment that fits, stronger than
     the candidate bound of the planner: it keeps the stages contiguous and every stage's own
     compute, gradient synchronisation, memory and outgoing edge together. When ``target`` is
@@ -200,12 +210,19 @@ class SegmentBound:
         cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])
         slack_m = 1e-12 * float(cm[-1].max())
         self.limit = t.memory_limit_bytes * (1 + 1e-9) + slack_m
-        self.mem_ok = np.stack([self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)])
+        self.mem_ok = np.stack(
+            [self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)]
+        )
         self.seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
         self.slack_t = 1e-300
         for i in reps:
-            h = np.where(mask[None], t.A[None] + self.nu_of[:, None, None] * t.G[None]
-                         + self.mu_of[:, None, None] * t.M[None, :, :, i], np.inf).min(axis=2)
+            h = np.where(
+                mask[None],
+                t.A[None]
+                + self.nu_of[:, None, None] * t.G[None]
+                + self.mu_of[:, None, None] * t.M[None, :, :, i],
+                np.inf,
+            ).min(axis=2)
             H = np.concatenate([np.zeros((len(self.nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
             self.slack_t = max(self.slack_t, 1e-12 * float(np.max(np.abs(H))))
             self.seg_h.append(H[:, None, 1:] - H[:, :-1, None])
@@ -234,7 +251,9 @@ class SegmentBound:
         if Sb not in self.run_cache:
             finite = np.isfinite(Sb)
             use = slice(None) if finite else self.nu_of == 0  # an unbounded S*: nu = 0 only
-            off = (self.nu_of * (Sb if finite else 0.0) + self.mu_of * self.limit)[use][:, None, None]
+            off = (self.nu_of * (Sb if finite else 0.0) + self.mu_of * self.limit)[use][
+                :, None, None
+            ]
             out = []
             for sh in self.seg_h:
                 v = (sh[use] - off).max(axis=0)
@@ -288,7 +307,9 @@ class SegmentBound:
         b0 = self.bound(self.T0, self.S0, F0)
         first = (self.T0, inf, self.S0, inf)
         if target is None or not np.isfinite(b0) or b0 * (1 - 1e-9) >= target:
-            return b0 * (1 - 1e-9), ([first] if target is not None and b0 * (1 - 1e-9) < target else [])
+            return b0 * (1 - 1e-9), (
+                [first] if target is not None and b0 * (1 - 1e-9) < target else []
+            )
         goal = float(target)
         aim = goal * (1 + 2e-9)  # where the unbounded sides are cut: just above the goal
         heap = [(b0, 0, *first, F0)]
@@ -355,10 +376,16 @@ class SegmentBound:
         cover = np.zeros((L, pp), dtype=bool)
         idx = np.arange(L)
         for i in range(pp):
-            pre = np.concatenate([[np.inf], fw[i - 1][:-1]]) if i else start  # pre[s]: before run s..
-            post = np.concatenate([bw[i + 1][1:], [np.inf]]) if i < pp - 1 else end  # post[e]: after ..e
+            pre = (
+                np.concatenate([[np.inf], fw[i - 1][:-1]]) if i else start
+            )  # pre[s]: before run s..
+            post = (
+                np.concatenate([bw[i + 1][1:], [np.inf]]) if i < pp - 1 else end
+            )  # post[e]: after ..e
             good = (pre[:, None] + adds[i] + post[None, :]) < budget
-            last = np.where(good.any(axis=1), L - 1 - np.argmax(good[:, ::-1], axis=1), -1)  # furthest e per s
+            last = np.where(
+                good.any(axis=1), L - 1 - np.argmax(good[:, ::-1], axis=1), -1
+            )  # furthest e per s
             cover[:, i] = np.maximum.accumulate(last) >= idx
         return cover
 
@@ -399,7 +426,9 @@ def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:
         out, s = [], 0
         for e in range(L):
             s = max(s, 0)
-            while s <= e and not (ca[e + 1] - ca[s] <= cap + 1e-15 and cm[e + 1, i] - cm[s, i] <= limit):
+            while s <= e and not (
+                ca[e + 1] - ca[s] <= cap + 1e-15 and cm[e + 1, i] - cm[s, i] <= limit
+            ):
                 s += 1
             out.append(s if s <= e else L)
             if s > e:
@@ -429,8 +458,12 @@ def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:
     for u in range(L):
         w = []
         for i in range(lo[u], hi[u] + 1):
-            end_ok = any(F[i, e] and (B[i + 1, e + 1] if i + 1 < pp else e == L - 1) for e in range(u, L))
-            start_ok = any(B[i, s] and (F[i - 1, s - 1] if i > 0 else s == 0) for s in range(0, u + 1))
+            end_ok = any(
+                F[i, e] and (B[i + 1, e + 1] if i + 1 < pp else e == L - 1) for e in range(u, L)
+            )
+            start_ok = any(
+                B[i, s] and (F[i - 1, s - 1] if i > 0 else s == 0) for s in range(0, u + 1)
+            )
             if end_ok and start_ok:
                 w.append(i)
         out.append(w)

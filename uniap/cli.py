@@ -44,11 +44,19 @@ def _plan_from_args(args: argparse.Namespace):
         from uniap.profiles import MeasuredProfile
 
         profile = MeasuredProfile.load(args.profile)
-    return plan(model, args.cluster, global_batch_size=args.global_batch_size, example_inputs=example,
-                dtype=args.dtype, precision=args.precision, time_limit_s=args.time_limit_s, profile=profile,
-                seq_len=args.seq_len,
-                schedules=[args.schedule] if args.schedule else None,
-                progress_interval_s=args.progress_interval_s)
+    return plan(
+        model,
+        args.cluster,
+        global_batch_size=args.global_batch_size,
+        example_inputs=example,
+        dtype=args.dtype,
+        precision=args.precision,
+        time_limit_s=args.time_limit_s,
+        profile=profile,
+        seq_len=args.seq_len,
+        schedules=[args.schedule] if args.schedule else None,
+        progress_interval_s=args.progress_interval_s,
+    )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -72,15 +80,22 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.plan:
         if args.model or args.cluster or args.global_batch_size:
-            raise UniapError("uniap explain: give a plan file, or --model/--cluster/--global-batch-size to plan "
-                             "and explain, not both")
+            raise UniapError(
+                "uniap explain: give a plan file, or --model/--cluster/--global-batch-size to plan "
+                "and explain, not both"
+            )
         p = Plan.load(args.plan)
     else:
-        missing = [f"--{n.replace('_', '-')}" for n in ("model", "cluster", "global_batch_size")
-                   if not getattr(args, n)]
+        missing = [
+            f"--{n.replace('_', '-')}"
+            for n in ("model", "cluster", "global_batch_size")
+            if not getattr(args, n)
+        ]
         if missing:
-            raise UniapError(f"uniap explain: give a plan file, or {', '.join(missing)} to plan first; "
-                             "e.g. uniap explain plan.yaml")
+            raise UniapError(
+                f"uniap explain: give a plan file, or {', '.join(missing)} to plan first; "
+                "e.g. uniap explain plan.yaml"
+            )
         p = _plan_from_args(args)
     print(render_explain(p))
     return 0
@@ -178,7 +193,9 @@ def _profile_on_ranks(args: argparse.Namespace) -> int:
             old.check_compatible(graph, cluster)
             same = batches is None or old.settings.get("batches") == sorted(batches)
             if same and old.settings.get("global_batch_size") == args.global_batch_size:
-                say(f"{out} matches {graph.name} on this machine: reused (--force to measure again)")
+                say(
+                    f"{out} matches {graph.name} on this machine: reused (--force to measure again)"
+                )
                 return 0
         except ConfigError as e:
             say(f"{out} is stale, measuring again ({e})")
@@ -238,8 +255,10 @@ def _cost_model_for(p, args: argparse.Namespace):
     from uniap.models import resolve_model
 
     if not args.cluster:
-        raise UniapError("uniap show: --model needs --cluster (the cluster the plan was made for, "
-                         f"{p.provenance.get('cluster', 'see the plan file')})")
+        raise UniapError(
+            "uniap show: --model needs --cluster (the cluster the plan was made for, "
+            f"{p.provenance.get('cluster', 'see the plan file')})"
+        )
     model, example = resolve_model(args.model)
     graph = _graph(model, example, args.seq_len, p.provenance.get("dtype"))
     assert isinstance(graph, ModelGraph)
@@ -291,19 +310,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         profile = None
         if not args.analytic:
             profile_file = Path(tmp) / "profile.yaml"
-            print(f"== profiling {DEMO_MODEL} on this machine (4 processes, gloo): uniap profile --model "
-                  f"{DEMO_MODEL} --cluster {DEMO_CLUSTER} --global-batch-size {DEMO_BATCH}", flush=True)
-            cmd = [sys.executable, "-m", "uniap", "profile", "--model", DEMO_MODEL, "--cluster", DEMO_CLUSTER,
-                   "--global-batch-size", str(DEMO_BATCH), "--out", str(profile_file), "--quiet"]
+            print(
+                f"== profiling {DEMO_MODEL} on this machine (4 processes, gloo): uniap profile --model "
+                f"{DEMO_MODEL} --cluster {DEMO_CLUSTER} --global-batch-size {DEMO_BATCH}",
+                flush=True,
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "uniap",
+                "profile",
+                "--model",
+                DEMO_MODEL,
+                "--cluster",
+                DEMO_CLUSTER,
+                "--global-batch-size",
+                str(DEMO_BATCH),
+                "--out",
+                str(profile_file),
+                "--quiet",
+            ]
             t0 = time.perf_counter()
             if subprocess.call(cmd, env=env) != 0 or not profile_file.exists():
-                raise UniapError("uniap demo: profiling failed (see above); `uniap demo --analytic` plans "
-                                 "from the cpu-4 preset's datasheet numbers instead")
+                raise UniapError(
+                    "uniap demo: profiling failed (see above); `uniap demo --analytic` plans "
+                    "from the cpu-4 preset's datasheet numbers instead"
+                )
             print(f"profile measured in {time.perf_counter() - t0:.0f} s", flush=True)
             profile = str(profile_file)
-        source = "this machine's measured profile" if profile else f"the {DEMO_CLUSTER} preset's datasheet numbers"
-        print(f"== planning {DEMO_MODEL} on {DEMO_CLUSTER} (global batch {DEMO_BATCH}) from {source}", flush=True)
-        p = plan(DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH, profile=_load_profile(profile))
+        source = (
+            "this machine's measured profile"
+            if profile
+            else f"the {DEMO_CLUSTER} preset's datasheet numbers"
+        )
+        print(
+            f"== planning {DEMO_MODEL} on {DEMO_CLUSTER} (global batch {DEMO_BATCH}) from {source}",
+            flush=True,
+        )
+        p = plan(
+            DEMO_MODEL, DEMO_CLUSTER, global_batch_size=DEMO_BATCH, profile=_load_profile(profile)
+        )
         if args.plan_only or not example.exists():
             from uniap.report import plan_report, render_plan
 
@@ -312,10 +358,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         plan_file = Path(tmp) / "plan.yaml"
         p.to_yaml(plan_file)
         print(f"plan: {p.summary()}")
-        print(f"\n== training {DEMO_MODEL} on 4 CPU processes (gloo): "
-              f"torchrun --nproc-per-node 4 {example.name} --plan plan.yaml")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-               str(args.port), str(example), "--steps", str(args.steps), "--plan", str(plan_file)]
+        print(
+            f"\n== training {DEMO_MODEL} on 4 CPU processes (gloo): "
+            f"torchrun --nproc-per-node 4 {example.name} --plan plan.yaml"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            str(args.port),
+            str(example),
+            "--steps",
+            str(args.steps),
+            "--plan",
+            str(plan_file),
+        ]
         return subprocess.call(cmd, env=env)
 
 
@@ -343,143 +403,311 @@ def _one_line(message: object) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def _command(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+def _command(
+    sub, name: str, summary: str, description: str, examples: list[str]
+) -> argparse.ArgumentParser:
     """A subcommand with a one-line summary (``uniap --help``), a description and examples."""
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
-    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 90), epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 90),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--model", required=required, metavar="NAME|MODULE:FUNCTION",
-                   help="a preset (see `uniap models`) or module:function returning (model, example_inputs) "
-                        "or a model with .example_inputs; the module is imported from the current "
-                        "directory or PYTHONPATH")
-    p.add_argument("--cluster", required=required, metavar="NAME|FILE.yaml",
-                   help="a preset (see `uniap clusters`) or a cluster YAML file")
-    p.add_argument("--global-batch-size", type=int, required=required, metavar="B",
-                   help="samples per iteration over all data-parallel replicas (the micro-batch count "
-                        "and size are chosen by the planner among the divisors of B)")
-    p.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "fp32"], default=None,
-                   help="precision to plan for: bf16-mixed / fp16-mixed = 16-bit compute and activations, "
-                        "fp32 master weights, gradient reductions and AdamW state (default: bf16-mixed on "
-                        "CUDA clusters, fp32 on CPU ones, or from --dtype)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype of parameters and activations without mixed precision (prefer "
-                        "--precision; default: from --precision)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
-                   help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
-                        "than GPipe at the same time per iteration)")
-    p.add_argument("--time-limit-s", type=float, default=60.0, metavar="S",
-                   help="time limit per program solved; a plan found at the limit is reported with its gap "
-                        "(default: 60)")
-    p.add_argument("--seq-len", type=int, default=None, metavar="N",
-                   help="sequence length of a text preset (default: the preset's)")
-    p.add_argument("--profile", default=None, metavar="FILE.yaml",
-                   help="a measured profile from `uniap profile` (default: analytic costs from the cluster's "
-                        "datasheet numbers)")
-    p.add_argument("--progress-interval-s", type=float, default=5.0, metavar="S",
-                   help="during a solve, print the candidate, incumbent, bound and gap every S seconds "
-                        "(default: 5)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (default: shown on stderr)")
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="NAME|MODULE:FUNCTION",
+        help="a preset (see `uniap models`) or module:function returning (model, example_inputs) "
+        "or a model with .example_inputs; the module is imported from the current "
+        "directory or PYTHONPATH",
+    )
+    p.add_argument(
+        "--cluster",
+        required=required,
+        metavar="NAME|FILE.yaml",
+        help="a preset (see `uniap clusters`) or a cluster YAML file",
+    )
+    p.add_argument(
+        "--global-batch-size",
+        type=int,
+        required=required,
+        metavar="B",
+        help="samples per iteration over all data-parallel replicas (the micro-batch count "
+        "and size are chosen by the planner among the divisors of B)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16-mixed", "fp16-mixed", "fp32"],
+        default=None,
+        help="precision to plan for: bf16-mixed / fp16-mixed = 16-bit compute and activations, "
+        "fp32 master weights, gradient reductions and AdamW state (default: bf16-mixed on "
+        "CUDA clusters, fp32 on CPU ones, or from --dtype)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype of parameters and activations without mixed precision (prefer "
+        "--precision; default: from --precision)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        default=None,
+        help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
+        "than GPipe at the same time per iteration)",
+    )
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="time limit per program solved; a plan found at the limit is reported with its gap "
+        "(default: 60)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequence length of a text preset (default: the preset's)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE.yaml",
+        help="a measured profile from `uniap profile` (default: analytic costs from the cluster's "
+        "datasheet numbers)",
+    )
+    p.add_argument(
+        "--progress-interval-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="during a solve, print the candidate, incumbent, bound and gap every S seconds "
+        "(default: 5)",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines (default: shown on stderr)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="uniap", description=textwrap.fill(
-                     "Automatic parallelism for PyTorch (UniAP): find the fastest plan that fits (pipeline "
-                     "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run it.", 90),
-                 epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 --out plan.yaml\n"
-                        "  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for each command.",
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(
+        prog="uniap",
+        description=textwrap.fill(
+            "Automatic parallelism for PyTorch (UniAP): find the fastest plan that fits (pipeline "
+            "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run it.",
+            90,
+        ),
+        epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 --out plan.yaml\n"
+        "  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="log what uniap decides (INFO)")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
-    p = _command(sub, "plan", "find the fastest plan that fits",
-                 "Find the plan with the lowest predicted time per iteration that fits in device memory: "
-                 "every pipeline degree, micro-batch count and per-layer strategy is searched and solved "
-                 "exactly. Prints the plan (the precision assumed, the stage table, where the time and "
-                 "memory go) and writes it with --out.",
-                 ["uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 --dtype bfloat16 --out plan.yaml",
-                  "uniap plan --model mymodels:build --cluster my-cluster.yaml --global-batch-size 32 --explain"])
+    p = _command(
+        sub,
+        "plan",
+        "find the fastest plan that fits",
+        "Find the plan with the lowest predicted time per iteration that fits in device memory: "
+        "every pipeline degree, micro-batch count and per-layer strategy is searched and solved "
+        "exactly. Prints the plan (the precision assumed, the stage table, where the time and "
+        "memory go) and writes it with --out.",
+        [
+            "uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 --dtype bfloat16 --out plan.yaml",
+            "uniap plan --model mymodels:build --cluster my-cluster.yaml --global-batch-size 32 --explain",
+        ],
+    )
     _add_plan_args(p)
-    p.add_argument("--out", default=None, metavar="FILE", help="write the plan (.yaml, or .json) (default: not written)")
-    p.add_argument("--explain", action="store_true", help="also print why this plan won (as `uniap explain`)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="write the plan (.yaml, or .json) (default: not written)",
+    )
+    p.add_argument(
+        "--explain", action="store_true", help="also print why this plan won (as `uniap explain`)"
+    )
     p.set_defaults(fn=_cmd_plan)
 
-    e = _command(sub, "explain", "why this plan won: the best plan at every pipeline degree",
-                 "Show the best plan found at every (pipeline degree, schedule) tried, its time per "
-                 "iteration and what binds it (memory on a stage, the pipeline bubble, a link), the "
-                 "winner's time per term, and the runner-up and why it lost. Reads a plan file, or plans "
-                 "first with the `uniap plan` arguments.",
-                 ["uniap explain plan.yaml",
-                  "uniap explain --model gpt-tiny --cluster cpu-4 --global-batch-size 16"])
-    e.add_argument("plan", nargs="?", default=None, help="a plan file from `uniap plan --out` (default: plan now)")
+    e = _command(
+        sub,
+        "explain",
+        "why this plan won: the best plan at every pipeline degree",
+        "Show the best plan found at every (pipeline degree, schedule) tried, its time per "
+        "iteration and what binds it (memory on a stage, the pipeline bubble, a link), the "
+        "winner's time per term, and the runner-up and why it lost. Reads a plan file, or plans "
+        "first with the `uniap plan` arguments.",
+        [
+            "uniap explain plan.yaml",
+            "uniap explain --model gpt-tiny --cluster cpu-4 --global-batch-size 16",
+        ],
+    )
+    e.add_argument(
+        "plan",
+        nargs="?",
+        default=None,
+        help="a plan file from `uniap plan --out` (default: plan now)",
+    )
     _add_plan_args(e, required=False)
     e.set_defaults(fn=_cmd_explain)
 
-    s = _command(sub, "show", "print a plan file as a readable report (or JSON, or a picture)",
-                 "Print a plan: precision, schedule, the stage table (one row per run of layers with one "
-                 "strategy), the predicted time split into compute / exposed communication / bubble / "
-                 "optimizer, and memory per stage split into parameters / gradients / optimizer state / "
-                 "activations against the limit. --model and --cluster re-derive the costs with the "
-                 "cost model (and fill --layers' per-layer costs).",
-                 ["uniap show plan.yaml --layers",
-                  "uniap show plan.yaml --plot plan.png   # needs matplotlib: pip install 'uniap[plot]'"])
+    s = _command(
+        sub,
+        "show",
+        "print a plan file as a readable report (or JSON, or a picture)",
+        "Print a plan: precision, schedule, the stage table (one row per run of layers with one "
+        "strategy), the predicted time split into compute / exposed communication / bubble / "
+        "optimizer, and memory per stage split into parameters / gradients / optimizer state / "
+        "activations against the limit. --model and --cluster re-derive the costs with the "
+        "cost model (and fill --layers' per-layer costs).",
+        [
+            "uniap show plan.yaml --layers",
+            "uniap show plan.yaml --plot plan.png   # needs matplotlib: pip install 'uniap[plot]'",
+        ],
+    )
     s.add_argument("plan", help="a plan file from `uniap plan --out`")
-    s.add_argument("--layers", action="store_true", help="also list every layer: stage, strategy, time, memory")
+    s.add_argument(
+        "--layers", action="store_true", help="also list every layer: stage, strategy, time, memory"
+    )
     s.add_argument("--json", action="store_true", help="print the report as JSON (for tools)")
-    s.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="draw the device grid, the pipeline timeline and memory per stage (matplotlib)")
-    s.add_argument("--html", default=None, metavar="FILE.html",
-                   help="write one self-contained page: the picture, the report and why it won (matplotlib)")
-    s.add_argument("--model", default=None, metavar="NAME|MODULE:FUNCTION",
-                   help="the plan's model, to re-derive costs (default: use the numbers stored in the plan)")
-    s.add_argument("--cluster", default=None, metavar="NAME|FILE.yaml", help="the plan's cluster (with --model)")
-    s.add_argument("--profile", default=None, metavar="FILE.yaml", help="a measured profile (with --model)")
-    s.add_argument("--seq-len", type=int, default=None, metavar="N", help="sequence length of a text preset (with --model)")
+    s.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the device grid, the pipeline timeline and memory per stage (matplotlib)",
+    )
+    s.add_argument(
+        "--html",
+        default=None,
+        metavar="FILE.html",
+        help="write one self-contained page: the picture, the report and why it won (matplotlib)",
+    )
+    s.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|MODULE:FUNCTION",
+        help="the plan's model, to re-derive costs (default: use the numbers stored in the plan)",
+    )
+    s.add_argument(
+        "--cluster",
+        default=None,
+        metavar="NAME|FILE.yaml",
+        help="the plan's cluster (with --model)",
+    )
+    s.add_argument(
+        "--profile", default=None, metavar="FILE.yaml", help="a measured profile (with --model)"
+    )
+    s.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequence length of a text preset (with --model)",
+    )
     s.set_defaults(fn=_cmd_show)
 
-    pr = _command(sub, "profile", "measure the model and the cluster into a profile YAML",
-                  "Time every distinct layer, the collectives on every group shape, the overlap of "
-                  "communication with compute and the pipeline's own overhead on the launched devices, "
-                  "and write them to a profile that `uniap plan --profile` uses instead of analytic costs. "
-                  "Runs under torchrun, or launches it.",
-                  ["uniap profile --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --out profile.yaml",
-                   "torchrun --nproc-per-node 8 -m uniap.cli profile --model llama-7b --global-batch-size 64 --out p.yaml"])
-    pr.add_argument("--model", required=True, metavar="NAME|MODULE:FUNCTION",
-                    help="preset name (see `uniap models`) or module:function")
-    pr.add_argument("--cluster", default=None, metavar="NAME|FILE.yaml",
-                    help="preset or YAML with the launched world size (default: detected)")
-    pr.add_argument("--global-batch-size", type=int, default=16, metavar="B",
-                    help="the batch the plans will use: local batches measured are its divisors (default: 16)")
-    pr.add_argument("--out", required=True, metavar="FILE.yaml", help="profile YAML to write (reused when it matches)")
-    pr.add_argument("--nproc", type=int, default=None,
-                    help="processes to launch when not under torchrun (default: the cluster's devices, else 2)")
+    pr = _command(
+        sub,
+        "profile",
+        "measure the model and the cluster into a profile YAML",
+        "Time every distinct layer, the collectives on every group shape, the overlap of "
+        "communication with compute and the pipeline's own overhead on the launched devices, "
+        "and write them to a profile that `uniap plan --profile` uses instead of analytic costs. "
+        "Runs under torchrun, or launches it.",
+        [
+            "uniap profile --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --out profile.yaml",
+            "torchrun --nproc-per-node 8 -m uniap.cli profile --model llama-7b --global-batch-size 64 --out p.yaml",
+        ],
+    )
+    pr.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|MODULE:FUNCTION",
+        help="preset name (see `uniap models`) or module:function",
+    )
+    pr.add_argument(
+        "--cluster",
+        default=None,
+        metavar="NAME|FILE.yaml",
+        help="preset or YAML with the launched world size (default: detected)",
+    )
+    pr.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=16,
+        metavar="B",
+        help="the batch the plans will use: local batches measured are its divisors (default: 16)",
+    )
+    pr.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.yaml",
+        help="profile YAML to write (reused when it matches)",
+    )
+    pr.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes to launch when not under torchrun (default: the cluster's devices, else 2)",
+    )
     pr.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default: 2)")
-    pr.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: 5)")
-    pr.add_argument("--batches", default=None, metavar="B1,B2,..",
-                    help="comma-separated local batch sizes to time (default: the divisors that plans can use)")
+    pr.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per measurement (default: 5)"
+    )
+    pr.add_argument(
+        "--batches",
+        default=None,
+        metavar="B1,B2,..",
+        help="comma-separated local batch sizes to time (default: the divisors that plans can use)",
+    )
     pr.add_argument("--force", action="store_true", help="measure even if --out matches")
-    pr.add_argument("--port", type=int, default=None, help="rendezvous port when launching (default: a free one)")
+    pr.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="rendezvous port when launching (default: a free one)",
+    )
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     pr.set_defaults(fn=_cmd_profile)
 
-    _command(sub, "models", "list model presets", "List the model presets (random weights, built from configs).",
-             ["uniap models", "uniap models | grep llama"]
-             ).set_defaults(fn=_cmd_models)
-    _command(sub, "clusters", "list cluster presets",
-             "List the cluster presets with their devices, memory, peak FLOP/s and links (each number's "
-             "datasheet source is in its YAML). Write your own cluster YAML in the same layout.",
-             ["uniap clusters", "uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16"]
-             ).set_defaults(fn=_cmd_clusters)
-    d = _command(sub, "demo", "profile, plan and train the demo model on 4 CPU processes",
-                 f"Profile {DEMO_MODEL} on this machine (4 processes), plan it on the {DEMO_CLUSTER} preset "
-                 f"(global batch {DEMO_BATCH}) from that profile, then train it with examples/train_gpt.py on "
-                 "4 CPU processes (gloo), printing measured next to predicted time.",
-                 ["uniap demo", "uniap demo --analytic --plan-only"])
+    _command(
+        sub,
+        "models",
+        "list model presets",
+        "List the model presets (random weights, built from configs).",
+        ["uniap models", "uniap models | grep llama"],
+    ).set_defaults(fn=_cmd_models)
+    _command(
+        sub,
+        "clusters",
+        "list cluster presets",
+        "List the cluster presets with their devices, memory, peak FLOP/s and links (each number's "
+        "datasheet source is in its YAML). Write your own cluster YAML in the same layout.",
+        ["uniap clusters", "uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16"],
+    ).set_defaults(fn=_cmd_clusters)
+    d = _command(
+        sub,
+        "demo",
+        "profile, plan and train the demo model on 4 CPU processes",
+        f"Profile {DEMO_MODEL} on this machine (4 processes), plan it on the {DEMO_CLUSTER} preset "
+        f"(global batch {DEMO_BATCH}) from that profile, then train it with examples/train_gpt.py on "
+        "4 CPU processes (gloo), printing measured next to predicted time.",
+        ["uniap demo", "uniap demo --analytic --plan-only"],
+    )
     d.add_argument("--plan-only", action="store_true", help="plan and print, do not train")
-    d.add_argument("--analytic", action="store_true",
-                   help="skip profiling: plan from the preset's datasheet numbers (the prediction is then "
-                        "about a datasheet machine, not this one)")
+    d.add_argument(
+        "--analytic",
+        action="store_true",
+        help="skip profiling: plan from the preset's datasheet numbers (the prediction is then "
+        "about a datasheet machine, not this one)",
+    )
     d.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
     d.add_argument("--port", type=int, default=29517, help="rendezvous port (default: 29517)")
     d.set_defaults(fn=_cmd_demo)
@@ -502,8 +730,10 @@ def _setup_progress(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     _setup_progress(args)
     try:
         return args.fn(args)

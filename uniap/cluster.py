@@ -385,7 +385,9 @@ def _section(
     for key, value in data.items():
         name = aliases.get(key, key)
         # a key that is not a printable string is quoted, so the message stays one readable line
-        shown = str(key) if isinstance(key, str) and key.isprintable() and key.strip() else repr(key)
+        shown = (
+            str(key) if isinstance(key, str) and key.isprintable() and key.strip() else repr(key)
+        )
         dotted = f"{path}.{shown}" if path else shown
         if name not in keys:
             hint = did_you_mean(str(key), [*keys, *aliases])
@@ -407,7 +409,9 @@ def _section(
 def _link(data: Any, path: str, source: str) -> tuple[float, float]:
     link = _section(data, path, source, _LINK_KEYS, _LINK_KEYS)
     return (
-        parse_quantity(link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth", unit_required=True),
+        parse_quantity(
+            link["bandwidth"], "bandwidth", f"{source}: {path}.bandwidth", unit_required=True
+        ),
         parse_quantity(link["latency"], "latency", f"{source}: {path}.latency", unit_required=True),
     )
 
@@ -430,8 +434,10 @@ def _from_layout(data: Any, source: str) -> Cluster:
     if not flops:
         example = _EXAMPLES["peak_flops"]
         raise ConfigError(f"{at('device.peak_flops')}: needs a dtype; e.g. peak_flops: {example}")
-    flops = {d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}"), unit_required=True)
-             for d, v in flops.items()}
+    flops = {
+        d: parse_quantity(v, "flops", at(f"device.peak_flops.{d}"), unit_required=True)
+        for d, v in flops.items()
+    }
     efficiency = device.get("compute_efficiency", 0.5)
     efficiency = check_number(efficiency, at("device.compute_efficiency"), "0.5", "fraction")
     device_type = check_choice(device.get("type", "cuda"), DEVICE_TYPES, at("device.type"))

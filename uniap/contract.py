@@ -219,7 +219,9 @@ class Plan:
         for i, st in enumerate(self.stages):
             if rank in st.ranks:
                 return i
-        raise PlanMismatchError(f"rank {rank} is in no stage of the plan (world size {self.world_size})")
+        raise PlanMismatchError(
+            f"rank {rank} is in no stage of the plan (world size {self.world_size})"
+        )
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -257,7 +259,9 @@ class Plan:
         n_layers = 0
         for i, st in enumerate(self.stages):
             if st.num_devices != g:
-                raise bad(f"stage {i} has {st.num_devices} devices, stage 0 has {g}; stages must be equal")
+                raise bad(
+                    f"stage {i} has {st.num_devices} devices, stage 0 has {g}; stages must be equal"
+                )
             if list(st.ranks) != list(range(st.ranks[0], st.ranks[0] + g)):
                 raise bad(f"stage {i} ranks {list(st.ranks)} must be consecutive")
             if not st.layers:
@@ -278,8 +282,14 @@ class Plan:
         if n_layers != self.num_layers:
             raise bad(f"stages hold {n_layers} layers, the model has {self.num_layers}")
 
-    def check_compatible(self, *, model_signature: str | None = None, model_name: str | None = None,
-                         layer_fqns: tuple[str, ...] | None = None, world_size: int | None = None) -> None:
+    def check_compatible(
+        self,
+        *,
+        model_signature: str | None = None,
+        model_name: str | None = None,
+        layer_fqns: tuple[str, ...] | None = None,
+        world_size: int | None = None,
+    ) -> None:
         """Refuse a plan made for another model or world size, saying what differs."""
         diffs = []
         if world_size is not None and world_size != self.world_size:
@@ -299,11 +309,14 @@ class Plan:
         if model_signature is not None and model_signature != self.model_signature:
             diffs.append(
                 f"model signature: plan {self.model_signature} (model {self.model_name!r}) vs "
-                f"{model_signature}" + (f" (model {model_name!r})" if model_name else "")
+                f"{model_signature}"
+                + (f" (model {model_name!r})" if model_name else "")
                 + "; the model's layers or shapes changed"
             )
         if diffs:
-            raise PlanMismatchError("the plan does not match: " + "; ".join(diffs) + "; re-run `uniap plan`")
+            raise PlanMismatchError(
+                "the plan does not match: " + "; ".join(diffs) + "; re-run `uniap plan`"
+            )
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self, *, timings: bool = False) -> dict[str, Any]:
@@ -335,11 +348,24 @@ class Plan:
         """Inverse of :meth:`to_dict`; a malformed dict raises ConfigError naming the field."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: a plan must be a mapping, got {type(d).__name__}")
-        known = {"schema_version", "model", "world_size", "global_batch_size", "num_microbatches",
-                 "schedule", "precision", "stages", "predicted", "solver", "provenance"}
+        known = {
+            "schema_version",
+            "model",
+            "world_size",
+            "global_batch_size",
+            "num_microbatches",
+            "schedule",
+            "precision",
+            "stages",
+            "predicted",
+            "solver",
+            "provenance",
+        }
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(
+                f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}"
+            )
         try:
             model = d["model"]
             stages = []
@@ -354,10 +380,15 @@ class Plan:
                         )
                     rc = ls.get("recompute", False)
                     if not isinstance(rc, bool):
-                        raise ConfigError(f"{source}: stages[{i}].layers[{j}].recompute must be true or false, got {rc!r}")
-                    strategy = Strategy(_int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
-                                        _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
-                                        str(ls.get("kind", "DDP")), rc)
+                        raise ConfigError(
+                            f"{source}: stages[{i}].layers[{j}].recompute must be true or false, got {rc!r}"
+                        )
+                    strategy = Strategy(
+                        _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
+                        _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
+                        str(ls.get("kind", "DDP")),
+                        rc,
+                    )
                     layers.append(LayerStrategy(str(ls["fqn"]), strategy))
                 ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
                 stages.append(Stage(ranks, tuple(layers)))
@@ -373,13 +404,19 @@ class Plan:
                 predicted=dict(d.get("predicted") or {}),
                 solver=dict(d.get("solver") or {}),
                 provenance=dict(d.get("provenance") or {}),
-                schema_version=_int(d.get("schema_version", SCHEMA_VERSION), "schema_version", source),
-                precision=Precision.from_dict(d["precision"]) if d.get("precision") is not None else None,
+                schema_version=_int(
+                    d.get("schema_version", SCHEMA_VERSION), "schema_version", source
+                ),
+                precision=Precision.from_dict(d["precision"])
+                if d.get("precision") is not None
+                else None,
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing plan field {e.args[0]!r}") from None
         except (TypeError, AttributeError) as e:
-            raise ConfigError(f"{source}: malformed plan ({e}); see uniap.contract for the layout") from None
+            raise ConfigError(
+                f"{source}: malformed plan ({e}); see uniap.contract for the layout"
+            ) from None
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
@@ -387,7 +424,9 @@ class Plan:
 
     def to_yaml(self, path: str | Path | None = None, *, timings: bool = False) -> str:
         """YAML text (and write it to ``path`` if given). Deterministic: same plan, same bytes."""
-        text = yaml.safe_dump(self.to_dict(timings=timings), sort_keys=False, default_flow_style=None, width=100)
+        text = yaml.safe_dump(
+            self.to_dict(timings=timings), sort_keys=False, default_flow_style=None, width=100
+        )
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -402,7 +441,9 @@ class Plan:
     @classmethod
     def load(cls, path_or_text: str | Path) -> Plan:
         """Load a plan from a ``.yaml``/``.json`` file, or from YAML/JSON text."""
-        text_given = isinstance(path_or_text, str) and ("\n" in path_or_text or path_or_text.lstrip().startswith("{"))
+        text_given = isinstance(path_or_text, str) and (
+            "\n" in path_or_text or path_or_text.lstrip().startswith("{")
+        )
         p = None if text_given else Path(path_or_text)
         if p is not None:
             if not p.exists():
@@ -418,7 +459,9 @@ class Plan:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}: not valid YAML/JSON{where}: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(
+                f"{source}: not valid YAML/JSON{where}: {getattr(e, 'problem', e)}"
+            ) from None
         return cls.from_dict(d, source=source)
 
     # ---------------------------------------------------------------- display
@@ -429,7 +472,11 @@ class Plan:
             parts.append(", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers)))
         tpi = self.predicted.get("time_per_iteration_s")
         tail = f" | TPI {tpi:.4g} s" if isinstance(tpi, int | float) else ""
-        return f"pp={self.pp_degree} c={self.num_microbatches} {self.schedule}: " + " || ".join(parts) + tail
+        return (
+            f"pp={self.pp_degree} c={self.num_microbatches} {self.schedule}: "
+            + " || ".join(parts)
+            + tail
+        )
 
     def describe(self) -> str:
         """A readable table: stage, layers, devices, strategies (run-length), memory, time."""
@@ -439,7 +486,11 @@ class Plan:
             f"of {self.microbatch_size} "
             f"(global batch {self.global_batch_size}), schedule {self.schedule}",
             "precision: "
-            + (self.precision.describe() if self.precision is not None else "not recorded (the model's dtype)"),
+            + (
+                self.precision.describe()
+                if self.precision is not None
+                else "not recorded (the model's dtype)"
+            ),
         ]
         mem = self.predicted.get("peak_memory_bytes") or []
         st_time = self.predicted.get("stage_time_s") or []
@@ -453,7 +504,11 @@ class Plan:
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
             strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
             m = _fmt_bytes(mem[i]) if i < len(mem) else "-"
-            t = f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms" if i < len(st_time) else "-"
+            t = (
+                f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms"
+                if i < len(st_time)
+                else "-"
+            )
             lines.append(f"{i:>5}  {ranks:<12} {span:<28} {strat:<34} {m:>10} {t:>10}")
         p = self.predicted
         if "time_per_iteration_s" in p:

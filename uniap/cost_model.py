@@ -94,7 +94,14 @@ from uniap.profiles import AnalyticProfile, Profile
 from uniap.schedules import inflight_microbatches
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
-__all__ = ["CostTables", "Evaluation", "CostModel", "LayerCost", "evaluate_assignment", "optimizer_bytes_per_param"]
+__all__ = [
+    "CostTables",
+    "Evaluation",
+    "CostModel",
+    "LayerCost",
+    "evaluate_assignment",
+    "optimizer_bytes_per_param",
+]
 
 INF = float("inf")
 
@@ -153,7 +160,9 @@ class CostTables:
 
     @property
     def num_layouts(self) -> int:
-        return self.R.shape[1] if self.R.ndim == 3 and self.R.shape[0] else int(self.layout.max()) + 1
+        return (
+            self.R.shape[1] if self.R.ndim == 3 and self.R.shape[0] else int(self.layout.max()) + 1
+        )
 
     def allowed_mask(self) -> np.ndarray:
         """``(L, K)`` booleans: layer u may use strategy k."""
@@ -176,8 +185,17 @@ class CostTables:
 class LayerCost:
     """One layer with one strategy: its entries of the cost tables."""
 
-    PARTS = ("compute", "tp_comm", "fsdp_comm", "dp_sync", "optimizer", "forward",
-             "param_bytes", "grad_bytes", "optimizer_bytes")
+    PARTS = (
+        "compute",
+        "tp_comm",
+        "fsdp_comm",
+        "dp_sync",
+        "optimizer",
+        "forward",
+        "param_bytes",
+        "grad_bytes",
+        "optimizer_bytes",
+    )
 
     per_microbatch_s: float
     """``A``: forward, backward (and recompute), TP collectives, exposed FSDP gathers."""
@@ -203,7 +221,9 @@ class Evaluation:
     fits: bool
 
 
-def evaluate_assignment(t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]) -> Evaluation:
+def evaluate_assignment(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
+) -> Evaluation:
     """TPI and per-stage memory of an assignment (see the module docstring for the formula).
 
     ``stage_of[u]`` must be non-decreasing from 0 to ``pp - 1`` in steps of at most one; a
@@ -258,7 +278,9 @@ class CostModel:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
         self.cluster = cluster
-        self.profile = profile if profile is not None else AnalyticProfile(cluster, dtype=graph.dtype)
+        self.profile = (
+            profile if profile is not None else AnalyticProfile(cluster, dtype=graph.dtype)
+        )
         self.profile.check_compatible(graph, cluster)
         self.memory_limit_bytes = cluster.device_memory_bytes * memory_fraction
         self.max_tp = max_tp if max_tp is not None else cluster.devices_per_node
@@ -289,7 +311,9 @@ class CostModel:
                 worst, worst_t = tuple(ranks), t
         return worst
 
-    def _group_time(self, op: str, nbytes: float, group_kind: str, pp: int, a: int, b: int) -> float:
+    def _group_time(
+        self, op: str, nbytes: float, group_kind: str, pp: int, a: int, b: int
+    ) -> float:
         if nbytes <= 0:
             return 0.0
         ranks = self._worst_group(op, group_kind, pp, a, b)
@@ -298,9 +322,13 @@ class CostModel:
     # ------------------------------------------------------------------ tables
     def strategies(self, pp: int) -> list[Strategy]:
         """Strategies for a stage of this pipeline degree."""
-        return stage_strategies(self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute)
+        return stage_strategies(
+            self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute
+        )
 
-    def tables(self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B") -> CostTables:
+    def tables(
+        self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B"
+    ) -> CostTables:
         """Cost tables for ``(pp, c, schedule)``: one row per layer and strategy from
         :meth:`layer_cost`, resharding and stage-boundary rows from :meth:`_edge_rows`; see the
         module docstring for every formula."""
@@ -341,21 +369,51 @@ class CostModel:
                 )
             allowed.append(ks)
             for k in ks:
-                cost = self.layer_cost(u, strategies[k], pp=pp, num_microbatches=c, microbatch_size=b, inflight=inflight)
-                A[u, k], G[u, k], M[u, k] = cost.per_microbatch_s, cost.per_iteration_s, cost.memory_bytes
+                cost = self.layer_cost(
+                    u,
+                    strategies[k],
+                    pp=pp,
+                    num_microbatches=c,
+                    microbatch_size=b,
+                    inflight=inflight,
+                )
+                A[u, k], G[u, k], M[u, k] = (
+                    cost.per_microbatch_s,
+                    cost.per_iteration_s,
+                    cost.memory_bytes,
+                )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
         R, Rp = self._edge_rows(pp, b, dps)
         return CostTables(
-            pp=pp, num_microbatches=c, A=A, G=G, M=M, layout=layout, R=R, Rp=Rp,
-            memory_limit_bytes=self.memory_limit_bytes, allowed=allowed, strategies=strategies,
-            schedule=schedule, microbatch_size=b, breakdown=parts,
+            pp=pp,
+            num_microbatches=c,
+            A=A,
+            G=G,
+            M=M,
+            layout=layout,
+            R=R,
+            Rp=Rp,
+            memory_limit_bytes=self.memory_limit_bytes,
+            allowed=allowed,
+            strategies=strategies,
+            schedule=schedule,
+            microbatch_size=b,
+            breakdown=parts,
             stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
             step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
         )
 
-    def layer_cost(self, u: int, s: Strategy, *, pp: int, num_microbatches: int, microbatch_size: int,
-                   inflight: Sequence[int]) -> LayerCost:
+    def layer_cost(
+        self,
+        u: int,
+        s: Strategy,
+        *,
+        pp: int,
+        num_microbatches: int,
+        microbatch_size: int,
+        inflight: Sequence[int],
+    ) -> LayerCost:
         """Layer ``u`` with strategy ``s`` on a stage of a ``pp``-stage plan: its ``A``, ``G`` and
         per-stage ``M`` entries (``inflight[i]``: micro-batches in flight on stage i) and their
         parts. See the module docstring for the formulas."""
@@ -372,7 +430,9 @@ class CostModel:
         tp_comm_s = 0.0
         if s.tp > 1 and not self.profile.tp_comm_in_compute:
             for pair in layer.tp_pairs:
-                tp_comm_s += self._group_time("all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp)
+                tp_comm_s += self._group_time(
+                    "all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp
+                )
                 for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
                     tp_comm_s += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
         p_bytes = layer.param_bytes / s.tp
@@ -382,11 +442,16 @@ class CostModel:
         wrapped = s.dp > 1 and layer.num_params > 0
         if s.kind == "FSDP":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
-            rs = self._group_time("reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp)
+            rs = self._group_time(
+                "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+            )
             if c == 1:
                 fsdp_per_microbatch_s = (1 - rho) * 2 * ag
                 if wrapped:
-                    fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + self.profile.dp_residual_s(layer, "FSDP", "single"), 0.0)
+                    fsdp_per_microbatch_s = max(
+                        fsdp_per_microbatch_s + self.profile.dp_residual_s(layer, "FSDP", "single"),
+                        0.0,
+                    )
                 sync_s = (1 - rho) * rs
                 static_bytes = (2 * p_bytes + opt_bytes) / s.dp
             else:
@@ -400,9 +465,16 @@ class CostModel:
         else:
             if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                 bk = DDP_BUCKET_BYTES
-                ar = p_bytes * self.reduce_factor / bk * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
+                ar = (
+                    p_bytes
+                    * self.reduce_factor
+                    / bk
+                    * self._group_time("all_reduce", bk, "dp", pp, s.dp, s.tp)
+                )
             else:
-                ar = self._group_time("all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp)
+                ar = self._group_time(
+                    "all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+                )
             sync_s = (1 - rho) * ar
             if wrapped:
                 wrap_s = self.profile.dp_residual_s(layer, "DDP", "microbatch")
@@ -428,13 +500,22 @@ class CostModel:
             per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,
             per_iteration_s=sync_s + opt_s,
             memory_bytes=tuple(memory),
-            parts={"compute": fwd + bwd, "tp_comm": tp_comm_s, "fsdp_comm": fsdp_per_microbatch_s,
-                   "dp_sync": sync_s, "optimizer": opt_s, "forward": fwd,
-                   "param_bytes": resident_bytes + p_bytes / shard, "grad_bytes": resident_bytes + p_bytes / shard,
-                   "optimizer_bytes": opt_bytes / shard},
+            parts={
+                "compute": fwd + bwd,
+                "tp_comm": tp_comm_s,
+                "fsdp_comm": fsdp_per_microbatch_s,
+                "dp_sync": sync_s,
+                "optimizer": opt_s,
+                "forward": fwd,
+                "param_bytes": resident_bytes + p_bytes / shard,
+                "grad_bytes": resident_bytes + p_bytes / shard,
+                "optimizer_bytes": opt_bytes / shard,
+            },
         )
 
-    def _edge_rows(self, pp: int, microbatch_size: int, dps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _edge_rows(
+        self, pp: int, microbatch_size: int, dps: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``R`` and ``Rp``: resharding between neighbours on one stage, and the stage-boundary
         transfer (activation forward, gradient back) plus that resharding."""
         layers, b, C = self.graph.layers, microbatch_size, len(dps)
@@ -456,7 +537,9 @@ class CostModel:
                         r = self._group_time("all_gather", out * b / lo, "reshard", pp, lo, hi)
                     R[u, a, bb] = r
                     if pp > 1:
-                        Rp[u, a, bb] = 2 * self._group_time("p2p", out * b / da, "p2p", pp, 0, 0) + r
+                        Rp[u, a, bb] = (
+                            2 * self._group_time("p2p", out * b / da, "p2p", pp, 0, 0) + r
+                        )
         return R, Rp
 
     def _representatives(self) -> list[int]:
@@ -468,14 +551,18 @@ class CostModel:
             first: dict[tuple, int] = {}
             self._rep = []
             for u, layer in enumerate(layers):
-                key = (dataclasses.replace(layer, fqn=""),
-                       layers[u - 1].output_bytes_per_sample if u else 0.0, u == len(layers) - 1)
+                key = (
+                    dataclasses.replace(layer, fqn=""),
+                    layers[u - 1].output_bytes_per_sample if u else 0.0,
+                    u == len(layers) - 1,
+                )
                 self._rep.append(first.setdefault(key, u))
         return self._rep
 
     # ------------------------------------------------------------------ plans
-    def allowed_strategies(self, layer: int | str, pp: int, num_microbatches: int,
-                           global_batch_size: int) -> list[Strategy]:
+    def allowed_strategies(
+        self, layer: int | str, pp: int, num_microbatches: int, global_batch_size: int
+    ) -> list[Strategy]:
         """The strategies ``layer`` (index or FQN) may use on a stage of a ``pp``-stage plan with
         ``num_microbatches`` micro-batches: the stage's strategies (``dp * tp`` = devices per
         stage, TP degree at most ``max_tp``, FSDP only with dp > 1, recompute only when the
@@ -484,7 +571,9 @@ class CostModel:
         u = self._layer_index(layer)
         b = global_batch_size // num_microbatches
         in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
-        return [s for s in self.strategies(pp) if why_not(self.graph.layers[u], s, b, in_bytes) is None]
+        return [
+            s for s in self.strategies(pp) if why_not(self.graph.layers[u], s, b, in_bytes) is None
+        ]
 
     def _layer_index(self, layer: int | str) -> int:
         if isinstance(layer, str):
@@ -512,12 +601,15 @@ class CostModel:
                         f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a stage of "
                         f"{st.num_devices} devices (dp * tp must equal the stage size, tp at most "
                         f"{self.max_tp}, FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
-                        f"offered: {offered}")
+                        f"offered: {offered}"
+                    )
                 k = index[ls.key]
                 if k not in tables.allowed[u]:
                     in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
                     reason = why_not(self.graph.layers[u], tables.strategies[k], b, in_bytes)
-                    raise ConfigError(f"layer {ls.fqn!r} may not use {_strategy_name(ls)}: {reason}")
+                    raise ConfigError(
+                        f"layer {ls.fqn!r} may not use {_strategy_name(ls)}: {reason}"
+                    )
                 strategy_of.append(k)
         return stage_of, strategy_of
 
@@ -530,7 +622,9 @@ class CostModel:
                 f"{self.precision.describe()}; build the graph with dtype="
                 f"{plan.precision.param_dtype} and pass precision=plan.precision"
             )
-        t = self.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
+        t = self.tables(
+            plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule
+        )
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
 

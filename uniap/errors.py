@@ -32,8 +32,13 @@ class InfeasibleError(RuntimeError):
     gave no plan (rows as in `Plan.solver["candidates"]`).
     """
 
-    def __init__(self, message: str, *, min_memory_bytes: float | None = None,
-                 candidates: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        min_memory_bytes: float | None = None,
+        candidates: list[dict] | None = None,
+    ) -> None:
         super().__init__(message)
         self.min_memory_bytes = min_memory_bytes
         self.candidates = list(candidates or [])

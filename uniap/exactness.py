@@ -49,18 +49,30 @@ class Check:
     def ok(self) -> bool:
         if math.isinf(self.expected_s) or math.isinf(self.got_s):
             return self.expected_s == self.got_s
-        return abs(self.got_s - self.expected_s) <= 1e-6 * self.expected_s and self.status == "optimal"
+        return (
+            abs(self.got_s - self.expected_s) <= 1e-6 * self.expected_s and self.status == "optimal"
+        )
 
 
-def optimum_curve(graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, **kwargs) -> list[tuple[float, float]]:
+def optimum_curve(
+    graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, **kwargs
+) -> list[tuple[float, float]]:
     """``(peak_bytes, tpi_s)`` steps of the optimum over every candidate the planner considers
     (``kwargs``: ``max_tp``, ``recompute``, ``schedules``, ``pp_degrees``, ``num_microbatches``)."""
-    cm = CostModel(graph, cluster, memory_fraction=_FRACTION, max_tp=kwargs.get("max_tp"),
-                   recompute=kwargs.get("recompute", True))
-    pps = kwargs.get("pp_degrees") or [p for p in divisors(cluster.world_size) if p <= graph.num_layers]
+    cm = CostModel(
+        graph,
+        cluster,
+        memory_fraction=_FRACTION,
+        max_tp=kwargs.get("max_tp"),
+        recompute=kwargs.get("recompute", True),
+    )
+    pps = kwargs.get("pp_degrees") or [
+        p for p in divisors(cluster.world_size) if p <= graph.num_layers
+    ]
     points: list[tuple[float, float]] = []
-    for _, _, _, t in candidate_tables(cm, pps, global_batch_size, kwargs.get("num_microbatches"),
-                                       kwargs.get("schedules")):
+    for _, _, _, t in candidate_tables(
+        cm, pps, global_batch_size, kwargs.get("num_microbatches"), kwargs.get("schedules")
+    ):
         points += frontier(t)
     out: list[tuple[float, float]] = []
     for peak, tpi in sorted(points, key=lambda x: (x[0], x[1])):
@@ -77,8 +89,14 @@ def sweep_limits(curve: Sequence[tuple[float, float]]) -> Iterator[tuple[float, 
         yield peak, tpi
 
 
-def sweep(graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, max_checks: int | None = None,
-          **kwargs) -> list[Check]:
+def sweep(
+    graph: ModelGraph,
+    cluster: Cluster,
+    *,
+    global_batch_size: int,
+    max_checks: int | None = None,
+    **kwargs,
+) -> list[Check]:
     """The planner at every limit of :func:`sweep_limits` (at most ``max_checks`` of them, spread
     evenly), each compared with the enumeration."""
     curve = optimum_curve(graph, cluster, global_batch_size=global_batch_size, **kwargs)
@@ -94,7 +112,9 @@ def sweep(graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, max_ch
         fitting = [tpi for peak, tpi in curve if peak <= limit_used * (1 + 1e-9)]
         expected = fitting[-1] if fitting else math.inf
         try:
-            p = plan_graph(graph, c, global_batch_size=global_batch_size, memory_fraction=_FRACTION, **kwargs)
+            p = plan_graph(
+                graph, c, global_batch_size=global_batch_size, memory_fraction=_FRACTION, **kwargs
+            )
             got, status = p.predicted["time_per_iteration_s"], p.solver["status"]
         except InfeasibleError:
             got, status = math.inf, "infeasible"

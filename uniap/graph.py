@@ -332,7 +332,9 @@ def build_graph(
         # fake (not plain meta) tensors: libraries such as transformers skip their
         # data-dependent checks (`.all()`, `.item()`) on fake tensors, as under torch.compile;
         # they cost about 3x the time, so they are the fallback
-        logger.debug("meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e)
+        logger.debug(
+            "meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e
+        )
         traced, chain, tracer, fwd_counts, all_counts = _trace(
             model, fqns, example_inputs, dtype, loss_fn, FakeTensorMode(allow_non_fake_inputs=True)
         )

@@ -93,8 +93,14 @@ class _HiGHS(pulp.HiGHS):
     """``pulp.HiGHS`` that can hand HiGHS a starting solution (PuLP's HiGHS API cannot) and
     report the search's progress (HiGHS's MIP interrupt callback, at most every ``interval_s``)."""
 
-    def __init__(self, *args, start: dict | None = None, progress: Callable[[dict], None] | None = None,
-                 interval_s: float = 5.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        start: dict | None = None,
+        progress: Callable[[dict], None] | None = None,
+        interval_s: float = 5.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.start = start or {}
         self.progress, self.interval_s = progress, interval_s
@@ -111,10 +117,15 @@ class _HiGHS(pulp.HiGHS):
             now = time.perf_counter()
             if now - last[0] >= self.interval_s:
                 last[0] = now
-                self.progress({"running_s": float(out.running_time),
-                               "incumbent": float(out.mip_primal_bound) + offset,
-                               "bound": float(out.mip_dual_bound) + offset,
-                               "gap": float(out.mip_gap), "nodes": int(out.mip_node_count)})
+                self.progress(
+                    {
+                        "running_s": float(out.running_time),
+                        "incumbent": float(out.mip_primal_bound) + offset,
+                        "bound": float(out.mip_dual_bound) + offset,
+                        "gap": float(out.mip_gap),
+                        "nodes": int(out.mip_node_count),
+                    }
+                )
 
         h.setCallback(on_interrupt, None)
         h.startCallback(highspy.cb.HighsCallbackType.kCallbackMipInterrupt)
@@ -169,8 +180,15 @@ def solve(
         runs = (segments or SegmentBound(t)).windows(bound * (1 + 2e-7))
         window = [[i for i in w if i in r] for w, r in zip(window, runs)]
     if any(not w for w in window):
-        return Solution("cutoff" if bound is not None else "infeasible", float("inf"), float("inf"),
-                        [], [], 0.0, time.perf_counter() - t0)
+        return Solution(
+            "cutoff" if bound is not None else "infeasible",
+            float("inf"),
+            float("inf"),
+            [],
+            [],
+            0.0,
+            time.perf_counter() - t0,
+        )
     prob, v, scale = _build(t, window, bound)
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
     silence_highs_banner()
@@ -178,12 +196,25 @@ def solve(
     # optimal on one of the exactness test instances (tests/unit/test_milp_exact.py, seed 20).
     report = None
     if progress is not None:
+
         def report(d: dict) -> None:  # the program's objective is the TPI divided by `scale`
             progress({**d, "incumbent": d["incumbent"] * scale, "bound": d["bound"] * scale})
-    solver = _HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=1e-12,
-                    start=start, progress=report, interval_s=progress_interval_s,
-                    random_seed=seed, mip_feasibility_tolerance=1e-9, presolve="off",
-                    primal_feasibility_tolerance=1e-9, mip_heuristic_run_feasibility_jump=False)
+
+    solver = _HiGHS(
+        msg=False,
+        timeLimit=time_limit_s,
+        threads=threads,
+        gapRel=0.0,
+        gapAbs=1e-12,
+        start=start,
+        progress=report,
+        interval_s=progress_interval_s,
+        random_seed=seed,
+        mip_feasibility_tolerance=1e-9,
+        presolve="off",
+        primal_feasibility_tolerance=1e-9,
+        mip_heuristic_run_feasibility_jump=False,
+    )
     prob.solve(solver)
     h = prob.solverModel
     import highspy
@@ -193,7 +224,11 @@ def solve(
     wall = time.perf_counter() - t0
     nvar, ncon = prob.numVariables(), prob.numConstraints()
     has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
-    if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible) or not has_sol:
+    if (
+        ms
+        in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible)
+        or not has_sol
+    ):
         if ms == highspy.HighsModelStatus.kTimeLimit:
             status = "time_limit"
         else:
@@ -210,13 +245,31 @@ def solve(
         status, gap = "optimal", 0.0
     else:
         status, gap = "time_limit", float(info.mip_gap)
-        log.debug("milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g", pp, c, time_limit_s, gap)
-    log.debug("milp pp=%d c=%d: %s tpi=%.6g (%d vars, %d rows, %.3f s)", pp, c, status,
-              ev.time_per_iteration_s, nvar, ncon, wall)
-    return Solution(status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon)
+        log.debug(
+            "milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g",
+            pp,
+            c,
+            time_limit_s,
+            gap,
+        )
+    log.debug(
+        "milp pp=%d c=%d: %s tpi=%.6g (%d vars, %d rows, %.3f s)",
+        pp,
+        c,
+        status,
+        ev.time_per_iteration_s,
+        nvar,
+        ncon,
+        wall,
+    )
+    return Solution(
+        status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon
+    )
 
 
-def _build(t: CostTables, window: list[list[int]], bound: float | None) -> tuple[pulp.LpProblem, _Vars, float]:
+def _build(
+    t: CostTables, window: list[list[int]], bound: float | None
+) -> tuple[pulp.LpProblem, _Vars, float]:
     """The program for these tables and windows, with the cutoff at ``bound`` when given."""
     # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
     scale = _time_scale(t, bound)
@@ -256,8 +309,12 @@ def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int =
 
 def _variables(prob: pulp.LpProblem, t: CostTables, window: list[list[int]]) -> _Vars:
     L = t.num_layers
-    x = {(u, i, k): prob.add_variable(f"x_{u}_{i}_{k}", cat=pulp.LpBinary)
-         for u in range(L) for i in window[u] for k in t.allowed[u]}
+    x = {
+        (u, i, k): prob.add_variable(f"x_{u}_{i}_{k}", cat=pulp.LpBinary)
+        for u in range(L)
+        for i in window[u]
+        for k in t.allowed[u]
+    }
     lay = [{k: int(t.layout[u, k]) for k in t.allowed[u]} for u in range(L)]
     classes = [sorted(set(lay[u].values())) for u in range(L)]
     y, z = {}, {}
@@ -302,9 +359,16 @@ def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
     """``assign_u``: each layer on exactly one stage with one strategy; ``start``/``end``."""
     L, pp = t.num_layers, t.pp
     for u in range(L):
-        prob += pulp.lpSum(v.x[u, i, k] for i in v.window[u] for k in t.allowed[u]) == 1, f"assign_{u}"
+        prob += (
+            pulp.lpSum(v.x[u, i, k] for i in v.window[u] for k in t.allowed[u]) == 1,
+            f"assign_{u}",
+        )
     prob += pulp.lpSum(v.x[0, 0, k] for k in t.allowed[0] if (0, 0, k) in v.x) == 1, "start"
-    prob += pulp.lpSum(v.x[L - 1, pp - 1, k] for k in t.allowed[L - 1] if (L - 1, pp - 1, k) in v.x) == 1, "end"
+    prob += (
+        pulp.lpSum(v.x[L - 1, pp - 1, k] for k in t.allowed[L - 1] if (L - 1, pp - 1, k) in v.x)
+        == 1,
+        "end",
+    )
 
 
 def _flow(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
@@ -321,7 +385,9 @@ def _flow(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
         for i in v.window[u]:
             for b in v.classes[u]:
                 lhs = [v.y[k] for k in ((u - 1, i, a, b) for a in v.classes[u - 1]) if k in v.y]
-                lhs += [v.z[k] for k in ((u - 1, i - 1, a, b) for a in v.classes[u - 1]) if k in v.z]
+                lhs += [
+                    v.z[k] for k in ((u - 1, i - 1, a, b) for a in v.classes[u - 1]) if k in v.z
+                ]
                 rhs = [v.x[u, i, k] for k in t.allowed[u] if v.layout[u][k] == b]
                 prob += pulp.lpSum(lhs) == pulp.lpSum(rhs), f"in_{u}_{i}_{b}"
 
@@ -380,8 +446,15 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
     transformer; Swin's alternating shifted/unshifted blocks pair up two apart)."""
     groups: dict[bytes, list[int]] = {}
     for u in range(t.num_layers):
-        key = b"|".join([np.asarray(t.allowed[u]).tobytes(), t.A[u].tobytes(), t.G[u].tobytes(),
-                         t.M[u].tobytes(), t.layout[u].tobytes()])
+        key = b"|".join(
+            [
+                np.asarray(t.allowed[u]).tobytes(),
+                t.A[u].tobytes(),
+                t.G[u].tobytes(),
+                t.M[u].tobytes(),
+                t.layout[u].tobytes(),
+            ]
+        )
         groups.setdefault(key, []).append(u)
     return sorted((g[j], g[j + 1]) for g in groups.values() for j in range(len(g) - 1))
 
@@ -412,7 +485,9 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
         for i in stages:
             for k in t.allowed[grp[0]]:
                 xs = [v.x[u, i, k] for u in grp if (u, i, k) in v.x]
-                n = prob.add_variable(f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger)
+                n = prob.add_variable(
+                    f"n_{r}_{i}_{k}", lowBound=0, upBound=len(xs), cat=pulp.LpInteger
+                )
                 v.counts[r, i, k] = n
                 prob += n == pulp.lpSum(xs), f"count_{r}_{i}_{k}"
     for u, w in pairs:
@@ -464,7 +539,9 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
                 return {}
             vals[var.name] = 1.0
     for (r, i, k), n in v.counts.items():
-        vals[n.name] = float(sum(1 for u in v.groups[r] if stage_of[u] == i and strategy_of[u] == k))
+        vals[n.name] = float(
+            sum(1 for u in v.groups[r] if stage_of[u] == i and strategy_of[u] == k)
+        )
     vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
     return vals

@@ -97,10 +97,14 @@ class Candidate:
     def row(self) -> dict:
         tpi = self.time_per_iteration_s
         return {
-            "pp": self.pp, "c": self.num_microbatches, "schedule": self.schedule,
-            "status": self.status, "lower_bound_s": float(self.lower_bound_s),
+            "pp": self.pp,
+            "c": self.num_microbatches,
+            "schedule": self.schedule,
+            "status": self.status,
+            "lower_bound_s": float(self.lower_bound_s),
             "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
-            "wall_s": round(self.wall_s, 4), "reason": self.reason,
+            "wall_s": round(self.wall_s, 4),
+            "reason": self.reason,
         }
 
 
@@ -123,7 +127,11 @@ class _Entry:
         """Raise the candidate's lower bound with the segment bound refined towards ``target``
         (the incumbent), when the cheap bound does not already reach it; the bound."""
         cand = self.cand
-        if cand.lower_bound_s < target * (1 - 1e-12) and math.isfinite(target) and target < cand.bound_target_s:
+        if (
+            cand.lower_bound_s < target * (1 - 1e-12)
+            and math.isfinite(target)
+            and target < cand.bound_target_s
+        ):
             if self.segments is None:
                 self.segments = SegmentBound(self.tables)
             cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
@@ -149,7 +157,11 @@ class _Search:
     num_solves: int = 0
 
     def _offer(self, e: _Entry, inc: tuple[list[int], list[int]] | None) -> None:
-        tpi = evaluate_assignment(e.tables, *inc).time_per_iteration_s if inc is not None else math.inf
+        tpi = (
+            evaluate_assignment(e.tables, *inc).time_per_iteration_s
+            if inc is not None
+            else math.inf
+        )
         if e.start is None or tpi < e.start_tpi_s:
             e.start, e.start_tpi_s = inc, tpi
         if tpi < self.best_tpi_s:
@@ -176,10 +188,18 @@ class _Search:
         for e in self.by_bound():
             if not e.settled(self.best_tpi_s):
                 self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
-        self.entries.sort(key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches))
+        self.entries.sort(
+            key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches)
+        )
 
-    def solve_all(self, time_limit_s: float, threads: int, seed: int, say: Callable[[str], None] | None,
-                  progress_interval_s: float) -> None:
+    def solve_all(
+        self,
+        time_limit_s: float,
+        threads: int,
+        seed: int,
+        say: Callable[[str], None] | None,
+        progress_interval_s: float,
+    ) -> None:
         """Step 5, in two passes. First every candidate gets a short solve: most finish (optimal,
         or cut off by the incumbent); the hard ones stop early, but the easy ones have meanwhile
         lowered the incumbent. Then the unfinished ones are solved to the end against that
@@ -190,7 +210,11 @@ class _Search:
         first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
         for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
             for idx, e in enumerate(self.entries):
-                if pass_no == 2 and (e.solution is None or e.solution.status != "time_limit" or e.limit_used_s >= limit):
+                if pass_no == 2 and (
+                    e.solution is None
+                    or e.solution.status != "time_limit"
+                    or e.limit_used_s >= limit
+                ):
                     continue
                 # Prune by the bound, against the best plan so far (or the heuristic incumbent,
                 # except on the candidate that holds it: its own program must produce the plan).
@@ -200,39 +224,71 @@ class _Search:
                 lim = first_s if pass_no == 1 and not self.num_solves else limit
                 label = f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} c={e.cand.num_microbatches} {e.cand.schedule}"
                 watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
-                sol = self._solve(e, lim, threads, seed, progress=watch, progress_interval_s=progress_interval_s)
+                sol = self._solve(
+                    e, lim, threads, seed, progress=watch, progress_interval_s=progress_interval_s
+                )
                 if say is not None:
-                    tpi = fmt_seconds(sol.time_per_iteration_s) if math.isfinite(sol.time_per_iteration_s) else "-"
-                    say(f"{label}: {sol.status} {tpi} per iteration (solved in {fmt_seconds(sol.wall_s)})"
-                        + (" (second pass)" if pass_no == 2 else ""))
+                    tpi = (
+                        fmt_seconds(sol.time_per_iteration_s)
+                        if math.isfinite(sol.time_per_iteration_s)
+                        else "-"
+                    )
+                    say(
+                        f"{label}: {sol.status} {tpi} per iteration (solved in {fmt_seconds(sol.wall_s)})"
+                        + (" (second pass)" if pass_no == 2 else "")
+                    )
 
     def _prune(self, e: _Entry) -> None:
         cand = e.cand
         cand.status = "pruned"
-        cand.reason = (_NO_SPLIT_FITS if not math.isfinite(cand.lower_bound_s) else
-                       f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {self.best_tpi_s:.6g} s")
+        cand.reason = (
+            _NO_SPLIT_FITS
+            if not math.isfinite(cand.lower_bound_s)
+            else f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {self.best_tpi_s:.6g} s"
+        )
         if e.solution is not None:  # a first-pass time-out that the bound now settles
             e.solution = dataclasses.replace(e.solution, status="pruned")
 
-    def _solve(self, e: _Entry, limit_s: float, threads: int, seed: int, *, cutoff: bool = True,
-               progress: Callable | None = None, progress_interval_s: float = 5.0) -> Solution:
+    def _solve(
+        self,
+        e: _Entry,
+        limit_s: float,
+        threads: int,
+        seed: int,
+        *,
+        cutoff: bool = True,
+        progress: Callable | None = None,
+        progress_interval_s: float = 5.0,
+    ) -> Solution:
         inc = e.start
         if e.solution is not None and e.solution.stage_of:
             inc = (e.solution.stage_of, e.solution.strategy_of)
         e.limit_used_s = limit_s
         bound = self.best_tpi_s if cutoff and math.isfinite(self.best_tpi_s) else None
-        sol = solve(e.tables, incumbent=inc if cutoff else None, incumbent_tpi_s=bound, time_limit_s=limit_s,
-                    threads=threads, seed=seed, segments=e.segments, progress=progress,
-                    progress_interval_s=progress_interval_s)
+        sol = solve(
+            e.tables,
+            incumbent=inc if cutoff else None,
+            incumbent_tpi_s=bound,
+            time_limit_s=limit_s,
+            threads=threads,
+            seed=seed,
+            segments=e.segments,
+            progress=progress,
+            progress_interval_s=progress_interval_s,
+        )
         e.solution = sol
         self.num_solves += 1
         cand = e.cand
         cand.status = sol.status
-        cand.reason = {"infeasible": "no assignment fits in memory (the program is infeasible)",
-                       "cutoff": f"nothing beats {self.best_tpi_s:.6g} s (the program is cut off)"}.get(sol.status, "")
+        cand.reason = {
+            "infeasible": "no assignment fits in memory (the program is infeasible)",
+            "cutoff": f"nothing beats {self.best_tpi_s:.6g} s (the program is cut off)",
+        }.get(sol.status, "")
         cand.wall_s += sol.wall_s
         cand.time_per_iteration_s = sol.time_per_iteration_s
-        if sol.stage_of and (self.best is None or sol.time_per_iteration_s < self.best.solution.time_per_iteration_s):
+        if sol.stage_of and (
+            self.best is None or sol.time_per_iteration_s < self.best.solution.time_per_iteration_s
+        ):
             self.best = e
             self.best_tpi_s = min(self.best_tpi_s, sol.time_per_iteration_s)
         return sol
@@ -245,10 +301,15 @@ class _Search:
         lean: dict[tuple[int, bool], int] = {}
         for idx, e in enumerate(self.entries):
             key = (e.cand.pp, e.cand.num_microbatches == 1)
-            if key not in lean or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches:
+            if (
+                key not in lean
+                or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches
+            ):
                 lean[key] = idx
-        return sorted((min_peak_memory(self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)), idx)
-                      for idx in lean.values())
+        return sorted(
+            (min_peak_memory(self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)), idx)
+            for idx in lean.values()
+        )
 
     def last_resort(self, time_limit_s: float, threads: int, seed: int) -> None:
         """Before saying that no plan fits: the leanest candidate, and any other whose leanest
@@ -265,8 +326,11 @@ class _Search:
                 continue  # the program itself said so
             sol = self._solve(e, time_limit_s, threads, seed, cutoff=False)
             if sol.stage_of:
-                log.warning("pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
-                            e.cand.pp, e.cand.num_microbatches)
+                log.warning(
+                    "pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
+                    e.cand.pp,
+                    e.cand.num_microbatches,
+                )
                 return
 
     def raise_infeasible(self, cm: CostModel, cluster: Cluster, memory_fraction: float) -> None:
@@ -274,14 +338,18 @@ class _Search:
         need = self.lean[0][0]
         limit = cm.memory_limit_bytes
         tried = [e.cand for e in self.entries]
-        shown = "; ".join(f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}" for c in tried[:4])
+        shown = "; ".join(
+            f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}"
+            for c in tried[:4]
+        )
         more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
         raise InfeasibleError(
             f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
             f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
             f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
             f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: {shown}{more}",
-            min_memory_bytes=need, candidates=[c.row() for c in tried],
+            min_memory_bytes=need,
+            candidates=[c.row() for c in tried],
         )
 
 
@@ -312,30 +380,72 @@ def plan_graph(
     receives each line as well. ``precision``: recorded in the plan and charged by the cost
     model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`)."""
     with progress_lines(progress) as say:
-        return _plan_graph(graph, cluster, global_batch_size=global_batch_size, profile=profile,
-                           schedules=schedules, pp_degrees=pp_degrees, num_microbatches=num_microbatches,
-                           memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
-                           time_limit_s=time_limit_s, threads=threads, seed=seed, say=say,
-                           progress_interval_s=progress_interval_s, precision=precision)
+        return _plan_graph(
+            graph,
+            cluster,
+            global_batch_size=global_batch_size,
+            profile=profile,
+            schedules=schedules,
+            pp_degrees=pp_degrees,
+            num_microbatches=num_microbatches,
+            memory_fraction=memory_fraction,
+            max_tp=max_tp,
+            recompute=recompute,
+            time_limit_s=time_limit_s,
+            threads=threads,
+            seed=seed,
+            say=say,
+            progress_interval_s=progress_interval_s,
+            precision=precision,
+        )
 
 
-def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_degrees, num_microbatches,
-                memory_fraction, max_tp, recompute, time_limit_s, threads, seed, say, progress_interval_s,
-                precision) -> Plan:
+def _plan_graph(
+    graph,
+    cluster,
+    *,
+    global_batch_size,
+    profile,
+    schedules,
+    pp_degrees,
+    num_microbatches,
+    memory_fraction,
+    max_tp,
+    recompute,
+    time_limit_s,
+    threads,
+    seed,
+    say,
+    progress_interval_s,
+    precision,
+) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
     if not isinstance(B, int) or isinstance(B, bool) or B < 1:
         raise ConfigError(f"global_batch_size must be a positive integer, got {B!r}")
-    if not (isinstance(time_limit_s, int | float) and math.isfinite(time_limit_s) and time_limit_s > 0):
-        raise ConfigError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    if not (
+        isinstance(time_limit_s, int | float) and math.isfinite(time_limit_s) and time_limit_s > 0
+    ):
+        raise ConfigError(
+            f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}"
+        )
     if schedules is not None:
         bad = [s for s in schedules if s not in SCHEDULES]
         if bad:
             raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
     _log_tp_exclusions(graph)
-    precision = resolve_precision(precision) if precision is not None else precision_for_dtype(graph.dtype)
-    cm = CostModel(graph, cluster, profile, memory_fraction=memory_fraction, max_tp=max_tp, recompute=recompute,
-                   precision=precision)
+    precision = (
+        resolve_precision(precision) if precision is not None else precision_for_dtype(graph.dtype)
+    )
+    cm = CostModel(
+        graph,
+        cluster,
+        profile,
+        memory_fraction=memory_fraction,
+        max_tp=max_tp,
+        recompute=recompute,
+        precision=precision,
+    )
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):
         # the executor runs this model's own forward, at pp = 1 only (see uniap.executor)
@@ -356,8 +466,12 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
             )
         pps = sorted(pp_degrees)
     # ---------------------------------------------------------------- the search, in phases
-    search = _Search([_Entry(Candidate(pp, c, sched, candidate_lower_bound(t)), t)
-                      for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)])
+    search = _Search(
+        [
+            _Entry(Candidate(pp, c, sched, candidate_lower_bound(t)), t)
+            for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)
+        ]
+    )
     if not search.entries:
         raise InfeasibleError(
             f"no (pipeline degree, micro-batch count) gives every layer a strategy for global batch "
@@ -366,8 +480,10 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
         )
     if say is not None:
         cands = [e.cand for e in search.entries]
-        say(f"searching {len(cands)} candidates (pp in {sorted({c.pp for c in cands})}, "
-            f"micro-batches in {sorted({c.num_microbatches for c in cands})}): heuristic plans and bounds first")
+        say(
+            f"searching {len(cands)} candidates (pp in {sorted({c.pp for c in cands})}, "
+            f"micro-batches in {sorted({c.num_microbatches for c in cands})}): heuristic plans and bounds first"
+        )
     search.first_incumbents()
     search.improve_incumbents()
     search.solve_all(time_limit_s, threads, seed, say, progress_interval_s)
@@ -377,19 +493,33 @@ def _plan_graph(graph, cluster, *, global_batch_size, profile, schedules, pp_deg
         search.raise_infeasible(cm, cluster, memory_fraction)
     best = search.best
     wall = time.perf_counter() - t_start
-    timed_out = [e.solution for e in search.entries if e.solution is not None and e.solution.status == "time_limit"]
+    timed_out = [
+        e.solution
+        for e in search.entries
+        if e.solution is not None and e.solution.status == "time_limit"
+    ]
     for s in timed_out:
-        log.warning("a program stopped at its %.3g s time limit with gap %.3g: the plan may not be optimal; "
-                    "raise time_limit_s to prove it", time_limit_s, s.gap)
+        log.warning(
+            "a program stopped at its %.3g s time limit with gap %.3g: the plan may not be optimal; "
+            "raise time_limit_s to prove it",
+            time_limit_s,
+            s.gap,
+        )
     status = "optimal" if not timed_out else "time_limit"
     gap = max((s.gap for s in timed_out), default=0.0)
     out = _to_plan(graph, cluster, cm, best.tables, best.solution, B)
-    out = dataclasses.replace(out, solver={
-        "status": status, "gap": float(gap), "wall_s": round(wall, 4),
-        "milps_solved": search.num_solves, "candidates": [e.cand.row() for e in search.entries],
-        # the best plan at every (pp, schedule): the solver's assignment, else the heuristic's
-        "best_per_pp": explain_candidates(_explain_entries(search.entries), cluster),
-    })
+    out = dataclasses.replace(
+        out,
+        solver={
+            "status": status,
+            "gap": float(gap),
+            "wall_s": round(wall, 4),
+            "milps_solved": search.num_solves,
+            "candidates": [e.cand.row() for e in search.entries],
+            # the best plan at every (pp, schedule): the solver's assignment, else the heuristic's
+            "best_per_pp": explain_candidates(_explain_entries(search.entries), cluster),
+        },
+    )
     log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, search.num_solves, wall)
     return out
 
@@ -448,15 +578,25 @@ def plan(
                 raise ConfigError(f"model {model!r} has no sequence length; omit seq_len")
             overrides["seq_len"] = seq_len
         m = models.build_model(model, device="meta", **overrides)
-        inputs = example_inputs if example_inputs is not None else models.example_batch(m, 2, device="meta")[0]
+        inputs = (
+            example_inputs
+            if example_inputs is not None
+            else models.example_batch(m, 2, device="meta")[0]
+        )
         graph = build_graph(m, inputs, name=model, dtype=dtype)
     else:
         if example_inputs is None:
-            raise ConfigError("example_inputs is required to plan an nn.Module (a batch of inputs of the real shape)")
+            raise ConfigError(
+                "example_inputs is required to plan an nn.Module (a batch of inputs of the real shape)"
+            )
         if seq_len is not None:
-            raise ConfigError("seq_len applies to model presets; for an nn.Module pass example_inputs of that length")
+            raise ConfigError(
+                "seq_len applies to model presets; for an nn.Module pass example_inputs of that length"
+            )
         graph = build_graph(model, example_inputs, dtype=dtype)
-    return plan_graph(graph, cluster, global_batch_size=global_batch_size, precision=precision, **kwargs)
+    return plan_graph(
+        graph, cluster, global_batch_size=global_batch_size, precision=precision, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -476,7 +616,9 @@ def candidate_tables(
     for pp in pp_degrees:
         for c in cs:
             if B % c:
-                raise ConfigError(f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}")
+                raise ConfigError(
+                    f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}"
+                )
             for sched in ["1F1B"] if pp == 1 else list(schedules or ["1F1B"]):
                 try:
                     t = cm.tables(pp, c, B, sched)
@@ -490,8 +632,16 @@ def _explain_entries(entries: list[_Entry]) -> list:
     """Per candidate: its row, tables and best known assignment (the solver's, else the
     heuristic's). A (pp, schedule) with none at all (pruned by its bound before any heuristic
     ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to show."""
-    rows = [(e.cand.row(), e.tables, (e.solution.stage_of, e.solution.strategy_of)
-             if e.solution is not None and e.solution.stage_of else e.start) for e in entries]
+    rows = [
+        (
+            e.cand.row(),
+            e.tables,
+            (e.solution.stage_of, e.solution.strategy_of)
+            if e.solution is not None and e.solution.stage_of
+            else e.start,
+        )
+        for e in entries
+    ]
     for key in {(e.cand.pp, e.cand.schedule) for e in entries}:
         group = [i for i, e in enumerate(entries) if (e.cand.pp, e.cand.schedule) == key]
         if all(rows[i][2] is None for i in group):
@@ -510,7 +660,9 @@ def _log_tp_exclusions(graph: ModelGraph) -> None:
             log.info("tensor parallelism excluded for %s (and alike): %s", layer.fqn, r)
 
 
-def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, sol: Solution, B: int) -> Plan:
+def _to_plan(
+    graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, sol: Solution, B: int
+) -> Plan:
     import torch
 
     from uniap._version import __version__
@@ -522,7 +674,8 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
     for i in range(pp):
         layers = tuple(
             LayerStrategy(graph.layers[u].fqn, t.strategies[k])
-            for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of)) if si == i
+            for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of))
+            if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
     from importlib.metadata import PackageNotFoundError, version
@@ -550,11 +703,17 @@ def _to_plan(graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, 
             "memory_limit_bytes": float(t.memory_limit_bytes),
             **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
             # for the training log's MFU: model FLOPs (forward + backward) and the device peak
-            "model_flops_per_sample": float(sum(x.fwd_flops_per_sample + x.bwd_flops_per_sample for x in graph.layers)),
+            "model_flops_per_sample": float(
+                sum(x.fwd_flops_per_sample + x.bwd_flops_per_sample for x in graph.layers)
+            ),
             "peak_flops_per_s": float(cluster.peak_flops_per_s.get(graph.dtype, 0.0)),
         },
         provenance={
-            "uniap": __version__, "torch": torch.__version__.split("+")[0], "highspy": highs_version,
-            "cluster": cluster.name, "profile": cm.profile.source, "dtype": graph.dtype,
+            "uniap": __version__,
+            "torch": torch.__version__.split("+")[0],
+            "highspy": highs_version,
+            "cluster": cluster.name,
+            "profile": cm.profile.source,
+            "dtype": graph.dtype,
         },
     )

@@ -157,7 +157,6 @@ class Precision:
         return torch.autocast(device_type, dtype=self.torch_dtype())
 
 
-
 PRECISIONS: dict[str, Precision] = {
     "bf16-mixed": Precision("bfloat16", "float32", "float32"),
     "fp16-mixed": Precision("float16", "float32", "float32"),

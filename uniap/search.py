@@ -96,7 +96,7 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
             if ev.fits:
                 found.insert(0, (ev.time_per_iteration_s, -1, stage_of, choice))
     tried = set()
-    for _, _, stage_of, choice in found[:starts + (found[0][1] == -1)]:
+    for _, _, stage_of, choice in found[: starts + (found[0][1] == -1)]:
         got = improve(t, stage_of, choice)
         tpi = evaluate_assignment(t, *got).time_per_iteration_s
         if tuple(got[0]) in tried:
@@ -151,7 +151,9 @@ def restrategize(t: CostTables, stage_of: list[int]) -> list[int] | None:
     return strategy_of
 
 
-def _priced(t: CostTables, mask: np.ndarray, us: list[int], i: int, mu: float) -> tuple[list[int], float]:
+def _priced(
+    t: CostTables, mask: np.ndarray, us: list[int], i: int, mu: float
+) -> tuple[list[int], float]:
     """Strategies of layers ``us`` (one stage, ``i``) minimising ``c A + G + mu M`` plus
     ``c R`` between neighbours (a dynamic program over layouts), and their memory."""
     c, C, n = t.num_microbatches, t.num_layouts, len(us)
@@ -179,8 +181,9 @@ def _priced(t: CostTables, mask: np.ndarray, us: list[int], i: int, mu: float) -
     return ks, float(M[np.arange(n), ks].sum())
 
 
-def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
-            max_moves: int | None = None) -> tuple[list[int], list[int]]:
+def improve(
+    t: CostTables, stage_of: list[int], strategy_of: list[int], *, max_moves: int | None = None
+) -> tuple[list[int], list[int]]:
     """Steepest descent from a fitting assignment: each step makes the single move that lowers
     the time per iteration most while every stage still fits (another strategy for one
     layer, or one layer across a stage boundary), until none does or ``max_moves`` (default
@@ -213,8 +216,14 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
         if L > 1:
             u = ar[1:]
             same = (st[u - 1] == st[u])[:, None]
-            new_r = R[(u - 1)[:, None], au[u - 1][:, None], lay[u]] - R[u - 1, au[u - 1], au[u]][:, None]
-            new_rp = Rp[(u - 1)[:, None], au[u - 1][:, None], lay[u]] - Rp[u - 1, au[u - 1], au[u]][:, None]
+            new_r = (
+                R[(u - 1)[:, None], au[u - 1][:, None], lay[u]]
+                - R[u - 1, au[u - 1], au[u]][:, None]
+            )
+            new_rp = (
+                Rp[(u - 1)[:, None], au[u - 1][:, None], lay[u]]
+                - Rp[u - 1, au[u - 1], au[u]][:, None]
+            )
             dp[1:] += np.where(same, new_r, 0.0)
             d_prev[1:] = np.where(same, 0.0, new_rp)
             u = ar[:-1]
@@ -223,16 +232,27 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
             new_rp = Rp[u[:, None], lay[u], au[u + 1][:, None]] - Rp[u, au[u], au[u + 1]][:, None]
             dp[:-1] += np.where(same, new_r, 0.0)
             d_next[:-1] = np.where(same, 0.0, new_rp)
-        others_p, others_s = _max_outside(p, 0, 0), _max_outside(sy, 0, 0)  # [i]: over stages j != i
-        o_ext = np.concatenate([[neg], o, [neg]])  # o_ext[i]: link into stage i, o_ext[i + 1]: out of it
+        others_p, others_s = (
+            _max_outside(p, 0, 0),
+            _max_outside(sy, 0, 0),
+        )  # [i]: over stages j != i
+        o_ext = np.concatenate(
+            [[neg], o, [neg]]
+        )  # o_ext[i]: link into stage i, o_ext[i + 1]: out of it
         others_o = _max_outside(o_ext, 0, 1)[:pp]  # [i]: over links other than i - 1, i
-        o_in, o_out = o_ext[:pp], o_ext[1:pp + 1]
-        bott = np.maximum(np.maximum(others_p[st][:, None], p[st][:, None] + dp),
-                          np.maximum(others_o[st][:, None],
-                                     np.maximum(o_in[st][:, None] + d_prev, o_out[st][:, None] + d_next)))
+        o_in, o_out = o_ext[:pp], o_ext[1 : pp + 1]
+        bott = np.maximum(
+            np.maximum(others_p[st][:, None], p[st][:, None] + dp),
+            np.maximum(
+                others_o[st][:, None],
+                np.maximum(o_in[st][:, None] + d_prev, o_out[st][:, None] + d_next),
+            ),
+        )
         sync = np.maximum(others_s[st][:, None], sy[st][:, None] + dg)
         with np.errstate(invalid="ignore"):  # (c - 1) * inf on strategies a layer may not use
-            score = p.sum() + o.sum() + dp + d_prev + d_next + (c - 1) * bott + sync + t.step_overhead_s
+            score = (
+                p.sum() + o.sum() + dp + d_prev + d_next + (c - 1) * bott + sync + t.step_overhead_s
+            )
         score = np.where(mask & (mem[st][:, None] + dm <= limit), score, np.inf)
         j = int(np.argmin(score))
         move_u, move_k = divmod(j, K)
@@ -244,7 +264,14 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
             rest_p = _max_outside(p, 0, 1).tolist()  # [i]: max over stages other than i, i + 1
             rest_s = _max_outside(sy, 0, 1).tolist()
             rest_o = _max_outside(o, 0, 0).tolist()  # [i]: max over links other than i
-            p_sum, o_sum, pl, sl, ol, ml = float(p.sum()), float(o.sum()), p.tolist(), sy.tolist(), o.tolist(), mem.tolist()
+            p_sum, o_sum, pl, sl, ol, ml = (
+                float(p.sum()),
+                float(o.sum()),
+                p.tolist(),
+                sy.tolist(),
+                o.tolist(),
+                mem.tolist(),
+            )
         for i in range(pp - 1):
             first = firsts[i + 1]
             for u, src, dst in ((first - 1, i, i + 1), (first, i + 1, i)):
@@ -264,10 +291,20 @@ def improve(t: CostTables, stage_of: list[int], strategy_of: list[int], *,
                     continue
                 q_i, q_j = pl[i] + d_i, pl[i + 1] + d_j
                 g = G[u, k]
-                s_i, s_j = (sl[i] - g, sl[i + 1] + g) if dst == i + 1 else (sl[i] + g, sl[i + 1] - g)
-                tpi = (p_sum + d_i + d_j + o_sum - ol[i] + o_new
-                       + (c - 1) * max(rest_p[i], q_i, q_j, rest_o[i], o_new)
-                       + max(rest_s[i], s_i, s_j) + t.step_overhead_s)
+                s_i, s_j = (
+                    (sl[i] - g, sl[i + 1] + g) if dst == i + 1 else (sl[i] + g, sl[i + 1] - g)
+                )
+                tpi = (
+                    p_sum
+                    + d_i
+                    + d_j
+                    + o_sum
+                    - ol[i]
+                    + o_new
+                    + (c - 1) * max(rest_p[i], q_i, q_j, rest_o[i], o_new)
+                    + max(rest_s[i], s_i, s_j)
+                    + t.step_overhead_s
+                )
                 if tpi < best:
                     best, shift = tpi, (u, dst)
         if not best < cur * (1 - 1e-12):
@@ -289,7 +326,7 @@ def _max_outside(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
     there is none)."""
     n = len(x)
     out = np.full(n, -np.inf)
-    order = np.argsort(-x, kind="stable")[:hi - lo + 2].tolist()  # enough to skip the excluded
+    order = np.argsort(-x, kind="stable")[: hi - lo + 2].tolist()  # enough to skip the excluded
     for i in range(n):
         for j in order:
             if not i + lo <= j <= i + hi:
@@ -307,8 +344,10 @@ def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
     cw = np.concatenate([[0.0], np.cumsum(w)])
     cmem = np.vstack([np.zeros((1, pp)), np.cumsum(mem, axis=0)])
     # by_mem[u][i]: where a stage i that starts at layer u must end at the latest (memory)
-    by_mem = np.stack([np.searchsorted(cmem[:, i], cmem[:-1, i] + limit, side="right") - 1
-                       for i in range(pp)], axis=1).tolist()
+    by_mem = np.stack(
+        [np.searchsorted(cmem[:, i], cmem[:-1, i] + limit, side="right") - 1 for i in range(pp)],
+        axis=1,
+    ).tolist()
     too_big = (mem > limit).tolist()
 
     def greedy(cap: float) -> list[int] | None:
@@ -394,7 +433,9 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         p += t.stage_overhead_s
         o = o[:, : pp - 1]
         bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
-        tpi = p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
+        tpi = (
+            p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
+        )
         peaks.append(mem.max(axis=1))
         times.append(tpi)
     peak, tpi = np.concatenate(peaks), np.concatenate(times)

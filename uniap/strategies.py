@@ -31,7 +31,9 @@ def divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def stage_strategies(stage_size: int, *, max_tp: int | None = None, recompute: bool = True) -> list[Strategy]:
+def stage_strategies(
+    stage_size: int, *, max_tp: int | None = None, recompute: bool = True
+) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
     then DDP before FSDP, then without before with recompute). ``max_tp`` caps the TP degree
     (e.g. devices per node); ``recompute`` offers activation checkpointing."""
@@ -47,14 +49,24 @@ def stage_strategies(stage_size: int, *, max_tp: int | None = None, recompute: b
     return out
 
 
-def layer_strategies(layer: Layer, strategies: list[Strategy], microbatch_size: int,
-                     input_bytes_per_sample: float = 0.0) -> list[int]:
+def layer_strategies(
+    layer: Layer,
+    strategies: list[Strategy],
+    microbatch_size: int,
+    input_bytes_per_sample: float = 0.0,
+) -> list[int]:
     """Indices into ``strategies`` that ``layer`` may use at this micro-batch size (those for
     which :func:`why_not` has no objection)."""
-    return [k for k, s in enumerate(strategies) if why_not(layer, s, microbatch_size, input_bytes_per_sample) is None]
+    return [
+        k
+        for k, s in enumerate(strategies)
+        if why_not(layer, s, microbatch_size, input_bytes_per_sample) is None
+    ]
 
 
-def why_not(layer: Layer, strategy: Strategy, microbatch_size: int, input_bytes_per_sample: float = 0.0) -> str | None:
+def why_not(
+    layer: Layer, strategy: Strategy, microbatch_size: int, input_bytes_per_sample: float = 0.0
+) -> str | None:
     """Why ``layer`` may not use ``strategy`` (one of its stage's strategies) at this micro-batch
     size, or None when it may. The rules:
 
@@ -66,8 +78,12 @@ def why_not(layer: Layer, strategy: Strategy, microbatch_size: int, input_bytes_
         reason = layer.tp_excluded_reason or "it has no tensor-parallel plan for this degree"
         return f"tensor parallelism of degree {strategy.tp} is not possible: {reason}"
     if microbatch_size % strategy.dp:
-        return f"the micro-batch of {microbatch_size} samples does not split over dp = {strategy.dp}"
+        return (
+            f"the micro-batch of {microbatch_size} samples does not split over dp = {strategy.dp}"
+        )
     if strategy.recompute and not layer.saved_bytes_per_sample > 2 * input_bytes_per_sample:
-        return ("recompute saves no memory here: the layer keeps no more for backward than twice its "
-                "input, which checkpointing would keep instead")
+        return (
+            "recompute saves no memory here: the layer keeps no more for backward than twice its "
+            "input, which checkpointing would keep instead"
+        )
     return None

@@ -87,7 +87,9 @@ def check_choice(value: object, choices: tuple[str, ...], where: str) -> str:
     return value
 
 
-def parse_quantity(value: object, kind: str, where: str = "value", *, unit_required: bool = False) -> float:
+def parse_quantity(
+    value: object, kind: str, where: str = "value", *, unit_required: bool = False
+) -> float:
     """Parse "40 GiB", "25 Gb/s", "5 us", "312 TFLOP/s" (or a plain SI number) to SI units.
 
     `kind` is "memory", "bandwidth", "latency" or "flops"; `where` prefixes error messages.

@@ -54,14 +54,19 @@ class _Capped(Exception):
     """The wall-time cap was reached."""
 
 
-def stage_ilp(t: CostTables, s: int, e: int, stage: int,
-              time_limit_s: float | None = None) -> tuple[float, list[int]] | None:
+def stage_ilp(
+    t: CostTables, s: int, e: int, stage: int, time_limit_s: float | None = None
+) -> tuple[float, list[int]] | None:
     """Alpa's intra-op ILP for layers ``s..e`` on stage ``stage``: ``(latency_s, strategies)``,
     or None when no choice fits in memory."""
     c = t.num_microbatches
     layers = range(s, e + 1)
     prob = pulp.LpProblem("alpa_stage", pulp.LpMinimize)
-    x = {(u, k): prob.add_variable(f"x_{u}_{k}", cat=pulp.LpBinary) for u in layers for k in t.allowed[u]}
+    x = {
+        (u, k): prob.add_variable(f"x_{u}_{k}", cat=pulp.LpBinary)
+        for u in layers
+        for k in t.allowed[u]
+    }
     classes = {u: sorted({int(t.layout[u, k]) for k in t.allowed[u]}) for u in layers}
     y = {}
     for u in range(s, e):
@@ -78,14 +83,29 @@ def stage_ilp(t: CostTables, s: int, e: int, stage: int,
         prob += pulp.lpSum(x[u, k] for k in t.allowed[u]) == 1, f"assign_{u}"
     for u in range(s, e):
         for a in classes[u]:
-            prob += (pulp.lpSum(y[u, a, b] for b in classes[u + 1])
-                     == pulp.lpSum(x[u, k] for k in t.allowed[u] if t.layout[u, k] == a)), f"out_{u}_{a}"
+            prob += (
+                (
+                    pulp.lpSum(y[u, a, b] for b in classes[u + 1])
+                    == pulp.lpSum(x[u, k] for k in t.allowed[u] if t.layout[u, k] == a)
+                ),
+                f"out_{u}_{a}",
+            )
         for b in classes[u + 1]:
-            prob += (pulp.lpSum(y[u, a, b] for a in classes[u])
-                     == pulp.lpSum(x[u + 1, k] for k in t.allowed[u + 1] if t.layout[u + 1, k] == b)), f"in_{u}_{b}"
+            prob += (
+                (
+                    pulp.lpSum(y[u, a, b] for a in classes[u])
+                    == pulp.lpSum(x[u + 1, k] for k in t.allowed[u + 1] if t.layout[u + 1, k] == b)
+                ),
+                f"in_{u}_{b}",
+            )
     limit = t.memory_limit_bytes
-    prob += pulp.LpAffineExpression(
-        [(var, float(t.M[u, k, stage]) / limit) for (u, k), var in x.items()]) <= 1.0, "memory"
+    prob += (
+        pulp.LpAffineExpression(
+            [(var, float(t.M[u, k, stage]) / limit) for (u, k), var in x.items()]
+        )
+        <= 1.0,
+        "memory",
+    )
     silence_highs_banner()
     prob.solve(pulp.HiGHS(msg=False, threads=1, gapRel=0.0, gapAbs=1e-12, timeLimit=time_limit_s))
     if pulp.LpStatus[prob.status] != "Optimal" or prob.sol_status not in (1, 2):
@@ -112,11 +132,15 @@ def _memory(t: CostTables, s: int, strat: list[int], stage: int) -> float:
     return sum(float(t.M[s + j, k, stage]) for j, k in enumerate(strat))
 
 
-def inter_op_dp(lat: np.ndarray, c: int, deadline: float = math.inf) -> tuple[float, list[tuple[int, int]]] | None:
+def inter_op_dp(
+    lat: np.ndarray, c: int, deadline: float = math.inf
+) -> tuple[float, list[tuple[int, int]]] | None:
     """Alpa's stage DP: ``lat[i, s, e]`` the latency of layers ``s..e`` as stage ``i`` (inf when
     impossible); returns ``(T*, [(s, e) per stage])`` or None."""
     pp, num_layers, _ = lat.shape
-    lat = np.where(np.triu(np.ones((num_layers, num_layers), dtype=bool))[None], lat, np.inf)  # e >= s
+    lat = np.where(
+        np.triu(np.ones((num_layers, num_layers), dtype=bool))[None], lat, np.inf
+    )  # e >= s
     values = np.unique(lat[np.isfinite(lat)])
     best: tuple[float, list[tuple[int, int]]] | None = None
     for t_max in values:
@@ -152,19 +176,34 @@ def _content_key(t: CostTables, s: int, e: int, stage: int) -> bytes:
     """Everything the stage ILP of layers ``s..e`` on ``stage`` reads: equal keys, equal ILPs
     (runs of identical blocks give many)."""
     h = hashlib.blake2b(digest_size=16)
-    for arr in (t.A[s:e + 1], t.G[s:e + 1], t.M[s:e + 1, :, stage], t.layout[s:e + 1], t.R[s:e]):
+    for arr in (
+        t.A[s : e + 1],
+        t.G[s : e + 1],
+        t.M[s : e + 1, :, stage],
+        t.layout[s : e + 1],
+        t.R[s:e],
+    ):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(repr([t.allowed[u] for u in range(s, e + 1)]).encode())
     return h.digest()
 
 
-def _cached_ilp(t: CostTables, s: int, e: int, stage: int, cache: dict, counter: list[int],
-                deadline: float = math.inf):
+def _cached_ilp(
+    t: CostTables,
+    s: int,
+    e: int,
+    stage: int,
+    cache: dict,
+    counter: list[int],
+    deadline: float = math.inf,
+):
     key = _content_key(t, s, e, stage)
     if key not in cache:
         # the cap also bounds one ILP (checked between ILPs only, one long ILP overshot it)
         left = deadline - time.perf_counter()
-        got = stage_ilp(t, s, e, stage, time_limit_s=max(left, 0.05) if math.isfinite(left) else None)
+        got = stage_ilp(
+            t, s, e, stage, time_limit_s=max(left, 0.05) if math.isfinite(left) else None
+        )
         if time.perf_counter() > deadline:
             raise _Capped
         cache[key] = got
@@ -185,8 +224,14 @@ def _solve_candidate(t: CostTables, deadline: float, counter: list[int], cache: 
         for e in range(s, num_layers):
             # stage i of pp: i stages before it and pp - 1 - i after, each non-empty; the
             # first starts the chain and the last ends it
-            positions = [i for i in range(pp) if s >= i and e <= num_layers - (pp - i)
-                         and (i > 0 or s == 0) and (i < pp - 1 or e == num_layers - 1)]
+            positions = [
+                i
+                for i in range(pp)
+                if s >= i
+                and e <= num_layers - (pp - i)
+                and (i > 0 or s == 0)
+                and (i < pp - 1 or e == num_layers - 1)
+            ]
             if not positions:
                 continue
             # Deeper-in-flight positions first get the ILP answer of a shallower one when it
@@ -197,7 +242,9 @@ def _solve_candidate(t: CostTables, deadline: float, counter: list[int], cache: 
             current: tuple[float, list[int]] | None = None
             for n in need:
                 i = stage_of_n[n]
-                if current is not None and _memory(t, s, current[1], i) <= t.memory_limit_bytes * (1 + 1e-9):
+                if current is not None and _memory(t, s, current[1], i) <= t.memory_limit_bytes * (
+                    1 + 1e-9
+                ):
                     answer[n] = current
                     continue
                 if time.perf_counter() > deadline:
@@ -227,7 +274,7 @@ def _solve_candidate(t: CostTables, deadline: float, counter: list[int], cache: 
 
 def candidate_order(pps: list[int], cs: list[int]) -> list[tuple[int, int]]:
     """``(pp, c)`` round-robin over ``pp``: the first ``c`` of every ``pp``, then the second, ..."""
-    return [(pp, c) for j in range(len(cs)) for pp in pps for c in cs[j:j + 1]]
+    return [(pp, c) for j in range(len(cs)) for pp in pps for c in cs[j : j + 1]]
 
 
 def alpa(cm: CostModel, global_batch_size: int, *, time_cap_s: float = 300.0) -> BaselineResult:
@@ -238,14 +285,18 @@ def alpa(cm: CostModel, global_batch_size: int, *, time_cap_s: float = 300.0) ->
     counter = [0]
     cache: dict[bytes, tuple[float, list[int]] | None] = {}
     n, num_layers = cm.cluster.world_size, cm.graph.num_layers
-    pairs = candidate_order([p for p in divisors(n) if p <= num_layers], divisors(global_batch_size))
+    pairs = candidate_order(
+        [p for p in divisors(n) if p <= num_layers], divisors(global_batch_size)
+    )
     done = 0
     capped = False
     try:
         for pp, c in pairs:
             if time.perf_counter() > deadline:
                 raise _Capped
-            ts = list(candidate_tables(cm, global_batch_size, pp_degrees=[pp], num_microbatches=[c]))
+            ts = list(
+                candidate_tables(cm, global_batch_size, pp_degrees=[pp], num_microbatches=[c])
+            )
             got = _solve_candidate(ts[0], deadline, counter, cache) if ts else None
             done += 1
             if got is None:
@@ -258,7 +309,9 @@ def alpa(cm: CostModel, global_batch_size: int, *, time_cap_s: float = 300.0) ->
     best.wall_s = time.perf_counter() - t0
     best.capped = capped
     best.candidates_done, best.candidates_total = done, len(pairs)
-    best.detail = f"{done}/{len(pairs)} (pp, c) searched, {counter[0]} stage ILPs" + (" (capped)" if capped else "")
+    best.detail = f"{done}/{len(pairs)} (pp, c) searched, {counter[0]} stage ILPs" + (
+        " (capped)" if capped else ""
+    )
     if not math.isfinite(best.time_per_iteration_s):
         best.fits = False
     return best

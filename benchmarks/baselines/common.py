@@ -59,7 +59,11 @@ class BaselineResult:
     @property
     def progress(self) -> str:
         """``done/total (pp, c)`` when the search reports it, else empty."""
-        return f"{self.candidates_done}/{self.candidates_total} (pp, c)" if self.candidates_total else ""
+        return (
+            f"{self.candidates_done}/{self.candidates_total} (pp, c)"
+            if self.candidates_total
+            else ""
+        )
 
     @property
     def found(self) -> bool:
@@ -73,8 +77,13 @@ class BaselineResult:
         return global_batch_size / self.time_per_iteration_s
 
 
-def candidate_tables(cm: CostModel, global_batch_size: int, *, pp_degrees: Sequence[int] | None = None,
-                     num_microbatches: Sequence[int] | None = None) -> Iterator[CostTables]:
+def candidate_tables(
+    cm: CostModel,
+    global_batch_size: int,
+    *,
+    pp_degrees: Sequence[int] | None = None,
+    num_microbatches: Sequence[int] | None = None,
+) -> Iterator[CostTables]:
     """Tables of every ``(pp, c)`` uniap's planner visits: ``pp`` a divisor of the device count
     and at most the number of layers, ``c`` a divisor of the global batch, 1F1B; pairs where
     some layer has no strategy for the micro-batch size are skipped, as the planner does."""
@@ -127,8 +136,14 @@ def param_split(weights: Sequence[float], pp: int) -> list[int]:
     return stage_of
 
 
-def to_plan(graph: ModelGraph, cluster: Cluster, t: CostTables, stage_of: Sequence[int],
-            strategy_of: Sequence[int], global_batch_size: int) -> Plan:
+def to_plan(
+    graph: ModelGraph,
+    cluster: Cluster,
+    t: CostTables,
+    stage_of: Sequence[int],
+    strategy_of: Sequence[int],
+    global_batch_size: int,
+) -> Plan:
     """The :class:`Plan` of an assignment (for the executor and for ``CostModel.evaluate``)."""
     n = cluster.world_size
     g = n // t.pp
@@ -137,14 +152,22 @@ def to_plan(graph: ModelGraph, cluster: Cluster, t: CostTables, stage_of: Sequen
     for i in range(t.pp):
         layers = tuple(
             LayerStrategy(graph.layers[u].fqn, t.strategies[k])
-            for u, (si, k) in enumerate(zip(stage_of, strategy_of)) if si == i
+            for u, (si, k) in enumerate(zip(stage_of, strategy_of))
+            if si == i
         )
         stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
     return Plan(
-        model_name=graph.name, model_signature=graph.signature, num_layers=graph.num_layers,
-        world_size=n, global_batch_size=global_batch_size, num_microbatches=t.num_microbatches,
-        schedule=t.schedule, stages=tuple(stages),
-        predicted={"time_per_iteration_s": float(ev.time_per_iteration_s),
-                   "samples_per_s": float(global_batch_size / ev.time_per_iteration_s),
-                   "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes]},
+        model_name=graph.name,
+        model_signature=graph.signature,
+        num_layers=graph.num_layers,
+        world_size=n,
+        global_batch_size=global_batch_size,
+        num_microbatches=t.num_microbatches,
+        schedule=t.schedule,
+        stages=tuple(stages),
+        predicted={
+            "time_per_iteration_s": float(ev.time_per_iteration_s),
+            "samples_per_s": float(global_batch_size / ev.time_per_iteration_s),
+            "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
+        },
     )

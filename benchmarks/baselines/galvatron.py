@@ -69,7 +69,9 @@ def galvatron_split(graph: ModelGraph, pp: int) -> list[int]:
     return [i for i, size in enumerate(sizes) for _ in range(size)]
 
 
-def stage_dp(t: CostTables, layers: list[int], stage: int, unit_bytes: float | None = None) -> list[int] | None:
+def stage_dp(
+    t: CostTables, layers: list[int], stage: int, unit_bytes: float | None = None
+) -> list[int] | None:
     """Galvatron's per-stage DP: strategies for ``layers`` (consecutive) on stage ``stage``
     minimising the stage's summed time within the memory limit (in units of ``unit_bytes``,
     default :func:`memory_unit`, each layer rounded up), or None if nothing fits."""
@@ -135,7 +137,9 @@ def stage_dp(t: CostTables, layers: list[int], stage: int, unit_bytes: float | N
     return out
 
 
-def galvatron(cm: CostModel, global_batch_size: int, *, unit_bytes: float | None = None) -> BaselineResult:
+def galvatron(
+    cm: CostModel, global_batch_size: int, *, unit_bytes: float | None = None
+) -> BaselineResult:
     """Galvatron's search on every ``(pp, c)`` and both stage splits; the best plan that fits."""
     t0 = time.perf_counter()
     graph = cm.graph
@@ -163,8 +167,17 @@ def galvatron(cm: CostModel, global_batch_size: int, *, unit_bytes: float | None
                 continue
             tpi, fits = score(t, stage_of, strategy_of)
             if fits and tpi < best.time_per_iteration_s:
-                best = BaselineResult("galvatron", tpi, fits, 0.0, t.pp, t.num_microbatches,
-                                      stage_of, strategy_of, detail=f"split by {split_name}")
+                best = BaselineResult(
+                    "galvatron",
+                    tpi,
+                    fits,
+                    0.0,
+                    t.pp,
+                    t.num_microbatches,
+                    stage_of,
+                    strategy_of,
+                    detail=f"split by {split_name}",
+                )
     best.wall_s = time.perf_counter() - t0
     best.detail = (best.detail + "; " if best.detail else "") + f"{visited} (pp, c, split) searched"
     return best

@@ -294,7 +294,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         }
     )
     roots = fsdp_roots(pm.module)
-    layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.module.layers())
+    layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.layer_modules)
     full = _full_state_without_gather_object(pm)
     if dist.get_rank() != 0:
         return None

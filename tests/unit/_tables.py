@@ -60,11 +60,20 @@ def synthetic_graph(num_layers: int = 4, seed: int = 0) -> ModelGraph:
     for u in range(num_layers):
         params = rng.choice([50e6, 120e6, 200e6])
         tp = u % 2 == 1
-        layers.append(Layer(
-            fqn=f"layers.{u}", type_name="Block", num_params=int(params), param_bytes=int(params * 4),
-            fwd_flops_per_sample=rng.uniform(0.5, 3.0) * 1e9, bwd_flops_per_sample=rng.uniform(1.0, 6.0) * 1e9,
-            output_bytes_per_sample=rng.choice([1e5, 4e5]), saved_bytes_per_sample=rng.choice([2e7, 6e7]),
-            tp_pairs=(TPPair(("a",), "b", 2e5),) if tp else (), tp_divisors=(4,) if tp else (),
-            tp_saved_fraction=0.6, cost_key=f"k{u}",
-        ))
+        layers.append(
+            Layer(
+                fqn=f"layers.{u}",
+                type_name="Block",
+                num_params=int(params),
+                param_bytes=int(params * 4),
+                fwd_flops_per_sample=rng.uniform(0.5, 3.0) * 1e9,
+                bwd_flops_per_sample=rng.uniform(1.0, 6.0) * 1e9,
+                output_bytes_per_sample=rng.choice([1e5, 4e5]),
+                saved_bytes_per_sample=rng.choice([2e7, 6e7]),
+                tp_pairs=(TPPair(("a",), "b", 2e5),) if tp else (),
+                tp_divisors=(4,) if tp else (),
+                tp_saved_fraction=0.6,
+                cost_key=f"k{u}",
+            )
+        )
     return ModelGraph("synthetic", tuple(layers))

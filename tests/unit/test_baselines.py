@@ -35,10 +35,15 @@ INSTANCES = [
 
 
 def _cost_model(name: str, devices: int, memory_gib: float) -> CostModel:
-    graph = build_graph(models.build_model(name, device="meta"),
-                        models.example_batch(name, 2, device="meta")[0], name=name, dtype=torch.bfloat16)
-    cluster = load_cluster("a100-1x8").replace(name=f"tiny-{devices}", devices_per_node=devices,
-                                               device_memory_bytes=memory_gib * 2**30)
+    graph = build_graph(
+        models.build_model(name, device="meta"),
+        models.example_batch(name, 2, device="meta")[0],
+        name=name,
+        dtype=torch.bfloat16,
+    )
+    cluster = load_cluster("a100-1x8").replace(
+        name=f"tiny-{devices}", devices_per_node=devices, device_memory_bytes=memory_gib * 2**30
+    )
     return CostModel(graph, cluster)
 
 
@@ -48,8 +53,11 @@ def results() -> dict:
     out = {}
     for name, n, mem, batch in INSTANCES:
         cm = _cost_model(name, n, mem)
-        res = {"uniap": uniap_search(cm, batch), "galvatron": galvatron(cm, batch),
-               "alpa": alpa(cm, batch, time_cap_s=60)}
+        res = {
+            "uniap": uniap_search(cm, batch),
+            "galvatron": galvatron(cm, batch),
+            "alpa": alpa(cm, batch, time_cap_s=60),
+        }
         for m in HANDSET_METHODS:
             res[m] = handset(cm, batch, m)
         out[name, n, mem, batch] = (cm, res)
@@ -91,7 +99,9 @@ def test_uniap_never_worse_than_any_baseline(results) -> None:
                 assert u.time_per_iteration_s <= r.time_per_iteration_s * (1 + 1e-9), (key, method)
 
 
-@pytest.mark.parametrize("instance", [INSTANCES[0], INSTANCES[1]], ids=lambda i: f"{i[0]}-{i[1]}dev")
+@pytest.mark.parametrize(
+    "instance", [INSTANCES[0], INSTANCES[1]], ids=lambda i: f"{i[0]}-{i[1]}dev"
+)
 def test_exhaustive_agrees_with_uniap(results, instance) -> None:
     """The exhaustive optimum over every (pp, c) equals uniap's plan."""
     cm, res = results[instance]
@@ -114,20 +124,29 @@ def test_galvatron_stage_dp_is_optimal_for_its_objective(results) -> None:
             if mem > q:
                 continue
             cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, strat))
-            cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(strat, strat[1:])))
+            cost += sum(
+                2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]]
+                for u, (a, b) in enumerate(zip(strat, strat[1:]))
+            )
             best = min(best, cost)
         got = stage_dp(t, layers, 0, unit)
         cost = sum(2 * t.A[u, k] + t.G[u, k] for u, k in zip(layers, got))
-        cost += sum(2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]] for u, (a, b) in enumerate(zip(got, got[1:])))
+        cost += sum(
+            2 * t.R[u, t.layout[u, a], t.layout[u + 1, b]]
+            for u, (a, b) in enumerate(zip(got, got[1:]))
+        )
         assert cost == pytest.approx(best, rel=1e-12)
 
 
 def test_galvatron_split_puts_the_remainder_last() -> None:
     """Galvatron's pp_division_even: L // pp blocks per stage, the remainder on the last stage,
     embeddings with the first and norm + head with the last (llama-tiny with 9 blocks: 12 layers)."""
-    graph = build_graph(models.build_model("llama-tiny", device="meta", n_layers=9),
-                        models.example_batch("llama-tiny", 2, device="meta")[0], name="llama-tiny",
-                        dtype=torch.bfloat16)
+    graph = build_graph(
+        models.build_model("llama-tiny", device="meta", n_layers=9),
+        models.example_batch("llama-tiny", 2, device="meta")[0],
+        name="llama-tiny",
+        dtype=torch.bfloat16,
+    )
     assert graph.num_layers == 12
     sizes = lambda so: [so.count(i) for i in range(max(so) + 1)]  # noqa: E731
     assert sizes(galvatron_split(graph, 2)) == [1 + 4, 5 + 2]
@@ -141,24 +160,44 @@ def test_handtuned_is_the_best_uniform_plan(results) -> None:
         h = res["handtuned"]
         assert h.fits, key
         if res["torchtitan"].fits:
-            assert h.time_per_iteration_s <= res["torchtitan"].time_per_iteration_s * (1 + 1e-12), key
+            assert h.time_per_iteration_s <= res["torchtitan"].time_per_iteration_s * (1 + 1e-12), (
+                key
+            )
         n, batch = cm.cluster.world_size, key[3]
         for t in candidate_tables(cm, batch, pp_degrees=[1]):
             for kind in ("DDP", "FSDP"):
-                ks = [next((k for k in t.allowed[u] if t.strategies[k].dp == n and t.strategies[k].kind == kind
-                            and not t.strategies[k].recompute), None) for u in range(t.num_layers)]
+                ks = [
+                    next(
+                        (
+                            k
+                            for k in t.allowed[u]
+                            if t.strategies[k].dp == n
+                            and t.strategies[k].kind == kind
+                            and not t.strategies[k].recompute
+                        ),
+                        None,
+                    )
+                    for u in range(t.num_layers)
+                ]
                 if None in ks:
                     continue
                 ev = evaluate_assignment(t, [0] * t.num_layers, ks)
                 if ev.fits:
-                    assert h.time_per_iteration_s <= ev.time_per_iteration_s * (1 + 1e-12), (key, kind)
+                    assert h.time_per_iteration_s <= ev.time_per_iteration_s * (1 + 1e-12), (
+                        key,
+                        kind,
+                    )
 
 
 def test_alpa_inter_op_dp_matches_brute_force() -> None:
     """Alpa's t_max-enumerating DP equals min over all splits of sum + (c - 1) max."""
     rng = np.random.default_rng(0)
     for _ in range(20):
-        pp, num_layers, c = int(rng.integers(1, 4)), int(rng.integers(3, 7)), int(rng.integers(1, 6))
+        pp, num_layers, c = (
+            int(rng.integers(1, 4)),
+            int(rng.integers(3, 7)),
+            int(rng.integers(1, 6)),
+        )
         lat = rng.uniform(0.1, 1.0, size=(pp, num_layers, num_layers))
         lat[rng.uniform(size=lat.shape) < 0.2] = np.inf
         best = np.inf
@@ -198,8 +237,10 @@ def test_compare_alpa_cap_and_search_time_verdicts() -> None:
     assert compare.alpa_cap(big, 5.0, 20.0, 0.0, 180.0) == 20.0
 
     def row(uniap_s: float, alpa_s: float, capped: bool):
-        return big, {"uniap": BaselineResult("uniap", wall_s=uniap_s),
-                     "alpa": BaselineResult("alpa", wall_s=alpa_s, capped=capped)}
+        return big, {
+            "uniap": BaselineResult("uniap", wall_s=uniap_s),
+            "alpa": BaselineResult("alpa", wall_s=alpa_s, capped=capped),
+        }
 
     text, holds = compare.search_time_target([row(1.0, 30.0, True), row(2.0, 25.0, False)])
     assert holds and "yes (lower bound)" in text and ">= 30x" in text
@@ -207,16 +248,34 @@ def test_compare_alpa_cap_and_search_time_verdicts() -> None:
     assert not holds and "not shown (Alpa capped)" in text and "shown on 1 of 2 rows" in text
     text, holds = compare.search_time_target([row(3.0, 20.0, False)])
     assert not holds and "| no |" in text
-    _, holds = compare.search_time_target([(small, {"uniap": BaselineResult("uniap", wall_s=1.0),
-                                                    "alpa": BaselineResult("alpa", wall_s=1.0)})])
+    _, holds = compare.search_time_target(
+        [
+            (
+                small,
+                {
+                    "uniap": BaselineResult("uniap", wall_s=1.0),
+                    "alpa": BaselineResult("alpa", wall_s=1.0),
+                },
+            )
+        ]
+    )
     assert not holds  # no row the target applies to: nothing shown
 
 
 def test_alpa_visits_every_pp_first_and_reports_progress(results) -> None:
     """Candidates go round-robin over pp (a capped run has seen every pp); the result says how
     many (pp, c) it finished, all of them when it was not capped."""
-    assert candidate_order([1, 2, 4], [1, 2, 8]) == [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2),
-                                                     (1, 8), (2, 8), (4, 8)]
+    assert candidate_order([1, 2, 4], [1, 2, 8]) == [
+        (1, 1),
+        (2, 1),
+        (4, 1),
+        (1, 2),
+        (2, 2),
+        (4, 2),
+        (1, 8),
+        (2, 8),
+        (4, 8),
+    ]
     for key, (_, res) in results.items():
         a = res["alpa"]
         assert not a.capped and a.candidates_done == a.candidates_total > 0, key

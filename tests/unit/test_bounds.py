@@ -27,6 +27,7 @@ def test_bottleneck_lower_bound_is_valid(seed: int) -> None:
                 tightest = min(tightest, max(ev.stage_time_s))
     assert lb <= tightest * (1 + 1e-9)
 
+
 @pytest.mark.parametrize("seed", range(0, 60, 2))
 def test_segment_lower_bound_is_valid(seed: int) -> None:
     """The segment bound never exceeds the exhaustive optimum, whatever target it refines
@@ -45,6 +46,7 @@ def test_segment_lower_bound_is_valid(seed: int) -> None:
         lb = segment_lower_bound(t, target)
         assert lb <= best * (1 + 1e-12)
     assert segment_lower_bound(t) >= candidate_lower_bound(t) * (1 - 2e-9)
+
 
 @pytest.mark.parametrize("seed", range(1, 60, 4))
 def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:

@@ -289,7 +289,11 @@ def test_any_bad_value_is_a_config_error(dotted, bad):
 
 def test_dtype_aliases_are_accepted():
     """bf16/fp32 alias the dtype names; one node may omit inter_node."""
-    data = _layout(num_nodes=1, inter_node=..., device__peak_flops={"bf16": "312 TFLOP/s", "fp32": "19.5 TFLOP/s"})
+    data = _layout(
+        num_nodes=1,
+        inter_node=...,
+        device__peak_flops={"bf16": "312 TFLOP/s", "fp32": "19.5 TFLOP/s"},
+    )
     c = Cluster.from_dict(data)
     assert c.device_memory_bytes == 40 * 2**30 and c.intra_node_latency_s == 5e-6
     assert dict(c.peak_flops_per_s) == {"float32": 19.5e12, "bfloat16": 312e12}
@@ -301,7 +305,11 @@ def test_dtype_aliases_are_accepted():
         ("device__memory", 24, "device.memory: 24 has no unit; did you mean 24 GiB?"),
         ("device__memory", "24", "device.memory: 24 has no unit; did you mean 24 GiB?"),
         ("device__memory", 42949672960, "did you mean 40 GiB?"),
-        ("intra_node__bandwidth", 300, "intra_node.bandwidth: 300 has no unit; did you mean 300 GB/s?"),
+        (
+            "intra_node__bandwidth",
+            300,
+            "intra_node.bandwidth: 300 has no unit; did you mean 300 GB/s?",
+        ),
         ("intra_node__latency", 5, "did you mean 5 us?"),
         ("intra_node__latency", 5e-6, "did you mean 5 us?"),
         ("device__peak_flops__bfloat16", 312, "did you mean 312 TFLOP/s?"),

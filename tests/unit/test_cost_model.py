@@ -26,12 +26,22 @@ class MLP(nn.Module):
 
 
 def _cluster(nodes: int, per_node: int = 1) -> Cluster:
-    return Cluster.from_dict({
-        "name": f"{nodes}x{per_node}", "num_nodes": nodes, "devices_per_node": per_node,
-        "device": {"memory": "4 GiB", "peak_flops": {"float32": "50 GFLOP/s"}, "compute_efficiency": 0.5, "type": "cpu"},
-        "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
-        "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"}, "backend": "gloo",
-    })
+    return Cluster.from_dict(
+        {
+            "name": f"{nodes}x{per_node}",
+            "num_nodes": nodes,
+            "devices_per_node": per_node,
+            "device": {
+                "memory": "4 GiB",
+                "peak_flops": {"float32": "50 GFLOP/s"},
+                "compute_efficiency": 0.5,
+                "type": "cpu",
+            },
+            "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
+            "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"},
+            "backend": "gloo",
+        }
+    )
 
 
 def _chain3():
@@ -39,17 +49,25 @@ def _chain3():
     import numpy as np
 
     rng = np.random.default_rng(3)
-    blocks = [nn.LayerNorm(64) if rng.random() < 0.25 else MLP(64, int(rng.choice([64, 256, 1024])))
-              for _ in range(int(rng.integers(3, 7)))]
+    blocks = [
+        nn.LayerNorm(64) if rng.random() < 0.25 else MLP(64, int(rng.choice([64, 256, 1024])))
+        for _ in range(int(rng.integers(3, 7)))
+    ]
     with torch.device("meta"):
         m = nn.Sequential(*blocks)
     return build_graph(m, torch.empty(2, 16, 64, device="meta"), name="chain3")
 
 
-@pytest.mark.parametrize("model,cluster,batch", [
-    ("gpt-tiny", "cpu-4", 16), ("t5-tiny", "cpu-4", 8), ("swin-tiny", "cpu-2", 8),
-    ("llama-7b", "a100-2x8", 64), ("bert-huge", "a100-pcie-2x8", 64),
-])
+@pytest.mark.parametrize(
+    "model,cluster,batch",
+    [
+        ("gpt-tiny", "cpu-4", 16),
+        ("t5-tiny", "cpu-4", 8),
+        ("swin-tiny", "cpu-2", 8),
+        ("llama-7b", "a100-2x8", 64),
+        ("bert-huge", "a100-pcie-2x8", 64),
+    ],
+)
 def test_predicted_tpi_equals_cost_model_evaluate(model: str, cluster: str, batch: int) -> None:
     """The plan's predicted TPI and memory are CostModel.evaluate() of the plan."""
     p = plan(model, cluster, global_batch_size=batch)
@@ -59,11 +77,14 @@ def test_predicted_tpi_equals_cost_model_evaluate(model: str, cluster: str, batc
     m = models.build_model(model, device="meta")
     # the plan's precision (bf16-mixed by default on the GPU presets): the graph in its dtype
     dtype = getattr(__import__("torch"), p.precision.param_dtype)
-    graph = build_graph(m, models.example_batch(model, 2, device="meta")[0], name=model, dtype=dtype)
+    graph = build_graph(
+        m, models.example_batch(model, 2, device="meta")[0], name=model, dtype=dtype
+    )
     ev = CostModel(graph, load_cluster(cluster), precision=p.precision).evaluate(p)
     assert ev.time_per_iteration_s == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-12)
     assert ev.peak_memory_bytes == pytest.approx(p.predicted["peak_memory_bytes"], rel=1e-12)
     assert ev.fits
+
 
 def test_identical_layers_share_rows_exactly() -> None:
     """Cost tables computed once per distinct layer equal the tables computed layer by layer."""
@@ -73,7 +94,9 @@ def test_identical_layers_share_rows_exactly() -> None:
 
     base = synthetic_graph(4, 2)
     layers = list(base.layers)
-    layers = layers[:2] + [dataclasses.replace(layers[1], fqn=f"rep.{j}") for j in range(3)] + layers[2:]
+    layers = (
+        layers[:2] + [dataclasses.replace(layers[1], fqn=f"rep.{j}") for j in range(3)] + layers[2:]
+    )
     graph = ModelGraph("repeated", tuple(layers))
     cluster = load_cluster("cpu-4")
     fast, slow = CostModel(graph, cluster), CostModel(graph, cluster)
@@ -87,10 +110,19 @@ def test_identical_layers_share_rows_exactly() -> None:
             np.testing.assert_array_equal(a.breakdown[part], b.breakdown[part])
         assert a.allowed == b.allowed
 
+
 def _plan_with(graph, world: int, layers: list[LayerStrategy], c: int = 1) -> Plan:
-    return Plan(model_name=graph.name, model_signature=graph.signature, num_layers=graph.num_layers,
-                world_size=world, global_batch_size=8, num_microbatches=c, schedule="1F1B",
-                stages=(Stage(layers=tuple(layers), ranks=tuple(range(world))),))
+    return Plan(
+        model_name=graph.name,
+        model_signature=graph.signature,
+        num_layers=graph.num_layers,
+        world_size=world,
+        global_batch_size=8,
+        num_microbatches=c,
+        schedule="1F1B",
+        stages=(Stage(layers=tuple(layers), ranks=tuple(range(world))),),
+    )
+
 
 def test_evaluate_rejects_illegal_strategies_with_one_error() -> None:
     """A strategy a layer may not use is a ConfigError naming the layer and the rule (it gave
@@ -102,17 +134,27 @@ def test_evaluate_rejects_illegal_strategies_with_one_error() -> None:
     fqns = graph.fqns
     norm = next(f for f, layer in zip(fqns, graph.layers) if not layer.tp_pairs)
     for c in (1, 2):
-        layers = [LayerStrategy(f, Strategy(2 if f == norm else 4, 2 if f == norm else 1)) for f in fqns]
-        with pytest.raises(ConfigError, match=rf"layer '{norm}' may not use dp2 tp2 DDP: tensor parallelism"):
+        layers = [
+            LayerStrategy(f, Strategy(2 if f == norm else 4, 2 if f == norm else 1)) for f in fqns
+        ]
+        with pytest.raises(
+            ConfigError, match=rf"layer '{norm}' may not use dp2 tp2 DDP: tensor parallelism"
+        ):
             cm.evaluate(_plan_with(graph, 4, layers, c))
     lean = [f for f in fqns if not any(s.recompute for s in cm.allowed_strategies(f, 1, 1, 8))]
     assert lean, "some layer of the chain keeps too little for recompute to pay"
     layers = [LayerStrategy(f, Strategy(4, 1, "FSDP", recompute=(f == lean[0]))) for f in fqns]
-    with pytest.raises(ConfigError, match=rf"layer '{lean[0]}' may not use dp4 tp1 FSDP \+ckpt: recompute saves no memory"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"layer '{lean[0]}' may not use dp4 tp1 FSDP \+ckpt: recompute saves no memory",
+    ):
         cm.evaluate(_plan_with(graph, 4, layers))
     layers = [LayerStrategy(f, Strategy(1, 4)) for f in fqns]
-    with pytest.raises(ConfigError, match=r"strategy dp1 tp4 DDP is not offered on a stage of 4 devices"):
+    with pytest.raises(
+        ConfigError, match=r"strategy dp1 tp4 DDP is not offered on a stage of 4 devices"
+    ):
         cm.evaluate(_plan_with(graph, 4, layers))
+
 
 def test_allowed_strategies_is_what_the_tables_offer() -> None:
     """CostModel.allowed_strategies lists exactly the strategies of the cost tables' rows."""

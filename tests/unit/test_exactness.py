@@ -32,26 +32,48 @@ class MLP(nn.Module):
 
 
 def _cluster(nodes: int, per_node: int = 1) -> Cluster:
-    return Cluster.from_dict({
-        "name": f"{nodes}x{per_node}", "num_nodes": nodes, "devices_per_node": per_node,
-        "device": {"memory": "4 GiB", "peak_flops": {"float32": "50 GFLOP/s"}, "compute_efficiency": 0.5, "type": "cpu"},
-        "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
-        "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"}, "backend": "gloo",
-    })
+    return Cluster.from_dict(
+        {
+            "name": f"{nodes}x{per_node}",
+            "num_nodes": nodes,
+            "devices_per_node": per_node,
+            "device": {
+                "memory": "4 GiB",
+                "peak_flops": {"float32": "50 GFLOP/s"},
+                "compute_efficiency": 0.5,
+                "type": "cpu",
+            },
+            "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
+            "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"},
+            "backend": "gloo",
+        }
+    )
+
 
 def _seq7():
     with torch.device("meta"):
-        m = nn.Sequential(MLP(64, 256), nn.LayerNorm(64), MLP(64, 128), MLP(64, 512), MLP(64, 256),
-                          nn.LayerNorm(64), MLP(64, 128))
+        m = nn.Sequential(
+            MLP(64, 256),
+            nn.LayerNorm(64),
+            MLP(64, 128),
+            MLP(64, 512),
+            MLP(64, 256),
+            nn.LayerNorm(64),
+            MLP(64, 128),
+        )
     return build_graph(m, torch.empty(2, 16, 64, device="meta"), name="seq7")
+
 
 def _chain(seed: int):
     rng = np.random.default_rng(seed)
-    blocks = [nn.LayerNorm(64) if rng.random() < 0.25 else MLP(64, int(rng.choice([64, 256, 1024])))
-              for _ in range(int(rng.integers(3, 7)))]
+    blocks = [
+        nn.LayerNorm(64) if rng.random() < 0.25 else MLP(64, int(rng.choice([64, 256, 1024])))
+        for _ in range(int(rng.integers(3, 7)))
+    ]
     with torch.device("meta"):
         m = nn.Sequential(*blocks)
     return build_graph(m, torch.empty(2, 16, 64, device="meta"), name=f"chain{seed}")
+
 
 def test_stage_dependent_memory_keeps_the_optimum() -> None:
     """The reported case: pp=4, c=4 with stages 1/2/1/3 fits and beats pp=2 by 17 %; a greedy
@@ -62,6 +84,7 @@ def test_stage_dependent_memory_keeps_the_optimum() -> None:
     assert p.predicted["time_per_iteration_s"] == pytest.approx(0.017919, rel=1e-4)
     assert p.solver["status"] == "optimal"
 
+
 def test_t5_with_three_plus_three_blocks_plans_at_every_limit() -> None:
     """t5-tiny with 3 + 3 blocks on 8 x 1 devices without recompute: the plan equals the
     enumeration at every step of the optimum and just below it (it raised InfeasibleError
@@ -71,29 +94,45 @@ def test_t5_with_three_plus_three_blocks_plans_at_every_limit() -> None:
     checks = sweep(g, _cluster(8), global_batch_size=16, recompute=False, max_tp=1)
     assert len(checks) >= 10
     assert [c for c in checks if not c.ok] == []
-    assert any(math.isinf(c.expected_s) for c in checks) and any(math.isfinite(c.expected_s) for c in checks)
+    assert any(math.isinf(c.expected_s) for c in checks) and any(
+        math.isfinite(c.expected_s) for c in checks
+    )
 
-@pytest.mark.parametrize("seed,nodes,per_node,opts", [
-    (0, 4, 1, {"schedules": ["1F1B"]}),
-    (1, 4, 1, {"schedules": ["GPipe"], "recompute": False}),
-    (2, 2, 2, {"schedules": ["GPipe", "1F1B"], "max_tp": 2}),
-    (3, 8, 1, {"schedules": ["1F1B"], "max_tp": 1}),
-])
-def test_planner_equals_enumeration_at_every_breakpoint(seed: int, nodes: int, per_node: int, opts: dict) -> None:
+
+@pytest.mark.parametrize(
+    "seed,nodes,per_node,opts",
+    [
+        (0, 4, 1, {"schedules": ["1F1B"]}),
+        (1, 4, 1, {"schedules": ["GPipe"], "recompute": False}),
+        (2, 2, 2, {"schedules": ["GPipe", "1F1B"], "max_tp": 2}),
+        (3, 8, 1, {"schedules": ["1F1B"], "max_tp": 1}),
+    ],
+)
+def test_planner_equals_enumeration_at_every_breakpoint(
+    seed: int, nodes: int, per_node: int, opts: dict
+) -> None:
     """Random chains of different layer sizes: at every memory limit where the optimum changes
     (and just below it) the planner's time equals the exhaustive optimum over every candidate,
     and it raises InfeasibleError exactly when nothing fits."""
-    checks = sweep(_chain(seed), _cluster(nodes, per_node), global_batch_size=8, max_checks=24, **opts)
+    checks = sweep(
+        _chain(seed), _cluster(nodes, per_node), global_batch_size=8, max_checks=24, **opts
+    )
     assert [c for c in checks if not c.ok] == []
+
 
 def test_sweep_limits_bracket_every_step() -> None:
     """The sweep asks at each step of the curve and just below it, where the previous optimum holds."""
     curve = [(10.0, 5.0), (20.0, 3.0)]
-    assert list(sweep_limits(curve)) == [(10.0 * (1 - 1e-6), math.inf), (10.0, 5.0),
-                                         (20.0 * (1 - 1e-6), 5.0), (20.0, 3.0)]
+    assert list(sweep_limits(curve)) == [
+        (10.0 * (1 - 1e-6), math.inf),
+        (10.0, 5.0),
+        (20.0 * (1 - 1e-6), 5.0),
+        (20.0, 3.0),
+    ]
 
 
 # ---------------------------------------------------------------------- each bound on its own
+
 
 def _brute(t: CostTables) -> tuple[float, float]:
     """(the smallest bottleneck max_i p_i, the optimum) over every assignment that fits."""
@@ -105,6 +144,7 @@ def _brute(t: CostTables) -> tuple[float, float]:
                 best_bottleneck = min(best_bottleneck, max(ev.stage_time_s) - t.stage_overhead_s)
                 best = min(best, ev.time_per_iteration_s)
     return best_bottleneck, best
+
 
 def _min_max_split(t: CostTables) -> float:
     """The min-max split of the layers' fastest times with each stage's leanest memory, by
@@ -121,10 +161,12 @@ def _min_max_split(t: CostTables) -> float:
             best = min(best, max(amin[st == i].sum() for i in range(t.pp)))
     return best
 
+
 def _candidate_tables(graph, cluster, **opts) -> list[CostTables]:
     cm = CostModel(graph, cluster, memory_fraction=0.9, max_tp=opts.get("max_tp"))
     pps = [p for p in (1, 2, 4, 8) if cluster.world_size % p == 0 and p <= graph.num_layers]
     return [t for _, _, _, t in candidate_tables(cm, pps, 8, None, opts.get("schedules"))]
+
 
 @pytest.mark.parametrize("case", ["seq7", "chain3", "chain5"])
 def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
@@ -133,7 +175,9 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
     segment bound (for any target) and the bottleneck bound stay below the optimum, each is
     +inf only when nothing fits, and the windows keep every assignment faster than a target."""
     graph = _seq7() if case == "seq7" else _chain(int(case[-1]))
-    tables = _candidate_tables(graph, _cluster(8 if case == "seq7" else 4), max_tp=1, schedules=["1F1B"])
+    tables = _candidate_tables(
+        graph, _cluster(8 if case == "seq7" else 4), max_tp=1, schedules=["1F1B"]
+    )
     checked = 0
     for t0 in tables:
         if math.comb(t0.num_layers - 1, t0.pp - 1) * np.prod([len(k) for k in t0.allowed]) > 20000:
@@ -142,7 +186,11 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
             t = CostTables(**{**t0.__dict__, "memory_limit_bytes": limit})
             min_bottleneck, opt = _brute(t)
             split = bottleneck_lower_bound(t)
-            assert split == pytest.approx(_min_max_split(t), rel=1e-8) if math.isfinite(opt) or math.isfinite(split) else True
+            assert (
+                split == pytest.approx(_min_max_split(t), rel=1e-8)
+                if math.isfinite(opt) or math.isfinite(split)
+                else True
+            )
             assert math.isinf(split) == math.isinf(opt)
             assert split <= min_bottleneck * (1 + 1e-12)
             assert candidate_lower_bound(t) <= opt * (1 + 1e-12)
@@ -163,6 +211,7 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
             checked += 1
     assert checked >= 6
 
+
 @pytest.mark.parametrize("seed", range(40))
 def test_split_bound_equals_min_max_split_with_stage_dependent_memory(seed: int) -> None:
     """Random tables whose memory differs strongly between stages: bisection with the dynamic
@@ -173,9 +222,26 @@ def test_split_bound_equals_min_max_split_with_stage_dependent_memory(seed: int)
     K = 2
     A = rng.uniform(0.1, 2.0, size=(L, K))
     M = rng.uniform(0.0, 10.0, size=(L, K, 1)) * rng.uniform(0.2, 3.0, size=(1, 1, pp))
-    t = CostTables(pp, 4, A, np.zeros((L, K)), M, np.zeros((L, K), dtype=np.int64),
-                   np.zeros((L - 1, 1, 1)), np.zeros((L - 1, 1, 1)), 0.0, [[0, 1]] * L)
-    peaks = sorted({float(M[:, :, i].min(axis=1)[s:e].sum()) for i in range(pp) for s in range(L) for e in range(s + 1, L + 1)})
+    t = CostTables(
+        pp,
+        4,
+        A,
+        np.zeros((L, K)),
+        M,
+        np.zeros((L, K), dtype=np.int64),
+        np.zeros((L - 1, 1, 1)),
+        np.zeros((L - 1, 1, 1)),
+        0.0,
+        [[0, 1]] * L,
+    )
+    peaks = sorted(
+        {
+            float(M[:, :, i].min(axis=1)[s:e].sum())
+            for i in range(pp)
+            for s in range(L)
+            for e in range(s + 1, L + 1)
+        }
+    )
     for limit in peaks[:: max(1, len(peaks) // 25)]:
         t.memory_limit_bytes = limit
         want = _min_max_split(t)
@@ -184,6 +250,7 @@ def test_split_bound_equals_min_max_split_with_stage_dependent_memory(seed: int)
 
 
 # ---------------------------------------------------------------------- illegal strategies
+
 
 def test_infeasible_error_lists_the_candidates_and_never_contradicts_itself() -> None:
     """Below the leanest plan: InfeasibleError says what the leanest plan needs (more than the

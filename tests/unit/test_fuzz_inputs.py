@@ -52,7 +52,13 @@ def _base_plan() -> Plan:
         schedule="1F1B",
         stages=(
             Stage((0, 1), tuple(LayerStrategy(f, Strategy(2, 1, "FSDP")) for f in fqns[:2])),
-            Stage((2, 3), (LayerStrategy(fqns[2], Strategy(1, 2, "DDP")), LayerStrategy(fqns[3], Strategy(2, 1)))),
+            Stage(
+                (2, 3),
+                (
+                    LayerStrategy(fqns[2], Strategy(1, 2, "DDP")),
+                    LayerStrategy(fqns[3], Strategy(2, 1)),
+                ),
+            ),
         ),
         predicted={"time_per_iteration_s": 0.1, "peak_memory_bytes": [1e6, 2e6]},
     )

@@ -354,7 +354,9 @@ def test_meta_trace_gives_the_fake_tensor_graph(name: str, monkeypatch) -> None:
     import uniap.graph as graph_module
 
     fast = _graph(name)
-    monkeypatch.setattr(graph_module, "_MetaMode", lambda: FakeTensorMode(allow_non_fake_inputs=True))
+    monkeypatch.setattr(
+        graph_module, "_MetaMode", lambda: FakeTensorMode(allow_non_fake_inputs=True)
+    )
     assert _graph(name).layers == fast.layers
 
 

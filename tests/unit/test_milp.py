@@ -25,6 +25,7 @@ def test_milp_equals_exhaustive(seed: int) -> None:
     assert sol.objective_s == pytest.approx(sol.time_per_iteration_s, rel=1e-7)
     assert evaluate_assignment(t, sol.stage_of, sol.strategy_of).fits
 
+
 @pytest.mark.parametrize("seed", range(0, 60, 3))
 def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
     """Warm start and incumbent cutoff never lose the optimum."""
@@ -36,6 +37,7 @@ def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
         assert inc is None and sol.status in ("infeasible", "cutoff")
         return
     assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
+
 
 @pytest.mark.parametrize("seed", [1, 3, 5, 7, 9, 11])
 def test_start_values_satisfy_every_row(seed: int) -> None:

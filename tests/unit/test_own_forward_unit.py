@@ -35,7 +35,9 @@ FQNS = ["tok", "body", "head"]
 
 
 def _plan(layouts: list[tuple[int, int]]) -> Plan:
-    layers = tuple(LayerStrategy(f, Strategy(dp, tp)) for f, (dp, tp) in zip(FQNS, layouts, strict=True))
+    layers = tuple(
+        LayerStrategy(f, Strategy(dp, tp)) for f, (dp, tp) in zip(FQNS, layouts, strict=True)
+    )
     return Plan(
         model_name="net",
         model_signature="x",

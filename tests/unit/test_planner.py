@@ -36,6 +36,7 @@ def brute_force_uop(graph: ModelGraph, cluster, batch: int) -> float:
                         best = min(best, ev.time_per_iteration_s)
     return best
 
+
 @pytest.mark.parametrize("seed", range(4))
 def test_uop_equals_brute_force_over_all_pp_and_c(seed: int) -> None:
     """UOP (with bounds and pruning) finds the optimum over all (pp, c) and all plans."""
@@ -46,6 +47,7 @@ def test_uop_equals_brute_force_over_all_pp_and_c(seed: int) -> None:
     p = plan_graph(graph, cluster, global_batch_size=batch)
     assert p.predicted["time_per_iteration_s"] == pytest.approx(best, rel=1e-9)
     assert p.solver["status"] == "optimal"
+
 
 def test_solver_objective_equals_evaluate_on_real_tables() -> None:
     """MILP objective == evaluate_assignment of the returned plan on real cost tables."""
@@ -62,11 +64,16 @@ def test_solver_objective_equals_evaluate_on_real_tables() -> None:
         assert sol.objective_s == pytest.approx(sol.time_per_iteration_s, rel=1e-7)
     assert solved >= 2
 
+
 def test_infeasible_names_the_memory_needed() -> None:
     """No plan fits: the error says how much memory the leanest plan needs."""
-    with pytest.raises(InfeasibleError, match=r"the leanest plan needs [0-9.]+ GiB per device, the usable limit is 3.6 GiB") as e:
+    with pytest.raises(
+        InfeasibleError,
+        match=r"the leanest plan needs [0-9.]+ GiB per device, the usable limit is 3.6 GiB",
+    ) as e:
         plan("llama-7b", "cpu-4", global_batch_size=8)
     assert e.value.min_memory_bytes > 4 * 2**30
+
 
 def test_leanest_memory_is_exact_on_small_instances() -> None:
     """min_memory_bytes equals the brute-force smallest peak over every plan of that (pp, c)."""
@@ -75,16 +82,37 @@ def test_leanest_memory_is_exact_on_small_instances() -> None:
     graph = synthetic_graph(5, 3)
     cm = CostModel(graph, load_cluster("cpu-4"))
     t = cm.tables(2, 2, 8)
-    brute = min(max(evaluate_assignment(t, s, list(k)).peak_memory_bytes)
-                for s in compositions(5, 2) for k in itertools.product(*t.allowed))
+    brute = min(
+        max(evaluate_assignment(t, s, list(k)).peak_memory_bytes)
+        for s in compositions(5, 2)
+        for k in itertools.product(*t.allowed)
+    )
     assert min_peak_memory(t) == pytest.approx(brute, rel=1e-6)
+
 
 def test_time_limited_solve_reports_gap_not_optimal() -> None:
     """A solve stopped by its time limit is never reported optimal."""
-    graph = ModelGraph("big", tuple(
-        Layer(f"l.{u}", "Block", 10**8 + (u % 7) * 10**7, 4 * (10**8 + (u % 7) * 10**7), 1e10 * (1 + u % 5),
-              2e10 * (1 + u % 3), 1e6, 5e7 * (1 + u % 4), (TPPair(("a",), "b", 1e6),), (8,), "", 0.5, f"k{u % 7}")
-        for u in range(60)))
+    graph = ModelGraph(
+        "big",
+        tuple(
+            Layer(
+                f"l.{u}",
+                "Block",
+                10**8 + (u % 7) * 10**7,
+                4 * (10**8 + (u % 7) * 10**7),
+                1e10 * (1 + u % 5),
+                2e10 * (1 + u % 3),
+                1e6,
+                5e7 * (1 + u % 4),
+                (TPPair(("a",), "b", 1e6),),
+                (8,),
+                "",
+                0.5,
+                f"k{u % 7}",
+            )
+            for u in range(60)
+        ),
+    )
     cm = CostModel(graph, load_cluster("a100-2x8").with_memory(32 * 2**30))
     t = cm.tables(8, 16, 64)
     inc = heuristic(t)
@@ -96,14 +124,18 @@ def test_time_limited_solve_reports_gap_not_optimal() -> None:
     assert full.status == "optimal" and full.gap == 0.0
     assert full.time_per_iteration_s <= sol.time_per_iteration_s
 
+
 def test_bad_arguments() -> None:
     """Bad degrees and batch sizes are refused with the fix."""
-    with pytest.raises(ConfigError, match=r"pipeline degree\(s\) \[3\] must divide the number of devices \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"pipeline degree\(s\) \[3\] must divide the number of devices \(4\)"
+    ):
         plan("gpt-tiny", "cpu-4", global_batch_size=16, pp_degrees=[3])
     with pytest.raises(ConfigError, match=r"global_batch_size must be a positive integer"):
         plan("gpt-tiny", "cpu-4", global_batch_size=0)
     with pytest.raises(ConfigError, match=r"unknown schedule"):
         plan("gpt-tiny", "cpu-4", global_batch_size=16, schedules=["zigzag"])
+
 
 @pytest.mark.parametrize("seed", range(3))
 def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:

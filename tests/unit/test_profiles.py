@@ -230,11 +230,21 @@ def test_mutated_profile_files_give_config_errors_only(graph, tmp_path) -> None:
                 walk(v, path + [i])
 
     walk(base, [])
-    junk = st.one_of(st.none(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5),
-                     st.lists(st.integers(), max_size=2), st.just({"x": 1}))
+    junk = st.one_of(
+        st.none(),
+        st.integers(-5, 5),
+        st.floats(allow_nan=True),
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.just({"x": 1}),
+    )
 
-    @settings(max_examples=120, derandomize=True, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=120,
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(idx=st.integers(0, len(paths) - 1), value=junk, delete=st.booleans())
     def check(idx, value, delete):
         doc = yaml.safe_load(yaml.safe_dump(base))
@@ -272,7 +282,9 @@ def test_combined_profile_is_the_median_of_every_measurement(graph) -> None:
     combined = MeasuredProfile.combine(parts)
     middle = parts[2]
     block = graph.layer("blocks.0")
-    assert combined.layer_compute_s(block, 3, 2) == pytest.approx(middle.layer_compute_s(block, 3, 2))
+    assert combined.layer_compute_s(block, 3, 2) == pytest.approx(
+        middle.layer_compute_s(block, 3, 2)
+    )
     assert combined.overlap_coefficient == pytest.approx(0.2)
     assert combined.collective_s("p2p", 6144, [0, 1]) == pytest.approx(1.5 * 2e-4)
     assert combined.settings["combined_from"] == 3
@@ -298,8 +310,12 @@ def test_profile_summary_marks_noise_and_clamped_negative_rates(graph) -> None:
     assert "[negative, clamped]" in row and "[noise]" in row
     assert "the fit only beyond the largest" in text and "never used below zero" in text
     marks: set[str] = set()
-    assert measured_rate("fwd", 1.23e-4, 0.05, marks) == "fwd 123 us/sample (fit err 5%)" and not marks
-    assert measured_rate("bwd", 2e-3, NOISE_FIT_ERROR + 0.24, marks).endswith("(fit err 44%) [noise]")
+    assert (
+        measured_rate("fwd", 1.23e-4, 0.05, marks) == "fwd 123 us/sample (fit err 5%)" and not marks
+    )
+    assert measured_rate("bwd", 2e-3, NOISE_FIT_ERROR + 0.24, marks).endswith(
+        "(fit err 44%) [noise]"
+    )
     assert marks == {"noise"}
     assert overlap_line(0.0, -8.99) == (
         "overlap coefficient 0.00 (measured -8.99, outside [0, 1]: noise, clamped to 0.00; the planner "

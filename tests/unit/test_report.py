@@ -172,7 +172,12 @@ def test_show_of_a_plan_without_breakdown_still_prints():
         4,
         1,
         "1F1B",
-        (Stage((0, 1), (LayerStrategy("a", Strategy(2, 1)), LayerStrategy("b", Strategy(1, 2, "DDP")))),),
+        (
+            Stage(
+                (0, 1),
+                (LayerStrategy("a", Strategy(2, 1)), LayerStrategy("b", Strategy(1, 2, "DDP"))),
+            ),
+        ),
         predicted={"time_per_iteration_s": "x", "peak_memory_bytes": [1e6]},
     )
     text = render_plan(plan_report(p))

@@ -38,12 +38,17 @@ def test_local_search_ends_in_a_local_optimum(seed: int) -> None:
     for u in range(1, t.num_layers):
         for d in (-1, 1):  # u to the stage before / after
             so = list(stage_of)
-            so[u] += d if (d == -1 and so[u - 1] == so[u] - 1) or (d == 1 and u + 1 < t.num_layers
-                                                                    and so[u + 1] == so[u] + 1) else 0
+            so[u] += (
+                d
+                if (d == -1 and so[u - 1] == so[u] - 1)
+                or (d == 1 and u + 1 < t.num_layers and so[u + 1] == so[u] + 1)
+                else 0
+            )
             if so == stage_of or sorted(set(so)) != list(range(t.pp)):
                 continue
             e = evaluate_assignment(t, so, strategy_of)
             assert not (e.fits and e.time_per_iteration_s < tpi * (1 - 1e-9))
+
 
 @pytest.mark.parametrize("seed", range(0, 60, 5))
 def test_restrategize_fits_and_minimises_with_free_memory(seed: int) -> None:
@@ -69,8 +74,11 @@ def test_restrategize_fits_and_minimises_with_free_memory(seed: int) -> None:
 
     def cost(strat) -> float:
         total = sum(c * t.A[u, k] + t.G[u, k] for u, k in enumerate(strat))
-        return total + sum(c * t.R[u, t.layout[u, strat[u]], t.layout[u + 1, strat[u + 1]]]
-                           for u in range(t.num_layers - 1) if stage_of[u] == stage_of[u + 1])
+        return total + sum(
+            c * t.R[u, t.layout[u, strat[u]], t.layout[u + 1, strat[u + 1]]]
+            for u in range(t.num_layers - 1)
+            if stage_of[u] == stage_of[u + 1]
+        )
 
     best = min(cost(s) for s in itertools.product(*t.allowed))
     assert cost(got) == pytest.approx(best, rel=1e-12)

@@ -71,7 +71,9 @@ def mp_policy_for(precision: Precision) -> MixedPrecisionPolicy:
     parameters gathered in ``param_dtype``, gradients reduced in ``reduce_dtype``."""
     if not precision.mixed:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=precision.torch_dtype(), reduce_dtype=precision.torch_dtype("reduce_dtype"))
+    return MixedPrecisionPolicy(
+        param_dtype=precision.torch_dtype(), reduce_dtype=precision.torch_dtype("reduce_dtype")
+    )
 
 
 def apply_dp(

@@ -164,7 +164,8 @@ def apply_plan(
             module = module.to(device)
         else:
             outside = sorted(free) + [
-                n for n, _ in model.named_buffers()
+                n
+                for n, _ in model.named_buffers()
                 if not any(n == f or n.startswith(f + ".") for f in all_fqns)
             ]
             if outside:
@@ -344,7 +345,10 @@ class ParallelModel:
         if layer_modules is None:
             assert isinstance(module, StageModule)
             layer_modules = module.layers()
-        self._grad_sync = GradSync(layer_modules, ddp)
+        self.layer_modules: list[nn.Module] = list(layer_modules)
+        """This rank's layer modules, in chain order."""
+        # the module itself too: it is the stage's FSDP root when some layer is FSDP / replicate
+        self._grad_sync = GradSync([module, *self.layer_modules], ddp)
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]

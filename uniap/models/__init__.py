@@ -281,9 +281,11 @@ def resolve_model(spec: str) -> tuple[Any, Any]:
     try:
         mod = importlib.import_module(mod_name)
     except (ImportError, ValueError, TypeError) as e:
-        raise UniapError(f"cannot import module {mod_name!r} for --model {spec!r}: {e} (looked in the "
-                         f"current directory {cwd} and on PYTHONPATH; run uniap from the folder that "
-                         f"holds {mod_name.split('.')[0]}, or add that folder to PYTHONPATH)") from None
+        raise UniapError(
+            f"cannot import module {mod_name!r} for --model {spec!r}: {e} (looked in the "
+            f"current directory {cwd} and on PYTHONPATH; run uniap from the folder that "
+            f"holds {mod_name.split('.')[0]}, or add that folder to PYTHONPATH)"
+        ) from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UniapError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")

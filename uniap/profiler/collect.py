@@ -112,7 +112,9 @@ def _dp_costs(
 
         base_s = fb(layer_copy(model, fqns[0], device))
         p = float(layer.param_bytes)
-        ar, ag, rs = (collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter"))
+        ar, ag, rs = (
+            collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter")
+        )
         res: dict[str, dict[str, float]] = {}
         for kind in ("DDP", "FSDP"):
             if kind == "DDP":  # classic DDP, as the executor runs tp == 1 DDP layers
@@ -127,7 +129,10 @@ def _dp_costs(
             sync.before_backward(last=True)
             t_sync_s = fb(many)
             if kind == "DDP":
-                res[kind] = {"microbatch": t_microbatch_s - base_s, "sync": t_sync_s - t_microbatch_s - (1 - rho) * ar}
+                res[kind] = {
+                    "microbatch": t_microbatch_s - base_s,
+                    "sync": t_sync_s - t_microbatch_s - (1 - rho) * ar,
+                }
             else:
                 one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
                 t_single_s = fb(one)
@@ -334,15 +339,25 @@ def collect_profile(
     say("data-parallel wrapping (DDP, FSDP) per layer")
     mid = batches[len(batches) // 2]
     dp = _dp_costs(
-        model, graph, by_key, inputs_at[mid], device, skeleton.collective_s, overlap["rho"],
-        warmup, repeats,
+        model,
+        graph,
+        by_key,
+        inputs_at[mid],
+        device,
+        skeleton.collective_s,
+        overlap["rho"],
+        warmup,
+        repeats,
     )
     for key, res in dp.items():
         profiles[key].dp_residual_s = res
         say(
             f"{by_key[key][0]}: "
-            + ", ".join(f"{k} {ph} {v * 1e3:+.2f} ms" + (" [negative]" if v < 0 else "")
-                        for k, r in res.items() for ph, v in r.items())
+            + ", ".join(
+                f"{k} {ph} {v * 1e3:+.2f} ms" + (" [negative]" if v < 0 else "")
+                for k, r in res.items()
+                for ph, v in r.items()
+            )
         )
         if any(v < 0 for r in res.values() for v in r.values()):
             marks.add("residual")

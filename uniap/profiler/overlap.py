@@ -29,7 +29,9 @@ __all__ = ["measure_overlap"]
 logger = logging.getLogger(__name__)
 
 
-def _median_max(fn: Callable[[], None], device: torch.device, *, warmup: int, repeats: int) -> float:
+def _median_max(
+    fn: Callable[[], None], device: torch.device, *, warmup: int, repeats: int
+) -> float:
     """Median over repeats of ``fn()``'s time (all ranks start together), slowest rank."""
     samples = time_samples_s(fn, device, warmup=warmup, repeats=repeats, synchronized=True)
     local = torch.tensor([statistics.median(samples)], dtype=torch.float64)

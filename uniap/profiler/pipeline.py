@@ -26,6 +26,7 @@ __all__ = ["measure_pipeline_overhead"]
 
 logger = logging.getLogger(__name__)
 
+
 class _Scale(nn.Module):
     """``x * w``: a stage with one parameter and next to no compute."""
 
@@ -94,5 +95,11 @@ def measure_pipeline_overhead(
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         times.append(float(local.item()))
     per_microbatch_s = max((times[1] - times[0]) / (num_microbatches - 1), 0.0)
-    logger.info("pipeline: T(1) %.4f s, T(%d) %.4f s -> %.1f us per micro-batch", times[0], num_microbatches, times[1], per_microbatch_s * 1e6)
+    logger.info(
+        "pipeline: T(1) %.4f s, T(%d) %.4f s -> %.1f us per micro-batch",
+        times[0],
+        num_microbatches,
+        times[1],
+        per_microbatch_s * 1e6,
+    )
     return per_microbatch_s

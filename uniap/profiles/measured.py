@@ -143,7 +143,8 @@ class LayerProfile:
             }
         d["state_bytes"] = {f"tp{tp}": dict(v) for tp, v in sorted(self.state_bytes.items())}
         d["dp_residual_s"] = {
-            k: {ph: float(v) for ph, v in sorted(r.items())} for k, r in sorted(self.dp_residual_s.items())
+            k: {ph: float(v) for ph, v in sorted(r.items())}
+            for k, r in sorted(self.dp_residual_s.items())
         }
         d["optimizer_s"] = {k: float(v) for k, v in sorted(self.optimizer_s.items())}
         d["loss_s"] = [float(v) for v in self.loss_s]
@@ -424,7 +425,9 @@ class MeasuredProfile(Profile):
                     )
         merged = _median_tree(dicts)
         merged["settings"]["combined_from"] = len(dicts)
-        merged["settings"]["wall_s"] = round(sum(d["settings"].get("wall_s", 0.0) for d in dicts), 2)
+        merged["settings"]["wall_s"] = round(
+            sum(d["settings"].get("wall_s", 0.0) for d in dicts), 2
+        )
         return cls.from_dict(merged, source="<combined profiles>")
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
@@ -498,8 +501,7 @@ def _median_tree(values: list[Any]) -> Any:
     first = values[0]
     if isinstance(first, dict):
         return {
-            k: _median_tree([v[k] for v in values if isinstance(v, dict) and k in v])
-            for k in first
+            k: _median_tree([v[k] for v in values if isinstance(v, dict) and k in v]) for k in first
         }
     if isinstance(first, list):
         if all(isinstance(v, list) and len(v) == len(first) for v in values):
