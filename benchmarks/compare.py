@@ -228,8 +228,9 @@ def _peak(w: Workload, r: BaselineResult) -> list[float]:
 def summary(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> tuple[str, list[str]]:
     """Speedups of uniap over each baseline and search-time ratios; plus any case uniap lost."""
     lines = [
-        "| baseline | workloads with a fitting plan | OOM / no plan | geo-mean speedup | max speedup "
-        "(workload) | geo-mean search-time ratio (baseline / uniap) | min ratio, N >= 16 | capped |",
+        "| baseline | workloads with a fitting plan | OOM / no plan | geo-mean speedup "
+        "| max speedup (workload) | geo-mean search-time ratio (baseline / uniap) "
+        "| min ratio, N >= 16 | capped |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lost = []
@@ -293,7 +294,8 @@ def search_time_target(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -
             verdict = "not shown (Alpa capped)" if a.capped else "no"
         lines.append(
             f"| {w.name} | {w.cluster.world_size} | {u.wall_s:.2f} | {a.wall_s:.2f}"
-            f"{' (capped)' if a.capped else ''} | {'>= ' if a.capped else ''}{ratio:.3g}x | {verdict} |"
+            f"{' (capped)' if a.capped else ''} | {'>= ' if a.capped else ''}{ratio:.3g}x | "
+            f"{verdict} |"
         )
     holds = short == 0 and met > 0
     lines += [
@@ -302,7 +304,8 @@ def search_time_target(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -
             f"Search-time target (Alpa-style search >= {TARGET_RATIO:g}x uniap's on every workload "
             f"with >= {TARGET_DEVICES} devices): "
             + (
-                f"met on all {met} rows, as measured lower bounds where the Alpa-style run was capped."
+                f"met on all {met} rows, "
+                "as measured lower bounds where the Alpa-style run was capped."
                 if holds
                 else f"NOT met: shown on {met} of {met + short} rows."
             )
@@ -543,16 +546,17 @@ def main() -> None:
         f"machine: {mach}",
         f"Alpa-style search capped at {cap:g} s per workload"
         + (
-            f", raised on workloads with >= {TARGET_DEVICES} devices to {args.alpa_cap_factor:g} x uniap's search "
-            f"time there (at most {args.alpa_cap_max_s:g} s)"
+            f", raised on workloads with >= {TARGET_DEVICES} devices to {args.alpa_cap_factor:g} x "
+            f"uniap's search time there (at most {args.alpa_cap_max_s:g} s)"
             if args.alpa_cap_factor > 0
             else ""
         )
         + f"; total run {time.perf_counter() - t_start:.0f} s"
         + (" (--quick)" if args.quick else ""),
         "",
-        "Cells: predicted samples/s (method TPI / uniap TPI; search wall time). OOM: the method's best "
-        "plan does not fit device memory. mem: uniap plan's peak memory / usable memory (90%).",
+        "Cells: predicted samples/s (method TPI / uniap TPI; search wall time). OOM: the method's "
+        "best plan does not fit device memory. "
+        "mem: uniap plan's peak memory / usable memory (90%).",
         "",
         table(rows),
         "",
@@ -575,7 +579,8 @@ def main() -> None:
     body += [
         "",
         "Search time against the Alpa-style search (workloads with "
-        f">= {TARGET_DEVICES} devices; '>=': the Alpa-style run hit its cap, its real time is longer):",
+        f">= {TARGET_DEVICES} devices; '>=': the Alpa-style run hit its cap, its real time is "
+        "longer):",
         "",
         target_table,
     ]

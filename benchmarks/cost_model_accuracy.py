@@ -8,9 +8,9 @@ run >= 10 distinct plans (pp 1 and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; se
 micro-batch counts) plus the plan the planner picks from the first profile, each through
 ``uniap.parallelize``; the profiles are combined (the median of every measured number) and
 each plan's time is the median over the rounds, so that the speed changes of a shared
-machine between profiling and running hit both alike (a probe before each round shows them); print predicted
-vs measured time per iteration (median after warm-up) and peak memory per rank, the median and
-worst relative errors, Spearman's rank correlation, whether the planner's plan is the
+machine between profiling and running hit both alike (a probe before each round shows them); print
+predicted vs measured time per iteration (median after warm-up) and peak memory per rank, the median
+and worst relative errors, Spearman's rank correlation, whether the planner's plan is the
 measured-fastest, and the effect of calibration (fitted on half of the plans, judged on the
 other half). World 4 (memory only: 4 processes on 2 cores make timings meaningless): profile
 and run a few plans, compare predicted and measured peak memory.
@@ -78,7 +78,8 @@ def _same_plan(a: Plan, b: Plan) -> bool:
 
 
 def _split(total: int, lengths: list[int]) -> list[int]:
-    """Layers per stage: a stage spec longer than 1 gives its exact count, the last takes the rest."""
+    """Layers per stage: a stage spec longer than 1 gives its exact count, the last takes the
+    rest."""
     sizes = [n if n > 1 else 0 for n in lengths]
     rest = total - sum(sizes)
     free = [i for i, n in enumerate(sizes) if n == 0]
@@ -261,7 +262,8 @@ def main() -> int:
     fastest = min(meas)
     chosen_meas = meas[chosen_index]
     print(
-        f"\nTPI error: median {stats['median_abs_error']:.1%}, worst {stats['worst_abs_error']:.1%}; "
+        f"\nTPI error: median {stats['median_abs_error']:.1%}, worst "
+        f"{stats['worst_abs_error']:.1%}; "
         f"Spearman rank correlation {stats['spearman']:.3f}"
     )
     print(
@@ -269,8 +271,8 @@ def main() -> int:
         f"worst {max(abs(x) for x in mem_errs):.1%}"
     )
     print(
-        f"planner's plan measured {chosen_meas * 1e3:.1f} ms; measured-fastest {fastest * 1e3:.1f} ms "
-        f"({plans[meas.index(fastest)][0]}): {chosen_meas / fastest - 1:+.1%}"
+        f"planner's plan measured {chosen_meas * 1e3:.1f} ms; measured-fastest {fastest * 1e3:.1f} "
+        f"ms ({plans[meas.index(fastest)][0]}): {chosen_meas / fastest - 1:+.1%}"
     )
     if args.rounds > 1:
         again = best_plan(graph, cluster, prof)
@@ -290,9 +292,9 @@ def main() -> int:
     after_held = compare(pred_cal[1::2], meas[1::2])["median_abs_error"]
     after_all = compare(pred_cal, meas)
     print(
-        f"\ncalibration ({', '.join(f'{k} {v:.3g}' for k, v in cal.calibration.items())}), fitted on "
-        f"{len(fit_set)} plans: held-out median error {before_held:.1%} -> {after_held:.1%}; all plans "
-        f"{stats['median_abs_error']:.1%} -> {after_all['median_abs_error']:.1%} (worst "
+        f"\ncalibration ({', '.join(f'{k} {v:.3g}' for k, v in cal.calibration.items())}), fitted "
+        f"on {len(fit_set)} plans: held-out median error {before_held:.1%} -> {after_held:.1%}; "
+        f"all plans {stats['median_abs_error']:.1%} -> {after_all['median_abs_error']:.1%} (worst "
         f"{after_all['worst_abs_error']:.1%}, Spearman {after_all['spearman']:.3f})"
     )
     replan = best_plan(graph, cluster, cal)

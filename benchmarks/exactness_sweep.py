@@ -97,10 +97,12 @@ def main() -> int:
     args = ap.parse_args()
     logging.getLogger("uniap").setLevel(logging.ERROR)
     print(
-        f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}"
+        f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, torch "
+        f"{torch.__version__}"
     )
     print(
-        f"{'seed':>4} {'model':<10} {'devices':<7} {'opts':<34} {'limits':>6} {'bad':>4} {'wall_s':>7}"
+        f"{'seed':>4} {'model':<10} {'devices':<7} {'opts':<34} {'limits':>6} {'bad':>4} "
+        f"{'wall_s':>7}"
     )
     total = bad = 0
     t_all = time.perf_counter()
@@ -112,15 +114,18 @@ def main() -> int:
         total, bad = total + len(res), bad + len(wrong)
         o = f"tp<={opts['max_tp']} rc={int(opts['recompute'])} {'+'.join(opts['schedules'])} B={B}"
         print(
-            f"{seed:>4} {name:<10} {cl.name:<7} {o:<34} {len(res):>6} {len(wrong):>4} {time.perf_counter() - t0:>7.1f}"
+            f"{seed:>4} {name:<10} {cl.name:<7} {o:<34} {len(res):>6} {len(wrong):>4} "
+            f"{time.perf_counter() - t0:>7.1f}"
         )
         for r in wrong:
             print(
-                f"     MISMATCH limit={r.memory_limit_bytes:.0f} B expected={r.expected_s:.6g} got={r.got_s:.6g} ({r.status})"
+                f"     MISMATCH limit={r.memory_limit_bytes:.0f} B expected={r.expected_s:.6g} "
+                f"got={r.got_s:.6g} ({r.status})"
             )
         sys.stdout.flush()
     print(
-        f"# {args.models} instances, {total} memory limits, {bad} mismatches, {time.perf_counter() - t_all:.0f} s"
+        f"# {args.models} instances, {total} memory limits, {bad} mismatches, "
+        f"{time.perf_counter() - t_all:.0f} s"
     )
     return 1 if bad else 0
 

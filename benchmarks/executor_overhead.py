@@ -257,7 +257,8 @@ def main() -> int:
         f"Model: gpt-tiny with {MODEL_OVERRIDES}, global batch {GLOBAL_BATCH}; "
         f"{args.warmup} warm-up steps, median of {args.steps} alternating steps "
         "(max over ranks per step); a step = zero_grad + forward/backward + AdamW.step; "
-        f"uniap's per-step memory measurement {'on' if args.measure_memory else 'off (default on CPU)'}.",
+        "uniap's per-step memory measurement "
+        f"{'on' if args.measure_memory else 'off (default on CPU)'}.",
         "",
         "| plan | uniap plan | hand-written median s | uniap median s | ratio hand/uniap |",
         "| --- | --- | ---: | ---: | ---: |",

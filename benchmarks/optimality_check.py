@@ -42,7 +42,8 @@ def workloads() -> list[Workload]:
 
 
 ALL_SPLITS = {("llama-7b", 2), ("llama-7b", 4)}
-"""(model, pp) where ``--all-splits`` searches every split (the others: too many splits x fronts)."""
+"""(model, pp) where ``--all-splits`` searches every split (the others: too many splits x
+fronts)."""
 
 
 def check(w: Workload, pp: int, all_splits: bool) -> dict:
@@ -100,8 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {machine()}")
     print(
-        "| workload | pp | c | layers | strategies | MILP status | MILP TPI (s) | DP TPI, MILP's split (s) "
-        "| DP - MILP (rel) | DP TPI, every split (s) | splits | MILP s | DP s (split / every) | max labels |"
+        "| workload | pp | c | layers | strategies | MILP status | MILP TPI (s) | DP TPI, MILP's "
+        "split (s) | DP - MILP (rel) | DP TPI, every split (s) | splits | MILP s | DP s (split / "
+        "every) | max labels |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for w in workloads():
@@ -112,8 +114,9 @@ def main() -> None:
             every = "-" if r["all"] is None else f"{r['all']:.9g} ({_rel(r['milp'], r['all'])})"
             all_s = "" if r["all_s"] is None else f" / {r['all_s']:.1f}"
             print(
-                f"| {r['workload']} | {pp} | {r['c']} | {r['L']} | {r['K']} | {r['status']} | {r['milp']:.9g} | "
-                f"{r['fixed']:.9g} | {_rel(r['milp'], r['fixed'])} | {every} | {r['splits'] or '-'} | "
+                f"| {r['workload']} | {pp} | {r['c']} | {r['L']} | {r['K']} | {r['status']} | "
+                f"{r['milp']:.9g} | {r['fixed']:.9g} | {_rel(r['milp'], r['fixed'])} | {every} | "
+                f"{r['splits'] or '-'} | "
                 f"{r['milp_s']:.1f} | {r['fixed_s']:.1f}{all_s} | {r['labels']} |",
                 flush=True,
             )

@@ -53,7 +53,8 @@ def main() -> None:
     )
     print()
     print(
-        "| model | cluster | devices | global batch | trace s | UOP s | programs | plan | samples/s | status |"
+        "| model | cluster | devices | global batch | trace s | UOP s | programs | plan | "
+        "samples/s | status |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cluster, batch in rows:
@@ -69,8 +70,8 @@ def main() -> None:
         p = plan_graph(g, cluster, global_batch_size=batch, time_limit_s=args.time_limit_s)
         wall = time.perf_counter() - t0
         print(
-            f"| {name} | {cluster.name} | {cluster.world_size} | {batch} | {trace_s:.2f} | {wall:.2f} | "
-            f"{p.solver['milps_solved']} | {p.summary().split(' | ')[0]} | "
+            f"| {name} | {cluster.name} | {cluster.world_size} | {batch} | {trace_s:.2f} | "
+            f"{wall:.2f} | {p.solver['milps_solved']} | {p.summary().split(' | ')[0]} | "
             f"{p.predicted['samples_per_s']:.1f} | {p.solver['status']} |",
             flush=True,
         )

@@ -9,8 +9,9 @@ one) and broadcasts the plan; every rank applies its share of it; then ``--steps
 on synthetic next-token batches. Rank 0 prints the plan, then uniap's training log every
 step (``uniap.training`` logger): loss, iteration time next to the plan's predicted time per
 iteration, samples/s and tokens/s, MFU against the cluster's peak, and the measured peak
-memory of its stage next to the prediction. Without a GPU it runs on CPU with gloo (set ``OMP_NUM_THREADS=1`` on small
-machines). Bad input prints one line, ``train_gpt.py: error: ...``, and exits with code 2.
+memory of its stage next to the prediction. Without a GPU it runs on CPU with gloo (set
+``OMP_NUM_THREADS=1`` on small machines). Bad input prints one line, ``train_gpt.py: error: ...``,
+and exits with code 2.
 """
 
 from __future__ import annotations

@@ -144,9 +144,9 @@ def parallelize(
     batch of inputs of the real shape, as the forward takes them (a tensor, a tuple of
     positional inputs or a dict of keyword inputs; needed to plan, to check the model
     signature and for TP). ``loss_fn(output, targets)``: a mean over the batch; None uses the
-    model's own loss (``output.loss``, a Hugging Face model given ``labels``). ``plan``: a Plan or plan file;
-    planned on rank 0 when None. ``schedule``: restrict planning to ``GPipe``/``1F1B``, or
-    override a given plan's schedule. ``time_limit_s``: the planner's budget.
+    model's own loss (``output.loss``, a Hugging Face model given ``labels``). ``plan``: a Plan or
+    plan file; planned on rank 0 when None. ``schedule``: restrict planning to ``GPipe``/``1F1B``,
+    or override a given plan's schedule. ``time_limit_s``: the planner's budget.
     ``timeout_s``: the process group timeout when this call initialises it.
     ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``, ``"fp32"`` or a
     :class:`~uniap.precision.Precision`, to plan with (default: the planner's, by cluster),
@@ -173,7 +173,8 @@ def parallelize(
         if cluster.world_size != world_size:
             raise PlanMismatchError(
                 f"cluster {cluster.name!r} has {cluster.world_size} devices but {world_size} "
-                "processes were launched; launch one process per device or pass the matching cluster"
+                "processes were launched; launch one process per device or pass the matching "
+                "cluster"
             )
     given = _as_plan(plan) if plan is not None else None
     if precision is None and given is None:  # the planner's default, known before planning

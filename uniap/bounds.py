@@ -20,8 +20,9 @@ stage's synchronisation, ``k`` the per-stage overhead, ``step`` the per-iteratio
     ``S = sum_u min_k A[u,k]`` and ``Gmin = sum_u min_k G[u,k]``.
 The segment bound (:class:`SegmentBound`, :func:`segment_lower_bound`)
     For a box ``T* in [Ta, Tb]``, ``S* in [Sa, Sb]``, every stage ``i`` holds a run ``s..e`` with
-    ``p_i >= lb(s, e) + k`` where ``lb = max_(nu, mu) sum_u min_k (A + nu G + mu M) - nu Sb - mu limit``
-    over grids of ``nu, mu >= 0`` (Lagrangian bounds of "min sum A with sum G <= Sb and sum M
+    ``p_i >= lb(s, e) + k`` where
+    ``lb = max_(nu, mu) sum_u min_k (A + nu G + mu M) - nu Sb - mu limit`` over grids of
+    ``nu, mu >= 0`` (Lagrangian bounds of "min sum A with sum G <= Sb and sum M
     within the limit"; ``nu = mu = 0`` is the sum of the fastest times), ``p_i <= Tb``,
     ``sum_u min_k G[u,k] <= Sb``, ``sum_u min_k M[u,k,i] <=`` the limit, and an outgoing edge
     ``min_ab Rp[e,a,b] <= o_i <= Tb`` (all stages but the last). So
@@ -213,7 +214,8 @@ class SegmentBound:
         self.mem_ok = np.stack(
             [self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)]
         )
-        self.seg_h = []  # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
+        # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
+        self.seg_h = []
         self.slack_t = 1e-300
         for i in reps:
             h = np.where(
@@ -279,7 +281,8 @@ class SegmentBound:
         return out
 
     def cheapest_split(self, Tb: float, Sb: float) -> float:
-        """F(Tb, Sb): the cheapest split of the chain into pp runs (stage by stage over run ends)."""
+        """F(Tb, Sb): the cheapest split of the chain into pp runs (stage by stage over run
+        ends)."""
         self.evals += 1
         f = None
         for i, add in enumerate(self.stage_costs(Tb, Sb)):

@@ -92,7 +92,8 @@ class CheckpointMeta:
 
 
 def step_dir(root: str | os.PathLike[str], step: int) -> Path:
-    """The conventional directory of the checkpoint of ``step`` under ``root``: ``step_00000042``."""
+    """The conventional directory of the checkpoint of ``step`` under ``root``:
+    ``step_00000042``."""
     return Path(root) / f"step_{step:08d}"
 
 
@@ -333,8 +334,8 @@ def full_optimizer_state_dict(pm: Any, optimizer: torch.optim.Optimizer) -> dict
     (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``); ``{}`` on other ranks. Collective;
     streamed tensor by tensor like :func:`export_full_state_dict`.
 
-    It loads into a single-device model's optimizer with
-    ``set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(flatten_optimizer_state_dict=True))``."""
+    It loads into a single-device model's optimizer with ``set_optimizer_state_dict(model, opt,
+    osd, options=StateDictOptions(flatten_optimizer_state_dict=True))``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from uniap.executor.full_state import stream_full_state

@@ -1,6 +1,7 @@
 """``uniap`` command line: thin wrappers over the public API.
 
-    uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml] [--explain]
+    uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 [--out plan.yaml]
+        [--explain]
     uniap show plan.yaml [--layers] [--json] [--plot plan.png] [--html plan.html]
     uniap explain plan.yaml      # or the `uniap plan` arguments: plan, then explain
     uniap profile --model gpt-tiny [--cluster cpu-2] --global-batch-size 16 --out profile.yaml
@@ -115,7 +116,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _forwarded_profile_args(args: argparse.Namespace) -> list[str]:
     argv = ["--model", args.model, "--global-batch-size", str(args.global_batch_size),
-            "--out", args.out, "--warmup", str(args.warmup), "--repeats", str(args.repeats)]  # fmt: skip
+            "--out", args.out, "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats)]  # fmt: skip
     if args.cluster:
         argv += ["--cluster", args.cluster]
     if args.batches:
@@ -145,11 +147,13 @@ def _launch_profile(args: argparse.Namespace) -> int:
     nproc = nproc or 2
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(port), "-m", "uniap.cli", "profile", *_forwarded_profile_args(args)]  # fmt: skip
+           "--master-port", str(port),
+           "-m", "uniap.cli", "profile", *_forwarded_profile_args(args)]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     if not args.quiet:
-        print(f"launching {nproc} processes: torchrun --nproc-per-node {nproc} -m uniap.cli profile ...",
+        print(f"launching {nproc} processes: torchrun --nproc-per-node {nproc} -m uniap.cli "
+              "profile ...",
               file=sys.stderr, flush=True)  # fmt: skip
     rc = subprocess.call(cmd, env=env)
     return 0 if rc == 0 else 2
@@ -311,8 +315,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not args.analytic:
             profile_file = Path(tmp) / "profile.yaml"
             print(
-                f"== profiling {DEMO_MODEL} on this machine (4 processes, gloo): uniap profile --model "
-                f"{DEMO_MODEL} --cluster {DEMO_CLUSTER} --global-batch-size {DEMO_BATCH}",
+                f"== profiling {DEMO_MODEL} on this machine (4 processes, gloo): uniap profile "
+                f"--model {DEMO_MODEL} --cluster {DEMO_CLUSTER} --global-batch-size {DEMO_BATCH}",
                 flush=True,
             )
             cmd = [
@@ -502,11 +506,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="uniap",
         description=textwrap.fill(
             "Automatic parallelism for PyTorch (UniAP): find the fastest plan that fits (pipeline "
-            "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run it.",
+            "stages, data/tensor parallelism, FSDP, recompute per layer), see why it won, and run "
+            "it.",
             90,
         ),
-        epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 --out plan.yaml\n"
-        "  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for each command.",
+        epilog="examples:\n  uniap plan --model gpt-tiny --cluster cpu-4 --global-batch-size 16 "
+        "--out plan.yaml\n  uniap show plan.yaml --plot plan.png\n\nSee `uniap COMMAND --help` for "
+        "each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="log what uniap decides (INFO)")
@@ -520,8 +526,10 @@ def _parser() -> argparse.ArgumentParser:
         "exactly. Prints the plan (the precision assumed, the stage table, where the time and "
         "memory go) and writes it with --out.",
         [
-            "uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 --dtype bfloat16 --out plan.yaml",
-            "uniap plan --model mymodels:build --cluster my-cluster.yaml --global-batch-size 32 --explain",
+            "uniap plan --model llama-7b --cluster a100-2x8 --global-batch-size 64 --dtype "
+            "bfloat16 --out plan.yaml",
+            "uniap plan --model mymodels:build --cluster my-cluster.yaml --global-batch-size 32 "
+            "--explain",
         ],
     )
     _add_plan_args(p)
@@ -622,8 +630,10 @@ def _parser() -> argparse.ArgumentParser:
         "and write them to a profile that `uniap plan --profile` uses instead of analytic costs. "
         "Runs under torchrun, or launches it.",
         [
-            "uniap profile --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --out profile.yaml",
-            "torchrun --nproc-per-node 8 -m uniap.cli profile --model llama-7b --global-batch-size 64 --out p.yaml",
+            "uniap profile --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --out "
+            "profile.yaml",
+            "torchrun --nproc-per-node 8 -m uniap.cli profile --model llama-7b --global-batch-size "
+            "64 --out p.yaml",
         ],
     )
     pr.add_argument(
@@ -697,8 +707,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         "profile, plan and train the demo model on 4 CPU processes",
         f"Profile {DEMO_MODEL} on this machine (4 processes), plan it on the {DEMO_CLUSTER} preset "
-        f"(global batch {DEMO_BATCH}) from that profile, then train it with examples/train_gpt.py on "
-        "4 CPU processes (gloo), printing measured next to predicted time.",
+        f"(global batch {DEMO_BATCH}) from that profile, then train it with examples/train_gpt.py "
+        "on 4 CPU processes (gloo), printing measured next to predicted time.",
         ["uniap demo", "uniap demo --analytic --plan-only"],
     )
     d.add_argument("--plan-only", action="store_true", help="plan and print, do not train")

@@ -1,8 +1,8 @@
 """The hardware a plan runs on: nodes, devices, memory, peak FLOP/s and links.
 
 A `Cluster` is loaded from a YAML file written in human units ("40 GiB", "300 GB/s",
-"25 Gb/s", "5 us", "312 TFLOP/s"; parsed by :mod:`uniap.units`), or from a preset in `uniap/clusters/`, and holds
-everything in SI units (bytes, bytes/s, seconds, FLOP/s)::
+"25 Gb/s", "5 us", "312 TFLOP/s"; parsed by :mod:`uniap.units`), or from a preset in
+`uniap/clusters/`, and holds everything in SI units (bytes, bytes/s, seconds, FLOP/s)::
 
     name: a100-2x8
     num_nodes: 2

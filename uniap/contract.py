@@ -32,7 +32,8 @@ Plan file layout (YAML; JSON is the same tree)::
     - ranks: [2, 3]
       layers: [...]
     predicted: {time_per_iteration_s: ..., samples_per_s: ..., peak_memory_bytes: [...], ...}
-    solver: {status: optimal, gap: 0.0, milps_solved: ..., candidates: [...]}   # wall_s with timings=True
+    solver: {status: optimal, gap: 0.0, milps_solved: ..., candidates: [...]}
+                                         # wall_s with timings=True
     provenance: {uniap: ..., torch: ..., highspy: ..., cluster: ..., profile: analytic}
 """
 
@@ -180,7 +181,8 @@ class Plan:
     """Pipeline stages in order."""
     predicted: dict[str, Any] = field(default_factory=dict)
     """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage), and
-    where the time and memory go (``time_breakdown_s``, ``stage_detail``: see :mod:`uniap.report`)."""
+    where the time and memory go (``time_breakdown_s``, ``stage_detail``: see
+    :mod:`uniap.report`)."""
     solver: dict[str, Any] = field(default_factory=dict)
     """``status``, ``gap``, ``wall_s``, ``milps_solved``, the (pp, c) candidates table and the
     best plan per (pp, schedule) with what binds it (``best_per_pp``: see :mod:`uniap.explain`)."""
@@ -251,7 +253,8 @@ class Plan:
         all_ranks = [r for st in self.stages for r in st.ranks]
         if sorted(all_ranks) != list(range(self.world_size)):
             raise bad(
-                f"stage ranks {[list(s.ranks) for s in self.stages]} must cover 0..{self.world_size - 1} "
+                f"stage ranks {[list(s.ranks) for s in self.stages]} must cover "
+                f"0..{self.world_size - 1} "
                 "exactly once"
             )
         g = self.stages[0].num_devices
@@ -272,7 +275,8 @@ class Plan:
                     raise bad(f"layer {ls.fqn!r}: kind {ls.kind!r} is not one of {list(KINDS)}")
                 if ls.dp < 1 or ls.tp < 1 or ls.dp * ls.tp != g:
                     raise bad(
-                        f"layer {ls.fqn!r}: dp ({ls.dp}) x tp ({ls.tp}) must equal the stage size ({g})"
+                        f"layer {ls.fqn!r}: dp ({ls.dp}) x tp ({ls.tp}) must equal the stage size "
+                        f"({g})"
                     )
                 if b % ls.dp:
                     raise bad(
@@ -294,8 +298,9 @@ class Plan:
         diffs = []
         if world_size is not None and world_size != self.world_size:
             diffs.append(
-                f"world size: the plan is for {self.world_size} devices, {world_size} were launched "
-                f"(launch with --nproc-per-node/--nnodes giving {self.world_size}, or re-plan)"
+                f"world size: the plan is for {self.world_size} devices, {world_size} were "
+                f"launched (launch with --nproc-per-node/--nnodes giving {self.world_size}, or "
+                "re-plan)"
             )
         if layer_fqns is not None:
             plan_fqns = tuple(ls.fqn for ls in self.layer_strategies)
@@ -381,7 +386,8 @@ class Plan:
                     rc = ls.get("recompute", False)
                     if not isinstance(rc, bool):
                         raise ConfigError(
-                            f"{source}: stages[{i}].layers[{j}].recompute must be true or false, got {rc!r}"
+                            f"{source}: stages[{i}].layers[{j}].recompute must be true or false, "
+                            f"got {rc!r}"
                         )
                     strategy = Strategy(
                         _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
@@ -482,7 +488,8 @@ class Plan:
         """A readable table: stage, layers, devices, strategies (run-length), memory, time."""
         lines = [
             f"Plan for {self.model_name} ({self.num_layers} layers) on {self.world_size} devices: "
-            f"pp={self.pp_degree}, {self.num_microbatches} micro-batch{'es' if self.num_microbatches > 1 else ''} "
+            f"pp={self.pp_degree}, {self.num_microbatches} "
+            f"micro-batch{'es' if self.num_microbatches > 1 else ''} "
             f"of {self.microbatch_size} "
             f"(global batch {self.global_batch_size}), schedule {self.schedule}",
             "precision: "
@@ -494,7 +501,10 @@ class Plan:
         ]
         mem = self.predicted.get("peak_memory_bytes") or []
         st_time = self.predicted.get("stage_time_s") or []
-        header = f"{'stage':>5}  {'devices':<12} {'layers':<28} {'strategies (layers x strategy)':<34} {'memory':>10} {'time/mb':>10}"
+        header = (
+            f"{'stage':>5}  {'devices':<12} {'layers':<28} "
+            f"{'strategies (layers x strategy)':<34} {'memory':>10} {'time/mb':>10}"
+        )
         lines.append(header)
         lines.append("-" * len(header))
         for i, st in enumerate(self.stages):

@@ -2,8 +2,9 @@
 
 For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``c`` (micro-batch
 ``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
-``k = (dp, tp, kind, recompute)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch, ``rho`` the
-overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimizer_bytes``:
+``k = (dp, tp, kind, recompute)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
+``rho`` the overlap coefficient, ``P = param_bytes / tp`` and
+``O = num_params / tp * optimizer_bytes``:
 
 - ``A[u,k]`` one micro-batch through the layer:
   ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl)``, the loss's own
@@ -34,14 +35,14 @@ overlap coefficient, ``P = param_bytes / tp`` and ``O = num_params / tp * optimi
   transient ``param_dtype`` copies autocast makes of classic-DDP / TP-only weights.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
-  across micro-batches, next to the shards); plus activations ``profile.activation_bytes(layer, bl, tp) * inflight(i)``
-  (analytic: ``saved_bytes * bl * (f / tp + 1 - f)``; with
-  recompute: ``input_bytes * bl * inflight(i)``, and backward pays one more forward) with
-  ``f`` the layer's TP-sharded fraction and ``inflight`` = 1 for ``pp = 1``, ``c`` for GPipe,
-  ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's copy of its output for
-  the other in-flight micro-batches and the loss's working memory for the one in backward:
-  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic: ``2 out_bytes bl``,
-  the output and its gradient).
+  across micro-batches, next to the shards); plus activations
+  ``profile.activation_bytes(layer, bl, tp) * inflight(i)`` (analytic:
+  ``saved_bytes * bl * (f / tp + 1 - f)``; with recompute: ``input_bytes * bl * inflight(i)``, and
+  backward pays one more forward) with ``f`` the layer's TP-sharded fraction and ``inflight`` = 1
+  for ``pp = 1``, ``c`` for GPipe, ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's
+  copy of its output for the other in-flight micro-batches and the loss's working memory for the one
+  in backward: ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic:
+  ``2 out_bytes bl``, the output and its gradient).
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
@@ -141,9 +142,9 @@ class CostTables:
     schedule: str = "1F1B"
     microbatch_size: int = 1
     breakdown: dict[str, np.ndarray] = field(default_factory=dict)
-    """Optional (L, K) parts of ``A`` and ``G`` for explanations (``compute`` and its ``forward``, ``tp_comm``,
-    ``fsdp_comm``, ``dp_sync``, ``optimizer``) and of ``M``'s static bytes (``param_bytes``,
-    ``grad_bytes``, ``optimizer_bytes``; the rest of ``M`` is activations)."""
+    """Optional (L, K) parts of ``A`` and ``G`` for explanations (``compute`` and its ``forward``,
+    ``tp_comm``, ``fsdp_comm``, ``dp_sync``, ``optimizer``) and of ``M``'s static bytes
+    (``param_bytes``, ``grad_bytes``, ``optimizer_bytes``; the rest of ``M`` is activations)."""
     stage_overhead_s: float = 0.0
     """Seconds every stage pays per micro-batch whatever its layers (the pipeline schedule's
     own work and waits), added to every ``p_i``."""
@@ -288,7 +289,8 @@ class CostModel:
         if self.precision.param_dtype != graph.dtype:
             raise ConfigError(
                 f"precision {self.precision.name} computes in {self.precision.param_dtype} but the "
-                f"model graph is in {graph.dtype}; build the graph with dtype={self.precision.param_dtype}"
+                f"model graph is in {graph.dtype}; build the graph with "
+                f"dtype={self.precision.param_dtype}"
             )
         # per parameter: master copy + its gradient + two AdamW moments, all in master_dtype,
         # written as 2 P + O with P the bytes at param_dtype (see the module docstring)
@@ -337,7 +339,8 @@ class CostModel:
             raise ConfigError(f"pipeline degree ({pp}) must divide the number of devices ({n})")
         if global_batch_size % num_microbatches:
             raise ConfigError(
-                f"num_microbatches ({num_microbatches}) must divide global_batch_size ({global_batch_size})"
+                f"num_microbatches ({num_microbatches}) must divide global_batch_size "
+                f"({global_batch_size})"
             )
         c, b = num_microbatches, global_batch_size // num_microbatches
         strategies = self.strategies(pp)
@@ -365,7 +368,8 @@ class CostModel:
             ks = layer_strategies(layer, strategies, b, in_bytes)
             if not ks:
                 raise ConfigError(
-                    f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} devices per stage"
+                    f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} "
+                    "devices per stage"
                 )
             allowed.append(ks)
             for k in ks:
@@ -484,7 +488,8 @@ class CostModel:
         opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
-        # static memory by kind: FSDP shards it, and with c > 1 keeps parameters and gradients unsharded too
+        # static memory by kind: FSDP shards it, and with c > 1 keeps parameters and gradients
+        # unsharded too
         shard = s.dp if s.kind == "FSDP" else 1
         resident_bytes = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
         memory = []
@@ -598,9 +603,10 @@ class CostModel:
                 if ls.key not in index:
                     offered = ", ".join(_strategy_name(s) for s in tables.strategies)
                     raise ConfigError(
-                        f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a stage of "
-                        f"{st.num_devices} devices (dp * tp must equal the stage size, tp at most "
-                        f"{self.max_tp}, FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
+                        f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a "
+                        f"stage of {st.num_devices} devices (dp * tp must equal the stage size, tp "
+                        f"at most {self.max_tp}, "
+                        f"FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
                         f"offered: {offered}"
                     )
                 k = index[ls.key]

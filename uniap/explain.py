@@ -197,7 +197,8 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
             if (cluster_name or plan.provenance.get("cluster"))
             else ""
         )
-        + f", global batch {plan.global_batch_size}, {plan.provenance.get('dtype', 'dtype not recorded')}"
+        + f", global batch {plan.global_batch_size}, "
+        f"{plan.provenance.get('dtype', 'dtype not recorded')}"
     ]
     if not rows:
         lines.append(
@@ -272,11 +273,13 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
             if abs(v) > 1e-3 * tpi
         )
         lines.append(
-            f"runner-up: pp={ru['pp']} c={ru['c']} {ru['schedule']}, {fmt_seconds(ru['time_per_iteration_s'])} "
+            f"runner-up: pp={ru['pp']} c={ru['c']} {ru['schedule']}, "
+            f"{fmt_seconds(ru['time_per_iteration_s'])} "
             f"(+{fmt_seconds(d)}, +{100 * d / tpi:.1f}%)" + (f": {why}" if why else "")
         )
     else:
         lines.append(
-            "runner-up: none (every other pipeline degree was pruned by its lower bound or does not fit)"
+            "runner-up: none (every other pipeline degree was pruned by its lower bound or does "
+            "not fit)"
         )
     return "\n".join(lines)

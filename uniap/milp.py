@@ -25,8 +25,10 @@ Objective (:func:`_objective`)
 Constraints (one builder per family, named ``<family>_<indices>``)
     ``assign_u``       (:func:`_assign`) ``sum_{i,k} x[u,i,k] = 1``.
     ``start``          (:func:`_assign`) layer 0 on stage 0, layer L-1 on stage pp-1 (windows).
-    ``out_u_i_a``      (:func:`_flow`) ``sum_b y[u,i,a,b] + z[u,i,a,b] = sum_{k: layout a} x[u,i,k]``.
-    ``in_u_i_b``       (:func:`_flow`) ``sum_a y[u-1,i,a,b] + z[u-1,i-1,a,b] = sum_{k: layout b} x[u,i,k]``.
+    ``out_u_i_a``      (:func:`_flow`)
+        ``sum_b y[u,i,a,b] + z[u,i,a,b] = sum_{k: layout a} x[u,i,k]``.
+    ``in_u_i_b``       (:func:`_flow`)
+        ``sum_a y[u-1,i,a,b] + z[u-1,i-1,a,b] = sum_{k: layout b} x[u,i,k]``.
         Together: stages are contiguous, ordered, advance by at most one and are non-empty
         (the path starts on stage 0, ends on pp - 1 and climbs one stage at a time).
     ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.

@@ -90,7 +90,8 @@ class Candidate:
     time_per_iteration_s: float = math.inf
     wall_s: float = 0.0
     bound_target_s: float = math.inf
-    """The incumbent the strong bound was last refined against (it refines again for a lower one)."""
+    """The incumbent the strong bound was last refined against (it refines again for a lower
+    one)."""
     reason: str = ""
     """Why the candidate did not give the plan (empty for the winner and unsolved ones)."""
 
@@ -222,7 +223,10 @@ class _Search:
                     self._prune(e)
                     continue
                 lim = first_s if pass_no == 1 and not self.num_solves else limit
-                label = f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} c={e.cand.num_microbatches} {e.cand.schedule}"
+                label = (
+                    f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} "
+                    f"c={e.cand.num_microbatches} {e.cand.schedule}"
+                )
                 watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
                 sol = self._solve(
                     e, lim, threads, seed, progress=watch, progress_interval_s=progress_interval_s
@@ -234,8 +238,8 @@ class _Search:
                         else "-"
                     )
                     say(
-                        f"{label}: {sol.status} {tpi} per iteration (solved in {fmt_seconds(sol.wall_s)})"
-                        + (" (second pass)" if pass_no == 2 else "")
+                        f"{label}: {sol.status} {tpi} per iteration (solved in "
+                        f"{fmt_seconds(sol.wall_s)})" + (" (second pass)" if pass_no == 2 else "")
                     )
 
     def _prune(self, e: _Entry) -> None:
@@ -327,14 +331,16 @@ class _Search:
             sol = self._solve(e, time_limit_s, threads, seed, cutoff=False)
             if sol.stage_of:
                 log.warning(
-                    "pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report this",
+                    "pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report "
+                    "this",
                     e.cand.pp,
                     e.cand.num_microbatches,
                 )
                 return
 
     def raise_infeasible(self, cm: CostModel, cluster: Cluster, memory_fraction: float) -> None:
-        """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate tried."""
+        """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate
+        tried."""
         need = self.lean[0][0]
         limit = cm.memory_limit_bytes
         tried = [e.cand for e in self.entries]
@@ -347,7 +353,8 @@ class _Search:
             f"no plan fits in device memory: the leanest plan needs {_fmt_bytes(need)} per device, "
             f"the usable limit is {_fmt_bytes(limit)} ({memory_fraction:.0%} of "
             f"{_fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
-            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: {shown}{more}",
+            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: "
+            f"{shown}{more}",
             min_memory_bytes=need,
             candidates=[c.row() for c in tried],
         )
@@ -474,15 +481,16 @@ def _plan_graph(
     )
     if not search.entries:
         raise InfeasibleError(
-            f"no (pipeline degree, micro-batch count) gives every layer a strategy for global batch "
-            f"{B} on {N} devices; use a global batch divisible by more data-parallel degrees "
+            "no (pipeline degree, micro-batch count) gives every layer a strategy for global "
+            f"batch {B} on {N} devices; use a global batch divisible by more data-parallel degrees "
             f"(e.g. a multiple of {N})",
         )
     if say is not None:
         cands = [e.cand for e in search.entries]
         say(
             f"searching {len(cands)} candidates (pp in {sorted({c.pp for c in cands})}, "
-            f"micro-batches in {sorted({c.num_microbatches for c in cands})}): heuristic plans and bounds first"
+            f"micro-batches in {sorted({c.num_microbatches for c in cands})}): heuristic plans and "
+            "bounds first"
         )
     search.first_incumbents()
     search.improve_incumbents()
@@ -500,8 +508,8 @@ def _plan_graph(
     ]
     for s in timed_out:
         log.warning(
-            "a program stopped at its %.3g s time limit with gap %.3g: the plan may not be optimal; "
-            "raise time_limit_s to prove it",
+            "a program stopped at its %.3g s time limit with gap %.3g: the plan may not be "
+            "optimal; raise time_limit_s to prove it",
             time_limit_s,
             s.gap,
         )
@@ -587,11 +595,13 @@ def plan(
     else:
         if example_inputs is None:
             raise ConfigError(
-                "example_inputs is required to plan an nn.Module (a batch of inputs of the real shape)"
+                "example_inputs is required to plan an nn.Module (a batch of inputs of the real "
+                "shape)"
             )
         if seq_len is not None:
             raise ConfigError(
-                "seq_len applies to model presets; for an nn.Module pass example_inputs of that length"
+                "seq_len applies to model presets; for an nn.Module pass example_inputs of that "
+                "length"
             )
         graph = build_graph(model, example_inputs, dtype=dtype)
     return plan_graph(
@@ -617,7 +627,8 @@ def candidate_tables(
         for c in cs:
             if B % c:
                 raise ConfigError(
-                    f"num_microbatches {c} must divide global_batch_size {B}; try one of {divisors(B)}"
+                    f"num_microbatches {c} must divide global_batch_size {B}; try one of "
+                    f"{divisors(B)}"
                 )
             for sched in ["1F1B"] if pp == 1 else list(schedules or ["1F1B"]):
                 try:
@@ -631,7 +642,8 @@ def candidate_tables(
 def _explain_entries(entries: list[_Entry]) -> list:
     """Per candidate: its row, tables and best known assignment (the solver's, else the
     heuristic's). A (pp, schedule) with none at all (pruned by its bound before any heuristic
-    ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to show."""
+    ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to
+    show."""
     rows = [
         (
             e.cand.row(),

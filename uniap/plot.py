@@ -147,7 +147,8 @@ def plot_plan(
     title = (
         f"{plan.model_name} on {plan.world_size} devices"
         + (f" ({r['cluster']})" if r.get("cluster") else "")
-        + f": pp={plan.pp_degree}, {plan.num_microbatches} micro-batches of {plan.microbatch_size}, "
+        + f": pp={plan.pp_degree}, {plan.num_microbatches} micro-batches of "
+        f"{plan.microbatch_size}, "
         f"{plan.schedule}"
         + (f", {r['dtype']}" if r.get("dtype") else "")
         + (
@@ -374,8 +375,8 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
         frameon=False,
     )
     ax.set_title(
-        f"(b) one iteration, {plan.schedule}, {plan.num_microbatches} micro-batches (simulated from the "
-        "predicted stage times)",
+        f"(b) one iteration, {plan.schedule}, {plan.num_microbatches} micro-batches (simulated "
+        "from the predicted stage times)",
         fontsize=10,
         loc="left",
     )

@@ -73,8 +73,8 @@ def solve_progress(
         bound_text = fmt_seconds(bound) if math.isfinite(bound) and abs(bound) < 1e30 else "-"
         gap_text = f"{100 * gap:.1f}%" if math.isfinite(gap) and gap < 1e6 else "-"
         say(
-            f"{label}: solving for {d['running_s']:.0f} s, incumbent {inc_text}, bound {bound_text}, "
-            f"gap {gap_text}, {d['nodes']} nodes"
+            f"{label}: solving for {d['running_s']:.0f} s, incumbent {inc_text}, bound "
+            f"{bound_text}, gap {gap_text}, {d['nodes']} nodes"
         )
 
     return report

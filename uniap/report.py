@@ -358,8 +358,9 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
         f"Plan for {r['model']} ({r['num_layers']} layers) on {r['world_size']} devices"
         + (f" ({r['cluster']})" if r.get("cluster") else ""),
         f"  precision: {r['precision'] if r.get('precision') else _precision(r.get('dtype'))}",
-        f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} devices, "
-        f"schedule {r['schedule']}, {r['num_microbatches']} micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
+        f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} "
+        f"devices, schedule {r['schedule']}, {r['num_microbatches']} "
+        f"micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
         f"of {r['microbatch_size']} (global batch {r['global_batch_size']})",
     ]
     if r.get("time_per_iteration_s") is not None:
@@ -374,7 +375,10 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
         + [20]
     )
     w = min(w, 48)
-    head = f"{'stage':<6}{'devices':<10}{'layers':<10}{'names':<{w}}  {'strategy':<22}{'time/mb':>9}{'memory':>11}"
+    head = (
+        f"{'stage':<6}{'devices':<10}{'layers':<10}{'names':<{w}}  "
+        f"{'strategy':<22}{'time/mb':>9}{'memory':>11}"
+    )
     lines += [head, "-" * len(head)]
     for s in r["stages"]:
         for n, g in enumerate(s["groups"]):
@@ -391,8 +395,9 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
                 else str(s["ranks"][0])
             )
             lines.append(
-                f"{(str(s['index']) if first else ''):<6}{(dev if first else ''):<10}{span:<10}{names:<{w}}  "
-                f"{g['strategy']:<22}{(fmt_seconds(s['time_per_microbatch_s']) if first else ''):>9}"
+                f"{(str(s['index']) if first else ''):<6}{(dev if first else ''):<10}"
+                f"{span:<10}{names:<{w}}  {g['strategy']:<22}"
+                f"{(fmt_seconds(s['time_per_microbatch_s']) if first else ''):>9}"
                 f"{(fmt_bytes(s['peak_memory_bytes']) if first else ''):>11}"
             )
     tb = r.get("time_breakdown_s")
@@ -444,7 +449,8 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
     if layers:
         lines += [
             "",
-            f"{'layer':>5}  {'name':<40}{'stage':>6}  {'strategy':<22}{'time/mb':>9}{'sync':>9}{'memory':>11}",
+            f"{'layer':>5}  {'name':<40}{'stage':>6}  "
+            f"{'strategy':<22}{'time/mb':>9}{'sync':>9}{'memory':>11}",
         ]
         for row in r["layers"]:
             lines.append(

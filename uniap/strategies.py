@@ -1,13 +1,13 @@
 """The intra-layer strategy space: every :class:`~uniap.contract.Strategy` a layer may use on
 the ``g`` devices of its pipeline stage (the value itself belongs to the Plan contract).
 
-A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into ``dp`` data-parallel
-groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says whether the
-parameters are replicated over the data-parallel group (``DDP``) or sharded over it (``FSDP``).
-A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the executor
-asks the same question), and a strategy is offered only if its ``dp`` splits the micro-batch.
-FSDP with ``dp = 1`` is the same as DDP and is not offered twice. ``recompute`` is activation
-checkpointing of the layer (torch.utils.checkpoint): less memory, one more forward.
+A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into ``dp``
+data-parallel groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says
+whether the parameters are replicated over the data-parallel group (``DDP``) or sharded over it
+(``FSDP``). A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the
+executor asks the same question), and a strategy is offered only if its ``dp`` splits the
+micro-batch. FSDP with ``dp = 1`` is the same as DDP and is not offered twice. ``recompute`` is
+activation checkpointing of the layer (torch.utils.checkpoint): less memory, one more forward.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ def test_galvatron_stage_dp_is_optimal_for_its_objective(results) -> None:
 
 def test_galvatron_split_puts_the_remainder_last() -> None:
     """Galvatron's pp_division_even: L // pp blocks per stage, the remainder on the last stage,
-    embeddings with the first and norm + head with the last (llama-tiny with 9 blocks: 12 layers)."""
+    embeddings with the first and norm + head with the last (llama-tiny with 9 blocks: 12
+    layers)."""
     graph = build_graph(
         models.build_model("llama-tiny", device="meta", n_layers=9),
         models.example_batch("llama-tiny", 2, device="meta")[0],

@@ -1,4 +1,5 @@
-"""Every bound is valid on random tables: never above the exhaustive optimum, windows keep every faster assignment."""
+"""Every bound is valid on random tables: never above the exhaustive optimum, windows keep every
+faster assignment."""
 
 from __future__ import annotations
 

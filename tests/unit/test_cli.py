@@ -93,7 +93,8 @@ def test_progress_lines_during_a_solve_and_quiet(plan_run):
     assert lines, err
     assert all(
         re.match(
-            r"\[\d+/\d+\] pp=\d+ c=\d+ (1F1B|GPipe): solving for \d+ s, incumbent .+, bound .+, gap .+",
+            r"\[\d+/\d+\] pp=\d+ c=\d+ (1F1B|GPipe): solving for \d+ s, incumbent .+, bound .+, "
+            r"gap .+",
             x,
         )
         for x in lines
@@ -171,8 +172,7 @@ def test_model_module_function_imports_from_the_current_directory(tmp_path, monk
     """--model mymodels:build finds mymodels.py in the current directory, as `python -m` does."""
     (tmp_path / "mymodels_cli_test.py").write_text(
         "from uniap import models\n"
-        "def build():\n"
-        "    m = models.build_model('gpt-tiny', device='meta')\n"
+        "def build():\n    m = models.build_model('gpt-tiny', device='meta')\n"
         "    return m, models.example_batch(m, 2, device='meta')[0]\n"
     )
     monkeypatch.chdir(tmp_path)

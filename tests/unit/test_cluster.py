@@ -206,15 +206,18 @@ def test_parse_quantity_rejects_bad_values(text, kind, hints):
     ("edits", "field", "hint"),
     [
         ({"num_node": 2, "num_nodes": ...}, "num_node", "did you mean 'num_nodes'"),
-        ({"intra_node__latncy": "5 us", "intra_node__latency": ...}, "intra_node.latncy", "did you mean 'latency'"),
-        ({"device__peak_flops__bfloat": "1 TFLOP/s"}, "device.peak_flops.bfloat", "did you mean 'bfloat16'"),
+        ({"intra_node__latncy": "5 us", "intra_node__latency": ...}, "intra_node.latncy",
+         "did you mean 'latency'"),
+        ({"device__peak_flops__bfloat": "1 TFLOP/s"}, "device.peak_flops.bfloat",
+         "did you mean 'bfloat16'"),
         ({"device__memory": ...}, "device.memory", "e.g. memory: 40 GiB"),
         ({"inter_node": ...}, "inter_node", "e.g. inter_node:"),
         ({"name": ...}, "name", "e.g. name:"),
         ({"num_nodes": "two"}, "num_nodes", "e.g. num_nodes: 2"),
         ({"num_nodes": 2.0}, "num_nodes", "positive integer"),
         ({"devices_per_node": 0}, "devices_per_node", "e.g. devices_per_node: 8"),
-        ({"intra_node__bandwidth": "-300 GB/s"}, "intra_node.bandwidth", "e.g. bandwidth: 300 GB/s"),
+        ({"intra_node__bandwidth": "-300 GB/s"}, "intra_node.bandwidth",
+         "e.g. bandwidth: 300 GB/s"),
         ({"device__memory": "40 GB/s"}, "device.memory", "bandwidth unit"),
         ({"device__memory": "40 parsecs"}, "device.memory", "unknown unit 'parsecs'"),
         ({"inter_node__latency": "10 GiB"}, "inter_node.latency", "memory unit"),
@@ -334,7 +337,11 @@ def test_cpu_device_defaults_to_gloo():
 def test_constructor_validates_with_the_fix():
     """Direct construction validates too, naming the cluster, field and an example."""
     args = ("x", 1, 8, 1e9, {"float32": 1e12}, 1e9, 1e-6, 1e9, 1e-6)
-    with pytest.raises(ConfigError, match=r"cluster 'x': devices_per_node must be a positive integer, got 0; e.g. devices_per_node: 8"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"cluster 'x': devices_per_node must be a positive integer, got 0; "
+        r"e.g. devices_per_node: 8",
+    ):
         Cluster(*args[:2], 0, *args[3:])
     with pytest.raises(ConfigError, match="float32"):
         Cluster(*args[:4], {"tf32": 1e12}, *args[5:])

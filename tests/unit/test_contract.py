@@ -22,7 +22,8 @@ def _two_stage_plan() -> Plan:
 
 
 def test_classic_ddp_is_ddp_over_the_whole_stage() -> None:
-    """Classic DDP exactly for DDP with dp > 1 and tp == 1; DTensor parameters otherwise when sharded or replicated."""
+    """Classic DDP exactly for DDP with dp > 1 and tp == 1; DTensor parameters otherwise when
+    sharded or replicated."""
     assert Strategy(2, 1, "DDP").uses_classic_ddp
     assert not Strategy(1, 1, "DDP").uses_classic_ddp
     assert not Strategy(2, 2, "DDP").uses_classic_ddp

@@ -121,7 +121,8 @@ def test_planner_equals_enumeration_at_every_breakpoint(
 
 
 def test_sweep_limits_bracket_every_step() -> None:
-    """The sweep asks at each step of the curve and just below it, where the previous optimum holds."""
+    """The sweep asks at each step of the curve and just below it, where the previous optimum
+    holds."""
     curve = [(10.0, 5.0), (20.0, 3.0)]
     assert list(sweep_limits(curve)) == [
         (10.0 * (1 - 1e-6), math.inf),

@@ -1,4 +1,5 @@
-"""The MILP's optimum equals the exhaustive optimum on random small instances, and its warm start satisfies every row."""
+"""The MILP's optimum equals the exhaustive optimum on random small instances, and its warm start
+satisfies every row."""
 
 from __future__ import annotations
 

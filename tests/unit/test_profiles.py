@@ -318,7 +318,7 @@ def test_profile_summary_marks_noise_and_clamped_negative_rates(graph) -> None:
     )
     assert marks == {"noise"}
     assert overlap_line(0.0, -8.99) == (
-        "overlap coefficient 0.00 (measured -8.99, outside [0, 1]: noise, clamped to 0.00; the planner "
-        "assumes no overlap: the whole gradient sync is exposed)"
+        "overlap coefficient 0.00 (measured -8.99, outside [0, 1]: noise, clamped to 0.00; the "
+        "planner assumes no overlap: the whole gradient sync is exposed)"
     )
     assert overlap_line(0.42, 0.42) == "overlap coefficient 0.42"

@@ -71,7 +71,8 @@ def test_breakdowns_sum_to_the_cost_models_tpi_and_peak_memory(graph, pp, c, sch
 
 
 def test_plan_stores_breakdown_and_dtype_and_show_rederives_the_same(graph, planned):
-    """The planner keeps the breakdown and dtype in the plan; the cost model re-derives equal numbers."""
+    """The planner keeps the breakdown and dtype in the plan; the cost model re-derives equal
+    numbers."""
     assert planned.provenance["dtype"] == "float32"
     tb = planned.predicted["time_breakdown_s"]
     assert sum(tb[k] for k in TIME_TERMS) == pytest.approx(
@@ -141,7 +142,8 @@ def test_units_are_human():
 
 
 def test_render_plan_wraps_per_layer_group_and_lists_layers(planned):
-    """One table row per run of layers with one strategy; --layers lists every layer; no exponents."""
+    """One table row per run of layers with one strategy; --layers lists every layer; no
+    exponents."""
     r = plan_report(planned)
     text = render_plan(r, layers=True)
     groups = sum(len(s["groups"]) for s in r["stages"])

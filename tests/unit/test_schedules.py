@@ -13,7 +13,8 @@ from uniap.schedules import SCHEDULES, get_schedule, inflight_microbatches
 @pytest.mark.parametrize("pp", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 16])
 def test_inflight_gpipe_all_microbatches_1f1b_until_first_backward(pp: int, c: int) -> None:
-    """GPipe holds c micro-batches on every stage, 1F1B min(c, pp - i), both 1 without pipelining."""
+    """GPipe holds c micro-batches on every stage, 1F1B min(c, pp - i), both 1 without
+    pipelining."""
     for i in range(pp):
         assert inflight_microbatches("GPipe", i, pp, c) == (1 if pp == 1 else c)
         assert inflight_microbatches("1F1B", i, pp, c) == (1 if pp == 1 else min(c, pp - i))
@@ -27,7 +28,8 @@ def test_bubble_fraction() -> None:
 
 
 def test_every_schedule_names_a_torch_class_and_the_plan_accepts_it() -> None:
-    """Each spec's torch class exists in torch.distributed.pipelining; plans accept exactly these names."""
+    """Each spec's torch class exists in torch.distributed.pipelining; plans accept exactly these
+    names."""
     for spec in SCHEDULES.values():
         assert hasattr(pipelining, spec.torch_class), spec
         assert spec.stages_per_rank == 1

@@ -1,4 +1,5 @@
-"""The heuristic search: local search ends in a local optimum; re-planned strategies fit and are optimal when memory is free."""
+"""The heuristic search: local search ends in a local optimum; re-planned strategies fit and are
+optimal when memory is free."""
 
 from __future__ import annotations
 

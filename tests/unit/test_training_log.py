@@ -37,7 +37,8 @@ def _pm(step_s: float = 0.2) -> SimpleNamespace:
 
 
 def test_logs_every_n_steps_with_throughput_mfu_and_memory(caplog):
-    """Steps 1, 3, 5 of every=2... are logged: samples/s, tokens/s, MFU = FLOPs/s over the world's peak."""
+    """Steps 1, 3, 5 of every=2... are logged: samples/s, tokens/s, MFU = FLOPs/s over the world's
+    peak."""
     log = TrainingLog(_plan(), every=2, rank=0)
     tokens = torch.zeros(8, 32, dtype=torch.long)
     with caplog.at_level(logging.INFO, logger="uniap.training"):

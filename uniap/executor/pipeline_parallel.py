@@ -15,12 +15,12 @@ Data-parallel synchronisation is driven per micro-batch by :class:`GradSync`: th
 ``backward_maybe_with_nosync`` is where the last micro-batch's backward turns gradient
 reduction on. When the stage has classic DDP layers the stage's module is the DDP
 wrapper, and torch's stage runs every forward and all but the last backward under
-``no_sync`` itself. A stage whose module is an FSDP2 root (:func:`~uniap.executor.data_parallel.apply_fsdp_root`)
-is handed to torch's stage inside a plain wrapper (:class:`_PlainStage`): torch's own FSDP
-path would turn gradient reduction off for every micro-batch and reduce-scatter after the
-last backward has finished, while :class:`GradSync` reduces during the last backward, hidden
-behind it (what the cost model charges). Gradients are never scaled by the schedule (``scale_grads=False``):
-the loss is already scaled to the global-batch mean.
+``no_sync`` itself. A stage whose module is an FSDP2 root
+(:func:`~uniap.executor.data_parallel.apply_fsdp_root`) is handed to torch's stage inside a plain
+wrapper (:class:`_PlainStage`): torch's own FSDP path would turn gradient reduction off for every
+micro-batch and reduce-scatter after the last backward has finished, while :class:`GradSync` reduces
+during the last backward, hidden behind it (what the cost model charges). Gradients are never scaled
+by the schedule (``scale_grads=False``): the loss is already scaled to the global-batch mean.
 """
 
 from __future__ import annotations

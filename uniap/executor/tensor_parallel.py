@@ -122,7 +122,8 @@ def apply_tp(module: nn.Module, layer: Layer, tp_mesh: DeviceMesh) -> nn.Module:
         sub = module.get_submodule(name)
         if not isinstance(sub, nn.Linear):
             raise PlanMismatchError(
-                f"layer {layer.fqn!r}: TP target {name!r} is a {type(sub).__name__}, not an nn.Linear"
+                f"layer {layer.fqn!r}: TP target {name!r} is a {type(sub).__name__}, not an "
+                "nn.Linear"
             )
     parallelize_module(module, tp_mesh, plan)
     logger.debug("TP x%d on %s: %s", tp, layer.fqn, sorted(plan))

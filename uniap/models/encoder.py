@@ -91,7 +91,8 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+                f"image_size ({self.image_size}) must be divisible by patch_size "
+                f"({self.patch_size})"
             )
         if self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")

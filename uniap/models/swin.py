@@ -75,7 +75,8 @@ class SwinConfig:
         for i, heads in enumerate(self.n_heads):
             if self.stage_dim(i) % heads:
                 raise ConfigError(
-                    f"stage {i}: channels ({self.stage_dim(i)}) must be divisible by heads ({heads})"
+                    f"stage {i}: channels ({self.stage_dim(i)}) must be divisible by heads "
+                    f"({heads})"
                 )
 
     def stage_dim(self, stage: int) -> int:

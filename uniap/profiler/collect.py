@@ -320,7 +320,8 @@ def collect_profile(
             _, bs, be = fit_line(batches, bwd)
             say(
                 f"{fqns[0]} (x{len(fqns)}) tp{tp}: {measured_rate('fwd', fs, fe, marks)}, "
-                f"{measured_rate('bwd', bs, be, marks)}, saved {act[-1] / batches[-1] / 1e3:.1f} kB/sample"
+                f"{measured_rate('bwd', bs, be, marks)}, saved {act[-1] / batches[-1] / 1e3:.1f} "
+                "kB/sample"
             )
             del module
 
@@ -381,7 +382,8 @@ def collect_profile(
     if opt_err > NOISE_FIT_ERROR:
         marks.add("noise")
     say(
-        f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err {opt_err:.0%})"
+        f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err "
+        f"{opt_err:.0%})"
         + (" [slope <= 0, clamped]" if clamped else "")
         + (" [noise]" if opt_err > NOISE_FIT_ERROR else "")
     )

@@ -9,12 +9,13 @@ all-reduced tensor, the gathered output, the reduce-scatter input, the message s
 
 by least squares weighted by ``1 / t`` (relative error); the worst relative residual is kept
 as ``fit_error``. Each point is the interquartile mean of at least :data:`MIN_REPEATS` calls
-(slowest rank per call), and the points are made non-decreasing in the size. Predictions interpolate the measured points themselves
-(:meth:`CollectiveFit.time_s`); the fit reports the link and extrapolates. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups
-are consecutive ranks, DP groups strided, and a group is intra-node when all its ranks share
-a node. All groups of one shape run concurrently (as in a real step, where every TP or DP
-group of the world communicates at once); ``p2p`` is a ping-pong between rank pairs at one
-distance (half the round trip), all pairs at once.
+(slowest rank per call), and the points are made non-decreasing in the size. Predictions interpolate
+the measured points themselves (:meth:`CollectiveFit.time_s`); the fit reports the link and
+extrapolates. Shapes are keyed ``n{size}-{intra|inter}-{consecutive|strided}``: TP groups are
+consecutive ranks, DP groups strided, and a group is intra-node when all its ranks share a node. All
+groups of one shape run concurrently (as in a real step, where every TP or DP group of the world
+communicates at once); ``p2p`` is a ping-pong between rank pairs at one distance (half the round
+trip), all pairs at once.
 """
 
 from __future__ import annotations

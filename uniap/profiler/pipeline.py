@@ -3,8 +3,9 @@
 Every lane of two stages (rank ``r`` of the first half with rank ``r + N/2``) runs the
 executor's own schedule (:func:`uniap.executor.pipeline_parallel.build_schedule`, GPipe) over a
 stage whose compute is negligible (an elementwise scale of an activation of the model's size
-per sample, sent between the stages), once with one micro-batch and once with ``c``. Per extra micro-batch the schedule spends its bookkeeping, the
-point-to-point sends and receives of the activation and its gradient and their waits, so
+per sample, sent between the stages), once with one micro-batch and once with ``c``. Per extra
+micro-batch the schedule spends its bookkeeping, the point-to-point sends and receives of the
+activation and its gradient and their waits, so
 
 ``pipeline_overhead_s = (T(c) - T(1)) / (c - 1)``
 

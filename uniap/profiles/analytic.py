@@ -97,7 +97,8 @@ class AnalyticProfile(Profile):
     dtype: str = "float32"
     """Compute dtype (selects the peak FLOP/s)."""
     layer_overhead_s: float | None = None
-    """Fixed time per layer per pass (kernel launches, Python); default: 30 us on GPU, 100 us on CPU."""
+    """Fixed time per layer per pass (kernel launches, Python); default: 30 us on GPU, 100 us on
+    CPU."""
     overlap_coefficient: float = 0.5
     """Fraction of gradient synchronisation hidden behind backward."""
     memory_bandwidth_bytes_per_s: float | None = None

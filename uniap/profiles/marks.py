@@ -14,8 +14,8 @@ NOISE_FIT_ERROR = 0.2
 _PROFILE_LEGEND = {
     "noise": (
         f"[noise]: the straight-line fit misses a measurement by more than {NOISE_FIT_ERROR:.0%}. "
-        "The planner uses the measured medians at the measured sizes (batch or message; linear between "
-        "them) and the fit only beyond the largest, so the fit's error matters only there; "
+        "The planner uses the measured medians at the measured sizes (batch or message; linear "
+        "between them) and the fit only beyond the largest, so the fit's error matters only there; "
         "more --repeats or a quieter machine shrink it"
     ),
     "negative": (

@@ -323,7 +323,8 @@ class MeasuredProfile(Profile):
             )
         if hw.get("devices_per_node") != cluster.devices_per_node:
             diffs.append(
-                f"devices per node: profile {hw.get('devices_per_node')}, cluster {cluster.devices_per_node}"
+                f"devices per node: profile {hw.get('devices_per_node')}, cluster "
+                f"{cluster.devices_per_node}"
             )
         if hw.get("device_type") != cluster.device_type:
             diffs.append(
@@ -479,7 +480,8 @@ class MeasuredProfile(Profile):
                 _, fslope, ferr = lp.fit("fwd_s", tp)
                 _, bslope, berr = lp.fit("bwd_s", tp)
                 lines.append(
-                    f"  {lp.fqns[0]:<12} x{len(lp.fqns)} tp{tp}: {measured_rate('fwd', fslope, ferr, marks)}, "
+                    f"  {lp.fqns[0]:<12} x{len(lp.fqns)} tp{tp}: "
+                    f"{measured_rate('fwd', fslope, ferr, marks)}, "
                     f"{measured_rate('bwd', bslope, berr, marks)}"
                 )
         for op, fits in sorted(self.collectives.items()):
