@@ -7,10 +7,13 @@
     uniap profile --model gpt-tiny [--cluster cpu-2] --global-batch-size 16 --out profile.yaml
     uniap plan --model gpt-tiny --cluster cpu-2 --global-batch-size 16 --profile profile.yaml
     uniap models | clusters
-    uniap demo                    # plan the demo model on cpu-4, then train it on 4 processes
+    uniap demo                    # profile, plan and train the demo model on 4 CPU processes
 
 Every command's ``--help`` has a description and examples. Bad input prints one line,
 ``uniap: error: ...``, and exits with code 2.
+
+One module: each command is a thin wrapper with its help text and two examples; the argument
+definitions (a description and a default for every option) make up most of its length.
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ Plan file layout (YAML; JSON is the same tree)::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import yaml
 from uniap.errors import ConfigError, PlanMismatchError
 from uniap.precision import Precision
 from uniap.schedules import SCHEDULES as _SCHEDULE_SPECS
+from uniap.units import fmt_bytes
 
 __all__ = [
     "DDP_BUCKET_BYTES",
@@ -513,7 +513,7 @@ class Plan:
             span = f"{span} ({len(fq)})"
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
             strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
-            m = _fmt_bytes(mem[i]) if i < len(mem) else "-"
+            m = fmt_bytes(mem[i]) if i < len(mem) else "-"
             t = (
                 f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms"
                 if i < len(st_time)
@@ -564,15 +564,6 @@ def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[Strategy, int]]:
         else:
             out.append((ls.strategy, 1))
     return out
-
-
-def _fmt_bytes(n: float) -> str:
-    if not isinstance(n, int | float) or math.isnan(n):
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def _int(v: Any, name: str, source: str) -> int:

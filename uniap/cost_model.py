@@ -75,6 +75,9 @@ Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` 
 
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
+
+One module: the formulas above, the tables they fill and the evaluation of a plan are one
+concept (what a plan costs); the module docstring is most of its length.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ they remove only assignments that cannot beat the incumbent, so exactness is kep
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
 read from HiGHS itself.
+
+One module: the program's variables, its constraint families and the HiGHS wrapper that
+solves it are one concept; the bounds that narrow it are in :mod:`uniap.bounds`.
 """
 
 from __future__ import annotations

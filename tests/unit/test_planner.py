@@ -69,7 +69,7 @@ def test_infeasible_names_the_memory_needed() -> None:
     """No plan fits: the error says how much memory the leanest plan needs."""
     with pytest.raises(
         InfeasibleError,
-        match=r"the leanest plan needs [0-9.]+ GiB per device, the usable limit is 3.6 GiB",
+        match=r"the leanest plan needs [0-9.]+ GiB per device, the usable limit is 3.60 GiB",
     ) as e:
         plan("llama-7b", "cpu-4", global_batch_size=8)
     assert e.value.min_memory_bytes > 4 * 2**30

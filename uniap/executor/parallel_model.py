@@ -36,6 +36,9 @@ Loss semantics: ``train_step`` computes exactly the single-device loss of the gl
 ``local_samples / global_batch``, gradients are summed over DP groups, and the returned value
 is the sum over micro-batches and DP shards (counted once per TP group), all-reduced so every
 rank returns the same float.
+
+One module: :func:`apply_plan` and the :class:`ParallelModel` it returns are one concept (a
+plan applied on this rank); the parallelisms themselves live one per module beside it.
 """
 
 from __future__ import annotations

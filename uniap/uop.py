@@ -1,0 +1,346 @@
+"""The search state of the Unified Optimization Process (:mod:`uniap.planner`): one entry per
+``(pp, c, schedule)`` candidate with its tables, best heuristic assignment, segment bound and
+program result, and the phases that fill them (heuristic incumbents, local search, two passes
+of exact solves, the last resort before "no plan fits"). Every skip and cut here removes only
+assignments that cannot beat a plan already in hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uniap.bounds import SegmentBound
+from uniap.cluster import Cluster
+from uniap.cost_model import CostModel, CostTables, evaluate_assignment
+from uniap.errors import InfeasibleError
+from uniap.milp import Solution, min_peak_memory, solve
+from uniap.progress import solve_progress
+from uniap.report import fmt_seconds
+from uniap.search import heuristic
+from uniap.units import fmt_bytes
+
+__all__ = ["Candidate", "Entry", "Search", "explain_entries"]
+
+log = logging.getLogger(__name__)
+
+_QUICK_SOLVE_S = 2.0
+"""First-pass time limit per candidate (see :func:`plan_graph`)."""
+
+_FIRST_SOLVE_FACTOR = 4.0
+"""The first program solved gets this many times the first-pass time limit."""
+
+_NO_SPLIT_FITS = "even with every layer's leanest strategy, nothing fits in memory (lower bound)"
+
+_IMPROVE_STARTS = 4
+"""Heuristic starts that local search improves on each candidate that may win."""
+
+
+@dataclass
+class Candidate:
+    """One (pp, c, schedule) of the search and what became of it."""
+
+    pp: int
+    num_microbatches: int
+    schedule: str
+    lower_bound_s: float
+    status: str = "pending"
+    """``optimal``, ``time_limit``, ``infeasible`` (nothing fits), ``pruned`` (bound cannot
+    win), ``cutoff`` (solved: nothing beats the incumbent)."""
+    time_per_iteration_s: float = math.inf
+    wall_s: float = 0.0
+    bound_target_s: float = math.inf
+    """The incumbent the strong bound was last refined against (it refines again for a lower
+    one)."""
+    reason: str = ""
+    """Why the candidate did not give the plan (empty for the winner and unsolved ones)."""
+
+    def row(self) -> dict:
+        tpi = self.time_per_iteration_s
+        return {
+            "pp": self.pp,
+            "c": self.num_microbatches,
+            "schedule": self.schedule,
+            "status": self.status,
+            "lower_bound_s": float(self.lower_bound_s),
+            "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
+            "wall_s": round(self.wall_s, 4),
+            "reason": self.reason,
+        }
+
+
+@dataclass(eq=False)
+class Entry:
+    """One candidate during the search: its tables, its best heuristic assignment, its segment
+    bound (built when first needed) and its program's latest result."""
+
+    cand: Candidate
+    tables: CostTables
+    start: tuple[list[int], list[int]] | None = None
+    """The best heuristic assignment found (the program's warm start)."""
+    start_tpi_s: float = math.inf
+    segments: SegmentBound | None = None
+    solution: Solution | None = None
+    limit_used_s: float = 0.0
+    """Time limit of the program's latest solve."""
+
+    def strengthen(self, target: float) -> float:
+        """Raise the candidate's lower bound with the segment bound refined towards ``target``
+        (the incumbent), when the cheap bound does not already reach it; the bound."""
+        cand = self.cand
+        if (
+            cand.lower_bound_s < target * (1 - 1e-12)
+            and math.isfinite(target)
+            and target < cand.bound_target_s
+        ):
+            if self.segments is None:
+                self.segments = SegmentBound(self.tables)
+            cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
+            cand.bound_target_s = target
+        return cand.lower_bound_s
+
+    def settled(self, target: float) -> bool:
+        """The bound shows that this candidate cannot beat ``target``."""
+        return self.strengthen(target) >= target * (1 - 1e-12)
+
+
+@dataclass
+class Search:
+    """The state of the Unified Optimization Process (see the module docstring, steps 3-5)."""
+
+    entries: list[Entry]
+    best_tpi_s: float = math.inf
+    """The best time in hand (a heuristic assignment's or a program's)."""
+    owner: Entry | None = None
+    """The candidate whose heuristic assignment holds ``best_tpi_s`` before any program ran."""
+    best: Entry | None = None
+    """The candidate whose program gave the best plan so far."""
+    num_solves: int = 0
+
+    def _offer(self, e: Entry, inc: tuple[list[int], list[int]] | None) -> None:
+        tpi = (
+            evaluate_assignment(e.tables, *inc).time_per_iteration_s
+            if inc is not None
+            else math.inf
+        )
+        if e.start is None or tpi < e.start_tpi_s:
+            e.start, e.start_tpi_s = inc, tpi
+        if tpi < self.best_tpi_s:
+            self.best_tpi_s, self.owner = tpi, e
+
+    def by_bound(self) -> list[Entry]:
+        return sorted(self.entries, key=lambda e: e.cand.lower_bound_s)
+
+    def first_incumbents(self) -> None:
+        """Step 3: a heuristic assignment per candidate that may still win (best bound first);
+        the best of them is a global incumbent that cuts off every program that cannot beat it.
+        Then the strong bound against it settles the candidates that cannot beat it."""
+        for e in self.by_bound():
+            if e.cand.lower_bound_s < self.best_tpi_s:
+                self._offer(e, heuristic(e.tables))
+        for e in self.entries:
+            e.strengthen(self.best_tpi_s)
+
+    def improve_incumbents(self) -> None:
+        """Step 4: local search from the best starts of the candidates that may still win (best
+        bound first, each new incumbent refining the others' bounds); then they are visited best
+        plan first: the one that holds the optimum usually comes first, and its plan then cuts
+        off or prunes the others."""
+        for e in self.by_bound():
+            if not e.settled(self.best_tpi_s):
+                self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
+        self.entries.sort(
+            key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches)
+        )
+
+    def solve_all(
+        self,
+        time_limit_s: float,
+        threads: int,
+        seed: int,
+        say: Callable[[str], None] | None,
+        progress_interval_s: float,
+    ) -> None:
+        """Step 5, in two passes. First every candidate gets a short solve: most finish (optimal,
+        or cut off by the incumbent); the hard ones stop early, but the easy ones have meanwhile
+        lowered the incumbent. Then the unfinished ones are solved to the end against that
+        better bound, which usually cuts them off quickly. The first program solved (the best
+        incumbent, most often the optimum's) gets a longer first try: a restart would repeat
+        its work."""
+        quick_s = min(time_limit_s, _QUICK_SOLVE_S)
+        first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
+        for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
+            for idx, e in enumerate(self.entries):
+                if pass_no == 2 and (
+                    e.solution is None
+                    or e.solution.status != "time_limit"
+                    or e.limit_used_s >= limit
+                ):
+                    continue
+                # Prune by the bound, against the best plan so far (or the heuristic incumbent,
+                # except on the candidate that holds it: its own program must produce the plan).
+                if (self.best is not None or e is not self.owner) and e.settled(self.best_tpi_s):
+                    self._prune(e)
+                    continue
+                lim = first_s if pass_no == 1 and not self.num_solves else limit
+                label = (
+                    f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} "
+                    f"c={e.cand.num_microbatches} {e.cand.schedule}"
+                )
+                watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
+                sol = self._solve(
+                    e, lim, threads, seed, progress=watch, progress_interval_s=progress_interval_s
+                )
+                if say is not None:
+                    tpi = (
+                        fmt_seconds(sol.time_per_iteration_s)
+                        if math.isfinite(sol.time_per_iteration_s)
+                        else "-"
+                    )
+                    say(
+                        f"{label}: {sol.status} {tpi} per iteration (solved in "
+                        f"{fmt_seconds(sol.wall_s)})" + (" (second pass)" if pass_no == 2 else "")
+                    )
+
+    def _prune(self, e: Entry) -> None:
+        cand = e.cand
+        cand.status = "pruned"
+        cand.reason = (
+            _NO_SPLIT_FITS
+            if not math.isfinite(cand.lower_bound_s)
+            else f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {self.best_tpi_s:.6g} s"
+        )
+        if e.solution is not None:  # a first-pass time-out that the bound now settles
+            e.solution = dataclasses.replace(e.solution, status="pruned")
+
+    def _solve(
+        self,
+        e: Entry,
+        limit_s: float,
+        threads: int,
+        seed: int,
+        *,
+        cutoff: bool = True,
+        progress: Callable | None = None,
+        progress_interval_s: float = 5.0,
+    ) -> Solution:
+        inc = e.start
+        if e.solution is not None and e.solution.stage_of:
+            inc = (e.solution.stage_of, e.solution.strategy_of)
+        e.limit_used_s = limit_s
+        bound = self.best_tpi_s if cutoff and math.isfinite(self.best_tpi_s) else None
+        sol = solve(
+            e.tables,
+            incumbent=inc if cutoff else None,
+            incumbent_tpi_s=bound,
+            time_limit_s=limit_s,
+            threads=threads,
+            seed=seed,
+            segments=e.segments,
+            progress=progress,
+            progress_interval_s=progress_interval_s,
+        )
+        e.solution = sol
+        self.num_solves += 1
+        cand = e.cand
+        cand.status = sol.status
+        cand.reason = {
+            "infeasible": "no assignment fits in memory (the program is infeasible)",
+            "cutoff": f"nothing beats {self.best_tpi_s:.6g} s (the program is cut off)",
+        }.get(sol.status, "")
+        cand.wall_s += sol.wall_s
+        cand.time_per_iteration_s = sol.time_per_iteration_s
+        if sol.stage_of and (
+            self.best is None or sol.time_per_iteration_s < self.best.solution.time_per_iteration_s
+        ):
+            self.best = e
+            self.best_tpi_s = min(self.best_tpi_s, sol.time_per_iteration_s)
+        return sol
+
+    def leanest(self, time_limit_s: float) -> list[tuple[float, int]]:
+        """``(memory the leanest assignment needs, index)`` of the candidates that can be the
+        leanest, leanest first. Memory falls with more micro-batches (fewer activations in
+        flight) except that FSDP keeps parameters unsharded when c > 1, and 1F1B never keeps
+        more than GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
+        lean: dict[tuple[int, bool], int] = {}
+        for idx, e in enumerate(self.entries):
+            key = (e.cand.pp, e.cand.num_microbatches == 1)
+            if (
+                key not in lean
+                or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches
+            ):
+                lean[key] = idx
+        return sorted(
+            (min_peak_memory(self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)), idx)
+            for idx in lean.values()
+        )
+
+    def last_resort(self, time_limit_s: float, threads: int, seed: int) -> None:
+        """Before saying that no plan fits: the leanest candidate, and any other whose leanest
+        assignment fits, is solved after all when a bound settled it, so that a bound is never
+        the only reason for an :class:`InfeasibleError` and the error never says that a plan
+        needs less memory than the limit. The bounds are valid, so this finds nothing unless
+        one of them is wrong (then it warns)."""
+        self.lean = self.leanest(time_limit_s)
+        for rank, (need, idx) in enumerate(self.lean):
+            e = self.entries[idx]
+            if rank and need > e.tables.memory_limit_bytes * (1 + 1e-9):
+                break
+            if e.solution is not None and e.solution.status != "pruned":
+                continue  # the program itself said so
+            sol = self._solve(e, time_limit_s, threads, seed, cutoff=False)
+            if sol.stage_of:
+                log.warning(
+                    "pp=%d c=%d was pruned as infeasible by a bound but has a plan: please report "
+                    "this",
+                    e.cand.pp,
+                    e.cand.num_microbatches,
+                )
+                return
+
+    def raise_infeasible(self, cm: CostModel, cluster: Cluster, memory_fraction: float) -> None:
+        """:class:`InfeasibleError` with the memory the leanest plan needs and every candidate
+        tried."""
+        need = self.lean[0][0]
+        limit = cm.memory_limit_bytes
+        tried = [e.cand for e in self.entries]
+        shown = "; ".join(
+            f"pp={c.pp} c={c.num_microbatches} {c.schedule}: {c.reason or c.status}"
+            for c in tried[:4]
+        )
+        more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
+        raise InfeasibleError(
+            f"no plan fits in device memory: the leanest plan needs {fmt_bytes(need)} per device, "
+            f"the usable limit is {fmt_bytes(limit)} ({memory_fraction:.0%} of "
+            f"{fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
+            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: "
+            f"{shown}{more}",
+            min_memory_bytes=need,
+            candidates=[c.row() for c in tried],
+        )
+
+
+def explain_entries(entries: list[Entry]) -> list:
+    """Per candidate: its row, tables and best known assignment (the solver's, else the
+    heuristic's). A (pp, schedule) with none at all (pruned by its bound before any heuristic
+    ran) gets a heuristic plan on its lowest-bound candidate, so each one tried has a plan to
+    show."""
+    rows = [
+        (
+            e.cand.row(),
+            e.tables,
+            (e.solution.stage_of, e.solution.strategy_of)
+            if e.solution is not None and e.solution.stage_of
+            else e.start,
+        )
+        for e in entries
+    ]
+    for key in {(e.cand.pp, e.cand.schedule) for e in entries}:
+        group = [i for i, e in enumerate(entries) if (e.cand.pp, e.cand.schedule) == key]
+        if all(rows[i][2] is None for i in group):
+            i = min(group, key=lambda j: entries[j].cand.lower_bound_s)
+            if math.isfinite(entries[i].cand.lower_bound_s):
+                rows[i] = (rows[i][0], rows[i][1], heuristic(entries[i].tables))
+    return rows
