@@ -27,7 +27,7 @@ LR = 1e-3
 # by at most lr * |dg| / eps (~1e-6); every other entry is unaffected.
 EPS = 1e-6
 RTOL, ATOL = 1e-4, 1e-5
-# bf16-mixed parity (see test_precision.py for the justification of these bounds)
+# bf16-mixed parity (see test_precision_parity.py for the justification of these bounds)
 LOSS_RTOL_BF16 = 2e-3
 UPDATE_RTOL_BF16 = 5e-2
 SGD_OPTIONS = {"lr": 0.5, "momentum": 0.5, "foreach": True}

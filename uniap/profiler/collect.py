@@ -254,7 +254,13 @@ def collect_profile(
     ``batches``: local batch sizes to time (default :func:`planner_batches`); ``tp_degrees``:
     TP degrees (default every divisor of the world up to ``cluster.devices_per_node``);
     ``targets`` and ``loss_fn`` (both or neither): the loss's working memory at the last layer
-    is measured (else the cost model's analytic term is used). Collective."""
+    is measured (else the cost model's analytic term is used). Collective.
+
+    One step per measured quantity, in this order: collectives, layer compute and memory per
+    TP degree (:func:`_measure_layers`), the overlap coefficient (:func:`_measure_overlap`),
+    the data-parallel wrapping (:func:`_measure_dp_wrapping`), the optimizer step
+    (:func:`_measure_optimizer`), the pipeline schedule's overhead and the loss
+    (:func:`_measure_loss`)."""
     t_start = time.perf_counter()
     world = dist.get_world_size()
     if world != cluster.world_size:
@@ -262,153 +268,32 @@ def collect_profile(
             f"cluster {cluster.name!r} has {cluster.world_size} devices but {world} ranks were "
             "launched; launch one process per device or pass the matching cluster"
         )
+    if (targets is None) != (loss_fn is None):
+        raise ValueError("pass both targets and loss_fn to measure the loss's memory, or neither")
     say = progress or (lambda s: None)
     batches = sorted(batches or planner_batches(global_batch_size))
     if tp_degrees is None:
         tp_degrees = [d for d in divisors(world) if d <= cluster.devices_per_node]
     tp_degrees = sorted(set(tp_degrees) | {1})
     model = model.to(device)
+    ctx = _Context(model, graph, device, batches, warmup, repeats, say)
+    ctx.inputs_at = {
+        b: capture_layer_inputs(model, graph.fqns, resize_batch(example_inputs, b)) for b in batches
+    }
 
     say(f"collectives on {world} ranks")
     collectives = measure_collectives(
         cluster.devices_per_node, device, warmup=warmup, repeats=repeats, progress=say
     )
-    skeleton = MeasuredProfile(
-        model={},
-        hardware={"devices_per_node": cluster.devices_per_node},
-        versions={},
-        layers={},
-        collectives=collectives,
-    )
-
-    by_key: dict[str, list[str]] = {}
-    for layer in graph.layers:
-        by_key.setdefault(layer.cost_key, []).append(layer.fqn)
-    layer_of = {layer.fqn: layer for layer in graph.layers}
-    inputs_at = {
-        b: capture_layer_inputs(model, graph.fqns, resize_batch(example_inputs, b)) for b in batches
-    }
-    profiles = {key: LayerProfile(fqns=fqns, batches=list(batches)) for key, fqns in by_key.items()}
-    marks: set[str] = set()  # which noise / clamp notes the output used (explained at the end)
-    for tp in tp_degrees:
-        mesh = _tp_mesh(tp, device) if tp > 1 else None
-        for key, fqns in by_key.items():
-            layer = layer_of[fqns[0]]
-            if not layer.supports_tp(tp):
-                continue
-            module = layer_copy(model, fqns[0], device)
-            if mesh is not None:
-                from uniap.executor.tensor_parallel import apply_tp
-
-                apply_tp(module, layer, mesh)
-            fwd, bwd, act = [], [], []
-            for b in batches:
-                f, g = time_layer(
-                    module, inputs_at[b][fqns[0]], device, warmup=warmup, repeats=repeats
-                )
-                fwd.append(f)
-                bwd.append(g)
-                act.append(float(saved_activation_bytes(module, inputs_at[b][fqns[0]])))
-            # at tp > 1 the times include the layer's own TP collectives, as they run on a
-            # real TP group (profile.tp_comm_in_compute): subtracting a modelled estimate of
-            # them would only add the collectives' noise to the compute
-            fwd, bwd = _mean_over_ranks(fwd), _mean_over_ranks(bwd)
-            lp = profiles[key]
-            lp.fwd_s[tp], lp.bwd_s[tp], lp.activation_bytes[tp] = fwd, bwd, act
-            lp.state_bytes[tp] = state_bytes(module)
-            _, fs, fe = fit_line(batches, fwd)
-            _, bs, be = fit_line(batches, bwd)
-            say(
-                f"{fqns[0]} (x{len(fqns)}) tp{tp}: {measured_rate('fwd', fs, fe, marks)}, "
-                f"{measured_rate('bwd', bs, be, marks)}, saved {act[-1] / batches[-1] / 1e3:.1f} "
-                "kB/sample"
-            )
-            del module
-
-    # overlap: the heaviest layer's backward against an all-reduce of its gradients
-    heavy_key = max(by_key, key=lambda k: profiles[k].bwd_s[1][-1])
-    heavy = layer_copy(model, by_key[heavy_key][0], device)
-    heavy_in = inputs_at[batches[-1]][by_key[heavy_key][0]]
-
-    def backward_pass() -> None:
-        time_layer(heavy, heavy_in, device, warmup=0, repeats=1)
-
-    numel = sum(p.numel() for p in heavy.parameters())
-    overlap = measure_overlap(backward_pass, numel, device, warmup=warmup, repeats=repeats)
-    say(overlap_line(overlap["rho"], overlap["raw"]))
-
-    say("data-parallel wrapping (DDP, FSDP) per layer")
-    mid = batches[len(batches) // 2]
-    dp = _dp_costs(
-        model,
-        graph,
-        by_key,
-        inputs_at[mid],
-        device,
-        skeleton.collective_s,
-        overlap["rho"],
-        warmup,
-        repeats,
-    )
-    for key, res in dp.items():
-        profiles[key].dp_residual_s = res
-        say(
-            f"{by_key[key][0]}: "
-            + ", ".join(
-                f"{k} {ph} {v * 1e3:+.2f} ms" + (" [negative]" if v < 0 else "")
-                for k, r in res.items()
-                for ph, v in r.items()
-            )
-        )
-        if any(v < 0 for r in res.values() for v in r.values()):
-            marks.add("residual")
-
-    # optimizer: AdamW per distinct layer, plain and as DTensor shards; a + s * n over plain
-    opt_times = _optimizer_costs(model, by_key, device, warmup, repeats)
-    sizes, times = [], []
-    for key, fqns in by_key.items():
-        if "plain" not in opt_times.get(key, {}):
-            continue
-        profiles[key].optimizer_s = dict(opt_times[key])
-        sizes.append(float(layer_of[fqns[0]].num_params))
-        times.append(opt_times[key]["plain"])
-    opt_a, opt_slope, opt_err = (
-        fit_line(sizes, times) if len(sizes) > 1 else (0.0, times[0] / sizes[0], 0.0)
-    )
-    clamped = opt_slope <= 0
-    if clamped:
-        opt_a, opt_slope = 0.0, max(times) / max(sizes)
-        marks.add("optimizer")
-    if opt_err > NOISE_FIT_ERROR:
-        marks.add("noise")
-    say(
-        f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err "
-        f"{opt_err:.0%})"
-        + (" [slope <= 0, clamped]" if clamped else "")
-        + (" [noise]" if opt_err > NOISE_FIT_ERROR else "")
-    )
-    for line in profile_legend(marks):
+    profiles = _measure_layers(ctx, tp_degrees)
+    overlap = _measure_overlap(ctx, profiles)
+    _measure_dp_wrapping(ctx, profiles, collectives, cluster, overlap["rho"])
+    opt_a, opt_slope = _measure_optimizer(ctx, profiles)
+    for line in profile_legend(ctx.marks):
         say(line)
-
-    say("pipeline schedule overhead")
-    boundary = max((la.output_bytes_per_sample for la in graph.layers[:-1]), default=4.0)
-    pipeline_s = measure_pipeline_overhead(
-        device, activation_numel=int(boundary // 4), warmup=warmup, repeats=repeats
-    )
-    say(f"pipeline overhead per stage per micro-batch: {pipeline_s * 1e6:.0f} us")
-
-    if (targets is None) != (loss_fn is None):
-        raise ValueError("pass both targets and loss_fn to measure the loss's memory, or neither")
+    pipeline_s = _measure_pipeline(ctx)
     if loss_fn is not None:
-        last = graph.layers[-1]
-        lp = profiles[last.cost_key]
-        lp.loss_s, lp.loss_working_bytes = _loss_costs(
-            model, last.fqn, inputs_at, targets, loss_fn, device, warmup, repeats
-        )
-        say(
-            f"loss at {last.fqn}, batch {batches[-1]}: {lp.loss_s[-1] * 1e3:.2f} ms, "
-            f"{lp.loss_working_bytes[-1] / 2**20:.2f} MiB working memory"
-        )
+        _measure_loss(ctx, profiles, targets, loss_fn)
 
     wall = time.perf_counter() - t_start
     return MeasuredProfile(
@@ -442,4 +327,192 @@ def collect_profile(
             "cluster": cluster.name,
             "wall_s": round(wall, 2),
         },
+    )
+
+
+class _Context:
+    """What every measuring step of :func:`collect_profile` shares: the model, its distinct
+    layers (``by_key``: cost key -> FQNs), the captured layer inputs per batch, the settings and
+    the noise / clamp marks the output used (explained at the end)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: ModelGraph,
+        device: torch.device,
+        batches: list[int],
+        warmup: int,
+        repeats: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.model, self.graph, self.device = model, graph, device
+        self.batches, self.warmup, self.repeats, self.say = batches, warmup, repeats, say
+        self.by_key: dict[str, list[str]] = {}
+        for layer in graph.layers:
+            self.by_key.setdefault(layer.cost_key, []).append(layer.fqn)
+        self.layer_of = {layer.fqn: layer for layer in graph.layers}
+        self.inputs_at: dict[int, Any] = {}
+        self.marks: set[str] = set()
+
+
+def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, LayerProfile]:
+    """Forward and backward time, saved activations and state bytes of every distinct layer at
+    every batch and TP degree."""
+    batches = ctx.batches
+    profiles = {
+        key: LayerProfile(fqns=fqns, batches=list(batches)) for key, fqns in ctx.by_key.items()
+    }
+    for tp in tp_degrees:
+        mesh = _tp_mesh(tp, ctx.device) if tp > 1 else None
+        for key, fqns in ctx.by_key.items():
+            layer = ctx.layer_of[fqns[0]]
+            if not layer.supports_tp(tp):
+                continue
+            module = layer_copy(ctx.model, fqns[0], ctx.device)
+            if mesh is not None:
+                from uniap.executor.tensor_parallel import apply_tp
+
+                apply_tp(module, layer, mesh)
+            fwd, bwd, act = [], [], []
+            for b in batches:
+                f, g = time_layer(
+                    module,
+                    ctx.inputs_at[b][fqns[0]],
+                    ctx.device,
+                    warmup=ctx.warmup,
+                    repeats=ctx.repeats,
+                )
+                fwd.append(f)
+                bwd.append(g)
+                act.append(float(saved_activation_bytes(module, ctx.inputs_at[b][fqns[0]])))
+            # at tp > 1 the times include the layer's own TP collectives, as they run on a
+            # real TP group (profile.tp_comm_in_compute): subtracting a modelled estimate of
+            # them would only add the collectives' noise to the compute
+            fwd, bwd = _mean_over_ranks(fwd), _mean_over_ranks(bwd)
+            lp = profiles[key]
+            lp.fwd_s[tp], lp.bwd_s[tp], lp.activation_bytes[tp] = fwd, bwd, act
+            lp.state_bytes[tp] = state_bytes(module)
+            _, fs, fe = fit_line(batches, fwd)
+            _, bs, be = fit_line(batches, bwd)
+            ctx.say(
+                f"{fqns[0]} (x{len(fqns)}) tp{tp}: {measured_rate('fwd', fs, fe, ctx.marks)}, "
+                f"{measured_rate('bwd', bs, be, ctx.marks)}, "
+                f"saved {act[-1] / batches[-1] / 1e3:.1f} kB/sample"
+            )
+            del module
+    return profiles
+
+
+def _measure_overlap(ctx: _Context, profiles: dict[str, LayerProfile]) -> dict[str, float]:
+    """The overlap coefficient: the heaviest layer's backward against an all-reduce of its
+    gradients."""
+    heavy_key = max(ctx.by_key, key=lambda k: profiles[k].bwd_s[1][-1])
+    heavy = layer_copy(ctx.model, ctx.by_key[heavy_key][0], ctx.device)
+    heavy_in = ctx.inputs_at[ctx.batches[-1]][ctx.by_key[heavy_key][0]]
+
+    def backward_pass() -> None:
+        time_layer(heavy, heavy_in, ctx.device, warmup=0, repeats=1)
+
+    numel = sum(p.numel() for p in heavy.parameters())
+    overlap = measure_overlap(
+        backward_pass, numel, ctx.device, warmup=ctx.warmup, repeats=ctx.repeats
+    )
+    ctx.say(overlap_line(overlap["rho"], overlap["raw"]))
+    return overlap
+
+
+def _measure_dp_wrapping(
+    ctx: _Context, profiles: dict[str, LayerProfile], collectives: Any, cluster: Cluster, rho: float
+) -> None:
+    """What DDP and FSDP wrapping adds per layer beyond the modelled collectives."""
+    ctx.say("data-parallel wrapping (DDP, FSDP) per layer")
+    skeleton = MeasuredProfile(
+        model={},
+        hardware={"devices_per_node": cluster.devices_per_node},
+        versions={},
+        layers={},
+        collectives=collectives,
+    )
+    mid = ctx.batches[len(ctx.batches) // 2]
+    dp = _dp_costs(
+        ctx.model,
+        ctx.graph,
+        ctx.by_key,
+        ctx.inputs_at[mid],
+        ctx.device,
+        skeleton.collective_s,
+        rho,
+        ctx.warmup,
+        ctx.repeats,
+    )
+    for key, res in dp.items():
+        profiles[key].dp_residual_s = res
+        ctx.say(
+            f"{ctx.by_key[key][0]}: "
+            + ", ".join(
+                f"{k} {ph} {v * 1e3:+.2f} ms" + (" [negative]" if v < 0 else "")
+                for k, r in res.items()
+                for ph, v in r.items()
+            )
+        )
+        if any(v < 0 for r in res.values() for v in r.values()):
+            ctx.marks.add("residual")
+
+
+def _measure_optimizer(ctx: _Context, profiles: dict[str, LayerProfile]) -> tuple[float, float]:
+    """AdamW per distinct layer, plain and as DTensor shards; ``(a, s)`` of ``a + s * n`` fitted
+    over the plain ones."""
+    opt_times = _optimizer_costs(ctx.model, ctx.by_key, ctx.device, ctx.warmup, ctx.repeats)
+    sizes, times = [], []
+    for key, fqns in ctx.by_key.items():
+        if "plain" not in opt_times.get(key, {}):
+            continue
+        profiles[key].optimizer_s = dict(opt_times[key])
+        sizes.append(float(ctx.layer_of[fqns[0]].num_params))
+        times.append(opt_times[key]["plain"])
+    opt_a, opt_slope, opt_err = (
+        fit_line(sizes, times) if len(sizes) > 1 else (0.0, times[0] / sizes[0], 0.0)
+    )
+    clamped = opt_slope <= 0
+    if clamped:
+        opt_a, opt_slope = 0.0, max(times) / max(sizes)
+        ctx.marks.add("optimizer")
+    if opt_err > NOISE_FIT_ERROR:
+        ctx.marks.add("noise")
+    ctx.say(
+        f"optimizer: {max(opt_a, 0) * 1e6:.0f} us + {opt_slope * 1e9:.2f} ns/param (fit err "
+        f"{opt_err:.0%})"
+        + (" [slope <= 0, clamped]" if clamped else "")
+        + (" [noise]" if opt_err > NOISE_FIT_ERROR else "")
+    )
+    return opt_a, opt_slope
+
+
+def _measure_pipeline(ctx: _Context) -> float:
+    """The pipeline schedule's own time per stage and micro-batch, with an activation of the
+    model's largest stage-boundary size."""
+    ctx.say("pipeline schedule overhead")
+    boundary = max((la.output_bytes_per_sample for la in ctx.graph.layers[:-1]), default=4.0)
+    pipeline_s = measure_pipeline_overhead(
+        ctx.device, activation_numel=int(boundary // 4), warmup=ctx.warmup, repeats=ctx.repeats
+    )
+    ctx.say(f"pipeline overhead per stage per micro-batch: {pipeline_s * 1e6:.0f} us")
+    return pipeline_s
+
+
+def _measure_loss(
+    ctx: _Context,
+    profiles: dict[str, LayerProfile],
+    targets: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+) -> None:
+    """The loss's time and working memory at the last layer, per batch."""
+    last = ctx.graph.layers[-1]
+    lp = profiles[last.cost_key]
+    lp.loss_s, lp.loss_working_bytes = _loss_costs(
+        ctx.model, last.fqn, ctx.inputs_at, targets, loss_fn, ctx.device, ctx.warmup, ctx.repeats
+    )
+    ctx.say(
+        f"loss at {last.fqn}, batch {ctx.batches[-1]}: {lp.loss_s[-1] * 1e3:.2f} ms, "
+        f"{lp.loss_working_bytes[-1] / 2**20:.2f} MiB working memory"
     )
