@@ -24,35 +24,17 @@ from torch import nn
 
 from uniap import models
 from uniap.cluster import Cluster
-from uniap.exactness import sweep
+from uniap.exactness import MLP, small_cluster, sweep
 from uniap.graph import build_graph
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.up, self.act, self.down = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(self.act(self.up(x)))
-
-
 def cluster(nodes: int, per_node: int, rng: np.random.Generator) -> Cluster:
-    return Cluster.from_dict(
-        {
-            "name": f"{nodes}x{per_node}",
-            "num_nodes": nodes,
-            "devices_per_node": per_node,
-            "device": {
-                "memory": "4 GiB",
-                "peak_flops": {"float32": f"{int(rng.choice([20, 50, 200]))} GFLOP/s"},
-                "compute_efficiency": 0.5,
-                "type": "cpu",
-            },
-            "intra_node": {"bandwidth": f"{int(rng.choice([1, 2, 10]))} GB/s", "latency": "50 us"},
-            "inter_node": {"bandwidth": f"{int(rng.choice([1, 10]))} Gb/s", "latency": "500 us"},
-            "backend": "gloo",
-        }
+    return small_cluster(
+        nodes,
+        per_node,
+        gflops=int(rng.choice([20, 50, 200])),
+        intra_gb_s=int(rng.choice([1, 2, 10])),
+        inter_gbit_s=int(rng.choice([1, 10])),
     )
 
 

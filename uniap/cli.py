@@ -361,6 +361,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             from uniap.report import plan_report, render_plan
 
             print(render_plan(plan_report(p)))
+            if not args.plan_only:
+                print(
+                    f"(not training: {example} is part of the source checkout, not of an installed "
+                    "package; run `make demo` from a clone to train)"
+                )
             return 0
         plan_file = Path(tmp) / "plan.yaml"
         p.to_yaml(plan_file)

@@ -19,6 +19,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel
 from uniap.errors import InfeasibleError
@@ -27,7 +30,47 @@ from uniap.planner import candidate_tables, plan_graph
 from uniap.search import frontier
 from uniap.strategies import divisors
 
-__all__ = ["Check", "optimum_curve", "sweep_limits", "sweep"]
+__all__ = ["Check", "MLP", "optimum_curve", "small_cluster", "sweep_limits", "sweep"]
+
+
+class MLP(nn.Module):
+    """A residual MLP block ``x + down(gelu(up(x)))``: layers of different widths for the
+    sweep's random chains."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(x)))
+
+
+def small_cluster(
+    nodes: int,
+    per_node: int = 1,
+    *,
+    gflops: float = 50,
+    intra_gb_s: float = 2,
+    inter_gbit_s: float = 1,
+) -> Cluster:
+    """A CPU cluster of ``nodes x per_node`` devices with 4 GiB each (the sweep sets the limit)."""
+    return Cluster.from_dict(
+        {
+            "name": f"{nodes}x{per_node}",
+            "num_nodes": nodes,
+            "devices_per_node": per_node,
+            "device": {
+                "memory": "4 GiB",
+                "peak_flops": {"float32": f"{gflops:g} GFLOP/s"},
+                "compute_efficiency": 0.5,
+                "type": "cpu",
+            },
+            "intra_node": {"bandwidth": f"{intra_gb_s:g} GB/s", "latency": "50 us"},
+            "inter_node": {"bandwidth": f"{inter_gbit_s:g} Gb/s", "latency": "500 us"},
+            "backend": "gloo",
+        }
+    )
+
 
 _FRACTION = 0.9
 """Memory fraction the sweep plans with (the limit is this share of the device memory)."""

@@ -12,36 +12,13 @@ from uniap.cluster import Cluster, load_cluster
 from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 from uniap.cost_model import CostModel
 from uniap.errors import ConfigError
+from uniap.exactness import MLP, small_cluster
 from uniap.graph import ModelGraph, build_graph
 from uniap.planner import plan
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.up, self.act, self.down = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(self.act(self.up(x)))
-
-
 def _cluster(nodes: int, per_node: int = 1) -> Cluster:
-    return Cluster.from_dict(
-        {
-            "name": f"{nodes}x{per_node}",
-            "num_nodes": nodes,
-            "devices_per_node": per_node,
-            "device": {
-                "memory": "4 GiB",
-                "peak_flops": {"float32": "50 GFLOP/s"},
-                "compute_efficiency": 0.5,
-                "type": "cpu",
-            },
-            "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
-            "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"},
-            "backend": "gloo",
-        }
-    )
+    return small_cluster(nodes, per_node)
 
 
 def _chain3():

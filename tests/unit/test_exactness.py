@@ -16,38 +16,14 @@ from uniap.bounds import SegmentBound, bottleneck_lower_bound, candidate_lower_b
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
-from uniap.exactness import optimum_curve, sweep, sweep_limits
+from uniap.exactness import MLP, optimum_curve, small_cluster, sweep, sweep_limits
 from uniap.graph import build_graph
 from uniap.planner import candidate_tables, plan_graph
 from uniap.search import compositions, frontier
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int, h: int) -> None:
-        super().__init__()
-        self.up, self.act, self.down = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(self.act(self.up(x)))
-
-
 def _cluster(nodes: int, per_node: int = 1) -> Cluster:
-    return Cluster.from_dict(
-        {
-            "name": f"{nodes}x{per_node}",
-            "num_nodes": nodes,
-            "devices_per_node": per_node,
-            "device": {
-                "memory": "4 GiB",
-                "peak_flops": {"float32": "50 GFLOP/s"},
-                "compute_efficiency": 0.5,
-                "type": "cpu",
-            },
-            "intra_node": {"bandwidth": "2 GB/s", "latency": "50 us"},
-            "inter_node": {"bandwidth": "1 Gb/s", "latency": "500 us"},
-            "backend": "gloo",
-        }
-    )
+    return small_cluster(nodes, per_node)
 
 
 def _seq7():
