@@ -148,7 +148,7 @@ def sweep(
         step = len(limits) / max_checks
         limits = [limits[int(j * step)] for j in range(max_checks)]
     out = []
-    for limit, expected in limits:
+    for limit, _ in limits:
         c = cluster.with_memory(limit / _FRACTION)
         limit_used = c.device_memory_bytes * _FRACTION
         # the expected optimum at the limit the planner really sees (rounding of limit / 0.9 * 0.9)
