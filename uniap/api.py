@@ -238,6 +238,7 @@ def parallelize(
         device=default_device(),
         init_weights=init_weights,
         seed=seed,
+        example_inputs=example_inputs,
     )
 
 

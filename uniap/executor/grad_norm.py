@@ -94,11 +94,15 @@ def clip_grad_norm_(
     device: torch.device,
     foreach: bool | None = None,
     error_if_nonfinite: bool = False,
+    counted: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Clip every local gradient by the global norm (:func:`total_grad_norm`); returns it."""
+    """Clip every local gradient by the global norm (:func:`total_grad_norm`); returns it.
+    ``counted``: the parameters whose gradients make up the norm (default: ``params``; the
+    other copies of a parameter held several times, e.g. a tied weight on two stages, are
+    clipped but counted once)."""
     params = list(params)
     total = total_grad_norm(
-        params,
+        params if counted is None else list(counted),
         norm_type,
         pp_group=pp_group,
         device=device,

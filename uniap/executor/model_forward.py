@@ -167,35 +167,63 @@ def install_layout_adapters(
 
 
 class FreeParamSync:
-    """Gradient sum of the free parameters over the base layout's DP group, once per
-    iteration (after the last backward); gradients accumulated by earlier iterations (no
-    ``zero_grad`` in between) are set aside and added back after the sum, so they are not
-    summed again."""
+    """Gradient sum of the free parameters, once per iteration (after the last backward).
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+    ``units``: ``(copies, group)`` pairs; each unit is one parameter of the model, held here
+    as one or more local copies (a tied weight traced into two places of a pipeline stage),
+    whose gradient is the sum over ``group`` (the ranks holding a copy) of every copy's
+    gradient, given to every copy. A unit whose group spans several pipeline stages
+    contributes zeros where no copy was used, so every rank of the group joins the sum.
+    Gradients accumulated by earlier iterations (no ``zero_grad`` in between) are set aside
+    and added back after the sum, so they are not summed again."""
+
+    def __init__(
+        self,
+        units: Sequence[tuple[Sequence[nn.Parameter], dist.ProcessGroup | None]],
+        *,
+        spans_stages: Sequence[bool] | None = None,
+    ) -> None:
+        self.units: list[tuple[list[nn.Parameter], dist.ProcessGroup | None, bool]] = []
+        spans = list(spans_stages) if spans_stages is not None else [False] * len(units)
+        for (copies, group), span in zip(units, spans):
+            copies = [p for p in copies if p.requires_grad]
+            if copies and group is not None and dist.get_world_size(group) > 1:
+                self.units.append((copies, group, span))
         self._kept: list[torch.Tensor | None] = []
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every synchronised copy."""
+        return [p for copies, _, _ in self.units for p in copies]
 
     def begin(self) -> None:
         """Set the accumulated gradients aside (call before the iteration's first backward)."""
         self._kept = []
-        if self.group is None:
-            return
         for p in self.params:
             self._kept.append(p.grad)
             p.grad = None
 
     def finish(self) -> None:
-        """Sum this iteration's gradients over the group, then add back the accumulated ones."""
-        if self.group is None:
-            return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.group)
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+        """Sum this iteration's gradients over each unit's group, then add back the
+        accumulated ones."""
+        by_group: dict[dist.ProcessGroup, list[tuple[list[nn.Parameter], torch.Tensor]]] = {}
+        for copies, group, span in self.units:
+            grads = [p.grad for p in copies if p.grad is not None]
+            if not grads and not span:
+                continue  # unused here, and (one stage) on every rank of the group
+            total = torch.zeros_like(copies[0]) if not grads else grads[0].clone()
+            for g in grads[1:]:
+                total.add_(g)
+            by_group.setdefault(group, []).append((copies, total))
+        for group, entries in by_group.items():
+            totals = [t for _, t in entries]
+            flat = torch._utils._flatten_dense_tensors(totals)
+            dist.all_reduce(flat, group=group)
+            for (copies, _), synced in zip(
+                entries, torch._utils._unflatten_dense_tensors(flat, totals)
+            ):
+                for p in copies:
+                    p.grad = synced.clone() if len(copies) > 1 else synced
         for p, kept in zip(self.params, self._kept):
             if kept is not None:
                 p.grad = kept if p.grad is None else p.grad.add_(kept)

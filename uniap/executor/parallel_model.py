@@ -83,6 +83,7 @@ from uniap.executor.pipeline_parallel import build_schedule
 from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slice_global_batch
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
+from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
@@ -112,6 +113,7 @@ def apply_plan(
     device: torch.device,
     init_weights: Callable[[nn.Module], None] | None = None,
     seed: int = 0,
+    example_inputs: Any = None,
 ) -> ParallelModel:
     """Build this rank's part of ``plan`` from ``model`` (a template, left untouched: the
     parallel model trains a copy). Collective.
@@ -122,7 +124,8 @@ def apply_plan(
     given ``labels``). A ``model`` on the meta device is sharded on meta and then only this
     rank's shards are materialised and initialised (:mod:`.materialize`:
     ``init_weights(layer)`` per layer, else ``reset_parameters()``, under ``seed + layer
-    index``).
+    index``). ``example_inputs`` (a batch as the forward takes it) is traced to split a model
+    that is not a declared chain into ``pp > 1`` stages (:mod:`.traced_stages`).
     """
     meta = is_meta(model)
     layers = dict(layers or {})
@@ -142,41 +145,38 @@ def apply_plan(
     all_fqns = [ls.fqn for ls in plan.layer_strategies]
     free: dict[str, tuple[str, ...]] = {}
     own_forward = runs_own_forward(model, plan)
-    if own_forward:
+    traced_split = not own_forward and not is_declared_chain(model)  # pp > 1, own forward
+    if own_forward or traced_split:
         free = free_parameters(model, all_fqns)
         base = check_free_layouts(free, plan)
-    elif not is_declared_chain(model):
-        raise PlanMismatchError(
-            f"{type(model).__name__} is not a declared chain (nn.Sequential or "
-            f"uniap_layer_fqns()), so it cannot be split into {plan.pp_degree} pipeline stages "
-            "by running its layers one after the other: plan with pp=1 (any model runs there), "
-            "or define uniap_layer_fqns() if feeding each layer's output to the next is its "
-            "forward"
-        )
-    if loss_fn is None and plan.pp_degree > 1:
+    if loss_fn is None and not (own_forward or traced_split):
         raise UniapError(
-            "loss_fn=None (the model's own loss) needs a pp=1 plan; pass loss_fn=... for a "
-            f"plan with pp={plan.pp_degree}"
+            f"loss_fn=None (the model's own loss) needs a model that computes one; "
+            f"{type(model).__name__} is run as a chain of its layers: pass loss_fn=..."
         )
+    if (own_forward or traced_split) and meta:
+        outside = sorted(free) + [
+            n
+            for n, _ in model.named_buffers()
+            if not any(n == f or n.startswith(f + ".") for f in all_fqns)
+        ]
+        if outside:
+            raise UniapError(
+                f"{type(model).__name__} is on the meta device and has parameters or buffers "
+                f"outside every layer ({', '.join(outside[:3])}): they cannot be initialised "
+                "layer by layer yet; build the model on the CPU, or move them into a layer"
+            )
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
-    if own_forward:
-        module: nn.Module = copy.deepcopy(model)
+    traced: TracedStage | None = None
+    if traced_split:
+        traced = build_traced_stage(model, plan, stage_index, example_inputs, groups, device)
+        module = traced.module
+    elif own_forward:
+        module = copy.deepcopy(model)
         if not meta:
             module = module.to(device)
-        else:
-            outside = sorted(free) + [
-                n
-                for n, _ in model.named_buffers()
-                if not any(n == f or n.startswith(f + ".") for f in all_fqns)
-            ]
-            if outside:
-                raise UniapError(
-                    f"{type(model).__name__} is on the meta device and has parameters or buffers "
-                    f"outside every layer ({', '.join(outside[:3])}): they cannot be initialised "
-                    "layer by layer yet; build the model on the CPU, or move them into a layer"
-                )
     else:
         module = build_stage_module(model, plan, stage_index, groups, device)
     mp_policy = None
@@ -184,8 +184,13 @@ def apply_plan(
         module.to(precision.torch_dtype("master_dtype"))
         install_autocast(module, precision, device.type)
         mp_policy = mp_policy_for(precision)
-    named = dict(module.named_parameters())
-    free_params = [named[n] for n in sorted(free)]
+    if traced is not None:
+        free_params = [p for copies, _ in traced.units for p in copies]
+        free_names = set(traced.free_names)
+    else:
+        named = dict(module.named_parameters())
+        free_params = [named[n] for n in sorted(free)]
+        free_names = set(free)
     for ls in stage.layers:
         if ls.tp > 1:
             apply_tp(
@@ -226,13 +231,25 @@ def apply_plan(
             module,
             [ls.fqn for ls in classic],
             groups.layer_mesh(dp, 1)["dp"].get_group(),
-            exclude=set(free),
+            exclude=free_names,
         )
     free_sync = None
     context = BatchContext()
-    if own_forward:
+    if traced is not None:
+        module.forward = RoutedForward(module.forward, traced.split.routing, stage_index)
+        free_sync = FreeParamSync(traced.units, spans_stages=traced.spans)
+        if free_names:
+            logger.info(
+                "%d free parameter copies on stage %d (tied or outside the stage's layers: %s) "
+                "synchronised over every rank holding a copy",
+                len(free_names),
+                stage_index,
+                ", ".join(sorted(free_names)[:4]),
+            )
+    elif own_forward:
         install_layout_adapters(module, plan, groups, base, context)
-        free_sync = FreeParamSync(free_params, groups.layer_mesh(*base)["dp"].get_group())
+        dp_group = groups.layer_mesh(*base)["dp"].get_group()
+        free_sync = FreeParamSync([([p], dp_group) for p in free_params])
         if free:
             logger.info(
                 "%d free parameter(s) (outside every layer or tied: %s) synchronised over the "
@@ -249,7 +266,9 @@ def apply_plan(
         len(stage.layers),
         stage.layers[0].fqn,
         stage.layers[-1].fqn,
-        "the model's own forward" if own_forward else "a chain",
+        "the model's own forward"
+        if own_forward
+        else ("the model's own forward, traced" if traced is not None else "a chain"),
     )
     return ParallelModel(
         module,
@@ -261,6 +280,7 @@ def apply_plan(
         free_sync=free_sync,
         batch_context=context,
         own_forward=own_forward,
+        traced=traced,
     )
 
 
@@ -308,6 +328,7 @@ class ParallelModel:
         free_sync: FreeParamSync | None = None,
         batch_context: BatchContext | None = None,
         own_forward: bool = False,
+        traced: TracedStage | None = None,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -319,6 +340,7 @@ class ParallelModel:
         self._ddp = ddp
         self._free_sync = free_sync
         self._batch_context = batch_context or BatchContext()
+        self._traced = traced
         self.plan = plan
         """The plan being run."""
         self.groups = groups
@@ -447,10 +469,12 @@ class ParallelModel:
         ``norm_type``-norm, as ``torch.nn.utils.clip_grad_norm_`` does on one process; returns
         that norm (a 0-dim tensor, the same on every rank). Collective: every rank calls it,
         after ``train_step`` and before the optimizer step (see :mod:`.grad_norm`)."""
+        skip = self._traced.not_counted if self._traced is not None else set()
         return clip_grad_norm_(
             self.parameters(),
             max_norm,
             norm_type,
+            counted=[p for p in self.parameters() if id(p) not in skip],
             pp_group=self.groups.lane_group,
             device=self.device,
             foreach=foreach,
@@ -472,6 +496,8 @@ class ParallelModel:
 
     # ---------------------------------------------------------------- running
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        if self._traced is not None:  # the last traced stage returns the flat outputs
+            output = self._traced.split.output(output)
         if self._loss_fn is not None:
             return self._loss_fn(output, target)
         loss = getattr(output, "loss", None)
@@ -602,9 +628,30 @@ class ParallelModel:
             total += loss.detach().double()
         return total
 
+    def _traced_inputs(self, inputs: Any) -> None:
+        """Stage 0 of a traced model: this rank's part of every micro-batch, as the root
+        inputs the traced stage reads, handed to the schedule already split."""
+        assert self._traced is not None and self._schedule is not None
+        self._schedule.presplit = None
+        if not self.is_first_stage:
+            return
+        args, kwargs = _as_call(inputs)
+        self._check_batch((args, kwargs), "inputs", exact=False)
+        mbs = microbatches(
+            self._to_device((args, kwargs)),
+            batch_size=self.plan.global_batch_size,
+            num_microbatches=self.plan.num_microbatches,
+            dp=self._first_dp,
+            dp_index=self._first_dp_index,
+        )
+        self._schedule.presplit = [self._traced.split.root_values(a, k) for a, k in mbs]
+
     def _run_schedule(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """``pp > 1``: the pipeline schedule over the stages of a declared chain."""
+        """``pp > 1``: the pipeline schedule over the stages (a declared chain's, or the
+        traced stages of the model's own forward)."""
         c = self.plan.num_microbatches
+        if self._traced is not None:
+            return self._run_traced_schedule(inputs, targets)
         if not isinstance(inputs, tuple):
             inputs = (inputs,)
         local_in = local_tgt = None
@@ -635,6 +682,33 @@ class ParallelModel:
             total += loss.detach().double()
         return total
 
+    def _run_traced_schedule(self, inputs: Any, targets: Any) -> torch.Tensor:
+        c = self.plan.num_microbatches
+        self._traced_inputs(inputs)
+        kwargs: dict[str, Any] = {}
+        losses: list[torch.Tensor] = []
+        if self.is_last_stage:
+            if targets is None:
+                if self._loss_fn is not None:
+                    raise UniapError(
+                        "train_step: targets are None but a loss_fn was given; pass targets"
+                    )
+                local_tgt: Any = torch.zeros(c, device=self.device)  # the model's own loss
+            else:
+                self._check_batch(targets, "targets")
+                local_tgt = self._to_device(
+                    slice_global_batch(
+                        targets, num_microbatches=c, dp=self._last_dp, dp_index=self._last_dp_index
+                    )
+                )
+            kwargs = {"target": local_tgt, "losses": losses}
+        assert self._schedule is not None
+        self._schedule.step(return_outputs=False, **kwargs)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for loss in losses:
+            total += loss.detach().double()
+        return total
+
     def forward(self, inputs: Any) -> Any:
         """Output of the model on a batch: every rank gets the whole batch's output
         (batch-first tensors gathered; a loss in it is this rank's part's). Meant for
@@ -644,6 +718,8 @@ class ParallelModel:
         With ``pp > 1`` the pipeline runs forward only (the schedule's ``eval``) on a batch of
         the plan's global batch size, and the last stage's output (a tensor) is sent to every
         stage over the lanes."""
+        if self._traced is not None:
+            return self._forward_traced(inputs)
         if self.plan.pp_degree > 1:
             return self._forward_pipeline(inputs)
         args, kwargs = _as_call(inputs)
@@ -709,6 +785,42 @@ class ParallelModel:
         dist.broadcast_object_list(payload, src=src, group=self.groups.lane_group)
         return payload[0].to(self.device)
 
+    def _forward_traced(self, inputs: Any) -> Any:
+        """Forward-only pipeline of a traced model on a batch of the plan's global batch size:
+        the model's output (its structure, batch-first tensors whole, a scalar such as the loss
+        the mean over the micro-batches) on every rank."""
+        self._traced_inputs(inputs)
+        schedule = self._schedule
+        assert schedule is not None
+        loss_fn, schedule._loss_fn = schedule._loss_fn, None  # forward only: no loss
+        schedule.raw_outputs = True
+        try:
+            with torch.no_grad():
+                chunks = schedule.eval()
+        finally:
+            schedule._loss_fn = loss_fn
+            schedule.raw_outputs = False
+        self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
+        out = None
+        if self.is_last_stage:
+            rows = self._traced.rows
+            flat = []
+            for leaves in zip(*chunks):
+                if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in leaves):
+                    flat.append(torch.stack(leaves).float().mean().to(leaves[0].dtype))
+                elif all(_batch_first(v, rows) for v in leaves):
+                    # this rank's shard of each micro-batch: gather each, then concatenate
+                    gather = self._to_replicated
+                    flat.append(torch.cat([gather(v) if gather else v for v in leaves]))
+                else:
+                    flat.append(leaves[0])
+            out = map_tensors(lambda t: t.cpu(), self._traced.split.output(flat))
+        layout = self.groups.layout
+        src = layout.stage_start(self.plan.pp_degree - 1) + layout.local(self.groups.rank)
+        payload = [out]
+        dist.broadcast_object_list(payload, src=src, group=self.groups.lane_group)
+        return self._to_device(payload[0])
+
     __call__ = forward
 
     # ---------------------------------------------------------------- state
@@ -730,6 +842,10 @@ class ParallelModel:
         ``load_state_dict``; other ranks get ``{}``. Collective over the world; streamed one
         tensor at a time (:mod:`.full_state`)."""
         return stream_full_state(self.groups, self.module.state_dict, self.device)
+
+
+def _batch_first(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == rows
 
 
 def _as_call(inputs: Any) -> tuple[tuple, dict[str, Any]]:

@@ -44,7 +44,31 @@ __all__ = ["build_schedule"]
 logger = logging.getLogger(__name__)
 
 
-class _Schedule1F1BAnyCount(Schedule1F1B):
+class _PresplitInputs:
+    """Schedule mixin: micro-batches split by the caller (``presplit``: one tuple of stage-0
+    positional inputs per micro-batch), for inputs that are not all batch-first (a traced
+    model's root inputs: masks broadcast over the batch, position tables); ``raw_outputs``
+    returns the last stage's per-micro-batch outputs unmerged."""
+
+    presplit: list[tuple[Any, ...]] | None = None
+    raw_outputs: bool = False
+
+    def _split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        if self.presplit is None:
+            return super()._split_inputs(args, kwargs)  # type: ignore[misc]
+        return list(self.presplit), [{} for _ in self.presplit]
+
+    def _merge_outputs(self, output_chunks: list[Any]) -> Any:
+        if self.raw_outputs:
+            return list(output_chunks)
+        return super()._merge_outputs(output_chunks)  # type: ignore[misc]
+
+
+class _GPipe(_PresplitInputs, ScheduleGPipe):
+    """torch's GPipe, with caller-split inputs."""
+
+
+class _Schedule1F1BAnyCount(_PresplitInputs, Schedule1F1B):
     """torch's 1F1B without its ``n_microbatches >= num_stages`` requirement.
 
     With ``c < pp`` the same loop runs ``min(c, pp - i)`` warm-up forwards on stage ``i`` (so
@@ -69,7 +93,7 @@ class _PlainStage(nn.Module):
         return self.module(*args, **kwargs)
 
 
-_TORCH_CLASSES = {"ScheduleGPipe": ScheduleGPipe, "Schedule1F1B": _Schedule1F1BAnyCount}
+_TORCH_CLASSES = {"ScheduleGPipe": _GPipe, "Schedule1F1B": _Schedule1F1BAnyCount}
 """The class run for each ``ScheduleSpec.torch_class`` (torch's, or adapted above)."""
 
 
@@ -86,6 +110,15 @@ class _StageWithGradSync(PipelineStage):
     def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
         with self._grad_sync.microbatch(last=False):
             return super()._forward_metadata_inference(*args, **kwargs)
+
+    # torch materialises metadata as uninitialised tensors for that forward; a traced stage's
+    # integer inputs (token ids, labels) index tables, so they are zeros instead
+    def _to_tensor(self, arg: Any) -> torch.Tensor:
+        t = super()._to_tensor(arg)
+        if not isinstance(arg, torch.Tensor) and type(t) is torch.Tensor:
+            with torch.no_grad():
+                t.zero_()
+        return t
 
     def _backward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
         with self._grad_sync.microbatch(last=False):
