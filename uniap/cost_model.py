@@ -327,8 +327,12 @@ class CostModel:
     # ------------------------------------------------------------------ tables
     def strategies(self, pp: int) -> list[Strategy]:
         """Strategies for a stage of this pipeline degree."""
+        # a model split by tracing its forward runs its stages at tp = 1 (uniap.executor)
+        traced = pp > 1 and self.graph.extra.get("pipeline_split") == "traced"
         return stage_strategies(
-            self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute
+            self.cluster.world_size // pp,
+            max_tp=1 if traced else self.max_tp,
+            recompute=self.recompute,
         )
 
     def tables(

@@ -45,6 +45,7 @@ from uniap.tracing import (
     default_loss,
     fake_copy,
     fake_inputs,
+    pipeline_split_reason,
     tensors_in,
 )
 
@@ -302,6 +303,7 @@ def build_graph(
     dtype: torch.dtype | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
     layer_fqns: list[str] | None = None,
+    pipeline_check: bool = True,
 ) -> ModelGraph:
     """Trace ``model`` on the meta device and return its layer chain with per-layer costs.
 
@@ -315,6 +317,13 @@ def build_graph(
     ``dtype`` (default: its first floating parameter's), and run once forward and backward at
     batch ``TRACE_BATCH_SIZE``; ``loss_fn(output) -> scalar`` defaults to the sum of the
     floating outputs. ``layer_fqns`` overrides ``layer_chain(model)``.
+
+    Whether the planner may split the model into pipeline stages is recorded in ``extra``:
+    ``pipeline_split`` is ``"chain"`` for a declared chain, ``"traced"`` for a model whose own
+    forward ``torch.export`` traces with its layers running in chain order (the executor splits
+    that trace, at tp = 1), else None with ``pipeline_split_error`` saying why
+    (:func:`uniap.tracing.pipeline_split_reason`; ``pipeline_check=False`` skips that export
+    and records None, for a graph planned at pp = 1 only).
     """
     start_s = time.perf_counter()
     fqns = list(layer_fqns) if layer_fqns is not None else [f for f, _ in layer_chain(model)]
@@ -385,6 +394,12 @@ def build_graph(
             )
         )
 
+    split, split_error = ("chain", None) if is_declared_chain(model) else (None, None)
+    if split is None and pipeline_check and len(fqns) > 1:
+        split_error = pipeline_split_reason(model, example_inputs, fqns)
+        split = "traced" if split_error is None else None
+    elif split is None:
+        split_error = "not checked (pipeline_check=False)"
     first_input = next(iter(tensors_in(example_inputs)), None)
     total_params = sum(p.numel() for p in traced.parameters())
     graph = ModelGraph(
@@ -398,7 +413,9 @@ def build_graph(
             "fwd_flops_per_sample": sum(layer.fwd_flops_per_sample for layer in layers),
             "trace_batch_size": batch,
             # read by the planner (plan_graph): pp > 1 only for a model the executor can split
-            "pipeline_splittable": is_declared_chain(model),
+            "pipeline_split": split,
+            "pipeline_splittable": split is not None,
+            **({"pipeline_split_error": split_error} if split_error else {}),
         },
     )
     if outside:

@@ -160,10 +160,10 @@ def _plan_graph(
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):
         # the executor runs this model's own forward, at pp = 1 only (see uniap.executor)
+        why = graph.extra.get("pipeline_split_error", "it is not a declared layer chain")
         if pp_degrees is not None and any(p > 1 for p in pp_degrees):
             raise ConfigError(
-                f"{graph.name} is not a declared layer chain (nn.Sequential or "
-                "uniap_layer_fqns()), so it cannot be split into pipeline stages; plan with "
+                f"{graph.name} cannot be split into pipeline stages: {why}; plan with "
                 "pp_degrees=[1], or define uniap_layer_fqns() if running its layers one after "
                 "the other is its forward"
             )

@@ -35,7 +35,9 @@ __all__ = [
     "default_loss",
     "fake_copy",
     "fake_inputs",
+    "pipeline_split_reason",
     "tensors_in",
+    "training_call",
 ]
 
 logger = logging.getLogger(__name__)
@@ -267,3 +269,66 @@ class Tracer:
     def on_heads(self, q_heads: int, kv_heads: int) -> None:
         if self.stack:
             self.layers[self.stack[-1]].heads |= {q_heads, kv_heads}
+
+
+def training_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for a training forward: a Hugging Face model returns its generation cache by
+    default (``use_cache``), which is no training output and no tensor a tracer can carry, so
+    ``use_cache=False`` is added when the forward takes it and the call does not set it (the
+    loss and logits are unchanged)."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    if "use_cache" in params and "use_cache" not in kwargs:
+        index = params.index("use_cache")
+        if index >= len(args):
+            return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def pipeline_split_reason(
+    model: nn.Module, example_inputs: Any, layer_fqns: list[str]
+) -> str | None:
+    """Why ``model``'s own forward cannot be split into pipeline stages in front of any of its
+    layers, or None when it can: ``torch.export`` traces it (on meta tensors, nothing is
+    computed) and its layers run one after the other, each once, in ``layer_fqns`` order (so
+    every contiguous group of layers is one piece of the forward)."""
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple | list):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    meta = copy.deepcopy(model).to("meta")
+
+    def to_meta(t: Tensor) -> Tensor:
+        return torch.empty_like(t, device="meta")
+
+    args = tuple(to_meta(a) if isinstance(a, Tensor) else a for a in args)
+    kwargs = {k: to_meta(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    kwargs = training_call(meta, args, kwargs)
+    try:
+        ep = torch.export.export(meta, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - any tracer failure is the reason
+        first = (str(e).strip().splitlines() or [""])[0][:240]
+        return f"torch.export cannot trace its forward ({type(e).__name__}: {first})"
+    order: list[int] = []
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [str(v[0]) for v in stack.values()]
+        u = next(
+            (i for i, f in enumerate(layer_fqns) for p in paths if p == f or p.startswith(f + ".")),
+            None,
+        )
+        if u is not None and (not order or order[-1] != u):
+            order.append(u)
+    for a, b in zip(order, order[1:]):
+        if b < a:
+            return (
+                f"its layers do not run one after the other: {layer_fqns[b]} runs after "
+                f"{layer_fqns[a]}"
+            )
+    if len(order) != len(set(order)):
+        again = next(u for u in order if order.count(u) > 1)
+        return f"layer {layer_fqns[again]} runs more than once, interleaved with other layers"
+    return None

@@ -49,6 +49,7 @@ from torch.utils import _pytree as pytree
 from uniap.errors import PlanMismatchError
 from uniap.executor.model_forward import free_parameters
 from uniap.executor.reshard import map_tensors
+from uniap.tracing import training_call
 
 __all__ = [
     "Routing",
@@ -340,6 +341,14 @@ def _output_spec(
     return spec
 
 
+def _has_submodule(module: nn.Module, fqn: str) -> bool:
+    try:
+        module.get_submodule(fqn)
+    except AttributeError:
+        return False
+    return True
+
+
 def retarget_device(module: nn.Module, device: torch.device) -> None:
     """Point every device constant of the traced graphs (factory ops, ``.to``, metadata
     asserts) at ``device``: the trace ran on the model's device (CPU or meta)."""
@@ -421,11 +430,7 @@ def build_traced_stage(
         (t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu")
     )
     t_args, t_kwargs = trace_inputs(args, kwargs, sizes[0], rows)
-    arg_names = _forward_arg_names(model)
-    if "use_cache" in arg_names and "use_cache" not in bind_arguments(arg_names, t_args, t_kwargs):
-        # a Hugging Face model returns its generation cache by default: not a training output
-        # (and not a tensor the tracer can carry); the loss and logits are unchanged
-        t_kwargs["use_cache"] = False
+    t_kwargs = training_call(model, t_args, t_kwargs)
     t_args, t_kwargs = map_tensors(lambda t: t.to(trace_device), (t_args, t_kwargs))
     split_fqns = [s.layers[0].fqn for s in plan.stages[1:]]
     split = trace_split(model, split_fqns, t_args, t_kwargs)
@@ -439,6 +444,16 @@ def build_traced_stage(
 
     # free parameters: tied or outside every layer (template), or outside the stage's layers
     all_fqns = [ls.fqn for ls in plan.layer_strategies]
+    planned = {ls.fqn: k for k, st in enumerate(plan.stages) for ls in st.layers}
+    for k, module in enumerate(split.stages):
+        for fqn, j in planned.items():
+            if j != k and _has_submodule(module, fqn):
+                raise PlanMismatchError(
+                    f"{type(model).__name__}: layer {fqn} runs in the part of the forward traced "
+                    f"as stage {k}, but the plan places it on stage {j} (the layers do not run "
+                    "one after the other in chain order); plan with pp=1, or declare the model "
+                    "a chain (nn.Sequential or uniap_layer_fqns())"
+                )
     template: dict[str, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         template[name] = id(p)
