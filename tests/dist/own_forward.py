@@ -247,33 +247,3 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
         "bad_grads": _compare(grads, ref_grads),
         "num_grads": len(grads),
     }
-
-
-def refusal_case(case: dict) -> dict[str, Any] | None:
-    """``parallelize`` with a plan the executor must refuse before training: every rank's
-    error message (None where it did not raise)."""
-    from uniap.errors import UniapError
-
-    name, big_b = case["model"], 8
-    x0, _ = batch(name, big_b, 0)
-    graph = build_graph(build(name), x0)
-    stages = [[tuple(s) for s in stage] for stage in case["stages"]]
-    plan = make_plan(
-        list(graph.fqns),
-        dist.get_world_size(),
-        stages,
-        global_batch_size=big_b,
-        num_microbatches=1,
-        model_name=graph.name,
-        signature=graph.signature,
-    )
-    try:
-        parallelize(
-            build(name), plan=plan, loss_fn=toy_loss, global_batch_size=big_b, example_inputs=x0
-        )
-        mine = None
-    except UniapError as e:
-        mine = str(e)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return {"errors": everyone} if dist.get_rank() == 0 else None

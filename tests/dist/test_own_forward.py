@@ -32,26 +32,11 @@ CASES = [
 ]
 
 
-REFUSALS = [
-    # a model that is not a declared chain is never split by running its layers in a row
-    {"name": "refuse_pp2_skip", "model": "skip", "stages": [[(2, 1, D)], [(2, 1, D)]]},
-]
-
-
-def dispatch(case: dict) -> Any:
-    """Run a parity case or a refusal case."""
-    import own_forward
-
-    if case["name"].startswith("refuse_"):
-        return own_forward.refusal_case(case)
-    return own_forward.own_forward_case(case)
-
-
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
     from harness import run_cases
 
-    return run_cases(4, "test_own_forward:dispatch", CASES + REFUSALS)
+    return run_cases(4, "own_forward:own_forward_case", CASES)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in CASES])
@@ -62,20 +47,3 @@ def test_world4_own_forward_matches_one_process(results: dict[str, Any], name: s
     assert res["num_grads"] > 0
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert not res["bad_grads"], res["bad_grads"]
-
-
-def test_world4_pp2_of_a_model_that_is_not_a_chain_refused(results: dict[str, Any]) -> None:
-    """pp = 2 for a model with a skip connection is refused on every rank before training,
-    naming the model and the fixes."""
-    res = results["refuse_pp2_skip"]
-    assert "error" not in res, res.get("error")
-    assert (
-        res["errors"]
-        == [
-            "SkipNet is not a declared chain (nn.Sequential or uniap_layer_fqns()), so it cannot "
-            "be split into 2 pipeline stages by running its layers one after the other: plan with "
-            "pp=1 (any model runs there), or define uniap_layer_fqns() if feeding each layer's "
-            "output to the next is its forward"
-        ]
-        * 4
-    )

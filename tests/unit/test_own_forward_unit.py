@@ -90,16 +90,38 @@ def test_map_tensors_keeps_hugging_face_outputs() -> None:
     assert float(mapped.loss) == 2.0 and mapped.logits.sum() == 12
 
 
-def test_planner_offers_only_pp1_for_a_model_that_is_not_a_chain() -> None:
-    """Planning a model with a skip connection never yields pp > 1; asking for it says why."""
+class _Reversed(nn.Module):
+    """Runs its layers in another order than the chain's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.b(x))
+
+
+def test_planner_offers_only_pp1_for_a_model_it_cannot_split() -> None:
+    """Planning a model whose layers do not run in chain order never yields pp > 1; asking
+    for it says why. A model with a skip connection that torch.export traces is split."""
     from uniap.cluster import load_cluster
     from uniap.planner import plan_graph
 
-    model = _Net()
-    assert not is_declared_chain(model) and is_declared_chain(nn.Sequential(nn.Linear(2, 2)))
-    graph = build_graph(model, torch.zeros(2, 4, dtype=torch.long))
+    assert not is_declared_chain(_Net()) and is_declared_chain(nn.Sequential(nn.Linear(2, 2)))
+    assert build_graph(_Net(), torch.zeros(2, 4, dtype=torch.long)).extra["pipeline_split"] == (
+        "traced"
+    )
+    graph = build_graph(_Reversed(), torch.zeros(2, 8), layer_fqns=["a", "b"])
     assert graph.extra["pipeline_splittable"] is False
+    assert graph.extra["pipeline_split_error"] == (
+        "its layers do not run one after the other: a runs after b"
+    )
     cluster = load_cluster("cpu-4")
     assert plan_graph(graph, cluster, global_batch_size=8).pp_degree == 1
-    with pytest.raises(ConfigError, match="_Net is not a declared layer chain"):
+    with pytest.raises(ConfigError) as e:
         plan_graph(graph, cluster, global_batch_size=8, pp_degrees=[2])
+    assert str(e.value) == (
+        "_Reversed cannot be split into pipeline stages: its layers do not run one after the "
+        "other: a runs after b; plan with pp_degrees=[1], or define uniap_layer_fqns() if "
+        "running its layers one after the other is its forward"
+    )

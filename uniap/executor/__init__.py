@@ -24,14 +24,20 @@ the function trained is the model's whatever its structure (skip connections, sc
 embeddings, masks, its own loss). Code outside the layers runs in the first layer's batch
 layout; a layer planned in another layout has its forward wrapped to reshard its batch-first
 inputs in and outputs back; parameters outside every layer and tied weights form one extra
-data-parallel unit (:mod:`.model_forward`). At ``pp > 1`` a *declared* chain
+data-parallel unit (:mod:`.model_forward`). At ``pp > 1`` the model's own forward is
+split into stages by tracing it (:mod:`.traced_stages`: ``torch.distributed.pipelining``'s
+``pipeline`` front end, ``torch.export`` underneath, split in front of each stage's first
+layer); every value crossing a boundary is sent on, tied weights are one copy per stage with
+gradients summed between the copies, and the stages run at ``tp == 1``. A *declared* chain
 (``nn.Sequential``, ``uniap_layer_fqns()``), whose forward is by declaration its layers run in
-order, is split by FQN into stages run by a ``torch.distributed.pipelining`` schedule; any other
-model is refused at ``pp > 1`` before training (and the planner does not offer it).
+order, is split by FQN instead (any TP). A model that cannot be traced, or whose layers do not
+run in chain order, is refused at ``pp > 1`` before training (and the planner does not offer
+it). Both run under a ``torch.distributed.pipelining`` schedule.
 
 One parallelism per module: :mod:`.mesh` (rank arithmetic, meshes, groups), :mod:`.reshard`
-(batch layouts), :mod:`.model_forward` (the model's own forward), :mod:`.stage_module`
-(pipeline split by FQN), :mod:`.tensor_parallel`, :mod:`.activation_checkpoint`,
+(batch layouts), :mod:`.model_forward` (the model's own forward), :mod:`.traced_stages`
+(pipeline split of the traced forward), :mod:`.stage_module` (pipeline split of a chain by
+FQN), :mod:`.tensor_parallel`, :mod:`.activation_checkpoint`,
 :mod:`.data_parallel`, :mod:`.pipeline_parallel`, :mod:`.memory` (measured peak memory of a
 step); :mod:`.parallel_model` applies them in order. The public entry point is
 :func:`uniap.api.parallelize`.

@@ -6,6 +6,8 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 2. ``pp == 1``: deep-copy the whole model to the device; the plan is applied to its layers in
    place, by FQN, and the model's own ``forward(*args, **kwargs)`` runs unchanged
    (:mod:`.model_forward`: base layout, layout adapters, free parameters).
+   ``pp > 1`` for any other model: trace its forward and keep this rank's stage
+   (:mod:`.traced_stages`; tp = 1, values between stages routed from the trace);
    ``pp > 1``, or ``pp == 1`` for a declared chain (``nn.Sequential``, ``uniap_layer_fqns()``)
    whose layers change layout (:func:`runs_own_forward`): deep-copy this rank's stage layers
    by FQN into a ``StageModule`` (with reshards) that runs them as a chain, faithful by
@@ -191,21 +193,27 @@ def apply_plan(
         named = dict(module.named_parameters())
         free_params = [named[n] for n in sorted(free)]
         free_names = set(free)
-    for ls in stage.layers:
+    # each layer's module in the stage: at its FQN (a traced stage may call it under another
+    # name of the same module, or hold none: see traced_stages.layer_paths)
+    path = {ls.fqn: ls.fqn for ls in stage.layers}
+    if traced is not None:
+        path = {f: p for f, p in traced.layer_paths.items() if p is not None}
+    placed = [ls for ls in stage.layers if ls.fqn in path]
+    for ls in placed:
         if ls.tp > 1:
             apply_tp(
                 module.get_submodule(ls.fqn), layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"]
             )
-    for ls in stage.layers:
+    for ls in placed:
         if ls.recompute:
-            apply_ac(module.get_submodule(ls.fqn))
-    classic = [ls for ls in stage.layers if ls.strategy.uses_classic_ddp]
+            apply_ac(module.get_submodule(path[ls.fqn]))
+    classic = [ls for ls in placed if ls.strategy.uses_classic_ddp]
     root_mesh = None
-    for ls in stage.layers:
+    for ls in placed:
         if ls.dp > 1 and ls not in classic:
             dp_mesh = groups.layer_mesh(ls.dp, ls.tp)["dp"]
             apply_dp(
-                module.get_submodule(ls.fqn),
+                module.get_submodule(path[ls.fqn]),
                 ls.kind,
                 dp_mesh,
                 num_microbatches=plan.num_microbatches,
@@ -229,7 +237,7 @@ def apply_plan(
         dp = classic[0].dp
         ddp = wrap_ddp(
             module,
-            [ls.fqn for ls in classic],
+            [path[ls.fqn] for ls in classic],
             groups.layer_mesh(dp, 1)["dp"].get_group(),
             exclude=free_names,
         )
@@ -276,7 +284,7 @@ def apply_plan(
         groups,
         loss_fn=loss_fn,
         ddp=ddp,
-        layer_modules=[module.get_submodule(ls.fqn) for ls in stage.layers],
+        layer_modules=[module.get_submodule(path[ls.fqn]) for ls in placed],
         free_sync=free_sync,
         batch_context=context,
         own_forward=own_forward,
@@ -841,7 +849,14 @@ class ParallelModel:
         """Every full, unsharded tensor on rank 0 (CPU), loadable into the original model with
         ``load_state_dict``; other ranks get ``{}``. Collective over the world; streamed one
         tensor at a time (:mod:`.full_state`)."""
-        return stream_full_state(self.groups, self.module.state_dict, self.device)
+        full = stream_full_state(self.groups, self.module.state_dict, self.device)
+        if self._traced is not None and full:  # every name of a tied weight, as the model has
+            for names in self._traced.aliases:
+                have = next((n for n in names if n in full), None)
+                for n in names:
+                    if have is not None and n not in full:
+                        full[n] = full[have]
+        return full
 
 
 def _batch_first(value: Any, rows: int) -> bool:

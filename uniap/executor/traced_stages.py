@@ -206,7 +206,10 @@ class TracedSplit:
         return tuple(bound[n] for n in self.routing.root_inputs)
 
     def output(self, flat: Sequence[Any]) -> Any:
-        """The model's output from the last stage's flat outputs."""
+        """The model's output from the last stage's flat outputs (a lone tensor: torch's
+        stage unwraps a one-element tuple)."""
+        if isinstance(flat, torch.Tensor):
+            flat = (flat,)
         if self.out_spec is None:
             return tuple(flat)
         return pytree.tree_unflatten(list(flat), self.out_spec)
@@ -341,12 +344,14 @@ def _output_spec(
     return spec
 
 
-def _has_submodule(module: nn.Module, fqn: str) -> bool:
+def _runs_in(module: nn.Module, fqn: str) -> bool:
+    """Whether the traced stage ``module`` calls the layer ``fqn`` (a called module is traced
+    into a graph; a plain container may only hold a parameter copy, e.g. a tied weight)."""
     try:
-        module.get_submodule(fqn)
+        sub = module.get_submodule(fqn)
     except AttributeError:
         return False
-    return True
+    return isinstance(getattr(sub, "graph", None), fx.Graph)
 
 
 def retarget_device(module: nn.Module, device: torch.device) -> None:
@@ -388,6 +393,14 @@ class TracedStage:
     whole model)."""
     rows: int
     """Local micro-batch size the stage was traced with."""
+    aliases: list[list[str]]
+    """The names of each tensor the model holds under several (tied weights), so a full
+    state dict has every key the model's has."""
+    layer_paths: dict[str, str | None]
+    """Each of the stage's layers -> the path of its module in :attr:`module`: its FQN, or
+    another name of the same module that the forward calls it by (T5's ``shared`` embedding
+    runs as ``encoder.embed_tokens``); None when the stage holds no module for it (its
+    parameters, if any, are then free copies)."""
 
 
 def build_traced_stage(
@@ -447,7 +460,7 @@ def build_traced_stage(
     planned = {ls.fqn: k for k, st in enumerate(plan.stages) for ls in st.layers}
     for k, module in enumerate(split.stages):
         for fqn, j in planned.items():
-            if j != k and _has_submodule(module, fqn):
+            if j != k and _runs_in(module, fqn):
                 raise PlanMismatchError(
                     f"{type(model).__name__}: layer {fqn} runs in the part of the forward traced "
                     f"as stage {k}, but the plan places it on stage {j} (the layers do not run "
@@ -512,4 +525,22 @@ def build_traced_stage(
     if trace_device != device and trace_device.type != "meta":
         module.to(device)
     retarget_device(module, device)
-    return TracedStage(module, split, tuple(free_names), units, spans, not_counted, rows)
+    aliases: dict[int, list[str]] = {}
+    for name, sub in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(sub), []).append(name)
+    layer_paths: dict[str, str | None] = {}
+    for fqn in stage_fqns[stage_index]:
+        names = aliases.get(id(model.get_submodule(fqn)), [fqn])
+        layer_paths[fqn] = next(
+            (n for n in sorted(names, key=lambda n: n != fqn) if _runs_in(module, n)), None
+        )
+    tensor_names: dict[int, list[str]] = {}
+    for name, t in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        tensor_names.setdefault(id(t), []).append(name)
+    tied = [names for names in tensor_names.values() if len(names) > 1]
+    return TracedStage(
+        module, split, tuple(free_names), units, spans, not_counted, rows, tied, layer_paths
+    )

@@ -1,0 +1,114 @@
+"""Models that are not declared chains at pp = 2 and 4 (world size 4, one spawn): the model's
+own forward, traced and split at the plan's stage boundaries, trains exactly as on one
+process (per-step losses, every gradient after the first backward, the global gradient norm;
+SGD, rtol 1e-4), and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
+
+Twelve Hugging Face families at pp = 2 (DDP on one stage, FSDP on the other, recompute on
+some), tied input/output embeddings across pp = 2 and 4, and hand-written non-chain models (a
+skip connection across a stage boundary, a scaled embedding, a model-level parameter,
+keyword-only inputs with the model's own loss); gradient accumulation over two ``train_step``
+calls; and the plans the executor must refuse before training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.dist
+
+D, F = "DDP", "FSDP"
+
+# BART's chain (module order) puts layernorm_embedding before the encoder layers it runs after:
+# the planner does not offer it pp > 1 (tests/unit/test_traced_stages.py)
+NOT_SPLIT = {"bart"}
+
+
+def _hf_cases() -> list[dict]:
+    from hf_own_forward import FAMILIES
+
+    out = []
+    for i, family in enumerate(f for f in FAMILIES if f not in NOT_SPLIT):
+        kinds = [F, D] if i % 2 == 0 else [D, F]
+        recompute = i % 3 == 0
+        name = f"{family}_pp2_{kinds[0].lower()}_{kinds[1].lower()}" + (
+            "_ckpt" if recompute else ""
+        )
+        out.append({"name": name, "model": family, "pp": 2, "kinds": kinds, "recompute": recompute})
+    return out
+
+
+CASES = [
+    *_hf_cases(),
+    # the tied embedding / LM head on stages 0 and 3
+    {"name": "llama_tied_pp4_c4", "model": "llama_tied", "pp": 4, "kinds": [F, D, F, D], "c": 4},
+    {"name": "gpt2_pp4_gpipe", "model": "gpt2", "pp": 4, "kinds": [D, D, D, D], "c": 4,
+     "schedule": "GPipe"},
+    # hand-written: the embedding's output skips both blocks, across the stage boundary
+    {"name": "skip_pp2", "model": "skip", "pp": 2, "kinds": [F, D]},
+    {"name": "scaled_embedding_pp2_ckpt", "model": "scaled", "pp": 2, "kinds": [D, F],
+     "recompute": True},
+    {"name": "keyword_inputs_own_loss_pp2", "model": "kwargs", "pp": 2, "kinds": [D, F]},
+    {"name": "tied_pp4_c4", "model": "tied", "pp": 4, "kinds": [F, D, F, D], "c": 4},
+    # gradient accumulation: two train_step calls without zero_grad
+    {"name": "accumulate_model_parameter_pp2_ddp", "model": "model_param", "pp": 2,
+     "kinds": [D, D], "accumulate": True},
+    {"name": "accumulate_tied_pp2_fsdp", "model": "tied", "pp": 2, "kinds": [F, F],
+     "accumulate": True},
+]  # fmt: skip
+
+REFUSALS = [
+    {"name": "refuse_tp2_at_pp2", "model": "skip", "pp": 2, "tp": 2},
+    {"name": "refuse_layers_out_of_order", "model": "reversed", "pp": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    from harness import run_cases
+
+    return run_cases(4, "hf_pipeline:dispatch", CASES + REFUSALS)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_world4_traced_pipeline_matches_one_process(results: dict[str, Any], name: str) -> None:
+    """Losses, gradients (every stage, tied copies each), the clip norm and the eval output
+    under the pp > 1 plan equal the unmodified model's on one process."""
+    res = results[name]
+    assert "error" not in res, res.get("error")
+    assert res["num_grads"] > 0
+    assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
+    assert not res["bad_grads"], res["bad_grads"]
+    assert res["norm"] == pytest.approx(res["ref_norm"], rel=1e-4)
+    assert res["forward_close"], "pm.eval(); pm(batch) differs from the trained reference"
+
+
+def test_world4_tp_at_pp2_of_a_traced_model_refused(results: dict[str, Any]) -> None:
+    res = results["refuse_tp2_at_pp2"]
+    assert "error" not in res, res.get("error")
+    assert (
+        res["errors"]
+        == [
+            "SkipNet is split into pipeline stages by tracing its forward, which runs layers at "
+            "tp=1 only, but layer(s) ['blocks.0', 'blocks.1'] have tp>1; re-plan (the planner does "
+            "not offer tp>1 at pp>1 for such a model), or declare the model a chain (nn.Sequential "
+            "or uniap_layer_fqns())"
+        ]
+        * 4
+    )
+
+
+def test_world4_layers_out_of_chain_order_refused(results: dict[str, Any]) -> None:
+    res = results["refuse_layers_out_of_order"]
+    assert "error" not in res, res.get("error")
+    assert (
+        res["errors"]
+        == [
+            "Reversed: the split points in front of ['blocks.1'] gave 1 stages instead of 2 (a layer "
+            "runs out of order or more than once); plan with pp=1 (any model runs there), or "
+            "declare the model a chain (nn.Sequential or uniap_layer_fqns()) if feeding each "
+            "layer's output to the next is its forward"
+        ]
+        * 4
+    )
