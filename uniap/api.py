@@ -132,6 +132,7 @@ def parallelize(
     precision: Any = None,
     init_weights: Any = None,
     seed: int = 0,
+    compile: bool | str = False,
 ) -> ParallelModel:
     """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
 
@@ -153,7 +154,9 @@ def parallelize(
     or to run a given plan with (overrides the plan's; see :mod:`uniap.precision`).
     ``init_weights(layer)``, ``seed``: for a ``model`` built on the meta device, how each
     rank initialises its shards (default: ``reset_parameters()``; see
-    :mod:`uniap.executor.materialize`).
+    :mod:`uniap.executor.materialize`). ``compile``: ``torch.compile`` each layer (``True``:
+    the default backend; or a backend name, e.g. ``"aot_eager"``), applied per layer before
+    sharding.
     """
     if precision is not None:
         from uniap.precision import resolve_precision
@@ -239,6 +242,7 @@ def parallelize(
         init_weights=init_weights,
         seed=seed,
         example_inputs=example_inputs,
+        compile=compile,
     )
 
 

@@ -100,7 +100,12 @@ def pipeline_case(case: dict) -> dict[str, Any] | None:
     x0, _ = m.batch(big_b, 0)
     plan = _plan(m, case, x0, big_b)
     pm = parallelize(
-        m.build(), plan=plan, loss_fn=m.loss_fn, global_batch_size=big_b, example_inputs=x0
+        m.build(),
+        plan=plan,
+        loss_fn=m.loss_fn,
+        global_batch_size=big_b,
+        example_inputs=x0,
+        compile=case.get("compile", False),
     )
     opt = sgd(pm.parameters())
     grad_step = 1 if accumulate else 0

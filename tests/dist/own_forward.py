@@ -220,7 +220,12 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
     )
     loss_fn = None if name == "kwargs" else toy_loss
     pm = parallelize(
-        build(name), plan=plan, loss_fn=loss_fn, global_batch_size=big_b, example_inputs=x0
+        build(name),
+        plan=plan,
+        loss_fn=loss_fn,
+        global_batch_size=big_b,
+        example_inputs=x0,
+        compile=case.get("compile", False),
     )
     opt = sgd(pm.parameters())
     losses, grads = [], {}

@@ -47,6 +47,8 @@ CASES = [
      "schedule": "GPipe"},
     # hand-written: the embedding's output skips both blocks, across the stage boundary
     {"name": "skip_pp2", "model": "skip", "pp": 2, "kinds": [F, D]},
+    {"name": "skip_pp2_compiled", "model": "skip", "pp": 2, "kinds": [D, F],
+     "compile": "aot_eager"},
     {"name": "scaled_embedding_pp2_ckpt", "model": "scaled", "pp": 2, "kinds": [D, F],
      "recompute": True},
     {"name": "keyword_inputs_own_loss_pp2", "model": "kwargs", "pp": 2, "kinds": [D, F]},

@@ -29,6 +29,8 @@ CASES = [
     _case("accumulate_ddp_c2", "scaled", (4, 1, D), (4, 1, D), c=2, accumulate=True),
     _case("accumulate_fsdp", "model_param", (4, 1, F), (4, 1, F), accumulate=True),
     _case("accumulate_tp2_ddp_fsdp", "tied", (2, 2, D), (4, 1, F), accumulate=True),
+    # compile=...: every layer torch.compile'd (aot_eager on CPU), TP and FSDP layers included
+    _case("compiled_tp2_fsdp_c2", "skip", (2, 2, F), (4, 1, D), c=2, compile="aot_eager"),
 ]
 
 

@@ -116,6 +116,7 @@ def apply_plan(
     init_weights: Callable[[nn.Module], None] | None = None,
     seed: int = 0,
     example_inputs: Any = None,
+    compile: bool | str = False,
 ) -> ParallelModel:
     """Build this rank's part of ``plan`` from ``model`` (a template, left untouched: the
     parallel model trains a copy). Collective.
@@ -128,6 +129,9 @@ def apply_plan(
     ``init_weights(layer)`` per layer, else ``reset_parameters()``, under ``seed + layer
     index``). ``example_inputs`` (a batch as the forward takes it) is traced to split a model
     that is not a declared chain into ``pp > 1`` stages (:mod:`.traced_stages`).
+    ``compile``: ``torch.compile`` each layer in place (``True``: the default backend, or a
+    backend name such as ``"aot_eager"``), after TP and recompute and before DDP/FSDP, as
+    torchtitan does; FQNs and state dicts are unchanged.
     """
     meta = is_meta(model)
     layers = dict(layers or {})
@@ -207,6 +211,11 @@ def apply_plan(
     for ls in placed:
         if ls.recompute:
             apply_ac(module.get_submodule(path[ls.fqn]))
+    if compile:
+        backend = compile if isinstance(compile, str) else "inductor"
+        for ls in placed:
+            module.get_submodule(path[ls.fqn]).compile(backend=backend)
+        logger.info("%d layer(s) compiled (backend %s)", len(placed), backend)
     classic = [ls for ls in placed if ls.strategy.uses_classic_ddp]
     root_mesh = None
     for ls in placed:
