@@ -1,0 +1,106 @@
+"""Worst-case search time: the planner over a grid of models, cluster sizes, global batch sizes
+and precisions, every cell printed, the worst cell reported (not the median).
+
+    .venv/bin/python benchmarks/search_grid.py             # the whole grid (about 90 cells)
+    .venv/bin/python benchmarks/search_grid.py --quick     # one model, three sizes
+
+Grid: Llama-7B, Llama-2-70B and a 128-layer Llama (Llama-7B's layer, 128 of them) on 8, 32,
+64, 256 and 1024 H100s (nodes of 8), global batch 1x, 2x and 8x the device count, in
+``bf16-mixed`` and ``fp32``. Each cell is the search (``plan_graph``) plus the model's one-off
+meta-device trace (done once per model and added to every cell of that model, as a user
+planning a model from scratch pays it). Targets: <= 1 s per cell up to 32 devices, <= 10 s at
+1024 devices, status optimal (gap 0). Prints the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import time
+
+import torch
+
+from uniap import models
+from uniap.cluster import load_cluster
+from uniap.graph import build_graph
+from uniap.planner import plan_graph
+
+MODELS = {
+    "llama-7b": ("llama-7b", {}),
+    "llama2-70b": ("llama2-70b", {}),
+    "llama-128L": ("llama-7b", {"n_layers": 128}),
+}
+DEVICES = (8, 32, 64, 256, 1024)
+BATCH_FACTORS = (1, 2, 8)
+PRECISIONS = ("bf16-mixed", "fp32")
+TARGET_S = {8: 1.0, 32: 1.0, 1024: 10.0}
+
+
+def h100(devices: int):
+    nodes = max(1, devices // 8)
+    return load_cluster("h100-128x8").replace(name=f"h100-{nodes}x8", num_nodes=nodes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="llama-7b on 8, 32 and 1024 devices")
+    ap.add_argument("--time-limit-s", type=float, default=60.0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    names = ["llama-7b"] if args.quick else list(MODELS)
+    devices = (8, 32, 1024) if args.quick else DEVICES
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
+    print()
+    print("| model | devices | global batch | precision | trace s | search s | total s | "
+          "status | gap | plan |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    worst: dict[int, tuple[float, str]] = {}
+    misses = []
+    for name in names:
+        preset, overrides = MODELS[name]
+        t0 = time.perf_counter()
+        m = models.build_model(preset, device="meta", **overrides)
+        g = build_graph(
+            m, models.example_batch(m, 2, device="meta")[0], name=name, dtype=torch.bfloat16
+        )
+        trace_s = time.perf_counter() - t0
+        for n in devices:
+            for f in BATCH_FACTORS:
+                for precision in PRECISIONS:
+                    t0 = time.perf_counter()
+                    p = plan_graph(
+                        g,
+                        h100(n),
+                        global_batch_size=f * n,
+                        precision=precision,
+                        time_limit_s=args.time_limit_s,
+                    )
+                    search_s = time.perf_counter() - t0
+                    total = search_s + trace_s
+                    status, gap = p.solver["status"], p.solver.get("gap", float("nan"))
+                    cell = f"{name} x {n} B={f * n} {precision}"
+                    if total > worst.get(n, (0.0, ""))[0]:
+                        worst[n] = (total, cell)
+                    limit = TARGET_S.get(n)
+                    if (limit is not None and total > limit) or status != "optimal":
+                        misses.append(f"{cell}: {total:.2f} s, {status}")
+                    print(
+                        f"| {name} | {n} | {f * n} | {precision} | {trace_s:.2f} | "
+                        f"{search_s:.2f} | {total:.2f} | {status} | {gap:.2g} | "
+                        f"{p.summary().split(' | ')[0]} |",
+                        flush=True,
+                    )
+    print()
+    for n in sorted(worst):
+        target = f" (target {TARGET_S[n]:g} s)" if n in TARGET_S else ""
+        print(f"worst cell at {n} devices: {worst[n][0]:.2f} s, {worst[n][1]}{target}")
+    print("cells missing a target or not optimal:", "; ".join(misses) if misses else "none")
+
+
+if __name__ == "__main__":
+    main()
