@@ -48,3 +48,16 @@ def test_collective_points_are_robust_and_monotone_in_size() -> None:
     assert interquartile_mean([1.0] * 7 + [100.0]) == 1.0
     assert interquartile_mean([1.0, 2.0, 3.0, 4.0]) == 2.5
     assert _monotone([3.0, 1.0, 2.0, 5.0, 4.0]) == [1.0, 1.0, 2.0, 4.0, 4.0]
+
+
+def test_collective_sizes_reach_the_largest_planned_message_within_free_memory() -> None:
+    from uniap.profiler.comm import DEFAULT_SIZES_BYTES, collective_sizes
+
+    # a small model: the default sizes only
+    assert collective_sizes(1e5, 2**34) == DEFAULT_SIZES_BYTES
+    # a 300 MB layer with plenty of memory: x8 steps, then the message itself
+    sizes = collective_sizes(300e6, 2**36)
+    assert sizes[: len(DEFAULT_SIZES_BYTES)] == DEFAULT_SIZES_BYTES
+    assert sizes[-2:] == (2**22 * 64, 300_000_000)
+    # capped at an eighth of the free memory
+    assert collective_sizes(300e6, 2**30)[-1] == 2**27

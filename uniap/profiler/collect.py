@@ -29,7 +29,7 @@ from torch import nn
 
 from uniap.cluster import Cluster
 from uniap.graph import ModelGraph
-from uniap.profiler.comm import measure_collectives
+from uniap.profiler.comm import collective_sizes, free_memory_bytes, measure_collectives
 from uniap.profiler.compute import (
     capture_layer_inputs,
     layer_copy,
@@ -44,6 +44,7 @@ from uniap.profiles.fits import fit_line
 from uniap.profiles.marks import NOISE_FIT_ERROR, measured_rate, overlap_line, profile_legend
 from uniap.profiles.measured import LayerProfile, MeasuredProfile, hardware_info, library_versions
 from uniap.strategies import divisors
+from uniap.units import fmt_bytes
 
 __all__ = ["collect_profile", "planner_batches"]
 
@@ -282,8 +283,19 @@ def collect_profile(
     }
 
     say(f"collectives on {world} ranks")
+    largest = max(
+        max(layer.param_bytes for layer in graph.layers),
+        global_batch_size * max(layer.output_bytes_per_sample for layer in graph.layers),
+    )
+    sizes = collective_sizes(largest, free_memory_bytes(device))
+    say(f"collectives up to {fmt_bytes(sizes[-1])} (largest planned message {fmt_bytes(largest)})")
     collectives = measure_collectives(
-        cluster.devices_per_node, device, warmup=warmup, repeats=repeats, progress=say
+        cluster.devices_per_node,
+        device,
+        sizes_bytes=sizes,
+        warmup=warmup,
+        repeats=repeats,
+        progress=say,
     )
     profiles = _measure_layers(ctx, tp_degrees)
     overlap = _measure_overlap(ctx, profiles)

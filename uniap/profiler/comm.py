@@ -16,11 +16,16 @@ consecutive ranks, DP groups strided, and a group is intra-node when all its ran
 groups of one shape run concurrently (as in a real step, where every TP or DP group of the world
 communicates at once); ``p2p`` is a ping-pong between rank pairs at one distance (half the round
 trip), all pairs at once.
+
+Sizes (:func:`collective_sizes`): 4 KiB to 4 MiB, then x8 steps up to the largest message a
+candidate plan moves (a layer's parameters, an activation at the global batch), capped by the
+memory free on the rank, so FSDP's and DDP's hundreds-of-MB messages are measured.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -93,6 +98,34 @@ def _monotone(times: Sequence[float]) -> list[float]:
     for i in range(len(out) - 2, -1, -1):
         out[i] = min(out[i], out[i + 1])
     return out
+
+
+def collective_sizes(largest_bytes: float, free_bytes: float) -> tuple[int, ...]:
+    """Message sizes to time: :data:`DEFAULT_SIZES_BYTES`, then x8 steps up to the largest
+    message a candidate plan moves (``largest_bytes``: a layer's parameters all-gathered or
+    all-reduced, an activation sent between stages), so the fit is measured, not
+    extrapolated, where the plans live. Capped at an eighth of ``free_bytes`` (each timed
+    call holds a full buffer and a shard of it)."""
+    cap = max(DEFAULT_SIZES_BYTES[-1], int(free_bytes // 8))
+    sizes = list(DEFAULT_SIZES_BYTES)
+    while sizes[-1] * 8 < largest_bytes and sizes[-1] * 8 <= cap:
+        sizes.append(sizes[-1] * 8)
+    if sizes[-1] < min(largest_bytes, cap):
+        sizes.append(int(min(largest_bytes, cap)))
+    return tuple(sizes)
+
+
+def free_memory_bytes(device: torch.device) -> float:
+    """Memory this rank may use for collective buffers: the free device memory on CUDA, the
+    host's available memory shared by its local ranks on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 2**30
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return float(available) / max(local, 1)
 
 
 def measure_collectives(
