@@ -111,6 +111,77 @@ def _no_pair_reason(layer: nn.Module, calls: list[LinearCall]) -> str:
     return f"{base} (Linear sizes or data flow do not line up: {names})"
 
 
+_SPLIT_NODES = (
+    "SliceBackward0",
+    "SplitBackward0",
+    "SplitWithSizesBackward0",
+    "NarrowBackward0",
+    "UnbindBackward0",
+)
+
+
+def _split_dim_size(node: Any) -> int | None:
+    """For a split / slice of a tensor in the autograd graph: the size of the dimension it
+    splits (None for any other node)."""
+    if type(node).__name__ not in _SPLIT_NODES:
+        return None
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    dim = getattr(node, "_saved_dim", None)
+    if sizes is None or dim is None:
+        return None
+    try:
+        return int(sizes[dim])
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+def _unshardable(
+    calls: list[LinearCall],
+    pairs: list[tuple[list[int], int]],
+    linear_of: dict[Any, int],
+    trace: LayerTrace,
+    batch: int,
+    head_counts: set[int],
+) -> str:
+    """Why sharding the layer's pairs would not compute the layer (empty when it would):
+
+    - a column-wise output split along its feature dimension after the Linear (a fused
+      ``qkv_proj`` / ``gate_up_proj`` cut at global offsets): column shards would not be
+      shards of each part;
+    - a floating input from outside the layer indexed by attention head (an attention bias
+      made for all heads, e.g. ALiBi or a relative position bias computed by another layer):
+      head-sharded attention would need its shard of it."""
+    for cols, r in pairs:
+        widths = {calls[c].module.out_features for c in cols}
+        seen: set = set()
+        todo = [calls[r].input.grad_fn]
+        while todo and len(seen) < _MAX_WALK_NODES:
+            node = todo.pop()
+            if node is None or node in seen or node in linear_of or node in trace.input_nodes:
+                continue
+            seen.add(node)
+            size = _split_dim_size(node)
+            if size is not None and size in widths:
+                names = ", ".join(calls[c].fqn for c in cols)
+                return (
+                    f"the output of {names} ({size} features) is split after the Linear "
+                    "(a fused projection): column shards would not be shards of each part"
+                )
+            todo += [nxt for nxt, _ in node.next_functions if nxt is not None]
+    for shape in trace.extra_input_shapes:
+        for heads in trace.heads | head_counts:
+            by_head = (len(shape) == 4 and shape[1] == heads and heads > 1) or (
+                len(shape) == 3 and shape[0] == batch * heads and heads > 1
+            )
+            if by_head:
+                return (
+                    f"an input of shape {list(shape)} is indexed by attention head (a bias for "
+                    "all heads made outside the layer): head-sharded attention would need its "
+                    "shard"
+                )
+    return ""
+
+
 @dataclass(frozen=True)
 class TPPlan:
     pairs: tuple[TPPair, ...] = ()
@@ -149,6 +220,9 @@ def tp_plan(layer: nn.Module, trace: LayerTrace, batch: int) -> TPPlan:
         assigned |= cols | {r}
     if not pairs:
         return TPPlan(excluded_reason=_no_pair_reason(layer, calls))
+    unsafe = _unshardable(calls, pairs, linear_of, trace, batch, _head_counts(layer))
+    if unsafe:
+        return TPPlan(excluded_reason=unsafe)
     divisors = set(_head_counts(layer)) | trace.heads
     tp_pairs = []
     for cols, r in pairs:

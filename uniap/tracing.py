@@ -192,6 +192,9 @@ class LayerTrace:
     linears: list[LinearCall] = field(default_factory=list)
     heads: set[int] = field(default_factory=set)
     num_calls: int = 0
+    extra_input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """Shapes of the floating tensors passed to the layer besides its first input (masks,
+    attention biases, rotary tables), first call."""
 
 
 class Tracer:
@@ -230,6 +233,9 @@ class Tracer:
         trace = self.layers[i]
         tensors = tensors_in(list(args)) + tensors_in(kwargs)
         trace.num_calls += 1
+        if trace.num_calls == 1:
+            floats = [t for t in tensors[1:] if t.is_floating_point()]
+            trace.extra_input_shapes = [tuple(t.shape) for t in floats]
         trace.input_nodes |= {t.grad_fn for t in tensors if t.grad_fn is not None}
         if tensors and trace.input_last_dim is None and tensors[0].dim():
             trace.input_last_dim = tensors[0].shape[-1]

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.dist
 D, F = "DDP", "FSDP"
 
 NO_TP = {
-    # fused qkv_proj / gate_up_proj split after the Linear: the TP plan found for them shards
-    # the fused output, which is not the split of q, k, v (graph.py's TP pairs)
+    # the graph gives these layers no TP plan, with the reason (tests/unit/test_models_hf.py):
+    # fused qkv_proj / gate_up_proj split after the Linear: column shards of the fused output
+    # are not shards of q, k, v
     "phi3",
     # ALiBi biases of shape (batch * heads, 1, seq) computed by the model for all heads, and
     # T5's position bias (batch, heads, seq, seq) made by block 0 and passed to every block:

@@ -125,3 +125,44 @@ def test_planner_logs_gpt2_tp_exclusion_once(caplog: pytest.LogCaptureFixture) -
         "Linear pair found (fused or non-Linear projections: Conv1D)"
     ]
     assert all(ls.tp == 1 for ls in p.layer_strategies)
+
+
+@pytest.mark.parametrize(
+    ("family", "layer", "reason"),
+    [
+        # fused qkv_proj cut at global offsets after the Linear
+        (
+            "phi3",
+            "model.layers.0",
+            "the output of self_attn.qkv_proj (64 features) is split after the Linear (a fused "
+            "projection): column shards would not be shards of each part",
+        ),
+        # ALiBi biases (batch * heads, 1, seq) made by the model for all heads
+        (
+            "bloom",
+            "transformer.h.0",
+            "an input of shape [8, 1, 8] is indexed by attention head (a bias for all heads made "
+            "outside the layer): head-sharded attention would need its shard",
+        ),
+        # the relative position bias made by block 0 and passed to every later block
+        (
+            "t5",
+            "encoder.block.1",
+            "an input of shape [1, 4, 8, 8] is indexed by attention head (a bias for all heads "
+            "made outside the layer): head-sharded attention would need its shard",
+        ),
+    ],
+)
+def test_tp_refused_where_sharding_would_change_the_function(
+    family: str, layer: str, reason: str
+) -> None:
+    """Layers whose Linear pairs exist but whose column/head shards would not compute the
+    layer get no TP plan, with the reason; Llama's keep theirs."""
+    import hf_own_forward as hf
+
+    graph = build_graph(hf.build(family), hf.batch(family, 2, 0), pipeline_check=False)
+    by_fqn = {lay.fqn: lay for lay in graph.layers}
+    assert not by_fqn[layer].tp_enabled
+    assert by_fqn[layer].tp_excluded_reason == reason
+    llama = build_graph(hf.build("llama_tied"), hf.batch("llama_tied", 2, 0), pipeline_check=False)
+    assert llama.layer("model.layers.0").tp_enabled
