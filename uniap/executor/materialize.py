@@ -2,29 +2,42 @@
 
 A model built under ``torch.device("meta")`` has shapes but no storage. The executor splits
 and shards it as usual (TP, FSDP and the stage root work on meta tensors), then
-:func:`materialize_stage` allocates this rank's local shards (``to_empty``) and fills them
-layer by layer: for each layer of the stage, a full copy of that one layer is allocated and
-initialised, and each local shard is sliced out of it (``distribute_tensor`` with
-``src_data_rank=None``: every rank slices its own copy, no communication). Peak parameter
-memory per rank: its shards plus one full layer.
+:func:`materialize_stage` allocates this rank's local shards (``to_empty``) and fills them one
+*init unit* at a time: for each unit holding some of the stage's tensors, a full copy of that
+one unit is allocated and initialised, and each local shard is sliced out of it
+(``distribute_tensor`` with ``src_data_rank=None``: every rank slices its own copy, no
+communication). Peak parameter memory per rank: its shards plus one full unit.
 
-Initialisation is plan-independent: layer ``u`` of the chain is initialised under the seed
-``seed + u`` (in a forked RNG), by ``init_weights(layer)`` when given, else by every
-submodule's ``reset_parameters()``. :func:`init_model` does the same on one process for the
-whole model, so the same seed gives the same full parameters under every plan.
+Init units, in order: the layers of the chain, then every module outside the layers that owns
+parameters or buffers (a rotary table, a final norm that is no layer), in the model's module
+order. Unit ``u`` is initialised under the seed ``seed + u`` (in a forked RNG) by
+``init_weights(unit)`` when given, else by the Hugging Face model's own ``_init_weights``
+applied to every submodule (a model with one), else by every submodule's
+``reset_parameters()``. A tensor held by several units (tied weights) takes the value of the
+last unit holding it, as initialising the units in place one after the other would.
+:func:`init_model` does exactly that on one process for the whole model, so the same seed gives
+the same full parameters under every plan. Parameters and buffers owned by the model itself
+(outside every submodule) cannot be initialised this way and are refused.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["init_layer", "init_model", "is_meta", "materialize_stage"]
+__all__ = [
+    "default_init",
+    "init_layer",
+    "init_model",
+    "init_units",
+    "is_meta",
+    "materialize_stage",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +55,7 @@ def init_layer(
     seed: int,
     init_weights: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Initialise one (materialised) layer, the ``index``-th of the chain, deterministically."""
+    """Initialise one (materialised) init unit, the ``index``-th, deterministically."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + index)
         if init_weights is not None:
@@ -52,6 +65,44 @@ def init_layer(
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
+
+
+def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def init_units(model: nn.Module, layer_fqns: Sequence[str]) -> list[str]:
+    """The init units of ``model`` (see the module docstring): the layers, then the modules
+    outside them that directly own parameters or buffers. Refuses state owned by the model
+    itself, naming it."""
+    units = list(layer_fqns)
+    for name, _ in _tensors(model):
+        if any(_under(name, f) for f in layer_fqns):
+            continue
+        owner = name.rpartition(".")[0]
+        if not owner:
+            raise ValueError(
+                f"{type(model).__name__} is on the meta device and owns {name!r} itself "
+                "(outside every submodule): it cannot be initialised by a module's init; build "
+                "the model on the CPU, or move it into a submodule"
+            )
+        if owner not in units:
+            units.append(owner)
+    return units
+
+
+def default_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
+    """The Hugging Face model's own ``_init_weights`` applied to every submodule of a unit,
+    for a model that has one; None (``reset_parameters()``) otherwise."""
+    hf_init = getattr(model, "_init_weights", None)
+    if not callable(hf_init):
+        return None
+    return lambda unit: unit.apply(hf_init)
 
 
 def init_model(
@@ -64,9 +115,11 @@ def init_model(
 ) -> nn.Module:
     """Materialise a meta ``model`` on one device and initialise it exactly as
     :func:`materialize_stage` does under any plan (the single-process reference)."""
+    units = init_units(model, layer_fqns)
+    init = init_weights or default_init(model)
     model.to_empty(device=device)
-    for index, fqn in enumerate(layer_fqns):
-        init_layer(model.get_submodule(fqn), index, seed=seed, init_weights=init_weights)
+    for index, fqn in enumerate(units):
+        init_layer(model.get_submodule(fqn), index, seed=seed, init_weights=init)
     return model
 
 
@@ -81,26 +134,33 @@ def materialize_stage(
     init_weights: Callable[[nn.Module], None] | None = None,
 ) -> None:
     """Allocate ``stage``'s local shards on ``device`` and fill them from full, initialised
-    copies of its layers, one at a time. ``model`` is the meta model the stage was split
-    from; ``layer_fqns`` its whole chain (a layer's index there picks its seed)."""
+    copies of the init units holding them, one at a time. ``model`` is the meta model the
+    stage was split from, ``layer_fqns`` its whole chain; ``stage`` holds its tensors at the
+    model's names (any of a tied tensor's names)."""
+    units = init_units(model, layer_fqns)
+    init = init_weights or default_init(model)
+    template = {name: id(t) for name, t in _tensors(model)}
+    last: dict[int, tuple[int, str]] = {}  # template tensor -> (last unit holding it, name in it)
+    for u, path in enumerate(units):
+        for rel, t in _tensors(model.get_submodule(path)):
+            last[id(t)] = (u, rel)
     stage.to_empty(device=device)
-    for index, fqn in enumerate(layer_fqns):
-        try:
-            target = stage.get_submodule(fqn)
-        except AttributeError:
-            continue  # another stage's layer
-        full = copy.deepcopy(model.get_submodule(fqn)).to_empty(device=device)
-        init_layer(full, index, seed=seed, init_weights=init_weights)
-        sources = dict(full.named_parameters())
-        sources.update(full.named_buffers())
-        targets = dict(target.named_parameters())
-        targets.update(target.named_buffers())
-        for name, t in targets.items():
-            src = sources[name].detach()
+    wanted: dict[int, list[tuple[torch.Tensor, str]]] = {}
+    for name, t in _tensors(stage):
+        tid = template.get(name)
+        if tid is not None and tid in last:
+            u, rel = last[tid]
+            wanted.setdefault(u, []).append((t, rel))
+    for u in sorted(wanted):
+        full = copy.deepcopy(model.get_submodule(units[u])).to_empty(device=device)
+        init_layer(full, u, seed=seed, init_weights=init)
+        sources = dict(_tensors(full))
+        for t, rel in wanted[u]:
+            src = sources[rel].detach()
             if isinstance(t, DTensor):
                 local = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None)
                 t.to_local().copy_(local.to_local())
             else:
                 t.copy_(src)
         del full
-    logger.info("materialised this rank's shards of %d layer(s)", len(list(stage.modules())))
+    logger.info("materialised this rank's shards from %d init unit(s)", len(wanted))

@@ -70,7 +70,7 @@ from uniap.executor.data_parallel import (
 )
 from uniap.executor.full_state import stream_full_state
 from uniap.executor.grad_norm import clip_grad_norm_
-from uniap.executor.materialize import is_meta, materialize_stage
+from uniap.executor.materialize import init_units, is_meta, materialize_stage
 from uniap.executor.memory import StepMemory
 from uniap.executor.mesh import ProcessGroups
 from uniap.executor.model_forward import (
@@ -160,18 +160,11 @@ def apply_plan(
             f"loss_fn=None (the model's own loss) needs a model that computes one; "
             f"{type(model).__name__} is run as a chain of its layers: pass loss_fn=..."
         )
-    if (own_forward or traced_split) and meta:
-        outside = sorted(free) + [
-            n
-            for n, _ in model.named_buffers()
-            if not any(n == f or n.startswith(f + ".") for f in all_fqns)
-        ]
-        if outside:
-            raise UniapError(
-                f"{type(model).__name__} is on the meta device and has parameters or buffers "
-                f"outside every layer ({', '.join(outside[:3])}): they cannot be initialised "
-                "layer by layer yet; build the model on the CPU, or move them into a layer"
-            )
+    if meta:  # every tensor must belong to a module that can initialise it
+        try:
+            init_units(model, all_fqns)
+        except ValueError as e:
+            raise UniapError(str(e)) from None
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
