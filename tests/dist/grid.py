@@ -313,6 +313,15 @@ def w2_cases() -> list[dict]:
             kind="checkpoint",
         ),
         toy("memory_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="memory"),
+        # gradients doubled after each backward (a sum over the 2 ranks instead of the mean)
+        toy(
+            "control_pp1_dp2_fsdp_grads_summed_c2",
+            2,
+            [[(2, 1, F)]],
+            c=2,
+            kind="grad_scale_control",
+            scale_grads=2.0,
+        ),
         toy(
             "comm_pp1_tp2_c2",
             2,
