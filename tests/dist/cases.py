@@ -669,6 +669,50 @@ def memory_case(case: dict) -> dict[str, Any] | None:
 _KINDS["memory"] = memory_case
 
 
+def allocator_memory_case(case: dict) -> dict[str, Any] | None:
+    """Two AdamW iterations of ``case["plan"]`` (gradients zeroed in place), the second under
+    :class:`~uniap.executor.memory.AllocatorPeak` with :class:`StepMemory` around its
+    ``train_step``: rank 0's allocator peak, its baseline, the tensor count and the model's
+    parameter bytes."""
+    from uniap.executor.memory import AllocatorPeak, StepMemory
+
+    build, batch, loss_fn, _ = _setup(case)
+    plan = Plan.from_dict(case["plan"])
+    x, y = batch(plan.global_batch_size, 0)
+    model = build()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pm = parallelize(
+        model,
+        plan=plan,
+        loss_fn=loss_fn,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+    )
+    opt = make_optimizer(pm)
+    pm.train_step(x, y)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    counted = StepMemory(pm.module, pm.device)
+    with AllocatorPeak(pm.device, [pm.module], [opt]) as alloc:
+        with counted:
+            pm.train_step(x, y)
+        opt.step()
+    return (
+        {
+            "allocator_peak": alloc.peak_bytes,
+            "allocator_baseline": alloc.baseline_bytes,
+            "count": counted.peak_memory_bytes,
+            "count_terms": counted.breakdown,
+            "model_param_bytes": model_bytes,
+        }
+        if dist.get_rank() == 0
+        else None
+    )
+
+
+_KINDS["allocator_memory"] = allocator_memory_case
+
+
 def meta_case(case: dict) -> dict[str, Any] | None:
     """A toy built on the meta device: every rank materialises only its shards; the full
     parameters equal a single-process init with the same seed, and two AdamW steps give the
