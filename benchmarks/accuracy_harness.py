@@ -10,9 +10,14 @@ rank when CUDA is available) and returns rank 0's result. Jobs:
 - ``run``: every plan through :func:`uniap.parallelize` (all built first), ``warmup``
   iterations each, then ``steps`` rounds of one iteration of every plan in turn (so a burst
   of load on a shared machine hits all plans alike); a plan's time is its median (an
-  iteration: ``train_step`` + ``AdamW.step`` + ``zero_grad``, barrier before, slowest rank);
+  iteration: ``train_step`` + ``AdamW.step`` + ``zero_grad``, barrier before, slowest rank;
+  ``set_to_none``: ``zero_grad``'s argument, default False);
   then one more iteration under :class:`~uniap.profiler.memory.PeakMemory` for each rank's
-  peak bytes.
+  peak of live tensor bytes (``rank_peak_bytes``), and one under
+  :class:`~uniap.executor.memory.StepMemory` (around ``train_step``: the tensors the cost
+  model charges, ``rank_counted_bytes``) inside
+  :class:`~uniap.executor.memory.AllocatorPeak` (around the whole iteration: what the
+  allocator handed out, ``rank_allocator_bytes``).
 
 :func:`compare` turns predictions and measurements into rows and summary statistics:
 relative errors ``(predicted - measured) / measured`` (median and worst of the absolute
@@ -118,14 +123,18 @@ def _worker(
 
 
 def _model_and_batch(job: dict) -> tuple[Any, Any, Any, Any]:
-    from uniap.models import GPTConfig, build_model, example_batch
+    """The job's model (``model``: a preset of :mod:`uniap.models` with ``model_overrides``;
+    else a GPT of ``model_config``), its global batch and loss."""
+    from uniap.models import GPTConfig, build_model, example_batch, loss_fn_for
 
-    config = GPTConfig(**job["model_config"])
-    model = build_model(config, device="cpu", seed=0)
+    if "model" in job:
+        spec: Any = job["model"]
+        overrides = job.get("model_overrides", {})
+    else:
+        spec, overrides = GPTConfig(**job["model_config"]), {}
+    model = build_model(spec, device="cpu", seed=0, **overrides)
     x, y = example_batch(model, job["global_batch_size"])
-    from uniap.models import cross_entropy_loss
-
-    return model, x, y, cross_entropy_loss
+    return model, x, y, loss_fn_for(model)
 
 
 def _device() -> Any:
@@ -163,11 +172,15 @@ def _job_run(job: dict) -> list[dict]:
 
     from uniap.api import parallelize
     from uniap.contract import Plan
+    from uniap.executor.memory import AllocatorPeak, StepMemory
     from uniap.profiler.memory import PeakMemory
 
     model, x, y, loss_fn = _model_and_batch(job)
     device = _device()
     warmup, steps, timed = job.get("warmup", 2), job.get("steps", 5), job.get("time", True)
+    # False: gradients stay allocated between iterations (zeroed in place); True: torch's
+    # default, freed by zero_grad and allocated again in backward
+    set_to_none = job.get("set_to_none", False)
     runs = []
     for d in job["plans"]:
         plan = Plan.from_dict(d)
@@ -187,7 +200,7 @@ def _job_run(job: dict) -> list[dict]:
         pm.train_step(x, y)
         t1 = time.perf_counter()
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=set_to_none)
         t = torch.tensor([t1 - t0, time.perf_counter() - t1], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rec is not None:
@@ -202,12 +215,26 @@ def _job_run(job: dict) -> list[dict]:
     for _ in range(steps if timed else 0):
         for _, pm, opt, rec in runs:
             step(pm, opt, rec)
+
+    def gathered(value: Any) -> list[Any]:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+
     results = []
     for plan, pm, opt, rec in runs:
         with PeakMemory(device, [pm.module], opt) as mem:
             step(pm, opt, None)
-        peaks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, mem.peak_bytes)
+        peaks = gathered(mem.peak_bytes)
+        counted = StepMemory(pm.module, device)
+        dist.barrier()
+        with AllocatorPeak(device, [pm.module], [opt]) as alloc:
+            with counted:
+                pm.train_step(x, y)
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        counts = gathered({**counted.breakdown, "total": counted.peak_memory_bytes})
+        allocs = gathered(alloc.peak_bytes)
         med = {k: statistics.median(v) if v else float("nan") for k, v in rec.items()}
         results.append(
             {
@@ -217,6 +244,12 @@ def _job_run(job: dict) -> list[dict]:
                 "step_times_s": rec["step"],
                 "rank_peak_bytes": peaks,
                 "stage_peak_bytes": [max(peaks[r] for r in st.ranks) for st in plan.stages],
+                "rank_counted": counts,
+                "stage_counted_bytes": [
+                    max(counts[r]["total"] for r in st.ranks) for st in plan.stages
+                ],
+                "rank_allocator_bytes": allocs,
+                "stage_allocator_bytes": [max(allocs[r] for r in st.ranks) for st in plan.stages],
             }
         )
     return results

@@ -14,6 +14,22 @@ and worst relative errors, Spearman's rank correlation, whether the planner's pl
 measured-fastest, and the effect of calibration (fitted on half of the plans, judged on the
 other half). World 4 (memory only: 4 processes on 2 cores make timings meaningless): profile
 and run a few plans, compare predicted and measured peak memory.
+
+    .venv/bin/python benchmarks/cost_model_accuracy.py --memory-only   # no timing, ~2 min
+
+Memory is measured three ways per rank (the stage's worst rank is shown):
+
+- **count**: :class:`uniap.executor.memory.StepMemory`, the tensors the cost model charges
+  (parameters, gradients, optimizer state, saved activations) around ``train_step``;
+- **live**: the peak of live tensor storages (torch's ``MemTracker``) over one iteration;
+- **allocator**: :class:`uniap.executor.memory.AllocatorPeak` over one iteration
+  (``train_step`` + ``AdamW.step``): on CPU the c10 allocator's own records (under
+  ``torch.profiler`` with ``profile_memory``), on CUDA ``max_memory_allocated``. It sees what
+  the count cannot: FSDP's all-gathered parameters and unsharded gradients, communication
+  and reshard buffers, the loss's and the optimizer's temporaries.
+
+``allocator - count`` is what the cost model does not charge; the table puts it next to the
+stage's largest layer's parameter bytes (the size of one FSDP all-gather buffer).
 """
 
 from __future__ import annotations
@@ -138,9 +154,69 @@ def fmt_mib(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
 
+def memory_table(graph, plans, evals, runs) -> list[float]:
+    """Print predicted vs counted, live and allocator peaks per stage; the errors against the
+    allocator."""
+    print(
+        "\n| plan | stage | predicted (MiB) | count (MiB) | live (MiB) | allocator (MiB) "
+        "| pred vs count | pred vs allocator | allocator - count (MiB) | largest layer (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    layer_bytes = {layer.fqn: layer.param_bytes for layer in graph.layers}
+    errs = []
+    for (name, plan), ev, r in zip(plans, evals, runs):
+        for i, st in enumerate(plan.stages):
+            pred = ev.peak_memory_bytes[i]
+            cnt, live = r["stage_counted_bytes"][i], r["stage_peak_bytes"][i]
+            alloc = r["stage_allocator_bytes"][i]
+            largest = max(layer_bytes[ls.fqn] for ls in st.layers)
+            errs.append(pred / alloc - 1)
+            print(
+                f"| {name} | {i} | {fmt_mib(pred)} | {fmt_mib(cnt)} | {fmt_mib(live)} "
+                f"| {fmt_mib(alloc)} | {pred / cnt - 1:+.1%} | {pred / alloc - 1:+.1%} "
+                f"| {fmt_mib(alloc - cnt)} | {fmt_mib(largest)} |"
+            )
+    return errs
+
+
+def memory_only(graph, job: dict, plans: list[tuple[str, Plan]], world: int) -> None:
+    """Profile once (one repeat: memory does not need timing repeats), run every plan once,
+    print the memory table."""
+    cluster_name = "cpu-2" if world == 2 else "cpu-4"
+    jobw = {**job, "cluster": cluster_name}
+    prof = MeasuredProfile.from_dict(
+        spawn(
+            world,
+            {**jobw, "kind": "profile", "warmup": 1, "repeats": 1, "batches": [1, 2, 4, 8, 16]},
+        )
+    )
+    runs = spawn(
+        world,
+        {
+            **jobw,
+            "kind": "run",
+            "plans": [p.to_dict() for _, p in plans],
+            "warmup": 0,
+            "steps": 1,
+            "time": False,
+        },
+    )
+    cm = CostModel(graph, load_cluster(cluster_name), prof, recompute=False)
+    errs = memory_table(graph, plans, [cm.evaluate(p) for _, p in plans], runs)
+    print(
+        f"memory error against the allocator (world {world}): median "
+        f"{statistics.median(abs(x) for x in errs):.1%}, worst {max(abs(x) for x in errs):.1%}"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 plans, no world-4 memory runs")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="no timing: one profile and one iteration per plan, world 2 and 4, memory tables",
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument(
         "--rounds",
@@ -151,6 +227,12 @@ def main() -> int:
         "between profiling and running hits both alike (default 3; 1 with --quick)",
     )
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--set-to-none",
+        action="store_true",
+        help="zero_grad(set_to_none=True) between iterations (torch's default); default: "
+        "gradients zeroed in place and kept allocated",
+    )
     ap.add_argument("--repeats", type=int, default=7, help="profile repeats")
     ap.add_argument("--profile-out", default=None, help="also save the measured profile YAML")
     ap.add_argument(
@@ -166,13 +248,25 @@ def main() -> int:
     meta = build_model(config, device="meta")
     graph = build_graph(meta, example_batch(meta, 2, device="meta")[0], name=meta.uniap_name)
     cluster = load_cluster("cpu-2")
-    job = {"model_config": MODEL, "global_batch_size": BATCH, "cluster": "cpu-2"}
+    job = {
+        "model_config": MODEL,
+        "global_batch_size": BATCH,
+        "cluster": "cpu-2",
+        "set_to_none": args.set_to_none,
+    }
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"world 2, gloo, 1 thread per process; model GPT {MODEL}, global batch {BATCH}"
+        f"world 2, gloo, 1 thread per process; model GPT {MODEL}, global batch {BATCH}; "
+        f"zero_grad(set_to_none={args.set_to_none})"
     )
     plans = world2_plans(graph)
+    if args.memory_only:
+        for world, ps in ((2, plans), (4, world4_plans(graph))):
+            print(f"\n== world {world}, memory only", flush=True)
+            memory_only(graph, job, ps, world)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return 0
     if args.quick:
         plans = [plans[0], plans[4], plans[8]]
     profiles, run_sets, probes = [], [], []
@@ -259,6 +353,7 @@ def main() -> int:
             f"| {r['train_step_s'] * 1e3:.1f} / {r['optimizer_s'] * 1e3:.1f} | {err:+.1%} "
             f"| {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |"
         )
+    memory_table(graph, plans, evals, runs)
     fastest = min(meas)
     chosen_meas = meas[chosen_index]
     print(
@@ -326,17 +421,10 @@ def main() -> int:
             },
         )
         cm4 = CostModel(graph, load_cluster("cpu-4"), prof4, recompute=False)
-        print("\n| plan | stage | predicted peak (MiB) | measured peak (MiB) | error |")
-        print("|---|---|---|---|---|")
-        errs4 = []
-        for (name, p), r in zip(plans4, runs4):
-            ev = cm4.evaluate(p)
-            for i, (pm, mm) in enumerate(zip(ev.peak_memory_bytes, r["stage_peak_bytes"])):
-                errs4.append(pm / mm - 1)
-                print(f"| {name} | {i} | {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |")
+        errs4 = memory_table(graph, plans4, [cm4.evaluate(p) for _, p in plans4], runs4)
+        med4, worst4 = statistics.median(abs(x) for x in errs4), max(abs(x) for x in errs4)
         print(
-            f"memory error (world 4): median {statistics.median(abs(x) for x in errs4):.1%}, "
-            f"worst {max(abs(x) for x in errs4):.1%}"
+            f"memory error against the allocator (world 4): median {med4:.1%}, worst {worst4:.1%}"
         )
         del meta4
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

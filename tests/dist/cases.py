@@ -2,7 +2,10 @@
 
 A parity case trains ``steps`` AdamW steps with a plan and compares, on rank 0, the per-step
 losses and the final full parameters with single-process training of the same model (same
-seed, same global batches).
+seed, same global batches), and, on every rank, the gradients of the parameters it holds
+after the first backward with the reference's first gradients (AdamW divides the gradient's
+scale out of its update, so a gradient summed instead of averaged over ranks or micro-batches
+would pass the loss and parameter checks; the gradient check sees it).
 """
 
 from __future__ import annotations
@@ -27,12 +30,23 @@ LR = 1e-3
 # by at most lr * |dg| / eps (~1e-6); every other entry is unaffected.
 EPS = 1e-6
 RTOL, ATOL = 1e-4, 1e-5
+# Gradients (fp32): elementwise rtol GRAD_RTOL, plus an absolute floor of GRAD_ATOL_REL times
+# the largest reference gradient entry of the whole model. The parallel run sums the same
+# terms in another order (micro-batches, DP all-reduce / reduce-scatter, TP partial sums), so
+# an entry's error is a few fp32 ulps (1.2e-7) of the magnitudes summed, not of the result: an
+# entry that cancels to near zero has a large relative error but an absolute one of order
+# 1e-7 x the model's gradient scale. Measured over the CPU grid (2026-12-06): worst
+# |g - g_ref| / max|g_ref| 6.8e-7 (fp32). A gradient off by a factor 2 or 1/c misses the
+# bound on every entry above 1e-5 x the scale, by orders of magnitude.
+GRAD_RTOL, GRAD_ATOL_REL = 1e-4, 1e-5
 # bf16-mixed parity (see test_precision_parity.py for the justification of these bounds)
 LOSS_RTOL_BF16 = 2e-3
 UPDATE_RTOL_BF16 = 5e-2
 SGD_OPTIONS = {"lr": 0.5, "momentum": 0.5, "foreach": True}
 _FUNCOLS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
-_REFERENCE: dict[tuple, tuple[list[float], dict[str, torch.Tensor], list[float]]] = {}
+_REFERENCE: dict[
+    tuple, tuple[list[float], dict[str, torch.Tensor], list[float], dict[str, torch.Tensor | None]]
+] = {}
 
 
 def make_optimizer(pm: Any, kernel: str = "foreach") -> torch.optim.Optimizer:
@@ -114,9 +128,10 @@ def _setup(case: dict) -> tuple[Any, Any, Any, Any]:
 
 def _reference(
     case: dict, build: Any, batch: Any, loss_fn: Any, big_b: int, steps: int
-) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
-    """Single-process training: losses, final state and (with ``case["clip"]``) the gradient
-    norms ``torch.nn.utils.clip_grad_norm_`` returned."""
+) -> tuple[list[float], dict[str, torch.Tensor], list[float], dict[str, torch.Tensor | None]]:
+    """Single-process training: losses, final state, (with ``case["clip"]``) the gradient
+    norms ``torch.nn.utils.clip_grad_norm_`` returned, and the first backward's gradients by
+    parameter name (None for a parameter the loss does not reach)."""
     device = default_device()  # the same kind of device as the parallel run
     clip = case.get("clip")
     precision = case.get("precision")
@@ -137,12 +152,18 @@ def _reference(
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, foreach=True)
         losses, norms = [], []
+        first_grads: dict[str, torch.Tensor | None] = {}
         for step in range(steps):
             x, y = batch(big_b, step)
             opt.zero_grad()
             with _autocast(precision, device):  # fp32 master weights, bf16 compute
                 loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
+            if step == 0:
+                first_grads = {
+                    k: None if p.grad is None else p.grad.detach().cpu().clone()
+                    for k, p in model.named_parameters()
+                }
             if clip is not None:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             opt.step()
@@ -151,6 +172,7 @@ def _reference(
             losses,
             {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             norms,
+            first_grads,
         )
     return _REFERENCE[key]
 
@@ -223,6 +245,98 @@ def _compare_updates(
     }
 
 
+def _held_grads(pm: Any) -> dict[str, torch.Tensor | None]:
+    """This rank's gradients, full (``full_tensor()`` of a DTensor gradient: a collective over
+    its mesh, called in the same parameter order on every rank of the stage), on CPU, by the
+    model's parameter FQN; None where ``.grad`` is None."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor | None] = {}
+    for name, p in pm.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        out[name] = None if g is None else g.detach().float().cpu().clone()
+    return out
+
+
+def _compare_grads(
+    held: dict[str, torch.Tensor | None],
+    ref: dict[str, torch.Tensor | None],
+    *,
+    mixed_precision: bool,
+) -> dict[str, Any]:
+    """This rank's gradients against the reference's. fp32: elementwise within GRAD_RTOL
+    relative plus GRAD_ATOL_REL x the model's largest reference entry; the reported
+    ``worst`` is the largest ``|g - g_ref| / max|g_ref|``. bf16-mixed: each tensor's relative
+    2-norm error, against a floor of 1% of the largest tensor norm (as
+    :func:`_compare_updates`), at most UPDATE_RTOL_BF16."""
+    scale = max(
+        (float(r.abs().max()) for r in ref.values() if r is not None and r.numel()), default=0.0
+    )
+    floor = 1e-2 * max((float(r.norm()) for r in ref.values() if r is not None), default=0.0)
+    worst, worst_key, bad = 0.0, None, []
+    for name, got in sorted(held.items()):
+        if name not in ref:
+            bad.append(f"{name}: not a parameter of the reference model")
+            continue
+        want = ref[name]
+        if got is None or want is None:
+            if got is not want:
+                bad.append(
+                    f"{name}: grad {'None' if got is None else 'set'} vs reference "
+                    f"{'None' if want is None else 'set'}"
+                )
+            continue
+        if got.shape != want.shape:
+            bad.append(f"{name}: grad shape {tuple(got.shape)} vs {tuple(want.shape)}")
+            continue
+        if not want.numel():
+            continue
+        if mixed_precision:
+            err = float((got - want).norm()) / max(float(want.norm()), floor)
+            ok = err <= UPDATE_RTOL_BF16
+        else:
+            diff = (got - want).abs()
+            err = float(diff.max()) / scale if scale else float(diff.max())
+            ok = bool((diff <= GRAD_RTOL * want.abs() + GRAD_ATOL_REL * scale).all())
+        if err > worst:
+            worst, worst_key = err, name
+        if not ok:
+            ratio = float(got.norm()) / max(float(want.norm()), 1e-30)
+            bad.append(f"{name}: error {err:.3g}, |g| / |g_ref| = {ratio:.4g}")
+    return {"names": sorted(held), "bad": bad, "worst": worst, "worst_param": worst_key}
+
+
+def _grad_parity(
+    held: dict[str, torch.Tensor | None], ref: dict[str, torch.Tensor | None] | None, case: dict
+) -> dict[str, Any] | None:
+    """Every rank compares the gradients it holds with the reference's (computed on rank 0,
+    broadcast); rank 0 gets the verdict over all ranks, including that every parameter of
+    the model was compared on some rank."""
+    payload = [ref]
+    dist.broadcast_object_list(payload, src=0)
+    ref = payload[0]
+    assert ref is not None
+    mine = _compare_grads(held, ref, mixed_precision=bool(case.get("precision")))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() != 0:
+        return None
+    covered = set().union(*(set(s["names"]) for s in everyone))
+    missing = sorted(set(ref) - covered)
+    bad = [f"rank {r}: {b}" for r, s in enumerate(everyone) for b in s["bad"]]
+    bad += [f"{name}: held by no rank" for name in missing]
+    worst_rank = max(range(len(everyone)), key=lambda r: everyone[r]["worst"])
+    return {
+        "grads_close": not bad,
+        "bad_grads": bad[:6],
+        "worst_grad_error": everyone[worst_rank]["worst"],
+        "worst_grad": f"rank {worst_rank}: {everyone[worst_rank]['worst_param']}",
+        "num_grads_compared": sum(len(s["names"]) for s in everyone),
+    }
+
+
 def _full_state_without_gather_object(pm: Any) -> dict[str, torch.Tensor]:
     """``pm.full_state_dict()``, failing if it uses ``gather_object`` (it must stream tensor
     by tensor: gather_object puts every rank's payload on rank 0's device at once)."""
@@ -266,11 +380,18 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         if isinstance(m, torch.nn.Linear):
             m.register_forward_hook(lambda _m, _i, o: linear_out_dtypes.add(str(o.dtype)))
     losses, times, norms, post_norms = [], [], [], []
+    held_grads: dict[str, torch.Tensor | None] = {}
     for step in range(steps):
         x, y = batch(big_b, step)
         opt.zero_grad()
         losses.append(pm.train_step(x, y))
         times.append(pm.last_step_time_s)
+        if case.get("scale_grads") is not None:  # the negative control: a mis-scaled reduction
+            for p in pm.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(case["scale_grads"])
+        if step == 0:  # before clipping and stepping, as the reference's
+            held_grads = _held_grads(pm)
         if case.get("clip") is not None:
             norms.append(float(pm.clip_grad_norm_(case["clip"])))
             # re-measured after clipping (an infinite max_norm clips nothing): every plain
@@ -296,12 +417,16 @@ def parity_case(case: dict) -> dict[str, Any] | None:
     roots = fsdp_roots(pm.module)
     layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.layer_modules)
     full = _full_state_without_gather_object(pm)
-    if dist.get_rank() != 0:
+    reference = None
+    if dist.get_rank() == 0:
+        reference = _reference(case, build, batch, loss_fn, big_b, steps)
+    grad_checks = _grad_parity(held_grads, reference[3] if reference else None, case)
+    if reference is None or grad_checks is None:
         return None
-    ref_losses, ref_state, ref_norms = _reference(case, build, batch, loss_fn, big_b, steps)
+    ref_losses, ref_state, ref_norms, _ = reference
     precision_checks: dict[str, Any] = {}
     if case.get("precision"):
-        fp32_losses, fp32_state, _ = _reference(
+        fp32_losses, fp32_state, _, _ = _reference(
             {**case, "precision": None, "clip": None}, build, batch, loss_fn, big_b, steps
         )
         fp32_gap = _compare_updates(fp32_state, ref_state, build().state_dict())
@@ -340,6 +465,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             else _compare(full, ref_state)
         ),
         **precision_checks,
+        **grad_checks,
     }
     if "forward" in out:
         ref_model = build()
@@ -424,6 +550,9 @@ def checkpoint_case(case: dict) -> dict[str, Any] | None:
 _KINDS = {
     "parity": parity_case,
     "hf_parity": parity_case,
+    # a parity case whose gradients are scaled by ``scale_grads`` after every backward: what a
+    # sum instead of a mean over ranks or micro-batches gives; the gradient check must fail it
+    "grad_scale_control": parity_case,
     "plan_consistency": plan_consistency_case,
     "checkpoint": checkpoint_case,
 }
@@ -539,6 +668,50 @@ def memory_case(case: dict) -> dict[str, Any] | None:
 
 
 _KINDS["memory"] = memory_case
+
+
+def allocator_memory_case(case: dict) -> dict[str, Any] | None:
+    """Two AdamW iterations of ``case["plan"]`` (gradients zeroed in place), the second under
+    :class:`~uniap.executor.memory.AllocatorPeak` with :class:`StepMemory` around its
+    ``train_step``: rank 0's allocator peak, its baseline, the tensor count and the model's
+    parameter bytes."""
+    from uniap.executor.memory import AllocatorPeak, StepMemory
+
+    build, batch, loss_fn, _ = _setup(case)
+    plan = Plan.from_dict(case["plan"])
+    x, y = batch(plan.global_batch_size, 0)
+    model = build()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pm = parallelize(
+        model,
+        plan=plan,
+        loss_fn=loss_fn,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+    )
+    opt = make_optimizer(pm)
+    pm.train_step(x, y)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    counted = StepMemory(pm.module, pm.device)
+    with AllocatorPeak(pm.device, [pm.module], [opt]) as alloc:
+        with counted:
+            pm.train_step(x, y)
+        opt.step()
+    return (
+        {
+            "allocator_peak": alloc.peak_bytes,
+            "allocator_baseline": alloc.baseline_bytes,
+            "count": counted.peak_memory_bytes,
+            "count_terms": counted.breakdown,
+            "model_param_bytes": model_bytes,
+        }
+        if dist.get_rank() == 0
+        else None
+    )
+
+
+_KINDS["allocator_memory"] = allocator_memory_case
 
 
 def meta_case(case: dict) -> dict[str, Any] | None:

@@ -313,6 +313,19 @@ def w2_cases() -> list[dict]:
             kind="checkpoint",
         ),
         toy("memory_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="memory"),
+        # allocator-level peak: FSDP keeps parameters and gradients unsharded across the
+        # micro-batches (the tensor count sees only the shards); classic DDP
+        toy("allocator_pp1_dp2_fsdp_c2", 2, [[(2, 1, F)]], c=2, kind="allocator_memory"),
+        toy("allocator_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="allocator_memory"),
+        # gradients doubled after each backward (a sum over the 2 ranks instead of the mean)
+        toy(
+            "control_pp1_dp2_fsdp_grads_summed_c2",
+            2,
+            [[(2, 1, F)]],
+            c=2,
+            kind="grad_scale_control",
+            scale_grads=2.0,
+        ),
         toy(
             "comm_pp1_tp2_c2",
             2,

@@ -2,7 +2,10 @@
 
 Every case runs three AdamW steps (``foreach=True``, CUDA's default, on ``pm.param_groups()``;
 ``fused=True`` in the ``fused_`` cases) and compares the per-step losses and the final full
-parameters with a single-process reference (same seed, same global batches), rtol 1e-4. The
+parameters with a single-process reference (same seed, same global batches), rtol 1e-4, and
+every rank's gradients after the first backward (DTensor gradients made full) with the
+reference's, rtol 1e-4 plus 1e-5 x the largest reference gradient entry (``cases.py`` says
+why): AdamW's update does not see a gradient's scale, the gradient check does. The
 ``clip_`` cases also clip with ``pm.clip_grad_norm_`` and compare the norms with
 ``torch.nn.utils.clip_grad_norm_`` on one process.
 The plans are in ``grid.py``; all cases of one world size share one spawned group.
@@ -24,6 +27,10 @@ def _check(res: dict[str, Any]) -> None:
     assert res["params_close"], (
         f"parameters differ: {res['bad_params']} extra {res['extra_params']} "
         f"(worst {res['worst_param']}: {res['worst_param_diff']:.3g})"
+    )
+    assert res["grads_close"], (
+        f"gradients after the first backward differ: {res['bad_grads']} "
+        f"(worst {res['worst_grad']}: {res['worst_grad_error']:.3g})"
     )
     if res["grad_norms"] or res["ref_grad_norms"]:
         assert res["grad_norms_close"], (
@@ -90,6 +97,20 @@ def test_world4_clip_grad_norm_equals_single_process(results_w4: dict[str, Any],
     assert all(n > 0.05 for n in res["ref_grad_norms"]), "the clip must be active"
     for post in res["post_clip_norms"]:
         assert post == pytest.approx(0.05, rel=1e-4), res["post_clip_norms"]
+
+
+def test_world2_gradient_check_fails_gradients_summed_over_ranks(
+    results_w2: dict[str, Any],
+) -> None:
+    """Gradients doubled after each backward (a sum over the 2 data-parallel ranks instead of
+    the mean): the losses stay within tolerance (Adam's update hardly sees the scale) but the
+    gradient check fails on every parameter, by the factor 2."""
+    res = results_w2["control_pp1_dp2_fsdp_grads_summed_c2"]
+    assert "error" not in res, res.get("error")
+    assert res["losses_close"], "Adam's update was expected not to see the scale"
+    assert not res["grads_close"]
+    assert res["bad_grads"], res
+    assert all(b.endswith("|g| / |g_ref| = 2") for b in res["bad_grads"]), res["bad_grads"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -25,6 +25,25 @@
   state, plus the activations the schedule keeps alive), measured rather than predicted.
 
 ``memory_breakdown`` holds the four terms on CPU (and the first three on CUDA).
+
+:class:`AllocatorPeak` measures what the allocator handed out instead, whatever holds it:
+FSDP's all-gathered parameters and unsharded gradients, communication and reshard buffers,
+recomputed activations, the optimizer's temporaries and every other transient (the gap
+between the two is what the cost model does not charge):
+
+* **CUDA**: ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats`` at entry).
+* **CPU**: torch 2.13 keeps no statistics for the CPU allocator (``torch.accelerator``'s
+  memory functions refuse the CPU, and there is no ``torch.cpu.memory_allocated``), but c10's
+  CPU allocator reports every allocation and free to the profiler when memory profiling is on.
+  The block runs under ``torch.profiler.profile(activities=[CPU], profile_memory=True)``; the
+  signed sizes of its allocation records, summed in time order, are the bytes allocated since
+  entry, and their maximum is the block's peak increase. The absolute peak adds the bytes live
+  at entry that the caller names (parameters, gradients, optimizer state of ``modules`` and
+  ``optimizers``): the allocator only knows the sizes of blocks allocated while profiling.
+  Limits: a block allocated before entry and freed inside it is not reported (the allocator
+  never recorded its size), so its bytes stay counted (an over-estimate); allocations on
+  threads the profiler does not follow (gloo's worker threads) are not seen. CPU autograd
+  runs backward on the calling thread, so every training tensor is seen.
 """
 
 from __future__ import annotations
@@ -39,7 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from uniap._torch_utils import storage_key
 
-__all__ = ["StepMemory", "tensor_bytes"]
+__all__ = ["AllocatorPeak", "StepMemory", "tensor_bytes"]
 
 _OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 _HOOK_HANDLE: Any = None
@@ -165,3 +184,97 @@ class StepMemory:
         else:
             self.breakdown["activations_peak_bytes"] = self._peak_bytes
             self.peak_memory_bytes = sum(self.breakdown.values())
+
+
+def _allocation_sizes(prof: Any) -> list[int]:
+    """Signed sizes of the CPU allocation records of a finished profile, in time order."""
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            fields = node.extra_fields
+            if fields.device.type == "cpu":
+                events.append((node.start_time_ns, fields.alloc_size))
+        stack.extend(node.children)
+    events.sort(key=lambda e: e[0])
+    return [size for _, size in events]
+
+
+def _state_bytes(
+    modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]
+) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes of ``modules`` (local shards)."""
+    params = [p for m in modules for p in m.parameters()]
+    ids = {id(p) for p in params}
+    state: list[torch.Tensor] = []
+    for opt in optimizers:
+        for p, st in opt.state.items():
+            if id(p) in ids:
+                state += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return {
+        "parameters_bytes": tensor_bytes(params),
+        "gradients_bytes": tensor_bytes(p.grad for p in params),
+        "optimizer_state_bytes": tensor_bytes(state),
+    }
+
+
+class AllocatorPeak:
+    """Allocator-level peak bytes on this rank inside a ``with`` block (see the module
+    docstring)::
+
+        with AllocatorPeak(device, [pm.module], [opt]) as mem:
+            pm.train_step(x, y)
+            opt.step()
+        mem.peak_bytes, mem.increase_bytes
+
+    ``modules`` / ``optimizers``: what is live at entry (their parameters, gradients and
+    optimizer state), the CPU baseline; ignored on CUDA, where the allocator knows it."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        modules: Iterable[nn.Module] = (),
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+    ) -> None:
+        self.device = torch.device(device)
+        self._modules = list(modules)
+        self._optimizers = list(optimizers)
+        self.baseline_bytes: int = 0
+        """Bytes live at entry: on CUDA the allocator's; on CPU the state of ``modules``."""
+        self.increase_bytes: int = 0
+        """Peak of the bytes allocated (net of frees) since entry."""
+        self.peak_bytes: int = 0
+        """``baseline_bytes + increase_bytes``: the block's peak."""
+        self._profiler: Any = None
+
+    def __enter__(self) -> AllocatorPeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = int(torch.cuda.memory_allocated(self.device))
+            return self
+        self.baseline_bytes = sum(_state_bytes(self._modules, self._optimizers).values())
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.increase_bytes = peak - self.baseline_bytes
+            self.peak_bytes = peak
+            return
+        self._profiler.__exit__(*exc)
+        running = peak = 0
+        for size in _allocation_sizes(self._profiler):
+            running += size
+            peak = max(peak, running)
+        self._profiler = None
+        self.increase_bytes = peak
+        self.peak_bytes = self.baseline_bytes + peak
