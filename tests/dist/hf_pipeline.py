@@ -11,6 +11,7 @@ the global gradient norm, then ``pm.eval(); pm(batch)`` against the trained refe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import hf_own_forward as hf
@@ -30,9 +31,20 @@ class _Model:
     def __init__(self, case: dict) -> None:
         self.name = case["model"]
         self.is_hf = self.name in hf.FAMILIES
+        self.meta = case.get("meta", False)
 
     def build(self) -> torch.nn.Module:
-        return hf.build(self.name) if self.is_hf else own.build(self.name)
+        """The model; with ``meta`` built on the meta device (parallelize initialises it)."""
+        with torch.device("meta") if self.meta else contextlib.nullcontext():
+            model = hf.build(self.name) if self.is_hf else own.build(self.name)
+        return model
+
+    def reference(self, fqns: list[str]) -> torch.nn.Module:
+        """The single-process reference: for a meta start, initialised as every plan does."""
+        from uniap.executor.materialize import init_model
+
+        model = self.build()
+        return init_model(model, fqns, seed=0) if self.meta else model
 
     def batch(self, size: int, seed: int) -> tuple[Any, Any]:
         """``(inputs, targets)``; targets None when the model computes its own loss."""
@@ -72,7 +84,7 @@ def all_stage_grads(pm: Any) -> dict[str, torch.Tensor]:
 
 
 def _plan(m: _Model, case: dict, x0: Any, big_b: int) -> Any:
-    graph = build_graph(m.build(), x0)
+    graph = build_graph(m.build(), x0, pipeline_check=False)
     world, pp = dist.get_world_size(), case["pp"]
     stages = [
         [(world // pp, case.get("tp", 1), kind, case.get("recompute", False))]
@@ -123,7 +135,7 @@ def pipeline_case(case: dict) -> dict[str, Any] | None:
         out = pm(m.batch(big_b, steps)[0])
     if dist.get_rank() != 0:
         return None
-    ref = m.build()
+    ref = m.reference([ls.fqn for ls in plan.layer_strategies])
     ref_opt = torch.optim.SGD(ref.parameters(), lr=own.LR, foreach=True)
     ref_losses, ref_grads, ref_norm, missing = [], {}, None, []
     for step in range(steps):

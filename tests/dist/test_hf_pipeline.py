@@ -7,7 +7,9 @@ Twelve Hugging Face families at pp = 2 (DDP on one stage, FSDP on the other, rec
 some), tied input/output embeddings across pp = 2 and 4, and hand-written non-chain models (a
 skip connection across a stage boundary, a scaled embedding, a model-level parameter,
 keyword-only inputs with the model's own loss); gradient accumulation over two ``train_step``
-calls; and the plans the executor must refuse before training."""
+calls; a Hugging Face Llama started on the meta device (pp = 1 FSDP and pp = 2, tied and
+untied) against a single-process model initialised with the same seed; and the plans the
+executor must refuse before training."""
 
 from __future__ import annotations
 
@@ -53,6 +55,12 @@ CASES = [
      "recompute": True},
     {"name": "keyword_inputs_own_loss_pp2", "model": "kwargs", "pp": 2, "kinds": [D, F]},
     {"name": "tied_pp4_c4", "model": "tied", "pp": 4, "kinds": [F, D, F, D], "c": 4},
+    # a Hugging Face Llama built on the meta device (its rotary table outside every layer, its
+    # tied embedding / head): each rank initialises its shards as init_model does on one process
+    {"name": "meta_llama_pp1_fsdp", "model": "llama_untied", "pp": 1, "kinds": [F], "meta": True},
+    {"name": "meta_llama_pp2", "model": "llama_untied", "pp": 2, "kinds": [F, D], "meta": True},
+    {"name": "meta_llama_tied_pp2", "model": "llama_tied", "pp": 2, "kinds": [D, F],
+     "meta": True},
     # gradient accumulation: two train_step calls without zero_grad
     {"name": "accumulate_model_parameter_pp2_ddp", "model": "model_param", "pp": 2,
      "kinds": [D, D], "accumulate": True},

@@ -36,6 +36,7 @@ __all__ = [
     "init_model",
     "init_units",
     "is_meta",
+    "to_empty_keeping_ties",
     "materialize_stage",
 ]
 
@@ -74,6 +75,24 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def to_empty_keeping_ties(module: nn.Module, device: torch.device | str) -> None:
+    """``module.to_empty(device=device)``, then every parameter registered under several names
+    (tied weights) is one tensor again (``to_empty`` allocates each registration its own
+    parameter, so references to a parameter taken before it are stale: take them by name)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for key, p in sub._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((sub, key))
+    module.to_empty(device=device)
+    for entries in holders.values():
+        owner, key = entries[0]
+        first = owner._parameters[key]
+        for sub, k in entries[1:]:
+            if sub._parameters[k] is not first:
+                sub._parameters[k] = first
 
 
 def init_units(model: nn.Module, layer_fqns: Sequence[str]) -> list[str]:
@@ -117,7 +136,7 @@ def init_model(
     :func:`materialize_stage` does under any plan (the single-process reference)."""
     units = init_units(model, layer_fqns)
     init = init_weights or default_init(model)
-    model.to_empty(device=device)
+    to_empty_keeping_ties(model, device)
     for index, fqn in enumerate(units):
         init_layer(model.get_submodule(fqn), index, seed=seed, init_weights=init)
     return model
@@ -144,7 +163,7 @@ def materialize_stage(
     for u, path in enumerate(units):
         for rel, t in _tensors(model.get_submodule(path)):
             last[id(t)] = (u, rel)
-    stage.to_empty(device=device)
+    to_empty_keeping_ties(stage, device)
     wanted: dict[int, list[tuple[torch.Tensor, str]]] = {}
     for name, t in _tensors(stage):
         tid = template.get(name)
@@ -152,7 +171,8 @@ def materialize_stage(
             u, rel = last[tid]
             wanted.setdefault(u, []).append((t, rel))
     for u in sorted(wanted):
-        full = copy.deepcopy(model.get_submodule(units[u])).to_empty(device=device)
+        full = copy.deepcopy(model.get_submodule(units[u]))
+        to_empty_keeping_ties(full, device)
         init_layer(full, u, seed=seed, init_weights=init)
         sources = dict(_tensors(full))
         for t, rel in wanted[u]:

@@ -184,11 +184,10 @@ def apply_plan(
         install_autocast(module, precision, device.type)
         mp_policy = mp_policy_for(precision)
     if traced is not None:
-        free_params = [p for copies, _ in traced.units for p in copies]
+        free_params = [p for copies, _ in traced.units() for p in copies]
         free_names = set(traced.free_names)
     else:
-        named = dict(module.named_parameters())
-        free_params = [named[n] for n in sorted(free)]
+        free_params = [module.get_parameter(n) for n in sorted(free)]
         free_names = set(free)
     # each layer's module in the stage: at its FQN (a traced stage may call it under another
     # name of the same module, or hold none: see traced_stages.layer_paths)
@@ -247,7 +246,7 @@ def apply_plan(
     context = BatchContext()
     if traced is not None:
         module.forward = RoutedForward(module.forward, traced.split.routing, stage_index)
-        free_sync = FreeParamSync(traced.units, spans_stages=traced.spans)
+        free_sync = FreeParamSync(traced.units(), spans_stages=traced.spans)
         if free_names:
             logger.info(
                 "%d free parameter copies on stage %d (tied or outside the stage's layers: %s) "
@@ -259,7 +258,7 @@ def apply_plan(
     elif own_forward:
         install_layout_adapters(module, plan, groups, base, context)
         dp_group = groups.layer_mesh(*base)["dp"].get_group()
-        free_sync = FreeParamSync([([p], dp_group) for p in free_params])
+        free_sync = FreeParamSync([([module.get_parameter(n)], dp_group) for n in sorted(free)])
         if free:
             logger.info(
                 "%d free parameter(s) (outside every layer or tied: %s) synchronised over the "
@@ -479,7 +478,7 @@ class ParallelModel:
         ``norm_type``-norm, as ``torch.nn.utils.clip_grad_norm_`` does on one process; returns
         that norm (a 0-dim tensor, the same on every rank). Collective: every rank calls it,
         after ``train_step`` and before the optimizer step (see :mod:`.grad_norm`)."""
-        skip = self._traced.not_counted if self._traced is not None else set()
+        skip = self._traced.not_counted() if self._traced is not None else set()
         return clip_grad_norm_(
             self.parameters(),
             max_norm,

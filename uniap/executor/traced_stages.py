@@ -356,16 +356,27 @@ def _runs_in(module: nn.Module, fqn: str) -> bool:
 
 def retarget_device(module: nn.Module, device: torch.device) -> None:
     """Point every device constant of the traced graphs (factory ops, ``.to``, metadata
-    asserts) at ``device``: the trace ran on the model's device (CPU or meta)."""
+    asserts; positional or keyword) at ``device``: the trace ran on the model's device (CPU or
+    meta)."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.device) and value != device:
+            return device
+        return value
+
     for m in module.modules():
         graph = getattr(m, "graph", None)
         if not isinstance(graph, fx.Graph):
             continue
         changed = False
         for node in graph.nodes:
-            dev = node.kwargs.get("device")
-            if isinstance(dev, torch.device | str) and torch.device(dev) != device:
-                node.kwargs = {**node.kwargs, "device": device}
+            args = fx.node.map_aggregate(node.args, swap)
+            kwargs = fx.node.map_aggregate(node.kwargs, swap)
+            dev = kwargs.get("device")
+            if isinstance(dev, str) and torch.device(dev) != device:
+                kwargs = {**kwargs, "device": device}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
                 changed = True
         if changed and isinstance(m, fx.GraphModule):
             m.recompile()
@@ -384,15 +395,35 @@ class TracedStage:
     split: TracedSplit
     free_names: tuple[str, ...]
     """Names (every alias) of the stage's free parameters."""
-    units: list[tuple[list[nn.Parameter], Any]]
-    """Free-parameter units for :class:`~uniap.executor.model_forward.FreeParamSync`."""
+    unit_names: list[list[str]]
+    """Per free-parameter unit, one name of each of its copies on this stage (parameters are
+    looked up by name: a meta start replaces the parameter objects)."""
+    unit_groups: list[Any]
+    """Per unit, the process group of every rank holding a copy."""
     spans: list[bool]
     """Per unit: whether its copies live on several stages."""
-    not_counted: set[int]
-    """``id`` of the copies left out of the gradient norm (every copy but one per unit in the
-    whole model)."""
+    counted_here: list[bool]
+    """Per unit: whether this stage's first copy is the one the gradient norm counts (the
+    first stage holding the unit)."""
     rows: int
     """Local micro-batch size the stage was traced with."""
+
+    def units(self) -> list[tuple[list[nn.Parameter], Any]]:
+        """The free-parameter units of :attr:`module` now, for
+        :class:`~uniap.executor.model_forward.FreeParamSync`."""
+        return [
+            ([self.module.get_parameter(n) for n in names], group)
+            for names, group in zip(self.unit_names, self.unit_groups)
+        ]
+
+    def not_counted(self) -> set[int]:
+        """``id`` of the copies left out of the gradient norm: every copy but one per unit in
+        the whole model."""
+        out: set[int] = set()
+        for (copies, _), counted in zip(self.units(), self.counted_here):
+            out |= {id(p) for i, p in enumerate(copies) if i > 0 or not counted}
+        return out
+
     aliases: list[list[str]]
     """The names of each tensor the model holds under several (tied weights), so a full
     state dict has every key the model's has."""
@@ -506,20 +537,14 @@ def build_traced_stage(
             _GROUPS[key] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
         group_of[stages] = _GROUPS[key]
     mine = per_stage[stage_index]
-    units, spans, free_names = [], [], []
+    unit_names, unit_groups, spans, counted, free_names = [], [], [], [], []
     for tid in sorted(mine, key=lambda t: (tuple(holders[t]), min(n for n, _ in mine[t]))):
         named = mine[tid]
-        copies = list({id(p): p for _, p in named}.values())
-        units.append((copies, group_of[tuple(holders[tid])]))
+        unit_names.append(list({id(p): n for n, p in reversed(named)}.values())[::-1])
+        unit_groups.append(group_of[tuple(holders[tid])])
         spans.append(len(holders[tid]) > 1)
+        counted.append(holders[tid][0] == stage_index)
         free_names += [n for n, _ in named]
-    not_counted: set[int] = set()
-    for tid, named in mine.items():
-        copies = list({id(p): p for _, p in named}.values())
-        counted_here = holders[tid][0] == stage_index
-        for i, p in enumerate(copies):
-            if not counted_here or i > 0:
-                not_counted.add(id(p))
     module = split.stages[stage_index]
     split.stages = []  # drop the other stages' copies
     if trace_device != device and trace_device.type != "meta":
@@ -542,5 +567,14 @@ def build_traced_stage(
         tensor_names.setdefault(id(t), []).append(name)
     tied = [names for names in tensor_names.values() if len(names) > 1]
     return TracedStage(
-        module, split, tuple(free_names), units, spans, not_counted, rows, tied, layer_paths
+        module,
+        split,
+        tuple(free_names),
+        unit_names,
+        unit_groups,
+        spans,
+        counted,
+        rows,
+        tied,
+        layer_paths,
     )
