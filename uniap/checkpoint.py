@@ -1,6 +1,7 @@
 """Checkpoint and resume a :class:`~uniap.executor.ParallelModel` and its optimizer.
 
     from uniap import checkpoint
+    checkpoint.load_pretrained(pm, "llama-7b")            # optional: start from pretrained weights
     ckpt = checkpoint.latest("ckpt")                      # newest *complete* checkpoint or None
     start = checkpoint.load(ckpt, pm, opt).step if ckpt else 0
     for step in range(start, steps):
@@ -54,6 +55,7 @@ __all__ = [
     "full_optimizer_state_dict",
     "latest",
     "load",
+    "load_pretrained",
     "save",
     "step_dir",
     "verify",
@@ -318,6 +320,20 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
             continue
         found.append((meta.step, d.name, d))
     return max(found)[2] if found else None
+
+
+# ------------------------------------------------------------------------ pretrained weights
+def load_pretrained(pm: Any, directory: str | os.PathLike[str]) -> Any:
+    """Load pretrained weights into ``pm``'s shards (in place): a Hugging Face directory as
+    ``save_pretrained`` writes it (``model.safetensors`` or its sharded index; each rank reads
+    only its slices) or a ``torch.distributed.checkpoint`` directory (e.g. one :func:`save`
+    wrote). Collective. Names are checked first: a missing parameter or a wrong shape raises
+    :class:`CheckpointError` on every rank, naming the tensor, the file and the fix, and
+    nothing is modified. Returns a :class:`uniap.pretrained.LoadedWeights`
+    (see :mod:`uniap.pretrained`)."""
+    from uniap.pretrained import load_pretrained as load_into
+
+    return load_into(pm, directory)
 
 
 # ---------------------------------------------------------------------------- full export

@@ -8,6 +8,9 @@ initialised, and each local shard is sliced out of it (``distribute_tensor`` wit
 ``src_data_rank=None``: every rank slices its own copy, no communication). Peak parameter
 memory per rank: its shards plus one full layer.
 
+Buffers outside every layer must arrive real (built off the meta device, e.g. rotary
+frequencies a model computes in ``__init__``): they are copied from the template.
+
 Initialisation is plan-independent: layer ``u`` of the chain is initialised under the seed
 ``seed + u`` (in a forked RNG), by ``init_weights(layer)`` when given, else by every
 submodule's ``reset_parameters()``. :func:`init_model` does the same on one process for the
@@ -84,6 +87,7 @@ def materialize_stage(
     copies of its layers, one at a time. ``model`` is the meta model the stage was split
     from; ``layer_fqns`` its whole chain (a layer's index there picks its seed)."""
     stage.to_empty(device=device)
+    _restore_outside_layers(stage, model, layer_fqns)
     for index, fqn in enumerate(layer_fqns):
         try:
             target = stage.get_submodule(fqn)
@@ -104,3 +108,13 @@ def materialize_stage(
                 t.copy_(src)
         del full
     logger.info("materialised this rank's shards of %d layer(s)", len(list(stage.modules())))
+
+
+def _restore_outside_layers(stage: nn.Module, model: nn.Module, layer_fqns: Sequence[str]) -> None:
+    """Copy back the buffers outside every layer that the template holds for real (e.g.
+    rotary frequencies a model computes in ``__init__``, built off the meta device):
+    ``to_empty`` left them uninitialised."""
+    real = {n: b for n, b in model.named_buffers() if not b.is_meta}
+    for name, b in stage.named_buffers():
+        if name in real and not any(name == f or name.startswith(f + ".") for f in layer_fqns):
+            b.copy_(real[name])

@@ -167,9 +167,9 @@ def apply_plan(
             module = module.to(device)
         else:
             outside = sorted(free) + [
-                n
-                for n, _ in model.named_buffers()
-                if not any(n == f or n.startswith(f + ".") for f in all_fqns)
+                n  # real buffers outside the layers (computed in __init__) are kept as they are
+                for n, b in model.named_buffers()
+                if b.is_meta and not any(n == f or n.startswith(f + ".") for f in all_fqns)
             ]
             if outside:
                 raise UniapError(
