@@ -46,11 +46,13 @@ import torch
 import torch.distributed as dist
 
 from uniap.contract import Plan
-from uniap.errors import PlanMismatchError, UniapError
+from uniap.errors import CheckpointError, PlanMismatchError
+from uniap.pretrained import LoadedWeights, load_pretrained
 
 __all__ = [
     "CheckpointError",
     "CheckpointMeta",
+    "LoadedWeights",
     "export_full_state_dict",
     "full_optimizer_state_dict",
     "latest",
@@ -69,10 +71,6 @@ META = "uniap_meta.json"
 RNG_DIR = "rng"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _HASH_CHUNK_BYTES = 1 << 20
-
-
-class CheckpointError(UniapError):
-    """A checkpoint directory is missing, incomplete or corrupt; the message says which file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,20 +318,6 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
             continue
         found.append((meta.step, d.name, d))
     return max(found)[2] if found else None
-
-
-# ------------------------------------------------------------------------ pretrained weights
-def load_pretrained(pm: Any, directory: str | os.PathLike[str]) -> Any:
-    """Load pretrained weights into ``pm``'s shards (in place): a Hugging Face directory as
-    ``save_pretrained`` writes it (``model.safetensors`` or its sharded index; each rank reads
-    only its slices) or a ``torch.distributed.checkpoint`` directory (e.g. one :func:`save`
-    wrote). Collective. Names are checked first: a missing parameter or a wrong shape raises
-    :class:`CheckpointError` on every rank, naming the tensor, the file and the fix, and
-    nothing is modified. Returns a :class:`uniap.pretrained.LoadedWeights`
-    (see :mod:`uniap.pretrained`)."""
-    from uniap.pretrained import load_pretrained as load_into
-
-    return load_into(pm, directory)
 
 
 # ---------------------------------------------------------------------------- full export

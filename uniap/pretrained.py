@@ -1,4 +1,5 @@
-"""Loading pretrained weights straight into a :class:`~uniap.executor.ParallelModel`'s shards.
+"""``uniap.checkpoint.load_pretrained``: pretrained weights straight into the shards of a
+:class:`~uniap.executor.ParallelModel`.
 
     pm = uniap.parallelize(model, cluster, ...)        # model may be on the meta device
     uniap.checkpoint.load_pretrained(pm, "llama-dir")  # what save_pretrained wrote
@@ -39,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from uniap.checkpoint import CheckpointError
+from uniap.errors import CheckpointError
 
 __all__ = ["LoadedWeights", "load_pretrained"]
 
@@ -72,8 +73,12 @@ class _Entry:
 
 
 def load_pretrained(pm: Any, directory: str | os.PathLike[str]) -> LoadedWeights:
-    """Load the weights in ``directory`` into ``pm`` (in place). Collective: every rank calls
-    it. See the module docstring for the formats and what is checked."""
+    """Load pretrained weights into ``pm``'s shards (in place): a Hugging Face directory as
+    ``save_pretrained`` writes it (``model.safetensors`` or its sharded index; each rank reads
+    only its slices) or a ``torch.distributed.checkpoint`` directory (e.g. one
+    :func:`uniap.checkpoint.save` wrote). Collective: every rank calls it. Names and shapes
+    are checked first: a missing parameter or a wrong shape raises :class:`CheckpointError` on
+    every rank, naming the tensor, the file and the fix, and nothing is modified."""
     path = Path(directory)
     fmt = _agree(lambda: _detect(path), f"reading {path}")
     targets = _targets(pm.module)
