@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretrained is not None:
             checkpoint.load_pretrained(pm, args.pretrained)
         if rank == 0:
-            print(f"training from scratch ({precision}): {pm.plan.summary()}", flush=True)
+            origin = args.pretrained or "scratch"
+            print(f"training from {origin} ({precision}): {pm.plan.summary()}", flush=True)
 
     end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     for step in range(start, end):
