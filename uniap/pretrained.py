@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DCP_METADATA = ".metadata"
+UNIAP_META = "uniap_meta.json"  # uniap.checkpoint.META: a checkpoint uniap.checkpoint.save wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,7 @@ def _dcp_entries(path: Path) -> dict[str, _Entry]:
         if isinstance(v, TensorStorageMetadata)
     }
     # a uniap checkpoint nests the model under "model" (next to "optim"): DCP keys "model.<fqn>"
-    nested = any(k.startswith("model.") for k in tensors) and any(
+    nested = (path / UNIAP_META).is_file() or any(
         k.startswith("optim.") for k in meta.state_dict_metadata
     )
     out = {}

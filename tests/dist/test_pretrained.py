@@ -30,6 +30,7 @@ CASES = [
     {"name": "dcp_from_fsdp_into_ddp_dp2tp2", "kind": "dcp"},
     {"name": "error_missing_tensor", "kind": "error", "source": "missing"},
     {"name": "error_wrong_shape", "kind": "error", "source": "wrong_shape"},
+    {"name": "error_no_weights", "kind": "error", "source": "no_weights"},
 ]  # fmt: skip
 LOADS = [c["name"] for c in CASES if c["kind"] in ("load", "dcp")]
 
@@ -102,6 +103,21 @@ def test_world4_load_pretrained_wrong_shape_is_refused(results: dict[str, Any], 
         "model.safetensors has shape [32, 48], the model's has [32, 64]; the checkpoint is of "
         "another configuration: build the model from the checkpoint's config (e.g. "
         "AutoConfig.from_pretrained(path))"
+    )
+    assert res["messages"] == [expected] * 4
+    assert res["unchanged"]
+
+
+def test_world4_load_pretrained_directory_without_weights_is_refused(
+    results: dict[str, Any], root: Path
+) -> None:
+    """A directory with neither safetensors nor DCP files: what was expected, what is there."""
+    res = results["error_no_weights"]
+    assert "error" not in res, res.get("error")
+    expected = (
+        f"{root / 'no_weights'} holds no loadable weights: expected model.safetensors or "
+        "model.safetensors.index.json (Hugging Face save_pretrained) or .metadata "
+        "(torch.distributed.checkpoint), found ['config.json']"
     )
     assert res["messages"] == [expected] * 4
     assert res["unchanged"]
