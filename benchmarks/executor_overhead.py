@@ -11,7 +11,16 @@ For each fixed plan, on 2 CPU processes with gloo and a small GPT (``gpt-tiny`` 
   half of the batch;
 * ``dp2 FSDP``: FSDP2 ``fully_shard`` on every layer, then on the root (torchtitan style);
 * ``pp2 1F1B c4``: the model split by hand into two stages (embed + 2 blocks | 2 blocks +
-  norm + head), ``PipelineStage`` + ``Schedule1F1B`` with 4 micro-batches.
+  norm + head), ``PipelineStage`` + ``Schedule1F1B`` with 4 micro-batches;
+* ``dp2 FSDP bf16-mixed``: as ``dp2 FSDP`` with FSDP2's ``MixedPrecisionPolicy(bf16, fp32)``
+  on every state and the forward and loss under ``torch.autocast(bfloat16)`` (uniap:
+  ``parallelize(..., precision="bf16-mixed")``);
+* ``dp2 FSDP c4 root``: FSDP with 4 micro-batches per step (gradient accumulation), where the
+  stage root matters (uniap: the model as the FSDP2 root of its layers, parameters kept
+  unsharded and gradients unreduced until the last micro-batch). Hand-written, torchtitan's
+  way: ``fully_shard(layer, reshard_after_forward=False)`` per layer, ``fully_shard(model)``,
+  ``set_requires_gradient_sync(last)`` and ``set_reshard_after_backward(last)`` per
+  micro-batch (the same collectives as uniap's), each loss divided by 4.
 
 uniap runs ``parallelize(model, plan=...)`` + ``train_step``. The two alternate step by step
 (after a barrier, so both ranks start together), ``--warmup`` untimed steps first, then the
@@ -24,6 +33,7 @@ measurement: ``--measure-memory`` turns it on, to show what the saved-tensor hoo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -45,7 +55,10 @@ from uniap._dist import free_port
 WORLD = 2
 GLOBAL_BATCH = 16
 MODEL_OVERRIDES = {"dim": 128, "n_layers": 4, "n_heads": 4, "seq_len": 64}
-PLANS = ("dp2 DDP", "dp2 FSDP", "pp2 1F1B c4")
+PLANS = ("dp2 DDP", "dp2 FSDP", "pp2 1F1B c4", "dp2 FSDP bf16-mixed", "dp2 FSDP c4 root")
+BF16 = "dp2 FSDP bf16-mixed"
+ACCUMULATE = "dp2 FSDP c4 root"
+NUM_ACCUMULATE = 4
 
 
 def _model() -> nn.Module:
@@ -84,7 +97,7 @@ def _plan(name: str, fqns: list[str], signature: str) -> Any:
     else:
         kind = name.split()[1]
         stages = (Stage((0, 1), tuple(LayerStrategy(f, Strategy(2, 1, kind)) for f in fqns)),)
-        c, schedule = 1, "1F1B"
+        c, schedule = (NUM_ACCUMULATE if name == ACCUMULATE else 1), "1F1B"
     return Plan(
         model_name="gpt-tiny",
         model_signature=signature,
@@ -136,17 +149,35 @@ def _hand_written(name: str, model: nn.Module, fqns: list[str], loss_fn: Any) ->
     if name == "dp2 DDP":
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
     else:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy()
+        if name == BF16:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         wrapped = copy.deepcopy(model)
         for f in fqns:
-            fully_shard(wrapped.get_submodule(f))
-        fully_shard(wrapped)
+            fully_shard(
+                wrapped.get_submodule(f), mp_policy=mp, reshard_after_forward=name != ACCUMULATE
+            )
+        fully_shard(wrapped, mp_policy=mp, reshard_after_forward=name != ACCUMULATE)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if name == BF16 else contextlib.nullcontext()
+    )
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad()
-        loss_fn(wrapped(x[local]), y[local]).backward()
+        if name == ACCUMULATE:
+            xs, ys = x[local].chunk(NUM_ACCUMULATE), y[local].chunk(NUM_ACCUMULATE)
+            for m, (xm, ym) in enumerate(zip(xs, ys, strict=True)):
+                last = m == NUM_ACCUMULATE - 1
+                wrapped.set_requires_gradient_sync(last)
+                wrapped.set_reshard_after_backward(last)
+                (loss_fn(wrapped(xm), ym) / NUM_ACCUMULATE).backward()
+        else:
+            with autocast:
+                loss = loss_fn(wrapped(x[local]), y[local])
+            loss.backward()
         opt.step()
 
     return step
@@ -157,10 +188,19 @@ def _uniap(
 ) -> Any:
     from uniap.api import parallelize
 
-    plan = _plan(name, fqns, signature)
     x0, _ = _batch(0)
+    if name == BF16:  # the model's signature at its compute dtype
+        from uniap.graph import build_graph
+
+        signature = build_graph(model, x0, name="gpt-tiny", dtype=torch.bfloat16).signature
+    plan = _plan(name, fqns, signature)
     pm = parallelize(
-        model, plan=plan, loss_fn=loss_fn, global_batch_size=GLOBAL_BATCH, example_inputs=x0
+        model,
+        plan=plan,
+        loss_fn=loss_fn,
+        global_batch_size=GLOBAL_BATCH,
+        example_inputs=x0,
+        precision="bf16-mixed" if name == BF16 else None,
     )
     pm.measure_memory = measure or pm.measure_memory
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)

@@ -1,6 +1,7 @@
 """Checkpoint and resume a :class:`~uniap.executor.ParallelModel` and its optimizer.
 
     from uniap import checkpoint
+    checkpoint.load_pretrained(pm, "llama-7b")            # optional: start from pretrained weights
     ckpt = checkpoint.latest("ckpt")                      # newest *complete* checkpoint or None
     start = checkpoint.load(ckpt, pm, opt).step if ckpt else 0
     for step in range(start, steps):
@@ -45,15 +46,18 @@ import torch
 import torch.distributed as dist
 
 from uniap.contract import Plan
-from uniap.errors import PlanMismatchError, UniapError
+from uniap.errors import CheckpointError, PlanMismatchError
+from uniap.pretrained import LoadedWeights, load_pretrained
 
 __all__ = [
     "CheckpointError",
     "CheckpointMeta",
+    "LoadedWeights",
     "export_full_state_dict",
     "full_optimizer_state_dict",
     "latest",
     "load",
+    "load_pretrained",
     "save",
     "step_dir",
     "verify",
@@ -67,10 +71,6 @@ META = "uniap_meta.json"
 RNG_DIR = "rng"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _HASH_CHUNK_BYTES = 1 << 20
-
-
-class CheckpointError(UniapError):
-    """A checkpoint directory is missing, incomplete or corrupt; the message says which file."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,13 @@ A well-formed problem with no answer (no plan fits in device memory) is an
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InfeasibleError", "PlanMismatchError", "UniapError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InfeasibleError",
+    "PlanMismatchError",
+    "UniapError",
+]
 
 
 class UniapError(ValueError):
@@ -21,6 +27,11 @@ class ConfigError(UniapError):
 
 class PlanMismatchError(UniapError):
     """A plan does not match the model or cluster it is applied to (layers, world size)."""
+
+
+class CheckpointError(UniapError):
+    """A checkpoint directory is missing, incomplete, corrupt or does not fit the model; the
+    message says which file (and tensor) and what to do."""
 
 
 class InfeasibleError(RuntimeError):

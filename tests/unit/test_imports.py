@@ -20,6 +20,7 @@ RUNTIME_SIDE = (
     "uniap.cli",
     "uniap.executor",
     "uniap.models",
+    "uniap.pretrained",
     "uniap.profiler",
     "uniap.training_log",
 )

@@ -14,7 +14,8 @@ order. Unit ``u`` is initialised under the seed ``seed + u`` (in a forked RNG) b
 ``init_weights(unit)`` when given, else by the Hugging Face model's own ``_init_weights``
 applied to every submodule (a model with one), else by every submodule's
 ``reset_parameters()``. A tensor held by several units (tied weights) takes the value of the
-last unit holding it, as initialising the units in place one after the other would.
+last unit holding it, as initialising the units in place one after the other would. A tensor
+the template holds for real (a buffer built off the meta device) is copied as it is.
 :func:`init_model` does exactly that on one process for the whole model, so the same seed gives
 the same full parameters under every plan. Parameters and buffers owned by the model itself
 (outside every submodule) cannot be initialised this way and are refused.
@@ -100,8 +101,8 @@ def init_units(model: nn.Module, layer_fqns: Sequence[str]) -> list[str]:
     outside them that directly own parameters or buffers. Refuses state owned by the model
     itself, naming it."""
     units = list(layer_fqns)
-    for name, _ in _tensors(model):
-        if any(_under(name, f) for f in layer_fqns):
+    for name, t in _tensors(model):
+        if any(_under(name, f) for f in layer_fqns) or not t.is_meta:
             continue
         owner = name.rpartition(".")[0]
         if not owner:
@@ -136,9 +137,14 @@ def init_model(
     :func:`materialize_stage` does under any plan (the single-process reference)."""
     units = init_units(model, layer_fqns)
     init = init_weights or default_init(model)
+    real = {n: t.detach().clone() for n, t in _tensors(model) if not t.is_meta}
     to_empty_keeping_ties(model, device)
     for index, fqn in enumerate(units):
         init_layer(model.get_submodule(fqn), index, seed=seed, init_weights=init)
+    with torch.no_grad():
+        for name, t in _tensors(model):
+            if name in real:
+                t.copy_(real[name])
     return model
 
 
@@ -183,4 +189,13 @@ def materialize_stage(
             else:
                 t.copy_(src)
         del full
+    real = {n: t for n, t in _tensors(model) if not t.is_meta}
+    for name, t in _tensors(stage):  # real in the template (e.g. a buffer built off meta)
+        if name in real:
+            src = real[name].detach().to(device)
+            if isinstance(t, DTensor):
+                local = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None)
+                t.to_local().copy_(local.to_local())
+            else:
+                t.copy_(src)
     logger.info("materialised this rank's shards from %d init unit(s)", len(wanted))
