@@ -229,6 +229,37 @@ def refusal_case(case: dict) -> dict[str, Any] | None:
     return {"errors": everyone} if dist.get_rank() == 0 else None
 
 
+def uneven_mask_case(case: dict) -> dict[str, Any] | None:
+    """pp = 1, layers in two layouts (dp4 and dp2 x tp2), one sample per rank in the first
+    layout: a rank whose sample has no padding gets no attention mask from the model, the
+    others do; every rank must raise the same clear error in train_step (not hang)."""
+    from uniap.errors import UniapError
+
+    m, big_b = _Model({"model": "llama_untied"}), 8
+    x0, _ = m.batch(big_b, 0)
+    graph = build_graph(m.build(), x0, pipeline_check=False)
+    world = dist.get_world_size()
+    per_layer = [
+        (world // 2, 2, "FSDP") if layer.supports_tp(2) else (world, 1, "DDP")
+        for layer in graph.layers
+    ]
+    plan = make_plan(
+        list(graph.fqns), world, [per_layer], global_batch_size=big_b, num_microbatches=2,
+        model_name=graph.name, signature=graph.signature,
+    )  # fmt: skip
+    pm = parallelize(m.build(), plan=plan, global_batch_size=big_b, example_inputs=x0)
+    try:
+        pm.train_step(x0)
+        mine = None
+    except UniapError as e:
+        mine = str(e).split(" (this rank:")[0]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {"errors": everyone} if dist.get_rank() == 0 else None
+
+
 def dispatch(case: dict) -> Any:
     """Run a parity case or a refusal case."""
+    if case["name"] == "uneven_mask":
+        return uneven_mask_case(case)
     return refusal_case(case) if case["name"].startswith("refuse_") else pipeline_case(case)

@@ -71,6 +71,7 @@ CASES = [
 REFUSALS = [
     {"name": "refuse_tp2_at_pp2", "model": "skip", "pp": 2, "tp": 2},
     {"name": "refuse_layers_out_of_order", "model": "reversed", "pp": 2},
+    {"name": "uneven_mask"},
 ]
 
 
@@ -119,6 +120,24 @@ def test_world4_layers_out_of_chain_order_refused(results: dict[str, Any]) -> No
             "runs out of order or more than once); plan with pp=1 (any model runs there), or "
             "declare the model a chain (nn.Sequential or uniap_layer_fqns()) if feeding each "
             "layer's output to the next is its forward"
+        ]
+        * 4
+    )
+
+
+def test_world4_uneven_inputs_to_a_resharded_layer_raise_a_clear_error(
+    results: dict[str, Any],
+) -> None:
+    """A layer in another layout than the first gets its batch inputs resharded; when the
+    ranks pass it different inputs (an attention mask the model leaves out on a shard without
+    padding) every rank raises, naming the layer and the fixes, instead of hanging."""
+    res = results["uneven_mask"]
+    assert "error" not in res, res.get("error")
+    assert (
+        res["errors"]
+        == [
+            "layer model.layers.0 runs in another data-parallel layout than the model's first layer, "
+            "so its batch inputs are resharded between ranks, but the ranks pass it different inputs"
         ]
         * 4
     )

@@ -30,6 +30,7 @@ after the last micro-batch's backward. Every layer holding one must run in the b
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -138,12 +139,48 @@ class LayoutAdapter:
         self._out = BatchReshard(groups, layer, base)
         self._base_dp, self._layer_dp = base[0], layer[0]
         self._context = context
+        self._device = groups.device
+        self._name = ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         b = self._context.microbatch_size
+        self._check_same_structure((args, kwargs), b // self._base_dp)
         args, kwargs = map_batch(self._in, (args, kwargs), b // self._base_dp)
         out = self._forward(*args, **kwargs)
         return map_batch(self._out, out, b // self._layer_dp)
+
+    def _check_same_structure(self, value: Any, batch_size: int) -> None:
+        """Every rank must pass the same batch-first tensors (the reshards are collectives
+        over ranks holding different samples): one small all-gather of a signature of the
+        arguments, and a clear error instead of a hang when a rank's arguments differ (e.g.
+        a Hugging Face attention mask that is None on a shard without padding)."""
+        parts: list[str] = []
+
+        def walk(v: Any, path: str) -> None:
+            if isinstance(v, torch.Tensor):
+                parts.append(f"{path}:{tuple(v.shape) if _is_batch(v, batch_size) else '-'}")
+            elif v is None:
+                parts.append(f"{path}:None")
+            elif isinstance(v, tuple | list):
+                for i, x in enumerate(v):
+                    walk(x, f"{path}[{i}]")
+            elif isinstance(v, Mapping):
+                for k, x in v.items():
+                    walk(x, f"{path}.{k}")
+
+        walk(value, "")
+        text = ";".join(parts)
+        mine = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64, device=self._device)
+        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        if any(int(e) != int(mine) for e in everyone):
+            raise PlanMismatchError(
+                f"layer {self._name or '?'} runs in another data-parallel layout than the "
+                "model's first layer, so its batch inputs are resharded between ranks, but the "
+                f"ranks pass it different inputs (this rank: {text[:200]}); typically an "
+                "attention mask that the model leaves out (None) on a shard without padding. "
+                "Pad every shard the same way, or plan every layer in one layout"
+            )
 
 
 def install_layout_adapters(
@@ -159,7 +196,9 @@ def install_layout_adapters(
         if ls.dp == base[0]:
             continue  # equal dp (so equal tp at pp = 1): the data is where the layer needs it
         module = model.get_submodule(ls.fqn)
-        module.forward = LayoutAdapter(module.forward, groups, base, (ls.dp, ls.tp), context)
+        adapter = LayoutAdapter(module.forward, groups, base, (ls.dp, ls.tp), context)
+        adapter._name = ls.fqn
+        module.forward = adapter
         wrapped.append(ls.fqn)
     if wrapped:
         logger.info("layers resharded from the base layout %s: %s", base, wrapped)
