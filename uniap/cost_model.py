@@ -19,13 +19,15 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``) when ``dp > 1``:
   what the profile measured the executor's DP wrapping to cost beyond these terms (0 for the
   analytic profile).
-- ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
-  DDP with ``tp > 1`` (FSDP2 ``replicate``, one all-reduce per layer)
-  ``(1 - rho) * all_reduce(P, dp_group)``; DDP with ``tp == 1`` (classic DDP over the stage,
-  gradients all-reduced in buckets of ``Bk = 25 MiB``) ``(1 - rho) * P / Bk * all_reduce(Bk,
-  dp_group)``, the layer's share of full buckets; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
-  ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
-  ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- ``G[u,k]`` once per iteration: the exposed part of the gradient synchronisation ``S`` (below,
+  "Exposed gradient synchronisation") plus the optimizer step. ``S``: DDP with ``tp > 1``
+  (FSDP2 ``replicate``, one all-reduce per layer) ``all_reduce(P, dp_group)``; DDP with
+  ``tp == 1`` (classic DDP over the stage, gradients all-reduced in buckets of ``Bk = 25
+  MiB``) ``P / Bk * all_reduce(Bk, dp_group)``, the layer's share of full buckets; FSDP
+  ``reduce_scatter(P, dp_group)``, and with ``c > 1`` ``+ all_gather(P, dp_group)`` charged
+  whole; ``+ dp_residual(kind, sync)`` (not for FSDP with ``c == 1``: its residual is in
+  ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
   :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
   pipeline sends and FSDP all-gathers (``P``) at ``param_dtype``; gradient reductions
@@ -57,21 +59,42 @@ see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its 
   computes (forward prefetch) and the backward all-gather of layer ``u - 1`` while layer
   ``u``'s backward computes (explicit backward prefetch): ``(1 - rho)`` of both is exposed,
   in ``A``. The reduce-scatter of layer ``u`` runs during the backward of the layers before
-  it: ``(1 - rho)`` exposed, in ``G``.
+  it: exposed as below, in ``G`` and ``F``.
 - FSDP, ``c > 1``: the one all-gather, in the first micro-batch's forward, is charged whole
   in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
   the first micro-batch also pays the pipeline's warm-up, which the formula does not
-  separate); the reduce-scatter during the last micro-batch's backward, ``(1 - rho)``.
+  separate); the reduce-scatter during the last micro-batch's backward, exposed as below.
 - DDP (classic buckets, and ``replicate``): the all-reduce during the last micro-batch's
-  backward, ``(1 - rho)`` exposed. With ``pp > 1`` the stage reduces during its last
-  backward too (not after the schedule, as torch's pipelining would for an FSDP root).
+  backward. With ``pp > 1`` the stage reduces during its last backward too (not after the
+  schedule, as torch's pipelining would for an FSDP root).
 - TP all-reduces and reshards are on the critical path: never hidden.
+
+Exposed gradient synchronisation. A layer's gradient collective of ``S`` seconds (DDP
+all-reduce, FSDP reduce-scatter) starts when its backward is done and can only overlap with
+the backward compute still to come on its stage, i.e. of the layers *before* it (backward
+runs last layer first); the collectives of a stage run one after another on one stream (the
+FSDP2 reduce-scatter stream, DDP's reducer). ``(1 - rho) S`` is always exposed (contention);
+the rest, ``H = rho S``, is hideable. With ``B_u`` layer u's backward compute (``bwd_s`` plus
+recompute and the loss) and the stage's layers ``s..e``, the collectives end
+``X = max_v (H_v + sum_{s <= w < v} (H_w - B_w))`` after the backward (a serial stream with
+release times; ``v = s``: the stage's first layer, with no backward after it). That depends on
+the stage's composition and order, so the program charges the sound, order-free upper bound
+
+``X <= sum_{u on i} max(0, H_u - B_u) + max_{u on i} min(H_u, B_u)``
+
+(each term of the sum over ``w < v`` is at most ``max(0, H_w - B_w)``): per layer
+``max(0, H - B)`` in ``G`` and per stage the largest ``F = min(H, B)``, through one continuous
+variable per stage (:mod:`uniap.milp`). It is exact for a stage of identical layers, whether
+the sync is shorter than the backward (then ``X = H``, the stage's first layer) or longer
+(micro-batches of one or two samples: ``X = n (H - B) + B``). Classic DDP's buckets are
+charged as the layers' shares (a bucket holding several small layers starts after the last
+of them, which the per-layer release does not see).
 
 Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` between stages):
 
 ``TPI = sum_i p_i + sum_i o_i + (c - 1) * max(max_i p_i, max_i o_i) + max_i s_i``,
 ``p_i = sum_{u in U_i} A[u,k_u] + sum_{u, u+1 in U_i} R[u, k_u, k_{u+1}]``,
-``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u]``.
+``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u] + max_{u in U_i} F[u,k_u]``.
 
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
@@ -153,6 +176,14 @@ class CostTables:
     own work and waits), added to every ``p_i``."""
     step_overhead_s: float = 0.0
     """Seconds every iteration pays once whatever the plan (the loss's all-reduce)."""
+    F: np.ndarray | None = None
+    """(L, K) seconds of the layer's hideable gradient sync that the backward compute after it
+    may not cover (``min(H, B)``, see "Exposed gradient synchronisation" in the module
+    docstring); the largest on a stage is added to its ``s_i`` once. None: zeros."""
+
+    def __post_init__(self) -> None:
+        if self.F is None:
+            self.F = np.zeros(np.shape(self.A))
 
     @property
     def num_layers(self) -> int:
@@ -211,6 +242,9 @@ class LayerCost:
     """The terms of ``A`` and ``G`` by name, the forward part of compute, and the static memory
     by kind (parameters, gradients, optimizer state; ``M``'s other part is activations), for
     explanations (:attr:`PARTS`)."""
+    first_exposed_s: float = 0.0
+    """``F``: the part of the hideable gradient sync that the layer's own backward covers, and
+    that is exposed when the layer is the one the stage's largest ``F`` belongs to."""
 
 
 @dataclass
@@ -237,6 +271,7 @@ def evaluate_assignment(
     p = [0.0] * pp
     o = [0.0] * max(pp - 1, 0)
     s = [0.0] * pp
+    first = [0.0] * pp  # the stage's largest F: the sync nothing after it hides
     mem = [0.0] * pp
     for u in range(L):
         i, k = stage_of[u], strategy_of[u]
@@ -245,6 +280,7 @@ def evaluate_assignment(
             continue
         p[i] += float(t.A[u, k])
         s[i] += float(t.G[u, k])
+        first[i] = max(first[i], float(t.F[u, k]))
         mem[i] += float(t.M[u, k, i])
         if u + 1 < L:
             a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
@@ -253,6 +289,7 @@ def evaluate_assignment(
             else:
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
+    s = [x + f for x, f in zip(s, first)]
     bottleneck = max(p + o)
     tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
@@ -352,6 +389,7 @@ class CostModel:
         dps = sorted({s.dp for s in strategies})
         A = np.full((L, K), INF)
         G = np.zeros((L, K))
+        F = np.zeros((L, K))
         M = np.zeros((L, K, pp))
         layout = np.tile([dps.index(s.dp) for s in strategies], (L, 1)).astype(np.int64)
         parts = {k: np.zeros((L, K)) for k in LayerCost.PARTS}
@@ -363,7 +401,7 @@ class CostModel:
                 # the same inputs as an earlier layer (a run of identical blocks): same rows
                 r = rep[u]
                 allowed.append(list(allowed[r]))
-                A[u], G[u], M[u] = A[r], G[r], M[r]
+                A[u], G[u], M[u], F[u] = A[r], G[r], M[r], F[r]
                 for part in parts.values():
                     part[u] = part[r]
                 continue
@@ -384,10 +422,11 @@ class CostModel:
                     microbatch_size=b,
                     inflight=inflight,
                 )
-                A[u, k], G[u, k], M[u, k] = (
+                A[u, k], G[u, k], M[u, k], F[u, k] = (
                     cost.per_microbatch_s,
                     cost.per_iteration_s,
                     cost.memory_bytes,
+                    cost.first_exposed_s,
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
@@ -409,6 +448,7 @@ class CostModel:
             breakdown=parts,
             stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
             step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
+            F=F,
         )
 
     def layer_cost(
@@ -446,12 +486,14 @@ class CostModel:
         local_params = layer.num_params / s.tp
         opt_bytes = local_params * self.opt_bytes
         fsdp_per_microbatch_s = sync_s = wrap_s = 0.0
+        hideable_s = 0.0  # the part of the last backward's gradient sync that may overlap
         wrapped = s.dp > 1 and layer.num_params > 0
         if s.kind == "FSDP":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
             rs = self._group_time(
                 "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
             )
+            hideable_s = rho * rs
             if c == 1:
                 fsdp_per_microbatch_s = (1 - rho) * 2 * ag
                 if wrapped:
@@ -482,11 +524,16 @@ class CostModel:
                 ar = self._group_time(
                     "all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
                 )
+            hideable_s = rho * ar
             sync_s = (1 - rho) * ar
             if wrapped:
                 wrap_s = self.profile.dp_residual_s(layer, "DDP", "microbatch")
                 sync_s += self.profile.dp_residual_s(layer, "DDP", "sync")
             static_bytes = 2 * p_bytes + opt_bytes
+        # what the layer's own backward cannot cover is exposed; the stage's largest covered
+        # part is exposed once more (its first layer has no backward after it): F
+        sync_s += max(hideable_s - bwd, 0.0)
+        first_exposed_s = min(hideable_s, bwd)
         sync_s = max(sync_s, 0.0)
         opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
@@ -508,6 +555,7 @@ class CostModel:
             per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,
             per_iteration_s=sync_s + opt_s,
             memory_bytes=tuple(memory),
+            first_exposed_s=first_exposed_s,
             parts={
                 "compute": fwd + bwd,
                 "tp_comm": tp_comm_s,

@@ -143,3 +143,77 @@ def test_allowed_strategies_is_what_the_tables_offer() -> None:
             assert cm.allowed_strategies(fqn, pp, c, 8) == [t.strategies[k] for k in t.allowed[u]]
     with pytest.raises(ConfigError, match="unknown layer 'nope'"):
         cm.allowed_strategies("nope", 1, 1, 8)
+
+
+def _blocks(n: int, d: int = 64, h: int = 1024) -> ModelGraph:
+    with torch.device("meta"):
+        m = nn.Sequential(*[MLP(d, h) for _ in range(n)])
+    return build_graph(m, torch.empty(2, 16, d, device="meta"), name=f"mlp{n}")
+
+
+def _serial_stream_exposure(hideable_s: list[float], backward_s: list[float]) -> float:
+    """When the last hideable collective of a stage ends after its backward: a serial stream,
+    the collective of layer v released when its backward is done (last layer first)."""
+    clock = comm = 0.0
+    for h, b in zip(reversed(hideable_s), reversed(backward_s)):
+        clock += b
+        comm = max(comm, clock) + h
+    return max(comm - clock, 0.0)
+
+
+@pytest.mark.parametrize("microbatch", [1, 2, 16])
+@pytest.mark.parametrize("kind", ["DDP", "FSDP"])
+def test_gradient_sync_longer_than_backward_is_exposed(kind: str, microbatch: int) -> None:
+    """Micro-batches of 1-2 samples on a slow network: each layer's gradient sync outlasts its
+    backward, and the stage's sync time is what a serial stream gives (not ``(1 - rho) S``);
+    with 16 samples the backward covers it but for the stage's first layer."""
+    n, batch = 4, 4 * microbatch
+    cm = CostModel(_blocks(n), small_cluster(4, 1, inter_gbit_s=1), recompute=False)
+    t = cm.tables(1, 1, batch)
+    k = next(j for j, s in enumerate(t.strategies) if (s.dp, s.tp, s.kind) == (4, 1, kind))
+    rho = cm.profile.overlap_coefficient
+    costs = [
+        cm.layer_cost(
+            u, t.strategies[k], pp=1, num_microbatches=1, microbatch_size=batch, inflight=[1]
+        )
+        for u in range(n)
+    ]
+    bwd = [cm.profile.layer_compute_s(cm.graph.layers[u], batch / 4, 1)[1] for u in range(n)]
+    bwd[-1] += cm.profile.loss_s(cm.graph.layers[-1], batch / 4)
+    op = "all_reduce" if kind == "DDP" else "reduce_scatter"
+    p_bytes = cm.graph.layers[0].param_bytes
+    if kind == "DDP":  # classic DDP: the layer's share of 25 MiB buckets
+        from uniap.contract import DDP_BUCKET_BYTES
+
+        s_one = p_bytes / DDP_BUCKET_BYTES * cm._group_time(op, DDP_BUCKET_BYTES, "dp", 1, 4, 1)
+    else:
+        s_one = cm._group_time(op, p_bytes, "dp", 1, 4, 1)
+    full = [s_one] * n
+    expected = sum((1 - rho) * s for s in full) + _serial_stream_exposure(
+        [rho * s for s in full], bwd
+    )
+    ev = cm.evaluate(_one_stage_plan(cm, Strategy(4, 1, kind), batch))
+    opt = sum(c.parts["optimizer"] for c in costs)
+    assert ev.sync_time_s[0] - opt == pytest.approx(expected, rel=1e-9)
+    if microbatch <= 2:  # the sync outlasts the backward: more than (1 - rho) S + one layer's
+        assert rho * s_one > max(bwd)
+        assert ev.sync_time_s[0] - opt > sum((1 - rho) * s for s in full) + rho * s_one
+    else:  # the backward covers all but the first layer's
+        assert rho * s_one < min(bwd)
+        assert ev.sync_time_s[0] - opt == pytest.approx(sum(full) - (n - 1) * rho * s_one)
+
+
+def _one_stage_plan(cm: CostModel, s: Strategy, batch: int) -> Plan:
+    g = cm.graph
+    return Plan(
+        model_name=g.name,
+        model_signature=g.signature,
+        num_layers=g.num_layers,
+        world_size=cm.cluster.world_size,
+        global_batch_size=batch,
+        num_microbatches=1,
+        schedule="1F1B",
+        stages=(
+            Stage(tuple(range(cm.cluster.world_size)), tuple(LayerStrategy(f, s) for f in g.fqns)),
+        ),
+    )

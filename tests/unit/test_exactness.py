@@ -52,12 +52,14 @@ def _chain(seed: int):
 
 
 def test_stage_dependent_memory_keeps_the_optimum() -> None:
-    """The reported case: pp=4, c=4 with stages 1/2/1/3 fits and beats pp=2 by 17 %; a greedy
-    fill of the split bound called that candidate infeasible and the planner returned pp=2."""
+    """The reported case: pp=4, c=4 with stages 2/1/1/3 fits and beats pp=2 by 18 % (the
+    enumeration's optimum; 1/2/1/3 before gradient sync longer than the backward was charged
+    as exposed); a greedy fill of the split bound called that candidate infeasible and the
+    planner returned pp=2."""
     p = plan_graph(_seq7(), _cluster(8).with_memory(1080000 / 0.9), global_batch_size=16)
     assert p.pp_degree == 4 and p.num_microbatches == 4
-    assert [len(s.layers) for s in p.stages] == [1, 2, 1, 3]
-    assert p.predicted["time_per_iteration_s"] == pytest.approx(0.017919, rel=1e-4)
+    assert [len(s.layers) for s in p.stages] == [2, 1, 1, 3]
+    assert p.predicted["time_per_iteration_s"] == pytest.approx(0.0189814, rel=1e-4)
     assert p.solver["status"] == "optimal"
 
 
