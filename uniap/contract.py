@@ -29,6 +29,7 @@ Plan file layout (YAML; JSON is the same tree)::
       layers:
       - {fqn: embed, dp: 2, tp: 1, kind: DDP}
       - {fqn: blocks.0, dp: 1, tp: 2, kind: DDP, recompute: true}   # recompute only when true
+      - {fqn: blocks.1, dp: 2, tp: 1, kind: ZeRO2}                   # kind: DDP, FSDP or ZeRO2
     - ranks: [2, 3]
       layers: [...]
     predicted: {time_per_iteration_s: ..., samples_per_s: ..., peak_memory_bytes: [...], ...}
@@ -65,7 +66,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 SCHEDULES = tuple(_SCHEDULE_SPECS)
 """Schedule names a plan may name (specs in :mod:`uniap.schedules`)."""
-KINDS = ("DDP", "FSDP")
+KINDS = ("DDP", "FSDP", "ZeRO2")
+"""Data-parallel kinds of a layer (:attr:`Strategy.kind`)."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """Bucket size of classic DDP's gradient all-reduce (``bucket_cap_mb``, torch's default): the
@@ -82,7 +84,11 @@ class Strategy:
     tp: int
     """Tensor-parallel degree (consecutive ranks; ``dp * tp`` = stage size)."""
     kind: str = "DDP"
-    """``DDP`` (replicated parameters, gradient all-reduce) or ``FSDP`` (sharded over dp)."""
+    """``DDP`` (replicated parameters, gradient all-reduce), ``FSDP`` (parameters, gradients
+    and optimizer state sharded over dp) or ``ZeRO2`` (gradients and optimizer state sharded
+    over dp, gradients reduce-scattered after every micro-batch's backward; the parameters,
+    gathered once in the first forward, stay whole until the last backward: FSDP2
+    ``fully_shard`` with ``reshard_after_forward=False``)."""
     recompute: bool = False
     """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
 
@@ -101,6 +107,13 @@ class Strategy:
         plain-tensor parameters): DDP over the whole stage (``tp == 1``). DDP with ``tp > 1``
         uses FSDP2's ``replicate`` per layer. One rule for the cost model and the executor."""
         return self.kind == "DDP" and self.dp > 1 and self.tp == 1
+
+    @property
+    def reduces_every_microbatch(self) -> bool:
+        """Whether the executor reduces the layer's gradients after every micro-batch's
+        backward (``ZeRO2``: sharded gradients, no whole gradient between micro-batches)
+        rather than after the last one only. One rule for the cost model and the executor."""
+        return self.kind == "ZeRO2" and self.dp > 1
 
     @property
     def dtensor_params(self) -> bool:

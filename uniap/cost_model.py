@@ -16,7 +16,12 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   measured profile times TP layers on a real TP group)
   ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
   gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches)
-  ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``) when ``dp > 1``:
+  ``+ (1 - rho) * reduce_scatter(P, dp_group) + max(0, H - B)`` for ZeRO2 (a reduce-scatter
+  in every micro-batch's backward; ``H``, ``B`` below) ``+ (1 - rho) * all_gather(P,
+  dp_group)`` when ``c == 1`` (the one gather, prefetched in the forward; with ``c > 1`` it is
+  in ``G``, whole)
+  ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``; none measured for
+  ZeRO2) when ``dp > 1``:
   what the profile measured the executor's DP wrapping to cost beyond these terms (0 for the
   analytic profile).
 - ``G[u,k]`` once per iteration: the exposed part of the gradient synchronisation ``S`` (below,
@@ -25,7 +30,8 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   ``tp == 1`` (classic DDP over the stage, gradients all-reduced in buckets of ``Bk = 25
   MiB``) ``P / Bk * all_reduce(Bk, dp_group)``, the layer's share of full buckets; FSDP
   ``reduce_scatter(P, dp_group)``, and with ``c > 1`` ``+ all_gather(P, dp_group)`` charged
-  whole; ``+ dp_residual(kind, sync)`` (not for FSDP with ``c == 1``: its residual is in
+  whole; ZeRO2 with ``c > 1`` ``all_gather(P, dp_group)`` whole (its reduce-scatters are in
+  ``A``); ``+ dp_residual(kind, sync)`` (not for FSDP with ``c == 1``: its residual is in
   ``A``); ``+ optimizer_step(local params, DTensor or not)``.
 - ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
@@ -37,7 +43,11 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   transient ``param_dtype`` copies autocast makes of classic-DDP / TP-only weights.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
-  across micro-batches, next to the shards); plus activations
+  across micro-batches, next to the shards); ZeRO2 ``P + (2 P + O) / dp`` for every ``c`` and
+  schedule (the whole parameters, gathered in the first forward, stay until the last
+  backward; the gradients are reduce-scattered after each micro-batch's backward into the
+  sharded ones, the layer's whole gradient living only between its backward and that
+  reduce-scatter, transient as FSDP's gathers); plus activations
   ``profile.activation_bytes(layer, bl, tp) * inflight(i)`` (analytic:
   ``saved_bytes * bl * (f / tp + 1 - f)``; with recompute: ``input_bytes * bl * inflight(i)``, and
   backward pays one more forward) with ``f`` the layer's TP-sharded fraction and ``inflight`` = 1
@@ -64,6 +74,10 @@ see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its 
   in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
   the first micro-batch also pays the pipeline's warm-up, which the formula does not
   separate); the reduce-scatter during the last micro-batch's backward, exposed as below.
+- ZeRO2: the all-gather as FSDP's (``c == 1``: forward prefetch, ``(1 - rho)`` exposed, in
+  ``A``; ``c > 1``: whole, in ``G``), none in backward; each micro-batch's reduce-scatter
+  during that backward, exposed as below, in ``A`` (the stage-first part ``F`` once, in ``s_i``:
+  in the other micro-batches the next one's work follows it).
 - DDP (classic buckets, and ``replicate``): the all-reduce during the last micro-batch's
   backward. With ``pp > 1`` the stage reduces during its last backward too (not after the
   schedule, as torch's pipelining would for an FSDP root).
@@ -113,7 +127,7 @@ from functools import lru_cache
 import numpy as np
 
 from uniap.cluster import Cluster
-from uniap.contract import DDP_BUCKET_BYTES, Plan, Strategy
+from uniap.contract import DDP_BUCKET_BYTES, KINDS, Plan, Strategy
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
@@ -309,12 +323,15 @@ class CostModel:
         max_tp: int | None = None,
         recompute: bool = True,
         precision: Precision | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
         ``recompute`` offers activation checkpointing per layer; ``precision`` (default:
         :func:`~uniap.precision.precision_for_dtype` of the graph's dtype, which must be its
-        ``param_dtype``) sets the gradient-reduction and per-parameter state bytes."""
+        ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
+        the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS`; a layer
+        with ``dp == 1`` is always ``DDP``)."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -339,6 +356,10 @@ class CostModel:
         # gradients are reduced in reduce_dtype: bytes per parameter relative to P
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
+        self.kinds = tuple(kinds) if kinds is not None else KINDS
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds {list(self.kinds)}: choose one or more of {list(KINDS)}")
         self._rep: list[int] | None = None
 
     # ------------------------------------------------------------------ groups
@@ -365,7 +386,10 @@ class CostModel:
     def strategies(self, pp: int) -> list[Strategy]:
         """Strategies for a stage of this pipeline degree."""
         return stage_strategies(
-            self.cluster.world_size // pp, max_tp=self.max_tp, recompute=self.recompute
+            self.cluster.world_size // pp,
+            max_tp=self.max_tp,
+            recompute=self.recompute,
+            kinds=self.kinds,
         )
 
     def tables(
@@ -511,6 +535,23 @@ class CostModel:
                 # unsharded parameters and gradients stay resident next to the shards
                 static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
             local_params /= s.dp
+        elif s.kind == "ZeRO2":
+            ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
+            rs = self._group_time(
+                "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+            )
+            # a reduce-scatter in every micro-batch's backward, exposed per micro-batch like
+            # the last one's (the stage-first part F once: between micro-batches the next one's
+            # work follows it)
+            hideable_s = rho * rs
+            fsdp_per_microbatch_s = (1 - rho) * rs + max(hideable_s - bwd, 0.0)
+            if c == 1:  # the one all-gather, prefetched in the forward
+                fsdp_per_microbatch_s += (1 - rho) * ag
+            else:  # gathered in the first micro-batch's forward, charged whole (as FSDP)
+                sync_s = ag
+            # whole parameters from the first forward to the last backward, next to the shards
+            static_bytes = p_bytes + (2 * p_bytes + opt_bytes) / s.dp
+            local_params /= s.dp
         else:
             if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                 bk = DDP_BUCKET_BYTES
@@ -532,16 +573,18 @@ class CostModel:
             static_bytes = 2 * p_bytes + opt_bytes
         # what the layer's own backward cannot cover is exposed; the stage's largest covered
         # part is exposed once more (its first layer has no backward after it): F
-        sync_s += max(hideable_s - bwd, 0.0)
+        if s.kind != "ZeRO2":  # (ZeRO2: in every micro-batch, above)
+            sync_s += max(hideable_s - bwd, 0.0)
         first_exposed_s = min(hideable_s, bwd)
         sync_s = max(sync_s, 0.0)
         opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
-        # static memory by kind: FSDP shards it, and with c > 1 keeps parameters and gradients
-        # unsharded too
-        shard = s.dp if s.kind == "FSDP" else 1
+        # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
+        # gradients unsharded too, ZeRO2 the parameters
+        shard = s.dp if s.kind in ("FSDP", "ZeRO2") else 1
         resident_bytes = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
+        whole_param_bytes = p_bytes if s.kind == "ZeRO2" else 0.0
         memory = []
         for n_inflight in inflight:
             m = static_bytes + act_bytes * n_inflight
@@ -563,7 +606,7 @@ class CostModel:
                 "dp_sync": sync_s,
                 "optimizer": opt_s,
                 "forward": fwd,
-                "param_bytes": resident_bytes + p_bytes / shard,
+                "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard,
                 "grad_bytes": resident_bytes + p_bytes / shard,
                 "optimizer_bytes": opt_bytes / shard,
             },
@@ -621,8 +664,8 @@ class CostModel:
     ) -> list[Strategy]:
         """The strategies ``layer`` (index or FQN) may use on a stage of a ``pp``-stage plan with
         ``num_microbatches`` micro-batches: the stage's strategies (``dp * tp`` = devices per
-        stage, TP degree at most ``max_tp``, FSDP only with dp > 1, recompute only when the
-        cost model offers it) that :func:`uniap.strategies.why_not` accepts (TP only with a
+        stage, TP degree at most ``max_tp``, FSDP and ZeRO2 only with dp > 1, recompute only when
+        the cost model offers it) that :func:`uniap.strategies.why_not` accepts (TP only with a
         TP plan, the micro-batch splits over dp, recompute only where it saves memory)."""
         u = self._layer_index(layer)
         b = global_batch_size // num_microbatches
@@ -657,7 +700,8 @@ class CostModel:
                         f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a "
                         f"stage of {st.num_devices} devices (dp * tp must equal the stage size, tp "
                         f"at most {self.max_tp}, "
-                        f"FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
+                        "FSDP and ZeRO2 need dp > 1"
+                        f"{'' if self.recompute else ', recompute is off'}); "
                         f"offered: {offered}"
                     )
                 k = index[ls.key]

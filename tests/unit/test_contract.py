@@ -121,3 +121,21 @@ def test_bad_plan_files_give_config_errors(tmp_path) -> None:
         Plan.load(bad)
     with pytest.raises(ConfigError, match=r"not found"):
         Plan.load(tmp_path / "missing.yaml")
+
+
+def test_zero2_layers_round_trip_and_unknown_kinds_are_refused() -> None:
+    """A ZeRO2 layer is written as kind: ZeRO2 and read back; a kind not in KINDS names them."""
+    layers = (
+        LayerStrategy("a", Strategy(2, 1, "ZeRO2")),
+        LayerStrategy("b", Strategy(2, 1, "FSDP")),
+    )
+    p = Plan("m", "0" * 16, 2, 2, 4, 2, "1F1B", (Stage((0, 1), layers),))
+    text = p.to_yaml()
+    assert "  - {fqn: a, dp: 2, tp: 1, kind: ZeRO2}\n" in text
+    assert Plan.load(text) == p and Plan.load(p.to_json()) == p
+    assert "dp2 tp1 ZeRO2" in p.describe() and "dp2xtp1-ZeRO2" == str(layers[0].strategy)
+    assert Strategy(2, 1, "ZeRO2").reduces_every_microbatch
+    assert Strategy(2, 1, "ZeRO2").dtensor_params
+    assert not Strategy(2, 1, "FSDP").reduces_every_microbatch
+    with pytest.raises(ConfigError, match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2'\]"):
+        Plan.load(text.replace("ZeRO2", "ZeRO3"))

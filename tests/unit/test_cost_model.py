@@ -217,3 +217,58 @@ def _one_stage_plan(cm: CostModel, s: Strategy, batch: int) -> Plan:
             Stage(tuple(range(cm.cluster.world_size)), tuple(LayerStrategy(f, s) for f in g.fqns)),
         ),
     )
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_zero2_memory_and_communication_terms(c: int) -> None:
+    """ZeRO2 holds whole parameters next to sharded gradients and optimizer state, gathers once
+    per iteration (hidden by rho with c == 1, whole in the sync with c > 1) and reduce-scatters
+    in every micro-batch; its memory is below DDP's, above FSDP's with one micro-batch and below
+    it with several."""
+    cm = CostModel(_blocks(2), small_cluster(4, 1), recompute=False)
+    layer, rho = cm.graph.layers[0], cm.profile.overlap_coefficient
+    p_bytes, dp = layer.param_bytes, 4
+    o_bytes = layer.num_params * cm.opt_bytes
+
+    def cost(kind: str):
+        return cm.layer_cost(
+            0, Strategy(dp, 1, kind), pp=1, num_microbatches=c, microbatch_size=8, inflight=[1]
+        )
+
+    z, f, d = cost("ZeRO2"), cost("FSDP"), cost("DDP")
+    act = cm.profile.activation_bytes(layer, 8 / dp, 1)
+    assert z.memory_bytes[0] == pytest.approx(p_bytes + (2 * p_bytes + o_bytes) / dp + act)
+    assert (z.parts["param_bytes"], z.parts["grad_bytes"], z.parts["optimizer_bytes"]) == (
+        pytest.approx(p_bytes + p_bytes / dp),
+        pytest.approx(p_bytes / dp),
+        pytest.approx(o_bytes / dp),
+    )
+    if c == 1:  # FSDP reshards after forward
+        assert f.memory_bytes[0] < z.memory_bytes[0] < d.memory_bytes[0]
+    else:  # FSDP keeps whole parameters and gradients across micro-batches
+        assert z.memory_bytes[0] < f.memory_bytes[0] < d.memory_bytes[0]
+    ag = cm._group_time("all_gather", p_bytes, "dp", 1, dp, 1)
+    rs = cm._group_time("reduce_scatter", p_bytes, "dp", 1, dp, 1)
+    bwd = cm.profile.layer_compute_s(layer, 8 / dp, 1)[1]
+    per_microbatch = (1 - rho) * rs + max(rho * rs - bwd, 0.0) + (1 - rho) * ag * (c == 1)
+    assert z.parts["fsdp_comm"] == pytest.approx(per_microbatch)
+    assert z.parts["dp_sync"] == pytest.approx(ag if c > 1 else 0.0)
+    assert z.first_exposed_s == pytest.approx(min(rho * rs, bwd))
+    assert z.parts["optimizer"] == pytest.approx(f.parts["optimizer"])
+
+
+def test_kinds_restrict_the_strategies_offered() -> None:
+    """``kinds`` offers only those data-parallel kinds (dp == 1 stays DDP); an unknown kind is
+    one ConfigError naming the known ones."""
+    g = _blocks(2)
+    every = CostModel(g, small_cluster(4, 1), recompute=False).strategies(1)
+    assert [str(s) for s in every if s.tp == 1] == [
+        "dp4xtp1-DDP",
+        "dp4xtp1-FSDP",
+        "dp4xtp1-ZeRO2",
+    ]
+    two = CostModel(g, small_cluster(4, 1), recompute=False, kinds=["FSDP", "ZeRO2"])
+    assert {s.kind for s in two.strategies(1)} == {"FSDP", "ZeRO2"}
+    assert {s.kind for s in two.strategies(4)} == {"DDP"}  # one device per stage
+    with pytest.raises(ConfigError, match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2'\]"):
+        CostModel(g, small_cluster(4, 1), kinds=["ZeRO3"])
