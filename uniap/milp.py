@@ -39,6 +39,10 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         least the largest ``F`` on the stage; it only appears in ``sync_i``, so at an optimum
         whose slowest sync is stage i it is that largest value (exact). The rule is
         order-free, so the symmetry rows stay valid.
+    ``uses_r_i_k`` / ``first_r_i_k`` (:func:`_first_in_groups`) per group of identical layers
+        r, stage i and strategy k with ``F > 0``: a binary ``w[r,i,k]`` with ``count[r,i,k] <=
+        |r| w`` and ``f[i] >= F[k] w``: the same rule, stated so that fractional strategies
+        cannot average it away (without it, 80 identical blocks stall branch and bound).
     ``bottleneck_lb``  (:func:`_bottleneck`) ``t >=`` the min-max contiguous split of the
         layers' fastest times (:func:`uniap.bounds.bottleneck_lower_bound`): a valid cut that the LP
         relaxation, which spreads layers fractionally over stages, does not see.
@@ -292,6 +296,7 @@ def _build(
     _bottleneck(prob, t, v, p, o, scale)
     _memory(prob, t, v)
     _symmetry(prob, t, v)
+    _first_in_groups(prob, t, v, scale)
     _objective(prob, t, v, p, o, bound, scale)
     return prob, v, scale
 
@@ -361,6 +366,8 @@ class _Vars:
     """Runs of identical layers (:func:`_symmetry`), each in chain order."""
     counts: dict = dataclasses.field(default_factory=dict)
     """``(group, stage, strategy) -> count`` variable (:func:`_symmetry`)."""
+    uses: dict = dataclasses.field(default_factory=dict)
+    """``(group, stage, strategy) -> w`` binary (:func:`_first_in_groups`)."""
 
 
 def _time_scale(t: CostTables, bound: float | None) -> float:
@@ -529,6 +536,24 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
                     prob += pulp.lpSum(hi) + pulp.lpSum(lo) <= 1, f"order_{u}_{w}_{i}_{j}"
 
 
+def _first_in_groups(prob, t: CostTables, v: _Vars, scale: float) -> None:
+    """``uses_r_i_k`` / ``first_r_i_k``: a binary ``w[r,i,k]`` per group of identical layers,
+    stage and strategy with ``F > 0``, at least ``count / |group|`` and at most ``f[i] /
+    F[k]``. Valid (a group that uses k on stage i has a layer there with ``F[k]``) and, unlike
+    the per-layer rows, not averaged away by fractional strategies: branch and bound can
+    decide "some block of this group uses k here" at once."""
+    if not v.first:
+        return
+    for (r, i, k), n in v.counts.items():
+        f = float(t.F[v.groups[r][0], k])
+        if not f:
+            continue
+        w = prob.add_variable(f"w_{r}_{i}_{k}", cat=pulp.LpBinary)
+        v.uses[r, i, k] = w
+        prob += n <= len(v.groups[r]) * w, f"uses_{r}_{i}_{k}"
+        prob += v.first[i] >= (f / scale) * w, f"first_{r}_{i}_{k}"
+
+
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
     """``sum p + sum o + (c - 1) t + t_sync``; ``cutoff`` when an incumbent bound is known."""
     obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1) * v.t + v.t_sync
@@ -569,6 +594,8 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
         vals[n.name] = float(
             sum(1 for u in v.groups[r] if stage_of[u] == i and strategy_of[u] == k)
         )
+        if (r, i, k) in v.uses:
+            vals[v.uses[r, i, k].name] = float(vals[n.name] > 0)
     vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
     for i, f in enumerate(v.first):
