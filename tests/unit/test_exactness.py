@@ -54,15 +54,15 @@ def _chain(seed: int):
 
 
 def test_stage_dependent_memory_keeps_the_optimum() -> None:
-    """The reported case: pp=4, c=4 with stages 2/1/1/3 fits and beats pp=2 by 18 % (the
-    enumeration's optimum; 1/2/1/3 before gradient sync longer than the backward was charged
-    as exposed); a greedy fill of the split bound called that candidate infeasible and the
-    planner returned pp=2. DDP and FSDP only (the case as reported, before ZeRO2)."""
+    """The reported case: pp=4, c=4 with stages 1/2/1/3 fits and beats pp=2 by 18 % (since a
+    gradient sync longer than the backward is charged as exposed, 2/1/1/3 takes exactly the
+    same time: either is the optimum); a greedy fill of the split bound called that candidate
+    infeasible and the planner returned pp=2. DDP and FSDP only (the case as reported)."""
     p = plan_graph(
         _seq7(), _cluster(8).with_memory(1080000 / 0.9), global_batch_size=16, kinds=_DDP_FSDP
     )
     assert p.pp_degree == 4 and p.num_microbatches == 4
-    assert [len(s.layers) for s in p.stages] == [2, 1, 1, 3]
+    assert [len(s.layers) for s in p.stages] in ([1, 2, 1, 3], [2, 1, 1, 3])
     assert p.predicted["time_per_iteration_s"] == pytest.approx(0.0189814, rel=1e-4)
     assert p.solver["status"] == "optimal"
 
