@@ -33,6 +33,10 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   whole; ZeRO2 with ``c > 1`` ``all_gather(P, dp_group)`` whole (its reduce-scatters are in
   ``A``); ``+ dp_residual(kind, sync)`` (not for FSDP with ``c == 1``: its residual is in
   ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- HSDP with shard degree ``s`` (``tp == 1``; shard groups of ``s`` consecutive ranks, ``dp / s``
+  replicas at stride ``s``): as FSDP with the all-gather and reduce-scatter on the shard group
+  and ``S = reduce_scatter(P, shard group) + all_reduce(P / s, replica group)``; memory as
+  FSDP's with ``s`` in place of ``dp``.
 - ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
   :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
@@ -390,6 +394,7 @@ class CostModel:
             max_tp=self.max_tp,
             recompute=self.recompute,
             kinds=self.kinds,
+            max_shard=self.cluster.devices_per_node,
         )
 
     def tables(
@@ -535,6 +540,23 @@ class CostModel:
                 # unsharded parameters and gradients stay resident next to the shards
                 static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
             local_params /= s.dp
+        elif s.kind == "HSDP":
+            # FSDP inside each shard group of `sh` consecutive ranks (tp == 1), the reduced
+            # shard all-reduced across the dp / sh replicas (stride sh)
+            sh, reps = s.shard_degree, s.dp // s.shard_degree
+            ag = self._group_time("all_gather", p_bytes, "tp", pp, reps, sh)
+            red = p_bytes * self.reduce_factor
+            rs = self._group_time("reduce_scatter", red, "tp", pp, reps, sh)
+            rs += self._group_time("all_reduce", red / sh, "dp", pp, reps, sh)
+            hideable_s = rho * rs
+            if c == 1:
+                fsdp_per_microbatch_s = (1 - rho) * 2 * ag
+                sync_s = (1 - rho) * rs
+                static_bytes = (2 * p_bytes + opt_bytes) / sh
+            else:
+                sync_s = ag + (1 - rho) * rs
+                static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / sh
+            local_params /= sh
         elif s.kind == "ZeRO2":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
             rs = self._group_time(
@@ -582,8 +604,8 @@ class CostModel:
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
         # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
         # gradients unsharded too, ZeRO2 the parameters
-        shard = s.dp if s.kind in ("FSDP", "ZeRO2") else 1
-        resident_bytes = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
+        shard = s.shard_size
+        resident_bytes = p_bytes if s.kind in ("FSDP", "HSDP") and c > 1 else 0.0
         whole_param_bytes = p_bytes if s.kind == "ZeRO2" else 0.0
         memory = []
         for n_inflight in inflight:
@@ -687,7 +709,7 @@ class CostModel:
         """(stage_of, strategy_of) of a plan in the indices of ``tables``; a strategy that a
         layer may not use (see :meth:`allowed_strategies`) is a :class:`ConfigError` naming the
         layer and the rule."""
-        index = {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(tables.strategies)}
+        index = {s.key: k for k, s in enumerate(tables.strategies)}
         b = tables.microbatch_size
         stage_of, strategy_of = [], []
         for i, st in enumerate(plan.stages):
@@ -731,8 +753,10 @@ class CostModel:
 
 
 def _strategy_name(s) -> str:
-    """``dp2 tp1 FSDP +ckpt`` for a strategy or a layer's strategy."""
-    return f"dp{s.dp} tp{s.tp} {s.kind}" + (" +ckpt" if s.recompute else "")
+    """``dp2 tp1 FSDP +ckpt`` (``HSDP2``: shard degree 2) for a strategy or a layer's."""
+    s = getattr(s, "strategy", s)
+    kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
+    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _groups(kind: str, g: int, pp: int, a: int, b: int):

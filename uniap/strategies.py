@@ -5,9 +5,11 @@ A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into
 data-parallel groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says
 whether the parameters are replicated over the data-parallel group (``DDP``), sharded over it
 (``FSDP``), or whole during the iteration with their gradients and optimizer state sharded
-(``ZeRO2``). A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the
-executor asks the same question), and a strategy is offered only if its ``dp`` splits the
-micro-batch. FSDP and ZeRO2 with ``dp = 1`` are the same as DDP and are not offered.
+(``ZeRO2``), or sharded over groups of ``shard_degree`` ranks and replicated across them
+(``HSDP``, ``tp == 1``, shard groups within a node). A layer gets ``tp > 1`` only when
+:meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a
+strategy is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2 and HSDP with
+``dp = 1`` are the same as DDP and are not offered.
 ``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
 one more forward.
 """
@@ -41,20 +43,29 @@ def stage_strategies(
     max_tp: int | None = None,
     recompute: bool = True,
     kinds: Sequence[str] = KINDS,
+    max_shard: int | None = None,
 ) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
     then DDP, FSDP, ZeRO2, then without before with recompute). ``max_tp`` caps the TP degree
     (e.g. devices per node); ``recompute`` offers activation checkpointing; ``kinds`` the
-    data-parallel kinds for ``dp > 1`` (``dp == 1`` is always ``DDP``)."""
+    data-parallel kinds for ``dp > 1`` (``dp == 1`` is always ``DDP``); ``max_shard`` caps
+    HSDP's shard group (e.g. devices per node)."""
     out = []
     for tp in divisors(stage_size):
         if max_tp is not None and tp > max_tp:
             continue
         dp = stage_size // tp
         for kind in [k for k in KINDS if k in kinds] if dp > 1 else ["DDP"]:
-            out.append(Strategy(dp, tp, kind))
-            if recompute:
-                out.append(Strategy(dp, tp, kind, True))
+            # HSDP: every shard group size strictly between 1 and dp, at most max_shard
+            # (intra-node), tp = 1
+            shards = [0]
+            if kind == "HSDP":
+                cap = max_shard if max_shard is not None else dp
+                shards = [s for s in divisors(dp)[1:-1] if s <= cap] if tp == 1 else []
+            for sh in shards:
+                out.append(Strategy(dp, tp, kind, False, sh))
+                if recompute:
+                    out.append(Strategy(dp, tp, kind, True, sh))
     return out
 
 

@@ -1,5 +1,6 @@
 """ZeRO2 layers (FSDP2 ``fully_shard(reshard_after_forward=False)``, gradients reduce-scattered
-after every micro-batch) train like one process: world 4, CPU gloo, one spawn for every case.
+after every micro-batch) and HSDP layers (``fully_shard`` on a 2-D (replicate, shard) mesh)
+train like one process: world 4, CPU gloo, one spawn for every case.
 
 A parity case runs three AdamW steps (``foreach=True``) of the 4-layer toy chain under a plan
 mixing ZeRO2 with DDP / FSDP (pp = 1 and pp = 2) and compares on rank 0 with single-process
@@ -20,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 pytestmark = pytest.mark.dist
 
-D, F, Z = "DDP", "FSDP", "ZeRO2"
+D, F, Z, H = "DDP", "FSDP", "ZeRO2", "HSDP"
 
 
 def _cases() -> list[dict]:
@@ -32,6 +33,14 @@ def _cases() -> list[dict]:
         toy("pp1_dp2tp2_zero2_c2", 4, [[(4, 1, Z), (2, 2, Z), (2, 2, F), (4, 1, D)]], c=2),
         toy("pp2_dp2_zero2_fsdp_1f1b_c4", 4, [[(2, 1, Z)], [(2, 1, F)]], c=4, schedule="1F1B"),
         toy("pp2_dp2_ddp_zero2_gpipe_c2", 4, [[(2, 1, D)], [(2, 1, Z), (2, 1, D)]], c=2),
+        # HSDP: shard groups of 2 consecutive ranks, replicated twice
+        toy("pp1_dp4_hsdp2_c1", 4, [[(4, 1, H, False, 2)]]),
+        toy(
+            "pp1_dp4_hsdp2_zero2_fsdp_c2",
+            4,
+            [[(4, 1, H, False, 2), (4, 1, Z), (4, 1, F), (4, 1, H, True, 2)]],
+            c=2,
+        ),
         # 4 layers with parameters, each gathered once per iteration and reduce-scattered in
         # each of the c micro-batches' backward
         toy(
@@ -49,6 +58,15 @@ def _cases() -> list[dict]:
             B=16,
             kind="comm_count",
             expect={"all_gather_single@4": 4, "reduce_scatter_single@4": 16},
+        ),
+        # HSDP (c = 1): per layer two all-gathers and one reduce-scatter inside the shard group
+        # of 2, one all-reduce of the shard across the 2 replicas
+        toy(
+            "comm_pp1_hsdp2_c1",
+            4,
+            [[(4, 1, H, False, 2)]],
+            kind="comm_count",
+            expect={"all_gather_single@2": 8, "reduce_scatter_single@2": 4, "all_reduce@2": 4},
         ),
     ]
 

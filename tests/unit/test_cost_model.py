@@ -270,5 +270,36 @@ def test_kinds_restrict_the_strategies_offered() -> None:
     two = CostModel(g, small_cluster(4, 1), recompute=False, kinds=["FSDP", "ZeRO2"])
     assert {s.kind for s in two.strategies(1)} == {"FSDP", "ZeRO2"}
     assert {s.kind for s in two.strategies(4)} == {"DDP"}  # one device per stage
-    with pytest.raises(ConfigError, match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2'\]"):
+    with pytest.raises(
+        ConfigError, match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2', 'HSDP'\]"
+    ):
         CostModel(g, small_cluster(4, 1), kinds=["ZeRO3"])
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_hsdp_terms_shard_inside_a_node_and_all_reduce_across(c: int) -> None:
+    """HSDP with shard groups of 2 on 2 x 2 devices: gathers and reduce-scatters on the
+    intra-node pair, the reduced shard all-reduced across the nodes; state sharded by 2."""
+    cm = CostModel(_blocks(2), small_cluster(2, 2), recompute=False)
+    assert [str(s) for s in cm.strategies(1) if s.kind == "HSDP"] == ["dp4xtp1-HSDP2"]
+    layer, rho = cm.graph.layers[0], cm.profile.overlap_coefficient
+    p_bytes = layer.param_bytes
+    o_bytes = layer.num_params * cm.opt_bytes
+    h = cm.layer_cost(
+        0,
+        Strategy(4, 1, "HSDP", False, 2),
+        pp=1,
+        num_microbatches=c,
+        microbatch_size=8,
+        inflight=[1],
+    )
+    ag = cm.profile.collective_s("all_gather", p_bytes, [0, 1])
+    sync = cm.profile.collective_s("reduce_scatter", p_bytes, [0, 1])
+    sync += cm.profile.collective_s("all_reduce", p_bytes / 2, [0, 2])
+    bwd = cm.profile.layer_compute_s(layer, 2, 1)[1]
+    exposed = (1 - rho) * sync + max(rho * sync - bwd, 0.0) + (ag if c > 1 else 0.0)
+    assert h.parts["dp_sync"] == pytest.approx(exposed)
+    assert h.parts["fsdp_comm"] == pytest.approx((1 - rho) * 2 * ag if c == 1 else 0.0)
+    act = cm.profile.activation_bytes(layer, 2, 1)
+    whole = 2 * p_bytes if c > 1 else 0.0
+    assert h.memory_bytes[0] == pytest.approx(whole + (2 * p_bytes + o_bytes) / 2 + act)

@@ -257,23 +257,28 @@ def test_infeasible_error_lists_the_candidates_and_never_contradicts_itself() ->
     assert "Tried" in str(e) and "pp=" in str(e)
 
 
-def test_zero2_is_the_optimum_between_ddp_and_fsdp() -> None:
-    """Three MLP blocks on 4 x 1 devices (pp = 1): as the memory limit falls the optimum goes
-    from every layer DDP through every layer ZeRO2 (mixes in between) to every layer FSDP
-    (ZeRO2 keeps whole parameters but shards gradients and optimizer state), and at every step
-    of the curve and just below it the planner equals the enumeration."""
+@pytest.mark.parametrize("nodes,per_node,kind", [(4, 1, "ZeRO2"), (2, 2, "HSDP")])
+def test_zero2_and_hsdp_are_the_optimum_between_ddp_and_fsdp(
+    nodes: int, per_node: int, kind: str
+) -> None:
+    """Three MLP blocks (pp = 1): as the memory limit falls the optimum goes from every layer
+    DDP through every layer ZeRO2 (4 x 1 devices) or HSDP with shard groups of 2 (2 x 2
+    devices: sharded inside a node, replicated across the slow link) to every layer FSDP, with
+    mixes in between; at every step of the curve and just below it the planner equals the
+    enumeration."""
     with torch.device("meta"):
         m = nn.Sequential(*[MLP(64, 256) for _ in range(3)])
     g = build_graph(m, torch.empty(2, 16, 64, device="meta"), name="mlp3")
+    cluster = _cluster(nodes, per_node)
     opts = {"recompute": False, "max_tp": 1, "pp_degrees": [1], "num_microbatches": [1, 2]}
-    checks = sweep(g, _cluster(4), global_batch_size=8, **opts)
+    checks = sweep(g, cluster, global_batch_size=8, **opts)
     assert len(checks) >= 10 and [c for c in checks if not c.ok] == []
     kinds = []
-    for peak, _ in optimum_curve(g, _cluster(4), global_batch_size=8, **opts)[::-1]:
-        p = plan_graph(g, _cluster(4).with_memory(peak / 0.9), global_batch_size=8, **opts)
+    for peak, _ in optimum_curve(g, cluster, global_batch_size=8, **opts)[::-1]:
+        p = plan_graph(g, cluster.with_memory(peak / 0.9), global_batch_size=8, **opts)
         kinds.append({ls.kind for ls in p.layer_strategies})
     assert kinds[0] == {"DDP"} and kinds[-1] == {"FSDP"}
-    middle = kinds.index({"ZeRO2"})
+    middle = kinds.index({kind})
     assert 0 < middle < len(kinds) - 1
     assert all("DDP" in k for k in kinds[:middle])  # more memory: some layer replicated
     assert all("FSDP" in k for k in kinds[middle + 1 :])  # less: some layer fully sharded

@@ -26,6 +26,9 @@
   per micro-batch** (every backward reduces into the sharded gradients, so no whole gradient
   outlives its layer's backward). Gradients and optimizer state are sharded, parameters are
   not (ZeRO stage 2).
+* ``HSDP``: ``fully_shard`` on the 2-D ``(dp_replicate, dp_shard)`` mesh of the layer's DP
+  group (``tp == 1``; shard groups of ``shard_degree`` consecutive ranks): as FSDP inside each
+  shard group, and the reduce-scattered gradient shard all-reduced across the replicas.
 
 **One FSDP root per stage** (:func:`apply_fsdp_root`, the torchtitan order: every layer
 first, the stage module last). The stage module gets ``fully_shard`` too, managing none of
@@ -96,8 +99,8 @@ def apply_dp(
     mp_policy: MixedPrecisionPolicy | None = None,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Apply ``kind`` (``DDP``/``FSDP``/``ZeRO2``) to ``module`` over the 1-D ``dp_mesh``, in
-    place.
+    """Apply ``kind`` (``DDP``/``FSDP``/``ZeRO2``/``HSDP``) to ``module`` over ``dp_mesh``
+    (1-D; for HSDP the 2-D ``(replicate, shard)`` mesh), in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
     Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by
@@ -109,11 +112,11 @@ def apply_dp(
     ignored = set(ignored_params or ())
     if dp_mesh.size() == 1 or all(p in ignored for p in module.parameters()):
         return module
-    if kind in ("FSDP", "ZeRO2"):
+    if kind in ("FSDP", "ZeRO2", "HSDP"):  # HSDP: dp_mesh is 2-D (replicate, shard)
         fully_shard(
             module,
             mesh=dp_mesh,
-            reshard_after_forward=kind == "FSDP" and num_microbatches == 1,
+            reshard_after_forward=kind != "ZeRO2" and num_microbatches == 1,
             mp_policy=mp_policy,
             ignored_params=ignored or None,
         )
@@ -122,7 +125,9 @@ def apply_dp(
     elif kind == "DDP":
         replicate(module, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored or None)
     else:
-        raise ValueError(f"unknown data-parallel kind {kind!r}; use 'DDP', 'FSDP' or 'ZeRO2'")
+        raise ValueError(
+            f"unknown data-parallel kind {kind!r}; use 'DDP', 'FSDP', 'ZeRO2' or 'HSDP'"
+        )
     assert isinstance(module, FSDPModule)
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
