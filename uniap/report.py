@@ -171,7 +171,7 @@ def memory_breakdown(
 
 _COMM_NAMES = {
     "tp": "tensor-parallel all-reduces",
-    "fsdp": "FSDP / ZeRO2 parameter all-gathers and ZeRO2 reduce-scatters",
+    "fsdp": "sharded-parameter all-gathers (FSDP, ZeRO2, HSDP) and ZeRO2 reduce-scatters",
     "reshard": "activation reshards",
     "p2p": "stage-to-stage sends",
     "dp_sync": "gradient sync",
