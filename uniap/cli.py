@@ -28,6 +28,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from uniap.contract import KINDS
 from uniap.errors import InfeasibleError, UniapError
 from uniap.schedules import SCHEDULES
 
@@ -60,6 +61,7 @@ def _plan_from_args(args: argparse.Namespace):
         seq_len=args.seq_len,
         schedules=[args.schedule] if args.schedule else None,
         progress_interval_s=args.progress_interval_s,
+        kinds=args.kinds.split(",") if args.kinds else None,
     )
 
 
@@ -473,6 +475,13 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         default=None,
         help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
         "than GPipe at the same time per iteration)",
+    )
+    p.add_argument(
+        "--kinds",
+        default=None,
+        metavar="K[,K...]",
+        help="data-parallel kinds to offer, comma-separated, among "
+        f"{', '.join(KINDS)} (default: all)",
     )
     p.add_argument(
         "--time-limit-s",

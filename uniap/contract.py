@@ -29,6 +29,8 @@ Plan file layout (YAML; JSON is the same tree)::
       layers:
       - {fqn: embed, dp: 2, tp: 1, kind: DDP}
       - {fqn: blocks.0, dp: 1, tp: 2, kind: DDP, recompute: true}   # recompute only when true
+      - {fqn: blocks.1, dp: 2, tp: 1, kind: ZeRO2}          # kind: DDP, FSDP, ZeRO2 or HSDP
+                                                            # (HSDP: shard_degree: s)
     - ranks: [2, 3]
       layers: [...]
     predicted: {time_per_iteration_s: ..., samples_per_s: ..., peak_memory_bytes: [...], ...}
@@ -65,7 +67,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 SCHEDULES = tuple(_SCHEDULE_SPECS)
 """Schedule names a plan may name (specs in :mod:`uniap.schedules`)."""
-KINDS = ("DDP", "FSDP")
+KINDS = ("DDP", "FSDP", "ZeRO2", "HSDP")
+"""Data-parallel kinds of a layer (:attr:`Strategy.kind`)."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """Bucket size of classic DDP's gradient all-reduce (``bucket_cap_mb``, torch's default): the
@@ -82,17 +85,35 @@ class Strategy:
     tp: int
     """Tensor-parallel degree (consecutive ranks; ``dp * tp`` = stage size)."""
     kind: str = "DDP"
-    """``DDP`` (replicated parameters, gradient all-reduce) or ``FSDP`` (sharded over dp)."""
+    """``DDP`` (replicated parameters, gradient all-reduce), ``FSDP`` (parameters, gradients
+    and optimizer state sharded over dp) or ``ZeRO2`` (gradients and optimizer state sharded
+    over dp, gradients reduce-scattered after every micro-batch's backward; the parameters,
+    gathered once in the first forward, stay whole until the last backward: FSDP2
+    ``fully_shard`` with ``reshard_after_forward=False``) or ``HSDP`` (FSDP inside groups of
+    ``shard_degree`` consecutive data-parallel ranks, replicated across the ``dp /
+    shard_degree`` groups: FSDP2 ``fully_shard`` on a 2-D ``(replicate, shard)`` mesh)."""
     recompute: bool = False
     """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
+    shard_degree: int = 0
+    """HSDP only: ranks each shard group holds (a divisor of dp strictly between 1 and dp,
+    ``tp == 1``); 0 for every other kind."""
 
     def __str__(self) -> str:
-        return f"dp{self.dp}xtp{self.tp}-{self.kind}" + ("-ckpt" if self.recompute else "")
+        kind = f"HSDP{self.shard_degree}" if self.kind == "HSDP" else self.kind
+        return f"dp{self.dp}xtp{self.tp}-{kind}" + ("-ckpt" if self.recompute else "")
 
     @property
-    def key(self) -> tuple[int, int, str, bool]:
-        """``(dp, tp, kind, recompute)``."""
-        return (self.dp, self.tp, self.kind, self.recompute)
+    def key(self) -> tuple[int, int, str, bool, int]:
+        """``(dp, tp, kind, recompute, shard_degree)``."""
+        return (self.dp, self.tp, self.kind, self.recompute, self.shard_degree)
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks that hold one copy of the layer's sharded state: dp for FSDP and ZeRO2,
+        ``shard_degree`` for HSDP, 1 otherwise."""
+        if self.kind == "HSDP":
+            return self.shard_degree
+        return self.dp if self.kind in ("FSDP", "ZeRO2") else 1
 
     @property
     def uses_classic_ddp(self) -> bool:
@@ -101,6 +122,13 @@ class Strategy:
         plain-tensor parameters): DDP over the whole stage (``tp == 1``). DDP with ``tp > 1``
         uses FSDP2's ``replicate`` per layer. One rule for the cost model and the executor."""
         return self.kind == "DDP" and self.dp > 1 and self.tp == 1
+
+    @property
+    def reduces_every_microbatch(self) -> bool:
+        """Whether the executor reduces the layer's gradients after every micro-batch's
+        backward (``ZeRO2``: sharded gradients, no whole gradient between micro-batches)
+        rather than after the last one only. One rule for the cost model and the executor."""
+        return self.kind == "ZeRO2" and self.dp > 1
 
     @property
     def dtensor_params(self) -> bool:
@@ -139,8 +167,8 @@ class LayerStrategy:
         return self.strategy.recompute
 
     @property
-    def key(self) -> tuple[int, int, str, bool]:
-        """``(dp, tp, kind, recompute)``."""
+    def key(self) -> tuple[int, int, str, bool, int]:
+        """``(dp, tp, kind, recompute, shard_degree)``."""
         return self.strategy.key
 
 
@@ -273,6 +301,17 @@ class Plan:
                 n_layers += 1
                 if ls.kind not in KINDS:
                     raise bad(f"layer {ls.fqn!r}: kind {ls.kind!r} is not one of {list(KINDS)}")
+                s = ls.strategy
+                if s.kind == "HSDP" and not (
+                    s.tp == 1 and 1 < s.shard_degree < s.dp and s.dp % s.shard_degree == 0
+                ):
+                    raise bad(
+                        f"layer {ls.fqn!r}: HSDP needs tp = 1 and a shard_degree dividing dp "
+                        f"({ls.dp}) strictly between 1 and dp, got tp = {ls.tp}, shard_degree = "
+                        f"{s.shard_degree}"
+                    )
+                if s.kind != "HSDP" and s.shard_degree:
+                    raise bad(f"layer {ls.fqn!r}: shard_degree is for HSDP only, not {s.kind}")
                 if ls.dp < 1 or ls.tp < 1 or ls.dp * ls.tp != g:
                     raise bad(
                         f"layer {ls.fqn!r}: dp ({ls.dp}) x tp ({ls.tp}) must equal the stage size "
@@ -377,11 +416,14 @@ class Plan:
             for i, st in enumerate(d["stages"]):
                 layers = []
                 for j, ls in enumerate(st["layers"]):
-                    extra = sorted(set(ls) - {"fqn", "dp", "tp", "kind", "recompute"})
+                    extra = sorted(
+                        set(ls) - {"fqn", "dp", "tp", "kind", "recompute", "shard_degree"}
+                    )
                     if extra:
                         raise ConfigError(
                             f"{source}: stages[{i}].layers[{j}]: unknown field(s) {extra}; "
-                            "a layer has fqn, dp, tp, kind and optionally recompute"
+                            "a layer has fqn, dp, tp, kind and optionally recompute (and "
+                            "shard_degree for HSDP)"
                         )
                     rc = ls.get("recompute", False)
                     if not isinstance(rc, bool):
@@ -394,6 +436,11 @@ class Plan:
                         _int(ls["tp"], f"stages[{i}].layers[{j}].tp", source),
                         str(ls.get("kind", "DDP")),
                         rc,
+                        _int(
+                            ls.get("shard_degree", 0),
+                            f"stages[{i}].layers[{j}].shard_degree",
+                            source,
+                        ),
                     )
                     layers.append(LayerStrategy(str(ls["fqn"]), strategy))
                 ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
@@ -549,11 +596,14 @@ def _layer_dict(ls: LayerStrategy) -> dict[str, Any]:
     d: dict[str, Any] = {"fqn": ls.fqn, "dp": ls.dp, "tp": ls.tp, "kind": ls.kind}
     if ls.recompute:  # the common case stays short
         d["recompute"] = True
+    if ls.strategy.shard_degree:
+        d["shard_degree"] = ls.strategy.shard_degree
     return d
 
 
 def _strat(s: Strategy) -> str:
-    return f"dp{s.dp} tp{s.tp} {s.kind}" + (" +ckpt" if s.recompute else "")
+    kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
+    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[Strategy, int]]:

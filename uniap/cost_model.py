@@ -16,16 +16,28 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   measured profile times TP layers on a real TP group)
   ``+ (1 - rho) * 2 * all_gather(P, dp_group)`` for FSDP when ``c == 1`` (forward and backward
   gather; with ``c > 1`` the executor keeps parameters unsharded across micro-batches)
-  ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``) when ``dp > 1``:
+  ``+ (1 - rho) * reduce_scatter(P, dp_group) + max(0, H - B)`` for ZeRO2 (a reduce-scatter
+  in every micro-batch's backward; ``H``, ``B`` below) ``+ (1 - rho) * all_gather(P,
+  dp_group)`` when ``c == 1`` (the one gather, prefetched in the forward; with ``c > 1`` it is
+  in ``G``, whole)
+  ``+ dp_residual(kind, microbatch)`` (``single`` for FSDP with ``c == 1``; none measured for
+  ZeRO2) when ``dp > 1``:
   what the profile measured the executor's DP wrapping to cost beyond these terms (0 for the
   analytic profile).
-- ``G[u,k]`` once per iteration, hidden behind backward by ``rho``, plus the optimizer step:
-  DDP with ``tp > 1`` (FSDP2 ``replicate``, one all-reduce per layer)
-  ``(1 - rho) * all_reduce(P, dp_group)``; DDP with ``tp == 1`` (classic DDP over the stage,
-  gradients all-reduced in buckets of ``Bk = 25 MiB``) ``(1 - rho) * P / Bk * all_reduce(Bk,
-  dp_group)``, the layer's share of full buckets; FSDP ``(1 - rho) * reduce_scatter(P, dp_group)``
-  ``+ [c > 1] * all_gather(P, dp_group)``; ``+ dp_residual(kind, sync)`` (not for FSDP with
-  ``c == 1``: its residual is in ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- ``G[u,k]`` once per iteration: the exposed part of the gradient synchronisation ``S`` (below,
+  "Exposed gradient synchronisation") plus the optimizer step. ``S``: DDP with ``tp > 1``
+  (FSDP2 ``replicate``, one all-reduce per layer) ``all_reduce(P, dp_group)``; DDP with
+  ``tp == 1`` (classic DDP over the stage, gradients all-reduced in buckets of ``Bk = 25
+  MiB``) ``P / Bk * all_reduce(Bk, dp_group)``, the layer's share of full buckets; FSDP
+  ``reduce_scatter(P, dp_group)``, and with ``c > 1`` ``+ all_gather(P, dp_group)`` charged
+  whole; ZeRO2 with ``c > 1`` ``all_gather(P, dp_group)`` whole (its reduce-scatters are in
+  ``A``); ``+ dp_residual(kind, sync)`` (not for FSDP with ``c == 1``: its residual is in
+  ``A``); ``+ optimizer_step(local params, DTensor or not)``.
+- HSDP with shard degree ``s`` (``tp == 1``; shard groups of ``s`` consecutive ranks, ``dp / s``
+  replicas at stride ``s``): as FSDP with the all-gather and reduce-scatter on the shard group
+  and ``S = reduce_scatter(P, shard group) + all_reduce(P / s, replica group)``; memory as
+  FSDP's with ``s`` in place of ``dp``.
+- ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
   :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
   pipeline sends and FSDP all-gathers (``P``) at ``param_dtype``; gradient reductions
@@ -35,7 +47,11 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   transient ``param_dtype`` copies autocast makes of classic-DDP / TP-only weights.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
-  across micro-batches, next to the shards); plus activations
+  across micro-batches, next to the shards); ZeRO2 ``P + (2 P + O) / dp`` for every ``c`` and
+  schedule (the whole parameters, gathered in the first forward, stay until the last
+  backward; the gradients are reduce-scattered after each micro-batch's backward into the
+  sharded ones, the layer's whole gradient living only between its backward and that
+  reduce-scatter, transient as FSDP's gathers); plus activations
   ``profile.activation_bytes(layer, bl, tp) * inflight(i)`` (analytic:
   ``saved_bytes * bl * (f / tp + 1 - f)``; with recompute: ``input_bytes * bl * inflight(i)``, and
   backward pays one more forward) with ``f`` the layer's TP-sharded fraction and ``inflight`` = 1
@@ -57,21 +73,46 @@ see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its 
   computes (forward prefetch) and the backward all-gather of layer ``u - 1`` while layer
   ``u``'s backward computes (explicit backward prefetch): ``(1 - rho)`` of both is exposed,
   in ``A``. The reduce-scatter of layer ``u`` runs during the backward of the layers before
-  it: ``(1 - rho)`` exposed, in ``G``.
+  it: exposed as below, in ``G`` and ``F``.
 - FSDP, ``c > 1``: the one all-gather, in the first micro-batch's forward, is charged whole
   in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
   the first micro-batch also pays the pipeline's warm-up, which the formula does not
-  separate); the reduce-scatter during the last micro-batch's backward, ``(1 - rho)``.
+  separate); the reduce-scatter during the last micro-batch's backward, exposed as below.
+- ZeRO2: the all-gather as FSDP's (``c == 1``: forward prefetch, ``(1 - rho)`` exposed, in
+  ``A``; ``c > 1``: whole, in ``G``), none in backward; each micro-batch's reduce-scatter
+  during that backward, exposed as below, in ``A`` (the stage-first part ``F`` once, in ``s_i``:
+  in the other micro-batches the next one's work follows it).
 - DDP (classic buckets, and ``replicate``): the all-reduce during the last micro-batch's
-  backward, ``(1 - rho)`` exposed. With ``pp > 1`` the stage reduces during its last
-  backward too (not after the schedule, as torch's pipelining would for an FSDP root).
+  backward. With ``pp > 1`` the stage reduces during its last backward too (not after the
+  schedule, as torch's pipelining would for an FSDP root).
 - TP all-reduces and reshards are on the critical path: never hidden.
+
+Exposed gradient synchronisation. A layer's gradient collective of ``S`` seconds (DDP
+all-reduce, FSDP reduce-scatter) starts when its backward is done and can only overlap with
+the backward compute still to come on its stage, i.e. of the layers *before* it (backward
+runs last layer first); the collectives of a stage run one after another on one stream (the
+FSDP2 reduce-scatter stream, DDP's reducer). ``(1 - rho) S`` is always exposed (contention);
+the rest, ``H = rho S``, is hideable. With ``B_u`` layer u's backward compute (``bwd_s`` plus
+recompute and the loss) and the stage's layers ``s..e``, the collectives end
+``X = max_v (H_v + sum_{s <= w < v} (H_w - B_w))`` after the backward (a serial stream with
+release times; ``v = s``: the stage's first layer, with no backward after it). That depends on
+the stage's composition and order, so the program charges the sound, order-free upper bound
+
+``X <= sum_{u on i} max(0, H_u - B_u) + max_{u on i} min(H_u, B_u)``
+
+(each term of the sum over ``w < v`` is at most ``max(0, H_w - B_w)``): per layer
+``max(0, H - B)`` in ``G`` and per stage the largest ``F = min(H, B)``, through one continuous
+variable per stage (:mod:`uniap.milp`). It is exact for a stage of identical layers, whether
+the sync is shorter than the backward (then ``X = H``, the stage's first layer) or longer
+(micro-batches of one or two samples: ``X = n (H - B) + B``). Classic DDP's buckets are
+charged as the layers' shares (a bucket holding several small layers starts after the last
+of them, which the per-layer release does not see).
 
 Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` between stages):
 
 ``TPI = sum_i p_i + sum_i o_i + (c - 1) * max(max_i p_i, max_i o_i) + max_i s_i``,
 ``p_i = sum_{u in U_i} A[u,k_u] + sum_{u, u+1 in U_i} R[u, k_u, k_{u+1}]``,
-``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u]``.
+``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u] + max_{u in U_i} F[u,k_u]``.
 
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
@@ -90,7 +131,7 @@ from functools import lru_cache
 import numpy as np
 
 from uniap.cluster import Cluster
-from uniap.contract import DDP_BUCKET_BYTES, Plan, Strategy
+from uniap.contract import DDP_BUCKET_BYTES, KINDS, Plan, Strategy
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
@@ -153,6 +194,14 @@ class CostTables:
     own work and waits), added to every ``p_i``."""
     step_overhead_s: float = 0.0
     """Seconds every iteration pays once whatever the plan (the loss's all-reduce)."""
+    F: np.ndarray | None = None
+    """(L, K) seconds of the layer's hideable gradient sync that the backward compute after it
+    may not cover (``min(H, B)``, see "Exposed gradient synchronisation" in the module
+    docstring); the largest on a stage is added to its ``s_i`` once. None: zeros."""
+
+    def __post_init__(self) -> None:
+        if self.F is None:
+            self.F = np.zeros(np.shape(self.A))
 
     @property
     def num_layers(self) -> int:
@@ -211,6 +260,9 @@ class LayerCost:
     """The terms of ``A`` and ``G`` by name, the forward part of compute, and the static memory
     by kind (parameters, gradients, optimizer state; ``M``'s other part is activations), for
     explanations (:attr:`PARTS`)."""
+    first_exposed_s: float = 0.0
+    """``F``: the part of the hideable gradient sync that the layer's own backward covers, and
+    that is exposed when the layer is the one the stage's largest ``F`` belongs to."""
 
 
 @dataclass
@@ -237,6 +289,7 @@ def evaluate_assignment(
     p = [0.0] * pp
     o = [0.0] * max(pp - 1, 0)
     s = [0.0] * pp
+    first = [0.0] * pp  # the stage's largest F: the sync nothing after it hides
     mem = [0.0] * pp
     for u in range(L):
         i, k = stage_of[u], strategy_of[u]
@@ -245,6 +298,7 @@ def evaluate_assignment(
             continue
         p[i] += float(t.A[u, k])
         s[i] += float(t.G[u, k])
+        first[i] = max(first[i], float(t.F[u, k]))
         mem[i] += float(t.M[u, k, i])
         if u + 1 < L:
             a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
@@ -253,6 +307,7 @@ def evaluate_assignment(
             else:
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
+    s = [x + f for x, f in zip(s, first)]
     bottleneck = max(p + o)
     tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
@@ -272,12 +327,15 @@ class CostModel:
         max_tp: int | None = None,
         recompute: bool = True,
         precision: Precision | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
         ``recompute`` offers activation checkpointing per layer; ``precision`` (default:
         :func:`~uniap.precision.precision_for_dtype` of the graph's dtype, which must be its
-        ``param_dtype``) sets the gradient-reduction and per-parameter state bytes."""
+        ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
+        the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS`; a layer
+        with ``dp == 1`` is always ``DDP``)."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -302,6 +360,10 @@ class CostModel:
         # gradients are reduced in reduce_dtype: bytes per parameter relative to P
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
+        self.kinds = tuple(kinds) if kinds is not None else KINDS
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds {list(self.kinds)}: choose one or more of {list(KINDS)}")
         self._rep: list[int] | None = None
 
     # ------------------------------------------------------------------ groups
@@ -333,6 +395,8 @@ class CostModel:
             self.cluster.world_size // pp,
             max_tp=1 if traced else self.max_tp,
             recompute=self.recompute,
+            kinds=self.kinds,
+            max_shard=self.cluster.devices_per_node,
         )
 
     def tables(
@@ -356,6 +420,7 @@ class CostModel:
         dps = sorted({s.dp for s in strategies})
         A = np.full((L, K), INF)
         G = np.zeros((L, K))
+        F = np.zeros((L, K))
         M = np.zeros((L, K, pp))
         layout = np.tile([dps.index(s.dp) for s in strategies], (L, 1)).astype(np.int64)
         parts = {k: np.zeros((L, K)) for k in LayerCost.PARTS}
@@ -367,7 +432,7 @@ class CostModel:
                 # the same inputs as an earlier layer (a run of identical blocks): same rows
                 r = rep[u]
                 allowed.append(list(allowed[r]))
-                A[u], G[u], M[u] = A[r], G[r], M[r]
+                A[u], G[u], M[u], F[u] = A[r], G[r], M[r], F[r]
                 for part in parts.values():
                     part[u] = part[r]
                 continue
@@ -388,10 +453,11 @@ class CostModel:
                     microbatch_size=b,
                     inflight=inflight,
                 )
-                A[u, k], G[u, k], M[u, k] = (
+                A[u, k], G[u, k], M[u, k], F[u, k] = (
                     cost.per_microbatch_s,
                     cost.per_iteration_s,
                     cost.memory_bytes,
+                    cost.first_exposed_s,
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
@@ -413,6 +479,7 @@ class CostModel:
             breakdown=parts,
             stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
             step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
+            F=F,
         )
 
     def layer_cost(
@@ -450,12 +517,14 @@ class CostModel:
         local_params = layer.num_params / s.tp
         opt_bytes = local_params * self.opt_bytes
         fsdp_per_microbatch_s = sync_s = wrap_s = 0.0
+        hideable_s = 0.0  # the part of the last backward's gradient sync that may overlap
         wrapped = s.dp > 1 and layer.num_params > 0
         if s.kind == "FSDP":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
             rs = self._group_time(
                 "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
             )
+            hideable_s = rho * rs
             if c == 1:
                 fsdp_per_microbatch_s = (1 - rho) * 2 * ag
                 if wrapped:
@@ -473,6 +542,40 @@ class CostModel:
                 # unsharded parameters and gradients stay resident next to the shards
                 static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / s.dp
             local_params /= s.dp
+        elif s.kind == "HSDP":
+            # FSDP inside each shard group of `sh` consecutive ranks (tp == 1), the reduced
+            # shard all-reduced across the dp / sh replicas (stride sh)
+            sh, reps = s.shard_degree, s.dp // s.shard_degree
+            ag = self._group_time("all_gather", p_bytes, "tp", pp, reps, sh)
+            red = p_bytes * self.reduce_factor
+            rs = self._group_time("reduce_scatter", red, "tp", pp, reps, sh)
+            rs += self._group_time("all_reduce", red / sh, "dp", pp, reps, sh)
+            hideable_s = rho * rs
+            if c == 1:
+                fsdp_per_microbatch_s = (1 - rho) * 2 * ag
+                sync_s = (1 - rho) * rs
+                static_bytes = (2 * p_bytes + opt_bytes) / sh
+            else:
+                sync_s = ag + (1 - rho) * rs
+                static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / sh
+            local_params /= sh
+        elif s.kind == "ZeRO2":
+            ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
+            rs = self._group_time(
+                "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+            )
+            # a reduce-scatter in every micro-batch's backward, exposed per micro-batch like
+            # the last one's (the stage-first part F once: between micro-batches the next one's
+            # work follows it)
+            hideable_s = rho * rs
+            fsdp_per_microbatch_s = (1 - rho) * rs + max(hideable_s - bwd, 0.0)
+            if c == 1:  # the one all-gather, prefetched in the forward
+                fsdp_per_microbatch_s += (1 - rho) * ag
+            else:  # gathered in the first micro-batch's forward, charged whole (as FSDP)
+                sync_s = ag
+            # whole parameters from the first forward to the last backward, next to the shards
+            static_bytes = p_bytes + (2 * p_bytes + opt_bytes) / s.dp
+            local_params /= s.dp
         else:
             if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                 bk = DDP_BUCKET_BYTES
@@ -486,19 +589,26 @@ class CostModel:
                 ar = self._group_time(
                     "all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
                 )
+            hideable_s = rho * ar
             sync_s = (1 - rho) * ar
             if wrapped:
                 wrap_s = self.profile.dp_residual_s(layer, "DDP", "microbatch")
                 sync_s += self.profile.dp_residual_s(layer, "DDP", "sync")
             static_bytes = 2 * p_bytes + opt_bytes
+        # what the layer's own backward cannot cover is exposed; the stage's largest covered
+        # part is exposed once more (its first layer has no backward after it): F
+        if s.kind != "ZeRO2":  # (ZeRO2: in every micro-batch, above)
+            sync_s += max(hideable_s - bwd, 0.0)
+        first_exposed_s = min(hideable_s, bwd)
         sync_s = max(sync_s, 0.0)
         opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
-        # static memory by kind: FSDP shards it, and with c > 1 keeps parameters and gradients
-        # unsharded too
-        shard = s.dp if s.kind == "FSDP" else 1
-        resident_bytes = p_bytes if s.kind == "FSDP" and c > 1 else 0.0
+        # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
+        # gradients unsharded too, ZeRO2 the parameters
+        shard = s.shard_size
+        resident_bytes = p_bytes if s.kind in ("FSDP", "HSDP") and c > 1 else 0.0
+        whole_param_bytes = p_bytes if s.kind == "ZeRO2" else 0.0
         memory = []
         for n_inflight in inflight:
             m = static_bytes + act_bytes * n_inflight
@@ -512,6 +622,7 @@ class CostModel:
             per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,
             per_iteration_s=sync_s + opt_s,
             memory_bytes=tuple(memory),
+            first_exposed_s=first_exposed_s,
             parts={
                 "compute": fwd + bwd,
                 "tp_comm": tp_comm_s,
@@ -519,7 +630,7 @@ class CostModel:
                 "dp_sync": sync_s,
                 "optimizer": opt_s,
                 "forward": fwd,
-                "param_bytes": resident_bytes + p_bytes / shard,
+                "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard,
                 "grad_bytes": resident_bytes + p_bytes / shard,
                 "optimizer_bytes": opt_bytes / shard,
             },
@@ -577,8 +688,8 @@ class CostModel:
     ) -> list[Strategy]:
         """The strategies ``layer`` (index or FQN) may use on a stage of a ``pp``-stage plan with
         ``num_microbatches`` micro-batches: the stage's strategies (``dp * tp`` = devices per
-        stage, TP degree at most ``max_tp``, FSDP only with dp > 1, recompute only when the
-        cost model offers it) that :func:`uniap.strategies.why_not` accepts (TP only with a
+        stage, TP degree at most ``max_tp``, FSDP and ZeRO2 only with dp > 1, recompute only when
+        the cost model offers it) that :func:`uniap.strategies.why_not` accepts (TP only with a
         TP plan, the micro-batch splits over dp, recompute only where it saves memory)."""
         u = self._layer_index(layer)
         b = global_batch_size // num_microbatches
@@ -600,7 +711,7 @@ class CostModel:
         """(stage_of, strategy_of) of a plan in the indices of ``tables``; a strategy that a
         layer may not use (see :meth:`allowed_strategies`) is a :class:`ConfigError` naming the
         layer and the rule."""
-        index = {(s.dp, s.tp, s.kind, s.recompute): k for k, s in enumerate(tables.strategies)}
+        index = {s.key: k for k, s in enumerate(tables.strategies)}
         b = tables.microbatch_size
         stage_of, strategy_of = [], []
         for i, st in enumerate(plan.stages):
@@ -613,7 +724,8 @@ class CostModel:
                         f"layer {ls.fqn!r}: strategy {_strategy_name(ls)} is not offered on a "
                         f"stage of {st.num_devices} devices (dp * tp must equal the stage size, tp "
                         f"at most {self.max_tp}, "
-                        f"FSDP needs dp > 1{'' if self.recompute else ', recompute is off'}); "
+                        "FSDP and ZeRO2 need dp > 1"
+                        f"{'' if self.recompute else ', recompute is off'}); "
                         f"offered: {offered}"
                     )
                 k = index[ls.key]
@@ -643,8 +755,10 @@ class CostModel:
 
 
 def _strategy_name(s) -> str:
-    """``dp2 tp1 FSDP +ckpt`` for a strategy or a layer's strategy."""
-    return f"dp{s.dp} tp{s.tp} {s.kind}" + (" +ckpt" if s.recompute else "")
+    """``dp2 tp1 FSDP +ckpt`` (``HSDP2``: shard degree 2) for a strategy or a layer's."""
+    s = getattr(s, "strategy", s)
+    kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
+    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _groups(kind: str, g: int, pp: int, a: int, b: int):

@@ -101,13 +101,15 @@ def optimum_curve(
     graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, **kwargs
 ) -> list[tuple[float, float]]:
     """``(peak_bytes, tpi_s)`` steps of the optimum over every candidate the planner considers
-    (``kwargs``: ``max_tp``, ``recompute``, ``schedules``, ``pp_degrees``, ``num_microbatches``)."""
+    (``kwargs``: ``max_tp``, ``recompute``, ``kinds``, ``schedules``, ``pp_degrees``,
+    ``num_microbatches``)."""
     cm = CostModel(
         graph,
         cluster,
         memory_fraction=_FRACTION,
         max_tp=kwargs.get("max_tp"),
         recompute=kwargs.get("recompute", True),
+        kinds=kwargs.get("kinds"),
     )
     pps = kwargs.get("pp_degrees") or [
         p for p in divisors(cluster.world_size) if p <= graph.num_layers

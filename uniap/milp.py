@@ -16,6 +16,8 @@ Variables
     ``y[u,i,a,b]`` >= 0: u and u+1 both on stage i, layouts a -> b.
     ``z[u,i,a,b]`` >= 0: u last on stage i, u+1 first on stage i+1, layouts a -> b.
     ``t`` >= 0 the pipeline bottleneck; ``t_sync`` >= 0 the slowest stage's once-per-iteration sync.
+    ``f[i]`` >= 0 the largest ``F[u,k]`` on stage i (the exposed sync of the stage's first
+    layer, :mod:`uniap.cost_model`); only when some ``F`` is positive.
 
 Objective (:func:`_objective`)
     ``min sum_i p_i + sum_i o_i + (c - 1) t + t_sync`` with
@@ -32,7 +34,15 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         Together: stages are contiguous, ordered, advance by at most one and are non-empty
         (the path starts on stage 0, ends on pp - 1 and climbs one stage at a time).
     ``bottleneck_i`` / ``link_i`` (:func:`_bottleneck`) ``t >= p_i``, ``t >= o_i``.
-    ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k]``.
+    ``sync_i``         (:func:`_bottleneck`) ``t_sync >= sum_{u,k} G[u,k] x[u,i,k] + f[i]``.
+    ``first_u_i``      (:func:`_bottleneck`) ``f[i] >= sum_k F[u,k] x[u,i,k]``: ``f[i]`` is at
+        least the largest ``F`` on the stage; it only appears in ``sync_i``, so at an optimum
+        whose slowest sync is stage i it is that largest value (exact). The rule is
+        order-free, so the symmetry rows stay valid.
+    ``uses_r_i_k`` / ``first_r_i_k`` (:func:`_first_in_groups`) per group of identical layers
+        r, stage i and strategy k with ``F > 0``: a binary ``w[r,i,k]`` with ``count[r,i,k] <=
+        |r| w`` and ``f[i] >= F[k] w``: the same rule, stated so that fractional strategies
+        cannot average it away (without it, 80 identical blocks stall branch and bound).
     ``bottleneck_lb``  (:func:`_bottleneck`) ``t >=`` the min-max contiguous split of the
         layers' fastest times (:func:`uniap.bounds.bottleneck_lower_bound`): a valid cut that the LP
         relaxation, which spreads layers fractionally over stages, does not see.
@@ -286,6 +296,7 @@ def _build(
     _bottleneck(prob, t, v, p, o, scale)
     _memory(prob, t, v)
     _symmetry(prob, t, v)
+    _first_in_groups(prob, t, v, scale)
     _objective(prob, t, v, p, o, bound, scale)
     return prob, v, scale
 
@@ -333,7 +344,10 @@ def _variables(prob: pulp.LpProblem, t: CostTables, window: list[list[int]]) -> 
                         z[u, i, a, b] = prob.add_variable(f"z_{u}_{i}_{a}_{b}", lowBound=0)
     tb = prob.add_variable("t", lowBound=0)
     ts = prob.add_variable("t_sync", lowBound=0)
-    return _Vars(x, y, z, tb, ts, window, lay, classes)
+    f = []
+    if np.any(np.where(t.allowed_mask(), t.F, 0.0) > 0):
+        f = [prob.add_variable(f"f_{i}", lowBound=0) for i in range(t.pp)]
+    return _Vars(x, y, z, tb, ts, window, lay, classes, f)
 
 
 @dataclass
@@ -346,10 +360,14 @@ class _Vars:
     window: list[list[int]]
     layout: list[dict[int, int]]
     classes: list[list[int]]
+    first: list[pulp.LpVariable]
+    """``f[i]`` per stage, empty when every ``F`` is 0."""
     groups: list[list[int]] = dataclasses.field(default_factory=list)
     """Runs of identical layers (:func:`_symmetry`), each in chain order."""
     counts: dict = dataclasses.field(default_factory=dict)
     """``(group, stage, strategy) -> count`` variable (:func:`_symmetry`)."""
+    uses: dict = dataclasses.field(default_factory=dict)
+    """``(group, stage, strategy) -> w`` binary (:func:`_first_in_groups`)."""
 
 
 def _time_scale(t: CostTables, bound: float | None) -> float:
@@ -432,6 +450,16 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
         g = float(t.G[u, k])
         if g:
             s_terms[i].append((var, g / scale))
+    if v.first:
+        for i in range(t.pp):
+            s_terms[i].append((v.first[i], 1.0))
+        f_terms: dict[tuple[int, int], list] = {}
+        for (u, i, k), var in v.x.items():
+            f = float(t.F[u, k])
+            if f:
+                f_terms.setdefault((u, i), []).append((var, f / scale))
+        for (u, i), terms in sorted(f_terms.items()):
+            prob += v.first[i] >= pulp.LpAffineExpression(terms), f"first_{u}_{i}"
     for i, terms in enumerate(s_terms):
         prob += v.t_sync >= pulp.LpAffineExpression(terms), f"sync_{i}"
 
@@ -456,6 +484,7 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
                 np.asarray(t.allowed[u]).tobytes(),
                 t.A[u].tobytes(),
                 t.G[u].tobytes(),
+                t.F[u].tobytes(),
                 t.M[u].tobytes(),
                 t.layout[u].tobytes(),
             ]
@@ -507,6 +536,24 @@ def _symmetry(prob, t: CostTables, v: _Vars) -> None:
                     prob += pulp.lpSum(hi) + pulp.lpSum(lo) <= 1, f"order_{u}_{w}_{i}_{j}"
 
 
+def _first_in_groups(prob, t: CostTables, v: _Vars, scale: float) -> None:
+    """``uses_r_i_k`` / ``first_r_i_k``: a binary ``w[r,i,k]`` per group of identical layers,
+    stage and strategy with ``F > 0``, at least ``count / |group|`` and at most ``f[i] /
+    F[k]``. Valid (a group that uses k on stage i has a layer there with ``F[k]``) and, unlike
+    the per-layer rows, not averaged away by fractional strategies: branch and bound can
+    decide "some block of this group uses k here" at once."""
+    if not v.first:
+        return
+    for (r, i, k), n in v.counts.items():
+        f = float(t.F[v.groups[r][0], k])
+        if not f:
+            continue
+        w = prob.add_variable(f"w_{r}_{i}_{k}", cat=pulp.LpBinary)
+        v.uses[r, i, k] = w
+        prob += n <= len(v.groups[r]) * w, f"uses_{r}_{i}_{k}"
+        prob += v.first[i] >= (f / scale) * w, f"first_{r}_{i}_{k}"
+
+
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
     """``sum p + sum o + (c - 1) t + t_sync``; ``cutoff`` when an incumbent bound is known."""
     obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1) * v.t + v.t_sync
@@ -547,6 +594,16 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
         vals[n.name] = float(
             sum(1 for u in v.groups[r] if stage_of[u] == i and strategy_of[u] == k)
         )
+        if (r, i, k) in v.uses:
+            vals[v.uses[r, i, k].name] = float(vals[n.name] > 0)
     vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
+    for i, f in enumerate(v.first):
+        vals[f.name] = (
+            max(
+                (float(t.F[u, k]) for u, (j, k) in enumerate(zip(stage_of, strategy_of)) if j == i),
+                default=0.0,
+            )
+            / scale
+        )
     return vals

@@ -76,6 +76,7 @@ def plan_graph(
     memory_fraction: float = 0.9,
     max_tp: int | None = None,
     recompute: bool = True,
+    kinds: Sequence[str] | None = None,
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
@@ -89,7 +90,9 @@ def plan_graph(
     candidate, incumbent, bound and gap) go to the ``uniap.progress`` logger at INFO;
     ``progress=True`` shows them on stderr when logging is not configured, a callable
     receives each line as well. ``precision``: recorded in the plan and charged by the cost
-    model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`)."""
+    model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`).
+    ``kinds``: the data-parallel kinds offered (default all of
+    :data:`uniap.contract.KINDS`)."""
     with progress_lines(progress) as say:
         return _plan_graph(
             graph,
@@ -102,6 +105,7 @@ def plan_graph(
             memory_fraction=memory_fraction,
             max_tp=max_tp,
             recompute=recompute,
+            kinds=kinds,
             time_limit_s=time_limit_s,
             threads=threads,
             seed=seed,
@@ -123,6 +127,7 @@ def _plan_graph(
     memory_fraction,
     max_tp,
     recompute,
+    kinds,
     time_limit_s,
     threads,
     seed,
@@ -156,6 +161,7 @@ def _plan_graph(
         max_tp=max_tp,
         recompute=recompute,
         precision=precision,
+        kinds=kinds,
     )
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):

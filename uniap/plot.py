@@ -187,7 +187,7 @@ def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> N
         strategies = sorted({g["strategy"] for g in r["stages"][i]["groups"]})
         for rank in st.ranks:
             x, y = rank % per_node, nodes - 1 - rank // per_node
-            fsdp = any("FSDP" in s for s in strategies)
+            fsdp = any(k in s for s in strategies for k in ("FSDP", "ZeRO2", "HSDP"))
             ax.add_patch(
                 Rectangle(
                     (x + 0.05, y + 0.05),
@@ -233,7 +233,7 @@ def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> N
     )
     ax.set_xticks([])
     ax.set_aspect("equal")
-    ax.set_title("(a) devices by stage (hatched: FSDP)", fontsize=10, loc="left")
+    ax.set_title("(a) devices by stage (hatched: sharded state)", fontsize=10, loc="left")
 
 
 def _draw_memory(ax, r: dict) -> None:

@@ -101,7 +101,10 @@ def stage_details(
                 d["reshard_s"] += float(t.R[u, a_, b_])
             else:
                 d["send_s"] += float(t.Rp[u, a_, b_])
+    for u, (i, k) in enumerate(zip(stage_of, strategy_of)):  # the stage's once-exposed sync
+        out[i]["first_sync_s"] = max(out[i].get("first_sync_s", 0.0), float(t.F[u, k]))
     for d in out:
+        d["sync_s"] += d.pop("first_sync_s", 0.0)
         d["overhead_s"] = t.stage_overhead_s
         busy = d["compute_s"] + d["tp_comm_s"] + d["fsdp_comm_s"] + d["reshard_s"] + d["overhead_s"]
         comm = busy - d["compute_s"]
@@ -168,7 +171,7 @@ def memory_breakdown(
 
 _COMM_NAMES = {
     "tp": "tensor-parallel all-reduces",
-    "fsdp": "FSDP parameter all-gathers",
+    "fsdp": "sharded-parameter all-gathers (FSDP, ZeRO2, HSDP) and ZeRO2 reduce-scatters",
     "reshard": "activation reshards",
     "p2p": "stage-to-stage sends",
     "dp_sync": "gradient sync",

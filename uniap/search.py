@@ -192,7 +192,7 @@ def improve(
     L, pp, c, K = t.num_layers, t.pp, t.num_microbatches, t.num_strategies
     mask = t.allowed_mask()
     A = np.where(mask, t.A, np.inf)
-    lay, R, Rp, G = t.layout, t.R, t.Rp, t.G
+    lay, R, Rp, G, F = t.layout, t.R, t.Rp, t.G, t.F
     limit = t.memory_limit_bytes
     stage_of, strategy_of = list(stage_of), list(strategy_of)
     ev = evaluate_assignment(t, stage_of, strategy_of)
@@ -206,6 +206,16 @@ def improve(
         sy, mem = np.array(ev.sync_time_s), np.array(ev.peak_memory_bytes)
         st, ku = np.array(stage_of), np.array(strategy_of)
         au = lay[ar, ku]
+        # the stage's largest F (in sy) and, per layer, its stage's largest F without it
+        fu = F[ar, ku]
+        fmax, fex = np.zeros(pp), np.zeros(L)
+        for i in range(pp):
+            us = np.flatnonzero(st == i)
+            top = us[np.argsort(-fu[us], kind="stable")]
+            fmax[i] = fu[top[0]]
+            fex[us] = fmax[i]
+            fex[top[0]] = fu[top[1]] if len(top) > 1 else 0.0
+        sy = sy - fmax
         # another strategy k for layer u (its stage i = st[u])
         dp = A - A[ar, ku][:, None]
         dg = G - G[ar, ku][:, None]
@@ -234,7 +244,7 @@ def improve(
             d_next[:-1] = np.where(same, 0.0, new_rp)
         others_p, others_s = (
             _max_outside(p, 0, 0),
-            _max_outside(sy, 0, 0),
+            _max_outside(sy + fmax, 0, 0),
         )  # [i]: over stages j != i
         o_ext = np.concatenate(
             [[neg], o, [neg]]
@@ -248,7 +258,7 @@ def improve(
                 np.maximum(o_in[st][:, None] + d_prev, o_out[st][:, None] + d_next),
             ),
         )
-        sync = np.maximum(others_s[st][:, None], sy[st][:, None] + dg)
+        sync = np.maximum(others_s[st][:, None], sy[st][:, None] + dg + np.maximum(fex[:, None], F))
         with np.errstate(invalid="ignore"):  # (c - 1) * inf on strategies a layer may not use
             score = (
                 p.sum() + o.sum() + dp + d_prev + d_next + (c - 1) * bott + sync + t.step_overhead_s
@@ -262,7 +272,7 @@ def improve(
         firsts = np.searchsorted(st, np.arange(pp)).tolist()
         if pp > 1:
             rest_p = _max_outside(p, 0, 1).tolist()  # [i]: max over stages other than i, i + 1
-            rest_s = _max_outside(sy, 0, 1).tolist()
+            rest_s = _max_outside(sy + fmax, 0, 1).tolist()
             rest_o = _max_outside(o, 0, 0).tolist()  # [i]: max over links other than i
             p_sum, o_sum, pl, sl, ol, ml = (
                 float(p.sum()),
@@ -294,6 +304,9 @@ def improve(
                 s_i, s_j = (
                     (sl[i] - g, sl[i + 1] + g) if dst == i + 1 else (sl[i] + g, sl[i + 1] - g)
                 )
+                f_src, f_dst = fex[u], max(fmax[dst], fu[u])
+                s_i += f_src if dst == i + 1 else f_dst
+                s_j += f_dst if dst == i + 1 else f_src
                 tpi = (
                     p_sum
                     + d_i
@@ -411,7 +424,7 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     grids = np.meshgrid(*[np.asarray(ks, dtype=np.int64) for ks in t.allowed], indexing="ij")
     S = np.stack([g.reshape(-1) for g in grids], axis=1)  # (N, L) strategy of each layer
     rows = np.arange(L)[None, :]
-    A, G = t.A[rows, S], t.G[rows, S]
+    A, G, F = t.A[rows, S], t.G[rows, S], t.F[rows, S]
     lay = t.layout[rows, S]
     peaks, times = [], []
     for stage_of in compositions(L, pp):
@@ -419,11 +432,13 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         p = np.zeros((len(S), pp))
         o = np.zeros((len(S), max(pp - 1, 1)))
         s = np.zeros((len(S), pp))
+        f = np.zeros((len(S), pp))  # the stage's largest F, exposed once
         mem = np.zeros((len(S), pp))
         for u in range(L):
             i = st[u]
             p[:, i] += A[:, u]
             s[:, i] += G[:, u]
+            f[:, i] = np.maximum(f[:, i], F[:, u])
             mem[:, i] += t.M[u, S[:, u], i]
             if u + 1 < L:
                 if st[u + 1] == i:
@@ -431,6 +446,7 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
                 else:
                     o[:, i] += t.Rp[u, lay[:, u], lay[:, u + 1]]
         p += t.stage_overhead_s
+        s += f
         o = o[:, : pp - 1]
         bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
         tpi = (

@@ -3,16 +3,22 @@ the ``g`` devices of its pipeline stage (the value itself belongs to the Plan co
 
 A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into ``dp``
 data-parallel groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says
-whether the parameters are replicated over the data-parallel group (``DDP``) or sharded over it
-(``FSDP``). A layer gets ``tp > 1`` only when :meth:`uniap.graph.Layer.supports_tp` says so (the
-executor asks the same question), and a strategy is offered only if its ``dp`` splits the
-micro-batch. FSDP with ``dp = 1`` is the same as DDP and is not offered twice. ``recompute`` is
-activation checkpointing of the layer (torch.utils.checkpoint): less memory, one more forward.
+whether the parameters are replicated over the data-parallel group (``DDP``), sharded over it
+(``FSDP``), or whole during the iteration with their gradients and optimizer state sharded
+(``ZeRO2``), or sharded over groups of ``shard_degree`` ranks and replicated across them
+(``HSDP``, ``tp == 1``, shard groups within a node). A layer gets ``tp > 1`` only when
+:meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a
+strategy is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2 and HSDP with
+``dp = 1`` are the same as DDP and are not offered.
+``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
+one more forward.
 """
 
 from __future__ import annotations
 
-from uniap.contract import Strategy
+from collections.abc import Sequence
+
+from uniap.contract import KINDS, Strategy
 from uniap.graph import Layer
 
 __all__ = ["divisors", "layer_strategies", "stage_strategies"]
@@ -32,20 +38,34 @@ def divisors(n: int) -> list[int]:
 
 
 def stage_strategies(
-    stage_size: int, *, max_tp: int | None = None, recompute: bool = True
+    stage_size: int,
+    *,
+    max_tp: int | None = None,
+    recompute: bool = True,
+    kinds: Sequence[str] = KINDS,
+    max_shard: int | None = None,
 ) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
-    then DDP before FSDP, then without before with recompute). ``max_tp`` caps the TP degree
-    (e.g. devices per node); ``recompute`` offers activation checkpointing."""
+    then DDP, FSDP, ZeRO2, then without before with recompute). ``max_tp`` caps the TP degree
+    (e.g. devices per node); ``recompute`` offers activation checkpointing; ``kinds`` the
+    data-parallel kinds for ``dp > 1`` (``dp == 1`` is always ``DDP``); ``max_shard`` caps
+    HSDP's shard group (e.g. devices per node)."""
     out = []
     for tp in divisors(stage_size):
         if max_tp is not None and tp > max_tp:
             continue
         dp = stage_size // tp
-        for kind in ("DDP", "FSDP") if dp > 1 else ("DDP",):
-            out.append(Strategy(dp, tp, kind))
-            if recompute:
-                out.append(Strategy(dp, tp, kind, True))
+        for kind in [k for k in KINDS if k in kinds] if dp > 1 else ["DDP"]:
+            # HSDP: every shard group size strictly between 1 and dp, at most max_shard
+            # (intra-node), tp = 1
+            shards = [0]
+            if kind == "HSDP":
+                cap = max_shard if max_shard is not None else dp
+                shards = [s for s in divisors(dp)[1:-1] if s <= cap] if tp == 1 else []
+            for sh in shards:
+                out.append(Strategy(dp, tp, kind, False, sh))
+                if recompute:
+                    out.append(Strategy(dp, tp, kind, True, sh))
     return out
 
 

@@ -13,11 +13,13 @@ over every split (:func:`compositions`; small instances only), in three steps:
 1. **Stage fronts.** Inside one stage the DP walks the layers keeping labels
    ``(p, s, m)`` (time per micro-batch with the same-stage resharding ``R``, synchronisation,
    memory) keyed by the layout of the stage's first layer and of the current last one (the
-   resharding and the edges depend on nothing else). A label is dropped only when another
-   with the same key is no worse in all three (Pareto dominance), or when its memory plus the
-   least memory the rest of the stage needs exceeds the limit: both keep every label an
-   optimum may extend, so the memory constraint is exact, not discretised. At the stage's end
-   memory is dropped and the ``(p, s)`` front per ``(first, last)`` layout remains. With
+   resharding and the edges depend on nothing else) and by the largest ``F`` so far (the
+   stage's once-exposed sync, added to ``s`` when the stage ends). A label is dropped only
+   when another with the same key is no worse in all three (Pareto dominance), or when its
+   memory plus the least memory the rest of the stage needs exceeds the limit: both keep
+   every label an optimum may extend, so the memory constraint is exact, not discretised. At
+   the stage's end memory is dropped and the ``(p, s)`` front per ``(first, last)`` layout
+   remains. With
    ``pp = 1`` the objective is linear (``c * p + s``) and the labels are ``(c p + s, m)``.
 2. **Sync threshold.** For a threshold ``S`` on ``max_i s_i``, each stage and layout pair
    keeps its least ``p`` with ``s <= S``; ``TPI = min_S [F(S) + S]`` over the finite set of
@@ -143,6 +145,8 @@ class _Layer:
     """Row in the previous layer's labels (-1 for the stage's first layer)."""
     k: np.ndarray
     """This layer's strategy."""
+    f: np.ndarray
+    """The largest ``F`` so far (the stage's once-exposed sync, added to ``s`` at its end)."""
 
 
 @dataclass
@@ -202,13 +206,14 @@ def _stage_layers(
         ks = np.asarray(t.allowed[u], dtype=np.int64)
         a_k = t.A[u, ks].astype(float)
         g_k = t.G[u, ks].astype(float)
+        f_k = t.F[u, ks].astype(float)
         m_k = t.M[u, ks, stage].astype(float)
         lay_k = t.layout[u, ks].astype(np.int64)
         if linear:
             a_k, g_k = c * a_k + g_k, np.zeros_like(g_k)
         if prev is None:
             n = len(ks)
-            p, s, m = a_k.copy(), g_k.copy(), m_k.copy()
+            p, s, m, f = a_k.copy(), g_k.copy(), m_k.copy(), f_k.copy()
             first, last, parent, kk = lay_k.copy(), lay_k.copy(), np.full(n, -1), ks.copy()
         else:
             n0 = len(prev.p)
@@ -221,18 +226,22 @@ def _stage_layers(
             p = (prev.p[:, None] + rr + a_k[None, :]).ravel()
             s = (prev.s[:, None] + g_k[None, :]).ravel()
             m = (prev.m[:, None] + m_k[None, :]).ravel()
+            f = np.maximum(prev.f[:, None], f_k[None, :]).ravel()
             first = np.repeat(prev.first, len(ks))
             last = np.tile(lay_k, n0)
             parent = np.repeat(np.arange(n0), len(ks))
             kk = np.tile(ks, n0)
         ok = m + (0.0 if backward else least[u - start + 1]) <= limit
         if math.isfinite(upper_bound_s):
-            cost = p if linear else c * p + s
+            cost = (p if linear else c * p + s) + f  # f can only grow
             ok &= cost + floor[j_u] <= upper_bound_s * (1 + _MEM_TOL)
-        p, s, m, first, last, parent, kk = (x[ok] for x in (p, s, m, first, last, parent, kk))
+        p, s, m, first, last, parent, kk, f = (x[ok] for x in (p, s, m, first, last, parent, kk, f))
         keep = []
-        for key in np.unique(first * 1_000_003 + last):
-            idx = np.flatnonzero(first * 1_000_003 + last == key)
+        # labels compare only at the same largest F (its future maximum differs otherwise)
+        _, key_of = np.unique(np.stack([first, last, f]), axis=1, return_inverse=True)
+        key_of = key_of.reshape(-1)
+        for key in range(int(key_of.max()) + 1 if len(key_of) else 0):
+            idx = np.flatnonzero(key_of == key)
             sub = (
                 _pareto2(p[idx], m[idx])
                 if linear
@@ -240,7 +249,7 @@ def _stage_layers(
             )
             keep.append(idx[sub])
         sel = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-        prev = _Layer(p[sel], s[sel], m[sel], first[sel], last[sel], parent[sel], kk[sel])
+        prev = _Layer(p[sel], s[sel], m[sel], first[sel], last[sel], parent[sel], kk[sel], f[sel])
         yield prev
 
 
@@ -276,17 +285,15 @@ def _front(
     lay = layers[-1]
     if backward:  # in stage order: the sweep's current layer is the stage's first
         lay = dataclasses.replace(lay, first=lay.last, last=lay.first)
-    p = lay.p + (0.0 if linear else t.stage_overhead_s)
+    # the stage's largest F is exposed once: in s (in p for linear labels, c p + s)
+    p = lay.p + (lay.f if linear else t.stage_overhead_s)
+    s = lay.s + (0.0 if linear else lay.f)
     rows = []
     for key in np.unique(lay.first * 1_000_003 + lay.last):
         idx = np.flatnonzero(lay.first * 1_000_003 + lay.last == key)
-        rows.append(
-            idx[_pareto2(p[idx], lay.s[idx])] if not linear else idx[[int(np.argmin(p[idx]))]]
-        )
+        rows.append(idx[_pareto2(p[idx], s[idx])] if not linear else idx[[int(np.argmin(p[idx]))]])
     row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return StageFront(
-        p[row], lay.s[row], lay.first[row], lay.last[row], row, layers, start, backward
-    )
+    return StageFront(p[row], s[row], lay.first[row], lay.last[row], row, layers, start, backward)
 
 
 def stage_front(t: CostTables, start: int, end: int, stage: int) -> StageFront:

@@ -39,7 +39,12 @@ def random_tables(seed: int) -> CostTables:
         R[:, a, a] = 0.0
     Rp = rng.uniform(0.05, 1.0, size=(max(L - 1, 0), C, C))
     # A memory limit that binds: between the leanest and the median plan's peak.
-    t = CostTables(pp, c, A, G, M, layout, R, Rp, 1e30, allowed)
+    # a once-per-stage exposed sync on most instances (its own stream: the draws above stay)
+    F = np.random.default_rng(seed + 10_000).uniform(0.0, 1.0, size=(L, K)) * (seed % 3 != 2)
+    if seed % 2:
+        for u in range(s0 + 1, min(L, s0 + 4)):
+            F[u] = F[s0]
+    t = CostTables(pp, c, A, G, M, layout, R, Rp, 1e30, allowed, F=F)
     peaks = []
     for stage_of in compositions(L, pp):
         strat = [min(allowed[u], key=lambda k, u=u: M[u, k, 0]) for u in range(L)]

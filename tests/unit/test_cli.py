@@ -273,3 +273,17 @@ def test_unknown_schedule_is_refused_with_the_choices(capsys: pytest.CaptureFixt
         )
     assert e.value.code == 2
     assert "argument --schedule: invalid choice: 'x'" in capsys.readouterr().err
+
+
+def test_kinds_offers_only_those_and_the_plan_shows_them(tmp_path) -> None:
+    """--kinds ZeRO2: every data-parallel layer is ZeRO2 in the printed table and the plan file,
+    and `uniap show` prints it back; an unknown kind is one error naming the known ones."""
+    out_file = tmp_path / "p.yaml"
+    code, out, _ = _run(["plan", *PLAN_ARGS, "--kinds", "ZeRO2", "--out", str(out_file)])
+    assert code == 0 and "dp4 tp1 ZeRO2" in out
+    assert {ls.kind for ls in Plan.load(out_file).layer_strategies} == {"ZeRO2"}
+    code, out, _ = _run(["show", str(out_file)])
+    assert code == 0 and "dp4 tp1 ZeRO2" in out
+    code, _, err = _run(["plan", *PLAN_ARGS, "--kinds", "ZeRO3"])
+    assert code != 0
+    assert "kinds ['ZeRO3']: choose one or more of ['DDP', 'FSDP', 'ZeRO2', 'HSDP']" in err

@@ -43,7 +43,7 @@ def test_layer_strategy_reads_through_to_its_strategy() -> None:
     """LayerStrategy(fqn, strategy) keeps .dp/.tp/.kind/.recompute/.key for callers."""
     ls = LayerStrategy("blocks.0", Strategy(2, 4, "FSDP", True))
     assert (ls.dp, ls.tp, ls.kind, ls.recompute) == (2, 4, "FSDP", True)
-    assert ls.key == (2, 4, "FSDP", True) == ls.strategy.key
+    assert ls.key == (2, 4, "FSDP", True, 0) == ls.strategy.key
 
 
 def test_plan_is_frozen_and_replace_validates() -> None:
@@ -121,3 +121,44 @@ def test_bad_plan_files_give_config_errors(tmp_path) -> None:
         Plan.load(bad)
     with pytest.raises(ConfigError, match=r"not found"):
         Plan.load(tmp_path / "missing.yaml")
+
+
+def test_zero2_layers_round_trip_and_unknown_kinds_are_refused() -> None:
+    """A ZeRO2 layer is written as kind: ZeRO2 and read back; a kind not in KINDS names them."""
+    layers = (
+        LayerStrategy("a", Strategy(2, 1, "ZeRO2")),
+        LayerStrategy("b", Strategy(2, 1, "FSDP")),
+    )
+    p = Plan("m", "0" * 16, 2, 2, 4, 2, "1F1B", (Stage((0, 1), layers),))
+    text = p.to_yaml()
+    assert "  - {fqn: a, dp: 2, tp: 1, kind: ZeRO2}\n" in text
+    assert Plan.load(text) == p and Plan.load(p.to_json()) == p
+    assert "dp2 tp1 ZeRO2" in p.describe() and "dp2xtp1-ZeRO2" == str(layers[0].strategy)
+    assert Strategy(2, 1, "ZeRO2").reduces_every_microbatch
+    assert Strategy(2, 1, "ZeRO2").dtensor_params
+    assert not Strategy(2, 1, "FSDP").reduces_every_microbatch
+    with pytest.raises(
+        ConfigError, match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2', 'HSDP'\]"
+    ):
+        Plan.load(text.replace("ZeRO2", "ZeRO3"))
+
+
+def test_hsdp_layers_round_trip_with_their_shard_degree() -> None:
+    """An HSDP layer is written with its shard_degree and read back; a shard degree that does
+    not divide dp strictly between 1 and dp, or on another kind, is refused naming the rule."""
+    layers = (
+        LayerStrategy("a", Strategy(4, 1, "HSDP", False, 2)),
+        LayerStrategy("b", Strategy(4, 1, "DDP")),
+    )
+    p = Plan("m", "0" * 16, 2, 4, 8, 2, "1F1B", (Stage((0, 1, 2, 3), layers),))
+    text = p.to_yaml()
+    assert "  - {fqn: a, dp: 4, tp: 1, kind: HSDP, shard_degree: 2}\n" in text
+    assert "  - {fqn: b, dp: 4, tp: 1, kind: DDP}\n" in text
+    assert Plan.load(text) == p and Plan.load(p.to_json()) == p
+    assert "dp4 tp1 HSDP2" in p.describe() and str(layers[0].strategy) == "dp4xtp1-HSDP2"
+    assert layers[0].key == (4, 1, "HSDP", False, 2)
+    assert Strategy(4, 1, "HSDP", False, 2).shard_size == 2 == Strategy(2, 1, "FSDP").shard_size
+    with pytest.raises(ConfigError, match=r"HSDP needs tp = 1 and a shard_degree dividing dp"):
+        Plan.load(text.replace("shard_degree: 2", "shard_degree: 4"))
+    with pytest.raises(ConfigError, match=r"shard_degree is for HSDP only, not DDP"):
+        Plan.load(text.replace("kind: DDP}", "kind: DDP, shard_degree: 2}"))

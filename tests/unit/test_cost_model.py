@@ -143,3 +143,163 @@ def test_allowed_strategies_is_what_the_tables_offer() -> None:
             assert cm.allowed_strategies(fqn, pp, c, 8) == [t.strategies[k] for k in t.allowed[u]]
     with pytest.raises(ConfigError, match="unknown layer 'nope'"):
         cm.allowed_strategies("nope", 1, 1, 8)
+
+
+def _blocks(n: int, d: int = 64, h: int = 1024) -> ModelGraph:
+    with torch.device("meta"):
+        m = nn.Sequential(*[MLP(d, h) for _ in range(n)])
+    return build_graph(m, torch.empty(2, 16, d, device="meta"), name=f"mlp{n}")
+
+
+def _serial_stream_exposure(hideable_s: list[float], backward_s: list[float]) -> float:
+    """When the last hideable collective of a stage ends after its backward: a serial stream,
+    the collective of layer v released when its backward is done (last layer first)."""
+    clock = comm = 0.0
+    for h, b in zip(reversed(hideable_s), reversed(backward_s)):
+        clock += b
+        comm = max(comm, clock) + h
+    return max(comm - clock, 0.0)
+
+
+@pytest.mark.parametrize("microbatch", [1, 2, 16])
+@pytest.mark.parametrize("kind", ["DDP", "FSDP"])
+def test_gradient_sync_longer_than_backward_is_exposed(kind: str, microbatch: int) -> None:
+    """Micro-batches of 1-2 samples on a slow network: each layer's gradient sync outlasts its
+    backward, and the stage's sync time is what a serial stream gives (not ``(1 - rho) S``);
+    with 16 samples the backward covers it but for the stage's first layer."""
+    n, batch = 4, 4 * microbatch
+    cm = CostModel(_blocks(n), small_cluster(4, 1, inter_gbit_s=1), recompute=False)
+    t = cm.tables(1, 1, batch)
+    k = next(j for j, s in enumerate(t.strategies) if (s.dp, s.tp, s.kind) == (4, 1, kind))
+    rho = cm.profile.overlap_coefficient
+    costs = [
+        cm.layer_cost(
+            u, t.strategies[k], pp=1, num_microbatches=1, microbatch_size=batch, inflight=[1]
+        )
+        for u in range(n)
+    ]
+    bwd = [cm.profile.layer_compute_s(cm.graph.layers[u], batch / 4, 1)[1] for u in range(n)]
+    bwd[-1] += cm.profile.loss_s(cm.graph.layers[-1], batch / 4)
+    op = "all_reduce" if kind == "DDP" else "reduce_scatter"
+    p_bytes = cm.graph.layers[0].param_bytes
+    if kind == "DDP":  # classic DDP: the layer's share of 25 MiB buckets
+        from uniap.contract import DDP_BUCKET_BYTES
+
+        s_one = p_bytes / DDP_BUCKET_BYTES * cm._group_time(op, DDP_BUCKET_BYTES, "dp", 1, 4, 1)
+    else:
+        s_one = cm._group_time(op, p_bytes, "dp", 1, 4, 1)
+    full = [s_one] * n
+    expected = sum((1 - rho) * s for s in full) + _serial_stream_exposure(
+        [rho * s for s in full], bwd
+    )
+    ev = cm.evaluate(_one_stage_plan(cm, Strategy(4, 1, kind), batch))
+    opt = sum(c.parts["optimizer"] for c in costs)
+    assert ev.sync_time_s[0] - opt == pytest.approx(expected, rel=1e-9)
+    if microbatch <= 2:  # the sync outlasts the backward: more than (1 - rho) S + one layer's
+        assert rho * s_one > max(bwd)
+        assert ev.sync_time_s[0] - opt > sum((1 - rho) * s for s in full) + rho * s_one
+    else:  # the backward covers all but the first layer's
+        assert rho * s_one < min(bwd)
+        assert ev.sync_time_s[0] - opt == pytest.approx(sum(full) - (n - 1) * rho * s_one)
+
+
+def _one_stage_plan(cm: CostModel, s: Strategy, batch: int) -> Plan:
+    g = cm.graph
+    return Plan(
+        model_name=g.name,
+        model_signature=g.signature,
+        num_layers=g.num_layers,
+        world_size=cm.cluster.world_size,
+        global_batch_size=batch,
+        num_microbatches=1,
+        schedule="1F1B",
+        stages=(
+            Stage(tuple(range(cm.cluster.world_size)), tuple(LayerStrategy(f, s) for f in g.fqns)),
+        ),
+    )
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_zero2_memory_and_communication_terms(c: int) -> None:
+    """ZeRO2 holds whole parameters next to sharded gradients and optimizer state, gathers once
+    per iteration (hidden by rho with c == 1, whole in the sync with c > 1) and reduce-scatters
+    in every micro-batch; its memory is below DDP's, above FSDP's with one micro-batch and below
+    it with several."""
+    cm = CostModel(_blocks(2), small_cluster(4, 1), recompute=False)
+    layer, rho = cm.graph.layers[0], cm.profile.overlap_coefficient
+    p_bytes, dp = layer.param_bytes, 4
+    o_bytes = layer.num_params * cm.opt_bytes
+
+    def cost(kind: str):
+        return cm.layer_cost(
+            0, Strategy(dp, 1, kind), pp=1, num_microbatches=c, microbatch_size=8, inflight=[1]
+        )
+
+    z, f, d = cost("ZeRO2"), cost("FSDP"), cost("DDP")
+    act = cm.profile.activation_bytes(layer, 8 / dp, 1)
+    assert z.memory_bytes[0] == pytest.approx(p_bytes + (2 * p_bytes + o_bytes) / dp + act)
+    assert (z.parts["param_bytes"], z.parts["grad_bytes"], z.parts["optimizer_bytes"]) == (
+        pytest.approx(p_bytes + p_bytes / dp),
+        pytest.approx(p_bytes / dp),
+        pytest.approx(o_bytes / dp),
+    )
+    if c == 1:  # FSDP reshards after forward
+        assert f.memory_bytes[0] < z.memory_bytes[0] < d.memory_bytes[0]
+    else:  # FSDP keeps whole parameters and gradients across micro-batches
+        assert z.memory_bytes[0] < f.memory_bytes[0] < d.memory_bytes[0]
+    ag = cm._group_time("all_gather", p_bytes, "dp", 1, dp, 1)
+    rs = cm._group_time("reduce_scatter", p_bytes, "dp", 1, dp, 1)
+    bwd = cm.profile.layer_compute_s(layer, 8 / dp, 1)[1]
+    per_microbatch = (1 - rho) * rs + max(rho * rs - bwd, 0.0) + (1 - rho) * ag * (c == 1)
+    assert z.parts["fsdp_comm"] == pytest.approx(per_microbatch)
+    assert z.parts["dp_sync"] == pytest.approx(ag if c > 1 else 0.0)
+    assert z.first_exposed_s == pytest.approx(min(rho * rs, bwd))
+    assert z.parts["optimizer"] == pytest.approx(f.parts["optimizer"])
+
+
+def test_kinds_restrict_the_strategies_offered() -> None:
+    """``kinds`` offers only those data-parallel kinds (dp == 1 stays DDP); an unknown kind is
+    one ConfigError naming the known ones."""
+    g = _blocks(2)
+    every = CostModel(g, small_cluster(4, 1), recompute=False).strategies(1)
+    assert [str(s) for s in every if s.tp == 1] == [
+        "dp4xtp1-DDP",
+        "dp4xtp1-FSDP",
+        "dp4xtp1-ZeRO2",
+    ]
+    two = CostModel(g, small_cluster(4, 1), recompute=False, kinds=["FSDP", "ZeRO2"])
+    assert {s.kind for s in two.strategies(1)} == {"FSDP", "ZeRO2"}
+    assert {s.kind for s in two.strategies(4)} == {"DDP"}  # one device per stage
+    with pytest.raises(
+        ConfigError, match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2', 'HSDP'\]"
+    ):
+        CostModel(g, small_cluster(4, 1), kinds=["ZeRO3"])
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_hsdp_terms_shard_inside_a_node_and_all_reduce_across(c: int) -> None:
+    """HSDP with shard groups of 2 on 2 x 2 devices: gathers and reduce-scatters on the
+    intra-node pair, the reduced shard all-reduced across the nodes; state sharded by 2."""
+    cm = CostModel(_blocks(2), small_cluster(2, 2), recompute=False)
+    assert [str(s) for s in cm.strategies(1) if s.kind == "HSDP"] == ["dp4xtp1-HSDP2"]
+    layer, rho = cm.graph.layers[0], cm.profile.overlap_coefficient
+    p_bytes = layer.param_bytes
+    o_bytes = layer.num_params * cm.opt_bytes
+    h = cm.layer_cost(
+        0,
+        Strategy(4, 1, "HSDP", False, 2),
+        pp=1,
+        num_microbatches=c,
+        microbatch_size=8,
+        inflight=[1],
+    )
+    ag = cm.profile.collective_s("all_gather", p_bytes, [0, 1])
+    sync = cm.profile.collective_s("reduce_scatter", p_bytes, [0, 1])
+    sync += cm.profile.collective_s("all_reduce", p_bytes / 2, [0, 2])
+    bwd = cm.profile.layer_compute_s(layer, 2, 1)[1]
+    exposed = (1 - rho) * sync + max(rho * sync - bwd, 0.0) + (ag if c > 1 else 0.0)
+    assert h.parts["dp_sync"] == pytest.approx(exposed)
+    assert h.parts["fsdp_comm"] == pytest.approx((1 - rho) * 2 * ag if c == 1 else 0.0)
+    act = cm.profile.activation_bytes(layer, 2, 1)
+    whole = 2 * p_bytes if c > 1 else 0.0
+    assert h.memory_bytes[0] == pytest.approx(whole + (2 * p_bytes + o_bytes) / 2 + act)

@@ -54,6 +54,8 @@ def random_tables(seed: int) -> CostTables:
         allowed=allowed,
         stage_overhead_s=float(rng.uniform(0, 0.2)) if pp > 1 else 0.0,
         step_overhead_s=0.01,
+        # every other instance: a once-per-stage exposed sync (its own stream of numbers)
+        F=np.random.default_rng(seed + 10_000).uniform(0.0, 1.0, size=(L, K)) * (seed % 2),
     )
 
 

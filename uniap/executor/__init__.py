@@ -10,15 +10,16 @@ Principles:
   pin each (parity with single-process training on losses and gradients).
 - The real thing, in torchtitan's order per stage: meshes -> this rank's stage of the model
   (layers at their FQNs) -> TP per layer (DTensor ``parallelize_module``) -> activation
-  checkpointing -> DDP/FSDP per layer (FSDP2 ``fully_shard``; DDP with ``tp == 1`` is one
-  classic ``DistributedDataParallel`` around the stage, with ``tp > 1`` FSDP2 ``replicate``)
+  checkpointing -> DDP/FSDP/ZeRO2 per layer (FSDP2 ``fully_shard``, for ZeRO2 with
+  ``reshard_after_forward=False``; DDP with ``tp == 1`` is one classic
+  ``DistributedDataParallel`` around the stage, with ``tp > 1`` FSDP2 ``replicate``)
   -> ``torch.distributed.pipelining`` stage and schedule. Consecutive layers with different
   ``(dp, tp)`` are joined by an autograd-correct reshard of the batch dimension.
 - Device-agnostic: CPU/gloo and CUDA/NCCL run the same code; bad plans are refused before
   any collective, naming what differs.
 
 **It runs the model's own forward.** At ``pp == 1`` the whole model is copied to the device,
-the plan's per-layer strategies (TP, recompute, DDP/FSDP) are applied to its submodules in
+the plan's per-layer strategies (TP, recompute, DDP/FSDP/ZeRO2) are applied to its submodules in
 place, by FQN, and ``model.forward(*args, **kwargs)`` runs unchanged on each micro-batch, so
 the function trained is the model's whatever its structure (skip connections, scaled
 embeddings, masks, its own loss). Code outside the layers runs in the first layer's batch

@@ -1,4 +1,5 @@
-"""Data parallelism of the layers of one stage over their DP groups: ``DDP`` or ``FSDP``.
+"""Data parallelism of the layers of one stage over their DP groups: ``DDP``, ``FSDP`` or
+``ZeRO2``.
 
 * ``DDP`` on a layer with ``tp == 1`` (so ``dp`` is the whole stage): classic
   ``torch.nn.parallel.DistributedDataParallel`` around the stage module, over the parameters
@@ -19,6 +20,15 @@
   (``reshard_after_forward=False``, and no resharding after backward until the last
   micro-batch): **one all-gather** (first forward) **and one reduce-scatter** (last backward)
   per iteration; the unsharded parameters and gradients stay resident meanwhile.
+* ``ZeRO2``: ``fully_shard`` over the DP group with ``reshard_after_forward=False`` for every
+  ``c``: **one all-gather** per iteration (first forward; none in backward, the parameters
+  stay whole until the last micro-batch's backward reshards them) and **one reduce-scatter
+  per micro-batch** (every backward reduces into the sharded gradients, so no whole gradient
+  outlives its layer's backward). Gradients and optimizer state are sharded, parameters are
+  not (ZeRO stage 2).
+* ``HSDP``: ``fully_shard`` on the 2-D ``(dp_replicate, dp_shard)`` mesh of the layer's DP
+  group (``tp == 1``; shard groups of ``shard_degree`` consecutive ranks): as FSDP inside each
+  shard group, and the reduce-scattered gradient shard all-reduced across the replicas.
 
 **One FSDP root per stage** (:func:`apply_fsdp_root`, the torchtitan order: every layer
 first, the stage module last). The stage module gets ``fully_shard`` too, managing none of
@@ -48,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Collection, Sequence
 
 import torch
@@ -64,6 +75,9 @@ from uniap.precision import Precision
 __all__ = ["GradSync", "apply_dp", "apply_fsdp_root", "fsdp_roots", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
+
+_ZERO2: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Modules :func:`apply_dp` sharded as ``ZeRO2`` (they reduce after every micro-batch)."""
 
 
 def mp_policy_for(precision: Precision) -> MixedPrecisionPolicy:
@@ -85,7 +99,8 @@ def apply_dp(
     mp_policy: MixedPrecisionPolicy | None = None,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Apply ``kind`` (``DDP``/``FSDP``) to ``module`` over the 1-D ``dp_mesh``, in place.
+    """Apply ``kind`` (``DDP``/``FSDP``/``ZeRO2``/``HSDP``) to ``module`` over ``dp_mesh``
+    (1-D; for HSDP the 2-D ``(replicate, shard)`` mesh), in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
     Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by
@@ -97,18 +112,22 @@ def apply_dp(
     ignored = set(ignored_params or ())
     if dp_mesh.size() == 1 or all(p in ignored for p in module.parameters()):
         return module
-    if kind == "FSDP":
+    if kind in ("FSDP", "ZeRO2", "HSDP"):  # HSDP: dp_mesh is 2-D (replicate, shard)
         fully_shard(
             module,
             mesh=dp_mesh,
-            reshard_after_forward=num_microbatches == 1,
+            reshard_after_forward=kind != "ZeRO2" and num_microbatches == 1,
             mp_policy=mp_policy,
             ignored_params=ignored or None,
         )
+        if kind == "ZeRO2":
+            _ZERO2.add(module)
     elif kind == "DDP":
         replicate(module, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored or None)
     else:
-        raise ValueError(f"unknown data-parallel kind {kind!r}; use 'DDP' or 'FSDP'")
+        raise ValueError(
+            f"unknown data-parallel kind {kind!r}; use 'DDP', 'FSDP', 'ZeRO2' or 'HSDP'"
+        )
     assert isinstance(module, FSDPModule)
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
@@ -248,10 +267,11 @@ class GradSync:
         return self.ddp.no_sync()
 
     def before_backward(self, *, last: bool) -> None:
-        """Reduce gradients (and free unsharded parameters) only in the last backward."""
+        """Reduce gradients (and free unsharded parameters) only in the last backward; ZeRO2
+        layers reduce in every backward and keep their parameters whole until the last."""
         for m in self.modules:
             m.set_is_last_backward(last)
-            m.set_requires_gradient_sync(last, recurse=False)
+            m.set_requires_gradient_sync(last or m in _ZERO2, recurse=False)
             m.set_reshard_after_backward(last, recurse=False)
 
     def finish(self) -> None:

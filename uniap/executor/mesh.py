@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from uniap._dist import default_device
-from uniap.contract import Plan
+from uniap.contract import Plan, Strategy
 
 __all__ = [
     "GatherStep",
@@ -202,6 +202,18 @@ class ProcessGroups:
                     device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp")
                 )
             self._meshes[(dp, tp)] = _MESH_CACHE[key]
+        self._hsdp: dict[tuple[int, int], DeviceMesh] = {}
+        for dp, sh in sorted(
+            {(ls.dp, ls.strategy.shard_degree) for ls in plan.layer_strategies if ls.kind == "HSDP"}
+        ):
+            key = (world, device.type, pp, dp, "hsdp", sh)
+            if key not in _MESH_CACHE:  # tp == 1: replicas of `sh` consecutive ranks
+                _MESH_CACHE[key] = init_device_mesh(
+                    device.type,
+                    (pp, dp // sh, sh),
+                    mesh_dim_names=("pp", "dp_replicate", "dp_shard"),
+                )
+            self._hsdp[(dp, sh)] = _MESH_CACHE[key]
         self.lane_group: dist.ProcessGroup | None = None
         if pp > 1:
             key = (world, device.type, pp, "lane")
@@ -227,6 +239,14 @@ class ProcessGroups:
     def layer_mesh(self, dp: int, tp: int) -> DeviceMesh:
         """This rank's stage ``(dp, tp)`` mesh (dims ``dp``, ``tp``)."""
         return self._meshes[(dp, tp)]["dp", "tp"]
+
+    def dp_mesh(self, strategy: Strategy) -> DeviceMesh:
+        """The mesh a layer with ``strategy`` is data-parallel over: the ``dp`` dim of its
+        layer mesh, or for HSDP the 2-D ``(dp_replicate, dp_shard)`` mesh (shard groups of
+        ``shard_degree`` consecutive ranks, replicas at that stride)."""
+        if strategy.kind == "HSDP":
+            return self._hsdp[(strategy.dp, strategy.shard_degree)]["dp_replicate", "dp_shard"]
+        return self.layer_mesh(strategy.dp, strategy.tp)["dp"]
 
     def gather_group(self, tp_small: int, tp_big: int) -> dist.ProcessGroup:
         """This rank's gather group ``(tp_small, tp_big)``."""

@@ -212,7 +212,7 @@ def apply_plan(
     root_mesh = None
     for ls in placed:
         if ls.dp > 1 and ls not in classic:
-            dp_mesh = groups.layer_mesh(ls.dp, ls.tp)["dp"]
+            dp_mesh = groups.dp_mesh(ls.strategy)  # 2-D for HSDP
             apply_dp(
                 module.get_submodule(path[ls.fqn]),
                 ls.kind,
@@ -221,7 +221,7 @@ def apply_plan(
                 mp_policy=mp_policy,
                 ignored_params=set(free_params),
             )
-            root_mesh = root_mesh or dp_mesh
+            root_mesh = root_mesh or groups.layer_mesh(ls.dp, ls.tp)["dp"]
     if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
         apply_fsdp_root(module, root_mesh, mp_policy=mp_policy)
     if meta:  # this rank's shards only, initialised layer by layer

@@ -132,15 +132,16 @@ def _dp_costs(
             if kind == "DDP":
                 res[kind] = {
                     "microbatch": t_microbatch_s - base_s,
-                    "sync": t_sync_s - t_microbatch_s - (1 - rho) * ar,
+                    # a lone layer: no backward after it hides its sync (uniap.cost_model)
+                    "sync": t_sync_s - t_microbatch_s - ar,
                 }
             else:
                 one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
                 t_single_s = fb(one)
                 res[kind] = {
                     "microbatch": t_microbatch_s - base_s,
-                    "sync": t_sync_s - t_microbatch_s - ag - (1 - rho) * rs,
-                    "single": t_single_s - base_s - (1 - rho) * (2 * ag + rs),
+                    "sync": t_sync_s - t_microbatch_s - ag - rs,
+                    "single": t_single_s - base_s - (1 - rho) * 2 * ag - rs,
                 }
         names = [(k, ph) for k in sorted(res) for ph in sorted(res[k])]
         vals = _mean_over_ranks([res[k][ph] for k, ph in names])

@@ -111,9 +111,10 @@ class LayerProfile:
     this layer costs beyond what the cost model's collective terms charge, measured over the
     whole world (may be negative where the terms over-charge): ``microbatch`` (a forward +
     backward without gradient sync), ``sync`` (the extra of the synchronising backward, less
-    ``(1 - rho) * all_reduce`` for DDP or ``all_gather + (1 - rho) * reduce_scatter`` for FSDP)
-    and, FSDP only, ``single`` (a forward + backward resharding after forward, as with one
-    micro-batch, less ``(1 - rho) * (2 all_gather + reduce_scatter)``)."""
+    ``all_reduce`` for DDP or ``all_gather + reduce_scatter`` for FSDP: a lone layer has no
+    backward after it to hide its sync, see :mod:`uniap.cost_model`) and, FSDP only,
+    ``single`` (a forward + backward resharding after forward, as with one micro-batch, less
+    ``(1 - rho) * 2 all_gather + reduce_scatter``)."""
     optimizer_s: dict[str, float] = field(default_factory=dict)
     """AdamW step seconds over the layer's parameters: ``plain`` tensors, and ``dtensor``:
     the shards FSDP2 holds over the whole world (DTensor dispatch per tensor)."""
