@@ -295,6 +295,18 @@ def _trace(
     return traced, chain, tracer, fwd_counts, all_counts
 
 
+def _execution_order(fqns: list[str], tracer: Any) -> list[str]:
+    """The layers in the order of their first call in the trace (a layer never called stays
+    right after the layer before it in ``fqns``)."""
+    keys: list[tuple[float, int]] = []
+    last = -1.0
+    for i, trace in enumerate(tracer.layers):
+        if trace.first_event is not None:
+            last = float(trace.first_event)
+        keys.append((last, i))
+    return [fqns[i] for _, i in sorted(keys)]
+
+
 def build_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -333,9 +345,10 @@ def build_graph(
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     batch = TRACE_BATCH_SIZE
+    mode: Any = _MetaMode()
     try:
         traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, _MetaMode()
+            model, fqns, example_inputs, dtype, loss_fn, mode
         )
     except Exception as e:  # noqa: BLE001 - any op a plain meta tensor cannot answer
         # fake (not plain meta) tensors: libraries such as transformers skip their
@@ -344,9 +357,20 @@ def build_graph(
         logger.debug(
             "meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e
         )
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
         traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, FakeTensorMode(allow_non_fake_inputs=True)
+            model, fqns, example_inputs, dtype, loss_fn, mode
         )
+    if layer_fqns is None and not is_declared_chain(model):
+        ordered = _execution_order(fqns, tracer)
+        if ordered != fqns:  # a discovered chain runs in the order its forward calls it
+            logger.info("%s: layers reordered as the forward runs them", type(model).__name__)
+            fqns = ordered
+            if isinstance(mode, FakeTensorMode):
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+            traced, chain, tracer, fwd_counts, all_counts = _trace(
+                model, fqns, example_inputs, dtype, loss_fn, mode
+            )
 
     unused = [fqn for (fqn, _), t in zip(chain, tracer.layers) if t.num_calls == 0]
     if unused:

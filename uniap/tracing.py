@@ -192,6 +192,8 @@ class LayerTrace:
     linears: list[LinearCall] = field(default_factory=list)
     heads: set[int] = field(default_factory=set)
     num_calls: int = 0
+    first_event: int | None = None
+    """Event index of the layer's first call (None: never called)."""
     extra_input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     """Shapes of the floating tensors passed to the layer besides its first input (masks,
     attention biases, rotary tables), first call."""
@@ -234,6 +236,7 @@ class Tracer:
         tensors = tensors_in(list(args)) + tensors_in(kwargs)
         trace.num_calls += 1
         if trace.num_calls == 1:
+            trace.first_event = self._tick()
             floats = [t for t in tensors[1:] if t.is_floating_point()]
             trace.extra_input_shapes = [tuple(t.shape) for t in floats]
         trace.input_nodes |= {t.grad_fn for t in tensors if t.grad_fn is not None}

@@ -3,7 +3,7 @@ own forward, traced and split at the plan's stage boundaries, trains exactly as 
 process (per-step losses, every gradient after the first backward, the global gradient norm;
 SGD, rtol 1e-4), and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
 
-Twelve Hugging Face families at pp = 2 (DDP on one stage, FSDP on the other, recompute on
+Thirteen Hugging Face families at pp = 2 (BART's layers ordered as its forward runs them) (DDP on one stage, FSDP on the other, recompute on
 some), tied input/output embeddings across pp = 2 and 4, and hand-written non-chain models (a
 skip connection across a stage boundary, a scaled embedding, a model-level parameter,
 keyword-only inputs with the model's own loss); gradient accumulation over two ``train_step``
@@ -22,16 +22,12 @@ pytestmark = pytest.mark.dist
 
 D, F = "DDP", "FSDP"
 
-# BART's chain (module order) puts layernorm_embedding before the encoder layers it runs after:
-# the planner does not offer it pp > 1 (tests/unit/test_traced_stages.py)
-NOT_SPLIT = {"bart"}
-
 
 def _hf_cases() -> list[dict]:
     from hf_own_forward import FAMILIES
 
     out = []
-    for i, family in enumerate(f for f in FAMILIES if f not in NOT_SPLIT):
+    for i, family in enumerate(FAMILIES):
         kinds = [F, D] if i % 2 == 0 else [D, F]
         recompute = i % 3 == 0
         name = f"{family}_pp2_{kinds[0].lower()}_{kinds[1].lower()}" + (

@@ -142,3 +142,14 @@ def test_device_constants_are_retargeted() -> None:
     assert devices() == {"cpu"}
     retarget_device(stage, torch.device("meta"))
     assert devices() == {"meta"}
+
+
+def test_a_discovered_chain_is_ordered_as_the_forward_runs_it() -> None:
+    """BART registers layernorm_embedding after the encoder layers but runs it before them:
+    the graph's chain follows the forward, so the model can be split."""
+    import hf_own_forward as hf
+
+    graph = build_graph(hf.build("bart"), hf.batch("bart", 2, 0))
+    fqns = list(graph.fqns)
+    assert fqns.index("model.encoder.layernorm_embedding") < fqns.index("model.encoder.layers.0")
+    assert graph.extra["pipeline_split"] == "traced"

@@ -101,23 +101,31 @@ class Routing:
                 return (str(node.target), None)
             raise PlanMismatchError(f"unexpected value {node.format_node()} between stages")
 
-        stage_args: list[tuple[Any, ...]] = []
+        found: dict[int, tuple[Any, ...]] = {}  # the root graph may call stages in any order
         arity: list[int | None] = [None] * num_stages
         outputs: tuple[Key, ...] = ()
         for node in graph.nodes:
             if node.op == "call_module":
                 if node.kwargs:
                     raise PlanMismatchError(f"stage {node.target} takes keyword arguments")
-                stage_args.append(tuple(key(a) for a in node.args))
+                found[names.index(str(node.target))] = tuple(key(a) for a in node.args)
             elif node.op == "call_function" and node.target is operator.getitem:
                 k = names.index(str(node.args[0].target))
                 arity[k] = max(arity[k] or 0, int(node.args[1]) + 1)
             elif node.op == "output":
                 flat, _ = pytree.tree_flatten(node.args[0])
                 outputs = tuple(key(n) for n in flat)
-        if len(stage_args) != num_stages:
-            raise PlanMismatchError(f"traced {len(stage_args)} stages, expected {num_stages}")
+        if sorted(found) != list(range(num_stages)):
+            raise PlanMismatchError(f"traced {len(found)} stages, expected {num_stages}")
+        stage_args = [found[k] for k in range(num_stages)]
         produced = {n: k for k, n in enumerate(names)}
+        for k, args in enumerate(stage_args):
+            later = [a for a in args if a[0] in produced and produced[a[0]] >= k]
+            if later:
+                raise PlanMismatchError(
+                    f"the traced stage {k} reads a value of stage {produced[later[0][0]]}: the "
+                    "forward does not run its pieces in stage order"
+                )
 
         def stage_of(k: Key) -> int:  # -1: a root input
             return produced.get(k[0], -1) if k[0] != "const" else -2
