@@ -178,15 +178,15 @@ def pipeline_case(case: dict) -> dict[str, Any] | None:
     }
 
 
-class Reversed(torch.nn.Module):
-    """Runs its second block before its first: not the chain order of its layers."""
+class Revisits(torch.nn.Module):
+    """Runs its first block again after its second: no split keeps each layer on one stage."""
 
     def __init__(self) -> None:
         super().__init__()
         self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks[0](torch.relu(self.blocks[1](x)))
+        return self.blocks[0](torch.relu(self.blocks[1](self.blocks[0](x))))
 
 
 def refusal_case(case: dict) -> dict[str, Any] | None:
@@ -195,9 +195,9 @@ def refusal_case(case: dict) -> dict[str, Any] | None:
     from uniap.errors import UniapError
 
     big_b, world, pp, tp = 8, dist.get_world_size(), case["pp"], case.get("tp", 1)
-    if case["model"] == "reversed":
+    if case["model"] == "revisits":
         torch.manual_seed(0)
-        model: torch.nn.Module = Reversed()
+        model: torch.nn.Module = Revisits()
         x0: Any = torch.randn(big_b, 8)
     else:
         m = _Model(case)

@@ -256,17 +256,29 @@ def test_world1_train_step_writes_the_training_log(monkeypatch: pytest.MonkeyPat
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    plan = make_plan(toy_fqns(), 1, [[(1, 1, D)]], global_batch_size=8, num_microbatches=2,
-                     signature=toy_signature())
+    plan = make_plan(
+        toy_fqns(),
+        1,
+        [[(1, 1, D)]],
+        global_batch_size=8,
+        num_microbatches=2,
+        signature=toy_signature(),
+    )
     x, y = toy_batch(8)
     try:
-        pm = parallelize(build_toy(), plan=plan, loss_fn=toy_loss, global_batch_size=8, example_inputs=x)
+        pm = parallelize(
+            build_toy(), plan=plan, loss_fn=toy_loss, global_batch_size=8, example_inputs=x
+        )
         pm.training_log.every = 2
         with caplog.at_level(logging.INFO, logger="uniap.training"):
             losses = [pm.train_step(x, y) for _ in range(3)]
         lines = [r.getMessage() for r in caplog.records if r.name == "uniap.training"]
         assert [line.split(" |")[0] for line in lines] == ["step 1", "step 2"]
-        assert f"loss {losses[1]:.4f}" in lines[1] and "samples/s" in lines[1] and "/iteration" in lines[1]
+        assert (
+            f"loss {losses[1]:.4f}" in lines[1]
+            and "samples/s" in lines[1]
+            and "/iteration" in lines[1]
+        )
         assert pm.training_log.step == 3
     finally:
         if dist.is_initialized():

@@ -66,7 +66,7 @@ CASES = [
 
 REFUSALS = [
     {"name": "refuse_tp2_at_pp2", "model": "skip", "pp": 2, "tp": 2},
-    {"name": "refuse_layers_out_of_order", "model": "reversed", "pp": 2},
+    {"name": "refuse_layer_run_on_two_stages", "model": "revisits", "pp": 2},
     {"name": "uneven_mask"},
 ]
 
@@ -106,16 +106,16 @@ def test_world4_tp_at_pp2_of_a_traced_model_refused(results: dict[str, Any]) -> 
     )
 
 
-def test_world4_layers_out_of_chain_order_refused(results: dict[str, Any]) -> None:
-    res = results["refuse_layers_out_of_order"]
+def test_world4_layer_run_on_two_stages_refused(results: dict[str, Any]) -> None:
+    res = results["refuse_layer_run_on_two_stages"]
     assert "error" not in res, res.get("error")
     assert (
         res["errors"]
         == [
-            "Reversed: the split points in front of ['blocks.1'] gave 1 stages instead of 2 (a layer "
-            "runs out of order or more than once); plan with pp=1 (any model runs there), or "
-            "declare the model a chain (nn.Sequential or uniap_layer_fqns()) if feeding each "
-            "layer's output to the next is its forward"
+            "Revisits: the traced stage 1 holds blocks.0@1.weight, which is no parameter or "
+            "buffer of the model (blocks.0 is called more than once, its calls on different "
+            "stages); plan with pp=1, or declare the model a chain (nn.Sequential or "
+            "uniap_layer_fqns())"
         ]
         * 4
     )

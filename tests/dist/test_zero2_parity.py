@@ -124,7 +124,7 @@ def _parity(case: dict) -> dict[str, Any] | None:
         for n, p in ref.named_parameters()
         if grads.get(n) is None or not torch.allclose(grads[n], p.grad, rtol=RTOL, atol=ATOL)
     ]
-    ref_losses, ref_state, _ = _reference(case, build, batch, loss_fn, big_b, steps)
+    ref_losses, ref_state, _, _ = _reference(case, build, batch, loss_fn, big_b, steps)
     return {
         "plan": plan.summary(),
         "losses": losses,

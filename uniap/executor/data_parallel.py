@@ -135,19 +135,26 @@ def apply_dp(
 
 
 def apply_fsdp_root(
-    module: nn.Module, mesh: DeviceMesh, *, mp_policy: MixedPrecisionPolicy | None = None
+    module: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> bool:
     """Make ``module`` (a stage) the FSDP2 root of the FSDP2 / ``replicate`` states below it,
     managing no parameter of its own; False (nothing done) when there is none. Call it after
     every layer's :func:`apply_dp` and before :func:`wrap_ddp`. ``mesh``: one of the layers'
-    DP meshes (the root holds no shards and issues no collective on it)."""
+    DP meshes (the root holds no shards and issues no collective on it). ``ignored_params``:
+    parameters synchronised elsewhere (the free parameters), which an FSDP layer holding them
+    also ignores: they stay plain tensors."""
     managed: set[int] = set()
     for sub in module.modules():
         if sub is not module and isinstance(sub, FSDPModule):
             managed.update(id(p) for p in sub.parameters())
     if not managed:
         return False
-    ignored = {p for p in module.parameters() if id(p) not in managed}
+    free = set(ignored_params or ())  # synchronised elsewhere (tied / free parameters)
+    ignored = {p for p in module.parameters() if id(p) not in managed or p in free}
     policy = mp_policy or MixedPrecisionPolicy()
     # the stage's inputs are left as they are: autocast decides per op (see uniap.precision)
     policy = MixedPrecisionPolicy(

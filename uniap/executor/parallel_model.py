@@ -189,6 +189,7 @@ def apply_plan(
     else:
         free_params = [module.get_parameter(n) for n in sorted(free)]
         free_names = set(free)
+
     # each layer's module in the stage: at its FQN (a traced stage may call it under another
     # name of the same module, or hold none: see traced_stages.layer_paths)
     path = {ls.fqn: ls.fqn for ls in stage.layers}
@@ -223,7 +224,7 @@ def apply_plan(
             )
             root_mesh = root_mesh or groups.layer_mesh(ls.dp, ls.tp)["dp"]
     if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
-        apply_fsdp_root(module, root_mesh, mp_policy=mp_policy)
+        apply_fsdp_root(module, root_mesh, mp_policy=mp_policy, ignored_params=set(free_params))
     if meta:  # this rank's shards only, initialised layer by layer
         materialize_stage(
             module,

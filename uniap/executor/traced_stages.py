@@ -496,6 +496,21 @@ def build_traced_stage(
 
     # free parameters: tied or outside every layer (template), or outside the stage's layers
     all_fqns = [ls.fqn for ls in plan.layer_strategies]
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for k, module in enumerate(split.stages):
+        for name, _ in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ):
+            if name not in known:  # e.g. "blocks.0@1.weight": a module called again
+                again = name.split("@")[0]
+                raise PlanMismatchError(
+                    f"{type(model).__name__}: the traced stage {k} holds {name}, which is no "
+                    f"parameter or buffer of the model ({again} is called more than once, its "
+                    "calls on different stages); plan with pp=1, or declare the model a chain "
+                    "(nn.Sequential or uniap_layer_fqns())"
+                )
     planned = {ls.fqn: k for k, st in enumerate(plan.stages) for ls in st.layers}
     for k, module in enumerate(split.stages):
         for fqn, j in planned.items():
