@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,3 +93,23 @@ def init_from_env(timeout_s: float) -> None:
         dist.get_rank(),
         dist.get_world_size(),
     )
+
+
+def together(fn: Callable[[], Any], what: str, error: type[Exception]) -> Any:
+    """Run ``fn`` on every rank; if any rank fails (``error`` itself, or an I/O, value or
+    runtime error, named with the rank and ``what``), every rank raises ``error`` with the
+    first failing rank's message. Collective over the world."""
+    status = None
+    out = None
+    try:
+        out = fn()
+    except error as e:
+        status = str(e)
+    except (OSError, ValueError, RuntimeError) as e:
+        status = f"rank {dist.get_rank()}: {what}: {type(e).__name__}: {e}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, status)
+    errors = [s for s in everyone if s]
+    if errors:
+        raise error(errors[0])
+    return out

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from uniap._dist import together
 from uniap.contract import Plan
 from uniap.errors import CheckpointError, PlanMismatchError
 from uniap.pretrained import LoadedWeights, load_pretrained
@@ -131,9 +132,11 @@ def save(
                 shutil.rmtree(tmp)
             (tmp / RNG_DIR).mkdir(parents=True)
 
-    _together(prepare, f"preparing {tmp}")
+    together(prepare, f"preparing {tmp}", CheckpointError)
     dcp.save(_state(pm, optimizer), checkpoint_id=str(tmp))
-    _together(lambda: _write_rng(tmp / RNG_DIR / f"rank{rank}.pt"), "writing RNG state")
+    together(
+        lambda: _write_rng(tmp / RNG_DIR / f"rank{rank}.pt"), "writing RNG state", CheckpointError
+    )
 
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     mine: dict[str, list[Any]] = {}
@@ -182,7 +185,7 @@ def save(
         if old.exists():
             shutil.rmtree(old)
 
-    _together(publish, f"publishing {path}")
+    together(publish, f"publishing {path}", CheckpointError)
     logger.info("checkpoint of step %d saved to %s (%d files)", step, path, len(manifest) + 1)
     return path
 
@@ -208,13 +211,14 @@ def load(
 
     path = Path(path)
     rank, world = dist.get_rank(), dist.get_world_size()
-    meta = _together(lambda: verify(path, check_hashes=False), f"checking {path}")
+    meta = together(lambda: verify(path, check_hashes=False), f"checking {path}", CheckpointError)
     if check_hashes:
         marker = json.loads((path / MARKER).read_text())
         names = sorted(marker["files"])
-        _together(
+        together(
             lambda: _check_hashes(path, {f: marker["files"][f] for f in names[rank::world]}),
             f"checking the file hashes of {path}",
+            CheckpointError,
         )
     if meta.plan.model_signature != pm.plan.model_signature:
         raise PlanMismatchError(
@@ -362,24 +366,6 @@ def _state(pm: Any, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(pm.module, optimizer, options=_options())
     return state
-
-
-def _together(fn: Any, what: str) -> Any:
-    """Run ``fn`` on every rank; if any rank fails, every rank raises naming the first."""
-    status = None
-    out = None
-    try:
-        out = fn()
-    except CheckpointError as e:
-        status = str(e)
-    except (OSError, ValueError, RuntimeError) as e:
-        status = f"rank {dist.get_rank()}: {what}: {type(e).__name__}: {e}"
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, status)
-    errors = [s for s in everyone if s]
-    if errors:
-        raise CheckpointError(errors[0])
-    return out
 
 
 def _sha256(p: Path) -> str:

@@ -32,7 +32,6 @@ import difflib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from uniap._dist import together
 from uniap.errors import CheckpointError
 
 __all__ = ["LoadedWeights", "load_pretrained"]
@@ -81,13 +81,19 @@ def load_pretrained(pm: Any, directory: str | os.PathLike[str]) -> LoadedWeights
     are checked first: a missing parameter or a wrong shape raises :class:`CheckpointError` on
     every rank, naming the tensor, the file and the fix, and nothing is modified."""
     path = Path(directory)
-    fmt = _agree(lambda: _detect(path), f"reading {path}")
+    fmt = together(lambda: _detect(path), f"reading {path}", CheckpointError)
     targets = _targets(pm.module)
     if fmt == "safetensors":
-        entries = _agree(lambda: _safetensors_entries(path), f"reading the headers in {path}")
+        entries = together(
+            lambda: _safetensors_entries(path), f"reading the headers in {path}", CheckpointError
+        )
     else:
-        entries = _agree(lambda: _dcp_entries(path), f"reading {path / DCP_METADATA}")
-    plan = _agree(lambda: _match(path, fmt, targets, entries), f"checking {path}")
+        entries = together(
+            lambda: _dcp_entries(path), f"reading {path / DCP_METADATA}", CheckpointError
+        )
+    plan = together(
+        lambda: _match(path, fmt, targets, entries), f"checking {path}", CheckpointError
+    )
     loaded, tied = plan
     if fmt == "safetensors":
         _load_safetensors(path, targets, loaded)
@@ -316,21 +322,3 @@ def _report_unused(
             path,
             ", ".join(unused[:5]),
         )
-
-
-def _agree(fn: Callable[[], Any], what: str) -> Any:
-    """Run ``fn`` on every rank; if any rank fails, every rank raises the first rank's error."""
-    status = None
-    out = None
-    try:
-        out = fn()
-    except CheckpointError as e:
-        status = str(e)
-    except (OSError, ValueError, RuntimeError) as e:
-        status = f"rank {dist.get_rank()}: {what}: {type(e).__name__}: {e}"
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, status)
-    errors = [s for s in everyone if s]
-    if errors:
-        raise CheckpointError(errors[0])
-    return out
