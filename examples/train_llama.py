@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if rank == 0:
         print(f"stopped after step {end}" if end < args.steps else "finished", flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
     return 0
 

@@ -111,6 +111,7 @@ def main() -> None:
         if args.out:
             torch.save(full, args.out)
         print(f"finished {args.steps} steps", flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
 
 
