@@ -189,7 +189,8 @@ def _profile_on_ranks(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     if isinstance(spec, str):
         name = spec
-        model = models.build_model(spec, device="cpu", seed=0)
+        # on the meta device: the profiler puts one layer at a time on the device
+        model = models.build_model(spec, device="meta")
         example, targets = models.example_batch(spec, args.global_batch_size)
         loss_fn = models.loss_fn_for(spec)
     else:  # a user's model: no known loss, so the cost model's analytic loss memory

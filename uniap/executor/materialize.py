@@ -33,12 +33,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = [
     "default_init",
+    "fill_unit",
     "init_layer",
     "init_model",
     "init_units",
     "is_meta",
-    "to_empty_keeping_ties",
     "materialize_stage",
+    "materialize_unit",
+    "to_empty_keeping_ties",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,6 +151,43 @@ def init_model(
 
 
 @torch.no_grad()
+def fill_unit(
+    unit: nn.Module,
+    template: nn.Module,
+    index: int,
+    *,
+    device: torch.device | str,
+    seed: int = 0,
+    init_weights: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """Allocate ``unit`` (a copy of the meta ``template`` unit, the ``index``-th init unit) on
+    ``device`` in place and initialise it as every plan does; tensors the template holds for
+    real are copied as they are."""
+    to_empty_keeping_ties(unit, device)
+    init_layer(unit, index, seed=seed, init_weights=init_weights)
+    real = {n: t for n, t in _tensors(template) if not t.is_meta}
+    for name, t in _tensors(unit):
+        if name in real:
+            t.copy_(real[name].detach())
+
+
+def materialize_unit(
+    template: nn.Module,
+    index: int,
+    *,
+    device: torch.device | str,
+    seed: int = 0,
+    init_weights: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """A full, initialised copy of init unit ``template`` (the ``index``-th, on the meta
+    device) on ``device``: what :func:`materialize_stage` slices a rank's shards from, and
+    what the profiler times, one unit at a time."""
+    full = copy.deepcopy(template)
+    fill_unit(full, template, index, device=device, seed=seed, init_weights=init_weights)
+    return full
+
+
+@torch.no_grad()
 def materialize_stage(
     stage: nn.Module,
     model: nn.Module,
@@ -177,9 +216,9 @@ def materialize_stage(
             u, rel = last[tid]
             wanted.setdefault(u, []).append((t, rel))
     for u in sorted(wanted):
-        full = copy.deepcopy(model.get_submodule(units[u]))
-        to_empty_keeping_ties(full, device)
-        init_layer(full, u, seed=seed, init_weights=init)
+        full = materialize_unit(
+            model.get_submodule(units[u]), u, device=device, seed=seed, init_weights=init
+        )
         sources = dict(_tensors(full))
         for t, rel in wanted[u]:
             src = sources[rel].detach()

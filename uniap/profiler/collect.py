@@ -30,13 +30,8 @@ from torch import nn
 from uniap.cluster import Cluster
 from uniap.graph import ModelGraph
 from uniap.profiler.comm import collective_sizes, free_memory_bytes, measure_collectives
-from uniap.profiler.compute import (
-    capture_layer_inputs,
-    layer_copy,
-    resize_batch,
-    time_layer,
-    time_median_s,
-)
+from uniap.profiler.compute import LayerCall, resize_batch, time_layer, time_median_s
+from uniap.profiler.layers import LayerSource
 from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
 from uniap.profiler.pipeline import measure_pipeline_overhead
@@ -76,10 +71,10 @@ def _tp_mesh(tp: int, device: torch.device) -> Any:
 
 
 def _dp_costs(
-    model: nn.Module,
+    source: LayerSource,
     graph: ModelGraph,
     by_key: dict[str, list[str]],
-    inputs: dict[str, tuple],
+    inputs: dict[str, LayerCall],
     device: torch.device,
     collective_s: Callable[[str, float, list[int]], float],
     rho: float,
@@ -108,10 +103,10 @@ def _dp_costs(
             continue
         x = inputs[fqns[0]]
 
-        def fb(m: nn.Module, x: tuple = x) -> float:
+        def fb(m: nn.Module, x: LayerCall = x) -> float:
             return sum(time_layer(m, x, device, warmup=warmup, repeats=repeats))
 
-        base_s = fb(layer_copy(model, fqns[0], device))
+        base_s = fb(source.copy(fqns[0]))
         p = float(layer.param_bytes)
         ar, ag, rs = (
             collective_s(op, p, ranks) for op in ("all_reduce", "all_gather", "reduce_scatter")
@@ -119,10 +114,10 @@ def _dp_costs(
         res: dict[str, dict[str, float]] = {}
         for kind in ("DDP", "FSDP"):
             if kind == "DDP":  # classic DDP, as the executor runs tp == 1 DDP layers
-                many = wrap_ddp(layer_copy(model, fqns[0], device), None, mesh.get_group())
+                many = wrap_ddp(source.copy(fqns[0]), None, mesh.get_group())
                 sync = GradSync([], many)
             else:
-                many = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=2)
+                many = apply_dp(source.copy(fqns[0]), kind, mesh, num_microbatches=2)
                 sync = GradSync([many])
             sync.before_backward(last=False)
             with sync.microbatch(last=False):
@@ -136,7 +131,7 @@ def _dp_costs(
                     "sync": t_sync_s - t_microbatch_s - ar,
                 }
             else:
-                one = apply_dp(layer_copy(model, fqns[0], device), kind, mesh, num_microbatches=1)
+                one = apply_dp(source.copy(fqns[0]), kind, mesh, num_microbatches=1)
                 t_single_s = fb(one)
                 res[kind] = {
                     "microbatch": t_microbatch_s - base_s,
@@ -152,7 +147,11 @@ def _dp_costs(
 
 
 def _optimizer_costs(
-    model: nn.Module, by_key: dict[str, list[str]], device: torch.device, warmup: int, repeats: int
+    source: LayerSource,
+    by_key: dict[str, list[str]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
 ) -> dict[str, dict[str, float]]:
     """Per layer shape: seconds of an AdamW step over the layer's parameters as plain tensors
     (``plain``) and as the DTensor shards FSDP2 holds over the whole world (``dtensor``, which
@@ -165,7 +164,7 @@ def _optimizer_costs(
     keys, times = [], []
     for key, fqns in by_key.items():
         for variant in ("plain", "dtensor"):
-            module = layer_copy(model, fqns[0], device)
+            module = source.copy(fqns[0])
             if variant == "dtensor":
                 if mesh is None or not any(True for _ in module.parameters()):
                     continue
@@ -185,9 +184,9 @@ def _optimizer_costs(
 
 
 def _loss_costs(
-    model: nn.Module,
+    source: LayerSource,
     fqn: str,
-    inputs: dict[int, dict[str, tuple]],
+    inputs: dict[int, dict[str, LayerCall]],
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     device: torch.device,
@@ -202,16 +201,13 @@ def _loss_costs(
 
     times, working = [], []
     for b, ins in sorted(inputs.items()):
-        module = layer_copy(model, fqn, device)
+        module = source.copy(fqn)
         for p in module.parameters():
             p.grad = torch.zeros_like(p)
-        x = tuple(
-            a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-            for a in ins[fqn]
-        )
+        x = ins[fqn].prepared()
         tgt = resize_batch(targets, b)
         with torch.no_grad():
-            out = module(*x)
+            out = x(module)
 
         def loss_pass(out: Any = out, tgt: Any = tgt) -> None:
             o = out.detach().requires_grad_(True)
@@ -228,7 +224,7 @@ def _loss_costs(
             st = state_bytes(module)
             base_bytes = float(st["param_bytes"] + st["grad_bytes"])
         with PeakMemory(device, [module]) as pm, torch.enable_grad():
-            loss = loss_fn(module(*x), tgt)
+            loss = loss_fn(x(module), tgt)
             loss.backward()
             del loss
         working.append(max(pm.peak_bytes - base_bytes - saved_bytes, 0.0))
@@ -250,8 +246,16 @@ def collect_profile(
     progress: Callable[[str], None] | None = None,
     targets: Any = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    seed: int = 0,
+    init_weights: Callable[[nn.Module], None] | None = None,
 ) -> MeasuredProfile:
-    """Measure ``model`` (real weights, identical on every rank) on the launched ranks.
+    """Measure ``model`` (identical on every rank) on the launched ranks.
+
+    The model stays where it is, on the meta device, the host or the device: layers go to
+    ``device`` one at a time (:class:`~uniap.profiler.layers.LayerSource`), so a model that
+    fits no single device can be profiled. Layers of a meta model are initialised as the
+    executor does (``seed``, ``init_weights``); the weights' values do not change what is
+    measured, only data-dependent control flow would see them.
 
     ``batches``: local batch sizes to time (default :func:`planner_batches`); ``tp_degrees``:
     TP degrees (default every divisor of the world up to ``cluster.devices_per_node``);
@@ -277,10 +281,14 @@ def collect_profile(
     if tp_degrees is None:
         tp_degrees = [d for d in divisors(world) if d <= cluster.devices_per_node]
     tp_degrees = sorted(set(tp_degrees) | {1})
-    model = model.to(device)
-    ctx = _Context(model, graph, device, batches, warmup, repeats, say)
+    source = LayerSource(model, graph.fqns, device, seed=seed, init_weights=init_weights)
+    ctx = _Context(source, graph, device, batches, warmup, repeats, say)
+    # the inputs of one layer per distinct shape (the one every step measures) and the last
+    # layer (where the loss is measured)
+    wanted = [fqns[0] for fqns in ctx.by_key.values()]
+    wanted += [graph.layers[-1].fqn] if graph.layers[-1].fqn not in wanted else []
     ctx.inputs_at = {
-        b: capture_layer_inputs(model, graph.fqns, resize_batch(example_inputs, b)) for b in batches
+        b: source.capture_inputs(wanted, resize_batch(example_inputs, b)) for b in batches
     }
 
     say(f"collectives on {world} ranks")
@@ -344,13 +352,14 @@ def collect_profile(
 
 
 class _Context:
-    """What every measuring step of :func:`collect_profile` shares: the model, its distinct
-    layers (``by_key``: cost key -> FQNs), the captured layer inputs per batch, the settings and
-    the noise / clamp marks the output used (explained at the end)."""
+    """What every measuring step of :func:`collect_profile` shares: where its layers come
+    from (``source``), its distinct layers (``by_key``: cost key -> FQNs), the captured inputs
+    of one layer per distinct shape and of the last layer per batch, the settings and the
+    noise / clamp marks the output used (explained at the end)."""
 
     def __init__(
         self,
-        model: nn.Module,
+        source: LayerSource,
         graph: ModelGraph,
         device: torch.device,
         batches: list[int],
@@ -358,13 +367,13 @@ class _Context:
         repeats: int,
         say: Callable[[str], None],
     ) -> None:
-        self.model, self.graph, self.device = model, graph, device
+        self.source, self.graph, self.device = source, graph, device
         self.batches, self.warmup, self.repeats, self.say = batches, warmup, repeats, say
         self.by_key: dict[str, list[str]] = {}
         for layer in graph.layers:
             self.by_key.setdefault(layer.cost_key, []).append(layer.fqn)
         self.layer_of = {layer.fqn: layer for layer in graph.layers}
-        self.inputs_at: dict[int, Any] = {}
+        self.inputs_at: dict[int, dict[str, LayerCall]] = {}
         self.marks: set[str] = set()
 
 
@@ -381,7 +390,7 @@ def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, Layer
             layer = ctx.layer_of[fqns[0]]
             if not layer.supports_tp(tp):
                 continue
-            module = layer_copy(ctx.model, fqns[0], ctx.device)
+            module = ctx.source.copy(fqns[0])
             if mesh is not None:
                 from uniap.executor.tensor_parallel import apply_tp
 
@@ -420,7 +429,7 @@ def _measure_overlap(ctx: _Context, profiles: dict[str, LayerProfile]) -> dict[s
     """The overlap coefficient: the heaviest layer's backward against an all-reduce of its
     gradients."""
     heavy_key = max(ctx.by_key, key=lambda k: profiles[k].bwd_s[1][-1])
-    heavy = layer_copy(ctx.model, ctx.by_key[heavy_key][0], ctx.device)
+    heavy = ctx.source.copy(ctx.by_key[heavy_key][0])
     heavy_in = ctx.inputs_at[ctx.batches[-1]][ctx.by_key[heavy_key][0]]
 
     def backward_pass() -> None:
@@ -448,7 +457,7 @@ def _measure_dp_wrapping(
     )
     mid = ctx.batches[len(ctx.batches) // 2]
     dp = _dp_costs(
-        ctx.model,
+        ctx.source,
         ctx.graph,
         ctx.by_key,
         ctx.inputs_at[mid],
@@ -475,7 +484,7 @@ def _measure_dp_wrapping(
 def _measure_optimizer(ctx: _Context, profiles: dict[str, LayerProfile]) -> tuple[float, float]:
     """AdamW per distinct layer, plain and as DTensor shards; ``(a, s)`` of ``a + s * n`` fitted
     over the plain ones."""
-    opt_times = _optimizer_costs(ctx.model, ctx.by_key, ctx.device, ctx.warmup, ctx.repeats)
+    opt_times = _optimizer_costs(ctx.source, ctx.by_key, ctx.device, ctx.warmup, ctx.repeats)
     sizes, times = [], []
     for key, fqns in ctx.by_key.items():
         if "plain" not in opt_times.get(key, {}):
@@ -523,7 +532,7 @@ def _measure_loss(
     last = ctx.graph.layers[-1]
     lp = profiles[last.cost_key]
     lp.loss_s, lp.loss_working_bytes = _loss_costs(
-        ctx.model, last.fqn, ctx.inputs_at, targets, loss_fn, ctx.device, ctx.warmup, ctx.repeats
+        ctx.source, last.fqn, ctx.inputs_at, targets, loss_fn, ctx.device, ctx.warmup, ctx.repeats
     )
     ctx.say(
         f"loss at {last.fqn}, batch {ctx.batches[-1]}: {lp.loss_s[-1] * 1e3:.2f} ms, "

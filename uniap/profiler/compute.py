@@ -34,8 +34,10 @@ from torch import nn
 from uniap.profiles.fits import fit_line
 
 __all__ = [
+    "LayerCall",
     "LayerTiming",
     "Timer",
+    "call_model",
     "capture_layer_inputs",
     "resize_batch",
     "time_layer",
@@ -136,29 +138,78 @@ def resize_batch(value: Any, batch: int) -> Any:
     return value
 
 
+@dataclass
+class LayerCall:
+    """One call of a layer as the model makes it: positional ``args`` and keyword ``kwargs``
+    (a Hugging Face decoder layer gets its mask and rotary tables as keywords). Captured
+    detached; :meth:`prepared` gives the floating positional inputs ``requires_grad`` (as
+    inside a model, so input gradients are computed), keywords (masks, position tables) as
+    they are."""
+
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: LayerCall | tuple) -> LayerCall:
+        """``value`` as a call: a plain tuple is positional inputs."""
+        return value if isinstance(value, LayerCall) else cls(tuple(value))
+
+    @classmethod
+    def detached(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+        """A copy of a call's inputs that outlives it: tensors detached and cloned, at any
+        depth (a tuple of rotary tables)."""
+        return cls(_detached(tuple(args)), _detached(dict(kwargs)))
+
+    def prepared(self) -> LayerCall:
+        """Fresh leaves for one timed call: floating positional tensors require grad."""
+        args = tuple(
+            a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+            for a in self.args
+        )
+        return LayerCall(args, self.kwargs)
+
+    def __call__(self, module: nn.Module) -> Any:
+        return module(*self.args, **self.kwargs)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on example ``inputs`` (a dict of keywords, a tuple of positionals, or one
+    value) as a training step calls it (:func:`uniap.tracing.training_call`)."""
+    from uniap.tracing import training_call
+
+    if isinstance(inputs, dict):
+        return model(**training_call(model, (), inputs))
+    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    return model(*args, **training_call(model, args, {}))
+
+
 def capture_layer_inputs(
     model: nn.Module, fqns: Sequence[str], example_inputs: Any
-) -> dict[str, tuple]:
-    """The positional inputs each layer receives in one no-grad forward of ``model``."""
-    seen: dict[str, tuple] = {}
+) -> dict[str, LayerCall]:
+    """The inputs (positional and keyword) each layer receives in one no-grad forward of
+    ``model``."""
+    seen: dict[str, LayerCall] = {}
     handles = []
     for fqn in fqns:
 
-        def hook(module: nn.Module, args: tuple, fqn: str = fqn) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, fqn: str = fqn) -> None:
             if fqn not in seen:
-                seen[fqn] = tuple(
-                    a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args
-                )
+                seen[fqn] = LayerCall.detached(args, kwargs)
 
-        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, tuple | list):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -180,27 +231,25 @@ def _float_tensors(value: Any) -> list[torch.Tensor]:
 
 def time_layer(
     module: nn.Module,
-    inputs: tuple,
+    inputs: LayerCall | tuple,
     device: torch.device,
     *,
     warmup: int = 2,
     repeats: int = 5,
 ) -> tuple[float, float]:
-    """Median (forward_s, backward_s) of ``module(*inputs)`` and its backward.
+    """Median (forward_s, backward_s) of ``module`` on ``inputs`` (a :class:`LayerCall`, or
+    a tuple of positional inputs) and its backward.
 
-    Floating inputs require grad (as inside a model, so input gradients are computed); the
-    output gradient is a fixed random tensor."""
-    inputs = tuple(
-        a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-        for a in inputs
-    )
+    Floating positional inputs require grad (as inside a model, so input gradients are
+    computed); the output gradient is a fixed random tensor."""
+    call = LayerCall.of(inputs).prepared()
     with torch.enable_grad():
-        outs = _float_tensors(module(*inputs))
+        outs = _float_tensors(call(module))
     grads = [torch.randn_like(o) for o in outs]
     fwd, bwd = [], []
     for i in range(warmup + repeats):
         with Timer(device) as tf, torch.enable_grad():
-            outs = [o for o in _float_tensors(module(*inputs))]
+            outs = [o for o in _float_tensors(call(module))]
         with Timer(device) as tb:
             torch.autograd.backward([o for o in outs if o.requires_grad], grads[: len(outs)])
         if i >= warmup:

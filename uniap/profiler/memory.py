@@ -21,15 +21,17 @@ import torch
 from torch import nn
 
 from uniap._torch_utils import local_tensor, storage_key
+from uniap.profiler.compute import LayerCall
 
 __all__ = ["PeakMemory", "saved_activation_bytes", "state_bytes"]
 
 logger = logging.getLogger(__name__)
 
 
-def saved_activation_bytes(module: nn.Module, inputs: tuple) -> int:
-    """Bytes of the distinct storages autograd saves for backward in ``module(*inputs)``
-    (parameters and buffers excluded)."""
+def saved_activation_bytes(module: nn.Module, inputs: LayerCall | tuple) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one call of ``module`` on
+    ``inputs`` (a :class:`~uniap.profiler.compute.LayerCall` or a tuple of positional inputs;
+    parameters and buffers excluded)."""
     excluded = {storage_key(t)[0] for t in [*module.parameters(), *module.buffers()]}
     saved: dict[int, int] = {}
 
@@ -39,12 +41,9 @@ def saved_activation_bytes(module: nn.Module, inputs: tuple) -> int:
             saved[key] = nbytes
         return t
 
-    inputs = tuple(
-        a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-        for a in inputs
-    )
+    call = LayerCall.of(inputs).prepared()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*inputs)
+        out = call(module)
     del out
     return sum(saved.values())
 
