@@ -43,8 +43,10 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   pipeline sends and FSDP all-gathers (``P``) at ``param_dtype``; gradient reductions
   (FSDP reduce-scatter, DDP / ``replicate`` all-reduce) at ``reduce_dtype``: ``P *
   reduce_bytes / param_bytes``; per parameter ``2 P + O = 4 * master_bytes`` (master copy,
-  its gradient, two AdamW moments; bf16-mixed: 2 * 2 + 12 = 16 bytes). Not charged: the
-  transient ``param_dtype`` copies autocast makes of classic-DDP / TP-only weights.
+  its gradient, two AdamW moments; bf16-mixed: 2 * 2 + 12 = 16 bytes). The weights of
+  classic-DDP and ``dp == 1`` layers stay plain master tensors, cast by autocast in each
+  forward; autograd saves that ``param_dtype`` copy for backward, so such a layer (without
+  recompute) holds ``P`` more per micro-batch in flight, next to its activations.
 - ``M[u,k,i]`` bytes per device on stage ``i``: DDP ``2 P + O``; FSDP ``(2 P + O) / dp`` when
   ``c == 1``, ``2 P + (2 P + O) / dp`` when ``c > 1`` (unsharded parameters and gradients live
   across micro-batches, next to the shards); ZeRO2 ``P + (2 P + O) / dp`` for every ``c`` and
@@ -609,9 +611,13 @@ class CostModel:
         shard = s.shard_size
         resident_bytes = p_bytes if s.kind in ("FSDP", "HSDP") and c > 1 else 0.0
         whole_param_bytes = p_bytes if s.kind == "ZeRO2" else 0.0
+        # mixed precision outside FSDP2 (classic DDP, dp == 1): autocast casts the master
+        # weights in each forward and autograd saves the param_dtype copy for backward, one per
+        # micro-batch in flight (with recompute the copy is made again in backward, transient)
+        cast_bytes = p_bytes if self._autocast_copies(s) else 0.0
         memory = []
         for n_inflight in inflight:
-            m = static_bytes + act_bytes * n_inflight
+            m = static_bytes + (act_bytes + cast_bytes) * n_inflight
             if last:
                 # The loss keeps a copy of the model output (log-softmax) per in-flight
                 # micro-batch; the one in backward needs its working memory.
@@ -635,6 +641,13 @@ class CostModel:
                 "optimizer_bytes": opt_bytes / shard,
             },
         )
+
+    def _autocast_copies(self, s: Strategy) -> bool:
+        """Whether the executor runs layer strategy ``s`` on plain master weights under
+        autocast, which saves a ``param_dtype`` copy of them for backward: mixed precision,
+        parameters outside FSDP2 (classic DDP or ``dp == 1``, see
+        :mod:`uniap.executor.parallel_model`), no recompute."""
+        return self.precision.mixed and not s.recompute and (s.uses_classic_ddp or s.dp == 1)
 
     def _edge_rows(
         self, pp: int, microbatch_size: int, dps: list[int]

@@ -126,3 +126,53 @@ def test_cli_plan_prints_the_precision(capsys: pytest.CaptureFixture[str]) -> No
         == 0
     )
     assert "precision: fp32" in capsys.readouterr().out
+
+
+def test_autocast_weight_copies_are_measured_and_charged_per_microbatch_in_flight() -> None:
+    """bf16-mixed runs classic-DDP and dp == 1 layers on fp32 master weights under the
+    executor's autocast: autograd saves a bf16 copy of the weights for backward (measured here:
+    exactly the weight's bf16 bytes beyond what the same layer saves in bf16), and the cost model
+    charges that copy once per micro-batch in flight. FSDP layers (FSDP2 casts them) and
+    recomputed layers (the copy is made again in backward) get none."""
+    import torch
+    from torch import nn
+
+    from uniap import models
+    from uniap.contract import Strategy
+    from uniap.graph import build_graph
+    from uniap.precision import install_autocast
+    from uniap.profiler.memory import saved_activation_bytes
+
+    master = nn.Linear(256, 256, bias=False)
+    low = nn.Linear(256, 256, bias=False).to(torch.bfloat16)
+    install_autocast(master, PRECISIONS["bf16-mixed"], "cpu")
+    x = torch.randn(4, 256)
+    copy_bytes = saved_activation_bytes(master, (x,)) - saved_activation_bytes(
+        low, (x.to(torch.bfloat16),)
+    )
+    assert copy_bytes == 256 * 256 * 2
+
+    m = models.build_model("gpt-tiny", device="meta")
+    ex = models.example_batch("gpt-tiny", 2, device="meta")[0]
+    graph = build_graph(m, ex, name="gpt-tiny", dtype=torch.bfloat16)
+    cluster = load_cluster("a100-1x8")
+    mixed = CostModel(graph, cluster, precision=PRECISIONS["bf16-mixed"])
+    pure = CostModel(graph, cluster, precision=Precision("bfloat16", "bfloat16", "bfloat16"))
+    u = graph.fqns.index("blocks.0")
+    p_bytes = graph.layers[u].param_bytes
+
+    def per_inflight(cm: CostModel, s: Strategy) -> float:
+        m1, m3 = cm.layer_cost(
+            u, s, pp=2, num_microbatches=4, microbatch_size=4, inflight=[1, 3]
+        ).memory_bytes
+        return (m3 - m1) / 2
+
+    for s, charged in [
+        (Strategy(2, 1, "DDP"), True),
+        (Strategy(1, 1, "DDP"), True),
+        (Strategy(1, 2, "DDP"), True),
+        (Strategy(2, 1, "FSDP"), False),
+        (Strategy(2, 1, "DDP", recompute=True), False),
+    ]:
+        extra = per_inflight(mixed, s) - per_inflight(pure, s)
+        assert extra == (p_bytes / s.tp if charged else 0.0), s
