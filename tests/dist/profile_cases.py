@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uniap.cluster import load_cluster
+from uniap._dist import default_device
+from uniap.cluster import Cluster, load_cluster
 from uniap.graph import build_graph
 from uniap.profiler import collect_profile
 
-CPU = torch.device("cpu")
 WIDTH = 512  # one block: 2 * WIDTH^2 parameters, 2 MiB in fp32
 
 
@@ -54,13 +54,14 @@ def _hf_llama(device: str) -> nn.Module:
 
 
 def _profile(model: nn.Module, example, graph, **kw):
+    device = default_device()
     return collect_profile(
         model,
         example,
         graph=graph,
-        cluster=load_cluster("cpu-2"),
+        cluster=Cluster.detect() if device.type == "cuda" else load_cluster("cpu-2"),
         global_batch_size=4,
-        device=CPU,
+        device=device,
         batches=[1, 2],
         warmup=1,
         repeats=1,
@@ -92,7 +93,7 @@ def peak_by_depth(case: dict) -> dict:
             model = Deep(depth)
         x = torch.randn(4, 8, WIDTH)
         graph = build_graph(model, x, name=f"deep{depth}")
-        with AllocatorPeak(CPU) as mem:
+        with AllocatorPeak(default_device()) as mem:
             _profile(model, x, graph)
         out[str(depth)] = {
             "peak_bytes": mem.increase_bytes,

@@ -116,3 +116,18 @@ def test_gpu_all_devices_bf16_mixed_clip_fused_1f1b() -> None:
         if not ok:
             failures.append(f"{case['name']}: {res}")
     assert not failures, "\n".join(failures)
+
+
+def test_gpu_profiles_a_meta_model_one_layer_at_a_time() -> None:
+    """On one GPU: a meta model of 12 blocks profiles within the CUDA allocator peak of 2 blocks
+    plus one block, and measures what the CPU-built model measures (profile_cases)."""
+    cases = [
+        {"name": "peak_by_depth", "fn": "peak_by_depth", "depths": [2, 12]},
+        {"name": "meta_equals_real_deep", "fn": "meta_equals_real", "model": "deep"},
+    ]
+    res = run_cases(1, "test_profile_meta:_dispatch", cases, device="cuda")
+    for r in res.values():
+        assert "error" not in r, r.get("error")
+    shallow, deep = res["peak_by_depth"]["2"], res["peak_by_depth"]["12"]
+    assert deep["peak_bytes"] <= shallow["peak_bytes"] + deep["model_bytes"] / 12, res
+    assert res["meta_equals_real_deep"]["meta"] == res["meta_equals_real_deep"]["real"]
