@@ -15,6 +15,9 @@ stage's synchronisation, ``k`` the per-stage overhead, ``step`` the per-iteratio
 :func:`bottleneck_lower_bound`
     ``T_split``: the min-max split of the chain into ``pp`` runs, layer u weighing
     ``min_k A[u,k]``, stage i holding ``sum min_k M[u,k,i]`` within the limit.
+:func:`min_peak_memory`
+    The leanest assignment's peak memory, exactly: the min-max split of the chain with layer
+    u weighing ``min_k M[u,k,i]`` on stage i (no limit).
 :func:`candidate_lower_bound`
     ``S + pp k + (c - 1) (max(S / pp, T_split) + k) + Gmin / pp + step`` with
     ``S = sum_u min_k A[u,k]`` and ``Gmin = sum_u min_k G[u,k]``.
@@ -47,6 +50,7 @@ from uniap.cost_model import CostTables
 __all__ = [
     "bottleneck_lower_bound",
     "candidate_lower_bound",
+    "min_peak_memory",
     "segment_lower_bound",
     "segment_windows",
     "stage_windows",
@@ -402,6 +406,28 @@ def _rates(A: np.ndarray, B: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray
     r = r[np.isfinite(r) & (r > 0)]
     q = np.quantile(r, np.linspace(0.0, 1.0, n)) if r.size and n > 0 else []
     return np.unique(np.concatenate([[0.0], q]))
+
+
+def min_peak_memory(t: CostTables) -> float:
+    """The smallest per-device peak memory of any assignment of these tables, ignoring the
+    memory limit (what an infeasibility error reports as the memory needed), exactly.
+
+    A layer's memory depends only on its own strategy and its stage (``M[u, k, i]``), so the
+    leanest assignment gives every layer its leanest allowed strategy on its stage,
+    ``m[u, i] = min_k M[u, k, i]``, and splits the chain into ``pp`` non-empty runs minimising
+    the largest stage sum: a dynamic program over run ends, stage by stage,
+    ``f[i][e] = min_s max(f[i - 1][s - 1], sum_{u = s..e} m[u, i])``, ``O(pp L^2)``."""
+    L, pp = t.num_layers, t.pp
+    _, _, mmin = t.minima()
+    cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])  # cm[j, i]: layers 0..j-1
+    f = cm[1:, 0].copy()  # f[e]: stage 0 holds layers 0..e
+    for i in range(1, pp):
+        g = np.full(L, np.inf)
+        for e in range(i, L):
+            s = np.arange(i, e + 1)  # stage i holds s..e, stages 0..i-1 hold 0..s-1
+            g[e] = np.min(np.maximum(f[s - 1], cm[e + 1, i] - cm[s, i]))
+        f = g
+    return float(f[L - 1])
 
 
 def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:

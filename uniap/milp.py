@@ -79,7 +79,7 @@ from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
+__all__ = ["Solution", "solve", "identical_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -299,28 +299,6 @@ def _build(
     _first_in_groups(prob, t, v, scale)
     _objective(prob, t, v, p, o, bound, scale)
     return prob, v, scale
-
-
-def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int = 1) -> float:
-    """The smallest per-device peak memory of any assignment (ignoring the memory limit): what
-    an infeasibility error reports as the memory needed. Same path variables, objective
-    ``min m`` with ``m >= memory of stage i``."""
-    window = stage_windows(dataclasses.replace(t, memory_limit_bytes=float("inf")), None)
-    prob = pulp.LpProblem("uniap_memory", pulp.LpMinimize)
-    v = _variables(prob, t, window)
-    _assign(prob, t, v)
-    _flow(prob, t, v)
-    m = prob.add_variable("m", lowBound=0)
-    scale = float(np.max(t.M)) or 1.0
-    terms: list[list] = [[] for _ in range(t.pp)]
-    for (u, i, k), var in v.x.items():
-        terms[i].append((var, float(t.M[u, k, i]) / scale))
-    for i, tm in enumerate(terms):
-        prob += m >= pulp.LpAffineExpression(tm), f"memory_{i}"
-    prob += m
-    silence_highs_banner()
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads))
-    return float(pulp.value(m)) * scale
 
 
 def _variables(prob: pulp.LpProblem, t: CostTables, window: list[list[int]]) -> _Vars:

@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from uniap.bounds import SegmentBound
+from uniap.bounds import SegmentBound, min_peak_memory
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
-from uniap.milp import Solution, min_peak_memory, solve
+from uniap.milp import Solution, solve
 from uniap.progress import solve_progress
 from uniap.report import fmt_seconds
 from uniap.search import heuristic
@@ -259,23 +259,10 @@ class Search:
             self.best_tpi_s = min(self.best_tpi_s, sol.time_per_iteration_s)
         return sol
 
-    def leanest(self, time_limit_s: float) -> list[tuple[float, int]]:
-        """``(memory the leanest assignment needs, index)`` of the candidates that can be the
-        leanest, leanest first. Memory falls with more micro-batches (fewer activations in
-        flight) except that FSDP keeps parameters unsharded when c > 1, and 1F1B never keeps
-        more than GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
-        lean: dict[tuple[int, bool], int] = {}
-        for idx, e in enumerate(self.entries):
-            key = (e.cand.pp, e.cand.num_microbatches == 1)
-            if (
-                key not in lean
-                or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches
-            ):
-                lean[key] = idx
-        return sorted(
-            (min_peak_memory(self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)), idx)
-            for idx in lean.values()
-        )
+    def leanest(self) -> list[tuple[float, int]]:
+        """``(memory the leanest assignment needs, index)`` of every candidate, leanest first
+        (exact and cheap: :func:`uniap.bounds.min_peak_memory`)."""
+        return sorted((min_peak_memory(e.tables), idx) for idx, e in enumerate(self.entries))
 
     def last_resort(self, time_limit_s: float, threads: int, seed: int) -> None:
         """Before saying that no plan fits: the leanest candidate, and any other whose leanest
@@ -283,7 +270,7 @@ class Search:
         the only reason for an :class:`InfeasibleError` and the error never says that a plan
         needs less memory than the limit. The bounds are valid, so this finds nothing unless
         one of them is wrong (then it warns)."""
-        self.lean = self.leanest(time_limit_s)
+        self.lean = self.leanest()
         for rank, (need, idx) in enumerate(self.lean):
             e = self.entries[idx]
             if rank and need > e.tables.memory_limit_bytes * (1 + 1e-9):

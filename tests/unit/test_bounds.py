@@ -72,3 +72,21 @@ def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
         for tpi, stage_of in sols:
             if tpi < best * (1 + slack):
                 assert all(stage_of[u] in window[u] for u in range(t.num_layers))
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_min_peak_memory_equals_enumeration(seed: int) -> None:
+    """The leanest assignment's peak memory (the split dynamic program) equals the smallest
+    peak over every split and strategy assignment, on random tables of 1 to 4 stages with
+    stage-dependent memory."""
+    import itertools
+
+    from uniap.bounds import min_peak_memory
+
+    t = random_tables(seed)
+    brute = min(
+        max(evaluate_assignment(t, stage_of, list(strat)).peak_memory_bytes)
+        for stage_of in compositions(t.num_layers, t.pp)
+        for strat in itertools.product(*t.allowed)
+    )
+    assert min_peak_memory(t) == pytest.approx(brute, rel=1e-12)

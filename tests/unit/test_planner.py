@@ -77,7 +77,7 @@ def test_infeasible_names_the_memory_needed() -> None:
 
 def test_leanest_memory_is_exact_on_small_instances() -> None:
     """min_memory_bytes equals the brute-force smallest peak over every plan of that (pp, c)."""
-    from uniap.milp import min_peak_memory
+    from uniap.bounds import min_peak_memory
 
     graph = synthetic_graph(5, 3)
     cm = CostModel(graph, load_cluster("cpu-4"))
