@@ -3,6 +3,7 @@ and precisions, every cell printed, the worst cell reported (not the median).
 
     .venv/bin/python benchmarks/search_grid.py             # the whole grid (about 90 cells)
     .venv/bin/python benchmarks/search_grid.py --quick     # one model, three sizes
+    .venv/bin/python benchmarks/search_grid.py --models llama2-70b --devices 8   # some cells
 
 Grid: Llama-7B, Llama-2-70B and a 128-layer Llama (Llama-7B's layer, 128 of them) on 8, 32,
 64, 256 and 1024 H100s (nodes of 8), global batch 1x, 2x and 8x the device count, in
@@ -49,10 +50,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="llama-7b on 8, 32 and 1024 devices")
     ap.add_argument("--time-limit-s", type=float, default=60.0)
+    ap.add_argument("--models", help=f"comma-separated subset of {list(MODELS)}")
+    ap.add_argument("--devices", help=f"comma-separated subset of {list(DEVICES)}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = ["llama-7b"] if args.quick else list(MODELS)
     devices = (8, 32, 1024) if args.quick else DEVICES
+    if args.models:
+        names = args.models.split(",")
+        unknown = sorted(set(names) - set(MODELS))
+        if unknown:
+            ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.devices:
+        devices = tuple(int(d) for d in args.devices.split(","))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, torch {torch.__version__}"
