@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--time-limit-s", type=float, default=60.0)
     ap.add_argument("--models", help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--devices", help=f"comma-separated subset of {list(DEVICES)}")
+    ap.add_argument("--precisions", help=f"comma-separated subset of {list(PRECISIONS)}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = ["llama-7b"] if args.quick else list(MODELS)
@@ -63,6 +64,7 @@ def main() -> None:
             ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     if args.devices:
         devices = tuple(int(d) for d in args.devices.split(","))
+    precisions = tuple(args.precisions.split(",")) if args.precisions else PRECISIONS
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, torch {torch.__version__}"
@@ -76,7 +78,7 @@ def main() -> None:
     misses = []
     for name in names:
         preset, overrides = MODELS[name]
-        for precision in PRECISIONS:
+        for precision in precisions:
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
             t0 = time.perf_counter()
             m = models.build_model(preset, device="meta", **overrides)
