@@ -217,3 +217,29 @@ def test_planner_equals_enumeration_at_every_device_memory_breakpoint_with_offlo
     lean = optimum_curve(g, _host_cluster(), global_batch_size=8, **opts)[0][0]
     p = plan_graph(g, _host_cluster().with_memory(lean / 0.9), global_batch_size=8, **opts)
     assert {ls.kind for ls in p.layer_strategies} == {OFFLOAD}  # the leanest plan offloads
+
+
+def test_too_little_host_memory_says_so() -> None:
+    """Device memory that only offload fits, host memory that no offload plan fits: the error
+    names host memory, not device memory."""
+    g = _mlp3()
+    opts = {"recompute": False, "max_tp": 1, "pp_degrees": [1], "num_microbatches": [1]}
+    curve = optimum_curve(g, _host_cluster(), global_batch_size=8, kinds=DEVICE_KINDS, **opts)
+    cluster = _host_cluster(memory="1 KiB").with_memory(curve[0][0] * 0.95 / 0.9)
+    with pytest.raises(InfeasibleError, match="no plan fits in host memory: plans that fit the"):
+        plan_graph(g, cluster, global_batch_size=8, **opts)
+
+
+@pytest.mark.parametrize(
+    "dp,tp,message",
+    [
+        (2, 2, "FSDP-offload needs tp = 1 and dp > 1, got dp = 2, tp = 2"),
+        (1, 4, "FSDP-offload needs tp = 1 and dp > 1, got dp = 1, tp = 4"),
+    ],
+)
+def test_plan_refuses_offload_with_tp_or_without_dp(dp: int, tp: int, message: str) -> None:
+    from uniap.contract import LayerStrategy, Plan, Stage
+
+    stage = Stage((0, 1, 2, 3), (LayerStrategy("a", Strategy(dp, tp, OFFLOAD)),))
+    with pytest.raises(ConfigError, match=message):
+        Plan("m", "sig", 1, 4, 8, 1, "1F1B", (stage,))
