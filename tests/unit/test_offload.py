@@ -243,3 +243,17 @@ def test_plan_refuses_offload_with_tp_or_without_dp(dp: int, tp: int, message: s
     stage = Stage((0, 1, 2, 3), (LayerStrategy("a", Strategy(dp, tp, OFFLOAD)),))
     with pytest.raises(ConfigError, match=message):
         Plan("m", "sig", 1, 4, 8, 1, "1F1B", (stage,))
+
+
+def test_verify_refuses_tables_where_host_memory_may_bind() -> None:
+    """The independent DP tracks no host memory: it answers only where the host limit cannot
+    bind (then it equals the enumeration) and refuses the rest."""
+    from uniap.verify import optimum
+
+    g = _mlp3()
+    cm = CostModel(g, _host_cluster(), recompute=False, max_tp=1, kinds=["FSDP", OFFLOAD])
+    t = cm.tables(1, 2, 8)
+    assert optimum(t).time_per_iteration_s == pytest.approx(exhaustive(t)[0], rel=1e-9)
+    tight = dataclasses.replace(t, host_limit_bytes=float(t.Mh.max()))
+    with pytest.raises(ValueError, match="does not track host memory"):
+        optimum(tight)
