@@ -49,10 +49,11 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   node's ranks step at once on its shared CPUs; nothing of the step is on the device).
   Device memory ``M``: activations only (the gathered parameters and gradients are
   transient, as FSDP's with ``c == 1``). Host memory ``Mh[u,k] = (2 P + O) / dp`` per rank
-  (master parameters, gradients, AdamW moments), within ``host_memory * memory_fraction /
-  devices_per_node`` per stage (:attr:`CostTables.host_limit_bytes`: every rank gets its
-  share of its node's host memory; exact when a stage spans whole nodes or ``pp = 1``, a
-  sufficient condition otherwise). Offered only on a cluster that declares host memory.
+  (master parameters, gradients, AdamW moments); per node, the host bytes of all its ranks,
+  ``sum_i n[node, i] * sum_{u on i} Mh[u, k_u]`` with ``n[node, i]`` the ranks of stage ``i``
+  on that node (:attr:`CostTables.host_ranks`), within ``host_memory * memory_fraction``
+  (:attr:`CostTables.host_limit_bytes`). Offered only on a cluster that declares host
+  memory.
 - ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
   :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
@@ -222,13 +223,18 @@ class CostTables:
     Mh: np.ndarray | None = None
     """(L, K) host-memory bytes per rank (FSDP-offload's state); None: zeros."""
     host_limit_bytes: float = float("inf")
-    """Host-memory bytes each rank may hold (its share of its node's host memory)."""
+    """Host-memory bytes one node may hold (``host_memory * memory_fraction``)."""
+    host_ranks: np.ndarray | None = None
+    """(nodes, pp) ranks of stage i on each node, distinct rows only (the host constraint's
+    coefficients); None: one node holding one rank of each stage."""
 
     def __post_init__(self) -> None:
         if self.F is None:
             self.F = np.zeros(np.shape(self.A))
         if self.Mh is None:
             self.Mh = np.zeros(np.shape(self.A))
+        if self.host_ranks is None:
+            self.host_ranks = np.ones((1, self.pp))
 
     @property
     def uses_host_memory(self) -> bool:
@@ -311,6 +317,8 @@ class Evaluation:
     fits: bool
     host_memory_bytes: list[float] = field(default_factory=list)
     """Host bytes per rank of each stage (FSDP-offload's state)."""
+    host_node_bytes: float = 0.0
+    """Host bytes of the fullest node (what :attr:`CostTables.host_limit_bytes` bounds)."""
 
 
 def evaluate_assignment(
@@ -349,8 +357,9 @@ def evaluate_assignment(
     bottleneck = max(p + o)
     tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
-    fits = fits and all(h <= t.host_limit_bytes * (1 + 1e-9) for h in host)
-    return Evaluation(tpi, p, o, s, mem, fits, host)
+    node = float((t.host_ranks @ np.asarray(host)).max())
+    fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
+    return Evaluation(tpi, p, o, s, mem, fits, host, node)
 
 
 class CostModel:
@@ -375,8 +384,8 @@ class CostModel:
         ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
         the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS` on a
         cluster that declares host memory, else all but ``FSDP-offload``; a layer with
-        ``dp == 1`` is always ``DDP``). Host memory: each rank may hold ``memory_fraction`` of
-        its share (``1 / devices_per_node``) of its node's host memory."""
+        ``dp == 1`` is always ``DDP``). Host memory: each node may hold ``memory_fraction`` of
+        its host memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -415,9 +424,7 @@ class CostModel:
                 f"{OFFLOAD} out of kinds"
             )
         self.host_limit_bytes = (
-            cluster.host_memory_bytes * memory_fraction / cluster.devices_per_node
-            if cluster.offload_enabled
-            else float("inf")
+            cluster.host_memory_bytes * memory_fraction if cluster.offload_enabled else float("inf")
         )
         self._rep: list[int] | None = None
 
@@ -539,7 +546,18 @@ class CostModel:
             F=F,
             Mh=Mh,
             host_limit_bytes=self.host_limit_bytes,
+            host_ranks=self._host_ranks(pp),
         )
+
+    def _host_ranks(self, pp: int) -> np.ndarray:
+        """(nodes, pp): ranks of stage i on each node, distinct rows (stages hold consecutive
+        ranks, nodes too)."""
+        n, per_node = self.cluster.world_size, self.cluster.devices_per_node
+        g = n // pp
+        counts = np.zeros((self.cluster.num_nodes, pp))
+        for r in range(n):
+            counts[r // per_node, r // g] += 1
+        return np.unique(counts, axis=0)
 
     def layer_cost(
         self,

@@ -456,7 +456,7 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         tpi = (
             p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
         )
-        fits_host = (host <= t.host_limit_bytes * (1 + 1e-9)).all(axis=1)
+        fits_host = (host @ t.host_ranks.T <= t.host_limit_bytes * (1 + 1e-9)).all(axis=1)
         peaks.append(mem.max(axis=1)[fits_host])
         times.append(tpi[fits_host])
     peak, tpi = np.concatenate(peaks), np.concatenate(times)

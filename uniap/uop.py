@@ -314,9 +314,9 @@ class Search:
         if need <= limit * (1 + 1e-9) and any(e.tables.uses_host_memory for e in self.entries):
             raise InfeasibleError(
                 "no plan fits in host memory: plans that fit the devices offload more state "
-                f"than the {fmt_bytes(cm.host_limit_bytes)} of host memory each rank may hold "
-                f"({memory_fraction:.0%} of the node's {fmt_bytes(cluster.host_memory_bytes)} "
-                f"shared by {cluster.devices_per_node} devices); use more devices or nodes, a "
+                f"than the {fmt_bytes(cm.host_limit_bytes)} of host memory a node may hold "
+                f"({memory_fraction:.0%} of its {fmt_bytes(cluster.host_memory_bytes)}); use "
+                "more devices or nodes, a "
                 "smaller global batch or sequence length, or a cluster with more host memory. "
                 f"Tried {len(tried)} candidates: {shown}{more}",
                 min_memory_bytes=need,

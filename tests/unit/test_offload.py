@@ -128,8 +128,9 @@ def test_host_memory_limit_is_a_constraint_of_the_program() -> None:
     k_off = next(k for k, s in enumerate(t.strategies) if s.kind == OFFLOAD)
     all_off = [k_off] * 3
     ev = evaluate_assignment(t, [0] * 3, all_off)
-    host = ev.host_memory_bytes[0]
-    assert host == pytest.approx(float(t.Mh[:, k_off].sum())) and ev.fits
+    host = ev.host_node_bytes  # the node's 4 ranks, each with its shards
+    assert ev.host_memory_bytes == [pytest.approx(float(t.Mh[:, k_off].sum()))] and ev.fits
+    assert host == pytest.approx(4 * ev.host_memory_bytes[0])
     tight = dataclasses.replace(t, host_limit_bytes=host * 0.99, memory_limit_bytes=1e12)
     assert not evaluate_assignment(tight, [0] * 3, all_off).fits
     best = exhaustive(tight)
@@ -160,14 +161,14 @@ def test_llama7b_on_two_24gb_gpus_gets_an_offload_plan(capsys: pytest.CaptureFix
 
 
 def _host_limits(graph, cluster, opts) -> list[float]:
-    """Every largest per-stage host-memory value of an assignment, over every candidate."""
+    """The host bytes of every assignment's fullest node, over every candidate."""
     cm = CostModel(graph, cluster, max_tp=opts.get("max_tp"), recompute=opts["recompute"])
     values = set()
     for _, _, _, t in candidate_tables(cm, opts["pp_degrees"], 8, opts["num_microbatches"]):
         for stage_of in compositions(t.num_layers, t.pp):
             for strategy_of in itertools.product(*t.allowed):
                 ev = evaluate_assignment(t, stage_of, list(strategy_of))
-                values.add(max(ev.host_memory_bytes))
+                values.add(ev.host_node_bytes)
     return sorted(values)
 
 
@@ -187,7 +188,7 @@ def test_planner_equals_enumeration_through_host_memory_limits() -> None:
     assert len(limits) >= 6
     checks = 0
     for limit in limits:
-        c = cluster.replace(host_memory_bytes=limit * 4 / 0.9)
+        c = cluster.replace(host_memory_bytes=limit / 0.9)
         cm = CostModel(g, c, max_tp=1, recompute=False)
         expected = min(
             exhaustive(t)[0]
@@ -257,3 +258,20 @@ def test_verify_refuses_tables_where_host_memory_may_bind() -> None:
     tight = dataclasses.replace(t, host_limit_bytes=float(t.Mh.max()))
     with pytest.raises(ValueError, match="does not track host memory"):
         optimum(tight)
+
+
+def test_host_constraint_counts_each_stages_ranks_on_each_node() -> None:
+    """3 nodes x 2 devices, pp = 2 (stages of 3 ranks): node 1 holds one rank of each stage,
+    so its host bytes are one stage-0 rank's plus one stage-1 rank's."""
+    g = _mlp3()
+    cluster = _host_cluster(3, 2)
+    cm = CostModel(g, cluster, recompute=False, max_tp=1, kinds=["DDP", OFFLOAD])
+    t = cm.tables(2, 1, 6)
+    assert t.host_ranks.tolist() == [[0, 2], [1, 1], [2, 0]]
+    assert t.host_limit_bytes == pytest.approx(2**30 * 0.9)
+    k_off = next(k for k, s in enumerate(t.strategies) if s.kind == OFFLOAD)
+    k_ddp = next(k for k, s in enumerate(t.strategies) if s.kind == "DDP")
+    ev = evaluate_assignment(t, [0, 1, 1], [k_off, k_ddp, k_off])
+    h0, h2 = float(t.Mh[0, k_off]), float(t.Mh[2, k_off])
+    assert ev.host_memory_bytes == [pytest.approx(h0), pytest.approx(h2)]
+    assert ev.host_node_bytes == pytest.approx(max(2 * h0, h0 + h2, 2 * h2))
