@@ -44,7 +44,12 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   with ``gather = h2d + all_gather(P, dp_group)`` (forward and backward: FSDP2 copies the
   host shard to the device, then all-gathers it), ``red = reduce_scatter(P * reduce_factor,
   dp_group) + d2h`` (the reduced shard copied back to the host) and ``h2d = d2h = Ps /
-  host_link_bandwidth``, ``Ps = num_params / dp * master_bytes`` the host shard. ``G``: the
+  host_link_bandwidth``, ``Ps = num_params / dp * master_bytes`` the host shard; with
+  ``c > 1`` the copy-out is charged whole, ``(1 - rho) red + max(0, rho red - bwd)`` with
+  ``red = reduce_scatter(...)`` only, ``+ d2h``: a gradient shard that accumulates into the
+  host gradient of an earlier micro-batch is copied synchronously (torch 2.13's
+  ``foreach_reduce``), exact for all micro-batches but the first (the CPU add that follows it
+  is not charged). ``G``: the
   CPU optimizer step ``num_params / dp * devices_per_node * optimizer_time_per_param`` (the
   node's ranks step at once on its shared CPUs; nothing of the step is on the device).
   Device memory ``M``: activations only (the gathered parameters and gradients are
@@ -650,9 +655,12 @@ class CostModel:
             rs = self._group_time(
                 "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
             )
-            gather_s, red_s = shard_s + ag, rs + shard_s
+            gather_s = shard_s + ag
+            # the copy-out overlaps only when no earlier micro-batch's gradient is there to add
+            # to (FSDP2 copies synchronously to accumulate): with c > 1 it is charged whole
+            red_s, blocking_s = (rs + shard_s, 0.0) if c == 1 else (rs, shard_s)
             hideable_s = rho * red_s
-            fsdp_per_microbatch_s = (1 - rho) * (2 * gather_s + red_s)
+            fsdp_per_microbatch_s = (1 - rho) * (2 * gather_s + red_s) + blocking_s
             fsdp_per_microbatch_s += max(hideable_s - bwd, 0.0)
             static_bytes = 0.0
             local_params /= s.dp

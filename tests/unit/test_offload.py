@@ -80,7 +80,8 @@ def test_partial_host_fields_in_the_constructor_are_refused() -> None:
 def test_offload_terms_are_the_documented_formulas() -> None:
     """One layer, FSDP-offload on dp = 4: device memory is activations only, host memory
     (2 P + O) / dp, per micro-batch two gathers (host-to-device copy + all-gather) and one
-    reduce (reduce-scatter + device-to-host copy), the CPU AdamW step once per iteration."""
+    reduce (reduce-scatter + device-to-host copy, synchronous when it accumulates), the CPU
+    AdamW step once per iteration."""
     g, cluster = _mlp3(), _host_cluster()
     cm = CostModel(g, cluster, recompute=False, max_tp=1)
     c, b, u = 2, 4, 1
@@ -97,11 +98,16 @@ def test_offload_terms_are_the_documented_formulas() -> None:
     ag = cm._group_time("all_gather", P, "dp", 1, 4, 1)
     rs = cm._group_time("reduce_scatter", P, "dp", 1, 4, 1)
     fwd, bwd = cm.profile.layer_compute_s(layer, b / 4, 1)
-    red = rs + shard_s
-    fsdp_s = (1 - rho) * (2 * (shard_s + ag) + red) + max(rho * red - bwd, 0.0)
+    # c = 2: the copy-out of an accumulating gradient is synchronous, charged whole
+    fsdp_s = (1 - rho) * (2 * (shard_s + ag) + rs) + shard_s + max(rho * rs - bwd, 0.0)
     assert got.per_microbatch_s == pytest.approx(fwd + bwd + fsdp_s)
+    one = cm.layer_cost(u, off, pp=1, num_microbatches=1, microbatch_size=b, inflight=inflight)
+    red = rs + shard_s  # c = 1: the copy-out overlaps like the reduce-scatter
+    fsdp_s = (1 - rho) * (2 * (shard_s + ag) + red) + max(rho * red - bwd, 0.0)
+    assert one.per_microbatch_s == pytest.approx(fwd + bwd + fsdp_s)
+    assert one.first_exposed_s == pytest.approx(min(rho * red, bwd))
     assert got.per_iteration_s == pytest.approx(n / 4 * 4 * 2e-9)  # 4 ranks share the CPUs
-    assert got.first_exposed_s == pytest.approx(min(rho * red, bwd))
+    assert got.first_exposed_s == pytest.approx(min(rho * rs, bwd))
     assert got.host_bytes == pytest.approx((2 * P + O) / 4)
     activations = ref.memory_bytes[0] - (2 * P + O) / 4
     assert got.memory_bytes[0] == pytest.approx(activations)
