@@ -434,6 +434,15 @@ def _to_plan(
             "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
             "stage_time_s": [float(x) for x in ev.stage_time_s],
             "memory_limit_bytes": float(t.memory_limit_bytes),
+            # FSDP-offload's state in the fullest node's host memory, and its limit
+            **(
+                {
+                    "host_memory_bytes": float(ev.host_node_bytes),
+                    "host_memory_limit_bytes": float(t.host_limit_bytes),
+                }
+                if t.uses_host_memory
+                else {}
+            ),
             **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
             # for the training log's MFU: model FLOPs (forward + backward) and the device peak
             "model_flops_per_sample": float(

@@ -45,6 +45,8 @@ def _cases() -> list[dict]:
             schedule="1F1B",
             optimizer="sgd",
         ),
+        # built on the meta device: each rank materialises only its host shards
+        toy("meta_pp1_dp4_offload_fsdp_c2", 4, [[(4, 1, OFF), (4, 1, F)]], c=2, kind="meta"),
         # 4 layers with parameters, each gathered twice (forward, backward) and
         # reduce-scattered once in each of the c micro-batches
         toy(
@@ -127,10 +129,13 @@ def _parity(case: dict) -> dict[str, Any] | None:
 
 
 def offload_case(case: dict) -> dict[str, Any] | None:
-    """Run on every rank by the harness: parity or comm-count."""
-    from cases import comm_count_case
+    """Run on every rank by the harness: parity, meta start or comm-count."""
+    from cases import comm_count_case, meta_case
 
-    return comm_count_case(case) if case.get("kind") == "comm_count" else _parity(case)
+    kind = case.get("kind")
+    if kind == "meta":
+        return meta_case(case)
+    return comm_count_case(case) if kind == "comm_count" else _parity(case)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +159,15 @@ def test_offload_plan_matches_reference(results: dict[str, Any], name: str) -> N
     assert res["num_grads"] == res["num_ref_grads"] and res["bad_grads"] == [], res["bad_grads"]
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert res["params_close"], (res["bad_params"], res["extra_params"])
+
+
+def test_offload_from_the_meta_device_materialises_only_shards(results: dict[str, Any]) -> None:
+    """A meta-device toy: initial parameters equal a single-process init with the same seed,
+    the losses of two AdamW steps equal the reference's, each rank holds a quarter."""
+    res = results["meta_pp1_dp4_offload_fsdp_c2"]
+    assert "error" not in res, res.get("error")
+    assert res["init_equal"] and not res["on_meta_after"] and res["losses_close"], res
+    assert res["local_param_bytes"] == [res["model_param_bytes"] // 4] * 4
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in _cases() if c.get("kind") == "comm_count"])

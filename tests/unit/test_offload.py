@@ -205,6 +205,9 @@ def test_planner_equals_enumeration_through_host_memory_limits() -> None:
             got = p.predicted["time_per_iteration_s"]
             assert p.solver["status"] == "optimal"
             assert any(ls.kind == OFFLOAD for ls in p.layer_strategies)
+            pred = p.predicted
+            assert pred["host_memory_bytes"] <= pred["host_memory_limit_bytes"] * (1 + 1e-9)
+            assert pred["host_memory_limit_bytes"] == pytest.approx(limit)
         except InfeasibleError:
             got = math.inf
         assert got == pytest.approx(expected, rel=1e-6) or got == expected == math.inf, limit
