@@ -413,12 +413,11 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     the time of the last pair with ``peak_bytes <= m`` (nothing fits below the first).
 
     ``peak_bytes`` is the largest per-stage memory of an assignment (it fits iff that is within
-    the limit), and ``t.memory_limit_bytes`` is ignored; an assignment over the host-memory
-    limit (``t.host_limit_bytes``, FSDP-offload's state) is left out. Every placement and
-    every strategy is scored, vectorised over the strategy choices of one placement, with the
-    formula of :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small
-    instances (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most
-    ``max_assignments``)."""
+    the limit), and ``t.memory_limit_bytes`` is ignored. Every placement and every strategy is
+    scored, vectorised over the strategy choices of one placement, with the formula of
+    :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small instances
+    (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``).
+    Assignments over the host-memory limit (FSDP-offload's state) are left out."""
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
     if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:

@@ -5,14 +5,16 @@ A strategy ``k = (dp, tp, kind, recompute)`` splits the stage's ``g`` ranks into
 data-parallel groups of ``tp`` consecutive tensor-parallel ranks (``dp * tp = g``); ``kind`` says
 whether the parameters are replicated over the data-parallel group (``DDP``), sharded over it
 (``FSDP``), or whole during the iteration with their gradients and optimizer state sharded
-(``ZeRO2``), or sharded over groups of ``shard_degree`` ranks and replicated across them (``HSDP``,
-``tp == 1``, shard groups within a node), or sharded over dp with the shards, their gradients and
-optimizer state in host memory (``FSDP-offload``, ``tp == 1``, offered only when the cluster
-declares host memory, see :mod:`uniap.cost_model`). A layer gets ``tp > 1`` only when
-:meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a strategy
-is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2, HSDP and FSDP-offload with ``dp =
-1`` are not offered (the first three are DDP there). ``recompute`` is activation checkpointing of
-the layer (torch.utils.checkpoint): less memory, one more forward.
+(``ZeRO2``), or sharded over groups of ``shard_degree`` ranks and replicated across them
+(``HSDP``, ``tp == 1``, shard groups within a node). A layer gets ``tp > 1`` only when
+:meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a
+strategy is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2 and HSDP with
+``dp = 1`` are the same as DDP and are not offered.
+``FSDP-offload`` (``tp == 1``, ``dp > 1``) is FSDP with the shards, their gradients and the
+optimizer state in host memory, offered only when the cluster declares host memory (see
+:mod:`uniap.cost_model`).
+``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
+one more forward.
 """
 
 from __future__ import annotations
