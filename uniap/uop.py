@@ -326,7 +326,13 @@ class Search:
             f"no plan fits in device memory: the leanest plan needs {fmt_bytes(need)} per device, "
             f"the usable limit is {fmt_bytes(limit)} ({memory_fraction:.0%} of "
             f"{fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
-            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: "
+            "or sequence length, or a cluster with more memory"
+            + (
+                ""
+                if cluster.offload_enabled
+                else " (or a host section in the cluster YAML, to plan with CPU offload)"
+            )
+            + f". Tried {len(tried)} candidates: "
             f"{shown}{more}",
             min_memory_bytes=need,
             candidates=[c.row() for c in tried],

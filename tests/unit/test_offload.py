@@ -284,3 +284,10 @@ def test_host_constraint_counts_each_stages_ranks_on_each_node() -> None:
     h0, h2 = float(t.Mh[0, k_off]), float(t.Mh[2, k_off])
     assert ev.host_memory_bytes == [pytest.approx(h0), pytest.approx(h2)]
     assert ev.host_node_bytes == pytest.approx(max(2 * h0, h0 + h2, 2 * h2))
+
+
+def test_no_plan_without_host_section_suggests_one() -> None:
+    g = _mlp3()
+    opts = {"recompute": False, "max_tp": 1, "pp_degrees": [1], "num_microbatches": [1]}
+    with pytest.raises(InfeasibleError, match="or a host section in the cluster YAML, to plan"):
+        plan_graph(g, small_cluster(1, 4).with_memory(1000.0), global_batch_size=8, **opts)
