@@ -6,6 +6,7 @@ so only the search differs (see ``benchmarks/baselines``).
     .venv/bin/python benchmarks/compare.py --quick         # 4 workloads, a few minutes
     .venv/bin/python benchmarks/compare.py --alpa-cap-s 300 --alpa-cap-factor 0
     .venv/bin/python benchmarks/compare.py --full --only llama   # Alpa-style uncapped (long)
+    .venv/bin/python benchmarks/compare.py --spaces        # old vs new strategy space rows
 
 Prints one markdown table (per workload and method: predicted samples/s, uniap / method, search
 wall time; OOM when the method's best plan does not fit), then the geometric-mean and maximum
@@ -23,6 +24,10 @@ a capped cell also says how many ``(pp, c)`` candidates the run finished, and it
 "so far". ``--full`` runs only uniap and the Alpa-style search, uncapped up to
 ``--alpa-row-limit-s`` per row, and writes ``alpa_full.md``: measured ratios where the search
 finished, its progress where it did not.
+
+``--spaces`` prints uniap's predicted throughput on rows where a choice added to the strategy
+space should win, with the old space and the new one (:data:`SPACE_ROWS`; ``no plan`` where
+nothing fits), and writes ``spaces.md``.
 """
 
 from __future__ import annotations
@@ -465,6 +470,82 @@ def alpa_full(todo: list[Workload], limit_s: float) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class SpaceRow:
+    """One model and cluster planned with an old and a new strategy space (``plan`` keywords)."""
+
+    why: str
+    """The choice the new space adds, which should win here."""
+    model: str
+    cluster: str
+    global_batch_size: int
+    precision: str
+    old: tuple[tuple[str, object], ...]
+    new: tuple[tuple[str, object], ...]
+
+
+SPACE_ROWS = [
+    # Llama-7B's bf16-mixed training state (16 bytes per parameter, 108 GB) exceeds 2 x 24 GB:
+    # only CPU offload fits; the planner searches it when nothing else fits (default kinds)
+    SpaceRow(
+        "CPU offload (FSDP-offload)",
+        "llama-7b",
+        "a10-1x2",
+        8,
+        "bf16-mixed",
+        (("kinds", ("DDP", "FSDP")),),
+        (),
+    ),
+    SpaceRow(
+        "CPU offload (FSDP-offload)",
+        "llama-7b",
+        "a10-1x2",
+        32,
+        "bf16-mixed",
+        (("kinds", ("DDP", "FSDP")),),
+        (),
+    ),
+]
+"""Rows of ``--spaces``: the old space is the one before the choice (keywords of
+:func:`uniap.planner.plan`), the new one the planner's default."""
+
+
+def spaces_table(rows: list[SpaceRow]) -> str:
+    """Plan every row with both spaces: predicted samples/s, plan summary, search wall time."""
+    from uniap.errors import InfeasibleError
+    from uniap.planner import plan
+
+    out = [
+        "| new choice | model / cluster | B | old space | new space | new plan |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cells, summary = [], ""
+        for space in (r.old, r.new):
+            t0 = time.perf_counter()
+            try:
+                p = plan(
+                    r.model,
+                    r.cluster,
+                    global_batch_size=r.global_batch_size,
+                    precision=r.precision,
+                    **dict(space),
+                )
+                wall = time.perf_counter() - t0
+                cells.append(f"{p.predicted['samples_per_s']:.4g} samples/s ({wall:.1f} s)")
+                summary = p.summary()
+            except InfeasibleError:
+                cells.append(f"no plan fits ({time.perf_counter() - t0:.1f} s)")
+                summary = "-"
+        print(f"# {r.model} / {r.cluster} B={r.global_batch_size}: {cells}", file=sys.stderr)
+        summary_cell = summary.replace("|", "\\|")  # a table cell
+        out.append(
+            f"| {r.why} | {r.model} / {r.cluster} | {r.global_batch_size} | {cells[0]} | "
+            f"{cells[1]} | {summary_cell} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -485,6 +566,11 @@ def main() -> None:
         help="only workloads whose name contains one of these comma-separated texts",
     )
     ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
+    ap.add_argument(
+        "--spaces",
+        action="store_true",
+        help="only the old-vs-new strategy space rows (SPACE_ROWS), written to spaces.md",
+    )
     ap.add_argument(
         "--alpa-cap-s",
         type=float,
@@ -519,6 +605,16 @@ def main() -> None:
     rows, layer_rows = [], []
     only = [x for x in (args.only or "").split(",") if x]
     todo = [w for w in workloads(args.quick) if not only or any(x in w.name for x in only)]
+    if args.spaces:
+        rows_s = [r for r in SPACE_ROWS if not only or any(x in r.model for x in only)]
+        text = spaces_table(rows_s)
+        print(text)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "spaces.md").write_text(
+            "# uniap: old vs new strategy space (predicted, analytic profile)\n\n"
+            f"machine: {machine()}\n\n{text}\n"
+        )
+        return
     if args.full:
         print(f"machine: {machine()}")
         text = alpa_full([w for w in todo if w.tag == "table"], args.alpa_row_limit_s)

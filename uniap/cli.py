@@ -482,7 +482,8 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         default=None,
         metavar="K[,K...]",
         help="data-parallel kinds to offer, comma-separated, among "
-        f"{', '.join(KINDS)} (default: all)",
+        f"{', '.join(KINDS)} (default: all but FSDP-offload, which is searched when no plan "
+        "fits without it on a cluster with a host section)",
     )
     p.add_argument(
         "--time-limit-s",

@@ -15,8 +15,13 @@ A `Cluster` is loaded from a YAML file written in human units ("40 GiB", "300 GB
     intra_node: {bandwidth: 300 GB/s, latency: 5 us}
     inter_node: {bandwidth: 25 GB/s, latency: 10 us}
     backend: nccl
+    host:                       # optional: what CPU offload may use (uniap.cost_model)
+      memory: 880 GiB           # host (CPU) memory of one node
+      link_bandwidth: 24 GB/s   # host <-> device (PCIe), per device and direction
+      optimizer_time_per_param: 1.4 ns  # AdamW on the node's CPUs, per parameter
 
-Bandwidths are per device and per direction. A number without a unit is refused ("did you
+Bandwidths are per device and per direction. Without a ``host`` section the cluster declares
+no host memory and no plan offloads to the CPU. A number without a unit is refused ("did you
 mean 24 GiB?"): `memory: 24` is not 24 bytes. A bad file
 raises `ConfigError` naming the file, the dotted field (`intra_node.bandwidth`) and the fix.
 `to_yaml` writes the same layout and `from_yaml` reads it back exactly.
@@ -62,6 +67,9 @@ _EXAMPLES = {
     "name": "a100-2x8",
     "num_nodes": "2",
     "devices_per_node": "8",
+    "host": "{memory: 880 GiB, link_bandwidth: 24 GB/s, optimizer_time_per_param: 1.4 ns}",
+    "link_bandwidth": "24 GB/s",
+    "optimizer_time_per_param": "1.4 ns",
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,6 +104,8 @@ class _FrozenDict(dict):
 
 _SI_FIELDS = ("device_memory_bytes", "intra_node_bandwidth_bytes_per_s", "intra_node_latency_s")
 _SI_FIELDS += ("inter_node_bandwidth_bytes_per_s", "inter_node_latency_s")
+_HOST_FIELDS = ("host_memory_bytes", "host_link_bandwidth_bytes_per_s")
+_HOST_FIELDS += ("host_optimizer_s_per_param",)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,14 @@ class Cluster:
     """torch.distributed backend: "nccl" or "gloo"."""
     device_type: str = "cuda"
     """Device kind: "cuda" or "cpu"."""
+    host_memory_bytes: float = 0.0
+    """Host (CPU) memory of one node that offloaded state may use; 0: not declared (no CPU
+    offload is planned)."""
+    host_link_bandwidth_bytes_per_s: float = 0.0
+    """Per-device, per-direction bandwidth between a device and its host (PCIe H2D / D2H)."""
+    host_optimizer_s_per_param: float = 0.0
+    """Seconds per parameter of an AdamW step on one node's CPUs (all of the node's ranks
+    stepping at once share them)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -145,6 +163,11 @@ class Cluster:
             self.compute_efficiency, f"{where} compute_efficiency", "0.5", "fraction"
         )
         object.__setattr__(self, "compute_efficiency", efficiency)
+        host = [getattr(self, f) for f in _HOST_FIELDS]
+        if any(h != 0 for h in host):  # declared: all three, positive
+            for field, example in zip(_HOST_FIELDS, ("880e9", "24e9", "1.4e-9")):
+                value = check_number(getattr(self, field), f"{where} {field}", example)
+                object.__setattr__(self, field, value)
         check_choice(self.backend, BACKENDS, f"{where} backend")
         check_choice(self.device_type, DEVICE_TYPES, f"{where} device_type")
         if self.backend == "nccl" and self.device_type != "cuda":
@@ -165,6 +188,12 @@ class Cluster:
             checked[dtype] = check_number(value, f"{where} peak_flops_per_s.{dtype}", "312e12")
         ordered = _FrozenDict({d: checked[d] for d in DTYPES if d in checked})
         object.__setattr__(self, "peak_flops_per_s", ordered)
+
+    @property
+    def offload_enabled(self) -> bool:
+        """Whether the cluster declares host memory (and its link and CPU optimizer rate), so
+        that plans may offload layers to the CPU (the ``FSDP-offload`` kind)."""
+        return self.host_memory_bytes > 0
 
     @property
     def world_size(self) -> int:
@@ -218,11 +247,17 @@ class Cluster:
         d = self.to_dict()
         dev, intra, inter = d["device"], d["intra_node"], d["inter_node"]
         flops = ", ".join(f"{k} {v}" for k, v in dev["peak_flops"].items())
+        host = d.get("host")
         return (
             f"{self.name}: {self.num_nodes} x {self.devices_per_node} {self.device_type} "
             f"({self.backend}), {dev['memory']} and {flops} each; intra-node "
             f"{intra['bandwidth']} {intra['latency']}, inter-node {inter['bandwidth']} "
             f"{inter['latency']}"
+            + (
+                f"; host {host['memory']} per node, {host['link_bandwidth']} to each device"
+                if host
+                else ""
+            )
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +280,21 @@ class Cluster:
                 self.inter_node_bandwidth_bytes_per_s, self.inter_node_latency_s
             ),
             "backend": self.backend,
+            **(
+                {
+                    "host": {
+                        "memory": format_quantity(self.host_memory_bytes, "memory"),
+                        "link_bandwidth": format_quantity(
+                            self.host_link_bandwidth_bytes_per_s, "bandwidth"
+                        ),
+                        "optimizer_time_per_param": format_quantity(
+                            self.host_optimizer_s_per_param, "latency"
+                        ),
+                    }
+                }
+                if self.offload_enabled
+                else {}
+            ),
         }
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
@@ -328,7 +378,8 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
 # Reading the nested layout
 
 _REQUIRED_TOP = ("name", "num_nodes", "devices_per_node", "device", "intra_node")
-_TOP_KEYS = (*_REQUIRED_TOP, "inter_node", "backend")
+_TOP_KEYS = (*_REQUIRED_TOP, "inter_node", "backend", "host")
+_HOST_KEYS = ("memory", "link_bandwidth", "optimizer_time_per_param")
 _DEVICE_KEYS = ("memory", "peak_flops", "compute_efficiency", "type")
 _LINK_KEYS = ("bandwidth", "latency")
 
@@ -453,9 +504,22 @@ def _from_layout(data: Any, source: str) -> Cluster:
             f"{at('inter_node')}: missing field (needed with num_nodes: {num_nodes}); "
             f"add e.g. inter_node: {_EXAMPLES['inter_node']}"
         )
+    host = {}
+    if "host" in top:
+        section = _section(top["host"], "host", source, _HOST_KEYS, _HOST_KEYS)
+        kinds = ("memory", "bandwidth", "latency")
+        host = dict(
+            zip(
+                _HOST_FIELDS,
+                (
+                    parse_quantity(section[k], kind, at(f"host.{k}"), unit_required=True)
+                    for k, kind in zip(_HOST_KEYS, kinds)
+                ),
+            )
+        )
     sizes = (name, num_nodes, per_node, memory, flops, *intra, *inter)
     try:  # positional, in the field order of Cluster
-        return Cluster(*sizes, efficiency, backend, device_type)
+        return Cluster(*sizes, efficiency, backend, device_type, **host)
     except ConfigError as e:  # a cross-field check: name the file too
         raise ConfigError(f"{source}: {e}") from None
 

@@ -29,7 +29,8 @@ Plan file layout (YAML; JSON is the same tree)::
       layers:
       - {fqn: embed, dp: 2, tp: 1, kind: DDP}
       - {fqn: blocks.0, dp: 1, tp: 2, kind: DDP, recompute: true}   # recompute only when true
-      - {fqn: blocks.1, dp: 2, tp: 1, kind: ZeRO2}          # kind: DDP, FSDP, ZeRO2 or HSDP
+      - {fqn: blocks.1, dp: 2, tp: 1, kind: ZeRO2}          # kind: DDP, FSDP, ZeRO2, HSDP
+                                                            # or FSDP-offload
                                                             # (HSDP: shard_degree: s)
     - ranks: [2, 3]
       layers: [...]
@@ -55,7 +56,9 @@ from uniap.units import fmt_bytes
 
 __all__ = [
     "DDP_BUCKET_BYTES",
+    "DEVICE_KINDS",
     "KINDS",
+    "OFFLOAD",
     "SCHEDULES",
     "SCHEMA_VERSION",
     "LayerStrategy",
@@ -67,8 +70,12 @@ __all__ = [
 SCHEMA_VERSION = 1
 SCHEDULES = tuple(_SCHEDULE_SPECS)
 """Schedule names a plan may name (specs in :mod:`uniap.schedules`)."""
-KINDS = ("DDP", "FSDP", "ZeRO2", "HSDP")
+KINDS = ("DDP", "FSDP", "ZeRO2", "HSDP", "FSDP-offload")
 """Data-parallel kinds of a layer (:attr:`Strategy.kind`)."""
+DEVICE_KINDS = ("DDP", "FSDP", "ZeRO2", "HSDP")
+"""The kinds that keep the training state on the devices (all but ``FSDP-offload``)."""
+OFFLOAD = "FSDP-offload"
+"""The kind that keeps parameters, gradients and optimizer state on the host (CPU)."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """Bucket size of classic DDP's gradient all-reduce (``bucket_cap_mb``, torch's default): the
@@ -91,7 +98,11 @@ class Strategy:
     gathered once in the first forward, stay whole until the last backward: FSDP2
     ``fully_shard`` with ``reshard_after_forward=False``) or ``HSDP`` (FSDP inside groups of
     ``shard_degree`` consecutive data-parallel ranks, replicated across the ``dp /
-    shard_degree`` groups: FSDP2 ``fully_shard`` on a 2-D ``(replicate, shard)`` mesh)."""
+    shard_degree`` groups: FSDP2 ``fully_shard`` on a 2-D ``(replicate, shard)`` mesh) or
+    ``FSDP-offload`` (``tp == 1``: FSDP whose sharded parameters, gradients and optimizer
+    state live in host memory, the optimizer stepping on the CPU: FSDP2 ``fully_shard`` with
+    ``offload_policy=CPUOffloadPolicy()``; parameters gathered and gradients reduced in every
+    micro-batch)."""
     recompute: bool = False
     """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
     shard_degree: int = 0
@@ -113,7 +124,12 @@ class Strategy:
         ``shard_degree`` for HSDP, 1 otherwise."""
         if self.kind == "HSDP":
             return self.shard_degree
-        return self.dp if self.kind in ("FSDP", "ZeRO2") else 1
+        return self.dp if self.kind in ("FSDP", "ZeRO2", OFFLOAD) else 1
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the layer's sharded state lives in host memory (``FSDP-offload``)."""
+        return self.kind == OFFLOAD
 
     @property
     def uses_classic_ddp(self) -> bool:
@@ -126,9 +142,10 @@ class Strategy:
     @property
     def reduces_every_microbatch(self) -> bool:
         """Whether the executor reduces the layer's gradients after every micro-batch's
-        backward (``ZeRO2``: sharded gradients, no whole gradient between micro-batches)
-        rather than after the last one only. One rule for the cost model and the executor."""
-        return self.kind == "ZeRO2" and self.dp > 1
+        backward (``ZeRO2``: sharded gradients, no whole gradient between micro-batches;
+        ``FSDP-offload``: the gradient shards accumulate in host memory) rather than after the
+        last one only. One rule for the cost model and the executor."""
+        return self.kind in ("ZeRO2", OFFLOAD) and self.dp > 1
 
     @property
     def dtensor_params(self) -> bool:
@@ -309,6 +326,11 @@ class Plan:
                         f"layer {ls.fqn!r}: HSDP needs tp = 1 and a shard_degree dividing dp "
                         f"({ls.dp}) strictly between 1 and dp, got tp = {ls.tp}, shard_degree = "
                         f"{s.shard_degree}"
+                    )
+                if s.kind == OFFLOAD and not (s.tp == 1 and s.dp > 1):
+                    raise bad(
+                        f"layer {ls.fqn!r}: FSDP-offload needs tp = 1 and dp > 1, got dp = "
+                        f"{ls.dp}, tp = {ls.tp}"
                     )
                 if s.kind != "HSDP" and s.shard_degree:
                     raise bad(f"layer {ls.fqn!r}: shard_degree is for HSDP only, not {s.kind}")

@@ -37,6 +37,28 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   replicas at stride ``s``): as FSDP with the all-gather and reduce-scatter on the shard group
   and ``S = reduce_scatter(P, shard group) + all_reduce(P / s, replica group)``; memory as
   FSDP's with ``s`` in place of ``dp``.
+- FSDP-offload (``tp == 1``; FSDP2 ``CPUOffloadPolicy``): the layer's sharded parameters,
+  gradients and optimizer state live in host memory and the optimizer steps on the CPU.
+  Per micro-batch (parameters gathered, gradients reduced in every one; nothing stays on the
+  device between micro-batches): ``+ (1 - rho) * (2 gather + red) + max(0, rho red - bwd)``
+  with ``gather = h2d + all_gather(P, dp_group)`` (forward and backward: FSDP2 copies the
+  host shard to the device, then all-gathers it), ``red = reduce_scatter(P * reduce_factor,
+  dp_group) + d2h`` (the reduced shard copied back to the host) and ``h2d = d2h = Ps /
+  host_link_bandwidth``, ``Ps = num_params / dp * master_bytes`` the host shard; with
+  ``c > 1`` the copy-out is charged whole, ``(1 - rho) red + max(0, rho red - bwd)`` with
+  ``red = reduce_scatter(...)`` only, ``+ d2h``: a gradient shard that accumulates into the
+  host gradient of an earlier micro-batch is copied synchronously (torch 2.13's
+  ``foreach_reduce``), exact for all micro-batches but the first (the CPU add that follows it
+  is not charged). ``G``: the
+  CPU optimizer step ``num_params / dp * devices_per_node * optimizer_time_per_param`` (the
+  node's ranks step at once on its shared CPUs; nothing of the step is on the device).
+  Device memory ``M``: activations only (the gathered parameters and gradients are
+  transient, as FSDP's with ``c == 1``). Host memory ``Mh[u,k] = (2 P + O) / dp`` per rank
+  (master parameters, gradients, AdamW moments); per node, the host bytes of all its ranks,
+  ``sum_i n[node, i] * sum_{u on i} Mh[u, k_u]`` with ``n[node, i]`` the ranks of stage ``i``
+  on that node (:attr:`CostTables.host_ranks`), within ``host_memory * memory_fraction``
+  (:attr:`CostTables.host_limit_bytes`). Offered only on a cluster that declares host
+  memory.
 - ``F[u,k] = min(H[u,k], B[u,k])`` once per stage (its largest), see below.
 - Precision (``Precision(param_dtype, reduce_dtype, master_dtype)``, see
   :mod:`uniap.precision`): compute at ``param_dtype``'s peak, activations, TP all-reduces,
@@ -80,6 +102,11 @@ see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its 
   in ``G`` (conservative: prefetch hides all but the first layer's behind that forward, but
   the first micro-batch also pays the pipeline's warm-up, which the formula does not
   separate); the reduce-scatter during the last micro-batch's backward, exposed as below.
+- FSDP-offload: as FSDP with ``c == 1`` in every micro-batch: each gather (the host-to-device
+  copy of the shard, then the all-gather, both issued on FSDP2's all-gather streams and
+  prefetched like FSDP's) is ``(1 - rho)`` exposed, and each reduce-scatter with the
+  device-to-host copy of its result (on the reduce-scatter stream) is exposed as ZeRO2's
+  (below). The CPU optimizer step waits for the last copies and overlaps with nothing.
 - ZeRO2: the all-gather as FSDP's (``c == 1``: forward prefetch, ``(1 - rho)`` exposed, in
   ``A``; ``c > 1``: whole, in ``G``), none in backward; each micro-batch's reduce-scatter
   during that backward, exposed as below, in ``A`` (the stage-first part ``F`` once, in ``s_i``:
@@ -133,7 +160,7 @@ from functools import lru_cache
 import numpy as np
 
 from uniap.cluster import Cluster
-from uniap.contract import DDP_BUCKET_BYTES, KINDS, Plan, Strategy
+from uniap.contract import DDP_BUCKET_BYTES, DEVICE_KINDS, KINDS, OFFLOAD, Plan, Strategy
 from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
@@ -200,10 +227,26 @@ class CostTables:
     """(L, K) seconds of the layer's hideable gradient sync that the backward compute after it
     may not cover (``min(H, B)``, see "Exposed gradient synchronisation" in the module
     docstring); the largest on a stage is added to its ``s_i`` once. None: zeros."""
+    Mh: np.ndarray | None = None
+    """(L, K) host-memory bytes per rank (FSDP-offload's state); None: zeros."""
+    host_limit_bytes: float = float("inf")
+    """Host-memory bytes one node may hold (``host_memory * memory_fraction``)."""
+    host_ranks: np.ndarray | None = None
+    """(nodes, pp) ranks of stage i on each node, distinct rows only (the host constraint's
+    coefficients); None: one node holding one rank of each stage."""
 
     def __post_init__(self) -> None:
         if self.F is None:
             self.F = np.zeros(np.shape(self.A))
+        if self.Mh is None:
+            self.Mh = np.zeros(np.shape(self.A))
+        if self.host_ranks is None:
+            self.host_ranks = np.ones((1, self.pp))
+
+    @property
+    def uses_host_memory(self) -> bool:
+        """Whether some strategy holds state in host memory (the host constraint matters)."""
+        return bool(np.any(self.Mh > 0))
 
     @property
     def num_layers(self) -> int:
@@ -265,6 +308,8 @@ class LayerCost:
     first_exposed_s: float = 0.0
     """``F``: the part of the hideable gradient sync that the layer's own backward covers, and
     that is exposed when the layer is the one the stage's largest ``F`` belongs to."""
+    host_bytes: float = 0.0
+    """``Mh``: bytes the layer keeps in host memory per rank (FSDP-offload)."""
 
 
 @dataclass
@@ -277,6 +322,10 @@ class Evaluation:
     sync_time_s: list[float]
     peak_memory_bytes: list[float]
     fits: bool
+    host_memory_bytes: list[float] = field(default_factory=list)
+    """Host bytes per rank of each stage (FSDP-offload's state)."""
+    host_node_bytes: float = 0.0
+    """Host bytes of the fullest node (what :attr:`CostTables.host_limit_bytes` bounds)."""
 
 
 def evaluate_assignment(
@@ -293,6 +342,7 @@ def evaluate_assignment(
     s = [0.0] * pp
     first = [0.0] * pp  # the stage's largest F: the sync nothing after it hides
     mem = [0.0] * pp
+    host = [0.0] * pp
     for u in range(L):
         i, k = stage_of[u], strategy_of[u]
         if k not in t.allowed[u]:
@@ -302,6 +352,7 @@ def evaluate_assignment(
         s[i] += float(t.G[u, k])
         first[i] = max(first[i], float(t.F[u, k]))
         mem[i] += float(t.M[u, k, i])
+        host[i] += float(t.Mh[u, k])
         if u + 1 < L:
             a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
             if stage_of[u + 1] == i:
@@ -313,7 +364,9 @@ def evaluate_assignment(
     bottleneck = max(p + o)
     tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
-    return Evaluation(tpi, p, o, s, mem, fits)
+    node = float((t.host_ranks @ np.asarray(host)).max())
+    fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
+    return Evaluation(tpi, p, o, s, mem, fits, host, node)
 
 
 class CostModel:
@@ -336,8 +389,10 @@ class CostModel:
         ``recompute`` offers activation checkpointing per layer; ``precision`` (default:
         :func:`~uniap.precision.precision_for_dtype` of the graph's dtype, which must be its
         ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
-        the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS`; a layer
-        with ``dp == 1`` is always ``DDP``)."""
+        the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS` on a
+        cluster that declares host memory, else all but ``FSDP-offload``; a layer with
+        ``dp == 1`` is always ``DDP``). Host memory: each node may hold ``memory_fraction`` of
+        its host memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -358,14 +413,26 @@ class CostModel:
         # per parameter: master copy + its gradient + two AdamW moments, all in master_dtype,
         # written as 2 P + O with P the bytes at param_dtype (see the module docstring)
         master = DTYPE_BYTES[self.precision.master_dtype]
+        self.master_bytes = master
         self.opt_bytes = 4 * master - 2 * self.precision.param_bytes
         # gradients are reduced in reduce_dtype: bytes per parameter relative to P
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
-        self.kinds = tuple(kinds) if kinds is not None else KINDS
+        default = KINDS if cluster.offload_enabled else DEVICE_KINDS
+        self.kinds = tuple(kinds) if kinds is not None else default
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ConfigError(f"kinds {list(self.kinds)}: choose one or more of {list(KINDS)}")
+        if OFFLOAD in self.kinds and not cluster.offload_enabled:
+            raise ConfigError(
+                f"kind {OFFLOAD} needs host memory, but cluster {cluster.name!r} declares none; "
+                "add a host section to the cluster YAML (host: {memory: 880 GiB, "
+                "link_bandwidth: 24 GB/s, optimizer_time_per_param: 1.4 ns}) or leave "
+                f"{OFFLOAD} out of kinds"
+            )
+        self.host_limit_bytes = (
+            cluster.host_memory_bytes * memory_fraction if cluster.offload_enabled else float("inf")
+        )
         self._rep: list[int] | None = None
 
     # ------------------------------------------------------------------ groups
@@ -424,6 +491,7 @@ class CostModel:
         G = np.zeros((L, K))
         F = np.zeros((L, K))
         M = np.zeros((L, K, pp))
+        Mh = np.zeros((L, K))
         layout = np.tile([dps.index(s.dp) for s in strategies], (L, 1)).astype(np.int64)
         parts = {k: np.zeros((L, K)) for k in LayerCost.PARTS}
         inflight = [inflight_microbatches(schedule, i, pp, c) for i in range(pp)]
@@ -434,7 +502,7 @@ class CostModel:
                 # the same inputs as an earlier layer (a run of identical blocks): same rows
                 r = rep[u]
                 allowed.append(list(allowed[r]))
-                A[u], G[u], M[u], F[u] = A[r], G[r], M[r], F[r]
+                A[u], G[u], M[u], F[u], Mh[u] = A[r], G[r], M[r], F[r], Mh[r]
                 for part in parts.values():
                     part[u] = part[r]
                 continue
@@ -455,11 +523,12 @@ class CostModel:
                     microbatch_size=b,
                     inflight=inflight,
                 )
-                A[u, k], G[u, k], M[u, k], F[u, k] = (
+                A[u, k], G[u, k], M[u, k], F[u, k], Mh[u, k] = (
                     cost.per_microbatch_s,
                     cost.per_iteration_s,
                     cost.memory_bytes,
                     cost.first_exposed_s,
+                    cost.host_bytes,
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
@@ -482,7 +551,20 @@ class CostModel:
             stage_overhead_s=self.profile.pipeline_overhead_s if pp > 1 else 0.0,
             step_overhead_s=self.profile.collective_s("all_reduce", 8.0, list(range(n))),
             F=F,
+            Mh=Mh,
+            host_limit_bytes=self.host_limit_bytes,
+            host_ranks=self._host_ranks(pp),
         )
+
+    def _host_ranks(self, pp: int) -> np.ndarray:
+        """(nodes, pp): ranks of stage i on each node, distinct rows (stages hold consecutive
+        ranks, nodes too)."""
+        n, per_node = self.cluster.world_size, self.cluster.devices_per_node
+        g = n // pp
+        counts = np.zeros((self.cluster.num_nodes, pp))
+        for r in range(n):
+            counts[r // per_node, r // g] += 1
+        return np.unique(counts, axis=0)
 
     def layer_cost(
         self,
@@ -518,7 +600,7 @@ class CostModel:
         p_bytes = layer.param_bytes / s.tp
         local_params = layer.num_params / s.tp
         opt_bytes = local_params * self.opt_bytes
-        fsdp_per_microbatch_s = sync_s = wrap_s = 0.0
+        fsdp_per_microbatch_s = sync_s = wrap_s = host_bytes = 0.0
         hideable_s = 0.0  # the part of the last backward's gradient sync that may overlap
         wrapped = s.dp > 1 and layer.num_params > 0
         if s.kind == "FSDP":
@@ -561,6 +643,29 @@ class CostModel:
                 sync_s = ag + (1 - rho) * rs
                 static_bytes = 2 * p_bytes + (2 * p_bytes + opt_bytes) / sh
             local_params /= sh
+        elif s.kind == OFFLOAD:
+            # FSDP2 CPUOffloadPolicy: the host shard copied in and gathered twice, the gradient
+            # reduce-scattered and copied out once, in every micro-batch
+            host_bytes = (2 * p_bytes + opt_bytes) / s.dp
+            shard_s = (
+                layer.num_params
+                / s.dp
+                * self.master_bytes
+                / self.cluster.host_link_bandwidth_bytes_per_s
+            )
+            ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
+            rs = self._group_time(
+                "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+            )
+            gather_s = shard_s + ag
+            # the copy-out overlaps only when no earlier micro-batch's gradient is there to add
+            # to (FSDP2 copies synchronously to accumulate): with c > 1 it is charged whole
+            red_s, blocking_s = (rs + shard_s, 0.0) if c == 1 else (rs, shard_s)
+            hideable_s = rho * red_s
+            fsdp_per_microbatch_s = (1 - rho) * (2 * gather_s + red_s) + blocking_s
+            fsdp_per_microbatch_s += max(hideable_s - bwd, 0.0)
+            static_bytes = 0.0
+            local_params /= s.dp
         elif s.kind == "ZeRO2":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
             rs = self._group_time(
@@ -599,16 +704,23 @@ class CostModel:
             static_bytes = 2 * p_bytes + opt_bytes
         # what the layer's own backward cannot cover is exposed; the stage's largest covered
         # part is exposed once more (its first layer has no backward after it): F
-        if s.kind != "ZeRO2":  # (ZeRO2: in every micro-batch, above)
+        if s.kind not in ("ZeRO2", OFFLOAD):  # (ZeRO2, offload: in every micro-batch, above)
             sync_s += max(hideable_s - bwd, 0.0)
         first_exposed_s = min(hideable_s, bwd)
         sync_s = max(sync_s, 0.0)
-        opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
+        if s.kind == OFFLOAD:  # on the node's CPUs, shared by its ranks
+            opt_s = (
+                local_params
+                * self.cluster.devices_per_node
+                * self.cluster.host_optimizer_s_per_param
+            )
+        else:
+            opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
         # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
         # gradients unsharded too, ZeRO2 the parameters
-        shard = s.shard_size
+        shard = s.shard_size if not s.offloaded else INF  # (offload: nothing on the device)
         resident_bytes = p_bytes if s.kind in ("FSDP", "HSDP") and c > 1 else 0.0
         whole_param_bytes = p_bytes if s.kind == "ZeRO2" else 0.0
         # mixed precision outside FSDP2 (classic DDP, dp == 1): autocast casts the master
@@ -629,6 +741,7 @@ class CostModel:
             per_iteration_s=sync_s + opt_s,
             memory_bytes=tuple(memory),
             first_exposed_s=first_exposed_s,
+            host_bytes=host_bytes,
             parts={
                 "compute": fwd + bwd,
                 "tp_comm": tp_comm_s,

@@ -47,6 +47,9 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         layers' fastest times (:func:`uniap.bounds.bottleneck_lower_bound`): a valid cut that the LP
         relaxation, which spreads layers fractionally over stages, does not see.
     ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
+    ``host_n``         (:func:`_memory`) ``sum_i n[node,i] sum_{u,k} Mh[u,k] x[u,i,k] <= host
+        limit`` per node (``Mh``: host bytes per rank of FSDP-offload's state, ``n[node,i]``
+        the ranks of stage i on the node); only when some ``Mh`` is positive.
     ``order_u_w_i_j``  (:func:`_symmetry`) identical layers u < w on one stage with strategies of
         the same layout take them in non-decreasing index order (symmetry breaking; exact);
         ``count_r_i_k`` integer counts per group of identical layers, stage and strategy.
@@ -443,12 +446,22 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
 
 
 def _memory(prob, t: CostTables, v: _Vars) -> None:
-    """``memory_i``: per-stage bytes within the limit (normalised by the limit)."""
+    """``memory_i``: per-stage bytes within the limit (normalised by the limit); ``host_n``:
+    each node's host bytes within the host limit."""
     terms: list[list] = [[] for _ in range(t.pp)]
     for (u, i, k), var in v.x.items():
         terms[i].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
     for i, tm in enumerate(terms):
         prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
+    if t.uses_host_memory and np.isfinite(t.host_limit_bytes):
+        for n, ranks in enumerate(t.host_ranks):
+            tm = [
+                (var, float(ranks[i] * t.Mh[u, k]) / t.host_limit_bytes)
+                for (u, i, k), var in v.x.items()
+                if t.Mh[u, k] > 0 and ranks[i] > 0
+            ]
+            if tm:
+                prob += pulp.LpAffineExpression(tm) <= 1.0, f"host_{n}"
 
 
 def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
@@ -464,6 +477,7 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
                 t.G[u].tobytes(),
                 t.F[u].tobytes(),
                 t.M[u].tobytes(),
+                t.Mh[u].tobytes(),
                 t.layout[u].tobytes(),
             ]
         )

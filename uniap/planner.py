@@ -31,6 +31,13 @@ a candidate cannot fit at all is never the only reason for :class:`InfeasibleErr
 raising, the leanest candidate (and any whose leanest assignment fits) is solved after all,
 and the error lists every candidate with the reason it gave no plan.
 
+CPU offload (``FSDP-offload``, on a cluster that declares host memory): by default the search
+runs first over the kinds that keep the state on the devices, and only when no plan fits
+there over every kind, offload included ("when needed": offloading adds host-device
+traffic and a CPU optimizer step, so it wins where nothing else fits, and the search over
+the larger space is paid only then). Passing ``kinds`` with ``FSDP-offload`` searches the whole
+space at once, exactly.
+
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
 only when asked for.
@@ -46,7 +53,7 @@ from collections.abc import Callable, Sequence
 
 from uniap.bounds import candidate_lower_bound
 from uniap.cluster import Cluster
-from uniap.contract import SCHEDULES, LayerStrategy, Plan, Stage
+from uniap.contract import DEVICE_KINDS, KINDS, OFFLOAD, SCHEDULES, LayerStrategy, Plan, Stage
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.explain import explain_candidates
@@ -92,8 +99,36 @@ def plan_graph(
     receives each line as well. ``precision``: recorded in the plan and charged by the cost
     model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`).
     ``kinds``: the data-parallel kinds offered (default all of
-    :data:`uniap.contract.KINDS`)."""
+    :data:`uniap.contract.DEVICE_KINDS`, and on a cluster that declares host memory
+    ``FSDP-offload`` too when no plan fits without it, see the module docstring)."""
     with progress_lines(progress) as say:
+        if kinds is None and cluster.offload_enabled:
+            try:
+                return _plan_graph(
+                    graph,
+                    cluster,
+                    global_batch_size=global_batch_size,
+                    profile=profile,
+                    schedules=schedules,
+                    pp_degrees=pp_degrees,
+                    num_microbatches=num_microbatches,
+                    memory_fraction=memory_fraction,
+                    max_tp=max_tp,
+                    recompute=recompute,
+                    kinds=DEVICE_KINDS,
+                    time_limit_s=time_limit_s,
+                    threads=threads,
+                    seed=seed,
+                    say=say,
+                    progress_interval_s=progress_interval_s,
+                    precision=precision,
+                )
+            except InfeasibleError as e:
+                why = str(e).splitlines()[0]
+                log.info("no plan fits without CPU offload (%s); searching with %s", why, OFFLOAD)
+                if say is not None:
+                    say(f"no plan fits without CPU offload; searching again with {OFFLOAD}")
+                kinds = KINDS
         return _plan_graph(
             graph,
             cluster,
@@ -399,6 +434,15 @@ def _to_plan(
             "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
             "stage_time_s": [float(x) for x in ev.stage_time_s],
             "memory_limit_bytes": float(t.memory_limit_bytes),
+            # FSDP-offload's state in the fullest node's host memory, and its limit
+            **(
+                {
+                    "host_memory_bytes": float(ev.host_node_bytes),
+                    "host_memory_limit_bytes": float(t.host_limit_bytes),
+                }
+                if t.uses_host_memory
+                else {}
+            ),
             **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
             # for the training log's MFU: model FLOPs (forward + backward) and the device peak
             "model_flops_per_sample": float(

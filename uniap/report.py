@@ -171,7 +171,8 @@ def memory_breakdown(
 
 _COMM_NAMES = {
     "tp": "tensor-parallel all-reduces",
-    "fsdp": "sharded-parameter all-gathers (FSDP, ZeRO2, HSDP) and ZeRO2 reduce-scatters",
+    "fsdp": "sharded-parameter all-gathers (FSDP, ZeRO2, HSDP, FSDP-offload), ZeRO2 and "
+    "FSDP-offload reduce-scatters, FSDP-offload host-device copies",
     "reshard": "activation reshards",
     "p2p": "stage-to-stage sends",
     "dp_sync": "gradient sync",

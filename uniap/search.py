@@ -416,7 +416,8 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     the limit), and ``t.memory_limit_bytes`` is ignored. Every placement and every strategy is
     scored, vectorised over the strategy choices of one placement, with the formula of
     :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small instances
-    (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``)."""
+    (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``).
+    Assignments over the host-memory limit (FSDP-offload's state) are left out."""
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
     if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:
@@ -434,8 +435,10 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         s = np.zeros((len(S), pp))
         f = np.zeros((len(S), pp))  # the stage's largest F, exposed once
         mem = np.zeros((len(S), pp))
+        host = np.zeros((len(S), pp))
         for u in range(L):
             i = st[u]
+            host[:, i] += t.Mh[u, S[:, u]]
             p[:, i] += A[:, u]
             s[:, i] += G[:, u]
             f[:, i] = np.maximum(f[:, i], F[:, u])
@@ -452,8 +455,9 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         tpi = (
             p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
         )
-        peaks.append(mem.max(axis=1))
-        times.append(tpi)
+        fits_host = (host @ t.host_ranks.T <= t.host_limit_bytes * (1 + 1e-9)).all(axis=1)
+        peaks.append(mem.max(axis=1)[fits_host])
+        times.append(tpi[fits_host])
     peak, tpi = np.concatenate(peaks), np.concatenate(times)
     out: list[tuple[float, float]] = []
     for j in np.lexsort((tpi, peak)):

@@ -10,6 +10,9 @@ whether the parameters are replicated over the data-parallel group (``DDP``), sh
 :meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a
 strategy is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2 and HSDP with
 ``dp = 1`` are the same as DDP and are not offered.
+``FSDP-offload`` (``tp == 1``, ``dp > 1``) is FSDP with the shards, their gradients and the
+optimizer state in host memory, offered only when the cluster declares host memory (see
+:mod:`uniap.cost_model`).
 ``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
 one more forward.
 """
@@ -46,10 +49,11 @@ def stage_strategies(
     max_shard: int | None = None,
 ) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
-    then DDP, FSDP, ZeRO2, then without before with recompute). ``max_tp`` caps the TP degree
-    (e.g. devices per node); ``recompute`` offers activation checkpointing; ``kinds`` the
-    data-parallel kinds for ``dp > 1`` (``dp == 1`` is always ``DDP``); ``max_shard`` caps
-    HSDP's shard group (e.g. devices per node)."""
+    then DDP, FSDP, ZeRO2, HSDP, FSDP-offload, then without before with recompute).
+    ``max_tp`` caps the TP degree (e.g. devices per node); ``recompute`` offers activation
+    checkpointing; ``kinds`` the data-parallel kinds for ``dp > 1`` (``dp == 1`` is always
+    ``DDP``); ``max_shard`` caps HSDP's shard group (e.g. devices per node). FSDP-offload is
+    offered with ``tp == 1`` only."""
     out = []
     for tp in divisors(stage_size):
         if max_tp is not None and tp > max_tp:
@@ -59,6 +63,8 @@ def stage_strategies(
             # HSDP: every shard group size strictly between 1 and dp, at most max_shard
             # (intra-node), tp = 1
             shards = [0]
+            if kind == "FSDP-offload" and tp > 1:
+                continue
             if kind == "HSDP":
                 cap = max_shard if max_shard is not None else dp
                 shards = [s for s in divisors(dp)[1:-1] if s <= cap] if tp == 1 else []

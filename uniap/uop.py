@@ -298,11 +298,28 @@ class Search:
             for c in tried[:4]
         )
         more = f"; and {len(tried) - 4} more (InfeasibleError.candidates)" if len(tried) > 4 else ""
+        if need <= limit * (1 + 1e-9) and any(e.tables.uses_host_memory for e in self.entries):
+            raise InfeasibleError(
+                "no plan fits in host memory: plans that fit the devices offload more state "
+                f"than the {fmt_bytes(cm.host_limit_bytes)} of host memory a node may hold "
+                f"({memory_fraction:.0%} of its {fmt_bytes(cluster.host_memory_bytes)}); use "
+                "more devices or nodes, a "
+                "smaller global batch or sequence length, or a cluster with more host memory. "
+                f"Tried {len(tried)} candidates: {shown}{more}",
+                min_memory_bytes=need,
+                candidates=[c.row() for c in tried],
+            )
         raise InfeasibleError(
             f"no plan fits in device memory: the leanest plan needs {fmt_bytes(need)} per device, "
             f"the usable limit is {fmt_bytes(limit)} ({memory_fraction:.0%} of "
             f"{fmt_bytes(cluster.device_memory_bytes)}); use more devices, a smaller global batch "
-            f"or sequence length, or a cluster with more memory. Tried {len(tried)} candidates: "
+            "or sequence length, or a cluster with more memory"
+            + (
+                ""
+                if cluster.offload_enabled
+                else " (or a host section in the cluster YAML, to plan with CPU offload)"
+            )
+            + f". Tried {len(tried)} candidates: "
             f"{shown}{more}",
             min_memory_bytes=need,
             candidates=[c.row() for c in tried],

@@ -388,9 +388,21 @@ def optimum(
 
     ``upper_bound_s`` (optional): only a value below it is looked for; ``inf`` comes back
     when nothing beats it. The assignment returned is re-scored by
-    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP."""
+    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP.
+
+    The labels do not track host memory (FSDP-offload's state): tables where the host limit
+    could bind (the layers' largest host bytes, on every rank of the fullest node, above it)
+    are refused with a ValueError;
+    check those with :func:`uniap.search.exhaustive`."""
     t0 = time.perf_counter()
     L, pp = t.num_layers, t.pp
+    worst_host = sum(max(float(t.Mh[u, k]) for k in t.allowed[u]) for u in range(L))
+    if worst_host * float(t.host_ranks.sum(axis=1).max()) > t.host_limit_bytes * (1 + _MEM_TOL):
+        raise ValueError(
+            f"the host-memory limit ({t.host_limit_bytes:.4g} B per node) may bind on these "
+            "tables and this dynamic program does not track host memory; use "
+            "uniap.search.exhaustive, or a cluster with more host memory"
+        )
     best = Optimum(math.inf)
     if pp == 1:
         layers = list(_stage_layers(t, 0, L - 1, 0, True, upper_bound_s=upper_bound_s))

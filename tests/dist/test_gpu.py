@@ -131,3 +131,43 @@ def test_gpu_profiles_a_meta_model_one_layer_at_a_time() -> None:
     shallow, deep = res["peak_by_depth"]["2"], res["peak_by_depth"]["12"]
     assert deep["peak_bytes"] <= shallow["peak_bytes"] + deep["model_bytes"] / 12, res
     assert res["meta_equals_real_deep"]["meta"] == res["meta_equals_real_deep"]["real"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (FSDP-offload: dp > 1)")
+def test_gpu_offload_bf16_mixed_and_clip() -> None:
+    """FSDP-offload on every GPU present (NCCL; shards, gradients and AdamW state in pinned host
+    memory, the step on the CPU): bf16-mixed next to FSDP and DDP layers, and clipping by the
+    global norm over host and device shards, match one-GPU training."""
+    from grid import D, F, bf16, toy
+
+    n, off = torch.cuda.device_count(), "FSDP-offload"
+    cases = [
+        bf16(
+            toy(
+                f"pp1_dp{n}_offload_fsdp_ddp_c2",
+                n,
+                [[(n, 1, off), (n, 1, F), (n, 1, D), (n, 1, off)]],
+                c=2,
+                B=4 * n,
+            )
+        ),
+        toy(
+            f"clip_pp1_dp{n}_offload_fsdp_c2",
+            n,
+            [[(n, 1, off), (n, 1, F)]],
+            c=2,
+            B=4 * n,
+            clip=0.05,
+        ),
+    ]
+    results = run_cases(n, "cases:run_case", cases, device="cuda")
+    failures = []
+    for case in cases:
+        res = results[case["name"]]
+        ok = "error" not in res and res["losses_close"] and res["params_close"]
+        if ok and case.get("clip") is not None:
+            ok = res["grad_norms_close"]
+            ok = ok and all(abs(p - 0.05) <= 1e-4 * 0.05 for p in res["post_clip_norms"])
+        if not ok:
+            failures.append(f"{case['name']}: {res}")
+    assert not failures, "\n".join(failures)

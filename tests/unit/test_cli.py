@@ -286,4 +286,7 @@ def test_kinds_offers_only_those_and_the_plan_shows_them(tmp_path) -> None:
     assert code == 0 and "dp4 tp1 ZeRO2" in out
     code, _, err = _run(["plan", *PLAN_ARGS, "--kinds", "ZeRO3"])
     assert code != 0
-    assert "kinds ['ZeRO3']: choose one or more of ['DDP', 'FSDP', 'ZeRO2', 'HSDP']" in err
+    assert (
+        "kinds ['ZeRO3']: choose one or more of ['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload']"
+        in err
+    )

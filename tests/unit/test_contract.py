@@ -138,7 +138,8 @@ def test_zero2_layers_round_trip_and_unknown_kinds_are_refused() -> None:
     assert Strategy(2, 1, "ZeRO2").dtensor_params
     assert not Strategy(2, 1, "FSDP").reduces_every_microbatch
     with pytest.raises(
-        ConfigError, match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2', 'HSDP'\]"
+        ConfigError,
+        match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload'\]",
     ):
         Plan.load(text.replace("ZeRO2", "ZeRO3"))
 

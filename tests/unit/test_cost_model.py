@@ -271,7 +271,8 @@ def test_kinds_restrict_the_strategies_offered() -> None:
     assert {s.kind for s in two.strategies(1)} == {"FSDP", "ZeRO2"}
     assert {s.kind for s in two.strategies(4)} == {"DDP"}  # one device per stage
     with pytest.raises(
-        ConfigError, match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2', 'HSDP'\]"
+        ConfigError,
+        match=r"choose one or more of \['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload'\]",
     ):
         CostModel(g, small_cluster(4, 1), kinds=["ZeRO3"])
 

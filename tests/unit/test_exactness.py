@@ -282,3 +282,22 @@ def test_zero2_and_hsdp_are_the_optimum_between_ddp_and_fsdp(
     assert 0 < middle < len(kinds) - 1
     assert all("DDP" in k for k in kinds[:middle])  # more memory: some layer replicated
     assert all("FSDP" in k for k in kinds[middle + 1 :])  # less: some layer fully sharded
+
+
+def test_planner_equals_enumeration_with_cpu_offload() -> None:
+    """A random chain on 2 nodes x 2 devices whose host memory holds FSDP-offload's state
+    (the full space, offload included, asked for explicitly): at every device-memory limit
+    where the optimum changes, and just below it, the planner equals the enumeration."""
+    cluster = Cluster.from_dict(
+        {
+            **_cluster(2, 2).to_dict(),
+            "host": {
+                "memory": "2 MiB",
+                "link_bandwidth": "4 GB/s",
+                "optimizer_time_per_param": "2 ns",
+            },
+        }
+    )
+    opts = {"schedules": ["1F1B"], "recompute": False, "kinds": ["DDP", "FSDP", "FSDP-offload"]}
+    checks = sweep(_chain(4), cluster, global_batch_size=8, max_checks=16, **opts)
+    assert len(checks) >= 8 and [c for c in checks if not c.ok] == []

@@ -10,8 +10,9 @@ Principles:
   pin each (parity with single-process training on losses and gradients).
 - The real thing, in torchtitan's order per stage: meshes -> this rank's stage of the model
   (layers at their FQNs) -> TP per layer (DTensor ``parallelize_module``) -> activation
-  checkpointing -> DDP/FSDP/ZeRO2 per layer (FSDP2 ``fully_shard``, for ZeRO2 with
-  ``reshard_after_forward=False``; DDP with ``tp == 1`` is one classic
+  checkpointing -> DDP/FSDP/ZeRO2/HSDP/FSDP-offload per layer (FSDP2 ``fully_shard``, for
+  ZeRO2 with ``reshard_after_forward=False``, for FSDP-offload with ``CPUOffloadPolicy``;
+  DDP with ``tp == 1`` is one classic
   ``DistributedDataParallel`` around the stage, with ``tp > 1`` FSDP2 ``replicate``)
   -> ``torch.distributed.pipelining`` stage and schedule. Consecutive layers with different
   ``(dp, tp)`` are joined by an autograd-correct reshard of the batch dimension.

@@ -1,5 +1,5 @@
-"""Data parallelism of the layers of one stage over their DP groups: ``DDP``, ``FSDP`` or
-``ZeRO2``.
+"""Data parallelism of the layers of one stage over their DP groups: ``DDP``, ``FSDP``,
+``ZeRO2``, ``HSDP`` or ``FSDP-offload``.
 
 * ``DDP`` on a layer with ``tp == 1`` (so ``dp`` is the whole stage): classic
   ``torch.nn.parallel.DistributedDataParallel`` around the stage module, over the parameters
@@ -29,6 +29,14 @@
 * ``HSDP``: ``fully_shard`` on the 2-D ``(dp_replicate, dp_shard)`` mesh of the layer's DP
   group (``tp == 1``; shard groups of ``shard_degree`` consecutive ranks): as FSDP inside each
   shard group, and the reduce-scattered gradient shard all-reduced across the replicas.
+* ``FSDP-offload``: ``fully_shard`` over the DP group (``tp == 1``) with
+  ``offload_policy=CPUOffloadPolicy()`` (pinned host memory on CUDA): the sharded parameters,
+  their gradients and so the optimizer state live on the host, and the optimizer steps there.
+  In **every micro-batch** the shard is copied to the device and all-gathered in forward and
+  again in backward (``reshard_after_forward=True``, resharded after every backward), and the
+  gradient is reduce-scattered and its shard copied to the host, where the micro-batches'
+  shards accumulate: nothing of the layer stays on the device between micro-batches. Works on
+  CPU devices with gloo too (the copies are then no-ops).
 
 **One FSDP root per stage** (:func:`apply_fsdp_root`, the torchtitan order: every layer
 first, the stage module last). The stage module gets ``fully_shard`` too, managing none of
@@ -66,10 +74,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
-from uniap.contract import DDP_BUCKET_BYTES
+from uniap.contract import DDP_BUCKET_BYTES, OFFLOAD
 from uniap.precision import Precision
 
 __all__ = ["GradSync", "apply_dp", "apply_fsdp_root", "fsdp_roots", "wrap_ddp"]
@@ -78,6 +92,9 @@ logger = logging.getLogger(__name__)
 
 _ZERO2: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 """Modules :func:`apply_dp` sharded as ``ZeRO2`` (they reduce after every micro-batch)."""
+_OFFLOADED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Modules :func:`apply_dp` sharded as ``FSDP-offload`` (they gather, reduce and reshard in
+every micro-batch)."""
 
 
 def mp_policy_for(precision: Precision) -> MixedPrecisionPolicy:
@@ -99,7 +116,8 @@ def apply_dp(
     mp_policy: MixedPrecisionPolicy | None = None,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Apply ``kind`` (``DDP``/``FSDP``/``ZeRO2``/``HSDP``) to ``module`` over ``dp_mesh``
+    """Apply ``kind`` (``DDP``/``FSDP``/``ZeRO2``/``HSDP``/``FSDP-offload``) to ``module`` over
+    ``dp_mesh``
     (1-D; for HSDP the 2-D ``(replicate, shard)`` mesh), in place.
 
     A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
@@ -112,21 +130,31 @@ def apply_dp(
     ignored = set(ignored_params or ())
     if dp_mesh.size() == 1 or all(p in ignored for p in module.parameters()):
         return module
-    if kind in ("FSDP", "ZeRO2", "HSDP"):  # HSDP: dp_mesh is 2-D (replicate, shard)
+    if kind in ("FSDP", "ZeRO2", "HSDP", OFFLOAD):  # HSDP: dp_mesh is 2-D (replicate, shard)
+        offload = kind == OFFLOAD
         fully_shard(
             module,
             mesh=dp_mesh,
-            reshard_after_forward=kind != "ZeRO2" and num_microbatches == 1,
+            reshard_after_forward=offload or (kind != "ZeRO2" and num_microbatches == 1),
             mp_policy=mp_policy,
             ignored_params=ignored or None,
+            # pinned host memory makes the copies asynchronous; CUDA only
+            offload_policy=(
+                CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
+                if offload
+                else OffloadPolicy()
+            ),
         )
         if kind == "ZeRO2":
             _ZERO2.add(module)
+        if offload:
+            _OFFLOADED.add(module)
     elif kind == "DDP":
         replicate(module, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored or None)
     else:
         raise ValueError(
-            f"unknown data-parallel kind {kind!r}; use 'DDP', 'FSDP', 'ZeRO2' or 'HSDP'"
+            f"unknown data-parallel kind {kind!r}; use 'DDP', 'FSDP', 'ZeRO2', 'HSDP' or "
+            f"'{OFFLOAD}'"
         )
     assert isinstance(module, FSDPModule)
     module.set_gradient_divide_factor(1.0)
@@ -275,11 +303,13 @@ class GradSync:
 
     def before_backward(self, *, last: bool) -> None:
         """Reduce gradients (and free unsharded parameters) only in the last backward; ZeRO2
-        layers reduce in every backward and keep their parameters whole until the last."""
+        layers reduce in every backward and keep their parameters whole until the last;
+        FSDP-offload layers reduce and reshard in every backward."""
         for m in self.modules:
             m.set_is_last_backward(last)
-            m.set_requires_gradient_sync(last or m in _ZERO2, recurse=False)
-            m.set_reshard_after_backward(last, recurse=False)
+            offloaded = m in _OFFLOADED
+            m.set_requires_gradient_sync(last or offloaded or m in _ZERO2, recurse=False)
+            m.set_reshard_after_backward(last or offloaded, recurse=False)
 
     def finish(self) -> None:
         """Leave the layers in the plain state (sync on), e.g. for a lone ``forward``."""

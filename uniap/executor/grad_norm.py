@@ -33,14 +33,18 @@ __all__ = ["clip_grad_norm_", "total_grad_norm"]
 
 
 def _groups(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Parameters with a gradient, grouped so that no group mixes plain tensors and DTensors
-    or DTensors of different meshes / placements (first-seen order, the same on every rank)."""
+    """Parameters with a gradient, grouped so that no group mixes plain tensors and DTensors,
+    DTensors of different meshes / placements, or gradients on different devices (host-memory
+    shards of FSDP-offload layers next to device ones; first-seen order, the same on every
+    rank)."""
     by_key: dict[object, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             continue
         g = p.grad
-        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        key = (
+            (g.device_mesh, tuple(g.placements), g.device.type) if isinstance(g, DTensor) else None
+        )
         by_key.setdefault(key, []).append(p)
     return list(by_key.values())
 
@@ -64,8 +68,9 @@ def total_grad_norm(
             [p.grad for p in group], norm_type, error_if_nonfinite=False, foreach=foreach
         )
         if isinstance(n, DTensor):
-            n = n.full_tensor()
-        parts.append(n.float().reshape(()))
+            # a host-memory shard's partial norm reduces over the mesh's device (e.g. NCCL)
+            n = n.to(device).full_tensor() if n.device != device else n.full_tensor()
+        parts.append(n.float().reshape(()).to(device))
     if parts:
         local = torch.linalg.vector_norm(torch.stack(parts), norm_type)
     else:
