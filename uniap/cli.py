@@ -474,7 +474,8 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         choices=list(SCHEDULES),
         default=None,
         help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
-        "than GPipe at the same time per iteration)",
+        "than GPipe at the same time per iteration; Interleaved1F1B: the planner places the "
+        "layers on pp * v stages, v stages per rank, for a bubble v times smaller)",
     )
     p.add_argument(
         "--kinds",

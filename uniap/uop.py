@@ -46,6 +46,8 @@ class Candidate:
     num_microbatches: int
     schedule: str
     lower_bound_s: float
+    virtual_stages: int = 1
+    """Stages per rank (interleaved schedules), 1 otherwise."""
     status: str = "pending"
     """``optimal``, ``time_limit``, ``infeasible`` (nothing fits), ``pruned`` (bound cannot
     win), ``cutoff`` (solved: nothing beats the incumbent)."""
@@ -63,6 +65,7 @@ class Candidate:
             "pp": self.pp,
             "c": self.num_microbatches,
             "schedule": self.schedule,
+            **({"v": self.virtual_stages} if self.virtual_stages > 1 else {}),
             "status": self.status,
             "lower_bound_s": float(self.lower_bound_s),
             "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
@@ -188,6 +191,7 @@ class Search:
                 label = (
                     f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} "
                     f"c={e.cand.num_microbatches} {e.cand.schedule}"
+                    + (f" v={e.cand.virtual_stages}" if e.cand.virtual_stages > 1 else "")
                 )
                 watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
                 sol = self._solve(
@@ -266,7 +270,7 @@ class Search:
         more than GPipe: per pipeline degree the leanest plan has c = 1 or the largest c."""
         lean: dict[tuple[int, bool], int] = {}
         for idx, e in enumerate(self.entries):
-            key = (e.cand.pp, e.cand.num_microbatches == 1)
+            key = (e.cand.pp, e.cand.virtual_stages, e.cand.num_microbatches == 1)
             if (
                 key not in lean
                 or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches

@@ -388,7 +388,14 @@ def optimum(
 
     ``upper_bound_s`` (optional): only a value below it is looked for; ``inf`` comes back
     when nothing beats it. The assignment returned is re-scored by
-    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP."""
+    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP. One stage per
+    rank only (interleaved schedules share a rank's memory between stages: not this DP's
+    per-stage labels; :func:`uniap.search.exhaustive` checks those)."""
+    if t.virtual_stages > 1:
+        raise ValueError(
+            f"the verification DP handles one stage per rank, these tables have "
+            f"{t.virtual_stages} ({t.schedule}); use uniap.search.exhaustive on small instances"
+        )
     t0 = time.perf_counter()
     L, pp = t.num_layers, t.pp
     best = Optimum(math.inf)

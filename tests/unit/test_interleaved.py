@@ -1,0 +1,198 @@
+"""Interleaved 1F1B (v stages per rank): its time and memory formulas, the solver and the
+bounds against enumeration, and plans that record v."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from uniap.bounds import SegmentBound, bottleneck_lower_bound, candidate_lower_bound, stage_windows
+from uniap.contract import Plan
+from uniap.cost_model import CostModel, CostTables, evaluate_assignment
+from uniap.errors import ConfigError
+from uniap.exactness import small_cluster
+from uniap.milp import min_peak_memory, solve
+from uniap.planner import plan
+from uniap.search import compositions, exhaustive, heuristic
+
+
+def _equal_tables(pp: int, v: int, c: int, num_layers: int = 8) -> CostTables:
+    L = num_layers
+    return CostTables(
+        pp=pp,
+        num_microbatches=c,
+        A=np.ones((L, 1)),
+        G=np.zeros((L, 1)),
+        M=np.ones((L, 1, pp * v)),
+        layout=np.zeros((L, 1), dtype=np.int64),
+        R=np.zeros((L - 1, 1, 1)),
+        Rp=np.zeros((L - 1, 1, 1)),
+        memory_limit_bytes=1e30,
+        allowed=[[0]] * L,
+        schedule="Interleaved1F1B" if v > 1 else "1F1B",
+        virtual_stages=v,
+    )
+
+
+@pytest.mark.parametrize("pp,v,c", [(2, 2, 2), (2, 2, 4), (4, 2, 8), (2, 4, 6)])
+def test_equal_stages_bubble_is_v_times_smaller(pp: int, v: int, c: int) -> None:
+    """Equal stages: TPI = c P + (pp - 1) P / v (Megatron-LM's (pp - 1) / (v c) of the ideal
+    time c P, P a rank's time per micro-batch); v = 1 is 1F1B's c P + (pp - 1) P."""
+    L = pp * v * 2
+    stage_of = [u // 2 for u in range(L)]
+    P = 2.0 * v  # two layers of 1 s per stage, v stages per rank
+    ev = evaluate_assignment(_equal_tables(pp, v, c, L), stage_of, [0] * L)
+    assert ev.time_per_iteration_s == pytest.approx(c * P + (pp - 1) * P / v)
+    assert ev.peak_memory_bytes == [2.0 * v] * pp  # a rank holds all of its stages
+    one = evaluate_assignment(_equal_tables(pp, 1, c, L), [u // (2 * v) for u in range(L)], [0] * L)
+    assert one.time_per_iteration_s == pytest.approx(c * P + (pp - 1) * P)
+
+
+def _random_interleaved(seed: int) -> CostTables:
+    """Small random tables with v = 2 stages per rank and a binding memory limit."""
+    rng = np.random.default_rng(seed)
+    pp, v = 2, 2
+    L = int(rng.integers(4, 7))
+    K = int(rng.integers(2, 4))
+    C = int(rng.integers(1, K + 1))
+    c = int(rng.choice([2, 4]))
+    layout = np.tile(rng.integers(0, C, size=K), (L, 1))
+    A = rng.uniform(0.1, 2.0, size=(L, K))
+    allowed = []
+    for u in range(L):
+        ks = sorted(rng.choice(K, size=int(rng.integers(1, K + 1)), replace=False).tolist())
+        allowed.append(ks)
+        A[u, [k for k in range(K) if k not in ks]] = np.inf
+    if seed % 2:  # a run of identical layers (symmetry rows)
+        for u in range(2, L):
+            A[u], allowed[u] = A[1], list(allowed[1])
+    G = rng.uniform(0.0, 1.0, size=(L, K))
+    F = rng.uniform(0.0, 0.5, size=(L, K)) * (seed % 3 != 2)
+    M = rng.uniform(1.0, 10.0, size=(L, K, 1)) + rng.uniform(0, 2.0, size=(L, K, pp * v))
+    if seed % 2:
+        for u in range(2, L):
+            G[u], F[u], M[u] = G[1], F[1], M[1]
+    R = rng.uniform(0.0, 0.5, size=(L - 1, C, C))
+    for a in range(C):
+        R[:, a, a] = 0.0
+    Rp = rng.uniform(0.05, 1.0, size=(L - 1, C, C))
+    t = CostTables(pp, c, A, G, M, layout, R, Rp, 1e30, allowed, F=F, virtual_stages=v)
+    peaks = [
+        max(evaluate_assignment(t, st, [min(allowed[u]) for u in range(L)]).peak_memory_bytes)
+        for st in compositions(L, pp * v)
+    ]
+    t.memory_limit_bytes = float(min(peaks) + rng.uniform(0.0, 0.6) * (max(peaks) - min(peaks)))
+    return t
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_solver_and_bounds_equal_enumeration(seed: int) -> None:
+    """The program (cold, and warm-started with a cutoff that narrows the stages by the
+    segment bound) equals exhaustive search over every split into pp * v stages and every
+    strategy; every bound stays below the optimum and every window keeps every faster
+    assignment."""
+    t = _random_interleaved(seed)
+    opt, stage_of, _ = exhaustive(t)
+    sol = solve(t)
+    if math.isinf(opt):
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal"
+    assert sol.time_per_iteration_s == pytest.approx(opt, rel=1e-9)
+    assert sol.objective_s == pytest.approx(opt, rel=1e-6)
+    start = heuristic(t)
+    warm = solve(t, incumbent=start, incumbent_tpi_s=opt * 1.02)
+    assert warm.time_per_iteration_s == pytest.approx(opt, rel=1e-9)
+    assert candidate_lower_bound(t) <= opt * (1 + 1e-12)
+    seg = SegmentBound(t)
+    for target in (None, opt * 0.999, opt, opt * 1.5):
+        assert seg.lower_bound(target) <= opt * (1 + 1e-12)
+    assert bottleneck_lower_bound(t) <= max(
+        evaluate_assignment(t, stage_of, sol.strategy_of).stage_time_s
+    )
+    target = opt * 1.05
+    win, runs = stage_windows(t, target), seg.windows(target)
+    for st in compositions(t.num_layers, t.num_stages):
+        for strat in np.ndindex(*[len(ks) for ks in t.allowed]):
+            ks = [t.allowed[u][j] for u, j in enumerate(strat)]
+            ev = evaluate_assignment(t, st, ks)
+            if ev.fits and ev.time_per_iteration_s < target:
+                assert all(i in win[u] and i in runs[u] for u, i in enumerate(st))
+    free = CostTables(**{**t.__dict__, "memory_limit_bytes": float("inf")})
+    leanest = min(
+        max(evaluate_assignment(free, st, list(ks)).peak_memory_bytes)
+        for st in compositions(t.num_layers, t.num_stages)
+        for ks in itertools.product(*t.allowed)
+    )
+    assert min_peak_memory(t) == pytest.approx(leanest, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def interleaved_plan() -> Plan:
+    """gpt-tiny on 4 CPUs at pp = 2 with the interleaved schedule."""
+    return plan(
+        "gpt-tiny", "cpu-4", global_batch_size=16, schedules=["Interleaved1F1B"], pp_degrees=[2]
+    )
+
+
+def test_planner_records_v_and_predicts_what_the_cost_model_evaluates(
+    interleaved_plan: Plan, tmp_path
+) -> None:
+    """gpt-tiny on 4 CPUs with the interleaved schedule: the plan lists pp * 2 stages, stage j
+    on the ranks of stage j % pp; it round-trips through YAML, shows v, and its predicted
+    time and memory are CostModel.evaluate() of it."""
+    from uniap import models
+    from uniap.cluster import load_cluster
+    from uniap.graph import build_graph
+
+    p = interleaved_plan
+    assert p.schedule == "Interleaved1F1B" and p.virtual_stages == 2
+    assert len(p.stages) == 2 * p.pp_degree
+    assert [s.ranks for s in p.stages] == [p.stages[j % p.pp_degree].ranks for j in range(4)]
+    assert p.stages_of_rank(0) == [0, p.pp_degree]
+    assert p.num_microbatches % p.pp_degree == 0
+    again = Plan.load(p.to_yaml(tmp_path / "p.yaml"))
+    assert again.to_dict() == p.to_dict() and again.virtual_stages == 2
+    assert "with 2 stages per rank" in p.describe() and " v=2 " in p.summary()
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    ev = CostModel(g, load_cluster("cpu-4"), precision=p.precision).evaluate(p)
+    assert ev.time_per_iteration_s == pytest.approx(p.predicted["time_per_iteration_s"])
+    assert ev.peak_memory_bytes == pytest.approx(p.predicted["peak_memory_bytes"])
+    tb = p.predicted["time_breakdown_s"]
+    assert sum(tb.values()) == pytest.approx(p.predicted["time_per_iteration_s"])
+
+
+def test_interleaved_plans_are_validated(interleaved_plan: Plan) -> None:
+    """Stages not in the looped placement, and c not a multiple of pp, are one ConfigError
+    each."""
+    p = interleaved_plan
+    d = p.to_dict()
+    d["stages"][2]["ranks"], d["stages"][3]["ranks"] = [2, 3], [0, 1]
+    with pytest.raises(ConfigError, match="stage j must run on the ranks of stage j % pp"):
+        Plan.from_dict(d)
+    d = p.to_dict()
+    d["num_microbatches"], d["global_batch_size"] = 3 * p.pp_degree - 1, 4 * (3 * p.pp_degree - 1)
+    with pytest.raises(ConfigError, match="needs the number of micro-batches .* multiple of"):
+        Plan.from_dict(d)
+    d = p.to_dict()
+    d["schedule"] = "1F1B"
+    with pytest.raises(ConfigError, match=r"1F1B runs \(1,\) stage\(s\) per rank, not 2"):
+        Plan.from_dict(d)
+
+
+def test_tables_refuse_what_the_schedule_cannot_run() -> None:
+    """c not a multiple of pp, or fewer layers than pp * v: one ConfigError naming it."""
+    from uniap import models
+    from uniap.graph import build_graph
+
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    cm = CostModel(g, small_cluster(4))
+    with pytest.raises(ConfigError, match=r"micro-batches \(6\) to be a multiple of .* \(4\)"):
+        cm.tables(4, 6, 12, "Interleaved1F1B")
+    with pytest.raises(ConfigError, match=f"needs at least {4 * 8} layers"):
+        cm.tables(4, 4, 16, "Interleaved1F1B", 8)
