@@ -196,3 +196,127 @@ def test_tables_refuse_what_the_schedule_cannot_run() -> None:
         cm.tables(4, 6, 12, "Interleaved1F1B")
     with pytest.raises(ConfigError, match=f"needs at least {4 * 8} layers"):
         cm.tables(4, 4, 16, "Interleaved1F1B", 8)
+
+
+@pytest.fixture
+def fake_world(request: pytest.FixtureRequest):
+    """A fake process group (no communication) of ``(world, rank)``."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world, rank = request.param
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    yield rank
+    dist.destroy_process_group()
+
+
+def _toy_interleaved_plan(world: int, pp: int, n_blocks: int) -> Plan:
+    from toy import toy_fqns
+
+    from uniap.contract import LayerStrategy, Stage, Strategy
+
+    fqns, g = toy_fqns(n_blocks), world // pp
+    stages = [
+        Stage(
+            tuple(range((j % pp) * g, (j % pp + 1) * g)),
+            (LayerStrategy(f, Strategy(g, 1, "FSDP")),),
+        )
+        for j, f in enumerate(fqns)
+    ]
+    return Plan(
+        model_name="Toy",
+        model_signature="toy",
+        num_layers=len(fqns),
+        world_size=world,
+        global_batch_size=4 * g,
+        num_microbatches=pp,
+        schedule="Interleaved1F1B",
+        stages=tuple(stages),
+    )
+
+
+@pytest.mark.parametrize("fake_world", [(8, 5)], indirect=True)
+def test_apply_plan_builds_the_ranks_stages(fake_world: int) -> None:
+    """Fake rank 5 of 8 at pp = 4, v = 2 (8 layers, one per stage): it holds stages 2 and 6
+    (blocks.1 and blocks.5) at their FQNs, one pipeline stage each in torch's interleaved
+    schedule, each its own FSDP root."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+    from toy import build_toy, toy_layers, toy_loss
+
+    from uniap.executor import apply_plan
+
+    plan = _toy_interleaved_plan(8, 4, 6)
+    assert plan.stages_of_rank(fake_world) == [2, 6]
+    pm = apply_plan(
+        build_toy(6), plan, loss_fn=toy_loss, layers=toy_layers(6), device=torch.device("cpu")
+    )
+    assert {k.rsplit(".", 2)[0] for k, _ in pm.named_parameters()} >= {"blocks.1", "blocks.5"}
+    assert all(k.startswith(("blocks.1.", "blocks.5.")) for k, _ in pm.named_parameters())
+    sched = pm._schedule
+    assert isinstance(sched, ScheduleInterleaved1F1B)
+    assert [s.stage_index for s in sched._stages] == [2, 6]
+    assert all(isinstance(s.submod.module, FSDPModule) for s in sched._stages)
+    assert not pm.is_first_stage and not pm.is_last_stage
+
+
+@pytest.mark.parametrize("fake_world", [(4, 0)], indirect=True)
+def test_traced_model_is_refused_with_the_fix(fake_world: int) -> None:
+    """A model split by tracing its forward runs one stage per rank: an interleaved plan for
+    it is one error naming both fixes."""
+    import torch
+    from toy import Toy, toy_loss
+
+    from uniap.errors import UniapError
+    from uniap.executor import apply_plan
+
+    class OwnForward(Toy):
+        uniap_layer_fqns = None  # not a declared chain: split by tracing
+
+    plan = _toy_interleaved_plan(4, 2, 2)
+    torch.manual_seed(0)
+    with pytest.raises(
+        UniapError,
+        match=r"OwnForward is split by tracing its forward, which runs one stage per rank; "
+        r"Interleaved1F1B needs 2 stages per rank: make the model a declared chain "
+        r"\(nn.Sequential, or uniap_layer_fqns\(\)\), or re-plan with schedule 1F1B",
+    ):
+        apply_plan(OwnForward(2), plan, loss_fn=toy_loss, device=torch.device("cpu"))
+
+
+def test_planner_chooses_interleaving_when_it_is_faster(interleaved_plan: Plan) -> None:
+    """Offered both schedules at pp = 2, the planner returns the interleaved plan: its bubble
+    is half of 1F1B's, more than its extra stage-to-stage sends cost."""
+    one = plan("gpt-tiny", "cpu-4", global_batch_size=16, pp_degrees=[2])
+    both = plan(
+        "gpt-tiny",
+        "cpu-4",
+        global_batch_size=16,
+        schedules=["1F1B", "Interleaved1F1B"],
+        pp_degrees=[2],
+    )
+    assert one.schedule == "1F1B" and both.schedule == "Interleaved1F1B"
+    assert both.to_dict()["stages"] == interleaved_plan.to_dict()["stages"]
+    tpi = both.predicted["time_per_iteration_s"]
+    assert tpi == interleaved_plan.predicted["time_per_iteration_s"]
+    assert tpi < one.predicted["time_per_iteration_s"]
+    assert {(c["schedule"], c.get("v")) for c in both.solver["candidates"]} == {
+        ("1F1B", None),
+        ("Interleaved1F1B", 2),
+    }
+
+
+def test_cli_schedule_takes_several_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """--schedule 1F1B,Interleaved1F1B offers both; an unknown name is one error listing
+    them."""
+    from uniap.cli import _schedule_list, main
+
+    assert _schedule_list("1F1B,Interleaved1F1B") == ["1F1B", "Interleaved1F1B"]
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
+              "--schedule", "1F1B,ZB"])  # fmt: skip
+    assert (
+        "argument --schedule: invalid choice: 'ZB' (choose from GPipe, 1F1B, Interleaved1F1B, or "
+        "several separated by commas)"
+    ) in capsys.readouterr().err
