@@ -23,6 +23,13 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 7. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop over
    the micro-batches.
 
+Interleaved schedules (``v`` stages per rank, :mod:`uniap.schedules`): a declared chain only
+(a traced model is refused, naming the fix). The rank builds a ``StageModule`` for each of its
+stages ``i, i + pp, ...`` and applies steps 3-6 to their layers, each stage being its own FSDP2
+root and classic-DDP wrapper with its own gradient switches; one module holding all of its
+layers (the same module objects, at their FQNs) is what parameters, state dicts and
+optimizers see; one ``ScheduleInterleaved1F1B`` runs the ``v`` pipeline stages.
+
 Gradient accumulation: without ``zero_grad`` between two ``train_step`` calls the gradients
 add up as they would on one device. FSDP2 and ``replicate`` add the reduced gradient to the
 sharded one; classic DDP would all-reduce the accumulated ``.grad`` bucket again, so its
