@@ -182,9 +182,11 @@ def _devices_per_node(plan: Plan) -> int:
 
 def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> None:  # noqa: N803
     nodes = math.ceil(plan.world_size / per_node)
-    for i, st in enumerate(plan.stages):
+    pp = plan.pp_degree
+    for i, st in enumerate(plan.stages[:pp]):  # (interleaved: a device holds stages i, i + pp..)
         colour = _STAGE_COLOURS[i % len(_STAGE_COLOURS)]
-        strategies = sorted({g["strategy"] for g in r["stages"][i]["groups"]})
+        mine = range(i, len(plan.stages), pp)
+        strategies = sorted({g["strategy"] for j in mine for g in r["stages"][j]["groups"]})
         for rank in st.ranks:
             x, y = rank % per_node, nodes - 1 - rank // per_node
             fsdp = any(k in s for s in strategies for k in ("FSDP", "ZeRO2", "HSDP"))
@@ -203,7 +205,7 @@ def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> N
             ax.text(
                 x + 0.5,
                 y + 0.5,
-                f"{rank}\nS{i}",
+                f"{rank}\nS" + ",".join(str(j) for j in mine),
                 ha="center",
                 va="center",
                 fontsize=8,
@@ -286,6 +288,18 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
             0.5,
             "no per-stage times in this plan file (re-run `uniap plan`, or pass --model "
             "and --cluster)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_axis_off()
+        return
+    if plan.virtual_stages > 1:  # the order below is one stage per rank
+        ax.text(
+            0.5,
+            0.5,
+            f"{plan.schedule} with {plan.virtual_stages} stages per rank: its timeline is not "
+            "drawn (the bubble and times are in `uniap show`)",
             ha="center",
             va="center",
             transform=ax.transAxes,
