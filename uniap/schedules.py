@@ -112,29 +112,39 @@ def _interleaved_inflight(stage: int, pp: int, v: int, num_microbatches: int) ->
     return _interleaved_peaks(pp, v, num_microbatches)[stage]
 
 
+def interleaved_order(
+    pp: int, v: int, num_microbatches: int, rank: int
+) -> list[tuple[str, int, int]]:
+    """Rank ``rank``'s operations in torch's interleaved 1F1B order, as ``(kind, micro-batch,
+    stage)`` with kind ``F`` or ``B``: warm-up forwards, then forward + backward pairs, then
+    the remaining backwards; forward ``n`` runs the rank's chunk ``(n // per_round) % v``,
+    backward ``n`` the chunk ``v - 1 - (n // per_round) % v`` (see the module docstring)."""
+    c = num_microbatches
+    per_round = c // max(1, c // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), c * v)
+    kinds = ["F"] * warmup + ["F", "B"] * (c * v - warmup) + ["B"] * warmup
+    num = {"F": 0, "B": 0}
+    seen: dict[tuple[str, int], int] = {}
+    out = []
+    for kind in kinds:
+        q = (num[kind] // per_round) % v
+        num[kind] += 1
+        stage = (q if kind == "F" else v - 1 - q) * pp + rank
+        m = seen.get((kind, stage), 0)
+        seen[kind, stage] = m + 1
+        out.append((kind, m, stage))
+    return out
+
+
 @lru_cache(maxsize=256)
 def _interleaved_peaks(pp: int, v: int, c: int) -> tuple[int, ...]:
-    rounds = max(1, c // pp)
-    per_round = c // rounds
     peaks = [0] * (pp * v)
     for r in range(pp):
-        warmup = min((v - 1) * per_round + 2 * (pp - 1 - r), c * v)
-        # the rank's operations: warm-up forwards, then forward + backward pairs, then the
-        # remaining backwards; forward n runs chunk (n // per_round) % v, backward n the chunk
-        # v - 1 - (n // per_round) % v
-        ops = [True] * warmup + [True, False] * (c * v - warmup) + [False] * warmup
-        alive, peak, num = [0] * v, [0] * v, {True: 0, False: 0}
-        for fwd in ops:
-            q = (num[fwd] // per_round) % v
-            num[fwd] += 1
-            if fwd:
-                alive[q] += 1
-                peak[q] = max(peak[q], alive[q])
-            else:
-                alive[v - 1 - q] -= 1
+        alive = [0] * (pp * v)
+        for kind, _, j in interleaved_order(pp, v, c, r):
+            alive[j] += 1 if kind == "F" else -1
+            peaks[j] = max(peaks[j], alive[j])
         assert not any(alive), alive
-        for q in range(v):
-            peaks[q * pp + r] = peak[q]
     return tuple(peaks)
 
 

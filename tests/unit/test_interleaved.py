@@ -323,10 +323,13 @@ def test_cli_schedule_takes_several_names(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_picture_of_an_interleaved_plan_labels_each_devices_stages(interleaved_plan: Plan) -> None:
-    """The device grid names every stage a device holds (S0,2 on the devices of stage 0)."""
+    """The device grid names every stage a device holds (S0,2 on the devices of stage 0); the
+    timeline has a row per rank."""
     pytest.importorskip("matplotlib")
     from uniap.plot import plot_plan
 
     fig = plot_plan(interleaved_plan)
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert labels[:2] == ["0\nS0,2", "1\nS0,2"] and labels[2:4] == ["2\nS1,3", "3\nS1,3"]
+    rows = [t.get_text() for t in fig.axes[2].get_yticklabels()]
+    assert rows == ["stages 0,2", "stages 1,3"]
