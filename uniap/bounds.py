@@ -34,6 +34,11 @@ The segment bound (:class:`SegmentBound`, :func:`segment_lower_bound`)
     ``T* >= max(T_split, S / pp) + k`` and ``S* >= max(Gmin / pp, max_u Gmin_u)``; the box with
     the lowest bound is split until all reach the target. Results are scaled by ``1 - 1e-9``
     against rounding.
+Interleaved schedules (``v`` stages per rank, ``TPI = (sum_j p_j + sum_j o_j) / v + (c - 1 / v)
+T* + S* + step`` with ``T*``, ``S*`` per rank): the chain is split into ``pp * v`` runs; each
+stage's time, edge, sync and memory are at most its rank's, so the runs above stay valid stage
+by stage, the split's cost is divided by ``v``, ``(c - 1)`` becomes ``(c - 1 / v)`` and
+``T* >= sum_u min_k A[u,k] / pp + v k`` (the busiest rank's share and its ``v`` overheads).
 Windows (:func:`stage_windows`, :func:`segment_windows`)
     With an incumbent of time ``T``: a layer may sit on stage i only if stages 0..i can reach it
     and stages i..pp-1 can cover the rest with each stage's compute and memory lower bounds
@@ -66,11 +71,12 @@ def candidate_lower_bound(t: CostTables) -> float:
     split = bottleneck_lower_bound(t)
     if not np.isfinite(split):
         return float("inf")  # no split of the chain fits in memory
-    bottleneck = max(s / t.pp, split) + k
+    v = t.virtual_stages
+    # the busiest rank holds v stages (each paying k) and at least its share of the compute
+    bottleneck = max(s / t.pp + v * k, split + k)
     return (
-        s
-        + t.pp * k
-        + (t.num_microbatches - 1) * bottleneck
+        (s + t.num_stages * k) / v
+        + (t.num_microbatches - 1 / v) * bottleneck
         + float(gmin.sum()) / t.pp
         + t.step_overhead_s
     )
@@ -93,7 +99,7 @@ def bottleneck_lower_bound(t: CostTables) -> float:
     valid here: memory depends on the stage (1F1B keeps ``min(c, pp - i)`` micro-batches on
     stage i), so a longer stage i can push a large layer onto a stage where it no longer
     fits while a shorter stage i would have worked."""
-    L, pp = t.num_layers, t.pp
+    L, pp = t.num_layers, t.num_stages
     if L < pp:
         return float("inf")
     amin, _, mmin = t.minima()
@@ -182,17 +188,25 @@ class SegmentBound:
     one table (built once, asked again for other targets; the table must not change)."""
 
     def __init__(self, t: CostTables) -> None:
-        L, pp, c = t.num_layers, t.pp, t.num_microbatches
+        L, pp, c, v = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages
         self.t, self.L, self.pp = t, L, pp
-        self.k, self.step, self.w = t.stage_overhead_s, t.step_overhead_s, c - 1
+        # interleaved (v stages per rank): TPI = (sum p + sum o) / v + (c - 1 / v) T* + S*, with
+        # T* and S* per rank; every stage's p_j, o_j is at most T*, its sync and memory at most
+        # its rank's, so the runs below stay valid per stage and the split is divided by v
+        self.k, self.step, self.w, self.fscale = (
+            t.stage_overhead_s,
+            t.step_overhead_s,
+            c - 1 / v,
+            1 / v,
+        )
         self.split = bottleneck_lower_bound(t) if L >= pp else float("inf")
         if not np.isfinite(self.split):
             return
         k = self.k
         amin, gmin, mmin = t.minima()
         mask = t.allowed_mask()
-        self.T0 = max(self.split, float(amin.sum()) / pp) + k
-        self.S0 = max(float(gmin.sum()) / pp, float(gmin.max()))
+        self.T0 = max(self.split + k, float(amin.sum()) / t.pp + v * k)
+        self.S0 = max(float(gmin.sum()) / t.pp, float(gmin.max()))
         # Stages with the same memory rows (1F1B: all that hold c micro-batches) share their runs.
         self.group_of, reps = [], []
         seen: dict[bytes, int] = {}
@@ -298,7 +312,7 @@ class SegmentBound:
         return float(f[self.L - 1])
 
     def bound(self, Ta: float, Sa: float, F: float) -> float:
-        return self.w * Ta + Sa + F + self.step
+        return self.w * Ta + Sa + F * self.fscale + self.step
 
     def refine(self, target: float | None, max_evals: int) -> tuple[float, list[tuple]]:
         """The bound, and the boxes ``(Ta, Tb, Sa, Sb)`` left below ``target`` (see
@@ -333,10 +347,10 @@ class SegmentBound:
                 return left(b, (Ta, Tb, Sa, Sb))
             cells = []
             if w and not np.isfinite(Tb):  # T* so large that (c - 1) T* alone reaches the goal
-                Ts = max(Ta, (aim - self.step - Sa - F) / w)
+                Ts = max(Ta, (aim - self.step - Sa - F * self.fscale) / w)
                 cells += [(Ts, Tb, Sa, Sb, F), (Ta, Ts, Sa, Sb, None)]
             elif not np.isfinite(Sb):  # likewise S*
-                Ss = max(Sa, aim - self.step - w * Ta - F)
+                Ss = max(Sa, aim - self.step - w * Ta - F * self.fscale)
                 cells += [(Ta, Tb, Ss, Sb, F), (Ta, Tb, Sa, Ss, None)]
             else:
                 wt, ws = (w * (Tb - Ta) if w else 0.0), Sb - Sa
@@ -379,7 +393,7 @@ class SegmentBound:
         start[0] = 0.0
         end = np.full(L, np.inf)
         end[L - 1] = 0.0
-        budget = goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)
+        budget = (goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)) / self.fscale
         cover = np.zeros((L, pp), dtype=bool)
         idx = np.arange(L)
         for i in range(pp):
@@ -417,6 +431,11 @@ def min_peak_memory(t: CostTables) -> float:
     ``m[u, i] = min_k M[u, k, i]``, and splits the chain into ``pp`` non-empty runs minimising
     the largest stage sum: a dynamic program over run ends, stage by stage,
     ``f[i][e] = min_s max(f[i - 1][s - 1], sum_{u = s..e} m[u, i])``, ``O(pp L^2)``."""
+    if t.virtual_stages > 1:
+        raise ValueError(
+            "min_peak_memory splits one stage per rank; interleaved tables (a rank's memory "
+            "sums its stages) need uniap.milp.min_peak_memory"
+        )
     L, pp = t.num_layers, t.pp
     _, _, mmin = t.minima()
     cm = np.vstack([np.zeros((1, pp)), np.cumsum(mmin, axis=0)])  # cm[j, i]: layers 0..j-1
@@ -435,15 +454,17 @@ def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:
     with a ``bound`` (an incumbent's time), also only if stages 0..i can reach u and stages
     i..pp-1 can cover u..L-1 with every stage's compute lower bound ``seg`` satisfying
     ``total_min + (c - 1) seg <= bound`` and its memory lower bound within the limit."""
-    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    L, pp, c, v = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages
     lo = [max(0, pp - L + u) for u in range(L)]
     hi = [min(u, pp - 1) for u in range(L)]
     amin, _, mmin = t.minima()
     limit = t.memory_limit_bytes * (1 + 1e-9)
-    total = float(amin.sum())
+    # v stages per rank (interleaved): TPI >= total / v + (c - 1 / v) seg, seg <= T*
+    total = float(amin.sum()) / v
+    w = c - 1 / v
     cap = float("inf")
-    if bound is not None and c > 1:
-        cap = (bound * (1 + 1e-9) - total) / (c - 1)
+    if bound is not None and w > 0:
+        cap = (bound * (1 + 1e-9) - total) / w
     elif bound is not None and bound * (1 + 1e-9) < total:
         cap = -1.0
 

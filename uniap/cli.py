@@ -39,6 +39,18 @@ DEMO_CLUSTER = "cpu-4"
 DEMO_BATCH = 16
 
 
+def _schedule_list(text: str) -> list[str]:
+    """``--schedule``: one name of :mod:`uniap.schedules` or several, comma-separated."""
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if n not in SCHEDULES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {bad[0]!r} (choose from {', '.join(SCHEDULES)}, or several "
+            "separated by commas)"
+        )
+    return names
+
+
 def _plan_from_args(args: argparse.Namespace):
     from uniap.models import resolve_model
     from uniap.planner import plan
@@ -59,7 +71,7 @@ def _plan_from_args(args: argparse.Namespace):
         time_limit_s=args.time_limit_s,
         profile=profile,
         seq_len=args.seq_len,
-        schedules=[args.schedule] if args.schedule else None,
+        schedules=args.schedule,
         progress_interval_s=args.progress_interval_s,
         kinds=args.kinds.split(",") if args.kinds else None,
     )
@@ -472,10 +484,13 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
     )
     p.add_argument(
         "--schedule",
-        choices=list(SCHEDULES),
+        type=_schedule_list,
         default=None,
-        help="pipeline schedule to plan for (default: 1F1B, which never needs more memory "
-        "than GPipe at the same time per iteration)",
+        metavar="S[,S...]",
+        help=f"pipeline schedule(s) to plan for, among {', '.join(SCHEDULES)}; several, "
+        "comma-separated, and the planner picks the best (default: 1F1B, which never needs "
+        "more memory than GPipe at the same time per iteration; Interleaved1F1B: the layers "
+        "on pp * v stages, v stages per rank, for a bubble v times smaller)",
     )
     p.add_argument(
         "--kinds",

@@ -34,6 +34,8 @@ Plan file layout (YAML; JSON is the same tree)::
                                                             # (HSDP: shard_degree: s)
     - ranks: [2, 3]
       layers: [...]
+                                         # an interleaved schedule (Interleaved1F1B) lists
+                                         # pp * v stages, stage j on the ranks of stage j % pp
     predicted: {time_per_iteration_s: ..., samples_per_s: ..., peak_memory_bytes: [...], ...}
     solver: {status: optimal, gap: 0.0, milps_solved: ..., candidates: [...]}
                                          # wall_s with timings=True
@@ -221,9 +223,10 @@ class Plan:
     num_microbatches: int
     """Micro-batches per iteration (``c``)."""
     schedule: str
-    """``GPipe`` or ``1F1B``."""
+    """A name in :mod:`uniap.schedules`: ``GPipe``, ``1F1B`` or ``Interleaved1F1B``."""
     stages: tuple[Stage, ...]
-    """Pipeline stages in order."""
+    """Pipeline stages in chain order; with an interleaved schedule ``pp * v`` of them, stage
+    ``j`` on the ranks of stage ``j % pp`` (:attr:`virtual_stages`)."""
     predicted: dict[str, Any] = field(default_factory=dict)
     """``time_per_iteration_s``, ``samples_per_s``, ``peak_memory_bytes`` (per stage), and
     where the time and memory go (``time_breakdown_s``, ``stage_detail``: see
@@ -248,8 +251,24 @@ class Plan:
     # ---------------------------------------------------------------- properties
     @property
     def pp_degree(self) -> int:
-        """Number of pipeline stages."""
-        return len(self.stages)
+        """Pipeline degree: the number of rank groups (stages per rank aside)."""
+        return len(self.stages) // self.virtual_stages
+
+    @property
+    def virtual_stages(self) -> int:
+        """Stages per rank ``v`` (interleaved schedules), 1 otherwise: the stages that share
+        stage 0's ranks."""
+        return sum(1 for st in self.stages if tuple(st.ranks) == tuple(self.stages[0].ranks))
+
+    def stages_of_rank(self, rank: int) -> list[int]:
+        """Indices of the stages that ``rank`` holds (one, or ``v`` with an interleaved
+        schedule), in chain order."""
+        out = [i for i, st in enumerate(self.stages) if rank in st.ranks]
+        if not out:
+            raise PlanMismatchError(
+                f"rank {rank} is in no stage of the plan (world size {self.world_size})"
+            )
+        return out
 
     @property
     def microbatch_size(self) -> int:
@@ -262,13 +281,8 @@ class Plan:
         return tuple(ls for st in self.stages for ls in st.layers)
 
     def stage_of_rank(self, rank: int) -> int:
-        """Index of the stage that holds ``rank``."""
-        for i, st in enumerate(self.stages):
-            if rank in st.ranks:
-                return i
-        raise PlanMismatchError(
-            f"rank {rank} is in no stage of the plan (world size {self.world_size})"
-        )
+        """Index of the (first) stage that holds ``rank``."""
+        return self.stages_of_rank(rank)[0]
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -295,7 +309,26 @@ class Plan:
             )
         if not self.stages:
             raise bad("a plan needs at least one stage")
-        all_ranks = [r for st in self.stages for r in st.ranks]
+        v, n_st = self.virtual_stages, len(self.stages)
+        spec = _SCHEDULE_SPECS[self.schedule]
+        if v > 1 or spec.interleaved:
+            pp = n_st // v
+            if n_st % v or any(
+                tuple(st.ranks) != tuple(self.stages[j % pp].ranks)
+                for j, st in enumerate(self.stages)
+            ):
+                raise bad(
+                    f"stage ranks {[list(s.ranks) for s in self.stages]}: with {v} stages per "
+                    "rank, stage j must run on the ranks of stage j % pp (the looped placement of "
+                    "interleaved schedules)"
+                )
+            reason = spec.why_not(pp, v, self.num_microbatches) if pp > 1 else None
+            if reason or (pp > 1 and v == 1):
+                raise bad(
+                    (reason or f"{self.schedule} needs more than one stage per rank")
+                    + f"; stages per rank: {v}, pipeline degree {pp}"
+                )
+        all_ranks = [r for st in self.stages[: n_st // v] for r in st.ranks]
         if sorted(all_ranks) != list(range(self.world_size)):
             raise bad(
                 f"stage ranks {[list(s.ranks) for s in self.stages]} must cover "
@@ -547,8 +580,9 @@ class Plan:
             parts.append(", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers)))
         tpi = self.predicted.get("time_per_iteration_s")
         tail = f" | TPI {tpi:.4g} s" if isinstance(tpi, int | float) else ""
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (
-            f"pp={self.pp_degree} c={self.num_microbatches} {self.schedule}: "
+            f"pp={self.pp_degree}{v} c={self.num_microbatches} {self.schedule}: "
             + " || ".join(parts)
             + tail
         )
@@ -560,7 +594,13 @@ class Plan:
             f"pp={self.pp_degree}, {self.num_microbatches} "
             f"micro-batch{'es' if self.num_microbatches > 1 else ''} "
             f"of {self.microbatch_size} "
-            f"(global batch {self.global_batch_size}), schedule {self.schedule}",
+            f"(global batch {self.global_batch_size}), schedule {self.schedule}"
+            + (
+                f" with {self.virtual_stages} stages per rank (stage j on the ranks of stage "
+                f"j % {self.pp_degree})"
+                if self.virtual_stages > 1
+                else ""
+            ),
             "precision: "
             + (
                 self.precision.describe()
@@ -582,7 +622,8 @@ class Plan:
             span = f"{span} ({len(fq)})"
             ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
             strat = ", ".join(f"{n}x {_strat(k)}" for k, n in _runs(st.layers))
-            m = fmt_bytes(mem[i]) if i < len(mem) else "-"
+            r = i % self.pp_degree  # memory is per rank: all of its stages
+            m = fmt_bytes(mem[r]) if r < len(mem) else "-"
             t = (
                 f"{st_time[i] * 1e3:.4f}".rstrip("0").rstrip(".") + " ms"
                 if i < len(st_time)

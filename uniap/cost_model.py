@@ -79,10 +79,12 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   ``profile.activation_bytes(layer, bl, tp) * inflight(i)`` (analytic:
   ``saved_bytes * bl * (f / tp + 1 - f)``; with recompute: ``input_bytes * bl * inflight(i)``, and
   backward pays one more forward) with ``f`` the layer's TP-sharded fraction and ``inflight`` = 1
-  for ``pp = 1``, ``c`` for GPipe, ``min(c, pp - i)`` for 1F1B. The last layer also holds the loss's
-  copy of its output for the other in-flight micro-batches and the loss's working memory for the one
-  in backward: ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic:
-  ``2 out_bytes bl``, the output and its gradient).
+  for ``pp = 1``, ``c`` for GPipe, ``min(c, pp - i)`` for 1F1B, for interleaved 1F1B the most
+  micro-batches virtual stage ``i`` holds in torch's order (:mod:`uniap.schedules`). The last
+  layer also holds the loss's copy of its output for the other in-flight micro-batches and the
+  loss's working memory for the one in backward:
+  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic: ``2 out_bytes bl``,
+  the output and its gradient).
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
@@ -143,6 +145,16 @@ Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` 
 ``p_i = sum_{u in U_i} A[u,k_u] + sum_{u, u+1 in U_i} R[u, k_u, k_{u+1}]``,
 ``o_i = Rp[last(U_i), k, k']``, ``s_i = sum_{u in U_i} G[u,k_u] + max_{u in U_i} F[u,k_u]``.
 
+Interleaved schedules (``v`` stages per rank, :mod:`uniap.schedules`; Narayanan et al.,
+SC 2021): the chain is split into ``pp * v`` stages ``j``, stage ``j`` on rank ``r = j % pp``; a
+rank's memory and synchronisation are those of all its stages (``s_r``: its layers' ``G`` and
+its largest ``F``), and the bubble is paid in chunks ``v`` times smaller:
+
+``TPI = (sum_j p_j + sum_j o_j) / v + (c - 1 / v) * max_r max(P_r, O_r) + max_r s_r``,
+``P_r = sum_{j on r} p_j``, ``O_r = sum_{j on r} o_j`` (``v = 1``: the formula above; equal
+stages: a bubble of ``(pp - 1) / (v c)`` of the ideal time, the paper's). The stage edges use
+the slowest link between neighbouring ranks, the last rank's to the first included.
+
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
 
@@ -165,7 +177,7 @@ from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
-from uniap.schedules import inflight_microbatches
+from uniap.schedules import get_schedule
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = [
@@ -202,7 +214,7 @@ class CostTables:
     G: np.ndarray
     """(L, K) seconds once per iteration."""
     M: np.ndarray
-    """(L, K, pp) bytes per device."""
+    """(L, K, num_stages) bytes per device of the layer on each (virtual) stage."""
     layout: np.ndarray
     """(L, K) int layout class."""
     R: np.ndarray
@@ -235,6 +247,10 @@ class CostTables:
     """(nodes, pp) ranks of stage i on each node, distinct rows only (the host constraint's
     coefficients); None: one node holding one rank of each stage."""
 
+    virtual_stages: int = 1
+    """Stages per rank ``v`` (interleaved schedules): the chain is split into ``pp * v``
+    stages, stage ``j`` on rank ``j % pp``; 1 otherwise."""
+
     def __post_init__(self) -> None:
         if self.F is None:
             self.F = np.zeros(np.shape(self.A))
@@ -247,6 +263,11 @@ class CostTables:
     def uses_host_memory(self) -> bool:
         """Whether some strategy holds state in host memory (the host constraint matters)."""
         return bool(np.any(self.Mh > 0))
+
+    @property
+    def num_stages(self) -> int:
+        """Stages of the chain: ``pp * v``."""
+        return self.pp * self.virtual_stages
 
     @property
     def num_layers(self) -> int:
@@ -271,7 +292,7 @@ class CostTables:
 
     def minima(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each layer's smallest ``A`` and ``G`` over its allowed strategies, ``(L,)``, and its
-        smallest memory per stage, ``(L, pp)``."""
+        smallest memory per stage, ``(L, num_stages)``."""
         mask = self.allowed_mask()
         amin = np.where(mask, self.A, np.inf).min(axis=1)
         gmin = np.where(mask, self.G, np.inf).min(axis=1)
@@ -331,28 +352,33 @@ class Evaluation:
 def evaluate_assignment(
     t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
 ) -> Evaluation:
-    """TPI and per-stage memory of an assignment (see the module docstring for the formula).
+    """TPI and per-rank memory of an assignment (see the module docstring for the formula).
 
-    ``stage_of[u]`` must be non-decreasing from 0 to ``pp - 1`` in steps of at most one; a
-    strategy a layer may not use gives an infinite time.
+    ``stage_of[u]`` must be non-decreasing from 0 to ``num_stages - 1`` in steps of at most
+    one; a strategy a layer may not use gives an infinite time. With ``v`` stages per rank
+    (interleaved schedules) stage ``j`` runs on rank ``j % pp``: ``stage_time_s`` and
+    ``link_time_s`` are per (virtual) stage, ``sync_time_s`` and ``peak_memory_bytes`` per
+    rank.
     """
-    L, pp, c = t.num_layers, t.pp, t.num_microbatches
-    p = [0.0] * pp
-    o = [0.0] * max(pp - 1, 0)
+    L, pp, c, v = t.num_layers, t.pp, t.num_microbatches, t.virtual_stages
+    V = pp * v
+    p = [0.0] * V
+    o = [0.0] * max(V - 1, 0)
     s = [0.0] * pp
-    first = [0.0] * pp  # the stage's largest F: the sync nothing after it hides
+    first = [0.0] * pp  # the rank's largest F: the sync nothing after it hides
     mem = [0.0] * pp
     host = [0.0] * pp
     for u in range(L):
         i, k = stage_of[u], strategy_of[u]
+        r = i % pp
         if k not in t.allowed[u]:
             p[i] = INF
             continue
         p[i] += float(t.A[u, k])
-        s[i] += float(t.G[u, k])
-        first[i] = max(first[i], float(t.F[u, k]))
-        mem[i] += float(t.M[u, k, i])
-        host[i] += float(t.Mh[u, k])
+        s[r] += float(t.G[u, k])
+        first[r] = max(first[r], float(t.F[u, k]))
+        mem[r] += float(t.M[u, k, i])
+        host[r] += float(t.Mh[u, k])
         if u + 1 < L:
             a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
             if stage_of[u + 1] == i:
@@ -361,8 +387,13 @@ def evaluate_assignment(
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
     s = [x + f for x, f in zip(s, first)]
-    bottleneck = max(p + o)
-    tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
+    if v == 1:
+        bottleneck = max(p + o)
+        tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
+    else:  # interleaved: per rank loads, the bubble in chunks v times smaller
+        loads = [sum(p[r::pp]) for r in range(pp)] + [sum(o[r::pp]) for r in range(pp)]
+        bottleneck = max(loads)
+        tpi = (sum(p) + sum(o)) / v + (c - 1 / v) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
     node = float((t.host_ranks @ np.asarray(host)).max())
     fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
@@ -469,14 +500,30 @@ class CostModel:
         )
 
     def tables(
-        self, pp: int, num_microbatches: int, global_batch_size: int, schedule: str = "1F1B"
+        self,
+        pp: int,
+        num_microbatches: int,
+        global_batch_size: int,
+        schedule: str = "1F1B",
+        virtual_stages: int | None = None,
     ) -> CostTables:
         """Cost tables for ``(pp, c, schedule)``: one row per layer and strategy from
         :meth:`layer_cost`, resharding and stage-boundary rows from :meth:`_edge_rows`; see the
-        module docstring for every formula."""
+        module docstring for every formula. ``virtual_stages``: stages per rank ``v`` of an
+        interleaved schedule (default: the schedule's first, :mod:`uniap.schedules`)."""
         n = self.cluster.world_size
         if n % pp:
             raise ConfigError(f"pipeline degree ({pp}) must divide the number of devices ({n})")
+        spec = get_schedule(schedule)
+        v = 1 if pp == 1 else (virtual_stages or spec.stages_per_rank[0])
+        reason = spec.why_not(pp, v, num_microbatches) if pp > 1 else None
+        if reason:
+            raise ConfigError(reason)
+        if pp * v > self.graph.num_layers:
+            raise ConfigError(
+                f"{schedule} with pp={pp} and {v} stages per rank needs at least {pp * v} layers, "
+                f"the model has {self.graph.num_layers}"
+            )
         if global_batch_size % num_microbatches:
             raise ConfigError(
                 f"num_microbatches ({num_microbatches}) must divide global_batch_size "
@@ -490,11 +537,11 @@ class CostModel:
         A = np.full((L, K), INF)
         G = np.zeros((L, K))
         F = np.zeros((L, K))
-        M = np.zeros((L, K, pp))
+        M = np.zeros((L, K, pp * v))
         Mh = np.zeros((L, K))
         layout = np.tile([dps.index(s.dp) for s in strategies], (L, 1)).astype(np.int64)
         parts = {k: np.zeros((L, K)) for k in LayerCost.PARTS}
-        inflight = [inflight_microbatches(schedule, i, pp, c) for i in range(pp)]
+        inflight = [spec.inflight(i, pp, c, v) for i in range(pp * v)]
         allowed: list[list[int]] = []
         rep = self._representatives()
         for u, layer in enumerate(layers):
@@ -532,7 +579,7 @@ class CostModel:
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
-        R, Rp = self._edge_rows(pp, b, dps)
+        R, Rp = self._edge_rows(pp, b, dps, v)
         return CostTables(
             pp=pp,
             num_microbatches=c,
@@ -554,6 +601,7 @@ class CostModel:
             Mh=Mh,
             host_limit_bytes=self.host_limit_bytes,
             host_ranks=self._host_ranks(pp),
+            virtual_stages=v,
         )
 
     def _host_ranks(self, pp: int) -> np.ndarray:
@@ -763,10 +811,11 @@ class CostModel:
         return self.precision.mixed and not s.recompute and (s.uses_classic_ddp or s.dp == 1)
 
     def _edge_rows(
-        self, pp: int, microbatch_size: int, dps: list[int]
+        self, pp: int, microbatch_size: int, dps: list[int], v: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         """``R`` and ``Rp``: resharding between neighbours on one stage, and the stage-boundary
-        transfer (activation forward, gradient back) plus that resharding."""
+        transfer (activation forward, gradient back) plus that resharding (with ``v > 1``
+        stages per rank, over the slowest link including the last rank's to the first)."""
         layers, b, C = self.graph.layers, microbatch_size, len(dps)
         L = len(layers)
         R = np.zeros((max(L - 1, 0), C, C))
@@ -787,7 +836,7 @@ class CostModel:
                     R[u, a, bb] = r
                     if pp > 1:
                         Rp[u, a, bb] = (
-                            2 * self._group_time("p2p", out * b / da, "p2p", pp, 0, 0) + r
+                            2 * self._group_time("p2p", out * b / da, "p2p", pp, int(v > 1), 0) + r
                         )
         return R, Rp
 
@@ -874,7 +923,11 @@ class CostModel:
                 f"{plan.precision.param_dtype} and pass precision=plan.precision"
             )
         t = self.tables(
-            plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule
+            plan.pp_degree,
+            plan.num_microbatches,
+            plan.global_batch_size,
+            plan.schedule,
+            plan.virtual_stages,
         )
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
@@ -892,7 +945,8 @@ def _groups(kind: str, g: int, pp: int, a: int, b: int):
 
     ``tp``: ``a`` = dp, ``b`` = tp: consecutive TP groups; ``dp``: the strided DP groups;
     ``reshard``: ``a`` = small dp, ``b`` = big dp: ranks holding the same small shard and
-    different big shards; ``p2p``: a rank and its peer in the next stage.
+    different big shards; ``p2p``: a rank and its peer in the next stage (``a = 1``: also the
+    last stage's rank and its peer in the first, the loop of interleaved schedules).
     """
     for i in range(pp):
         s0 = i * g
@@ -914,5 +968,8 @@ def _groups(kind: str, g: int, pp: int, a: int, b: int):
             if i + 1 < pp:
                 for j in range(g):
                     yield [s0 + j, s0 + g + j]
+            elif a and pp > 1:
+                for j in range(g):
+                    yield [s0 + j, j]
         else:  # pragma: no cover - internal
             raise AssertionError(kind)

@@ -98,7 +98,8 @@ def _link_of(
                 ranks = [i * g, (i + 1) * g]
     else:
         i = tb["sync_stage"] if part == "dp_sync" else tb["busiest_stage"]
-        ks = [strategy_of[u] for u in range(len(stage_of)) if stage_of[u] == i]
+        # (the busiest / sync rank: with an interleaved schedule, all of its stages)
+        ks = [strategy_of[u] for u in range(len(stage_of)) if stage_of[u] % t.pp == i]
         s = (
             max((t.strategies[k] for k in ks), key=lambda x: x.dp if part != "tp" else x.tp)
             if t.strategies

@@ -55,6 +55,12 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         ``count_r_i_k`` integer counts per group of identical layers, stage and strategy.
     ``cutoff``         (:func:`_objective`) objective <= incumbent, when one is known.
 
+Interleaved schedules (``t.virtual_stages = v > 1``, :mod:`uniap.schedules`): the stages ``i``
+are the ``pp * v`` virtual stages, stage ``i`` on rank ``r = i % pp``; the path is unchanged
+and the per-rank families sum over the rank's stages: ``bottleneck_r`` ``t >= sum_{i % pp = r}
+p_i`` (``link_r`` likewise), ``sync_r``/``first_u_r`` over the rank's layers, ``memory_r`` over
+its stages; the objective is ``(sum_i p_i + sum_i o_i) / v + (c - 1 / v) t + t_sync``.
+
 Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves to layer u
 (:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
 they remove only assignments that cannot beat the incumbent, so exactness is kept.
@@ -82,7 +88,7 @@ from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["Solution", "solve", "identical_pairs"]
+__all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +310,30 @@ def _build(
     return prob, v, scale
 
 
+def min_peak_memory(t: CostTables, *, time_limit_s: float = 60.0, threads: int = 1) -> float:
+    """The smallest per-device peak memory of any assignment (ignoring the memory limit): what
+    an infeasibility error reports as the memory needed, for interleaved tables, where a rank's
+    memory sums its ``v`` stages (one stage per rank: the exact and far cheaper
+    :func:`uniap.bounds.min_peak_memory`). Same path variables, objective ``min m`` with
+    ``m >= memory of rank r``."""
+    window = stage_windows(dataclasses.replace(t, memory_limit_bytes=float("inf")), None)
+    prob = pulp.LpProblem("uniap_memory", pulp.LpMinimize)
+    v = _variables(prob, t, window)
+    _assign(prob, t, v)
+    _flow(prob, t, v)
+    m = prob.add_variable("m", lowBound=0)
+    scale = float(np.max(t.M)) or 1.0
+    terms: list[list] = [[] for _ in range(t.pp)]
+    for (u, i, k), var in v.x.items():
+        terms[i % t.pp].append((var, float(t.M[u, k, i]) / scale))  # per rank
+    for i, tm in enumerate(terms):
+        prob += m >= pulp.LpAffineExpression(tm), f"memory_{i}"
+    prob += m
+    silence_highs_banner()
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads))
+    return float(pulp.value(m)) * scale
+
+
 def _variables(prob: pulp.LpProblem, t: CostTables, window: list[list[int]]) -> _Vars:
     L = t.num_layers
     x = {
@@ -361,7 +391,7 @@ def _time_scale(t: CostTables, bound: float | None) -> float:
 
 def _assign(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
     """``assign_u``: each layer on exactly one stage with one strategy; ``start``/``end``."""
-    L, pp = t.num_layers, t.pp
+    L, pp = t.num_layers, t.num_stages
     for u in range(L):
         prob += (
             pulp.lpSum(v.x[u, i, k] for i in v.window[u] for k in t.allowed[u]) == 1,
@@ -397,8 +427,9 @@ def _flow(prob: pulp.LpProblem, t: CostTables, v: _Vars) -> None:
 
 
 def _stage_times(t: CostTables, v: _Vars, scale: float):
-    """Scaled stage times ``p_i`` and link times ``o_i`` as affine expressions."""
-    pp = t.pp
+    """Scaled stage times ``p_i`` and link times ``o_i`` as affine expressions (per stage;
+    with an interleaved schedule per virtual stage)."""
+    pp = t.num_stages
     p_terms: list[list] = [[] for _ in range(pp)]
     o_terms: list[list] = [[] for _ in range(max(pp - 1, 0))]
     for (u, i, k), var in v.x.items():
@@ -418,19 +449,27 @@ def _stage_times(t: CostTables, v: _Vars, scale: float):
 
 
 def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
-    """``bottleneck_i``, ``link_i``: ``t >= p_i, o_i``; ``sync_i``: ``t_sync >= s_i``."""
-    for i, pi in enumerate(p):
+    """``bottleneck_i``, ``link_i``: ``t >= p_i, o_i``; ``sync_i``: ``t_sync >= s_i``. With
+    ``v`` stages per rank (interleaved), per rank r: ``t >= sum_{j % pp = r} p_j`` (and the
+    same for ``o``), and ``s_r``, ``f[r]`` over all of the rank's stages."""
+    pp = t.pp
+    if t.virtual_stages == 1:
+        loads, links = p, o
+    else:
+        loads = [pulp.lpSum(p[r::pp]) for r in range(pp)]
+        links = [pulp.lpSum(o[r::pp]) for r in range(pp)]
+    for i, pi in enumerate(loads):
         prob += v.t >= pi, f"bottleneck_{i}"
     lb = bottleneck_lower_bound(t)
     if np.isfinite(lb):
         prob += v.t >= lb / scale, "bottleneck_lb"
-    for i, oi in enumerate(o):
+    for i, oi in enumerate(links):
         prob += v.t >= oi, f"link_{i}"
     s_terms: list[list] = [[] for _ in range(t.pp)]
     for (u, i, k), var in v.x.items():
         g = float(t.G[u, k])
         if g:
-            s_terms[i].append((var, g / scale))
+            s_terms[i % pp].append((var, g / scale))
     if v.first:
         for i in range(t.pp):
             s_terms[i].append((v.first[i], 1.0))
@@ -438,7 +477,7 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
         for (u, i, k), var in v.x.items():
             f = float(t.F[u, k])
             if f:
-                f_terms.setdefault((u, i), []).append((var, f / scale))
+                f_terms.setdefault((u, i % pp), []).append((var, f / scale))
         for (u, i), terms in sorted(f_terms.items()):
             prob += v.first[i] >= pulp.LpAffineExpression(terms), f"first_{u}_{i}"
     for i, terms in enumerate(s_terms):
@@ -446,19 +485,20 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
 
 
 def _memory(prob, t: CostTables, v: _Vars) -> None:
-    """``memory_i``: per-stage bytes within the limit (normalised by the limit); ``host_n``:
-    each node's host bytes within the host limit."""
+    """``memory_r``: per-rank bytes within the limit (normalised by the limit; with an
+    interleaved schedule a rank's stages together); ``host_n``: each node's host bytes within
+    the host limit."""
     terms: list[list] = [[] for _ in range(t.pp)]
     for (u, i, k), var in v.x.items():
-        terms[i].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
+        terms[i % t.pp].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
     for i, tm in enumerate(terms):
         prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
     if t.uses_host_memory and np.isfinite(t.host_limit_bytes):
         for n, ranks in enumerate(t.host_ranks):
             tm = [
-                (var, float(ranks[i] * t.Mh[u, k]) / t.host_limit_bytes)
+                (var, float(ranks[i % t.pp] * t.Mh[u, k]) / t.host_limit_bytes)
                 for (u, i, k), var in v.x.items()
-                if t.Mh[u, k] > 0 and ranks[i] > 0
+                if t.Mh[u, k] > 0 and ranks[i % t.pp] > 0
             ]
             if tm:
                 prob += pulp.LpAffineExpression(tm) <= 1.0, f"host_{n}"
@@ -543,12 +583,18 @@ def _first_in_groups(prob, t: CostTables, v: _Vars, scale: float) -> None:
         w = prob.add_variable(f"w_{r}_{i}_{k}", cat=pulp.LpBinary)
         v.uses[r, i, k] = w
         prob += n <= len(v.groups[r]) * w, f"uses_{r}_{i}_{k}"
-        prob += v.first[i] >= (f / scale) * w, f"first_{r}_{i}_{k}"
+        prob += v.first[i % t.pp] >= (f / scale) * w, f"first_{r}_{i}_{k}"
 
 
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
-    """``sum p + sum o + (c - 1) t + t_sync``; ``cutoff`` when an incumbent bound is known."""
-    obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1) * v.t + v.t_sync
+    """``sum p + sum o + (c - 1) t + t_sync`` (``v`` stages per rank: ``(sum p + sum o) / v +
+    (c - 1 / v) t + t_sync``); ``cutoff`` when an incumbent bound is known."""
+    nv = t.virtual_stages
+    obj = (
+        (pulp.lpSum(p) + pulp.lpSum(o)) * (1.0 / nv)
+        + (t.num_microbatches - 1.0 / nv) * v.t
+        + v.t_sync
+    )
     obj += t.step_overhead_s / scale
     prob += obj
     if bound is not None:
@@ -588,12 +634,18 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
         )
         if (r, i, k) in v.uses:
             vals[v.uses[r, i, k].name] = float(vals[n.name] > 0)
-    vals["t"] = max(ev.stage_time_s + ev.link_time_s) / scale
+    pp, p, o = t.pp, ev.stage_time_s, ev.link_time_s
+    loads = [sum(p[r::pp]) for r in range(pp)] + [sum(o[r::pp]) for r in range(pp)]
+    vals["t"] = max(loads) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
     for i, f in enumerate(v.first):
         vals[f.name] = (
             max(
-                (float(t.F[u, k]) for u, (j, k) in enumerate(zip(stage_of, strategy_of)) if j == i),
+                (
+                    float(t.F[u, k])
+                    for u, (j, k) in enumerate(zip(stage_of, strategy_of))
+                    if j % pp == i
+                ),
                 default=0.0,
             )
             / scale

@@ -55,7 +55,10 @@ _MEMORY_COLOURS = {
 
 
 def timeline(
-    schedule: str, num_microbatches: int, stages: list[dict[str, float]]
+    schedule: str,
+    num_microbatches: int,
+    stages: list[dict[str, float]],
+    virtual_stages: int = 1,
 ) -> list[list[tuple]]:
     """Per stage, the ops of one iteration as ``(kind, microbatch, start_s, end_s)``.
 
@@ -63,21 +66,29 @@ def timeline(
     and backward send to the next stage together) and ``sync_s``, ``optimizer_s`` (once).
     Orders: GPipe all forwards then all backwards; 1F1B ``pp - i - 1`` forwards to warm up,
     then one forward one backward, then the remaining backwards; one stage: forward and
-    backward of each micro-batch in turn. Kinds: ``F``, ``B``, ``send``, ``sync``, ``opt``.
+    backward of each micro-batch in turn; ``virtual_stages = v > 1`` (interleaved): one row per
+    rank, its ops in torch's order (:func:`uniap.schedules.interleaved_order`), ``stages`` the
+    ``pp * v`` stages, stage ``j`` on rank ``j % pp``. Kinds: ``F``, ``B``, ``send``, ``sync``,
+    ``opt``.
     """
-    pp, c = len(stages), num_microbatches
-    orders = []
+    from uniap.schedules import interleaved_order
+
+    n, c, v = len(stages), num_microbatches, virtual_stages
+    pp = n // v
+    orders = []  # per row (rank): (kind, micro-batch, stage)
     for i in range(pp):
-        if pp == 1:
-            order = [(k, m) for m in range(c) for k in "FB"]
+        if v > 1:
+            order = interleaved_order(pp, v, c, i)
+        elif pp == 1:
+            order = [(k, m, i) for m in range(c) for k in "FB"]
         elif schedule == "GPipe":
-            order = [("F", m) for m in range(c)] + [("B", m) for m in range(c)]
+            order = [("F", m, i) for m in range(c)] + [("B", m, i) for m in range(c)]
         else:
             w = min(pp - i - 1, c)
-            order = [("F", m) for m in range(w)]
+            order = [("F", m, i) for m in range(w)]
             for j in range(c - w):
-                order += [("F", w + j), ("B", j)]
-            order += [("B", m) for m in range(c - w, c)]
+                order += [("F", w + j, i), ("B", j, i)]
+            order += [("B", m, i) for m in range(c - w, c)]
         orders.append(order)
     done: dict[tuple[str, int, int], float] = {}
     free = [0.0] * pp
@@ -88,31 +99,33 @@ def timeline(
         progressed = False
         for i in range(pp):
             while pos[i] < len(orders[i]):
-                kind, m = orders[i][pos[i]]
+                kind, m, j = orders[i][pos[i]]  # j: the stage (== i without interleaving)
                 if kind == "F":
-                    dep = ("F", i - 1, m) if i > 0 else None
-                    lag = half[i - 1] if i > 0 else 0.0
+                    dep = ("F", j - 1, m) if j > 0 else None
+                    lag = half[j - 1] if j > 0 else 0.0
                 else:
-                    dep = ("B", i + 1, m) if i + 1 < pp else ("F", i, m)
-                    lag = half[i] if i + 1 < pp else 0.0
+                    dep = ("B", j + 1, m) if j + 1 < n else ("F", j, m)
+                    lag = half[j] if j + 1 < n else 0.0
                 if dep is not None and dep not in done:
                     break
                 ready = (done[dep] if dep is not None else 0.0) + lag
                 if lag > 0:
                     ops[i].append(("send", m, ready - lag, ready))
                 start = max(free[i], ready)
-                end = start + stages[i]["forward_s" if kind == "F" else "backward_s"]
+                end = start + stages[j]["forward_s" if kind == "F" else "backward_s"]
                 ops[i].append((kind, m, start, end))
-                done[(kind, i, m)] = free[i] = end
+                done[(kind, j, m)] = free[i] = end
                 pos[i] += 1
                 progressed = True
         if not progressed:  # pragma: no cover - the orders above never deadlock
             raise AssertionError("pipeline schedule deadlocked")
-    for i, st in enumerate(stages):
+    for i in range(pp):
+        mine = stages[i::pp]  # the rank's stages
+        sync = sum(st.get("sync_s", 0.0) for st in mine)
+        opt = sum(st.get("optimizer_s", 0.0) for st in mine)
         t = free[i]
-        ops[i].append(("sync", -1, t, t + st.get("sync_s", 0.0)))
-        t += st.get("sync_s", 0.0)
-        ops[i].append(("opt", -1, t, t + st.get("optimizer_s", 0.0)))
+        ops[i].append(("sync", -1, t, t + sync))
+        ops[i].append(("opt", -1, t + sync, t + sync + opt))
     return ops
 
 
@@ -182,9 +195,11 @@ def _devices_per_node(plan: Plan) -> int:
 
 def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> None:  # noqa: N803
     nodes = math.ceil(plan.world_size / per_node)
-    for i, st in enumerate(plan.stages):
+    pp = plan.pp_degree
+    for i, st in enumerate(plan.stages[:pp]):  # (interleaved: a device holds stages i, i + pp..)
         colour = _STAGE_COLOURS[i % len(_STAGE_COLOURS)]
-        strategies = sorted({g["strategy"] for g in r["stages"][i]["groups"]})
+        mine = range(i, len(plan.stages), pp)
+        strategies = sorted({g["strategy"] for j in mine for g in r["stages"][j]["groups"]})
         for rank in st.ranks:
             x, y = rank % per_node, nodes - 1 - rank // per_node
             fsdp = any(k in s for s in strategies for k in ("FSDP", "ZeRO2", "HSDP"))
@@ -203,7 +218,7 @@ def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> N
             ax.text(
                 x + 0.5,
                 y + 0.5,
-                f"{rank}\nS{i}",
+                f"{rank}\nS" + ",".join(str(j) for j in mine),
                 ha="center",
                 va="center",
                 fontsize=8,
@@ -292,7 +307,7 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
         )
         ax.set_axis_off()
         return
-    ops = timeline(plan.schedule, plan.num_microbatches, detail)
+    ops = timeline(plan.schedule, plan.num_microbatches, detail, plan.virtual_stages)
     end = max(op[3] for stage in ops for op in stage)
     scale, unit = (1e3, "ms") if end < 10 else (1.0, "s")
     colours = {
@@ -357,7 +372,11 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
                 )
     ax.set_xlim(0, end * scale * 1.01)
     ax.set_ylim(0, pp)
-    ax.set_yticks([pp - 0.5 - i for i in range(pp)], [f"stage {i}" for i in range(pp)], fontsize=8)
+    n = len(plan.stages)  # interleaved: a row per rank, holding stages i, i + pp, ...
+    names = [
+        f"stage{'s' if n > pp else ''} " + ",".join(map(str, range(i, n, pp))) for i in range(pp)
+    ]
+    ax.set_yticks([pp - 0.5 - i for i in range(pp)], names, fontsize=8)
     ax.set_xlabel(f"time in one iteration ({unit})", fontsize=8)
     ax.legend(
         handles=[

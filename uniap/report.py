@@ -67,7 +67,7 @@ def stage_details(
     """Per stage, seconds per micro-batch (``forward_s``, ``backward_s``, the parts ``compute_s``,
     ``tp_comm_s``, ``fsdp_comm_s``, ``reshard_s``, ``overhead_s``), the send to the next
     stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``."""
-    pp, L = t.pp, t.num_layers
+    pp, L = t.num_stages, t.num_layers  # every (virtual) stage
     out = [
         dict.fromkeys(
             (
@@ -123,23 +123,31 @@ def time_breakdown(
     ev = evaluate_assignment(t, stage_of, strategy_of)
     st = stage_details(t, stage_of, strategy_of)
     c, p, o, s = t.num_microbatches, ev.stage_time_s, ev.link_time_s, ev.sync_time_s
-    i = max(range(t.pp), key=lambda j: p[j])
-    j = max(range(t.pp), key=lambda q: s[q])
-    bottleneck = max(p + o)
+    pp, v = t.pp, t.virtual_stages
+    # per rank (interleaved schedules: all of its stages; see uniap.cost_model for the formula)
+    load = [sum(p[r::pp]) for r in range(pp)]
+    i = max(range(pp), key=lambda r: load[r])
+    j = max(range(pp), key=lambda q: s[q])
+    bottleneck = max(load + [sum(o[r::pp]) for r in range(pp)])
+
+    def on_rank(r: int, key: str) -> float:
+        return sum(d[key] for d in st[r::pp])
+
     comm = {
-        "tp": c * st[i]["tp_comm_s"],
-        "fsdp": c * st[i]["fsdp_comm_s"],
-        "reshard": c * st[i]["reshard_s"],
-        "p2p": sum(o) + (c - 1) * (bottleneck - p[i]),
-        "dp_sync": st[j]["sync_s"],
+        "tp": c * on_rank(i, "tp_comm_s"),
+        "fsdp": c * on_rank(i, "fsdp_comm_s"),
+        "reshard": c * on_rank(i, "reshard_s"),
+        "p2p": sum(o) / v + (c - 1 / v) * (bottleneck - load[i]),
+        # a rank's once-exposed sync is its largest F over all of its stages (in s[j])
+        "dp_sync": on_rank(j, "sync_s") if v == 1 else s[j] - on_rank(j, "optimizer_s"),
         "loss_all_reduce": t.step_overhead_s,
     }
     terms = {
-        "compute": c * st[i]["compute_s"],
+        "compute": c * on_rank(i, "compute_s"),
         "communication": sum(comm.values()),
-        "bubble": sum(p) - p[i],
-        "optimizer": st[j]["optimizer_s"],
-        "overhead": c * t.stage_overhead_s,
+        "bubble": (sum(p) - load[i]) / v,
+        "optimizer": on_rank(j, "optimizer_s"),
+        "overhead": c * v * t.stage_overhead_s,
     }
     return {
         **terms,
@@ -158,6 +166,7 @@ def memory_breakdown(
     ev = evaluate_assignment(t, stage_of, strategy_of)
     out = [dict.fromkeys(MEMORY_TERMS, 0.0) for _ in range(t.pp)]
     for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
+        i %= t.pp  # per rank: all of its stages
         out[i]["parameters"] += _part(t, "param_bytes", u, k)
         out[i]["gradients"] += _part(t, "grad_bytes", u, k)
         out[i]["optimizer"] += _part(t, "optimizer_bytes", u, k)
@@ -190,7 +199,13 @@ def breakdown_from_cost_model(cm: CostModel, plan: Plan) -> dict[str, Any]:
         layer_fqns=cm.graph.fqns,
         world_size=cm.cluster.world_size,
     )
-    t = cm.tables(plan.pp_degree, plan.num_microbatches, plan.global_batch_size, plan.schedule)
+    t = cm.tables(
+        plan.pp_degree,
+        plan.num_microbatches,
+        plan.global_batch_size,
+        plan.schedule,
+        plan.virtual_stages,
+    )
     stage_of, strategy_of = cm.assignment(plan, t)
     ev = evaluate_assignment(t, stage_of, strategy_of)
     return {
@@ -211,7 +226,9 @@ def _breakdown(t: CostTables, stage_of, strategy_of, *, per_layer: bool = False)
         "stage_detail": [
             {k: float(v) for k, v in d.items()} | {f"{m}_bytes": float(mb[m]) for m in MEMORY_TERMS}
             for d, mb in zip(
-                stage_details(t, stage_of, strategy_of), memory_breakdown(t, stage_of, strategy_of)
+                stage_details(t, stage_of, strategy_of),
+                # memory is per rank: each of its stages shows it
+                memory_breakdown(t, stage_of, strategy_of) * t.virtual_stages,
             )
         ],
     }
@@ -266,6 +283,7 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
             )
             u += n
         d = detail[i] if i < len(detail) else {}
+        r = i % plan.pp_degree  # memory is per rank (interleaved: all of its stages)
         stages.append(
             {
                 "index": i,
@@ -274,7 +292,7 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
                 "layers": [u0, u - 1],
                 "groups": groups,
                 "time_per_microbatch_s": st_time[i] if i < len(st_time) else None,
-                "peak_memory_bytes": d.get("total_bytes", mem[i] if i < len(mem) else None),
+                "peak_memory_bytes": d.get("total_bytes", mem[r] if r < len(mem) else None),
                 "memory_bytes": {m: d[f"{m}_bytes"] for m in MEMORY_TERMS if f"{m}_bytes" in d},
             }
         )
@@ -300,6 +318,7 @@ def plan_report(plan: Plan, cost_model: CostModel | None = None) -> dict[str, An
         "cluster": plan.provenance.get("cluster"),
         "profile": plan.provenance.get("profile"),
         "pp": plan.pp_degree,
+        **({"virtual_stages": plan.virtual_stages} if plan.virtual_stages > 1 else {}),
         "num_microbatches": plan.num_microbatches,
         "microbatch_size": plan.microbatch_size,
         "global_batch_size": plan.global_batch_size,
@@ -329,9 +348,9 @@ def _stored(plan: Plan) -> dict[str, Any]:
     for k in ("time_per_iteration_s", "samples_per_s", "memory_limit_bytes"):
         if _is_num(pred.get(k)):
             out[k] = float(pred[k])
-    for k in ("peak_memory_bytes", "stage_time_s"):
+    for k, n in (("peak_memory_bytes", plan.pp_degree), ("stage_time_s", len(plan.stages))):
         v = pred.get(k)
-        if isinstance(v, list) and len(v) == plan.pp_degree and all(_is_num(x) for x in v):
+        if isinstance(v, list) and len(v) == n and all(_is_num(x) for x in v):
             out[k] = [float(x) for x in v]
     for k, keys in (("time_breakdown_s", TIME_TERMS), ("communication_s", tuple(_COMM_NAMES))):
         v = pred.get(k)
@@ -340,7 +359,7 @@ def _stored(plan: Plan) -> dict[str, Any]:
     v = pred.get("stage_detail")
     if (
         isinstance(v, list)
-        and len(v) == plan.pp_degree
+        and len(v) == len(plan.stages)
         and all(isinstance(d, dict) for d in v)
         and all(_is_num(x) for d in v for x in d.values())
     ):
@@ -363,7 +382,14 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
         + (f" ({r['cluster']})" if r.get("cluster") else ""),
         f"  precision: {r['precision'] if r.get('precision') else _precision(r.get('dtype'))}",
         f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} "
-        f"devices, schedule {r['schedule']}, {r['num_microbatches']} "
+        f"devices, schedule {r['schedule']}"
+        + (
+            f" with {r['virtual_stages']} stages per rank (stage j on the devices of stage "
+            f"j % {r['pp']}; memory is per device: all of its stages)"
+            if r.get("virtual_stages", 1) > 1
+            else ""
+        )
+        + f", {r['num_microbatches']} "
         f"micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
         f"of {r['microbatch_size']} (global batch {r['global_batch_size']})",
     ]

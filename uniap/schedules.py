@@ -1,11 +1,11 @@
 """Pipeline schedules: one spec per schedule, the one place that says what a schedule is.
 
 Read by the Plan contract (valid names), the CLI (``--schedule`` choices), the cost model
-(activations in flight per stage) and the executor (the ``torch.distributed.pipelining``
-class). Adding a schedule means adding a spec here and, when torch's class needs adapting,
-its class in :mod:`uniap.executor.pipeline_parallel`.
+(activations in flight per stage, the time formula) and the executor (the
+``torch.distributed.pipelining`` class). Adding a schedule means adding a spec here and, when
+torch's class needs adapting, its class in :mod:`uniap.executor.pipeline_parallel`.
 
-Both schedules run ``c`` micro-batches through ``pp`` stages with one stage per rank, and the
+GPipe and 1F1B run ``c`` micro-batches through ``pp`` stages with one stage per rank, and the
 cost model charges them the same time per iteration (see :mod:`uniap.cost_model`):
 ``sum_i p_i + sum_i o_i + (c - 1) * max_i max(p_i, o_i) + max_i s_i``; with equal stages a
 fraction ``(pp - 1) / (c + pp - 1)`` of it is pipeline bubble. They differ in memory: GPipe
@@ -13,12 +13,34 @@ runs every forward before any backward, so stage ``i`` holds the activations of 
 micro-batches; 1F1B starts backward as soon as it can, so stage ``i`` holds at most
 ``min(c, pp - i)``. Without pipelining (``pp == 1``) micro-batches run one after the other
 (gradient accumulation): one in flight.
+
+Interleaved 1F1B (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", SC 2021, section 2.2.2; torch's ``ScheduleInterleaved1F1B``)
+splits the chain into ``pp * v`` virtual stages, virtual stage ``j`` on rank ``j % pp`` (rank
+``r`` holds ``r, r + pp, ..., r + (v - 1) pp``: the looped placement torch expects). A rank
+does the same work per micro-batch, but the pipeline fills and drains in chunks ``v`` times
+smaller: the bubble is ``(pp - 1) / v`` chunk times instead of ``pp - 1`` stage times, a
+fraction ``(pp - 1) / (v c)`` of the ideal time ``c P`` (the paper's ``t_pb / t_id``). The
+cost model writes it for unequal stages so that ``v = 1`` is the formula above:
+``(sum_j p_j + sum_j o_j) / v + (c - 1 / v) * max_r max(P_r, O_r) + max_r s_r`` with ``P_r``,
+``O_r`` the sums of rank ``r``'s virtual stage and link times. The paper's schedule needs
+``c`` to be a multiple of ``pp`` (torch relaxes it; the planner keeps the paper's rule, where
+its formula holds). In-flight activations are counted from torch's own order of operations
+(:func:`_interleaved_inflight`, which a unit test compares with torch's schedule): rank
+``r`` runs ``W_r = min((v - 1) pp + 2 (pp - 1 - r), v c)`` warm-up forwards
+(``torch.distributed.pipelining.schedules._get_warmup_ops`` with ``c`` a multiple of ``pp``:
+``pp`` micro-batches per round), then one forward and one backward per step; forwards go
+through the rank's chunks ``pp`` micro-batches at a time in increasing order, backwards in
+decreasing order. Virtual stage ``j`` is charged the most micro-batches it ever holds at once
+over the iteration: summed over a rank's chunks this is an upper bound on the rank's peak
+(the chunks need not peak together).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from uniap.errors import ConfigError
 
@@ -33,32 +55,97 @@ class ScheduleSpec:
     """The name in plans and on the command line."""
     torch_class: str
     """The ``torch.distributed.pipelining`` schedule class the executor runs."""
-    stages_per_rank: int
-    """Pipeline stages each rank holds (1: one stage per rank)."""
-    inflight_on_stage: Callable[[int, int, int], int]
-    """``(stage, num_stages, num_microbatches) -> micro-batches`` whose activations stage
-    ``stage`` holds at once when ``num_stages > 1``."""
+    stages_per_rank: tuple[int, ...]
+    """The numbers of pipeline stages per rank (``v``) the planner tries (1: one stage per
+    rank; interleaved schedules: virtual stages)."""
+    inflight_on_stage: Callable[[int, int, int, int], int]
+    """``(stage, pp, v, num_microbatches) -> micro-batches`` whose activations virtual stage
+    ``stage`` (of ``pp * v``) holds at once when ``pp > 1``."""
     description: str
     """One line for help texts."""
+    microbatch_multiple_of_pp: bool = False
+    """The schedule needs ``c`` to be a multiple of ``pp``."""
 
-    def inflight(self, stage: int, num_stages: int, num_microbatches: int) -> int:
-        """Micro-batches whose activations ``stage`` holds at once (1 without pipelining)."""
+    @property
+    def interleaved(self) -> bool:
+        """Several (virtual) stages per rank."""
+        return max(self.stages_per_rank) > 1
+
+    def inflight(self, stage: int, num_stages: int, num_microbatches: int, v: int = 1) -> int:
+        """Micro-batches whose activations ``stage`` holds at once (1 without pipelining);
+        ``num_stages`` is the pipeline degree ``pp`` (ranks), ``v`` the stages per rank."""
         if num_stages == 1:
             return 1
-        return self.inflight_on_stage(stage, num_stages, num_microbatches)
+        return self.inflight_on_stage(stage, num_stages, v, num_microbatches)
+
+    def why_not(self, pp: int, v: int, num_microbatches: int) -> str | None:
+        """Why this schedule cannot run ``c`` micro-batches on ``pp`` ranks with ``v`` stages
+        each, or None."""
+        if v not in self.stages_per_rank and not (self.interleaved and v > 1):
+            return f"{self.name} runs {self.stages_per_rank} stage(s) per rank, not {v}"
+        if self.microbatch_multiple_of_pp and pp > 1 and num_microbatches % pp:
+            return (
+                f"{self.name} needs the number of micro-batches ({num_microbatches}) to be a "
+                f"multiple of the pipeline degree ({pp})"
+            )
+        return None
 
     @staticmethod
-    def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-        """Idle fraction of an iteration with equal stages: ``(pp - 1) / (c + pp - 1)``."""
-        return (num_stages - 1) / (num_microbatches + num_stages - 1)
+    def bubble_fraction(num_stages: int, num_microbatches: int, v: int = 1) -> float:
+        """Idle fraction of an iteration with equal stages: ``(pp - 1) / (c + pp - 1)``,
+        interleaved ``(pp - 1) / (v c + pp - 1)`` (the paper's ``(pp - 1) / (v c)`` of the
+        ideal time)."""
+        return (num_stages - 1) / (v * num_microbatches + num_stages - 1)
 
 
-def _all_microbatches(stage: int, num_stages: int, num_microbatches: int) -> int:
+def _all_microbatches(stage: int, pp: int, v: int, num_microbatches: int) -> int:
     return num_microbatches
 
 
-def _until_first_backward(stage: int, num_stages: int, num_microbatches: int) -> int:
-    return min(num_microbatches, num_stages - stage)
+def _until_first_backward(stage: int, pp: int, v: int, num_microbatches: int) -> int:
+    return min(num_microbatches, pp - stage)
+
+
+def _interleaved_inflight(stage: int, pp: int, v: int, num_microbatches: int) -> int:
+    """The most micro-batches virtual stage ``stage`` holds at once under torch's interleaved
+    1F1B order of operations (see the module docstring)."""
+    return _interleaved_peaks(pp, v, num_microbatches)[stage]
+
+
+def interleaved_order(
+    pp: int, v: int, num_microbatches: int, rank: int
+) -> list[tuple[str, int, int]]:
+    """Rank ``rank``'s operations in torch's interleaved 1F1B order, as ``(kind, micro-batch,
+    stage)`` with kind ``F`` or ``B``: warm-up forwards, then forward + backward pairs, then
+    the remaining backwards; forward ``n`` runs the rank's chunk ``(n // per_round) % v``,
+    backward ``n`` the chunk ``v - 1 - (n // per_round) % v`` (see the module docstring)."""
+    c = num_microbatches
+    per_round = c // max(1, c // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - rank), c * v)
+    kinds = ["F"] * warmup + ["F", "B"] * (c * v - warmup) + ["B"] * warmup
+    num = {"F": 0, "B": 0}
+    seen: dict[tuple[str, int], int] = {}
+    out = []
+    for kind in kinds:
+        q = (num[kind] // per_round) % v
+        num[kind] += 1
+        stage = (q if kind == "F" else v - 1 - q) * pp + rank
+        m = seen.get((kind, stage), 0)
+        seen[kind, stage] = m + 1
+        out.append((kind, m, stage))
+    return out
+
+
+@lru_cache(maxsize=256)
+def _interleaved_peaks(pp: int, v: int, c: int) -> tuple[int, ...]:
+    peaks = [0] * (pp * v)
+    for r in range(pp):
+        alive = [0] * (pp * v)
+        for kind, _, j in interleaved_order(pp, v, c, r):
+            alive[j] += 1 if kind == "F" else -1
+            peaks[j] = max(peaks[j], alive[j])
+        assert not any(alive), alive
+    return tuple(peaks)
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
@@ -67,16 +154,24 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec(
             name="GPipe",
             torch_class="ScheduleGPipe",
-            stages_per_rank=1,
+            stages_per_rank=(1,),
             inflight_on_stage=_all_microbatches,
             description="all forwards, then all backwards: every micro-batch in flight",
         ),
         ScheduleSpec(
             name="1F1B",
             torch_class="Schedule1F1B",
-            stages_per_rank=1,
+            stages_per_rank=(1,),
             inflight_on_stage=_until_first_backward,
             description="one forward, one backward: stage i holds min(c, pp - i) micro-batches",
+        ),
+        ScheduleSpec(
+            name="Interleaved1F1B",
+            torch_class="ScheduleInterleaved1F1B",
+            stages_per_rank=(2,),
+            inflight_on_stage=_interleaved_inflight,
+            description="1F1B over v virtual stages per rank (looped): bubble (pp - 1) / (v c)",
+            microbatch_multiple_of_pp=True,
         ),
     )
 }
@@ -91,7 +186,10 @@ def get_schedule(name: str) -> ScheduleSpec:
         raise ConfigError(f"schedule {name!r} is not one of {list(SCHEDULES)}") from None
 
 
-def inflight_microbatches(schedule: str, stage: int, num_stages: int, num_microbatches: int) -> int:
-    """Micro-batches whose activations ``stage`` of ``num_stages`` holds at once under
-    ``schedule`` (see the module docstring)."""
-    return get_schedule(schedule).inflight(stage, num_stages, num_microbatches)
+def inflight_microbatches(
+    schedule: str, stage: int, num_stages: int, num_microbatches: int, v: int = 1
+) -> int:
+    """Micro-batches whose activations ``stage`` (a virtual stage of ``num_stages * v`` when
+    ``v > 1``) holds at once under ``schedule`` on ``num_stages`` ranks (see the module
+    docstring)."""
+    return get_schedule(schedule).inflight(stage, num_stages, num_microbatches, v)

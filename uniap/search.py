@@ -36,7 +36,7 @@ def exhaustive(t: CostTables) -> tuple[float, list[int], list[int]]:
 
     Cost grows as ``C(L-1, pp-1) * K^L``: for tests on small instances only."""
     best = (float("inf"), [], [])
-    for stage_of in compositions(t.num_layers, t.pp):
+    for stage_of in compositions(t.num_layers, t.num_stages):
         for strategy_of in itertools.product(*t.allowed):
             ev = evaluate_assignment(t, stage_of, list(strategy_of))
             if ev.fits and ev.time_per_iteration_s < best[0]:
@@ -49,7 +49,7 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
     strategy), give it to every layer that may use it, balance the stages by binary search
     on the bottleneck with a greedy fill under the memory limit, and keep the best that fits.
     With ``starts > 0`` the best ``starts`` of them are improved by :func:`improve` first."""
-    L, pp, K = t.num_layers, t.pp, t.num_strategies
+    L, pp, K = t.num_layers, t.num_stages, t.num_strategies
     if L < pp:
         return None
     mask = t.allowed_mask()
@@ -87,6 +87,8 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
         return None
     found.sort()
     best_tpi, _, *best = found[0]
+    if t.virtual_stages > 1:  # local search moves one stage per rank: not for interleaving
+        return best[0], best[1]
     if starts:
         # the best placement with each stage's strategies chosen on their own within memory
         stage_of = found[0][2]
@@ -349,7 +351,7 @@ def _max_outside(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 
 def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
-    L, pp = t.num_layers, t.pp
+    L, pp = t.num_layers, t.num_stages
     idx = np.arange(L)
     w = t.A[idx, choice]
     mem = t.M[idx, choice, :]
@@ -377,6 +379,25 @@ def _balance(t: CostTables, choice: list[int]) -> list[int] | None:
             counts.append(e - u)
             u = e
         return counts if u >= L else None
+
+    if t.virtual_stages > 1:  # v stages per rank share its memory
+
+        def greedy(cap: float) -> list[int] | None:  # noqa: F811 - the interleaved fill
+            used, counts, u = [0.0] * t.pp, [], 0
+            for i in range(pp):
+                if u >= L:
+                    break
+                r, e = i % t.pp, u
+                while e < L and (e == u or cw[e + 1] - cw[u] <= cap):
+                    if used[r] + mem[e, i] > limit:
+                        break
+                    used[r] += mem[e, i]
+                    e += 1
+                if e == u:
+                    return None
+                counts.append(e - u)
+                u = e
+            return counts if u >= L else None
 
     lo, hi = float(w.max()), float(w.sum())
     best = greedy(hi)
@@ -418,7 +439,7 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small instances
     (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``).
     Assignments over the host-memory limit (FSDP-offload's state) are left out."""
-    L, pp, c = t.num_layers, t.pp, t.num_microbatches
+    L, pp, c, v, R = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages, t.pp
     per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
     if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:
         raise ValueError(f"too many assignments for an exhaustive frontier (L={L}, pp={pp})")
@@ -432,17 +453,18 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         st = np.asarray(stage_of)
         p = np.zeros((len(S), pp))
         o = np.zeros((len(S), max(pp - 1, 1)))
-        s = np.zeros((len(S), pp))
-        f = np.zeros((len(S), pp))  # the stage's largest F, exposed once
-        mem = np.zeros((len(S), pp))
-        host = np.zeros((len(S), pp))
+        s = np.zeros((len(S), R))  # per rank (interleaved: all of its stages)
+        f = np.zeros((len(S), R))  # the rank's largest F, exposed once
+        mem = np.zeros((len(S), R))
+        host = np.zeros((len(S), R))
         for u in range(L):
             i = st[u]
-            host[:, i] += t.Mh[u, S[:, u]]
+            r = i % R
+            host[:, r] += t.Mh[u, S[:, u]]
             p[:, i] += A[:, u]
-            s[:, i] += G[:, u]
-            f[:, i] = np.maximum(f[:, i], F[:, u])
-            mem[:, i] += t.M[u, S[:, u], i]
+            s[:, r] += G[:, u]
+            f[:, r] = np.maximum(f[:, r], F[:, u])
+            mem[:, r] += t.M[u, S[:, u], i]
             if u + 1 < L:
                 if st[u + 1] == i:
                     p[:, i] += t.R[u, lay[:, u], lay[:, u + 1]]
@@ -451,10 +473,25 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         p += t.stage_overhead_s
         s += f
         o = o[:, : pp - 1]
-        bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
-        tpi = (
-            p.sum(axis=1) + o.sum(axis=1) + (c - 1) * bottleneck + s.max(axis=1) + t.step_overhead_s
-        )
+        if v == 1:
+            bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
+            tpi = (
+                p.sum(axis=1)
+                + o.sum(axis=1)
+                + (c - 1) * bottleneck
+                + s.max(axis=1)
+                + t.step_overhead_s
+            )
+        else:  # interleaved: per rank loads (uniap.cost_model)
+            loads = [p[:, r::R].sum(axis=1) for r in range(R)]
+            loads += [o[:, r::R].sum(axis=1) for r in range(R)]
+            bottleneck = np.max(np.stack(loads, axis=1), axis=1)
+            tpi = (
+                (p.sum(axis=1) + o.sum(axis=1)) / v
+                + (c - 1 / v) * bottleneck
+                + s.max(axis=1)
+                + t.step_overhead_s
+            )
         fits_host = (host @ t.host_ranks.T <= t.host_limit_bytes * (1 + 1e-9)).all(axis=1)
         peaks.append(mem.max(axis=1)[fits_host])
         times.append(tpi[fits_host])

@@ -17,6 +17,7 @@ from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
 from uniap.milp import Solution, solve
+from uniap.milp import min_peak_memory as milp_min_peak_memory
 from uniap.progress import solve_progress
 from uniap.report import fmt_seconds
 from uniap.search import heuristic
@@ -46,6 +47,8 @@ class Candidate:
     num_microbatches: int
     schedule: str
     lower_bound_s: float
+    virtual_stages: int = 1
+    """Stages per rank (interleaved schedules), 1 otherwise."""
     status: str = "pending"
     """``optimal``, ``time_limit``, ``infeasible`` (nothing fits), ``pruned`` (bound cannot
     win), ``cutoff`` (solved: nothing beats the incumbent)."""
@@ -63,6 +66,7 @@ class Candidate:
             "pp": self.pp,
             "c": self.num_microbatches,
             "schedule": self.schedule,
+            **({"v": self.virtual_stages} if self.virtual_stages > 1 else {}),
             "status": self.status,
             "lower_bound_s": float(self.lower_bound_s),
             "time_per_iteration_s": float(tpi) if math.isfinite(tpi) else None,
@@ -188,6 +192,7 @@ class Search:
                 label = (
                     f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} "
                     f"c={e.cand.num_microbatches} {e.cand.schedule}"
+                    + (f" v={e.cand.virtual_stages}" if e.cand.virtual_stages > 1 else "")
                 )
                 watch = solve_progress(say, label, self.best_tpi_s) if say is not None else None
                 sol = self._solve(
@@ -259,10 +264,36 @@ class Search:
             self.best_tpi_s = min(self.best_tpi_s, sol.time_per_iteration_s)
         return sol
 
-    def leanest(self) -> list[tuple[float, int]]:
-        """``(memory the leanest assignment needs, index)`` of every candidate, leanest first
-        (exact and cheap: :func:`uniap.bounds.min_peak_memory`)."""
-        return sorted((min_peak_memory(e.tables), idx) for idx, e in enumerate(self.entries))
+    def leanest(self, time_limit_s: float) -> list[tuple[float, int]]:
+        """``(memory the leanest assignment needs, index)`` of the candidates that can be the
+        leanest, leanest first: every candidate with one stage per rank (exact and cheap,
+        :func:`uniap.bounds.min_peak_memory`); of the interleaved ones, where a rank's memory
+        sums its stages and a program gives it (:func:`uniap.milp.min_peak_memory`), per
+        ``(pp, v)`` the one with c = 1 and the one with the largest c (memory falls with more
+        micro-batches, fewer activations in flight, except that FSDP keeps parameters unsharded
+        when c > 1)."""
+        out: list[tuple[float, int]] = []
+        lean: dict[tuple[int, int, bool], int] = {}
+        for idx, e in enumerate(self.entries):
+            if e.tables.virtual_stages == 1:
+                out.append((min_peak_memory(e.tables), idx))
+                continue
+            key = (e.cand.pp, e.cand.virtual_stages, e.cand.num_microbatches == 1)
+            if (
+                key not in lean
+                or e.cand.num_microbatches > self.entries[lean[key]].cand.num_microbatches
+            ):
+                lean[key] = idx
+        out += [
+            (
+                milp_min_peak_memory(
+                    self.entries[idx].tables, time_limit_s=min(time_limit_s, 10.0)
+                ),
+                idx,
+            )
+            for idx in lean.values()
+        ]
+        return sorted(out)
 
     def last_resort(self, time_limit_s: float, threads: int, seed: int) -> None:
         """Before saying that no plan fits: the leanest candidate, and any other whose leanest
@@ -270,7 +301,7 @@ class Search:
         the only reason for an :class:`InfeasibleError` and the error never says that a plan
         needs less memory than the limit. The bounds are valid, so this finds nothing unless
         one of them is wrong (then it warns)."""
-        self.lean = self.leanest()
+        self.lean = self.leanest(time_limit_s)
         for rank, (need, idx) in enumerate(self.lean):
             e = self.entries[idx]
             if rank and need > e.tables.memory_limit_bytes * (1 + 1e-9):

@@ -388,12 +388,19 @@ def optimum(
 
     ``upper_bound_s`` (optional): only a value below it is looked for; ``inf`` comes back
     when nothing beats it. The assignment returned is re-scored by
-    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP.
+    :func:`uniap.cost_model.evaluate_assignment` and must agree with the DP. One stage per
+    rank only (interleaved schedules share a rank's memory between stages: not this DP's
+    per-stage labels; :func:`uniap.search.exhaustive` checks those).
 
     The labels do not track host memory (FSDP-offload's state): tables where the host limit
     could bind (the layers' largest host bytes, on every rank of the fullest node, above it)
     are refused with a ValueError;
     check those with :func:`uniap.search.exhaustive`."""
+    if t.virtual_stages > 1:
+        raise ValueError(
+            f"the verification DP handles one stage per rank, these tables have "
+            f"{t.virtual_stages} ({t.schedule}); use uniap.search.exhaustive on small instances"
+        )
     t0 = time.perf_counter()
     L, pp = t.num_layers, t.pp
     worst_host = sum(max(float(t.Mh[u, k]) for k in t.allowed[u]) for u in range(L))

@@ -320,3 +320,19 @@ class GradSync:
         """Free unsharded FSDP parameters kept after a forward without backward."""
         for m in self.modules:
             m.reshard()
+
+
+class GradSyncs(GradSync):
+    """The :class:`GradSync` of each of a rank's stages (interleaved schedules), switched
+    together outside a pipeline schedule; inside one, each stage switches its own."""
+
+    def __init__(self, syncs: list[GradSync]) -> None:
+        self.syncs = syncs
+        self.modules = [m for s in syncs for m in s.modules]
+        self.ddp = None
+
+    def microbatch(self, *, last: bool) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        for s in self.syncs:
+            stack.enter_context(s.microbatch(last=last))
+        return stack

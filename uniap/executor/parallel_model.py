@@ -23,6 +23,13 @@ Order of operations (the torchtitan order), in :func:`apply_plan`:
 7. ``pp > 1``: ``PipelineStage`` + schedule on the rank's lane; ``pp == 1``: a plain loop over
    the micro-batches.
 
+Interleaved schedules (``v`` stages per rank, :mod:`uniap.schedules`): a declared chain only
+(a traced model is refused, naming the fix). The rank builds a ``StageModule`` for each of its
+stages ``i, i + pp, ...`` and applies steps 3-6 to their layers, each stage being its own FSDP2
+root and classic-DDP wrapper with its own gradient switches; one module holding all of its
+layers (the same module objects, at their FQNs) is what parameters, state dicts and
+optimizers see; one ``ScheduleInterleaved1F1B`` runs the ``v`` pipeline stages.
+
 Gradient accumulation: without ``zero_grad`` between two ``train_step`` calls the gradients
 add up as they would on one device. FSDP2 and ``replicate`` add the reduced gradient to the
 sharded one; classic DDP would all-reduce the accumulated ``.grad`` bucket again, so its
@@ -58,11 +65,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from uniap.contract import Plan
+from uniap._torch_utils import attach_module, parent_of
+from uniap.contract import Plan, Stage
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
 from uniap.executor.data_parallel import (
     GradSync,
+    GradSyncs,
     apply_dp,
     apply_fsdp_root,
     mp_policy_for,
@@ -152,6 +161,12 @@ def apply_plan(
     free: dict[str, tuple[str, ...]] = {}
     own_forward = runs_own_forward(model, plan)
     traced_split = not own_forward and not is_declared_chain(model)  # pp > 1, own forward
+    if traced_split and plan.virtual_stages > 1:
+        raise UniapError(
+            f"{type(model).__name__} is split by tracing its forward, which runs one stage per "
+            f"rank; {plan.schedule} needs {plan.virtual_stages} stages per rank: make the model a "
+            "declared chain (nn.Sequential, or uniap_layer_fqns()), or re-plan with schedule 1F1B"
+        )
     if own_forward or traced_split:
         free = free_parameters(model, all_fqns)
         base = check_free_layouts(free, plan)
@@ -168,8 +183,17 @@ def apply_plan(
     groups = ProcessGroups(plan, device)
     stage_index = groups.stage_index
     stage = plan.stages[stage_index]
+    # interleaved schedules: this rank's stages i, i + pp, ... (one StageModule each, sharing
+    # their layer modules with `module`, the rank's layers at their FQNs)
+    my_stages = plan.stages_of_rank(groups.rank)
+    chunks: list[StageModule] = []
+    if len(my_stages) > 1:
+        stage = Stage(stage.ranks, tuple(ls for j in my_stages for ls in plan.stages[j].layers))
     traced: TracedStage | None = None
-    if traced_split:
+    if len(my_stages) > 1:
+        chunks = [build_stage_module(model, plan, j, groups, device) for j in my_stages]
+        module = _rank_module(chunks)
+    elif traced_split:
         traced = build_traced_stage(model, plan, stage_index, example_inputs, groups, device)
         module = traced.module
     elif own_forward:
@@ -181,7 +205,8 @@ def apply_plan(
     mp_policy = None
     if precision is not None:  # master copy in master_dtype, compute under autocast
         module.to(precision.torch_dtype("master_dtype"))
-        install_autocast(module, precision, device.type)
+        for m in chunks or [module]:
+            install_autocast(m, precision, device.type)
         mp_policy = mp_policy_for(precision)
     if traced is not None:
         free_params = [p for copies, _ in traced.units() for p in copies]
@@ -223,7 +248,13 @@ def apply_plan(
                 ignored_params=set(free_params),
             )
             root_mesh = root_mesh or groups.layer_mesh(ls.dp, ls.tp)["dp"]
-    if root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
+    if root_mesh is not None and chunks:  # each of the rank's stages as its own FSDP root
+        for ch, j in zip(chunks, my_stages):
+            mine = [ls for ls in plan.stages[j].layers if ls.dp > 1 and ls not in classic]
+            if mine:
+                mesh = groups.layer_mesh(mine[0].dp, mine[0].tp)["dp"]
+                apply_fsdp_root(ch, mesh, mp_policy=mp_policy, ignored_params=set(free_params))
+    elif root_mesh is not None:  # the stage as FSDP root (prefetch across its layers)
         apply_fsdp_root(module, root_mesh, mp_policy=mp_policy, ignored_params=set(free_params))
     if meta:  # this rank's shards only, initialised layer by layer
         materialize_stage(
@@ -235,7 +266,20 @@ def apply_plan(
             init_weights=init_weights,
         )
     ddp = None
-    if classic:  # one DDP wrapper over the stage's tp == 1 DDP layers
+    chunk_ddps: list[DistributedDataParallel | None] = []
+    for ch in chunks:  # interleaved: a DDP wrapper per stage over its tp == 1 DDP layers
+        mine = [ls for ls in classic if ls.fqn in ch.layer_fqns]
+        chunk_ddps.append(
+            wrap_ddp(
+                ch,
+                [ls.fqn for ls in mine],
+                groups.layer_mesh(mine[0].dp, 1)["dp"].get_group(),
+                exclude=free_names,
+            )
+            if mine
+            else None
+        )
+    if classic and not chunks:  # one DDP wrapper over the stage's tp == 1 DDP layers
         dp = classic[0].dp
         ddp = wrap_ddp(
             module,
@@ -291,7 +335,29 @@ def apply_plan(
         batch_context=context,
         own_forward=own_forward,
         traced=traced,
+        stages=list(zip(chunks, chunk_ddps)) or None,
     )
+
+
+def _rank_module(chunks: list[StageModule]) -> StageModule:
+    """The rank's stages as one module (their layers, the same module objects, at their model
+    FQNs, plus what stage 0 keeps outside every layer): what parameters, state dicts and the
+    optimizer see. Never called: each stage runs as its own pipeline stage."""
+    fqns = [f for ch in chunks for f in ch.layer_fqns]
+    rank = StageModule(fqns)
+    for ch in chunks:
+        for f in ch.layer_fqns:
+            attach_module(rank, f, ch.get_submodule(f))
+    layer_names = tuple(fqns)
+    for ch in chunks:
+        for name, t in [*ch.named_parameters(), *ch.named_buffers()]:
+            if not any(name == f or name.startswith(f + ".") for f in layer_names):
+                parent, leaf = parent_of(rank, name)
+                if isinstance(t, nn.Parameter):
+                    parent.register_parameter(leaf, t)
+                else:
+                    parent.register_buffer(leaf, t)
+    return rank
 
 
 class ParallelModel:
@@ -339,6 +405,7 @@ class ParallelModel:
         batch_context: BatchContext | None = None,
         own_forward: bool = False,
         traced: TracedStage | None = None,
+        stages: list[tuple[StageModule, DistributedDataParallel | None]] | None = None,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -384,6 +451,14 @@ class ParallelModel:
         """This rank's layer modules, in chain order."""
         # the module itself too: it is the stage's FSDP root when some layer is FSDP / replicate
         self._grad_sync = GradSync([module, *self.layer_modules], ddp)
+        runners: list[nn.Module] = [self._runner]
+        syncs = [self._grad_sync]
+        if stages:  # interleaved: each of the rank's stages runs and switches its own
+            runners = [d if d is not None else m for m, d in stages]
+            syncs = [GradSync([m, *m.layers()], d) for m, d in stages]
+            self._grad_sync = GradSyncs(syncs)
+            ddps = [d for _, d in stages if d is not None]
+            self._ddp = nn.ModuleList(ddps) if ddps else None
         layout = groups.layout
         rank = groups.rank
         first = plan.stages[0].layers[0]
@@ -400,12 +475,12 @@ class ParallelModel:
         if plan.pp_degree > 1:
             assert groups.lane_group is not None
             self._schedule = build_schedule(
-                self._runner,
-                stage_index=self.stage_index,
-                num_stages=plan.pp_degree,
+                runners if stages else self._runner,
+                stage_index=plan.stages_of_rank(groups.rank) if stages else self.stage_index,
+                num_stages=len(plan.stages),
                 device=self.device,
                 lane_group=groups.lane_group,
-                grad_sync=self._grad_sync,
+                grad_sync=syncs if stages else self._grad_sync,
                 schedule=plan.schedule,
                 num_microbatches=c,
                 loss_fn=self._scaled_loss,

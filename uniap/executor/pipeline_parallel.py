@@ -3,7 +3,10 @@
 The rank at local index ``l`` of stage ``i`` builds a ``PipelineStage`` for stage ``i`` whose
 process group is its *lane* ``{l + j g : j < pp}`` (group rank ``j`` = stage ``j``), and runs
 the torch schedule class that the plan's schedule names in :mod:`uniap.schedules`
-(``ScheduleGPipe``, ``Schedule1F1B``) with the plan's ``c`` micro-batches. Each lane sends its
+(``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``) with the plan's ``c``
+micro-batches. With an interleaved schedule the rank builds one ``PipelineStage`` per stage
+it holds (stages ``i, i + pp, ...``), each with its own module, DP wrapping and gradient
+switches, all in one schedule. Each lane sends its
 local activation shard in the layout of stage ``i``'s last layer (``b / dp_last`` samples per
 micro-batch); stage ``i + 1`` reshards it to its first layer's layout inside its
 :class:`~uniap.executor.stage_module.StageModule`.
@@ -33,7 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from uniap.executor.data_parallel import GradSync
@@ -93,7 +101,15 @@ class _PlainStage(nn.Module):
         return self.module(*args, **kwargs)
 
 
-_TORCH_CLASSES = {"ScheduleGPipe": _GPipe, "Schedule1F1B": _Schedule1F1BAnyCount}
+class _Interleaved1F1B(_PresplitInputs, ScheduleInterleaved1F1B):
+    """torch's interleaved 1F1B (several stages per rank), with caller-split inputs."""
+
+
+_TORCH_CLASSES = {
+    "ScheduleGPipe": _GPipe,
+    "Schedule1F1B": _Schedule1F1BAnyCount,
+    "ScheduleInterleaved1F1B": _Interleaved1F1B,
+}
 """The class run for each ``ScheduleSpec.torch_class`` (torch's, or adapted above)."""
 
 
@@ -134,31 +150,44 @@ class _StageWithGradSync(PipelineStage):
 
 
 def build_schedule(
-    module: nn.Module,
+    module: nn.Module | list[nn.Module],
     *,
-    stage_index: int,
+    stage_index: int | list[int],
     num_stages: int,
     device: torch.device,
     lane_group: dist.ProcessGroup,
-    grad_sync: GradSync,
+    grad_sync: GradSync | list[GradSync],
     schedule: str,
     num_microbatches: int,
     loss_fn: Callable[[Any, Any], torch.Tensor],
 ) -> Any:
-    """The pipeline schedule that runs ``module`` as stage ``stage_index`` of this lane."""
+    """The pipeline schedule that runs ``module`` as stage ``stage_index`` of this lane; with
+    an interleaved schedule, lists of the rank's stage modules, stage indices (stage ``j`` on
+    lane rank ``j % pp``) and their gradient switches, one ``PipelineStage`` each."""
     spec = get_schedule(schedule)
-    assert spec.stages_per_rank == 1, f"{spec.name}: only one stage per rank is implemented"
-    if isinstance(module, FSDPModule):
-        module = _PlainStage(module)
-    stage = _StageWithGradSync(
-        module, stage_index, num_stages, device, group=lane_group, grad_sync=grad_sync
-    )
+    modules = module if isinstance(module, list) else [module]
+    indices = stage_index if isinstance(stage_index, list) else [stage_index]
+    syncs = grad_sync if isinstance(grad_sync, list) else [grad_sync]
+    stages = [
+        _StageWithGradSync(
+            _PlainStage(m) if isinstance(m, FSDPModule) else m,
+            j,
+            num_stages,
+            device,
+            group=lane_group,
+            grad_sync=gs,
+        )
+        for m, j, gs in zip(modules, indices, syncs, strict=True)
+    ]
     sched = _TORCH_CLASSES[spec.torch_class](
-        stage, n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False
+        stages if spec.interleaved else stages[0],
+        n_microbatches=num_microbatches,
+        loss_fn=loss_fn,
+        scale_grads=False,
     )
     logger.info(
-        "pipeline stage %d/%d: %s with %d micro-batches",
-        stage_index,
+        "pipeline stage(s) %s/%d: %s with %d micro-batches",
+        indices,
         num_stages,
         schedule,
         num_microbatches,

@@ -1,0 +1,97 @@
+"""Interleaved 1F1B (``ScheduleInterleaved1F1B``, v = 2 stages per rank, stage j on the ranks
+of stage j % pp) trains like one process: world 4, CPU gloo, one spawn for every case.
+
+Each case trains the toy chain for three SGD steps (momentum, ``foreach=True``) under a plan
+with pp * 2 stages and compares with single-process training on the same global batches:
+the losses of every step, every gradient after the first backward (DTensor gradients made
+full) and the final parameters (``cases.parity_case``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+D, F = "DDP", "FSDP"
+
+
+def _interleaved(
+    name: str, pp: int, per_stage: list, *, c: int, n_blocks: int = 2, **extra: Any
+) -> dict:
+    """A parity case: the toy's layers split evenly over ``len(per_stage)`` stages, stage j on
+    the 4 // pp ranks of rank group j % pp, stage j's layers with ``per_stage[j]`` (one
+    ``(dp, tp, kind)`` for all, or one per layer)."""
+    from toy import toy_fqns
+
+    from uniap.contract import LayerStrategy, Plan, Stage, Strategy
+
+    fqns, n = toy_fqns(n_blocks), len(per_stage)
+    g = 4 // pp
+    per = len(fqns) // n
+    stages = []
+    for j, strat in enumerate(per_stage):
+        names = fqns[j * per : (j + 1) * per]
+        strats = strat if isinstance(strat, list) else [strat] * len(names)
+        layers = tuple(LayerStrategy(f, Strategy(*s)) for f, s in zip(names, strats))
+        r = j % pp
+        stages.append(Stage(tuple(range(r * g, (r + 1) * g)), layers))
+    plan = Plan(
+        model_name="Toy",
+        model_signature="toy",
+        num_layers=len(fqns),
+        world_size=4,
+        global_batch_size=8,
+        num_microbatches=c,
+        schedule="Interleaved1F1B",
+        stages=tuple(stages),
+    )
+    assert plan.virtual_stages == 2 and plan.pp_degree == pp
+    return {
+        "name": name,
+        "model": "toy",
+        "n_blocks": n_blocks,
+        "plan": plan.to_dict(),
+        "via": "apply_plan",
+        "optimizer": "sgd",
+        **extra,
+    }
+
+
+def _cases() -> list[dict]:
+    return [
+        _interleaved("pp2_v2_dp2_ddp_c2", 2, [(2, 1, D)] * 4, c=2),
+        _interleaved("pp2_v2_dp2_fsdp_c4", 2, [(2, 1, F)] * 4, c=4, forward=True),
+        # TP on the blocks, FSDP around them, a reshard into and out of each block's stage
+        _interleaved("pp2_v2_fsdp_tp2_c2", 2, [(2, 1, F), (1, 2, D), (1, 2, F), (2, 1, D)], c=2),
+        # four ranks with two stages each, the last rank's first stage feeding rank 0's second
+        _interleaved("pp4_v2_c4", 4, [(1, 1, D)] * 8, c=4, n_blocks=6),
+    ]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    from harness import run_cases
+
+    return run_cases(4, "cases:run_case", _cases())
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in _cases()])
+def test_interleaved_matches_reference(results: dict[str, Any], name: str) -> None:
+    """Losses, gradients after the first backward and final parameters match one process."""
+    res = results[name]
+    assert "error" not in res, res.get("error")
+    assert "Interleaved1F1B" in res["plan"] and " v=2 " in res["plan"]
+    assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
+    assert res["grads_close"], (
+        f"gradients after the first backward differ: {res['bad_grads']} "
+        f"(worst {res['worst_grad']}: {res['worst_grad_error']:.3g})"
+    )
+    assert res["params_close"], (
+        f"parameters differ: {res['bad_params']} (worst {res['worst_param']}: "
+        f"{res['worst_param_diff']:.3g})"
+    )
+    if "forward_close" in res:
+        assert res["forward_close"], "forward() output differs from the reference model's"
