@@ -485,6 +485,47 @@ class SpaceRow:
 
 
 SPACE_ROWS = [
+    # HSDP: FSDP's all-gathers and reduce-scatters inside a node, only an all-reduce of the
+    # shards across the nodes
+    SpaceRow(
+        "HSDP (2 nodes, slow links)",
+        "llama-7b",
+        "a100-pcie-2x8",
+        64,
+        "bf16-mixed",
+        (("kinds", ("DDP", "FSDP")),),
+        (),
+    ),
+    SpaceRow(
+        "HSDP (4 nodes, large batch)",
+        "llama-7b",
+        "h100-4x8",
+        512,
+        "bf16-mixed",
+        (("kinds", ("DDP", "FSDP")),),
+        (),
+    ),
+    # ZeRO-2: Galvatron's full-space plan on its own Llama-7B inputs uses it
+    SpaceRow(
+        "ZeRO-2 (Galvatron's Llama-7B inputs)",
+        "llama-7b",
+        "a100-2x8",
+        64,
+        "bf16-mixed",
+        (("kinds", ("DDP", "FSDP")),),
+        (("kinds", ("DDP", "FSDP", "ZeRO2")),),
+    ),
+    # interleaved 1F1B: the bubble (pp - 1) / (v c) instead of (pp - 1) / c (opt-in: offered
+    # when asked for)
+    SpaceRow(
+        "Interleaved 1F1B (v = 2)",
+        "llama-7b",
+        "a100-2x8",
+        64,
+        "bf16-mixed",
+        (("schedules", ("1F1B",)),),
+        (("schedules", ("1F1B", "Interleaved1F1B")),),
+    ),
     # Llama-7B's bf16-mixed training state (16 bytes per parameter, 108 GB) exceeds 2 x 24 GB:
     # only CPU offload fits; the planner searches it when nothing else fits (default kinds)
     SpaceRow(
@@ -507,7 +548,8 @@ SPACE_ROWS = [
     ),
 ]
 """Rows of ``--spaces``: the old space is the one before the choice (keywords of
-:func:`uniap.planner.plan`), the new one the planner's default."""
+:func:`uniap.planner.plan`), the new one the planner's default (for the opt-in interleaved
+schedule: the default schedule and it)."""
 
 
 def spaces_table(rows: list[SpaceRow]) -> str:
