@@ -1,10 +1,18 @@
-"""Does the cost model predict real runs? Profile a small GPT, run many plans, compare.
+"""Does the cost model predict real runs? Profile small models of several families, run many
+plans, compare.
 
-    .venv/bin/python benchmarks/cost_model_accuracy.py            # ~4-5 min on 2 CPU cores
+    .venv/bin/python benchmarks/cost_model_accuracy.py --rounds 2   # 4 families, ~35 min
+    .venv/bin/python benchmarks/cost_model_accuracy.py --families gpt   # one family, ~5 min
     .venv/bin/python benchmarks/cost_model_accuracy.py --quick    # 3 plans, 1 round, no world 4
 
+Families (``--families``, :data:`FAMILIES`): ``gpt`` (decoder; the model the cost model was
+developed on), ``bert`` (encoder, masked-LM head), ``t5`` (encoder-decoder with
+cross-attention) and ``hf-llama`` (a Hugging Face ``LlamaForCausalLM`` built from a
+``transformers`` config with random weights: GQA, RoPE, SwiGLU; never used while developing
+the cost model). All at global batch 16, sequence 64, hidden 128, vocabulary 512.
+
 World 2 (gloo, one thread per process): in each of ``--rounds`` rounds, measure a profile and
-run >= 10 distinct plans (pp 1 and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; several
+run 12 distinct plans (pp 1 and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; several
 micro-batch counts) plus the plan the planner picks from the first profile, each through
 ``uniap.parallelize``; the profiles are combined (the median of every measured number) and
 each plan's time is the median over the rounds, so that the speed changes of a shared
@@ -12,10 +20,13 @@ machine between profiling and running hit both alike (a probe before each round 
 predicted vs measured time per iteration (median after warm-up) and peak memory per rank, the median
 and worst relative errors, Spearman's rank correlation, whether the planner's plan is the
 measured-fastest, and the effect of calibration (fitted on half of the plans, judged on the
-other half). World 4 (memory only: 4 processes on 2 cores make timings meaningless): profile
-and run a few plans, compare predicted and measured peak memory.
+other half). World 4 (4 processes on the machine's cores: on 2 cores each rank gets half a
+core, so its times say more about the scheduler than about the model): one profile
+(``--repeats4``) and 5 plans (``--steps4`` timed iterations each), time and memory. The
+header and every family print the machine's load average: on a shared machine it says how
+much the timings can be trusted. A summary table per family and world size ends the output.
 
-    .venv/bin/python benchmarks/cost_model_accuracy.py --memory-only   # no timing, ~2 min
+    .venv/bin/python benchmarks/cost_model_accuracy.py --memory-only   # no timing, ~20 min
 
 Memory is measured three ways per rank (the stage's worst rank is shown):
 

@@ -724,6 +724,37 @@ def allocator_memory_case(case: dict) -> dict[str, Any] | None:
 _KINDS["allocator_memory"] = allocator_memory_case
 
 
+def output_freed_case(case: dict) -> dict[str, Any] | None:
+    """One ``train_step`` of ``case["plan"]`` with a loss that records, when backward reaches
+    it, whether each micro-batch's model output (the logits) is still alive: the loss saved
+    what its backward needs, so the executor must not hold the output through backward."""
+    import weakref
+
+    build, batch, loss_fn, _ = _setup(case)
+    plan = Plan.from_dict(case["plan"])
+    x, y = batch(plan.global_batch_size, 0)
+    alive_in_backward: list[bool] = []
+
+    def watched_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ref = weakref.ref(output)
+        loss = loss_fn(output, target)
+        loss.register_hook(lambda g: alive_in_backward.append(ref() is not None))
+        return loss
+
+    pm = parallelize(
+        build(),
+        plan=plan,
+        loss_fn=watched_loss,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+    )
+    pm.train_step(x, y)
+    return {"alive_in_backward": alive_in_backward} if dist.get_rank() == 0 else None
+
+
+_KINDS["output_freed"] = output_freed_case
+
+
 def meta_case(case: dict) -> dict[str, Any] | None:
     """A toy built on the meta device: every rank materialises only its shards; the full
     parameters equal a single-process init with the same seed, and two AdamW steps give the

@@ -642,6 +642,9 @@ class ParallelModel:
             with self._grad_sync.microbatch(last=last):
                 out = self._runner(*mb_args, **mb_kwargs)
                 loss = self._scaled_loss(out, tgt_mbs[m])
+                # what backward needs of the output, the loss saved; holding it here would
+                # keep the logits through backward (and into the next micro-batch's forward)
+                del out
                 self._grad_sync.before_backward(last=last)
                 loss.backward()
             total += loss.detach().double()
