@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compare", "spawn", "spearman"]
+__all__ = ["build_job_model", "compare", "spawn", "spearman"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,19 +122,33 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _model_and_batch(job: dict) -> tuple[Any, Any, Any, Any]:
-    """The job's model (``model``: a preset of :mod:`uniap.models` with ``model_overrides``;
-    else a GPT of ``model_config``), its global batch and loss."""
-    from uniap.models import GPTConfig, build_model, example_batch, loss_fn_for
+def build_job_model(job: dict, device: str = "cpu") -> tuple[Any, Any, Any, Any]:
+    """The job's model (``hf``: a Hugging Face model of ``{"family", "overrides", "seq_len"}``
+    built from its config by :func:`uniap.models.hf.tiny_hf_model`, random weights, adapted by
+    ``from_hf``; ``model``: a preset of :mod:`uniap.models` with ``model_overrides``; else a GPT
+    of ``model_config``), its global batch and loss. ``device="meta"``: the model without
+    weights (presets; a Hugging Face model is built on the CPU)."""
+    from uniap.models import GPTConfig, build_model, cross_entropy_loss, example_batch, loss_fn_for
 
+    if "hf" in job:
+        from uniap.models.hf import from_hf, hf_example_batch, tiny_hf_model
+
+        hf = job["hf"]
+        model = from_hf(tiny_hf_model(hf["family"], seed=0, **hf.get("overrides", {})))
+        x, y = hf_example_batch(model, job["global_batch_size"], seq_len=hf.get("seq_len", 32))
+        return model, x, y, cross_entropy_loss
     if "model" in job:
         spec: Any = job["model"]
         overrides = job.get("model_overrides", {})
     else:
         spec, overrides = GPTConfig(**job["model_config"]), {}
-    model = build_model(spec, device="cpu", seed=0, **overrides)
-    x, y = example_batch(model, job["global_batch_size"])
+    model = build_model(spec, device=device, seed=0, **overrides)
+    x, y = example_batch(model, job["global_batch_size"], device=device)
     return model, x, y, loss_fn_for(model)
+
+
+def _model_and_batch(job: dict) -> tuple[Any, Any, Any, Any]:
+    return build_job_model(job)
 
 
 def _device() -> Any:
@@ -270,7 +284,8 @@ def _job_probe(job: dict) -> float:
     device = _device()
     model = model.to(device)
     graph = build_graph(model, x, name=model.uniap_name)
-    fqn = next((f for f in graph.fqns if f.startswith("blocks.")), graph.fqns[0])
+    # the first transformer block (a layer with a TP plan), else the first layer
+    fqn = next((la.fqn for la in graph.layers if la.supports_tp(2)), graph.fqns[0])
     local = max(job["global_batch_size"] // dist.get_world_size(), 1)
     inputs = capture_layer_inputs(model, graph.fqns, x[:local].to(device))[fqn]
     dist.barrier()

@@ -1,10 +1,18 @@
-"""Does the cost model predict real runs? Profile a small GPT, run many plans, compare.
+"""Does the cost model predict real runs? Profile small models of several families, run many
+plans, compare.
 
-    .venv/bin/python benchmarks/cost_model_accuracy.py            # ~4-5 min on 2 CPU cores
+    .venv/bin/python benchmarks/cost_model_accuracy.py --rounds 2   # 4 families, ~35 min
+    .venv/bin/python benchmarks/cost_model_accuracy.py --families gpt   # one family, ~5 min
     .venv/bin/python benchmarks/cost_model_accuracy.py --quick    # 3 plans, 1 round, no world 4
 
+Families (``--families``, :data:`FAMILIES`): ``gpt`` (decoder; the model the cost model was
+developed on), ``bert`` (encoder, masked-LM head), ``t5`` (encoder-decoder with
+cross-attention) and ``hf-llama`` (a Hugging Face ``LlamaForCausalLM`` built from a
+``transformers`` config with random weights: GQA, RoPE, SwiGLU; never used while developing
+the cost model). All at global batch 16, sequence 64, hidden 128, vocabulary 512.
+
 World 2 (gloo, one thread per process): in each of ``--rounds`` rounds, measure a profile and
-run >= 10 distinct plans (pp 1 and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; several
+run 12 distinct plans (pp 1 and 2; DDP, FSDP and TP mixes; GPipe and 1F1B; several
 micro-batch counts) plus the plan the planner picks from the first profile, each through
 ``uniap.parallelize``; the profiles are combined (the median of every measured number) and
 each plan's time is the median over the rounds, so that the speed changes of a shared
@@ -12,10 +20,13 @@ machine between profiling and running hit both alike (a probe before each round 
 predicted vs measured time per iteration (median after warm-up) and peak memory per rank, the median
 and worst relative errors, Spearman's rank correlation, whether the planner's plan is the
 measured-fastest, and the effect of calibration (fitted on half of the plans, judged on the
-other half). World 4 (memory only: 4 processes on 2 cores make timings meaningless): profile
-and run a few plans, compare predicted and measured peak memory.
+other half). World 4 (4 processes on the machine's cores: on 2 cores each rank gets half a
+core, so its times say more about the scheduler than about the model): one profile
+(``--repeats4``) and 5 plans (``--steps4`` timed iterations each), time and memory. The
+header and every family print the machine's load average: on a shared machine it says how
+much the timings can be trusted. A summary table per family and world size ends the output.
 
-    .venv/bin/python benchmarks/cost_model_accuracy.py --memory-only   # no timing, ~2 min
+    .venv/bin/python benchmarks/cost_model_accuracy.py --memory-only   # no timing, ~20 min
 
 Memory is measured three ways per rank (the stage's worst rank is shown):
 
@@ -35,7 +46,6 @@ stage's largest layer's parameter bytes (the size of one FSDP all-gather buffer)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -45,19 +55,84 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from accuracy_harness import compare, spawn  # noqa: E402
+from accuracy_harness import build_job_model, compare, spawn  # noqa: E402
 
 from uniap.calibration import Measurement, calibrate  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
 from uniap.contract import LayerStrategy, Plan, Stage, Strategy  # noqa: E402
 from uniap.cost_model import CostModel  # noqa: E402
 from uniap.graph import build_graph  # noqa: E402
-from uniap.models import GPTConfig, build_model, example_batch  # noqa: E402
 from uniap.planner import plan_graph  # noqa: E402
 from uniap.profiles import MeasuredProfile  # noqa: E402
 
 MODEL = {"vocab_size": 512, "seq_len": 64, "dim": 128, "n_layers": 4, "n_heads": 4}
 BATCH = 16
+FAMILIES: dict[str, dict] = {
+    "gpt": {
+        "label": "decoder: uniap GPT (the model the cost model was developed on)",
+        "job": {"model": "gpt-tiny", "model_overrides": MODEL},
+    },
+    "bert": {
+        "label": "encoder: uniap BERT, masked-LM head",
+        "job": {
+            "model": "bert-tiny",
+            "model_overrides": {
+                "vocab_size": 512,
+                "seq_len": 64,
+                "dim": 128,
+                "n_layers": 4,
+                "n_heads": 4,
+                "ffn_dim": 512,
+            },
+        },
+    },
+    "t5": {
+        "label": "encoder-decoder: uniap T5 (2 + 2 blocks, cross-attention)",
+        "job": {
+            "model": "t5-tiny",
+            "model_overrides": {
+                "vocab_size": 512,
+                "seq_len": 64,
+                "dim": 128,
+                "n_layers": 2,
+                "n_decoder_layers": 2,
+                "n_heads": 4,
+                "ffn_dim": 512,
+            },
+        },
+    },
+    "hf-llama": {
+        "label": "Hugging Face transformers LlamaForCausalLM from a config, random weights "
+        "(GQA, RoPE, SwiGLU; not used while developing the cost model)",
+        "job": {
+            "hf": {
+                "family": "llama",
+                "overrides": {
+                    "hidden_size": 128,
+                    "intermediate_size": 352,
+                    "num_hidden_layers": 4,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "vocab_size": 512,
+                    "max_position_embeddings": 64,
+                },
+                "seq_len": 64,
+            }
+        },
+    },
+}
+
+
+def family_graph(job: dict):
+    """The layer graph of the job's model (built on the meta device; a Hugging Face model on
+    the CPU: tiny)."""
+    model, x, _, _ = build_job_model({**job, "global_batch_size": 2}, device="meta")
+    return build_graph(model, x, name=model.uniap_name)
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
 def make_plan(graph, world: int, stages: list[list[tuple]], c: int, schedule: str = "1F1B") -> Plan:
@@ -104,14 +179,14 @@ def _split(total: int, lengths: list[int]) -> list[int]:
     return sizes
 
 
-def blocks_tp(graph, c: int, other: str, tp_blocks: set[int] | None = None) -> list[tuple]:
-    """pp=1 on 2 ranks: the listed blocks (default all) at tp 2, the other layers dp 2."""
-    spec = []
-    for fqn in graph.fqns:
-        is_block = fqn.startswith("blocks.")
-        idx = int(fqn.split(".")[1]) if is_block else -1
-        if is_block and (tp_blocks is None or idx in tp_blocks):
-            spec.append((1, 2, "DDP"))
+def blocks_tp(graph, other: str, tp_blocks: set[int] | None = None) -> list[tuple]:
+    """pp=1 on 2 ranks: the listed blocks (the layers with a TP plan, counted from 0; default
+    all) at tp 2, the other layers dp 2."""
+    spec, block = [], 0
+    for layer in graph.layers:
+        if layer.supports_tp(2):
+            spec.append((1, 2, "DDP") if tp_blocks is None or block in tp_blocks else (2, 1, other))
+            block += 1
         else:
             spec.append((2, 1, other))
     return spec
@@ -121,32 +196,55 @@ def world2_plans(graph) -> list[tuple[str, Plan]]:
     D, F = (2, 1, "DDP"), (2, 1, "FSDP")
     one = (1, 1, "DDP")
     L = graph.num_layers
+    a, b = (L + 1) // 2, 2  # the first stage's layers: about half, and two
     return [
         ("pp1 DDP c1", make_plan(graph, 2, [[D]], 1)),
         ("pp1 DDP c4", make_plan(graph, 2, [[D]], 4)),
         ("pp1 FSDP c1", make_plan(graph, 2, [[F]], 1)),
         ("pp1 FSDP c2", make_plan(graph, 2, [[F]], 2)),
-        ("pp1 TP blocks + DDP c1", make_plan(graph, 2, [blocks_tp(graph, 1, "DDP")], 1)),
-        ("pp1 TP blocks + FSDP c2", make_plan(graph, 2, [blocks_tp(graph, 2, "FSDP")], 2)),
-        ("pp1 TP 2 blocks + DDP c2", make_plan(graph, 2, [blocks_tp(graph, 2, "DDP", {1, 2})], 2)),
-        ("pp2 GPipe c2 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 2, "GPipe")),
-        ("pp2 GPipe c8 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 8, "GPipe")),
-        ("pp2 1F1B c4 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 4, "1F1B")),
-        ("pp2 1F1B c16 (4|3)", make_plan(graph, 2, [[one] * 4, [one] * (L - 4)], 16, "1F1B")),
-        ("pp2 1F1B c4 (2|5)", make_plan(graph, 2, [[one] * 2, [one] * (L - 2)], 4, "1F1B")),
+        ("pp1 TP blocks + DDP c1", make_plan(graph, 2, [blocks_tp(graph, "DDP")], 1)),
+        ("pp1 TP blocks + FSDP c2", make_plan(graph, 2, [blocks_tp(graph, "FSDP")], 2)),
+        ("pp1 TP 2 blocks + DDP c2", make_plan(graph, 2, [blocks_tp(graph, "DDP", {1, 2})], 2)),
+        (
+            f"pp2 GPipe c2 ({a}|{L - a})",
+            make_plan(graph, 2, [[one] * a, [one] * (L - a)], 2, "GPipe"),
+        ),
+        (
+            f"pp2 GPipe c8 ({a}|{L - a})",
+            make_plan(graph, 2, [[one] * a, [one] * (L - a)], 8, "GPipe"),
+        ),
+        (
+            f"pp2 1F1B c4 ({a}|{L - a})",
+            make_plan(graph, 2, [[one] * a, [one] * (L - a)], 4, "1F1B"),
+        ),
+        (
+            f"pp2 1F1B c16 ({a}|{L - a})",
+            make_plan(graph, 2, [[one] * a, [one] * (L - a)], 16, "1F1B"),
+        ),
+        (
+            f"pp2 1F1B c4 ({b}|{L - b})",
+            make_plan(graph, 2, [[one] * b, [one] * (L - b)], 4, "1F1B"),
+        ),
     ]
 
 
 def world4_plans(graph) -> list[tuple[str, Plan]]:
     L = graph.num_layers
+    a = (L + 1) // 2
     D4, F4 = (4, 1, "DDP"), (4, 1, "FSDP")
     D2, F2 = (2, 1, "DDP"), (2, 1, "FSDP")
     return [
         ("w4 pp1 DDP c1", make_plan(graph, 4, [[D4]], 1)),
         ("w4 pp1 FSDP c1", make_plan(graph, 4, [[F4]], 1)),
         ("w4 pp1 FSDP c2", make_plan(graph, 4, [[F4]], 2)),
-        ("w4 pp2 DDP 1F1B c4", make_plan(graph, 4, [[D2] * 4, [D2] * (L - 4)], 4, "1F1B")),
-        ("w4 pp2 FSDP GPipe c4", make_plan(graph, 4, [[F2] * 4, [F2] * (L - 4)], 4, "GPipe")),
+        (
+            f"w4 pp2 DDP 1F1B c4 ({a}|{L - a})",
+            make_plan(graph, 4, [[D2] * a, [D2] * (L - a)], 4, "1F1B"),
+        ),
+        (
+            f"w4 pp2 FSDP GPipe c4 ({a}|{L - a})",
+            make_plan(graph, 4, [[F2] * a, [F2] * (L - a)], 4, "GPipe"),
+        ),
     ]
 
 
@@ -179,9 +277,9 @@ def memory_table(graph, plans, evals, runs) -> list[float]:
     return errs
 
 
-def memory_only(graph, job: dict, plans: list[tuple[str, Plan]], world: int) -> None:
+def memory_only(graph, job: dict, plans: list[tuple[str, Plan]], world: int) -> list[float]:
     """Profile once (one repeat: memory does not need timing repeats), run every plan once,
-    print the memory table."""
+    print the memory table; the errors against the allocator."""
     cluster_name = "cpu-2" if world == 2 else "cpu-4"
     jobw = {**job, "cluster": cluster_name}
     prof = MeasuredProfile.from_dict(
@@ -207,73 +305,21 @@ def memory_only(graph, job: dict, plans: list[tuple[str, Plan]], world: int) -> 
         f"memory error against the allocator (world {world}): median "
         f"{statistics.median(abs(x) for x in errs):.1%}, worst {max(abs(x) for x in errs):.1%}"
     )
+    return errs
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 plans, no world-4 memory runs")
-    ap.add_argument(
-        "--memory-only",
-        action="store_true",
-        help="no timing: one profile and one iteration per plan, world 2 and 4, memory tables",
-    )
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="rounds of (profile, run every plan); the profiles are combined (median) and each "
-        "plan's time is the median over rounds, so that a change of the shared machine's speed "
-        "between profiling and running hits both alike (default 3; 1 with --quick)",
-    )
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument(
-        "--set-to-none",
-        action="store_true",
-        help="zero_grad(set_to_none=True) between iterations (torch's default); default: "
-        "gradients zeroed in place and kept allocated",
-    )
-    ap.add_argument("--repeats", type=int, default=7, help="profile repeats")
-    ap.add_argument("--profile-out", default=None, help="also save the measured profile YAML")
-    ap.add_argument(
-        "--raw-out",
-        default=None,
-        help="also save every round's profile and measurements (JSON) to this file",
-    )
-    args = ap.parse_args()
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    t0 = time.perf_counter()
-    config = GPTConfig(**MODEL)
-    meta = build_model(config, device="meta")
-    graph = build_graph(meta, example_batch(meta, 2, device="meta")[0], name=meta.uniap_name)
+def world2(graph, job: dict, args: argparse.Namespace) -> dict:
+    """World 2: ``args.rounds`` rounds of (probe, profile, run every plan); the time and memory
+    tables, calibration; the summary numbers."""
     cluster = load_cluster("cpu-2")
-    job = {
-        "model_config": MODEL,
-        "global_batch_size": BATCH,
-        "cluster": "cpu-2",
-        "set_to_none": args.set_to_none,
-    }
-
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"world 2, gloo, 1 thread per process; model GPT {MODEL}, global batch {BATCH}; "
-        f"zero_grad(set_to_none={args.set_to_none})"
-    )
     plans = world2_plans(graph)
-    if args.memory_only:
-        for world, ps in ((2, plans), (4, world4_plans(graph))):
-            print(f"\n== world {world}, memory only", flush=True)
-            memory_only(graph, job, ps, world)
-        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-        return 0
     if args.quick:
         plans = [plans[0], plans[4], plans[8]]
     profiles, run_sets, probes = [], [], []
     chosen, chosen_index = None, -1
     for r in range(args.rounds):
         probes.append(spawn(2, {**job, "kind": "probe"}))
-        print(f"== round {r + 1}/{args.rounds}: profiling (world 2)", flush=True)
+        print(f"== round {r + 1}/{args.rounds}: profiling (world 2); {load_line()}", flush=True)
         prof_r = MeasuredProfile.from_dict(
             spawn(2, {**job, "kind": "profile", "repeats": args.repeats})
         )
@@ -302,20 +348,11 @@ def main() -> int:
             )
         )
     probes.append(spawn(2, {**job, "kind": "probe"}))
-    if args.raw_out:
-        raw = {
-            "plans": [[n, p.to_dict()] for n, p in plans],
-            "profiles": [p.to_dict() for p in profiles],
-            "runs": run_sets,
-            "probes_s": probes,
-        }
-        with open(args.raw_out, "w") as f:
-            json.dump(raw, f)
     prof = MeasuredProfile.combine(profiles)
     print(f"   {prof.settings['wall_s']} s of profiling; {prof.hardware['device_name']}")
     print(prof.summary())
     if args.profile_out:
-        prof.to_yaml(args.profile_out)
+        prof.to_yaml(args.profile_out.replace(".yaml", f"-{graph.name}.yaml"))
     # per plan: the median over rounds of each round's median step; memory of the last round
     runs = []
     for i in range(len(plans)):
@@ -339,7 +376,6 @@ def main() -> int:
     pred = [e.time_per_iteration_s for e in evals]
     meas = [r["tpi_s"] for r in runs]
     stats = compare(pred, meas)
-    mem_errs = []
     print(
         "\n| # | plan | predicted TPI (ms) | measured TPI (ms) | (fwd+bwd / optimizer) | error "
         "| predicted peak (MiB) | measured peak (MiB) | mem error |"
@@ -347,13 +383,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for i, ((name, _), e, r, err) in enumerate(zip(plans, evals, runs, stats["errors"])):
         pm, mm = max(e.peak_memory_bytes), max(r["stage_peak_bytes"])
-        mem_errs.append(pm / mm - 1)
         print(
             f"| {i + 1} | {name} | {e.time_per_iteration_s * 1e3:.1f} | {r['tpi_s'] * 1e3:.1f} "
             f"| {r['train_step_s'] * 1e3:.1f} / {r['optimizer_s'] * 1e3:.1f} | {err:+.1%} "
             f"| {fmt_mib(pm)} | {fmt_mib(mm)} | {pm / mm - 1:+.1%} |"
         )
-    memory_table(graph, plans, evals, runs)
+    mem_errs = memory_table(graph, plans, evals, runs)
     fastest = min(meas)
     chosen_meas = meas[chosen_index]
     print(
@@ -362,7 +397,8 @@ def main() -> int:
         f"Spearman rank correlation {stats['spearman']:.3f}"
     )
     print(
-        f"memory error (world 2): median {statistics.median(abs(x) for x in mem_errs):.1%}, "
+        f"memory error against the allocator (world 2): median "
+        f"{statistics.median(abs(x) for x in mem_errs):.1%}, "
         f"worst {max(abs(x) for x in mem_errs):.1%}"
     )
     print(
@@ -392,42 +428,194 @@ def main() -> int:
         f"all plans {stats['median_abs_error']:.1%} -> {after_all['median_abs_error']:.1%} (worst "
         f"{after_all['worst_abs_error']:.1%}, Spearman {after_all['spearman']:.3f})"
     )
-    replan = best_plan(graph, cluster, cal)
-    print(
-        f"re-plan with the calibrated profile: {replan.summary()} (predicted "
-        f"{replan.predicted['time_per_iteration_s'] * 1e3:.1f} ms)"
-    )
+    return {
+        "plans": len(plans),
+        "tpi_median": stats["median_abs_error"],
+        "tpi_worst": stats["worst_abs_error"],
+        "spearman": stats["spearman"],
+        "mem_median": statistics.median(abs(x) for x in mem_errs),
+        "mem_worst": max(abs(x) for x in mem_errs),
+        "chosen_vs_fastest": chosen_meas / fastest - 1,
+        "raw": {
+            "plans": [[n, p.to_dict()] for n, p in plans],
+            "profiles": [p.to_dict() for p in profiles],
+            "runs": run_sets,
+            "probes_s": probes,
+        },
+    }
 
-    if not args.quick:
-        print("\n== world 4, memory only", flush=True)
-        meta4 = dataclasses.replace(cluster, name="cpu-4-local", devices_per_node=4)
-        job4 = {**job, "cluster": "cpu-4"}
-        prof4 = MeasuredProfile.from_dict(
-            spawn(
-                4,
-                {**job4, "kind": "profile", "warmup": 1, "repeats": 1, "batches": [1, 2, 4, 8, 16]},
-            )
-        )
-        plans4 = world4_plans(graph)
-        runs4 = spawn(
-            4,
-            {
-                **job4,
-                "kind": "run",
-                "plans": [p.to_dict() for _, p in plans4],
-                "warmup": 0,
-                "steps": 1,
-                "time": False,
-            },
-        )
-        cm4 = CostModel(graph, load_cluster("cpu-4"), prof4, recompute=False)
-        errs4 = memory_table(graph, plans4, [cm4.evaluate(p) for _, p in plans4], runs4)
-        med4, worst4 = statistics.median(abs(x) for x in errs4), max(abs(x) for x in errs4)
+
+def world4(graph, job: dict, args: argparse.Namespace) -> dict:
+    """World 4 (4 ranks on the machine's cores): one profile (``args.repeats4`` repeats), every
+    plan run ``args.steps4`` times; time and memory against the prediction."""
+    jobw = {**job, "cluster": "cpu-4"}
+    print(f"== world 4: profiling; {load_line()}", flush=True)
+    prof = MeasuredProfile.from_dict(
+        spawn(4, {**jobw, "kind": "profile", "warmup": 1, "repeats": args.repeats4})
+    )
+    plans = world4_plans(graph)
+    print(f"== world 4: running {len(plans)} plans", flush=True)
+    runs = spawn(
+        4,
+        {
+            **jobw,
+            "kind": "run",
+            "plans": [p.to_dict() for _, p in plans],
+            "warmup": 1,
+            "steps": args.steps4,
+        },
+    )
+    cm = CostModel(graph, load_cluster("cpu-4"), prof, recompute=False)
+    evals = [cm.evaluate(p) for _, p in plans]
+    stats = compare([e.time_per_iteration_s for e in evals], [r["tpi_s"] for r in runs])
+    print("\n| plan | predicted TPI (ms) | measured TPI (ms) | error |")
+    print("|---|---|---|---|")
+    for (name, _), e, r, err in zip(plans, evals, runs, stats["errors"]):
         print(
-            f"memory error against the allocator (world 4): median {med4:.1%}, worst {worst4:.1%}"
+            f"| {name} | {e.time_per_iteration_s * 1e3:.1f} | {r['tpi_s'] * 1e3:.1f} | {err:+.1%} |"
         )
-        del meta4
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    mem_errs = memory_table(graph, plans, evals, runs)
+    print(
+        f"\nTPI error (world 4): median {stats['median_abs_error']:.1%}, worst "
+        f"{stats['worst_abs_error']:.1%}; Spearman {stats['spearman']:.3f}"
+    )
+    print(
+        f"memory error against the allocator (world 4): median "
+        f"{statistics.median(abs(x) for x in mem_errs):.1%}, "
+        f"worst {max(abs(x) for x in mem_errs):.1%}"
+    )
+    return {
+        "plans": len(plans),
+        "tpi_median": stats["median_abs_error"],
+        "tpi_worst": stats["worst_abs_error"],
+        "spearman": stats["spearman"],
+        "mem_median": statistics.median(abs(x) for x in mem_errs),
+        "mem_worst": max(abs(x) for x in mem_errs),
+    }
+
+
+def summary_table(rows: list[tuple[str, int, dict]], memory_only_run: bool) -> None:
+    print("\n== summary per family (errors: |predicted / measured - 1|)")
+    if memory_only_run:
+        print("\n| family | world | plans | memory vs allocator: median | worst |")
+        print("|---|---|---|---|---|")
+        for fam, world, r in rows:
+            print(
+                f"| {fam} | {world} | {r['plans']} | {r['mem_median']:.1%} | {r['mem_worst']:.1%} |"
+            )
+        return
+    print(
+        "\n| family | world | plans | TPI error: median | worst | Spearman "
+        "| memory vs allocator: median | worst |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for fam, world, r in rows:
+        print(
+            f"| {fam} | {world} | {r['plans']} | {r['tpi_median']:.1%} | {r['tpi_worst']:.1%} "
+            f"| {r['spearman']:.3f} | {r['mem_median']:.1%} | {r['mem_worst']:.1%} |"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help=f"comma-separated model families of {list(FAMILIES)} (default all)",
+    )
+    ap.add_argument("--quick", action="store_true", help="3 plans, no world-4 runs")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="no timing: one profile and one iteration per plan, world 2 and 4, memory tables",
+    )
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of (profile, run every plan); the profiles are combined (median) and each "
+        "plan's time is the median over rounds, so that a change of the shared machine's speed "
+        "between profiling and running hits both alike (default 3; 1 with --quick)",
+    )
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats4", type=int, default=3, help="world-4 profile repeats")
+    ap.add_argument("--steps4", type=int, default=3, help="world-4 timed iterations per plan")
+    ap.add_argument(
+        "--set-to-none",
+        action="store_true",
+        help="zero_grad(set_to_none=True) between iterations (torch's default); default: "
+        "gradients zeroed in place and kept allocated",
+    )
+    ap.add_argument("--repeats", type=int, default=7, help="profile repeats")
+    ap.add_argument(
+        "--profile-out",
+        default=None,
+        help="also save each family's combined world-2 profile (NAME.yaml -> NAME-<model>.yaml)",
+    )
+    ap.add_argument(
+        "--raw-out",
+        default=None,
+        help="also save every round's profile and measurements (JSON) to this file",
+    )
+    args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    t0 = time.perf_counter()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{load_line()} at the start; gloo, 1 thread per process; global batch {BATCH}; "
+        f"zero_grad(set_to_none={args.set_to_none})"
+    )
+    rows, raw = [], {}
+    for fam in families:
+        spec = FAMILIES[fam]
+        job = {
+            **spec["job"],
+            "global_batch_size": BATCH,
+            "cluster": "cpu-2",
+            "set_to_none": args.set_to_none,
+        }
+        graph = family_graph(job)
+        params = sum(la.num_params for la in graph.layers)
+        print(
+            f"\n## {fam}: {spec['label']}\n{graph.name}, {params / 1e6:.2f} M parameters, "
+            f"{graph.num_layers} layers ({', '.join(graph.fqns)}); config "
+            f"{spec['job'].get('model_overrides') or spec['job']['hf']}; {load_line()}",
+            flush=True,
+        )
+        t_fam = time.perf_counter()
+        if args.memory_only:
+            for world, ps in ((2, world2_plans(graph)), (4, world4_plans(graph))):
+                print(f"\n== {fam}, world {world}, memory only", flush=True)
+                errs = memory_only(graph, job, ps, world)
+                rows.append(
+                    (
+                        fam,
+                        world,
+                        {
+                            "plans": len(ps),
+                            "mem_median": statistics.median(abs(x) for x in errs),
+                            "mem_worst": max(abs(x) for x in errs),
+                        },
+                    )
+                )
+        else:
+            r2 = world2(graph, job, args)
+            raw[fam] = r2.pop("raw")
+            rows.append((fam, 2, r2))
+            if not args.quick:
+                rows.append((fam, 4, world4(graph, job, args)))
+        print(f"\n{fam}: {time.perf_counter() - t_fam:.0f} s; {load_line()}", flush=True)
+    summary_table(rows, args.memory_only)
+    if args.raw_out:
+        with open(args.raw_out, "w") as f:
+            json.dump(raw, f)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; {load_line()} at the end")
     return 0
 
 

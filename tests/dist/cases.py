@@ -673,8 +673,9 @@ _KINDS["memory"] = memory_case
 def allocator_memory_case(case: dict) -> dict[str, Any] | None:
     """Two AdamW iterations of ``case["plan"]`` (gradients zeroed in place), the second under
     :class:`~uniap.executor.memory.AllocatorPeak` with :class:`StepMemory` around its
-    ``train_step``: rank 0's allocator peak, its baseline, the tensor count and the model's
-    parameter bytes."""
+    ``train_step``; then ``train_step`` alone under ``AllocatorPeak``, gradients zeroed in
+    place, and once more accumulating onto them: rank 0's allocator peaks, the baseline, the
+    tensor count and the model's parameter bytes."""
     from uniap.executor.memory import AllocatorPeak, StepMemory
 
     build, batch, loss_fn, _ = _setup(case)
@@ -698,9 +699,18 @@ def allocator_memory_case(case: dict) -> dict[str, Any] | None:
         with counted:
             pm.train_step(x, y)
         opt.step()
+    # train_step alone (the optimizer step's temporaries aside): gradients zeroed in place,
+    # then holding that step's values (accumulating, no zero_grad)
+    opt.zero_grad(set_to_none=False)
+    with AllocatorPeak(pm.device, [pm.module], [opt]) as zeroed:
+        pm.train_step(x, y)
+    with AllocatorPeak(pm.device, [pm.module], [opt]) as accumulating:
+        pm.train_step(x, y)
     return (
         {
             "allocator_peak": alloc.peak_bytes,
+            "step_allocator_peak": zeroed.peak_bytes,
+            "step_allocator_peak_accumulating": accumulating.peak_bytes,
             "allocator_baseline": alloc.baseline_bytes,
             "count": counted.peak_memory_bytes,
             "count_terms": counted.breakdown,
@@ -712,6 +722,37 @@ def allocator_memory_case(case: dict) -> dict[str, Any] | None:
 
 
 _KINDS["allocator_memory"] = allocator_memory_case
+
+
+def output_freed_case(case: dict) -> dict[str, Any] | None:
+    """One ``train_step`` of ``case["plan"]`` with a loss that records, when backward reaches
+    it, whether each micro-batch's model output (the logits) is still alive: the loss saved
+    what its backward needs, so the executor must not hold the output through backward."""
+    import weakref
+
+    build, batch, loss_fn, _ = _setup(case)
+    plan = Plan.from_dict(case["plan"])
+    x, y = batch(plan.global_batch_size, 0)
+    alive_in_backward: list[bool] = []
+
+    def watched_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ref = weakref.ref(output)
+        loss = loss_fn(output, target)
+        loss.register_hook(lambda g: alive_in_backward.append(ref() is not None))
+        return loss
+
+    pm = parallelize(
+        build(),
+        plan=plan,
+        loss_fn=watched_loss,
+        global_batch_size=plan.global_batch_size,
+        example_inputs=x,
+    )
+    pm.train_step(x, y)
+    return {"alive_in_backward": alive_in_backward} if dist.get_rank() == 0 else None
+
+
+_KINDS["output_freed"] = output_freed_case
 
 
 def meta_case(case: dict) -> dict[str, Any] | None:

@@ -317,6 +317,19 @@ def w2_cases() -> list[dict]:
         # micro-batches (the tensor count sees only the shards); classic DDP
         toy("allocator_pp1_dp2_fsdp_c2", 2, [[(2, 1, F)]], c=2, kind="allocator_memory"),
         toy("allocator_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="allocator_memory"),
+        # the model's output is not held by the executor through backward
+        toy("output_freed_pp1_dp2_ddp_c2", 2, [[(2, 1, D)]], c=2, kind="output_freed"),
+        # classic DDP copies its gradients during a step only when they hold values
+        preset(
+            "allocator_gpt_tiny_pp1_dp2_ddp_c1",
+            "gpt-tiny",
+            2,
+            1,
+            tp_layers=(2, 1, D),
+            others=(2, 1, D),
+            c=1,
+            kind="allocator_memory",
+        ),
         # gradients doubled after each backward (a sum over the 2 ranks instead of the mean)
         toy(
             "control_pp1_dp2_fsdp_grads_summed_c2",

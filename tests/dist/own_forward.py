@@ -232,7 +232,8 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
     for step in range(steps):
         x, y = batch(name, big_b, step)
         if not (accumulate and step == 1):
-            pm.zero_grad()  # as nn.Module.zero_grad
+            # as nn.Module.zero_grad; ``zero_in_place``: gradients kept, zeroed
+            pm.zero_grad(set_to_none=not case.get("zero_in_place", False))
         losses.append(pm.train_step(x, y))
         if step == (1 if accumulate else 0):
             grads = full_grads(pm)

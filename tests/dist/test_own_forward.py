@@ -27,6 +27,8 @@ CASES = [
     _case("tied_embedding_fsdp_tp2", "tied", (2, 2, D), (4, 1, F)),
     _case("tied_embedding_ddp_c2", "tied", (4, 1, D), (4, 1, D), c=2),
     _case("accumulate_ddp_c2", "scaled", (4, 1, D), (4, 1, D), c=2, accumulate=True),
+    # gradients zeroed in place between steps: classic DDP reduces them without a copy
+    _case("zero_in_place_ddp_fsdp", "scaled", (4, 1, D), (4, 1, F), zero_in_place=True),
     _case("accumulate_fsdp", "model_param", (4, 1, F), (4, 1, F), accumulate=True),
     _case("accumulate_tp2_ddp_fsdp", "tied", (2, 2, D), (4, 1, F), accumulate=True),
     # compile=...: every layer torch.compile'd (aot_eager on CPU), TP and FSDP layers included

@@ -34,7 +34,8 @@ Gradient accumulation: without ``zero_grad`` between two ``train_step`` calls th
 add up as they would on one device. FSDP2 and ``replicate`` add the reduced gradient to the
 sharded one; classic DDP would all-reduce the accumulated ``.grad`` bucket again, so its
 gradients (and those of the free parameters) are set aside before a step and added back after
-its reduction.
+its reduction; classic-DDP gradients that are all zero (``zero_grad(set_to_none=False)``) are
+left in place, not copied.
 
 Precision (``plan.precision``, see :mod:`uniap.precision`): the stage is cast to the master
 dtype before sharding, its forward and the loss run under ``torch.autocast(param_dtype)``,
@@ -655,9 +656,17 @@ class ParallelModel:
         the grads zeroed; :meth:`_ddp_grads_back` adds the copies back after the step."""
         if self._ddp is None:
             return []
+        params = [p for p in self._ddp.parameters() if p.grad is not None and p.requires_grad]
+        if not params:
+            return []
+        # Gradients zeroed in place (``zero_grad(set_to_none=False)``) hold nothing to add
+        # back: copying them would hold a second copy of the stage's DDP gradients through
+        # the step, which the cost model does not charge. One host sync for all of them.
+        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        nonzero = torch.stack([g.any() for g in local]).tolist()
         kept = []
-        for p in self._ddp.parameters():
-            if p.grad is not None and p.requires_grad:
+        for p, has_values in zip(params, nonzero):
+            if has_values:
                 kept.append((p, p.grad.clone()))
                 p.grad.zero_()
         return kept
@@ -708,6 +717,9 @@ class ParallelModel:
             with self._grad_sync.microbatch(last=last):
                 out = self._runner(*mb_args, **mb_kwargs)
                 loss = self._scaled_loss(out, tgt_mbs[m])
+                # what backward needs of the output, the loss saved; holding it here would
+                # keep the logits through backward (and into the next micro-batch's forward)
+                del out
                 self._grad_sync.before_backward(last=last)
                 loss.backward()
             total += loss.detach().double()

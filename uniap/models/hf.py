@@ -62,6 +62,7 @@ FAMILIES = ("gpt2", "llama", "bert")
 """Model families :func:`from_hf` adapts (``config.model_type``)."""
 
 _CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+_CONFIGS = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "bert": "BertConfig"}
 
 
 class HFChain(nn.Module):
@@ -284,12 +285,13 @@ def from_hf(model: nn.Module) -> HFChain:
 def tiny_hf_model(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     """A small, randomly initialised Hugging Face model of ``family`` (``gpt2``, ``llama``,
     ``bert``) built from a config, never downloaded: hidden 64, 4 heads (Llama: 2 kv heads),
-    2 layers, vocabulary 256, 32 positions, no dropout. Same ``seed``, same weights."""
+    2 layers, vocabulary 256, 32 positions, no dropout; ``overrides`` replace any config field.
+    Same ``seed``, same weights."""
     import transformers
 
     common = {"vocab_size": 256, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    configs = {
-        "gpt2": lambda: transformers.GPT2Config(
+    defaults = {
+        "gpt2": dict(
             n_embd=64,
             n_layer=2,
             n_head=4,
@@ -297,20 +299,16 @@ def tiny_hf_model(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            **common,
-            **overrides,
         ),
-        "llama": lambda: transformers.LlamaConfig(
+        "llama": dict(
             hidden_size=64,
             intermediate_size=176,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=32,
-            **common,
-            **overrides,
         ),
-        "bert": lambda: transformers.BertConfig(
+        "bert": dict(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -318,13 +316,12 @@ def tiny_hf_model(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
             max_position_embeddings=32,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
-            **common,
-            **overrides,
         ),
     }
-    if family not in configs:
+    if family not in defaults:
         raise UniapError(f"unknown family {family!r}; one of {list(FAMILIES)}")
-    config = configs[family]()
+    config_cls = getattr(transformers, _CONFIGS[family])
+    config = config_cls(**{**common, **defaults[family], **overrides})  # overrides replace
     torch.manual_seed(seed)
     return getattr(transformers, _CLASSES[family])(config)
 
