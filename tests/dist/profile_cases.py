@@ -83,18 +83,24 @@ def _shapes(profile) -> dict:
 
 
 def peak_by_depth(case: dict) -> dict:
-    """The allocator-level peak bytes of profiling a meta ``Deep(depth)`` for each depth, and
-    whether the model is still on the meta device afterwards."""
+    """For each depth: profile a meta ``Deep(depth)`` (the model stays on the meta device), and
+    the allocator-level peak bytes of the step that runs the whole model's forward (capturing
+    the layers' inputs, one layer materialised at a time), where a profiler holding the whole
+    model would hold every block."""
     from uniap.executor.memory import AllocatorPeak
+    from uniap.profiler.layers import LayerSource
 
+    device = default_device()
     out = {}
     for depth in case["depths"]:
         with torch.device("meta"):
             model = Deep(depth)
         x = torch.randn(4, 8, WIDTH)
         graph = build_graph(model, x, name=f"deep{depth}")
-        with AllocatorPeak(default_device()) as mem:
-            _profile(model, x, graph)
+        _profile(model, x, graph)
+        source = LayerSource(model, graph.fqns, device)
+        with AllocatorPeak(device) as mem:
+            source.capture_inputs([graph.fqns[0], graph.fqns[-1]], x)
         out[str(depth)] = {
             "peak_bytes": mem.increase_bytes,
             "model_bytes": sum(p.numel() * 4 for p in model.parameters()),

@@ -119,17 +119,20 @@ def test_gpu_all_devices_bf16_mixed_clip_fused_1f1b() -> None:
 
 
 def test_gpu_profiles_a_meta_model_one_layer_at_a_time() -> None:
-    """On one GPU: a meta model of 12 blocks profiles within the CUDA allocator peak of 2 blocks
-    plus one block, and measures what the CPU-built model measures (profile_cases)."""
+    """On one GPU: meta models of 2 and 16 blocks profile; the forward capturing the layers'
+    inputs holds one block at a time (CUDA allocator peak); the meta-built model measures what
+    the CPU-built one does (profile_cases)."""
     cases = [
-        {"name": "peak_by_depth", "fn": "peak_by_depth", "depths": [2, 12]},
+        {"name": "peak_by_depth", "fn": "peak_by_depth", "depths": [2, 16]},
         {"name": "meta_equals_real_deep", "fn": "meta_equals_real", "model": "deep"},
     ]
     res = run_cases(1, "test_profile_meta:_dispatch", cases, device="cuda")
     for r in res.values():
         assert "error" not in r, r.get("error")
-    shallow, deep = res["peak_by_depth"]["2"], res["peak_by_depth"]["12"]
-    assert deep["peak_bytes"] <= shallow["peak_bytes"] + deep["model_bytes"] / 12, res
+    shallow, deep = res["peak_by_depth"]["2"], res["peak_by_depth"]["16"]
+    block_bytes = deep["model_bytes"] / 16
+    assert deep["peak_bytes"] <= shallow["peak_bytes"] + block_bytes / 10, res
+    assert deep["peak_bytes"] < 2 * block_bytes, res
     assert res["meta_equals_real_deep"]["meta"] == res["meta_equals_real_deep"]["real"]
 
 
