@@ -180,8 +180,8 @@ def memory_breakdown(
 
 _COMM_NAMES = {
     "tp": "tensor-parallel all-reduces",
-    "fsdp": "sharded-parameter all-gathers (FSDP, ZeRO2, HSDP, FSDP-offload), ZeRO2 and "
-    "FSDP-offload reduce-scatters, FSDP-offload host-device copies",
+    "fsdp": "per-micro-batch data-parallel work (sharded kinds' all-gathers and "
+    "reduce-scatters, offload copies, the wrappers' own time)",
     "reshard": "activation reshards",
     "p2p": "stage-to-stage sends",
     "dp_sync": "gradient sync",
