@@ -108,52 +108,38 @@ def plan_graph(
     :data:`uniap.contract.DEVICE_KINDS`, and on a cluster that declares host memory
     ``FSDP-offload`` too when no plan fits without it, see the module docstring)."""
     with progress_lines(progress) as say:
+
+        def search(offered: Sequence[str] | None) -> Plan:
+            return _plan_graph(
+                graph,
+                cluster,
+                global_batch_size=global_batch_size,
+                profile=profile,
+                schedules=schedules,
+                pp_degrees=pp_degrees,
+                num_microbatches=num_microbatches,
+                memory_fraction=memory_fraction,
+                max_tp=max_tp,
+                recompute=recompute,
+                kinds=offered,
+                time_limit_s=time_limit_s,
+                threads=threads,
+                seed=seed,
+                say=say,
+                progress_interval_s=progress_interval_s,
+                precision=precision,
+            )
+
         if kinds is None and cluster.offload_enabled:
             try:
-                return _plan_graph(
-                    graph,
-                    cluster,
-                    global_batch_size=global_batch_size,
-                    profile=profile,
-                    schedules=schedules,
-                    pp_degrees=pp_degrees,
-                    num_microbatches=num_microbatches,
-                    memory_fraction=memory_fraction,
-                    max_tp=max_tp,
-                    recompute=recompute,
-                    kinds=DEVICE_KINDS,
-                    time_limit_s=time_limit_s,
-                    threads=threads,
-                    seed=seed,
-                    say=say,
-                    progress_interval_s=progress_interval_s,
-                    precision=precision,
-                )
+                return search(DEVICE_KINDS)
             except InfeasibleError as e:
                 why = str(e).splitlines()[0]
                 log.info("no plan fits without CPU offload (%s); searching with %s", why, OFFLOAD)
                 if say is not None:
                     say(f"no plan fits without CPU offload; searching again with {OFFLOAD}")
                 kinds = KINDS
-        return _plan_graph(
-            graph,
-            cluster,
-            global_batch_size=global_batch_size,
-            profile=profile,
-            schedules=schedules,
-            pp_degrees=pp_degrees,
-            num_microbatches=num_microbatches,
-            memory_fraction=memory_fraction,
-            max_tp=max_tp,
-            recompute=recompute,
-            kinds=kinds,
-            time_limit_s=time_limit_s,
-            threads=threads,
-            seed=seed,
-            say=say,
-            progress_interval_s=progress_interval_s,
-            precision=precision,
-        )
+        return search(kinds)
 
 
 def _plan_graph(
