@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -129,11 +127,9 @@ def test_attention_shard_with_fewer_local_heads():
 
 
 @pytest.mark.parametrize("name", BIG)
-def test_big_presets_build_on_meta_instantly(name):
-    """Big presets build on the meta device in seconds and allocate no real weights."""
-    start_s = time.perf_counter()
+def test_big_presets_build_on_meta(name):
+    """Big presets build on the meta device (their default) and allocate no real weights."""
     model = build_model(name)
-    assert time.perf_counter() - start_s < 5.0
     assert all(p.is_meta for p in model.parameters())
 
 
