@@ -174,7 +174,7 @@ import numpy as np
 from uniap.cluster import Cluster
 from uniap.contract import DDP_BUCKET_BYTES, DEVICE_KINDS, KINDS, OFFLOAD, Plan, Strategy
 from uniap.errors import ConfigError
-from uniap.graph import ModelGraph
+from uniap.graph import Layer, ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
 from uniap.schedules import get_schedule
@@ -414,6 +414,7 @@ class CostModel:
         recompute: bool = True,
         precision: Precision | None = None,
         kinds: Sequence[str] | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
@@ -422,8 +423,9 @@ class CostModel:
         ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
         the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS` on a
         cluster that declares host memory, else all but ``FSDP-offload``; a layer with
-        ``dp == 1`` is always ``DDP``). Host memory: each node may hold ``memory_fraction`` of
-        its host memory."""
+        ``dp == 1`` is always ``DDP``); ``sequence_parallel`` offers an sp variant of each
+        ``tp > 1`` strategy (off by default, see :mod:`uniap.strategies`). Host memory: each
+        node may hold ``memory_fraction`` of its host memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -449,6 +451,7 @@ class CostModel:
         # gradients are reduced in reduce_dtype: bytes per parameter relative to P
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
+        self.sequence_parallel = sequence_parallel
         default = KINDS if cluster.offload_enabled else DEVICE_KINDS
         self.kinds = tuple(kinds) if kinds is not None else default
         bad = [k for k in self.kinds if k not in KINDS]
@@ -497,6 +500,7 @@ class CostModel:
             recompute=self.recompute,
             kinds=self.kinds,
             max_shard=self.cluster.devices_per_node,
+            sequence_parallel=self.sequence_parallel,
         )
 
     def tables(
@@ -638,13 +642,12 @@ class CostModel:
         if s.recompute:
             bwd += fwd
         tp_comm_s = 0.0
-        if s.tp > 1 and not self.profile.tp_comm_in_compute:
-            for pair in layer.tp_pairs:
-                tp_comm_s += self._group_time(
-                    "all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp
+        if s.tp > 1 and (s.sp or not self.profile.tp_comm_in_compute):
+            tp_comm_s = self._tp_comm_s(layer, in_bytes, bl, s, pp)
+            if s.sp and self.profile.tp_comm_in_compute:  # measured with TP's all-reduces
+                tp_comm_s -= self._tp_comm_s(
+                    layer, in_bytes, bl, dataclasses.replace(s, sp=False), pp
                 )
-                for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
-                    tp_comm_s += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
         p_bytes = layer.param_bytes / s.tp
         local_params = layer.num_params / s.tp
         opt_bytes = local_params * self.opt_bytes
@@ -765,7 +768,7 @@ class CostModel:
         else:
             opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
-        act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
+        act_bytes = self.activation_bytes(u, microbatch_size / s.dp, s.tp, s.sp, s.recompute)
         # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
         # gradients unsharded too, ZeRO2 the parameters
         shard = s.shard_size if not s.offloaded else INF  # (offload: nothing on the device)
@@ -802,6 +805,42 @@ class CostModel:
                 "optimizer_bytes": opt_bytes / shard,
             },
         )
+
+    def activation_bytes(
+        self, u: int, local_batch: float, tp: int, sp: bool = False, recompute: bool = False
+    ) -> float:
+        """Bytes layer ``u`` keeps for backward per micro-batch at ``local_batch`` samples:
+        the profile's activation bytes, or with ``recompute`` the layer's input (the previous
+        layer's output), of which sequence parallelism keeps ``1 / tp``."""
+        if recompute:
+            in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
+            return in_bytes * local_batch / (tp if sp else 1)
+        return self.profile.activation_bytes(self.graph.layers[u], local_batch, tp, sp=sp)
+
+    def _tp_comm_s(self, layer: Layer, in_bytes: float, bl: float, s: Strategy, pp: int) -> float:
+        """Seconds of the TP collectives of one micro-batch through ``layer`` with strategy
+        ``s`` (``tp > 1``) at local batch ``bl`` (module docstring: TP, and SP)."""
+
+        def t(op: str, nbytes: float) -> float:
+            return self._group_time(op, nbytes * bl, "tp", pp, s.dp, s.tp)
+
+        out = 0.0
+        for pair in layer.tp_pairs:
+            inputs = pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,)
+            if not s.sp:
+                out += t("all_reduce", pair.allreduce_bytes_per_sample)
+                out += sum(t("all_reduce", nbytes) for nbytes in inputs)
+                continue
+            # forward: all-gather the region's input, reduce-scatter the row-wise output;
+            # backward: the reverse; with recompute the forward's pair runs again
+            fwd = sum(t("all_gather", n) for n in inputs)
+            fwd += t("reduce_scatter", pair.allreduce_bytes_per_sample)
+            bwd = sum(t("reduce_scatter", n) for n in inputs)
+            bwd += t("all_gather", pair.allreduce_bytes_per_sample)
+            out += fwd * (2 if s.recompute else 1) + bwd
+        if s.sp:  # the boundary: output gathered forward, input gradient gathered backward
+            out += t("all_gather", layer.output_bytes_per_sample) + t("all_gather", in_bytes)
+        return out
 
     def _autocast_copies(self, s: Strategy) -> bool:
         """Whether the executor runs layer strategy ``s`` on plain master weights under
@@ -937,7 +976,7 @@ def _strategy_name(s) -> str:
     """``dp2 tp1 FSDP +ckpt`` (``HSDP2``: shard degree 2) for a strategy or a layer's."""
     s = getattr(s, "strategy", s)
     kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
-    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
+    return f"dp{s.dp} tp{s.tp}{' sp' if s.sp else ''} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _groups(kind: str, g: int, pp: int, a: int, b: int):

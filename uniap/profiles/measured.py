@@ -296,11 +296,16 @@ class MeasuredProfile(Profile):
         v = self._per_batch(layer, "loss_s", batch)
         return 0.0 if v is None else self.calibration.get("compute_scale", 1.0) * v
 
-    def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
+    def activation_bytes(self, layer: Layer, batch: float, tp: int, *, sp: bool = False) -> float:
         lp = self._layer(layer)
         if tp in lp.activation_bytes:
-            return lp.value("activation_bytes", batch, tp)
-        return super().activation_bytes(layer, batch, tp)
+            v = lp.value("activation_bytes", batch, tp)
+            if sp and tp > 1:
+                # TP measured; SP shards the traced share saved outside the pairs on top
+                # (not measured separately: uniap.profiles.analytic's formula)
+                v -= layer.saved_bytes_per_sample * batch * layer.sp_saved_fraction * (1 - 1 / tp)
+            return max(v, 0.0)
+        return super().activation_bytes(layer, batch, tp, sp=sp)
 
     def check_compatible(self, graph: ModelGraph, cluster: Cluster) -> None:
         """Refuse a profile made for another model, machine or library version."""
