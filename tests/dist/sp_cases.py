@@ -61,6 +61,17 @@ def _call_loss(model: str, m: torch.nn.Module, x: Any, y: Any) -> torch.Tensor:
     return _loss(model)(m(x), y) if model == "gpt" else m(**x).loss
 
 
+_GRAPHS: dict[tuple[str, int], Any] = {}
+
+
+def _graph(model: str, x0: Any, kv_heads: int = 2) -> Any:
+    """The model's graph, traced once per process (pp = 1: no pipeline-split check)."""
+    key = (model, kv_heads)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = build_graph(_build(model, kv_heads), x0, pipeline_check=False)
+    return _GRAPHS[key]
+
+
 def _plan(model: str, graph: Any, big_b: int, c: int, recompute: bool) -> Any:
     world = dist.get_world_size()
     per_layer = [
@@ -83,7 +94,7 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
     elsewhere) and compare losses and gradients with one process."""
     model, big_b, c, steps = case["model"], 4, case.get("c", 1), 2
     x0, _ = _batch(model, big_b, 0)
-    graph = build_graph(_build(model), x0)
+    graph = _graph(model, x0)
     plan = _plan(model, graph, big_b, c, case.get("recompute", False))
     num_sp = sum(ls.sp for ls in plan.layer_strategies)
     pm = parallelize(
@@ -145,7 +156,7 @@ def sp_memory_case(case: dict) -> dict[str, Any] | None:
     # no grouped-query attention here: the trace saves keys and values as the fused kernel
     # does (repeated per query head), which is the same with or without SP
     full = _build(model, kv_heads=4)
-    graph = build_graph(full, x0)
+    graph = _graph(model, x0, kv_heads=4)
     u = next(i for i, layer in enumerate(graph.layers) if layer.supports_sp(world))
     layer = graph.layers[u]
     cost = CostModel(graph, load_cluster("cpu-4"))
