@@ -2,7 +2,7 @@
 
 For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``c`` (micro-batch
 ``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
-``k = (dp, tp, kind, recompute)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
+``k = (dp, tp, kind, recompute, sp)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
 ``rho`` the overlap coefficient, ``P = param_bytes / tp`` and
 ``O = num_params / tp * optimizer_bytes``:
 
@@ -89,6 +89,31 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
   (activation forward, its gradient backward) ``+ R[u,a,b]``.
+
+Sequence parallelism (``k`` with ``sp``, ``tp > 1``; Megatron-SP, Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", section 4.2.2; as run by
+:mod:`uniap.executor.sequence_parallel`, whose layer boundary stays replicated):
+
+- TP communication in ``A``, per pair with distinct column-wise inputs of ``in_j`` bytes and a
+  row-wise output of ``out`` bytes per sample (``in`` and ``out`` below are the layer's input
+  and output bytes per sample), at local batch ``bl`` on the TP group:
+  ``sum_pairs [(1 + recompute) * (sum_j all_gather(in_j bl) + reduce_scatter(out bl))
+  + sum_j reduce_scatter(in_j bl) + all_gather(out bl)]`` (forward: gather the region's input,
+  reduce-scatter the row-wise output; backward the reverse; a recomputed forward repeats its
+  pairs' collectives) ``+ all_gather(out_layer bl) + all_gather(in_layer bl)`` (the boundary:
+  the output gathered forward, the input's gradient gathered backward; cutting the input's
+  chunk is local). On a ring, ``all_gather + reduce_scatter`` of a tensor costs one
+  ``all_reduce`` of it, so SP pays its TP twin's time plus the two boundary gathers. With a
+  measured profile (TP times include TP's all-reduces) SP adds the difference of the two
+  modelled terms. Not charged: the all-reduce of the gradients of the norm weights (``2 h``
+  values per block), which SP computes on sequence chunks.
+- Activations: ``saved_bytes * bl * ((f + f_sp) / tp + 1 - f - f_sp)``, ``f_sp`` the layer's
+  share of saved bytes outside its pairs (norm inputs and statistics, the residual stream's
+  ops: :attr:`uniap.graph.Layer.sp_saved_fraction`), which SP computes on ``1 / tp`` of the
+  sequence; the gathered inputs of the column-wise Linears stay whole (as in TP). A measured
+  profile measures this (the profiler runs the layer sequence parallel and counts its saved
+  bytes); an older one subtracts ``saved_bytes * bl * f_sp * (1 - 1 / tp)`` from its TP bytes.
+  With recompute: ``in_bytes * bl / tp``, the checkpoint keeps the input's chunk.
 
 What is hidden behind what (``rho``, the profile's overlap coefficient, is the fraction of a
 collective that runs concurrently with compute; the executor arranges exactly these overlaps,
