@@ -72,10 +72,12 @@ def _graph(model: str, x0: Any, kv_heads: int = 2) -> Any:
     return _GRAPHS[key]
 
 
-def _plan(model: str, graph: Any, big_b: int, c: int, recompute: bool) -> Any:
-    world = dist.get_world_size()
+def _plan(
+    model: str, graph: Any, big_b: int, c: int, recompute: bool, case_kind: str = "DDP"
+) -> Any:
+    world, tp, kind = dist.get_world_size(), 2, case_kind  # dp = world / 2
     per_layer = [
-        (1, world, "DDP", recompute, 0, True) if layer.supports_sp(world) else (world, 1, "DDP")
+        (world // tp, tp, kind, recompute, 0, True) if layer.supports_sp(tp) else (world, 1, "DDP")
         for layer in graph.layers
     ]
     return make_plan(
@@ -92,10 +94,10 @@ def _plan(model: str, graph: Any, big_b: int, c: int, recompute: bool) -> Any:
 def sp_parity_case(case: dict) -> dict[str, Any] | None:
     """Train with tp = world size + sp on every layer that supports it (data parallel
     elsewhere) and compare losses and gradients with one process."""
-    model, big_b, c, steps = case["model"], 4, case.get("c", 1), 2
+    model, big_b, c, steps = case["model"], 8, case.get("c", 1), 2
     x0, _ = _batch(model, big_b, 0)
     graph = _graph(model, x0)
-    plan = _plan(model, graph, big_b, c, case.get("recompute", False))
+    plan = _plan(model, graph, big_b, c, case.get("recompute", False), case.get("dp_kind", "DDP"))
     num_sp = sum(ls.sp for ls in plan.layer_strategies)
     pm = parallelize(
         _build(model), plan=plan, loss_fn=_loss(model), global_batch_size=big_b, example_inputs=x0
@@ -142,27 +144,51 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
     }
 
 
+def _saved_bytes(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """Distinct storages autograd saves in one forward of ``module`` (parameters excluded, a
+    DTensor's local shard), as the planner's trace counts them."""
+    from uniap._torch_utils import storage_key
+
+    excluded = {storage_key(t)[0] for t in [*module.parameters(), *module.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = storage_key(t)
+        if key not in excluded and key not in saved:
+            saved[key] = nbytes
+        return t
+
+    args = tuple(
+        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().sum().backward()
+    return sum(saved.values())
+
+
 def sp_memory_case(case: dict) -> dict[str, Any] | None:
-    """Bytes one SP layer saves for backward on a rank (distinct storages, parameters left
-    out, as the planner's trace counts them) vs the planner's activation bytes for it."""
+    """Bytes the first SP layer saves for backward on a rank at tp = world size, with SP and
+    (without recompute) with plain TP, vs the planner's activation bytes for each."""
+    import copy
+
     from torch.distributed.device_mesh import init_device_mesh
 
-    from uniap._torch_utils import storage_key
     from uniap.executor.tensor_parallel import apply_tp
 
     model, recompute, b = case["model"], case.get("recompute", False), 4
-    world = dist.get_world_size()
+    tp = dist.get_world_size()
     x0, _ = _batch(model, b, 0)
     # no grouped-query attention here: the trace saves keys and values as the fused kernel
     # does (repeated per query head), which is the same with or without SP
     full = _build(model, kv_heads=4)
     graph = _graph(model, x0, kv_heads=4)
-    u = next(i for i, layer in enumerate(graph.layers) if layer.supports_sp(world))
+    u = next(i for i, layer in enumerate(graph.layers) if layer.supports_sp(tp))
     layer = graph.layers[u]
     cost = CostModel(graph, load_cluster("cpu-4"))
-    planned = cost.activation_bytes(u, b, world, sp=True, recompute=recompute)
-    # the layer's input, as the model computes it
-    captured: dict[str, Any] = {}
+    captured: dict[str, Any] = {}  # the layer's input, as the model computes it
     module = full.get_submodule(layer.fqn)
 
     def grab(_: Any, args: tuple, kwargs: dict) -> None:
@@ -172,35 +198,17 @@ def sp_memory_case(case: dict) -> dict[str, Any] | None:
     with torch.no_grad():
         full(x0) if model == "gpt" else full(**x0, use_cache=False)
     handle.remove()
-    mesh = init_device_mesh("cpu", (world,))
-    apply_tp(module, layer, mesh, sp=True, recompute=recompute)
-    excluded = {storage_key(t)[0] for t in [*module.parameters(), *module.buffers()]}
-    excluded |= {
-        storage_key(p.to_local())[0] for p in module.parameters() if hasattr(p, "to_local")
-    }
-    args = tuple(
-        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        for a in captured["args"]
-    )
-    inputs = {id(t) for t in args if isinstance(t, torch.Tensor)}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        key, nbytes = storage_key(local)
-        if key not in excluded and key not in saved:
-            saved[key] = nbytes
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*args, **captured["kwargs"])
-    out = out[0] if isinstance(out, tuple) else out
-    out.float().sum().backward()
-    del inputs
-    measured = sum(saved.values())
-    if dist.get_rank() != 0:
-        return None
-    return {"measured": measured, "planned": planned, "layer": layer.fqn}
+    mesh = init_device_mesh("cpu", (tp,))
+    out: dict[str, Any] = {"layer": layer.fqn}
+    for sp in (True, False) if not recompute else (True,):
+        m = apply_tp(copy.deepcopy(module), layer, mesh, sp=sp, recompute=recompute)
+        out["planned_sp" if sp else "planned_tp"] = cost.activation_bytes(
+            u, b, tp, sp=sp, recompute=recompute
+        )
+        out["measured_sp" if sp else "measured_tp"] = _saved_bytes(
+            m, captured["args"], captured["kwargs"]
+        )
+    return out if dist.get_rank() == 0 else None
 
 
 def sp_case(case: dict) -> dict[str, Any] | None:
