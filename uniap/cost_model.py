@@ -189,6 +189,7 @@ concept (what a plan costs); the module docstring is most of its length.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -978,7 +979,13 @@ class CostModel:
         return stage_of, strategy_of
 
     def evaluate(self, plan: Plan) -> Evaluation:
-        """TPI and per-stage peak memory of ANY plan for this model and cluster."""
+        """TPI and per-stage peak memory of ANY plan for this model and cluster (a plan with
+        sequence-parallel layers is evaluated with SP strategies offered, whatever
+        ``sequence_parallel`` says)."""
+        if not self.sequence_parallel and any(ls.sp for ls in plan.layer_strategies):
+            with_sp = copy.copy(self)
+            with_sp.sequence_parallel = True
+            return with_sp.evaluate(plan)
         plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
         if plan.precision is not None and plan.precision != self.precision:
             raise ConfigError(

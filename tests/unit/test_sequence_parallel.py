@@ -209,3 +209,75 @@ def test_planner_equals_enumeration_with_sequence_parallelism(gpt) -> None:
         uses_sp.append(any(ls.sp for ls in p.layer_strategies))
         assert math.isfinite(p.predicted["time_per_iteration_s"])
     assert any(uses_sp)
+
+
+def test_parallelize_refuses_sp_where_the_layer_cannot(gpt) -> None:
+    """A plan asking for SP on a layer that has a TP plan but no SP plan is refused before any
+    collective, naming the layer and why; on the real graph the same plan passes, and the
+    cost model evaluates it whether or not it offers SP strategies."""
+    from uniap.api import _check_plan
+
+    sp = Strategy(1, 2, "DDP", False, 0, True)
+    plan = Plan(
+        model_name=gpt.name,
+        model_signature=gpt.signature,
+        num_layers=gpt.num_layers,
+        world_size=2,
+        global_batch_size=4,
+        num_microbatches=1,
+        schedule="1F1B",
+        stages=(
+            Stage(
+                (0, 1),
+                tuple(
+                    LayerStrategy(f, sp if f.startswith("blocks") else Strategy(2, 1))
+                    for f in gpt.fqns
+                ),
+            ),
+        ),
+    )
+    _check_plan(plan, graph=gpt, fqns=gpt.fqns, world_size=2, global_batch_size=4)
+    layers = tuple(
+        dataclasses.replace(la, sp_regions=()) if la.fqn == "blocks.1" else la for la in gpt.layers
+    )
+    no_sp = dataclasses.replace(gpt, layers=layers)
+    with pytest.raises(
+        PlanMismatchError,
+        match=r"^layer 'blocks.1' cannot run sequence parallel at tp=2: it has no "
+        r"sequence-parallel plan; set sp: false for it$",
+    ):
+        _check_plan(plan, graph=no_sp, fqns=gpt.fqns, world_size=2, global_batch_size=4)
+    cluster = small_cluster(1, 2)
+    with_sp = CostModel(gpt, cluster, sequence_parallel=True).evaluate(plan)
+    assert CostModel(gpt, cluster).evaluate(plan) == with_sp
+
+
+def test_measured_profile_reads_measured_sp_bytes(gpt) -> None:
+    """A measured profile's SP activation bytes round-trip through its dict and are what the
+    cost model charges; a profile without them falls back to the TP bytes less the traced
+    SP-sharded share."""
+    from uniap.profiles import MeasuredProfile
+    from uniap.profiles.measured import LayerProfile
+
+    layer = gpt.layer("blocks.0")
+    batches = [1, 2, 4]
+    lp = LayerProfile(fqns=["blocks.0"], batches=batches)
+    lp.activation_bytes[2] = [1000.0 * b for b in batches]
+    old = LayerProfile.from_dict(lp.to_dict())
+    assert "sp_activation_bytes" not in lp.to_dict()
+    lp.sp_activation_bytes[2] = [700.0 * b for b in batches]
+    assert LayerProfile.from_dict(lp.to_dict()).sp_activation_bytes == {2: [700.0, 1400.0, 2800.0]}
+
+    def profile(layer_profile: LayerProfile) -> MeasuredProfile:
+        return MeasuredProfile(
+            model={},
+            hardware={"devices_per_node": 2},
+            versions={},
+            layers={layer.cost_key: layer_profile},
+            collectives={},
+        )
+
+    assert profile(lp).activation_bytes(layer, 2, 2, sp=True) == pytest.approx(1400.0)
+    assert profile(lp).activation_bytes(layer, 2, 2) == pytest.approx(2000.0)
+    share = layer.saved_bytes_per_sample * 2 * layer.sp_saved_fraction / 2
+    assert profile(old).activation_bytes(layer, 2, 2, sp=True) == pytest.approx(2000.0 - share)
