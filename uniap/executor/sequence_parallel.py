@@ -10,11 +10,13 @@ user's forward around it, pipeline stage boundaries and neighbours without SP ar
 What runs, for a layer with sequence dimension ``d`` (:attr:`uniap.graph.Layer.sp_seq_dim`):
 
 - boundary in (:class:`SequenceParallelForward`, installed as the layer's ``forward``): the
-  layer's first tensor input ``x``, whole on
-  every rank, becomes this rank's contiguous chunk along ``d``, a ``Shard(d)`` DTensor
-  (``redistribute`` Replicate -> Shard: a local copy forward, an all-gather of the gradient
-  backward); the whole ``x`` can be freed. The layer's forward then runs on DTensors: DTensor
-  keeps global shapes, so ``x.shape`` is what the user's code expects;
+  layer's first tensor input ``x``, whole on every rank, becomes this rank's contiguous chunk
+  along ``d``, a ``Shard(d)`` DTensor (``redistribute`` Replicate -> Shard: a local copy
+  forward, an all-gather of the gradient backward); the whole ``x`` can be freed. The layer's
+  own forward then runs on DTensors, which keep global shapes (``x.shape`` is what the user's
+  code expects) and global semantics: an op between the regions that mixes positions would
+  still be computed right, DTensor gathering what it needs, but that gather is not in the cost
+  model (:mod:`uniap.sp_plan` offers SP to layers whose pairs sit in their own submodules);
 - parameters outside the pairs' regions (norm weights and biases) become ``Replicate``
   DTensors on the TP mesh, so their gradients (each rank has the part of its own chunk,
   ``Partial``) are summed over the group (torch's ``SequenceParallel`` style): once accumulated
@@ -27,8 +29,8 @@ What runs, for a layer with sequence dimension ``d`` (:attr:`uniap.graph.Layer.s
   column-wise Linears read that gathered tensor (backward: one reduce-scatter of its gradient);
 - region out: the row-wise Linear's output is reduce-scattered along ``d`` (``RowwiseParallel``
   with ``output_layouts=Shard(d)``; backward: an all-gather of the gradient);
-- boundary out: every DTensor the layer returns is all-gathered back to a
-  whole, plain tensor (backward: the local chunk of the gradient).
+- boundary out: every DTensor the layer returns is all-gathered back to a whole, plain tensor
+  (backward: the local chunk of the gradient).
 
 Communication per micro-batch on the TP group, per pair: forward ``all_gather(in) +
 reduce_scatter(out)``, backward ``reduce_scatter(in) + all_gather(out)`` (in place of two
@@ -57,6 +59,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.checkpoint import checkpoint
 
 from uniap.errors import PlanMismatchError
+from uniap.executor.reshard import map_tensors
 from uniap.graph import Layer
 
 __all__ = ["SequenceParallelForward", "apply_sp", "check_sp_supported", "prepare_sp_regions"]
@@ -77,21 +80,6 @@ def check_sp_supported(layer: Layer | None, fqn: str, tp: int) -> None:
         raise PlanMismatchError(
             f"layer {fqn!r} cannot run sequence parallel at tp={tp}: {why}; set sp: false for it"
         )
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
-        return type(obj)(*(_map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, dict):
-        out = obj.copy() if hasattr(obj, "to_tuple") else type(obj)()  # HF ModelOutput
-        for k, v in obj.items():
-            out[k] = _map_tensors(v, fn)
-        return out
-    return obj
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +108,7 @@ def prepare_sp_regions(
             register(local, whole)
             return local
 
-        return _map_tensors(args, one), _map_tensors(kwargs, one)
+        return map_tensors(one, args), map_tensors(one, kwargs)
 
     for region in regions:
         region.register_forward_pre_hook(gather_inputs, with_kwargs=True)
@@ -200,7 +188,7 @@ class SequenceParallelForward:
             )
         else:
             out = self._body(*args, **kwargs)
-        return _map_tensors(out, _gather)
+        return map_tensors(_gather, out)
 
 
 def apply_sp(
