@@ -12,14 +12,17 @@ does not):
   query length must be that dimension's size (found, not assumed from names);
 - every pair lies in a proper submodule of the layer, regions are distinct and not nested,
   and a region holds no parameters besides its pair's Linears (a post-norm residual inside
-  the region would mix the gathered input with the sharded output);
+  the region would mix the gathered input with the sharded output; a parameter-free one is
+  not seen here, and fails at run time: DTensor refuses to add a plain and a sharded tensor);
 - each pair's column-wise Linears read one tensor of the input's shape and its row-wise
   Linear returns one (self-attention, MLP; cross-attention reads a second, replicated tensor
   and is left out).
 
-``saved_fraction``: the part of the layer's saved-for-backward bytes saved outside every pair
-(between the column-wise Linears' first call and the row-wise Linear's return), i.e. by the
-norms and other ops of the residual stream; SP runs those on ``1 / tp`` of the sequence.
+``saved_fraction``: the part of the layer's saved-for-backward bytes saved outside every
+pair's span (from its first column-wise Linear's call to its row-wise Linear's return), i.e.
+by the norms and other ops of the residual stream; SP runs those on ``1 / tp`` of the
+sequence. The sequence length must be divisible by the TP degree
+(:meth:`uniap.graph.Layer.sp_why_not`; the executor checks the real input too).
 """
 
 from __future__ import annotations
