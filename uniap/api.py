@@ -43,6 +43,7 @@ from uniap._dist import default_device, init_from_env
 from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor import ParallelModel, apply_plan
+from uniap.executor.sequence_parallel import check_sp_supported
 from uniap.executor.tensor_parallel import check_tp_supported
 
 __all__ = ["parallelize", "plan_hash"]
@@ -112,6 +113,8 @@ def _check_plan(
     layers = {layer.fqn: layer for layer in graph.layers} if graph is not None else {}
     for ls in plan.layer_strategies:
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+        if ls.sp:
+            check_sp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
 
 
 def _as_plan(plan: Plan | str | Path) -> Plan:

@@ -74,6 +74,7 @@ def _plan_from_args(args: argparse.Namespace):
         schedules=args.schedule,
         progress_interval_s=args.progress_interval_s,
         kinds=args.kinds.split(",") if args.kinds else None,
+        sequence_parallel=args.sequence_parallel,
     )
 
 
@@ -499,6 +500,13 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         help="data-parallel kinds to offer, comma-separated, among "
         f"{', '.join(KINDS)} (default: all but FSDP-offload, which is searched when no plan "
         "fits without it on a cluster with a host section)",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="offer Megatron sequence parallelism on the tensor-parallel layers that support it "
+        "(less activation memory for more TP communication; off by default: it doubles the "
+        "tp > 1 strategies searched)",
     )
     p.add_argument(
         "--time-limit-s",

@@ -2,7 +2,7 @@
 
 A plan says, for a model and a world of devices: how many pipeline stages, which consecutive
 layers and which consecutive device ranks each stage gets, and every layer's intra-layer
-:class:`Strategy` ``(dp, tp, kind, recompute)``; plus the micro-batch count, the schedule,
+:class:`Strategy` ``(dp, tp, kind, recompute, sp)``; plus the micro-batch count, the schedule,
 what the cost model predicts and how the solver got there. It round-trips through YAML and
 JSON with a schema version, and refuses to be applied to another model or world size.
 
@@ -29,7 +29,8 @@ Plan file layout (YAML; JSON is the same tree)::
       layers:
       - {fqn: embed, dp: 2, tp: 1, kind: DDP}
       - {fqn: blocks.0, dp: 1, tp: 2, kind: DDP, recompute: true}   # recompute only when true
-      - {fqn: blocks.1, dp: 2, tp: 1, kind: ZeRO2}          # kind: DDP, FSDP, ZeRO2, HSDP
+      - {fqn: blocks.1, dp: 1, tp: 2, kind: DDP, sp: true}  # sequence parallel: only when true
+      - {fqn: blocks.2, dp: 2, tp: 1, kind: ZeRO2}          # kind: DDP, FSDP, ZeRO2, HSDP
                                                             # or FSDP-offload
                                                             # (HSDP: shard_degree: s)
     - ranks: [2, 3]
@@ -110,15 +111,21 @@ class Strategy:
     shard_degree: int = 0
     """HSDP only: ranks each shard group holds (a divisor of dp strictly between 1 and dp,
     ``tp == 1``); 0 for every other kind."""
+    sp: bool = False
+    """Sequence parallelism (``tp > 1``, on a layer that supports it): inside the layer the
+    residual stream between its TP pairs is sharded along the sequence over the TP group
+    (all-gather / reduce-scatter instead of all-reduce); the layer's input and output stay
+    replicated (:mod:`uniap.executor.sequence_parallel`)."""
 
     def __str__(self) -> str:
         kind = f"HSDP{self.shard_degree}" if self.kind == "HSDP" else self.kind
-        return f"dp{self.dp}xtp{self.tp}-{kind}" + ("-ckpt" if self.recompute else "")
+        sp = "-sp" if self.sp else ""
+        return f"dp{self.dp}xtp{self.tp}{sp}-{kind}" + ("-ckpt" if self.recompute else "")
 
     @property
-    def key(self) -> tuple[int, int, str, bool, int]:
-        """``(dp, tp, kind, recompute, shard_degree)``."""
-        return (self.dp, self.tp, self.kind, self.recompute, self.shard_degree)
+    def key(self) -> tuple[int, int, str, bool, int, bool]:
+        """``(dp, tp, kind, recompute, shard_degree, sp)``."""
+        return (self.dp, self.tp, self.kind, self.recompute, self.shard_degree, self.sp)
 
     @property
     def shard_size(self) -> int:
@@ -186,8 +193,13 @@ class LayerStrategy:
         return self.strategy.recompute
 
     @property
-    def key(self) -> tuple[int, int, str, bool, int]:
-        """``(dp, tp, kind, recompute, shard_degree)``."""
+    def sp(self) -> bool:
+        """``strategy.sp``."""
+        return self.strategy.sp
+
+    @property
+    def key(self) -> tuple[int, int, str, bool, int, bool]:
+        """``(dp, tp, kind, recompute, shard_degree, sp)``."""
         return self.strategy.key
 
 
@@ -365,6 +377,13 @@ class Plan:
                         f"layer {ls.fqn!r}: FSDP-offload needs tp = 1 and dp > 1, got dp = "
                         f"{ls.dp}, tp = {ls.tp}"
                     )
+                if not isinstance(s.sp, bool):
+                    raise bad(f"layer {ls.fqn!r}: sp must be true or false, got {s.sp!r}")
+                if s.sp and s.tp == 1:
+                    raise bad(
+                        f"layer {ls.fqn!r}: sequence parallelism (sp) needs tp > 1, got tp = 1; "
+                        "drop sp or give the layer a TP degree"
+                    )
                 if s.kind != "HSDP" and s.shard_degree:
                     raise bad(f"layer {ls.fqn!r}: shard_degree is for HSDP only, not {s.kind}")
                 if ls.dp < 1 or ls.tp < 1 or ls.dp * ls.tp != g:
@@ -472,12 +491,12 @@ class Plan:
                 layers = []
                 for j, ls in enumerate(st["layers"]):
                     extra = sorted(
-                        set(ls) - {"fqn", "dp", "tp", "kind", "recompute", "shard_degree"}
+                        set(ls) - {"fqn", "dp", "tp", "kind", "recompute", "shard_degree", "sp"}
                     )
                     if extra:
                         raise ConfigError(
                             f"{source}: stages[{i}].layers[{j}]: unknown field(s) {extra}; "
-                            "a layer has fqn, dp, tp, kind and optionally recompute (and "
+                            "a layer has fqn, dp, tp, kind and optionally recompute, sp (and "
                             "shard_degree for HSDP)"
                         )
                     rc = ls.get("recompute", False)
@@ -485,6 +504,12 @@ class Plan:
                         raise ConfigError(
                             f"{source}: stages[{i}].layers[{j}].recompute must be true or false, "
                             f"got {rc!r}"
+                        )
+                    sp = ls.get("sp", False)
+                    if not isinstance(sp, bool):
+                        raise ConfigError(
+                            f"{source}: stages[{i}].layers[{j}].sp must be true or false, "
+                            f"got {sp!r}"
                         )
                     strategy = Strategy(
                         _int(ls["dp"], f"stages[{i}].layers[{j}].dp", source),
@@ -496,6 +521,7 @@ class Plan:
                             f"stages[{i}].layers[{j}].shard_degree",
                             source,
                         ),
+                        sp,
                     )
                     layers.append(LayerStrategy(str(ls["fqn"]), strategy))
                 ranks = tuple(_int(r, f"stages[{i}].ranks", source) for r in st["ranks"])
@@ -661,12 +687,14 @@ def _layer_dict(ls: LayerStrategy) -> dict[str, Any]:
         d["recompute"] = True
     if ls.strategy.shard_degree:
         d["shard_degree"] = ls.strategy.shard_degree
+    if ls.sp:  # absent means false: plan files without SP are unchanged
+        d["sp"] = True
     return d
 
 
 def _strat(s: Strategy) -> str:
     kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
-    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
+    return f"dp{s.dp} tp{s.tp}{' sp' if s.sp else ''} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _runs(layers: tuple[LayerStrategy, ...]) -> list[tuple[Strategy, int]]:

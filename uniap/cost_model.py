@@ -2,7 +2,7 @@
 
 For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``c`` (micro-batch
 ``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
-``k = (dp, tp, kind, recompute)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
+``k = (dp, tp, kind, recompute, sp)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
 ``rho`` the overlap coefficient, ``P = param_bytes / tp`` and
 ``O = num_params / tp * optimizer_bytes``:
 
@@ -90,6 +90,31 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
   (activation forward, its gradient backward) ``+ R[u,a,b]``.
 
+Sequence parallelism (``k`` with ``sp``, ``tp > 1``; Megatron-SP, Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", section 4.2.2; as run by
+:mod:`uniap.executor.sequence_parallel`, whose layer boundary stays replicated):
+
+- TP communication in ``A``, per pair with distinct column-wise inputs of ``in_j`` bytes and a
+  row-wise output of ``out`` bytes per sample (``in`` and ``out`` below are the layer's input
+  and output bytes per sample), at local batch ``bl`` on the TP group:
+  ``sum_pairs [(1 + recompute) * (sum_j all_gather(in_j bl) + reduce_scatter(out bl))
+  + sum_j reduce_scatter(in_j bl) + all_gather(out bl)]`` (forward: gather the region's input,
+  reduce-scatter the row-wise output; backward the reverse; a recomputed forward repeats its
+  pairs' collectives) ``+ all_gather(out_layer bl) + all_gather(in_layer bl)`` (the boundary:
+  the output gathered forward, the input's gradient gathered backward; cutting the input's
+  chunk is local). On a ring, ``all_gather + reduce_scatter`` of a tensor costs one
+  ``all_reduce`` of it, so SP pays its TP twin's time plus the two boundary gathers. With a
+  measured profile (TP times include TP's all-reduces) SP adds the difference of the two
+  modelled terms. Not charged: the all-reduce of the gradients of the norm weights (``2 h``
+  values per block), which SP computes on sequence chunks.
+- Activations: ``saved_bytes * bl * ((f + f_sp) / tp + 1 - f - f_sp)``, ``f_sp`` the layer's
+  share of saved bytes outside its pairs (norm inputs and statistics, the residual stream's
+  ops: :attr:`uniap.graph.Layer.sp_saved_fraction`), which SP computes on ``1 / tp`` of the
+  sequence; the gathered inputs of the column-wise Linears stay whole (as in TP). A measured
+  profile measures this (the profiler runs the layer sequence parallel and counts its saved
+  bytes); an older one subtracts ``saved_bytes * bl * f_sp * (1 - 1 / tp)`` from its TP bytes.
+  With recompute: ``in_bytes * bl / tp``, the checkpoint keeps the input's chunk.
+
 What is hidden behind what (``rho``, the profile's overlap coefficient, is the fraction of a
 collective that runs concurrently with compute; the executor arranges exactly these overlaps,
 see :mod:`uniap.executor.data_parallel`). Each stage is one FSDP2 root over its FSDP /
@@ -164,6 +189,7 @@ concept (what a plan costs); the module docstring is most of its length.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,7 +200,7 @@ import numpy as np
 from uniap.cluster import Cluster
 from uniap.contract import DDP_BUCKET_BYTES, DEVICE_KINDS, KINDS, OFFLOAD, Plan, Strategy
 from uniap.errors import ConfigError
-from uniap.graph import ModelGraph
+from uniap.graph import Layer, ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
 from uniap.schedules import get_schedule
@@ -414,6 +440,7 @@ class CostModel:
         recompute: bool = True,
         precision: Precision | None = None,
         kinds: Sequence[str] | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
@@ -422,8 +449,9 @@ class CostModel:
         ``param_dtype``) sets the gradient-reduction and per-parameter state bytes; ``kinds``:
         the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS` on a
         cluster that declares host memory, else all but ``FSDP-offload``; a layer with
-        ``dp == 1`` is always ``DDP``). Host memory: each node may hold ``memory_fraction`` of
-        its host memory."""
+        ``dp == 1`` is always ``DDP``); ``sequence_parallel`` offers an sp variant of each
+        ``tp > 1`` strategy (off by default, see :mod:`uniap.strategies`). Host memory: each
+        node may hold ``memory_fraction`` of its host memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -449,6 +477,7 @@ class CostModel:
         # gradients are reduced in reduce_dtype: bytes per parameter relative to P
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
+        self.sequence_parallel = sequence_parallel
         default = KINDS if cluster.offload_enabled else DEVICE_KINDS
         self.kinds = tuple(kinds) if kinds is not None else default
         bad = [k for k in self.kinds if k not in KINDS]
@@ -497,6 +526,7 @@ class CostModel:
             recompute=self.recompute,
             kinds=self.kinds,
             max_shard=self.cluster.devices_per_node,
+            sequence_parallel=self.sequence_parallel,
         )
 
     def tables(
@@ -638,13 +668,12 @@ class CostModel:
         if s.recompute:
             bwd += fwd
         tp_comm_s = 0.0
-        if s.tp > 1 and not self.profile.tp_comm_in_compute:
-            for pair in layer.tp_pairs:
-                tp_comm_s += self._group_time(
-                    "all_reduce", pair.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp
+        if s.tp > 1 and (s.sp or not self.profile.tp_comm_in_compute):
+            tp_comm_s = self._tp_comm_s(layer, in_bytes, bl, s, pp)
+            if s.sp and self.profile.tp_comm_in_compute:  # measured with TP's all-reduces
+                tp_comm_s -= self._tp_comm_s(
+                    layer, in_bytes, bl, dataclasses.replace(s, sp=False), pp
                 )
-                for nbytes in pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,):
-                    tp_comm_s += self._group_time("all_reduce", nbytes * bl, "tp", pp, s.dp, s.tp)
         p_bytes = layer.param_bytes / s.tp
         local_params = layer.num_params / s.tp
         opt_bytes = local_params * self.opt_bytes
@@ -765,7 +794,7 @@ class CostModel:
         else:
             opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
-        act_bytes = in_bytes * bl if s.recompute else self.profile.activation_bytes(layer, bl, s.tp)
+        act_bytes = self.activation_bytes(u, microbatch_size / s.dp, s.tp, s.sp, s.recompute)
         # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
         # gradients unsharded too, ZeRO2 the parameters
         shard = s.shard_size if not s.offloaded else INF  # (offload: nothing on the device)
@@ -802,6 +831,42 @@ class CostModel:
                 "optimizer_bytes": opt_bytes / shard,
             },
         )
+
+    def activation_bytes(
+        self, u: int, local_batch: float, tp: int, sp: bool = False, recompute: bool = False
+    ) -> float:
+        """Bytes layer ``u`` keeps for backward per micro-batch at ``local_batch`` samples:
+        the profile's activation bytes, or with ``recompute`` the layer's input (the previous
+        layer's output), of which sequence parallelism keeps ``1 / tp``."""
+        if recompute:
+            in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
+            return in_bytes * local_batch / (tp if sp else 1)
+        return self.profile.activation_bytes(self.graph.layers[u], local_batch, tp, sp=sp)
+
+    def _tp_comm_s(self, layer: Layer, in_bytes: float, bl: float, s: Strategy, pp: int) -> float:
+        """Seconds of the TP collectives of one micro-batch through ``layer`` with strategy
+        ``s`` (``tp > 1``) at local batch ``bl`` (module docstring: TP, and SP)."""
+
+        def t(op: str, nbytes: float) -> float:
+            return self._group_time(op, nbytes * bl, "tp", pp, s.dp, s.tp)
+
+        out = 0.0
+        for pair in layer.tp_pairs:
+            inputs = pair.input_bytes_per_sample or (pair.allreduce_bytes_per_sample,)
+            if not s.sp:
+                out += t("all_reduce", pair.allreduce_bytes_per_sample)
+                out += sum(t("all_reduce", nbytes) for nbytes in inputs)
+                continue
+            # forward: all-gather the region's input, reduce-scatter the row-wise output;
+            # backward: the reverse; with recompute the forward's pair runs again
+            fwd = sum(t("all_gather", n) for n in inputs)
+            fwd += t("reduce_scatter", pair.allreduce_bytes_per_sample)
+            bwd = sum(t("reduce_scatter", n) for n in inputs)
+            bwd += t("all_gather", pair.allreduce_bytes_per_sample)
+            out += fwd * (2 if s.recompute else 1) + bwd
+        if s.sp:  # the boundary: output gathered forward, input gradient gathered backward
+            out += t("all_gather", layer.output_bytes_per_sample) + t("all_gather", in_bytes)
+        return out
 
     def _autocast_copies(self, s: Strategy) -> bool:
         """Whether the executor runs layer strategy ``s`` on plain master weights under
@@ -914,7 +979,13 @@ class CostModel:
         return stage_of, strategy_of
 
     def evaluate(self, plan: Plan) -> Evaluation:
-        """TPI and per-stage peak memory of ANY plan for this model and cluster."""
+        """TPI and per-stage peak memory of ANY plan for this model and cluster (a plan with
+        sequence-parallel layers is evaluated with SP strategies offered, whatever
+        ``sequence_parallel`` says)."""
+        if not self.sequence_parallel and any(ls.sp for ls in plan.layer_strategies):
+            with_sp = copy.copy(self)
+            with_sp.sequence_parallel = True
+            return with_sp.evaluate(plan)
         plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
         if plan.precision is not None and plan.precision != self.precision:
             raise ConfigError(
@@ -937,7 +1008,7 @@ def _strategy_name(s) -> str:
     """``dp2 tp1 FSDP +ckpt`` (``HSDP2``: shard degree 2) for a strategy or a layer's."""
     s = getattr(s, "strategy", s)
     kind = f"HSDP{s.shard_degree}" if s.kind == "HSDP" else s.kind
-    return f"dp{s.dp} tp{s.tp} {kind}" + (" +ckpt" if s.recompute else "")
+    return f"dp{s.dp} tp{s.tp}{' sp' if s.sp else ''} {kind}" + (" +ckpt" if s.recompute else "")
 
 
 def _groups(kind: str, g: int, pp: int, a: int, b: int):

@@ -101,8 +101,8 @@ def optimum_curve(
     graph: ModelGraph, cluster: Cluster, *, global_batch_size: int, **kwargs
 ) -> list[tuple[float, float]]:
     """``(peak_bytes, tpi_s)`` steps of the optimum over every candidate the planner considers
-    (``kwargs``: ``max_tp``, ``recompute``, ``kinds``, ``schedules``, ``pp_degrees``,
-    ``num_microbatches``)."""
+    (``kwargs``: ``max_tp``, ``recompute``, ``kinds``, ``sequence_parallel``, ``schedules``,
+    ``pp_degrees``, ``num_microbatches``)."""
     cm = CostModel(
         graph,
         cluster,
@@ -110,6 +110,7 @@ def optimum_curve(
         max_tp=kwargs.get("max_tp"),
         recompute=kwargs.get("recompute", True),
         kinds=kwargs.get("kinds"),
+        sequence_parallel=kwargs.get("sequence_parallel", False),
     )
     pps = kwargs.get("pp_degrees") or [
         p for p in divisors(cluster.world_size) if p <= graph.num_layers

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
+from uniap.sp_plan import sp_plan
 from uniap.tp_pairs import EMBEDDING_HEAD_REASON, TPPair, TPPlan, tp_plan
 from uniap.tracing import (
     FUSED_SDPA_FLOPS,
@@ -96,6 +97,18 @@ class Layer:
     """Fraction of ``saved_bytes_per_sample`` that sits inside TP pairs and shrinks by 1/tp."""
     cost_key: str = ""
     """Layers with equal keys have identical costs (same type, shapes and TP plan)."""
+    sp_seq_dim: int = 0
+    """Dimension of the layer's first input that sequence parallelism shards (0: no SP plan);
+    found from the trace (:mod:`uniap.sp_plan`)."""
+    sp_seq_len: int = 0
+    """Size of that dimension in the trace: every SP degree must divide it."""
+    sp_regions: tuple[str, ...] = ()
+    """Submodules (relative FQNs) holding one TP pair each, whose inputs SP all-gathers."""
+    sp_saved_fraction: float = 0.0
+    """Fraction of ``saved_bytes_per_sample`` that SP shards by 1/tp on top of TP's
+    ``tp_saved_fraction`` (saved outside the pairs: norm inputs, residual-stream ops)."""
+    sp_excluded_reason: str = ""
+    """Why the layer has no SP plan, empty if it has one."""
 
     @property
     def tp_enabled(self) -> bool:
@@ -110,6 +123,26 @@ class Layer:
         if not self.tp_pairs:
             return False
         return all(d % tp_degree == 0 for d in self.tp_divisors)
+
+    def sp_why_not(self, tp_degree: int) -> str | None:
+        """Why the layer cannot run sequence parallel at this TP degree, or None when it can:
+        one source of truth for planner and executor."""
+        if tp_degree <= 1:
+            return "sequence parallelism needs tp > 1"
+        if not self.supports_tp(tp_degree):
+            return f"it cannot run tensor parallel at tp={tp_degree}"
+        if not self.sp_regions:
+            return self.sp_excluded_reason or "it has no sequence-parallel plan"
+        if self.sp_seq_len % tp_degree:
+            return (
+                f"its sequence length ({self.sp_seq_len}, dimension {self.sp_seq_dim} of its "
+                f"input) is not divisible by tp={tp_degree}"
+            )
+        return None
+
+    def supports_sp(self, tp_degree: int) -> bool:
+        """True when the layer can run sequence parallel at this TP degree."""
+        return self.sp_why_not(tp_degree) is None
 
 
 @dataclass(frozen=True)
@@ -397,6 +430,7 @@ def build_graph(
             tp = TPPlan(excluded_reason=EMBEDDING_HEAD_REASON)
         else:
             tp = tp_plan(module, trace, batch)
+        sp = sp_plan(module, trace, tp)
         numbers = {
             "num_params": sum(p.numel() for p in own),
             "param_bytes": sum(p.numel() * p.element_size() for p in own),
@@ -415,6 +449,11 @@ def build_graph(
                 type_name=type(module).__name__,
                 cost_key=_cost_key(module, numbers),
                 **numbers,
+                sp_seq_dim=sp.seq_dim,
+                sp_seq_len=sp.seq_len,
+                sp_regions=sp.regions,
+                sp_saved_fraction=sp.saved_fraction,
+                sp_excluded_reason=sp.excluded_reason,
             )
         )
 

@@ -90,6 +90,7 @@ def plan_graph(
     max_tp: int | None = None,
     recompute: bool = True,
     kinds: Sequence[str] | None = None,
+    sequence_parallel: bool = False,
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
@@ -106,7 +107,9 @@ def plan_graph(
     model (default: from the graph's dtype, :func:`uniap.precision.precision_for_dtype`).
     ``kinds``: the data-parallel kinds offered (default all of
     :data:`uniap.contract.DEVICE_KINDS`, and on a cluster that declares host memory
-    ``FSDP-offload`` too when no plan fits without it, see the module docstring)."""
+    ``FSDP-offload`` too when no plan fits without it, see the module docstring).
+    ``sequence_parallel``: offer sequence parallelism on the layers with ``tp > 1`` that
+    support it (off by default: see :mod:`uniap.strategies`)."""
     with progress_lines(progress) as say:
 
         def search(offered: Sequence[str] | None) -> Plan:
@@ -122,6 +125,7 @@ def plan_graph(
                 max_tp=max_tp,
                 recompute=recompute,
                 kinds=offered,
+                sequence_parallel=sequence_parallel,
                 time_limit_s=time_limit_s,
                 threads=threads,
                 seed=seed,
@@ -155,6 +159,7 @@ def _plan_graph(
     max_tp,
     recompute,
     kinds,
+    sequence_parallel,
     time_limit_s,
     threads,
     seed,
@@ -189,6 +194,7 @@ def _plan_graph(
         recompute=recompute,
         precision=precision,
         kinds=kinds,
+        sequence_parallel=sequence_parallel,
     )
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):

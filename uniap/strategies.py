@@ -15,6 +15,14 @@ optimizer state in host memory, offered only when the cluster declares host memo
 :mod:`uniap.cost_model`).
 ``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
 one more forward.
+``sp`` (``tp > 1``) is Megatron sequence parallelism inside the layer: the norms and the other
+ops between its TP pairs run on ``1 / tp`` of the sequence, at the price of two all-gathers at
+the layer's boundary (:mod:`uniap.executor.sequence_parallel`). Offered only when asked
+(``sequence_parallel=True``) and only on layers where :meth:`uniap.graph.Layer.supports_sp`
+says yes. Off by default: every SP variant is a TP strategy with more communication (the
+boundary gathers) and less activation memory, so it can only win where memory binds, and it
+doubles the ``tp > 1`` strategies the program chooses from (its size and solve time grow with
+them); a user short of memory at ``tp > 1`` turns it on (``uniap plan --sequence-parallel``).
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ def stage_strategies(
     recompute: bool = True,
     kinds: Sequence[str] = KINDS,
     max_shard: int | None = None,
+    sequence_parallel: bool = False,
 ) -> list[Strategy]:
     """Every strategy for a stage of ``stage_size`` devices, in a fixed order (tp ascending,
-    then DDP, FSDP, ZeRO2, HSDP, FSDP-offload, then without before with recompute).
+    then DDP, FSDP, ZeRO2, HSDP, FSDP-offload, then without before with recompute, then
+    without before with sp). ``sequence_parallel`` offers an sp variant of every ``tp > 1``
+    strategy.
     ``max_tp`` caps the TP degree (e.g. devices per node); ``recompute`` offers activation
     checkpointing; ``kinds`` the data-parallel kinds for ``dp > 1`` (``dp == 1`` is always
     ``DDP``); ``max_shard`` caps HSDP's shard group (e.g. devices per node). FSDP-offload is
@@ -68,10 +79,11 @@ def stage_strategies(
             if kind == "HSDP":
                 cap = max_shard if max_shard is not None else dp
                 shards = [s for s in divisors(dp)[1:-1] if s <= cap] if tp == 1 else []
+            sps = (False, True) if sequence_parallel and tp > 1 else (False,)
             for sh in shards:
-                out.append(Strategy(dp, tp, kind, False, sh))
-                if recompute:
-                    out.append(Strategy(dp, tp, kind, True, sh))
+                for rc in (False, True) if recompute else (False,):
+                    for sp in sps:
+                        out.append(Strategy(dp, tp, kind, rc, sh, sp))
     return out
 
 
@@ -97,12 +109,17 @@ def why_not(
     size, or None when it may. The rules:
 
     - TP degree > 1 only on a layer with a tensor-parallel plan that this degree divides;
+    - sequence parallelism only where :meth:`uniap.graph.Layer.sp_why_not` has no objection;
     - the micro-batch splits evenly over the data-parallel degree;
     - recompute only where it saves memory: the layer keeps more for backward than twice its
       input (which checkpointing keeps instead)."""
     if not layer.supports_tp(strategy.tp):
         reason = layer.tp_excluded_reason or "it has no tensor-parallel plan for this degree"
         return f"tensor parallelism of degree {strategy.tp} is not possible: {reason}"
+    if strategy.sp:
+        reason = layer.sp_why_not(strategy.tp)
+        if reason is not None:
+            return f"sequence parallelism is not possible: {reason}"
     if microbatch_size % strategy.dp:
         return (
             f"the micro-batch of {microbatch_size} samples does not split over dp = {strategy.dp}"

@@ -107,7 +107,7 @@ class FusedAttentionMode(TorchFunctionMode):
     trace (meta tensors would otherwise take the unfused math path, which saves the
     probabilities) and reports the query / key-value head counts of every call."""
 
-    def __init__(self, on_heads: Callable[[int, int], None]) -> None:
+    def __init__(self, on_heads: Callable[[int, int, int], None]) -> None:
         super().__init__()
         self.on_heads = on_heads
 
@@ -120,7 +120,7 @@ class FusedAttentionMode(TorchFunctionMode):
         q, k, v = call["query"], call["key"], call["value"]
         if q.dim() < 3:
             return func(*args, **kwargs)
-        self.on_heads(q.shape[-3], k.shape[-3])
+        self.on_heads(q.shape[-3], k.shape[-3], q.shape[-2])
         if q.dim() != 4:
             return func(*args, **kwargs)
         if k.shape[-3] != q.shape[-3]:  # grouped-query attention (enable_gqa)
@@ -184,6 +184,8 @@ class LayerTrace:
 
     input_nodes: set = field(default_factory=set)
     input_last_dim: int | None = None
+    input_shape: tuple[int, ...] = ()
+    """Shape of the layer's first tensor input (first call)."""
     output_nodes: list = field(default_factory=list)
     output_last_dim: int | None = None
     output_bytes: int = 0
@@ -191,6 +193,8 @@ class LayerTrace:
     """storage id -> (bytes, event index), first save only."""
     linears: list[LinearCall] = field(default_factory=list)
     heads: set[int] = field(default_factory=set)
+    attention_lengths: set[int] = field(default_factory=set)
+    """Query lengths of the attention calls inside the layer."""
     num_calls: int = 0
     first_event: int | None = None
     """Event index of the layer's first call (None: never called)."""
@@ -242,6 +246,7 @@ class Tracer:
         trace.input_nodes |= {t.grad_fn for t in tensors if t.grad_fn is not None}
         if tensors and trace.input_last_dim is None and tensors[0].dim():
             trace.input_last_dim = tensors[0].shape[-1]
+            trace.input_shape = tuple(tensors[0].shape)
         self.stack.append(i)
 
     def _exit(self, i: int, module, args, output) -> None:
@@ -275,9 +280,11 @@ class Tracer:
                 saved[key] = (nbytes, self._tick())
         return t
 
-    def on_heads(self, q_heads: int, kv_heads: int) -> None:
+    def on_heads(self, q_heads: int, kv_heads: int, q_len: int = 0) -> None:
         if self.stack:
             self.layers[self.stack[-1]].heads |= {q_heads, kv_heads}
+            if q_len:
+                self.layers[self.stack[-1]].attention_lengths.add(int(q_len))
 
 
 def training_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def test_profile_cli_two_processes_then_plan_from_it(tmp_path: Path) -> None:
     block = next(lp for lp in prof.layers.values() if lp.fqns[0] == "blocks.0")
     assert block.fwd_s[1][-1] > block.fwd_s[1][0] > 0 and 2 in block.fwd_s
     assert block.activation_bytes[1][-1] > block.activation_bytes[1][0] > 0
+    # the block also ran sequence parallel, saving less than under plain TP
+    assert all(s < t for s, t in zip(block.sp_activation_bytes[2], block.activation_bytes[2]))
 
     again = _uniap(
         "profile",

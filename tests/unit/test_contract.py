@@ -43,7 +43,7 @@ def test_layer_strategy_reads_through_to_its_strategy() -> None:
     """LayerStrategy(fqn, strategy) keeps .dp/.tp/.kind/.recompute/.key for callers."""
     ls = LayerStrategy("blocks.0", Strategy(2, 4, "FSDP", True))
     assert (ls.dp, ls.tp, ls.kind, ls.recompute) == (2, 4, "FSDP", True)
-    assert ls.key == (2, 4, "FSDP", True, 0) == ls.strategy.key
+    assert ls.key == (2, 4, "FSDP", True, 0, False) == ls.strategy.key
 
 
 def test_plan_is_frozen_and_replace_validates() -> None:
@@ -157,7 +157,7 @@ def test_hsdp_layers_round_trip_with_their_shard_degree() -> None:
     assert "  - {fqn: b, dp: 4, tp: 1, kind: DDP}\n" in text
     assert Plan.load(text) == p and Plan.load(p.to_json()) == p
     assert "dp4 tp1 HSDP2" in p.describe() and str(layers[0].strategy) == "dp4xtp1-HSDP2"
-    assert layers[0].key == (4, 1, "HSDP", False, 2)
+    assert layers[0].key == (4, 1, "HSDP", False, 2, False)
     assert Strategy(4, 1, "HSDP", False, 2).shard_size == 2 == Strategy(2, 1, "FSDP").shard_size
     with pytest.raises(ConfigError, match=r"HSDP needs tp = 1 and a shard_degree dividing dp"):
         Plan.load(text.replace("shard_degree: 2", "shard_degree: 4"))

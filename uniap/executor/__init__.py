@@ -9,7 +9,9 @@ Principles:
   overlaps with what and the pipeline schedule are the ones the cost model charges, and tests
   pin each (parity with single-process training on losses and gradients).
 - The real thing, in torchtitan's order per stage: meshes -> this rank's stage of the model
-  (layers at their FQNs) -> TP per layer (DTensor ``parallelize_module``) -> activation
+  (layers at their FQNs) -> TP per layer (DTensor ``parallelize_module``; with ``sp`` the
+  layer's residual stream sharded along the sequence inside a replicated boundary,
+  :mod:`.sequence_parallel`, which checkpoints an SP layer itself) -> activation
   checkpointing -> DDP/FSDP/ZeRO2/HSDP/FSDP-offload per layer (FSDP2 ``fully_shard``, for
   ZeRO2 with ``reshard_after_forward=False``, for FSDP-offload with ``CPUOffloadPolicy``;
   DDP with ``tp == 1`` is one classic
@@ -39,7 +41,7 @@ it). Both run under a ``torch.distributed.pipelining`` schedule.
 One parallelism per module: :mod:`.mesh` (rank arithmetic, meshes, groups), :mod:`.reshard`
 (batch layouts), :mod:`.model_forward` (the model's own forward), :mod:`.traced_stages`
 (pipeline split of the traced forward), :mod:`.stage_module` (pipeline split of a chain by
-FQN), :mod:`.tensor_parallel`, :mod:`.activation_checkpoint`,
+FQN), :mod:`.tensor_parallel`, :mod:`.sequence_parallel`, :mod:`.activation_checkpoint`,
 :mod:`.data_parallel`, :mod:`.pipeline_parallel`, :mod:`.memory` (measured peak memory of a
 step); :mod:`.parallel_model` applies them in order. The public entry point is
 :func:`uniap.api.parallelize`.

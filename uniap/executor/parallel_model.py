@@ -93,6 +93,7 @@ from uniap.executor.model_forward import (
 )
 from uniap.executor.pipeline_parallel import build_schedule
 from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slice_global_batch
+from uniap.executor.sequence_parallel import check_sp_supported
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
@@ -152,6 +153,8 @@ def apply_plan(
         )
     for ls in plan.layer_strategies:
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+        if ls.sp:
+            check_sp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
     precision = plan.precision
     if precision is not None and precision.mixed and precision.param_dtype == "float16":
         raise UniapError(
@@ -225,10 +228,16 @@ def apply_plan(
     for ls in placed:
         if ls.tp > 1:
             apply_tp(
-                module.get_submodule(ls.fqn), layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"]
+                module.get_submodule(ls.fqn),
+                layers[ls.fqn],
+                groups.layer_mesh(ls.dp, ls.tp)["tp"],
+                sp=ls.sp,
+                recompute=ls.recompute,
             )
     for ls in placed:
-        if ls.recompute:
+        # a sequence-parallel layer checkpoints inside its boundary (apply_tp), keeping the
+        # sequence chunk of its input only
+        if ls.recompute and not ls.sp:
             apply_ac(module.get_submodule(path[ls.fqn]))
     if compile:
         backend = compile if isinstance(compile, str) else "inductor"

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from uniap.errors import PlanMismatchError
+from uniap.executor.sequence_parallel import apply_sp, check_sp_supported, prepare_sp_regions
 from uniap.graph import Layer
 
 __all__ = ["apply_tp", "check_tp_supported"]
@@ -74,6 +75,11 @@ class _SharedInputCache:
         self._entries[id(x)] = (x, dt)
         return dt
 
+    def put(self, x: torch.Tensor, dt: DTensor) -> None:
+        """Record that the plain tensor ``x`` is the local value of ``dt`` (sequence
+        parallelism: the whole input gathered at a region's entry)."""
+        self._entries[id(x)] = (x, dt)
+
     def clear(self, *_: Any) -> None:
         self._entries.clear()
 
@@ -105,19 +111,36 @@ class _SharedInputColwise(ColwiseParallel):
         )
 
 
-def apply_tp(module: nn.Module, layer: Layer, tp_mesh: DeviceMesh) -> nn.Module:
-    """Shard ``module`` (the layer ``layer``) over the 1-D ``tp_mesh``, in place."""
+def apply_tp(
+    module: nn.Module,
+    layer: Layer,
+    tp_mesh: DeviceMesh,
+    *,
+    sp: bool = False,
+    recompute: bool = False,
+) -> nn.Module:
+    """Shard ``module`` (the layer ``layer``) over the 1-D ``tp_mesh``, in place. ``sp``:
+    sequence parallelism inside the layer (:mod:`uniap.executor.sequence_parallel`), whose
+    boundary checkpoints the layer itself when ``recompute``."""
     tp = tp_mesh.size()
     check_tp_supported(layer, layer.fqn, tp)
+    if sp:
+        check_sp_supported(layer, layer.fqn, tp)
     cache = _SharedInputCache()
     # the cache lives for one forward of the layer: cleared before and after it
     module.register_forward_pre_hook(cache.clear)
     module.register_forward_hook(cache.clear)
+    if sp:
+        prepare_sp_regions(module, layer, tp_mesh, cache.put)
     plan: dict[str, ColwiseParallel | RowwiseParallel] = {}
     for pair in layer.tp_pairs:
         for name in pair.colwise:
             plan[name] = _SharedInputColwise(cache)
-        plan[pair.rowwise] = RowwiseParallel()
+        plan[pair.rowwise] = (
+            RowwiseParallel(output_layouts=Shard(layer.sp_seq_dim), use_local_output=False)
+            if sp
+            else RowwiseParallel()
+        )
     for name in plan:
         sub = module.get_submodule(name)
         if not isinstance(sub, nn.Linear):
@@ -126,5 +149,7 @@ def apply_tp(module: nn.Module, layer: Layer, tp_mesh: DeviceMesh) -> nn.Module:
                 "nn.Linear"
             )
     parallelize_module(module, tp_mesh, plan)
-    logger.debug("TP x%d on %s: %s", tp, layer.fqn, sorted(plan))
+    if sp:
+        apply_sp(module, layer, tp_mesh, recompute=recompute, on_exit=cache.clear)
+    logger.debug("TP x%d%s on %s: %s", tp, " +SP" if sp else "", layer.fqn, sorted(plan))
     return module

@@ -413,6 +413,18 @@ def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, Layer
             fwd, bwd = _mean_over_ranks(fwd), _mean_over_ranks(bwd)
             lp = profiles[key]
             lp.fwd_s[tp], lp.bwd_s[tp], lp.activation_bytes[tp] = fwd, bwd, act
+            if mesh is not None and layer.supports_sp(tp):
+                # the same layer run sequence parallel: what it saves (its times are the TP
+                # ones plus the cost model's modelled SP collectives)
+                from uniap.executor.tensor_parallel import apply_tp
+
+                sp_module = ctx.source.copy(fqns[0])
+                apply_tp(sp_module, layer, mesh, sp=True)
+                lp.sp_activation_bytes[tp] = [
+                    float(saved_activation_bytes(sp_module, ctx.inputs_at[b][fqns[0]]))
+                    for b in batches
+                ]
+                del sp_module
             lp.state_bytes[tp] = state_bytes(module)
             _, fs, fe = fit_line(batches, fwd)
             _, bs, be = fit_line(batches, bwd)

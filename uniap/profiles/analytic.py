@@ -13,7 +13,10 @@ node, else inter-node):
 - optimizer step (AdamW, memory bound): ``params * optimizer_bytes_touched_per_param / memory_bw``
 - activations kept for backward at local batch ``b``, TP degree ``tp`` (``f`` = the layer's
   TP-sharded fraction of its saved bytes, 0 at ``tp = 1``):
-  ``saved_bytes_per_sample * b * (f / tp + 1 - f)``
+  ``saved_bytes_per_sample * b * (f / tp + 1 - f)``; with sequence parallelism (``sp``), ``f +
+  f_sp`` in place of ``f``, ``f_sp`` the fraction saved outside the TP pairs (norm inputs, the
+  residual stream's ops), which SP computes on ``1 / tp`` of the sequence
+  (:attr:`uniap.graph.Layer.sp_saved_fraction`, Korthikanti et al. 2022, section 4.2.2)
 """
 
 from __future__ import annotations
@@ -77,10 +80,13 @@ class Profile:
         ``batch`` beyond its saved activations (default: the output and its gradient)."""
         return 2 * layer.output_bytes_per_sample * batch
 
-    def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
-        """Bytes ``layer`` keeps for backward at local batch ``batch`` and TP degree ``tp``
-        (default: the graph's traced bytes, the TP-sharded fraction divided by ``tp``)."""
+    def activation_bytes(self, layer: Layer, batch: float, tp: int, *, sp: bool = False) -> float:
+        """Bytes ``layer`` keeps for backward at local batch ``batch`` and TP degree ``tp``,
+        sequence parallel when ``sp`` (default: the graph's traced bytes, the TP-sharded
+        fraction, and with ``sp`` the SP-sharded one, divided by ``tp``)."""
         f = layer.tp_saved_fraction if tp > 1 else 0.0
+        if sp and tp > 1:
+            f += layer.sp_saved_fraction
         return layer.saved_bytes_per_sample * batch * (f / tp + 1 - f)
 
     def check_compatible(self, graph: ModelGraph, cluster: Cluster) -> None:

@@ -104,6 +104,9 @@ class LayerProfile:
     """TP degree -> median backward seconds per batch (TP all-reduces subtracted)."""
     activation_bytes: dict[int, list[float]] = field(default_factory=dict)
     """TP degree -> bytes saved for backward per batch."""
+    sp_activation_bytes: dict[int, list[float]] = field(default_factory=dict)
+    """TP degree -> bytes saved for backward per batch with sequence parallelism (layers that
+    support it; absent in profiles measured before it was)."""
     state_bytes: dict[int, dict[str, int]] = field(default_factory=dict)
     """TP degree -> ``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` of the local shard."""
     dp_residual_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -138,7 +141,9 @@ class LayerProfile:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"fqns": list(self.fqns), "batches": list(self.batches)}
-        for name in ("fwd_s", "bwd_s", "activation_bytes"):
+        for name in ("fwd_s", "bwd_s", "activation_bytes", "sp_activation_bytes"):
+            if name == "sp_activation_bytes" and not self.sp_activation_bytes:
+                continue  # profiles without SP layers stay as they were
             d[name] = {
                 f"tp{tp}": [float(v) for v in vs] for tp, vs in sorted(getattr(self, name).items())
             }
@@ -170,6 +175,7 @@ class LayerProfile:
             fwd_s=by_tp(d["fwd_s"]),
             bwd_s=by_tp(d["bwd_s"]),
             activation_bytes=by_tp(d.get("activation_bytes")),
+            sp_activation_bytes=by_tp(d.get("sp_activation_bytes")),
             state_bytes=by_tp(d.get("state_bytes")),
             dp_residual_s={
                 str(k): {str(ph): float(v) for ph, v in r.items()}
@@ -296,11 +302,18 @@ class MeasuredProfile(Profile):
         v = self._per_batch(layer, "loss_s", batch)
         return 0.0 if v is None else self.calibration.get("compute_scale", 1.0) * v
 
-    def activation_bytes(self, layer: Layer, batch: float, tp: int) -> float:
+    def activation_bytes(self, layer: Layer, batch: float, tp: int, *, sp: bool = False) -> float:
         lp = self._layer(layer)
+        if sp and tp > 1 and tp in lp.sp_activation_bytes:
+            return lp.value("sp_activation_bytes", batch, tp)
         if tp in lp.activation_bytes:
-            return lp.value("activation_bytes", batch, tp)
-        return super().activation_bytes(layer, batch, tp)
+            v = lp.value("activation_bytes", batch, tp)
+            if sp and tp > 1:
+                # SP not measured (an older profile): the traced share SP shards on top of
+                # the measured TP bytes (uniap.profiles.analytic's formula)
+                v -= layer.saved_bytes_per_sample * batch * layer.sp_saved_fraction * (1 - 1 / tp)
+            return v
+        return super().activation_bytes(layer, batch, tp, sp=sp)
 
     def check_compatible(self, graph: ModelGraph, cluster: Cluster) -> None:
         """Refuse a profile made for another model, machine or library version."""
