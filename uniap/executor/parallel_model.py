@@ -45,7 +45,9 @@ Loss semantics: ``train_step`` computes exactly the single-device loss of the gl
 (``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
 ``local_samples / global_batch``, gradients are summed over DP groups, and the returned value
 is the sum over micro-batches and DP shards (counted once per TP group), all-reduced so every
-rank returns the same float.
+rank returns the same float. A head at ``tp > 1`` keeps its logits sharded on the vocabulary;
+the step then runs under ``loss_parallel()`` and the first loss is checked to be one it
+computes without gathering them (:mod:`.vocab_loss`).
 
 One module: :func:`apply_plan` and the :class:`ParallelModel` it returns are one concept (a
 plan applied on this rank); the parallelisms themselves live one per module beside it.
@@ -96,6 +98,7 @@ from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slic
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
+from uniap.executor.vocab_loss import VocabParallelLoss
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
@@ -222,11 +225,15 @@ def apply_plan(
     if traced is not None:
         path = {f: p for f, p in traced.layer_paths.items() if p is not None}
     placed = [ls for ls in stage.layers if ls.fqn in path]
+    vocab_loss = None
     for ls in placed:
         if ls.tp > 1:
-            apply_tp(
-                module.get_submodule(ls.fqn), layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"]
-            )
+            layer_module = module.get_submodule(ls.fqn)
+            apply_tp(layer_module, layers[ls.fqn], groups.layer_mesh(ls.dp, ls.tp)["tp"])
+            vocab = layers[ls.fqn].tp_vocab
+            if vocab is not None and vocab.kind == "head":  # logits sharded: loss_parallel
+                head = layer_module.get_submodule(vocab.module) if vocab.module else layer_module
+                vocab_loss = VocabParallelLoss(head, ls.fqn, ls.tp)
     for ls in placed:
         if ls.recompute:
             apply_ac(module.get_submodule(path[ls.fqn]))
@@ -337,6 +344,7 @@ def apply_plan(
         own_forward=own_forward,
         traced=traced,
         stages=list(zip(chunks, chunk_ddps)) or None,
+        vocab_loss=vocab_loss,
     )
 
 
@@ -407,6 +415,7 @@ class ParallelModel:
         own_forward: bool = False,
         traced: TracedStage | None = None,
         stages: list[tuple[StageModule, DistributedDataParallel | None]] | None = None,
+        vocab_loss: VocabParallelLoss | None = None,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -445,6 +454,7 @@ class ParallelModel:
         """Logs step time, throughput, MFU and memory against the plan on rank 0 every
         ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
+        self._vocab_loss = vocab_loss
         if layer_modules is None:
             assert isinstance(module, StageModule)
             layer_modules = module.layers()
@@ -584,8 +594,16 @@ class ParallelModel:
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         if self._traced is not None:  # the last traced stage returns the flat outputs
             output = self._traced.split.output(output)
-        if self._loss_fn is not None:
+        if self._loss_fn is not None and self._vocab_loss is None:
             return self._loss_fn(output, target)
+        if self._loss_fn is not None:
+            try:
+                loss = self._loss_fn(output, target)
+            except RuntimeError as e:  # an op DTensor cannot run on the sharded logits
+                if self._vocab_loss.checked:
+                    raise
+                raise self._vocab_loss.refusal(f"fails on ({e})") from e
+            return self._vocab_loss.finish(loss)
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, Mapping):
             loss = output.get("loss")
@@ -595,7 +613,7 @@ class ParallelModel:
                 "returned none (no `loss` in its output): pass the labels in the batch "
                 "(e.g. labels=...) or give parallelize a loss_fn"
             )
-        return loss
+        return loss if self._vocab_loss is None else self._vocab_loss.finish(loss)
 
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
         with self._autocast():
@@ -684,10 +702,13 @@ class ParallelModel:
         kept = self._ddp_grads_aside()
         if self._free_sync is not None:
             self._free_sync.begin()
-        if self._schedule is None:
-            total = self._run_own_forward(inputs, targets)
-        else:
-            total = self._run_schedule(inputs, targets)
+        # a vocabulary-parallel head: the loss's forward and backward under loss_parallel()
+        vocab = self._vocab_loss.context() if self._vocab_loss else contextlib.nullcontext()
+        with vocab:
+            if self._schedule is None:
+                total = self._run_own_forward(inputs, targets)
+            else:
+                total = self._run_schedule(inputs, targets)
         if self._free_sync is not None:
             self._free_sync.finish()
         self._ddp_grads_back(kept)
@@ -835,8 +856,10 @@ class ParallelModel:
         )
         self._batch_context.microbatch_size = big_b
         # under no_sync: a forward that no backward follows must not arm DDP's reducer
-        with self._grad_sync.microbatch(last=False):
+        vocab = self._vocab_loss.context() if self._vocab_loss else contextlib.nullcontext()
+        with self._grad_sync.microbatch(last=False), vocab:
             out = self._runner(*mb_args, **mb_kwargs)
+        out = _full_tensors(out)  # vocabulary-sharded logits gathered for the caller
         if self._to_replicated is not None:
             out = map_batch(self._to_replicated, out, big_b // self._last_dp)
         if not torch.is_grad_enabled():
@@ -865,6 +888,7 @@ class ParallelModel:
         self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
         full = None
         if self.is_last_stage:
+            out = _full_tensors(out)
             if not isinstance(out, torch.Tensor):
                 raise UniapError(
                     f"forward() with pp={self.plan.pp_degree} returns a tensor output only; the "
@@ -946,6 +970,11 @@ class ParallelModel:
                     if have is not None and n not in full:
                         full[n] = full[have]
         return full
+
+
+def _full_tensors(value: Any) -> Any:
+    """``value`` with every DTensor (the logits of a vocabulary-parallel head) made whole."""
+    return map_tensors(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, value)
 
 
 def _batch_first(value: Any, rows: int) -> bool:

@@ -1,0 +1,67 @@
+"""Vocabulary-parallel embedding and head with loss parallel (world 2, one spawn): the GPT-style
+preset and an unmodified Hugging Face Llama train as on one process (losses and every
+gradient) with their embedding and head at tp = 2 and the blocks at tp = 2 or tp = 1; each
+rank holds V / tp of the logits; a loss that would gather them is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.dist
+
+CASES = [
+    {"name": "gpt_vocab_tp2_blocks_tp2", "family": "gpt", "others": (1, 2, "DDP")},
+    {"name": "gpt_vocab_tp2_blocks_dp2_fsdp", "family": "gpt", "others": (2, 1, "FSDP")},
+    {"name": "llama_vocab_tp2_blocks_tp2", "family": "llama", "others": (1, 2, "DDP")},
+    {"name": "llama_vocab_tp2_blocks_dp2_ddp", "family": "llama", "others": (2, 1, "DDP")},
+    {"name": "gpt_softmax_loss_refused", "family": "gpt", "others": (1, 2, "DDP"),
+     "loss": "softmax", "c": 1},
+    {"name": "gpt_gather_loss_refused", "family": "gpt", "others": (1, 2, "DDP"),
+     "loss": "gather", "c": 1},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    from harness import run_cases
+
+    return run_cases(2, "vocab_parallel:vocab_case", CASES)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES if "loss" not in c])
+def test_world2_vocab_parallel_matches_one_process(results: dict[str, Any], name: str) -> None:
+    """Embedding and head at tp=2: losses and every gradient as on one process; each rank
+    holds a V/2-wide DTensor shard of the logits; inference returns the whole logits."""
+    res = results[name]
+    assert "error" not in res, res.get("error")
+    assert len(res["vocab_layers"]) == 2, res["vocab_layers"]
+    assert res["num_grads"] > 0
+    assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
+    assert not res["bad_grads"], res["bad_grads"]
+    assert res["held_logits"] == [["DTensor", res["vocab_size"] // 2]], res["held_logits"]
+    assert res["inference_logits_shape"][-1] == res["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        (
+            "gpt_softmax_loss_refused",
+            "applies AmaxBackward0, LogBackward0, SoftmaxBackward0 to the logits",
+        ),
+        ("gpt_gather_loss_refused", "fails on (aten.gather.default got mixed torch.Tensor"),
+    ],
+)
+def test_world2_loss_that_gathers_logits_is_refused(
+    results: dict[str, Any], name: str, what: str
+) -> None:
+    """A loss that needs whole vocabulary rows (softmax, or gather by target) on the sharded
+    logits is refused before any backward, naming what it does and the fix."""
+    res = results[name]
+    assert "error" not in res, res.get("error")
+    assert res["refused"] is not None
+    assert res["refused"].startswith(f"UniapError: the loss {what}"), res["refused"]
+    assert res["refused"].endswith("Use such a loss, or plan 'head' at tp=1"), res["refused"]
