@@ -9,7 +9,7 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
 ``P = param_bytes * (f / tp + 1 - f)``, ``O`` likewise; see "Vocabulary parallelism" below):
 
 - ``A[u,k]`` one micro-batch through the layer:
-  ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl)``, the loss's own
+  ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl, tp)``, the loss's own
   forward and backward)
   ``+ sum_pairs [all_reduce(out_bytes * bl) + sum_inputs all_reduce(in_bytes * bl)]`` on the TP
   group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
@@ -85,8 +85,9 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   micro-batches virtual stage ``i`` holds in torch's order (:mod:`uniap.schedules`). The last
   layer also holds the loss's copy of its output for the other in-flight micro-batches and the
   loss's working memory for the one in backward:
-  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic: ``2 out_bytes bl``,
-  the output and its gradient), both ``/ tp`` for a vocabulary-parallel head at ``tp > 1``.
+  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl, tp)`` (analytic:
+  ``2 out_bytes bl``, the output and its gradient), both ``/ tp`` for a vocabulary-parallel
+  head at ``tp > 1``.
 - Vocabulary parallelism (``Layer.tp_vocab``, embedding and head layers at ``tp > 1``; the
   executor's :mod:`uniap.executor.tensor_parallel` and :mod:`uniap.executor.vocab_loss`, as
   torchtitan's ``RowwiseParallel`` embedding and ``ColwiseParallel`` output with loss
@@ -99,8 +100,11 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   parallel (torch's ``loss_parallel()``: ``log_softmax`` all-reduces the max and the sum of
   exponentials of each row, ``nll_loss`` the target logit; its backward is local):
   ``+ 3 * all_reduce(4 * rows_per_sample * bl)`` on the head (``rows_per_sample``: logit rows,
-  tokens, per sample, fp32), always added (the profile times the loss without them). The
-  loss's compute ``loss_s(bl) / tp`` and its memory (below) ``/ tp``: each rank holds ``V / tp``
+  tokens, per sample, fp32), not added when ``profile.tp_comm_in_compute`` (a measured
+  profile times the loss at that tp under ``loss_parallel()``). The loss's compute
+  ``loss_s(bl, tp)`` and working memory ``loss_working_bytes(bl, tp)`` are the profile's at
+  that tp (analytic: the logits and their gradient ``/ tp``; measured: at that tp, else the
+  tp = 1 numbers ``/ tp``), the loss's copy of the output ``/ tp``: each rank holds ``V / tp``
   of the logits, their log-softmax and gradient. The head's own saved activations (its
   replicated input) do not shrink.
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
@@ -195,6 +199,7 @@ from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
+from uniap.profiles.analytic import loss_tp_share
 from uniap.schedules import get_schedule
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
@@ -653,9 +658,9 @@ class CostModel:
         fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
         # a vocabulary-parallel head: the loss runs on V / tp of the logits (loss parallel)
         vocab = layer.tp_vocab if s.tp > 1 else None
-        loss_share = 1 / s.tp if vocab is not None and vocab.kind == "head" else 1.0
+        loss_share = 1 / loss_tp_share(layer, s.tp)
         if last:
-            bwd += self.profile.loss_s(layer, bl) * loss_share
+            bwd += self.profile.loss_s(layer, bl, s.tp)
         if s.recompute:
             bwd += fwd
         tp_comm_s = 0.0
@@ -670,8 +675,8 @@ class CostModel:
                 tp_comm_s += self._group_time(
                     "all_reduce", vocab.allreduce_bytes_per_sample * bl, "tp", pp, s.dp, s.tp
                 )
-        if vocab is not None and vocab.kind == "head":  # loss parallel: max, sum, target logit
-            tp_comm_s += 3 * self._group_time(
+        if loss_share < 1 and not self.profile.tp_comm_in_compute:  # loss parallel: max, sum,
+            tp_comm_s += 3 * self._group_time(  # the target logit
                 "all_reduce", 4.0 * vocab.loss_rows_per_sample * bl, "tp", pp, s.dp, s.tp
             )
         # TP shards the layer's parameters but a replicated part (a position table)
@@ -812,7 +817,7 @@ class CostModel:
                 # The loss keeps a copy of the model output (log-softmax) per in-flight
                 # micro-batch; the one in backward needs its working memory.
                 m += layer.output_bytes_per_sample * bl * (n_inflight - 1) * loss_share
-                m += self.profile.loss_working_bytes(layer, bl) * loss_share
+                m += self.profile.loss_working_bytes(layer, bl, s.tp)
             memory.append(m)
         return LayerCost(
             per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,

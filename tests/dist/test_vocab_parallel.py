@@ -21,6 +21,7 @@ CASES = [
      "loss": "softmax", "c": 1},
     {"name": "gpt_gather_loss_refused", "family": "gpt", "others": (1, 2, "DDP"),
      "loss": "gather", "c": 1},
+    {"name": "gpt_measured_profile", "profile": True},
 ]  # fmt: skip
 
 
@@ -28,10 +29,10 @@ CASES = [
 def results() -> dict[str, Any]:
     from harness import run_cases
 
-    return run_cases(2, "vocab_parallel:vocab_case", CASES)
+    return run_cases(2, "vocab_parallel:case", CASES)
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in CASES if "loss" not in c])
+@pytest.mark.parametrize("name", [c["name"] for c in CASES if "family" in c and "loss" not in c])
 def test_world2_vocab_parallel_matches_one_process(results: dict[str, Any], name: str) -> None:
     """Embedding and head at tp=2: losses and every gradient as on one process; each rank
     holds a V/2-wide DTensor shard of the logits; inference returns the whole logits."""
@@ -65,3 +66,19 @@ def test_world2_loss_that_gathers_logits_is_refused(
     assert res["refused"] is not None
     assert res["refused"].startswith(f"UniapError: the loss {what}"), res["refused"]
     assert res["refused"].endswith("Use such a loss, or plan 'head' at tp=1"), res["refused"]
+
+
+def test_world2_measured_profile_times_vocabulary_layers_and_loss_parallel(
+    results: dict[str, Any],
+) -> None:
+    """The profiler measures the embedding and head at tp=2 (the executor's vocabulary TP)
+    and the loss at tp=2 under loss_parallel(): its working memory (logits and their
+    gradient) halves with tp, as each rank holds V / 2 of the logits."""
+    res = results["gpt_measured_profile"]
+    assert "error" not in res, res.get("error")
+    assert res["tp_measured"] == {"embed": [1, 2], "head": [1, 2]}
+    assert res["loss_tp"] == [2]
+    w1, w2 = res["working_bytes"]["1"], res["working_bytes"]["2"]
+    assert w1 >= res["logits_bytes"]  # at least the logits' gradient, whole
+    assert 0.4 < w2 / w1 < 0.6, (w1, w2)
+    assert res["loss_s"]["2"] > 0

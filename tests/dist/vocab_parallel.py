@@ -7,7 +7,8 @@ plan) at dp = 2; three SGD steps (foreach), per-step losses and every gradient a
 first backward against one process.
 It also records the logits each rank holds (their type and local width: ``V / tp``) and,
 for ``case["loss"]`` (``softmax``, ``gather``), that a loss which would gather the logits
-is refused.
+is refused. :func:`profile_case` measures the model's profile (embedding and head at tp = 2,
+the loss under ``loss_parallel()``).
 """
 
 from __future__ import annotations
@@ -160,3 +161,46 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         "bad_grads": _compare(grads, ref_grads),
         "num_grads": len(grads),
     }
+
+
+def profile_case(case: dict) -> dict[str, Any] | None:
+    """The measured profile of the GPT-style model: its embedding and head measured at tp=2
+    with the executor's vocabulary TP, the loss at tp=2 under loss_parallel(); the numbers
+    the cost model reads at tp=1 and tp=2."""
+    from uniap._dist import default_device
+    from uniap.cluster import load_cluster
+    from uniap.profiler import collect_profile
+
+    x, y = _batch("gpt", 4, 0)
+    model = _build("gpt")
+    graph = build_graph(model, x)
+    profile = collect_profile(
+        model,
+        x,
+        graph=graph,
+        cluster=load_cluster("cpu-2"),
+        global_batch_size=4,
+        device=default_device(),
+        batches=[1, 2],
+        warmup=1,
+        repeats=1,
+        targets=y,
+        loss_fn=_ce,
+    )
+    if dist.get_rank() != 0:
+        return None
+    embed, head = graph.layers[0], graph.layers[-1]
+    return {
+        "tp_measured": {
+            layer.fqn: sorted(profile.layers[layer.cost_key].fwd_s) for layer in (embed, head)
+        },
+        "loss_tp": sorted(profile.layers[head.cost_key].loss_tp),
+        "working_bytes": {tp: profile.loss_working_bytes(head, 2, tp) for tp in (1, 2)},
+        "loss_s": {tp: profile.loss_s(head, 2, tp) for tp in (1, 2)},
+        "logits_bytes": head.output_bytes_per_sample * 2,
+    }
+
+
+def case(case: dict) -> dict[str, Any] | None:
+    """Dispatch: :func:`profile_case` or :func:`vocab_case`."""
+    return profile_case(case) if case.get("profile") else vocab_case(case)
