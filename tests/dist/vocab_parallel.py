@@ -2,9 +2,9 @@
 
 Each case trains a tiny model (the GPT-style preset class, or an unmodified Hugging Face
 Llama) at pp = 1 on 2 ranks with its embedding and head at tp = 2 (vocabulary-parallel, the
-loss under ``loss_parallel()``), its blocks at ``case["others"]`` and its final norm (no TP
-plan) at dp = 2; three SGD steps (foreach), per-step losses and every gradient after the
-first backward against one process.
+loss under ``loss_parallel()``; ``case["vocab"]``: another strategy for one of them), its
+blocks at ``case["others"]`` and its final norm (no TP plan) at dp = 2; three SGD steps
+(foreach), per-step losses and every gradient after the first backward against one process.
 It also records the logits each rank holds (their type and local width: ``V / tp``) and,
 for ``case["loss"]`` (``softmax``, ``gather``), that a loss which would gather the logits
 is refused. :func:`profile_case` measures the model's profile (embedding and head at tp = 2,
@@ -82,8 +82,9 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
     graph = build_graph(_build(family), x0)
     vocab_layers = [layer.fqn for layer in graph.layers if layer.tp_vocab is not None]
     others = tuple(case["others"])
+    vocab = {kind: tuple(s) for kind, s in case.get("vocab", {}).items()}
     per_layer = [
-        (1, 2, "DDP")
+        vocab.get(layer.tp_vocab.kind, (1, 2, "DDP"))
         if layer.tp_vocab is not None
         else (others if layer.supports_tp(others[1]) else (2, 1, others[2]))
         for layer in graph.layers
@@ -97,13 +98,18 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         model_name=graph.name,
         signature=graph.signature,
     )
-    pm = parallelize(
-        _build(family),
-        plan=plan,
-        loss_fn=_loss_fn(family, case),
-        global_batch_size=big_b,
-        example_inputs=x0,
-    )
+    try:
+        pm = parallelize(
+            _build(family),
+            plan=plan,
+            loss_fn=_loss_fn(family, case),
+            global_batch_size=big_b,
+            example_inputs=x0,
+        )
+    except Exception as e:  # noqa: BLE001 - the refusal is the result
+        if not case.get("refused"):
+            raise
+        return {"refused": f"{type(e).__name__}: {e}"} if dist.get_rank() == 0 else None
     head = graph.layers[-1]
     head_module = pm.module.get_submodule(head.fqn)
     if head.tp_vocab.module:
@@ -171,8 +177,13 @@ def profile_case(case: dict) -> dict[str, Any] | None:
     from uniap.cluster import load_cluster
     from uniap.profiler import collect_profile
 
-    x, y = _batch("gpt", 4, 0)
-    model = _build("gpt")
+    # a vocabulary large enough for the logits to dominate the loss's working memory
+    config = GPTConfig(vocab_size=1024, seq_len=8, dim=32, n_layers=1, n_heads=4)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(config.vocab_size, (4, config.seq_len + 1), generator=g)
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    torch.manual_seed(0)
+    model = GPT(config)
     graph = build_graph(model, x)
     profile = collect_profile(
         model,

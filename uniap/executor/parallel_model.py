@@ -98,7 +98,7 @@ from uniap.executor.reshard import BatchReshard, map_tensors, microbatches, slic
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
-from uniap.executor.vocab_loss import VocabParallelLoss
+from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
@@ -174,6 +174,7 @@ def apply_plan(
     if own_forward or traced_split:
         free = free_parameters(model, all_fqns)
         base = check_free_layouts(free, plan)
+        check_head_layout(plan, layers, base)
     if loss_fn is None and not (own_forward or traced_split):
         raise UniapError(
             f"loss_fn=None (the model's own loss) needs a model that computes one; "
@@ -239,9 +240,18 @@ def apply_plan(
             apply_ac(module.get_submodule(path[ls.fqn]))
     if compile:
         backend = compile if isinstance(compile, str) else "inductor"
+        # vocabulary-parallel layers stay eager: dynamo (torch 2.13) cannot trace the masked
+        # partial lookup of a row-sharded embedding
+        eager = [ls.fqn for ls in placed if ls.tp > 1 and layers[ls.fqn].tp_vocab is not None]
         for ls in placed:
-            module.get_submodule(path[ls.fqn]).compile(backend=backend)
-        logger.info("%d layer(s) compiled (backend %s)", len(placed), backend)
+            if ls.fqn not in eager:
+                module.get_submodule(path[ls.fqn]).compile(backend=backend)
+        logger.info(
+            "%d layer(s) compiled (backend %s)%s",
+            len(placed) - len(eager),
+            backend,
+            f"; vocabulary-parallel {', '.join(eager)} eager" if eager else "",
+        )
     classic = [ls for ls in placed if ls.strategy.uses_classic_ddp]
     root_mesh = None
     for ls in placed:

@@ -19,6 +19,12 @@ anything else raises :class:`~uniap.errors.UniapError` naming the ops and the fi
 cross-entropy, or plan the head at tp = 1), as does a ``loss_fn`` that DTensor cannot run on
 sharded logits (e.g. mixing them with a plain tensor in ``gather``). The check is made once;
 the loss returned is the plain (replicated) scalar.
+
+The model's own forward (pp = 1, not a chain) returns its output in the first layer's batch
+layout (:mod:`.model_forward`), where the loss runs. Sharded logits reach it by a gather of
+the batch over ranks holding the same vocabulary shard, never by a slice: the ranks a slice
+would split the batch over are the head's TP ranks, which hold different vocabulary shards.
+:func:`check_head_layout` refuses such a plan before training.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from uniap.errors import UniapError
+from uniap.contract import Plan
+from uniap.errors import PlanMismatchError, UniapError
+from uniap.graph import Layer
 
-__all__ = ["VocabParallelLoss"]
+__all__ = ["VocabParallelLoss", "check_head_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +151,20 @@ def _ops_on_logits(root: Any, target: Any) -> list[str]:
             if hit and n is not target and type(n).__name__ not in _ALLOWED_NODES
         }
     )
+
+
+def check_head_layout(plan: Plan, layers: dict[str, Layer], base: tuple[int, int]) -> None:
+    """Refuse a plan whose vocabulary-parallel head (tp > 1) runs the model's own forward with
+    a data-parallel degree that the first layer's (``base``, where the loss runs) does not
+    divide (see the module docstring), naming the fix."""
+    for ls in plan.layer_strategies:
+        layer = layers.get(ls.fqn)
+        vocab = layer.tp_vocab if layer is not None else None
+        if ls.tp > 1 and vocab is not None and vocab.kind == "head" and ls.dp % base[0]:
+            raise PlanMismatchError(
+                f"layer {ls.fqn!r} keeps its logits sharded on the vocabulary over tp={ls.tp} "
+                f"ranks at dp={ls.dp}, but the model's own forward computes the loss in the "
+                f"first layer's layout (dp={base[0]}, tp={base[1]}): splitting the logits' batch "
+                f"over ranks holding different vocabulary shards is not possible; give "
+                f"{ls.fqn!r} a dp that {base[0]} divides, or tp=1"
+            )
