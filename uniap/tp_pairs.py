@@ -318,10 +318,11 @@ def vocab_plan(
             bags = [type(m).__name__ for m in layer.modules() if isinstance(m, nn.EmbeddingBag)]
             return TPPlan(excluded_reason=f"embedding/head: {', '.join(bags)} has no row-wise TP")
         name, table = max(tables, key=lambda nm: nm[1].num_embeddings)
-        if table.sparse or table.max_norm is not None:
+        if table.sparse or table.max_norm is not None or table.scale_grad_by_freq:
+            # the masked lookup of a row shard would count, renorm or sparsify the wrong rows
             return TPPlan(
-                excluded_reason="embedding/head: a sparse or max_norm nn.Embedding has no "
-                "row-wise TP"
+                excluded_reason="embedding/head: a sparse, max_norm or scale_grad_by_freq "
+                "nn.Embedding has no row-wise TP"
             )
         weight, vocab = table.weight, table.num_embeddings
         comm = trace.output_bytes / batch
