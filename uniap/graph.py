@@ -37,7 +37,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
-from uniap.tp_pairs import TPPair, VocabParallel, tp_plan, vocab_plan
+from uniap.tp_pairs import (
+    LATER_EMBEDDING_REASON,
+    TPPair,
+    TPPlan,
+    VocabParallel,
+    tp_plan,
+    vocab_plan,
+)
 from uniap.tracing import (
     FUSED_SDPA_FLOPS,
     FusedAttentionMode,
@@ -415,7 +422,9 @@ def build_graph(
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
         num_params = sum(p.numel() for p in own)
-        if is_embedding or is_head:
+        if is_embedding and i > 0:
+            tp = TPPlan(excluded_reason=LATER_EMBEDDING_REASON)
+        elif is_embedding or is_head:
             kind = "embedding" if is_embedding else "head"
             tp = vocab_plan(kind, module, fqn, traced, trace, batch, num_params)
         else:

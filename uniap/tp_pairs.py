@@ -8,8 +8,9 @@ from the layer input, from column-wise Linears ``C`` with ``R.out_features`` equ
 pair is found gets no TP and a one-line reason (logged by the planner).
 
 Embedding and head layers get vocabulary-parallel TP instead (:func:`vocab_plan`,
-:class:`VocabParallel`): the embedding's vocabulary table (its ``nn.Embedding`` with the most
-rows) is split by rows, the head's output Linear (the one whose output is the layer's output)
+:class:`VocabParallel`): the first layer's vocabulary table (its ``nn.Embedding`` with the
+most rows; a later embedding layer keeps tp = 1, :data:`LATER_EMBEDDING_REASON`) is split by
+rows, the head's output Linear (the one whose output is the layer's output)
 by output features, the vocabulary; the degree must divide the vocabulary size. A weight tied
 to another module (GPT-2's ``wte`` / ``lm_head``) keeps the layer at tp = 1, with the reason.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from uniap._torch_utils import storage_key
 from uniap.tracing import LayerTrace, LinearCall
 
-__all__ = ["TPPair", "TPPlan", "VocabParallel", "tp_plan", "vocab_plan"]
+__all__ = ["LATER_EMBEDDING_REASON", "TPPair", "TPPlan", "VocabParallel", "tp_plan", "vocab_plan"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ _HEAD_COUNT_ATTRS = (
     "num_key_value_heads",
 )
 _MAX_WALK_NODES = 200_000
+LATER_EMBEDDING_REASON = (
+    "embedding/head: only the first layer's embedding (of the model's input ids) is "
+    "vocabulary-parallel; a later embedding layer (a position table, GPT-2's wpe) may return "
+    "a tensor without the batch dim, whose gradient differs across the TP ranks"
+)
 
 
 def _direct_linear_sources(

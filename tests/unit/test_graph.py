@@ -432,3 +432,27 @@ def test_data_dependent_forward_falls_back_to_fake_tensors() -> None:
     g = build_graph(Checked(), torch.randn(2, 8), layer_fqns=["a", "b"])
     assert [layer.fqn for layer in g.layers] == ["a", "b"]
     assert g.layer("a").fwd_flops_per_sample == 2 * 8 * 8
+
+
+def test_only_the_first_layer_embedding_is_vocabulary_parallel():
+    """A position table that is its own layer (GPT-2's wpe: its output has no batch dim)
+    keeps tp = 1, with the reason; the token embedding before it is vocabulary-parallel."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(64, 16)
+            self.pos = nn.Embedding(8, 16)
+            self.head = nn.Linear(16, 64, bias=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+            return self.head(self.tok(ids) + self.pos(positions))
+
+    graph = build_graph(Positions(), torch.zeros(2, 8, dtype=torch.long), pipeline_check=False)
+    assert graph.layer("tok").supports_tp(2) and graph.layer("head").supports_tp(2)
+    assert graph.layer("pos").tp_excluded_reason == (
+        "embedding/head: only the first layer's embedding (of the model's input ids) is "
+        "vocabulary-parallel; a later embedding layer (a position table, GPT-2's wpe) may return "
+        "a tensor without the batch dim, whose gradient differs across the TP ranks"
+    )
