@@ -285,7 +285,7 @@ def _job_probe(job: dict) -> float:
     model = model.to(device)
     graph = build_graph(model, x, name=model.uniap_name)
     # the first transformer block (a layer with a TP plan), else the first layer
-    fqn = next((la.fqn for la in graph.layers if la.supports_tp(2)), graph.fqns[0])
+    fqn = next((la.fqn for la in graph.layers if la.tp_pairs and la.supports_tp(2)), graph.fqns[0])
     local = max(job["global_batch_size"] // dist.get_world_size(), 1)
     inputs = capture_layer_inputs(model, graph.fqns, x[:local].to(device))[fqn]
     dist.barrier()

@@ -184,7 +184,7 @@ def blocks_tp(graph, other: str, tp_blocks: set[int] | None = None) -> list[tupl
     all) at tp 2, the other layers dp 2."""
     spec, block = [], 0
     for layer in graph.layers:
-        if layer.supports_tp(2):
+        if layer.tp_pairs and layer.supports_tp(2):  # blocks, not the vocabulary layers
             spec.append((1, 2, "DDP") if tp_blocks is None or block in tp_blocks else (2, 1, other))
             block += 1
         else:

@@ -4,10 +4,12 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
 ``b = B / c``) and schedule, :meth:`CostModel.tables` returns a :class:`CostTables`. With
 ``k = (dp, tp, kind, recompute, sp)`` the strategy of layer ``u``, ``bl = b / dp`` its local batch,
 ``rho`` the overlap coefficient, ``P = param_bytes / tp`` and
-``O = num_params / tp * optimizer_bytes``:
+``O = num_params / tp * optimizer_bytes`` (a vocabulary-parallel layer shards only its
+vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
+``P = param_bytes * (f / tp + 1 - f)``, ``O`` likewise; see "Vocabulary parallelism" below):
 
 - ``A[u,k]`` one micro-batch through the layer:
-  ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl)``, the loss's own
+  ``fwd_s(bl, tp) + bwd_s(bl, tp)`` (the last layer: ``+ loss_s(bl, tp)``, the loss's own
   forward and backward)
   ``+ sum_pairs [all_reduce(out_bytes * bl) + sum_inputs all_reduce(in_bytes * bl)]`` on the TP
   group (Megatron: the row-wise output forward; the gradient of each distinct column-wise
@@ -83,8 +85,28 @@ For one pipeline degree ``pp`` (stage size ``g = N / pp``), micro-batch count ``
   micro-batches virtual stage ``i`` holds in torch's order (:mod:`uniap.schedules`). The last
   layer also holds the loss's copy of its output for the other in-flight micro-batches and the
   loss's working memory for the one in backward:
-  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl)`` (analytic: ``2 out_bytes bl``,
-  the output and its gradient).
+  ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl, tp)`` (analytic:
+  ``2 out_bytes bl``, the output and its gradient), both ``/ tp`` for a vocabulary-parallel
+  head at ``tp > 1``.
+- Vocabulary parallelism (``Layer.tp_vocab``, embedding and head layers at ``tp > 1``; the
+  executor's :mod:`uniap.executor.tensor_parallel` and :mod:`uniap.executor.vocab_loss`, as
+  torchtitan's ``RowwiseParallel`` embedding and ``ColwiseParallel`` output with loss
+  parallel). Per micro-batch on the TP group, ``a = allreduce_bytes_per_sample * bl``:
+  embedding ``all_reduce(a)`` forward (the partial lookups of its ``V / tp`` rows, ``a`` = its
+  output ``[bl, s, h]``), nothing backward (token ids have no gradient); head nothing
+  forward (the logits stay sharded, ``Shard(-1)``) and ``all_reduce(a)`` backward (the
+  gradient of its input ``[bl, s, h]``, replicated, summed over the vocabulary shards);
+  both not added when ``profile.tp_comm_in_compute`` (the layer was timed at that tp). Loss
+  parallel (torch's ``loss_parallel()``: ``log_softmax`` all-reduces the max and the sum of
+  exponentials of each row, ``nll_loss`` the target logit; its backward is local):
+  ``+ 3 * all_reduce(4 * rows_per_sample * bl)`` on the head (``rows_per_sample``: logit rows,
+  tokens, per sample, fp32), not added when ``profile.tp_comm_in_compute`` (a measured
+  profile times the loss at that tp under ``loss_parallel()``). The loss's compute
+  ``loss_s(bl, tp)`` and working memory ``loss_working_bytes(bl, tp)`` are the profile's at
+  that tp (analytic: the logits and their gradient ``/ tp``; measured: at that tp, else the
+  tp = 1 numbers ``/ tp``), the loss's copy of the output ``/ tp``: each rank holds ``V / tp``
+  of the logits, their log-softmax and gradient. The head's own saved activations (its
+  replicated input) do not shrink.
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
@@ -203,6 +225,7 @@ from uniap.errors import ConfigError
 from uniap.graph import Layer, ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
+from uniap.profiles.analytic import loss_tp_share
 from uniap.schedules import get_schedule
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
@@ -663,8 +686,11 @@ class CostModel:
         c, rho = num_microbatches, self.profile.overlap_coefficient
         bl = microbatch_size / s.dp
         fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+        # a vocabulary-parallel head: the loss runs on V / tp of the logits (loss parallel)
+        vocab = layer.tp_vocab if s.tp > 1 else None
+        loss_share = 1 / loss_tp_share(layer, s.tp)
         if last:
-            bwd += self.profile.loss_s(layer, bl)
+            bwd += self.profile.loss_s(layer, bl, s.tp)
         if s.recompute:
             bwd += fwd
         tp_comm_s = 0.0
@@ -674,8 +700,13 @@ class CostModel:
                 tp_comm_s -= self._tp_comm_s(
                     layer, in_bytes, bl, dataclasses.replace(s, sp=False), pp
                 )
-        p_bytes = layer.param_bytes / s.tp
-        local_params = layer.num_params / s.tp
+        if loss_share < 1 and not self.profile.tp_comm_in_compute:  # loss parallel: max, sum,
+            tp_comm_s += 3 * self._group_time(  # the target logit
+                "all_reduce", 4.0 * vocab.loss_rows_per_sample * bl, "tp", pp, s.dp, s.tp
+            )
+        # TP shards the layer's parameters but a replicated part (a position table)
+        p_bytes = _tp_local(layer.param_bytes, layer.tp_param_fraction, s.tp)
+        local_params = _tp_local(layer.num_params, layer.tp_param_fraction, s.tp)
         opt_bytes = local_params * self.opt_bytes
         fsdp_per_microbatch_s = sync_s = wrap_s = host_bytes = 0.0
         hideable_s = 0.0  # the part of the last backward's gradient sync that may overlap
@@ -810,8 +841,8 @@ class CostModel:
             if last:
                 # The loss keeps a copy of the model output (log-softmax) per in-flight
                 # micro-batch; the one in backward needs its working memory.
-                m += layer.output_bytes_per_sample * bl * (n_inflight - 1)
-                m += self.profile.loss_working_bytes(layer, bl)
+                m += layer.output_bytes_per_sample * bl * (n_inflight - 1) * loss_share
+                m += self.profile.loss_working_bytes(layer, bl, s.tp)
             memory.append(m)
         return LayerCost(
             per_microbatch_s=fwd + bwd + tp_comm_s + fsdp_per_microbatch_s,
@@ -866,6 +897,8 @@ class CostModel:
             out += fwd * (2 if s.recompute else 1) + bwd
         if s.sp:  # the boundary: output gathered forward, input gradient gathered backward
             out += t("all_gather", layer.output_bytes_per_sample) + t("all_gather", in_bytes)
+        if layer.tp_vocab is not None:  # embedding: its output forward; head: its input's grad
+            out += t("all_reduce", layer.tp_vocab.allreduce_bytes_per_sample)
         return out
 
     def _autocast_copies(self, s: Strategy) -> bool:
@@ -1002,6 +1035,11 @@ class CostModel:
         )
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
+
+
+def _tp_local(total: float, fraction: float, tp: int) -> float:
+    """A rank's part of ``total`` when TP shards ``fraction`` of it over ``tp`` ranks."""
+    return total / tp if fraction == 1.0 else total * fraction / tp + total * (1 - fraction)
 
 
 def _strategy_name(s) -> str:

@@ -38,7 +38,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
 from uniap.sp_plan import sp_plan
-from uniap.tp_pairs import EMBEDDING_HEAD_REASON, TPPair, TPPlan, tp_plan
+from uniap.tp_pairs import (
+    LATER_EMBEDDING_REASON,
+    TPPair,
+    TPPlan,
+    VocabParallel,
+    tp_plan,
+    vocab_plan,
+)
 from uniap.tracing import (
     FUSED_SDPA_FLOPS,
     FusedAttentionMode,
@@ -55,6 +62,7 @@ __all__ = [
     "Layer",
     "ModelGraph",
     "TPPair",
+    "VocabParallel",
     "build_graph",
     "is_declared_chain",
     "layer_chain",
@@ -97,6 +105,8 @@ class Layer:
     """Fraction of ``saved_bytes_per_sample`` that sits inside TP pairs and shrinks by 1/tp."""
     cost_key: str = ""
     """Layers with equal keys have identical costs (same type, shapes and TP plan)."""
+    tp_vocab: VocabParallel | None = None
+    """Vocabulary-parallel TP of an embedding or head layer (instead of pairs); None if not."""
     sp_seq_dim: int = 0
     """Dimension of the layer's first input that sequence parallelism shards (0: no SP plan);
     found from the trace (:mod:`uniap.sp_plan`)."""
@@ -112,17 +122,34 @@ class Layer:
 
     @property
     def tp_enabled(self) -> bool:
-        """True when the layer has a tensor-parallel plan."""
-        return bool(self.tp_pairs)
+        """True when the layer has a tensor-parallel plan (Megatron pairs or vocabulary)."""
+        return bool(self.tp_pairs) or self.tp_vocab is not None
+
+    @property
+    def tp_param_fraction(self) -> float:
+        """Share of the parameter elements TP shards (vocabulary TP: the vocabulary table's
+        share; pairs: all, the replicated norms and biases being negligible)."""
+        return self.tp_vocab.param_fraction if self.tp_vocab is not None else 1.0
+
+    def why_not_tp(self, tp_degree: int) -> str | None:
+        """Why the layer cannot run at this TP degree (None when it can): one source of truth
+        for planner and executor."""
+        if tp_degree == 1:
+            return None
+        if not self.tp_enabled:
+            return self.tp_excluded_reason or "it has no tensor-parallel plan"
+        if self.tp_vocab is not None and self.tp_vocab.vocab_size % tp_degree:
+            return (
+                f"the vocabulary size ({self.tp_vocab.vocab_size}) of the {self.tp_vocab.kind} "
+                f"is not divisible by tp={tp_degree}"
+            )
+        if any(d % tp_degree for d in self.tp_divisors):
+            return f"tp must divide each of {list(self.tp_divisors)}"
+        return None
 
     def supports_tp(self, tp_degree: int) -> bool:
-        """True when the layer can run at this TP degree: one source of truth for planner and
-        executor."""
-        if tp_degree == 1:
-            return True
-        if not self.tp_pairs:
-            return False
-        return all(d % tp_degree == 0 for d in self.tp_divisors)
+        """True when the layer can run at this TP degree (:meth:`why_not_tp`)."""
+        return self.why_not_tp(tp_degree) is None
 
     def sp_why_not(self, tp_degree: int) -> str | None:
         """Why the layer cannot run sequence parallel at this TP degree, or None when it can:
@@ -354,7 +381,8 @@ def build_graph(
 
     Per layer: forward/backward FLOPs, output and saved-for-backward bytes, all per sample;
     parameters (shared ones on their first layer); the TP plan (pairs, divisors, or the reason
-    there is none; embedding and head layers never get one); a ``cost_key``.
+    there is none; embedding and head layers get vocabulary-parallel TP,
+    :func:`uniap.tp_pairs.vocab_plan`); a ``cost_key``.
 
     ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs
     (real or meta tensors; only their dtypes and per-sample shapes are used, dim 0 is the
@@ -426,13 +454,17 @@ def build_graph(
         seen_params |= {id(p) for p in own}
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
-        if is_embedding or is_head:
-            tp = TPPlan(excluded_reason=EMBEDDING_HEAD_REASON)
+        num_params = sum(p.numel() for p in own)
+        if is_embedding and i > 0:
+            tp = TPPlan(excluded_reason=LATER_EMBEDDING_REASON)
+        elif is_embedding or is_head:
+            kind = "embedding" if is_embedding else "head"
+            tp = vocab_plan(kind, module, fqn, traced, trace, batch, num_params)
         else:
             tp = tp_plan(module, trace, batch)
         sp = sp_plan(module, trace, tp)
         numbers = {
-            "num_params": sum(p.numel() for p in own),
+            "num_params": num_params,
             "param_bytes": sum(p.numel() * p.element_size() for p in own),
             "fwd_flops_per_sample": fwd / batch,
             "bwd_flops_per_sample": (total - fwd) / batch,
@@ -442,6 +474,7 @@ def build_graph(
             "tp_divisors": tp.divisors,
             "tp_excluded_reason": tp.excluded_reason,
             "tp_saved_fraction": tp.saved_fraction,
+            "tp_vocab": tp.vocab,
         }
         layers.append(
             Layer(

@@ -55,7 +55,12 @@ def _parent(fqn: str) -> list[str]:
 def sp_plan(layer: nn.Module, trace: LayerTrace, tp: TPPlan) -> SPPlan:
     """The sequence-parallel plan of ``layer`` from its trace and TP plan (module docstring)."""
     if not tp.pairs:
-        return SPPlan(excluded_reason="it has no tensor-parallel plan")
+        why = (
+            "its tensor parallelism is vocabulary-parallel, which has no sequence-parallel plan"
+            if tp.vocab is not None
+            else "it has no Megatron column-/row-wise pairs"
+        )
+        return SPPlan(excluded_reason=why)
     shape = tuple(trace.input_shape)
     if len(shape) != 3:
         return SPPlan(

@@ -113,8 +113,8 @@ def why_not(
     - the micro-batch splits evenly over the data-parallel degree;
     - recompute only where it saves memory: the layer keeps more for backward than twice its
       input (which checkpointing keeps instead)."""
-    if not layer.supports_tp(strategy.tp):
-        reason = layer.tp_excluded_reason or "it has no tensor-parallel plan for this degree"
+    reason = layer.why_not_tp(strategy.tp)
+    if reason is not None:
         return f"tensor parallelism of degree {strategy.tp} is not possible: {reason}"
     if strategy.sp:
         reason = layer.sp_why_not(strategy.tp)

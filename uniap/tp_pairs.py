@@ -6,6 +6,13 @@ A pair is a row-wise Linear ``R`` whose input derives, through non-Linear ops on
 from the layer input, from column-wise Linears ``C`` with ``R.out_features`` equal to some
 ``C.in_features``, and whose column-wise outputs reach nothing but ``R``. A layer where no
 pair is found gets no TP and a one-line reason (logged by the planner).
+
+Embedding and head layers get vocabulary-parallel TP instead (:func:`vocab_plan`,
+:class:`VocabParallel`): the first layer's vocabulary table (its ``nn.Embedding`` with the
+most rows; a later embedding layer keeps tp = 1, :data:`LATER_EMBEDDING_REASON`) is split by
+rows, the head's output Linear (the one whose output is the layer's output)
+by output features, the vocabulary; the degree must divide the vocabulary size. A weight tied
+to another module (GPT-2's ``wte`` / ``lm_head``) keeps the layer at tp = 1, with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 from uniap._torch_utils import storage_key
 from uniap.tracing import LayerTrace, LinearCall
 
-__all__ = ["EMBEDDING_HEAD_REASON", "TPPair", "TPPlan", "tp_plan"]
+__all__ = ["LATER_EMBEDDING_REASON", "TPPair", "TPPlan", "VocabParallel", "tp_plan", "vocab_plan"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,12 @@ _HEAD_COUNT_ATTRS = (
     "n_kv_heads",
     "num_key_value_heads",
 )
-EMBEDDING_HEAD_REASON = "embedding/head: vocabulary-parallel TP not supported"
 _MAX_WALK_NODES = 200_000
+LATER_EMBEDDING_REASON = (
+    "embedding/head: only the first layer's embedding (of the model's input ids) is "
+    "vocabulary-parallel; a later embedding layer (a position table, GPT-2's wpe) may return "
+    "a tensor without the batch dim, whose gradient differs across the TP ranks"
+)
 
 
 def _direct_linear_sources(
@@ -183,11 +194,38 @@ def _unshardable(
 
 
 @dataclass(frozen=True)
+class VocabParallel:
+    """Vocabulary-parallel TP of an embedding or head layer (torch's ``RowwiseParallel`` on
+    the ``nn.Embedding``, ``ColwiseParallel`` with logits left sharded on the vocabulary on
+    the head's ``nn.Linear``; see :mod:`uniap.executor.tensor_parallel`)."""
+
+    kind: str
+    """``"embedding"`` or ``"head"``."""
+    module: str
+    """FQN of the sharded ``nn.Embedding`` / ``nn.Linear``, relative to the layer (``""``: the
+    layer itself)."""
+    vocab_size: int
+    """Rows of the embedding table / output features of the head: what tp must divide."""
+    allreduce_bytes_per_sample: float
+    """Bytes per sample of the one all-reduce per micro-batch on the TP group: the
+    embedding's output (forward; its input is token ids, nothing flows back), the gradient of
+    the head's input (backward; its output stays sharded)."""
+    param_fraction: float
+    """Share of the layer's parameter elements that is sharded (the rest, e.g. a position
+    table, stays replicated)."""
+    loss_rows_per_sample: float = 0.0
+    """Head only: logit rows (tokens) per sample. Loss parallel all-reduces three fp32 values
+    per row forward (the max and the sum of exponentials of ``log_softmax``, the target logit
+    of ``nll_loss``) and none backward."""
+
+
+@dataclass(frozen=True)
 class TPPlan:
     pairs: tuple[TPPair, ...] = ()
     divisors: tuple[int, ...] = ()
     excluded_reason: str = ""
     saved_fraction: float = 0.0
+    vocab: VocabParallel | None = None
 
 
 def tp_plan(layer: nn.Module, trace: LayerTrace, batch: int) -> TPPlan:
@@ -256,3 +294,69 @@ def tp_plan(layer: nn.Module, trace: LayerTrace, batch: int) -> TPPlan:
         divisors=tuple(sorted(divisors)),
         saved_fraction=inside / total if total else 0.0,
     )
+
+
+def _tied_elsewhere(root: nn.Module, prefix: str, weight: nn.Parameter) -> list[str]:
+    """Names under ``root`` that hold ``weight`` outside the module at ``prefix``."""
+    inside = f"{prefix}." if prefix else ""
+    return sorted(
+        name
+        for name, p in root.named_parameters(remove_duplicate=False)
+        if p is weight and not name.startswith(inside)
+    )
+
+
+def vocab_plan(
+    kind: str,
+    layer: nn.Module,
+    fqn: str,
+    root: nn.Module,
+    trace: LayerTrace,
+    batch: int,
+    num_params: int,
+) -> TPPlan:
+    """Vocabulary-parallel TP of an embedding (``kind="embedding"``) or head layer ``layer``
+    (at ``fqn`` in ``root``, the traced model; ``num_params``: the parameter elements the
+    graph counts for it), or the reason there is none."""
+    if kind == "embedding":
+        tables = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Embedding)]
+        if not tables:
+            bags = [type(m).__name__ for m in layer.modules() if isinstance(m, nn.EmbeddingBag)]
+            return TPPlan(excluded_reason=f"embedding/head: {', '.join(bags)} has no row-wise TP")
+        name, table = max(tables, key=lambda nm: nm[1].num_embeddings)
+        if table.sparse or table.max_norm is not None or table.scale_grad_by_freq:
+            # the masked lookup of a row shard would count, renorm or sparsify the wrong rows
+            return TPPlan(
+                excluded_reason="embedding/head: a sparse, max_norm or scale_grad_by_freq "
+                "nn.Embedding has no row-wise TP"
+            )
+        weight, vocab = table.weight, table.num_embeddings
+        comm = trace.output_bytes / batch
+        rows = 0.0
+    else:
+        outputs = set(trace.output_nodes)
+        heads = [c for c in trace.linears if c.output is not None and c.output.grad_fn in outputs]
+        if len(heads) != 1 or heads[0].num_calls != 1:
+            return TPPlan(
+                excluded_reason="embedding/head: no single nn.Linear computes the head's output"
+            )
+        call = heads[0]
+        name, weight, vocab = call.fqn, call.module.weight, call.module.out_features
+        comm = call.input.nbytes / batch
+        rows = call.output.numel() / vocab / batch
+    path = f"{fqn}.{name}" if name else fqn
+    tied = _tied_elsewhere(root, path, weight)
+    if tied:
+        return TPPlan(
+            excluded_reason=f"embedding/head: the vocabulary weight {path}.weight is tied to "
+            f"{', '.join(tied)}; vocabulary-parallel TP needs untied input and output embeddings"
+        )
+    vocab_tp = VocabParallel(
+        kind=kind,
+        module=name,
+        vocab_size=vocab,
+        allreduce_bytes_per_sample=comm,
+        param_fraction=min(weight.numel() / max(num_params, 1), 1.0),
+        loss_rows_per_sample=rows,
+    )
+    return TPPlan(divisors=(vocab,), vocab=vocab_tp)

@@ -205,7 +205,11 @@ def refusal_case(case: dict) -> dict[str, Any] | None:
     graph = build_graph(model, x0, pipeline_check=False)
     fqns, graph_name, signature = list(graph.fqns), graph.name, graph.signature
     per_layer = [
-        (world // pp // tp, tp, "DDP") if layer.supports_tp(tp) else (world // pp, 1, "DDP")
+        # the blocks (Megatron pairs) at tp; the vocabulary-parallel embedding and head too
+        # would only lengthen the refusal's list
+        (world // pp // tp, tp, "DDP")
+        if layer.tp_pairs and layer.supports_tp(tp)
+        else (world // pp, 1, "DDP")
         for layer in graph.layers
     ]
     half = len(fqns) // 2
@@ -240,7 +244,8 @@ def uneven_mask_case(case: dict) -> dict[str, Any] | None:
     graph = build_graph(m.build(), x0, pipeline_check=False)
     world = dist.get_world_size()
     per_layer = [
-        (world // 2, 2, "FSDP") if layer.supports_tp(2) else (world, 1, "DDP")
+        # the blocks at tp 2, the embedding (first layout: one sample per rank) at dp 4
+        (world // 2, 2, "FSDP") if layer.tp_pairs and layer.supports_tp(2) else (world, 1, "DDP")
         for layer in graph.layers
     ]
     plan = make_plan(

@@ -92,23 +92,29 @@ def test_cluster_of_another_size_refused_before_any_collective(launched_world_of
 def test_tp_on_layer_without_tp_plan_refused_before_any_collective(
     launched_world_of_2: None,
 ) -> None:
-    """tp=2 on the embedding (no TP plan, per Layer.supports_tp) is refused with the reason."""
+    """tp=2 on an embedding whose table is tied to the head (no TP plan, per
+    Layer.supports_tp) is refused with the reason."""
+
+    def tied_toy():
+        m = build_toy()
+        m.head.proj.weight = m.embed.tok.weight
+        return m
+
+    x = toy_batch(8)[0]
     plan = make_plan(
         toy_fqns(),
         2,
         [[(1, 2, D), (1, 2, D), (1, 2, D), (2, 1, D)]],
         global_batch_size=8,
         num_microbatches=1,
-        signature=toy_signature(),
+        signature=build_graph(tied_toy(), x).signature,
     )
-    with pytest.raises(PlanMismatchError, match="layer 'embed' cannot run at tp=2: embedding/head"):
-        parallelize(
-            build_toy(),
-            plan=plan,
-            loss_fn=toy_loss,
-            global_batch_size=8,
-            example_inputs=toy_batch(8)[0],
-        )
+    with pytest.raises(
+        PlanMismatchError,
+        match="layer 'embed' cannot run at tp=2: embedding/head: the vocabulary weight "
+        "embed.tok.weight is tied to head.proj.weight",
+    ):
+        parallelize(tied_toy(), plan=plan, loss_fn=toy_loss, global_batch_size=8, example_inputs=x)
 
 
 def test_other_global_batch_refused_before_any_collective(launched_world_of_2: None) -> None:

@@ -304,3 +304,42 @@ def test_hsdp_terms_shard_inside_a_node_and_all_reduce_across(c: int) -> None:
     act = cm.profile.activation_bytes(layer, 2, 1)
     whole = 2 * p_bytes if c > 1 else 0.0
     assert h.memory_bytes[0] == pytest.approx(whole + (2 * p_bytes + o_bytes) / 2 + act)
+
+
+def _vocab_gpt():
+    """A GPT-style model whose embedding and head (vocabulary 64) can take tp = 2."""
+    from uniap.models import GPT, GPTConfig
+
+    with torch.device("meta"):
+        m = GPT(GPTConfig(vocab_size=64, seq_len=8, dim=32, n_layers=2, n_heads=4))
+    return build_graph(m, torch.zeros(2, 8, dtype=torch.long, device="meta"), name="vocab-gpt")
+
+
+def test_vocabulary_parallel_embedding_and_head_costs() -> None:
+    """Embedding at tp=2: one all-reduce of its output [b, s, h] (forward), the token table
+    halved, the position table whole. Head at tp=2: one all-reduce of its input's gradient
+    [b, s, h] (backward) plus loss parallel's three fp32 all-reduces per token, its weight
+    halved, the loss's logits (copy and working memory) halved."""
+    graph = _vocab_gpt()
+    cm = CostModel(graph, _cluster(1, 2), max_tp=2)
+    profile, b, group = cm.profile, 4, [0, 1]
+    tp2 = Strategy(1, 2, "DDP")
+    embed, head = graph.layers[0], graph.layers[-1]
+    ar = lambda nbytes: profile.collective_s("all_reduce", nbytes, group)  # noqa: E731
+    cost = cm.layer_cost(0, tp2, pp=1, num_microbatches=1, microbatch_size=b, inflight=[1])
+    assert cost.parts["tp_comm"] == pytest.approx(ar(b * 8 * 32 * 4))
+    token, position = 64 * 32 * 4, 8 * 32 * 4
+    assert embed.param_bytes == token + position
+    assert cost.parts["param_bytes"] == pytest.approx(token / 2 + position)
+    assert cost.parts["optimizer_bytes"] == pytest.approx((64 * 32 / 2 + 8 * 32) * 8)
+    last = graph.num_layers - 1
+    cost = cm.layer_cost(last, tp2, pp=1, num_microbatches=2, microbatch_size=b, inflight=[2])
+    assert cost.parts["tp_comm"] == pytest.approx(ar(b * 8 * 32 * 4) + 3 * ar(4 * 8 * b))
+    assert cost.parts["param_bytes"] == head.param_bytes / 2 == 32 * 64 * 4 / 2
+    logits = b * 8 * 64 * 4  # [b, s, V] fp32
+    static = 2 * head.param_bytes / 2 + head.num_params / 2 * 8
+    # two micro-batches in flight: their saved inputs (replicated), one loss copy of the
+    # logits held, plus the loss's working memory (analytic: the logits and their gradient),
+    # the logits V / 2 wide on a rank
+    expected = static + 2 * head.saved_bytes_per_sample * b + logits / 2 + 2 * logits / 2
+    assert cost.memory_bytes[0] == pytest.approx(expected)

@@ -311,3 +311,22 @@ def test_planner_equals_enumeration_with_cpu_offload() -> None:
     opts = {"schedules": ["1F1B"], "recompute": False, "kinds": ["DDP", "FSDP", "FSDP-offload"]}
     checks = sweep(_chain(4), cluster, global_batch_size=8, max_checks=16, **opts)
     assert len(checks) >= 8 and [c for c in checks if not c.ok] == []
+
+
+def test_planner_equals_enumeration_with_vocabulary_parallel_embedding_and_head() -> None:
+    """A GPT-style model whose embedding and head may take tp = 2 (vocabulary-parallel, next
+    to the blocks' Megatron TP): the planner equals the enumeration at every step of the
+    optimum."""
+    from uniap.models import GPT, GPTConfig
+
+    with torch.device("meta"):
+        m = GPT(GPTConfig(vocab_size=512, seq_len=16, dim=32, n_layers=2, n_heads=4))
+    g = build_graph(m, torch.zeros(2, 16, dtype=torch.long, device="meta"), name="vocab-gpt")
+    cluster = _cluster(1, 2)
+    t = next(t for t in _candidate_tables(g, cluster, max_tp=2) if t.pp == 1)
+    for fqn in ("embed", "head"):
+        u = g.fqns.index(fqn)
+        assert any(t.strategies[k].tp == 2 for k in t.allowed[u]), fqn
+    checks = sweep(g, cluster, global_batch_size=4, max_checks=16, max_tp=2)
+    assert [c for c in checks if not c.ok] == []
+    assert len(checks) >= 4

@@ -191,12 +191,64 @@ def test_llama_blocks_get_megatron_pairs(llama_graph):
     assert 0.0 < block.tp_saved_fraction < 1.0
 
 
-def test_embedding_norm_and_head_have_no_tp(llama_graph):
-    """Embedding and head are excluded by rule; a norm has nothing to shard."""
-    for fqn in ("embed", "head"):
-        layer = llama_graph.layer(fqn)
-        assert not layer.tp_enabled and "embedding/head" in layer.tp_excluded_reason
+def test_embedding_and_head_get_vocabulary_tp_norm_none(llama_graph):
+    """Embedding and head are vocabulary-parallel where tp divides the vocabulary (256); a
+    norm has nothing to shard."""
+    embed, head = llama_graph.layer("embed"), llama_graph.layer("head")
+    assert (embed.tp_vocab.kind, embed.tp_vocab.module, embed.tp_vocab.vocab_size) == (
+        "embedding",
+        "token",
+        256,
+    )
+    assert (head.tp_vocab.kind, head.tp_vocab.module) == ("head", "")
+    # one all-reduce of (seq 32 x dim 64) fp32 per sample: the embedding's output forward, the
+    # gradient of the head's input backward; the head's 32 rows of logits for the loss
+    assert embed.tp_vocab.allreduce_bytes_per_sample == 32 * 64 * 4
+    assert head.tp_vocab.allreduce_bytes_per_sample == 32 * 64 * 4
+    assert head.tp_vocab.loss_rows_per_sample == 32
+    assert embed.tp_vocab.param_fraction == head.tp_vocab.param_fraction == 1.0
+    for layer in (embed, head):
+        assert layer.tp_enabled and layer.supports_tp(2) and layer.supports_tp(4)
+        assert layer.why_not_tp(3) == (
+            f"the vocabulary size (256) of the {layer.tp_vocab.kind} is not divisible by tp=3"
+        )
     assert "no nn.Linear" in llama_graph.layer("norm").tp_excluded_reason
+
+
+def test_gpt_embedding_shards_the_token_table_not_the_positions(gpt_graph):
+    """The GPT-style embedding shards its vocabulary table (256 x 64) only; the learned
+    position table (32 x 64) stays replicated, as the parameter fraction says."""
+    embed = gpt_graph.layer("embed")
+    assert embed.tp_vocab.module == "token"
+    assert embed.tp_vocab.param_fraction == pytest.approx(256 / (256 + 32))
+    assert embed.tp_param_fraction == embed.tp_vocab.param_fraction
+
+
+def test_tied_embedding_and_head_get_no_vocabulary_tp():
+    """A head tied to the embedding keeps both at tp = 1, naming the tie."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(64, 16)
+            self.body = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(self.embed(ids)))
+
+    graph = build_graph(TiedLM(), torch.zeros(2, 8, dtype=torch.long), pipeline_check=False)
+    embed, head = graph.layer("embed"), graph.layer("head")
+    assert embed.tp_excluded_reason == (
+        "embedding/head: the vocabulary weight embed.weight is tied to head.weight; "
+        "vocabulary-parallel TP needs untied input and output embeddings"
+    )
+    assert head.tp_excluded_reason == (
+        "embedding/head: the vocabulary weight head.weight is tied to embed.weight; "
+        "vocabulary-parallel TP needs untied input and output embeddings"
+    )
+    assert not embed.supports_tp(2) and not head.supports_tp(2)
 
 
 def test_escaping_column_output_is_not_paired():
@@ -380,3 +432,27 @@ def test_data_dependent_forward_falls_back_to_fake_tensors() -> None:
     g = build_graph(Checked(), torch.randn(2, 8), layer_fqns=["a", "b"])
     assert [layer.fqn for layer in g.layers] == ["a", "b"]
     assert g.layer("a").fwd_flops_per_sample == 2 * 8 * 8
+
+
+def test_only_the_first_layer_embedding_is_vocabulary_parallel():
+    """A position table that is its own layer (GPT-2's wpe: its output has no batch dim)
+    keeps tp = 1, with the reason; the token embedding before it is vocabulary-parallel."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(64, 16)
+            self.pos = nn.Embedding(8, 16)
+            self.head = nn.Linear(16, 64, bias=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+            return self.head(self.tok(ids) + self.pos(positions))
+
+    graph = build_graph(Positions(), torch.zeros(2, 8, dtype=torch.long), pipeline_check=False)
+    assert graph.layer("tok").supports_tp(2) and graph.layer("head").supports_tp(2)
+    assert graph.layer("pos").tp_excluded_reason == (
+        "embedding/head: only the first layer's embedding (of the model's input ids) is "
+        "vocabulary-parallel; a later embedding layer (a position table, GPT-2's wpe) may return "
+        "a tensor without the batch dim, whose gradient differs across the TP ranks"
+    )

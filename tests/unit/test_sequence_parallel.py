@@ -76,7 +76,9 @@ def test_blocks_get_an_sp_plan_found_from_the_trace(gpt) -> None:
     assert (block.sp_seq_dim, block.sp_seq_len, block.sp_regions) == (1, 32, ("attn", "mlp"))
     assert 0 < block.sp_saved_fraction < 1 - block.tp_saved_fraction
     assert block.supports_sp(2) and block.supports_sp(4)
-    assert gpt.layer("embed").sp_why_not(2) == "it cannot run tensor parallel at tp=2"
+    assert gpt.layer("embed").sp_why_not(2) == (
+        "its tensor parallelism is vocabulary-parallel, which has no sequence-parallel plan"
+    )
     assert block.sp_why_not(1) == "sequence parallelism needs tp > 1"
     odd = dataclasses.replace(block, sp_seq_len=30)
     assert odd.sp_why_not(4) == (

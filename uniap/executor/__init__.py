@@ -41,7 +41,8 @@ it). Both run under a ``torch.distributed.pipelining`` schedule.
 One parallelism per module: :mod:`.mesh` (rank arithmetic, meshes, groups), :mod:`.reshard`
 (batch layouts), :mod:`.model_forward` (the model's own forward), :mod:`.traced_stages`
 (pipeline split of the traced forward), :mod:`.stage_module` (pipeline split of a chain by
-FQN), :mod:`.tensor_parallel`, :mod:`.sequence_parallel`, :mod:`.activation_checkpoint`,
+FQN), :mod:`.tensor_parallel` (with :mod:`.vocab_loss`, the loss on vocabulary-sharded
+logits), :mod:`.sequence_parallel`, :mod:`.activation_checkpoint`,
 :mod:`.data_parallel`, :mod:`.pipeline_parallel`, :mod:`.memory` (measured peak memory of a
 step); :mod:`.parallel_model` applies them in order. The public entry point is
 :func:`uniap.api.parallelize`.

@@ -45,7 +45,9 @@ Loss semantics: ``train_step`` computes exactly the single-device loss of the gl
 (``loss_fn`` is a mean over its batch). Each micro-batch's local loss is scaled by
 ``local_samples / global_batch``, gradients are summed over DP groups, and the returned value
 is the sum over micro-batches and DP shards (counted once per TP group), all-reduced so every
-rank returns the same float.
+rank returns the same float. A head at ``tp > 1`` keeps its logits sharded on the vocabulary;
+the step then runs under ``loss_parallel()`` and the first loss is checked to be one it
+computes without gathering them (:mod:`.vocab_loss`).
 
 One module: :func:`apply_plan` and the :class:`ParallelModel` it returns are one concept (a
 plan applied on this rank); the parallelisms themselves live one per module beside it.
@@ -97,6 +99,7 @@ from uniap.executor.sequence_parallel import check_sp_supported
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
+from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.training_log import TrainingLog
@@ -174,6 +177,7 @@ def apply_plan(
     if own_forward or traced_split:
         free = free_parameters(model, all_fqns)
         base = check_free_layouts(free, plan)
+        check_head_layout(plan, layers, base)
     if loss_fn is None and not (own_forward or traced_split):
         raise UniapError(
             f"loss_fn=None (the model's own loss) needs a model that computes one; "
@@ -225,15 +229,21 @@ def apply_plan(
     if traced is not None:
         path = {f: p for f, p in traced.layer_paths.items() if p is not None}
     placed = [ls for ls in stage.layers if ls.fqn in path]
+    vocab_loss = None
     for ls in placed:
         if ls.tp > 1:
+            layer_module = module.get_submodule(ls.fqn)
             apply_tp(
-                module.get_submodule(ls.fqn),
+                layer_module,
                 layers[ls.fqn],
                 groups.layer_mesh(ls.dp, ls.tp)["tp"],
                 sp=ls.sp,
                 recompute=ls.recompute,
             )
+            vocab = layers[ls.fqn].tp_vocab
+            if vocab is not None and vocab.kind == "head":  # logits sharded: loss_parallel
+                head = layer_module.get_submodule(vocab.module) if vocab.module else layer_module
+                vocab_loss = VocabParallelLoss(head, ls.fqn, ls.tp)
     for ls in placed:
         # a sequence-parallel layer checkpoints inside its boundary (apply_tp), keeping the
         # sequence chunk of its input only
@@ -241,9 +251,18 @@ def apply_plan(
             apply_ac(module.get_submodule(path[ls.fqn]))
     if compile:
         backend = compile if isinstance(compile, str) else "inductor"
+        # vocabulary-parallel layers stay eager: dynamo (torch 2.13) cannot trace the masked
+        # partial lookup of a row-sharded embedding
+        eager = [ls.fqn for ls in placed if ls.tp > 1 and layers[ls.fqn].tp_vocab is not None]
         for ls in placed:
-            module.get_submodule(path[ls.fqn]).compile(backend=backend)
-        logger.info("%d layer(s) compiled (backend %s)", len(placed), backend)
+            if ls.fqn not in eager:
+                module.get_submodule(path[ls.fqn]).compile(backend=backend)
+        logger.info(
+            "%d layer(s) compiled (backend %s)%s",
+            len(placed) - len(eager),
+            backend,
+            f"; vocabulary-parallel {', '.join(eager)} eager" if eager else "",
+        )
     classic = [ls for ls in placed if ls.strategy.uses_classic_ddp]
     root_mesh = None
     for ls in placed:
@@ -346,6 +365,7 @@ def apply_plan(
         own_forward=own_forward,
         traced=traced,
         stages=list(zip(chunks, chunk_ddps)) or None,
+        vocab_loss=vocab_loss,
     )
 
 
@@ -416,6 +436,7 @@ class ParallelModel:
         own_forward: bool = False,
         traced: TracedStage | None = None,
         stages: list[tuple[StageModule, DistributedDataParallel | None]] | None = None,
+        vocab_loss: VocabParallelLoss | None = None,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -454,6 +475,7 @@ class ParallelModel:
         """Logs step time, throughput, MFU and memory against the plan on rank 0 every
         ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
+        self._vocab_loss = vocab_loss
         if layer_modules is None:
             assert isinstance(module, StageModule)
             layer_modules = module.layers()
@@ -593,8 +615,16 @@ class ParallelModel:
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         if self._traced is not None:  # the last traced stage returns the flat outputs
             output = self._traced.split.output(output)
-        if self._loss_fn is not None:
+        if self._loss_fn is not None and self._vocab_loss is None:
             return self._loss_fn(output, target)
+        if self._loss_fn is not None:
+            try:
+                loss = self._loss_fn(output, target)
+            except RuntimeError as e:  # an op DTensor cannot run on the sharded logits
+                if self._vocab_loss.checked:
+                    raise
+                raise self._vocab_loss.refusal(f"fails on ({e})") from e
+            return self._vocab_loss.finish(loss)
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, Mapping):
             loss = output.get("loss")
@@ -604,7 +634,7 @@ class ParallelModel:
                 "returned none (no `loss` in its output): pass the labels in the batch "
                 "(e.g. labels=...) or give parallelize a loss_fn"
             )
-        return loss
+        return loss if self._vocab_loss is None else self._vocab_loss.finish(loss)
 
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
         with self._autocast():
@@ -693,10 +723,13 @@ class ParallelModel:
         kept = self._ddp_grads_aside()
         if self._free_sync is not None:
             self._free_sync.begin()
-        if self._schedule is None:
-            total = self._run_own_forward(inputs, targets)
-        else:
-            total = self._run_schedule(inputs, targets)
+        # a vocabulary-parallel head: the loss's forward and backward under loss_parallel()
+        vocab = self._vocab_loss.context() if self._vocab_loss else contextlib.nullcontext()
+        with vocab:
+            if self._schedule is None:
+                total = self._run_own_forward(inputs, targets)
+            else:
+                total = self._run_schedule(inputs, targets)
         if self._free_sync is not None:
             self._free_sync.finish()
         self._ddp_grads_back(kept)
@@ -844,8 +877,10 @@ class ParallelModel:
         )
         self._batch_context.microbatch_size = big_b
         # under no_sync: a forward that no backward follows must not arm DDP's reducer
-        with self._grad_sync.microbatch(last=False):
+        vocab = self._vocab_loss.context() if self._vocab_loss else contextlib.nullcontext()
+        with self._grad_sync.microbatch(last=False), vocab:
             out = self._runner(*mb_args, **mb_kwargs)
+        out = _full_tensors(out)  # vocabulary-sharded logits gathered for the caller
         if self._to_replicated is not None:
             out = map_batch(self._to_replicated, out, big_b // self._last_dp)
         if not torch.is_grad_enabled():
@@ -874,6 +909,7 @@ class ParallelModel:
         self._grad_sync.reshard()  # no backward will free FSDP's unsharded parameters
         full = None
         if self.is_last_stage:
+            out = _full_tensors(out)
             if not isinstance(out, torch.Tensor):
                 raise UniapError(
                     f"forward() with pp={self.plan.pp_degree} returns a tensor output only; the "
@@ -955,6 +991,11 @@ class ParallelModel:
                     if have is not None and n not in full:
                         full[n] = full[have]
         return full
+
+
+def _full_tensors(value: Any) -> Any:
+    """``value`` with every DTensor (the logits of a vocabulary-parallel head) made whole."""
+    return map_tensors(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, value)
 
 
 def _batch_first(value: Any, rows: int) -> bool:

@@ -14,7 +14,9 @@ its TP group. Between consecutive layers with different ``dp`` the activation is
 
 Every tensor a layer returns is taken to be batch-first; non-tensors pass through. The
 gradient of a TP-replicated activation is itself replicated (TP layers all-reduce their input
-gradient), which is why the backward of a gather may simply keep its own slice.
+gradient), which is why the backward of a gather may simply keep its own slice. A DTensor
+(the logits of a vocabulary-parallel head, sharded on their last dim) is resharded as its
+local shard: its batch dim is not sharded over the TP mesh.
 
 This module also slices a *global* batch into the rank's part for a layout (input of the first
 layer, targets of the last one): micro-batch ``m`` is rows ``[m b, (m + 1) b)``, its shard ``j``
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from uniap.executor.mesh import GatherStep, ProcessGroups, RankLayout, SliceStep, reshard_steps
 
@@ -155,6 +158,10 @@ class BatchReshard(nn.Module):
                 size: int = size,
                 index: int = index,
             ) -> torch.Tensor:
+                if isinstance(t, DTensor):  # vocabulary-sharded logits: batch dim whole
+                    assert not any(p.is_shard(0) for p in t.placements), t.placements
+                    local = fn(t.to_local(), group, size, index)
+                    return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False)
                 return fn(t, group, size, index)
 
             value = map_tensors(apply, value)

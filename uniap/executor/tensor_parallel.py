@@ -17,6 +17,16 @@ all-reduces once per distinct input in backward. Parameters outside the pairs (n
 replicated on the TP group and compute identical gradients, which are therefore never summed
 over TP.
 
+Vocabulary-parallel embedding and head (``Layer.tp_vocab``, as torchtitan shards its token
+embedding and output): the embedding's vocabulary ``nn.Embedding`` gets ``RowwiseParallel``
+(input ids replicated, the table split by rows, each rank looks up its rows and the partial
+outputs are all-reduced in forward; no communication backward: the ids have no gradient), the
+head's ``nn.Linear`` ``ColwiseParallel`` with its output left a DTensor sharded on the
+vocabulary (``Shard(-1)``): each rank holds ``V / tp`` of the logits, the loss runs on them
+under ``loss_parallel()`` (:mod:`uniap.executor.vocab_loss`) and the gradient of the head's
+input is all-reduced in backward. The rest of such a layer (a position table, a norm) stays
+replicated and computes identical gradients on the TP ranks, as the norms of a block do.
+
 Only layers with ``Layer.supports_tp(tp)`` may run at ``tp > 1`` (one source of truth with
 the planner).
 """
@@ -51,13 +61,12 @@ def check_tp_supported(layer: Layer | None, fqn: str, tp: int) -> None:
             f"layer {fqn!r}: the plan asks for tp={tp} but no layer description (TP plan) was "
             "given; pass example_inputs so the model graph can be built"
         )
-    if not layer.supports_tp(tp):
-        if not layer.tp_pairs:
-            why = layer.tp_excluded_reason or "it has no tensor-parallel plan"
-            raise PlanMismatchError(f"layer {fqn!r} cannot run at tp={tp}: {why}; use tp=1 for it")
-        raise PlanMismatchError(
-            f"layer {fqn!r} cannot run at tp={tp}: tp must divide each of {list(layer.tp_divisors)}"
-        )
+    why = layer.why_not_tp(tp)
+    if why is None:
+        return
+    if not layer.tp_enabled:
+        raise PlanMismatchError(f"layer {fqn!r} cannot run at tp={tp}: {why}; use tp=1 for it")
+    raise PlanMismatchError(f"layer {fqn!r} cannot run at tp={tp}: {why}")
 
 
 class _SharedInputCache:
@@ -126,6 +135,8 @@ def apply_tp(
     check_tp_supported(layer, layer.fqn, tp)
     if sp:
         check_sp_supported(layer, layer.fqn, tp)
+    if layer.tp_vocab is not None:
+        return _apply_vocab_tp(module, layer, tp_mesh)
     cache = _SharedInputCache()
     # the cache lives for one forward of the layer: cleared before and after it
     module.register_forward_pre_hook(cache.clear)
@@ -152,4 +163,24 @@ def apply_tp(
     if sp:
         apply_sp(module, layer, tp_mesh, recompute=recompute, on_exit=cache.clear)
     logger.debug("TP x%d%s on %s: %s", tp, " +SP" if sp else "", layer.fqn, sorted(plan))
+    return module
+
+
+def _apply_vocab_tp(module: nn.Module, layer: Layer, tp_mesh: DeviceMesh) -> nn.Module:
+    """Vocabulary-parallel TP of an embedding or head layer (see the module docstring)."""
+    vocab = layer.tp_vocab
+    assert vocab is not None
+    target = module.get_submodule(vocab.module) if vocab.module else module
+    want = nn.Embedding if vocab.kind == "embedding" else nn.Linear
+    if not isinstance(target, want):
+        raise PlanMismatchError(
+            f"layer {layer.fqn!r}: vocabulary-parallel target {vocab.module or '(the layer)'!r} "
+            f"is a {type(target).__name__}, not an nn.{want.__name__}"
+        )
+    if vocab.kind == "embedding":
+        style: Any = RowwiseParallel(input_layouts=Replicate())
+    else:  # logits stay sharded on the vocabulary: the loss runs under loss_parallel()
+        style = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(target, tp_mesh, style)
+    logger.debug("vocabulary TP x%d on %s (%s)", tp_mesh.size(), layer.fqn, vocab.kind)
     return module

@@ -18,6 +18,7 @@ Every rank returns the same profile (numbers are reduced over the ranks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -192,16 +193,25 @@ def _loss_costs(
     device: torch.device,
     warmup: int,
     repeats: int,
+    tp: tuple[Any, Any] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Per measured batch: seconds of the loss's forward + backward on the last layer's
     output, and the peak bytes, beyond the last layer's parameters, gradients, input and
     saved activations, while its output goes through ``loss_fn`` and back (the output, the
-    loss's own saved tensors and the backward's gradient buffers)."""
+    loss's own saved tensors and the backward's gradient buffers). ``tp``: ``(layer, TP
+    mesh)`` of a vocabulary-parallel head, sharded as the executor shards it, the loss run
+    under ``loss_parallel()`` on the sharded logits."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from uniap.executor.tensor_parallel import apply_tp
     from uniap.profiler.memory import PeakMemory
 
+    vocab = loss_parallel if tp is not None else contextlib.nullcontext
     times, working = [], []
     for b, ins in sorted(inputs.items()):
         module = source.copy(fqn)
+        if tp is not None:
+            apply_tp(module, *tp)
         for p in module.parameters():
             p.grad = torch.zeros_like(p)
         x = ins[fqn].prepared()
@@ -209,9 +219,9 @@ def _loss_costs(
         with torch.no_grad():
             out = x(module)
 
-        def loss_pass(out: Any = out, tgt: Any = tgt) -> None:
+        def loss_pass(out: Any = out, tgt: Any = tgt, vocab: Any = vocab) -> None:
             o = out.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), vocab():
                 loss_fn(o, tgt).backward()
 
         times.append(time_median_s(loss_pass, device, warmup=warmup, repeats=repeats))
@@ -223,7 +233,7 @@ def _loss_costs(
         else:  # the tracker counts the registered parameters and gradients
             st = state_bytes(module)
             base_bytes = float(st["param_bytes"] + st["grad_bytes"])
-        with PeakMemory(device, [module]) as pm, torch.enable_grad():
+        with PeakMemory(device, [module]) as pm, torch.enable_grad(), vocab():
             loss = loss_fn(x(module), tgt)
             loss.backward()
             del loss
@@ -314,7 +324,7 @@ def collect_profile(
         say(line)
     pipeline_s = _measure_pipeline(ctx)
     if loss_fn is not None:
-        _measure_loss(ctx, profiles, targets, loss_fn)
+        _measure_loss(ctx, profiles, targets, loss_fn, tp_degrees)
 
     wall = time.perf_counter() - t_start
     return MeasuredProfile(
@@ -539,14 +549,26 @@ def _measure_loss(
     profiles: dict[str, LayerProfile],
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
+    tp_degrees: Sequence[int] = (1,),
 ) -> None:
-    """The loss's time and working memory at the last layer, per batch."""
+    """The loss's time and working memory at the last layer, per batch (and, for a
+    vocabulary-parallel head, per TP degree > 1 it supports, under ``loss_parallel()``)."""
     last = ctx.graph.layers[-1]
     lp = profiles[last.cost_key]
-    lp.loss_s, lp.loss_working_bytes = _loss_costs(
-        ctx.source, last.fqn, ctx.inputs_at, targets, loss_fn, ctx.device, ctx.warmup, ctx.repeats
-    )
+    args = (ctx.source, last.fqn, ctx.inputs_at, targets, loss_fn, ctx.device)
+    lp.loss_s, lp.loss_working_bytes = _loss_costs(*args, ctx.warmup, ctx.repeats)
     ctx.say(
         f"loss at {last.fqn}, batch {ctx.batches[-1]}: {lp.loss_s[-1] * 1e3:.2f} ms, "
         f"{lp.loss_working_bytes[-1] / 2**20:.2f} MiB working memory"
     )
+    if last.tp_vocab is None or last.tp_vocab.kind != "head":
+        return
+    for tp in tp_degrees:
+        if tp > 1 and last.supports_tp(tp):
+            mesh = _tp_mesh(tp, ctx.device)
+            times, working = _loss_costs(*args, ctx.warmup, ctx.repeats, tp=(last, mesh))
+            lp.loss_tp[tp] = {"loss_s": times, "loss_working_bytes": working}
+            ctx.say(
+                f"loss at {last.fqn} tp{tp} (loss parallel), batch {ctx.batches[-1]}: "
+                f"{times[-1] * 1e3:.2f} ms, {working[-1] / 2**20:.2f} MiB working memory"
+            )

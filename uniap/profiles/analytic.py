@@ -17,6 +17,9 @@ node, else inter-node):
   f_sp`` in place of ``f``, ``f_sp`` the fraction saved outside the TP pairs (norm inputs, the
   residual stream's ops), which SP computes on ``1 / tp`` of the sequence
   (:attr:`uniap.graph.Layer.sp_saved_fraction`, Korthikanti et al. 2022, section 4.2.2)
+- the loss's working memory at the last layer: its output and the output's gradient,
+  ``2 * output_bytes_per_sample * b``, ``/ tp`` for a vocabulary-parallel head at ``tp > 1``
+  (each rank holds ``V / tp`` of the logits, :mod:`uniap.executor.vocab_loss`)
 """
 
 from __future__ import annotations
@@ -27,13 +30,20 @@ from dataclasses import dataclass
 from uniap.cluster import Cluster
 from uniap.graph import Layer, ModelGraph
 
-__all__ = ["Profile", "AnalyticProfile", "COLLECTIVES"]
+__all__ = ["Profile", "AnalyticProfile", "COLLECTIVES", "loss_tp_share"]
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 
 # AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq:
 # 7 fp32 accesses per parameter.
 _ADAMW_BYTES_PER_PARAM = 7 * 4
+
+
+def loss_tp_share(layer: Layer, tp: int) -> int:
+    """How many ranks share the loss of the last layer ``layer`` at TP degree ``tp``: ``tp``
+    for a vocabulary-parallel head (loss parallel on ``V / tp`` of the logits each), else 1."""
+    vocab = layer.tp_vocab
+    return tp if tp > 1 and vocab is not None and vocab.kind == "head" else 1
 
 
 class Profile:
@@ -70,15 +80,17 @@ class Profile:
         of the cost model (default 0: the analytic profile has nothing else to say)."""
         return 0.0
 
-    def loss_s(self, layer: Layer, batch: float) -> float:
+    def loss_s(self, layer: Layer, batch: float, tp: int = 1) -> float:
         """Seconds of the loss's forward + backward on the last layer's output at local
-        ``batch`` (default 0: counted in the last layer's FLOPs)."""
+        ``batch`` and the last layer's TP degree ``tp`` (default 0: counted in the last
+        layer's FLOPs)."""
         return 0.0
 
-    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
+    def loss_working_bytes(self, layer: Layer, batch: float, tp: int = 1) -> float:
         """Bytes the loss and its backward need at the last layer ``layer`` at local
-        ``batch`` beyond its saved activations (default: the output and its gradient)."""
-        return 2 * layer.output_bytes_per_sample * batch
+        ``batch`` and TP degree ``tp`` beyond its saved activations (default: the output and
+        its gradient, ``V / tp`` of them for a vocabulary-parallel head)."""
+        return 2 * layer.output_bytes_per_sample * batch / loss_tp_share(layer, tp)
 
     def activation_bytes(self, layer: Layer, batch: float, tp: int, *, sp: bool = False) -> float:
         """Bytes ``layer`` keeps for backward at local batch ``batch`` and TP degree ``tp``,

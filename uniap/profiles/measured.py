@@ -13,8 +13,10 @@ A :class:`MeasuredProfile` answers the cost model's questions from measurements
   costs beyond the cost model's collective terms, measured.
 - ``optimizer_step_s(n, layer, dtensor)``: the layer's measured AdamW fixed cost (plain or
   DTensor parameters) ``+ optimizer_s_per_param * n``.
-- ``loss_s(layer, b)``, ``loss_working_bytes(layer, b)``: measured seconds and bytes of the
-  loss's forward and backward at the last layer.
+- ``loss_s(layer, b, tp)``, ``loss_working_bytes(layer, b, tp)``: measured seconds and bytes
+  of the loss's forward and backward at the last layer; for a vocabulary-parallel head at
+  ``tp > 1`` measured at that degree under ``loss_parallel()`` (else the tp = 1 numbers
+  ``/ tp``).
 - ``activation_bytes(layer, b, tp)``: measured saved-for-backward bytes, interpolated.
 - ``overlap_coefficient``: measured (:mod:`uniap.profiler.overlap`).
 
@@ -41,7 +43,7 @@ import yaml
 from uniap.cluster import Cluster
 from uniap.errors import ConfigError
 from uniap.graph import Layer, ModelGraph
-from uniap.profiles.analytic import COLLECTIVES, Profile
+from uniap.profiles.analytic import COLLECTIVES, Profile, loss_tp_share
 from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key, interpolate
 
 __all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions"]
@@ -127,6 +129,10 @@ class LayerProfile:
     """Last layer only, per batch: peak bytes beyond its state, input and saved activations
     while its output goes through the loss and back (output, the loss's saved tensors,
     gradient buffers)."""
+    loss_tp: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    """A vocabulary-parallel head only: TP degree > 1 -> ``loss_s`` and
+    ``loss_working_bytes`` per batch, measured with the head sharded on a real TP group and
+    the loss under ``loss_parallel()`` (its all-reduces included, as in the layer times)."""
 
     def fit(self, which: str, tp: int) -> tuple[float, float, float]:
         """``(a, slope, worst relative residual)`` of ``which`` (fwd_s, bwd_s,
@@ -155,6 +161,11 @@ class LayerProfile:
         d["optimizer_s"] = {k: float(v) for k, v in sorted(self.optimizer_s.items())}
         d["loss_s"] = [float(v) for v in self.loss_s]
         d["loss_working_bytes"] = [float(v) for v in self.loss_working_bytes]
+        if self.loss_tp:
+            d["loss_tp"] = {
+                f"tp{tp}": {k: [float(v) for v in vs] for k, vs in sorted(m.items())}
+                for tp, m in sorted(self.loss_tp.items())
+            }
         d["fit"] = {
             f"tp{tp}": {
                 name: dict(zip(("a", "slope", "error"), (float(x) for x in self.fit(name, tp))))
@@ -184,6 +195,10 @@ class LayerProfile:
             optimizer_s={str(k): float(v) for k, v in (d.get("optimizer_s") or {}).items()},
             loss_s=[float(v) for v in d.get("loss_s") or []],
             loss_working_bytes=[float(v) for v in d.get("loss_working_bytes") or []],
+            loss_tp={
+                tp: {str(k): [float(v) for v in vs] for k, vs in m.items()}
+                for tp, m in by_tp(d.get("loss_tp")).items()
+            },
         )
 
 
@@ -286,20 +301,28 @@ class MeasuredProfile(Profile):
             return 0.0
         return lp.dp_residual_s.get(kind, {}).get(phase, 0.0)
 
-    def _per_batch(self, layer: Layer, which: str, batch: float) -> float | None:
+    def _per_batch(self, layer: Layer, which: str, batch: float, tp: int = 1) -> float | None:
+        """``which`` (``loss_s``, ``loss_working_bytes``) at ``batch`` and TP degree ``tp``:
+        measured at that degree, else the tp = 1 measurement shared out over the ranks that
+        share the loss (:func:`~uniap.profiles.analytic.loss_tp_share`); None if unmeasured."""
         lp = self.layers.get(layer.cost_key)
-        ys = getattr(lp, which, None) if lp is not None else None
+        if lp is None:
+            return None
+        share = loss_tp_share(layer, tp)
+        ys = lp.loss_tp.get(tp, {}).get(which) if share > 1 else None
+        if not ys or len(ys) != len(lp.batches):
+            ys = [y / share for y in getattr(lp, which, None) or []]
         if not ys or len(ys) != len(lp.batches):
             return None
         a, slope, _ = fit_line(lp.batches, ys)
         return interpolate(batch, lp.batches, ys, (a, slope))
 
-    def loss_working_bytes(self, layer: Layer, batch: float) -> float:
-        v = self._per_batch(layer, "loss_working_bytes", batch)
-        return super().loss_working_bytes(layer, batch) if v is None else v
+    def loss_working_bytes(self, layer: Layer, batch: float, tp: int = 1) -> float:
+        v = self._per_batch(layer, "loss_working_bytes", batch, tp)
+        return super().loss_working_bytes(layer, batch, tp) if v is None else v
 
-    def loss_s(self, layer: Layer, batch: float) -> float:
-        v = self._per_batch(layer, "loss_s", batch)
+    def loss_s(self, layer: Layer, batch: float, tp: int = 1) -> float:
+        v = self._per_batch(layer, "loss_s", batch, tp)
         return 0.0 if v is None else self.calibration.get("compute_scale", 1.0) * v
 
     def activation_bytes(self, layer: Layer, batch: float, tp: int, *, sp: bool = False) -> float:
