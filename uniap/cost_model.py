@@ -177,7 +177,7 @@ from uniap.errors import ConfigError
 from uniap.graph import ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
-from uniap.schedules import get_schedule
+from uniap.schedules import get_schedule, zero_bubble_makespan
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = [
@@ -250,14 +250,31 @@ class CostTables:
     virtual_stages: int = 1
     """Stages per rank ``v`` (interleaved schedules): the chain is split into ``pp * v``
     stages, stage ``j`` on rank ``j % pp``; 1 otherwise."""
+    Af: np.ndarray | None = None
+    """(L, K) seconds of ``A`` in the forward (compute and half of the TP collectives), for
+    schedules that split the backward (zero bubble); None: zeros."""
+    Aw: np.ndarray | None = None
+    """(L, K) seconds of ``A`` that compute weight gradients (the W of a zero-bubble
+    schedule; ``A - Af - Aw`` is the input gradient B); None: zeros."""
 
     def __post_init__(self) -> None:
+        if self.zero_bubble:
+            if self.Af is None:
+                self.Af = np.zeros(np.shape(self.A))
+            if self.Aw is None:
+                self.Aw = np.zeros(np.shape(self.A))
         if self.F is None:
             self.F = np.zeros(np.shape(self.A))
         if self.Mh is None:
             self.Mh = np.zeros(np.shape(self.A))
         if self.host_ranks is None:
             self.host_ranks = np.ones((1, self.pp))
+
+    @property
+    def zero_bubble(self) -> bool:
+        """Whether the schedule splits the backward into B and W (its time is the longest
+        path through its operations, :func:`uniap.schedules.zero_bubble_makespan`)."""
+        return get_schedule(self.schedule).split_backward
 
     @property
     def uses_host_memory(self) -> bool:
@@ -311,6 +328,7 @@ class LayerCost:
         "dp_sync",
         "optimizer",
         "forward",
+        "weight_grad",
         "param_bytes",
         "grad_bytes",
         "optimizer_bytes",
@@ -387,7 +405,9 @@ def evaluate_assignment(
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
     s = [x + f for x, f in zip(s, first)]
-    if v == 1:
+    if t.zero_bubble:
+        tpi = _zero_bubble_time(t, stage_of, strategy_of, p, o) + max(s) + t.step_overhead_s
+    elif v == 1:
         bottleneck = max(p + o)
         tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     else:  # interleaved: per rank loads, the bubble in chunks v times smaller
@@ -398,6 +418,45 @@ def evaluate_assignment(
     node = float((t.host_ranks @ np.asarray(host)).max())
     fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
     return Evaluation(tpi, p, o, s, mem, fits, host, node)
+
+
+def zero_bubble_stage_times(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int], p: Sequence[float]
+) -> tuple[list[float], list[float], list[float]]:
+    """Per stage ``(f, b, w)``: seconds of one micro-batch's forward, input gradient and weight
+    gradient; ``p`` the stage times (``f + b + w``). A stage's same-stage reshards and
+    overhead are split evenly between its forward and its input gradient."""
+    f = [0.0] * len(p)
+    w = [0.0] * len(p)
+    for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
+        f[i] += float(t.Af[u, k])
+        w[i] += float(t.Aw[u, k])
+    rest = [x - a - c for x, a, c in zip(p, f, w)]  # reshards, overhead, input gradient
+    shared = [t.stage_overhead_s] * len(p)
+    for u in range(len(stage_of) - 1):
+        if stage_of[u + 1] == stage_of[u]:
+            a, b = t.layout[u, strategy_of[u]], t.layout[u + 1, strategy_of[u + 1]]
+            shared[stage_of[u]] += float(t.R[u, a, b])
+    f = [x + h / 2 for x, h in zip(f, shared)]
+    b = [r - h / 2 for r, h in zip(rest, shared)]
+    return f, b, w
+
+
+def _zero_bubble_time(
+    t: CostTables,
+    stage_of: Sequence[int],
+    strategy_of: Sequence[int],
+    p: Sequence[float],
+    o: Sequence[float],
+) -> float:
+    """A zero-bubble schedule's compute time: the longest path through torch's order of
+    operations with these stage times, at least ``c`` times the busiest rank's links."""
+    if any(not np.isfinite(x) for x in p):
+        return INF
+    f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+    pp, c, v = t.pp, t.num_microbatches, t.virtual_stages
+    links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
+    return max(zero_bubble_makespan(pp, v, c, f, b, w, o), c * links)
 
 
 class CostModel:
@@ -602,6 +661,8 @@ class CostModel:
             host_limit_bytes=self.host_limit_bytes,
             host_ranks=self._host_ranks(pp),
             virtual_stages=v,
+            Af=parts["forward"] + parts["tp_comm"] / 2 if spec.split_backward else None,
+            Aw=parts["weight_grad"] if spec.split_backward else None,
         )
 
     def _host_ranks(self, pp: int) -> np.ndarray:
@@ -633,6 +694,7 @@ class CostModel:
         c, rho = num_microbatches, self.profile.overlap_coefficient
         bl = microbatch_size / s.dp
         fwd, bwd = self.profile.layer_compute_s(layer, bl, s.tp)
+        wgrad_s = self.profile.weight_grad_s(layer, bl, s.tp) if layer.num_params else 0.0
         if last:
             bwd += self.profile.loss_s(layer, bl)
         if s.recompute:
@@ -797,6 +859,7 @@ class CostModel:
                 "dp_sync": sync_s,
                 "optimizer": opt_s,
                 "forward": fwd,
+                "weight_grad": wgrad_s,
                 "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard,
                 "grad_bytes": resident_bytes + p_bytes / shard,
                 "optimizer_bytes": opt_bytes / shard,
