@@ -614,6 +614,10 @@ class CostModel:
                 continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
+            if not spec.data_parallel:  # (zero bubble: no gradient reduction, uniap.schedules)
+                ks = [k for k in ks if strategies[k].dp == 1]
+            if not spec.recompute:
+                ks = [k for k in ks if not strategies[k].recompute]
             if not ks:
                 raise ConfigError(
                     f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} "

@@ -75,6 +75,13 @@ class ScheduleSpec:
     """One line for help texts."""
     microbatch_multiple_of_pp: bool = False
     """The schedule needs ``c`` to be a multiple of ``pp``."""
+    data_parallel: bool = True
+    """Layers may use ``dp > 1``. False for zero bubble: torch runs the weight gradients
+    outside autograd's backward hooks, which DDP and FSDP reduce in (pytorch/pytorch#144530:
+    with DDP the gradients come out unreduced; FSDP's reduction runs before they exist)."""
+    recompute: bool = True
+    """Layers may use activation checkpointing. False for zero bubble: a checkpointed layer
+    fails in torch's split backward (torch 2.13: the schedule raises while running it)."""
     split_backward: bool = False
     """Each backward runs as an input gradient (B) and, later, a weight gradient (W) (zero
     bubble): the time is the longest path through the schedule's operations
@@ -333,6 +340,8 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             description="interleaved 1F1B with each backward split into input and weight "
             "gradients, the weight gradients filling the bubble",
             microbatch_multiple_of_pp=True,
+            data_parallel=False,
+            recompute=False,
             split_backward=True,
         ),
     )

@@ -195,3 +195,98 @@ def test_spec() -> None:
     assert spec.torch_class == "ScheduleInterleavedZeroBubble" and spec.split_backward
     assert spec.stages_per_rank == (2,) and spec.interleaved
     assert "multiple of the pipeline degree (2)" in spec.why_not(2, 2, 3)
+
+
+@pytest.fixture
+def fake_world(request: pytest.FixtureRequest):
+    """A fake process group (no communication) of ``(world, rank)``."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world, rank = request.param
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    yield rank
+    dist.destroy_process_group()
+
+
+def _toy_plan(world: int, pp: int, strategy: tuple) -> object:
+    from toy import toy_fqns
+
+    from uniap.contract import LayerStrategy, Plan, Stage, Strategy
+
+    fqns, g = toy_fqns(2 * pp - 2), world // pp
+    stages = [
+        Stage(tuple(range((j % pp) * g, (j % pp + 1) * g)), (LayerStrategy(f, Strategy(*strategy)),))
+        for j, f in enumerate(fqns)
+    ]
+    return Plan(
+        model_name="Toy",
+        model_signature="toy",
+        num_layers=len(fqns),
+        world_size=world,
+        global_batch_size=4 * g,
+        num_microbatches=pp,
+        schedule=ZB,
+        stages=tuple(stages),
+    )
+
+
+@pytest.mark.parametrize("fake_world", [(4, 1)], indirect=True)
+def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
+    fake_world: int,
+) -> None:
+    """dp = 1 at pp = 4: torch's ScheduleInterleavedZeroBubble over the rank's two stages;
+    a layer with dp = 2 (DDP or FSDP would not reduce the weight gradients) or with
+    activation checkpointing is one error naming the fix."""
+    import torch
+    from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
+    from toy import build_toy, toy_layers, toy_loss
+
+    from uniap.errors import UniapError
+    from uniap.executor import apply_plan
+
+    cpu = torch.device("cpu")
+    pm = apply_plan(
+        build_toy(6), _toy_plan(4, 4, (1, 1, "DDP")), loss_fn=toy_loss, layers=toy_layers(6),
+        device=cpu,
+    )  # fmt: skip
+    assert isinstance(pm._schedule, ScheduleInterleavedZeroBubble)
+    assert [s.stage_index for s in pm._schedule._stages] == [1, 5]
+    with pytest.raises(
+        UniapError,
+        match=r"InterleavedZeroBubble computes weight gradients outside autograd's backward "
+        r"hooks, where DDP and FSDP reduce them \(pytorch/pytorch#144530\); layer 'embed' has "
+        r"dp=2: re-plan with schedule Interleaved1F1B, or with dp=1 on every layer",
+    ):
+        apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "FSDP")), loss_fn=toy_loss, device=cpu)
+    with pytest.raises(UniapError, match=r"cannot run activation checkpointing \(layer 'embed'\)"):
+        apply_plan(
+            build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu
+        )
+
+
+def test_planner_offers_zero_bubble_only_without_data_parallelism() -> None:
+    """gpt-tiny on 2 CPUs at pp = 2 (one device per stage): offered both interleaved
+    schedules, the planner picks zero bubble, whose predicted time is CostModel.evaluate()'s
+    and below interleaved 1F1B's; every layer has dp = 1 and no recompute. On 4 CPUs at
+    pp = 2 (two devices per stage) the embedding (no TP) has no zero-bubble strategy."""
+    from uniap import models
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+    from uniap.errors import ConfigError
+    from uniap.graph import build_graph
+    from uniap.planner import plan
+
+    kw = {"global_batch_size": 16, "pp_degrees": [2]}
+    one = plan("gpt-tiny", "cpu-2", schedules=["Interleaved1F1B"], **kw)
+    both = plan("gpt-tiny", "cpu-2", schedules=["Interleaved1F1B", ZB], **kw)
+    assert both.schedule == ZB and both.virtual_stages == 2
+    assert all(ls.dp == 1 and not ls.recompute for ls in both.layer_strategies)
+    tpi = both.predicted["time_per_iteration_s"]
+    assert tpi < one.predicted["time_per_iteration_s"]
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    cm = CostModel(g, load_cluster("cpu-2"), precision=both.precision)
+    assert cm.evaluate(both).time_per_iteration_s == pytest.approx(tpi)
+    with pytest.raises(ConfigError, match="layer 'embed' has no strategy"):
+        CostModel(g, load_cluster("cpu-4")).tables(2, 4, 16, ZB)
