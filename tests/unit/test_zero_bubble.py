@@ -210,14 +210,16 @@ def fake_world(request: pytest.FixtureRequest):
 
 
 def _toy_plan(world: int, pp: int, strategy: tuple) -> object:
+    """The toy with one layer per stage, 2 pp stages on pp rank groups, every layer with
+    ``strategy``."""
     from toy import toy_fqns
 
     from uniap.contract import LayerStrategy, Plan, Stage, Strategy
 
     fqns, g = toy_fqns(2 * pp - 2), world // pp
+    layer = [(LayerStrategy(f, Strategy(*strategy)),) for f in fqns]
     stages = [
-        Stage(tuple(range((j % pp) * g, (j % pp + 1) * g)), (LayerStrategy(f, Strategy(*strategy)),))
-        for j, f in enumerate(fqns)
+        Stage(tuple(range((j % pp) * g, (j % pp + 1) * g)), layer[j]) for j in range(len(fqns))
     ]
     return Plan(
         model_name="Toy",
@@ -260,9 +262,7 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
     ):
         apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "FSDP")), loss_fn=toy_loss, device=cpu)
     with pytest.raises(UniapError, match=r"cannot run activation checkpointing \(layer 'embed'\)"):
-        apply_plan(
-            build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu
-        )
+        apply_plan(build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu)
 
 
 def test_planner_offers_zero_bubble_only_without_data_parallelism() -> None:
