@@ -290,3 +290,59 @@ def test_planner_offers_zero_bubble_only_without_data_parallelism() -> None:
     assert cm.evaluate(both).time_per_iteration_s == pytest.approx(tpi)
     with pytest.raises(ConfigError, match="layer 'embed' has no strategy"):
         CostModel(g, load_cluster("cpu-4")).tables(2, 4, 16, ZB)
+
+
+def test_weight_gradient_split_analytic_measured_and_old_profiles(caplog) -> None:
+    """The analytic split is the FLOP share of the parameter products (gpt-tiny's block: its
+    four projections and MLP, not attention; nothing for the embedding's lookup); a measured
+    profile reads its ``wgrad_s``, and a profile file without it (older files) gets the FLOP
+    share of its measured backward, said in one INFO line; the profiler's input-gradient
+    timing is 0 for an embedding and below the whole backward for a Linear."""
+    import logging
+
+    import torch
+    from test_profiles import fake_profile
+
+    from uniap import models
+    from uniap.cluster import load_cluster
+    from uniap.graph import build_graph
+    from uniap.profiler.compute import time_input_grad, time_layer
+    from uniap.profiles import AnalyticProfile
+    from uniap.profiles.analytic import weight_grad_fraction
+    from uniap.profiles.measured import MeasuredProfile
+
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    embed, block = g.layers[0], g.layers[1]
+    assert 0.0 < block.wgrad_flops_per_sample < block.bwd_flops_per_sample / 2  # attention: B
+    assert block.wgrad_flops_per_sample < block.fwd_flops_per_sample
+    assert embed.wgrad_flops_per_sample == 0.0  # a lookup: no product
+    analytic = AnalyticProfile(load_cluster("cpu-2"))
+    fwd, bwd = analytic.layer_compute_s(block, 4, 1)
+    w = analytic.weight_grad_s(block, 4, 1)
+    assert 0 < w < bwd and w == pytest.approx(
+        (bwd - analytic.layer_overhead_s) * weight_grad_fraction(block)
+    )
+    old = MeasuredProfile.from_dict(fake_profile(g).to_dict())
+    assert not any(lp.wgrad_s for lp in old.layers.values())
+    with caplog.at_level(logging.INFO, logger="uniap.profiles.measured"):
+        for _ in range(2):
+            w_old = old.weight_grad_s(block, 4, 1)
+    assert w_old == pytest.approx(old.layer_compute_s(block, 4, 1)[1] * weight_grad_fraction(block))
+    said = [r for r in caplog.records if "no weight-gradient split" in r.message]
+    assert len(said) == 1
+    new = fake_profile(g)
+    for lp in new.layers.values():
+        lp.wgrad_s = {tp: [0.5 * x for x in ys] for tp, ys in lp.bwd_s.items()}
+    new = MeasuredProfile.from_dict(new.to_dict())
+    assert new.weight_grad_s(block, 4, 1) == pytest.approx(
+        0.5 * new.layer_compute_s(block, 4, 1)[1]
+    )
+
+    cpu = torch.device("cpu")
+    emb = torch.nn.Embedding(64, 32)
+    assert time_input_grad(emb, (torch.randint(0, 64, (4, 8)),), cpu, warmup=0, repeats=1) == 0
+    lin = torch.nn.Linear(256, 256)
+    x = (torch.randn(64, 256),)
+    assert 0 < time_input_grad(lin, x, cpu, warmup=1, repeats=3)
+    assert time_layer(lin, x, cpu, warmup=1, repeats=3)[1] > 0
