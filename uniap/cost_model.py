@@ -155,6 +155,17 @@ its largest ``F``), and the bubble is paid in chunks ``v`` times smaller:
 stages: a bubble of ``(pp - 1) / (v c)`` of the ideal time, the paper's). The stage edges use
 the slowest link between neighbouring ranks, the last rank's to the first included.
 
+Zero-bubble schedules (``InterleavedZeroBubble``, :mod:`uniap.schedules`): the same stages,
+each layer's ``A`` split into forward ``Af`` (compute and half of its TP collectives), weight
+gradient ``Aw`` (``Profile.weight_grad_s``: measured, or the backward's FLOP share of the
+parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j``, ``w_j``
+(a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
+:func:`zero_bubble_stage_times`). No formula: ``TPI = max(L, c * max_r O_r) + max_r s_r``
+with ``L`` the longest path through torch's order of operations
+(:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only ``dp = 1``
+strategies without recompute are offered (:attr:`uniap.schedules.ScheduleSpec.data_parallel`).
+In flight on stage ``j``: the micro-batches between their forward and their weight gradient.
+
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
 

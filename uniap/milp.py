@@ -61,6 +61,12 @@ and the per-rank families sum over the rank's stages: ``bottleneck_r`` ``t >= su
 p_i`` (``link_r`` likewise), ``sync_r``/``first_u_r`` over the rank's layers, ``memory_r`` over
 its stages; the objective is ``(sum_i p_i + sum_i o_i) / v + (c - 1 / v) t + t_sync``.
 
+Zero-bubble schedules (``t.zero_bubble``): the objective is ``T + t_sync`` with ``T`` the
+longest path through torch's order of operations, written as difference constraints over one
+end time per operation (:func:`_zero_bubble`: ``zb_time_j_q``, ``zb_rank_n``, ``zb_dep_n``,
+``zb_end_n``, ``zb_links``); linear and exact (minimising ``T`` sets every end time to its
+earliest), so the objective is :func:`uniap.cost_model.evaluate_assignment`'s time.
+
 Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves to layer u
 (:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
 they remove only assignments that cannot beat the incumbent, so exactness is kept.

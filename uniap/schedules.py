@@ -34,6 +34,31 @@ through the rank's chunks ``pp`` micro-batches at a time in increasing order, ba
 decreasing order. Virtual stage ``j`` is charged the most micro-batches it ever holds at once
 over the iteration: summed over a rank's chunks this is an upper bound on the rank's peak
 (the chunks need not peak together).
+
+Interleaved zero bubble (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024; torch's
+``ScheduleInterleavedZeroBubble``, torch/distributed/pipelining/schedules.py, the paper's ZB-H1
+order over ``v`` looped chunks) splits each backward into the input gradient B
+(``stage_backward_input``, sent to the previous stage at once) and the weight gradient W
+(``stage_backward_weight``, run later: torch/distributed/pipelining/_backward.py) and fills the
+bubble with the W's. The same looped placement as interleaved 1F1B, ``v = 2``, ``c`` a multiple
+of ``pp``. Its order of operations (:func:`zero_bubble_order`, a unit test compares it with
+torch's ``pipeline_order``): rank ``r`` runs ``min((v - 1) pp + pp - 1 - r, v c)`` warm-up
+forwards, then F + B pairs, each followed by the W of the oldest pending B once ``r`` pairs
+have run, then the remaining B's (each with a W) and the remaining W's. Time: not a closed
+form. The cost model takes the longest path through these operations
+(:func:`zero_bubble_makespan`: every operation starts when its rank is free and its input has
+arrived; per stage the forward, input-gradient and weight-gradient times of one micro-batch, a
+link's time half forward, half back), at least ``c`` times the busiest rank's link time; the
+program writes the same longest path as difference constraints (linear, exact:
+:mod:`uniap.milp`). With equal stages and ``F = B = W`` it is ``c v (F + B + W) + (pp - 1) (F +
+B - W)`` with ``F``, ``B``, ``W`` per virtual stage (the paper's ZB-H1 bubble), a bubble
+fraction ``(pp - 1) / (3 v c + pp - 1)`` against interleaved 1F1B's ``(pp - 1) / (v c + pp -
+1)`` (a unit test checks it against an independent simulation). In-flight activations
+(:func:`_zero_bubble_inflight`): a micro-batch's activations stay from its forward to its
+weight gradient (B retains the autograd graph for W; B frees nothing), counted in torch's order
+like interleaved 1F1B's; the input-gradient intermediates that B keeps for W (one gradient per
+parameter product's output) are not charged. Layers run with ``dp = 1`` and without recompute
+(:attr:`ScheduleSpec.data_parallel`, :attr:`ScheduleSpec.recompute`).
 """
 
 from __future__ import annotations
