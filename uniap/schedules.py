@@ -50,10 +50,11 @@ form. The cost model takes the longest path through these operations
 arrived; per stage the forward, input-gradient and weight-gradient times of one micro-batch, a
 link's time half forward, half back), at least ``c`` times the busiest rank's link time; the
 program writes the same longest path as difference constraints (linear, exact:
-:mod:`uniap.milp`). With equal stages and ``F = B = W`` it is ``c v (F + B + W) + (pp - 1) (F +
-B - W)`` with ``F``, ``B``, ``W`` per virtual stage (the paper's ZB-H1 bubble), a bubble
-fraction ``(pp - 1) / (3 v c + pp - 1)`` against interleaved 1F1B's ``(pp - 1) / (v c + pp -
-1)`` (a unit test checks it against an independent simulation). In-flight activations
+:mod:`uniap.milp`). With equal stages and ``F = B = W`` it is
+``c v (F + B + W) + (pp - 1) (F + B - W)`` with ``F``, ``B``, ``W`` per virtual stage (the
+paper's ZB-H1 bubble), a bubble fraction ``(pp - 1) / (3 v c + pp - 1)`` against interleaved
+1F1B's ``(pp - 1) / (v c + pp - 1)`` (a unit test checks it against an independent
+simulation). In-flight activations
 (:func:`_zero_bubble_inflight`): a micro-batch's activations stay from its forward to its
 weight gradient (B retains the autograd graph for W; B frees nothing), counted in torch's order
 like interleaved 1F1B's; the input-gradient intermediates that B keeps for W (one gradient per
