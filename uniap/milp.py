@@ -532,6 +532,9 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
                 t.M[u].tobytes(),
                 t.Mh[u].tobytes(),
                 t.layout[u].tobytes(),
+                # zero bubble: the forward and weight-gradient parts too
+                t.Af[u].tobytes() if t.Af is not None else b"",
+                t.Aw[u].tobytes() if t.Aw is not None else b"",
             ]
         )
         groups.setdefault(key, []).append(u)
