@@ -526,6 +526,18 @@ SPACE_ROWS = [
         (("schedules", ("1F1B",)),),
         (("schedules", ("1F1B", "Interleaved1F1B")),),
     ),
+    # interleaved zero bubble: the weight gradients fill the bubble of a deep pipeline with
+    # many micro-batches; dp = 1 only (uniap.schedules), so one GPU per stage: pp = 8 in both
+    # spaces, and 141 GB H200s, as it runs without recompute
+    SpaceRow(
+        "Interleaved zero bubble (v = 2, pp = 8)",
+        "llama-7b",
+        "h200-1x8",
+        64,
+        "bf16-mixed",
+        (("schedules", ("1F1B", "Interleaved1F1B")), ("pp_degrees", (8,))),
+        (("schedules", ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")), ("pp_degrees", (8,))),
+    ),
     # Llama-7B's bf16-mixed training state (16 bytes per parameter, 108 GB) exceeds 2 x 24 GB:
     # only CPU offload fits; the planner searches it when nothing else fits (default kinds)
     SpaceRow(
@@ -549,7 +561,7 @@ SPACE_ROWS = [
 ]
 """Rows of ``--spaces``: the old space is the one before the choice (keywords of
 :func:`uniap.planner.plan`), the new one the planner's default (for the opt-in interleaved
-schedule: the default schedule and it)."""
+schedules: the default schedule and them)."""
 
 
 def spaces_table(rows: list[SpaceRow]) -> str:

@@ -39,6 +39,9 @@ T* + S* + step`` with ``T*``, ``S*`` per rank): the chain is split into ``pp * v
 stage's time, edge, sync and memory are at most its rank's, so the runs above stay valid stage
 by stage, the split's cost is divided by ``v``, ``(c - 1)`` becomes ``(c - 1 / v)`` and
 ``T* >= sum_u min_k A[u,k] / pp + v k`` (the busiest rank's share and its ``v`` overheads).
+Zero-bubble schedules (the time is the longest path through the schedule's operations,
+:func:`uniap.schedules.zero_bubble_makespan`): ``TPI >= c T* + S* + step`` only (the busiest
+rank runs its ``c`` micro-batches' operations one after the other); no fill term.
 Windows (:func:`stage_windows`, :func:`segment_windows`)
     With an incumbent of time ``T``: a layer may sit on stage i only if stages 0..i can reach it
     and stages i..pp-1 can cover the rest with each stage's compute and memory lower bounds
@@ -74,6 +77,8 @@ def candidate_lower_bound(t: CostTables) -> float:
     v = t.virtual_stages
     # the busiest rank holds v stages (each paying k) and at least its share of the compute
     bottleneck = max(s / t.pp + v * k, split + k)
+    if t.zero_bubble:  # c T* alone: the busiest rank runs all of its operations one by one
+        return t.num_microbatches * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
     return (
         (s + t.num_stages * k) / v
         + (t.num_microbatches - 1 / v) * bottleneck
@@ -199,6 +204,8 @@ class SegmentBound:
             c - 1 / v,
             1 / v,
         )
+        if t.zero_bubble:  # TPI >= c T* + S*: no fill term (the split's cost does not count)
+            self.w, self.fscale = c, 0.0
         self.split = bottleneck_lower_bound(t) if L >= pp else float("inf")
         if not np.isfinite(self.split):
             return
@@ -312,6 +319,8 @@ class SegmentBound:
         return float(f[self.L - 1])
 
     def bound(self, Ta: float, Sa: float, F: float) -> float:
+        if not self.fscale:  # zero bubble: the split only says whether the box has one
+            return self.w * Ta + Sa + (0.0 if F < np.inf else np.inf) + self.step
         return self.w * Ta + Sa + F * self.fscale + self.step
 
     def refine(self, target: float | None, max_evals: int) -> tuple[float, list[tuple]]:
@@ -393,7 +402,11 @@ class SegmentBound:
         start[0] = 0.0
         end = np.full(L, np.inf)
         end[L - 1] = 0.0
-        budget = (goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)) / self.fscale
+        slack = goal * (1 + 1e-9) - self.bound(Ta, Sa, 0.0)
+        if self.fscale:
+            budget = slack / self.fscale
+        else:  # zero bubble: every run within memory, if the box is below the goal at all
+            budget = np.inf if slack > 0 else -np.inf
         cover = np.zeros((L, pp), dtype=bool)
         idx = np.arange(L)
         for i in range(pp):
@@ -462,6 +475,8 @@ def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:
     # v stages per rank (interleaved): TPI >= total / v + (c - 1 / v) seg, seg <= T*
     total = float(amin.sum()) / v
     w = c - 1 / v
+    if t.zero_bubble:  # TPI >= c seg (uniap.milp's zb_links)
+        total, w = 0.0, float(c)
     cap = float("inf")
     if bound is not None and w > 0:
         cap = (bound * (1 + 1e-9) - total) / w

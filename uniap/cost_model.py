@@ -202,6 +202,17 @@ its largest ``F``), and the bubble is paid in chunks ``v`` times smaller:
 stages: a bubble of ``(pp - 1) / (v c)`` of the ideal time, the paper's). The stage edges use
 the slowest link between neighbouring ranks, the last rank's to the first included.
 
+Zero-bubble schedules (``InterleavedZeroBubble``, :mod:`uniap.schedules`): the same stages,
+each layer's ``A`` split into forward ``Af`` (compute and half of its TP collectives), weight
+gradient ``Aw`` (``Profile.weight_grad_s``: measured, or the backward's FLOP share of the
+parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j``, ``w_j``
+(a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
+:func:`zero_bubble_stage_times`). No formula: ``TPI = max(L, c * max_r O_r) + max_r s_r``
+with ``L`` the longest path through torch's order of operations
+(:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only ``dp = 1``
+strategies without recompute are offered (:attr:`uniap.schedules.ScheduleSpec.data_parallel`).
+In flight on stage ``j``: the micro-batches between their forward and their weight gradient.
+
 All communication times are taken on the slowest group of that shape over all stages (the
 collective waits for it). Everything is a pure function of its inputs: no process group.
 
@@ -226,7 +237,7 @@ from uniap.graph import Layer, ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
 from uniap.profiles.analytic import loss_tp_share
-from uniap.schedules import get_schedule
+from uniap.schedules import get_schedule, zero_bubble_makespan
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = [
@@ -299,14 +310,31 @@ class CostTables:
     virtual_stages: int = 1
     """Stages per rank ``v`` (interleaved schedules): the chain is split into ``pp * v``
     stages, stage ``j`` on rank ``j % pp``; 1 otherwise."""
+    Af: np.ndarray | None = None
+    """(L, K) seconds of ``A`` in the forward (compute and half of the TP collectives), for
+    schedules that split the backward (zero bubble); None: zeros."""
+    Aw: np.ndarray | None = None
+    """(L, K) seconds of ``A`` that compute weight gradients (the W of a zero-bubble
+    schedule; ``A - Af - Aw`` is the input gradient B); None: zeros."""
 
     def __post_init__(self) -> None:
+        if self.zero_bubble:
+            if self.Af is None:
+                self.Af = np.zeros(np.shape(self.A))
+            if self.Aw is None:
+                self.Aw = np.zeros(np.shape(self.A))
         if self.F is None:
             self.F = np.zeros(np.shape(self.A))
         if self.Mh is None:
             self.Mh = np.zeros(np.shape(self.A))
         if self.host_ranks is None:
             self.host_ranks = np.ones((1, self.pp))
+
+    @property
+    def zero_bubble(self) -> bool:
+        """Whether the schedule splits the backward into B and W (its time is the longest
+        path through its operations, :func:`uniap.schedules.zero_bubble_makespan`)."""
+        return get_schedule(self.schedule).split_backward
 
     @property
     def uses_host_memory(self) -> bool:
@@ -360,6 +388,7 @@ class LayerCost:
         "dp_sync",
         "optimizer",
         "forward",
+        "weight_grad",
         "param_bytes",
         "grad_bytes",
         "optimizer_bytes",
@@ -436,7 +465,9 @@ def evaluate_assignment(
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
     s = [x + f for x, f in zip(s, first)]
-    if v == 1:
+    if t.zero_bubble:
+        tpi = _zero_bubble_time(t, stage_of, strategy_of, p, o) + max(s) + t.step_overhead_s
+    elif v == 1:
         bottleneck = max(p + o)
         tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
     else:  # interleaved: per rank loads, the bubble in chunks v times smaller
@@ -447,6 +478,45 @@ def evaluate_assignment(
     node = float((t.host_ranks @ np.asarray(host)).max())
     fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
     return Evaluation(tpi, p, o, s, mem, fits, host, node)
+
+
+def zero_bubble_stage_times(
+    t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int], p: Sequence[float]
+) -> tuple[list[float], list[float], list[float]]:
+    """Per stage ``(f, b, w)``: seconds of one micro-batch's forward, input gradient and weight
+    gradient; ``p`` the stage times (``f + b + w``). A stage's same-stage reshards and
+    overhead are split evenly between its forward and its input gradient."""
+    f = [0.0] * len(p)
+    w = [0.0] * len(p)
+    for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
+        f[i] += float(t.Af[u, k])
+        w[i] += float(t.Aw[u, k])
+    rest = [x - a - c for x, a, c in zip(p, f, w)]  # reshards, overhead, input gradient
+    shared = [t.stage_overhead_s] * len(p)
+    for u in range(len(stage_of) - 1):
+        if stage_of[u + 1] == stage_of[u]:
+            a, b = t.layout[u, strategy_of[u]], t.layout[u + 1, strategy_of[u + 1]]
+            shared[stage_of[u]] += float(t.R[u, a, b])
+    f = [x + h / 2 for x, h in zip(f, shared)]
+    b = [r - h / 2 for r, h in zip(rest, shared)]
+    return f, b, w
+
+
+def _zero_bubble_time(
+    t: CostTables,
+    stage_of: Sequence[int],
+    strategy_of: Sequence[int],
+    p: Sequence[float],
+    o: Sequence[float],
+) -> float:
+    """A zero-bubble schedule's compute time: the longest path through torch's order of
+    operations with these stage times, at least ``c`` times the busiest rank's links."""
+    if any(not np.isfinite(x) for x in p):
+        return INF
+    f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+    pp, c, v = t.pp, t.num_microbatches, t.virtual_stages
+    links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
+    return max(zero_bubble_makespan(pp, v, c, f, b, w, o), c * links)
 
 
 class CostModel:
@@ -608,6 +678,10 @@ class CostModel:
                 continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
+            if not spec.data_parallel:  # (zero bubble: no gradient reduction, uniap.schedules)
+                ks = [k for k in ks if strategies[k].dp == 1]
+            if not spec.recompute:
+                ks = [k for k in ks if not strategies[k].recompute]
             if not ks:
                 raise ConfigError(
                     f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} "
@@ -655,6 +729,8 @@ class CostModel:
             host_limit_bytes=self.host_limit_bytes,
             host_ranks=self._host_ranks(pp),
             virtual_stages=v,
+            Af=parts["forward"] + parts["tp_comm"] / 2 if spec.split_backward else None,
+            Aw=parts["weight_grad"] if spec.split_backward else None,
         )
 
     def _host_ranks(self, pp: int) -> np.ndarray:
@@ -689,6 +765,7 @@ class CostModel:
         # a vocabulary-parallel head: the loss runs on V / tp of the logits (loss parallel)
         vocab = layer.tp_vocab if s.tp > 1 else None
         loss_share = 1 / loss_tp_share(layer, s.tp)
+        wgrad_s = self.profile.weight_grad_s(layer, bl, s.tp) if layer.num_params else 0.0
         if last:
             bwd += self.profile.loss_s(layer, bl, s.tp)
         if s.recompute:
@@ -857,6 +934,7 @@ class CostModel:
                 "dp_sync": sync_s,
                 "optimizer": opt_s,
                 "forward": fwd,
+                "weight_grad": wgrad_s,
                 "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard,
                 "grad_bytes": resident_bytes + p_bytes / shard,
                 "optimizer_bytes": opt_bytes / shard,

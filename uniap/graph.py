@@ -119,6 +119,12 @@ class Layer:
     ``tp_saved_fraction`` (saved outside the pairs: norm inputs, residual-stream ops)."""
     sp_excluded_reason: str = ""
     """Why the layer has no SP plan, empty if it has one."""
+    wgrad_flops_per_sample: float | None = None
+    """Backward FLOPs for one sample that compute parameter gradients (the weight-gradient
+    half of a zero-bubble backward): the forward FLOPs of the layer's matrix products with a
+    parameter operand (``mm``, ``addmm``, convolutions: each costs one product of the same
+    size for the weight gradient; batched products, attention and elementwise ops have no
+    parameter and add nothing). None when unknown."""
 
     @property
     def tp_enabled(self) -> bool:
@@ -319,6 +325,16 @@ class _MetaMode(contextlib.nullcontext):
         return t
 
 
+_WEIGHT_OPS = ("aten.mm", "aten.addmm", "aten.convolution", "aten._convolution")
+
+
+def _weight_grad_flops(counts: Mapping[Any, int]) -> float:
+    """FLOPs of the weight gradients of the forward ops in ``counts`` (op -> FLOPs): those of
+    the matrix products and convolutions, whose second operand is a parameter in a layer (a
+    Linear or a convolution); see :attr:`Layer.wgrad_flops_per_sample`."""
+    return float(sum(n for op, n in counts.items() if str(op) in _WEIGHT_OPS))
+
+
 def _trace(
     model: nn.Module,
     fqns: list[str],
@@ -480,7 +496,9 @@ def build_graph(
             Layer(
                 fqn=fqn,
                 type_name=type(module).__name__,
-                cost_key=_cost_key(module, numbers),
+                cost_key=_cost_key(module, numbers),  # (profile files are keyed by it)
+                wgrad_flops_per_sample=_weight_grad_flops(fwd_counts.get(f"{root}.{fqn}", {}))
+                / batch,
                 **numbers,
                 sp_seq_dim=sp.seq_dim,
                 sp_seq_len=sp.seq_len,

@@ -61,6 +61,12 @@ and the per-rank families sum over the rank's stages: ``bottleneck_r`` ``t >= su
 p_i`` (``link_r`` likewise), ``sync_r``/``first_u_r`` over the rank's layers, ``memory_r`` over
 its stages; the objective is ``(sum_i p_i + sum_i o_i) / v + (c - 1 / v) t + t_sync``.
 
+Zero-bubble schedules (``t.zero_bubble``): the objective is ``T + t_sync`` with ``T`` the
+longest path through torch's order of operations, written as difference constraints over one
+end time per operation (:func:`_zero_bubble`: ``zb_time_j_q``, ``zb_rank_n``, ``zb_dep_n``,
+``zb_end_n``, ``zb_links``); linear and exact (minimising ``T`` sets every end time to its
+earliest), so the objective is :func:`uniap.cost_model.evaluate_assignment`'s time.
+
 Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves to layer u
 (:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
 they remove only assignments that cannot beat the incumbent, so exactness is kept.
@@ -86,7 +92,8 @@ import pulp
 
 from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
-from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
+from uniap.schedules import zero_bubble_dag, zero_bubble_ends
 
 __all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
 
@@ -306,6 +313,8 @@ def _build(
     _memory(prob, t, v)
     _symmetry(prob, t, v)
     _first_in_groups(prob, t, v, scale)
+    if t.zero_bubble:
+        _zero_bubble(prob, t, v, p, o, scale)
     _objective(prob, t, v, p, o, bound, scale)
     return prob, v, scale
 
@@ -379,6 +388,10 @@ class _Vars:
     """``(group, stage, strategy) -> count`` variable (:func:`_symmetry`)."""
     uses: dict = dataclasses.field(default_factory=dict)
     """``(group, stage, strategy) -> w`` binary (:func:`_first_in_groups`)."""
+    zb_time: pulp.LpVariable | None = None
+    """Zero bubble: the longest path ``T`` (:func:`_zero_bubble`)."""
+    zb_ends: list = dataclasses.field(default_factory=list)
+    """Zero bubble: each operation's end time."""
 
 
 def _time_scale(t: CostTables, bound: float | None) -> float:
@@ -519,6 +532,9 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
                 t.M[u].tobytes(),
                 t.Mh[u].tobytes(),
                 t.layout[u].tobytes(),
+                # zero bubble: the forward and weight-gradient parts too
+                t.Af[u].tobytes() if t.Af is not None else b"",
+                t.Aw[u].tobytes() if t.Aw is not None else b"",
             ]
         )
         groups.setdefault(key, []).append(u)
@@ -586,15 +602,69 @@ def _first_in_groups(prob, t: CostTables, v: _Vars, scale: float) -> None:
         prob += v.first[i % t.pp] >= (f / scale) * w, f"first_{r}_{i}_{k}"
 
 
+def _zero_bubble(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
+    """Zero-bubble schedules: the longest path through torch's order of operations
+    (:func:`uniap.schedules.zero_bubble_dag`) as difference constraints. Per stage j the
+    forward ``d_j_0 = sum Af x + (R y + k) / 2``, weight gradient ``d_j_2 = sum Aw x``, input
+    gradient ``d_j_1 = p_j - d_j_0 - d_j_2`` (``zb_time_j_kind``); per operation n of kind
+    q on stage j an end time ``e_n >= e_prev(n) + d_j_q`` (``zb_rank_n``: the rank's previous
+    operation) and ``e_n >= e_dep(n) + o_link / 2 + d_j_q`` (``zb_dep_n``: the output it
+    waits for, over the stage boundary it crosses); ``T >= e_n`` for each rank's last
+    operation (``zb_end_n``) and ``T >= c t`` (``zb_links``: ``t`` is at least every rank's
+    link time). Minimising ``T`` makes every ``e_n`` the earliest end, so ``T`` is
+    :func:`uniap.cost_model.evaluate_assignment`'s time exactly."""
+    S = t.num_stages
+    fw_terms: list[list] = [[] for _ in range(S)]
+    w_terms: list[list] = [[] for _ in range(S)]
+    for (u, i, k), var in v.x.items():
+        if t.Af[u, k]:
+            fw_terms[i].append((var, float(t.Af[u, k]) / scale))
+        if t.Aw[u, k]:
+            w_terms[i].append((var, float(t.Aw[u, k]) / scale))
+    for (u, i, a, b), var in v.y.items():
+        r = float(t.R[u, a, b])
+        if r:
+            fw_terms[i].append((var, r / 2 / scale))
+    d = {}
+    for j in range(S):
+        fwd = pulp.LpAffineExpression(fw_terms[j], constant=t.stage_overhead_s / 2 / scale)
+        wgt = pulp.LpAffineExpression(w_terms[j])
+        for q, expr in enumerate((fwd, p[j] - fwd - wgt, wgt)):
+            d[j, q] = prob.add_variable(f"zb_d_{j}_{q}", lowBound=0)
+            prob += d[j, q] == expr, f"zb_time_{j}_{q}"
+    dag = zero_bubble_dag(t.pp, t.virtual_stages, t.num_microbatches)
+    ends = [prob.add_variable(f"zb_e_{n}", lowBound=0) for n in range(len(dag))]
+    last = {}
+    for n, (q, j, prev, dep, link) in enumerate(dag):
+        if prev >= 0:
+            prob += ends[n] - ends[prev] - d[j, q] >= 0, f"zb_rank_{n}"
+            last.pop(prev, None)
+        else:
+            prob += ends[n] - d[j, q] >= 0, f"zb_rank_{n}"
+        last[n] = True
+        if dep >= 0:
+            delay = o[link] * 0.5 if link >= 0 else 0
+            prob += ends[n] - ends[dep] - d[j, q] - delay >= 0, f"zb_dep_{n}"
+    v.zb_time = prob.add_variable("zb_T", lowBound=0)
+    for n in sorted(last):
+        prob += v.zb_time >= ends[n], f"zb_end_{n}"
+    prob += v.zb_time >= t.num_microbatches * v.t, "zb_links"
+    v.zb_ends = ends
+
+
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
     """``sum p + sum o + (c - 1) t + t_sync`` (``v`` stages per rank: ``(sum p + sum o) / v +
-    (c - 1 / v) t + t_sync``); ``cutoff`` when an incumbent bound is known."""
+    (c - 1 / v) t + t_sync``; zero bubble: ``T + t_sync``, :func:`_zero_bubble`); ``cutoff``
+    when an incumbent bound is known."""
     nv = t.virtual_stages
-    obj = (
-        (pulp.lpSum(p) + pulp.lpSum(o)) * (1.0 / nv)
-        + (t.num_microbatches - 1.0 / nv) * v.t
-        + v.t_sync
-    )
+    if t.zero_bubble:
+        obj = v.zb_time + v.t_sync
+    else:
+        obj = (
+            (pulp.lpSum(p) + pulp.lpSum(o)) * (1.0 / nv)
+            + (t.num_microbatches - 1.0 / nv) * v.t
+            + v.t_sync
+        )
     obj += t.step_overhead_s / scale
     prob += obj
     if bound is not None:
@@ -638,6 +708,15 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
     loads = [sum(p[r::pp]) for r in range(pp)] + [sum(o[r::pp]) for r in range(pp)]
     vals["t"] = max(loads) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
+    if t.zero_bubble:
+        dur = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+        for j, times in enumerate(zip(*dur)):
+            for q, x in enumerate(times):
+                vals[f"zb_d_{j}_{q}"] = x / scale
+        ends = zero_bubble_ends(pp, t.virtual_stages, t.num_microbatches, *dur, o)
+        for var, e in zip(v.zb_ends, ends):
+            vals[var.name] = e / scale
+        vals["zb_T"] = max(max(ends) / scale, t.num_microbatches * vals["t"])
     for i, f in enumerate(v.first):
         vals[f.name] = (
             max(

@@ -34,17 +34,53 @@ through the rank's chunks ``pp`` micro-batches at a time in increasing order, ba
 decreasing order. Virtual stage ``j`` is charged the most micro-batches it ever holds at once
 over the iteration: summed over a rank's chunks this is an upper bound on the rank's peak
 (the chunks need not peak together).
+
+Interleaved zero bubble (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024; torch's
+``ScheduleInterleavedZeroBubble``, torch/distributed/pipelining/schedules.py, the paper's ZB-H1
+order over ``v`` looped chunks) splits each backward into the input gradient B
+(``stage_backward_input``, sent to the previous stage at once) and the weight gradient W
+(``stage_backward_weight``, run later: torch/distributed/pipelining/_backward.py) and fills the
+bubble with the W's. The same looped placement as interleaved 1F1B, ``v = 2``, ``c`` a multiple
+of ``pp``. Its order of operations (:func:`zero_bubble_order`, a unit test compares it with
+torch's ``pipeline_order``): rank ``r`` runs ``min((v - 1) pp + pp - 1 - r, v c)`` warm-up
+forwards, then F + B pairs, each followed by the W of the oldest pending B once ``r`` pairs
+have run, then the remaining B's (each with a W) and the remaining W's. Time: not a closed
+form. The cost model takes the longest path through these operations
+(:func:`zero_bubble_makespan`: every operation starts when its rank is free and its input has
+arrived; per stage the forward, input-gradient and weight-gradient times of one micro-batch, a
+link's time half forward, half back), at least ``c`` times the busiest rank's link time; the
+program writes the same longest path as difference constraints (linear, exact:
+:mod:`uniap.milp`). With equal stages and ``F = B = W`` it is
+``c v (F + B + W) + (pp - 1) (F + B - W)`` with ``F``, ``B``, ``W`` per virtual stage (the
+paper's ZB-H1 bubble), a bubble fraction ``(pp - 1) / (3 v c + pp - 1)`` against interleaved
+1F1B's ``(pp - 1) / (v c + pp - 1)`` (a unit test checks it against an independent
+simulation). In-flight activations
+(:func:`_zero_bubble_inflight`): a micro-batch's activations stay from its forward to its
+weight gradient (B retains the autograd graph for W; B frees nothing), counted in torch's order
+like interleaved 1F1B's; the input-gradient intermediates that B keeps for W (one gradient per
+parameter product's output) are not charged. Layers run with ``dp = 1`` and without recompute
+(:attr:`ScheduleSpec.data_parallel`, :attr:`ScheduleSpec.recompute`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from uniap.errors import ConfigError
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "get_schedule", "inflight_microbatches"]
+__all__ = [
+    "SCHEDULES",
+    "ScheduleSpec",
+    "get_schedule",
+    "inflight_microbatches",
+    "interleaved_order",
+    "zero_bubble_dag",
+    "zero_bubble_ends",
+    "zero_bubble_makespan",
+    "zero_bubble_order",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,17 @@ class ScheduleSpec:
     """One line for help texts."""
     microbatch_multiple_of_pp: bool = False
     """The schedule needs ``c`` to be a multiple of ``pp``."""
+    data_parallel: bool = True
+    """Layers may use ``dp > 1``. False for zero bubble: torch runs the weight gradients
+    outside autograd's backward hooks, which DDP and FSDP reduce in (pytorch/pytorch#144530:
+    with DDP the gradients come out unreduced; FSDP's reduction runs before they exist)."""
+    recompute: bool = True
+    """Layers may use activation checkpointing. False for zero bubble: a checkpointed layer
+    fails in torch's split backward (torch 2.13: the schedule raises while running it)."""
+    split_backward: bool = False
+    """Each backward runs as an input gradient (B) and, later, a weight gradient (W) (zero
+    bubble): the time is the longest path through the schedule's operations
+    (:func:`zero_bubble_makespan`), not a formula."""
 
     @property
     def interleaved(self) -> bool:
@@ -148,6 +195,144 @@ def _interleaved_peaks(pp: int, v: int, c: int) -> tuple[int, ...]:
     return tuple(peaks)
 
 
+def zero_bubble_order(
+    pp: int, v: int, num_microbatches: int, rank: int
+) -> list[tuple[str, int, int]]:
+    """Rank ``rank``'s operations in the order of torch's ``ScheduleInterleavedZeroBubble``,
+    as ``(kind, micro-batch, stage)`` with kind ``F`` (forward), ``B`` (input gradient) or
+    ``W`` (weight gradient): ``min((v - 1) m + pp - 1 - rank, v c)`` warm-up forwards (``m``
+    micro-batches per round), then forward + input-gradient pairs, each followed by the
+    weight gradient of the oldest pending backward once ``rank`` pairs have run, then the
+    remaining input gradients (each with a weight gradient) and the remaining weight gradients
+    (``torch.distributed.pipelining.schedules._get_1f1b_rank_ops`` with
+    ``enable_zero_bubble=True``; chunks as in :func:`interleaved_order`)."""
+    c = num_microbatches
+    per_round = c // max(1, c // pp)
+    warmup = min((v - 1) * per_round + pp - 1 - rank, c * v)
+    seen: dict[tuple[str, int], int] = {}
+    out: list[tuple[str, int, int]] = []
+
+    def add(kind: str, stage: int) -> None:
+        m = seen.get((kind, stage), 0)
+        seen[kind, stage] = m + 1
+        out.append((kind, m, stage))
+
+    def forward_stage(step: int) -> int:
+        return ((step // per_round) % v) * pp + rank
+
+    def backward_stage(step: int) -> int:
+        return (v - 1 - ((step - warmup) // per_round) % v) * pp + rank
+
+    backward_steps: list[int] = []
+    num_weight = 0
+    for step in range(c * v + warmup):
+        if step < c * v:
+            add("F", forward_stage(step))
+        if step < warmup:
+            continue
+        add("B", backward_stage(step))
+        backward_steps.append(step)
+        if step - warmup >= rank:
+            add("W", backward_stage(backward_steps[num_weight]))
+            num_weight += 1
+    for step in backward_steps[num_weight:]:
+        add("W", backward_stage(step))
+    return out
+
+
+@lru_cache(maxsize=64)
+def zero_bubble_dag(pp: int, v: int, num_microbatches: int) -> tuple[tuple[int, ...], ...]:
+    """Every operation of torch's zero-bubble order on all ranks, in an order where each comes
+    after what it waits for, as ``(kind, stage, rank_prev, dep, link)``: ``kind`` 0/1/2 for
+    F/B/W, ``rank_prev`` the index of the rank's previous operation (-1 for its first),
+    ``dep`` the index of the operation on another stage whose output it needs (F: the same
+    micro-batch's forward on ``stage - 1``; B: its input gradient on ``stage + 1``, on the
+    last stage its own forward; -1: none) and ``link`` the stage boundary that output crosses
+    (-1: none). A rank's W follows its B in the rank's order, which is its only dependency."""
+    S = pp * v
+    orders = [zero_bubble_order(pp, v, num_microbatches, r) for r in range(pp)]
+    kinds = {"F": 0, "B": 1, "W": 2}
+    index: dict[tuple[str, int, int], int] = {}
+    out: list[tuple[int, ...]] = []
+    pos, last = [0] * pp, [-1] * pp
+    while len(out) < sum(map(len, orders)):
+        moved = False
+        for r in range(pp):
+            while pos[r] < len(orders[r]):
+                kind, m, j = orders[r][pos[r]]
+                if kind == "F":
+                    need, link = (("F", m, j - 1), j - 1) if j > 0 else (None, -1)
+                elif kind == "B":
+                    need, link = (("B", m, j + 1), j) if j < S - 1 else (("F", m, j), -1)
+                else:
+                    need, link = None, -1
+                if need is not None and need not in index:
+                    break  # waits for another rank
+                index[kind, m, j] = len(out)
+                out.append((kinds[kind], j, last[r], index[need] if need else -1, link))
+                last[r] = len(out) - 1
+                pos[r] += 1
+                moved = True
+        assert moved, "torch's zero-bubble order deadlocks"  # cannot happen: tested
+    return tuple(out)
+
+
+def zero_bubble_makespan(
+    pp: int,
+    v: int,
+    num_microbatches: int,
+    f: Sequence[float],
+    b: Sequence[float],
+    w: Sequence[float],
+    link: Sequence[float] = (),
+) -> float:
+    """Seconds from the first forward to the last weight gradient when every operation of
+    :func:`zero_bubble_dag` starts as soon as its rank is free and its input has arrived:
+    ``f``, ``b``, ``w`` per stage (forward, input gradient, weight gradient of one
+    micro-batch), ``link[j]`` the time of the activation's trip over boundary ``j`` and its
+    gradient's trip back together (half each way). The longest path through the operations."""
+    return max(zero_bubble_ends(pp, v, num_microbatches, f, b, w, link))
+
+
+def zero_bubble_ends(
+    pp: int,
+    v: int,
+    num_microbatches: int,
+    f: Sequence[float],
+    b: Sequence[float],
+    w: Sequence[float],
+    link: Sequence[float] = (),
+) -> list[float]:
+    """The end time of each operation of :func:`zero_bubble_dag` (see
+    :func:`zero_bubble_makespan`)."""
+    dur = (f, b, w)
+    end: list[float] = []
+    for kind, j, prev, dep, edge in zero_bubble_dag(pp, v, num_microbatches):
+        ready = end[prev] if prev >= 0 else 0.0
+        if dep >= 0:
+            ready = max(ready, end[dep] + (link[edge] / 2 if edge >= 0 and link else 0.0))
+        end.append(ready + dur[kind][j])
+    return end
+
+
+def _zero_bubble_inflight(stage: int, pp: int, v: int, num_microbatches: int) -> int:
+    """The most micro-batches virtual stage ``stage`` holds at once in torch's zero-bubble
+    order, each from its forward to its weight gradient (see the module docstring)."""
+    return _zero_bubble_peaks(pp, v, num_microbatches)[stage]
+
+
+@lru_cache(maxsize=256)
+def _zero_bubble_peaks(pp: int, v: int, c: int) -> tuple[int, ...]:
+    peaks = [0] * (pp * v)
+    for r in range(pp):
+        alive = [0] * (pp * v)
+        for kind, _, j in zero_bubble_order(pp, v, c, r):
+            alive[j] += {"F": 1, "B": 0, "W": -1}[kind]
+            peaks[j] = max(peaks[j], alive[j])
+        assert not any(alive), alive
+    return tuple(peaks)
+
+
 SCHEDULES: dict[str, ScheduleSpec] = {
     s.name: s
     for s in (
@@ -172,6 +357,18 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             inflight_on_stage=_interleaved_inflight,
             description="1F1B over v virtual stages per rank (looped): bubble (pp - 1) / (v c)",
             microbatch_multiple_of_pp=True,
+        ),
+        ScheduleSpec(
+            name="InterleavedZeroBubble",
+            torch_class="ScheduleInterleavedZeroBubble",
+            stages_per_rank=(2,),
+            inflight_on_stage=_zero_bubble_inflight,
+            description="interleaved 1F1B with each backward split into input and weight "
+            "gradients, the weight gradients filling the bubble",
+            microbatch_multiple_of_pp=True,
+            data_parallel=False,
+            recompute=False,
+            split_backward=True,
         ),
     )
 }

@@ -440,6 +440,8 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``).
     Assignments over the host-memory limit (FSDP-offload's state) are left out."""
     L, pp, c, v, R = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages, t.pp
+    if t.zero_bubble:
+        raise ValueError(f"{t.schedule}'s time is a longest path, not vectorised here")
     per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
     if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:
         raise ValueError(f"too many assignments for an exhaustive frontier (L={L}, pp={pp})")

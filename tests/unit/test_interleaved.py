@@ -317,7 +317,8 @@ def test_cli_schedule_takes_several_names(capsys: pytest.CaptureFixture[str]) ->
         main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
               "--schedule", "1F1B,ZB"])  # fmt: skip
     assert (
-        "argument --schedule: invalid choice: 'ZB' (choose from GPipe, 1F1B, Interleaved1F1B, or "
+        "argument --schedule: invalid choice: 'ZB' (choose from GPipe, 1F1B, Interleaved1F1B, "
+        "InterleavedZeroBubble, or "
         "several separated by commas)"
     ) in capsys.readouterr().err
 

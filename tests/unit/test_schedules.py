@@ -34,14 +34,16 @@ def test_every_schedule_names_a_torch_class_and_the_plan_accepts_it() -> None:
     for spec in SCHEDULES.values():
         assert hasattr(pipelining, spec.torch_class), spec
         assert spec.stages_per_rank == ((2,) if spec.interleaved else (1,))
-    assert PLAN_SCHEDULES == tuple(SCHEDULES) == ("GPipe", "1F1B", "Interleaved1F1B")
+    assert PLAN_SCHEDULES == tuple(SCHEDULES)
+    assert tuple(SCHEDULES) == ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble")
 
 
 def test_unknown_schedule_is_one_clear_error() -> None:
     """An unknown name lists the known ones."""
     with pytest.raises(
         ConfigError,
-        match=r"schedule 'ZeroBubble' is not one of \['GPipe', '1F1B', 'Interleaved1F1B'\]",
+        match=r"schedule 'ZeroBubble' is not one of \['GPipe', '1F1B', 'Interleaved1F1B', "
+        r"'InterleavedZeroBubble'\]",
     ):
         get_schedule("ZeroBubble")
 

@@ -102,6 +102,7 @@ from uniap.executor.traced_stages import RoutedForward, TracedStage, build_trace
 from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
+from uniap.schedules import get_schedule
 from uniap.training_log import TrainingLog
 
 __all__ = ["ParallelModel", "apply_plan"]
@@ -158,6 +159,21 @@ def apply_plan(
         check_tp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
         if ls.sp:
             check_sp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
+    spec = get_schedule(plan.schedule)
+    reduced = [ls for ls in plan.layer_strategies if ls.dp > 1]
+    if plan.pp_degree > 1 and not spec.data_parallel and reduced:
+        raise UniapError(
+            f"{plan.schedule} computes weight gradients outside autograd's backward hooks, where "
+            f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {reduced[0].fqn!r} has "
+            f"dp={reduced[0].dp}: re-plan with schedule Interleaved1F1B, or with dp=1 on every "
+            "layer"
+        )
+    ckpt = [ls for ls in plan.layer_strategies if ls.recompute]
+    if plan.pp_degree > 1 and not spec.recompute and ckpt:
+        raise UniapError(
+            f"{plan.schedule} cannot run activation checkpointing (layer {ckpt[0].fqn!r}): "
+            "re-plan without recompute, or with schedule Interleaved1F1B"
+        )
     precision = plan.precision
     if precision is not None and precision.mixed and precision.param_dtype == "float16":
         raise UniapError(

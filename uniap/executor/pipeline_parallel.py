@@ -41,6 +41,7 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
@@ -105,10 +106,16 @@ class _Interleaved1F1B(_PresplitInputs, ScheduleInterleaved1F1B):
     """torch's interleaved 1F1B (several stages per rank), with caller-split inputs."""
 
 
+class _InterleavedZeroBubble(_PresplitInputs, ScheduleInterleavedZeroBubble):
+    """torch's interleaved zero bubble (input and weight gradients apart), with caller-split
+    inputs."""
+
+
 _TORCH_CLASSES = {
     "ScheduleGPipe": _GPipe,
     "Schedule1F1B": _Schedule1F1BAnyCount,
     "ScheduleInterleaved1F1B": _Interleaved1F1B,
+    "ScheduleInterleavedZeroBubble": _InterleavedZeroBubble,
 }
 """The class run for each ``ScheduleSpec.torch_class`` (torch's, or adapted above)."""
 

@@ -31,7 +31,13 @@ from torch import nn
 from uniap.cluster import Cluster
 from uniap.graph import ModelGraph
 from uniap.profiler.comm import collective_sizes, free_memory_bytes, measure_collectives
-from uniap.profiler.compute import LayerCall, resize_batch, time_layer, time_median_s
+from uniap.profiler.compute import (
+    LayerCall,
+    resize_batch,
+    time_input_grad,
+    time_layer,
+    time_median_s,
+)
 from uniap.profiler.layers import LayerSource
 from uniap.profiler.memory import saved_activation_bytes, state_bytes
 from uniap.profiler.overlap import measure_overlap
@@ -405,7 +411,7 @@ def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, Layer
                 from uniap.executor.tensor_parallel import apply_tp
 
                 apply_tp(module, layer, mesh)
-            fwd, bwd, act = [], [], []
+            fwd, bwd, act, wgrad = [], [], [], []
             for b in batches:
                 f, g = time_layer(
                     module,
@@ -416,6 +422,16 @@ def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, Layer
                 )
                 fwd.append(f)
                 bwd.append(g)
+                # the weight gradients' part (zero-bubble schedules): the backward less one
+                # that computes the input gradients only
+                i = time_input_grad(
+                    module,
+                    ctx.inputs_at[b][fqns[0]],
+                    ctx.device,
+                    warmup=ctx.warmup,
+                    repeats=ctx.repeats,
+                )
+                wgrad.append(max(g - i, 0.0) if layer.num_params else 0.0)
                 act.append(float(saved_activation_bytes(module, ctx.inputs_at[b][fqns[0]])))
             # at tp > 1 the times include the layer's own TP collectives, as they run on a
             # real TP group (profile.tp_comm_in_compute): subtracting a modelled estimate of
@@ -423,6 +439,7 @@ def _measure_layers(ctx: _Context, tp_degrees: Sequence[int]) -> dict[str, Layer
             fwd, bwd = _mean_over_ranks(fwd), _mean_over_ranks(bwd)
             lp = profiles[key]
             lp.fwd_s[tp], lp.bwd_s[tp], lp.activation_bytes[tp] = fwd, bwd, act
+            lp.wgrad_s[tp] = _mean_over_ranks(wgrad)
             if mesh is not None and layer.supports_sp(tp):
                 # the same layer run sequence parallel: what it saves (its times are the TP
                 # ones plus the cost model's modelled SP collectives)

@@ -40,6 +40,7 @@ __all__ = [
     "call_model",
     "capture_layer_inputs",
     "resize_batch",
+    "time_input_grad",
     "time_layer",
     "time_median_s",
     "time_samples_s",
@@ -256,6 +257,40 @@ def time_layer(
             fwd.append(tf.elapsed_s)
             bwd.append(tb.elapsed_s)
     return statistics.median(fwd), statistics.median(bwd)
+
+
+def time_input_grad(
+    module: nn.Module,
+    inputs: LayerCall | tuple,
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> float:
+    """Median seconds of ``module``'s backward computing only its input gradients
+    (``torch.autograd.grad`` with respect to the floating positional inputs): the B of a
+    zero-bubble schedule, what torch's ``stage_backward_input`` computes; the backward of
+    :func:`time_layer` less this is the weight gradients' W. 0 when no input takes a gradient
+    (an embedding: its whole backward is W)."""
+    call = LayerCall.of(inputs).prepared()
+    leaves = [a for a in call.args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not leaves:
+        return 0.0
+    with torch.enable_grad():
+        outs = _float_tensors(call(module))
+    grads = [torch.randn_like(o) for o in outs]
+    times = []
+    for i in range(warmup + repeats):
+        with torch.enable_grad():
+            outs = _float_tensors(call(module))
+        live = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        with Timer(device) as tb:
+            torch.autograd.grad(
+                [o for o, _ in live], leaves, [g for _, g in live], allow_unused=True
+            )
+        if i >= warmup:
+            times.append(tb.elapsed_s)
+    return statistics.median(times)
 
 
 def layer_copy(model: nn.Module, fqn: str, device: torch.device) -> nn.Module:

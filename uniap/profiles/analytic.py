@@ -11,6 +11,9 @@ node, else inter-node):
 - ring all-gather / reduce-scatter (``S`` = gathered size): ``(n - 1) alpha + (n - 1) / n * S / bw``
 - point-to-point: ``alpha + S / bw``
 - optimizer step (AdamW, memory bound): ``params * optimizer_bytes_touched_per_param / memory_bw``
+- weight-gradient part of the backward (the W of zero-bubble schedules, the rest is the input
+  gradient B): ``wgrad_flops_per_sample * b / tp / (peak_flops * efficiency)``, the per-pass
+  overhead in B (:func:`weight_grad_fraction` for profiles without a measured split)
 - activations kept for backward at local batch ``b``, TP degree ``tp`` (``f`` = the layer's
   TP-sharded fraction of its saved bytes, 0 at ``tp = 1``):
   ``saved_bytes_per_sample * b * (f / tp + 1 - f)``; with sequence parallelism (``sp``), ``f +
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from uniap.cluster import Cluster
 from uniap.graph import Layer, ModelGraph
 
-__all__ = ["Profile", "AnalyticProfile", "COLLECTIVES", "loss_tp_share"]
+__all__ = ["Profile", "AnalyticProfile", "COLLECTIVES", "loss_tp_share", "weight_grad_fraction"]
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 
@@ -44,6 +47,20 @@ def loss_tp_share(layer: Layer, tp: int) -> int:
     for a vocabulary-parallel head (loss parallel on ``V / tp`` of the logits each), else 1."""
     vocab = layer.tp_vocab
     return tp if tp > 1 and vocab is not None and vocab.kind == "head" else 1
+
+
+def weight_grad_fraction(layer: Layer) -> float:
+    """Fraction of ``layer``'s backward FLOPs that compute parameter gradients: for a Linear
+    the input gradient and the weight gradient are one matrix product each, attention's
+    backward is all input gradient (:attr:`uniap.graph.Layer.wgrad_flops_per_sample`). A
+    layer without that count (built elsewhere) gets ``fwd_flops / bwd_flops``: every forward
+    FLOP in a product with a parameter."""
+    if layer.bwd_flops_per_sample <= 0:
+        return 0.0
+    w = layer.wgrad_flops_per_sample
+    if w is None:
+        w = layer.fwd_flops_per_sample
+    return min(1.0, w / layer.bwd_flops_per_sample)
 
 
 class Profile:
@@ -62,6 +79,12 @@ class Profile:
     def layer_compute_s(self, layer: Layer, batch: float, tp: int) -> tuple[float, float]:
         """(forward_s, backward_s) of ``layer`` at local batch ``batch`` and TP degree ``tp``."""
         raise NotImplementedError
+
+    def weight_grad_s(self, layer: Layer, batch: float, tp: int) -> float:
+        """Seconds of ``layer``'s backward (:meth:`layer_compute_s`) that compute parameter
+        gradients: the W of a zero-bubble schedule, the rest is the input gradient B. Default:
+        the backward's FLOP share (:func:`weight_grad_fraction`)."""
+        return self.layer_compute_s(layer, batch, tp)[1] * weight_grad_fraction(layer)
 
     def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
         """Seconds for collective ``op`` over ``ranks`` moving a tensor of ``nbytes``."""
@@ -135,6 +158,10 @@ class AnalyticProfile(Profile):
         fwd = self.layer_overhead_s + layer.fwd_flops_per_sample * batch / tp / self._flops_per_s
         bwd = self.layer_overhead_s + layer.bwd_flops_per_sample * batch / tp / self._flops_per_s
         return fwd, bwd
+
+    def weight_grad_s(self, layer: Layer, batch: float, tp: int) -> float:
+        flops = layer.bwd_flops_per_sample * weight_grad_fraction(layer)
+        return flops * batch / tp / self._flops_per_s
 
     def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
         n = len(ranks)

@@ -18,6 +18,11 @@ A :class:`MeasuredProfile` answers the cost model's questions from measurements
   ``tp > 1`` measured at that degree under ``loss_parallel()`` (else the tp = 1 numbers
   ``/ tp``).
 - ``activation_bytes(layer, b, tp)``: measured saved-for-backward bytes, interpolated.
+- ``weight_grad_s(layer, b, tp)``: the weight-gradient part of the backward (zero-bubble
+  schedules), measured when the file has it (``wgrad_s``: the backward less one computing the
+  input gradients only); files without it (every file written before it existed) get the
+  backward's FLOP share (:func:`uniap.profiles.analytic.weight_grad_fraction`), said once in an
+  INFO line.
 - ``overlap_coefficient``: measured (:mod:`uniap.profiler.overlap`).
 
 The file records the model (name, signature, dtype, sample shape, layer FQNs), the hardware
@@ -109,6 +114,9 @@ class LayerProfile:
     sp_activation_bytes: dict[int, list[float]] = field(default_factory=dict)
     """TP degree -> bytes saved for backward per batch with sequence parallelism (layers that
     support it; absent in profiles measured before it was)."""
+    wgrad_s: dict[int, list[float]] = field(default_factory=dict)
+    """TP degree -> median seconds of the backward's weight gradients per batch (empty: not
+    measured)."""
     state_bytes: dict[int, dict[str, int]] = field(default_factory=dict)
     """TP degree -> ``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` of the local shard."""
     dp_residual_s: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -147,9 +155,9 @@ class LayerProfile:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"fqns": list(self.fqns), "batches": list(self.batches)}
-        for name in ("fwd_s", "bwd_s", "activation_bytes", "sp_activation_bytes"):
-            if name == "sp_activation_bytes" and not self.sp_activation_bytes:
-                continue  # profiles without SP layers stay as they were
+        for name in ("fwd_s", "bwd_s", "activation_bytes", "sp_activation_bytes", "wgrad_s"):
+            if name in ("sp_activation_bytes", "wgrad_s") and not getattr(self, name):
+                continue  # profiles without SP layers or a weight-gradient split stay as they were
             d[name] = {
                 f"tp{tp}": [float(v) for v in vs] for tp, vs in sorted(getattr(self, name).items())
             }
@@ -187,6 +195,7 @@ class LayerProfile:
             bwd_s=by_tp(d["bwd_s"]),
             activation_bytes=by_tp(d.get("activation_bytes")),
             sp_activation_bytes=by_tp(d.get("sp_activation_bytes")),
+            wgrad_s=by_tp(d.get("wgrad_s")),
             state_bytes=by_tp(d.get("state_bytes")),
             dp_residual_s={
                 str(k): {str(ph): float(v) for ph, v in r.items()}
@@ -261,6 +270,19 @@ class MeasuredProfile(Profile):
         half = cal.get("layer_overhead_s", 0.0) / 2
         scale = cal.get("compute_scale", 1.0)
         return scale * fwd + half, scale * bwd + half
+
+    def weight_grad_s(self, layer: Layer, batch: float, tp: int) -> float:
+        lp = self._layer(layer)
+        if tp in lp.wgrad_s:  # (at most the backward it is part of)
+            wgrad = self.calibration.get("compute_scale", 1.0) * lp.value("wgrad_s", batch, tp)
+            return min(max(wgrad, 0.0), self.layer_compute_s(layer, batch, tp)[1])
+        if not getattr(self, "_wgrad_default_said", False):
+            self._wgrad_default_said = True
+            logger.info(
+                "the measured profile has no weight-gradient split of the backward; zero-bubble "
+                "schedules get each layer's FLOP share (re-run `uniap profile` to measure it)"
+            )
+        return super().weight_grad_s(layer, batch, tp)
 
     def collective_s(self, op: str, nbytes: float, ranks: Sequence[int]) -> float:
         if op not in COLLECTIVES:
