@@ -109,6 +109,9 @@ class Layer:
     ``tp_saved_fraction`` (saved outside the pairs: norm inputs, residual-stream ops)."""
     sp_excluded_reason: str = ""
     """Why the layer has no SP plan, empty if it has one."""
+    sp_replicated_param_bytes: tuple[float, ...] = ()
+    """Bytes of each parameter outside the SP regions (norms): SP all-reduces their gradients
+    over the TP group."""
 
     @property
     def tp_enabled(self) -> bool:
@@ -454,6 +457,7 @@ def build_graph(
                 sp_regions=sp.regions,
                 sp_saved_fraction=sp.saved_fraction,
                 sp_excluded_reason=sp.excluded_reason,
+                sp_replicated_param_bytes=sp.replicated_param_bytes,
             )
         )
 
