@@ -127,8 +127,11 @@ Sequence parallelism (``k`` with ``sp``, ``tp > 1``; Megatron-SP, Korthikanti et
   chunk is local). On a ring, ``all_gather + reduce_scatter`` of a tensor costs one
   ``all_reduce`` of it, so SP pays its TP twin's time plus the two boundary gathers. With a
   measured profile (TP times include TP's all-reduces) SP adds the difference of the two
-  modelled terms. Not charged: the all-reduce of the gradients of the norm weights (``2 h``
-  values per block), which SP computes on sequence chunks.
+  modelled terms. The norm weights' gradients, which SP computes on sequence chunks, are
+  summed over TP: ``sum_params all_reduce(bytes * reduce_bytes / param_bytes)`` on the TP
+  group (:attr:`uniap.graph.Layer.sp_replicated_param_bytes`), in ``A`` when ``dp == 1``
+  (after every micro-batch's backward) or the layer reduces every micro-batch (ZeRO2), else
+  once per iteration in ``G``, not hidden (FSDP2 / ``replicate`` sum them before reducing).
 - Activations: ``saved_bytes * bl * ((f + f_sp) / tp + 1 - f - f_sp)``, ``f_sp`` the layer's
   share of saved bytes outside its pairs (norm inputs and statistics, the residual stream's
   ops: :attr:`uniap.graph.Layer.sp_saved_fraction`), which SP computes on ``1 / tp`` of the
@@ -893,6 +896,18 @@ class CostModel:
             sync_s += max(hideable_s - bwd, 0.0)
         first_exposed_s = min(hideable_s, bwd)
         sync_s = max(sync_s, 0.0)
+        if s.sp:
+            # the norm weights' gradients, summed over TP (uniap.executor.sequence_parallel):
+            # after each micro-batch's backward at dp = 1 (and where the gradients are reduced
+            # in every micro-batch), else once by FSDP2 / replicate before their reduction
+            norm_s = sum(
+                self._group_time("all_reduce", nb * self.reduce_factor, "tp", pp, s.dp, s.tp)
+                for nb in layer.sp_replicated_param_bytes
+            )
+            if s.dp == 1 or s.reduces_every_microbatch:
+                tp_comm_s += norm_s
+            else:
+                sync_s += norm_s
         if s.kind == OFFLOAD:  # on the node's CPUs, shared by its ranks
             opt_s = (
                 local_params

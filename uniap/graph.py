@@ -125,6 +125,9 @@ class Layer:
     parameter operand (``mm``, ``addmm``, convolutions: each costs one product of the same
     size for the weight gradient; batched products, attention and elementwise ops have no
     parameter and add nothing). None when unknown."""
+    sp_replicated_param_bytes: tuple[float, ...] = ()
+    """Bytes of each parameter outside the SP regions (norms): SP all-reduces their gradients
+    over the TP group."""
 
     @property
     def tp_enabled(self) -> bool:
@@ -505,6 +508,7 @@ def build_graph(
                 sp_regions=sp.regions,
                 sp_saved_fraction=sp.saved_fraction,
                 sp_excluded_reason=sp.excluded_reason,
+                sp_replicated_param_bytes=sp.replicated_param_bytes,
             )
         )
 

@@ -18,6 +18,10 @@ does not):
   Linear returns one (self-attention, MLP; cross-attention reads a second, replicated tensor
   and is left out).
 
+``replicated_param_bytes``: the parameters outside the regions (norm weights and biases), one
+entry per tensor: SP computes their gradients on sequence chunks and sums them over the TP
+group (one all-reduce each).
+
 ``saved_fraction``: the part of the layer's saved-for-backward bytes saved outside every
 pair's span (from its first column-wise Linear's call to its row-wise Linear's return), i.e.
 by the norms and other ops of the residual stream; SP runs those on ``1 / tp`` of the
@@ -46,6 +50,7 @@ class SPPlan:
     regions: tuple[str, ...] = ()
     saved_fraction: float = 0.0
     excluded_reason: str = ""
+    replicated_param_bytes: tuple[float, ...] = ()
 
 
 def _parent(fqn: str) -> list[str]:
@@ -122,9 +127,18 @@ def sp_plan(layer: nn.Module, trace: LayerTrace, tp: TPPlan) -> SPPlan:
         for nbytes, event in trace.saved.values()
         if not any(lo <= event <= hi for lo, hi in spans)
     )
+    inside = {id(m) for r in regions for m in layer.get_submodule(r).modules()}
+    replicated = tuple(
+        float(p.numel() * p.element_size())
+        for m in layer.modules()
+        if id(m) not in inside
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    )
     return SPPlan(
         seq_dim=seq_dim,
         seq_len=seq_len,
         regions=tuple(regions),
         saved_fraction=outside / total if total else 0.0,
+        replicated_param_bytes=replicated,
     )

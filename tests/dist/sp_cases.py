@@ -73,19 +73,26 @@ def _graph(model: str, x0: Any, kv_heads: int = 2) -> Any:
 
 
 def _plan(
-    model: str, graph: Any, big_b: int, c: int, recompute: bool, case_kind: str = "DDP"
+    model: str, graph: Any, big_b: int, c: int, recompute: bool, case_kind: str = "DDP", pp: int = 1
 ) -> Any:
-    world, tp, kind = dist.get_world_size(), 2, case_kind  # dp = world / 2
+    """tp = 2 + sp on every layer that supports it, data parallel (``case_kind``) over the rest
+    of each stage; others data parallel; ``pp`` stages (the first two layers on stage 0)."""
+    world, tp = dist.get_world_size(), 2
+    g = world // pp
     per_layer = [
-        (world // tp, tp, kind, recompute, 0, True) if layer.supports_sp(tp) else (world, 1, "DDP")
+        (g // tp, tp, case_kind, recompute, 0, True) if layer.supports_sp(tp) else (g, 1, "DDP")
         for layer in graph.layers
     ]
+    split = [2, len(per_layer) - 2] if pp == 2 else [len(per_layer)]
+    stages = [per_layer[:2], per_layer[2:]] if pp == 2 else [per_layer]
     return make_plan(
         list(graph.fqns),
         world,
-        [per_layer],
+        stages,
         global_batch_size=big_b,
         num_microbatches=c,
+        split=split,
+        schedule="1F1B" if pp > 1 else "GPipe",
         model_name=graph.name,
         signature=graph.signature,
     )
@@ -97,7 +104,15 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
     model, big_b, c, steps = case["model"], 8, case.get("c", 1), 2
     x0, _ = _batch(model, big_b, 0)
     graph = _graph(model, x0)
-    plan = _plan(model, graph, big_b, c, case.get("recompute", False), case.get("dp_kind", "DDP"))
+    plan = _plan(
+        model,
+        graph,
+        big_b,
+        c,
+        case.get("recompute", False),
+        case.get("dp_kind", "DDP"),
+        case.get("pp", 1),
+    )
     num_sp = sum(ls.sp for ls in plan.layer_strategies)
     pm = parallelize(
         _build(model), plan=plan, loss_fn=_loss(model), global_batch_size=big_b, example_inputs=x0
@@ -116,9 +131,7 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
             ]
             grads = full_grads(pm)
         opt.step()
-    if dist.get_rank() != 0:
-        return None
-    ref = _build(model)
+    ref = _build(model)  # on every rank: with pipeline stages each checks its own gradients
     ref_opt = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"], foreach=True)
     ref_losses, ref_grads = [], {}
     for step in range(steps):
@@ -130,17 +143,23 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref_opt.step()
+    mine = {k: v for k, v in ref_grads.items() if k in grads} if plan.pp_degree > 1 else ref_grads
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (_compare(grads, mine), sorted(grads), partial))
+    if dist.get_rank() != 0:
+        return None
     return {
         "plan": plan.summary(),
         "num_sp": num_sp,
-        "partial_grads": partial,
+        "partial_grads": sorted({n for _, _, p in every for n in p}),
         "losses": losses,
         "ref_losses": ref_losses,
         "losses_close": all(
             abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses, strict=True)
         ),
-        "bad_grads": _compare(grads, ref_grads),
-        "num_grads": len(grads),
+        "bad_grads": sorted({b for bad, _, _ in every for b in bad}),
+        "missing_grads": sorted(set(ref_grads) - {n for _, names, _ in every for n in names}),
+        "num_grads": len({n for _, names, _ in every for n in names}),
     }
 
 

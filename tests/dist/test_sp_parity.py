@@ -1,9 +1,9 @@
 """Sequence parallelism (world size 4, one spawn): a uniap preset (gpt-tiny) and an unmodified
 Hugging Face Llama train with dp = 2 x tp = 2 + sp on their TP layers (FSDP, ZeRO2, DDP as
-FSDP2 ``replicate``) as on one process (losses and every gradient, SGD with foreach), with
-and without recompute; and an SP layer (tp = 4) saves for
-backward exactly the bytes the planner charges it (with recompute: the sequence chunk of its
-input)."""
+FSDP2 ``replicate``; and the GPT in two pipeline stages of tp = 2) as on one process (losses
+and every gradient, SGD with foreach), with and without recompute; and an SP layer (tp = 4)
+saves for backward exactly the bytes the planner charges it (with recompute: the sequence
+chunk of its input)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,30 @@ import pytest
 pytestmark = pytest.mark.dist
 
 CASES = [
-    {"name": "gpt_tp2_sp", "kind": "parity", "model": "gpt"},
+    {"name": "gpt_dp2_tp2_sp_fsdp", "kind": "parity", "model": "gpt", "dp_kind": "FSDP"},
     {
-        "name": "gpt_tp2_sp_recompute_c2",
+        "name": "gpt_dp2_tp2_sp_zero2_recompute_c2",
         "kind": "parity",
         "model": "gpt",
+        "dp_kind": "ZeRO2",
         "recompute": True,
         "c": 2,
     },
-    {"name": "llama_hf_tp2_sp", "kind": "parity", "model": "llama"},
-    {"name": "llama_hf_tp2_sp_recompute", "kind": "parity", "model": "llama", "recompute": True},
+    {
+        "name": "gpt_pp2_1f1b_c2_tp2_sp_recompute",
+        "kind": "parity",
+        "model": "gpt",
+        "pp": 2,
+        "c": 2,
+        "recompute": True,
+    },
+    {"name": "llama_hf_dp2_tp2_sp_ddp", "kind": "parity", "model": "llama"},
+    {
+        "name": "llama_hf_dp2_tp2_sp_ddp_recompute",
+        "kind": "parity",
+        "model": "llama",
+        "recompute": True,
+    },
     {"name": "gpt_memory", "kind": "memory", "model": "gpt"},
     {"name": "llama_hf_memory", "kind": "memory", "model": "llama"},
     {"name": "gpt_memory_recompute", "kind": "memory", "model": "gpt", "recompute": True},
@@ -43,10 +57,13 @@ def test_dp2_tp2_sp_matches_one_process(results: dict[str, Any], name: str) -> N
     """Training with sequence parallelism on the TP layers equals one process."""
     res = results[name]
     assert "error" not in res, res.get("error")
+    case = next(c for c in CASES if c["name"] == name)
     assert res["num_sp"] >= 2, res["plan"]
+    assert f"sp {case.get('dp_kind', 'DDP')}" in res["plan"], res["plan"]  # the plan as named
     assert res["num_grads"] > 0
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert not res["bad_grads"], res["bad_grads"]
+    assert not res["missing_grads"], res["missing_grads"]
     assert not res["partial_grads"], "gradients left unsummed over TP"
 
 

@@ -160,7 +160,8 @@ def test_sp_strategies_only_when_asked_and_only_with_tp() -> None:
 def test_sp_costs_boundary_gathers_and_saves_activations(gpt) -> None:
     """At tp = 2 on the ring model, a pair's all-gather + reduce-scatter costs its two
     all-reduces, so SP's TP communication is TP's plus the boundary's two all-gathers (the
-    output forward, the input's gradient backward); its activations are TP's less the
+    output forward, the input's gradient backward) and the norms' gradient all-reduces; its
+    activations are TP's less the
     SP-sharded share over tp; with recompute it keeps half of its input."""
     cluster = small_cluster(1, 2)
     cm = CostModel(gpt, cluster, sequence_parallel=True)
@@ -173,7 +174,12 @@ def test_sp_costs_boundary_gathers_and_saves_activations(gpt) -> None:
     out_bytes = layer.output_bytes_per_sample * b
     boundary = cm.profile.collective_s("all_gather", out_bytes, [0, 1])
     boundary += cm.profile.collective_s("all_gather", in_bytes, [0, 1])
-    assert sp.parts["tp_comm"] == pytest.approx(tp.parts["tp_comm"] + boundary, rel=1e-12)
+    # and, at dp = 1, the all-reduce of each norm parameter's gradient after the backward
+    assert len(layer.sp_replicated_param_bytes) == 4  # two LayerNorms' weights and biases
+    norms = sum(
+        cm.profile.collective_s("all_reduce", nb, [0, 1]) for nb in layer.sp_replicated_param_bytes
+    )
+    assert sp.parts["tp_comm"] == pytest.approx(tp.parts["tp_comm"] + boundary + norms, rel=1e-12)
     f, fs = layer.tp_saved_fraction, layer.sp_saved_fraction
     saved = layer.saved_bytes_per_sample * b
     assert tp.memory_bytes[0] - sp.memory_bytes[0] == pytest.approx(saved * fs / 2, rel=1e-12)
@@ -181,6 +187,13 @@ def test_sp_costs_boundary_gathers_and_saves_activations(gpt) -> None:
         saved * ((f + fs) / 2 + 1 - f - fs), rel=1e-12
     )
     assert cm.activation_bytes(u, b, 2, sp=True, recompute=True) == in_bytes / 2
+    # with FSDP over dp = 2 and two micro-batches, FSDP2 sums the norms' gradients once, before
+    # its reduce-scatter: in the per-iteration synchronisation
+    cm4 = CostModel(gpt, small_cluster(1, 4), sequence_parallel=True)
+    kw4 = dict(pp=1, num_microbatches=2, microbatch_size=b, inflight=[2])
+    fsdp_tp = cm4.layer_cost(u, Strategy(2, 2, "FSDP"), **kw4)
+    fsdp_sp = cm4.layer_cost(u, Strategy(2, 2, "FSDP", False, 0, True), **kw4)
+    assert fsdp_sp.per_iteration_s - fsdp_tp.per_iteration_s == pytest.approx(norms, rel=1e-9)
     # the recomputed forward repeats the pairs' gathers and reduce-scatters
     sp_rc = cm.layer_cost(u, Strategy(1, 2, "DDP", True, 0, True), **kw)
     pairs_fwd = sum(

@@ -20,8 +20,8 @@ What runs, for a layer with sequence dimension ``d`` (:attr:`uniap.graph.Layer.s
 - parameters outside the pairs' regions (norm weights and biases) become ``Replicate``
   DTensors on the TP mesh, so their gradients (each rank has the part of its own chunk,
   ``Partial``) are summed over the group (torch's ``SequenceParallel`` style): once accumulated
-  (a hook), or by FSDP2 / ``replicate`` before their reduction. That all-reduce of the norm
-  weights (``2 * hidden`` values per layer) is the one collective the cost model leaves out;
+  (a hook, after every micro-batch's backward), or by FSDP2 / ``replicate`` before their
+  reduction (the cost model charges both);
 - region in (a pre-hook of each pair's region: the smallest submodule holding the pair's
   Linears, :attr:`uniap.graph.Layer.sp_regions`, e.g. ``attn`` or ``mlp``): every DTensor
   argument is all-gathered along ``d`` and passed on as a plain tensor, so the region's own code
