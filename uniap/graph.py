@@ -41,6 +41,8 @@ from uniap.tp_pairs import EMBEDDING_HEAD_REASON, TPPair, TPPlan, tp_plan
 from uniap.tracing import (
     FUSED_SDPA_FLOPS,
     FusedAttentionMode,
+    LayerReuse,
+    NotReusableError,
     Tracer,
     default_loss,
     fake_copy,
@@ -266,14 +268,18 @@ def _trace(
     dtype: torch.dtype,
     loss_fn: Callable[[Any], Tensor] | None,
     mode: Any,
-) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict]:
+    reuse: bool = False,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict, dict[int, int]]:
     """One forward and backward of a meta copy of ``model`` (tensors made by ``mode``:
     :class:`_MetaMode` or a ``FakeTensorMode``) at ``TRACE_BATCH_SIZE``, recorded per layer:
-    ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts)``."""
+    ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts, copies)``. With
+    ``reuse``, layers that copy an earlier one are replayed (:class:`uniap.tracing.LayerReuse`)
+    and ``copies`` maps each to the layer whose numbers it takes; otherwise it is empty."""
     traced = fake_copy(model, dtype, mode)
     chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
     inputs = fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
     excluded = {storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
+    replay = LayerReuse(chain) if reuse else None
     tracer = Tracer(chain, excluded)
     tracer.install()
     counter = FlopCounterMode(display=False, custom_mapping=FUSED_SDPA_FLOPS)
@@ -292,7 +298,31 @@ def _trace(
         all_counts = counter.get_flop_counts()
     finally:
         tracer.remove()
-    return traced, chain, tracer, fwd_counts, all_counts
+        if replay is not None:
+            replay.remove()
+    if replay is None:
+        return traced, chain, tracer, fwd_counts, all_counts, {}
+    replay.check()
+    return traced, chain, tracer, fwd_counts, all_counts, dict(replay.copies)
+
+
+def _trace_any(
+    model: nn.Module,
+    fqns: list[str],
+    example_inputs: Any,
+    dtype: torch.dtype,
+    loss_fn: Callable[[Any], Tensor] | None,
+    mode: Any,
+    reuse: bool,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict, dict[int, int]]:
+    """:func:`_trace`, replaying repeated layers when ``reuse``; a replay that does not hold
+    (a replayed layer ran twice, or its output could not carry gradients) traces every layer."""
+    if reuse:
+        try:
+            return _trace(model, fqns, example_inputs, dtype, loss_fn, mode, reuse=True)
+        except NotReusableError as e:
+            logger.debug("repeated layers not replayed (%s); tracing every layer", e)
+    return _trace(model, fqns, example_inputs, dtype, loss_fn, mode)
 
 
 def _execution_order(fqns: list[str], tracer: Any) -> list[str]:
@@ -316,6 +346,7 @@ def build_graph(
     loss_fn: Callable[[Any], Tensor] | None = None,
     layer_fqns: list[str] | None = None,
     pipeline_check: bool = True,
+    reuse_repeated_layers: bool = True,
 ) -> ModelGraph:
     """Trace ``model`` on the meta device and return its layer chain with per-layer costs.
 
@@ -336,6 +367,12 @@ def build_graph(
     that trace, at tp = 1), else None with ``pipeline_split_error`` saying why
     (:func:`uniap.tracing.pipeline_split_reason`; ``pipeline_check=False`` skips that export
     and records None, for a graph planned at pp = 1 only).
+
+    ``reuse_repeated_layers`` (default): a layer equal to an earlier one in class, attributes,
+    parameter shapes and input shapes (the decoder blocks of an LLM) is not run again; it takes
+    the numbers of the first (:class:`uniap.tracing.LayerReuse`), so the trace costs one run
+    per distinct layer. The graph is the same as with ``False`` (every layer run), which
+    ``tests/unit/test_graph.py`` checks.
     """
     start_s = time.perf_counter()
     fqns = list(layer_fqns) if layer_fqns is not None else [f for f, _ in layer_chain(model)]
@@ -346,9 +383,10 @@ def build_graph(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     batch = TRACE_BATCH_SIZE
     mode: Any = _MetaMode()
+    reuse = reuse_repeated_layers
     try:
-        traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, mode
+        traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+            model, fqns, example_inputs, dtype, loss_fn, mode, reuse
         )
     except Exception as e:  # noqa: BLE001 - any op a plain meta tensor cannot answer
         # fake (not plain meta) tensors: libraries such as transformers skip their
@@ -358,8 +396,8 @@ def build_graph(
             "meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e
         )
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, mode
+        traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+            model, fqns, example_inputs, dtype, loss_fn, mode, reuse
         )
     if layer_fqns is None and not is_declared_chain(model):
         ordered = _execution_order(fqns, tracer)
@@ -368,8 +406,8 @@ def build_graph(
             fqns = ordered
             if isinstance(mode, FakeTensorMode):
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
-            traced, chain, tracer, fwd_counts, all_counts = _trace(
-                model, fqns, example_inputs, dtype, loss_fn, mode
+            traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+                model, fqns, example_inputs, dtype, loss_fn, mode, reuse
             )
 
     unused = [fqn for (fqn, _), t in zip(chain, tracer.layers) if t.num_calls == 0]
@@ -382,11 +420,12 @@ def build_graph(
     # data-parallel group by the executor: counted there
     in_layers = {id(p) for _, module in chain for p in module.parameters()}
     outside = [p for p in traced.parameters() if id(p) not in in_layers]
-    layers = []
+    layers: list[Layer] = []
     for i, (fqn, module) in enumerate(chain):
         trace = tracer.layers[i]
-        fwd = sum(fwd_counts.get(f"{root}.{fqn}", {}).values())
-        total = sum(all_counts.get(f"{root}.{fqn}", {}).values())
+        measured = chain[copies.get(i, i)][0]  # a replayed layer reads its representative
+        fwd = sum(fwd_counts.get(f"{root}.{measured}", {}).values())
+        total = sum(all_counts.get(f"{root}.{measured}", {}).values())
         own = [p for p in module.parameters() if id(p) not in seen_params]
         if i == 0:
             own += outside
@@ -395,15 +434,21 @@ def build_graph(
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
         if is_embedding or is_head:
             tp = TPPlan(excluded_reason=EMBEDDING_HEAD_REASON)
+        elif i in copies:
+            rep = layers[copies[i]]
+            tp = TPPlan(
+                rep.tp_pairs, rep.tp_divisors, rep.tp_excluded_reason, rep.tp_saved_fraction
+            )
         else:
             tp = tp_plan(module, trace, batch)
+        saved_bytes = sum(b for b, _ in tracer.layers[copies.get(i, i)].saved.values())
         numbers = {
             "num_params": sum(p.numel() for p in own),
             "param_bytes": sum(p.numel() * p.element_size() for p in own),
             "fwd_flops_per_sample": fwd / batch,
             "bwd_flops_per_sample": (total - fwd) / batch,
             "output_bytes_per_sample": trace.output_bytes / batch,
-            "saved_bytes_per_sample": sum(b for b, _ in trace.saved.values()) / batch,
+            "saved_bytes_per_sample": saved_bytes / batch,
             "tp_pairs": tp.pairs,
             "tp_divisors": tp.divisors,
             "tp_excluded_reason": tp.excluded_reason,
