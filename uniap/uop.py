@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from uniap.bounds import SegmentBound, min_peak_memory
+from uniap.bounds import SegmentBound, memory_bottleneck_bound, min_peak_memory
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
@@ -89,10 +89,17 @@ class Entry:
     solution: Solution | None = None
     limit_used_s: float = 0.0
     """Time limit of the program's latest solve."""
+    bottleneck_s: float = 0.0
+    """A lower bound on every assignment's slowest stage ``T*`` (0 until
+    :func:`uniap.bounds.memory_bottleneck_bound` ran): a row of the program, and the floor of
+    the segment bound's boxes."""
 
     def strengthen(self, target: float) -> float:
         """Raise the candidate's lower bound with the segment bound refined towards ``target``
-        (the incumbent), when the cheap bound does not already reach it; the bound."""
+        (the incumbent), when the cheap bound does not already reach it; when that is not
+        enough either and the bottleneck counts (``c > 1``), with the bottleneck's memory-aware
+        bound (:func:`uniap.bounds.memory_bottleneck_bound`) as the floor of the segment bound's
+        boxes. The bound."""
         cand = self.cand
         if (
             cand.lower_bound_s < target * (1 - 1e-12)
@@ -103,7 +110,28 @@ class Entry:
                 self.segments = SegmentBound(self.tables)
             cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
             cand.bound_target_s = target
+            if cand.lower_bound_s < target * (1 - 1e-12) and self._raise_bottleneck(target):
+                cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
         return cand.lower_bound_s
+
+    def _raise_bottleneck(self, target: float) -> bool:
+        """Floor the segment bound's ``T*`` at :func:`uniap.bounds.memory_bottleneck_bound`,
+        capped where an assignment's bottleneck alone would reach ``target``
+        (``TPI >= sum_u min_k A + pp k + (c - 1) T*``: a larger ``T*`` cannot beat it, and the
+        result ``min(T*, cap)`` bounds every assignment). True when the floor rose."""
+        t, seg = self.tables, self.segments
+        w = t.num_microbatches - 1
+        if w <= 0 or t.virtual_stages > 1 or seg is None or not math.isfinite(seg.split):
+            return False
+        amin, _, _ = t.minima()
+        rest = float(amin.sum()) + t.num_stages * t.stage_overhead_s
+        cap = max(0.0, target - rest) / w * (1 + 1e-9)
+        floor = memory_bottleneck_bound(t, cap)
+        if floor <= max(seg.T0, self.bottleneck_s):
+            return False
+        self.bottleneck_s = floor
+        seg.floor_bottleneck(floor)
+        return True
 
     def settled(self, target: float) -> bool:
         """The bound shows that this candidate cannot beat ``target``."""
@@ -244,6 +272,7 @@ class Search:
             threads=threads,
             seed=seed,
             segments=e.segments,
+            bottleneck_s=e.bottleneck_s,
             progress=progress,
             progress_interval_s=progress_interval_s,
         )
