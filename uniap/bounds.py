@@ -60,6 +60,7 @@ __all__ = [
     "bottleneck_lower_bound",
     "candidate_lower_bound",
     "memory_bottleneck_bound",
+    "memory_split",
     "min_peak_memory",
     "segment_lower_bound",
     "segment_windows",
@@ -181,13 +182,26 @@ def memory_bottleneck_bound(
     cap = float(cap_s)
     if L < pp or t.virtual_stages > 1:
         return min(cap, bottleneck_lower_bound(t) + t.stage_overhead_s)
+    best, _ = memory_split(t, cap, max_points=max_points)
+    return min(cap, best * (1 - 1e-9)) if np.isfinite(best) else cap
+
+
+def memory_split(
+    t: CostTables, cap_s: float = float("inf"), *, max_points: int = 256
+) -> tuple[float, list[tuple[int, int]]]:
+    """The split behind :func:`memory_bottleneck_bound` (one stage per rank): its bottleneck
+    (``k`` included; inf when no split has every run within ``cap_s``) and its runs ``(s, e)``
+    per stage (empty when none)."""
+    L, pp = t.num_layers, t.num_stages
+    if L < pp:
+        return float("inf"), []
     k = t.stage_overhead_s
     mask = t.allowed_mask()
     amin, _, mmin = t.minima()
     limit = t.memory_limit_bytes * (1 + 1e-9)
     ca = np.concatenate([[0.0], np.cumsum(amin)])
     t_slack = 1e-12 * float(ca[-1])
-    budget = cap - k + t_slack if np.isfinite(cap) else np.inf
+    budget = float(cap_s) - k + t_slack if np.isfinite(cap_s) else np.inf
     allowed = [np.flatnonzero(mask[u]) for u in range(L)]
     run_time: dict[bytes, np.ndarray] = {}  # per distinct memory table: [s, e]
     stage_runs = []
@@ -199,13 +213,23 @@ def memory_bottleneck_bound(
                 t.A, Mi, allowed, amin, mmin[:, i], limit, budget, max_points
             )
         stage_runs.append(run_time[key])
-    # g[e]: the smallest bottleneck of stages 0..i covering layers 0..e
-    g = stage_runs[0][0].copy()
+    # g[i][e]: the smallest bottleneck of stages 0..i covering layers 0..e
+    g = [stage_runs[0][0].copy()]
+    arg: list[np.ndarray] = [np.zeros(L, dtype=np.int64)]
     for i in range(1, pp):
-        prev = np.concatenate([[np.inf], g[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
-        g = np.maximum(prev[:, None], stage_runs[i]).min(axis=0)
-    best = float(g[L - 1]) + k
-    return min(cap, best * (1 - 1e-9)) if np.isfinite(best) else cap
+        prev = np.concatenate([[np.inf], g[-1][:-1]])  # prev[s]: stages 0..i-1 end at s - 1
+        tot = np.maximum(prev[:, None], stage_runs[i])
+        arg.append(tot.argmin(axis=0))
+        g.append(tot.min(axis=0))
+    best = float(g[-1][L - 1])
+    if not np.isfinite(best):
+        return float("inf"), []
+    runs, e = [], L - 1
+    for i in range(pp - 1, -1, -1):
+        s = int(arg[i][e]) if i else 0
+        runs.append((s, e))
+        e = s - 1
+    return best + k, runs[::-1]
 
 
 def _knapsack_runs(

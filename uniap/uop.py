@@ -20,7 +20,7 @@ from uniap.milp import Solution, solve
 from uniap.milp import min_peak_memory as milp_min_peak_memory
 from uniap.progress import solve_progress
 from uniap.report import fmt_seconds
-from uniap.search import heuristic
+from uniap.search import heuristic, memory_split_assignment
 from uniap.units import fmt_bytes
 
 __all__ = ["Candidate", "Entry", "Search", "explain_entries"]
@@ -114,19 +114,28 @@ class Entry:
                 cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
         return cand.lower_bound_s
 
+    def bottleneck_cap(self, target: float) -> float:
+        """The slowest stage above which an assignment cannot beat ``target``: ``TPI >= sum_u
+        min_k A + pp k + (c - 1) T*`` (inf with one micro-batch)."""
+        t = self.tables
+        w = t.num_microbatches - 1
+        if w <= 0 or not math.isfinite(target):
+            return math.inf
+        amin, _, _ = t.minima()
+        rest = float(amin.sum()) + t.num_stages * t.stage_overhead_s
+        return max(0.0, target - rest) / w * (1 + 1e-9)
+
     def _raise_bottleneck(self, target: float) -> bool:
         """Floor the segment bound's ``T*`` at :func:`uniap.bounds.memory_bottleneck_bound`,
         capped where an assignment's bottleneck alone would reach ``target``
         (``TPI >= sum_u min_k A + pp k + (c - 1) T*``: a larger ``T*`` cannot beat it, and the
         result ``min(T*, cap)`` bounds every assignment). True when the floor rose."""
         t, seg = self.tables, self.segments
-        w = t.num_microbatches - 1
-        if w <= 0 or t.virtual_stages > 1 or seg is None or not math.isfinite(seg.split):
+        if t.num_microbatches <= 1 or t.virtual_stages > 1 or seg is None:
             return False
-        amin, _, _ = t.minima()
-        rest = float(amin.sum()) + t.num_stages * t.stage_overhead_s
-        cap = max(0.0, target - rest) / w * (1 + 1e-9)
-        floor = memory_bottleneck_bound(t, cap)
+        if not math.isfinite(seg.split):
+            return False
+        floor = memory_bottleneck_bound(t, self.bottleneck_cap(target))
         if floor <= max(seg.T0, self.bottleneck_s):
             return False
         self.bottleneck_s = floor
@@ -177,12 +186,18 @@ class Search:
 
     def improve_incumbents(self) -> None:
         """Step 4: local search from the best starts of the candidates that may still win (best
-        bound first, each new incumbent refining the others' bounds); then they are visited best
-        plan first: the one that holds the optimum usually comes first, and its plan then cuts
-        off or prunes the others."""
+        bound first, each new incumbent refining the others' bounds), and, with several
+        micro-batches, the split of the memory-aware bottleneck bound as an assignment
+        (:func:`uniap.search.memory_split_assignment`: where recomputation decides the
+        slowest stage it is often the better start); then they are visited best plan first:
+        the one that holds the optimum usually comes first, and its plan then cuts off or
+        prunes the others."""
         for e in self.by_bound():
             if not e.settled(self.best_tpi_s):
                 self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
+                if e.tables.num_microbatches > 1 and not e.settled(self.best_tpi_s):
+                    cap = e.bottleneck_cap(self.best_tpi_s)
+                    self._offer(e, memory_split_assignment(e.tables, cap))
         self.entries.sort(
             key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches)
         )
