@@ -15,6 +15,10 @@ stage's synchronisation, ``k`` the per-stage overhead, ``step`` the per-iteratio
 :func:`bottleneck_lower_bound`
     ``T_split``: the min-max split of the chain into ``pp`` runs, layer u weighing
     ``min_k A[u,k]``, stage i holding ``sum min_k M[u,k,i]`` within the limit.
+:func:`memory_bottleneck_bound`
+    ``T_mem``: the same split with each run weighing its fastest *strategy assignment that fits
+    in memory* (an exact knapsack over the run's layers, not the sum of per-layer minima),
+    plus ``k``; below a cap (an incumbent's ``T*``) for speed.
 :func:`min_peak_memory`
     The leanest assignment's peak memory, exactly: the min-max split of the chain with layer
     u weighing ``min_k M[u,k,i]`` on stage i (no limit).
@@ -58,6 +62,8 @@ from uniap.cost_model import CostTables
 __all__ = [
     "bottleneck_lower_bound",
     "candidate_lower_bound",
+    "memory_bottleneck_bound",
+    "memory_split",
     "min_peak_memory",
     "segment_lower_bound",
     "segment_windows",
@@ -133,24 +139,156 @@ def bottleneck_lower_bound(t: CostTables) -> float:
             ok = reach[:L] & (hi >= starts + 1)
             if not ok.any():
                 return False
-            diff = np.zeros(L + 2, dtype=np.int64)
-            np.add.at(diff, starts[ok] + 1, 1)
-            np.add.at(diff, hi[ok] + 1, -1)
+            diff = np.bincount(starts[ok] + 1, minlength=L + 2) - np.bincount(
+                hi[ok] + 1, minlength=L + 2
+            )
             reach = np.cumsum(diff)[: L + 1] > 0
         return bool(reach[L])
 
     lo, hi = float(amin.max()), float(amin.sum())
     if not np.isfinite(hi) or not fits(hi * (1 + 1e-12)):
         return float("inf")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if fits(mid):
-            hi = mid
+    if pp == 1:
+        return hi * (1 - 1e-9)
+    # The bottleneck of the best split is the weight of one of its runs: bisection over the
+    # sorted run weights (about 2 log2 L steps) instead of over the reals.
+    runs = (ca[None, 1:] - ca[:-1, None])[np.triu_indices(L)]
+    runs = np.unique(runs[(runs >= lo * (1 - 1e-12)) & (runs <= hi * (1 + 1e-12))])
+    a, b = 0, len(runs) - 1  # fits(runs[b]) holds (runs[-1] is the whole chain, hi)
+    while a < b:
+        mid = (a + b) // 2
+        if fits(runs[mid]):
+            b = mid
         else:
-            lo = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return lo * (1 - 1e-9)
+            a = mid + 1
+    return float(runs[b]) * (1 - 1e-9)
+
+
+def memory_bottleneck_bound(
+    t: CostTables, cap_s: float = float("inf"), *, max_points: int = 256
+) -> float:
+    """A lower bound on the slowest stage ``T* >= max_i p_i`` (stage overhead ``k`` included)
+    of every assignment that fits with ``T* <= cap_s``; ``cap_s`` itself when no such split
+    exists (so ``min(T*, cap_s)`` is bounded for every assignment that fits). One stage per
+    rank only (interleaved tables: the fastest-times split, :func:`bottleneck_lower_bound`).
+
+    Stage i holding the run ``s..e`` takes at least ``k`` plus the fastest sum of ``A`` over
+    the strategy choices of its layers whose memory ``sum M[u, k_u, i]`` fits the limit
+    (reshard times are >= 0): the exact multiple-choice knapsack of the run, found as the
+    Pareto front of (time, memory) sums, layer by layer (runs of equal layers share their
+    fronts). :func:`bottleneck_lower_bound` weighs each layer by its fastest strategy and each
+    run's memory by its leanest, separately: with memory tight (a stage must recompute some
+    of its layers) ``T_mem`` is the larger, by the recomputation the stage cannot avoid.
+    The min-max split over these run times is a dynamic program over run ends, stage by
+    stage. Runs whose fastest times alone exceed ``cap_s`` are left out (an assignment with
+    ``T* <= cap_s`` has none). A front larger than ``max_points`` falls back, for that run and
+    its extensions, to the fastest times (a smaller, still valid weight)."""
+    L, pp = t.num_layers, t.num_stages
+    cap = float(cap_s)
+    if L < pp or t.virtual_stages > 1:
+        return min(cap, bottleneck_lower_bound(t) + t.stage_overhead_s)
+    best, _ = memory_split(t, cap, max_points=max_points)
+    return min(cap, best * (1 - 1e-9)) if np.isfinite(best) else cap
+
+
+def memory_split(
+    t: CostTables, cap_s: float = float("inf"), *, max_points: int = 256
+) -> tuple[float, list[tuple[int, int]]]:
+    """The split behind :func:`memory_bottleneck_bound` (one stage per rank): its bottleneck
+    (``k`` included; inf when no split has every run within ``cap_s``) and its runs ``(s, e)``
+    per stage (empty when none)."""
+    L, pp = t.num_layers, t.num_stages
+    if L < pp:
+        return float("inf"), []
+    k = t.stage_overhead_s
+    mask = t.allowed_mask()
+    amin, _, mmin = t.minima()
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    ca = np.concatenate([[0.0], np.cumsum(amin)])
+    t_slack = 1e-12 * float(ca[-1])
+    budget = float(cap_s) - k + t_slack if np.isfinite(cap_s) else np.inf
+    allowed = [np.flatnonzero(mask[u]) for u in range(L)]
+    run_time: dict[bytes, np.ndarray] = {}  # per distinct memory table: [s, e]
+    stage_runs = []
+    for i in range(pp):
+        Mi = np.ascontiguousarray(t.M[:, :, i])
+        key = Mi.tobytes()
+        if key not in run_time:
+            run_time[key] = _knapsack_runs(
+                t.A, Mi, allowed, amin, mmin[:, i], limit, budget, max_points
+            )
+        stage_runs.append(run_time[key])
+    # g[i][e]: the smallest bottleneck of stages 0..i covering layers 0..e
+    g = [stage_runs[0][0].copy()]
+    arg: list[np.ndarray] = [np.zeros(L, dtype=np.int64)]
+    for i in range(1, pp):
+        prev = np.concatenate([[np.inf], g[-1][:-1]])  # prev[s]: stages 0..i-1 end at s - 1
+        tot = np.maximum(prev[:, None], stage_runs[i])
+        arg.append(tot.argmin(axis=0))
+        g.append(tot.min(axis=0))
+    best = float(g[-1][L - 1])
+    if not np.isfinite(best):
+        return float("inf"), []
+    runs, e = [], L - 1
+    for i in range(pp - 1, -1, -1):
+        s = int(arg[i][e]) if i else 0
+        runs.append((s, e))
+        e = s - 1
+    return best + k, runs[::-1]
+
+
+def _knapsack_runs(
+    A: np.ndarray,
+    M: np.ndarray,
+    allowed: list[np.ndarray],
+    amin: np.ndarray,
+    mmin: np.ndarray,
+    limit: float,
+    budget: float,
+    max_points: int,
+) -> np.ndarray:
+    """``[s, e]``: the fastest sum of ``A`` over layers ``s..e`` with ``sum M <= limit`` (inf
+    when nothing fits or the fastest times alone exceed ``budget``); see
+    :func:`memory_bottleneck_bound`."""
+    L = A.shape[0]
+    out = np.full((L, L), np.inf)
+    # layers with equal rows are one class: runs with equal class sequences share their fronts
+    ids: dict[bytes, int] = {}
+    cls = [
+        ids.setdefault(allowed[u].tobytes() + A[u].tobytes() + M[u].tobytes(), len(ids))
+        for u in range(L)
+    ]
+    fronts: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {(): (np.zeros(1), np.zeros(1))}
+    for s in range(L):
+        seq: tuple = ()
+        front = fronts[()]
+        fast = 0.0
+        lean = 0.0
+        for e in range(s, L):
+            fast += amin[e]
+            lean += mmin[e]
+            if fast > budget or lean > limit:
+                break  # longer runs are slower still, or fit no better
+            seq = (*seq, cls[e])
+            if seq in fronts:
+                front = fronts[seq]
+            elif front is None:
+                fronts[seq] = None
+            else:
+                ks = allowed[e]
+                a = (front[0][:, None] + A[e, ks][None, :]).ravel()
+                m = (front[1][:, None] + M[e, ks][None, :]).ravel()
+                keep = m <= limit
+                a, m = a[keep], m[keep]
+                order = np.lexsort((m, a))
+                a, m = a[order], m[order]
+                # Pareto: a point stays when it needs less memory than every faster one
+                lower = np.concatenate([[np.inf], np.minimum.accumulate(m)[:-1]])
+                on = m < lower
+                front = (a[on], m[on]) if len(a) and on.sum() <= max_points else None
+                fronts[seq] = front
+            out[s, e] = front[0][0] if front is not None else fast
+    return out
 
 
 def segment_lower_bound(
@@ -258,6 +396,11 @@ class SegmentBound:
             self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
         self.run_cache: dict[float, list[np.ndarray]] = {}
         self.evals = 0
+
+    def floor_bottleneck(self, floor_s: float) -> None:
+        """Raise the smallest ``T*`` the boxes cover to ``floor_s``, a lower bound on every
+        fitting assignment's slowest stage (:func:`memory_bottleneck_bound`)."""
+        self.T0 = max(self.T0, floor_s)
 
     def lower_bound(self, target: float | None = None, *, max_evals: int = 48) -> float:
         """See :func:`segment_lower_bound`."""

@@ -49,6 +49,8 @@ from uniap.tp_pairs import (
 from uniap.tracing import (
     FUSED_SDPA_FLOPS,
     FusedAttentionMode,
+    LayerReuse,
+    NotReusableError,
     Tracer,
     default_loss,
     fake_copy,
@@ -345,14 +347,18 @@ def _trace(
     dtype: torch.dtype,
     loss_fn: Callable[[Any], Tensor] | None,
     mode: Any,
-) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict]:
+    reuse: bool = False,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict, dict[int, int]]:
     """One forward and backward of a meta copy of ``model`` (tensors made by ``mode``:
     :class:`_MetaMode` or a ``FakeTensorMode``) at ``TRACE_BATCH_SIZE``, recorded per layer:
-    ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts)``."""
+    ``(traced copy, chain, tracer, forward FLOP counts, all FLOP counts, copies)``. With
+    ``reuse``, layers that copy an earlier one are replayed (:class:`uniap.tracing.LayerReuse`)
+    and ``copies`` maps each to the layer whose numbers it takes; otherwise it is empty."""
     traced = fake_copy(model, dtype, mode)
     chain = [(fqn, _submodule(traced, fqn)) for fqn in fqns]
     inputs = fake_inputs(example_inputs, TRACE_BATCH_SIZE, dtype, mode)
     excluded = {storage_key(t)[0] for t in [*traced.parameters(), *traced.buffers()]}
+    replay = LayerReuse(chain) if reuse else None
     tracer = Tracer(chain, excluded)
     tracer.install()
     counter = FlopCounterMode(display=False, custom_mapping=FUSED_SDPA_FLOPS)
@@ -371,7 +377,31 @@ def _trace(
         all_counts = counter.get_flop_counts()
     finally:
         tracer.remove()
-    return traced, chain, tracer, fwd_counts, all_counts
+        if replay is not None:
+            replay.remove()
+    if replay is None:
+        return traced, chain, tracer, fwd_counts, all_counts, {}
+    replay.check()
+    return traced, chain, tracer, fwd_counts, all_counts, dict(replay.copies)
+
+
+def _trace_any(
+    model: nn.Module,
+    fqns: list[str],
+    example_inputs: Any,
+    dtype: torch.dtype,
+    loss_fn: Callable[[Any], Tensor] | None,
+    mode: Any,
+    reuse: bool,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], Tracer, dict, dict, dict[int, int]]:
+    """:func:`_trace`, replaying repeated layers when ``reuse``; a replay that does not hold
+    (a replayed layer ran twice, or its output could not carry gradients) traces every layer."""
+    if reuse:
+        try:
+            return _trace(model, fqns, example_inputs, dtype, loss_fn, mode, reuse=True)
+        except NotReusableError as e:
+            logger.debug("repeated layers not replayed (%s); tracing every layer", e)
+    return _trace(model, fqns, example_inputs, dtype, loss_fn, mode)
 
 
 def _execution_order(fqns: list[str], tracer: Any) -> list[str]:
@@ -395,6 +425,7 @@ def build_graph(
     loss_fn: Callable[[Any], Tensor] | None = None,
     layer_fqns: list[str] | None = None,
     pipeline_check: bool = True,
+    reuse_repeated_layers: bool = True,
 ) -> ModelGraph:
     """Trace ``model`` on the meta device and return its layer chain with per-layer costs.
 
@@ -416,6 +447,12 @@ def build_graph(
     that trace, at tp = 1), else None with ``pipeline_split_error`` saying why
     (:func:`uniap.tracing.pipeline_split_reason`; ``pipeline_check=False`` skips that export
     and records None, for a graph planned at pp = 1 only).
+
+    ``reuse_repeated_layers`` (default): a layer equal to an earlier one in class, attributes,
+    parameter shapes and input shapes (the decoder blocks of an LLM) is not run again; it takes
+    the numbers of the first (:class:`uniap.tracing.LayerReuse`), so the trace costs one run
+    per distinct layer. The graph is the same as with ``False`` (every layer run), which
+    ``tests/unit/test_graph.py`` checks.
     """
     start_s = time.perf_counter()
     fqns = list(layer_fqns) if layer_fqns is not None else [f for f, _ in layer_chain(model)]
@@ -426,9 +463,10 @@ def build_graph(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     batch = TRACE_BATCH_SIZE
     mode: Any = _MetaMode()
+    reuse = reuse_repeated_layers
     try:
-        traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, mode
+        traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+            model, fqns, example_inputs, dtype, loss_fn, mode, reuse
         )
     except Exception as e:  # noqa: BLE001 - any op a plain meta tensor cannot answer
         # fake (not plain meta) tensors: libraries such as transformers skip their
@@ -438,8 +476,8 @@ def build_graph(
             "meta-tensor trace failed (%s: %s); tracing with fake tensors", type(e).__name__, e
         )
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        traced, chain, tracer, fwd_counts, all_counts = _trace(
-            model, fqns, example_inputs, dtype, loss_fn, mode
+        traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+            model, fqns, example_inputs, dtype, loss_fn, mode, reuse
         )
     if layer_fqns is None and not is_declared_chain(model):
         ordered = _execution_order(fqns, tracer)
@@ -448,8 +486,8 @@ def build_graph(
             fqns = ordered
             if isinstance(mode, FakeTensorMode):
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
-            traced, chain, tracer, fwd_counts, all_counts = _trace(
-                model, fqns, example_inputs, dtype, loss_fn, mode
+            traced, chain, tracer, fwd_counts, all_counts, copies = _trace_any(
+                model, fqns, example_inputs, dtype, loss_fn, mode, reuse
             )
 
     unused = [fqn for (fqn, _), t in zip(chain, tracer.layers) if t.num_calls == 0]
@@ -462,11 +500,12 @@ def build_graph(
     # data-parallel group by the executor: counted there
     in_layers = {id(p) for _, module in chain for p in module.parameters()}
     outside = [p for p in traced.parameters() if id(p) not in in_layers]
-    layers = []
+    layers: list[Layer] = []
     for i, (fqn, module) in enumerate(chain):
         trace = tracer.layers[i]
-        fwd = sum(fwd_counts.get(f"{root}.{fqn}", {}).values())
-        total = sum(all_counts.get(f"{root}.{fqn}", {}).values())
+        measured = chain[copies.get(i, i)][0]  # a replayed layer reads its representative
+        fwd = sum(fwd_counts.get(f"{root}.{measured}", {}).values())
+        total = sum(all_counts.get(f"{root}.{measured}", {}).values())
         own = [p for p in module.parameters() if id(p) not in seen_params]
         if i == 0:
             own += outside
@@ -479,16 +518,23 @@ def build_graph(
         elif is_embedding or is_head:
             kind = "embedding" if is_embedding else "head"
             tp = vocab_plan(kind, module, fqn, traced, trace, batch, num_params)
+        elif i in copies:
+            rep = layers[copies[i]]
+            tp = TPPlan(
+                rep.tp_pairs, rep.tp_divisors, rep.tp_excluded_reason, rep.tp_saved_fraction
+            )
         else:
             tp = tp_plan(module, trace, batch)
-        sp = sp_plan(module, trace, tp)
+        # a replayed layer's Linears, attention and saved tensors are its representative's
+        sp = sp_plan(module, tracer.layers[copies.get(i, i)], tp)
+        saved_bytes = sum(b for b, _ in tracer.layers[copies.get(i, i)].saved.values())
         numbers = {
             "num_params": num_params,
             "param_bytes": sum(p.numel() * p.element_size() for p in own),
             "fwd_flops_per_sample": fwd / batch,
             "bwd_flops_per_sample": (total - fwd) / batch,
             "output_bytes_per_sample": trace.output_bytes / batch,
-            "saved_bytes_per_sample": sum(b for b, _ in trace.saved.values()) / batch,
+            "saved_bytes_per_sample": saved_bytes / batch,
             "tp_pairs": tp.pairs,
             "tp_divisors": tp.divisors,
             "tp_excluded_reason": tp.excluded_reason,
@@ -500,7 +546,7 @@ def build_graph(
                 fqn=fqn,
                 type_name=type(module).__name__,
                 cost_key=_cost_key(module, numbers),  # (profile files are keyed by it)
-                wgrad_flops_per_sample=_weight_grad_flops(fwd_counts.get(f"{root}.{fqn}", {}))
+                wgrad_flops_per_sample=_weight_grad_flops(fwd_counts.get(f"{root}.{measured}", {}))
                 / batch,
                 **numbers,
                 sp_seq_dim=sp.seq_dim,

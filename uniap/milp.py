@@ -45,7 +45,10 @@ Constraints (one builder per family, named ``<family>_<indices>``)
         cannot average it away (without it, 80 identical blocks stall branch and bound).
     ``bottleneck_lb``  (:func:`_bottleneck`) ``t >=`` the min-max contiguous split of the
         layers' fastest times (:func:`uniap.bounds.bottleneck_lower_bound`): a valid cut that the LP
-        relaxation, which spreads layers fractionally over stages, does not see.
+        relaxation, which spreads layers fractionally over stages, does not see; or, when the
+        caller has it (``bottleneck_s``), the split with each stage's fastest strategies *that
+        fit its memory* (:func:`uniap.bounds.memory_bottleneck_bound`), which the LP relaxation,
+        which recomputes fractions of layers, does not see either.
     ``memory_i``       (:func:`_memory`) ``sum_{u,k} M[u,k,i] x[u,i,k] <= memory limit``.
     ``host_n``         (:func:`_memory`) ``sum_i n[node,i] sum_{u,k} Mh[u,k] x[u,i,k] <= host
         limit`` per node (``Mh``: host bytes per rank of FSDP-offload's state, ``n[node,i]``
@@ -186,13 +189,16 @@ def solve(
     threads: int = 1,
     seed: int = 0,
     segments: SegmentBound | None = None,
+    bottleneck_s: float = 0.0,
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
     plan of another ``(pp, c)``), cuts off everything that cannot beat it. ``segments``: the
-    :class:`SegmentBound` of these tables when the caller already has it. ``progress`` is
+    :class:`SegmentBound` of these tables when the caller already has it. ``bottleneck_s``: a
+    lower bound on every fitting assignment's slowest stage (stage overhead included, e.g.
+    :func:`uniap.bounds.memory_bottleneck_bound`), added to ``bottleneck_lb``. ``progress`` is
     called at most every ``progress_interval_s`` during the search with ``running_s``,
     ``incumbent`` and ``bound`` (seconds per iteration; inf while none), ``gap`` and ``nodes``."""
     t0 = time.perf_counter()
@@ -220,7 +226,7 @@ def solve(
             0.0,
             time.perf_counter() - t0,
         )
-    prob, v, scale = _build(t, window, bound)
+    prob, v, scale = _build(t, window, bound, bottleneck_s)
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
     silence_highs_banner()
     # No feasibility jump: with it (HiGHS 1.16, presolve off) HiGHS declared a worse solution
@@ -299,7 +305,7 @@ def solve(
 
 
 def _build(
-    t: CostTables, window: list[list[int]], bound: float | None
+    t: CostTables, window: list[list[int]], bound: float | None, bottleneck_s: float = 0.0
 ) -> tuple[pulp.LpProblem, _Vars, float]:
     """The program for these tables and windows, with the cutoff at ``bound`` when given."""
     # Times are scaled so the objective is O(1) (HiGHS tolerances are absolute).
@@ -309,7 +315,7 @@ def _build(
     _assign(prob, t, v)
     _flow(prob, t, v)
     p, o = _stage_times(t, v, scale)
-    _bottleneck(prob, t, v, p, o, scale)
+    _bottleneck(prob, t, v, p, o, scale, bottleneck_s)
     _memory(prob, t, v)
     _symmetry(prob, t, v)
     _first_in_groups(prob, t, v, scale)
@@ -461,7 +467,9 @@ def _stage_times(t: CostTables, v: _Vars, scale: float):
     return p, o
 
 
-def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
+def _bottleneck(
+    prob, t: CostTables, v: _Vars, p, o, scale: float, bottleneck_s: float = 0.0
+) -> None:
     """``bottleneck_i``, ``link_i``: ``t >= p_i, o_i``; ``sync_i``: ``t_sync >= s_i``. With
     ``v`` stages per rank (interleaved), per rank r: ``t >= sum_{j % pp = r} p_j`` (and the
     same for ``o``), and ``s_r``, ``f[r]`` over all of the rank's stages."""
@@ -473,7 +481,7 @@ def _bottleneck(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
         links = [pulp.lpSum(o[r::pp]) for r in range(pp)]
     for i, pi in enumerate(loads):
         prob += v.t >= pi, f"bottleneck_{i}"
-    lb = bottleneck_lower_bound(t)
+    lb = max(bottleneck_lower_bound(t), bottleneck_s)
     if np.isfinite(lb):
         prob += v.t >= lb / scale, "bottleneck_lb"
     for i, oi in enumerate(links):

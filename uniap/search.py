@@ -16,7 +16,15 @@ import numpy as np
 
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["exhaustive", "frontier", "heuristic", "improve", "restrategize", "compositions"]
+__all__ = [
+    "compositions",
+    "exhaustive",
+    "frontier",
+    "heuristic",
+    "improve",
+    "memory_split_assignment",
+    "restrategize",
+]
 
 
 def compositions(num_layers: int, pp: int) -> Iterator[list[int]]:
@@ -116,6 +124,59 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
         if tpi < best_tpi:
             best, best_tpi = list(got), tpi
     return best[0], best[1]
+
+
+def memory_split_assignment(
+    t: CostTables, cap_s: float = float("inf"), *, max_points: int = 256
+) -> tuple[list[int], list[int]] | None:
+    """The split of :func:`uniap.bounds.memory_split` (the smallest slowest stage when each
+    stage takes its fastest strategies that fit its memory) as an assignment: each run gets
+    those strategies (its knapsack, reshards ignored), then :func:`improve` polishes it. Where
+    the bottleneck dominates (many micro-batches, memory tight) it starts close to the bound
+    that :func:`uniap.bounds.memory_bottleneck_bound` proves, which the layer-by-layer greedy
+    of :func:`heuristic` can miss by a stage's worth of recomputation. None when no split has
+    its runs within ``cap_s``, or the assignment does not fit (reshard-free memory is exact,
+    so it fits unless a front was thinned)."""
+    from uniap.bounds import memory_split
+
+    if t.virtual_stages > 1:
+        return None
+    _, runs = memory_split(t, cap_s, max_points=max_points)
+    if not runs:
+        return None
+    mask = t.allowed_mask()
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    stage_of, strategy_of = [0] * t.num_layers, [0] * t.num_layers
+    for i, (s, e) in enumerate(runs):
+        a, m = np.zeros(1), np.zeros(1)
+        back: list[tuple[np.ndarray, np.ndarray]] = []
+        for u in range(s, e + 1):
+            ks = np.flatnonzero(mask[u])
+            a2 = (a[:, None] + t.A[u, ks][None, :]).ravel()
+            m2 = (m[:, None] + t.M[u, ks, i][None, :]).ravel()
+            parent = np.repeat(np.arange(len(a)), len(ks))
+            kk = np.tile(ks, len(a))
+            keep = m2 <= limit
+            if not keep.any():
+                return None
+            a2, m2, parent, kk = a2[keep], m2[keep], parent[keep], kk[keep]
+            order = np.lexsort((m2, a2))
+            a2, m2, parent, kk = a2[order], m2[order], parent[order], kk[order]
+            on = m2 < np.concatenate([[np.inf], np.minimum.accumulate(m2)[:-1]])
+            on_idx = np.flatnonzero(on)
+            if len(on_idx) > max_points:  # thin the front, keeping its fastest and leanest
+                pick = np.unique(np.linspace(0, len(on_idx) - 1, max_points).round())
+                on_idx = on_idx[pick.astype(np.int64)]
+            a, m = a2[on_idx], m2[on_idx]
+            back.append((parent[on_idx], kk[on_idx]))
+        j = 0  # the fastest point of the front
+        for u in range(e, s - 1, -1):
+            parents, chosen = back[u - s]
+            stage_of[u], strategy_of[u] = i, int(chosen[j])
+            j = int(parents[j])
+    if not evaluate_assignment(t, stage_of, strategy_of).fits:
+        return None
+    return improve(t, stage_of, strategy_of)
 
 
 def restrategize(t: CostTables, stage_of: list[int]) -> list[int] | None:

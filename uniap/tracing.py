@@ -29,13 +29,16 @@ from uniap.errors import UniapError
 __all__ = [
     "FUSED_SDPA_FLOPS",
     "FusedAttentionMode",
+    "LayerReuse",
     "LayerTrace",
     "LinearCall",
+    "NotReusableError",
     "Tracer",
     "default_loss",
     "fake_copy",
     "fake_inputs",
     "pipeline_split_reason",
+    "structure_key",
     "tensors_in",
     "training_call",
 ]
@@ -285,6 +288,138 @@ class Tracer:
             self.layers[self.stack[-1]].heads |= {q_heads, kv_heads}
             if q_len:
                 self.layers[self.stack[-1]].attention_lengths.add(int(q_len))
+
+
+_INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx"})
+"""Attributes that number a layer in its stack: ignored when comparing two layers (they key
+the generation cache, off in training; an attribute derived from the index, such as a
+sliding-window flag, is compared)."""
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _leaf_key(value: Any) -> Any:
+    """A comparable stand-in for an attribute or input value: primitives by value, tensors by
+    shape, dtype and grad requirement, containers element-wise, any other object by identity
+    (two distinct objects never compare equal: conservative)."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.requires_grad, value.stride())
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return (type(value).__name__, value)
+    if isinstance(value, Mapping):
+        return ("map", tuple((repr(k), _leaf_key(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_leaf_key(v) for v in value))
+    return ("object", type(value).__qualname__, id(value))
+
+
+def _hook_names(module: nn.Module) -> tuple:
+    return tuple(
+        getattr(h, "__qualname__", type(h).__qualname__)
+        for name in _HOOK_DICTS
+        for h in getattr(module, name, {}).values()
+    )
+
+
+def structure_key(layer: nn.Module) -> tuple:
+    """Everything a meta trace of ``layer`` can depend on besides its inputs: per submodule its
+    name, class, hooks and plain attributes (layer indices aside), its parameters' and
+    buffers' shapes and dtypes (values are never read on meta tensors). Layers of a stack
+    built from one class and config (the decoder blocks of an LLM) have equal keys."""
+    parts: list = []
+    for rel, sub in layer.named_modules():
+        attrs = tuple(
+            (k, _leaf_key(v))
+            for k, v in sorted(vars(sub).items())
+            if not k.startswith("_") and k not in _INDEX_ATTRS
+        )
+        tensors = tuple(
+            (k, tuple(t.shape), t.dtype, t.requires_grad)
+            for k, t in [*sub._parameters.items(), *sub._buffers.items()]
+            if t is not None
+        )
+        forward = getattr(sub.forward, "__func__", sub.forward)
+        parts.append((rel, type(sub).__qualname__, id(forward), _hook_names(sub), attrs, tensors))
+    return tuple(parts)
+
+
+class NotReusableError(Exception):
+    """A layer that was replayed turned out not to be a copy of its representative."""
+
+
+@dataclass
+class LayerReuse:
+    """Replays layers that are copies of an earlier one during the trace.
+
+    A chain layer whose :func:`structure_key` and input signature (shapes, dtypes, grad
+    requirements of its tensor inputs; other inputs by value or identity) equal those of a
+    layer traced earlier, its *representative*, does not run: it returns fresh tensors of the
+    representative's output shapes, joined to its inputs and first parameter by a zero-valued
+    term so that autograd reaches the layers before it exactly as the real layer would. Its
+    FLOPs, bytes and TP plan are the representative's (:attr:`copies`); the trace costs one
+    run of each distinct layer instead of one per layer. :meth:`check` confirms after the
+    trace that every replayed layer and its representative ran exactly once.
+    """
+
+    chain: list[tuple[str, nn.Module]]
+    copies: dict[int, int] = field(default_factory=dict)
+    """Index of a replayed layer -> index of its representative."""
+
+    def __post_init__(self) -> None:
+        self._keys = [structure_key(module) for _, module in self.chain]
+        self._seen: dict[tuple, tuple[int, Any]] = {}
+        self._calls = [0] * len(self.chain)
+        for i, (_, module) in enumerate(self.chain):
+            module.forward = partial(self._forward, i, module.forward)
+
+    def remove(self) -> None:
+        for _, module in self.chain:
+            vars(module).pop("forward", None)
+
+    def _forward(self, i: int, forward: Callable, *args, **kwargs) -> Any:
+        self._calls[i] += 1
+        key = (self._keys[i], _leaf_key(list(args)), _leaf_key(kwargs))
+        hit = self._seen.get(key)
+        if hit is None or hit[0] == i or self._calls[i] > 1:
+            output = forward(*args, **kwargs)
+            self._seen.setdefault(key, (i, output))
+            return output
+        rep, output = hit
+        self.copies[i] = rep
+        anchor = [t for t in tensors_in([args, kwargs]) if t.requires_grad]
+        anchor += [p for p in self.chain[i][1].parameters() if p.requires_grad][:1]
+        zero = sum((t.sum() * 0).to(torch.float32) for t in anchor) if anchor else None
+        return _fresh_like(output, zero)
+
+    def check(self) -> None:
+        """Raise :class:`NotReusableError` when a replayed layer or its representative ran more
+        than once (a layer called twice costs twice what its representative measured)."""
+        for i, rep in self.copies.items():
+            if self._calls[i] != 1 or self._calls[rep] != 1:
+                raise NotReusableError(f"layer {self.chain[i][0]} ran {self._calls[i]} times")
+
+
+def _fresh_like(obj: Any, zero: Tensor | None) -> Any:
+    """``obj`` with every tensor replaced by a new one of its shape and dtype (on its own
+    storage), depending on ``zero`` when the original required grad."""
+    if isinstance(obj, Tensor):
+        out = torch.empty(obj.shape, dtype=obj.dtype, device=obj.device)
+        if obj.requires_grad:
+            if zero is None or not obj.is_floating_point():
+                raise NotReusableError("a replayed output needs grad but has no input to carry it")
+            out = out + zero.to(obj.dtype)
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
+        return type(obj)(*(_fresh_like(v, zero) for v in obj))
+    if isinstance(obj, Mapping):
+        fresh = {k: _fresh_like(v, zero) for k, v in obj.items()}
+        try:
+            return type(obj)(**fresh)
+        except TypeError:
+            return fresh
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fresh_like(v, zero) for v in obj)
+    return obj
 
 
 def training_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

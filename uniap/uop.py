@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from uniap.bounds import SegmentBound, min_peak_memory
+from uniap.bounds import SegmentBound, memory_bottleneck_bound, min_peak_memory
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
@@ -20,7 +20,7 @@ from uniap.milp import Solution, solve
 from uniap.milp import min_peak_memory as milp_min_peak_memory
 from uniap.progress import solve_progress
 from uniap.report import fmt_seconds
-from uniap.search import heuristic
+from uniap.search import heuristic, memory_split_assignment
 from uniap.units import fmt_bytes
 
 __all__ = ["Candidate", "Entry", "Search", "explain_entries"]
@@ -89,10 +89,17 @@ class Entry:
     solution: Solution | None = None
     limit_used_s: float = 0.0
     """Time limit of the program's latest solve."""
+    bottleneck_s: float = 0.0
+    """A lower bound on every assignment's slowest stage ``T*`` (0 until
+    :func:`uniap.bounds.memory_bottleneck_bound` ran): a row of the program, and the floor of
+    the segment bound's boxes."""
 
     def strengthen(self, target: float) -> float:
         """Raise the candidate's lower bound with the segment bound refined towards ``target``
-        (the incumbent), when the cheap bound does not already reach it; the bound."""
+        (the incumbent), when the cheap bound does not already reach it; when that is not
+        enough either and the bottleneck counts (``c > 1``), with the bottleneck's memory-aware
+        bound (:func:`uniap.bounds.memory_bottleneck_bound`) as the floor of the segment bound's
+        boxes. The bound."""
         cand = self.cand
         if (
             cand.lower_bound_s < target * (1 - 1e-12)
@@ -103,7 +110,37 @@ class Entry:
                 self.segments = SegmentBound(self.tables)
             cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
             cand.bound_target_s = target
+            if cand.lower_bound_s < target * (1 - 1e-12) and self._raise_bottleneck(target):
+                cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
         return cand.lower_bound_s
+
+    def bottleneck_cap(self, target: float) -> float:
+        """The slowest stage above which an assignment cannot beat ``target``: ``TPI >= sum_u
+        min_k A + pp k + (c - 1) T*`` (inf with one micro-batch)."""
+        t = self.tables
+        w = t.num_microbatches - 1
+        if w <= 0 or not math.isfinite(target):
+            return math.inf
+        amin, _, _ = t.minima()
+        rest = float(amin.sum()) + t.num_stages * t.stage_overhead_s
+        return max(0.0, target - rest) / w * (1 + 1e-9)
+
+    def _raise_bottleneck(self, target: float) -> bool:
+        """Floor the segment bound's ``T*`` at :func:`uniap.bounds.memory_bottleneck_bound`,
+        capped where an assignment's bottleneck alone would reach ``target``
+        (``TPI >= sum_u min_k A + pp k + (c - 1) T*``: a larger ``T*`` cannot beat it, and the
+        result ``min(T*, cap)`` bounds every assignment). True when the floor rose."""
+        t, seg = self.tables, self.segments
+        if t.num_microbatches <= 1 or t.virtual_stages > 1 or seg is None:
+            return False
+        if not math.isfinite(seg.split):
+            return False
+        floor = memory_bottleneck_bound(t, self.bottleneck_cap(target))
+        if floor <= max(seg.T0, self.bottleneck_s):
+            return False
+        self.bottleneck_s = floor
+        seg.floor_bottleneck(floor)
+        return True
 
     def settled(self, target: float) -> bool:
         """The bound shows that this candidate cannot beat ``target``."""
@@ -149,12 +186,18 @@ class Search:
 
     def improve_incumbents(self) -> None:
         """Step 4: local search from the best starts of the candidates that may still win (best
-        bound first, each new incumbent refining the others' bounds); then they are visited best
-        plan first: the one that holds the optimum usually comes first, and its plan then cuts
-        off or prunes the others."""
+        bound first, each new incumbent refining the others' bounds), and, with several
+        micro-batches, the split of the memory-aware bottleneck bound as an assignment
+        (:func:`uniap.search.memory_split_assignment`: where recomputation decides the
+        slowest stage it is often the better start); then they are visited best plan first:
+        the one that holds the optimum usually comes first, and its plan then cuts off or
+        prunes the others."""
         for e in self.by_bound():
             if not e.settled(self.best_tpi_s):
                 self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
+                if e.tables.num_microbatches > 1 and not e.settled(self.best_tpi_s):
+                    cap = e.bottleneck_cap(self.best_tpi_s)
+                    self._offer(e, memory_split_assignment(e.tables, cap))
         self.entries.sort(
             key=lambda e: (e.start_tpi_s, e.cand.lower_bound_s, e.cand.pp, e.cand.num_microbatches)
         )
@@ -244,6 +287,7 @@ class Search:
             threads=threads,
             seed=seed,
             segments=e.segments,
+            bottleneck_s=e.bottleneck_s,
             progress=progress,
             progress_interval_s=progress_interval_s,
         )

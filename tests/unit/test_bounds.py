@@ -90,3 +90,43 @@ def test_min_peak_memory_equals_enumeration(seed: int) -> None:
         for strat in itertools.product(*t.allowed)
     )
     assert min_peak_memory(t) == pytest.approx(brute, rel=1e-12)
+
+
+def _slowest_stage_optimum(t) -> float:
+    """The smallest slowest stage (overhead and reshards included) of any fitting assignment."""
+    import itertools
+
+    best = np.inf
+    for stage_of in compositions(t.num_layers, t.num_stages):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                best = min(best, max(ev.stage_time_s))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_memory_bottleneck_bound_is_valid_and_exact_without_reshards(seed: int) -> None:
+    """The memory-aware bottleneck bound never exceeds the slowest stage of any fitting plan,
+    under any cap (capped at the cap), beats the fastest-times split, falls back validly when
+    its fronts are cut short, and equals the enumerated optimum when reshards cost nothing
+    (then a stage's time is its knapsack, exactly)."""
+    import dataclasses
+
+    from uniap.bounds import bottleneck_lower_bound, memory_bottleneck_bound
+
+    t = random_tables(seed)
+    if seed % 2:
+        t.stage_overhead_s = 0.3
+    best = _slowest_stage_optimum(t)
+    bound = memory_bottleneck_bound(t)
+    assert bound <= best * (1 + 1e-12)
+    assert np.isinf(bound) == np.isinf(best)
+    if np.isfinite(best):
+        assert bound >= (bottleneck_lower_bound(t) + t.stage_overhead_s) * (1 - 1e-8)
+        for cap in (best * 0.5, best, best * 2):
+            assert memory_bottleneck_bound(t, cap) <= min(cap, best) * (1 + 1e-12)
+        assert memory_bottleneck_bound(t, max_points=1) <= best * (1 + 1e-12)
+    flat = dataclasses.replace(t, R=np.zeros_like(t.R))
+    exact = _slowest_stage_optimum(flat)
+    assert memory_bottleneck_bound(flat) == pytest.approx(exact, rel=1e-8, abs=0)

@@ -456,3 +456,93 @@ def test_only_the_first_layer_embedding_is_vocabulary_parallel():
         "vocabulary-parallel; a later embedding layer (a position table, GPT-2's wpe) may return "
         "a tensor without the batch dim, whose gradient differs across the TP ranks"
     )
+
+
+# ---------------------------------------------------------------- replaying repeated layers
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "t5-tiny", "swin-tiny"])
+def test_replayed_trace_equals_the_full_trace(name: str) -> None:
+    """Replaying layers that copy an earlier one gives the graph of running every layer:
+    per-layer FLOPs, bytes, parameters, TP plans and cost keys all equal."""
+    model = build_model(name, n_layers=5) if name != "swin-tiny" else build_model(name)
+    inputs = example_batch(model, 1)[0]
+    fast = build_graph(model, inputs)
+    full = build_graph(model, inputs, reuse_repeated_layers=False)
+    assert fast.layers == full.layers
+    assert fast.signature == full.signature
+
+
+class _Counted(nn.Module):
+    """A Linear block that counts its real forward runs; ``twice`` changes what it computes
+    without changing its parameters."""
+
+    runs = 0
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.twice = twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).runs += 1
+        x = self.fc(x)
+        return self.fc(x) if self.twice else x
+
+
+def test_repeated_layers_run_once_and_attributes_are_compared() -> None:
+    """Equal blocks with equal inputs run once in the trace; a block equal in parameters but not
+    in its attributes (it computes more) runs and gets its own FLOPs. The first block's input
+    needs no gradient (the second's does), so it runs too: 3 runs for 5 blocks."""
+    model = nn.Sequential(_Counted(), _Counted(), _Counted(twice=True), _Counted(), _Counted())
+    _Counted.runs = 0
+    fast = build_graph(model, torch.randn(2, 8))
+    assert _Counted.runs == 3
+    _Counted.runs = 0
+    full = build_graph(model, torch.randn(2, 8), reuse_repeated_layers=False)
+    assert _Counted.runs == 5
+    assert fast.layers == full.layers
+    flops = [layer.fwd_flops_per_sample for layer in fast.layers]
+    assert flops == [2 * 8 * 8] * 2 + [4 * 8 * 8] + [2 * 8 * 8] * 2
+
+
+def test_a_layer_called_twice_is_traced_in_full() -> None:
+    """A layer that its model's forward calls twice costs twice: no replay, every layer run."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.b(self.a(x))))
+
+    fast = build_graph(Twice(), torch.randn(2, 8), pipeline_check=False)
+    full = build_graph(
+        Twice(), torch.randn(2, 8), pipeline_check=False, reuse_repeated_layers=False
+    )
+    assert fast.layers == full.layers
+    assert fast.layer("b").fwd_flops_per_sample == 2 * fast.layer("a").fwd_flops_per_sample
+
+
+def test_hf_llama_replayed_trace_equals_the_full_trace(transformers) -> None:
+    """Hugging Face Llama (layer indices, rotary tables, masks as keyword inputs): the replayed
+    trace equals the full one."""
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    inputs = torch.zeros(1, 16, dtype=torch.long)
+    fast = build_graph(model, inputs, pipeline_check=False)
+    full = build_graph(model, inputs, pipeline_check=False, reuse_repeated_layers=False)
+    assert fast.layers == full.layers

@@ -40,6 +40,29 @@ def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
     assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(1, 60, 2))
+def test_milp_with_the_memory_bottleneck_row_stays_exact(seed: int) -> None:
+    """The bottleneck row at the memory-aware bound (every instance has a run of identical
+    layers and a binding memory limit; some a stage overhead), with the planner's segment
+    bound floored at it and the heuristic's incumbent: still the exhaustive optimum."""
+    from uniap.bounds import SegmentBound, memory_bottleneck_bound
+
+    t = random_tables(seed)
+    if seed % 4 == 1:
+        t.stage_overhead_s = 0.2
+    best, _, _ = exhaustive(t)
+    floor = memory_bottleneck_bound(t)
+    segments = SegmentBound(t)
+    if np.isfinite(segments.split):
+        segments.floor_bottleneck(floor)
+    inc = heuristic(t)
+    sol = solve(t, incumbent=inc, segments=segments, bottleneck_s=floor, time_limit_s=60)
+    if not np.isfinite(best):
+        assert sol.status in ("infeasible", "cutoff")
+        return
+    assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
+
+
 @pytest.mark.parametrize("seed", [1, 3, 5, 7, 9, 11])
 def test_start_values_satisfy_every_row(seed: int) -> None:
     """The warm start handed to HiGHS (heuristic assignment, sorted for the symmetry rows, with
