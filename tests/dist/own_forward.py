@@ -209,6 +209,8 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
         tuple(case["tp_layers"] if layer.supports_tp(case["tp_layers"][1]) else case["others"])
         for layer in graph.layers
     ]
+    for fqn, strategy in case.get("overrides", {}).items():  # one layer's own strategy
+        per_layer[graph.fqns.index(fqn)] = tuple(strategy)
     plan: Plan = make_plan(
         list(graph.fqns),
         dist.get_world_size(),

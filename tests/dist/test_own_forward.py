@@ -31,6 +31,15 @@ CASES = [
     _case("zero_in_place_ddp_fsdp", "scaled", (4, 1, D), (4, 1, F), zero_in_place=True),
     _case("accumulate_fsdp", "model_param", (4, 1, F), (4, 1, F), accumulate=True),
     _case("accumulate_tp2_ddp_fsdp", "tied", (2, 2, D), (4, 1, F), accumulate=True),
+    # the vocabulary-parallel head (dp 2 x tp 2) returns its sharded logits to the first
+    # layer's layout (tp 4) by a batch gather over ranks holding the same vocabulary shard
+    _case(
+        "head_logits_gathered_to_tp4_base",
+        "scaled",
+        (2, 2, D),
+        (4, 1, D),
+        overrides={"tok": (1, 4, D)},
+    ),
     # compile=...: every layer torch.compile'd (aot_eager on CPU), TP and FSDP layers included
     _case("compiled_tp2_fsdp_c2", "skip", (2, 2, F), (4, 1, D), c=2, compile="aot_eager"),
 ]
