@@ -692,6 +692,12 @@ class CostModel:
                 raise ConfigError(
                     f"layer {layer.fqn!r} has no strategy for micro-batch size {b} on {n // pp} "
                     "devices per stage"
+                    + (
+                        ""
+                        if spec.data_parallel and spec.recompute
+                        else f" ({schedule} runs layers with dp = 1 and no recompute only: "
+                        "one device per stage, or TP over the stage)"
+                    )
                 )
             allowed.append(ks)
             for k in ks:
