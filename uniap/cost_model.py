@@ -230,7 +230,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -540,6 +540,7 @@ class CostModel:
         precision: Precision | None = None,
         kinds: Sequence[str] | None = None,
         sequence_parallel: bool = False,
+        layer_tp: Mapping[str, Collection[int]] | None = None,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
@@ -549,8 +550,10 @@ class CostModel:
         the data-parallel kinds offered (default all of :data:`uniap.contract.KINDS` on a
         cluster that declares host memory, else all but ``FSDP-offload``; a layer with
         ``dp == 1`` is always ``DDP``); ``sequence_parallel`` offers an sp variant of each
-        ``tp > 1`` strategy (off by default, see :mod:`uniap.strategies`). Host memory: each
-        node may hold ``memory_fraction`` of its host memory."""
+        ``tp > 1`` strategy (off by default, see :mod:`uniap.strategies`); ``layer_tp``: the TP
+        degrees some layers (by FQN) are restricted to (the planner's layout cases, see
+        :mod:`uniap.planner`). Host memory: each node may hold ``memory_fraction`` of its host
+        memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.graph = graph
@@ -577,6 +580,10 @@ class CostModel:
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
         self.sequence_parallel = sequence_parallel
+        self.layer_tp = {fqn: frozenset(tps) for fqn, tps in (layer_tp or {}).items()}
+        unknown = sorted(set(self.layer_tp) - {layer.fqn for layer in graph.layers})
+        if unknown:
+            raise ConfigError(f"layer_tp names layers the model does not have: {unknown}")
         default = KINDS if cluster.offload_enabled else DEVICE_KINDS
         self.kinds = tuple(kinds) if kinds is not None else default
         bad = [k for k in self.kinds if k not in KINDS]
@@ -684,6 +691,8 @@ class CostModel:
                 continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
+            if layer.fqn in self.layer_tp:
+                ks = [k for k in ks if strategies[k].tp in self.layer_tp[layer.fqn]]
             if not spec.data_parallel:  # (zero bubble: no gradient reduction, uniap.schedules)
                 ks = [k for k in ks if strategies[k].dp == 1]
             if not spec.recompute:
@@ -1053,6 +1062,7 @@ class CostModel:
                     dataclasses.replace(layer, fqn=""),
                     layers[u - 1].output_bytes_per_sample if u else 0.0,
                     u == len(layers) - 1,
+                    self.layer_tp.get(layer.fqn),
                 )
                 self._rep.append(first.setdefault(key, u))
         return self._rep
@@ -1069,8 +1079,12 @@ class CostModel:
         u = self._layer_index(layer)
         b = global_batch_size // num_microbatches
         in_bytes = self.graph.layers[u - 1].output_bytes_per_sample if u else 0.0
+        layer = self.graph.layers[u]
+        tps = self.layer_tp.get(layer.fqn)
         return [
-            s for s in self.strategies(pp) if why_not(self.graph.layers[u], s, b, in_bytes) is None
+            s
+            for s in self.strategies(pp)
+            if why_not(layer, s, b, in_bytes) is None and (tps is None or s.tp in tps)
         ]
 
     def _layer_index(self, layer: int | str) -> int:

@@ -38,6 +38,15 @@ traffic and a CPU optimizer step, so it wins where nothing else fits, and the se
 the larger space is paid only then). Passing ``kinds`` with ``FSDP-offload`` searches the whole
 space at once, exactly.
 
+A vocabulary-parallel head in a model that is not a declared chain (its own forward runs,
+whole or split by tracing) keeps its logits sharded on the vocabulary over its TP group, and
+the loss runs in the first layer's batch layout (:mod:`uniap.executor.vocab_loss`): that
+works only when the head's TP degree divides the first layer's. One layer's strategy then
+depends on another's, which the per-layer tables cannot say, so the search runs as it is and,
+only when its plan breaks the rule, once per head TP degree ``t`` with the head at ``tp = t``
+and the first layer at a multiple of ``t`` (:func:`head_layout_cases`): those cases cover
+every plan the executor can run, so the best of them is the optimum over those plans.
+
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
 only when asked for; so is interleaved 1F1B (``schedules=["1F1B", "Interleaved1F1B"]``), at
@@ -72,7 +81,7 @@ from uniap.schedules import get_schedule
 from uniap.strategies import divisors
 from uniap.uop import Candidate, Entry, Search, explain_entries
 
-__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables"]
+__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables", "head_layout_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ def plan_graph(
     support it (off by default: see :mod:`uniap.strategies`)."""
     with progress_lines(progress) as say:
 
-        def search(offered: Sequence[str] | None) -> Plan:
+        def one_search(offered: Sequence[str] | None, layer_tp=None) -> Plan:
             return _plan_graph(
                 graph,
                 cluster,
@@ -132,7 +141,38 @@ def plan_graph(
                 say=say,
                 progress_interval_s=progress_interval_s,
                 precision=precision,
+                layer_tp=layer_tp,
             )
+
+        def search(offered: Sequence[str] | None) -> Plan:
+            out = one_search(offered)
+            cases = head_layout_cases(graph, cluster.world_size)
+            tps = {ls.fqn: ls.tp for ls in out.layer_strategies}
+            first_tp, head_tp = tps[graph.layers[0].fqn], tps[graph.layers[-1].fqn]
+            if not cases or head_tp in _allowed_head(cases, first_tp):
+                return out
+            log.info(
+                "the plan's vocabulary-parallel head (tp=%d) cannot take its loss in the first "
+                "layer's layout (tp=%d); searching %d layout cases",
+                head_tp,
+                first_tp,
+                len(cases),
+            )
+            if say is not None:
+                say(f"vocabulary-parallel head: searching {len(cases)} layout cases")
+            best: Plan | None = None
+            for case in cases:
+                try:
+                    p = one_search(offered, case)
+                except InfeasibleError:
+                    continue
+                if best is None or (
+                    p.predicted["time_per_iteration_s"] < best.predicted["time_per_iteration_s"]
+                ):
+                    best = p
+            if best is None:  # every case infeasible: say why with the unrestricted search's
+                return one_search(offered, cases[0])  # reasons (the head at tp = 1)
+            return best
 
         if kinds is None and cluster.offload_enabled:
             try:
@@ -144,6 +184,35 @@ def plan_graph(
                     say(f"no plan fits without CPU offload; searching again with {OFFLOAD}")
                 kinds = KINDS
         return search(kinds)
+
+
+def head_layout_cases(graph: ModelGraph, world_size: int) -> list[dict[str, frozenset[int]]]:
+    """The TP-degree restrictions (``CostModel(layer_tp=...)``) whose union is every plan the
+    executor can run on ``world_size`` devices when the model's last layer is a
+    vocabulary-parallel head and the model is not a declared chain (see the module
+    docstring): for each TP degree ``t`` the head may take, the head at ``t`` and the first
+    layer at a multiple of ``t`` (``t = 1`` first). Empty when there is no such rule."""
+    if len(graph.layers) < 2 or graph.extra.get("pipeline_split") == "chain":
+        return []
+    head, first = graph.layers[-1], graph.layers[0]
+    if head.tp_vocab is None or head.tp_vocab.kind != "head":
+        return []
+    degrees = divisors(world_size)
+    return [
+        {head.fqn: frozenset({t}), first.fqn: frozenset(d for d in degrees if d % t == 0)}
+        for t in degrees
+        if head.supports_tp(t)
+    ]
+
+
+def _allowed_head(cases: list[dict[str, frozenset[int]]], first_tp: int) -> set[int]:
+    """The head TP degrees the cases allow next to a first layer at ``first_tp``."""
+    out: set[int] = set()
+    for case in cases:
+        (_, head_tps), (_, first_tps) = case.items()
+        if first_tp in first_tps:
+            out |= head_tps
+    return out
 
 
 def _plan_graph(
@@ -166,6 +235,7 @@ def _plan_graph(
     say,
     progress_interval_s,
     precision,
+    layer_tp=None,
 ) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
@@ -195,6 +265,7 @@ def _plan_graph(
         precision=precision,
         kinds=kinds,
         sequence_parallel=sequence_parallel,
+        layer_tp=layer_tp,
     )
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):
