@@ -7,6 +7,7 @@ so only the search differs (see ``benchmarks/baselines``).
     .venv/bin/python benchmarks/compare.py --alpa-cap-s 300 --alpa-cap-factor 0
     .venv/bin/python benchmarks/compare.py --full --only llama   # Alpa-style uncapped (long)
     .venv/bin/python benchmarks/compare.py --spaces        # old vs new strategy space rows
+    .venv/bin/python benchmarks/compare.py --galvatron-inputs --sequence-parallel
 
 Prints one markdown table (per workload and method: predicted samples/s, uniap / method, search
 wall time; OOM when the method's best plan does not fit), then the geometric-mean and maximum
@@ -24,6 +25,11 @@ a capped cell also says how many ``(pp, c)`` candidates the run finished, and it
 "so far". ``--full`` runs only uniap and the Alpa-style search, uncapped up to
 ``--alpa-row-limit-s`` per row, and writes ``alpa_full.md``: measured ratios where the search
 finished, its progress where it did not.
+
+Every method searches the same space: the cost model's default kinds (DDP, FSDP, ZeRO2,
+HSDP; FSDP-offload where the cluster declares host memory), vocabulary-parallel embedding and
+head, and with ``--sequence-parallel`` Megatron-SP on the TP layers (:meth:`Workload.cost_model`;
+uniap's planner is given the same kinds and SP flag).
 
 ``--spaces`` prints uniap's predicted throughput on rows where a choice added to the strategy
 space should win, with the old space and the new one (:data:`SPACE_ROWS`; ``no plan`` where
@@ -575,6 +581,43 @@ SPACE_ROWS = [
         (("schedules", ("1F1B", "Interleaved1F1B")), ("pp_degrees", (8,))),
         (("schedules", ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")), ("pp_degrees", (8,))),
     ),
+    # Megatron-SP (opt-in: offered when asked): the norms and residual ops of a TP layer on
+    # 1 / tp of the sequence; it helps only where a memory-bound plan takes TP. On Galvatron's
+    # inputs it lets more layers run at tp > 1 without recompute
+    SpaceRow(
+        "Sequence parallelism (Galvatron's Llama-7B inputs)",
+        "llama-7b",
+        "a100-2x8",
+        64,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+    ),
+    # a long sequence with a small batch: memory binds, but the optimum pipelines (pp = 2,
+    # dp = 8, tp = 1) and recomputes rather than taking TP, so SP has nothing to shrink
+    SpaceRow(
+        "Sequence parallelism (32k tokens, B = 8)",
+        "llama-7b",
+        "a100-2x8",
+        8,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+        (("seq_len", 32768),),
+    ),
+    # vocabulary-parallel embedding and head with loss parallel: a Llama-3-sized vocabulary
+    # (128,256) at 8k tokens, one sample per data-parallel rank; the old space is the graph
+    # without the vocabulary-parallel plans (embedding and head at tp = 1)
+    SpaceRow(
+        "Vocabulary-parallel embedding / head (vocab 128k, 8k tokens)",
+        "llama-7b",
+        "a100-2x8",
+        16,
+        "bf16-mixed",
+        (("vocab_tp", False),),
+        (),
+        (("vocab_size", 128256), ("seq_len", 8192)),
+    ),
     # Llama-7B's bf16-mixed training state (16 bytes per parameter, 108 GB) exceeds 2 x 24 GB:
     # only CPU offload fits; the planner searches it when nothing else fits (default kinds)
     SpaceRow(
@@ -597,8 +640,9 @@ SPACE_ROWS = [
     ),
 ]
 """Rows of ``--spaces``: the old space is the one before the choice (keywords of
-:func:`uniap.planner.plan`), the new one the planner's default (for the opt-in interleaved
-schedules: the default schedule and them)."""
+:func:`uniap.planner.plan`; ``vocab_tp=False``: the graph without vocabulary parallelism,
+:func:`without_vocab_tp`), the new one the planner's default (for the opt-in interleaved
+schedules and sequence parallelism: the default and them)."""
 
 
 def space_graph(r: SpaceRow) -> ModelGraph:
