@@ -605,6 +605,18 @@ SPACE_ROWS = [
         (("sequence_parallel", True),),
         (("seq_len", 32768),),
     ),
+    # Llama-2-70B at 16k tokens on 4 nodes of H100: TP is needed for memory on part of the
+    # layers, and SP shrinks what they save
+    SpaceRow(
+        "Sequence parallelism (70B, 16k tokens, B = 16)",
+        "llama2-70b",
+        "h100-4x8",
+        16,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+        (("seq_len", 16384),),
+    ),
     # vocabulary-parallel embedding and head with loss parallel: a Llama-3-sized vocabulary
     # (128,256) at 8k tokens, one sample per data-parallel rank; the old space is the graph
     # without the vocabulary-parallel plans (embedding and head at tp = 1)
