@@ -7,6 +7,7 @@ so only the search differs (see ``benchmarks/baselines``).
     .venv/bin/python benchmarks/compare.py --alpa-cap-s 300 --alpa-cap-factor 0
     .venv/bin/python benchmarks/compare.py --full --only llama   # Alpa-style uncapped (long)
     .venv/bin/python benchmarks/compare.py --spaces        # old vs new strategy space rows
+    .venv/bin/python benchmarks/compare.py --galvatron-inputs --sequence-parallel
 
 Prints one markdown table (per workload and method: predicted samples/s, uniap / method, search
 wall time; OOM when the method's best plan does not fit), then the geometric-mean and maximum
@@ -25,6 +26,11 @@ a capped cell also says how many ``(pp, c)`` candidates the run finished, and it
 ``--alpa-row-limit-s`` per row, and writes ``alpa_full.md``: measured ratios where the search
 finished, its progress where it did not.
 
+Every method searches the same space: the cost model's default kinds (DDP, FSDP, ZeRO2,
+HSDP; FSDP-offload where the cluster declares host memory), vocabulary-parallel embedding and
+head, and with ``--sequence-parallel`` Megatron-SP on the TP layers (:meth:`Workload.cost_model`;
+uniap's planner is given the same kinds and SP flag).
+
 ``--spaces`` prints uniap's predicted throughput on rows where a choice added to the strategy
 space should win, with the old space and the new one (:data:`SPACE_ROWS`; ``no plan`` where
 nothing fits), and writes ``spaces.md``.
@@ -40,7 +46,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,11 +96,21 @@ class Workload:
     """``table`` (the main table) or ``layers`` (the layer-count sweep of the plot)."""
     tight: bool = False
     """Also run a memory-bound twin: device memory shrunk to 60% of what uniap's plan here uses."""
+    sequence_parallel: bool = False
+    """Offer sequence parallelism (every method's cost model: ``CostModel(...,
+    sequence_parallel=True)``); ``--sequence-parallel``."""
+
+    def cost_model(self, graph: ModelGraph) -> CostModel:
+        """The cost model (and so the strategy space) every method searches on this workload:
+        the default kinds (DDP, FSDP, ZeRO2, HSDP; FSDP-offload where the cluster declares host
+        memory), vocabulary TP, and SP when asked."""
+        return CostModel(graph, self.cluster, sequence_parallel=self.sequence_parallel)
 
     @property
     def name(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in self.overrides)
-        return f"{self.model}{extra} / {self.cluster.name}"
+        sp = " +SP" if self.sequence_parallel else ""
+        return f"{self.model}{extra} / {self.cluster.name}{sp}"
 
 
 def a100(nodes: int, interconnect: str) -> Cluster:
@@ -116,6 +132,12 @@ def tiny(devices: int, memory_gib: float) -> Cluster:
         devices_per_node=devices,
         device_memory_bytes=memory_gib * 2**30,
     )
+
+
+def galvatron_inputs() -> Workload:
+    """Galvatron's own measured Llama-7B inputs: 2 x 8 A100-40GB (NVLink), global batch 64
+    (its full-space plan there: TP4 x DP4 ZeRO-2, 11 layers recomputed)."""
+    return Workload("llama-7b", a100(2, "nvlink"), 64)
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -180,7 +202,7 @@ def run_workload(
     B = w.global_batch_size
 
     def cm() -> CostModel:
-        return CostModel(g, w.cluster)
+        return w.cost_model(g)
 
     out = {"uniap": uniap_search(cm(), B), "galvatron": galvatron(cm(), B)}
     cap = alpa_cap(w, out["uniap"].wall_s, alpa_cap_s, alpa_cap_factor, alpa_cap_max_s)
@@ -225,7 +247,7 @@ def table(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -> str:
 def _peak(w: Workload, r: BaselineResult) -> list[float]:
     from uniap.cost_model import evaluate_assignment
 
-    cm = CostModel(graph_of(w), w.cluster)
+    cm = w.cost_model(graph_of(w))
     t = cm.tables(r.pp, r.num_microbatches, w.global_batch_size)
     return evaluate_assignment(t, r.stage_of, r.strategy_of).peak_memory_bytes
 
@@ -450,8 +472,8 @@ def alpa_full(todo: list[Workload], limit_s: float) -> str:
     for w in todo:
         g = graph_of(w)
         B = w.global_batch_size
-        u = uniap_search(CostModel(g, w.cluster), B)
-        a = alpa(CostModel(g, w.cluster), B, time_cap_s=limit_s)
+        u = uniap_search(w.cost_model(g), B)
+        a = alpa(w.cost_model(g), B, time_cap_s=limit_s)
         ratio = a.wall_s / u.wall_s
         so_far = " so far" if a.capped else ""
         if a.found and a.fits:
@@ -482,6 +504,27 @@ class SpaceRow:
     precision: str
     old: tuple[tuple[str, object], ...]
     new: tuple[tuple[str, object], ...]
+    overrides: tuple[tuple[str, int], ...] = ()
+    """Model config overrides (``seq_len``, ``vocab_size``), the same in both spaces."""
+
+    @property
+    def label(self) -> str:
+        """``model k=v ... / cluster``."""
+        extra = "".join(f" {k}={v}" for k, v in self.overrides)
+        return f"{self.model}{extra} / {self.cluster}"
+
+
+def without_vocab_tp(graph: ModelGraph) -> ModelGraph:
+    """The graph as the strategy space saw it before vocabulary parallelism: embedding and
+    head layers keep no vocabulary-parallel plan, so they run at ``tp = 1`` only (the planner
+    has no switch for it; the ``vocab_tp=False`` keyword of a :class:`SpaceRow` space)."""
+    layers = tuple(
+        replace(layer, tp_vocab=None, cost_key=layer.cost_key + "|no-vocab-tp")
+        if layer.tp_vocab is not None
+        else layer
+        for layer in graph.layers
+    )
+    return replace(graph, layers=layers)
 
 
 SPACE_ROWS = [
@@ -538,6 +581,55 @@ SPACE_ROWS = [
         (("schedules", ("1F1B", "Interleaved1F1B")), ("pp_degrees", (8,))),
         (("schedules", ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")), ("pp_degrees", (8,))),
     ),
+    # Megatron-SP (opt-in: offered when asked): the norms and residual ops of a TP layer on
+    # 1 / tp of the sequence; it helps only where a memory-bound plan takes TP. On Galvatron's
+    # inputs it lets more layers run at tp > 1 without recompute
+    SpaceRow(
+        "Sequence parallelism (Galvatron's Llama-7B inputs)",
+        "llama-7b",
+        "a100-2x8",
+        64,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+    ),
+    # a long sequence with a small batch: memory binds, but the optimum pipelines (pp = 2,
+    # dp = 8, tp = 1) and recomputes rather than taking TP, so SP has nothing to shrink
+    SpaceRow(
+        "Sequence parallelism (32k tokens, B = 8)",
+        "llama-7b",
+        "a100-2x8",
+        8,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+        (("seq_len", 32768),),
+    ),
+    # Llama-2-70B at 16k tokens on 4 nodes of H100: TP is needed for memory on part of the
+    # layers, and SP shrinks what they save
+    SpaceRow(
+        "Sequence parallelism (70B, 16k tokens, B = 16)",
+        "llama2-70b",
+        "h100-4x8",
+        16,
+        "bf16-mixed",
+        (),
+        (("sequence_parallel", True),),
+        (("seq_len", 16384),),
+    ),
+    # vocabulary-parallel embedding and head with loss parallel: a Llama-3-sized vocabulary
+    # (128,256) at 8k tokens, one sample per data-parallel rank; the old space is the graph
+    # without the vocabulary-parallel plans (embedding and head at tp = 1)
+    SpaceRow(
+        "Vocabulary-parallel embedding / head (vocab 128k, 8k tokens)",
+        "llama-7b",
+        "a100-2x8",
+        16,
+        "bf16-mixed",
+        (("vocab_tp", False),),
+        (),
+        (("vocab_size", 128256), ("seq_len", 8192)),
+    ),
     # Llama-7B's bf16-mixed training state (16 bytes per parameter, 108 GB) exceeds 2 x 24 GB:
     # only CPU offload fits; the planner searches it when nothing else fits (default kinds)
     SpaceRow(
@@ -560,8 +652,19 @@ SPACE_ROWS = [
     ),
 ]
 """Rows of ``--spaces``: the old space is the one before the choice (keywords of
-:func:`uniap.planner.plan`), the new one the planner's default (for the opt-in interleaved
-schedules: the default schedule and them)."""
+:func:`uniap.planner.plan`; ``vocab_tp=False``: the graph without vocabulary parallelism,
+:func:`without_vocab_tp`), the new one the planner's default (for the opt-in interleaved
+schedules and sequence parallelism: the default and them)."""
+
+
+def space_graph(r: SpaceRow) -> ModelGraph:
+    """The row's model graph (with its overrides) in its precision's compute dtype."""
+    from uniap.precision import resolve_precision
+
+    m = models.build_model(r.model, device="meta", **dict(r.overrides))
+    x = models.example_batch(m, 2, device="meta")[0]
+    dtype = getattr(torch, resolve_precision(r.precision).param_dtype)
+    return build_graph(m, x, name=r.model, dtype=dtype)
 
 
 def spaces_table(rows: list[SpaceRow]) -> str:
@@ -577,13 +680,17 @@ def spaces_table(rows: list[SpaceRow]) -> str:
         cells, summary = [], ""
         for space in (r.old, r.new):
             t0 = time.perf_counter()
+            kw = dict(space)
+            graph = space_graph(r)
+            if not kw.pop("vocab_tp", True):
+                graph = without_vocab_tp(graph)
             try:
                 p = plan(
-                    r.model,
+                    graph,
                     r.cluster,
                     global_batch_size=r.global_batch_size,
                     precision=r.precision,
-                    **dict(space),
+                    **kw,
                 )
                 wall = time.perf_counter() - t0
                 cells.append(f"{p.predicted['samples_per_s']:.4g} samples/s ({wall:.1f} s)")
@@ -591,10 +698,10 @@ def spaces_table(rows: list[SpaceRow]) -> str:
             except InfeasibleError:
                 cells.append(f"no plan fits ({time.perf_counter() - t0:.1f} s)")
                 summary = "-"
-        print(f"# {r.model} / {r.cluster} B={r.global_batch_size}: {cells}", file=sys.stderr)
+        print(f"# {r.label} B={r.global_batch_size}: {cells}", file=sys.stderr)
         summary_cell = summary.replace("|", "\\|")  # a table cell
         out.append(
-            f"| {r.why} | {r.model} / {r.cluster} | {r.global_batch_size} | {cells[0]} | "
+            f"| {r.why} | {r.label} | {r.global_batch_size} | {cells[0]} | "
             f"{cells[1]} | {summary_cell} |"
         )
     return "\n".join(out)
@@ -617,13 +724,25 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default=None,
-        help="only workloads whose name contains one of these comma-separated texts",
+        help="only workloads (with --spaces: rows, by label or choice) whose name contains one "
+        "of these comma-separated texts",
     )
     ap.add_argument("--quick", action="store_true", help="4 workloads, Alpa capped at 15 s")
     ap.add_argument(
         "--spaces",
         action="store_true",
         help="only the old-vs-new strategy space rows (SPACE_ROWS), written to spaces.md",
+    )
+    ap.add_argument(
+        "--galvatron-inputs",
+        action="store_true",
+        help="only Galvatron's Llama-7B inputs (llama-7b, 2 x 8 A100-40GB NVLink, batch 64)",
+    )
+    ap.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="offer sequence parallelism to every method (uniap, Galvatron-style, Alpa-style, "
+        "hand-set), like for like",
     )
     ap.add_argument(
         "--alpa-cap-s",
@@ -659,8 +778,12 @@ def main() -> None:
     rows, layer_rows = [], []
     only = [x for x in (args.only or "").split(",") if x]
     todo = [w for w in workloads(args.quick) if not only or any(x in w.name for x in only)]
+    if args.galvatron_inputs:
+        todo = [galvatron_inputs()]
+    if args.sequence_parallel:
+        todo = [replace(w, sequence_parallel=True) for w in todo]
     if args.spaces:
-        rows_s = [r for r in SPACE_ROWS if not only or any(x in r.model for x in only)]
+        rows_s = [r for r in SPACE_ROWS if not only or any(x in r.label + r.why for x in only)]
         text = spaces_table(rows_s)
         print(text)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -690,7 +813,16 @@ def main() -> None:
             tight_cluster = w.cluster.replace(
                 name=f"{w.cluster.name}-{mem / 2**30:.3g}GiB", device_memory_bytes=mem
             )
-            todo.insert(0, Workload(w.model, tight_cluster, w.global_batch_size, w.overrides))
+            todo.insert(
+                0,
+                Workload(
+                    w.model,
+                    tight_cluster,
+                    w.global_batch_size,
+                    w.overrides,
+                    sequence_parallel=w.sequence_parallel,
+                ),
+            )
     mach = machine()
     body = [
         f"machine: {mach}",

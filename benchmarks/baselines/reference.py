@@ -18,7 +18,8 @@ __all__ = ["uniap_search", "exhaustive_search"]
 def uniap_search(
     cm: CostModel, global_batch_size: int, *, time_limit_s: float = 60.0
 ) -> BaselineResult:
-    """uniap's plan (its own cost model is built from the same graph, cluster and profile)."""
+    """uniap's plan (its own cost model is built from the same graph, cluster, profile and
+    strategy space: ``cm``'s kinds and sequence parallelism)."""
     t0 = time.perf_counter()
     plan = plan_graph(
         cm.graph,
@@ -28,6 +29,8 @@ def uniap_search(
         memory_fraction=cm.memory_limit_bytes / cm.cluster.device_memory_bytes,
         max_tp=cm.max_tp,
         recompute=cm.recompute,
+        kinds=cm.kinds,
+        sequence_parallel=cm.sequence_parallel,
         time_limit_s=time_limit_s,
     )
     wall = time.perf_counter() - t0
