@@ -74,6 +74,10 @@ Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves
 (:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
 they remove only assignments that cannot beat the incumbent, so exactness is kept.
 
+One stage (``pp = 1``, no interleaving): :func:`uniap.search.single_stage_optimum` answers
+exactly without the program (a label-setting pass along the chain, per value of the largest
+``F``), unless its Pareto fronts grow too large or host memory binds; then the program runs.
+
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
 read from HiGHS itself.
@@ -97,6 +101,7 @@ from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
 from uniap.schedules import zero_bubble_dag, zero_bubble_ends
+from uniap.search import single_stage_optimum
 
 __all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
 
@@ -210,6 +215,21 @@ def solve(
             incumbent, bound = None, None
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
+    if t.num_stages == 1:
+        exact = single_stage_optimum(
+            t,
+            bound if bound is not None else float("inf"),
+            progress=progress,
+            progress_interval_s=progress_interval_s,
+        )
+        if exact is not None:  # one stage: a label-setting pass is exact and far cheaper
+            tpi, ks = exact
+            wall = time.perf_counter() - t0
+            if not ks:
+                status = "cutoff" if bound is not None else "infeasible"
+                return Solution(status, float("inf"), float("inf"), [], [], 0.0, wall)
+            log.debug("pp=1 c=%d: optimal tpi=%.6g by labels (%.3f s)", c, tpi, wall)
+            return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall)
     window = stage_windows(t, bound)
     if bound is not None and all(window):
         # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits

@@ -14,9 +14,13 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
 4. the segment bound of each candidate (:func:`uniap.bounds.segment_lower_bound`: contiguous
    stages, each with its own compute, synchronisation, memory and outgoing edge, refined
    towards the incumbent); a candidate whose bound reaches the best time found is skipped
-   (it cannot win); the others get a better heuristic assignment (local search, stages
-   re-planned within memory), in increasing bound, each new incumbent refining the others'
-   bounds; they are visited in increasing heuristic time;
+   (it cannot win); when it does not reach it and the bottleneck counts (``c > 1``), its
+   boxes start at the memory-aware bottleneck bound (:func:`uniap.bounds.memory_bottleneck_bound`:
+   each stage's fastest strategies *that fit its memory*, an exact knapsack, where the cheap
+   bound takes every layer's fastest). The others get a better heuristic assignment (local
+   search, stages re-planned within memory; with ``c > 1`` also the split of that bound made
+   an assignment, :func:`uniap.search.memory_split_assignment`), in increasing bound, each
+   new incumbent refining the others' bounds; they are visited in increasing heuristic time;
 5. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
    everything that cannot beat it (:func:`uniap.milp.solve`, which also narrows each layer's
    stages to the runs the segment bound allows below that time); a first pass gives every

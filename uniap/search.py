@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -24,6 +25,7 @@ __all__ = [
     "improve",
     "memory_split_assignment",
     "restrategize",
+    "single_stage_optimum",
 ]
 
 
@@ -124,6 +126,150 @@ def heuristic(t: CostTables, *, starts: int = 0) -> tuple[list[int], list[int]] 
         if tpi < best_tpi:
             best, best_tpi = list(got), tpi
     return best[0], best[1]
+
+
+def single_stage_optimum(
+    t: CostTables,
+    bound_s: float = float("inf"),
+    *,
+    max_points: int = 4096,
+    progress: Callable[[dict], None] | None = None,
+    progress_interval_s: float = 5.0,
+) -> tuple[float, list[int]] | None:
+    """The optimum of a one-stage table (``pp = 1``, no interleaving) exactly, without the
+    program: ``(time per iteration, strategy_of)``, ``(inf, [])`` when nothing fits below
+    ``bound_s``, or None when it gives up (a Pareto front above ``max_points``, or host memory
+    that binds), and the program must answer.
+
+    With one stage ``TPI = c p + s + step``, ``p = sum A + sum R + k``, ``s = sum G + max F``
+    (:func:`uniap.cost_model.evaluate_assignment`), so for each candidate value ``f`` of the
+    largest ``F`` (strategies with ``F <= f`` only) it is a shortest path along the chain with
+    one resource: states are the layout of the last layer, labels the Pareto front of (cost
+    ``sum (c A + G) + c sum R``, memory ``sum M``); a label is dropped when its memory plus
+    the rest's leanest exceeds the limit, or its cost plus the rest's cheapest cannot beat
+    ``bound_s``. The smallest ``cost + c k + f + step`` over ``f`` is the optimum (the true
+    largest ``F`` is one of the values tried, and any other ``f`` only overcharges).
+
+    ``progress`` is called after each value of ``f``, at most every ``progress_interval_s``,
+    with what :func:`uniap.milp.solve` reports: ``running_s``, ``incumbent`` (inf while none),
+    ``bound`` (the values still to try cost at least the rest's cheapest strategies plus their
+    ``f``), ``gap`` and ``nodes`` (labels made)."""
+    if t.num_stages != 1 or (t.uses_host_memory and np.isfinite(t.host_limit_bytes)):
+        return None
+    L, c = t.num_layers, t.num_microbatches
+    mask = t.allowed_mask()
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    w = np.where(mask, c * t.A + t.G, np.inf)
+    M = t.M[:, :, 0]
+    Rc = c * t.R
+    lay = t.layout
+    const = c * t.stage_overhead_s + t.step_overhead_s
+    goal = float(bound_s) * (1 + 1e-7) if np.isfinite(bound_s) else np.inf
+    best: tuple[float, list[int]] = (np.inf, [])
+    fs = np.unique(np.where(mask, t.F, np.nan)[mask])
+    # the cheapest any labelling with largest F <= f can be: a bound for the values not tried
+    floor = [
+        float(np.where(mask & (t.F <= f), w, np.inf).min(axis=1).sum()) + const + f for f in fs
+    ]
+    start_s = last_s = time.perf_counter()
+    for j, f in enumerate(fs):
+        if progress is not None and time.perf_counter() - last_s >= progress_interval_s:
+            last_s = time.perf_counter()
+            low = min([best[0], *floor[j:]])
+            progress(
+                {
+                    "running_s": last_s - start_s,
+                    "incumbent": best[0],
+                    "bound": low,
+                    "gap": (best[0] - low) / best[0] if np.isfinite(best[0]) else np.inf,
+                    "nodes": j,
+                }
+            )
+        ok = mask & (t.F <= f)
+        if not ok.any(axis=1).all():
+            continue
+        wf = np.where(ok, w, np.inf)
+        mf = np.where(ok, M, np.inf)
+        rest_w = np.concatenate([np.cumsum(wf.min(axis=1)[::-1])[::-1][1:], [0.0]])
+        rest_m = np.concatenate([np.cumsum(mf.min(axis=1)[::-1])[::-1][1:], [0.0]])
+        cap = min(goal, best[0] * (1 + 1e-12)) - const - f
+        found = _chain_labels(wf, mf, Rc, lay, ok, rest_w, rest_m, limit, cap, max_points)
+        if found is None:
+            return None
+        cost, ks = found
+        if ks and cost + const + f < best[0]:
+            best = (float(evaluate_assignment(t, [0] * L, ks).time_per_iteration_s), ks)
+    return best
+
+
+def _chain_labels(
+    w: np.ndarray,
+    M: np.ndarray,
+    Rc: np.ndarray,
+    lay: np.ndarray,
+    ok: np.ndarray,
+    rest_w: np.ndarray,
+    rest_m: np.ndarray,
+    limit: float,
+    cap: float,
+    max_points: int,
+) -> tuple[float, list[int]] | None:
+    """The label-setting pass of :func:`single_stage_optimum` for one ``f``: the cheapest
+    ``(cost, strategy_of)`` with cost at most ``cap`` (``(inf, [])`` if none), None when a
+    front outgrows ``max_points``."""
+    L = w.shape[0]
+    # fronts[b] = (cost, mem, index into the previous layer's labels); back[u] per label: k
+    labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    back: list[dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    for u in range(L):
+        ks = np.flatnonzero(ok[u])
+        new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        links: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for b in sorted(set(int(lay[u, k]) for k in ks)):
+            kb = ks[lay[u, ks] == b]
+            if u == 0:
+                cost = w[0, kb].astype(float)
+                mem = M[0, kb].astype(float)
+                pa, pi, kk = np.full(len(kb), -1), np.full(len(kb), -1), kb
+            else:
+                parts = []
+                for a, (ca, ma) in labels.items():
+                    n = len(ca)
+                    parts.append(
+                        (
+                            (ca[:, None] + Rc[u - 1, a, b] + w[u, kb][None, :]).ravel(),
+                            (ma[:, None] + M[u, kb][None, :]).ravel(),
+                            np.full(n * len(kb), a),
+                            np.repeat(np.arange(n), len(kb)),
+                            np.tile(kb, n),
+                        )
+                    )
+                if not parts:
+                    return np.inf, []
+                cost, mem, pa, pi, kk = (np.concatenate(x) for x in zip(*parts))
+            keep = (mem + rest_m[u] <= limit) & (cost + rest_w[u] <= cap)
+            cost, mem, pa, pi, kk = cost[keep], mem[keep], pa[keep], pi[keep], kk[keep]
+            if not len(cost):
+                continue
+            order = np.lexsort((mem, cost))
+            cost, mem, pa, pi, kk = cost[order], mem[order], pa[order], pi[order], kk[order]
+            on = mem < np.concatenate([[np.inf], np.minimum.accumulate(mem)[:-1]])
+            if on.sum() > max_points:
+                return None
+            new[b] = (cost[on], mem[on])
+            links[b] = (pa[on], pi[on], kk[on])
+        if not new:
+            return np.inf, []
+        labels = new
+        back.append(links)
+    b, j = min(((b, 0) for b in labels), key=lambda x: labels[x[0]][0][0])
+    total = float(labels[b][0][0])
+    ks_out = [0] * L
+    for u in range(L - 1, -1, -1):
+        pa, pi, kk = back[u][b]
+        ks_out[u] = int(kk[j])
+        b, j = int(pa[j]), int(pi[j])
+    return total, ks_out
 
 
 def memory_split_assignment(

@@ -83,3 +83,94 @@ def test_restrategize_fits_and_minimises_with_free_memory(seed: int) -> None:
 
     best = min(cost(s) for s in itertools.product(*t.allowed))
     assert cost(got) == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 2))
+def test_memory_split_assignment_fits_whenever_a_plan_does(seed: int) -> None:
+    """The memory-aware split as an assignment: it fits whenever some plan fits (the knapsack
+    of each stage is exact in memory), its slowest stage is at least the bound it comes from,
+    and a thinned front still gives a fitting assignment or none."""
+    from uniap.bounds import memory_bottleneck_bound
+    from uniap.search import exhaustive, memory_split_assignment
+
+    t = random_tables(seed)
+    best, _, _ = exhaustive(t)
+    got = memory_split_assignment(t)
+    if not np.isfinite(best):
+        assert got is None
+        return
+    assert got is not None
+    ev = evaluate_assignment(t, *got)
+    assert ev.fits and ev.time_per_iteration_s >= best * (1 - 1e-12)
+    assert max(ev.stage_time_s) >= memory_bottleneck_bound(t) * (1 - 1e-12)
+    thin = memory_split_assignment(t, max_points=1)
+    assert thin is None or evaluate_assignment(t, *thin).fits
+
+
+@pytest.mark.parametrize("seed", range(0, 200, 3))
+def test_single_stage_optimum_equals_exhaustive(seed: int) -> None:
+    """One stage: the label-setting pass gives the exhaustive optimum (to 1e-9), never answers
+    below a bound it cannot beat, and finds the optimum again when the bound is the optimum
+    itself (the planner's cutoff); random tables of 3-6 layers, half with a run of identical
+    layers, a binding memory limit and an exposed sync."""
+    from uniap.cost_model import CostTables
+    from uniap.search import exhaustive, single_stage_optimum
+
+    t = random_tables(seed)
+    if t.pp != 1:  # the same draws on one stage: memory of stage 0
+        t = CostTables(
+            1, t.num_microbatches, t.A, t.G, t.M[:, :, :1].copy(), t.layout, t.R, t.Rp,
+            t.memory_limit_bytes, t.allowed, F=t.F,
+        )  # fmt: skip
+    best, _, _ = exhaustive(t)
+    got = single_stage_optimum(t)
+    assert got is not None
+    if not np.isfinite(best):
+        assert got == (np.inf, [])
+        return
+    tpi, ks = got
+    assert tpi == pytest.approx(best, rel=1e-9)
+    ev = evaluate_assignment(t, [0] * t.num_layers, ks)
+    assert ev.fits and ev.time_per_iteration_s == pytest.approx(best, rel=1e-9)
+    assert single_stage_optimum(t, best)[0] == pytest.approx(best, rel=1e-9)
+    assert single_stage_optimum(t, best * 0.99) == (np.inf, [])
+    assert single_stage_optimum(t, max_points=0) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_single_stage_optimum_equals_the_program_on_longer_chains(seed: int) -> None:
+    """Longer one-stage chains (16-24 layers, runs of identical layers, several layouts,
+    memory that binds): the label-setting pass equals the program's optimum (HiGHS, proven)."""
+    from uniap.cost_model import CostTables
+    from uniap.milp import _build, _HiGHS
+    from uniap.search import single_stage_optimum
+
+    rng = np.random.default_rng(500 + seed)
+    L, K = int(rng.integers(16, 25)), 5
+    c = int(rng.choice([1, 4]))
+    block = rng.uniform(0.1, 2.0, size=K)
+    A = np.vstack([block if 2 <= u < L - 2 else rng.uniform(0.1, 2.0, size=K) for u in range(L)])
+    G = rng.uniform(0.0, 0.5, size=(L, K))
+    G[2 : L - 2] = G[2]
+    M = rng.uniform(1.0, 10.0, size=(L, K, 1))
+    M[2 : L - 2] = M[2]
+    layout = np.tile(rng.integers(0, 3, size=K), (L, 1))
+    R = rng.uniform(0.0, 0.5, size=(L - 1, 3, 3))
+    for a in range(3):
+        R[:, a, a] = 0.0
+    F = rng.uniform(0.0, 1.0, size=(L, K))
+    F[2 : L - 2] = F[2]
+    limit = float(M[:, :, 0].min(axis=1).sum() + 0.4 * np.ptp(M[:, :, 0], axis=1).sum())
+    allowed = [list(range(K))] * L
+    t = CostTables(1, c, A, G, M, layout, R, np.zeros((L - 1, 3, 3)), limit, allowed, F=F)
+    tpi, ks = single_stage_optimum(t)
+    window = [[0]] * L
+    prob, v, scale = _build(t, window, None)
+    prob.solve(_HiGHS(msg=False, timeLimit=120, threads=1, gapRel=0.0, gapAbs=1e-12))
+    assert prob.solverModel.getModelStatus().name == "kOptimal"
+    stage_of, strategy_of = [0] * L, [0] * L
+    for (u, _, k), var in v.x.items():
+        if var.varValue > 0.5:
+            strategy_of[u] = k
+    program = evaluate_assignment(t, stage_of, strategy_of).time_per_iteration_s
+    assert tpi == pytest.approx(program, rel=1e-7)
