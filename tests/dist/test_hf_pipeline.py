@@ -1,16 +1,16 @@
-"""Models that are not declared chains at pp = 2 and 4 (world size 4, one spawn): the model's
-own forward, traced and split at the plan's stage boundaries, trains exactly as on one
-process (per-step losses, every gradient after the first backward, the global gradient norm;
-SGD, rtol 1e-4), and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
+"""Models that are not declared chains at pp = 2 and 4 (world size 4, one spawn): the model's own
+forward, traced and split at the plan's stage boundaries, trains exactly as on one process (per-
+step losses, every gradient after the first backward, the global gradient norm; SGD, rtol 1e-4),
+and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
 
-Eleven Hugging Face families at pp = 2 (BART's layers ordered as its forward runs them) (DDP
-on one stage, FSDP on the other, recompute on some; Llama, tied and untied, at pp = 2 from
-the meta device below), tied input/output embeddings across pp = 2 and 4, and hand-written
-non-chain models (a skip connection across a stage boundary, a scaled embedding, a
-model-level parameter, keyword-only inputs with the model's own loss); gradient accumulation over two ``train_step``
-calls; a Hugging Face Llama started on the meta device (pp = 1 FSDP and pp = 2, tied and
-untied) against a single-process model initialised with the same seed; and the plans the
-executor must refuse before training."""
+Eleven Hugging Face families at pp = 2 (BART's layers ordered as its forward runs them) (DDP on
+one stage, FSDP on the other, recompute on some; Llama, tied and untied, at pp = 2 from the meta
+device below), tied input/output embeddings across pp = 2 and 4, and hand-written non-chain
+models (a skip connection across a stage boundary, a scaled embedding, a model-level parameter,
+keyword-only inputs with the model's own loss); gradient accumulation over two ``train_step``
+calls; a Hugging Face Llama started on the meta device (pp = 1 FSDP and pp = 2, tied and untied)
+against a single-process model initialised with the same seed; and the plans the executor must
+refuse before training."""
 
 from __future__ import annotations
 
