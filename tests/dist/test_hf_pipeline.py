@@ -1,7 +1,7 @@
 """Models that are not declared chains at pp = 2 and 4 (world size 4, one spawn): the model's own
-forward, traced and split at the plan's stage boundaries, trains exactly as on one process (per-
-step losses, every gradient after the first backward, the global gradient norm; SGD, rtol 1e-4),
-and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
+forward, traced and split at the plan's stage boundaries, trains exactly as on one process
+(per-step losses, every gradient after the first backward, the global gradient norm; SGD, rtol
+1e-4), and ``pm.eval(); pm(batch)`` returns the trained model's output on every rank.
 
 Eleven Hugging Face families at pp = 2 (BART's layers ordered as its forward runs them) (DDP on
 one stage, FSDP on the other, recompute on some; Llama, tied and untied, at pp = 2 from the meta
