@@ -1,5 +1,7 @@
-"""Interleaved 1F1B (``ScheduleInterleaved1F1B``, v = 2 stages per rank, stage j on the ranks
-of stage j % pp) trains like one process: world 4, CPU gloo, one spawn for every case.
+"""Interleaved 1F1B (``ScheduleInterleaved1F1B``) and interleaved zero bubble
+(``ScheduleInterleavedZeroBubble``, each backward split into input and weight gradients; dp = 1
+only, :attr:`uniap.schedules.ScheduleSpec.data_parallel`), v = 2 stages per rank, stage j on
+the ranks of stage j % pp, train like one process: world 4, CPU gloo, one spawn for every case.
 
 Each case trains the toy chain for three SGD steps (momentum, ``foreach=True``) under a plan
 with pp * 2 stages and compares with single-process training on the same global batches:
@@ -16,10 +18,18 @@ import pytest
 pytestmark = pytest.mark.dist
 
 D, F = "DDP", "FSDP"
+ZB = "InterleavedZeroBubble"
 
 
 def _interleaved(
-    name: str, pp: int, per_stage: list, *, c: int, n_blocks: int = 2, **extra: Any
+    name: str,
+    pp: int,
+    per_stage: list,
+    *,
+    c: int,
+    n_blocks: int = 2,
+    schedule: str = "Interleaved1F1B",
+    **extra: Any,
 ) -> dict:
     """A parity case: the toy's layers split evenly over ``len(per_stage)`` stages, stage j on
     the 4 // pp ranks of rank group j % pp, stage j's layers with ``per_stage[j]`` (one
@@ -45,7 +55,7 @@ def _interleaved(
         world_size=4,
         global_batch_size=8,
         num_microbatches=c,
-        schedule="Interleaved1F1B",
+        schedule=schedule,
         stages=tuple(stages),
     )
     assert plan.virtual_stages == 2 and plan.pp_degree == pp
@@ -68,6 +78,11 @@ def _cases() -> list[dict]:
         _interleaved("pp2_v2_fsdp_tp2_c2", 2, [(2, 1, F), (1, 2, D), (1, 2, F), (2, 1, D)], c=2),
         # four ranks with two stages each, the last rank's first stage feeding rank 0's second
         _interleaved("pp4_v2_c4", 4, [(1, 1, D)] * 8, c=4, n_blocks=6),
+        # zero bubble: four ranks with two stages each, dp = 1
+        _interleaved("zb_pp4_v2_c4", 4, [(1, 1, D)] * 8, c=4, n_blocks=6, schedule=ZB),
+        _interleaved(
+            "zb_pp4_v2_c8", 4, [(1, 1, D)] * 8, c=8, n_blocks=6, schedule=ZB, forward=True
+        ),
     ]
 
 
@@ -83,7 +98,8 @@ def test_interleaved_matches_reference(results: dict[str, Any], name: str) -> No
     """Losses, gradients after the first backward and final parameters match one process."""
     res = results[name]
     assert "error" not in res, res.get("error")
-    assert "Interleaved1F1B" in res["plan"] and " v=2 " in res["plan"]
+    schedule = ZB if name.startswith("zb_") else "Interleaved1F1B"
+    assert schedule in res["plan"] and " v=2 " in res["plan"]
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert res["grads_close"], (
         f"gradients after the first backward differ: {res['bad_grads']} "
