@@ -231,5 +231,10 @@ def sp_memory_case(case: dict) -> dict[str, Any] | None:
 
 
 def sp_case(case: dict) -> dict[str, Any] | None:
-    """Dispatch on ``case["kind"]``: ``parity`` or ``memory``."""
+    """Dispatch on ``case["kind"]``: ``parity``, ``memory`` or ``vocab`` (a world-4 case of
+    :func:`vocab_parallel.vocab_case`, sharing this spawn)."""
+    if case["kind"] == "vocab":
+        from vocab_parallel import vocab_case
+
+        return vocab_case(case)
     return (sp_memory_case if case["kind"] == "memory" else sp_parity_case)(case)

@@ -42,7 +42,12 @@ CASES = [
     {"name": "llama_hf_memory", "kind": "memory", "model": "llama"},
     {"name": "gpt_memory_recompute", "kind": "memory", "model": "gpt", "recompute": True},
     {"name": "llama_hf_memory_recompute", "kind": "memory", "model": "llama", "recompute": True},
-]
+    # vocabulary-parallel head on the last of two pipeline stages (vocab_parallel.vocab_case)
+    {"name": "gpt_pp2_vocab_tp2", "kind": "vocab", "family": "gpt", "pp": 2,
+     "others": (1, 2, "DDP")},
+    {"name": "gpt_pp2_softmax_loss_refused", "kind": "vocab", "family": "gpt", "pp": 2,
+     "others": (1, 2, "DDP"), "loss": "softmax", "c": 2},
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +89,33 @@ def test_tp4_sp_saved_bytes_are_planned(results: dict[str, Any], name: str) -> N
         assert res["measured_sp"] == pytest.approx(res["planned_sp"], rel=1e-9), res
         if "measured_tp" in res:
             assert res["measured_tp"] == pytest.approx(res["planned_tp"], rel=1e-9), res
+
+
+def test_pp2_vocab_parallel_head_matches_one_process(results: dict[str, Any]) -> None:
+    """A vocabulary-parallel head (tp = 2) on the last of two pipeline stages: its loss runs
+    under loss_parallel() inside the 1F1B schedule; losses and every gradient as on one
+    process, each last-stage rank holding V / 2 of the logits."""
+    res = results["gpt_pp2_vocab_tp2"]
+    assert "error" not in res, res.get("error")
+    assert "||" in res["plan"] and "tp2" in res["plan"], res["plan"]
+    assert res["held_logits"] == [["DTensor", res["vocab_size"] // 2]], res["held_logits"]
+    assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
+    assert res["num_grads"] > 0
+    assert not res["bad_grads"], res["bad_grads"]
+    assert not res["missing_grads"], res["missing_grads"]
+
+
+def test_pp2_refused_loss_reaches_every_stage(results: dict[str, Any]) -> None:
+    """A loss that would gather the sharded logits, on the last of two stages, is refused on
+    every rank after the first step (the first stage too, which never runs the loss), with
+    the last stage's message: no rank waits for the process group's timeout."""
+    res = results["gpt_pp2_softmax_loss_refused"]
+    assert "error" not in res, res.get("error")
+    expected = (
+        "UniapError: the loss applies AmaxBackward0, LogBackward0, SoftmaxBackward0 to the "
+        "logits of 'head'"
+    )
+    assert len(res["refused_on"]) == 4
+    for said in res["refused_on"]:
+        assert said is not None and said.startswith(expected), res["refused_on"]
+        assert said.endswith("Use such a loss, or plan 'head' at tp=1"), said

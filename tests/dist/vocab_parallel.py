@@ -89,12 +89,15 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         else (others if layer.supports_tp(others[1]) else (2, 1, others[2]))
         for layer in graph.layers
     ]
+    pp = case.get("pp", 1)  # pp = 2 (world 4): the embedding and first block, the rest
     plan = make_plan(
         list(graph.fqns),
         dist.get_world_size(),
-        [per_layer],
+        [per_layer[:2], per_layer[2:]] if pp == 2 else [per_layer],
         global_batch_size=big_b,
         num_microbatches=c,
+        split=[2, len(per_layer) - 2] if pp == 2 else None,
+        schedule="1F1B" if pp == 2 else "GPipe",
         model_name=graph.name,
         signature=graph.signature,
     )
@@ -111,20 +114,25 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
             raise
         return {"refused": f"{type(e).__name__}: {e}"} if dist.get_rank() == 0 else None
     head = graph.layers[-1]
-    head_module = pm.module.get_submodule(head.fqn)
-    if head.tp_vocab.module:
-        head_module = head_module.get_submodule(head.tp_vocab.module)
     held: list[tuple[str, int]] = []
-    head_module.register_forward_hook(
-        lambda m, a, out: held.append((type(out).__name__, out.to_local().shape[-1]))
-    )
+    if pm.is_last_stage:
+        head_module = pm.module.get_submodule(head.fqn)
+        if head.tp_vocab.module:
+            head_module = head_module.get_submodule(head.tp_vocab.module)
+        head_module.register_forward_hook(
+            lambda m, a, out: held.append((type(out).__name__, out.to_local().shape[-1]))
+        )
     if case.get("loss"):
+        refused = None
         try:
             x, y = _batch(family, big_b, 0)
             pm.train_step(x, y)
         except Exception as e:  # noqa: BLE001 - the refusal is the result
-            return {"refused": f"{type(e).__name__}: {e}"} if dist.get_rank() == 0 else None
-        return {"refused": None} if dist.get_rank() == 0 else None
+            refused = f"{type(e).__name__}: {e}"
+        # every rank's outcome: at pp = 2 the stage without the loss must be told too
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, refused)
+        return {"refused": every[0], "refused_on": every} if dist.get_rank() == 0 else None
     opt = sgd(pm.parameters())
     losses, grads = [], {}
     for step in range(steps):
@@ -139,9 +147,7 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         x, _ = _batch(family, big_b, steps)
         out = pm(x)
     logits = out if family == "gpt" else out["logits"]
-    if dist.get_rank() != 0:
-        return None
-    ref = _build(family)
+    ref = _build(family)  # on every rank: with pipeline stages each checks its own gradients
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=True)
     ref_losses, ref_grads = [], {}
     for step in range(steps):
@@ -153,19 +159,25 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref_opt.step()
+    mine = {k: v for k, v in ref_grads.items() if k in grads} if pp > 1 else ref_grads
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (_compare(grads, mine), sorted(grads), sorted(set(held))))
+    if dist.get_rank() != 0:
+        return None
     return {
         "plan": pm.plan.summary(),
         "vocab_layers": vocab_layers,
         "vocab_size": head.tp_vocab.vocab_size,
-        "held_logits": sorted(set(held)),
+        "held_logits": sorted({tuple(h) for _, _, hs in every for h in hs}),
         "inference_logits_shape": list(logits.shape),
         "losses": losses,
         "ref_losses": ref_losses,
         "losses_close": all(
             abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses, strict=True)
         ),
-        "bad_grads": _compare(grads, ref_grads),
-        "num_grads": len(grads),
+        "bad_grads": sorted({b for bad, _, _ in every for b in bad}),
+        "missing_grads": sorted(set(ref_grads) - {n for _, names, _ in every for n in names}),
+        "num_grads": len({n for _, names, _ in every for n in names}),
     }
 
 

@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -99,7 +100,7 @@ from uniap.executor.sequence_parallel import check_sp_supported
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
-from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout
+from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout, has_vocab_head
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.schedules import get_schedule
@@ -382,6 +383,7 @@ def apply_plan(
         traced=traced,
         stages=list(zip(chunks, chunk_ddps)) or None,
         vocab_loss=vocab_loss,
+        pipelined_vocab_loss=plan.pp_degree > 1 and has_vocab_head(plan, layers),
     )
 
 
@@ -453,6 +455,7 @@ class ParallelModel:
         traced: TracedStage | None = None,
         stages: list[tuple[StageModule, DistributedDataParallel | None]] | None = None,
         vocab_loss: VocabParallelLoss | None = None,
+        pipelined_vocab_loss: bool = False,
     ) -> None:
         self.module = module
         """This rank's module: at ``pp == 1`` a copy of the whole model with the plan applied
@@ -492,6 +495,10 @@ class ParallelModel:
         ``training_log.every`` steps (logger ``uniap.training``, INFO); None: off."""
         self._loss_fn = loss_fn
         self._vocab_loss = vocab_loss
+        # pp > 1 with a vocabulary-parallel head: its loss is checked on the last stage inside
+        # the schedule; every rank learns the verdict after the first step (see _loss_verdict)
+        self._vocab_verdict_pending = pipelined_vocab_loss
+        self._vocab_refusal: UniapError | None = None
         if layer_modules is None:
             assert isinstance(module, StageModule)
             layer_modules = module.layers()
@@ -639,8 +646,8 @@ class ParallelModel:
             except RuntimeError as e:  # an op DTensor cannot run on the sharded logits
                 if self._vocab_loss.checked:
                     raise
-                raise self._vocab_loss.refusal(f"fails on ({e})") from e
-            return self._vocab_loss.finish(loss)
+                return self._refuse(self._vocab_loss.refusal(f"fails on ({e})"), output, e)
+            return self._checked_vocab_loss(loss, output)
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, Mapping):
             loss = output.get("loss")
@@ -650,7 +657,47 @@ class ParallelModel:
                 "returned none (no `loss` in its output): pass the labels in the batch "
                 "(e.g. labels=...) or give parallelize a loss_fn"
             )
-        return loss if self._vocab_loss is None else self._vocab_loss.finish(loss)
+        return loss if self._vocab_loss is None else self._checked_vocab_loss(loss, output)
+
+    def _checked_vocab_loss(self, loss: torch.Tensor, output: Any) -> torch.Tensor:
+        try:
+            return self._vocab_loss.finish(loss)
+        except UniapError as e:
+            return self._refuse(e, output)
+
+    def _refuse(
+        self, error: UniapError, output: Any, cause: BaseException | None = None
+    ) -> torch.Tensor:
+        """A refused loss on vocabulary-sharded logits. At pp = 1 raised at once (every rank
+        runs the loss). At pp > 1 only the last stage does, inside the schedule, while the
+        other stages wait on it: raising there would leave them waiting until the process
+        group's timeout. So the refusal is kept, the schedule finishes on a zero loss
+        (connected to the outputs, so its backward runs through every stage and sends what
+        the others wait for), and :meth:`_loss_verdict` raises it on every rank after the
+        step, before ``train_step`` returns: no optimizer step has used those gradients."""
+        if self._schedule is None:
+            raise error from cause
+        self._vocab_refusal = error
+        leaves = [
+            x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad
+        ]
+        zero = sum(((x * 0).sum() for x in leaves), torch.zeros((), device=self.device))
+        return zero.full_tensor() if isinstance(zero, DTensor) else zero
+
+    def _loss_verdict(self) -> None:
+        """pp > 1 with a vocabulary-parallel head, after the first step: the last stage's
+        check of the loss (:meth:`_refuse`) reaches every rank (one gather of a message, once);
+        a refusal raises on all of them."""
+        refusal, self._vocab_refusal = self._vocab_refusal, None
+        said: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(said, str(refusal) if refusal is not None else None)
+        message = next((m for m in said if m is not None), None)
+        if message is None:
+            self._vocab_verdict_pending = False
+            return
+        if refusal is not None:
+            raise refusal
+        raise UniapError(message)
 
     def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
         with self._autocast():
@@ -690,6 +737,8 @@ class ParallelModel:
             self.memory_breakdown = dict(self._memory.breakdown)
         else:
             total = self._run_step(inputs, targets)
+        if self._vocab_verdict_pending:
+            self._loss_verdict()
         if not self._counts_loss:
             total.zero_()
         dist.all_reduce(total)

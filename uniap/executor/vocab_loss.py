@@ -18,7 +18,12 @@ or sum;
 anything else raises :class:`~uniap.errors.UniapError` naming the ops and the fix (use
 cross-entropy, or plan the head at tp = 1), as does a ``loss_fn`` that DTensor cannot run on
 sharded logits (e.g. mixing them with a plain tensor in ``gather``). The check is made once;
-the loss returned is the plain (replicated) scalar.
+the loss returned is the plain (replicated) scalar. With pipeline stages only the last one
+runs the loss, inside the schedule, while the others wait on it: there a refusal is kept, the
+schedule finishes on a zero loss, and after the step every rank gets the last stage's verdict
+(one gather, after the first step only) and raises the same error
+(:meth:`uniap.executor.parallel_model.ParallelModel.train_step`); no rank is left waiting
+for the process group's timeout.
 
 The model's own forward (pp = 1, not a chain) returns its output in the first layer's batch
 layout (:mod:`.model_forward`), where the loss runs. Sharded logits reach it by a gather of
@@ -42,7 +47,7 @@ from uniap.contract import Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.graph import Layer
 
-__all__ = ["VocabParallelLoss", "check_head_layout"]
+__all__ = ["VocabParallelLoss", "check_head_layout", "has_vocab_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +173,13 @@ def check_head_layout(plan: Plan, layers: dict[str, Layer], base: tuple[int, int
                 f"over ranks holding different vocabulary shards is not possible; give "
                 f"{ls.fqn!r} a dp that {base[0]} divides, or tp=1"
             )
+
+
+def has_vocab_head(plan: Plan, layers: dict[str, Layer]) -> bool:
+    """Whether the plan keeps some head's logits sharded on the vocabulary (tp > 1)."""
+    for ls in plan.layer_strategies:
+        layer = layers.get(ls.fqn)
+        vocab = layer.tp_vocab if layer is not None else None
+        if ls.tp > 1 and vocab is not None and vocab.kind == "head":
+            return True
+    return False
