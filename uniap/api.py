@@ -136,6 +136,7 @@ def parallelize(
     init_weights: Any = None,
     seed: int = 0,
     compile: bool | str = False,
+    vocab_parallel: bool = True,
 ) -> ParallelModel:
     """Plan (or take ``plan``) and apply it: this rank's :class:`ParallelModel`. Collective.
 
@@ -159,7 +160,8 @@ def parallelize(
     rank initialises its shards (default: ``reset_parameters()``; see
     :mod:`uniap.executor.materialize`). ``compile``: ``torch.compile`` each layer (``True``:
     the default backend; or a backend name, e.g. ``"aot_eager"``), applied per layer before
-    sharding.
+    sharding. ``vocab_parallel=False``: plan the embedding and head at tp = 1 (their loss then
+    need not be cross-entropy; see :mod:`uniap.executor.vocab_loss`).
     """
     if precision is not None:
         from uniap.precision import resolve_precision
@@ -221,6 +223,7 @@ def parallelize(
             schedule=schedule,
             time_limit_s=time_limit_s,
             precision=precision,
+            vocab_parallel=vocab_parallel,
         )
     status: str | None = None
     try:
@@ -259,6 +262,7 @@ def _plan_on_rank0(
     schedule: str | None,
     time_limit_s: float | None,
     precision: Any = None,
+    vocab_parallel: bool = True,
 ) -> Plan:
     """Rank 0 plans; every rank receives the plan (or rank 0's error)."""
     payload: list[Any] = [None]
@@ -267,7 +271,7 @@ def _plan_on_rank0(
             from uniap.cluster import Cluster
             from uniap.planner import plan as make_plan
 
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = {"vocab_parallel": vocab_parallel}
             if schedule is not None:
                 kwargs["schedules"] = [schedule]
             if time_limit_s is not None:

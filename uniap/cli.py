@@ -75,6 +75,7 @@ def _plan_from_args(args: argparse.Namespace):
         progress_interval_s=args.progress_interval_s,
         kinds=args.kinds.split(",") if args.kinds else None,
         sequence_parallel=args.sequence_parallel,
+        vocab_parallel=not args.no_vocab_parallel,
     )
 
 
@@ -507,6 +508,12 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         help="offer Megatron sequence parallelism on the tensor-parallel layers that support it "
         "(less activation memory for more TP communication; off by default: it doubles the "
         "tp > 1 strategies searched)",
+    )
+    p.add_argument(
+        "--no-vocab-parallel",
+        action="store_true",
+        help="keep the embedding and head at tp = 1 (by default they may be vocabulary-parallel, "
+        "their loss run under loss_parallel(), which takes cross-entropy only)",
     )
     p.add_argument(
         "--time-limit-s",

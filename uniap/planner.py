@@ -104,6 +104,7 @@ def plan_graph(
     recompute: bool = True,
     kinds: Sequence[str] | None = None,
     sequence_parallel: bool = False,
+    vocab_parallel: bool = True,
     time_limit_s: float = 60.0,
     threads: int = 1,
     seed: int = 0,
@@ -122,10 +123,22 @@ def plan_graph(
     :data:`uniap.contract.DEVICE_KINDS`, and on a cluster that declares host memory
     ``FSDP-offload`` too when no plan fits without it, see the module docstring).
     ``sequence_parallel``: offer sequence parallelism on the layers with ``tp > 1`` that
-    support it (off by default: see :mod:`uniap.strategies`)."""
+    support it (off by default: see :mod:`uniap.strategies`). ``vocab_parallel=False``: keep
+    the embedding and head at tp = 1 (by default they may be vocabulary-parallel, the loss
+    then running under ``loss_parallel()``, which takes cross-entropy only: see
+    :mod:`uniap.executor.vocab_loss`)."""
+    # vocabulary-parallel layers held at tp = 1 when asked
+    no_vocab = {
+        layer.fqn: frozenset({1})
+        for layer in graph.layers
+        if not vocab_parallel and layer.tp_vocab is not None
+    }
     with progress_lines(progress) as say:
 
         def one_search(offered: Sequence[str] | None, layer_tp=None) -> Plan:
+            layer_tp = dict(layer_tp or {})
+            for fqn, tps in no_vocab.items():
+                layer_tp[fqn] = layer_tp[fqn] & tps if fqn in layer_tp else tps
             return _plan_graph(
                 graph,
                 cluster,
@@ -145,7 +158,7 @@ def plan_graph(
                 say=say,
                 progress_interval_s=progress_interval_s,
                 precision=precision,
-                layer_tp=layer_tp,
+                layer_tp=layer_tp or None,
             )
 
         def search(offered: Sequence[str] | None) -> Plan:

@@ -27,6 +27,11 @@ from uniap.api import parallelize
 from uniap.graph import build_graph
 from uniap.models import GPT, GPTConfig
 
+# the end of the refusal of a loss that would gather the sharded logits: the fix it names
+FIX = (
+    "Use such a loss, or plan 'head' at tp=1 (plan with vocab_parallel=False, or uniap plan "
+    "--no-vocab-parallel)"
+)
 GPT_CONFIG = GPTConfig(vocab_size=64, seq_len=8, dim=32, n_layers=2, n_heads=4)
 
 

@@ -290,3 +290,20 @@ def test_kinds_offers_only_those_and_the_plan_shows_them(tmp_path) -> None:
         "kinds ['ZeRO3']: choose one or more of ['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload']"
         in err
     )
+
+
+def test_no_vocab_parallel_reaches_the_planner(monkeypatch) -> None:
+    """--no-vocab-parallel plans with ``vocab_parallel=False`` (the planner's test:
+    tests/unit/test_head_layout.py); without it, True."""
+    import uniap.planner
+
+    seen = []
+
+    def fake_plan(*args, **kwargs):
+        seen.append(kwargs["vocab_parallel"])
+        raise UniapError("stop here")
+
+    monkeypatch.setattr(uniap.planner, "plan", fake_plan)
+    assert _run(["plan", *PLAN_ARGS, "--no-vocab-parallel"])[0] != 0
+    assert _run(["plan", *PLAN_ARGS])[0] != 0
+    assert seen == [False, True]

@@ -79,3 +79,20 @@ def test_no_layout_cases_for_a_declared_chain_or_a_head_without_vocabulary_tp() 
     m = models.build_model("gpt-tiny", device="meta")
     g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
     assert g.extra["pipeline_split"] == "chain" and head_layout_cases(g, 4) == []
+
+
+def test_vocab_parallel_false_keeps_embedding_and_head_at_tp1() -> None:
+    """``vocab_parallel=False`` (for a loss other than cross-entropy, which loss_parallel() would
+    refuse): the unrestricted plan puts the head at tp > 1 (the premise); the restricted one
+    keeps the embedding and head at tp = 1, and its time is the exhaustive optimum over the
+    plans that do."""
+    graph, cluster = _llama(scaled_embedding=False), load_cluster("cpu-4")
+    head, first = graph.layers[-1].fqn, graph.layers[0].fqn
+    free = plan_graph(graph, cluster, global_batch_size=8, **KW)
+    assert {ls.fqn: ls.tp for ls in free.layer_strategies}[head] > 1
+    plan = plan_graph(graph, cluster, global_batch_size=8, vocab_parallel=False, **KW)
+    tps = {ls.fqn: ls.tp for ls in plan.layer_strategies}
+    assert tps[head] == tps[first] == 1
+    held = {head: frozenset({1}), first: frozenset({1})}
+    expected = _optimum(graph, cluster, held)
+    assert plan.predicted["time_per_iteration_s"] == pytest.approx(expected, rel=1e-9)

@@ -118,7 +118,8 @@ class VocabParallelLoss:
             "cross-entropy (F.cross_entropy, nn.CrossEntropyLoss, log_softmax + nll_loss) "
             "reached through views, slices, casts and scalings of the logits; other ops may "
             "gather the whole logits (softmax, gather, topk do), which the plan does not "
-            f"charge. Use such a loss, or plan {self.fqn!r} at tp=1"
+            f"charge. Use such a loss, or plan {self.fqn!r} at tp=1 (plan with "
+            "vocab_parallel=False, or uniap plan --no-vocab-parallel)"
         )
 
     def _check(self, loss: torch.Tensor) -> None:
