@@ -148,7 +148,9 @@ def single_stage_optimum(
     ``sum (c A + G) + c sum R``, memory ``sum M``); a label is dropped when its memory plus
     the rest's leanest exceeds the limit, or its cost plus the rest's cheapest cannot beat
     ``bound_s``. The smallest ``cost + c k + f + step`` over ``f`` is the optimum (the true
-    largest ``F`` is one of the values tried, and any other ``f`` only overcharges).
+    largest ``F`` is one of the values tried, and any other ``f`` only overcharges). The values
+    are tried cheapest floor first (the rest's cheapest strategies with ``F <= f``, plus ``f``),
+    and the search stops at the first floor that reaches the best found.
 
     ``progress`` is called after each value of ``f``, at most every ``progress_interval_s``,
     with what :func:`uniap.milp.solve` reports: ``running_s``, ``incumbent`` (inf while none),
@@ -172,17 +174,22 @@ def single_stage_optimum(
         float(np.where(mask & (t.F <= f), w, np.inf).min(axis=1).sum()) + const + f for f in fs
     ]
     start_s = last_s = time.perf_counter()
-    for j, f in enumerate(fs):
+    # best first: the value of f with the cheapest floor usually holds the optimum, and once a
+    # floor reaches the best found no later value (their floors are larger) can beat it
+    for n, j in enumerate(np.argsort(floor, kind="stable")):
+        f = fs[j]
+        if floor[j] >= best[0]:
+            break
         if progress is not None and time.perf_counter() - last_s >= progress_interval_s:
             last_s = time.perf_counter()
-            low = min([best[0], *floor[j:]])
+            low = min(best[0], floor[j])
             progress(
                 {
                     "running_s": last_s - start_s,
                     "incumbent": best[0],
                     "bound": low,
                     "gap": (best[0] - low) / best[0] if np.isfinite(best[0]) else np.inf,
-                    "nodes": j,
+                    "nodes": n,
                 }
             )
         ok = mask & (t.F <= f)
