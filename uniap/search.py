@@ -223,59 +223,46 @@ def _chain_labels(
 ) -> tuple[float, list[int]] | None:
     """The label-setting pass of :func:`single_stage_optimum` for one ``f``: the cheapest
     ``(cost, strategy_of)`` with cost at most ``cap`` (``(inf, [])`` if none), None when a
-    front outgrows ``max_points``."""
+    front outgrows ``max_points``. One array of labels per layer, all layouts together: each
+    label extended by each allowed strategy, then per layout of the new layer the Pareto front
+    of (cost, memory)."""
     L = w.shape[0]
-    # fronts[b] = (cost, mem, index into the previous layer's labels); back[u] per label: k
-    labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    back: list[dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    cost, mem = np.zeros(1), np.zeros(1)
+    last = np.full(1, -1)  # the layout of each label's last layer (-1: none yet)
+    back: list[tuple[np.ndarray, np.ndarray]] = []  # per layer: (parent label, strategy)
     for u in range(L):
         ks = np.flatnonzero(ok[u])
-        new: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        links: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for b in sorted(set(int(lay[u, k]) for k in ks)):
-            kb = ks[lay[u, ks] == b]
-            if u == 0:
-                cost = w[0, kb].astype(float)
-                mem = M[0, kb].astype(float)
-                pa, pi, kk = np.full(len(kb), -1), np.full(len(kb), -1), kb
-            else:
-                parts = []
-                for a, (ca, ma) in labels.items():
-                    n = len(ca)
-                    parts.append(
-                        (
-                            (ca[:, None] + Rc[u - 1, a, b] + w[u, kb][None, :]).ravel(),
-                            (ma[:, None] + M[u, kb][None, :]).ravel(),
-                            np.full(n * len(kb), a),
-                            np.repeat(np.arange(n), len(kb)),
-                            np.tile(kb, n),
-                        )
-                    )
-                if not parts:
-                    return np.inf, []
-                cost, mem, pa, pi, kk = (np.concatenate(x) for x in zip(*parts))
-            keep = (mem + rest_m[u] <= limit) & (cost + rest_w[u] <= cap)
-            cost, mem, pa, pi, kk = cost[keep], mem[keep], pa[keep], pi[keep], kk[keep]
-            if not len(cost):
-                continue
-            order = np.lexsort((mem, cost))
-            cost, mem, pa, pi, kk = cost[order], mem[order], pa[order], pi[order], kk[order]
-            on = mem < np.concatenate([[np.inf], np.minimum.accumulate(mem)[:-1]])
-            if on.sum() > max_points:
-                return None
-            new[b] = (cost[on], mem[on])
-            links[b] = (pa[on], pi[on], kk[on])
-        if not new:
+        n = len(cost)
+        parent = np.repeat(np.arange(n), len(ks))
+        kk = np.tile(ks, n)
+        b = lay[u, kk]
+        c2 = cost[parent] + w[u, kk]
+        if u:
+            c2 = c2 + Rc[u - 1, last[parent], b]
+        m2 = mem[parent] + M[u, kk]
+        keep = (m2 + rest_m[u] <= limit) & (c2 + rest_w[u] <= cap)
+        if not keep.any():
             return np.inf, []
-        labels = new
-        back.append(links)
-    b, j = min(((b, 0) for b in labels), key=lambda x: labels[x[0]][0][0])
-    total = float(labels[b][0][0])
+        c2, m2, b, parent, kk = c2[keep], m2[keep], b[keep], parent[keep], kk[keep]
+        order = np.lexsort((m2, c2, b))  # by layout, then cost, then memory
+        c2, m2, b, parent, kk = c2[order], m2[order], b[order], parent[order], kk[order]
+        on = np.empty(len(c2), dtype=bool)
+        starts = np.flatnonzero(np.concatenate([[True], b[1:] != b[:-1]]))
+        ends = np.concatenate([starts[1:], [len(b)]])
+        for s0, e0 in zip(starts, ends):  # per layout: less memory than every cheaper label
+            seg = m2[s0:e0]
+            on[s0:e0] = seg < np.concatenate([[np.inf], np.minimum.accumulate(seg)[:-1]])
+            if on[s0:e0].sum() > max_points:
+                return None
+        cost, mem, last = c2[on], m2[on], b[on]
+        back.append((parent[on], kk[on]))
+    j = int(np.argmin(cost))
+    total = float(cost[j])
     ks_out = [0] * L
     for u in range(L - 1, -1, -1):
-        pa, pi, kk = back[u][b]
-        ks_out[u] = int(kk[j])
-        b, j = int(pa[j]), int(pi[j])
+        parents, chosen = back[u]
+        ks_out[u] = int(chosen[j])
+        j = int(parents[j])
     return total, ks_out
 
 
