@@ -324,6 +324,7 @@ def _plan_graph(
             "bounds first"
         )
     search.first_incumbents()
+    search.solve_all(time_limit_s, threads, seed, say, progress_interval_s, one_stage=True)
     search.improve_incumbents()
     search.solve_all(time_limit_s, threads, seed, say, progress_interval_s)
     if search.best is None:

@@ -142,6 +142,16 @@ class Entry:
         seg.floor_bottleneck(floor)
         return True
 
+    @property
+    def final(self) -> bool:
+        """Its program has answered for good (optimal, infeasible, or cut off by an incumbent,
+        which only gets better)."""
+        return self.solution is not None and self.solution.status in (
+            "optimal",
+            "infeasible",
+            "cutoff",
+        )
+
     def settled(self, target: float) -> bool:
         """The bound shows that this candidate cannot beat ``target``."""
         return self.strengthen(target) >= target * (1 - 1e-12)
@@ -193,7 +203,7 @@ class Search:
         the one that holds the optimum usually comes first, and its plan then cuts off or
         prunes the others."""
         for e in self.by_bound():
-            if not e.settled(self.best_tpi_s):
+            if not e.final and not e.settled(self.best_tpi_s):
                 self._offer(e, heuristic(e.tables, starts=_IMPROVE_STARTS))
                 if e.tables.num_microbatches > 1 and not e.settled(self.best_tpi_s):
                     cap = e.bottleneck_cap(self.best_tpi_s)
@@ -209,17 +219,29 @@ class Search:
         seed: int,
         say: Callable[[str], None] | None,
         progress_interval_s: float,
+        *,
+        one_stage: bool = False,
     ) -> None:
         """Step 5, in two passes. First every candidate gets a short solve: most finish (optimal,
         or cut off by the incumbent); the hard ones stop early, but the easy ones have meanwhile
         lowered the incumbent. Then the unfinished ones are solved to the end against that
         better bound, which usually cuts them off quickly. The first program solved (the best
         incumbent, most often the optimum's) gets a longer first try: a restart would repeat
-        its work."""
+        its work. Candidates whose program already answered for good are skipped.
+
+        ``one_stage``: step 3b, right after the first incumbents, the first pass over the
+        one-stage candidates only: their optimum is a label-setting pass
+        (:func:`uniap.search.single_stage_optimum`), exact and cheap, and where one stage wins
+        (or comes close) its plan settles most pipelined candidates before their local search
+        and programs run."""
         quick_s = min(time_limit_s, _QUICK_SOLVE_S)
         first_s = min(time_limit_s, _FIRST_SOLVE_FACTOR * quick_s)
-        for pass_no, limit in ((1, quick_s), (2, time_limit_s)):
+        passes = ((1, quick_s),) if one_stage else ((1, quick_s), (2, time_limit_s))
+        programs = 0  # programs (not label passes) solved by this call
+        for pass_no, limit in passes:
             for idx, e in enumerate(self.entries):
+                if e.final or (one_stage and e.tables.num_stages > 1):
+                    continue
                 if pass_no == 2 and (
                     e.solution is None
                     or e.solution.status != "time_limit"
@@ -231,7 +253,8 @@ class Search:
                 if (self.best is not None or e is not self.owner) and e.settled(self.best_tpi_s):
                     self._prune(e)
                     continue
-                lim = first_s if pass_no == 1 and not self.num_solves else limit
+                lim = first_s if pass_no == 1 and not programs else limit
+                programs += e.tables.num_stages > 1
                 label = (
                     f"[{idx + 1}/{len(self.entries)}] pp={e.cand.pp} "
                     f"c={e.cand.num_microbatches} {e.cand.schedule}"
