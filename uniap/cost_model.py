@@ -580,6 +580,7 @@ class CostModel:
         self.reduce_factor = self.precision.reduce_bytes / self.precision.param_bytes
         self.recompute = recompute
         self.sequence_parallel = sequence_parallel
+        self._group_times: dict[tuple, float] = {}
         self.layer_tp = {fqn: frozenset(tps) for fqn, tps in (layer_tp or {}).items()}
         unknown = sorted(set(self.layer_tp) - {layer.fqn for layer in graph.layers})
         if unknown:
@@ -618,8 +619,11 @@ class CostModel:
     ) -> float:
         if nbytes <= 0:
             return 0.0
-        ranks = self._worst_group(op, group_kind, pp, a, b)
-        return self.profile.collective_s(op, nbytes, ranks) if ranks else 0.0
+        key = (op, nbytes, group_kind, pp, a, b)
+        if key not in self._group_times:  # the same collective recurs across layers and tables
+            ranks = self._worst_group(op, group_kind, pp, a, b)
+            self._group_times[key] = self.profile.collective_s(op, nbytes, ranks) if ranks else 0.0
+        return self._group_times[key]
 
     # ------------------------------------------------------------------ tables
     def strategies(self, pp: int) -> list[Strategy]:
