@@ -129,6 +129,11 @@ class Solution:
     wall_s: float
     num_variables: int = 0
     num_constraints: int = 0
+    bound_s: float = 0.0
+    """A lower bound on every assignment of these tables that fits (time per iteration): the
+    optimum when ``optimal``, HiGHS's dual bound at a ``time_limit`` (with or without an
+    assignment), inf when ``infeasible`` or ``cutoff`` (nothing fits, or nothing beats the
+    cutoff)."""
 
 
 class _HiGHS(pulp.HiGHS):
@@ -230,9 +235,11 @@ def solve(
             wall = time.perf_counter() - t0
             if not ks:
                 status = "cutoff" if bound is not None else "infeasible"
-                return Solution(status, float("inf"), float("inf"), [], [], 0.0, wall)
+                return Solution(
+                    status, float("inf"), float("inf"), [], [], 0.0, wall, bound_s=float("inf")
+                )
             log.debug("pp=1 c=%d: optimal tpi=%.6g by labels (%.3f s)", c, tpi, wall)
-            return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall)
+            return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall, bound_s=tpi)
     window = stage_windows(t, bound)
     if bound is not None and all(window):
         # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits
@@ -248,6 +255,7 @@ def solve(
             [],
             0.0,
             time.perf_counter() - t0,
+            bound_s=float("inf"),
         )
     prob, v, scale = _build(t, window, bound, bottleneck_s)
     start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
@@ -284,17 +292,24 @@ def solve(
     wall = time.perf_counter() - t0
     nvar, ncon = prob.numVariables(), prob.numConstraints()
     has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    # HiGHS's dual bound, in seconds per iteration (PuLP keeps the objective's constant out of
+    # the HiGHS model: added back, as in _HiGHS._watch)
+    offset = float(h.getLp().offset_) or float(prob.objective.constant or 0.0)
+    dual_s = (float(info.mip_dual_bound) + offset) * scale
     if (
         ms
         in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible)
         or not has_sol
     ):
+        lower = float("inf")
         if ms == highspy.HighsModelStatus.kTimeLimit:
-            status = "time_limit"
+            status, lower = "time_limit", dual_s
         else:
             status = "cutoff" if bound is not None else "infeasible"
         log.debug("milp pp=%d c=%d: %s (%d vars, %d rows, %.3f s)", pp, c, status, nvar, ncon, wall)
-        return Solution(status, float("inf"), float("inf"), [], [], 0.0, wall, nvar, ncon)
+        return Solution(
+            status, float("inf"), float("inf"), [], [], 0.0, wall, nvar, ncon, bound_s=lower
+        )
     stage_of, strategy_of = [0] * L, [0] * L
     for (u, i, k), var in v.x.items():
         if var.varValue is not None and var.varValue > 0.5:
@@ -302,9 +317,9 @@ def solve(
     ev = evaluate_assignment(t, stage_of, strategy_of)
     objective = pulp.value(prob.objective) * scale
     if ms == highspy.HighsModelStatus.kOptimal:
-        status, gap = "optimal", 0.0
+        status, gap, lower = "optimal", 0.0, ev.time_per_iteration_s
     else:
-        status, gap = "time_limit", float(info.mip_gap)
+        status, gap, lower = "time_limit", float(info.mip_gap), min(dual_s, objective)
         log.debug(
             "milp pp=%d c=%d stopped at its %.3g s time limit with gap %.3g",
             pp,
@@ -323,7 +338,16 @@ def solve(
         wall,
     )
     return Solution(
-        status, ev.time_per_iteration_s, objective, stage_of, strategy_of, gap, wall, nvar, ncon
+        status,
+        ev.time_per_iteration_s,
+        objective,
+        stage_of,
+        strategy_of,
+        gap,
+        wall,
+        nvar,
+        ncon,
+        bound_s=lower,
     )
 
 

@@ -334,19 +334,29 @@ def _plan_graph(
     best = search.best
     wall = time.perf_counter() - t_start
     timed_out = [
-        e.solution
-        for e in search.entries
-        if e.solution is not None and e.solution.status == "time_limit"
+        e for e in search.entries if e.solution is not None and e.solution.status == "time_limit"
     ]
-    for s in timed_out:
+    # the plan's gap: against the lowest bound of the programs that stopped at their limit (a
+    # program without an assignment below the cutoff has one too); every other candidate is
+    # proven no better than the plan
+    best_s = best.solution.time_per_iteration_s
+    for e in timed_out:
+        lower = max(e.solution.bound_s, e.cand.lower_bound_s)
         log.warning(
-            "a program stopped at its %.3g s time limit with gap %.3g: the plan may not be "
-            "optimal; raise time_limit_s to prove it",
+            "the program of pp=%d c=%d %s stopped at its %.3g s time limit with its bound %.6g s "
+            "%.2g %% below the plan's %.6g s: the plan may not be optimal; raise time_limit_s to "
+            "prove it",
+            e.cand.pp,
+            e.cand.num_microbatches,
+            e.cand.schedule,
             time_limit_s,
-            s.gap,
+            lower,
+            100 * max(0.0, best_s - lower) / best_s,
+            best_s,
         )
     status = "optimal" if not timed_out else "time_limit"
-    gap = max((s.gap for s in timed_out), default=0.0)
+    lowest = min((max(e.solution.bound_s, e.cand.lower_bound_s) for e in timed_out), default=best_s)
+    gap = max(0.0, best_s - lowest) / best_s if timed_out else 0.0
     out = _to_plan(graph, cluster, cm, best.tables, best.solution, B)
     out = dataclasses.replace(
         out,

@@ -90,9 +90,9 @@ def test_leanest_memory_is_exact_on_small_instances() -> None:
     assert min_peak_memory(t) == pytest.approx(brute, rel=1e-6)
 
 
-def test_time_limited_solve_reports_gap_not_optimal() -> None:
-    """A solve stopped by its time limit is never reported optimal."""
-    graph = ModelGraph(
+def _big_graph() -> ModelGraph:
+    """60 layers of 7 kinds: programs that take more than a millisecond."""
+    return ModelGraph(
         "big",
         tuple(
             Layer(
@@ -113,7 +113,11 @@ def test_time_limited_solve_reports_gap_not_optimal() -> None:
             for u in range(60)
         ),
     )
-    cm = CostModel(graph, load_cluster("a100-2x8").with_memory(32 * 2**30))
+
+
+def test_time_limited_solve_reports_gap_not_optimal() -> None:
+    """A solve stopped by its time limit is never reported optimal."""
+    cm = CostModel(_big_graph(), load_cluster("a100-2x8").with_memory(32 * 2**30))
     t = cm.tables(8, 16, 64)
     inc = heuristic(t)
     sol = solve(t, incumbent=inc, time_limit_s=0.001)
@@ -123,6 +127,9 @@ def test_time_limited_solve_reports_gap_not_optimal() -> None:
     full = solve(t, incumbent=inc, time_limit_s=60)
     assert full.status == "optimal" and full.gap == 0.0
     assert full.time_per_iteration_s <= sol.time_per_iteration_s
+    # the bound a stopped program reports is a lower bound on the optimum; the optimum's is it
+    assert sol.bound_s <= full.time_per_iteration_s * (1 + 1e-9)
+    assert full.bound_s == full.time_per_iteration_s
 
 
 def test_bad_arguments() -> None:
@@ -158,3 +165,18 @@ def test_segment_bound_below_optimum_on_cost_tables(seed: int) -> None:
                 assert segment_lower_bound(t, target) <= best * (1 + 1e-12)
             checked += math.isfinite(best)
     assert checked >= 4
+
+
+def test_time_limited_plan_reports_a_gap_no_smaller_than_its_real_one() -> None:
+    """A plan whose programs stopped at their time limit reports the gap to the lowest bound
+    of those programs (with or without an assignment of their own), which is at least its
+    real distance from the optimum (found with time to prove it)."""
+    cluster = load_cluster("a100-2x8").with_memory(32 * 2**30)
+    kw = {"global_batch_size": 64, "pp_degrees": [8], "num_microbatches": [16]}
+    fast = plan_graph(_big_graph(), cluster, time_limit_s=0.001, **kw)
+    full = plan_graph(_big_graph(), cluster, time_limit_s=60, **kw)
+    assert fast.solver["status"] == "time_limit" and full.solver["status"] == "optimal"
+    fast_s = fast.predicted["time_per_iteration_s"]
+    real = (fast_s - full.predicted["time_per_iteration_s"]) / fast_s
+    assert fast.solver["gap"] > 0
+    assert fast.solver["gap"] >= real - 1e-9
