@@ -678,11 +678,12 @@ class ParallelModel:
         if self._schedule is None:
             raise error from cause
         self._vocab_refusal = error
-        leaves = [
-            x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad
-        ]
-        zero = sum(((x * 0).sum() for x in leaves), torch.zeros((), device=self.device))
-        return zero.full_tensor() if isinstance(zero, DTensor) else zero
+        zero = torch.zeros((), device=self.device)
+        for x in pytree.tree_leaves(output):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                term = (x * 0).sum()
+                zero = zero + (term.full_tensor() if isinstance(term, DTensor) else term)
+        return zero
 
     def _loss_verdict(self) -> None:
         """pp > 1 with a vocabulary-parallel head, after the first step: the last stage's
