@@ -608,7 +608,17 @@ class CostModel:
         """The slowest group of this shape over all stages (a collective waits for it)."""
         g = self.cluster.world_size // pp
         worst, worst_t = (), -1.0
+        per_node = self.cluster.devices_per_node
+        # a collective's time depends on its group's shape only (size, one node or several,
+        # consecutive or strided: uniap.profiles.fits.group_shape_key), which the extremes of
+        # a group of distinct ranks decide
+        seen: set[tuple[int, bool, bool]] = set()
         for ranks in _groups(group_kind, g, pp, a, b):
+            lo, hi = min(ranks[0], ranks[-1]), max(ranks[0], ranks[-1])
+            shape = (len(ranks), lo // per_node == hi // per_node, hi - lo == len(ranks) - 1)
+            if shape in seen:
+                continue
+            seen.add(shape)
             t = self.profile.collective_s(op, float(2**20), ranks)
             if t > worst_t:
                 worst, worst_t = tuple(ranks), t
