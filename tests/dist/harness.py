@@ -192,7 +192,9 @@ def run_cases(
     key = (world_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
-        group = _GROUPS.get(key) or _GROUPS.setdefault(key, _Group(world_size, device))
+        group = _GROUPS.get(key)
+        if group is None:
+            group = _GROUPS[key] = _Group(world_size, device)
         try:
             failure = group.run(target, cases, out)
         except BaseException:  # interrupted (e.g. the test timeout): the ranks are mid-case
