@@ -1,5 +1,7 @@
 """Run every case of one world size in ONE spawned process group per session (this folder's
-helpers are importable through pytest's ``pythonpath``, see pyproject.toml)."""
+helpers are importable through pytest's ``pythonpath``, see pyproject.toml): the grid's cases
+below and every module's own cases go to the group that ``harness.run_cases`` keeps per world
+size, stopped after the last test of this folder."""
 
 from __future__ import annotations
 
@@ -7,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the kept process groups after this folder's last test (the tests that run next
+    need neither their memory nor their processes)."""
+    if nextitem is None or Path(nextitem.path).parent != Path(item.path).parent:
+        from harness import close_groups
+
+        close_groups()
 
 
 def _run(world_size: int, cases: list[dict], tmp: Path) -> dict[str, Any]:

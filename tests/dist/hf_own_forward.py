@@ -10,6 +10,7 @@ with the same model on one process. Dropout is off (``eval()``, on both sides).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -106,6 +107,14 @@ def batch(family: str, size: int, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+@functools.cache
+def graph(family: str, size: int) -> Any:
+    """The family's graph for a batch of ``size`` (``batch(family, size, 0)``), traced once per
+    process and without the pipeline-split check: the cases read its layer FQNs, signature and
+    TP plans only (``parallelize`` traces the model it is given itself)."""
+    return build_graph(build(family), batch(family, size, 0), pipeline_check=False)
+
+
 def _vision_loss(out: Any, _: Any) -> torch.Tensor:
     """A mean over the batch for a headless vision model."""
     return out.pooler_output.pow(2).mean()
@@ -127,19 +136,19 @@ def hf_case(case: dict) -> dict[str, Any] | None:
     x0 = batch(family, big_b, 0)
     plan = None
     if "cluster" not in case:  # else planned by uniap on rank 0
-        graph = build_graph(build(family), x0)
+        g = graph(family, big_b)
         per_layer = [
             tuple(case["tp_layers"] if layer.supports_tp(case["tp_layers"][1]) else case["others"])
-            for layer in graph.layers
+            for layer in g.layers
         ]
         plan = make_plan(
-            list(graph.fqns),
+            list(g.fqns),
             dist.get_world_size(),
             [per_layer],
             global_batch_size=big_b,
             num_microbatches=c,
-            model_name=graph.name,
-            signature=graph.signature,
+            model_name=g.name,
+            signature=g.signature,
         )
     pm = parallelize(
         build(family), case.get("cluster"), plan=plan, loss_fn=_loss_fn(family),

@@ -83,8 +83,23 @@ def all_stage_grads(pm: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+_META_GRAPHS: dict[tuple[str, int], Any] = {}
+
+
+def _graph(m: _Model, x0: Any, big_b: int) -> Any:
+    """The model's graph for ``x0`` (a batch of ``big_b``), traced once per process (shared with
+    the pp = 1 cases of the same model and batch); only its layer FQNs, signature and TP plans
+    are read (``parallelize`` traces and splits the model it is given itself)."""
+    if not m.meta:
+        return (hf if m.is_hf else own).graph(m.name, big_b)
+    key = (m.name, big_b)
+    if key not in _META_GRAPHS:
+        _META_GRAPHS[key] = build_graph(m.build(), x0, pipeline_check=False)
+    return _META_GRAPHS[key]
+
+
 def _plan(m: _Model, case: dict, x0: Any, big_b: int) -> Any:
-    graph = build_graph(m.build(), x0, pipeline_check=False)
+    graph = _graph(m, x0, big_b)
     world, pp = dist.get_world_size(), case["pp"]
     stages = [
         [(world // pp, case.get("tp", 1), kind, case.get("recompute", False))]

@@ -8,6 +8,7 @@ twice without ``zero_grad`` and compares the accumulated gradients with ``g1 + g
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -197,6 +198,14 @@ def _reference(name: str, big_b: int, steps: int, accumulate: bool) -> tuple[lis
     return losses, grads
 
 
+@functools.cache
+def graph(name: str, size: int) -> Any:
+    """The model's graph for a batch of ``size``, traced once per process and without the
+    pipeline-split check: the cases read its layer FQNs, signature and TP plans only
+    (``parallelize`` traces the model it is given itself)."""
+    return build_graph(build(name), batch(name, size, 0)[0], pipeline_check=False)
+
+
 def own_forward_case(case: dict) -> dict[str, Any] | None:
     """Train ``case["model"]`` at pp = 1: layers with a TP plan get ``case["tp_layers"]``
     ((dp, tp, kind[, recompute])), the others ``case["others"]``; compare losses and
@@ -204,21 +213,21 @@ def own_forward_case(case: dict) -> dict[str, Any] | None:
     name, big_b, c = case["model"], case.get("B", 8), case.get("c", 1)
     steps, accumulate = case.get("steps", 3), case.get("accumulate", False)
     x0, _ = batch(name, big_b, 0)
-    graph = build_graph(build(name), x0)
+    g = graph(name, big_b)
     per_layer = [
         tuple(case["tp_layers"] if layer.supports_tp(case["tp_layers"][1]) else case["others"])
-        for layer in graph.layers
+        for layer in g.layers
     ]
     for fqn, strategy in case.get("overrides", {}).items():  # one layer's own strategy
-        per_layer[graph.fqns.index(fqn)] = tuple(strategy)
+        per_layer[g.fqns.index(fqn)] = tuple(strategy)
     plan: Plan = make_plan(
-        list(graph.fqns),
+        list(g.fqns),
         dist.get_world_size(),
         [per_layer],
         global_batch_size=big_b,
         num_microbatches=c,
-        model_name=graph.name,
-        signature=graph.signature,
+        model_name=g.name,
+        signature=g.signature,
     )
     loss_fn = None if name == "kwargs" else toy_loss
     pm = parallelize(

@@ -89,7 +89,8 @@ def batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _parallelize(model: torch.nn.Module, strategies: list[tuple]) -> Any:
-    graph = build_graph(model, batch(0))
+    # pp = 1: no pipeline-split check (parallelize traces the model itself)
+    graph = build_graph(model, batch(0), pipeline_check=False)
     per_layer = [
         tuple(strategies[1] if fqn.startswith("model.layers.") else strategies[0])
         for fqn in graph.fqns
