@@ -84,7 +84,8 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
     process (see the module docstring)."""
     family, big_b, c, steps = case["family"], 8, case.get("c", 2), 3
     x0, _ = _batch(family, big_b, 0)
-    # pp = 1: no pipeline-split check (parallelize traces the model itself)
+    # no pipeline-split check: parallelize traces the model itself (and the GPT preset is a
+    # declared chain, split without one)
     graph = build_graph(_build(family), x0, pipeline_check=False)
     vocab_layers = [layer.fqn for layer in graph.layers if layer.tp_vocab is not None]
     others = tuple(case["others"])
