@@ -79,9 +79,12 @@ def _launched_world() -> tuple[int, int]:
 
 
 def _model_identity(
-    model: nn.Module, example_inputs: Any, dtype: str | None = None
+    model: nn.Module, example_inputs: Any, dtype: str | None = None, *, pipeline_check: bool = True
 ) -> tuple[Any, tuple[str, ...]]:
-    """(ModelGraph or None, layer FQNs); the graph in compute ``dtype`` (default: the model's)."""
+    """(ModelGraph or None, layer FQNs); the graph in compute ``dtype`` (default: the model's).
+    ``pipeline_check=False``: without the export that checks whether the model splits into
+    pipeline stages (a given plan with pp = 1 does not ask; the signature does not depend on
+    it)."""
     from uniap.graph import build_graph, layer_chain
 
     if example_inputs is None:
@@ -91,6 +94,7 @@ def _model_identity(
         example_inputs,
         name=getattr(model, "uniap_name", None),
         dtype=getattr(torch, dtype) if dtype is not None else None,
+        pipeline_check=pipeline_check,
     )
     return graph, graph.fqns
 
@@ -192,7 +196,10 @@ def parallelize(
         precision = default_precision(cluster if cluster is not None else Cluster.detect())
     compute = precision or (given.precision if given is not None else None)
     graph, fqns = _model_identity(
-        model, example_inputs, compute.param_dtype if compute is not None else None
+        model,
+        example_inputs,
+        compute.param_dtype if compute is not None else None,
+        pipeline_check=given is None or given.pp_degree > 1,
     )
     if given is not None:
         if schedule is not None and schedule != given.schedule:
