@@ -10,7 +10,10 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    times under memory (:func:`uniap.bounds.bottleneck_lower_bound`; every stage time is at
    least its compute, so the bottleneck is at least ``T``);
 3. a heuristic assignment per candidate that may still win (:func:`uniap.search.heuristic`);
-   the best of them is the first incumbent;
+   the best of them is the first incumbent; then the one-stage candidates are solved, exactly
+   and cheaply (:func:`uniap.search.single_stage_optimum`, a label-setting pass), so that
+   where one stage wins or comes close its plan settles the pipelined candidates before
+   their local search and programs run;
 4. the segment bound of each candidate (:func:`uniap.bounds.segment_lower_bound`: contiguous
    stages, each with its own compute, synchronisation, memory and outgoing edge, refined
    towards the incumbent); a candidate whose bound reaches the best time found is skipped
@@ -26,7 +29,8 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    stages to the runs the segment bound allows below that time); a first pass gives every
    candidate a short time limit (the first one solved four times as long), and a second
    pass finishes the ones that stopped early, against the (by then usually much better)
-   incumbent.
+   incumbent. A plan whose programs stopped at their limit says so (``solver["status"]``
+   ``time_limit``) with its gap to the lowest bound of those programs.
 
 Every skip and every cut only removes assignments that cannot beat a plan already in hand,
 so the result is the optimum over all candidates (tests check it against exhaustive search,
