@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 from toy import DIM, SEQ, VOCAB, Block, make_plan, toy_loss
 
 from uniap.api import parallelize
-from uniap.graph import build_graph
 from uniap.contract import Plan
+from uniap.graph import build_graph
 
 RTOL, ATOL = 1e-4, 1e-5
 LR = 0.1

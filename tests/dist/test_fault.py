@@ -106,8 +106,9 @@ def test_sigkill_rank2_torchrun_restarts_resumes_and_matches(tmp_path: Path) -> 
         "--ckpt-dir", str(checkpoint_dir), "--steps", str(STEPS), "--ckpt-every", str(EVERY),
         "--out", str(out), "--step-delay-s", "0.4", "--timeout-s", "30",
     ]  # fmt: skip
-    # torch 2.13: workers restarted by torchrun would read the previous attempt's gloo addresses from
-    # the rendezvous store it shares with them (pytorch/pytorch#135712); a private store avoids it
+    # torch 2.13: workers restarted by torchrun would read the previous attempt's gloo addresses
+    # from the rendezvous store it shares with them (pytorch/pytorch#135712); a private store
+    # avoids it
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -135,8 +135,9 @@ def test_world4_uneven_inputs_to_a_resharded_layer_raise_a_clear_error(
     assert (
         res["errors"]
         == [
-            "layer model.layers.0 runs in another data-parallel layout than the model's first layer, "
-            "so its batch inputs are resharded between ranks, but the ranks pass it different inputs"
+            "layer model.layers.0 runs in another data-parallel layout than the model's first "
+            "layer, so its batch inputs are resharded between ranks, but the ranks pass it "
+            "different inputs"
         ]
         * 4
     )

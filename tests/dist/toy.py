@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniap.graph import Layer, TPPair
 from uniap.contract import LayerStrategy, Plan, Stage, Strategy
+from uniap.graph import Layer, TPPair
 
 VOCAB, SEQ, DIM, HEADS, FFN = 32, 8, 16, 4, 32
 
