@@ -100,7 +100,7 @@ from uniap.executor.sequence_parallel import check_sp_supported
 from uniap.executor.stage_module import StageModule, build_stage_module
 from uniap.executor.tensor_parallel import apply_tp, check_tp_supported
 from uniap.executor.traced_stages import RoutedForward, TracedStage, build_traced_stage
-from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout, has_vocab_head
+from uniap.executor.vocab_loss import VocabParallelLoss, check_head_layout, vocab_heads
 from uniap.graph import Layer, is_declared_chain
 from uniap.precision import install_autocast
 from uniap.schedules import get_schedule
@@ -383,7 +383,7 @@ def apply_plan(
         traced=traced,
         stages=list(zip(chunks, chunk_ddps)) or None,
         vocab_loss=vocab_loss,
-        pipelined_vocab_loss=plan.pp_degree > 1 and has_vocab_head(plan, layers),
+        pipelined_vocab_loss=plan.pp_degree > 1 and bool(vocab_heads(plan, layers)),
     )
 
 

@@ -43,11 +43,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from uniap.contract import Plan
+from uniap.contract import LayerStrategy, Plan
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.graph import Layer
 
-__all__ = ["VocabParallelLoss", "check_head_layout", "has_vocab_head"]
+__all__ = ["VocabParallelLoss", "check_head_layout", "vocab_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +159,23 @@ def _ops_on_logits(root: Any, target: Any) -> list[str]:
     )
 
 
+def vocab_heads(plan: Plan, layers: dict[str, Layer]) -> list[LayerStrategy]:
+    """The plan's layers that keep a head's logits sharded on the vocabulary (tp > 1)."""
+    out = []
+    for ls in plan.layer_strategies:
+        layer = layers.get(ls.fqn)
+        vocab = layer.tp_vocab if layer is not None else None
+        if ls.tp > 1 and vocab is not None and vocab.kind == "head":
+            out.append(ls)
+    return out
+
+
 def check_head_layout(plan: Plan, layers: dict[str, Layer], base: tuple[int, int]) -> None:
     """Refuse a plan whose vocabulary-parallel head (tp > 1) runs the model's own forward with
     a data-parallel degree that the first layer's (``base``, where the loss runs) does not
     divide (see the module docstring), naming the fix."""
-    for ls in plan.layer_strategies:
-        layer = layers.get(ls.fqn)
-        vocab = layer.tp_vocab if layer is not None else None
-        if ls.tp > 1 and vocab is not None and vocab.kind == "head" and ls.dp % base[0]:
+    for ls in vocab_heads(plan, layers):
+        if ls.dp % base[0]:
             raise PlanMismatchError(
                 f"layer {ls.fqn!r} keeps its logits sharded on the vocabulary over tp={ls.tp} "
                 f"ranks at dp={ls.dp}, but the model's own forward computes the loss in the "
@@ -174,13 +183,3 @@ def check_head_layout(plan: Plan, layers: dict[str, Layer], base: tuple[int, int
                 f"over ranks holding different vocabulary shards is not possible; give "
                 f"{ls.fqn!r} a dp that {base[0]} divides, or tp=1"
             )
-
-
-def has_vocab_head(plan: Plan, layers: dict[str, Layer]) -> bool:
-    """Whether the plan keeps some head's logits sharded on the vocabulary (tp > 1)."""
-    for ls in plan.layer_strategies:
-        layer = layers.get(ls.fqn)
-        vocab = layer.tp_vocab if layer is not None else None
-        if ls.tp > 1 and vocab is not None and vocab.kind == "head":
-            return True
-    return False
