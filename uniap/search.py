@@ -138,98 +138,230 @@ def single_stage_optimum(
 ) -> tuple[float, list[int]] | None:
     """The optimum of a one-stage table (``pp = 1``, no interleaving) exactly, without the
     program: ``(time per iteration, strategy_of)``, ``(inf, [])`` when nothing fits below
-    ``bound_s``, or None when it gives up (a Pareto front above ``max_points``, or host memory
-    that binds), and the program must answer.
+    ``bound_s``, or None when it gives up (a front of one layout above ``max_points`` labels,
+    or host memory that binds), and the program must answer.
 
     With one stage ``TPI = c p + s + step``, ``p = sum A + sum R + k``, ``s = sum G + max F``
-    (:func:`uniap.cost_model.evaluate_assignment`), so for each candidate value ``f`` of the
-    largest ``F`` (strategies with ``F <= f`` only) it is a shortest path along the chain with
-    one resource: states are the layout of the last layer, labels the Pareto front of (cost
-    ``sum (c A + G) + c sum R``, memory ``sum M``); a label is dropped when its memory plus
-    the rest's leanest exceeds the limit, or its cost plus the rest's cheapest cannot beat
-    ``bound_s``. The smallest ``cost + c k + f + step`` over ``f`` is the optimum (the true
-    largest ``F`` is one of the values tried, and any other ``f`` only overcharges). The values
-    are tried cheapest floor first (the rest's cheapest strategies with ``F <= f``, plus ``f``),
-    and the search stops at the first floor that reaches the best found.
+    (:func:`uniap.cost_model.evaluate_assignment`): a shortest path along the chain with a
+    memory budget and a maximum. States are the layout of the last layer; labels are (cost
+    ``sum (c A + G) + c sum R``, memory ``sum M``, largest ``F`` so far), each extended by each
+    allowed strategy of the next layer (:func:`_chain_labels`). A label is dropped when
+    another of its layout has no more cost, memory or largest ``F``; when its memory plus the
+    rest's leanest exceeds the limit; or when its cost plus its ``F`` plus a Lagrangian
+    completion (:func:`_to_go`) cannot beat ``bound_s``. The optimum is the smallest ``cost +
+    F + c k + step`` over the last layer's labels.
 
-    ``progress`` is called after each value of ``f``, at most every ``progress_interval_s``,
-    with what :func:`uniap.milp.solve` reports: ``running_s``, ``incumbent`` (inf while none),
-    ``bound`` (the values still to try cost at least the rest's cheapest strategies plus their
-    ``f``), ``gap`` and ``nodes`` (labels made)."""
+    ``progress`` is called after a layer, at most every ``progress_interval_s``, with what
+    :func:`uniap.milp.solve` reports: ``running_s``, ``incumbent`` (inf: a label pass has none
+    before its end), ``bound`` (the Lagrangian bound of the whole chain), ``gap`` and
+    ``nodes`` (labels kept so far)."""
     if t.num_stages != 1 or (t.uses_host_memory and np.isfinite(t.host_limit_bytes)):
         return None
     L, c = t.num_layers, t.num_microbatches
     mask = t.allowed_mask()
+    if not mask.any(axis=1).all():
+        return np.inf, []
     limit = t.memory_limit_bytes * (1 + 1e-9)
     w = np.where(mask, c * t.A + t.G, np.inf)
-    M = t.M[:, :, 0]
-    Rc = c * t.R
-    lay = t.layout
+    M = np.where(mask, t.M[:, :, 0], np.inf)
+    F = np.where(mask, t.F, np.inf)
+    # a strategy another of its layer's strategies with the same layout matches or beats in
+    # cost, memory and F is never needed (the same reshards either side): labels skip it
+    K = mask.shape[1]
+    no_worse = (
+        (t.layout[:, :, None] == t.layout[:, None, :])
+        & (w[:, :, None] <= w[:, None, :])
+        & (M[:, :, None] <= M[:, None, :])
+        & (F[:, :, None] <= F[:, None, :])
+        & mask[:, :, None]
+    )  # [u, k', k]: k' can stand in for k
+    better = (w[:, :, None] < w[:, None, :]) | (M[:, :, None] < M[:, None, :])
+    better |= (F[:, :, None] < F[:, None, :]) | (np.arange(K)[:, None] < np.arange(K)[None, :])
+    useful = mask & ~(no_worse & better).any(axis=1)
     const = c * t.stage_overhead_s + t.step_overhead_s
     goal = float(bound_s) * (1 + 1e-7) if np.isfinite(bound_s) else np.inf
-    best: tuple[float, list[int]] = (np.inf, [])
-    fs = np.unique(np.where(mask, t.F, np.nan)[mask])
-    # the cheapest any labelling with largest F <= f can be: a bound for the values not tried
-    floor = [
-        float(np.where(mask & (t.F <= f), w, np.inf).min(axis=1).sum()) + const + f for f in fs
-    ]
-    start_s = last_s = time.perf_counter()
-    # best first: the value of f with the cheapest floor usually holds the optimum, and once a
-    # floor reaches the best found no later value (their floors are larger) can beat it
-    for n, j in enumerate(np.argsort(floor, kind="stable")):
-        f = fs[j]
-        if floor[j] >= best[0]:
-            break
-        if progress is not None and time.perf_counter() - last_s >= progress_interval_s:
-            last_s = time.perf_counter()
-            low = min(best[0], floor[j])
-            progress(
-                {
-                    "running_s": last_s - start_s,
-                    "incumbent": best[0],
-                    "bound": low,
-                    "gap": (best[0] - low) / best[0] if np.isfinite(best[0]) else np.inf,
-                    "nodes": n,
-                }
-            )
-        ok = mask & (t.F <= f)
-        if not ok.any(axis=1).all():
-            continue
-        wf = np.where(ok, w, np.inf)
-        mf = np.where(ok, M, np.inf)
-        rest_w = np.concatenate([np.cumsum(wf.min(axis=1)[::-1])[::-1][1:], [0.0]])
-        rest_m = np.concatenate([np.cumsum(mf.min(axis=1)[::-1])[::-1][1:], [0.0]])
-        cap = min(goal, best[0] * (1 + 1e-12)) - const - f
-        found = _chain_labels(wf, mf, Rc, lay, ok, rest_w, rest_m, limit, cap, max_points)
+    # a fitting labelling: the Lagrangian one where memory binds, polished by single moves
+    ks0 = restrategize(t, [0] * L)
+    if ks0 is not None and evaluate_assignment(t, [0] * L, ks0).fits:
+        _, ks0 = improve(t, [0] * L, ks0)
+        goal = min(goal, evaluate_assignment(t, [0] * L, ks0).time_per_iteration_s * (1 + 1e-7))
+    mus, H = _to_go(w, M, c * t.R, t.layout, limit)
+    floor = float(np.max(H[:, 0, 0] - _times(mus, limit))) + float(F.min(axis=1).max()) + const
+    if floor > goal:
+        return np.inf, []
+    rest_m = np.concatenate([np.cumsum(M.min(axis=1)[::-1])[::-1][1:], [0.0]])
+    report = None
+    if progress is not None:
+        start_s, last = time.perf_counter(), [time.perf_counter()]
+
+        def report(kept: int) -> None:
+            if time.perf_counter() - last[0] >= progress_interval_s:
+                last[0] = time.perf_counter()
+                progress(
+                    {
+                        "running_s": last[0] - start_s,
+                        "incumbent": goal,
+                        "bound": floor,
+                        "gap": (goal - floor) / goal if np.isfinite(goal) else np.inf,
+                        "nodes": kept,
+                    }
+                )
+
+    # the fewer labels a pass keeps the tighter its cap: try caps just above the bound first,
+    # widening them; a pass that finds a labelling below its cap has found the optimum (every
+    # dropped label completes above the cap), and the last pass's cap is the goal itself
+    for slack in [2.5e-4 * 1.3**i for i in range(16)] + [np.inf]:
+        cap = min(goal, floor * (1 + slack))
+        found = _chain_labels(
+            w,
+            M,
+            F,
+            c * t.R,
+            t.layout,
+            useful,
+            mus,
+            H,
+            rest_m,
+            limit,
+            cap - const,
+            max_points,
+            report,
+        )
         if found is None:
             return None
-        cost, ks = found
-        if ks and cost + const + f < best[0]:
-            best = (float(evaluate_assignment(t, [0] * L, ks).time_per_iteration_s), ks)
-    return best
+        if found[1] or cap >= goal:
+            break
+        floor = cap
+    _, ks = found
+    if not ks:
+        return np.inf, []
+    return float(evaluate_assignment(t, [0] * L, ks).time_per_iteration_s), ks
+
+
+def _to_go(
+    w: np.ndarray,
+    M: np.ndarray,
+    Rc: np.ndarray,
+    lay: np.ndarray,
+    limit: float,
+    num_mu: int = 24,
+    rounds: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lagrangian costs-to-go of the chain for prices ``mus`` on memory: ``H[m, u, a]`` is the
+    smallest ``sum (w + mus[m] M) + Rc`` over layers ``u..L-1`` when layer ``u - 1`` has layout
+    ``a`` (``H[m, 0, :]`` all equal, there is no layer before the first; ``H[m, L] = 0``).
+    For any price ``mu >= 0`` and any labelling that fits, ``cost <= cost + mu (limit - mem)``,
+    so a label ``(cost, mem)`` of layer ``u - 1`` with layout ``a`` completes to at least
+    ``cost + mu mem + H[m, u, a] - mu limit``: with ``mu = 0`` the exact cheapest completion
+    (reshards included), and with the price where memory binds close to the constrained one.
+    The prices are 0 and a geometric grid around the ratio of cost to memory, then ``rounds -
+    1`` finer grids around the best price so far (the bound ``H[m, 0, 0] - mu limit`` is
+    concave in ``mu``, and a coarse grid can miss its top by percents)."""
+    L, C = w.shape[0], max(int(lay.max()) + 1, Rc.shape[-1])
+    fin = np.isfinite(w)
+    scale = float(np.sum(np.where(fin, w, 0.0))) / max(float(np.sum(np.where(fin, M, 0.0))), 1.0)
+    Mz = np.where(fin, M, 0.0)
+
+    def table(mus: np.ndarray) -> np.ndarray:
+        H = np.zeros((len(mus), L + 1, C))
+        for u in range(L - 1, -1, -1):
+            val = np.where(fin[u][None, :], w[u][None, :] + mus[:, None] * Mz[u][None, :], np.inf)
+            val = val + H[:, u + 1, lay[u]]  # [m, k]
+            g = np.full((len(mus), C), np.inf)
+            for b in range(C):
+                on = lay[u] == b
+                if on.any():
+                    g[:, b] = val[:, on].min(axis=1)
+            if u:
+                H[:, u] = (Rc[u - 1][None, :, :] + g[:, None, :]).min(axis=2)
+            else:
+                H[:, 0] = g.min(axis=1)[:, None]
+        return H
+
+    if not np.isfinite(limit):  # memory cannot bind: only the exact cost-to-go
+        mus = np.zeros(1)
+        return mus, table(mus)
+    mus = np.concatenate([[0.0], scale * np.geomspace(1e-3, 1e2, num_mu - 1)])
+    H = table(mus)
+    for _ in range(rounds - 1):
+        order = np.argsort(mus)
+        grid, top = mus[order], int(np.argmax((H[:, 0, 0] - _times(mus, limit))[order]))
+        lo, hi = grid[max(top - 1, 0)], grid[min(top + 1, len(grid) - 1)]
+        if hi <= lo:
+            break
+        new = np.linspace(lo, hi, num_mu + 2)[1:-1]
+        mus, H = np.concatenate([mus, new]), np.concatenate([H, table(new)])
+    return mus, H
+
+
+def _times(mu: np.ndarray, x: np.ndarray | float) -> np.ndarray:
+    """``mu * x`` with ``0 * inf = 0`` (a zero price on an unbounded memory)."""
+    return np.where(mu == 0, 0.0, mu * x)
+
+
+def _dominated(
+    cost: np.ndarray, mem: np.ndarray, f: np.ndarray, lay: np.ndarray, C: int
+) -> np.ndarray:
+    """Which labels (sorted by layout, then cost, memory and largest ``F``) another label of
+    their layout dominates: label ``i`` before ``j`` with ``mem_i <= mem_j`` and ``cost_i + f_i
+    <= cost_j + f_j`` completes at least as cheaply whatever comes after (the rest's largest
+    ``F`` raises ``f_i`` by no more than ``f_j``). Per level ``phi`` of ``F``, the earlier
+    labels that qualify are a prefix in cost order: all before ``j`` when ``phi <= f_j``, else
+    those with ``cost <= cost_j - (phi - f_j)``; so one running minimum of memory per level
+    answers every label. Layouts are kept apart by offsets larger than any cost or memory, the
+    first layout's memory highest, so that no prefix reaches into another layout."""
+    n = len(cost)
+    levels, lv = np.unique(f, return_inverse=True)
+    mspan = float(np.max(np.abs(mem))) * 2 + 1.0
+    cspan = float(np.max(np.abs(cost))) * 2 + 1.0
+    mkey = mem + (C - lay) * mspan
+    ckey = cost + lay * cspan
+    # run[l, p]: the least memory among positions < p at level l
+    grid = np.where(lv[None, :] == np.arange(len(levels))[:, None], mkey[None, :], np.inf)
+    run = np.concatenate(
+        [np.full((len(levels), 1), np.inf), np.minimum.accumulate(grid, axis=1)], axis=1
+    )
+    pos = np.arange(n)
+    below = np.minimum.accumulate(run, axis=0)[lv, pos]  # levels up to f_j, all before j
+    out = below <= mkey
+    for level in range(1, len(levels)):
+        js = np.flatnonzero(lv < level)
+        if not len(js):
+            continue
+        cut = np.searchsorted(ckey, ckey[js] - (levels[level] - f[js]), side="right")
+        out[js] |= run[level, cut] <= mkey[js]
+    return out
 
 
 def _chain_labels(
     w: np.ndarray,
     M: np.ndarray,
+    F: np.ndarray,
     Rc: np.ndarray,
     lay: np.ndarray,
     ok: np.ndarray,
-    rest_w: np.ndarray,
+    mus: np.ndarray,
+    H: np.ndarray,
     rest_m: np.ndarray,
     limit: float,
     cap: float,
     max_points: int,
+    report: Callable[[int], None] | None = None,
 ) -> tuple[float, list[int]] | None:
-    """The label-setting pass of :func:`single_stage_optimum` for one ``f``: the cheapest
-    ``(cost, strategy_of)`` with cost at most ``cap`` (``(inf, [])`` if none), None when a
-    front outgrows ``max_points``. One array of labels per layer, all layouts together: each
-    label extended by each allowed strategy, then per layout of the new layer the Pareto front
-    of (cost, memory)."""
+    """The label-setting pass of :func:`single_stage_optimum`: the smallest ``cost + F`` at
+    most ``cap`` with its ``strategy_of`` (``(inf, [])`` if none), None when a layout's front
+    outgrows ``max_points``. One array of labels per layer, all layouts together; per layout
+    of the new layer a label is kept when no earlier one (by cost, then memory) has at most
+    its memory and its largest ``F``."""
     L = w.shape[0]
-    cost, mem = np.zeros(1), np.zeros(1)
+    cost, mem, fm = np.zeros(1), np.zeros(1), np.zeros(1)
     last = np.full(1, -1)  # the layout of each label's last layer (-1: none yet)
     back: list[tuple[np.ndarray, np.ndarray]] = []  # per layer: (parent label, strategy)
+    # the prices whose bound is highest at the start prune most; keep mu = 0 (exact reshards)
+    start = H[:, 0, 0] - _times(mus, limit)
+    pick = np.unique(np.concatenate([[0], np.argsort(-start)[:3]]))
+    mus, H = mus[pick], H[pick]
+    C = H.shape[2]
     for u in range(L):
         ks = np.flatnonzero(ok[u])
         n = len(cost)
@@ -240,30 +372,29 @@ def _chain_labels(
         if u:
             c2 = c2 + Rc[u - 1, last[parent], b]
         m2 = mem[parent] + M[u, kk]
-        keep = (m2 + rest_m[u] <= limit) & (c2 + rest_w[u] <= cap)
+        f2 = np.maximum(fm[parent], F[u, kk])
+        low = c2[:, None] + _times(mus[None, :], m2[:, None] - limit) + H[:, u + 1, :].T[b]
+        keep = (m2 + rest_m[u] <= limit) & (low.max(axis=1) + f2 <= cap)
         if not keep.any():
             return np.inf, []
-        c2, m2, b, parent, kk = c2[keep], m2[keep], b[keep], parent[keep], kk[keep]
-        order = np.lexsort((m2, c2, b))  # by layout, then cost, then memory
-        c2, m2, b, parent, kk = c2[order], m2[order], b[order], parent[order], kk[order]
-        on = np.empty(len(c2), dtype=bool)
-        starts = np.flatnonzero(np.concatenate([[True], b[1:] != b[:-1]]))
-        ends = np.concatenate([starts[1:], [len(b)]])
-        for s0, e0 in zip(starts, ends):  # per layout: less memory than every cheaper label
-            seg = m2[s0:e0]
-            on[s0:e0] = seg < np.concatenate([[np.inf], np.minimum.accumulate(seg)[:-1]])
-            if on[s0:e0].sum() > max_points:
-                return None
-        cost, mem, last = c2[on], m2[on], b[on]
+        c2, m2, f2, b, parent, kk = (x[keep] for x in (c2, m2, f2, b, parent, kk))
+        order = np.lexsort((f2, m2, c2, b))  # by layout, then cost, memory, largest F
+        c2, m2, f2, b, parent, kk = (x[order] for x in (c2, m2, f2, b, parent, kk))
+        on = ~_dominated(c2, m2, f2, b, C)
+        if np.bincount(b[on], minlength=C).max() > max_points:
+            return None
+        cost, mem, fm, last = c2[on], m2[on], f2[on], b[on]
         back.append((parent[on], kk[on]))
-    j = int(np.argmin(cost))
-    total = float(cost[j])
+        if report is not None:
+            report(len(cost))
+    total = cost + fm
+    j = int(np.argmin(total))
     ks_out = [0] * L
     for u in range(L - 1, -1, -1):
         parents, chosen = back[u]
         ks_out[u] = int(chosen[j])
         j = int(parents[j])
-    return total, ks_out
+    return float(total[np.argmin(total)]), ks_out
 
 
 def memory_split_assignment(
