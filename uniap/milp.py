@@ -78,8 +78,9 @@ Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves
 they remove only assignments that cannot beat the incumbent, so exactness is kept.
 
 One stage (``pp = 1``, no interleaving): :func:`uniap.search.single_stage_optimum` answers
-exactly without the program (a label-setting pass along the chain, per value of the largest
-``F``), unless its Pareto fronts grow too large or host memory binds; then the program runs.
+exactly without the program (a label-setting pass along the chain, with the stage's largest
+``F`` a label coordinate and a Lagrangian bound on memory pruning the labels), unless a
+front grows too large or host memory binds; then the program runs.
 
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
