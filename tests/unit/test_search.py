@@ -178,3 +178,28 @@ def test_single_stage_optimum_equals_the_program_on_longer_chains(seed: int) -> 
         program = evaluate_assignment(t, stage_of, strategy_of).time_per_iteration_s
         assert tpi == pytest.approx(program, rel=1e-7), share
         assert single_stage_optimum(t, program)[0] == pytest.approx(program, rel=1e-7), share
+
+
+def test_single_stage_progress_reports_a_valid_bound() -> None:
+    """The label pass's progress (what the CLI prints for a long solve): every report has the
+    solver's keys, its bound is at most the optimum and its incumbent at least the optimum."""
+    from uniap.cost_model import CostTables
+    from uniap.search import single_stage_optimum
+
+    checked = 0
+    for seed in range(12):
+        t = random_tables(seed)
+        t = CostTables(
+            1, t.num_microbatches, t.A, t.G, t.M[:, :, :1].copy(), t.layout, t.R, t.Rp,
+            t.memory_limit_bytes, t.allowed, F=t.F,
+        )  # fmt: skip
+        reports: list[dict] = []
+        got = single_stage_optimum(t, progress=reports.append, progress_interval_s=0.0)
+        if got is None or not np.isfinite(got[0]):
+            continue
+        checked += 1
+        assert reports
+        for r in reports:
+            assert set(r) == {"running_s", "incumbent", "bound", "gap", "nodes"}
+            assert r["bound"] <= got[0] * (1 + 1e-9) <= r["incumbent"] * (1 + 1e-6)
+    assert checked >= 3
