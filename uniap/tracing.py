@@ -354,8 +354,9 @@ class LayerReuse:
     A chain layer whose :func:`structure_key` and input signature (shapes, dtypes, grad
     requirements of its tensor inputs; other inputs by value or identity) equal those of a
     layer traced earlier, its *representative*, does not run: it returns fresh tensors of the
-    representative's output shapes, joined to its inputs and first parameter by a zero-valued
-    term so that autograd reaches the layers before it exactly as the real layer would. Its
+    representative's output shapes, joined for autograd to its inputs (or, when none needs a
+    gradient, its first parameter) by :class:`_Replay`, so that autograd reaches the layers
+    before it exactly as the real layer would. Its
     FLOPs, bytes and TP plan are the representative's (:attr:`copies`); the trace costs one
     run of each distinct layer instead of one per layer. :meth:`check` confirms after the
     trace that every replayed layer and its representative ran exactly once.
@@ -386,10 +387,10 @@ class LayerReuse:
             return output
         rep, output = hit
         self.copies[i] = rep
-        anchor = [t for t in tensors_in([args, kwargs]) if t.requires_grad]
-        anchor += [p for p in self.chain[i][1].parameters() if p.requires_grad][:1]
-        zero = sum((t.sum() * 0).to(torch.float32) for t in anchor) if anchor else None
-        return _fresh_like(output, zero)
+        anchors = [t for t in tensors_in([args, kwargs]) if t.requires_grad]
+        if not anchors:  # outputs that need grad hang on the layer's first trainable parameter
+            anchors = [p for p in self.chain[i][1].parameters() if p.requires_grad][:1]
+        return _fresh_like(output, anchors)
 
     def check(self) -> None:
         """Raise :class:`NotReusableError` when a replayed layer or its representative ran more
@@ -399,26 +400,60 @@ class LayerReuse:
                 raise NotReusableError(f"layer {self.chain[i][0]} ran {self._calls[i]} times")
 
 
-def _fresh_like(obj: Any, zero: Tensor | None) -> Any:
+class _Replay(torch.autograd.Function):
+    """Fresh tensors of given shapes that depend on ``anchors`` for autograd: backward hands
+    each anchor that is an activation a zero gradient of its shape (so the layers before run
+    their backward as they would), none to a parameter. Two ops per replayed layer where
+    arithmetic on the anchors would take a dozen, each through the trace's dispatch modes."""
+
+    @staticmethod
+    def forward(ctx, spec: list, *anchors: Tensor) -> tuple[Tensor, ...]:
+        ctx.shapes = [(a.shape, a.dtype, a.device, isinstance(a, nn.Parameter)) for a in anchors]
+        outs = tuple(torch.empty(shape, dtype=dt, device=dev) for shape, dt, dev, _ in spec)
+        ctx.mark_non_differentiable(*(o for o, sp in zip(outs, spec) if not sp[3]))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple:
+        return (
+            None,
+            *(
+                None if is_param else torch.zeros(shape, dtype=dt, device=dev)
+                for shape, dt, dev, is_param in ctx.shapes
+            ),
+        )
+
+
+def _fresh_like(obj: Any, anchors: list[Tensor]) -> Any:
     """``obj`` with every tensor replaced by a new one of its shape and dtype (on its own
-    storage), depending on ``zero`` when the original required grad."""
+    storage); those that required grad depend on ``anchors`` (:class:`_Replay`)."""
+    found = tensors_in(obj)
+    spec = [
+        (t.shape, t.dtype, t.device, bool(t.requires_grad and t.is_floating_point())) for t in found
+    ]
+    if any(t.requires_grad for t in found):
+        if not anchors or not all(sp[3] for sp, t in zip(spec, found) if t.requires_grad):
+            raise NotReusableError("a replayed output needs grad but has no input to carry it")
+        fresh = iter(_Replay.apply(spec, *anchors))
+    else:
+        fresh = iter(torch.empty(sp[0], dtype=sp[1], device=sp[2]) for sp in spec)
+    return _rebuild(obj, fresh)
+
+
+def _rebuild(obj: Any, fresh: Any) -> Any:
+    """``obj`` with its tensors (in :func:`tensors_in` order) taken from ``fresh``."""
     if isinstance(obj, Tensor):
-        out = torch.empty(obj.shape, dtype=obj.dtype, device=obj.device)
-        if obj.requires_grad:
-            if zero is None or not obj.is_floating_point():
-                raise NotReusableError("a replayed output needs grad but has no input to carry it")
-            out = out + zero.to(obj.dtype)
-        return out
+        return next(fresh)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
-        return type(obj)(*(_fresh_like(v, zero) for v in obj))
+        return type(obj)(*(_rebuild(v, fresh) for v in obj))
     if isinstance(obj, Mapping):
-        fresh = {k: _fresh_like(v, zero) for k, v in obj.items()}
+        new = {k: _rebuild(v, fresh) for k, v in obj.items()}
         try:
-            return type(obj)(**fresh)
+            return type(obj)(**new)
         except TypeError:
-            return fresh
+            return new
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_fresh_like(v, zero) for v in obj)
+        return type(obj)(_rebuild(v, fresh) for v in obj)
     return obj
 
 
