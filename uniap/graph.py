@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from uniap._torch_utils import storage_key
 from uniap.errors import UniapError
-from uniap.sp_plan import sp_plan
+from uniap.sp_plan import SPPlan, sp_plan
 from uniap.tp_pairs import (
     LATER_EMBEDDING_REASON,
     TPPair,
@@ -496,6 +496,7 @@ def build_graph(
     root = type(traced).__name__
     last = len(chain) - 1
     seen_params: set[int] = set()
+    sp_plans: dict[int, SPPlan] = {}
     # parameters outside every layer (model-level ones) are trained with the first layer's
     # data-parallel group by the executor: counted there
     in_layers = {id(p) for _, module in chain for p in module.parameters()}
@@ -525,8 +526,13 @@ def build_graph(
             )
         else:
             tp = tp_plan(module, trace, batch)
-        # a replayed layer's Linears, attention and saved tensors are its representative's
-        sp = sp_plan(module, tracer.layers[copies.get(i, i)], tp)
+        # a replayed layer's Linears, attention and saved tensors are its representative's,
+        # and so is its sequence-parallel plan (equal structure, equal trace, equal TP plan)
+        if i in copies and not (is_embedding or is_head):
+            sp = sp_plans[copies[i]]
+        else:
+            sp = sp_plan(module, trace, tp)
+        sp_plans[i] = sp
         saved_bytes = sum(b for b, _ in tracer.layers[copies.get(i, i)].saved.values())
         numbers = {
             "num_params": num_params,
