@@ -111,7 +111,15 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   their exponentials, the zeroed gradient) keep the loss's working memory at about 2/3 of
   tp = 1's, more than the analytic ``1 / tp``; a measured profile charges what it measures.
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
-  same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``.
+  same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``
+  (a chain, as the executor runs a declared one). A model that runs its own forward (not a
+  declared chain, ``pp = 1``) keeps every value between its layers in the first layer's
+  layout, the *base* (``base_tp``), and reshards around each layer in another layout
+  (:class:`uniap.executor.model_forward.LayoutAdapter`): ``R[u,a,b]`` is then 0 when ``b`` is
+  the base, else two such all-gathers (layer ``u + 1``'s inputs in, its outputs back) plus
+  the world all-gather of an 8-byte signature the adapter makes on every call. The base is
+  one layer's choice that prices every other's, so the planner solves one case per base
+  TP degree (:func:`uniap.planner.layout_cases`).
 - ``Rp[u,a,b]`` the edge leaving a stage after ``u``: ``2 * p2p(out_bytes * b / dp_a)``
   (activation forward, its gradient backward) ``+ R[u,a,b]``.
 
@@ -541,6 +549,7 @@ class CostModel:
         kinds: Sequence[str] | None = None,
         sequence_parallel: bool = False,
         layer_tp: Mapping[str, Collection[int]] | None = None,
+        base_tp: int | None = None,
     ) -> None:
         """``memory_fraction`` of device memory is usable (the rest: allocator, workspace);
         ``max_tp`` caps the TP degree (default: devices per node, so TP stays intra-node);
@@ -552,7 +561,10 @@ class CostModel:
         ``dp == 1`` is always ``DDP``); ``sequence_parallel`` offers an sp variant of each
         ``tp > 1`` strategy (off by default, see :mod:`uniap.strategies`); ``layer_tp``: the TP
         degrees some layers (by FQN) are restricted to (the planner's layout cases, see
-        :mod:`uniap.planner`). Host memory: each node may hold ``memory_fraction`` of its host
+        :mod:`uniap.planner`). ``base_tp``: for a model that runs its own forward (not a declared
+        chain), the first layer's TP degree at ``pp = 1``, whose layout is the base every
+        other layout reshards from and back to (see ``R`` in the module docstring); the first
+        layer is held to it. Host memory: each node may hold ``memory_fraction`` of its host
         memory."""
         if not 0 < memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
@@ -583,6 +595,10 @@ class CostModel:
         self._group_times: dict[tuple, float] = {}
         self.layer_tp = {fqn: frozenset(tps) for fqn, tps in (layer_tp or {}).items()}
         unknown = sorted(set(self.layer_tp) - {layer.fqn for layer in graph.layers})
+        self.base_tp = base_tp if self.runs_own_forward else None
+        if self.base_tp is not None:
+            first = graph.layers[0].fqn
+            self.layer_tp[first] = self.layer_tp.get(first, frozenset({base_tp})) & {base_tp}
         if unknown:
             raise ConfigError(f"layer_tp names layers the model does not have: {unknown}")
         default = KINDS if cluster.offload_enabled else DEVICE_KINDS
@@ -601,6 +617,13 @@ class CostModel:
             cluster.host_memory_bytes * memory_fraction if cluster.offload_enabled else float("inf")
         )
         self._rep: list[int] | None = None
+
+    @property
+    def runs_own_forward(self) -> bool:
+        """At ``pp = 1`` the executor runs the model's own forward, with every layer in another
+        layout than the first's resharded in and out (a model that is not a declared chain;
+        :func:`uniap.executor.parallel_model.runs_own_forward`)."""
+        return self.graph.extra.get("pipeline_split", "chain") != "chain"
 
     # ------------------------------------------------------------------ groups
     @lru_cache(maxsize=4096)  # noqa: B019 - the model is immutable once built
@@ -741,7 +764,10 @@ class CostModel:
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
-        R, Rp = self._edge_rows(pp, b, dps, v)
+        if pp == 1 and self.base_tp is not None:
+            R, Rp = self._adapter_rows(b, dps, n // self.base_tp)
+        else:
+            R, Rp = self._edge_rows(pp, b, dps, v)
         return CostTables(
             pp=pp,
             num_microbatches=c,
@@ -1063,6 +1089,31 @@ class CostModel:
                         )
         return R, Rp
 
+    def _adapter_rows(
+        self, microbatch_size: int, dps: list[int], base_dp: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``R`` of a model that runs its own forward at ``pp = 1`` with its first layer's
+        layout (``base_dp``) as the base: ``R[u, a, b]`` charges layer ``u + 1`` in layout
+        ``b`` whatever ``a`` is, since every layer's outputs are back in the base layout: 0 when
+        ``b`` is the base, else its inputs resharded in and its outputs back (one all-gather
+        each, in the forward or in the backward, as ``R`` of a chain) and the world
+        all-gather of a signature of its arguments that every call makes (a clear error
+        instead of a hang when the ranks pass different arguments), all per micro-batch."""
+        layers, b, C = self.graph.layers, microbatch_size, len(dps)
+        L, N = len(layers), self.cluster.world_size
+        R = np.zeros((max(L - 1, 0), C, C))
+        check = self._group_time("all_gather", 8.0 * N, "dp", 1, N, 1)
+        for u in range(L - 1):
+            into, out = layers[u].output_bytes_per_sample, layers[u + 1].output_bytes_per_sample
+            for bb, db in enumerate(dps):
+                if db != base_dp:
+                    lo, hi = min(db, base_dp), max(db, base_dp)
+                    R[u, :, bb] = check + sum(
+                        self._group_time("all_gather", x * b / lo, "reshard", 1, lo, hi)
+                        for x in (into, out)
+                    )
+        return R, np.zeros_like(R)
+
     def _representatives(self) -> list[int]:
         """For each layer, the first layer whose cost-table rows are necessarily equal to its
         own: the same :class:`Layer` fields but the FQN (what the profile and the formulas read),
@@ -1150,6 +1201,12 @@ class CostModel:
             with_sp.sequence_parallel = True
             return with_sp.evaluate(plan)
         plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
+        first_tp = plan.stages[0].layers[0].tp
+        if plan.pp_degree == 1 and self.runs_own_forward and self.base_tp != first_tp:
+            based = copy.copy(self)  # the base layout is the plan's first layer's
+            based.base_tp, based.layer_tp = first_tp, dict(self.layer_tp)
+            based.layer_tp[self.graph.layers[0].fqn] = frozenset({first_tp})
+            return based.evaluate(plan)
         if plan.precision is not None and plan.precision != self.precision:
             raise ConfigError(
                 f"the plan is for precision {plan.precision.describe()}, this cost model charges "

@@ -46,14 +46,17 @@ traffic and a CPU optimizer step, so it wins where nothing else fits, and the se
 the larger space is paid only then). Passing ``kinds`` with ``FSDP-offload`` searches the whole
 space at once, exactly.
 
-A vocabulary-parallel head in a model that is not a declared chain (its own forward runs,
-whole or split by tracing) keeps its logits sharded on the vocabulary over its TP group, and
-the loss runs in the first layer's batch layout (:mod:`uniap.executor.vocab_loss`): that
-works only when the head's TP degree divides the first layer's. One layer's strategy then
-depends on another's, which the per-layer tables cannot say, so the search runs as it is and,
-only when its plan breaks the rule, once per head TP degree ``t`` with the head at ``tp = t``
-and the first layer at a multiple of ``t`` (:func:`head_layout_cases`): those cases cover
-every plan the executor can run, so the best of them is the optimum over those plans.
+A model that is not a declared chain runs its own forward at ``pp = 1`` (whole; at ``pp > 1``
+split by tracing, tp = 1): every value between its layers stays in the first layer's layout,
+the *base*, and each layer in another layout reshards its inputs in and its outputs back
+(:class:`uniap.executor.model_forward.LayoutAdapter`). A vocabulary-parallel head keeps its
+logits sharded on the vocabulary and the loss runs in the base batch layout
+(:mod:`uniap.executor.vocab_loss`), which works only when the head's TP degree divides the
+first layer's. Either way the first layer's choice prices or limits every other layer's,
+which per-layer tables cannot say, so the search runs once per TP degree of the first layer
+(:func:`layout_cases`), each case priced with that base (``CostModel(base_tp=...)``) and
+holding the head to the degrees the base allows: the cases cover every plan the executor
+runs, so the best of them is the optimum over those plans.
 
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
@@ -89,7 +92,7 @@ from uniap.schedules import get_schedule
 from uniap.strategies import divisors
 from uniap.uop import Candidate, Entry, Search, explain_entries
 
-__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables", "head_layout_cases"]
+__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables", "layout_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def plan_graph(
     }
     with progress_lines(progress) as say:
 
-        def one_search(offered: Sequence[str] | None, layer_tp=None) -> Plan:
+        def one_search(offered: Sequence[str] | None, layer_tp=None, base_tp=None) -> Plan:
             layer_tp = dict(layer_tp or {})
             for fqn, tps in no_vocab.items():
                 layer_tp[fqn] = layer_tp[fqn] & tps if fqn in layer_tp else tps
@@ -163,36 +166,33 @@ def plan_graph(
                 progress_interval_s=progress_interval_s,
                 precision=precision,
                 layer_tp=layer_tp or None,
+                base_tp=base_tp,
             )
 
         def search(offered: Sequence[str] | None) -> Plan:
-            out = one_search(offered)
-            cases = head_layout_cases(graph, cluster.world_size)
-            tps = {ls.fqn: ls.tp for ls in out.layer_strategies}
-            first_tp, head_tp = tps[graph.layers[0].fqn], tps[graph.layers[-1].fqn]
-            if not cases or head_tp in _allowed_head(cases, first_tp):
-                return out
+            cases = layout_cases(graph, cluster.world_size, max_tp or cluster.devices_per_node)
+            if not cases:
+                return one_search(offered)
             log.info(
-                "the plan's vocabulary-parallel head (tp=%d) cannot take its loss in the first "
-                "layer's layout (tp=%d); searching %d layout cases",
-                head_tp,
-                first_tp,
+                "%s runs its own forward: searching %d base layouts (first layer at tp in %s)",
+                graph.name,
                 len(cases),
+                [beta for beta, _ in cases],
             )
-            if say is not None:
-                say(f"vocabulary-parallel head: searching {len(cases)} layout cases")
+            if say is not None and len(cases) > 1:
+                say(f"own forward: searching {len(cases)} base layouts")
             best: Plan | None = None
-            for case in cases:
+            for beta, case in cases:
                 try:
-                    p = one_search(offered, case)
+                    p = one_search(offered, case, beta)
                 except InfeasibleError:
                     continue
                 if best is None or (
                     p.predicted["time_per_iteration_s"] < best.predicted["time_per_iteration_s"]
                 ):
                     best = p
-            if best is None:  # every case infeasible: say why with the unrestricted search's
-                return one_search(offered, cases[0])  # reasons (the head at tp = 1)
+            if best is None:  # every case infeasible: say why with the first case's reasons
+                return one_search(offered, cases[0][1], cases[0][0])
             return best
 
         if kinds is None and cluster.offload_enabled:
@@ -207,33 +207,31 @@ def plan_graph(
         return search(kinds)
 
 
-def head_layout_cases(graph: ModelGraph, world_size: int) -> list[dict[str, frozenset[int]]]:
-    """The TP-degree restrictions (``CostModel(layer_tp=...)``) whose union is every plan the
-    executor can run on ``world_size`` devices when the model's last layer is a
-    vocabulary-parallel head and the model is not a declared chain (see the module
-    docstring): for each TP degree ``t`` the head may take, the head at ``t`` and the first
-    layer at a multiple of ``t`` (``t = 1`` first). Empty when there is no such rule."""
-    if len(graph.layers) < 2 or graph.extra.get("pipeline_split") == "chain":
+def layout_cases(
+    graph: ModelGraph, world_size: int, max_tp: int
+) -> list[tuple[int, dict[str, frozenset[int]]]]:
+    """The base layouts of a model that runs its own forward (not a declared chain; see the
+    module docstring): per TP degree ``beta`` the first layer may take, ``(beta,
+    layer_tp)`` with the first layer at ``beta`` and, when the last layer is a
+    vocabulary-parallel head, the head at a degree that divides ``beta`` (its loss runs in
+    the first layer's batch layout, :mod:`uniap.executor.vocab_loss`). Their union is every
+    plan the executor runs, each case priced with its base (``CostModel(base_tp=beta)``).
+    Empty for a declared chain, a one-layer model or one device: no base to choose."""
+    declared = graph.extra.get("pipeline_split", "chain") == "chain"  # (a hand-made graph too)
+    if len(graph.layers) < 2 or world_size < 2 or declared:
         return []
     head, first = graph.layers[-1], graph.layers[0]
-    if head.tp_vocab is None or head.tp_vocab.kind != "head":
-        return []
+    vocab_head = head.tp_vocab is not None and head.tp_vocab.kind == "head"
     degrees = divisors(world_size)
-    return [
-        {head.fqn: frozenset({t}), first.fqn: frozenset(d for d in degrees if d % t == 0)}
-        for t in degrees
-        if head.supports_tp(t)
-    ]
-
-
-def _allowed_head(cases: list[dict[str, frozenset[int]]], first_tp: int) -> set[int]:
-    """The head TP degrees the cases allow next to a first layer at ``first_tp``."""
-    out: set[int] = set()
-    for case in cases:
-        (_, head_tps), (_, first_tps) = case.items()
-        if first_tp in first_tps:
-            out |= head_tps
-    return out
+    cases = []
+    for beta in degrees:
+        if beta > max_tp or not first.supports_tp(beta):
+            continue
+        case = {first.fqn: frozenset({beta})}
+        if vocab_head:
+            case[head.fqn] = frozenset(t for t in degrees if beta % t == 0 and head.supports_tp(t))
+        cases.append((beta, case))
+    return cases
 
 
 def _plan_graph(
@@ -257,6 +255,7 @@ def _plan_graph(
     progress_interval_s,
     precision,
     layer_tp=None,
+    base_tp=None,
 ) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
@@ -287,6 +286,7 @@ def _plan_graph(
         kinds=kinds,
         sequence_parallel=sequence_parallel,
         layer_tp=layer_tp,
+        base_tp=base_tp,
     )
     pps = [p for p in divisors(N) if p <= L]
     if not graph.extra.get("pipeline_splittable", True):

@@ -1,12 +1,13 @@
-"""A vocabulary-parallel head in a model that runs its own forward takes its loss in the first
-layer's batch layout, which works only when the head's TP degree divides the first layer's
-(:mod:`uniap.executor.vocab_loss`). The planner must return only plans the executor runs:
-when the best plan breaks that rule it searches the layout cases
-(:func:`uniap.planner.head_layout_cases`), and its plan equals the exhaustive optimum over
-every plan that keeps the rule."""
+"""A model that runs its own forward keeps the values between its layers in the first layer's
+layout (the base) and reshards around every layer in another layout; a vocabulary-parallel
+head takes its loss in that base batch layout, which works only when the head's TP degree
+divides the first layer's (:mod:`uniap.executor.vocab_loss`). The planner searches one case
+per base (:func:`uniap.planner.layout_cases`), priced with that base, and its plan equals the
+exhaustive optimum over every plan the executor runs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from uniap.cluster import load_cluster
 from uniap.cost_model import CostModel
 from uniap.executor.vocab_loss import check_head_layout
 from uniap.graph import build_graph
-from uniap.planner import candidate_tables, head_layout_cases, plan_graph
+from uniap.planner import candidate_tables, layout_cases, plan_graph
 from uniap.search import frontier
 from uniap.strategies import divisors
 
@@ -43,8 +44,8 @@ def _llama(scaled_embedding: bool):
     return build_graph(model, inputs, name="llama")
 
 
-def _optimum(graph, cluster, layer_tp=None) -> float:
-    cm = CostModel(graph, cluster, layer_tp=layer_tp, **KW)
+def _optimum(graph, cluster, layer_tp=None, base_tp=None) -> float:
+    cm = CostModel(graph, cluster, layer_tp=layer_tp, base_tp=base_tp, **KW)
     pps = [p for p in divisors(cluster.world_size) if p <= graph.num_layers]
     limit = cm.memory_limit_bytes
     best = float("inf")
@@ -60,15 +61,15 @@ def test_head_at_a_degree_the_first_layer_cannot_share_is_replanned() -> None:
     cases (every plan the executor can run)."""
     graph, cluster = _llama(scaled_embedding=True), load_cluster("cpu-4")
     assert graph.extra["pipeline_split"] != "chain"
-    cases = head_layout_cases(graph, cluster.world_size)
+    cases = layout_cases(graph, cluster.world_size, 4)
     head, first = graph.layers[-1].fqn, graph.layers[0].fqn
-    assert cases[0] == {head: frozenset({1}), first: frozenset({1, 2, 4})}
-    assert _optimum(graph, cluster) < min(_optimum(graph, cluster, case) for case in cases)
+    assert cases == [(1, {first: frozenset({1}), head: frozenset({1})})]
+    assert _optimum(graph, cluster) < min(_optimum(graph, cluster, c, b) for b, c in cases)
     plan = plan_graph(graph, cluster, global_batch_size=8, **KW)
     tps = {ls.fqn: (ls.dp, ls.tp) for ls in plan.layer_strategies}
     assert tps[first][1] % tps[head][1] == 0
     check_head_layout(plan, {layer.fqn: layer for layer in graph.layers}, tps[first])
-    expected = min(_optimum(graph, cluster, case) for case in cases)
+    expected = min(_optimum(graph, cluster, c, b) for b, c in cases)
     assert plan.predicted["time_per_iteration_s"] == pytest.approx(expected, rel=1e-9)
 
 
@@ -78,7 +79,7 @@ def test_no_layout_cases_for_a_declared_chain_or_a_head_without_vocabulary_tp() 
 
     m = models.build_model("gpt-tiny", device="meta")
     g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
-    assert g.extra["pipeline_split"] == "chain" and head_layout_cases(g, 4) == []
+    assert g.extra["pipeline_split"] == "chain" and layout_cases(g, 4, 4) == []
 
 
 def test_vocab_parallel_false_keeps_embedding_and_head_at_tp1() -> None:
@@ -94,5 +95,35 @@ def test_vocab_parallel_false_keeps_embedding_and_head_at_tp1() -> None:
     tps = {ls.fqn: ls.tp for ls in plan.layer_strategies}
     assert tps[head] == tps[first] == 1
     held = {head: frozenset({1}), first: frozenset({1})}
-    expected = _optimum(graph, cluster, held)
+    expected = _optimum(graph, cluster, held, 1)
     assert plan.predicted["time_per_iteration_s"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_own_forward_plans_pay_a_reshard_in_and_out_of_every_layer_off_the_base() -> None:
+    """What the executor runs for a model with its own forward: every layer whose layout is
+    not the first layer's reshards its inputs in and its outputs back, and checks a signature
+    on every call. The base-priced cost model charges exactly that per such layer (a chain's
+    ``R`` only at layout changes), ``evaluate`` prices a plan with its own first layer as the
+    base, and the planner's plan equals the exhaustive optimum over the base cases."""
+    graph, cluster = _llama(scaled_embedding=False), load_cluster("cpu-4")
+    cases = layout_cases(graph, cluster.world_size, 4)
+    assert [b for b, _ in cases] == [1, 2, 4]
+    L = graph.num_layers
+    for beta, _ in cases:
+        cm = CostModel(graph, cluster, base_tp=beta, **KW)
+        t = cm.tables(1, 1, 8)
+        base = t.layout[0][[k for k in range(t.num_strategies) if t.allowed_mask()[0, k]][0]]
+        assert set(t.layout[0][t.allowed_mask()[0]]) == {base}  # the first layer at the base
+        for u in range(L - 1):
+            assert (t.R[u, :, base] == 0).all()
+            for b in range(t.num_layouts):
+                if b != base:  # the same charge whatever the previous layer's layout
+                    assert (t.R[u, :, b] > 0).all() and np.ptp(t.R[u, :, b]) == 0
+    # a plan with its blocks off the base: charged per block, not per change of layout
+    plan = plan_graph(graph, cluster, global_batch_size=8, **KW)
+    expected = min(_optimum(graph, cluster, c, b) for b, c in cases)
+    assert plan.predicted["time_per_iteration_s"] == pytest.approx(expected, rel=1e-9)
+    chain = CostModel(graph, cluster, **KW)
+    assert chain.evaluate(plan).time_per_iteration_s == pytest.approx(
+        plan.predicted["time_per_iteration_s"], rel=1e-9
+    )
