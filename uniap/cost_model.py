@@ -88,6 +88,14 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl, tp)`` (analytic:
   ``2 out_bytes bl``, the output and its gradient), both ``/ tp`` for a vocabulary-parallel
   head at ``tp > 1``.
+- Free parameters (``Layer.free_params``: outside every layer, charged on the first; tied to a
+  later layer, charged on their first owner; with ``pp > 1`` also ``Layer.tied_copy_params``,
+  the copy a later layer's stage holds): the executor keeps them out of every data-parallel
+  wrapper (:class:`uniap.executor.model_forward.FreeParamSync`), so whatever the layer's kind
+  they take ``2 P + O`` whole on each rank (and, under mixed precision without recompute, the
+  ``P`` autocast copy per micro-batch in flight), an all-reduce of their gradient over the
+  layer's dp group after the last backward (in ``G``, not hidden) and an optimizer step on
+  the device; the kind's formulas above apply to the rest of the layer's parameters.
 - Vocabulary parallelism (``Layer.tp_vocab``, embedding and head layers at ``tp > 1``; the
   executor's :mod:`uniap.executor.tensor_parallel` and :mod:`uniap.executor.vocab_loss`, as
   torchtitan's ``RowwiseParallel`` embedding and ``ColwiseParallel`` output with loss
@@ -842,13 +850,22 @@ class CostModel:
             tp_comm_s += 3 * self._group_time(  # the target logit
                 "all_reduce", 4.0 * vocab.loss_rows_per_sample * bl, "tp", pp, s.dp, s.tp
             )
-        # TP shards the layer's parameters but a replicated part (a position table)
-        p_bytes = _tp_local(layer.param_bytes, layer.tp_param_fraction, s.tp)
-        local_params = _tp_local(layer.num_params, layer.tp_param_fraction, s.tp)
+        # TP shards the layer's parameters but a replicated part (a position table); the free
+        # parameters (outside every layer, tied; with stages also a tied copy) stay whole
+        elem = self.precision.param_bytes  # bytes per element at the training dtype
+        free = layer.free_params + (layer.tied_copy_params if pp > 1 else 0)
+        free_bytes = free * elem if free else 0.0
+        p_bytes = max(
+            _tp_local(layer.param_bytes, layer.tp_param_fraction, s.tp) - layer.free_params * elem,
+            0.0,
+        )
+        local_params = max(
+            _tp_local(layer.num_params, layer.tp_param_fraction, s.tp) - layer.free_params, 0.0
+        )
         opt_bytes = local_params * self.opt_bytes
         fsdp_per_microbatch_s = sync_s = wrap_s = host_bytes = 0.0
         hideable_s = 0.0  # the part of the last backward's gradient sync that may overlap
-        wrapped = s.dp > 1 and layer.num_params > 0
+        wrapped = s.dp > 1 and local_params > 0
         if s.kind == "FSDP":
             ag = self._group_time("all_gather", p_bytes, "dp", pp, s.dp, s.tp)
             rs = self._group_time(
@@ -966,14 +983,27 @@ class CostModel:
                 tp_comm_s += norm_s
             else:
                 sync_s += norm_s
+        if free:
+            # the free parameters: whole on every rank (master copy, gradient, optimizer state),
+            # their gradient all-reduced over the layer's dp group after the last backward
+            # (:class:`uniap.executor.model_forward.FreeParamSync`), stepped on the device
+            static_bytes += 2 * free_bytes + free * self.opt_bytes
+            if s.dp > 1:
+                sync_s += self._group_time(
+                    "all_reduce", free_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
+                )
         if s.kind == OFFLOAD:  # on the node's CPUs, shared by its ranks
             opt_s = (
                 local_params
                 * self.cluster.devices_per_node
                 * self.cluster.host_optimizer_s_per_param
             )
+            if free:
+                opt_s += self.profile.optimizer_step_s(free, layer)
         else:
-            opt_s = self.profile.optimizer_step_s(local_params, layer, dtensor=s.dtensor_params)
+            opt_s = self.profile.optimizer_step_s(
+                local_params + free, layer, dtensor=s.dtensor_params
+            )
         fsdp_per_microbatch_s = max(fsdp_per_microbatch_s + wrap_s, 0.0)
         act_bytes = self.activation_bytes(u, microbatch_size / s.dp, s.tp, s.sp, s.recompute)
         # static memory by kind: FSDP and ZeRO2 shard it; FSDP with c > 1 keeps parameters and
@@ -985,6 +1015,8 @@ class CostModel:
         # weights in each forward and autograd saves the param_dtype copy for backward, one per
         # micro-batch in flight (with recompute the copy is made again in backward, transient)
         cast_bytes = p_bytes if self._autocast_copies(s) else 0.0
+        if free and self.precision.mixed and not s.recompute:  # free ones: plain, under autocast
+            cast_bytes += free_bytes
         memory = []
         for n_inflight in inflight:
             m = static_bytes + (act_bytes + cast_bytes) * n_inflight
@@ -1008,9 +1040,9 @@ class CostModel:
                 "optimizer": opt_s,
                 "forward": fwd,
                 "weight_grad": wgrad_s,
-                "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard,
-                "grad_bytes": resident_bytes + p_bytes / shard,
-                "optimizer_bytes": opt_bytes / shard,
+                "param_bytes": resident_bytes + whole_param_bytes + p_bytes / shard + free_bytes,
+                "grad_bytes": resident_bytes + p_bytes / shard + free_bytes,
+                "optimizer_bytes": opt_bytes / shard + free * self.opt_bytes,
             },
         )
 

@@ -130,6 +130,15 @@ class Layer:
     sp_replicated_param_bytes: tuple[float, ...] = ()
     """Bytes of each parameter outside the SP regions (norms): SP all-reduces their gradients
     over the TP group."""
+    free_params: int = 0
+    """Elements of ``num_params`` that the executor keeps out of the layer's data-parallel
+    wrapping (:class:`uniap.executor.model_forward.FreeParamSync`): parameters outside every
+    layer (counted on the first layer) and weights tied to a later layer (on their first
+    owner). They stay whole on every rank that holds them and their gradient is all-reduced
+    once per iteration, whatever the layer's kind."""
+    tied_copy_params: int = 0
+    """Elements of the weights this layer shares with an earlier one (counted there, not in
+    ``num_params``): with pipeline stages the executor holds a copy on this layer's stage."""
 
     @property
     def tp_enabled(self) -> bool:
@@ -501,16 +510,24 @@ def build_graph(
     # data-parallel group by the executor: counted there
     in_layers = {id(p) for _, module in chain for p in module.parameters()}
     outside = [p for p in traced.parameters() if id(p) not in in_layers]
+    holders: dict[int, int] = {}  # parameter -> number of chain layers holding it
+    for _, module in chain:
+        for p in module.parameters():
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    tied = {pid for pid, n in holders.items() if n > 1}
     layers: list[Layer] = []
     for i, (fqn, module) in enumerate(chain):
         trace = tracer.layers[i]
         measured = chain[copies.get(i, i)][0]  # a replayed layer reads its representative
         fwd = sum(fwd_counts.get(f"{root}.{measured}", {}).values())
         total = sum(all_counts.get(f"{root}.{measured}", {}).values())
-        own = [p for p in module.parameters() if id(p) not in seen_params]
+        held = list(module.parameters())
+        own = [p for p in held if id(p) not in seen_params]
         if i == 0:
             own += outside
         seen_params |= {id(p) for p in own}
+        free = sum(p.numel() for p in own if id(p) in tied or id(p) not in in_layers)
+        tied_copies = sum(p.numel() for p in held if id(p) not in {id(q) for q in own})
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
         num_params = sum(p.numel() for p in own)
@@ -561,6 +578,8 @@ def build_graph(
                 sp_saved_fraction=sp.saved_fraction,
                 sp_excluded_reason=sp.excluded_reason,
                 sp_replicated_param_bytes=sp.replicated_param_bytes,
+                free_params=free,
+                tied_copy_params=tied_copies,
             )
         )
 

@@ -125,3 +125,41 @@ def test_planner_offers_only_pp1_for_a_model_it_cannot_split() -> None:
         "other: a runs after b; plan with pp_degrees=[1], or define uniap_layer_fqns() if "
         "running its layers one after the other is its forward"
     )
+
+
+def test_free_parameters_are_charged_whole_whatever_the_layer_kind() -> None:
+    """The executor keeps free parameters (model-level, tied) out of every data-parallel
+    wrapper: whole on each rank, their gradient all-reduced once per iteration. The graph
+    records them on their first owner (and the tied copy on the head); the cost model charges
+    them whole under FSDP as under DDP, where the layer's own parameters are sharded."""
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    g = build_graph(_Net(tied=True, model_param=True), ids, pipeline_check=False)
+    tok, body, head = (g.layer(f) for f in FQNS)
+    assert (tok.free_params, tok.tied_copy_params) == (16 * 8 + 8, 0)
+    assert (body.free_params, head.free_params, head.num_params) == (0, 0, 0)
+    assert head.tied_copy_params == 16 * 8
+    plain = build_graph(_Net(), ids, pipeline_check=False)
+    assert all(layer.free_params == layer.tied_copy_params == 0 for layer in plain.layers)
+
+    cm = CostModel(g, load_cluster("cpu-4"), recompute=False)
+    t = cm.tables(1, 1, 8)
+    names = [s.name if hasattr(s, "name") else str(s) for s in cm.strategies(1)]
+    elem = tok.param_bytes / tok.num_params
+    free_bytes = tok.free_params * elem
+    for k, s in enumerate(cm.strategies(1)):
+        if s.tp != 1 or not t.allowed_mask()[0, k]:
+            continue
+        # tok holds nothing but free parameters: whole, whatever the kind
+        assert t.breakdown["param_bytes"][0, k] == pytest.approx(free_bytes), names[k]
+        assert t.breakdown["optimizer_bytes"][0, k] == pytest.approx(
+            tok.free_params * cm.opt_bytes
+        ), names[k]
+        if s.dp > 1:  # the gradient all-reduce of the free parameters, once per iteration
+            assert t.G[0, k] > 0, names[k]
+    # pipeline stages: the head's stage holds a copy of the tied weight too
+    t2 = cm.tables(2, 2, 8)
+    k = next(k for k, s in enumerate(cm.strategies(2)) if s.kind == "FSDP" and s.dp > 1)
+    assert t2.breakdown["param_bytes"][2, k] == pytest.approx(head.tied_copy_params * elem)
