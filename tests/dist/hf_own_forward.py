@@ -129,6 +129,30 @@ def _loss(family: str, out: Any) -> torch.Tensor:
     return fn(out, None) if fn is not None else out.loss
 
 
+def _memory(pm: Any, family: str, big_b: int) -> dict[str, float]:
+    """Rank 0's measured parameter and gradient bytes (the last step) next to what the cost
+    model charges for them under the plan (``param_bytes`` and ``grad_bytes`` parts)."""
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+
+    g = graph(family, big_b)
+    cm = CostModel(g, load_cluster(f"cpu-{dist.get_world_size()}"), recompute=False)
+    t = cm.tables(1, pm.plan.num_microbatches, big_b)
+    _, strategy_of = cm.assignment(pm.plan, t)
+    parts = {
+        name: float(sum(t.breakdown[name][u, k] for u, k in enumerate(strategy_of)))
+        for name in ("param_bytes", "grad_bytes")
+    }
+    measured = pm.memory_breakdown
+    return {
+        "measured_params": float(measured["parameters_bytes"]),
+        "measured_grads": float(measured["gradients_bytes"]),
+        "predicted_params": parts["param_bytes"],
+        "predicted_grads": parts["grad_bytes"],
+        "free_bytes": float(sum(layer.free_params for layer in g.layers) * 4),
+    }
+
+
 def hf_case(case: dict) -> dict[str, Any] | None:
     """Train ``case["family"]`` at pp = 1: layers with a TP plan get ``case["tp_layers"]``,
     the others ``case["others"]``; compare with one process."""
@@ -154,6 +178,7 @@ def hf_case(case: dict) -> dict[str, Any] | None:
         build(family), case.get("cluster"), plan=plan, loss_fn=_loss_fn(family),
         global_batch_size=big_b, example_inputs=x0,
     )  # fmt: skip
+    pm.measure_memory = bool(case.get("memory"))
     opt = sgd(pm.parameters())
     losses, grads = [], {}
     for step in range(steps):
@@ -183,7 +208,9 @@ def hf_case(case: dict) -> dict[str, Any] | None:
         expect = ref(**batch(family, big_b, steps))
     key = "pooler_output" if _families()[family][3] == "vision" else "logits"
     got, want = out[key], expect[key]
+    memory = _memory(pm, family, big_b) if case.get("memory") else None
     return {
+        "memory": memory,
         "plan": pm.plan.summary(),
         "forward_close": got.shape == want.shape
         and float((got - want).abs().max()) <= ATOL + RTOL * float(want.abs().max()),

@@ -46,6 +46,15 @@ CASES = [
     *_cases(),
     # planned by uniap (rank 0) for the cpu-4 preset, then run
     {"name": "llama_untied_planned_cpu4", "family": "llama_untied", "cluster": "cpu-4"},
+    # GPT-2's tied wte / lm_head under FSDP: kept whole by the executor, and so charged
+    {
+        "name": "gpt2_fsdp_dp4_c1_memory",
+        "family": "gpt2",
+        "tp_layers": (4, 1, F),
+        "others": (4, 1, F),
+        "c": 1,
+        "memory": True,
+    },
 ]
 
 
@@ -65,3 +74,19 @@ def test_world4_hf_model_matches_one_process(results: dict[str, Any], name: str)
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert not res["bad_grads"], res["bad_grads"]
     assert res["forward_close"] and not res["training"], "pm.eval(); pm(batch) differs"
+
+
+def test_world4_tied_weights_memory_is_what_the_cost_model_charges(
+    results: dict[str, Any],
+) -> None:
+    """Planned == executed for free parameters: GPT-2's tied embedding stays whole on every
+    rank under an all-FSDP plan, and the cost model's parameter and gradient bytes match the
+    measured ones (to 1 %, far below the 3/4 of the tied weight a sharded charge would miss)."""
+    res = results["gpt2_fsdp_dp4_c1_memory"]
+    assert "error" not in res, res.get("error")
+    m = res["memory"]
+    assert m["free_bytes"] > 0
+    for what in ("params", "grads"):
+        measured, predicted = m[f"measured_{what}"], m[f"predicted_{what}"]
+        assert abs(measured - predicted) <= 0.01 * measured, m
+    assert 0.01 * m["measured_params"] < 0.75 * m["free_bytes"]
