@@ -231,8 +231,10 @@ parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j
 (a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
 :func:`zero_bubble_stage_times`). No formula: ``TPI = max(L, c * max_r O_r) + max_r s_r``
 with ``L`` the longest path through torch's order of operations
-(:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only ``dp = 1``
-strategies without recompute are offered (:attr:`uniap.schedules.ScheduleSpec.data_parallel`).
+(:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only strategies without
+recompute and without DDP / FSDP wrappers are offered: ``dp = 1``, or plain replicas (DDP at
+``tp = 1``) whose gradient the executor all-reduces after the step, charged whole in ``G``
+(:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``reduce_after_step``).
 In flight on stage ``j``: the micro-batches between their forward and their weight gradient.
 
 All communication times are taken on the slowest group of that shape over all stages (the
@@ -738,8 +740,8 @@ class CostModel:
             ks = layer_strategies(layer, strategies, b, in_bytes)
             if layer.fqn in self.layer_tp:
                 ks = [k for k in ks if strategies[k].tp in self.layer_tp[layer.fqn]]
-            if not spec.data_parallel:  # (zero bubble: no gradient reduction, uniap.schedules)
-                ks = [k for k in ks if strategies[k].dp == 1]
+            if not spec.data_parallel:  # (zero bubble: no DDP / FSDP wrappers, uniap.schedules)
+                ks = [k for k in ks if _after_step_ok(strategies[k], spec.reduce_after_step)]
             if not spec.recompute:
                 ks = [k for k in ks if not strategies[k].recompute]
             if not ks:
@@ -749,8 +751,8 @@ class CostModel:
                     + (
                         ""
                         if spec.data_parallel and spec.recompute
-                        else f" ({schedule} runs layers with dp = 1 and no recompute only: "
-                        "one device per stage, or TP over the stage)"
+                        else f" ({schedule} runs layers without recompute, with dp = 1 or as "
+                        "plain replicas, kind DDP at tp = 1)"
                     )
                 )
             allowed.append(ks)
@@ -762,6 +764,7 @@ class CostModel:
                     num_microbatches=c,
                     microbatch_size=b,
                     inflight=inflight,
+                    after_step=not spec.data_parallel,
                 )
                 A[u, k], G[u, k], M[u, k], F[u, k], Mh[u, k] = (
                     cost.per_microbatch_s,
@@ -821,10 +824,12 @@ class CostModel:
         num_microbatches: int,
         microbatch_size: int,
         inflight: Sequence[int],
+        after_step: bool = False,
     ) -> LayerCost:
         """Layer ``u`` with strategy ``s`` on a stage of a ``pp``-stage plan: its ``A``, ``G`` and
         per-stage ``M`` entries (``inflight[i]``: micro-batches in flight on stage i) and their
-        parts. See the module docstring for the formulas."""
+        parts. See the module docstring for the formulas. ``after_step``: no DDP / FSDP wrapper
+        (zero bubble): a ``dp > 1`` DDP layer's gradient is all-reduced after the step, whole."""
         layers = self.graph.layers
         layer, last = layers[u], u == len(layers) - 1
         in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
@@ -946,6 +951,10 @@ class CostModel:
             # whole parameters from the first forward to the last backward, next to the shards
             static_bytes = p_bytes + (2 * p_bytes + opt_bytes) / s.dp
             local_params /= s.dp
+        elif after_step:  # plain replicas: one all-reduce after the last weight gradient
+            ar = self._group_time("all_reduce", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp)
+            sync_s = ar if s.dp > 1 else 0.0
+            static_bytes = 2 * p_bytes + opt_bytes
         else:
             if s.uses_classic_ddp:  # the layer's share of DDP's full buckets
                 bk = DDP_BUCKET_BYTES
@@ -1254,6 +1263,12 @@ class CostModel:
         )
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
+
+
+def _after_step_ok(s: Strategy, reduce_after_step: bool) -> bool:
+    """Whether a schedule without DDP / FSDP wrappers runs strategy ``s``: ``dp == 1``, or
+    (``reduce_after_step``) a plain replica, kind DDP at ``tp == 1``."""
+    return s.dp == 1 or (reduce_after_step and s.kind == "DDP" and s.tp == 1)
 
 
 def _tp_local(total: float, fraction: float, tp: int) -> float:

@@ -58,8 +58,10 @@ simulation). In-flight activations
 (:func:`_zero_bubble_inflight`): a micro-batch's activations stay from its forward to its
 weight gradient (B retains the autograd graph for W; B frees nothing), counted in torch's order
 like interleaved 1F1B's; the input-gradient intermediates that B keeps for W (one gradient per
-parameter product's output) are not charged. Layers run with ``dp = 1`` and without recompute
-(:attr:`ScheduleSpec.data_parallel`, :attr:`ScheduleSpec.recompute`).
+parameter product's output) are not charged. Layers run without recompute and without DDP or
+FSDP wrappers: ``dp = 1``, or plain replicas (kind DDP, ``tp = 1``) whose gradients are summed
+after the step, the all-reduce exposed (:attr:`ScheduleSpec.data_parallel`,
+:attr:`ScheduleSpec.reduce_after_step`, :attr:`ScheduleSpec.recompute`).
 """
 
 from __future__ import annotations
@@ -102,9 +104,15 @@ class ScheduleSpec:
     microbatch_multiple_of_pp: bool = False
     """The schedule needs ``c`` to be a multiple of ``pp``."""
     data_parallel: bool = True
-    """Layers may use ``dp > 1``. False for zero bubble: torch runs the weight gradients
-    outside autograd's backward hooks, which DDP and FSDP reduce in (pytorch/pytorch#144530:
-    with DDP the gradients come out unreduced; FSDP's reduction runs before they exist)."""
+    """Layers may use DDP and FSDP wrappers. False for zero bubble: torch runs the weight
+    gradients outside autograd's backward hooks, which DDP and FSDP reduce in
+    (pytorch/pytorch#144530: with DDP the gradients come out unreduced; FSDP's reduction runs
+    before they exist)."""
+    reduce_after_step: bool = False
+    """Without the wrappers, a layer may still have ``dp > 1`` as plain replicas (kind DDP,
+    ``tp == 1``): the executor sums their gradients over the layer's dp group once the
+    schedule's last weight gradient is done (:class:`uniap.executor.model_forward.FreeParamSync`),
+    and the cost model charges that all-reduce whole, hidden behind nothing."""
     recompute: bool = True
     """Layers may use activation checkpointing. False for zero bubble: a checkpointed layer
     fails in torch's split backward (torch 2.13: the schedule raises while running it)."""
@@ -367,6 +375,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             "gradients, the weight gradients filling the bubble",
             microbatch_multiple_of_pp=True,
             data_parallel=False,
+            reduce_after_step=True,
             recompute=False,
             split_backward=True,
         ),

@@ -1,6 +1,7 @@
 """Interleaved 1F1B (``ScheduleInterleaved1F1B``) and interleaved zero bubble
 (``ScheduleInterleavedZeroBubble``, each backward split into input and weight gradients; dp = 1
-only, :attr:`uniap.schedules.ScheduleSpec.data_parallel`), v = 2 stages per rank, stage j on
+or plain DDP replicas summed after the step, :attr:`uniap.schedules.ScheduleSpec.data_parallel`),
+v = 2 stages per rank, stage j on
 the ranks of stage j % pp, train like one process: world 4, CPU gloo, one spawn for every case.
 
 Each case trains the toy chain for three SGD steps (momentum, ``foreach=True``) under a plan
@@ -80,6 +81,8 @@ def _cases() -> list[dict]:
         _interleaved("pp4_v2_c4", 4, [(1, 1, D)] * 8, c=4, n_blocks=6),
         # zero bubble: four ranks with two stages each, dp = 1
         _interleaved("zb_pp4_v2_c4", 4, [(1, 1, D)] * 8, c=4, n_blocks=6, schedule=ZB),
+        # zero bubble with data parallelism: plain replicas, gradients summed after the step
+        _interleaved("zb_pp2_v2_dp2_ddp_c2", 2, [(2, 1, D)] * 4, c=2, schedule=ZB),
         _interleaved(
             "zb_pp4_v2_c8", 4, [(1, 1, D)] * 8, c=8, n_blocks=6, schedule=ZB, forward=True
         ),

@@ -238,8 +238,9 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
     fake_world: int,
 ) -> None:
     """dp = 1 at pp = 4: torch's ScheduleInterleavedZeroBubble over the rank's two stages;
-    a layer with dp = 2 (DDP or FSDP would not reduce the weight gradients) or with
-    activation checkpointing is one error naming the fix."""
+    dp = 2 DDP at tp = 1 runs as plain replicas (no wrapper; their gradients summed after the
+    step); a layer with FSDP (its reduction would run before the weight gradients exist) or
+    with activation checkpointing is one error naming the fix."""
     import torch
     from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
     from toy import build_toy, toy_layers, toy_loss
@@ -254,22 +255,33 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
     )  # fmt: skip
     assert isinstance(pm._schedule, ScheduleInterleavedZeroBubble)
     assert [s.stage_index for s in pm._schedule._stages] == [1, 5]
+    replicas = apply_plan(
+        build_toy(2), _toy_plan(4, 2, (2, 1, "DDP")), loss_fn=toy_loss, device=cpu
+    )
+    assert replicas._ddp is None and replicas._free_sync is not None
+    assert {id(p) for p in replicas._free_sync.params} == {
+        id(p) for p in replicas.module.parameters()
+    }
     with pytest.raises(
         UniapError,
         match=r"InterleavedZeroBubble computes weight gradients outside autograd's backward "
         r"hooks, where DDP and FSDP reduce them \(pytorch/pytorch#144530\); layer 'embed' has "
-        r"dp=2: re-plan with schedule Interleaved1F1B, or with dp=1 on every layer",
+        r"dp=2, tp=1 FSDP: re-plan with schedule Interleaved1F1B, or give it dp=1, or kind DDP "
+        r"at tp=1 \(plain replicas, their gradients summed after the step\)",
     ):
         apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "FSDP")), loss_fn=toy_loss, device=cpu)
     with pytest.raises(UniapError, match=r"cannot run activation checkpointing \(layer 'embed'\)"):
         apply_plan(build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu)
 
 
-def test_planner_offers_zero_bubble_only_without_data_parallelism() -> None:
+def test_planner_offers_zero_bubble_without_wrappers() -> None:
     """gpt-tiny on 2 CPUs at pp = 2 (one device per stage): offered both interleaved
     schedules, the planner picks zero bubble, whose predicted time is CostModel.evaluate()'s
     and below interleaved 1F1B's; every layer has dp = 1 and no recompute. On 4 CPUs at
-    pp = 2 (two devices per stage) the embedding (no TP) has no zero-bubble strategy."""
+    pp = 2 (two devices per stage) zero bubble offers the layers dp = 1 (TP over the stage)
+    or plain DDP replicas at tp = 1, whose all-reduce it charges whole (no overlap); never
+    FSDP or recompute. With 8 CPUs per stage an FSDP-only kind list leaves the embedding (no
+    TP beyond its vocabulary) without a strategy, an error naming the rule."""
     from uniap import models
     from uniap.cluster import load_cluster
     from uniap.cost_model import CostModel
@@ -288,12 +300,24 @@ def test_planner_offers_zero_bubble_only_without_data_parallelism() -> None:
     g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
     cm = CostModel(g, load_cluster("cpu-2"), precision=both.precision)
     assert cm.evaluate(both).time_per_iteration_s == pytest.approx(tpi)
+    cm4 = CostModel(g, load_cluster("cpu-4"))
+    t = cm4.tables(2, 4, 16, ZB)
+    strategies = cm4.strategies(2)
+    offered = {strategies[k] for row in t.allowed for k in row}
+    assert all(s.dp == 1 or (s.kind == "DDP" and s.tp == 1) for s in offered)
+    assert any(s.dp == 2 for s in offered) and not any(s.recompute for s in offered)
+    plain = CostModel(g, load_cluster("cpu-4")).tables(2, 4, 16, "Interleaved1F1B")
+    norm = g.fqns.index("norm")
+    k = next(k for k in t.allowed[norm] if strategies[k].dp == 2)
+    if t.G[norm, k] > 0:  # the after-step all-reduce: never less than the overlapped one
+        assert t.G[norm, k] >= plain.G[norm, k] - 1e-15
     with pytest.raises(
         ConfigError,
         match=r"layer 'norm' has no strategy for micro-batch size 4 on 2 devices per stage "
-        r"\(InterleavedZeroBubble runs layers with dp = 1 and no recompute only",
+        r"\(InterleavedZeroBubble runs layers without recompute, with dp = 1 or as plain "
+        r"replicas, kind DDP at tp = 1\)",
     ):
-        CostModel(g, load_cluster("cpu-4")).tables(2, 4, 16, ZB)
+        CostModel(g, load_cluster("cpu-4"), kinds=("FSDP",)).tables(2, 4, 16, ZB)
 
 
 def test_weight_gradient_split_analytic_measured_and_old_profiles(caplog) -> None:

@@ -161,13 +161,18 @@ def apply_plan(
         if ls.sp:
             check_sp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
     spec = get_schedule(plan.schedule)
-    reduced = [ls for ls in plan.layer_strategies if ls.dp > 1]
-    if plan.pp_degree > 1 and not spec.data_parallel and reduced:
+    wrapped = [
+        ls
+        for ls in plan.layer_strategies
+        if ls.dp > 1 and not (spec.reduce_after_step and ls.kind == "DDP" and ls.tp == 1)
+    ]
+    if plan.pp_degree > 1 and not spec.data_parallel and wrapped:
         raise UniapError(
             f"{plan.schedule} computes weight gradients outside autograd's backward hooks, where "
-            f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {reduced[0].fqn!r} has "
-            f"dp={reduced[0].dp}: re-plan with schedule Interleaved1F1B, or with dp=1 on every "
-            "layer"
+            f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {wrapped[0].fqn!r} has "
+            f"dp={wrapped[0].dp}, tp={wrapped[0].tp} {wrapped[0].kind}: re-plan with schedule "
+            "Interleaved1F1B, or give it dp=1, or kind DDP at tp=1 (plain replicas, their "
+            "gradients summed after the step)"
         )
     ckpt = [ls for ls in plan.layer_strategies if ls.recompute]
     if plan.pp_degree > 1 and not spec.recompute and ckpt:
@@ -280,10 +285,12 @@ def apply_plan(
             backend,
             f"; vocabulary-parallel {', '.join(eager)} eager" if eager else "",
         )
-    classic = [ls for ls in placed if ls.strategy.uses_classic_ddp]
+    # zero bubble: dp > 1 layers are plain replicas, their gradients summed after the step
+    after_step = [ls for ls in placed if ls.dp > 1] if not spec.data_parallel else []
+    classic = [ls for ls in placed if ls.strategy.uses_classic_ddp and ls not in after_step]
     root_mesh = None
     for ls in placed:
-        if ls.dp > 1 and ls not in classic:
+        if ls.dp > 1 and ls not in classic and ls not in after_step:
             dp_mesh = groups.dp_mesh(ls.strategy)  # 2-D for HSDP
             apply_dp(
                 module.get_submodule(path[ls.fqn]),
@@ -335,6 +342,20 @@ def apply_plan(
         )
     free_sync = None
     context = BatchContext()
+    if after_step:
+        free_sync = FreeParamSync(
+            [
+                ([p], groups.layer_mesh(ls.dp, ls.tp)["dp"].get_group())
+                for ls in after_step
+                for p in module.get_submodule(path[ls.fqn]).parameters()
+                if id(p) not in {id(q) for q in free_params}
+            ]
+        )
+        logger.info(
+            "%d layer(s) as plain replicas under %s, gradients summed after the step",
+            len(after_step),
+            plan.schedule,
+        )
     if traced is not None:
         module.forward = RoutedForward(module.forward, traced.split.routing, stage_index)
         free_sync = FreeParamSync(traced.units(), spans_stages=traced.spans)
