@@ -182,17 +182,34 @@ def plan_graph(
             if say is not None and len(cases) > 1:
                 say(f"own forward: searching {len(cases)} base layouts")
             best: Plan | None = None
+            lowest: list[tuple[float, int]] = []  # each case's proven bound, its first-layer tp
             for beta, case in cases:
                 try:
                     p = one_search(offered, case, beta)
                 except InfeasibleError:
                     continue
-                if best is None or (
-                    p.predicted["time_per_iteration_s"] < best.predicted["time_per_iteration_s"]
-                ):
+                tpi = p.predicted["time_per_iteration_s"]
+                lowest.append((tpi * (1 - p.solver.get("gap", 0.0)), beta))
+                if best is None or tpi < best.predicted["time_per_iteration_s"]:
                     best = p
             if best is None:  # every case infeasible: say why with the first case's reasons
                 return one_search(offered, cases[0][1], cases[0][0])
+            # the plan is proven optimal over every case only when no case's bound is below it
+            tpi = best.predicted["time_per_iteration_s"]
+            low, beta = min(lowest)
+            if low < tpi * (1 - 1e-12) and best.solver.get("gap", 0.0) < (tpi - low) / tpi:
+                log.warning(
+                    "the base layout with the first layer at tp=%d stopped at its time limit "
+                    "with its bound %.6g s %.2g %% below the plan's %.6g s; raise time_limit_s "
+                    "to prove the plan",
+                    beta,
+                    low,
+                    100 * (tpi - low) / tpi,
+                    tpi,
+                )
+                best = dataclasses.replace(
+                    best, solver={**best.solver, "status": "time_limit", "gap": (tpi - low) / tpi}
+                )
             return best
 
         if kinds is None and cluster.offload_enabled:

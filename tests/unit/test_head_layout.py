@@ -127,3 +127,40 @@ def test_own_forward_plans_pay_a_reshard_in_and_out_of_every_layer_off_the_base(
     assert chain.evaluate(plan).time_per_iteration_s == pytest.approx(
         plan.predicted["time_per_iteration_s"], rel=1e-9
     )
+
+
+def test_a_base_case_stopped_at_its_limit_keeps_the_plan_unproven(monkeypatch) -> None:
+    """The plan is the best over the base cases, and it is proven only when every case is:
+    a case that stopped at its time limit with a bound below the plan's time makes the plan
+    ``time_limit`` with that gap (cases stand in for slow searches here)."""
+    import dataclasses
+
+    import uniap.planner as planner
+
+    graph, cluster = _llama(scaled_embedding=False), load_cluster("cpu-4")
+    real = planner._plan_graph
+    template = real(
+        graph, cluster, global_batch_size=8, profile=None, schedules=None, pp_degrees=None,
+        num_microbatches=None, memory_fraction=0.9, max_tp=None, recompute=False,
+        kinds=KW["kinds"], sequence_parallel=False, time_limit_s=10, threads=1, seed=0,
+        say=None, progress_interval_s=5.0, precision=None, base_tp=1,
+    )  # fmt: skip
+    fake = {1: (1.0, 0.0), 2: (1.1, 0.2), 4: (1.3, 0.0)}  # base tp -> (time, gap)
+
+    def stand_in(*args, base_tp=None, **kwargs):
+        tpi, gap = fake[base_tp]
+        status = "time_limit" if gap else "optimal"
+        return dataclasses.replace(
+            template,
+            predicted={**template.predicted, "time_per_iteration_s": tpi},
+            solver={**template.solver, "status": status, "gap": gap},
+        )
+
+    monkeypatch.setattr(planner, "_plan_graph", stand_in)
+    got = plan_graph(graph, cluster, global_batch_size=8, **KW)
+    assert got.predicted["time_per_iteration_s"] == 1.0
+    assert got.solver["status"] == "time_limit"
+    assert got.solver["gap"] == pytest.approx(1 - 1.1 * 0.8)
+    fake[2] = (1.1, 0.05)  # its bound above the plan: proven
+    got = plan_graph(graph, cluster, global_batch_size=8, **KW)
+    assert got.solver["status"] == "optimal" and got.solver["gap"] == 0.0
