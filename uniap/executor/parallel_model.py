@@ -343,12 +343,13 @@ def apply_plan(
     free_sync = None
     context = BatchContext()
     if after_step:
+        held_free = {id(q) for q in free_params}
         free_sync = FreeParamSync(
             [
                 ([p], groups.layer_mesh(ls.dp, ls.tp)["dp"].get_group())
                 for ls in after_step
                 for p in module.get_submodule(path[ls.fqn]).parameters()
-                if id(p) not in {id(q) for q in free_params}
+                if id(p) not in held_free
             ]
         )
         logger.info(
