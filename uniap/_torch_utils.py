@@ -1,16 +1,43 @@
 """Small torch helpers shared by the tracer, the measuring code, the executor and the model
 adapters, each of which must not depend on the others: a tensor's storage identity (for
-counting bytes once per storage) and placing a module at an FQN of a module tree.
+counting bytes once per storage), mapping the tensors of a nested value and placing a module at
+an FQN of a module tree.
 
 Nothing here imports ``torch.distributed``: the graph tracer (planner side) uses it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["attach_module", "local_tensor", "parent_of", "storage_key"]
+__all__ = ["attach_module", "local_tensor", "map_tensors", "parent_of", "storage_key"]
+
+
+def map_tensors(fn: Any, value: Any) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) tuple, list or mapping, in order; other values
+    pass. Named tuples and mapping subclasses (a Hugging Face ``ModelOutput``) keep their type
+    where it can be rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple
+        return type(value)(*(map_tensors(fn, v) for v in value))
+    if isinstance(value, tuple):
+        return tuple(map_tensors(fn, v) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(fn, v) for v in value]
+    if isinstance(value, Mapping):
+        items = {k: map_tensors(fn, v) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        try:
+            return type(value)(**items)
+        except TypeError:
+            return items
+    return value
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from uniap._torch_utils import storage_key
+from uniap._torch_utils import map_tensors, storage_key
 from uniap.errors import UniapError
 
 __all__ = [
@@ -437,24 +437,7 @@ def _fresh_like(obj: Any, anchors: list[Tensor]) -> Any:
         fresh = iter(_Replay.apply(spec, *anchors))
     else:
         fresh = iter(torch.empty(sp[0], dtype=sp[1], device=sp[2]) for sp in spec)
-    return _rebuild(obj, fresh)
-
-
-def _rebuild(obj: Any, fresh: Any) -> Any:
-    """``obj`` with its tensors (in :func:`tensors_in` order) taken from ``fresh``."""
-    if isinstance(obj, Tensor):
-        return next(fresh)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
-        return type(obj)(*(_rebuild(v, fresh) for v in obj))
-    if isinstance(obj, Mapping):
-        new = {k: _rebuild(v, fresh) for k, v in obj.items()}
-        try:
-            return type(obj)(**new)
-        except TypeError:
-            return new
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rebuild(v, fresh) for v in obj)
-    return obj
+    return map_tensors(lambda _: next(fresh), obj)
 
 
 def training_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from uniap._torch_utils import map_tensors
 from uniap.executor.mesh import GatherStep, ProcessGroups, RankLayout, SliceStep, reshard_steps
 
 __all__ = [
@@ -100,25 +101,6 @@ def slice_batch(x: torch.Tensor, group: dist.ProcessGroup, size: int, index: int
         n = x.shape[0] // size
         return x.narrow(0, index * n, n).clone()
     return _SliceBatch.apply(x, group, size, index)
-
-
-def map_tensors(fn: Any, value: Any) -> Any:
-    """Apply ``fn`` to every tensor in a (nested) tuple, list or dict; other values pass."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(map_tensors(fn, v) for v in value)
-    if isinstance(value, list):
-        return [map_tensors(fn, v) for v in value]
-    if isinstance(value, dict):
-        items = {k: map_tensors(fn, v) for k, v in value.items()}
-        if type(value) is dict:
-            return items
-        try:  # a dict subclass such as a Hugging Face ModelOutput keeps its type
-            return type(value)(**items)
-        except TypeError:
-            return items
-    return value
 
 
 class BatchReshard(nn.Module):
