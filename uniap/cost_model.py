@@ -741,7 +741,13 @@ class CostModel:
             if layer.fqn in self.layer_tp:
                 ks = [k for k in ks if strategies[k].tp in self.layer_tp[layer.fqn]]
             if not spec.data_parallel:  # (zero bubble: no DDP / FSDP wrappers, uniap.schedules)
-                ks = [k for k in ks if _after_step_ok(strategies[k], spec.reduce_after_step)]
+                ks = [
+                    k
+                    for k in ks
+                    if spec.runs_data_parallel(
+                        strategies[k].dp, strategies[k].tp, strategies[k].kind
+                    )
+                ]
             if not spec.recompute:
                 ks = [k for k in ks if not strategies[k].recompute]
             if not ks:
@@ -1263,12 +1269,6 @@ class CostModel:
         )
         stage_of, strategy_of = self.assignment(plan, t)
         return evaluate_assignment(t, stage_of, strategy_of)
-
-
-def _after_step_ok(s: Strategy, reduce_after_step: bool) -> bool:
-    """Whether a schedule without DDP / FSDP wrappers runs strategy ``s``: ``dp == 1``, or
-    (``reduce_after_step``) a plain replica, kind DDP at ``tp == 1``."""
-    return s.dp == 1 or (reduce_after_step and s.kind == "DDP" and s.tp == 1)
 
 
 def _tp_local(total: float, fraction: float, tp: int) -> float:

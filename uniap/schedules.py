@@ -126,6 +126,15 @@ class ScheduleSpec:
         """Several (virtual) stages per rank."""
         return max(self.stages_per_rank) > 1
 
+    def runs_data_parallel(self, dp: int, tp: int, kind: str) -> bool:
+        """Whether this schedule runs a layer at ``(dp, tp, kind)`` as far as its gradient
+        reduction goes (the cost model offers, the executor accepts exactly these): any with
+        the DDP / FSDP wrappers; without them ``dp == 1``, or with ``reduce_after_step`` a
+        plain replica, kind DDP at ``tp == 1``."""
+        if self.data_parallel or dp == 1:
+            return True
+        return self.reduce_after_step and kind == "DDP" and tp == 1
+
     def inflight(self, stage: int, num_stages: int, num_microbatches: int, v: int = 1) -> int:
         """Micro-batches whose activations ``stage`` holds at once (1 without pipelining);
         ``num_stages`` is the pipeline degree ``pp`` (ranks), ``v`` the stages per rank."""

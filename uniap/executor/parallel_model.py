@@ -162,11 +162,9 @@ def apply_plan(
             check_sp_supported(layers.get(ls.fqn), ls.fqn, ls.tp)
     spec = get_schedule(plan.schedule)
     wrapped = [
-        ls
-        for ls in plan.layer_strategies
-        if ls.dp > 1 and not (spec.reduce_after_step and ls.kind == "DDP" and ls.tp == 1)
+        ls for ls in plan.layer_strategies if not spec.runs_data_parallel(ls.dp, ls.tp, ls.kind)
     ]
-    if plan.pp_degree > 1 and not spec.data_parallel and wrapped:
+    if plan.pp_degree > 1 and wrapped:
         raise UniapError(
             f"{plan.schedule} computes weight gradients outside autograd's backward hooks, where "
             f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {wrapped[0].fqn!r} has "
