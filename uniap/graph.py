@@ -527,7 +527,8 @@ def build_graph(
             own += outside
         seen_params |= {id(p) for p in own}
         free = sum(p.numel() for p in own if id(p) in tied or id(p) not in in_layers)
-        tied_copies = sum(p.numel() for p in held if id(p) not in {id(q) for q in own})
+        owned = {id(p) for p in own}
+        tied_copies = sum(p.numel() for p in held if id(p) not in owned)
         is_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in module.modules())
         is_head = i == last and trace.input_last_dim != trace.output_last_dim
         num_params = sum(p.numel() for p in own)
