@@ -104,6 +104,7 @@ import pulp
 from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
+from uniap.pipeline_labels import pipeline_optimum
 from uniap.schedules import zero_bubble_dag, zero_bubble_ends
 from uniap.search import single_stage_optimum
 
@@ -206,6 +207,7 @@ def solve(
     bottleneck_s: float = 0.0,
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
+    labels: bool = True,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
@@ -214,7 +216,11 @@ def solve(
     lower bound on every fitting assignment's slowest stage (stage overhead included, e.g.
     :func:`uniap.bounds.memory_bottleneck_bound`), added to ``bottleneck_lb``. ``progress`` is
     called at most every ``progress_interval_s`` during the search with ``running_s``,
-    ``incumbent`` and ``bound`` (seconds per iteration; inf while none), ``gap`` and ``nodes``."""
+    ``incumbent`` and ``bound`` (seconds per iteration; inf while none), ``gap`` and ``nodes``.
+    ``labels``: answer by the exact label searches where they apply (one stage:
+    :func:`uniap.search.single_stage_optimum`; a pipeline below a bound:
+    :func:`uniap.pipeline_labels.pipeline_optimum`) before the program; False runs the
+    program alone (tests of the program itself)."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -224,7 +230,7 @@ def solve(
             incumbent, bound = None, None
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
-    if t.num_stages == 1:
+    if labels and t.num_stages == 1:
         exact = single_stage_optimum(
             t,
             bound if bound is not None else float("inf"),
@@ -241,6 +247,28 @@ def solve(
                 )
             log.debug("pp=1 c=%d: optimal tpi=%.6g by labels (%.3f s)", c, tpi, wall)
             return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall, bound_s=tpi)
+    elif labels and bound is not None:
+        # a pipeline below a bound: runs as label fronts, stages as a dynamic program, exact;
+        # it gives up (None) on a front too large or at half the time limit, and the program
+        # answers in the time left
+        exact = pipeline_optimum(
+            t,
+            bound,
+            bottleneck_s=bottleneck_s,
+            deadline=t0 + time_limit_s / 2,
+            progress=progress,
+            progress_interval_s=progress_interval_s,
+        )
+        if exact is not None:
+            tpi, stage_of, strategy_of = exact
+            wall = time.perf_counter() - t0
+            if not stage_of:
+                return Solution(
+                    "cutoff", float("inf"), float("inf"), [], [], 0.0, wall, bound_s=float("inf")
+                )
+            log.debug("pp=%d c=%d: optimal tpi=%.6g by labels (%.3f s)", pp, c, tpi, wall)
+            return Solution("optimal", tpi, tpi, stage_of, strategy_of, 0.0, wall, bound_s=tpi)
+        time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 0.1 * time_limit_s)
     window = stage_windows(t, bound)
     if bound is not None and all(window):
         # runs of stages that the segment bound leaves below the cutoff (the cutoff row admits

@@ -27,21 +27,24 @@ def test_milp_equals_exhaustive(seed: int) -> None:
     assert evaluate_assignment(t, sol.stage_of, sol.strategy_of).fits
 
 
+@pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("seed", range(0, 60, 3))
-def test_milp_with_heuristic_incumbent_stays_exact(seed: int) -> None:
-    """Warm start and incumbent cutoff never lose the optimum."""
+def test_milp_with_heuristic_incumbent_stays_exact(seed: int, labels: bool) -> None:
+    """Warm start and incumbent cutoff never lose the optimum (the program alone, and with the
+    label searches that answer first where they apply)."""
     t = random_tables(seed)
     best, _, _ = exhaustive(t)
     inc = heuristic(t)
-    sol = solve(t, incumbent=inc, time_limit_s=60)
+    sol = solve(t, incumbent=inc, time_limit_s=60, labels=labels)
     if not np.isfinite(best):
         assert inc is None and sol.status in ("infeasible", "cutoff")
         return
     assert sol.time_per_iteration_s == pytest.approx(best, rel=1e-9)
 
 
+@pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("seed", range(1, 60, 2))
-def test_milp_with_the_memory_bottleneck_row_stays_exact(seed: int) -> None:
+def test_milp_with_the_memory_bottleneck_row_stays_exact(seed: int, labels: bool) -> None:
     """The bottleneck row at the memory-aware bound (every instance has a run of identical
     layers and a binding memory limit; some a stage overhead), with the planner's segment
     bound floored at it and the heuristic's incumbent: still the exhaustive optimum."""
@@ -56,7 +59,9 @@ def test_milp_with_the_memory_bottleneck_row_stays_exact(seed: int) -> None:
     if np.isfinite(segments.split):
         segments.floor_bottleneck(floor)
     inc = heuristic(t)
-    sol = solve(t, incumbent=inc, segments=segments, bottleneck_s=floor, time_limit_s=60)
+    sol = solve(
+        t, incumbent=inc, segments=segments, bottleneck_s=floor, time_limit_s=60, labels=labels
+    )
     if not np.isfinite(best):
         assert sol.status in ("infeasible", "cutoff")
         return

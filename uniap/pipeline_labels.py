@@ -1,0 +1,451 @@
+"""The optimum of a pipelined candidate without the program: runs of layers as label fronts,
+stages as a dynamic program over run ends (1F1B and GPipe, one stage per rank).
+
+With ``pp`` stages ``TPI = sum_i p_i + sum_i o_i + (c - 1) T* + S* + step`` where ``p_i`` is
+stage i's time per micro-batch (its layers' ``A``, the reshards between them, the overhead
+``k``), ``o_i`` its outgoing edge, ``T* = max(p_i, o_i)`` and ``S* = max_i s_i`` with ``s_i =
+sum G + max F`` over its layers (:func:`uniap.cost_model.evaluate_assignment`). The program
+(:mod:`uniap.milp`) relaxes the layers' stages and strategies to fractions; on deep pipelines
+whose memory binds its bound closes slowly. Here the search is exact and combinatorial, in two
+levels:
+
+Runs (:func:`_run_fronts`)
+    For stage i and a run of layers ``s..e`` on it, every strategy labelling of the run is a
+    label ``(p, m, g, f)`` (time, memory on stage i, sum of ``G``, largest ``F``) with the
+    layouts of its first and last layer. A label is dropped when another with the same
+    layouts has no more of ``p``, ``m``, ``g`` and ``g + f`` (whatever the rest of the run,
+    its time, memory and sync are no larger), or when it breaks a cap that no assignment
+    below the bound can break: memory over the limit, ``p`` above the bottleneck cap, ``p``
+    more than the slack above the run's fastest times, ``g + f`` above the sync cap. Runs of
+    the same sequence of equal layers share their fronts (the blocks of a transformer). A run
+    ending at ``e`` offers its Pareto set of ``(p, s)`` per pair of layouts.
+Stages (:func:`pipeline_optimum`)
+    Labels ``(sum, T, S)`` per run end and last layout: the sum of ``p_i + o_i`` so far, the
+    largest ``p_i`` or ``o_i`` and the largest ``s_i``. Label x makes label y redundant when
+    ``sum_x + (c - 1) (T_x - T_y)^+ + (S_x - S_y)^+ <= sum_y``: whatever follows, x's time is
+    at most y's (the rest raises T and S to at least its own, so x's excess over y in either is
+    at most its excess here). A label whose sum, the rest's fastest times and its ``T``, ``S``
+    (at least their lower bounds) reach the bound is dropped.
+
+Every label dropped completes to no better than a label kept or than the bound, so the best
+complete label is the optimum below the bound; when a front outgrows ``max_points`` the search
+gives up (None) and the program answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from uniap.bounds import _knapsack_runs, bottleneck_lower_bound
+from uniap.cost_model import CostTables, evaluate_assignment
+
+__all__ = ["pipeline_optimum"]
+
+_TOL = 1e-9
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def pipeline_optimum(
+    t: CostTables,
+    bound_s: float,
+    *,
+    bottleneck_s: float = 0.0,
+    max_points: int = 4096,
+    deadline: float | None = None,
+    progress: Callable[[dict], None] | None = None,
+    progress_interval_s: float = 5.0,
+) -> tuple[float, list[int], list[int]] | None:
+    """The optimum of a pipelined table (``pp > 1``, one stage per rank, not zero bubble) whose
+    time is at most ``bound_s``: ``(time per iteration, stage_of, strategy_of)``, ``(inf, [],
+    [])`` when no assignment that fits is that fast, or None when it gives up (a front above
+    ``max_points`` labels, ``deadline`` (``time.perf_counter()``) passed, host memory that
+    binds, or no finite bound) and the program must answer. ``bottleneck_s``: a known lower
+    bound on ``T*`` (:func:`uniap.bounds.memory_bottleneck_bound`). ``progress`` is called at
+    most every ``progress_interval_s`` with what :func:`uniap.milp.solve` reports
+    (``running_s``, ``incumbent`` (the bound), ``bound`` (a lower bound: the fastest stages
+    that fit, the bottleneck and sync bounds), ``gap``, ``nodes`` (run fronts built))."""
+    if (
+        t.virtual_stages != 1
+        or t.zero_bubble
+        or t.num_stages < 2
+        or (t.uses_host_memory and math.isfinite(t.host_limit_bytes))
+        or not math.isfinite(bound_s)
+    ):
+        return None
+    try:
+        search = _Search(t, bound_s, bottleneck_s, max_points, deadline)
+        if progress is not None:
+            search.watch(progress, progress_interval_s, float(bound_s))
+        return search.run()
+    except _GiveUp:
+        return None
+
+
+class _Search:
+    def __init__(self, t, bound_s, bottleneck_s, max_points, deadline):
+        self.t = t
+        self.max_points = max_points
+        self.deadline = deadline
+        L, pp, c = t.num_layers, t.num_stages, t.num_microbatches
+        self.L, self.pp, self.c = L, pp, c
+        mask = t.allowed_mask()
+        self.mask = mask
+        amin, gmin, _ = t.minima()
+        self.amin = amin
+        self.k0, self.step = t.stage_overhead_s, t.step_overhead_s
+        self.goal = float(bound_s) * (1 + _TOL)
+        self.limit = t.memory_limit_bytes * (1 + 1e-9)
+        self.S_low = max(float(gmin.max()), float(gmin.sum()) / pp)
+        split = bottleneck_lower_bound(t)
+        self.T_low = max(float(bottleneck_s), split + self.k0) if math.isfinite(split) else math.inf
+        # every assignment: TPI >= (sum p) + (c - 1) T* + S* + step
+        self.T_cap = (
+            (self.goal - float(amin.sum()) - pp * self.k0 - self.S_low - self.step) / (c - 1)
+            if c > 1
+            else math.inf
+        )
+        # fast[i][s, e]: the fastest run s..e on stage i that fits its memory (an exact
+        # knapsack, reshards left out), inf when none fits or it must exceed the cap
+        _, _, mmin = t.minima()
+        allowed = [np.flatnonzero(mask[u]) for u in range(L)]
+        by_table: dict[bytes, np.ndarray] = {}
+        self.fast = []
+        for i in range(pp):
+            Mi = np.ascontiguousarray(t.M[:, :, i])
+            if Mi.tobytes() not in by_table:
+                by_table[Mi.tobytes()] = _knapsack_runs(
+                    t.A, Mi, allowed, amin, mmin[:, i], self.limit, self.T_cap - self.k0, 256
+                )
+            self.fast.append(by_table[Mi.tobytes()])
+        # rest[i][s]: the fastest stages i.. can run layers s.. (overheads included)
+        self.rest = [np.full(L + 1, np.inf) for _ in range(pp + 1)]
+        self.rest[pp][L] = 0.0
+        for i in range(pp - 1, -1, -1):
+            nxt = self.rest[i + 1][1:]  # nxt[e]: stages i+1.. from layer e + 1
+            self.rest[i][:L] = (self.fast[i] + nxt[None, :]).min(axis=1) + self.k0
+        least = self.rest[0][0]  # sum p of every assignment that fits is at least this
+        self.slack = self.goal - least - (c - 1) * self.T_low - self.S_low - self.step
+        if c > 1:
+            self.T_cap = min(self.T_cap, (self.goal - least - self.S_low - self.step) / (c - 1))
+        self.S_cap = self.goal - least - (c - 1) * self.T_low - self.step
+        self.floor = least + (c - 1) * self.T_low + self.S_low + self.step
+        self.report: Callable[[], None] | None = None
+        self.built = 0
+
+        self.C = t.num_layouts
+        self.fronts: list[dict] = []  # per stage: class sequence -> front
+        self.stage_group: list[int] = []
+        self.useful: list[np.ndarray] = []
+        self.cls: list[tuple[list[int], list[int]]] = []
+        groups: dict[bytes, int] = {}
+        for i in range(pp):
+            Mi = np.ascontiguousarray(t.M[:, :, i])
+            g = groups.setdefault(Mi.tobytes(), len(groups))
+            self.stage_group.append(g)
+            if g == len(self.fronts):
+                self.fronts.append({})
+                self.useful.append(self._useful(Mi))
+                self.cls.append(self._classes(Mi, self.useful[g]))
+
+    def watch(self, progress: Callable[[dict], None], interval_s: float, bound_s: float) -> None:
+        start = last = time.perf_counter()
+
+        def report() -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= interval_s:
+                last = now
+                gap = (bound_s - self.floor) / bound_s if bound_s > 0 else 0.0
+                progress(
+                    {
+                        "running_s": now - start,
+                        "incumbent": bound_s,
+                        "bound": self.floor,
+                        "gap": max(gap, 0.0),
+                        "nodes": self.built,
+                    }
+                )
+
+        self.report = report
+
+    # ------------------------------------------------------------------ runs of one stage
+    def _useful(self, Mi: np.ndarray) -> np.ndarray:
+        """Per layer, the strategies no other of its layout matches or beats in A, G, F and
+        memory on this stage (the same reshards either side, so never needed)."""
+        t, mask = self.t, self.mask
+        K = mask.shape[1]
+        A = np.where(mask, t.A, np.inf)
+        G = np.where(mask, t.G, np.inf)
+        F = np.where(mask, t.F, np.inf)
+        M = np.where(mask, Mi, np.inf)
+        no_worse = (
+            (t.layout[:, :, None] == t.layout[:, None, :])
+            & (A[:, :, None] <= A[:, None, :])
+            & (G[:, :, None] <= G[:, None, :])
+            & (F[:, :, None] <= F[:, None, :])
+            & (M[:, :, None] <= M[:, None, :])
+            & mask[:, :, None]
+        )
+        better = (A[:, :, None] < A[:, None, :]) | (M[:, :, None] < M[:, None, :])
+        better |= (G[:, :, None] < G[:, None, :]) | (F[:, :, None] < F[:, None, :])
+        better |= np.arange(K)[:, None] < np.arange(K)[None, :]
+        return mask & ~(no_worse & better).any(axis=1)
+
+    def _classes(self, Mi: np.ndarray, useful: np.ndarray) -> tuple[list[int], list[int]]:
+        """Class ids of each layer as a run's first layer and as a later one (with the reshard
+        into it): equal ids, equal fronts."""
+        t = self.t
+        ids: dict[bytes, int] = {}
+        first, later = [], []
+        for u in range(self.L):
+            own = (
+                useful[u].tobytes()
+                + t.A[u].tobytes()
+                + t.G[u].tobytes()
+                + t.F[u].tobytes()
+                + Mi[u].tobytes()
+                + t.layout[u].tobytes()
+            )
+            first.append(ids.setdefault(own, len(ids)))
+            into = own + (t.R[u - 1].tobytes() if u else b"")
+            later.append(ids.setdefault(b"R" + into, len(ids)))
+        return first, later
+
+    def _front(self, i: int, s: int, e: int, parent: dict | None) -> dict | None:
+        """The labels of the run ``s..e`` on stage i (extending ``parent``, the run ``s..e-1``);
+        None when none is within the caps."""
+        t = self.t
+        g = self.stage_group[i]
+        ks = np.flatnonzero(self.useful[g][e])
+        A, G, F, M = t.A[e, ks], t.G[e, ks], t.F[e, ks], t.M[e, ks, i]
+        lay = t.layout[e, ks]
+        if parent is None:
+            p, m, gs, f, a, b = A, M, G, F, lay, lay
+            par = np.full(len(ks), -1)
+            kk = ks
+        else:
+            n = len(parent["p"])
+            par = np.repeat(np.arange(n), len(ks))
+            kk = np.tile(ks, n)
+            j = np.tile(np.arange(len(ks)), n)
+            b = lay[j]
+            p = parent["p"][par] + A[j] + t.R[e - 1, parent["b"][par], b]
+            m = parent["m"][par] + M[j]
+            gs = parent["g"][par] + G[j]
+            f = np.maximum(parent["f"][par], F[j])
+            a = parent["a"][par]
+        keep = (m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)
+        if not keep.any():
+            return None
+        p, m, gs, f, a, b, par, kk = (x[keep] for x in (p, m, gs, f, a, b, par, kk))
+        order = np.lexsort((f, gs, m, p, b, a))
+        p, m, gs, f, a, b, par, kk = (x[order] for x in (p, m, gs, f, a, b, par, kk))
+
+        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            # x's time, memory and sync are no worse than y's whatever the rest of the run:
+            # a larger sync costs at most its excess (S* rises by no more), a smaller time
+            # saves at least its own difference (the bottleneck can only fall)
+            more = gs[x][:, None] - gs[y][None, :] + np.maximum(f[x][:, None] - f[y][None, :], 0)
+            return (m[x][:, None] <= m[y][None, :]) & (
+                p[x][:, None] + np.maximum(more, 0.0) <= p[y][None, :]
+            )
+
+        on = _sweep(a * self.C + b, dominates, self.max_points)
+        p, m, gs, f, a, b, par, kk = (x[on] for x in (p, m, gs, f, a, b, par, kk))
+        return {"p": p, "m": m, "g": gs, "f": f, "a": a, "b": b, "par": par, "k": kk}
+
+    def _runs(self, i: int, s: int, last: int) -> list[tuple[int, dict, dict]]:
+        """``(e, front, options)`` of every run ``s..e`` (``e <= last``) of stage i with labels
+        within the caps; ``options`` the Pareto set of ``(p, s)`` per pair of layouts."""
+        g = self.stage_group[i]
+        cache = self.fronts[g]
+        first, later = self.cls[g]
+        seq: tuple = ()
+        front = None
+        out = []
+        for e in range(s, last + 1):
+            seq = (*seq, first[e] if e == s else later[e])
+            if seq in cache:
+                front, opts = cache[seq]
+            else:
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    raise _GiveUp
+                if self.report is not None:
+                    self.report()
+                self.built += 1
+                front = self._front(i, s, e, front if e > s else None)
+                opts = self._options(front, self.fast[i][s, e]) if front is not None else None
+                cache[seq] = (front, opts)
+            if front is None:
+                break  # longer runs break a cap too (times and memories only grow)
+            out.append((e, front, opts))
+        return out
+
+    def _options(self, front: dict, fast: float) -> dict:
+        """What the run offers the stages: its labels' ``(p, s = g + f)`` at most the slack
+        above its fastest labelling that fits (``fast``; a complete run only: a prefix may
+        have to give up time for the memory of the layers after it), less those another with
+        the same layouts makes redundant (``p_x + (s_x - s_y)^+ <= p_y``)."""
+        p, s, a, b = front["p"], front["g"] + front["f"], front["a"], front["b"]
+        order = np.lexsort((s, p, b, a))
+        order = order[p[order] - fast <= self.slack]
+        p, s, a, b = p[order], s[order], a[order], b[order]
+
+        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return p[x][:, None] + np.maximum(s[x][:, None] - s[y][None, :], 0) <= p[y][None, :]
+
+        on = _sweep(a * self.C + b, dominates, self.max_points)
+        return {"p": p[on], "s": s[on], "a": a[on], "b": b[on], "idx": order[on]}
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> tuple[float, list[int], list[int]]:
+        L, pp, c, k0 = self.L, self.pp, self.c, self.k0
+        if not (math.isfinite(self.T_low) and math.isfinite(self.slack)) or self.slack < 0:
+            return math.inf, [], []
+        # level[e] = labels of stages 0..i ending at layer e: arrays sum, T, S, b, back
+        levels: list[dict[int, dict]] = []
+        prev: dict[int, dict] = {-1: None}
+        for i in range(pp):
+            last = L - 1 - (pp - 1 - i)
+            cur_parts: dict[int, list] = {}
+            for e0, lab in prev.items():
+                s = e0 + 1
+                if s > last:
+                    continue
+                for e, _, opts in self._runs(i, s, last if i < pp - 1 else L - 1):
+                    if i == pp - 1 and e != L - 1:
+                        continue
+                    P = opts["p"] + k0
+                    if lab is None:
+                        tot = P.copy()
+                        T = P.copy()
+                        S = opts["s"].copy()
+                        src = np.full(len(P), -1)
+                        oi = np.arange(len(P))
+                    else:
+                        n, mo = len(lab["sum"]), len(P)
+                        src = np.repeat(np.arange(n), mo)
+                        oi = np.tile(np.arange(mo), n)
+                        o = self.t.Rp[e0, lab["b"][src], opts["a"][oi]]
+                        tot = lab["sum"][src] + o + P[oi]
+                        T = np.maximum(np.maximum(lab["T"][src], P[oi]), o)
+                        S = np.maximum(lab["S"][src], opts["s"][oi])
+                    low = (
+                        tot
+                        + self.rest[i + 1][e + 1]
+                        + (c - 1) * np.maximum(T, self.T_low)
+                        + np.maximum(S, self.S_low)
+                        + self.step
+                    )
+                    keep = (low <= self.goal) & (T <= self.T_cap * (1 + _TOL))
+                    if not keep.any():
+                        continue
+                    b = opts["b"][oi]
+                    cur_parts.setdefault(e, []).append(
+                        (tot[keep], T[keep], S[keep], b[keep], src[keep], oi[keep], s)
+                    )
+            cur: dict[int, dict] = {}
+            for e, parts in cur_parts.items():
+                lab = self._prune(parts)
+                if lab is not None:
+                    cur[e] = lab
+            levels.append(cur)
+            if not cur:
+                return math.inf, [], []
+            prev = cur
+        final = prev.get(L - 1)
+        if final is None:
+            return math.inf, [], []
+        tpi = final["sum"] + (c - 1) * final["T"] + final["S"] + self.step
+        j = int(np.argmin(tpi))
+        if tpi[j] > self.goal:
+            return math.inf, [], []
+        stage_of, strategy_of = self._assignment(levels, j)
+        ev = evaluate_assignment(self.t, stage_of, strategy_of)
+        return float(ev.time_per_iteration_s), stage_of, strategy_of
+
+    def _prune(self, parts: list) -> dict | None:
+        """The labels of one run end that no other with the same last layout makes
+        redundant (see the module docstring)."""
+        tot, T, S, b, src, oi = (np.concatenate([p[j] for p in parts]) for j in range(6))
+        s = np.concatenate([np.full(len(p[0]), p[6]) for p in parts])
+        w = self.c - 1
+        order = np.lexsort((S, T, tot, b))
+        tot, T, S, b, src, oi, s = (x[order] for x in (tot, T, S, b, src, oi, s))
+
+        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            worse = (
+                tot[x][:, None]
+                + w * np.maximum(T[x][:, None] - T[y][None, :], 0.0)
+                + np.maximum(S[x][:, None] - S[y][None, :], 0.0)
+            )
+            return worse <= tot[y][None, :]
+
+        on = _sweep(b, dominates, self.max_points)
+        if not len(on):
+            return None
+        return {
+            "sum": tot[on],
+            "T": T[on],
+            "S": S[on],
+            "b": b[on],
+            "src": src[on],
+            "opt": oi[on],
+            "start": s[on],
+        }
+
+    def _assignment(self, levels: list[dict[int, dict]], j: int) -> tuple[list[int], list[int]]:
+        stage_of = [0] * self.L
+        strategy_of = [0] * self.L
+        e = self.L - 1
+        for i in range(self.pp - 1, -1, -1):
+            lab = levels[i][e]
+            s = int(lab["start"][j])
+            g = self.stage_group[i]
+            first, later = self.cls[g]
+            seq = tuple(first[u] if u == s else later[u] for u in range(s, e + 1))
+            front, opts = self.fronts[g][seq]
+            idx = int(opts["idx"][int(lab["opt"][j])])
+            for u in range(e, s - 1, -1):
+                stage_of[u] = i
+                strategy_of[u] = int(front["k"][idx])
+                idx = int(front["par"][idx])
+                seq = seq[:-1]
+                if u > s:
+                    front = self.fronts[g][seq][0]
+            j = int(lab["src"][j])
+            e = s - 1
+        return stage_of, strategy_of
+
+
+def _sweep(group: np.ndarray, dominates, max_points: int, chunk: int = 256) -> np.ndarray:
+    """Indices of the labels (sorted by ``group``, and within a group in an order where a
+    label's dominators come before it) that no earlier kept label of their group dominates:
+    each chunk against the kept ones, then within itself. Domination is transitive, so a label
+    dropped by a dropped one is dropped by a kept one too. Raises :class:`_GiveUp` above
+    ``max_points`` kept labels in a group."""
+    if not len(group):
+        return np.zeros(0, dtype=np.int64)
+    out = []
+    bounds = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1], [True]]))
+    for g0, g1 in zip(bounds[:-1], bounds[1:]):
+        kept = np.zeros(0, dtype=np.int64)
+        for lo in range(g0, g1, chunk):
+            ys = np.arange(lo, min(g1, lo + chunk))
+            if len(kept):
+                ys = ys[~dominates(kept, ys).any(axis=0)]
+            if len(ys) > 1:
+                d = dominates(ys, ys) & np.triu(np.ones((len(ys), len(ys)), dtype=bool), k=1)
+                ys = ys[~d.any(axis=0)]
+            kept = np.concatenate([kept, ys])
+            if len(kept) > max_points:
+                raise _GiveUp
+        out.append(kept)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
