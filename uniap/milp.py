@@ -82,6 +82,12 @@ exactly without the program (a label-setting pass along the chain, with the stag
 ``F`` a label coordinate and a Lagrangian bound on memory pruning the labels), unless a
 front grows too large or host memory binds; then the program runs.
 
+A pipeline below a bound (``pp > 1``, one stage per rank, not zero bubble, an incumbent or
+cutoff given): :func:`uniap.pipeline_labels.pipeline_optimum` answers exactly without the
+program (runs of layers as label fronts, stages as a dynamic program over run ends with
+``(sum, bottleneck, sync)`` labels), unless a front grows too large, host memory binds or half
+the time limit passes; then the program runs in the time left.
+
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
 read from HiGHS itself.

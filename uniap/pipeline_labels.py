@@ -7,29 +7,42 @@ stage i's time per micro-batch (its layers' ``A``, the reshards between them, th
 sum G + max F`` over its layers (:func:`uniap.cost_model.evaluate_assignment`). The program
 (:mod:`uniap.milp`) relaxes the layers' stages and strategies to fractions; on deep pipelines
 whose memory binds its bound closes slowly. Here the search is exact and combinatorial, in two
-levels:
+levels, below a bound (the best plan in hand):
 
-Runs (:func:`_run_fronts`)
-    For stage i and a run of layers ``s..e`` on it, every strategy labelling of the run is a
-    label ``(p, m, g, f)`` (time, memory on stage i, sum of ``G``, largest ``F``) with the
-    layouts of its first and last layer. A label is dropped when another with the same
-    layouts has no more of ``p``, ``m``, ``g`` and ``g + f`` (whatever the rest of the run,
-    its time, memory and sync are no larger), or when it breaks a cap that no assignment
-    below the bound can break: memory over the limit, ``p`` above the bottleneck cap, ``p``
-    more than the slack above the run's fastest times, ``g + f`` above the sync cap. Runs of
-    the same sequence of equal layers share their fronts (the blocks of a transformer). A run
-    ending at ``e`` offers its Pareto set of ``(p, s)`` per pair of layouts.
-Stages (:func:`pipeline_optimum`)
+Caps (every assignment below the bound keeps them)
+    ``least``, the smallest ``sum_i p_i`` of any split whose runs fit their stage's memory
+    (each run at its fastest labelling that fits: the exact knapsack of
+    :func:`uniap.bounds.memory_bottleneck_bound`, reshards left out; a dynamic program over
+    run ends), gives ``T* <= (bound - least - S_low - step) / (c - 1)`` and ``S* <= bound -
+    least - (c - 1) T_low - step`` (``T_low``, ``S_low``: the bottleneck and sync bounds),
+    and each complete run at most ``bound - least - (c - 1) T_low - S_low - step`` slower
+    than its fastest labelling that fits.
+Runs (:meth:`_Search._runs`)
+    For stage i and a run of layers from ``s``, every strategy labelling of its layers so
+    far is a label ``(p, m, g, f)`` (time, memory on stage i, sum of ``G``, largest ``F``)
+    with the layouts of its first and last layer, extended layer by layer. A label x makes a
+    label y with the same layouts redundant when ``m_x <= m_y`` and ``p_x + (g_x - g_y +
+    (f_x - f_y)^+)^+ <= p_y``: whatever the rest of the run, x's time is no larger (so is the
+    bottleneck) and its sync exceeds y's by at most that excess, which the time saved pays
+    for. Labels over the memory limit or the caps are dropped. Runs of the same sequence of
+    equal layers share their fronts (the blocks of a transformer). A complete run offers its
+    labels' ``(p, s = g + f)`` (x over y when ``p_x + (s_x - s_y)^+ <= p_y``).
+Stages (:meth:`_Search.run`)
     Labels ``(sum, T, S)`` per run end and last layout: the sum of ``p_i + o_i`` so far, the
     largest ``p_i`` or ``o_i`` and the largest ``s_i``. Label x makes label y redundant when
     ``sum_x + (c - 1) (T_x - T_y)^+ + (S_x - S_y)^+ <= sum_y``: whatever follows, x's time is
-    at most y's (the rest raises T and S to at least its own, so x's excess over y in either is
-    at most its excess here). A label whose sum, the rest's fastest times and its ``T``, ``S``
-    (at least their lower bounds) reach the bound is dropped.
+    at most y's (the rest raises T and S to at least its own, so x's excess over y in either
+    is at most its excess here). A label whose sum, the later stages' ``least`` and its ``T``,
+    ``S`` (at least their lower bounds) reach the bound is dropped.
 
+Both rules are transitive, so fronts are filtered in one sweep in cost order (:func:`_sweep`).
 Every label dropped completes to no better than a label kept or than the bound, so the best
-complete label is the optimum below the bound; when a front outgrows ``max_points`` the search
-gives up (None) and the program answers.
+complete label is the optimum below the bound; when a front of one layout pair outgrows
+``max_points`` or the deadline passes the search gives up (None) and the program answers. It
+settles the deep, many-micro-batch pipelines the program leaves at its time limit (Llama-2-70B
+on 64 H100s, 8 stages, 64 micro-batches: about 3 s); with few micro-batches and long stages
+(the bottleneck weighs little, sync and memory trade off over 30 layers) its fronts outgrow
+the limit and the program answers instead.
 """
 
 from __future__ import annotations

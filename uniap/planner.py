@@ -25,8 +25,10 @@ divisors of the global batch (every layer must have a strategy whose dp splits t
    an assignment, :func:`uniap.search.memory_split_assignment`), in increasing bound, each
    new incumbent refining the others' bounds; they are visited in increasing heuristic time;
 5. each MILP is warm-started with its heuristic assignment, and the best time so far cuts off
-   everything that cannot beat it (:func:`uniap.milp.solve`, which also narrows each layer's
-   stages to the runs the segment bound allows below that time); a first pass gives every
+   everything that cannot beat it (:func:`uniap.milp.solve`, which first tries the exact
+   label search of a pipeline below that time, :func:`uniap.pipeline_labels.pipeline_optimum`,
+   and otherwise narrows each layer's stages to the runs the segment bound allows below that
+   time); a first pass gives every
    candidate a short time limit (the first one solved four times as long), and a second
    pass finishes the ones that stopped early, against the (by then usually much better)
    incumbent. A plan whose programs stopped at their limit says so (``solver["status"]``
