@@ -214,6 +214,7 @@ def solve(
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
     labels: bool = True,
+    label_memo: dict | None = None,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
@@ -226,7 +227,9 @@ def solve(
     ``labels``: answer by the exact label searches where they apply (one stage:
     :func:`uniap.search.single_stage_optimum`; a pipeline below a bound:
     :func:`uniap.pipeline_labels.pipeline_optimum`) before the program; False runs the
-    program alone (tests of the program itself)."""
+    program alone (tests of the program itself). ``label_memo``: a dict the caller keeps per
+    table, so that a pipelined label search resumes where an earlier one under the same or a
+    higher bound stopped."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -264,6 +267,7 @@ def solve(
             deadline=t0 + time_limit_s / 2,
             progress=progress,
             progress_interval_s=progress_interval_s,
+            memo=label_memo,
         )
         if exact is not None:
             tpi, stage_of, strategy_of = exact

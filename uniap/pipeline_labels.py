@@ -74,6 +74,7 @@ def pipeline_optimum(
     deadline: float | None = None,
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
+    memo: dict | None = None,
 ) -> tuple[float, list[int], list[int]] | None:
     """The optimum of a pipelined table (``pp > 1``, one stage per rank, not zero bubble) whose
     time is at most ``bound_s``: ``(time per iteration, stage_of, strategy_of)``, ``(inf, [],
@@ -83,7 +84,10 @@ def pipeline_optimum(
     bound on ``T*`` (:func:`uniap.bounds.memory_bottleneck_bound`). ``progress`` is called at
     most every ``progress_interval_s`` with what :func:`uniap.milp.solve` reports
     (``running_s``, ``incumbent`` (the bound), ``bound`` (a lower bound: the fastest stages
-    that fit, the bottleneck and sync bounds), ``gap``, ``nodes`` (run fronts built))."""
+    that fit, the bottleneck and sync bounds), ``gap``, ``nodes`` (run fronts built)).
+    ``memo``: a dict kept by the caller between searches of the same tables; the run fronts
+    built under a bound serve every later search under the same or a lower one (they hold
+    every label its caps keep), so a search that gave up at its deadline resumes there."""
     if (
         t.virtual_stages != 1
         or t.zero_bubble
@@ -94,6 +98,10 @@ def pipeline_optimum(
         return None
     try:
         search = _Search(t, bound_s, bottleneck_s, max_points, deadline)
+        if memo is not None:
+            if memo.get("bound_s", math.inf) >= bound_s:
+                search.fronts = memo.setdefault("fronts", search.fronts)
+            memo["bound_s"] = min(memo.get("bound_s", math.inf), bound_s)
         if progress is not None:
             search.watch(progress, progress_interval_s, float(bound_s))
         return search.run()

@@ -89,6 +89,9 @@ class Entry:
     solution: Solution | None = None
     limit_used_s: float = 0.0
     """Time limit of the program's latest solve."""
+    label_memo: dict = dataclasses.field(default_factory=dict)
+    """What the pipelined label search built for these tables (:func:`uniap.milp.solve`'s
+    ``label_memo``): a second-pass solve resumes it."""
     bottleneck_s: float = 0.0
     """A lower bound on every assignment's slowest stage ``T*`` (0 until
     :func:`uniap.bounds.memory_bottleneck_bound` ran): a row of the program, and the floor of
@@ -312,6 +315,7 @@ class Search:
             bottleneck_s=e.bottleneck_s,
             progress=progress,
             progress_interval_s=progress_interval_s,
+            label_memo=e.label_memo,
         )
         e.solution = sol
         self.num_solves += 1

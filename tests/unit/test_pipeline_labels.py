@@ -143,3 +143,22 @@ def test_solve_answers_by_labels_and_reports_progress() -> None:
     for r in reports:
         assert set(r) == {"running_s", "incumbent", "bound", "gap", "nodes"}
         assert r["bound"] <= best * (1 + 1e-9) <= r["incumbent"]
+
+
+def test_memo_resumes_under_a_lower_bound() -> None:
+    """A search under a lower bound reuses the run fronts an earlier one kept in ``memo``
+    (it builds none) and finds the same optimum; one under a higher bound builds its own."""
+    t = _blocks(2, 0.5)
+    best = solve(t, time_limit_s=60, labels=False).time_per_iteration_s
+    memo: dict = {}
+    first: list[dict] = []
+    _check(t, best, pipeline_optimum(t, best * 1.05, memo=memo, progress=first.append,
+                                     progress_interval_s=0.0))  # fmt: skip
+    again: list[dict] = []
+    _check(t, best, pipeline_optimum(t, best, memo=memo, progress=again.append,
+                                     progress_interval_s=0.0))  # fmt: skip
+    assert first and not again
+    looser: list[dict] = []
+    _check(t, best, pipeline_optimum(t, best * 1.2, memo=memo, progress=looser.append,
+                                     progress_interval_s=0.0))  # fmt: skip
+    assert looser
