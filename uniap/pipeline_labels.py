@@ -70,7 +70,7 @@ def pipeline_optimum(
     bound_s: float,
     *,
     bottleneck_s: float = 0.0,
-    max_points: int = 1024,
+    max_points: int = 2048,
     deadline: float | None = None,
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
