@@ -215,6 +215,7 @@ def solve(
     progress_interval_s: float = 5.0,
     labels: bool = True,
     label_memo: dict | None = None,
+    label_budget_s: float | None = None,
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
@@ -229,7 +230,8 @@ def solve(
     :func:`uniap.pipeline_labels.pipeline_optimum`) before the program; False runs the
     program alone (tests of the program itself). ``label_memo``: a dict the caller keeps per
     table, so that a pipelined label search resumes where an earlier one under the same or a
-    higher bound stopped."""
+    higher bound stopped; ``label_budget_s``: the seconds it may take before the program runs
+    in the rest of the time limit (default half of it)."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -258,13 +260,13 @@ def solve(
             return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall, bound_s=tpi)
     elif labels and bound is not None:
         # a pipeline below a bound: runs as label fronts, stages as a dynamic program, exact;
-        # it gives up (None) on a front too large or at half the time limit, and the program
+        # it gives up (None) on a front too large or at its budget (half the time limit), and the
         # answers in the time left
         exact = pipeline_optimum(
             t,
             bound,
             bottleneck_s=bottleneck_s,
-            deadline=t0 + time_limit_s / 2,
+            deadline=t0 + (time_limit_s / 2 if label_budget_s is None else label_budget_s),
             progress=progress,
             progress_interval_s=progress_interval_s,
             memo=label_memo,
