@@ -62,6 +62,7 @@ from uniap.cost_model import CostTables
 __all__ = [
     "bottleneck_lower_bound",
     "candidate_lower_bound",
+    "knapsack_runs",
     "memory_bottleneck_bound",
     "memory_split",
     "min_peak_memory",
@@ -214,7 +215,7 @@ def memory_split(
         Mi = np.ascontiguousarray(t.M[:, :, i])
         key = Mi.tobytes()
         if key not in run_time:
-            run_time[key] = _knapsack_runs(
+            run_time[key] = knapsack_runs(
                 t.A, Mi, allowed, amin, mmin[:, i], limit, budget, max_points
             )
         stage_runs.append(run_time[key])
@@ -237,7 +238,7 @@ def memory_split(
     return best + k, runs[::-1]
 
 
-def _knapsack_runs(
+def knapsack_runs(
     A: np.ndarray,
     M: np.ndarray,
     allowed: list[np.ndarray],

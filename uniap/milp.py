@@ -241,27 +241,21 @@ def solve(
             incumbent, bound = None, None
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
+    exact = None
     if labels and t.num_stages == 1:
-        exact = single_stage_optimum(
+        # one stage: a label-setting pass is exact and far cheaper
+        found = single_stage_optimum(
             t,
             bound if bound is not None else float("inf"),
             progress=progress,
             progress_interval_s=progress_interval_s,
         )
-        if exact is not None:  # one stage: a label-setting pass is exact and far cheaper
-            tpi, ks = exact
-            wall = time.perf_counter() - t0
-            if not ks:
-                status = "cutoff" if bound is not None else "infeasible"
-                return Solution(
-                    status, float("inf"), float("inf"), [], [], 0.0, wall, bound_s=float("inf")
-                )
-            log.debug("pp=1 c=%d: optimal tpi=%.6g by labels (%.3f s)", c, tpi, wall)
-            return Solution("optimal", tpi, tpi, [0] * L, ks, 0.0, wall, bound_s=tpi)
+        if found is not None:
+            exact = (found[0], [0] * L if found[1] else [], found[1])
     elif labels and bound is not None:
         # a pipeline below a bound: runs as label fronts, stages as a dynamic program, exact;
-        # it gives up (None) on a front too large or at its budget (half the time limit), and the
-        # answers in the time left
+        # it gives up (None) on a front too large or at its budget (half the time limit), and
+        # the program answers in the time left
         exact = pipeline_optimum(
             t,
             bound,
@@ -271,15 +265,17 @@ def solve(
             progress_interval_s=progress_interval_s,
             memo=label_memo,
         )
-        if exact is not None:
-            tpi, stage_of, strategy_of = exact
-            wall = time.perf_counter() - t0
-            if not stage_of:
-                return Solution(
-                    "cutoff", float("inf"), float("inf"), [], [], 0.0, wall, bound_s=float("inf")
-                )
-            log.debug("pp=%d c=%d: optimal tpi=%.6g by labels (%.3f s)", pp, c, tpi, wall)
-            return Solution("optimal", tpi, tpi, stage_of, strategy_of, 0.0, wall, bound_s=tpi)
+    if exact is not None:
+        tpi, stage_of, strategy_of = exact
+        wall = time.perf_counter() - t0
+        if not stage_of:
+            status = "cutoff" if bound is not None else "infeasible"
+            return Solution(
+                status, float("inf"), float("inf"), [], [], 0.0, wall, bound_s=float("inf")
+            )
+        log.debug("pp=%d c=%d: optimal tpi=%.6g by labels (%.3f s)", pp, c, tpi, wall)
+        return Solution("optimal", tpi, tpi, stage_of, strategy_of, 0.0, wall, bound_s=tpi)
+    if labels and bound is not None and t.num_stages > 1:  # the label search gave up
         time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 0.1 * time_limit_s)
     window = stage_windows(t, bound)
     if bound is not None and all(window):

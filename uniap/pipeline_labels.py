@@ -53,8 +53,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from uniap.bounds import _knapsack_runs, bottleneck_lower_bound
+from uniap.bounds import bottleneck_lower_bound, knapsack_runs
 from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.search import undominated_strategies
 
 __all__ = ["pipeline_optimum"]
 
@@ -141,7 +142,7 @@ class _Search:
         for i in range(pp):
             Mi = np.ascontiguousarray(t.M[:, :, i])
             if Mi.tobytes() not in by_table:
-                by_table[Mi.tobytes()] = _knapsack_runs(
+                by_table[Mi.tobytes()] = knapsack_runs(
                     t.A, Mi, allowed, amin, mmin[:, i], self.limit, self.T_cap - self.k0, 256
                 )
             self.fast.append(by_table[Mi.tobytes()])
@@ -200,24 +201,8 @@ class _Search:
     def _useful(self, Mi: np.ndarray) -> np.ndarray:
         """Per layer, the strategies no other of its layout matches or beats in A, G, F and
         memory on this stage (the same reshards either side, so never needed)."""
-        t, mask = self.t, self.mask
-        K = mask.shape[1]
-        A = np.where(mask, t.A, np.inf)
-        G = np.where(mask, t.G, np.inf)
-        F = np.where(mask, t.F, np.inf)
-        M = np.where(mask, Mi, np.inf)
-        no_worse = (
-            (t.layout[:, :, None] == t.layout[:, None, :])
-            & (A[:, :, None] <= A[:, None, :])
-            & (G[:, :, None] <= G[:, None, :])
-            & (F[:, :, None] <= F[:, None, :])
-            & (M[:, :, None] <= M[:, None, :])
-            & mask[:, :, None]
-        )
-        better = (A[:, :, None] < A[:, None, :]) | (M[:, :, None] < M[:, None, :])
-        better |= (G[:, :, None] < G[:, None, :]) | (F[:, :, None] < F[:, None, :])
-        better |= np.arange(K)[:, None] < np.arange(K)[None, :]
-        return mask & ~(no_worse & better).any(axis=1)
+        t = self.t
+        return undominated_strategies(self.mask, t.layout, [t.A, t.G, t.F, Mi])
 
     def _classes(self, Mi: np.ndarray, useful: np.ndarray) -> tuple[list[int], list[int]]:
         """Class ids of each layer as a run's first layer and as a later one (with the reshard

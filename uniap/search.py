@@ -26,6 +26,7 @@ __all__ = [
     "memory_split_assignment",
     "restrategize",
     "single_stage_optimum",
+    "undominated_strategies",
 ]
 
 
@@ -167,17 +168,7 @@ def single_stage_optimum(
     F = np.where(mask, t.F, np.inf)
     # a strategy another of its layer's strategies with the same layout matches or beats in
     # cost, memory and F is never needed (the same reshards either side): labels skip it
-    K = mask.shape[1]
-    no_worse = (
-        (t.layout[:, :, None] == t.layout[:, None, :])
-        & (w[:, :, None] <= w[:, None, :])
-        & (M[:, :, None] <= M[:, None, :])
-        & (F[:, :, None] <= F[:, None, :])
-        & mask[:, :, None]
-    )  # [u, k', k]: k' can stand in for k
-    better = (w[:, :, None] < w[:, None, :]) | (M[:, :, None] < M[:, None, :])
-    better |= (F[:, :, None] < F[:, None, :]) | (np.arange(K)[:, None] < np.arange(K)[None, :])
-    useful = mask & ~(no_worse & better).any(axis=1)
+    useful = undominated_strategies(mask, t.layout, [w, M, F])
     const = c * t.stage_overhead_s + t.step_overhead_s
     goal = float(bound_s) * (1 + 1e-7) if np.isfinite(bound_s) else np.inf
     # a fitting labelling: the Lagrangian one where memory binds, polished by single moves
@@ -236,6 +227,23 @@ def single_stage_optimum(
     if not ks:
         return np.inf, []
     return float(evaluate_assignment(t, [0] * L, ks).time_per_iteration_s), ks
+
+
+def undominated_strategies(
+    mask: np.ndarray, layout: np.ndarray, values: list[np.ndarray]
+) -> np.ndarray:
+    """``(L, K)``: the allowed strategies (``mask``) of each layer that no other allowed one of
+    the same layout matches or beats in every table of ``values`` (each ``(L, K)``); of equal
+    ones the first. With the same layout the reshards either side are the same, so a label
+    search never needs the others."""
+    K = mask.shape[1]
+    no_worse = (layout[:, :, None] == layout[:, None, :]) & mask[:, :, None]
+    better = np.broadcast_to(np.arange(K)[:, None] < np.arange(K)[None, :], no_worse.shape)
+    for v in values:
+        v = np.where(mask, v, np.inf)
+        no_worse = no_worse & (v[:, :, None] <= v[:, None, :])  # [u, k', k]: k' stands in
+        better = better | (v[:, :, None] < v[:, None, :])
+    return mask & ~(no_worse & better).any(axis=1)
 
 
 def _to_go(
