@@ -242,6 +242,7 @@ def solve(
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
     exact = None
+    pipelined_labels = labels and bound is not None and t.num_stages > 1
     if labels and t.num_stages == 1:
         # one stage: a label-setting pass is exact and far cheaper
         found = single_stage_optimum(
@@ -252,7 +253,7 @@ def solve(
         )
         if found is not None:
             exact = (found[0], [0] * L if found[1] else [], found[1])
-    elif labels and bound is not None:
+    elif pipelined_labels:
         # a pipeline below a bound: runs as label fronts, stages as a dynamic program, exact;
         # it gives up (None) on a front too large or at its budget (half the time limit), and
         # the program answers in the time left
@@ -275,7 +276,7 @@ def solve(
             )
         log.debug("pp=%d c=%d: optimal tpi=%.6g by labels (%.3f s)", pp, c, tpi, wall)
         return Solution("optimal", tpi, tpi, stage_of, strategy_of, 0.0, wall, bound_s=tpi)
-    if labels and bound is not None and t.num_stages > 1:  # the label search gave up
+    if pipelined_labels:  # the label search gave up: the program gets the time left
         time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 0.1 * time_limit_s)
     window = stage_windows(t, bound)
     if bound is not None and all(window):

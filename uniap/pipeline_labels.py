@@ -119,8 +119,7 @@ class _Search:
         self.L, self.pp, self.c = L, pp, c
         mask = t.allowed_mask()
         self.mask = mask
-        amin, gmin, _ = t.minima()
-        self.amin = amin
+        amin, gmin, mmin = t.minima()
         self.k0, self.step = t.stage_overhead_s, t.step_overhead_s
         self.goal = float(bound_s) * (1 + _TOL)
         self.limit = t.memory_limit_bytes * (1 + 1e-9)
@@ -133,19 +132,31 @@ class _Search:
             if c > 1
             else math.inf
         )
-        # fast[i][s, e]: the fastest run s..e on stage i that fits its memory (an exact
-        # knapsack, reshards left out), inf when none fits or it must exceed the cap
-        _, _, mmin = t.minima()
+        # stages with equal memory tables share their fronts and run times (a group each)
+        self.C = t.num_layouts
+        self.fronts: list[dict] = []  # per group: class sequence -> (front, options)
+        self.stage_group: list[int] = []
+        self.useful: list[np.ndarray] = []
+        self.cls: list[tuple[list[int], list[int]]] = []
+        # fast[g][s, e]: the fastest run s..e on a stage of group g that fits its memory (an
+        # exact knapsack, reshards left out), inf when none fits or it must exceed the cap
+        fast: list[np.ndarray] = []
         allowed = [np.flatnonzero(mask[u]) for u in range(L)]
-        by_table: dict[bytes, np.ndarray] = {}
-        self.fast = []
+        groups: dict[bytes, int] = {}
         for i in range(pp):
             Mi = np.ascontiguousarray(t.M[:, :, i])
-            if Mi.tobytes() not in by_table:
-                by_table[Mi.tobytes()] = knapsack_runs(
-                    t.A, Mi, allowed, amin, mmin[:, i], self.limit, self.T_cap - self.k0, 256
+            g = groups.setdefault(Mi.tobytes(), len(groups))
+            self.stage_group.append(g)
+            if g == len(self.fronts):
+                self.fronts.append({})
+                self.useful.append(self._useful(Mi))
+                self.cls.append(self._classes(Mi, self.useful[g]))
+                fast.append(
+                    knapsack_runs(
+                        t.A, Mi, allowed, amin, mmin[:, i], self.limit, self.T_cap - self.k0, 256
+                    )
                 )
-            self.fast.append(by_table[Mi.tobytes()])
+        self.fast = [fast[g] for g in self.stage_group]
         # rest[i][s]: the fastest stages i.. can run layers s.. (overheads included)
         self.rest = [np.full(L + 1, np.inf) for _ in range(pp + 1)]
         self.rest[pp][L] = 0.0
@@ -160,21 +171,6 @@ class _Search:
         self.floor = least + (c - 1) * self.T_low + self.S_low + self.step
         self.report: Callable[[], None] | None = None
         self.built = 0
-
-        self.C = t.num_layouts
-        self.fronts: list[dict] = []  # per stage: class sequence -> front
-        self.stage_group: list[int] = []
-        self.useful: list[np.ndarray] = []
-        self.cls: list[tuple[list[int], list[int]]] = []
-        groups: dict[bytes, int] = {}
-        for i in range(pp):
-            Mi = np.ascontiguousarray(t.M[:, :, i])
-            g = groups.setdefault(Mi.tobytes(), len(groups))
-            self.stage_group.append(g)
-            if g == len(self.fronts):
-                self.fronts.append({})
-                self.useful.append(self._useful(Mi))
-                self.cls.append(self._classes(Mi, self.useful[g]))
 
     def watch(self, progress: Callable[[dict], None], interval_s: float, bound_s: float) -> None:
         start = last = time.perf_counter()
@@ -267,9 +263,9 @@ class _Search:
         p, m, gs, f, a, b, par, kk = (x[on] for x in (p, m, gs, f, a, b, par, kk))
         return {"p": p, "m": m, "g": gs, "f": f, "a": a, "b": b, "par": par, "k": kk}
 
-    def _runs(self, i: int, s: int, last: int) -> list[tuple[int, dict, dict]]:
-        """``(e, front, options)`` of every run ``s..e`` (``e <= last``) of stage i with labels
-        within the caps; ``options`` the Pareto set of ``(p, s)`` per pair of layouts."""
+    def _runs(self, i: int, s: int, last: int) -> list[tuple[int, dict]]:
+        """``(e, options)`` of every run ``s..e`` (``e <= last``) of stage i with labels within
+        the caps; ``options`` what the run offers the stages (:meth:`_options`)."""
         g = self.stage_group[i]
         cache = self.fronts[g]
         first, later = self.cls[g]
@@ -291,7 +287,7 @@ class _Search:
                 cache[seq] = (front, opts)
             if front is None:
                 break  # longer runs break a cap too (times and memories only grow)
-            out.append((e, front, opts))
+            out.append((e, opts))
         return out
 
     def _options(self, front: dict, fast: float) -> dict:
@@ -325,7 +321,7 @@ class _Search:
                 s = e0 + 1
                 if s > last:
                     continue
-                for e, _, opts in self._runs(i, s, last if i < pp - 1 else L - 1):
+                for e, opts in self._runs(i, s, last):  # the last stage: last = L - 1
                     if i == pp - 1 and e != L - 1:
                         continue
                     P = opts["p"] + k0
