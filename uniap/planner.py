@@ -356,12 +356,10 @@ def _plan_graph(
         search.raise_infeasible(cm, cluster, memory_fraction)
     best = search.best
     wall = time.perf_counter() - t_start
-    timed_out = [
-        e for e in search.entries if e.solution is not None and e.solution.status == "time_limit"
-    ]
-    # the plan's gap: against the lowest bound of the programs that stopped at their limit (a
-    # program without an assignment below the cutoff has one too); every other candidate is
-    # proven no better than the plan
+    # the plan's gap: against the lowest bound of the programs that stopped at their limit and
+    # may still beat it (a program without an assignment below the cutoff has one too); every
+    # other candidate is proven no better than the plan
+    timed_out = search.unsettled()
     best_s = best.solution.time_per_iteration_s
     for e in timed_out:
         lower = max(e.solution.bound_s, e.cand.lower_bound_s)

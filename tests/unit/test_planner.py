@@ -180,3 +180,35 @@ def test_time_limited_plan_reports_a_gap_no_smaller_than_its_real_one() -> None:
     real = (fast_s - full.predicted["time_per_iteration_s"]) / fast_s
     assert fast.solver["gap"] > 0
     assert fast.solver["gap"] >= real - 1e-9
+
+
+def test_a_stopped_program_whose_bound_cannot_beat_the_plan_is_settled() -> None:
+    """A program that stopped at its limit (in the first pass, against a higher incumbent)
+    with a bound that the final plan's time does not exceed cannot hold a better plan: it is
+    pruned and leaves the plan proven; one whose bound is below the plan keeps it unproven."""
+    import dataclasses
+
+    from uniap.uop import Candidate, Entry, Search
+
+    cm = CostModel(_big_graph(), load_cluster("a100-2x8").with_memory(32 * 2**30))
+    t = cm.tables(8, 16, 64)
+    opt = solve(t, incumbent=heuristic(t), time_limit_s=60)
+    assert opt.status == "optimal"
+
+    def entry(status: str, bound_s: float, tpi_s: float) -> Entry:
+        e = Entry(Candidate(8, 16, "1F1B", 0.0), t)
+        e.solution = dataclasses.replace(
+            opt, status=status, bound_s=bound_s, time_per_iteration_s=tpi_s
+        )
+        return e
+
+    plan_s = opt.time_per_iteration_s * 1.5  # a plan the candidates below could beat
+    best = entry("optimal", plan_s, plan_s)
+    above = entry("time_limit", plan_s * 1.01, plan_s * 1.2)  # its program's bound
+    below = entry("time_limit", opt.time_per_iteration_s * 0.9, plan_s * 1.2)
+    search = Search([best, above, below], best=best, best_tpi_s=plan_s)
+    assert search.unsettled() == [below]
+    assert above.cand.status == "pruned" and "cannot beat" in above.cand.reason
+    assert above.solution.status == "pruned" and below.solution.status == "time_limit"
+    best.solution = dataclasses.replace(best.solution, status="time_limit", bound_s=0.0)
+    assert search.unsettled() == [best, below]  # the plan's own stopped program stays
