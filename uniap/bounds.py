@@ -367,6 +367,7 @@ class SegmentBound:
         budget = 3_000_000  # floats per table of runs: fewer memory multipliers on big programs
         n_mu = int(max(1, min(8, budget // (len(nus) * len(reps) * L * L))))
         mus = _rates(t.A, t.M[:, :, 0], mask, n_mu - 1) if n_mu > 1 else np.zeros(1)
+        self.nus = nus
         self.nu_of = np.repeat(nus, len(mus))
         self.mu_of = np.tile(mus, len(nus))
         self.upper = np.triu(np.ones((L, L), dtype=bool))
@@ -378,9 +379,11 @@ class SegmentBound:
         self.mem_ok = np.stack(
             [self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)]
         )
-        # per stage group: [combo, s, e] = sum over u in s..e of min_k (A + nu G + mu M)
+        # per stage group: [nu, s, e] = max over mu of (sum over u in s..e of min_k (A + nu G
+        # + mu M)) - mu limit
         self.seg_h = []
         self.slack_t = 1e-300
+        priced = np.where(self.mu_of == 0, 0.0, self.mu_of * self.limit)  # 0 * inf = 0
         for i in reps:
             h = np.where(
                 mask[None],
@@ -391,7 +394,16 @@ class SegmentBound:
             ).min(axis=2)
             H = np.concatenate([np.zeros((len(self.nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
             self.slack_t = max(self.slack_t, 1e-12 * float(np.max(np.abs(H))))
-            self.seg_h.append(H[:, None, 1:] - H[:, :-1, None])
+            seg = H[:, None, 1:] - H[:, :-1, None]
+            # the memory multipliers' side does not depend on S*: per nu, their best, once
+            self.seg_h.append(
+                np.stack(
+                    [
+                        (seg[on] - priced[on][:, None, None]).max(axis=0)
+                        for on in (self.nu_of == nu for nu in nus)
+                    ]
+                )
+            )
         self.cut = np.full(L, np.inf)
         if L > 1:
             self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
@@ -421,10 +433,8 @@ class SegmentBound:
         within memory, with sync <= Sb)."""
         if Sb not in self.run_cache:
             finite = np.isfinite(Sb)
-            use = slice(None) if finite else self.nu_of == 0  # an unbounded S*: nu = 0 only
-            off = (self.nu_of * (Sb if finite else 0.0) + self.mu_of * self.limit)[use][
-                :, None, None
-            ]
+            use = slice(None) if finite else self.nus == 0  # an unbounded S*: nu = 0 only
+            off = (self.nus * (Sb if finite else 0.0))[use][:, None, None]
             out = []
             for sh in self.seg_h:
                 v = (sh[use] - off).max(axis=0)
