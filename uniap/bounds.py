@@ -55,6 +55,10 @@ Windows (:func:`stage_windows`, :func:`segment_windows`)
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 from uniap.cost_model import CostTables
@@ -238,6 +242,12 @@ def memory_split(
     return best + k, runs[::-1]
 
 
+_KNAPSACK_MEMO: OrderedDict[bytes, tuple[float, np.ndarray, np.ndarray]] = OrderedDict()
+""":func:`knapsack_runs` answers by their arguments' contents (the latest 32): the bounds and
+the label search of one plan ask for the same runs under different budgets."""
+_KNAPSACK_LOCK = threading.Lock()
+
+
 def knapsack_runs(
     A: np.ndarray,
     M: np.ndarray,
@@ -250,19 +260,55 @@ def knapsack_runs(
 ) -> np.ndarray:
     """``[s, e]``: the fastest sum of ``A`` over layers ``s..e`` with ``sum M <= limit`` (inf
     when nothing fits or the fastest times alone exceed ``budget``); see
-    :func:`memory_bottleneck_bound`."""
+    :func:`memory_bottleneck_bound`. An answer for a budget at least as large is reused: its
+    runs within ``budget`` are the same."""
+    digest = hashlib.sha1()
+    for part in (A, M, amin, mmin, np.array([limit, max_points], dtype=np.float64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    for ks in allowed:
+        digest.update(np.asarray(ks, dtype=np.int64).tobytes() + b"|")
+    key = digest.digest()
+    with _KNAPSACK_LOCK:
+        hit = _KNAPSACK_MEMO.get(key)
+        if hit is not None and hit[0] >= budget:
+            _KNAPSACK_MEMO.move_to_end(key)
+    if hit is not None and hit[0] >= budget:
+        return np.where(hit[2] <= budget, hit[1], np.inf)
+    out, fast = _knapsack_runs(A, M, allowed, amin, mmin, limit, budget, max_points)
+    with _KNAPSACK_LOCK:
+        _KNAPSACK_MEMO[key] = (budget, out, fast)
+        if len(_KNAPSACK_MEMO) > 32:
+            _KNAPSACK_MEMO.popitem(last=False)
+    return out.copy()
+
+
+def _knapsack_runs(
+    A: np.ndarray,
+    M: np.ndarray,
+    allowed: list[np.ndarray],
+    amin: np.ndarray,
+    mmin: np.ndarray,
+    limit: float,
+    budget: float,
+    max_points: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knapsack_runs`, and ``[s, e]`` the fastest times' sum of each run it answered
+    (inf for the others)."""
     L = A.shape[0]
     out = np.full((L, L), np.inf)
-    # layers with equal rows are one class: runs with equal class sequences share their fronts
+    fast_of = np.full((L, L), np.inf)
+    # layers with equal rows are one class: runs with equal class sequences share their fronts,
+    # found in a trie of class sequences (node 0: the empty run)
     ids: dict[bytes, int] = {}
     cls = [
         ids.setdefault(allowed[u].tobytes() + A[u].tobytes() + M[u].tobytes(), len(ids))
         for u in range(L)
     ]
-    fronts: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {(): (np.zeros(1), np.zeros(1))}
+    child: dict[tuple[int, int], int] = {}
+    fronts: list[tuple[np.ndarray, np.ndarray] | None] = [(np.zeros(1), np.zeros(1))]
     for s in range(L):
-        seq: tuple = ()
-        front = fronts[()]
+        node = 0
+        front = fronts[0]
         fast = 0.0
         lean = 0.0
         for e in range(s, L):
@@ -270,26 +316,28 @@ def knapsack_runs(
             lean += mmin[e]
             if fast > budget or lean > limit:
                 break  # longer runs are slower still, or fit no better
-            seq = (*seq, cls[e])
-            if seq in fronts:
-                front = fronts[seq]
-            elif front is None:
-                fronts[seq] = None
+            nxt = child.get((node, cls[e]))
+            if nxt is not None:
+                node, front = nxt, fronts[nxt]
             else:
-                ks = allowed[e]
-                a = (front[0][:, None] + A[e, ks][None, :]).ravel()
-                m = (front[1][:, None] + M[e, ks][None, :]).ravel()
-                keep = m <= limit
-                a, m = a[keep], m[keep]
-                order = np.lexsort((m, a))
-                a, m = a[order], m[order]
-                # Pareto: a point stays when it needs less memory than every faster one
-                lower = np.concatenate([[np.inf], np.minimum.accumulate(m)[:-1]])
-                on = m < lower
-                front = (a[on], m[on]) if len(a) and on.sum() <= max_points else None
-                fronts[seq] = front
+                if front is not None:
+                    ks = allowed[e]
+                    a = (front[0][:, None] + A[e, ks][None, :]).ravel()
+                    m = (front[1][:, None] + M[e, ks][None, :]).ravel()
+                    keep = m <= limit
+                    a, m = a[keep], m[keep]
+                    order = np.lexsort((m, a))
+                    a, m = a[order], m[order]
+                    # Pareto: a point stays when it needs less memory than every faster one
+                    lower = np.concatenate([[np.inf], np.minimum.accumulate(m)[:-1]])
+                    on = m < lower
+                    front = (a[on], m[on]) if len(a) and on.sum() <= max_points else None
+                child[(node, cls[e])] = len(fronts)
+                node = len(fronts)
+                fronts.append(front)
             out[s, e] = front[0][0] if front is not None else fast
-    return out
+            fast_of[s, e] = fast
+    return out, fast_of
 
 
 def segment_lower_bound(

@@ -130,3 +130,24 @@ def test_memory_bottleneck_bound_is_valid_and_exact_without_reshards(seed: int) 
     flat = dataclasses.replace(t, R=np.zeros_like(t.R))
     exact = _slowest_stage_optimum(flat)
     assert memory_bottleneck_bound(flat) == pytest.approx(exact, rel=1e-8, abs=0)
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 4))
+def test_knapsack_runs_reuses_a_larger_budgets_answer_exactly(seed: int) -> None:
+    """knapsack_runs answers a smaller budget from the runs it found under a larger one (and
+    a larger budget afresh), exactly as a fresh computation would."""
+    from uniap import bounds
+
+    t = random_tables(seed)
+    mask = t.allowed_mask()
+    amin, _, mmin = t.minima()
+    allowed = [np.flatnonzero(mask[u]) for u in range(t.num_layers)]
+    args = (t.A, np.ascontiguousarray(t.M[:, :, 0]), allowed, amin, mmin[:, 0])
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    bounds._KNAPSACK_MEMO.clear()
+    for budget in (np.inf, float(amin.sum()) * 0.6, float(amin.sum()) * 0.3, np.inf, 0.0):
+        got = bounds.knapsack_runs(*args, limit, budget, 256)
+        fresh, _ = bounds._knapsack_runs(*args, limit, budget, 256)
+        assert np.array_equal(got, fresh)
+        got[0, 0] = -1.0  # the caller's copy: the memo is untouched
+    assert len(bounds._KNAPSACK_MEMO) == 1
