@@ -255,7 +255,7 @@ def solve(
             exact = (found[0], [0] * L if found[1] else [], found[1])
     elif pipelined_labels:
         # a pipeline below a bound: runs as label fronts, stages as a dynamic program, exact;
-        # it gives up (None) on a front too large or at its budget (half the time limit), and
+        # it gives up (None) on a front too large or at its budget (default half the limit), and
         # the program answers in the time left
         exact = pipeline_optimum(
             t,

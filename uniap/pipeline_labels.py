@@ -71,7 +71,7 @@ def pipeline_optimum(
     bound_s: float,
     *,
     bottleneck_s: float = 0.0,
-    max_points: int = 2048,
+    max_points: int = 4096,
     deadline: float | None = None,
     progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 5.0,
@@ -232,34 +232,31 @@ class _Search:
             p, m, gs, f, a, b = A, M, G, F, lay, lay
             par = np.full(len(ks), -1)
             kk = ks
-        else:
-            n = len(parent["p"])
-            par = np.repeat(np.arange(n), len(ks))
-            kk = np.tile(ks, n)
-            j = np.tile(np.arange(len(ks)), n)
-            b = lay[j]
-            p = parent["p"][par] + A[j] + t.R[e - 1, parent["b"][par], b]
-            m = parent["m"][par] + M[j]
-            gs = parent["g"][par] + G[j]
-            f = np.maximum(parent["f"][par], F[j])
-            a = parent["a"][par]
-        keep = (m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)
-        if not keep.any():
-            return None
-        p, m, gs, f, a, b, par, kk = (x[keep] for x in (p, m, gs, f, a, b, par, kk))
-        order = np.lexsort((f, gs, m, p, b, a))
-        p, m, gs, f, a, b, par, kk = (x[order] for x in (p, m, gs, f, a, b, par, kk))
-
-        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            # x's time, memory and sync are no worse than y's whatever the rest of the run:
-            # a larger sync costs at most its excess (S* rises by no more), a smaller time
-            # saves at least its own difference (the bottleneck can only fall)
-            more = gs[x][:, None] - gs[y][None, :] + np.maximum(f[x][:, None] - f[y][None, :], 0)
-            return (m[x][:, None] <= m[y][None, :]) & (
-                p[x][:, None] + np.maximum(more, 0.0) <= p[y][None, :]
+            keep = (m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)
+            if not keep.any():
+                return None
+            p, m, gs, f, a, b, par, kk = (x[keep] for x in (p, m, gs, f, a, b, par, kk))
+        else:  # every label extended by every strategy, as [label, strategy] grids
+            p = parent["p"][:, None] + A[None, :] + t.R[e - 1][:, lay][parent["b"]]
+            m = parent["m"][:, None] + M[None, :]
+            gs = parent["g"][:, None] + G[None, :]
+            f = np.maximum(parent["f"][:, None], F[None, :])
+            keep = np.flatnonzero(
+                ((m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)).ravel()
             )
-
-        on = _sweep(a * self.C + b, dominates, self.max_points)
+            if not len(keep):
+                return None
+            par, j = keep // len(ks), keep % len(ks)
+            p, m, gs, f = (x.ravel()[keep] for x in (p, m, gs, f))
+            a, b, kk = parent["a"][par], lay[j], ks[j]
+        order = np.lexsort((f, gs, m, p, a * self.C + b))
+        p, m, gs, f, a, b, par, kk = (x[order] for x in (p, m, gs, f, a, b, par, kk))
+        # x's time, memory and sync are no worse than y's whatever the rest of the run (a
+        # larger sync costs at most its excess, a smaller time saves at least its own
+        # difference): m_x <= m_y and p_x + (g_x - g_y + (f_x - f_y)^+)^+ <= p_y, that is
+        # p_x <= p_y (their order), m_x <= m_y, p_x + g_x <= p_y + g_y, p_x + g_x + f_x <= ...
+        pg = p + gs
+        on = _sweep(a * self.C + b, [m, pg, pg + f], self.max_points)
         p, m, gs, f, a, b, par, kk = (x[on] for x in (p, m, gs, f, a, b, par, kk))
         return {"p": p, "m": m, "g": gs, "f": f, "a": a, "b": b, "par": par, "k": kk}
 
@@ -299,11 +296,8 @@ class _Search:
         order = np.lexsort((s, p, b, a))
         order = order[p[order] - fast <= self.slack]
         p, s, a, b = p[order], s[order], a[order], b[order]
-
-        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            return p[x][:, None] + np.maximum(s[x][:, None] - s[y][None, :], 0) <= p[y][None, :]
-
-        on = _sweep(a * self.C + b, dominates, self.max_points)
+        # p_x + (s_x - s_y)^+ <= p_y: p_x <= p_y (their order) and p_x + s_x <= p_y + s_y
+        on = _sweep(a * self.C + b, [p + s], self.max_points)
         return {"p": p[on], "s": s[on], "a": a[on], "b": b[on], "idx": order[on]}
 
     # ------------------------------------------------------------------ stages
@@ -381,16 +375,10 @@ class _Search:
         w = self.c - 1
         order = np.lexsort((S, T, tot, b))
         tot, T, S, b, src, oi, s = (x[order] for x in (tot, T, S, b, src, oi, s))
-
-        def dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            worse = (
-                tot[x][:, None]
-                + w * np.maximum(T[x][:, None] - T[y][None, :], 0.0)
-                + np.maximum(S[x][:, None] - S[y][None, :], 0.0)
-            )
-            return worse <= tot[y][None, :]
-
-        on = _sweep(b, dominates, self.max_points)
+        # sum_x + w (T_x - T_y)^+ + (S_x - S_y)^+ <= sum_y: sum_x <= sum_y (their order) and
+        # the same with each of the two excesses and with both
+        wT = tot + w * T
+        on = _sweep(b, [wT, tot + S, wT + S], self.max_points)
         if not len(on):
             return None
         return {
@@ -427,27 +415,46 @@ class _Search:
         return stage_of, strategy_of
 
 
-def _sweep(group: np.ndarray, dominates, max_points: int, chunk: int = 256) -> np.ndarray:
-    """Indices of the labels (sorted by ``group``, and within a group in an order where a
-    label's dominators come before it) that no earlier kept label of their group dominates:
-    each chunk against the kept ones, then within itself. Domination is transitive, so a label
-    dropped by a dropped one is dropped by a kept one too. Raises :class:`_GiveUp` above
-    ``max_points`` kept labels in a group."""
+def _sweep(
+    group: np.ndarray, coords: list[np.ndarray], max_points: int, chunk: int = 512
+) -> np.ndarray:
+    """Indices of the labels that no other of their group dominates, the first of equal ones.
+    Labels come sorted by ``group`` and within a group by their cost, so that a dominator
+    comes first; an earlier label x dominates y when ``coords`` are no larger for x, each of
+    them. Each chunk is checked against the kept labels, then within itself; domination is
+    transitive, so a label dropped by a dropped one is dropped by a kept one too (with one
+    coordinate a running minimum answers). Raises :class:`_GiveUp` above ``max_points`` kept
+    labels in a group."""
     if not len(group):
         return np.zeros(0, dtype=np.int64)
     out = []
     bounds = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1], [True]]))
+    X = np.stack(coords)
     for g0, g1 in zip(bounds[:-1], bounds[1:]):
-        kept = np.zeros(0, dtype=np.int64)
-        for lo in range(g0, g1, chunk):
-            ys = np.arange(lo, min(g1, lo + chunk))
-            if len(kept):
-                ys = ys[~dominates(kept, ys).any(axis=0)]
-            if len(ys) > 1:
-                d = dominates(ys, ys) & np.triu(np.ones((len(ys), len(ys)), dtype=bool), k=1)
-                ys = ys[~d.any(axis=0)]
-            kept = np.concatenate([kept, ys])
-            if len(kept) > max_points:
-                raise _GiveUp
+        if len(X) == 1:
+            q = X[0, g0:g1]
+            earlier = np.concatenate([[np.inf], np.minimum.accumulate(q)[:-1]])
+            kept = g0 + np.flatnonzero(q < earlier)
+        else:
+            kept = np.zeros(0, dtype=np.int64)
+            for lo in range(g0, g1, chunk):
+                ys = np.arange(lo, min(g1, lo + chunk))
+                # the latest kept first (the closest in cost, they drop most), then the rest
+                for xs in (kept[-chunk:], kept[:-chunk]):
+                    if len(xs) and len(ys):
+                        dom = X[0, xs][:, None] <= X[0, ys][None, :]
+                        for r in range(1, len(X)):
+                            dom &= X[r, xs][:, None] <= X[r, ys][None, :]
+                        ys = ys[~dom.any(axis=0)]
+                if len(ys) > 1:
+                    dom = np.triu(np.ones((len(ys), len(ys)), dtype=bool), k=1)
+                    for r in range(len(X)):
+                        dom &= X[r, ys][:, None] <= X[r, ys][None, :]
+                    ys = ys[~dom.any(axis=0)]
+                kept = np.concatenate([kept, ys])
+                if len(kept) > max_points:
+                    raise _GiveUp
+        if len(kept) > max_points:
+            raise _GiveUp
         out.append(kept)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return np.concatenate(out)
