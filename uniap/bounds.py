@@ -132,9 +132,22 @@ def bottleneck_lower_bound(t: CostTables) -> float:
         np.searchsorted(cm[:, i], cm[:-1, i] + limit + m_slack, side="right") - 1 for i in range(pp)
     ]
     starts = np.arange(L)
+    # every layer alone fits every stage's memory: then (with every layer within the cap) the
+    # ends stage i reaches are one interval, as the allowed ends grow with the start
+    alone = all(bool((by_mem[i] >= starts + 1).all()) for i in range(pp))
+    mem_lists = [m.tolist() for m in by_mem]
 
     def fits(cap: float) -> bool:
         by_time = np.searchsorted(ca, ca[:-1] + cap + t_slack, side="right") - 1
+        if alone and (by_time >= starts + 1).all():
+            first, last = 0, 0  # the starts stage i may take: first..last
+            times = by_time.tolist()
+            for i in range(pp):
+                top = min(last, L - pp + i)  # it must leave a layer to each later stage
+                if first > top:
+                    return False
+                first, last = first + 1, min(times[top], mem_lists[i][top], L - (pp - 1 - i))
+            return first <= L <= last
         reach = np.zeros(L + 1, dtype=bool)  # reach[s]: stages 0..i-1 cover layers 0..s-1
         reach[0] = True
         for i in range(pp):
