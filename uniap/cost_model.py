@@ -729,12 +729,9 @@ class CostModel:
         rep = self._representatives()
         for u, layer in enumerate(layers):
             if rep[u] != u:
-                # the same inputs as an earlier layer (a run of identical blocks): same rows
-                r = rep[u]
-                allowed.append(list(allowed[r]))
-                A[u], G[u], M[u], F[u], Mh[u] = A[r], G[r], M[r], F[r], Mh[r]
-                for part in parts.values():
-                    part[u] = part[r]
+                # the same inputs as an earlier layer (a run of identical blocks): its rows are
+                # copied below, all at once
+                allowed.append(list(allowed[rep[u]]))
                 continue
             in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
             ks = layer_strategies(layer, strategies, b, in_bytes)
@@ -781,6 +778,9 @@ class CostModel:
                 )
                 for name in LayerCost.PARTS:
                     parts[name][u, k] = cost.parts[name]
+        same = np.asarray(rep)
+        A, G, M, F, Mh = A[same], G[same], M[same], F[same], Mh[same]
+        parts = {name: part[same] for name, part in parts.items()}
         if pp == 1 and self.base_tp is not None:
             R, Rp = self._adapter_rows(b, dps, n // self.base_tp)
         else:
