@@ -233,27 +233,27 @@ class _Search:
         ks = np.flatnonzero(self.useful[g][e])
         A, G, F, M = t.A[e, ks], t.G[e, ks], t.F[e, ks], t.M[e, ks, i]
         lay = t.layout[e, ks]
+        # every label extended by every strategy, as [label, strategy] grids (one row for the
+        # run's first layer)
         if parent is None:
-            p, m, gs, f, a, b = A, M, G, F, lay, lay
-            par = np.full(len(ks), -1)
-            kk = ks
-            keep = (m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)
-            if not keep.any():
-                return None
-            p, m, gs, f, a, b, par, kk = (x[keep] for x in (p, m, gs, f, a, b, par, kk))
-        else:  # every label extended by every strategy, as [label, strategy] grids
+            p, m, gs, f = A[None, :], M[None, :], G[None, :], F[None, :]
+        else:
             p = parent["p"][:, None] + A[None, :] + t.R[e - 1][:, lay][parent["b"]]
             m = parent["m"][:, None] + M[None, :]
             gs = parent["g"][:, None] + G[None, :]
             f = np.maximum(parent["f"][:, None], F[None, :])
-            keep = np.flatnonzero(
-                ((m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)).ravel()
-            )
-            if not len(keep):
-                return None
-            par, j = keep // len(ks), keep % len(ks)
-            p, m, gs, f = (x.ravel()[keep] for x in (p, m, gs, f))
-            a, b, kk = parent["a"][par], lay[j], ks[j]
+        keep = np.flatnonzero(
+            ((m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)).ravel()
+        )
+        if not len(keep):
+            return None
+        par, j = keep // len(ks), keep % len(ks)
+        p, m, gs, f = (x.ravel()[keep] for x in (p, m, gs, f))
+        b, kk = lay[j], ks[j]
+        if parent is None:
+            a, par = b, np.full(len(keep), -1)
+        else:
+            a = parent["a"][par]
         order = np.lexsort((f, gs, m, p, a * self.C + b))
         p, m, gs, f, a, b, par, kk = (x[order] for x in (p, m, gs, f, a, b, par, kk))
         # x's time, memory and sync are no worse than y's whatever the rest of the run (a
@@ -440,6 +440,8 @@ def _sweep(
             q = X[0, g0:g1]
             earlier = np.concatenate([[np.inf], np.minimum.accumulate(q)[:-1]])
             kept = g0 + np.flatnonzero(q < earlier)
+            if len(kept) > max_points:
+                raise _GiveUp
         else:
             kept = np.zeros(0, dtype=np.int64)
             for lo in range(g0, g1, chunk):
@@ -459,7 +461,5 @@ def _sweep(
                 kept = np.concatenate([kept, ys])
                 if len(kept) > max_points:
                     raise _GiveUp
-        if len(kept) > max_points:
-            raise _GiveUp
         out.append(kept)
     return np.concatenate(out)

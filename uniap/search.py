@@ -368,7 +368,8 @@ def _chain_labels(
     cost, mem, fm = np.zeros(1), np.zeros(1), np.zeros(1)
     last = np.full(1, -1)  # the layout of each label's last layer (-1: none yet)
     back: list[tuple[np.ndarray, np.ndarray]] = []  # per layer: (parent label, strategy)
-    # the prices whose bound is highest at the start prune most; keep mu = 0 (exact reshards)
+    # the prices whose bound is highest at the start prune most, tried first; mu = 0 (exact
+    # reshards) too
     start = H[:, 0, 0] - _times(mus, limit)
     pick = np.array(list(dict.fromkeys([*np.argsort(-start)[:3].tolist(), 0])))
     mus, H = mus[pick], H[pick]

@@ -80,7 +80,8 @@ _SHARED_AS_IS = (type(None), bool, int, float, complex, str, bytes, torch.dtype,
 
 
 def _deepcopy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(module, memo)``, three times faster on a module tree: a module that
+    """``copy.deepcopy(module, memo)``, four times faster on a module tree (a 128-layer Llama on
+    meta: 0.11 -> 0.025 s): a module that
     copies itself the default way (``nn.Module``'s ``__getstate__`` / ``__setstate__``, no
     ``__deepcopy__``, ``__reduce__`` or slots of its own) is rebuilt here, its submodules
     recursively and its empty hook dictionaries new and empty, without ``deepcopy``'s

@@ -308,8 +308,8 @@ class Search:
         """The candidates whose programs stopped at their time limit and may still beat the
         plan: the plan's own when its program did not prove it, and any other whose bound
         (its program's, or the strong bound refined against the final plan) is below the
-        plan's time. The others are pruned: a program stopped in the first pass against a
-        higher incumbent may have a bound that the plan found later is below."""
+        plan's time. The others are pruned: a program that stopped in the first pass, against
+        a higher incumbent, may have a bound at or above the plan found later."""
         best_s = self.best.solution.time_per_iteration_s
         out = []
         for e in self.entries:
