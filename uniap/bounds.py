@@ -270,11 +270,14 @@ def knapsack_runs(
     limit: float,
     budget: float,
     max_points: int,
-) -> np.ndarray:
+    max_fronts: int | None = None,
+) -> np.ndarray | None:
     """``[s, e]``: the fastest sum of ``A`` over layers ``s..e`` with ``sum M <= limit`` (inf
     when nothing fits or the fastest times alone exceed ``budget``); see
     :func:`memory_bottleneck_bound`. An answer for a budget at least as large is reused: its
-    runs within ``budget`` are the same."""
+    runs within ``budget`` are the same. None when it would build more than ``max_fronts``
+    fronts (distinct sequences of layer classes: about ``3 L`` for a stack of equal blocks,
+    ``L^2 / 2`` for layers that all differ)."""
     digest = hashlib.sha1()
     for part in (A, M, amin, mmin, np.array([limit, max_points], dtype=np.float64)):
         digest.update(np.ascontiguousarray(part).tobytes())
@@ -287,7 +290,10 @@ def knapsack_runs(
             _KNAPSACK_MEMO.move_to_end(key)
     if hit is not None and hit[0] >= budget:
         return np.where(hit[2] <= budget, hit[1], np.inf)
-    out, fast = _knapsack_runs(A, M, allowed, amin, mmin, limit, budget, max_points)
+    got = _knapsack_runs(A, M, allowed, amin, mmin, limit, budget, max_points, max_fronts)
+    if got is None:
+        return None
+    out, fast = got
     with _KNAPSACK_LOCK:
         _KNAPSACK_MEMO[key] = (budget, out, fast)
         if len(_KNAPSACK_MEMO) > 32:
@@ -304,12 +310,26 @@ def _knapsack_runs(
     limit: float,
     budget: float,
     max_points: int,
-) -> tuple[np.ndarray, np.ndarray]:
+    max_fronts: int | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`knapsack_runs`, and ``[s, e]`` the fastest times' sum of each run it answered
-    (inf for the others)."""
+    (inf for the others); None above ``max_fronts`` fronts."""
     L = A.shape[0]
     out = np.full((L, L), np.inf)
     fast_of = np.full((L, L), np.inf)
+    # a strategy another of its layer matches or beats in time and memory never helps a front
+    pareto = []
+    for u in range(L):
+        ks = np.asarray(allowed[u])
+        a, m = A[u, ks], M[u, ks]
+        beaten = (a[None, :] <= a[:, None]) & (m[None, :] <= m[:, None])  # [k, k']: k' beats k
+        beaten &= (
+            (a[None, :] < a[:, None])
+            | (m[None, :] < m[:, None])
+            | np.tril(np.ones((len(ks), len(ks)), dtype=bool), k=-1)
+        )  # strictly, or equal and listed first
+        pareto.append(ks[~beaten.any(axis=1)])
+    allowed = pareto
     # layers with equal rows are one class: runs with equal class sequences share their fronts,
     # found in a trie of class sequences (node 0: the empty run)
     ids: dict[bytes, int] = {}
@@ -348,6 +368,8 @@ def _knapsack_runs(
                 child[(node, cls[e])] = len(fronts)
                 node = len(fronts)
                 fronts.append(front)
+                if max_fronts is not None and len(fronts) > max_fronts:
+                    return None
             out[s, e] = front[0][0] if front is not None else fast
             fast_of[s, e] = fast
     return out, fast_of
@@ -386,6 +408,15 @@ def segment_windows(t: CostTables, target: float, *, max_evals: int = 48) -> lis
     split through that run, in every box of ``(T*, S*)`` the refinement leaves) stays below
     ``target``. Empty lists when nothing can be faster."""
     return SegmentBound(t).windows(target, max_evals=max_evals)
+
+
+_FLOOR_POINTS = 1024
+"""Points per knapsack front of :class:`SegmentBound`'s run floor (a larger front falls back
+to the fastest times: valid, weaker)."""
+
+_FLOOR_FRONTS = 2000
+"""Fronts the run floor may build per stage group (a stack of equal blocks needs about three
+per layer); above it the floor is left out."""
 
 
 class SegmentBound:
@@ -465,11 +496,49 @@ class SegmentBound:
                     ]
                 )
             )
+        self.reps, self.knap, self.floor_tried = reps, None, False
         self.cut = np.full(L, np.inf)
         if L > 1:
             self.cut[:-1] = t.Rp.reshape(L - 1, -1).min(axis=1)
         self.run_cache: dict[float, list[np.ndarray]] = {}
         self.evals = 0
+
+    def floor_runs(self, budget: float) -> bool:
+        """Floor each run's time at its exact knapsack (one stage per rank): the fastest
+        strategies whose memory fits on the stage, reshards left out, which the Lagrangian
+        prices can miss by a recomputed layer or more (:func:`knapsack_runs`; runs whose
+        fastest times exceed ``budget``, the slowest stage that can still beat the target,
+        keep those times as their floor). Tried once; True when the floor was added (the runs
+        have few distinct sequences of layer classes, as stacks of equal blocks do)."""
+        t = self.t
+        if self.floor_tried or t.virtual_stages > 1 or t.zero_bubble:
+            return False
+        self.floor_tried = True
+        L = self.L
+        mask = t.allowed_mask()
+        amin, _, mmin = t.minima()
+        allowed = [np.flatnonzero(mask[u]) for u in range(L)]
+        ca = np.concatenate([[0.0], np.cumsum(amin)])
+        fast = ca[None, 1:] - ca[:-1, None]  # [s, e]: the fastest times of s..e
+        floors = []
+        for i in self.reps:
+            knap = knapsack_runs(
+                t.A,
+                np.ascontiguousarray(t.M[:, :, i]),
+                allowed,
+                amin,
+                mmin[:, i],
+                t.memory_limit_bytes * (1 + 1e-9),
+                budget - self.k,
+                _FLOOR_POINTS,
+                _FLOOR_FRONTS,
+            )
+            if knap is None:
+                return False
+            floors.append(np.where(np.isfinite(knap), knap, fast))
+        self.knap = floors
+        self.run_cache.clear()
+        return True
 
     def floor_bottleneck(self, floor_s: float) -> None:
         """Raise the smallest ``T*`` the boxes cover to ``floor_s``, a lower bound on every
@@ -497,8 +566,10 @@ class SegmentBound:
             use = slice(None) if finite else self.nus == 0  # an unbounded S*: nu = 0 only
             off = (self.nus * (Sb if finite else 0.0))[use][:, None, None]
             out = []
-            for sh in self.seg_h:
+            for j, sh in enumerate(self.seg_h):
                 v = (sh[use] - off).max(axis=0)
+                if self.knap is not None:
+                    v = np.maximum(v, self.knap[j])
                 if finite:
                     v = np.where(self.seg_g <= Sb * (1 + 1e-12) + self.slack_t, v, np.inf)
                 out.append(np.where(self.upper, v - self.slack_t, np.inf) + self.k)

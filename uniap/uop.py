@@ -123,7 +123,8 @@ class Entry:
         (the incumbent), when the cheap bound does not already reach it; when that is not
         enough either and the bottleneck counts (``c > 1``), with the bottleneck's memory-aware
         bound (:func:`uniap.bounds.memory_bottleneck_bound`) as the floor of the segment bound's
-        boxes. The bound."""
+        boxes; and when that is not enough, with each run's exact knapsack as the floor of its
+        time (:meth:`uniap.bounds.SegmentBound.floor_runs`). The bound."""
         cand = self.cand
         if (
             cand.lower_bound_s < target * (1 - 1e-12)
@@ -135,6 +136,10 @@ class Entry:
             cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
             cand.bound_target_s = target
             if cand.lower_bound_s < target * (1 - 1e-12) and self._raise_bottleneck(target):
+                cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
+            if cand.lower_bound_s < target * (1 - 1e-12) and self.segments.floor_runs(
+                self.bottleneck_cap(target)
+            ):
                 cand.lower_bound_s = max(cand.lower_bound_s, self.segments.lower_bound(target))
         return cand.lower_bound_s
 
