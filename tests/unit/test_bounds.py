@@ -151,3 +151,44 @@ def test_knapsack_runs_reuses_a_larger_budgets_answer_exactly(seed: int) -> None
         assert np.array_equal(got, fresh)
         got[0, 0] = -1.0  # the caller's copy: the memo is untouched
     assert len(bounds._KNAPSACK_MEMO) == 1
+
+
+@pytest.mark.parametrize("seed", range(0, 80, 3))
+def test_runs_floored_at_their_knapsack_keep_the_bound_and_windows_valid(seed: int) -> None:
+    """With each run's time floored at its exact knapsack (SegmentBound.floor_runs, under no
+    budget and under the bottleneck cap of the target), the segment bound stays at or below
+    the exhaustive optimum for any target, at least as high as without the floor, and its
+    windows still hold every fitting assignment faster than the target."""
+    import itertools
+
+    from uniap.bounds import SegmentBound
+
+    t = random_tables(seed)
+    if seed % 4 == 1:
+        t.stage_overhead_s, t.step_overhead_s = 0.2, 0.1
+    sols = []
+    for stage_of in compositions(t.num_layers, t.pp):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits:
+                sols.append((ev.time_per_iteration_s, stage_of))
+    best = min((tpi for tpi, _ in sols), default=np.inf)
+    if not np.isfinite(best):
+        return
+    amin, _, _ = t.minima()
+    for target in (best * (1 + 1e-7), best * 1.05, best * 1.5):
+        w = t.num_microbatches - 1
+        cap = (target - amin.sum() - t.pp * t.stage_overhead_s) / w * (1 + 1e-9) if w else np.inf
+        for budget in (np.inf, cap):
+            plain, floored = SegmentBound(t), SegmentBound(t)
+            added = floored.floor_runs(budget)
+            assert added == (t.virtual_stages == 1 and not t.zero_bubble)
+            assert floored.floor_runs(budget) is False  # tried once
+            for goal in (None, best, target):
+                lb = floored.lower_bound(goal)
+                assert lb <= best * (1 + 1e-12)
+                assert lb >= plain.lower_bound(goal) * (1 - 1e-9)
+            window = floored.windows(target)
+            for tpi, stage_of in sols:
+                if tpi < target:
+                    assert all(stage_of[u] in window[u] for u in range(t.num_layers))
