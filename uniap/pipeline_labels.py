@@ -58,7 +58,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from uniap.bounds import bottleneck_lower_bound, knapsack_runs
+from uniap.bounds import KNAPSACK_POINTS, bottleneck_lower_bound, knapsack_runs
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.search import undominated_strategies
 
@@ -158,7 +158,14 @@ class _Search:
                 self.cls.append(self._classes(Mi, self.useful[g]))
                 fast.append(
                     knapsack_runs(
-                        t.A, Mi, allowed, amin, mmin[:, i], self.limit, self.T_cap - self.k0, 256
+                        t.A,
+                        Mi,
+                        allowed,
+                        amin,
+                        mmin[:, i],
+                        self.limit,
+                        self.T_cap - self.k0,
+                        KNAPSACK_POINTS,
                     )
                 )
         self.fast = [fast[g] for g in self.stage_group]

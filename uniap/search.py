@@ -430,7 +430,7 @@ def memory_split_assignment(
 
     if t.virtual_stages > 1:
         return None
-    _, runs = memory_split(t, cap_s, max_points=max_points)
+    _, runs = memory_split(t, cap_s)
     if not runs:
         return None
     mask = t.allowed_mask()
