@@ -300,7 +300,9 @@ def knapsack_runs(
         hit = _KNAPSACK_MEMO.get(key)
         if hit is not None and hit[0] >= budget:
             _KNAPSACK_MEMO.move_to_end(key)
-    if hit is not None and hit[0] >= budget:
+        else:
+            hit = None
+    if hit is not None:
         return np.where(hit[2] <= budget, hit[1], np.inf)
     got = _knapsack_runs(A, M, allowed, amin, mmin, limit, budget, max_points, max_fronts)
     if got is None:

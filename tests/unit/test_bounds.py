@@ -11,22 +11,25 @@ from uniap.cost_model import evaluate_assignment
 from uniap.search import compositions, exhaustive
 
 
+def _fitting(t) -> list:
+    """``(stage_of, evaluation)`` of every assignment of ``t`` that fits, by enumeration."""
+    import itertools
+
+    return [
+        (stage_of, ev)
+        for stage_of in compositions(t.num_layers, t.num_stages)
+        for strat in itertools.product(*t.allowed)
+        if (ev := evaluate_assignment(t, stage_of, list(strat))).fits
+    ]
+
+
 @pytest.mark.parametrize("seed", range(0, 60, 5))
 def test_bottleneck_lower_bound_is_valid(seed: int) -> None:
     """The min-max split bound never exceeds the slowest stage of any plan that fits."""
-    import itertools
-
     from uniap.bounds import bottleneck_lower_bound
 
     t = random_tables(seed)
-    lb = bottleneck_lower_bound(t)
-    tightest = np.inf
-    for stage_of in compositions(t.num_layers, t.pp):
-        for strat in itertools.product(*t.allowed):
-            ev = evaluate_assignment(t, stage_of, list(strat))
-            if ev.fits:
-                tightest = min(tightest, max(ev.stage_time_s))
-    assert lb <= tightest * (1 + 1e-9)
+    assert bottleneck_lower_bound(t) <= _slowest_stage_optimum(t) * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(0, 60, 2))
@@ -53,19 +56,12 @@ def test_segment_lower_bound_is_valid(seed: int) -> None:
 def test_segment_windows_hold_every_faster_assignment(seed: int) -> None:
     """Every fitting assignment faster than the target (checked one by one, over all of them)
     puts each layer on a stage its segment window allows."""
-    import itertools
-
     from uniap.bounds import segment_windows
 
     t = random_tables(seed)
     if seed % 8 == 1:
         t.stage_overhead_s, t.step_overhead_s = 0.2, 0.1
-    sols = []
-    for stage_of in compositions(t.num_layers, t.pp):
-        for strat in itertools.product(*t.allowed):
-            ev = evaluate_assignment(t, stage_of, list(strat))
-            if ev.fits:
-                sols.append((ev.time_per_iteration_s, stage_of))
+    sols = [(ev.time_per_iteration_s, stage_of) for stage_of, ev in _fitting(t)]
     best = min(tpi for tpi, _ in sols)
     for slack in (1e-7, 0.05, 0.5):
         window = segment_windows(t, best * (1 + slack))
@@ -94,15 +90,7 @@ def test_min_peak_memory_equals_enumeration(seed: int) -> None:
 
 def _slowest_stage_optimum(t) -> float:
     """The smallest slowest stage (overhead and reshards included) of any fitting assignment."""
-    import itertools
-
-    best = np.inf
-    for stage_of in compositions(t.num_layers, t.num_stages):
-        for strat in itertools.product(*t.allowed):
-            ev = evaluate_assignment(t, stage_of, list(strat))
-            if ev.fits:
-                best = min(best, max(ev.stage_time_s))
-    return best
+    return min((max(ev.stage_time_s) for _, ev in _fitting(t)), default=np.inf)
 
 
 @pytest.mark.parametrize("seed", range(0, 60, 3))
@@ -159,19 +147,12 @@ def test_runs_floored_at_their_knapsack_keep_the_bound_and_windows_valid(seed: i
     budget and under the bottleneck cap of the target), the segment bound stays at or below
     the exhaustive optimum for any target, at least as high as without the floor, and its
     windows still hold every fitting assignment faster than the target."""
-    import itertools
-
     from uniap.bounds import SegmentBound
 
     t = random_tables(seed)
     if seed % 4 == 1:
         t.stage_overhead_s, t.step_overhead_s = 0.2, 0.1
-    sols = []
-    for stage_of in compositions(t.num_layers, t.pp):
-        for strat in itertools.product(*t.allowed):
-            ev = evaluate_assignment(t, stage_of, list(strat))
-            if ev.fits:
-                sols.append((ev.time_per_iteration_s, stage_of))
+    sols = [(ev.time_per_iteration_s, stage_of) for stage_of, ev in _fitting(t)]
     best = min((tpi for tpi, _ in sols), default=np.inf)
     if not np.isfinite(best):
         return
