@@ -232,9 +232,13 @@ parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j
 :func:`zero_bubble_stage_times`). No formula: ``TPI = max(L, c * max_r O_r) + max_r s_r``
 with ``L`` the longest path through torch's order of operations
 (:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only strategies without
-recompute and without DDP / FSDP wrappers are offered: ``dp = 1``, or plain replicas (DDP at
-``tp = 1``) whose gradient the executor all-reduces after the step, charged whole in ``G``
-(:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``reduce_after_step``).
+recompute and without reductions in autograd's hooks are offered
+(:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``after_step_kinds``): ``dp = 1``; plain
+replicas (DDP at ``tp = 1``) whose gradient the executor all-reduces after the step, charged
+whole in ``G``; or FSDP at ``tp = 1`` as torch's schedule runs it (gradient sync off in every
+backward, one reduce-scatter after the stage's last weight gradient): ``G = ag + rs``, the
+reduce-scatter whole (no ``rho``), the memory of FSDP with ``c > 1`` (parameters and
+gradients whole next to the shards: ``2 P + (2 P + O) / dp``).
 In flight on stage ``j``: the micro-batches between their forward and their weight gradient.
 
 All communication times are taken on the slowest group of that shape over all stages (the
@@ -754,8 +758,8 @@ class CostModel:
                     + (
                         ""
                         if spec.data_parallel and spec.recompute
-                        else f" ({schedule} runs layers without recompute, with dp = 1 or as "
-                        "plain replicas, kind DDP at tp = 1)"
+                        else f" ({schedule} runs layers without recompute, with dp = 1, or at "
+                        "tp = 1 with kind DDP (plain replicas) or FSDP)"
                     )
                 )
             allowed.append(ks)
@@ -834,8 +838,10 @@ class CostModel:
     ) -> LayerCost:
         """Layer ``u`` with strategy ``s`` on a stage of a ``pp``-stage plan: its ``A``, ``G`` and
         per-stage ``M`` entries (``inflight[i]``: micro-batches in flight on stage i) and their
-        parts. See the module docstring for the formulas. ``after_step``: no DDP / FSDP wrapper
-        (zero bubble): a ``dp > 1`` DDP layer's gradient is all-reduced after the step, whole."""
+        parts. See the module docstring for the formulas. ``after_step``: no reduction in
+        autograd's hooks (zero bubble): a ``dp > 1`` DDP layer's gradient is all-reduced after
+        the step, an FSDP layer's (``pp > 1``) reduce-scattered after the stage's last weight
+        gradient, both whole."""
         layers = self.graph.layers
         layer, last = layers[u], u == len(layers) - 1
         in_bytes = layers[u - 1].output_bytes_per_sample if u else 0.0
@@ -883,7 +889,8 @@ class CostModel:
                 "reduce_scatter", p_bytes * self.reduce_factor, "dp", pp, s.dp, s.tp
             )
             hideable_s = rho * rs
-            if c == 1:
+            zb = after_step and pp > 1  # torch's split-backward schedule runs the layer
+            if c == 1 and not zb:
                 fsdp_per_microbatch_s = (1 - rho) * 2 * ag
                 if wrapped:
                     fsdp_per_microbatch_s = max(
@@ -894,6 +901,8 @@ class CostModel:
                 static_bytes = (2 * p_bytes + opt_bytes) / s.dp
             else:
                 sync_s = ag + (1 - rho) * rs
+                if zb:  # reduce-scattered after the stage's last weight gradient, exposed
+                    hideable_s, sync_s = 0.0, ag + rs
                 if wrapped:
                     wrap_s = self.profile.dp_residual_s(layer, "FSDP", "microbatch")
                     sync_s += self.profile.dp_residual_s(layer, "FSDP", "sync")

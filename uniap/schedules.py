@@ -58,10 +58,18 @@ simulation). In-flight activations
 (:func:`_zero_bubble_inflight`): a micro-batch's activations stay from its forward to its
 weight gradient (B retains the autograd graph for W; B frees nothing), counted in torch's order
 like interleaved 1F1B's; the input-gradient intermediates that B keeps for W (one gradient per
-parameter product's output) are not charged. Layers run without recompute and without DDP or
-FSDP wrappers: ``dp = 1``, or plain replicas (kind DDP, ``tp = 1``) whose gradients are summed
-after the step, the all-reduce exposed (:attr:`ScheduleSpec.data_parallel`,
-:attr:`ScheduleSpec.reduce_after_step`, :attr:`ScheduleSpec.recompute`).
+parameter product's output) are not charged. Layers run without recompute and without the
+wrappers that reduce in autograd's backward hooks (:attr:`ScheduleSpec.data_parallel`,
+:attr:`ScheduleSpec.recompute`): ``dp = 1``; plain replicas (kind DDP, ``tp = 1``) whose
+gradients are summed after the step, the all-reduce exposed; or FSDP at ``tp = 1`` run the way
+torch's schedule runs an FSDP2 stage (:attr:`ScheduleSpec.after_step_kinds`): every backward
+with gradient sync and resharding off, the parameters gathered from the first forward
+(``reshard_after_forward=False``), the gradients accumulated whole, and one reduce-scatter per
+layer after the stage's last weight gradient (torch's ``REDUCE_GRAD`` action,
+``PipelineStage.perform_reduce_grad``), exposed. With ``reshard_after_forward=True`` the same
+run on torch 2.13 (CPU, gloo, pp = 2 x dp = 2) gave wrong gradients on one lane and none on the
+other; the executor's FSDP layers keep their parameters gathered whenever ``c > 1``, which zero
+bubble always has (``c`` a multiple of ``pp``).
 """
 
 from __future__ import annotations
@@ -104,15 +112,18 @@ class ScheduleSpec:
     microbatch_multiple_of_pp: bool = False
     """The schedule needs ``c`` to be a multiple of ``pp``."""
     data_parallel: bool = True
-    """Layers may use DDP and FSDP wrappers. False for zero bubble: torch runs the weight
+    """Layers may use DDP and FSDP wrappers as under the other schedules (reducing in the last
+    micro-batch's backward, overlapped with it). False for zero bubble: torch runs the weight
     gradients outside autograd's backward hooks, which DDP and FSDP reduce in
-    (pytorch/pytorch#144530: with DDP the gradients come out unreduced; FSDP's reduction runs
-    before they exist)."""
-    reduce_after_step: bool = False
-    """Without the wrappers, a layer may still have ``dp > 1`` as plain replicas (kind DDP,
-    ``tp == 1``): the executor sums their gradients over the layer's dp group once the
-    schedule's last weight gradient is done (:class:`uniap.executor.model_forward.FreeParamSync`),
-    and the cost model charges that all-reduce whole, hidden behind nothing."""
+    (pytorch/pytorch#144530: with DDP the gradients come out unreduced; FSDP's reduction in
+    the hooks runs before they exist); see :attr:`after_step_kinds` for what runs instead."""
+    after_step_kinds: tuple[str, ...] = ()
+    """Without the wrappers, the kinds a layer may still have at ``dp > 1`` and ``tp == 1``,
+    its gradients reduced once the stage's last weight gradient is done, the reduction charged
+    whole, hidden behind nothing: ``DDP`` as plain replicas, summed over the layer's dp group
+    by :class:`uniap.executor.model_forward.FreeParamSync`; ``FSDP`` as torch's schedule runs
+    an FSDP2 stage (parameters and gradients whole through the iteration, one reduce-scatter
+    per layer by torch's ``REDUCE_GRAD`` action)."""
     recompute: bool = True
     """Layers may use activation checkpointing. False for zero bubble: a checkpointed layer
     fails in torch's split backward (torch 2.13: the schedule raises while running it)."""
@@ -129,11 +140,11 @@ class ScheduleSpec:
     def runs_data_parallel(self, dp: int, tp: int, kind: str) -> bool:
         """Whether this schedule runs a layer at ``(dp, tp, kind)`` as far as its gradient
         reduction goes (the cost model offers, the executor accepts exactly these): any with
-        the DDP / FSDP wrappers; without them ``dp == 1``, or with ``reduce_after_step`` a
-        plain replica, kind DDP at ``tp == 1``."""
+        the DDP / FSDP wrappers; without them ``dp == 1``, or one of
+        :attr:`after_step_kinds` at ``tp == 1``."""
         if self.data_parallel or dp == 1:
             return True
-        return self.reduce_after_step and kind == "DDP" and tp == 1
+        return kind in self.after_step_kinds and tp == 1
 
     def inflight(self, stage: int, num_stages: int, num_microbatches: int, v: int = 1) -> int:
         """Micro-batches whose activations ``stage`` holds at once (1 without pipelining);
@@ -384,7 +395,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             "gradients, the weight gradients filling the bubble",
             microbatch_multiple_of_pp=True,
             data_parallel=False,
-            reduce_after_step=True,
+            after_step_kinds=("DDP", "FSDP"),
             recompute=False,
             split_backward=True,
         ),

@@ -1,6 +1,7 @@
 """Interleaved 1F1B (``ScheduleInterleaved1F1B``) and interleaved zero bubble
-(``ScheduleInterleavedZeroBubble``, each backward split into input and weight gradients; dp = 1
-or plain DDP replicas summed after the step, :attr:`uniap.schedules.ScheduleSpec.data_parallel`),
+(``ScheduleInterleavedZeroBubble``, each backward split into input and weight gradients; dp = 1,
+plain DDP replicas summed after the step, or FSDP reduce-scattered by torch's schedule after the
+last weight gradient, :attr:`uniap.schedules.ScheduleSpec.after_step_kinds`),
 v = 2 stages per rank, stage j on
 the ranks of stage j % pp, train like one process: world 4, CPU gloo, one spawn for every case.
 
@@ -85,6 +86,20 @@ def _cases() -> list[dict]:
         _interleaved("zb_pp2_v2_dp2_ddp_c2", 2, [(2, 1, D)] * 4, c=2, schedule=ZB),
         _interleaved(
             "zb_pp4_v2_c8", 4, [(1, 1, D)] * 8, c=8, n_blocks=6, schedule=ZB, forward=True
+        ),
+        # zero bubble with FSDP: torch's schedule reduce-scatters after the last weight gradient
+        _interleaved("zb_pp2_v2_dp2_fsdp_c4", 2, [(2, 1, F)] * 4, c=4, schedule=ZB),
+        _interleaved(
+            "zb_pp2_v2_dp2_fsdp_bf16_c4",
+            2,
+            [(2, 1, F)] * 4,
+            c=4,
+            schedule=ZB,
+            precision="bf16-mixed",
+        ),
+        # FSDP, plain replicas and TP at dp = 1 in one zero-bubble plan
+        _interleaved(
+            "zb_pp2_v2_mixed_c2", 2, [(2, 1, F), (2, 1, D), (1, 2, D), (2, 1, F)], c=2, schedule=ZB
         ),
     ]
 

@@ -239,9 +239,13 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
 ) -> None:
     """dp = 1 at pp = 4: torch's ScheduleInterleavedZeroBubble over the rank's two stages;
     dp = 2 DDP at tp = 1 runs as plain replicas (no wrapper; their gradients summed after the
-    step); a layer with FSDP (its reduction would run before the weight gradients exist) or
-    with activation checkpointing is one error naming the fix."""
+    step); dp = 2 FSDP at tp = 1 hands torch each stage's FSDP2 root itself (torch turns the
+    sync off in every backward and reduce-scatters after the last weight gradient), with the
+    parameters kept gathered after the forward; a layer with DDP or FSDP at tp > 1 (their
+    reductions would run in the hooks, before the weight gradients exist) or with activation
+    checkpointing is one error naming the fix."""
     import torch
+    from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
     from toy import build_toy, toy_layers, toy_loss
 
@@ -262,14 +266,28 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
     assert {id(p) for p in replicas._free_sync.params} == {
         id(p) for p in replicas.module.parameters()
     }
+    sharded = apply_plan(
+        build_toy(2), _toy_plan(4, 2, (2, 1, "FSDP")), loss_fn=toy_loss, device=cpu
+    )
+    assert sharded._free_sync is None
+    for st in sharded._schedule._stages:
+        assert isinstance(st.submod, FSDPModule)  # torch's own FSDP path, not a plain wrapper
+        groups = [
+            fully_shard.state(m)._fsdp_param_group
+            for m in st.submod.modules()
+            if isinstance(m, FSDPModule)
+        ]
+        groups = [g for g in groups if g is not None]  # the layer's (the root holds none)
+        assert len(groups) == 1 and groups[0].post_forward_mesh_info is None  # kept gathered
     with pytest.raises(
         UniapError,
         match=r"InterleavedZeroBubble computes weight gradients outside autograd's backward "
         r"hooks, where DDP and FSDP reduce them \(pytorch/pytorch#144530\); layer 'embed' has "
-        r"dp=2, tp=1 FSDP: re-plan with schedule Interleaved1F1B, or give it dp=1, or kind DDP "
-        r"at tp=1 \(plain replicas, their gradients summed after the step\)",
+        r"dp=2, tp=1 ZeRO2: re-plan with schedule Interleaved1F1B, or give it dp=1, or tp=1 "
+        r"with kind DDP \(plain replicas, their gradients summed after the step\) or FSDP "
+        r"\(reduce-scattered after the last weight gradient\)",
     ):
-        apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "FSDP")), loss_fn=toy_loss, device=cpu)
+        apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "ZeRO2")), loss_fn=toy_loss, device=cpu)
     with pytest.raises(UniapError, match=r"cannot run activation checkpointing \(layer 'embed'\)"):
         apply_plan(build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu)
 
@@ -278,10 +296,11 @@ def test_planner_offers_zero_bubble_without_wrappers() -> None:
     """gpt-tiny on 2 CPUs at pp = 2 (one device per stage): offered both interleaved
     schedules, the planner picks zero bubble, whose predicted time is CostModel.evaluate()'s
     and below interleaved 1F1B's; every layer has dp = 1 and no recompute. On 4 CPUs at
-    pp = 2 (two devices per stage) zero bubble offers the layers dp = 1 (TP over the stage)
-    or plain DDP replicas at tp = 1, whose all-reduce it charges whole (no overlap); never
-    FSDP or recompute. With 8 CPUs per stage an FSDP-only kind list leaves the embedding (no
-    TP beyond its vocabulary) without a strategy, an error naming the rule."""
+    pp = 2 (two devices per stage) zero bubble offers the layers dp = 1 (TP over the stage),
+    plain DDP replicas at tp = 1, whose all-reduce it charges whole (no overlap), or FSDP at
+    tp = 1, whose reduce-scatter it charges whole (``G`` = interleaved 1F1B's with the overlap
+    coefficient at 0) with FSDP's memory at c > 1; never ZeRO2, HSDP or recompute. With an
+    all-ZeRO2 kind list the norm (no TP) has no strategy, an error naming the rule."""
     from uniap import models
     from uniap.cluster import load_cluster
     from uniap.cost_model import CostModel
@@ -304,20 +323,41 @@ def test_planner_offers_zero_bubble_without_wrappers() -> None:
     t = cm4.tables(2, 4, 16, ZB)
     strategies = cm4.strategies(2)
     offered = {strategies[k] for row in t.allowed for k in row}
-    assert all(s.dp == 1 or (s.kind == "DDP" and s.tp == 1) for s in offered)
-    assert any(s.dp == 2 for s in offered) and not any(s.recompute for s in offered)
-    plain = CostModel(g, load_cluster("cpu-4")).tables(2, 4, 16, "Interleaved1F1B")
+    assert all(s.dp == 1 or (s.kind in ("DDP", "FSDP") and s.tp == 1) for s in offered)
+    assert {s.kind for s in offered if s.dp == 2} == {"DDP", "FSDP"}
+    assert not any(s.recompute for s in offered)
+    plain = cm4.tables(2, 4, 16, "Interleaved1F1B")
     norm = g.fqns.index("norm")
     k = next(k for k in t.allowed[norm] if strategies[k].dp == 2)
     if t.G[norm, k] > 0:  # the after-step all-reduce: never less than the overlapped one
         assert t.G[norm, k] >= plain.G[norm, k] - 1e-15
+    assert cm4.profile.overlap_coefficient > 0
+    cm0 = CostModel(g, load_cluster("cpu-4"))
+    cm0.profile.overlap_coefficient = 0.0
+    t0, plain0 = cm0.tables(2, 4, 16, ZB), cm0.tables(2, 4, 16, "Interleaved1F1B")
+    fsdp = [
+        (u, k)
+        for u, row in enumerate(t.allowed)
+        for k in row
+        if strategies[k].kind == "FSDP" and strategies[k].dp == 2 and t.G[u, k] > 0
+    ]
+    assert fsdp
+    index = {s: k for k, s in enumerate(strategies)}
+    for u, k in fsdp:
+        # the memory's FSDP part is interleaved 1F1B's (c > 1: whole parameters and gradients
+        # next to the shards); the activations follow each schedule's order, so compare
+        # against the same layer as a plain replica
+        d = index[strategies[k].__class__(2, 1, "DDP")]
+        assert t.M[u, k] - t.M[u, d] == pytest.approx(plain.M[u, k] - plain.M[u, d])
+        assert t.G[u, k] > plain.G[u, k]  # the reduce-scatter exposed whole
+        assert t0.G[u, k] == pytest.approx(plain0.G[u, k])  # ... which is all that differs
     with pytest.raises(
         ConfigError,
         match=r"layer 'norm' has no strategy for micro-batch size 4 on 2 devices per stage "
-        r"\(InterleavedZeroBubble runs layers without recompute, with dp = 1 or as plain "
-        r"replicas, kind DDP at tp = 1\)",
+        r"\(InterleavedZeroBubble runs layers without recompute, with dp = 1, or at tp = 1 "
+        r"with kind DDP \(plain replicas\) or FSDP\)",
     ):
-        CostModel(g, load_cluster("cpu-4"), kinds=("FSDP",)).tables(2, 4, 16, ZB)
+        CostModel(g, load_cluster("cpu-4"), kinds=("ZeRO2",)).tables(2, 4, 16, ZB)
 
 
 def test_weight_gradient_split_analytic_measured_and_old_profiles(caplog) -> None:

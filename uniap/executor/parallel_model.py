@@ -169,8 +169,9 @@ def apply_plan(
             f"{plan.schedule} computes weight gradients outside autograd's backward hooks, where "
             f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {wrapped[0].fqn!r} has "
             f"dp={wrapped[0].dp}, tp={wrapped[0].tp} {wrapped[0].kind}: re-plan with schedule "
-            "Interleaved1F1B, or give it dp=1, or kind DDP at tp=1 (plain replicas, their "
-            "gradients summed after the step)"
+            "Interleaved1F1B, or give it dp=1, or tp=1 with kind DDP (plain replicas, their "
+            "gradients summed after the step) or FSDP (reduce-scattered after the last weight "
+            "gradient)"
         )
     ckpt = [ls for ls in plan.layer_strategies if ls.recompute]
     if plan.pp_degree > 1 and not spec.recompute and ckpt:
@@ -283,8 +284,12 @@ def apply_plan(
             backend,
             f"; vocabulary-parallel {', '.join(eager)} eager" if eager else "",
         )
-    # zero bubble: dp > 1 layers are plain replicas, their gradients summed after the step
-    after_step = [ls for ls in placed if ls.dp > 1] if not spec.data_parallel else []
+    # zero bubble: dp > 1 DDP layers are plain replicas, their gradients summed after the step;
+    # FSDP layers (c > 1: parameters kept gathered) are reduce-scattered by torch's schedule
+    # after the stage's last weight gradient (pipeline_parallel.build_schedule)
+    after_step = (
+        [ls for ls in placed if ls.dp > 1 and ls.kind == "DDP"] if not spec.data_parallel else []
+    )
     classic = [ls for ls in placed if ls.strategy.uses_classic_ddp and ls not in after_step]
     root_mesh = None
     for ls in placed:

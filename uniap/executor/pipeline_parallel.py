@@ -175,9 +175,12 @@ def build_schedule(
     modules = module if isinstance(module, list) else [module]
     indices = stage_index if isinstance(stage_index, list) else [stage_index]
     syncs = grad_sync if isinstance(grad_sync, list) else [grad_sync]
+    # a split backward leaves an FSDP2 root to torch, which turns gradient sync and resharding
+    # off in every backward and reduce-scatters after the stage's last weight gradient
+    # (REDUCE_GRAD); per micro-batch switches would reduce before the weight gradients exist
     stages = [
         _StageWithGradSync(
-            _PlainStage(m) if isinstance(m, FSDPModule) else m,
+            _PlainStage(m) if isinstance(m, FSDPModule) and not spec.split_backward else m,
             j,
             num_stages,
             device,
