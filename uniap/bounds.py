@@ -34,7 +34,9 @@ The segment bound (:class:`SegmentBound`, :func:`segment_lower_bound`)
     ``sum_u min_k G[u,k] <= Sb``, ``sum_u min_k M[u,k,i] <=`` the limit, and an outgoing edge
     ``min_ab Rp[e,a,b] <= o_i <= Tb`` (all stages but the last). So
     ``TPI >= (c - 1) Ta + Sa + F(Tb, Sb) + step`` where ``F`` is the cheapest split of the chain
-    into ``pp`` such runs (a dynamic program over run ends, stage by stage). The boxes cover
+    into ``pp`` such runs (a dynamic program over run ends, stage by stage, over the runs
+    whose leanest memory fits the stage only: with memory tight these are short, and the
+    program's work per box is their number, not ``pp L^2``). The boxes cover
     ``T* >= max(T_split, S / pp) + k`` and ``S* >= max(Gmin / pp, max_u Gmin_u)``; the box with
     the lowest bound is split until all reach the target. Results are scaled by ``1 - 1e-9``
     against rounding. When that does not settle a candidate, ``lb(s, e)`` is raised to the
@@ -329,38 +331,41 @@ def _knapsack_runs(
     """:func:`knapsack_runs`, and ``[s, e]`` the fastest times' sum of each run it answered
     (inf for the others); None above ``max_fronts`` fronts."""
     L = A.shape[0]
-    out = np.full((L, L), np.inf)
-    fast_of = np.full((L, L), np.inf)
-    # a strategy another of its layer matches or beats in time and memory never helps a front
-    pareto = []
+    # a strategy another of its layer matches or beats in time and memory never helps a front;
+    # layers with equal rows are one class (found once): runs with equal class sequences share
+    # their fronts, found in a trie of class sequences (node 0: the empty run)
+    ids: dict[bytes, int] = {}
+    cls, rows = [], []
     for u in range(L):
         ks = np.asarray(allowed[u])
-        a, m = A[u, ks], M[u, ks]
-        beaten = (a[None, :] <= a[:, None]) & (m[None, :] <= m[:, None])  # [k, k']: k' beats k
-        beaten &= (
-            (a[None, :] < a[:, None])
-            | (m[None, :] < m[:, None])
-            | np.tril(np.ones((len(ks), len(ks)), dtype=bool), k=-1)
-        )  # strictly, or equal and listed first
-        pareto.append(ks[~beaten.any(axis=1)])
-    allowed = pareto
-    # layers with equal rows are one class: runs with equal class sequences share their fronts,
-    # found in a trie of class sequences (node 0: the empty run)
-    ids: dict[bytes, int] = {}
-    cls = [
-        ids.setdefault(allowed[u].tobytes() + A[u].tobytes() + M[u].tobytes(), len(ids))
-        for u in range(L)
-    ]
+        key = ks.tobytes() + A[u].tobytes() + M[u].tobytes()
+        if key not in ids:
+            ids[key] = len(rows)
+            a, m = A[u, ks], M[u, ks]
+            beaten = (a[None, :] <= a[:, None]) & (m[None, :] <= m[:, None])  # k' beats k
+            beaten &= (
+                (a[None, :] < a[:, None])
+                | (m[None, :] < m[:, None])
+                | np.tri(len(ks), k=-1, dtype=bool)
+            )  # strictly, or equal and listed first
+            ks = ks[~beaten.any(axis=1)]
+            rows.append((A[u, ks], M[u, ks]))
+        cls.append(ids[key])
+    amin_l, mmin_l = amin.tolist(), mmin.tolist()
     child: dict[tuple[int, int], int] = {}
     fronts: list[tuple[np.ndarray, np.ndarray] | None] = [(np.zeros(1), np.zeros(1))]
+    where_s: list[int] = []
+    where_e: list[int] = []
+    best: list[float] = []
+    fasts: list[float] = []
     for s in range(L):
         node = 0
         front = fronts[0]
         fast = 0.0
         lean = 0.0
         for e in range(s, L):
-            fast += amin[e]
-            lean += mmin[e]
+            fast += amin_l[e]
+            lean += mmin_l[e]
             if fast > budget or lean > limit:
                 break  # longer runs are slower still, or fit no better
             nxt = child.get((node, cls[e]))
@@ -368,9 +373,9 @@ def _knapsack_runs(
                 node, front = nxt, fronts[nxt]
             else:
                 if front is not None:
-                    ks = allowed[e]
-                    a = (front[0][:, None] + A[e, ks][None, :]).ravel()
-                    m = (front[1][:, None] + M[e, ks][None, :]).ravel()
+                    ra, rm = rows[cls[e]]
+                    a = (front[0][:, None] + ra[None, :]).ravel()
+                    m = (front[1][:, None] + rm[None, :]).ravel()
                     keep = m <= limit
                     a, m = a[keep], m[keep]
                     order = np.lexsort((m, a))
@@ -384,8 +389,14 @@ def _knapsack_runs(
                 fronts.append(front)
                 if max_fronts is not None and len(fronts) > max_fronts:
                     return None
-            out[s, e] = front[0][0] if front is not None else fast
-            fast_of[s, e] = fast
+            where_s.append(s)
+            where_e.append(e)
+            best.append(float(front[0][0]) if front is not None else fast)
+            fasts.append(fast)
+    out = np.full((L, L), np.inf)
+    fast_of = np.full((L, L), np.inf)
+    out[where_s, where_e] = best
+    fast_of[where_s, where_e] = fasts
     return out, fast_of
 
 
@@ -481,12 +492,22 @@ class SegmentBound:
         self.mem_ok = np.stack(
             [self.upper & (cm[None, 1:, i] - cm[:-1, None, i] <= self.limit) for i in range(pp)]
         )
-        # per stage group: [nu, s, e] = max over mu of (sum over u in s..e of min_k (A + nu G
-        # + mu M)) - mu limit
+        # The runs a stage may hold (within memory), per stage group: their starts and ends,
+        # sorted by end, with each end's first position (the split's minimum per end).
+        self.pairs = []
+        for i in reps:
+            s_of, e_of = np.nonzero(self.mem_ok[i])
+            order = np.lexsort((s_of, e_of))
+            s_of, e_of = s_of[order], e_of[order]
+            ends, firsts = np.unique(e_of, return_index=True)
+            self.pairs.append((s_of, e_of, ends, firsts))
+        self.run_g = [self.seg_g[s_of, e_of] for s_of, e_of, _, _ in self.pairs]
+        # per stage group and run: [nu, run] = max over mu of (sum over u in s..e of min_k
+        # (A + nu G + mu M)) - mu limit
         self.seg_h = []
         self.slack_t = 1e-300
         priced = np.where(self.mu_of == 0, 0.0, self.mu_of * self.limit)  # 0 * inf = 0
-        for i in reps:
+        for i, (s_of, e_of, _, _) in zip(reps, self.pairs):
             h = np.where(
                 mask[None],
                 t.A[None]
@@ -496,12 +517,12 @@ class SegmentBound:
             ).min(axis=2)
             H = np.concatenate([np.zeros((len(self.nu_of), 1)), np.cumsum(h, axis=1)], axis=1)
             self.slack_t = max(self.slack_t, 1e-12 * float(np.max(np.abs(H))))
-            seg = H[:, None, 1:] - H[:, :-1, None]
+            seg = H[:, e_of + 1] - H[:, s_of]
             # the memory multipliers' side does not depend on S*: per nu, their best, once
             self.seg_h.append(
                 np.stack(
                     [
-                        (seg[on] - priced[on][:, None, None]).max(axis=0)
+                        (seg[on] - priced[on][:, None]).max(axis=0)
                         for on in (self.nu_of == nu for nu in nus)
                     ]
                 )
@@ -545,7 +566,8 @@ class SegmentBound:
             )
             if knap is None:
                 return False
-            floors.append(np.where(np.isfinite(knap), knap, fast))
+            s_of, e_of, _, _ = self.pairs[len(floors)]
+            floors.append(np.where(np.isfinite(knap), knap, fast)[s_of, e_of])
         self.knap = floors
         self.run_cache.clear()
         return True
@@ -569,49 +591,67 @@ class SegmentBound:
         return [[i for i in range(self.pp) if cover[u, i]] for u in range(self.L)]
 
     def run_time(self, Sb: float) -> list[np.ndarray]:
-        """Per stage group, [s, e]: a lower bound on the stage time of layers s..e (compute,
-        within memory, with sync <= Sb)."""
+        """Per stage group, for each of its runs ``s..e`` (:attr:`pairs`): a lower bound on
+        the stage time of those layers (compute, within memory, with sync <= Sb)."""
         if Sb not in self.run_cache:
             finite = np.isfinite(Sb)
             use = slice(None) if finite else self.nus == 0  # an unbounded S*: nu = 0 only
-            off = (self.nus * (Sb if finite else 0.0))[use][:, None, None]
+            off = (self.nus * (Sb if finite else 0.0))[use][:, None]
             out = []
             for j, sh in enumerate(self.seg_h):
                 v = (sh[use] - off).max(axis=0)
                 if self.knap is not None:
                     v = np.maximum(v, self.knap[j])
                 if finite:
-                    v = np.where(self.seg_g <= Sb * (1 + 1e-12) + self.slack_t, v, np.inf)
-                out.append(np.where(self.upper, v - self.slack_t, np.inf) + self.k)
+                    v = np.where(self.run_g[j] <= Sb * (1 + 1e-12) + self.slack_t, v, np.inf)
+                out.append(v - self.slack_t + self.k)
             self.run_cache[Sb] = out
         return self.run_cache[Sb]
 
-    def stage_costs(self, Tb: float, Sb: float) -> list[np.ndarray]:
-        """Per stage, [s, e]: the cost of run s..e as that stage (its time bound and outgoing
-        edge), inf where it cannot be (memory, or above Tb)."""
+    def run_costs(self, Tb: float, Sb: float) -> list[np.ndarray]:
+        """Per stage, for each run of its group (:attr:`pairs`): the cost of the run as that
+        stage (its time bound and outgoing edge), inf where it cannot be (above Tb)."""
         runs = self.run_time(Sb)
+        cut_ok = self.cut <= Tb
         out = []
         for i in range(self.pp):
-            val = runs[self.group_of[i]]
-            ok = self.mem_ok[i] & (val <= Tb)
+            j = self.group_of[i]
+            val = runs[j]
             if i < self.pp - 1:
-                ok &= (self.cut <= Tb)[None, :]
-                out.append(np.where(ok, val + self.cut[None, :], np.inf))
+                e_of = self.pairs[j][1]
+                out.append(np.where((val <= Tb) & cut_ok[e_of], val + self.cut[e_of], np.inf))
             else:
-                out.append(np.where(ok, val, np.inf))
+                out.append(np.where(val <= Tb, val, np.inf))
+        return out
+
+    def stage_costs(self, Tb: float, Sb: float) -> list[np.ndarray]:
+        """Per stage, [s, e]: :meth:`run_costs` as a matrix, inf where the run cannot be that
+        stage (memory, or above Tb)."""
+        out = []
+        for i, cost in enumerate(self.run_costs(Tb, Sb)):
+            s_of, e_of, _, _ = self.pairs[self.group_of[i]]
+            add = np.full((self.L, self.L), np.inf)
+            add[s_of, e_of] = cost
+            out.append(add)
         return out
 
     def cheapest_split(self, Tb: float, Sb: float) -> float:
         """F(Tb, Sb): the cheapest split of the chain into pp runs (stage by stage over run
         ends)."""
         self.evals += 1
-        f = None
-        for i, add in enumerate(self.stage_costs(Tb, Sb)):
+        inf = np.inf
+        f = np.full(self.L, inf)
+        for i, cost in enumerate(self.run_costs(Tb, Sb)):
+            s_of, _, ends, firsts = self.pairs[self.group_of[i]]
+            if not len(s_of):
+                return inf
             if i == 0:
-                f = add[0]
+                total = np.where(s_of == 0, cost, inf)
             else:
-                prev = np.concatenate([[np.inf], f[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
-                f = (prev[:, None] + add).min(axis=0)
+                prev = np.concatenate([[inf], f[:-1]])  # prev[s]: stages 0..i-1 end at s - 1
+                total = prev[s_of] + cost
+            f = np.full(self.L, inf)
+            f[ends] = np.minimum.reduceat(total, firsts)
         return float(f[self.L - 1])
 
     def bound(self, Ta: float, Sa: float, F: float) -> float:
