@@ -88,7 +88,7 @@ def _cases() -> list[dict]:
             "zb_pp4_v2_c8", 4, [(1, 1, D)] * 8, c=8, n_blocks=6, schedule=ZB, forward=True
         ),
         # zero bubble with FSDP: torch's schedule reduce-scatters after the last weight gradient
-        _interleaved("zb_pp2_v2_dp2_fsdp_c4", 2, [(2, 1, F)] * 4, c=4, schedule=ZB),
+        _interleaved("zb_pp2_v2_dp2_fsdp_c4", 2, [(2, 1, F)] * 4, c=4, schedule=ZB, forward=True),
         _interleaved(
             "zb_pp2_v2_dp2_fsdp_bf16_c4",
             2,
