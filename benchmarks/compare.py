@@ -570,8 +570,8 @@ SPACE_ROWS = [
         (("schedules", ("1F1B", "Interleaved1F1B")),),
     ),
     # interleaved zero bubble: the weight gradients fill the bubble of a deep pipeline with
-    # many micro-batches; dp = 1 only (uniap.schedules), so one GPU per stage: pp = 8 in both
-    # spaces, and 141 GB H200s, as it runs without recompute
+    # many micro-batches; one GPU per stage (zero bubble ran dp = 1 only when this row was
+    # set up): pp = 8 in both spaces, and 141 GB H200s, as it runs without recompute
     SpaceRow(
         "Interleaved zero bubble (v = 2, pp = 8)",
         "llama-7b",
@@ -580,6 +580,35 @@ SPACE_ROWS = [
         "bf16-mixed",
         (("schedules", ("1F1B", "Interleaved1F1B")), ("pp_degrees", (8,))),
         (("schedules", ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")), ("pp_degrees", (8,))),
+    ),
+    # FSDP under zero bubble (tp = 1: torch's schedule reduce-scatters after the last weight
+    # gradient): the old space is what zero bubble ran before, dp = 1 or DDP replicas; two GPUs
+    # per stage (pp = 4 on 8), zero bubble only, so the rows compare its two spaces
+    SpaceRow(
+        "FSDP under zero bubble (pp = 4, 2 GPUs per stage, memory-tight)",
+        "llama-7b",
+        "a100-1x8",
+        32,
+        "bf16-mixed",
+        (
+            ("schedules", ("InterleavedZeroBubble",)),
+            ("pp_degrees", (4,)),
+            ("kinds", ("DDP",)),
+        ),
+        (("schedules", ("InterleavedZeroBubble",)), ("pp_degrees", (4,))),
+    ),
+    SpaceRow(
+        "FSDP under zero bubble (pp = 4, 2 GPUs per stage)",
+        "llama-7b",
+        "h100-1x8",
+        32,
+        "bf16-mixed",
+        (
+            ("schedules", ("InterleavedZeroBubble",)),
+            ("pp_degrees", (4,)),
+            ("kinds", ("DDP",)),
+        ),
+        (("schedules", ("InterleavedZeroBubble",)), ("pp_degrees", (4,))),
     ),
     # Megatron-SP (opt-in: offered when asked): the norms and residual ops of a TP layer on
     # 1 / tp of the sequence; it helps only where a memory-bound plan takes TP. On Galvatron's
