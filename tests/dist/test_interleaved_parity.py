@@ -104,11 +104,39 @@ def _cases() -> list[dict]:
     ]
 
 
+def _comm_cases() -> list[dict]:
+    """Collectives of rank 0 (stages 0 and 2: one FSDP layer each) in one zero-bubble
+    iteration: each layer's parameters gathered once (kept from the first forward) and its
+    gradient reduce-scattered once, after the stage's last weight gradient (what the cost
+    model charges: ``G = ag + rs``)."""
+    from toy import toy_signature
+
+    case = _interleaved(
+        "zb_comm_pp2_v2_dp2_fsdp_c4",
+        2,
+        [(2, 1, F)] * 4,
+        c=4,
+        schedule=ZB,
+        kind="comm_count",
+        expect={"all_gather_single@2": 2, "reduce_scatter_single@2": 2},
+    )
+    case["plan"]["model"]["signature"] = toy_signature()  # parallelize checks it
+    return [case]
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
     from harness import run_cases
 
-    return run_cases(4, "cases:run_case", _cases())
+    return run_cases(4, "cases:run_case", _cases() + _comm_cases())
+
+
+def test_zero_bubble_fsdp_collectives_per_iteration(results: dict[str, Any]) -> None:
+    """Rank 0 issues exactly the collectives the cost model charges under zero bubble."""
+    for case in _comm_cases():
+        res = results[case["name"]]
+        assert "error" not in res, res.get("error")
+        assert res["counts"] == case["expect"]
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in _cases()])
