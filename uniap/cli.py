@@ -51,6 +51,19 @@ def _schedule_list(text: str) -> list[str]:
     return names
 
 
+def _stages_per_rank(text: str) -> list[int]:
+    """``--virtual-stages``: stages per rank of the interleaved schedules, comma-separated."""
+    try:
+        vs = [int(n) for n in text.split(",")]
+    except ValueError:
+        vs = []
+    if not vs or any(v < 2 for v in vs):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: whole numbers of at least 2, separated by commas (e.g. 2,4)"
+        )
+    return vs
+
+
 def _plan_from_args(args: argparse.Namespace):
     from uniap.models import resolve_model
     from uniap.planner import plan
@@ -72,6 +85,7 @@ def _plan_from_args(args: argparse.Namespace):
         profile=profile,
         seq_len=args.seq_len,
         schedules=args.schedule,
+        virtual_stages=args.virtual_stages,
         progress_interval_s=args.progress_interval_s,
         kinds=args.kinds.split(",") if args.kinds else None,
         sequence_parallel=args.sequence_parallel,
@@ -493,6 +507,14 @@ def _add_plan_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
         "comma-separated, and the planner picks the best (default: 1F1B, which never needs "
         "more memory than GPipe at the same time per iteration; Interleaved1F1B: the layers "
         "on pp * v stages, v stages per rank, for a bubble v times smaller)",
+    )
+    p.add_argument(
+        "--virtual-stages",
+        type=_stages_per_rank,
+        default=None,
+        metavar="V[,V...]",
+        help="stages per rank v the interleaved schedules are tried at, comma-separated "
+        "(default 2; each v is a candidate of its own, with pp * v at most the layers)",
     )
     p.add_argument(
         "--kinds",

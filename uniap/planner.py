@@ -63,8 +63,9 @@ runs, so the best of them is the optimum over those plans.
 Schedules: with ``pp = 1`` there is no pipeline (one micro-batch in flight: gradient
 accumulation). With ``pp > 1`` 1F1B has GPipe's time and never more memory, so GPipe is solved
 only when asked for; so is interleaved 1F1B (``schedules=["1F1B", "Interleaved1F1B"]``), at
-each of its stages per rank ``v`` (:mod:`uniap.schedules`): a candidate ``(pp, c, schedule,
-v)`` whose program places the layers on ``pp * v`` stages. Its per-rank sums (time, memory)
+each of its stages per rank ``v`` (:mod:`uniap.schedules`: 2, or those of
+``virtual_stages=[...]``): a candidate ``(pp, c, schedule, v)`` whose program places the layers
+on ``pp * v`` stages. Its per-rank sums (time, memory)
 make that program harder to prove optimal than 1F1B's: on Llama-7B (a100-2x8, batch 64) the
 interleaved plan is 5 % faster, but the search stops at its time limit with a gap of a few per
 cent, which the plan's ``solver`` section reports.
@@ -106,6 +107,7 @@ def plan_graph(
     global_batch_size: int,
     profile: Profile | None = None,
     schedules: Sequence[str] | None = None,
+    virtual_stages: Sequence[int] | None = None,
     pp_degrees: Sequence[int] | None = None,
     num_microbatches: Sequence[int] | None = None,
     memory_fraction: float = 0.9,
@@ -135,7 +137,9 @@ def plan_graph(
     support it (off by default: see :mod:`uniap.strategies`). ``vocab_parallel=False``: keep
     the embedding and head at tp = 1 (by default they may be vocabulary-parallel, the loss
     then running under ``loss_parallel()``, which takes cross-entropy only: see
-    :mod:`uniap.executor.vocab_loss`)."""
+    :mod:`uniap.executor.vocab_loss`). ``virtual_stages``: the stages per rank ``v`` an
+    interleaved schedule is tried at (default each schedule's own, 2; any ``v >= 2``, each a
+    candidate of its own, with ``pp * v`` at most the number of layers)."""
     # vocabulary-parallel layers held at tp = 1 when asked
     no_vocab = {
         layer.fqn: frozenset({1})
@@ -154,6 +158,7 @@ def plan_graph(
                 global_batch_size=global_batch_size,
                 profile=profile,
                 schedules=schedules,
+                virtual_stages=virtual_stages,
                 pp_degrees=pp_degrees,
                 num_microbatches=num_microbatches,
                 memory_fraction=memory_fraction,
@@ -260,6 +265,7 @@ def _plan_graph(
     global_batch_size,
     profile,
     schedules,
+    virtual_stages,
     pp_degrees,
     num_microbatches,
     memory_fraction,
@@ -290,6 +296,14 @@ def _plan_graph(
         bad = [s for s in schedules if s not in SCHEDULES]
         if bad:
             raise ConfigError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
+    if virtual_stages is not None:
+        vs = list(virtual_stages)
+        bad_v = [v for v in vs if isinstance(v, bool) or not isinstance(v, int) or v < 2]
+        if bad_v or not vs:
+            raise ConfigError(
+                f"virtual_stages must be whole numbers of stages per rank of at least 2 (an "
+                f"interleaved schedule's v), got {vs!r}"
+            )
     _log_tp_exclusions(graph)
     precision = (
         resolve_precision(precision) if precision is not None else precision_for_dtype(graph.dtype)
@@ -330,7 +344,9 @@ def _plan_graph(
     search = Search(
         [
             Entry(Candidate(pp, c, sched, candidate_lower_bound(t), t.virtual_stages), t)
-            for pp, c, sched, t in candidate_tables(cm, pps, B, num_microbatches, schedules)
+            for pp, c, sched, t in candidate_tables(
+                cm, pps, B, num_microbatches, schedules, virtual_stages
+            )
         ]
     )
     if not search.entries:
@@ -479,12 +495,14 @@ def candidate_tables(
     global_batch_size: int,
     num_microbatches: Sequence[int] | None = None,
     schedules: Sequence[str] | None = None,
+    virtual_stages: Sequence[int] | None = None,
 ) -> list[tuple[int, int, str, CostTables]]:
     """Every ``(pp, c, schedule, tables)`` the planner considers: ``c`` among the divisors of
     the global batch (or the ones given), 1F1B (and the other schedules asked for, an
-    interleaved one at each of its stages per rank ``v`` with ``pp * v`` at most the number of
-    layers, in ``tables.virtual_stages``) when ``pp > 1``, and only ``c`` for which every layer
-    has a strategy and the schedule can run."""
+    interleaved one at each of its stages per rank ``v``, or at each of ``virtual_stages``,
+    with ``pp * v`` at most the number of layers, in ``tables.virtual_stages``) when
+    ``pp > 1``, and only ``c`` for which every layer has a strategy and the schedule can
+    run."""
     B = global_batch_size
     cs = divisors(B) if num_microbatches is None else sorted(num_microbatches)
     out = []
@@ -497,7 +515,10 @@ def candidate_tables(
                 )
             for sched in ["1F1B"] if pp == 1 else list(schedules or ["1F1B"]):
                 spec = get_schedule(sched)
-                for v in (1,) if pp == 1 else spec.stages_per_rank:
+                per_rank = spec.stages_per_rank
+                if spec.interleaved and virtual_stages is not None:
+                    per_rank = tuple(sorted(set(virtual_stages)))
+                for v in (1,) if pp == 1 else per_rank:
                     if pp * v > cm.graph.num_layers or spec.why_not(pp, v, c):
                         continue  # too few layers, or the schedule cannot run c micro-batches
                     try:

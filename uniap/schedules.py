@@ -40,11 +40,15 @@ Interleaved zero bubble (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 202
 order over ``v`` looped chunks) splits each backward into the input gradient B
 (``stage_backward_input``, sent to the previous stage at once) and the weight gradient W
 (``stage_backward_weight``, run later: torch/distributed/pipelining/_backward.py) and fills the
-bubble with the W's. The same looped placement as interleaved 1F1B, ``v = 2``, ``c`` a multiple
-of ``pp``. Its order of operations (:func:`zero_bubble_order`, a unit test compares it with
-torch's ``pipeline_order``): rank ``r`` runs ``min((v - 1) pp + pp - 1 - r, v c)`` warm-up
-forwards, then F + B pairs, each followed by the W of the oldest pending B once ``r`` pairs
-have run, then the remaining B's (each with a W) and the remaining W's. Time: not a closed
+bubble with the W's. The same looped placement as interleaved 1F1B, ``c`` a multiple of
+``pp``. Both interleaved schedules are planned at ``v = 2``
+(:attr:`ScheduleSpec.stages_per_rank`) unless the planner is given others
+(``virtual_stages``, ``--virtual-stages``); the orders and in-flight counts below hold for any
+``v`` (tests compare them with torch's for v = 2-4). Its order of operations
+(:func:`zero_bubble_order`, a unit test compares it with torch's ``pipeline_order``): rank
+``r`` runs ``min((v - 1) pp + pp - 1 - r, v c)`` warm-up forwards, then F + B pairs, each
+followed by the W of the oldest pending B once ``r`` pairs have run, then the remaining B's
+(each with a W) and the remaining W's. Time: not a closed
 form. The cost model takes the longest path through these operations
 (:func:`zero_bubble_makespan`: every operation starts when its rank is free and its input has
 arrived; per stage the forward, input-gradient and weight-gradient times of one micro-batch, a

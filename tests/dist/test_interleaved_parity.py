@@ -2,11 +2,12 @@
 (``ScheduleInterleavedZeroBubble``, each backward split into input and weight gradients; dp = 1,
 plain DDP replicas summed after the step, or FSDP reduce-scattered by torch's schedule after the
 last weight gradient, :attr:`uniap.schedules.ScheduleSpec.after_step_kinds`),
-v = 2 stages per rank, stage j on
-the ranks of stage j % pp, train like one process: world 4, CPU gloo, one spawn for every case.
+v = 2 stages per rank (and v = 3, 4), stage j
+on the ranks of stage j % pp, train like one process: world 4, CPU gloo, one spawn for every
+case.
 
 Each case trains the toy chain for three SGD steps (momentum, ``foreach=True``) under a plan
-with pp * 2 stages and compares with single-process training on the same global batches:
+with pp * v stages and compares with single-process training on the same global batches:
 the losses of every step, every gradient after the first backward (DTensor gradients made
 full) and the final parameters (``cases.parity_case``).
 """
@@ -60,7 +61,7 @@ def _interleaved(
         schedule=schedule,
         stages=tuple(stages),
     )
-    assert plan.virtual_stages == 2 and plan.pp_degree == pp
+    assert plan.virtual_stages == n // pp and plan.pp_degree == pp
     return {
         "name": name,
         "model": "toy",
@@ -68,6 +69,7 @@ def _interleaved(
         "plan": plan.to_dict(),
         "via": "apply_plan",
         "optimizer": "sgd",
+        "v": n // pp,
         **extra,
     }
 
@@ -100,6 +102,16 @@ def _cases() -> list[dict]:
         # FSDP, plain replicas and TP at dp = 1 in one zero-bubble plan
         _interleaved(
             "zb_pp2_v2_mixed_c2", 2, [(2, 1, F), (2, 1, D), (1, 2, D), (2, 1, F)], c=2, schedule=ZB
+        ),
+        # more stages per rank: v = 4 (eight stages over two rank groups), zero bubble at v = 3
+        _interleaved("pp2_v4_dp2_fsdp_c4", 2, [(2, 1, F)] * 8, c=4, n_blocks=6),
+        _interleaved(
+            "zb_pp2_v3_mixed_c2",
+            2,
+            [(2, 1, F), (2, 1, D), (1, 2, D), (2, 1, F), (2, 1, D), (2, 1, F)],
+            c=2,
+            n_blocks=4,
+            schedule=ZB,
         ),
     ]
 
@@ -145,7 +157,8 @@ def test_interleaved_matches_reference(results: dict[str, Any], name: str) -> No
     res = results[name]
     assert "error" not in res, res.get("error")
     schedule = ZB if name.startswith("zb_") else "Interleaved1F1B"
-    assert schedule in res["plan"] and " v=2 " in res["plan"]
+    v = next(c["v"] for c in _cases() if c["name"] == name)
+    assert schedule in res["plan"] and f" v={v} " in res["plan"]
     assert res["losses_close"], f"losses {res['losses']} vs reference {res['ref_losses']}"
     assert res["grads_close"], (
         f"gradients after the first backward differ: {res['bad_grads']} "

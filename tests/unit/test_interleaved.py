@@ -52,10 +52,13 @@ def test_equal_stages_bubble_is_v_times_smaller(pp: int, v: int, c: int) -> None
 
 
 def _random_interleaved(seed: int) -> CostTables:
-    """Small random tables with v = 2 stages per rank and a binding memory limit."""
+    """Small random tables with v = 2 stages per rank (v = 3 for seeds 4, 9, ...) and a binding
+    memory limit."""
     rng = np.random.default_rng(seed)
-    pp, v = 2, 2
+    pp, v = 2, 3 if seed % 5 == 4 else 2
     L = int(rng.integers(4, 7))
+    if v == 3:
+        L = pp * v + 1
     K = int(rng.integers(2, 4))
     C = int(rng.integers(1, K + 1))
     c = int(rng.choice([2, 4]))
@@ -320,6 +323,52 @@ def test_cli_schedule_takes_several_names(capsys: pytest.CaptureFixture[str]) ->
         "argument --schedule: invalid choice: 'ZB' (choose from GPipe, 1F1B, Interleaved1F1B, "
         "InterleavedZeroBubble, or "
         "several separated by commas)"
+    ) in capsys.readouterr().err
+
+
+def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    """virtual_stages=[2, 3] makes each interleaved schedule a candidate at v = 2 and v = 3
+    (1F1B stays one stage per rank); on gpt-tiny over 2 CPUs zero bubble at v = 3 wins, with
+    the time CostModel.evaluate() gives its plan and at most the v = 2 search's. A v below 2
+    is one error, from the planner and from the CLI."""
+    from uniap import models
+    from uniap.cli import main
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+    from uniap.errors import ConfigError
+    from uniap.graph import build_graph
+
+    kw = {"global_batch_size": 16, "pp_degrees": [2]}
+    schedules = ["1F1B", "Interleaved1F1B", "InterleavedZeroBubble"]
+    two = plan("gpt-tiny", "cpu-2", schedules=schedules, **kw)
+    more = plan("gpt-tiny", "cpu-2", schedules=schedules, virtual_stages=[2, 3], **kw)
+    assert {(c["schedule"], c.get("v")) for c in more.solver["candidates"]} == {
+        ("1F1B", None),
+        ("Interleaved1F1B", 2),
+        ("Interleaved1F1B", 3),
+        ("InterleavedZeroBubble", 2),
+        ("InterleavedZeroBubble", 3),
+    }
+    assert more.virtual_stages == 3 and len(more.stages) == 6
+    assert more.schedule == "InterleavedZeroBubble"
+    tpi = more.predicted["time_per_iteration_s"]
+    assert tpi <= two.predicted["time_per_iteration_s"]
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    cm = CostModel(g, load_cluster("cpu-2"), precision=more.precision)
+    assert cm.evaluate(more).time_per_iteration_s == pytest.approx(tpi)
+    with pytest.raises(
+        ConfigError,
+        match=r"virtual_stages must be whole numbers of stages per rank of at least 2 \(an "
+        r"interleaved schedule's v\), got \[1\]",
+    ):
+        plan("gpt-tiny", "cpu-2", virtual_stages=[1], **kw)
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
+              "--virtual-stages", "2,1"])  # fmt: skip
+    assert (
+        "argument --virtual-stages: invalid value '2,1': whole numbers of at least 2, separated "
+        "by commas (e.g. 2,4)"
     ) in capsys.readouterr().err
 
 

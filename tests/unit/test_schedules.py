@@ -88,7 +88,8 @@ def _torch_interleaved_peaks(pp: int, v: int, c: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "pp,v,c", [(2, 2, 2), (2, 2, 4), (2, 2, 8), (4, 2, 4), (4, 2, 8), (2, 3, 4)]
+    "pp,v,c",
+    [(2, 2, 2), (2, 2, 4), (2, 2, 8), (4, 2, 4), (4, 2, 8), (2, 3, 4), (2, 4, 4), (4, 4, 8)],
 )
 def test_interleaved_inflight_follows_torchs_order(pp: int, v: int, c: int) -> None:
     """Interleaved 1F1B: each rank's order of operations is torch's ScheduleInterleaved1F1B

@@ -22,7 +22,10 @@ from uniap.schedules import (
 from uniap.search import compositions, exhaustive, heuristic
 
 ZB = "InterleavedZeroBubble"
-SHAPES = [(2, 2, 2), (2, 2, 4), (4, 2, 4), (4, 2, 8), (4, 2, 12), (3, 2, 6), (2, 1, 4)]
+SHAPES = [
+    (2, 2, 2), (2, 2, 4), (4, 2, 4), (4, 2, 8), (4, 2, 12), (3, 2, 6), (2, 1, 4),
+    (2, 3, 6), (4, 4, 8),
+]  # fmt: skip
 
 
 def _torch_order(pp: int, v: int, c: int) -> dict[int, list[tuple[str, int, int]]]:
@@ -113,11 +116,13 @@ def test_makespan_is_the_simulated_schedule(pp: int, v: int, c: int) -> None:
 
 
 def _random_zb(seed: int) -> CostTables:
-    """Small random tables with v = 2 stages per rank, a split backward and a binding memory
-    limit."""
+    """Small random tables with v = 2 stages per rank (v = 3 for seeds 4, 9, ...), a split
+    backward and a binding memory limit."""
     rng = np.random.default_rng(seed)
-    pp, v = 2, 2
+    pp, v = 2, 3 if seed % 5 == 4 else 2
     L = int(rng.integers(4, 7))
+    if v == 3:
+        L = pp * v + 1
     K = int(rng.integers(2, 4))
     C = int(rng.integers(1, K + 1))
     c = int(rng.choice([2, 4]))
