@@ -265,7 +265,6 @@ def _plan_graph(
     global_batch_size,
     profile,
     schedules,
-    virtual_stages,
     pp_degrees,
     num_microbatches,
     memory_fraction,
@@ -281,6 +280,7 @@ def _plan_graph(
     precision,
     layer_tp=None,
     base_tp=None,
+    virtual_stages=None,
 ) -> Plan:
     t_start = time.perf_counter()
     N, L, B = cluster.world_size, graph.num_layers, global_batch_size
