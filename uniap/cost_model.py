@@ -86,8 +86,9 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   layer also holds the loss's copy of its output for the other in-flight micro-batches and the
   loss's working memory for the one in backward:
   ``out_bytes * bl * (inflight(i) - 1) + loss_working_bytes(bl, tp)`` (analytic:
-  ``2 out_bytes bl``, the output and its gradient), both ``/ tp`` for a vocabulary-parallel
-  head at ``tp > 1``.
+  ``2 out_bytes bl``, the output and its gradient), the copy ``/ tp`` for a
+  vocabulary-parallel head at ``tp > 1`` and the working memory ``(2 + 1) out_bytes bl / tp``
+  (loss parallel's shifted logits too, :func:`uniap.profiles.analytic.loss_parallel_bytes`).
 - Free parameters (``Layer.free_params``: outside every layer, charged on the first; tied to a
   later layer, charged on their first owner; with ``pp > 1`` also ``Layer.tied_copy_params``,
   the copy a later layer's stage holds): the executor keeps them out of every data-parallel
@@ -111,13 +112,13 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   tokens, per sample, fp32), not added when ``profile.tp_comm_in_compute`` (a measured
   profile times the loss at that tp under ``loss_parallel()``). The loss's compute
   ``loss_s(bl, tp)`` and working memory ``loss_working_bytes(bl, tp)`` are the profile's at
-  that tp (analytic: the logits and their gradient ``/ tp``; measured: at that tp, else the
-  tp = 1 numbers ``/ tp``), the loss's copy of the output ``/ tp``: each rank holds ``V / tp``
-  of the logits, their log-softmax and gradient. The head's own saved activations (its
-  replicated input) do not shrink. Measured on CPU (GPT, vocabulary 1024, tp = 2,
-  ``tests/dist/test_vocab_parallel.py``), loss parallel's own temporaries (shifted logits,
-  their exponentials, the zeroed gradient) keep the loss's working memory at about 2/3 of
-  tp = 1's, more than the analytic ``1 / tp``; a measured profile charges what it measures.
+  that tp (analytic: the logits and their gradient, and loss parallel's shifted logits, each
+  ``V / tp`` wide; measured: at that tp, else the tp = 1 numbers ``/ tp``, the working
+  memory with one more logits-shaped temporary: ``(w1 + out_bytes bl) / tp``), the loss's
+  copy of the output ``/ tp``: each rank holds ``V / tp`` of the logits, their log-softmax and
+  gradient. The head's own saved activations (its replicated input) do not shrink. Measured
+  on CPU (GPT, vocabulary 1024, tp = 2, ``tests/dist/test_vocab_parallel.py``): tp = 1's loss
+  held 3.03 logits, tp = 2's 2.01, what that rule gives (2.02; ``/ tp`` alone gave 1.52).
 - ``R[u,a,b]`` resharding the output of ``u`` from layout ``a`` (its dp) to layout ``b`` on the
   same stage: 0 if equal dp, else ``all_gather(out_bytes * b / min(dp), group of max/min)``
   (a chain, as the executor runs a declared one). A model that runs its own forward (not a

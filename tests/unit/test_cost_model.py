@@ -319,7 +319,8 @@ def test_vocabulary_parallel_embedding_and_head_costs() -> None:
     """Embedding at tp=2: one all-reduce of its output [b, s, h] (forward), the token table
     halved, the position table whole. Head at tp=2: one all-reduce of its input's gradient
     [b, s, h] (backward) plus loss parallel's three fp32 all-reduces per token, its weight
-    halved, the loss's logits (copy and working memory) halved."""
+    halved, the loss's logits copy halved, its working memory the tp = 1 loss's and one more
+    logits-shaped temporary, each halved (uniap.profiles.analytic.loss_parallel_bytes)."""
     graph = _vocab_gpt()
     cm = CostModel(graph, _cluster(1, 2), max_tp=2)
     profile, b, group = cm.profile, 4, [0, 1]
@@ -339,7 +340,9 @@ def test_vocabulary_parallel_embedding_and_head_costs() -> None:
     logits = b * 8 * 64 * 4  # [b, s, V] fp32
     static = 2 * head.param_bytes / 2 + head.num_params / 2 * 8
     # two micro-batches in flight: their saved inputs (replicated), one loss copy of the
-    # logits held, plus the loss's working memory (analytic: the logits and their gradient),
-    # the logits V / 2 wide on a rank
-    expected = static + 2 * head.saved_bytes_per_sample * b + logits / 2 + 2 * logits / 2
+    # logits held, plus the loss's working memory (analytic: the logits and their gradient,
+    # and loss parallel's shifted logits), the logits V / 2 wide on a rank
+    expected = static + 2 * head.saved_bytes_per_sample * b + logits / 2 + 3 * logits / 2
     assert cost.memory_bytes[0] == pytest.approx(expected)
+    assert profile.loss_working_bytes(head, b, 1) == pytest.approx(2 * logits)
+    assert profile.loss_working_bytes(head, b, 2) == pytest.approx(3 * logits / 2)

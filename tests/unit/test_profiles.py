@@ -99,6 +99,22 @@ def test_measured_profile_answers_from_its_numbers(graph) -> None:
     assert prof.activation_bytes(block, 4, 1) == pytest.approx(block.saved_bytes_per_sample * 4)
 
 
+def test_loss_working_memory_at_an_unmeasured_tp_keeps_loss_parallels_temporary(graph) -> None:
+    """A vocabulary-parallel head's loss measured at tp = 1 only: at tp = 2 its working memory
+    is that plus one logits-shaped temporary (loss parallel's shifted logits), both halved,
+    as the analytic profile charges; measured at tp = 2, the measurement."""
+    head = graph.layers[-1]
+    assert head.tp_vocab is not None and head.tp_vocab.kind == "head"
+    profile = fake_profile(graph)
+    lp = profile.layers[head.cost_key]
+    lp.loss_working_bytes = [1000.0 * b for b in BATCHES]
+    out = head.output_bytes_per_sample * 4
+    assert profile.loss_working_bytes(head, 4, 1) == pytest.approx(4000.0)
+    assert profile.loss_working_bytes(head, 4, 2) == pytest.approx((4000.0 + out) / 2)
+    lp.loss_tp[2] = {"loss_working_bytes": [700.0 * b for b in BATCHES]}
+    assert profile.loss_working_bytes(head, 4, 2) == pytest.approx(2800.0)
+
+
 def test_yaml_round_trip_gives_identical_cost_tables(graph, tmp_path) -> None:
     """A profile saved and loaded predicts exactly the same TPI and memory."""
     prof = fake_profile(graph)

@@ -48,7 +48,7 @@ import yaml
 from uniap.cluster import Cluster
 from uniap.errors import ConfigError
 from uniap.graph import Layer, ModelGraph
-from uniap.profiles.analytic import COLLECTIVES, Profile, loss_tp_share
+from uniap.profiles.analytic import COLLECTIVES, Profile, loss_parallel_bytes, loss_tp_share
 from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key, interpolate
 
 __all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions"]
@@ -326,14 +326,19 @@ class MeasuredProfile(Profile):
     def _per_batch(self, layer: Layer, which: str, batch: float, tp: int = 1) -> float | None:
         """``which`` (``loss_s``, ``loss_working_bytes``) at ``batch`` and TP degree ``tp``:
         measured at that degree, else the tp = 1 measurement shared out over the ranks that
-        share the loss (:func:`~uniap.profiles.analytic.loss_tp_share`); None if unmeasured."""
+        share the loss (:func:`~uniap.profiles.analytic.loss_tp_share`; the working memory by
+        :func:`~uniap.profiles.analytic.loss_parallel_bytes`); None if unmeasured."""
         lp = self.layers.get(layer.cost_key)
         if lp is None:
             return None
         share = loss_tp_share(layer, tp)
         ys = lp.loss_tp.get(tp, {}).get(which) if share > 1 else None
         if not ys or len(ys) != len(lp.batches):
-            ys = [y / share for y in getattr(lp, which, None) or []]
+            whole = getattr(lp, which, None) or []
+            if which == "loss_working_bytes":
+                ys = [loss_parallel_bytes(layer, b, tp, y) for y, b in zip(whole, lp.batches)]
+            else:
+                ys = [y / share for y in whole]
         if not ys or len(ys) != len(lp.batches):
             return None
         a, slope, _ = fit_line(lp.batches, ys)
