@@ -340,6 +340,16 @@ def _plan_graph(
                 f"the number of layers ({L}); try pp in {pps}"
             )
         pps = sorted(pp_degrees)
+    piped = [p for p in pps if p > 1]
+    interleaved = [s for s in schedules or () if get_schedule(s).interleaved]
+    if virtual_stages is not None and interleaved and piped:
+        if not any(p * v <= L for p in piped for v in virtual_stages):
+            raise ConfigError(
+                f"{', '.join(interleaved)} with {min(virtual_stages)} or more stages per rank "
+                f"(virtual_stages {list(virtual_stages)}) at pp in {piped} needs at least "
+                f"{min(piped) * min(virtual_stages)} layers, the model has {L}; ask for at most "
+                f"{L // min(piped)} stages per rank, or a smaller pp"
+            )
     # ---------------------------------------------------------------- the search, in phases
     search = Search(
         [

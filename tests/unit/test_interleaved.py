@@ -330,7 +330,8 @@ def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixtu
     """virtual_stages=[2, 3] makes each interleaved schedule a candidate at v = 2 and v = 3
     (1F1B stays one stage per rank); on gpt-tiny over 2 CPUs zero bubble at v = 3 wins, with
     the time CostModel.evaluate() gives its plan and at most the v = 2 search's. A v below 2
-    is one error, from the planner and from the CLI."""
+    is one error, from the planner and from the CLI, and so is a v with more stages than
+    layers at every pp asked for."""
     from uniap import models
     from uniap.cli import main
     from uniap.cluster import load_cluster
@@ -363,6 +364,13 @@ def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixtu
         r"interleaved schedule's v\), got \[1\]",
     ):
         plan("gpt-tiny", "cpu-2", virtual_stages=[1], **kw)
+    with pytest.raises(
+        ConfigError,
+        match=r"Interleaved1F1B with 4 or more stages per rank \(virtual_stages \[4\]\) at pp in "
+        r"\[2\] needs at least 8 layers, the model has 7; ask for at most 3 stages per rank, "
+        r"or a smaller pp",
+    ):
+        plan("gpt-tiny", "cpu-2", schedules=["Interleaved1F1B"], virtual_stages=[4], **kw)
     with pytest.raises(SystemExit):
         main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
               "--virtual-stages", "2,1"])  # fmt: skip
