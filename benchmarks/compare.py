@@ -527,6 +527,9 @@ def without_vocab_tp(graph: ModelGraph) -> ModelGraph:
     return replace(graph, layers=layers)
 
 
+_ZB_PP4 = (("schedules", ("InterleavedZeroBubble",)), ("pp_degrees", (4,)))
+"""Zero bubble only, at pp = 4: the FSDP-under-zero-bubble rows' new space."""
+
 SPACE_ROWS = [
     # HSDP: FSDP's all-gathers and reduce-scatters inside a node, only an all-reduce of the
     # shards across the nodes
@@ -584,31 +587,17 @@ SPACE_ROWS = [
     # FSDP under zero bubble (tp = 1: torch's schedule reduce-scatters after the last weight
     # gradient): the old space is what zero bubble ran before, dp = 1 or DDP replicas; two GPUs
     # per stage (pp = 4 on 8), zero bubble only, so the rows compare its two spaces
-    SpaceRow(
-        "FSDP under zero bubble (pp = 4, 2 GPUs per stage, memory-tight)",
-        "llama-7b",
-        "a100-1x8",
-        32,
-        "bf16-mixed",
-        (
-            ("schedules", ("InterleavedZeroBubble",)),
-            ("pp_degrees", (4,)),
-            ("kinds", ("DDP",)),
-        ),
-        (("schedules", ("InterleavedZeroBubble",)), ("pp_degrees", (4,))),
-    ),
-    SpaceRow(
-        "FSDP under zero bubble (pp = 4, 2 GPUs per stage)",
-        "llama-7b",
-        "h100-1x8",
-        32,
-        "bf16-mixed",
-        (
-            ("schedules", ("InterleavedZeroBubble",)),
-            ("pp_degrees", (4,)),
-            ("kinds", ("DDP",)),
-        ),
-        (("schedules", ("InterleavedZeroBubble",)), ("pp_degrees", (4,))),
+    *(
+        SpaceRow(
+            f"FSDP under zero bubble (pp = 4, 2 GPUs per stage{note})",
+            "llama-7b",
+            cluster,
+            32,
+            "bf16-mixed",
+            (*_ZB_PP4, ("kinds", ("DDP",))),
+            _ZB_PP4,
+        )
+        for cluster, note in (("a100-1x8", ", memory-tight"), ("h100-1x8", ""))
     ),
     # Megatron-SP (opt-in: offered when asked): the norms and residual ops of a TP layer on
     # 1 / tp of the sequence; it helps only where a memory-bound plan takes TP. On Galvatron's

@@ -310,20 +310,28 @@ def test_planner_chooses_interleaving_when_it_is_faster(interleaved_plan: Plan) 
     }
 
 
+def _plan_cli_error(capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    """What ``uniap plan`` (gpt-tiny on cpu-2, batch 8) with ``extra`` prints as it exits on
+    a bad argument."""
+    from uniap.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
+              *extra])  # fmt: skip
+    return capsys.readouterr().err
+
+
 def test_cli_schedule_takes_several_names(capsys: pytest.CaptureFixture[str]) -> None:
     """--schedule 1F1B,Interleaved1F1B offers both; an unknown name is one error listing
     them."""
-    from uniap.cli import _schedule_list, main
+    from uniap.cli import _schedule_list
 
     assert _schedule_list("1F1B,Interleaved1F1B") == ["1F1B", "Interleaved1F1B"]
-    with pytest.raises(SystemExit):
-        main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
-              "--schedule", "1F1B,ZB"])  # fmt: skip
     assert (
         "argument --schedule: invalid choice: 'ZB' (choose from GPipe, 1F1B, Interleaved1F1B, "
         "InterleavedZeroBubble, or "
         "several separated by commas)"
-    ) in capsys.readouterr().err
+    ) in _plan_cli_error(capsys, "--schedule", "1F1B,ZB")
 
 
 def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
@@ -333,7 +341,6 @@ def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixtu
     is one error, from the planner and from the CLI, and so is a v with more stages than
     layers at every pp asked for."""
     from uniap import models
-    from uniap.cli import main
     from uniap.cluster import load_cluster
     from uniap.cost_model import CostModel
     from uniap.errors import ConfigError
@@ -371,13 +378,10 @@ def test_planner_tries_the_stages_per_rank_asked_for(capsys: pytest.CaptureFixtu
         r"or a smaller pp",
     ):
         plan("gpt-tiny", "cpu-2", schedules=["Interleaved1F1B"], virtual_stages=[4], **kw)
-    with pytest.raises(SystemExit):
-        main(["plan", "--model", "gpt-tiny", "--cluster", "cpu-2", "--global-batch-size", "8",
-              "--virtual-stages", "2,1"])  # fmt: skip
     assert (
         "argument --virtual-stages: invalid value '2,1': whole numbers of at least 2, separated "
         "by commas (e.g. 2,4)"
-    ) in capsys.readouterr().err
+    ) in _plan_cli_error(capsys, "--virtual-stages", "2,1")
 
 
 def test_picture_of_an_interleaved_plan_labels_each_devices_stages(interleaved_plan: Plan) -> None:
