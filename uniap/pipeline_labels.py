@@ -16,7 +16,12 @@ Caps (every assignment below the bound keeps them)
     run ends), gives ``T* <= (bound - least - S_low - step) / (c - 1)`` and ``S* <= bound -
     least - (c - 1) T_low - step`` (``T_low``, ``S_low``: the bottleneck and sync bounds),
     and each complete run at most ``bound - least - (c - 1) T_low - S_low - step`` slower
-    than its fastest labelling that fits.
+    than its fastest labelling that fits. With ``T*`` capped, ``S_low`` rises to the least
+    largest stage sync of a split whose runs each stay within the cap (:meth:`_Search.
+    _sync_floor`), which lowers the cap again (three rounds at most); runs over the cap are
+    dropped from ``least``'s split, and every stage's run must hold at least the layers
+    that leave the later stages a split within the cap (``need``; a prefix short of it must
+    still find the time and memory for the rest, :meth:`_Search._fewest_layers`).
 Runs (:meth:`_Search._runs`)
     For stage i and a run of layers from ``s``, every strategy labelling of its layers so
     far is a label ``(p, m, g, f)`` (time, memory on stage i, sum of ``G``, largest ``F``)
@@ -169,16 +174,22 @@ class _Search:
                     )
                 )
         self.fast = [fast[g] for g in self.stage_group]
-        # rest[i][s]: the fastest stages i.. can run layers s.. (overheads included)
-        self.rest = [np.full(L + 1, np.inf) for _ in range(pp + 1)]
-        self.rest[pp][L] = 0.0
-        for i in range(pp - 1, -1, -1):
-            nxt = self.rest[i + 1][1:]  # nxt[e]: stages i+1.. from layer e + 1
-            self.rest[i][:L] = (self.fast[i] + nxt[None, :]).min(axis=1) + self.k0
-        least = self.rest[0][0]  # sum p of every assignment that fits is at least this
-        self.slack = self.goal - least - (c - 1) * self.T_low - self.S_low - self.step
+        least = self._rest()  # sum p of every assignment that fits is at least this
         if c > 1:
             self.T_cap = min(self.T_cap, (self.goal - least - self.S_low - self.step) / (c - 1))
+            # a larger sync floor lowers the time cap, which raises the floor again
+            for _ in range(3):
+                floor = self._sync_floor(allowed)
+                if not floor > self.S_low * (1 + 1e-9):
+                    break
+                self.S_low = floor
+                self.T_cap = min(self.T_cap, (self.goal - least - self.S_low - self.step) / (c - 1))
+            # no stage of an assignment below the bound is slower than the cap
+            cap = self.T_cap * (1 + _TOL) - self.k0
+            self.fast = [np.where(f <= cap, f, np.inf) for f in self.fast]
+            least = max(least, self._rest())
+        self._fewest_layers(gmin)
+        self.slack = self.goal - least - (c - 1) * self.T_low - self.S_low - self.step
         self.S_cap = self.goal - least - (c - 1) * self.T_low - self.step
         self.floor = least + (c - 1) * self.T_low + self.S_low + self.step
         self.report: Callable[[], None] | None = None
@@ -204,6 +215,78 @@ class _Search:
                 )
 
         self.report = report
+
+    def _rest(self) -> float:
+        """``rest[i][s]``: the fastest stages i.. can run layers s.. (overheads included) with
+        the runs of :attr:`fast`; returns ``rest[0][0]``."""
+        L, pp = self.L, self.pp
+        self.rest = [np.full(L + 1, np.inf) for _ in range(pp + 1)]
+        self.rest[pp][L] = 0.0
+        for i in range(pp - 1, -1, -1):
+            nxt = self.rest[i + 1][1:]  # nxt[e]: stages i+1.. from layer e + 1
+            self.rest[i][:L] = (self.fast[i] + nxt[None, :]).min(axis=1) + self.k0
+        return float(self.rest[0][0])
+
+    def _fewest_layers(self, gmin: np.ndarray) -> None:
+        """``need[g]``: the fewest layers a run of a stage of group g holds in an assignment
+        below the bound: stage i from layer s must reach a layer e whose run s..e has a time
+        within the cap (:attr:`fast`) and after which the later stages can run the rest, from
+        every start the earlier stages can reach. A run's prefix of ``n < need`` layers takes
+        ``d = need - n`` more, consecutive: at least the least time of any ``d`` consecutive
+        layers within the memory its labels leave (``tail[g][d]``, the knapsack envelope of
+        :func:`_window_envelopes`) on top of its time, and the ``d`` smallest syncs of any
+        layers on top of its sync (``least_g``), against the caps. With few micro-batches
+        the caps alone keep short prefixes of slow, lean strategies that no run of the
+        length a stage needs can complete (the 128-layer model, 8 stages of 16 layers: a
+        search of 11 s without these, 1.6 s with them)."""
+        L, pp = self.L, self.pp
+        need = [L + 1] * len(self.fronts)
+        reach = np.zeros(L, dtype=bool)  # where stage i may start
+        reach[0] = True
+        for i in range(pp):
+            runs = np.isfinite(self.fast[i][reach])
+            ok = runs & np.isfinite(self.rest[i + 1][1:])[None, :]
+            has = ok.any(axis=1)
+            if has.any():
+                n = int((ok.argmax(axis=1) - np.flatnonzero(reach))[has].min()) + 1
+                g = self.stage_group[i]
+                need[g] = min(need[g], n)
+            reach = np.concatenate([[False], runs.any(axis=0)[:-1]])
+        self.need = [n if n <= L else 0 for n in need]
+
+        self.least_g = np.concatenate([[0.0], np.cumsum(np.sort(gmin))])
+        self.tail = [
+            _window_envelopes(
+                self.t.A,
+                np.ascontiguousarray(self.t.M[:, :, self.stage_group.index(g)]),
+                self.mask,
+                max(self.need[g] - 1, 0),
+                self.limit,
+            )
+            for g in range(len(self.fronts))
+        ]
+
+    def _sync_floor(self, allowed: list[np.ndarray]) -> float:
+        """A lower bound on ``S*`` of every assignment whose stages all run within ``T_cap``:
+        the smallest largest stage sync of a split whose runs each take their least ``sum G``
+        with ``sum A <= T_cap - k`` (an exact knapsack; reshards and memory left out, which
+        only lowers it), plus the largest of their layers' smallest ``F``; a min-max dynamic
+        program over run ends. Where the strategies of least sync are slower (tensor
+        parallel, recomputation), only a few layers of a stage can take them under the cap."""
+        t, L = self.t, self.L
+        amin, gmin, _ = t.minima()
+        runs = knapsack_runs(
+            t.G, t.A, allowed, gmin, amin, self.T_cap - self.k0, math.inf, KNAPSACK_POINTS
+        )
+        fmin = np.where(self.mask, t.F, np.inf).min(axis=1)
+        run = np.array(runs)
+        for s in range(L):
+            run[s, s:] += np.maximum.accumulate(fmin[s:])
+        h = run[0]  # h[e]: the smallest largest sync of stages 0..i covering layers 0..e
+        for _ in range(1, self.pp):
+            prev = np.concatenate([[np.inf], h[:-1]])  # prev[s]: the stages before end at s - 1
+            h = np.maximum(prev[:, None], run).min(axis=0)
+        return float(h[L - 1])
 
     # ------------------------------------------------------------------ runs of one stage
     def _useful(self, Mi: np.ndarray) -> np.ndarray:
@@ -249,9 +332,19 @@ class _Search:
             m = parent["m"][:, None] + M[None, :]
             gs = parent["g"][:, None] + G[None, :]
             f = np.maximum(parent["f"][:, None], F[None, :])
-        keep = np.flatnonzero(
-            ((m <= self.limit) & (p + self.k0 <= self.T_cap) & (gs + f <= self.S_cap)).ravel()
+        d = max(self.need[g] - (e - s + 1), 0)  # layers the run must still take
+        ok = (
+            (m <= self.limit)
+            & (p + self.k0 <= self.T_cap)
+            & (gs + f + self.least_g[d] <= self.S_cap)
         )
+        if d:
+            ms, ts = self.tail[g][d]
+            at = np.searchsorted(ms, self.limit - m[ok], side="right") - 1
+            ok[ok] = (
+                p[ok] + np.where(at >= 0, ts[np.maximum(at, 0)], np.inf) + self.k0 <= self.T_cap
+            )
+        keep = np.flatnonzero(ok.ravel())
         if not len(keep):
             return None
         par, j = keep // len(ks), keep % len(ks)
@@ -470,3 +563,52 @@ def _sweep(
                     raise _GiveUp
         out.append(kept)
     return np.concatenate(out)
+
+
+def _window_envelopes(
+    A: np.ndarray, M: np.ndarray, mask: np.ndarray, depth: int, limit: float, max_points: int = 1024
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """``[d]`` for d = 1..``depth``: the least time ``sum A`` that any ``d`` consecutive layers
+    need within a memory ``sum M <= B``, for every B, as ``(memories ascending, times)``: the
+    lower envelope of every window's exact knapsack front (reshards left out). A window whose
+    front passes ``max_points`` counts as its fastest times with its leanest memories (lower
+    still)."""
+    L = A.shape[0]
+    fronts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    rows: dict[bytes, int] = {}
+    cls = []
+    for u in range(L):
+        ks = np.flatnonzero(mask[u])
+        cls.append(rows.setdefault(A[u, ks].tobytes() + M[u, ks].tobytes(), len(rows)))
+    per_d: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(depth + 1)]
+    for s in range(L):
+        seq: tuple = ()
+        front = (np.zeros(1), np.zeros(1))
+        for e in range(s, min(L, s + depth)):
+            seq = (*seq, cls[e])
+            if seq in fronts:
+                front = fronts[seq]
+                continue
+            ks = np.flatnonzero(mask[e])
+            a = (front[0][:, None] + A[e, ks][None, :]).ravel()
+            m = (front[1][:, None] + M[e, ks][None, :]).ravel()
+            keep = m <= limit
+            a, m = a[keep], m[keep]
+            order = np.lexsort((a, m))
+            a, m = a[order], m[order]
+            on = a < np.concatenate([[np.inf], np.minimum.accumulate(a)[:-1]])
+            a, m = a[on], m[on]
+            if len(a) > max_points:
+                a, m = a[-1:], m[:1]  # the fastest time at the leanest memory
+            front = fronts[seq] = (a, m)
+            per_d[len(seq)].append(front)
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None]
+    for d in range(1, depth + 1):
+        if not per_d[d]:
+            out.append((np.zeros(1), np.full(1, np.inf)))
+            continue
+        a = np.concatenate([f[0] for f in per_d[d]])
+        m = np.concatenate([f[1] for f in per_d[d]])
+        order = np.lexsort((a, m))
+        out.append((m[order], np.minimum.accumulate(a[order])))
+    return out
