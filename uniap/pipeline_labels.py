@@ -338,12 +338,18 @@ class _Search:
             & (p + self.k0 <= self.T_cap)
             & (gs + f + self.least_g[d] <= self.S_cap)
         )
+        # the run's time, with the rest it must take, and its sync over their floors: their
+        # excesses, (c - 1) times the one, add to every assignment's time
+        t_run = p[ok] + self.k0
         if d:
             ms, ts = self.tail[g][d]
             at = np.searchsorted(ms, self.limit - m[ok], side="right") - 1
-            ok[ok] = (
-                p[ok] + np.where(at >= 0, ts[np.maximum(at, 0)], np.inf) + self.k0 <= self.T_cap
-            )
+            t_run = t_run + np.where(at >= 0, ts[np.maximum(at, 0)], np.inf)
+        over = np.maximum(gs[ok] + f[ok] + self.least_g[d] - self.S_low, 0.0)
+        if self.c > 1:
+            over = over + (self.c - 1) * np.maximum(t_run - self.T_low, 0.0)
+        # (inf time: the rest fits no memory the labels leave)
+        ok[ok] = np.isfinite(t_run) & (t_run <= self.T_cap) & (over <= self.slack)
         keep = np.flatnonzero(ok.ravel())
         if not len(keep):
             return None
@@ -399,7 +405,14 @@ class _Search:
         the same layouts makes redundant (``p_x + (s_x - s_y)^+ <= p_y``)."""
         p, s, a, b = front["p"], front["g"] + front["f"], front["a"], front["b"]
         order = np.lexsort((s, p, b, a))
-        order = order[p[order] - fast <= self.slack]
+        # its excess over the run's fastest, its stage's over T_low and its sync's over S_low
+        # add to every assignment's time
+        over = (
+            (p - fast)
+            + (self.c - 1) * np.maximum(p + self.k0 - self.T_low, 0.0)
+            + np.maximum(s - self.S_low, 0.0)
+        )
+        order = order[over[order] <= self.slack]
         p, s, a, b = p[order], s[order], a[order], b[order]
         # p_x + (s_x - s_y)^+ <= p_y: p_x <= p_y (their order) and p_x + s_x <= p_y + s_y
         on = _sweep(a * self.C + b, [p + s], self.max_points)

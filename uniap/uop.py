@@ -41,18 +41,21 @@ shallow pipeline (see :func:`_label_budget`)."""
 
 
 def _label_budget(t: CostTables, limit_s: float, pass_no: int) -> float:
-    """Seconds of a solve's time limit the pipelined label search may take before the program:
-    three quarters of it, except in the first pass on pipelines with fewer than 4 micro-batches
-    per stage, where it gets a short look (at most 0.5 s, a quarter of the limit). With many
-    micro-batches per stage the bottleneck outweighs the rest and the label search settles
-    what the program's relaxation leaves open (Llama-2-70B, 8 stages, 64 micro-batches: 3 s
-    against a gap after 300 s; on 1024 H100s at batch 8192 about 6 s, where the program's
-    bound stays 2.3 % below the plan, so half of a 10 s limit left the plan unproven); on
-    shallow pipelines the program often proves the optimum in a second while the label
-    search's fronts (long stages) grow slowly. A second-pass solve resumes from the fronts the
-    first built. Only the time spent changes, never the answer."""
+    """Seconds of a solve's time limit the pipelined label search may take before the program.
+    In the first pass: all of it on pipelines with at least 4 micro-batches per stage (the
+    program then gets what the labels leave, at least a tenth of the limit), a short look (at
+    most 0.5 s, a quarter of the limit) on the others; in the second, three quarters. With
+    many micro-batches per stage the bottleneck outweighs the rest and the label search
+    settles what the program's relaxation leaves open (Llama-2-70B, 8 stages, 64
+    micro-batches: 3 s against a gap after 300 s; on 1024 H100s at batch 8192, fp32, about
+    8 s, where three quarters of the first pass's 8 s left it to the second pass: 11.2 ->
+    9.2 s); on shallow pipelines the program often proves the optimum in a second while the
+    label search's fronts (long stages) grow slowly. A second-pass solve resumes from the
+    fronts the first built. Only the time spent changes, never the answer."""
     if pass_no == 1 and t.num_microbatches < 4 * t.num_stages:
         return min(_FIRST_LABELS_S, limit_s / 4)
+    if pass_no == 1:
+        return limit_s
     return limit_s * 3 / 4
 
 
