@@ -203,3 +203,43 @@ def test_single_stage_progress_reports_a_valid_bound() -> None:
             assert set(r) == {"running_s", "incumbent", "bound", "gap", "nodes"}
             assert r["bound"] <= got[0] * (1 + 1e-9) <= r["incumbent"] * (1 + 1e-6)
     assert checked >= 3
+
+
+@pytest.mark.parametrize("seed", range(1, 60, 4))
+def test_run_knapsacks_are_exact(seed: int) -> None:
+    """Each run of a split gets the labelling of least ``sum weight`` among those whose memory
+    fits its stage (enumerated), for both weights the split's start uses: time alone, and
+    ``c A + G``."""
+    import itertools
+
+    from uniap.search import _run_knapsacks, compositions
+
+    t = random_tables(seed)
+    c, limit = t.num_microbatches, t.memory_limit_bytes * (1 + 1e-9)
+    stage_of = next(compositions(t.num_layers, t.num_stages))
+    runs = [
+        (stage_of.index(i), len(stage_of) - 1 - stage_of[::-1].index(i))
+        for i in range(t.num_stages)
+    ]
+
+    def cost(weight, i, s, ks):
+        w = sum(weight[u, k] for u, k in zip(range(s, s + len(ks)), ks))
+        mem = sum(t.M[u, k, i] for u, k in zip(range(s, s + len(ks)), ks))
+        return w if mem <= limit else np.inf
+
+    for weight in (t.A, c * t.A + t.G):
+        got = _run_knapsacks(t, runs, weight, 10**6)
+        best = [
+            min(
+                cost(weight, i, s, ks)
+                for ks in itertools.product(*(t.allowed[u] for u in range(s, e + 1)))
+            )
+            for i, (s, e) in enumerate(runs)
+        ]
+        if got is None:
+            assert not all(np.isfinite(best))
+            continue
+        assert got[0] == stage_of
+        for i, (s, e) in enumerate(runs):
+            mine = cost(weight, i, s, got[1][s : e + 1])
+            assert mine == pytest.approx(best[i], rel=1e-12)
