@@ -583,45 +583,56 @@ def _window_envelopes(
 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """``[d]`` for d = 1..``depth``: the least time ``sum A`` that any ``d`` consecutive layers
     need within a memory ``sum M <= B``, for every B, as ``(memories ascending, times)``: the
-    lower envelope of every window's exact knapsack front (reshards left out). A window whose
-    front passes ``max_points`` counts as its fastest times with its leanest memories (lower
-    still)."""
+    lower envelope of every window's exact knapsack front (reshards left out). Windows of
+    equal layers share their fronts (a stack of blocks needs a few per length); a front that
+    passes ``max_points`` counts as its fastest times with its leanest memories, and past
+    ``4 L`` fronts in all (layers that differ) the longer windows count as their least times
+    and memories apart (each lower still)."""
     L = A.shape[0]
-    fronts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    amin = np.where(mask, A, np.inf).min(axis=1)
+    mmin = np.where(mask, M, np.inf).min(axis=1)
+    ca, cm = np.concatenate([[0.0], np.cumsum(amin)]), np.concatenate([[0.0], np.cumsum(mmin)])
     rows: dict[bytes, int] = {}
     cls = []
     for u in range(L):
         ks = np.flatnonzero(mask[u])
         cls.append(rows.setdefault(A[u, ks].tobytes() + M[u, ks].tobytes(), len(rows)))
-    per_d: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(depth + 1)]
-    for s in range(L):
-        seq: tuple = ()
-        front = (np.zeros(1), np.zeros(1))
-        for e in range(s, min(L, s + depth)):
-            seq = (*seq, cls[e])
-            if seq in fronts:
-                front = fronts[seq]
-                continue
-            ks = np.flatnonzero(mask[e])
-            a = (front[0][:, None] + A[e, ks][None, :]).ravel()
-            m = (front[1][:, None] + M[e, ks][None, :]).ravel()
-            keep = m <= limit
-            a, m = a[keep], m[keep]
-            order = np.lexsort((a, m))
-            a, m = a[order], m[order]
-            on = a < np.concatenate([[np.inf], np.minimum.accumulate(a)[:-1]])
-            a, m = a[on], m[on]
-            if len(a) > max_points:
-                a, m = a[-1:], m[:1]  # the fastest time at the leanest memory
-            front = fronts[seq] = (a, m)
-            per_d[len(seq)].append(front)
+    fronts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    seqs: list[tuple] = [()] * L
+    cur = [(np.zeros(1), np.zeros(1))] * L
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None]
     for d in range(1, depth + 1):
-        if not per_d[d]:
+        n = L - d + 1  # windows of d layers
+        if n <= 0:
             out.append((np.zeros(1), np.full(1, np.inf)))
             continue
-        a = np.concatenate([f[0] for f in per_d[d]])
-        m = np.concatenate([f[1] for f in per_d[d]])
+        if len(fronts) > 4 * L:  # the least time and the least memory, each on its own
+            out.append((np.array([(cm[d:] - cm[:-d]).min()]), np.array([(ca[d:] - ca[:-d]).min()])))
+            continue
+        for s in range(n):
+            e = s + d - 1
+            seqs[s] = (*seqs[s], cls[e])
+            front = fronts.get(seqs[s])
+            if front is None:
+                ks = np.flatnonzero(mask[e])
+                a = (cur[s][0][:, None] + A[e, ks][None, :]).ravel()
+                m = (cur[s][1][:, None] + M[e, ks][None, :]).ravel()
+                keep = m <= limit
+                a, m = a[keep], m[keep]
+                order = np.lexsort((a, m))
+                a, m = a[order], m[order]
+                on = a < np.concatenate([[np.inf], np.minimum.accumulate(a)[:-1]])
+                a, m = a[on], m[on]
+                if len(a) > max_points:
+                    a, m = a[-1:], m[:1]  # the fastest time at the leanest memory
+                front = fronts[seqs[s]] = (a, m)
+            cur[s] = front
+        distinct = list({id(f): f for f in cur[:n]}.values())
+        a = np.concatenate([f[0] for f in distinct])
+        m = np.concatenate([f[1] for f in distinct])
+        if not len(a):  # no window of d layers fits
+            out.append((np.zeros(1), np.full(1, np.inf)))
+            continue
         order = np.lexsort((a, m))
         out.append((m[order], np.minimum.accumulate(a[order])))
     return out

@@ -191,3 +191,43 @@ def test_a_deep_pipeline_with_few_microbatches() -> None:
     best, stage_of, _ = got
     assert best == pytest.approx(split, rel=1e-12)
     assert sorted(np.bincount(stage_of).tolist()) == [16] * 6 + [17, 18]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_window_envelopes_equal_enumeration(seed: int) -> None:
+    """The least time of any ``d`` consecutive layers within a memory: exact (enumerated over
+    every window and labelling) while the fronts number at most ``4 L``, and a lower bound
+    beyond (12 layers that all differ: windows of 6 layers)."""
+    import itertools
+
+    from uniap.pipeline_labels import _window_envelopes
+
+    rng = np.random.default_rng(seed)
+    L, K, depth = (6, 3, 5) if seed % 3 else (12, 3, 6)
+    A, M = rng.uniform(0.5, 2.0, (L, K)), rng.uniform(1.0, 3.0, (L, K))
+    if seed % 3 == 1:
+        A[2:5], M[2:5] = A[2], M[2]  # a run of equal layers
+    mask = rng.uniform(size=(L, K)) < 0.8
+    mask[:, 0] = True
+    limit = 7.5
+
+    def least(d: int, budget: float) -> float:
+        best = np.inf
+        for s in range(L - d + 1):
+            for ks in itertools.product(*(np.flatnonzero(mask[u]) for u in range(s, s + d))):
+                m = sum(M[s + j, k] for j, k in enumerate(ks))
+                if m <= min(budget, limit):
+                    best = min(best, sum(A[s + j, k] for j, k in enumerate(ks)))
+        return best
+
+    env = _window_envelopes(A, M, mask, depth, limit)
+    for d in range(1, depth + 1):
+        ms, ts = env[d]
+        exact_here = L == 6 or d <= 5  # 12 + 11 + 10 + 9 fronts, then 8 more pass 4 L
+        for budget in (2.0, 3.5, 5.0, 6.5, 9.0):
+            at = np.searchsorted(ms, budget, side="right") - 1
+            got = ts[at] if at >= 0 else np.inf
+            exact = least(d, budget)
+            assert got <= exact * (1 + 1e-12)
+            if exact_here:
+                assert got == pytest.approx(exact, rel=1e-12)
