@@ -21,7 +21,9 @@ Caps (every assignment below the bound keeps them)
     _sync_floor`), which lowers the cap again (three rounds at most); runs over the cap are
     dropped from ``least``'s split, and every stage's run must hold at least the layers
     that leave the later stages a split within the cap (``need``; a prefix short of it must
-    still find the time and memory for the rest, :meth:`_Search._fewest_layers`).
+    still find the time and memory for the rest, :meth:`_Search._fewest_layers`). A label's
+    excesses over the floors add up against the slack: ``c - 1`` times its stage's time over
+    ``T_low``, its sync over ``S_low`` and, for a complete run, its time over its fastest.
 Runs (:meth:`_Search._runs`)
     For stage i and a run of layers from ``s``, every strategy labelling of its layers so
     far is a label ``(p, m, g, f)`` (time, memory on stage i, sum of ``G``, largest ``F``)
