@@ -59,6 +59,7 @@ pass 27,000 labels) its fronts outgrow the limit and the program answers instead
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -569,8 +570,10 @@ def _sweep(
                             dom &= X[r, xs][:, None] <= X[r, ys][None, :]
                         ys = ys[~dom.any(axis=0)]
                 if len(ys) > 1:
-                    dom = np.triu(np.ones((len(ys), len(ys)), dtype=bool), k=1)
-                    for r in range(len(X)):
+                    dom = _upper(chunk)[: len(ys), : len(ys)] & (
+                        X[0, ys][:, None] <= X[0, ys][None, :]
+                    )
+                    for r in range(1, len(X)):
                         dom &= X[r, ys][:, None] <= X[r, ys][None, :]
                     ys = ys[~dom.any(axis=0)]
                 kept = np.concatenate([kept, ys])
@@ -578,6 +581,14 @@ def _sweep(
                     raise _GiveUp
         out.append(kept)
     return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _upper(n: int) -> np.ndarray:
+    """``[x, y]``: x comes before y (the strict upper triangle of an ``n x n`` grid)."""
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
+    upper.flags.writeable = False
+    return upper
 
 
 def _window_envelopes(
