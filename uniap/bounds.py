@@ -73,9 +73,11 @@ from uniap.cost_model import CostTables
 __all__ = [
     "bottleneck_lower_bound",
     "candidate_lower_bound",
+    "extend_front",
     "knapsack_runs",
     "memory_bottleneck_bound",
     "memory_split",
+    "min_max_split",
     "min_peak_memory",
     "segment_lower_bound",
     "segment_windows",
@@ -244,7 +246,17 @@ def memory_split(
                 t.A, Mi, allowed, amin, mmin[:, i], limit, budget, max_points or KNAPSACK_POINTS
             )
         stage_runs.append(run_time[key])
-    # g[i][e]: the smallest bottleneck of stages 0..i covering layers 0..e
+    best, runs = min_max_split(stage_runs)
+    return (best + k, runs) if np.isfinite(best) else (float("inf"), [])
+
+
+def min_max_split(stage_runs: list[np.ndarray]) -> tuple[float, list[tuple[int, int]]]:
+    """The split of layers ``0..L-1`` into ``len(stage_runs)`` contiguous, non-empty runs, one
+    per stage, whose largest ``stage_runs[i][s, e]`` is least: that value (inf when every
+    split has an infinite run) and the runs ``(s, e)`` per stage (empty when inf). A dynamic
+    program over run ends, stage by stage."""
+    pp, L = len(stage_runs), stage_runs[0].shape[0]
+    # g[i][e]: the smallest largest run of stages 0..i covering layers 0..e
     g = [stage_runs[0][0].copy()]
     arg: list[np.ndarray] = [np.zeros(L, dtype=np.int64)]
     for i in range(1, pp):
@@ -260,7 +272,24 @@ def memory_split(
         s = int(arg[i][e]) if i else 0
         runs.append((s, e))
         e = s - 1
-    return best + k, runs[::-1]
+    return best, runs[::-1]
+
+
+def extend_front(
+    a: np.ndarray, m: np.ndarray, ra: np.ndarray, rm: np.ndarray, limit: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (time, memory) Pareto front of every point of the front ``(a, m)`` extended by
+    every option ``(ra, rm)`` of the next layer, within ``limit``: its times ascending (its
+    memories descending) and each point's index into the ``len(a) x len(ra)`` grid (its
+    parent ``idx // len(ra)``, its option ``idx % len(ra)``). Of equal points the first."""
+    a2 = (a[:, None] + ra[None, :]).ravel()
+    m2 = (m[:, None] + rm[None, :]).ravel()
+    idx = np.flatnonzero(m2 <= limit)
+    idx = idx[np.lexsort((m2[idx], a2[idx]))]
+    mo = m2[idx]
+    # a point stays when it needs less memory than every faster one
+    idx = idx[mo < np.concatenate([[np.inf], np.minimum.accumulate(mo)[:-1]])]
+    return a2[idx], m2[idx], idx
 
 
 KNAPSACK_POINTS = 1024
@@ -373,17 +402,8 @@ def _knapsack_runs(
                 node, front = nxt, fronts[nxt]
             else:
                 if front is not None:
-                    ra, rm = rows[cls[e]]
-                    a = (front[0][:, None] + ra[None, :]).ravel()
-                    m = (front[1][:, None] + rm[None, :]).ravel()
-                    keep = m <= limit
-                    a, m = a[keep], m[keep]
-                    order = np.lexsort((m, a))
-                    a, m = a[order], m[order]
-                    # Pareto: a point stays when it needs less memory than every faster one
-                    lower = np.concatenate([[np.inf], np.minimum.accumulate(m)[:-1]])
-                    on = m < lower
-                    front = (a[on], m[on]) if len(a) and on.sum() <= max_points else None
+                    a, m, _ = extend_front(*front, *rows[cls[e]], limit)
+                    front = (a, m) if len(a) and len(a) <= max_points else None
                 child[(node, cls[e])] = len(fronts)
                 node = len(fronts)
                 fronts.append(front)

@@ -66,7 +66,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from uniap.bounds import KNAPSACK_POINTS, bottleneck_lower_bound, knapsack_runs
+from uniap.bounds import (
+    KNAPSACK_POINTS,
+    bottleneck_lower_bound,
+    extend_front,
+    knapsack_runs,
+    min_max_split,
+)
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.search import undominated_strategies
 
@@ -285,11 +291,7 @@ class _Search:
         run = np.array(runs)
         for s in range(L):
             run[s, s:] += np.maximum.accumulate(fmin[s:])
-        h = run[0]  # h[e]: the smallest largest sync of stages 0..i covering layers 0..e
-        for _ in range(1, self.pp):
-            prev = np.concatenate([[np.inf], h[:-1]])  # prev[s]: the stages before end at s - 1
-            h = np.maximum(prev[:, None], run).min(axis=0)
-        return float(h[L - 1])
+        return min_max_split([run] * self.pp)[0]
 
     # ------------------------------------------------------------------ runs of one stage
     def _useful(self, Mi: np.ndarray) -> np.ndarray:
@@ -628,16 +630,9 @@ def _window_envelopes(
             front = fronts.get(seqs[s])
             if front is None:
                 ks = np.flatnonzero(mask[e])
-                a = (cur[s][0][:, None] + A[e, ks][None, :]).ravel()
-                m = (cur[s][1][:, None] + M[e, ks][None, :]).ravel()
-                keep = m <= limit
-                a, m = a[keep], m[keep]
-                order = np.lexsort((a, m))
-                a, m = a[order], m[order]
-                on = a < np.concatenate([[np.inf], np.minimum.accumulate(a)[:-1]])
-                a, m = a[on], m[on]
+                a, m, _ = extend_front(*cur[s], A[e, ks], M[e, ks], limit)
                 if len(a) > max_points:
-                    a, m = a[-1:], m[:1]  # the fastest time at the leanest memory
+                    a, m = a[:1], m[-1:]  # the fastest time at the leanest memory
                 front = fronts[seqs[s]] = (a, m)
             cur[s] = front
         distinct = list({id(f): f for f in cur[:n]}.values())

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from uniap.bounds import extend_front, memory_split
 from uniap.cost_model import CostTables, evaluate_assignment
 
 __all__ = [
@@ -433,8 +434,6 @@ def memory_split_assignment(
     above). Knapsacks ignore reshards. None when no split has its runs within
     ``cap_s``, or neither assignment fits (reshard-free memory is exact, so they fit unless a
     front was thinned)."""
-    from uniap.bounds import memory_split
-
     if t.virtual_stages > 1:
         return None
     _, runs = memory_split(t, cap_s)
@@ -466,23 +465,13 @@ def _run_knapsacks(
         back: list[tuple[np.ndarray, np.ndarray]] = []
         for u in range(s, e + 1):
             ks = np.flatnonzero(mask[u])
-            a2 = (a[:, None] + weight[u, ks][None, :]).ravel()
-            m2 = (m[:, None] + t.M[u, ks, i][None, :]).ravel()
-            parent = np.repeat(np.arange(len(a)), len(ks))
-            kk = np.tile(ks, len(a))
-            keep = m2 <= limit
-            if not keep.any():
+            a, m, idx = extend_front(a, m, weight[u, ks], t.M[u, ks, i], limit)
+            if not len(a):
                 return None
-            a2, m2, parent, kk = a2[keep], m2[keep], parent[keep], kk[keep]
-            order = np.lexsort((m2, a2))
-            a2, m2, parent, kk = a2[order], m2[order], parent[order], kk[order]
-            on = m2 < np.concatenate([[np.inf], np.minimum.accumulate(m2)[:-1]])
-            on_idx = np.flatnonzero(on)
-            if len(on_idx) > max_points:  # thin the front, keeping its fastest and leanest
-                pick = np.unique(np.linspace(0, len(on_idx) - 1, max_points).round())
-                on_idx = on_idx[pick.astype(np.int64)]
-            a, m = a2[on_idx], m2[on_idx]
-            back.append((parent[on_idx], kk[on_idx]))
+            if len(a) > max_points:  # thin the front, keeping its fastest and leanest
+                pick = np.unique(np.linspace(0, len(a) - 1, max_points).round()).astype(np.int64)
+                a, m, idx = a[pick], m[pick], idx[pick]
+            back.append((idx // len(ks), ks[idx % len(ks)]))
         j = 0  # the fastest point of the front
         for u in range(e, s - 1, -1):
             parents, chosen = back[u - s]
