@@ -215,3 +215,51 @@ def test_step_memory_counts_saved_activations_exactly_and_recompute_keeps_the_in
             state = meter.breakdown["optimizer_state_bytes"]
             assert state == (0 if step == 0 else 2 * param_bytes + 4 * 4)  # + 4 step counters
             assert meter.peak_memory_bytes == sum(meter.breakdown.values())
+
+
+@pytest.mark.parametrize("fake_world", [(4, 1)], indirect=True)
+def test_layout_adapter_checks_its_inputs_on_the_host(
+    fake_world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At pp = 1 a layer in another layout than the first gets its batch resharded, after an
+    all-gather of a signature of its arguments. Under NCCL that exchange goes over one gloo
+    group made for it (a host tensor: no wait on the device's queued work); a plan in one
+    layout makes none."""
+    from toy import make_plan, toy_fqns
+
+    from uniap.executor import ProcessGroups, mesh
+    from uniap.executor.model_forward import BatchContext, LayoutAdapter
+
+    made: list[str] = []
+    host = object()
+
+    def new_group(*args, backend=None, **kwargs):
+        made.append(backend)
+        return host
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(dist, "new_group", new_group)
+    monkeypatch.setattr(mesh, "_GROUP_CACHE", {})
+    fqns = toy_fqns()
+    one = make_plan(fqns, 4, [[(4, 1, "DDP")]], global_batch_size=8, num_microbatches=1)
+    assert ProcessGroups(one, torch.device("cpu")).host_group is None
+    mixed = [(4, 1, "DDP")] + [(2, 2, "FSDP")] * (len(fqns) - 1)
+    plan = make_plan(fqns, 4, [mixed], global_batch_size=8, num_microbatches=1)
+    groups = ProcessGroups(plan, torch.device("cpu"))
+    assert groups.host_group is host and made == ["gloo"]
+    assert ProcessGroups(plan, torch.device("cpu")).host_group is host and made == ["gloo"]
+
+    seen = []
+
+    def all_gather(out, tensor, group=None, **kwargs):
+        seen.append((tensor.device.type, group))
+        for o in out:
+            o.copy_(tensor)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    context = BatchContext()
+    context.microbatch_size = 8
+    adapter = LayoutAdapter(lambda x: x, groups, (4, 1), (2, 2), context)
+    adapter._check_same_structure(((torch.zeros(2, 3),), {}), 2)
+    assert seen == [("cpu", host)]

@@ -229,6 +229,21 @@ class ProcessGroups:
                 groups = self.layout.gather_groups(tp_small, tp_big)
                 _GROUP_CACHE[key], _ = dist.new_subgroups_by_enumeration(groups)
             self._gather[(tp_small, tp_big)] = _GROUP_CACHE[key]
+        # the model's own forward at pp = 1 reshards the batch of every layer whose layout
+        # differs from the first's; their argument check is host data, exchanged over a gloo
+        # group so that it never waits on the device (:class:`~uniap.executor.model_forward.
+        # LayoutAdapter`)
+        self.host_group: dist.ProcessGroup | None = None
+        first = plan.stages[0].layers[0]
+        if pp == 1 and any(ls.dp != first.dp for ls in plan.layer_strategies):
+            backend = str(dist.get_backend())
+            if "gloo" in backend or backend == "fake":  # host tensors go through it already
+                self.host_group = world
+            else:
+                key = (world, "host")
+                if key not in _GROUP_CACHE:
+                    _GROUP_CACHE[key] = dist.new_group(backend="gloo")
+                self.host_group = _GROUP_CACHE[key]
         logger.debug(
             "rank %d: meshes %s, gather groups %s",
             self.rank,

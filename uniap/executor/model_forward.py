@@ -139,7 +139,7 @@ class LayoutAdapter:
         self._out = BatchReshard(groups, layer, base)
         self._base_dp, self._layer_dp = base[0], layer[0]
         self._context = context
-        self._device = groups.device
+        self._host_group = groups.host_group
         self._name = ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -153,7 +153,10 @@ class LayoutAdapter:
         """Every rank must pass the same batch-first tensors (the reshards are collectives
         over ranks holding different samples): one small all-gather of a signature of the
         arguments, and a clear error instead of a hang when a rank's arguments differ (e.g.
-        a Hugging Face attention mask that is None on a shard without padding)."""
+        a Hugging Face attention mask that is None on a shard without padding). The
+        signature is host data and goes over the host (gloo) group of
+        :class:`~uniap.executor.mesh.ProcessGroups`, so the check never waits for the
+        device's queued work (with NCCL, a device tensor read back would)."""
         parts: list[str] = []
 
         def walk(v: Any, path: str) -> None:
@@ -170,9 +173,9 @@ class LayoutAdapter:
 
         walk(value, "")
         text = ";".join(parts)
-        mine = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64, device=self._device)
-        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, mine)
+        mine = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self._host_group))]
+        dist.all_gather(everyone, mine, group=self._host_group)
         if any(int(e) != int(mine) for e in everyone):
             raise PlanMismatchError(
                 f"layer {self._name or '?'} runs in another data-parallel layout than the "
