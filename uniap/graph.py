@@ -374,7 +374,12 @@ def _trace(
     tracer.install()
     counter = FlopCounterMode(display=False, custom_mapping=FUSED_SDPA_FLOPS)
     try:
-        with mode, torch.enable_grad(), counter, FusedAttentionMode(tracer.on_heads):
+        with (
+            mode,
+            torch.enable_grad(),
+            counter,
+            FusedAttentionMode(tracer.on_heads, tracer.on_call),
+        ):
             with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
                 if isinstance(inputs, Mapping):
                     output = traced(**inputs)

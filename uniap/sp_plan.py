@@ -16,7 +16,14 @@ does not):
   not seen here, and fails at run time: DTensor refuses to add a plain and a sharded tensor);
 - each pair's column-wise Linears read one tensor of the input's shape and its row-wise
   Linear returns one (self-attention, MLP; cross-attention reads a second, replicated tensor
-  and is left out).
+  and is left out);
+- outside the pairs' spans (from a pair's first column-wise Linear to its row-wise Linear's
+  return) every call on a tensor led by the input's batch and sequence dimensions acts on
+  each position apart (elementwise ops, norms and reductions over later dimensions, Linears,
+  reshapes that keep the two: :func:`uniap.tracing.mixes_positions`, conservative). A call
+  that mixes positions there (a causal convolution or a cumulative sum over the sequence, a
+  shift of the sequence) would make DTensor gather the sharded sequence, which neither the
+  executor's communication plan nor the cost model has.
 
 ``replicated_param_bytes``: the parameters outside the regions (norm weights and biases), one
 entry per tensor: SP computes their gradients on sequence chunks and sums them over the TP
@@ -121,6 +128,13 @@ def sp_plan(layer: nn.Module, trace: LayerTrace, tp: TPPlan) -> SPPlan:
         )
         for pair in tp.pairs
     ]
+    for event, name in trace.position_mixing:
+        if not any(lo <= event <= hi for lo, hi in spans):
+            return SPPlan(
+                excluded_reason=f"its call {name!r} outside the regions {regions} may mix the "
+                "positions of dimension 1, which sequence parallelism shards there (DTensor "
+                "would gather them: communication the cost model does not charge)"
+            )
     total = sum(nbytes for nbytes, _ in trace.saved.values())
     outside = sum(
         nbytes

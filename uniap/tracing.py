@@ -38,6 +38,7 @@ __all__ = [
     "default_loss",
     "fake_copy",
     "fake_inputs",
+    "mixes_positions",
     "pipeline_split_reason",
     "structure_key",
     "tensors_in",
@@ -152,16 +153,28 @@ FUSED_SDPA_FLOPS = {
 class FusedAttentionMode(TorchFunctionMode):
     """Reroutes ``F.scaled_dot_product_attention`` to the fused (flash) kernel during the meta
     trace (meta tensors would otherwise take the unfused math path, which saves the
-    probabilities) and reports the query / key-value head counts of every call."""
+    probabilities) and reports the query / key-value head counts of every call. ``on_call``,
+    when given, sees every other torch function call (the outermost ones: the mode is off
+    inside them) with its arguments and output."""
 
-    def __init__(self, on_heads: Callable[[int, int, int], None]) -> None:
+    def __init__(
+        self,
+        on_heads: Callable[[int, int, int], None],
+        on_call: Callable[[Any, tuple, dict, Any], None] | None = None,
+    ) -> None:
         super().__init__()
         self.on_heads = on_heads
+        self.on_call = on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if self.on_call is not None:
+                self.on_call(func, args, kwargs, out)
+            return out
+        if self.on_call is not None:
+            self.on_call(func, args, kwargs, None)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         call = {**dict(zip(names, args)), **kwargs}
         q, k, v = call["query"], call["key"], call["value"]
@@ -192,6 +205,92 @@ class FusedAttentionMode(TorchFunctionMode):
             logger.debug("fused attention unavailable (%s); tracing the math path", e)
             return func(*args, **kwargs)
         return out
+
+
+_POSITION_WISE = frozenset(
+    """linear layer_norm rms_norm group_norm dropout dropout1d alpha_dropout gelu silu relu
+    relu6 leaky_relu elu selu celu mish hardswish hardsigmoid hardtanh sigmoid tanh softplus
+    softsign logsigmoid glu add sub mul div true_divide floor_divide pow neg abs exp exp2 expm1
+    log log1p log2 sqrt rsqrt square reciprocal sin cos erf erfc clamp clamp_min clamp_max clip
+    sign lerp addcmul addcdiv where masked_fill maximum minimum fmax fmin to type float half
+    bfloat16 double contiguous clone detach detach_ requires_grad_ add_ sub_ mul_ div_ pow_
+    neg_ clamp_ masked_fill_ copy_ fill_ zero_ __add__ __radd__ __iadd__ __sub__ __rsub__
+    __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __floordiv__
+    __pow__ __rpow__ __neg__ __pos__ __abs__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__
+    __or__ __invert__ __get__ __set__ __len__ __format__ __repr__ size dim ndimension numel
+    element_size is_floating_point is_contiguous stride storage_offset data_ptr type_as
+    view_as reshape_as expand_as float_power register_hook retain_grad __hash__ __deepcopy__
+    untyped_storage""".split()
+)
+"""Calls that act on each position of dimension 1 apart (elementwise, or along the last
+dimension: norms, Linears), and calls that read a tensor's metadata or hook its gradient."""
+
+_DIM_ARG: dict[str, tuple[int, int | None]] = {
+    **dict.fromkeys(
+        """sum mean amax amin max min var std norm logsumexp softmax log_softmax cumsum cumprod
+        argmax argmin prod all any count_nonzero narrow select flip""".split(),
+        (1, None),
+    ),
+    **dict.fromkeys("cat concat concatenate stack unbind".split(), (1, 0)),
+    **dict.fromkeys("split chunk split_with_sizes".split(), (2, 0)),
+    "roll": (2, None),
+}
+"""Calls along the dimensions their ``dim`` argument names (its position, and its default;
+None: every dimension): position-wise when each of them is past the first two."""
+
+
+def mixes_positions(
+    func: Any, args: tuple, kwargs: dict, out: Any, lead: tuple[int, ...]
+) -> str | None:
+    """The name of the call ``func(*args, **kwargs) -> out`` when it may mix the positions
+    along dimension 1 of a tensor whose first two dimensions are ``lead`` (the batch and the
+    sequence of a layer's input), None when it acts on every position apart or touches no such
+    tensor. Conservative: a call it does not know counts as mixing. Sequence parallelism
+    (:mod:`uniap.sp_plan`) shards that dimension between the layer's regions, where such a
+    call would make DTensor gather it (communication the cost model does not charge)."""
+    lead = tuple(lead)
+    ins = [t for t in tensors_in(list(args)) + tensors_in(kwargs) if t.dim() >= 2]
+    stream = [t for t in ins if tuple(t.shape[:2]) == lead]
+    if not stream:
+        return None
+    name = getattr(func, "__name__", None) or repr(func)
+    if name in _POSITION_WISE:
+        return None
+    ndim = stream[0].dim()
+    outs = [t for t in tensors_in(out) if t.dim() >= 2]
+    if name in _DIM_ARG:
+        at, default = _DIM_ARG[name]
+        if name in ("max", "min") and len(args) > 1 and isinstance(args[1], Tensor):
+            return None  # elementwise maximum / minimum
+        dims = kwargs.get("dim", kwargs.get("dims", kwargs.get("axis")))
+        if dims is None:
+            dims = args[at] if len(args) > at else default
+        if dims is None or not isinstance(dims, int | tuple | list):
+            return name
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return None if all(isinstance(d, int) and d % ndim >= 2 for d in dims) else name
+    if name in ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "expand"):
+        return None if outs and tuple(outs[0].shape[:2]) == lead else name
+    if name in ("transpose", "swapaxes", "swapdims"):
+        dims = [a for a in args[1:] if isinstance(a, int)]
+        return None if len(dims) == 2 and all(d % ndim >= 2 for d in dims) else name
+    if name == "permute":
+        perm = args[1] if len(args) == 2 and isinstance(args[1], tuple | list) else args[1:]
+        return None if [p % ndim for p in perm][:2] == [0, 1] else name
+    if name in ("__getitem__", "__setitem__"):
+        key = args[1] if len(args) > 1 else None
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[0] is Ellipsis:
+            past = [k for k in key[1:] if k is not None]
+            ok = len(past) <= ndim - 2 and not any(isinstance(k, Tensor) for k in past)
+        else:
+            full = [isinstance(k, slice) and k == slice(None) for k in key[:2]]
+            ok = len(full) == 2 and all(full) and not any(isinstance(k, Tensor) for k in key)
+        return None if ok else name
+    if name in ("matmul", "__matmul__", "bmm", "mm"):
+        other = args[1] if len(args) > 1 else None
+        return None if isinstance(other, Tensor) and other.dim() <= 2 else name
+    return name
 
 
 def default_loss(output: Any) -> Tensor:
@@ -248,6 +347,10 @@ class LayerTrace:
     extra_input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     """Shapes of the floating tensors passed to the layer besides its first input (masks,
     attention biases, rotary tables), first call."""
+    position_mixing: list[tuple[int, str]] = field(default_factory=list)
+    """``(event, name)`` of the calls that may mix the positions of dimension 1 of a tensor
+    led by the layer's input's first two dimensions (:func:`mixes_positions`), first call of
+    the layer only."""
 
 
 class Tracer:
@@ -326,6 +429,17 @@ class Tracer:
             if key not in self.excluded and key not in saved:
                 saved[key] = (nbytes, self._tick())
         return t
+
+    def on_call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Records a call of the running layer's first call that may mix positions."""
+        if not self.stack:
+            return
+        trace = self.layers[self.stack[-1]]
+        if trace.num_calls != 1 or len(trace.input_shape) != 3:
+            return
+        name = mixes_positions(func, args, kwargs, out, trace.input_shape[:2])
+        if name is not None:
+            trace.position_mixing.append((self._tick(), name))
 
     def on_heads(self, q_heads: int, kv_heads: int, q_len: int = 0) -> None:
         if self.stack:

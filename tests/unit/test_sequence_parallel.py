@@ -144,6 +144,122 @@ def test_region_with_other_parameters_is_refused() -> None:
     )
 
 
+def _token_mixing_block_graph(mix):
+    """A pre-norm block of attention and MLP regions whose residual stream goes through
+    ``mix`` between them."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1))
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x)))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(16), nn.LayerNorm(16)
+            self.attn, self.mlp = Attention(), MLP()
+
+        def forward(self, x):
+            h = mix(x + self.attn(self.n1(x)))
+            return h + self.mlp(self.n2(h))
+
+    with torch.device("meta"):
+        m = nn.Sequential(Block(), Block())
+    return build_graph(m, torch.empty(2, 8, 16, device="meta"), pipeline_check=False)
+
+
+@pytest.mark.parametrize(
+    "mix,name",
+    [
+        (lambda h: h + 0.5 * h.mean(-1, keepdim=True) * h.view(2, 8, 2, 8).flatten(2), None),
+        (lambda h: h + torch.cumsum(h, dim=1), "cumsum"),
+        (lambda h: h + torch.roll(h, 1, 1), "roll"),
+        (lambda h: torch.cat([h[:, :1], h[:, :-1]], dim=1), "__getitem__"),
+    ],
+)
+def test_an_op_that_mixes_positions_between_the_regions_rules_out_sp(mix, name) -> None:
+    """Between its regions SP shards the residual stream along the sequence; a call there
+    that mixes positions (a cumulative sum, a roll, a token shift) would make DTensor gather
+    it, uncharged: the layer gets no SP plan, naming the call. Position-wise calls (norms,
+    reductions over the features, reshapes that keep batch and sequence) leave it."""
+    layer = _token_mixing_block_graph(mix).layers[0]
+    assert layer.tp_pairs
+    if name is None:
+        assert (layer.sp_regions, layer.sp_excluded_reason) == (("attn", "mlp"), "")
+        return
+    assert not layer.sp_regions
+    assert layer.sp_excluded_reason == (
+        f"its call {name!r} outside the regions ['attn', 'mlp'] may mix the positions of "
+        "dimension 1, which sequence parallelism shards there (DTensor would gather them: "
+        "communication the cost model does not charge)"
+    )
+    s = Strategy(1, 2, "DDP", False, 0, True)
+    assert why_not(layer, s, 2) == f"sequence parallelism is not possible: {layer.sp_why_not(2)}"
+
+
+def test_position_mixing_calls_are_told_apart() -> None:
+    """:func:`uniap.tracing.mixes_positions` on calls of a (batch 2, sequence 8, ...) tensor:
+    elementwise, last-dimension and shape-keeping calls act on every position apart; calls
+    along the sequence (or over every dimension) mix; other tensors are not looked at."""
+    from torch.nn import functional as F
+
+    from uniap.tracing import mixes_positions
+
+    x, w, other = torch.zeros(2, 8, 4), torch.zeros(4, 4), torch.zeros(3, 5, 4)
+    x4 = torch.zeros(2, 8, 2, 2)
+
+    def name(func, *args, **kwargs):
+        return mixes_positions(func, args, kwargs, func(*args, **kwargs), (2, 8))
+
+    wise = [
+        (torch.add, x, x),
+        (F.layer_norm, x, (4,)),
+        (torch.mean, x, -1),
+        (torch.Tensor.sum, x, 2),
+        (torch.softmax, x, -1),
+        (torch.Tensor.view, x, 2, 8, 2, 2),
+        (torch.transpose, x4, 2, 3),
+        (torch.Tensor.permute, x4, 0, 1, 3, 2),
+        (torch.matmul, x, w),
+        (torch.cat, [x, x], -1),
+        (torch.Tensor.chunk, x, 2, -1),
+        (torch.Tensor.__getitem__, x, (Ellipsis, slice(0, 2))),
+        (torch.cumsum, other, 1),
+        (torch.max, x, x),
+    ]
+    for func, *args in wise:
+        assert name(func, *args) is None, func
+    mixing = [
+        (torch.cumsum, x, 1),
+        (torch.mean, x, 1),
+        (torch.Tensor.sum, x),
+        (torch.roll, x, 1, 1),
+        (torch.transpose, x, 1, 2),
+        (torch.Tensor.view, x, 16, 4),
+        (torch.cat, [x, x], 1),
+        (torch.Tensor.__getitem__, x, (slice(None), slice(0, 4))),
+        (torch.matmul, x, x.transpose(1, 2)),
+        (torch.Tensor.flip, x, (1,)),
+    ]
+    for func, *args in mixing:
+        assert name(func, *args) == func.__name__, func
+
+
 def test_sp_strategies_only_when_asked_and_only_with_tp() -> None:
     """``sequence_parallel`` adds one sp twin of every ``tp > 1`` strategy, none at tp = 1."""
     plain = stage_strategies(4)
