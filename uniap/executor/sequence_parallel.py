@@ -16,7 +16,8 @@ What runs, for a layer with sequence dimension ``d`` (:attr:`uniap.graph.Layer.s
   own forward then runs on DTensors, which keep global shapes (``x.shape`` is what the user's
   code expects) and global semantics: an op between the regions that mixes positions would
   still be computed right, DTensor gathering what it needs, but that gather is not in the cost
-  model (:mod:`uniap.sp_plan` offers SP to layers whose pairs sit in their own submodules);
+  model, so :mod:`uniap.sp_plan` offers SP only to layers whose pairs sit in their own
+  submodules and whose calls between them act on each position apart (found in the trace);
 - parameters outside the pairs' regions (norm weights and biases) become ``Replicate``
   DTensors on the TP mesh, so their gradients (each rank has the part of its own chunk,
   ``Partial``) are summed over the group (torch's ``SequenceParallel`` style): once accumulated
