@@ -91,10 +91,14 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   (loss parallel's shifted logits too, :func:`uniap.profiles.analytic.loss_parallel_bytes`).
 - Free parameters (``Layer.free_params``: outside every layer, charged on the first; tied to a
   later layer, charged on their first owner; with ``pp > 1`` also ``Layer.tied_copy_params``,
-  the copy a later layer's stage holds): the executor keeps them out of every data-parallel
-  wrapper (:class:`uniap.executor.model_forward.FreeParamSync`), so whatever the layer's kind
-  they take ``2 P + O`` whole on each rank (and, under mixed precision without recompute, the
-  ``P`` autocast copy per micro-batch in flight), an all-reduce of their gradient over the
+  the copy a later layer's stage holds, charged on every later holder: holders that share a
+  stage are charged a copy each where the executor keeps one, an over-count only for weights
+  shared by layers that can sit on one stage, never for a tied embedding and LM head, the
+  chain's first and last layers, which ``pp > 1`` always separates): the executor keeps them
+  out of every data-parallel wrapper (:class:`uniap.executor.model_forward.FreeParamSync`), so
+  whatever the layer's kind they take ``2 P + O`` whole on each rank (and, under mixed
+  precision without recompute, the ``P`` autocast copy per micro-batch in flight), an
+  all-reduce of their gradient over the
   layer's dp group after the last backward (in ``G``, not hidden) and an optimizer step on
   the device; the kind's formulas above apply to the rest of the layer's parameters.
 - Vocabulary parallelism (``Layer.tp_vocab``, embedding and head layers at ``tp > 1``; the
