@@ -98,9 +98,9 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   out of every data-parallel wrapper (:class:`uniap.executor.model_forward.FreeParamSync`), so
   whatever the layer's kind they take ``2 P + O`` whole on each rank (and, under mixed
   precision without recompute, the ``P`` autocast copy per micro-batch in flight), an
-  all-reduce of their gradient over the
-  layer's dp group after the last backward (in ``G``, not hidden) and an optimizer step on
-  the device; the kind's formulas above apply to the rest of the layer's parameters.
+  all-reduce of their gradient over the layer's dp group after the last backward (in ``G``,
+  not hidden) and an optimizer step on the device; the kind's formulas above apply to the
+  rest of the layer's parameters.
 - Vocabulary parallelism (``Layer.tp_vocab``, embedding and head layers at ``tp > 1``; the
   executor's :mod:`uniap.executor.tensor_parallel` and :mod:`uniap.executor.vocab_loss`, as
   torchtitan's ``RowwiseParallel`` embedding and ``ColwiseParallel`` output with loss
