@@ -217,7 +217,7 @@ _POSITION_WISE = frozenset(
     neg_ clamp_ masked_fill_ copy_ fill_ zero_ __add__ __radd__ __iadd__ __sub__ __rsub__
     __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __floordiv__
     __pow__ __rpow__ __neg__ __pos__ __abs__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__
-    __or__ __invert__ __get__ __set__ __len__ __format__ __repr__ size dim ndimension numel
+    __or__ __invert__ __set__ __len__ __format__ __repr__ size dim ndimension numel
     element_size is_floating_point is_contiguous stride storage_offset data_ptr type_as
     view_as reshape_as expand_as float_power register_hook retain_grad __hash__ __deepcopy__
     untyped_storage""".split()
@@ -269,6 +269,10 @@ def mixes_positions(
             return name
         dims = [dims] if isinstance(dims, int) else list(dims)
         return None if all(isinstance(d, int) and d % ndim >= 2 for d in dims) else name
+    if name == "__get__":  # an attribute: metadata, or a tensor (``.mT`` swaps dims 1 and 2)
+        if all(tuple(t.shape[:2]) == lead for t in outs):
+            return None
+        return str(getattr(getattr(func, "__self__", None), "__name__", name))
     if name in ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "expand"):
         return None if outs and tuple(outs[0].shape[:2]) == lead else name
     if name in ("transpose", "swapaxes", "swapdims"):

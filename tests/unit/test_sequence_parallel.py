@@ -256,6 +256,9 @@ def test_position_mixing_calls_are_told_apart() -> None:
         (torch.matmul, x, x.transpose(1, 2)),
         (torch.Tensor.flip, x, (1,)),
     ]
+    shape, swapped = torch.Tensor.shape.__get__, torch.Tensor.mT.__get__
+    assert mixes_positions(shape, (x,), {}, shape(x), (2, 8)) is None
+    assert mixes_positions(swapped, (x,), {}, swapped(x), (2, 8)) == "mT"
     for func, *args in mixing:
         assert name(func, *args) == func.__name__, func
 
