@@ -249,8 +249,7 @@ def mixes_positions(
     (:mod:`uniap.sp_plan`) shards that dimension between the layer's regions, where such a
     call would make DTensor gather it (communication the cost model does not charge)."""
     lead = tuple(lead)
-    ins = [t for t in tensors_in(list(args)) + tensors_in(kwargs) if t.dim() >= 2]
-    stream = [t for t in ins if tuple(t.shape[:2]) == lead]
+    stream = [t for t in tensors_in([args, kwargs]) if tuple(t.shape[:2]) == lead]
     if not stream:
         return None
     name = getattr(func, "__name__", None) or repr(func)
