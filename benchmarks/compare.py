@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -62,6 +60,7 @@ from baselines import (  # noqa: E402
     handset,
     uniap_search,
 )
+from machine import machine  # noqa: E402
 
 from uniap import models  # noqa: E402
 from uniap.cluster import Cluster, load_cluster  # noqa: E402
@@ -339,22 +338,6 @@ def search_time_target(rows: list[tuple[Workload, dict[str, BaselineResult]]]) -
         ),
     ]
     return "\n".join(lines), holds
-
-
-def machine() -> str:
-    """CPU, cores, Python and torch of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
-    )
 
 
 # ---------------------------------------------------------------------- plots

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from accuracy_harness import build_job_model, compare, spawn  # noqa: E402
+from machine import machine  # noqa: E402
 
 from uniap.calibration import Measurement, calibrate  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
@@ -567,7 +567,7 @@ def main() -> int:
         ap.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     t0 = time.perf_counter()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"machine: {machine()}; "
         f"{load_line()} at the start; gloo, 1 thread per process; global batch {BATCH}; "
         f"zero_grad(set_to_none={args.set_to_none})"
     )

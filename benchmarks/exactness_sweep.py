@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 import time
 
 import numpy as np
 import torch
+from machine import machine
 from torch import nn
 
 from uniap import models
@@ -78,10 +78,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="at most 8 limits per instance")
     args = ap.parse_args()
     logging.getLogger("uniap").setLevel(logging.ERROR)
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, torch "
-        f"{torch.__version__}"
-    )
+    print(f"# machine: {machine()}")
     print(
         f"{'seed':>4} {'model':<10} {'devices':<7} {'opts':<34} {'limits':>6} {'bad':>4} "
         f"{'wall_s':>7}"

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import machine
 from torch import nn
 
 from uniap._dist import free_port
@@ -253,16 +253,6 @@ def _worker(rank: int, port: int, out: str, warmup: int, steps: int, measure: bo
     dist.destroy_process_group()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warmup", type=int, default=5)
@@ -291,8 +281,7 @@ def main() -> int:
     lines = [
         "# Executor overhead: uniap vs hand-written torch.distributed",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}; CPU gloo, world {WORLD}, 1 thread per process; "
+        f"Machine: {machine()}; CPU gloo, world {WORLD}, 1 thread per process; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
         f"Model: gpt-tiny with {MODEL_OVERRIDES}, global batch {GLOBAL_BATCH}; "
         f"{args.warmup} warm-up steps, median of {args.steps} alternating steps "

@@ -15,8 +15,6 @@ prints the median iteration time (``train_step`` + optimizer step) of each and w
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import HANDSET_METHODS, handset, to_plan  # noqa: E402
+from machine import machine, omp_threads  # noqa: E402
 
 import uniap  # noqa: E402
 from uniap.cluster import load_cluster  # noqa: E402
@@ -123,9 +122,7 @@ def main() -> None:
             [
                 "# Measured cross-check: uniap's plan vs the best hand-set plan (CPU, gloo)",
                 "",
-                f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"Python {platform.python_version()}, torch {torch.__version__}; "
-                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+                f"machine: {machine(omp_threads())}",
                 f"model: {MODEL} with {cfg}; global batch {GLOBAL_BATCH}; cluster {CLUSTER} "
                 f"(2 processes); {args.warmup} warm-up + {args.steps} measured steps; iteration = "
                 "train_step + AdamW step, between barriers.",

@@ -31,7 +31,6 @@ it ran on heads the output.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accuracy_harness import spawn  # noqa: E402
 from baselines import handset, to_plan  # noqa: E402
+from machine import machine, omp_threads  # noqa: E402
 
 from uniap.cluster import load_cluster  # noqa: E402
 from uniap.contract import LayerStrategy, Plan, Stage, Strategy  # noqa: E402
@@ -144,14 +144,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="profile timing repeats")
     ap.add_argument("--tightness", type=float, default=0.5, help="budget / pure DDP's peak")
     args = ap.parse_args()
-    import torch
 
     t_start = time.perf_counter()
-    print(
-        f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (shared with other work), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    )
+    print(f"machine: {platform.node()}, {machine(omp_threads())} (shared with other work)")
     print(
         f"{WORLD} gloo processes on this host, global batch {GLOBAL_BATCH}, budget "
         f"{args.tightness} x pure DDP's predicted peak, {args.warmup} warm-up + {args.reps} "

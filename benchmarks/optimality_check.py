@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Workload, a100, graph_of, h100, machine  # noqa: E402
+from compare import Workload, a100, graph_of, h100  # noqa: E402
+from machine import machine  # noqa: E402
 
 from uniap.cost_model import CostModel  # noqa: E402
 from uniap.planner import plan_graph  # noqa: E402

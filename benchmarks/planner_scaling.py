@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import resource
 import time
 
 import torch
+from machine import machine
 
 from uniap import models
 from uniap.cluster import load_cluster
@@ -47,10 +46,7 @@ def main() -> None:
     if args.quick:
         rows = [rows[len(CLUSTERS) * 4 + 1], rows[-1]]
     graphs: dict[str, tuple] = {}
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"python {platform.python_version()}, torch {torch.__version__}"
-    )
+    print(f"machine: {machine()}")
     print()
     print(
         "| model | cluster | devices | global batch | trace s | UOP s | programs | plan | "

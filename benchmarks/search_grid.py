@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import time
 
 import torch
+from machine import machine
 
 from uniap import models
 from uniap.cluster import load_cluster
@@ -71,10 +71,7 @@ def main() -> None:
     if args.devices:
         devices = tuple(int(d) for d in args.devices.split(","))
     precisions = tuple(args.precisions.split(",")) if args.precisions else PRECISIONS
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"python {platform.python_version()}, torch {torch.__version__}"
-    )
+    print(f"machine: {machine()}")
     t0 = time.perf_counter()
     tiny = models.build_model("gpt-tiny", device="meta")
     build_graph(tiny, models.example_batch(tiny, 2, device="meta")[0])

@@ -51,7 +51,7 @@ from uniap.graph import Layer, ModelGraph
 from uniap.profiles.analytic import COLLECTIVES, Profile, loss_parallel_bytes, loss_tp_share
 from uniap.profiles.fits import CollectiveFit, fit_line, group_shape_key, interpolate
 
-__all__ = ["LayerProfile", "MeasuredProfile", "hardware_info", "library_versions"]
+__all__ = ["LayerProfile", "MeasuredProfile", "cpu_name", "hardware_info", "library_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def hardware_info(
     if device_type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
     else:
-        name = _cpu_name()
+        name = cpu_name()
     return {
         "device_type": device_type,
         "device_name": name,
@@ -87,7 +87,8 @@ def hardware_info(
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
