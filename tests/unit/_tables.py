@@ -2,13 +2,63 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 
+from uniap.bounds import SegmentBound, candidate_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.graph import Layer, ModelGraph, TPPair
-from uniap.search import compositions
+from uniap.milp import Solution, solve
+from uniap.search import compositions, exhaustive, heuristic
 
-__all__ = ["random_tables", "synthetic_graph"]
+__all__ = [
+    "assert_bounds_keep_the_optimum",
+    "assert_program_equals_enumeration",
+    "random_tables",
+    "synthetic_graph",
+]
+
+
+def assert_program_equals_enumeration(t: CostTables) -> tuple[float, list[int], Solution] | None:
+    """The program, cold and warm-started from the heuristic with a cutoff 2 % above the
+    optimum, equals exhaustive search over every split and strategy (its objective too);
+    ``(optimum, its stage_of, the cold solution)``, or None when nothing fits (the program
+    must say infeasible)."""
+    opt, stage_of, _ = exhaustive(t)
+    sol = solve(t)
+    if math.isinf(opt):
+        assert sol.status == "infeasible"
+        return None
+    assert sol.status == "optimal"
+    assert math.isclose(sol.time_per_iteration_s, opt, rel_tol=1e-9)
+    assert math.isclose(sol.objective_s, opt, rel_tol=1e-6)
+    warm = solve(t, incumbent=heuristic(t), incumbent_tpi_s=opt * 1.02)
+    assert math.isclose(warm.time_per_iteration_s, opt, rel_tol=1e-9)
+    return opt, stage_of, sol
+
+
+def assert_bounds_keep_the_optimum(t: CostTables, opt: float) -> None:
+    """Against ``opt``, the enumerated optimum of ``t``: the candidate and segment bounds stay
+    below it (finite where it is), and the stage windows (of the whole table and of the
+    segment bound) keep every assignment that fits and is faster than ``1.05 opt``."""
+    assert candidate_lower_bound(t) <= opt * (1 + 1e-12)
+    seg = SegmentBound(t)
+    for target in (None, opt * 0.999, opt, opt * 1.5):
+        if target is not None and math.isinf(target):
+            continue
+        lb = seg.lower_bound(target)
+        assert lb <= opt * (1 + 1e-12) and (math.isfinite(lb) or math.isinf(opt))
+    if math.isinf(opt):
+        return
+    target = opt * 1.05
+    win, runs = stage_windows(t, target), seg.windows(target)
+    for stage_of in compositions(t.num_layers, t.num_stages):
+        for strat in itertools.product(*t.allowed):
+            ev = evaluate_assignment(t, stage_of, list(strat))
+            if ev.fits and ev.time_per_iteration_s < target:
+                assert all(i in win[u] and i in runs[u] for u, i in enumerate(stage_of))
 
 
 def random_tables(seed: int) -> CostTables:

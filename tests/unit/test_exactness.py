@@ -9,10 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tables import assert_bounds_keep_the_optimum
 from torch import nn
 
 from uniap import models
-from uniap.bounds import SegmentBound, bottleneck_lower_bound, candidate_lower_bound, stage_windows
+from uniap.bounds import bottleneck_lower_bound
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import InfeasibleError
@@ -193,21 +194,7 @@ def test_every_bound_is_valid_through_the_memory_sweep(case: str) -> None:
             else:
                 assert math.isinf(split) == math.isinf(opt)
             assert split <= min_bottleneck * (1 + 1e-12)
-            assert candidate_lower_bound(t) <= opt * (1 + 1e-12)
-            seg = SegmentBound(t)
-            for target in (None, opt * 0.999, opt, opt * 1.5):
-                if target is not None and math.isinf(target):
-                    continue
-                lb = seg.lower_bound(target)
-                assert lb <= opt * (1 + 1e-12) and (math.isfinite(lb) or math.isinf(opt))
-            if math.isfinite(opt):
-                target = opt * 1.05
-                win, runs = stage_windows(t, target), seg.windows(target)
-                for stage_of in compositions(t.num_layers, n):
-                    for strat in itertools.product(*t.allowed):
-                        ev = evaluate_assignment(t, stage_of, list(strat))
-                        if ev.fits and ev.time_per_iteration_s < target:
-                            assert all(i in win[u] and i in runs[u] for u, i in enumerate(stage_of))
+            assert_bounds_keep_the_optimum(t, opt)
             checked += 1
     assert checked >= 6
 
