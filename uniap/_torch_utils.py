@@ -14,7 +14,25 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["attach_module", "local_tensor", "map_tensors", "parent_of", "storage_key"]
+__all__ = [
+    "attach_module",
+    "call_args",
+    "local_tensor",
+    "map_tensors",
+    "parent_of",
+    "storage_key",
+]
+
+
+def call_args(inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of a model's forward for a batch: a mapping (a dict, a Hugging Face
+    ``BatchEncoding``) is the keyword inputs, a tuple or list the positional inputs, anything
+    else the one positional input."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple | list):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def map_tensors(fn: Any, value: Any) -> Any:

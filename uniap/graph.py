@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from uniap._torch_utils import storage_key
+from uniap._torch_utils import call_args, storage_key
 from uniap.errors import UniapError
 from uniap.sp_plan import SPPlan, sp_plan
 from uniap.tp_pairs import (
@@ -381,12 +381,8 @@ def _trace(
             FusedAttentionMode(tracer.on_heads, tracer.on_call),
         ):
             with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
-                if isinstance(inputs, Mapping):
-                    output = traced(**inputs)
-                elif isinstance(inputs, (tuple, list)):
-                    output = traced(*inputs)
-                else:
-                    output = traced(inputs)
+                args, kwargs = call_args(inputs)
+                output = traced(*args, **kwargs)
             fwd_counts = counter.get_flop_counts()
             loss = loss_fn(output) if loss_fn is not None else default_loss(output)
             loss.backward()

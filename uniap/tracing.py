@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from uniap._torch_utils import map_tensors, storage_key
+from uniap._torch_utils import call_args, map_tensors, storage_key
 from uniap.errors import UniapError
 
 __all__ = [
@@ -623,12 +623,7 @@ def pipeline_split_reason(
     layers, or None when it can: ``torch.export`` traces it (on meta tensors, nothing is
     computed) and its layers run one after the other, each once, in ``layer_fqns`` order (so
     every contiguous group of layers is one piece of the forward)."""
-    if isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, tuple | list):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
+    args, kwargs = call_args(example_inputs)
     meta = copy.deepcopy(model).to("meta")
 
     def to_meta(t: Tensor) -> Tensor:

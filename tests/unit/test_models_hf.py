@@ -166,3 +166,23 @@ def test_tp_refused_where_sharding_would_change_the_function(
     assert by_fqn[layer].tp_excluded_reason == reason
     llama = build_graph(hf.build("llama_tied"), hf.batch("llama_tied", 2, 0), pipeline_check=False)
     assert llama.layer("model.layers.0").tp_enabled
+
+
+def test_a_batch_encoding_is_keyword_inputs_everywhere() -> None:
+    """A tokenizer's ``BatchEncoding`` is a mapping but not a dict: the profiler's forward and
+    layer-input capture, the graph trace and the pipeline split all call the model with its
+    keys (the profiler called the model with it as the one positional input)."""
+    from transformers import BatchEncoding
+
+    from uniap.profiler.compute import call_model, capture_layer_inputs
+    from uniap.tracing import pipeline_split_reason
+
+    model = tiny_hf_model("llama")
+    ids = torch.randint(0, 256, (2, 8))
+    batch = BatchEncoding({"input_ids": ids, "labels": ids})
+    ref = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(call_model(model, batch).loss, ref)
+    graph = build_graph(model, batch)
+    seen = capture_layer_inputs(model, graph.fqns, batch)
+    assert set(seen) == set(graph.fqns)
+    assert pipeline_split_reason(model, batch, list(graph.fqns)) is None

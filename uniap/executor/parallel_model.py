@@ -69,7 +69,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from uniap._torch_utils import attach_module, parent_of
+from uniap._torch_utils import attach_module, call_args, parent_of
 from uniap.contract import Plan, Stage
 from uniap.errors import PlanMismatchError, UniapError
 from uniap.executor.activation_checkpoint import apply_ac
@@ -830,7 +830,7 @@ class ParallelModel:
         """``pp == 1``: the model's own forward (or a declared chain's stage module) on each
         micro-batch, then its backward."""
         c, big_b = self.plan.num_microbatches, self.plan.global_batch_size
-        args, kwargs = _as_call(inputs)
+        args, kwargs = call_args(inputs)
         self._check_batch((args, kwargs), "inputs", exact=False)
         if targets is not None:
             self._check_batch(targets, "targets")
@@ -865,7 +865,7 @@ class ParallelModel:
         self._schedule.presplit = None
         if not self.is_first_stage:
             return
-        args, kwargs = _as_call(inputs)
+        args, kwargs = call_args(inputs)
         self._check_batch((args, kwargs), "inputs", exact=False)
         mbs = microbatches(
             self._to_device((args, kwargs)),
@@ -952,7 +952,7 @@ class ParallelModel:
             return self._forward_traced(inputs)
         if self.plan.pp_degree > 1:
             return self._forward_pipeline(inputs)
-        args, kwargs = _as_call(inputs)
+        args, kwargs = call_args(inputs)
         big_b = _batch_size_of((args, kwargs))
         if big_b is None or big_b % self._first_dp:
             raise UniapError(
@@ -1091,16 +1091,6 @@ def _full_tensors(value: Any) -> Any:
 
 def _batch_first(value: Any, rows: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == rows
-
-
-def _as_call(inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """``(args, kwargs)`` of the model's forward for a batch: a tensor is the one positional
-    input, a tuple or list the positional inputs, a mapping the keyword inputs."""
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, tuple | list):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 def _batch_size_of(value: Any) -> int | None:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from uniap._torch_utils import call_args
 from uniap.errors import PlanMismatchError
 from uniap.executor.model_forward import free_parameters
 from uniap.executor.reshard import map_tensors
@@ -466,12 +467,7 @@ def build_traced_stage(
             "an example micro-batch: pass example_inputs= (a batch as the forward takes it) to "
             "parallelize"
         )
-    if isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, tuple | list):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
+    args, kwargs = call_args(example_inputs)
     sizes: list[int] = []
     map_tensors(lambda t: sizes.append(t.shape[0]) if t.dim() else None, (args, kwargs))
     if not sizes:

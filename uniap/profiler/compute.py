@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from uniap._torch_utils import call_args
 from uniap.profiles.fits import fit_line
 
 __all__ = [
@@ -184,14 +185,12 @@ def _detached(value: Any) -> Any:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model`` on example ``inputs`` (a dict of keywords, a tuple of positionals, or one
-    value) as a training step calls it (:func:`uniap.tracing.training_call`)."""
+    """``model`` on example ``inputs`` (:func:`uniap._torch_utils.call_args`) as a training
+    step calls it (:func:`uniap.tracing.training_call`)."""
     from uniap.tracing import training_call
 
-    if isinstance(inputs, dict):
-        return model(**training_call(model, (), inputs))
-    args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-    return model(*args, **training_call(model, args, {}))
+    args, kwargs = call_args(inputs)
+    return model(*args, **training_call(model, args, kwargs))
 
 
 def capture_layer_inputs(
