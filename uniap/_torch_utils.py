@@ -21,6 +21,7 @@ __all__ = [
     "map_tensors",
     "parent_of",
     "storage_key",
+    "tensors_in",
 ]
 
 
@@ -56,6 +57,13 @@ def map_tensors(fn: Any, value: Any) -> Any:
         except TypeError:
             return items
     return value
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value``, at any depth, in :func:`map_tensors`' order."""
+    found: list[torch.Tensor] = []
+    map_tensors(found.append, value)
+    return found
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

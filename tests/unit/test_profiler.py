@@ -61,3 +61,28 @@ def test_collective_sizes_reach_the_largest_planned_message_within_free_memory()
     assert sizes[-2:] == (2**22 * 64, 300_000_000)
     # capped at an eighth of the free memory
     assert collective_sizes(300e6, 2**30)[-1] == 2**27
+
+
+def test_batch_walkers_take_any_mapping_and_named_tuples() -> None:
+    """The profiler resizes, detaches and moves batches of any nesting: a mapping that is not a
+    dict (a tokenizer's ``BatchEncoding`` is a ``UserDict``) and a named tuple too (the mapping
+    came back unresized, so a profile measured one batch size under several names; the named
+    tuple raised)."""
+    from collections import UserDict, namedtuple
+
+    from uniap.profiler.compute import LayerCall, resize_batch
+    from uniap.profiler.layers import to_device
+
+    Pair = namedtuple("Pair", "ids mask")
+    x = torch.arange(6).reshape(2, 3)
+    batch = UserDict(pair=Pair(x, x.float()), scale=torch.tensor(2.0), n=3)
+    out = resize_batch(batch, 5)
+    assert isinstance(out, UserDict) and out["n"] == 3 and out["scale"].shape == ()
+    assert isinstance(out["pair"], Pair)
+    assert torch.equal(out["pair"].ids, x[[0, 1, 0, 1, 0]])
+    assert out["pair"].mask.shape == (5, 3)
+    assert torch.equal(resize_batch(Pair(x, x), 1).ids, x[:1])
+    moved = to_device(batch, torch.device("cpu"))
+    assert torch.equal(moved["pair"].mask, x.float())
+    call = LayerCall.detached((Pair(x.float().requires_grad_(), x),), {"b": batch})
+    assert not call.args[0].ids.requires_grad and isinstance(call.kwargs["b"]["pair"], Pair)

@@ -46,10 +46,9 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from uniap._torch_utils import call_args
+from uniap._torch_utils import call_args, map_tensors
 from uniap.errors import PlanMismatchError
 from uniap.executor.model_forward import free_parameters
-from uniap.executor.reshard import map_tensors
 from uniap.tracing import training_call
 
 __all__ = [
@@ -257,16 +256,7 @@ def trace_inputs(args: Sequence[Any], kwargs: Mapping[str, Any], batch: int, row
             return t.index_select(0, index.to(t.device))
         return t.clone()
 
-    def walk(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return take(v)
-        if isinstance(v, tuple | list):
-            return type(v)(walk(x) for x in v)
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        return v
-
-    return walk(tuple(args)), walk(dict(kwargs))
+    return map_tensors(take, tuple(args)), map_tensors(take, dict(kwargs))
 
 
 def _first_failure(error: BaseException) -> str:

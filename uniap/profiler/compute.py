@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uniap._torch_utils import call_args
+from uniap._torch_utils import call_args, map_tensors, tensors_in
 from uniap.profiles.fits import fit_line
 
 __all__ = [
@@ -128,16 +128,14 @@ class LayerTiming:
 def resize_batch(value: Any, batch: int) -> Any:
     """Every batch-first tensor of ``value`` with dim 0 set to ``batch`` (rows repeated
     cyclically or cut); other values as they are."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            return value
-        idx = torch.arange(batch, device=value.device) % value.shape[0]
-        return value.index_select(0, idx).contiguous()
-    if isinstance(value, tuple | list):
-        return type(value)(resize_batch(v, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: resize_batch(v, batch) for k, v in value.items()}
-    return value
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t
+        idx = torch.arange(batch, device=t.device) % t.shape[0]
+        return t.index_select(0, idx).contiguous()
+
+    return map_tensors(resize, value)
 
 
 @dataclass
@@ -175,13 +173,7 @@ class LayerCall:
 
 
 def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple | list):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.detach().clone(), value)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -220,13 +212,7 @@ def capture_layer_inputs(
 
 
 def _float_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _float_tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _float_tensors(v)]
-    return []
+    return [t for t in tensors_in(value) if t.is_floating_point()]
 
 
 def time_layer(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from uniap._torch_utils import map_tensors, tensors_in
 from uniap.errors import ConfigError
 from uniap.executor.materialize import (
     default_init,
@@ -48,13 +49,7 @@ logger = logging.getLogger(__name__)
 
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor, at any depth, on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    return map_tensors(lambda t: t.to(device), value)
 
 
 class _StreamedLayer(nn.Module):
@@ -125,7 +120,7 @@ class LayerSource:
     def capture_inputs(self, fqns: Sequence[str], example_inputs: Any) -> dict[str, LayerCall]:
         """The inputs layers ``fqns`` receive in one no-grad forward of the model on
         ``example_inputs`` (moved to the device), with one layer on the device at a time."""
-        if any(t.is_meta for t in _tensors_in(example_inputs)):
+        if any(t.is_meta for t in tensors_in(example_inputs)):
             raise ConfigError(
                 "the example inputs are on the meta device: the profiler runs the model, so "
                 "give real inputs (the model itself may stay on the meta device)"
@@ -180,13 +175,3 @@ class LayerSource:
             self.device,
         )
         return self._shell
-
-
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
-    return []
