@@ -60,10 +60,15 @@ def map_tensors(fn: Any, value: Any) -> Any:
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every tensor in ``value``, at any depth, in :func:`map_tensors`' order."""
-    found: list[torch.Tensor] = []
-    map_tensors(found.append, value)
-    return found
+    """Every tensor in ``value`` (nested tuples, lists and mappings: a Hugging Face
+    ``ModelOutput`` or ``BatchEncoding``) in :func:`map_tensors`' order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in tensors_in(v)]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in tensors_in(v)]
+    return []
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from uniap._torch_utils import call_args, storage_key
+from uniap._torch_utils import call_args, storage_key, tensors_in
 from uniap.errors import UniapError
 from uniap.sp_plan import SPPlan, sp_plan
 from uniap.tp_pairs import (
@@ -58,7 +58,6 @@ from uniap.tracing import (
     fake_copy,
     fake_inputs,
     pipeline_split_reason,
-    tensors_in,
 )
 
 __all__ = [

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from uniap._torch_utils import call_args, map_tensors, storage_key
+from uniap._torch_utils import call_args, map_tensors, storage_key, tensors_in
 from uniap.errors import UniapError
 
 __all__ = [
@@ -41,22 +41,10 @@ __all__ = [
     "mixes_positions",
     "pipeline_split_reason",
     "structure_key",
-    "tensors_in",
     "training_call",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def tensors_in(obj: Any) -> list[Tensor]:
-    """Every tensor in a (nested) output: tensors, tuples, lists, dicts, HF ModelOutputs."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in tensors_in(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in tensors_in(v)]
-    return []
 
 
 def fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -> nn.Module:
@@ -122,15 +110,13 @@ def _deepcopy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def fake_inputs(obj: Any, batch: int, dtype: torch.dtype, fake_mode: FakeTensorMode) -> Any:
     """Fake meta tensors of the inputs' dtypes and shapes, with dim 0 (the batch) set to
     ``batch``; floating inputs are cast to ``dtype``."""
-    if isinstance(obj, Tensor):
-        shape = (batch, *obj.shape[1:]) if obj.dim() else obj.shape
-        dt = dtype if obj.is_floating_point() else obj.dtype
+
+    def fake(t: Tensor) -> Tensor:
+        shape = (batch, *t.shape[1:]) if t.dim() else t.shape
+        dt = dtype if t.is_floating_point() else t.dtype
         return fake_mode.from_tensor(torch.empty(shape, dtype=dt, device="meta"))
-    if isinstance(obj, Mapping):
-        return {k: fake_inputs(v, batch, dtype, fake_mode) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(fake_inputs(v, batch, dtype, fake_mode) for v in obj)
-    return obj
+
+    return map_tensors(fake, obj)
 
 
 def _fused_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -622,3 +622,24 @@ def test_trace_resumes_the_garbage_collector_as_it_was() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_model_taking_a_named_tuple_and_a_mapping_is_traced() -> None:
+    """Example inputs nested in a named tuple and a non-dict mapping trace at the trace batch
+    (the trace's fake copies rebuilt a named tuple from one generator and raised)."""
+    from collections import UserDict, namedtuple
+
+    Pair = namedtuple("Pair", "x scale")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, pair: Pair, extra: UserDict) -> torch.Tensor:
+            return self.b(self.a(pair.x) * pair.scale + extra["bias"])
+
+    x = Pair(torch.randn(4, 8), torch.tensor(2.0))
+    graph = build_graph(Net(), {"pair": x, "extra": UserDict(bias=torch.zeros(4, 8))})
+    assert graph.fqns == ("a", "b")
+    assert graph.layers[0].output_bytes_per_sample == 8 * 4
