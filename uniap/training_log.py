@@ -118,16 +118,13 @@ class TrainingLog:
         return " | ".join(parts)
 
     def _tokens(self, inputs: Any) -> float | None:
+        """Tokens per sample: the size of the inputs' first tensor, if it is one of integer
+        token ids (a tensor, the first positional input, ``input_ids`` of a keyword batch)."""
         if self._tokens_per_sample is None:
-            import torch
+            from uniap._torch_utils import tensors_in
 
-            x = inputs[0] if isinstance(inputs, tuple | list) and inputs else inputs
-            if (
-                isinstance(x, torch.Tensor)
-                and not x.is_floating_point()
-                and x.dim() >= 2
-                and x.shape[0]
-            ):
+            x = next(iter(tensors_in(inputs)), None)
+            if x is not None and not x.is_floating_point() and x.dim() >= 2 and x.shape[0]:
                 self._tokens_per_sample = x.numel() / x.shape[0]
             else:
                 self._tokens_per_sample = 0.0

@@ -55,6 +55,23 @@ def test_logs_every_n_steps_with_throughput_mfu_and_memory(caplog):
     assert "predicted 100 ms/iteration" in lines[0] and "1,280 tokens/s" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "inputs,tokens",
+    [
+        ({"input_ids": torch.zeros(8, 32, dtype=torch.long), "mask": torch.ones(8, 32)}, 32),
+        ((torch.zeros(8, 16, dtype=torch.long), torch.ones(8, 3)), 16),
+        (torch.zeros(8, 3, 32, 32), None),  # images: no token count
+    ],
+)
+def test_tokens_of_keyword_positional_and_image_batches(inputs, tokens, caplog):
+    """Tokens per sample come from the batch's first tensor when it holds token ids, a keyword
+    batch's ``input_ids`` included (a dict of inputs logged no tokens/s)."""
+    log = TrainingLog(_plan(), every=1, rank=0)
+    with caplog.at_level(logging.INFO, logger="uniap.training"):
+        rec = log.record(_pm(), inputs, 2.5)
+    assert rec["tokens_per_s"] == (None if tokens is None else pytest.approx(40.0 * tokens))
+
+
 def test_silent_off_rank_0_and_when_the_logger_is_off(caplog):
     """Only rank 0 logs; nothing is computed or logged when INFO is off for uniap.training."""
     with caplog.at_level(logging.INFO, logger="uniap.training"):
