@@ -61,7 +61,7 @@ def best_handset(model, x0) -> tuple[str, uniap.Plan]:
     assert best is not None, "no hand-set plan fits"
     t = cm.tables(best.pp, best.num_microbatches, GLOBAL_BATCH)
     return f"{best.method} ({best.detail.split(';')[0]})", to_plan(
-        graph, cm.cluster, t, best.stage_of, best.strategy_of, GLOBAL_BATCH
+        cm, t, best.stage_of, best.strategy_of, GLOBAL_BATCH
     )
 
 

@@ -119,7 +119,7 @@ def plans_for(graph, prof: MeasuredProfile, tightness: float) -> dict:
     if not best.fits:
         raise RuntimeError(f"no hand-tuned plan fits {graph.name}'s budget; raise --tightness")
     t = cm.tables(best.pp, best.num_microbatches, GLOBAL_BATCH)
-    hand = to_plan(graph, cluster, t, best.stage_of, best.strategy_of, GLOBAL_BATCH)
+    hand = to_plan(cm, t, best.stage_of, best.strategy_of, GLOBAL_BATCH)
     return {
         "cluster": cluster,
         "ddp_peak_bytes": max(ddp.peak_memory_bytes),

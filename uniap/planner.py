@@ -86,7 +86,6 @@ from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError, InfeasibleError
 from uniap.explain import explain_candidates
 from uniap.graph import ModelGraph
-from uniap.milp import Solution
 from uniap.precision import Precision, default_precision, precision_for_dtype, resolve_precision
 from uniap.profiles import Profile
 from uniap.progress import progress_lines
@@ -95,7 +94,14 @@ from uniap.schedules import get_schedule
 from uniap.strategies import divisors
 from uniap.uop import Candidate, Entry, Search, explain_entries
 
-__all__ = ["plan", "plan_graph", "Candidate", "candidate_tables", "layout_cases"]
+__all__ = [
+    "plan",
+    "plan_graph",
+    "plan_of_assignment",
+    "Candidate",
+    "candidate_tables",
+    "layout_cases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +410,7 @@ def _plan_graph(
     status = "optimal" if not timed_out else "time_limit"
     lowest = min((max(e.solution.bound_s, e.cand.lower_bound_s) for e in timed_out), default=best_s)
     gap = max(0.0, best_s - lowest) / best_s if timed_out else 0.0
-    out = _to_plan(graph, cluster, cm, best.tables, best.solution, B)
+    out = plan_of_assignment(cm, best.tables, best.solution.stage_of, best.solution.strategy_of, B)
     out = dataclasses.replace(
         out,
         solver={
@@ -548,21 +554,31 @@ def _log_tp_exclusions(graph: ModelGraph) -> None:
             log.info("tensor parallelism excluded for %s (and alike): %s", layer.fqn, r)
 
 
-def _to_plan(
-    graph: ModelGraph, cluster: Cluster, cm: CostModel, t: CostTables, sol: Solution, B: int
+def plan_of_assignment(
+    cm: CostModel,
+    t: CostTables,
+    stage_of: Sequence[int],
+    strategy_of: Sequence[int],
+    global_batch_size: int,
 ) -> Plan:
+    """The :class:`Plan` of an assignment of ``t`` (the tables of ``cm``): its stages, precision,
+    predictions (time, memory, breakdown, FLOPs) and provenance, without solver statistics.
+    The planner's plans are made by it, and so are the benchmarks' baseline plans, so the
+    executor runs both alike."""
     import torch
 
     from uniap._version import __version__
 
+    graph, cluster, B = cm.graph, cm.cluster, global_batch_size
+    stage_of, strategy_of = list(stage_of), list(strategy_of)
     N, pp = cluster.world_size, t.pp
     g = N // pp
-    ev = evaluate_assignment(t, sol.stage_of, sol.strategy_of)
+    ev = evaluate_assignment(t, stage_of, strategy_of)
     stages = []
     for i in range(t.num_stages):
         layers = tuple(
             LayerStrategy(graph.layers[u].fqn, t.strategies[k])
-            for u, (si, k) in enumerate(zip(sol.stage_of, sol.strategy_of))
+            for u, (si, k) in enumerate(zip(stage_of, strategy_of))
             if si == i
         )
         r = i % pp  # interleaved: stage i on the ranks of stage i % pp
@@ -599,7 +615,7 @@ def _to_plan(
                 if t.uses_host_memory
                 else {}
             ),
-            **predicted_breakdown(t, sol.stage_of, sol.strategy_of),
+            **predicted_breakdown(t, stage_of, strategy_of),
             # for the training log's MFU: model FLOPs (forward + backward) and the device peak
             "model_flops_per_sample": float(
                 sum(x.fwd_flops_per_sample + x.bwd_flops_per_sample for x in graph.layers)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from uniap.cluster import Cluster
-from uniap.contract import LayerStrategy, Plan, Stage
+from uniap.contract import Plan
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
 from uniap.errors import ConfigError
-from uniap.graph import ModelGraph
+from uniap.planner import plan_of_assignment
 from uniap.strategies import divisors
 
 __all__ = [
@@ -137,37 +136,13 @@ def param_split(weights: Sequence[float], pp: int) -> list[int]:
 
 
 def to_plan(
-    graph: ModelGraph,
-    cluster: Cluster,
+    cm: CostModel,
     t: CostTables,
     stage_of: Sequence[int],
     strategy_of: Sequence[int],
     global_batch_size: int,
 ) -> Plan:
-    """The :class:`Plan` of an assignment (for the executor and for ``CostModel.evaluate``)."""
-    n = cluster.world_size
-    g = n // t.pp
-    ev = evaluate_assignment(t, list(stage_of), list(strategy_of))
-    stages = []
-    for i in range(t.pp):
-        layers = tuple(
-            LayerStrategy(graph.layers[u].fqn, t.strategies[k])
-            for u, (si, k) in enumerate(zip(stage_of, strategy_of))
-            if si == i
-        )
-        stages.append(Stage(tuple(range(i * g, (i + 1) * g)), layers))
-    return Plan(
-        model_name=graph.name,
-        model_signature=graph.signature,
-        num_layers=graph.num_layers,
-        world_size=n,
-        global_batch_size=global_batch_size,
-        num_microbatches=t.num_microbatches,
-        schedule=t.schedule,
-        stages=tuple(stages),
-        predicted={
-            "time_per_iteration_s": float(ev.time_per_iteration_s),
-            "samples_per_s": float(global_batch_size / ev.time_per_iteration_s),
-            "peak_memory_bytes": [float(m) for m in ev.peak_memory_bytes],
-        },
-    )
+    """The :class:`Plan` of an assignment, as the planner makes its own
+    (:func:`uniap.planner.plan_of_assignment`: precision, predictions, provenance), for the
+    executor and for ``CostModel.evaluate``."""
+    return plan_of_assignment(cm, t, stage_of, strategy_of, global_batch_size)

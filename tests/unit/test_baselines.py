@@ -65,7 +65,8 @@ def results() -> dict:
 
 
 def test_every_baseline_returns_a_valid_assignment(results) -> None:
-    """Stages contiguous from 0 to pp-1, allowed strategies, evaluation reproduces the TPI."""
+    """Stages contiguous from 0 to pp-1, allowed strategies, evaluation reproduces the TPI; its
+    plan carries the precision it was costed at."""
     for (_, _, _, batch), (cm, res) in results.items():
         for method, r in res.items():
             if not r.found:
@@ -77,8 +78,9 @@ def test_every_baseline_returns_a_valid_assignment(results) -> None:
             ev = evaluate_assignment(t, r.stage_of, r.strategy_of)
             assert ev.time_per_iteration_s == pytest.approx(r.time_per_iteration_s, rel=1e-12)
             assert ev.fits == r.fits
-            plan = to_plan(cm.graph, cm.cluster, t, r.stage_of, r.strategy_of, batch)
+            plan = to_plan(cm, t, r.stage_of, r.strategy_of, batch)
             assert cm.evaluate(plan).time_per_iteration_s == pytest.approx(r.time_per_iteration_s)
+            assert plan.precision == cm.precision  # the executor runs what was costed
 
 
 def test_search_baselines_find_fitting_plans(results) -> None:
