@@ -337,6 +337,20 @@ def _grad_parity(
     }
 
 
+def _offloaded(pm: Any) -> list[str]:
+    """Every rank's layers whose FSDP2 parameters live in host memory (``CPUOffloadPolicy``),
+    sorted (collective)."""
+    mine = []
+    for name, m in pm.module.named_modules():
+        if name and isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None and all(p.offload_to_cpu for p in group.fsdp_params):
+                mine.append(name)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return sorted({f for per_rank in every for f in per_rank})
+
+
 def _full_state_without_gather_object(pm: Any) -> dict[str, torch.Tensor]:
     """``pm.full_state_dict()``, failing if it uses ``gather_object`` (it must stream tensor
     by tensor: gather_object puts every rank's payload on rank 0's device at once)."""
@@ -416,6 +430,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
     )
     roots = fsdp_roots(pm.module)
     layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.layer_modules)
+    offloaded = _offloaded(pm)
     full = _full_state_without_gather_object(pm)
     reference = None
     if dist.get_rank() == 0:
@@ -451,6 +466,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
         "step_time_s": times,
         "tensor_kinds": _tensor_kinds(pm),
         "fsdp2_layers": layers_fsdp2,
+        "offloaded": offloaded,
         "fsdp_roots": len(roots),
         "fsdp_root_is_stage": roots == [pm.module],
         "grad_norms": norms,
