@@ -179,6 +179,43 @@ def _compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list
     return bad
 
 
+def rank_verdicts(
+    grads: dict[str, torch.Tensor],
+    ref_grads: dict[str, torch.Tensor],
+    extra: Any = None,
+    *,
+    staged: bool,
+) -> list[tuple[list[str], list[str], Any]] | None:
+    """Every rank's gradients against the reference's (every parameter; with pipeline stages,
+    ``staged``, those the rank holds), gathered: on rank 0 ``(bad, names, extra)`` per rank,
+    None on the others (collective)."""
+    mine = {k: v for k, v in ref_grads.items() if k in grads} if staged else ref_grads
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (_compare(grads, mine), sorted(grads), extra))
+    return every if dist.get_rank() == 0 else None
+
+
+def parity_summary(
+    every: list[tuple[list[str], list[str], Any]],
+    ref_grads: dict[str, torch.Tensor],
+    losses: list[float],
+    ref_losses: list[float],
+) -> dict[str, Any]:
+    """Rank 0's verdict over :func:`rank_verdicts`: losses within tolerance, gradients that
+    differ, parameters no rank compared, and how many were compared."""
+    names = {n for _, ns, _ in every for n in ns}
+    return {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "losses_close": all(
+            abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses, strict=True)
+        ),
+        "bad_grads": sorted({b for bad, _, _ in every for b in bad}),
+        "missing_grads": sorted(set(ref_grads) - names),
+        "num_grads": len(names),
+    }
+
+
 def _reference(name: str, big_b: int, steps: int, accumulate: bool) -> tuple[list, dict]:
     model = build(name)
     opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from own_forward import ATOL, RTOL, _compare, full_grads, sgd
+from own_forward import full_grads, parity_summary, rank_verdicts, sgd
 from torch.distributed.tensor import DTensor
 from toy import make_plan
 
@@ -143,23 +143,14 @@ def sp_parity_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref_opt.step()
-    mine = {k: v for k, v in ref_grads.items() if k in grads} if plan.pp_degree > 1 else ref_grads
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (_compare(grads, mine), sorted(grads), partial))
-    if dist.get_rank() != 0:
+    every = rank_verdicts(grads, ref_grads, partial, staged=plan.pp_degree > 1)
+    if every is None:
         return None
     return {
         "plan": plan.summary(),
         "num_sp": num_sp,
         "partial_grads": sorted({n for _, _, p in every for n in p}),
-        "losses": losses,
-        "ref_losses": ref_losses,
-        "losses_close": all(
-            abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses, strict=True)
-        ),
-        "bad_grads": sorted({b for bad, _, _ in every for b in bad}),
-        "missing_grads": sorted(set(ref_grads) - {n for _, names, _ in every for n in names}),
-        "num_grads": len({n for _, names, _ in every for n in names}),
+        **parity_summary(every, ref_grads, losses, ref_losses),
     }
 
 

@@ -2,14 +2,14 @@
 parameters, gradients and optimizer state in host memory, gathered and reduced in every
 micro-batch) train like one process: world 4, CPU gloo, one spawn for every case.
 
-FSDP2's CPU offload runs on CPU devices with gloo (the host-device copies are no-ops there),
-so the executor's path is the one a GPU run takes. A parity case runs three SGD steps
-(momentum, ``foreach=True``) of the 4-layer toy chain under a plan mixing FSDP-offload with
-DDP / FSDP (pp = 1 and pp = 2) and compares with single-process training on the same global
-batches (:func:`cases.parity_case`): every rank's gradients after the first ``train_step``
-(DTensor gradients through ``full_tensor()``), the losses of every step and the final
-parameters; it also reads which layers FSDP2 really offloads. A comm-count case counts one iteration's collectives: what the
-cost model charges (two all-gathers and one reduce-scatter per layer and micro-batch).
+FSDP2's CPU offload runs on CPU devices with gloo (the host-device copies are no-ops there), so
+the executor's path is the one a GPU run takes. A parity case runs three SGD steps (momentum,
+``foreach=True``) of the 4-layer toy chain under a plan mixing FSDP-offload with DDP / FSDP
+(pp = 1 and pp = 2) and compares with single-process training on the same global batches
+(:func:`cases.parity_case`): every rank's gradients after the first ``train_step`` (DTensor
+gradients through ``full_tensor()``), the losses of every step and the final parameters; it also
+reads which layers FSDP2 really offloads. A comm-count case counts one iteration's collectives:
+what the cost model charges (two all-gathers and one reduce-scatter per layer and micro-batch).
 """
 
 from __future__ import annotations

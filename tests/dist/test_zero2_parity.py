@@ -6,8 +6,9 @@ A parity case runs three AdamW steps (``foreach=True``) of the 4-layer toy chain
 mixing ZeRO2 with DDP / FSDP (pp = 1 and pp = 2) and compares with single-process training of
 the same model on the same global batches (:func:`cases.parity_case`): every rank's gradients
 after the first ``train_step`` (DTensor gradients through ``full_tensor()``), the losses of
-every step and the final parameters. A comm-count case counts one iteration's collectives: what the cost model
-charges for ZeRO2 (one all-gather per iteration, one reduce-scatter per micro-batch).
+every step and the final parameters. A comm-count case counts one iteration's collectives: what
+the cost model charges for ZeRO2 (one all-gather per iteration, one reduce-scatter per
+micro-batch).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hf_own_forward import batch as hf_batch
 from hf_own_forward import build as hf_build
-from own_forward import ATOL, RTOL, _compare, full_grads, sgd
+from own_forward import full_grads, parity_summary, rank_verdicts, sgd
 from toy import make_plan
 
 from uniap.api import parallelize
@@ -166,10 +166,8 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         ref_opt.step()
-    mine = {k: v for k, v in ref_grads.items() if k in grads} if pp > 1 else ref_grads
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (_compare(grads, mine), sorted(grads), sorted(set(held))))
-    if dist.get_rank() != 0:
+    every = rank_verdicts(grads, ref_grads, sorted(set(held)), staged=pp > 1)
+    if every is None:
         return None
     return {
         "plan": pm.plan.summary(),
@@ -177,14 +175,7 @@ def vocab_case(case: dict) -> dict[str, Any] | None:
         "vocab_size": head.tp_vocab.vocab_size,
         "held_logits": sorted({tuple(h) for _, _, hs in every for h in hs}),
         "inference_logits_shape": list(logits.shape),
-        "losses": losses,
-        "ref_losses": ref_losses,
-        "losses_close": all(
-            abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(losses, ref_losses, strict=True)
-        ),
-        "bad_grads": sorted({b for bad, _, _ in every for b in bad}),
-        "missing_grads": sorted(set(ref_grads) - {n for _, names, _ in every for n in names}),
-        "num_grads": len({n for _, names, _ in every for n in names}),
+        **parity_summary(every, ref_grads, losses, ref_losses),
     }
 
 
