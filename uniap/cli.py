@@ -305,7 +305,7 @@ def _cost_model_for(p, args: argparse.Namespace):
         from uniap.profiles import MeasuredProfile
 
         profile = MeasuredProfile.load(args.profile)
-    return CostModel(graph, load_cluster(args.cluster), profile)
+    return CostModel(graph, load_cluster(args.cluster), profile, precision=p.precision)
 
 
 def _graph(model, example, seq_len, dtype):

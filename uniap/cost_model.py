@@ -1254,20 +1254,26 @@ class CostModel:
         return stage_of, strategy_of
 
     def evaluate(self, plan: Plan) -> Evaluation:
-        """TPI and per-stage peak memory of ANY plan for this model and cluster (a plan with
-        sequence-parallel layers is evaluated with SP strategies offered, whatever
-        ``sequence_parallel`` says)."""
+        """TPI and per-stage peak memory of ANY plan for this model and cluster (priced as
+        :meth:`plan_tables` says)."""
+        return evaluate_assignment(*self.plan_tables(plan))
+
+    def plan_tables(self, plan: Plan) -> tuple[CostTables, list[int], list[int]]:
+        """The tables ``plan`` is priced in and its ``(stage_of, strategy_of)`` in their
+        indices: a plan with sequence-parallel layers with SP strategies offered, whatever
+        ``sequence_parallel`` says; a model running its own forward at pp = 1 with the plan's
+        first layer's layout as the base; a plan of another precision refused."""
         if not self.sequence_parallel and any(ls.sp for ls in plan.layer_strategies):
             with_sp = copy.copy(self)
             with_sp.sequence_parallel = True
-            return with_sp.evaluate(plan)
+            return with_sp.plan_tables(plan)
         plan.check_compatible(layer_fqns=self.graph.fqns, world_size=self.cluster.world_size)
         first_tp = plan.stages[0].layers[0].tp
         if plan.pp_degree == 1 and self.runs_own_forward and self.base_tp != first_tp:
             based = copy.copy(self)  # the base layout is the plan's first layer's
             based.base_tp, based.layer_tp = first_tp, dict(self.layer_tp)
             based.layer_tp[self.graph.layers[0].fqn] = frozenset({first_tp})
-            return based.evaluate(plan)
+            return based.plan_tables(plan)
         if plan.precision is not None and plan.precision != self.precision:
             raise ConfigError(
                 f"the plan is for precision {plan.precision.describe()}, this cost model charges "
@@ -1282,7 +1288,7 @@ class CostModel:
             plan.virtual_stages,
         )
         stage_of, strategy_of = self.assignment(plan, t)
-        return evaluate_assignment(t, stage_of, strategy_of)
+        return t, stage_of, strategy_of
 
 
 def _tp_local(total: float, fraction: float, tp: int) -> float:

@@ -192,21 +192,15 @@ _COMM_NAMES = {
 # ---------------------------------------------------------------------- a plan's report
 def breakdown_from_cost_model(cm: CostModel, plan: Plan) -> dict[str, Any]:
     """The plan's predictions, time and memory breakdown and per-layer costs, re-derived
-    from ``cm`` (refused for another model or world size)."""
+    from ``cm`` as :meth:`CostModel.evaluate` prices it (refused for another model, world size
+    or precision)."""
     plan.check_compatible(
         model_signature=cm.graph.signature,
         model_name=cm.graph.name,
         layer_fqns=cm.graph.fqns,
         world_size=cm.cluster.world_size,
     )
-    t = cm.tables(
-        plan.pp_degree,
-        plan.num_microbatches,
-        plan.global_batch_size,
-        plan.schedule,
-        plan.virtual_stages,
-    )
-    stage_of, strategy_of = cm.assignment(plan, t)
+    t, stage_of, strategy_of = cm.plan_tables(plan)
     ev = evaluate_assignment(t, stage_of, strategy_of)
     return {
         **_breakdown(t, stage_of, strategy_of, per_layer=True),

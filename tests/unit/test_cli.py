@@ -214,6 +214,28 @@ def test_show_plot_writes_the_picture(plan_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"picture written to {png}" in out
 
 
+@pytest.mark.parametrize("extra", [["--sequence-parallel"], ["--precision", "bf16-mixed"]])
+def test_show_rederives_what_the_planner_predicted(tmp_path, extra):
+    """`show --model --cluster` prices a plan as the planner did: sequence-parallel layers (it
+    refused them as not offered) and a bf16-mixed plan give the plan file's own predictions."""
+    path = tmp_path / "plan.yaml"
+    args = ["plan", "--model", "llama-7b", "--cluster", "a100-1x8", "--global-batch-size", "16"]
+    code, _, err = _run([*args, *extra, "--out", str(path), "-q"])
+    assert code == 0, err
+    p = Plan.load(path)
+    assert any(ls.sp for ls in p.layer_strategies) == (extra == ["--sequence-parallel"])
+    code, out, err = _run(
+        ["show", str(path), "--json", "--model", "llama-7b", "--cluster", "a100-1x8"]
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["source"] == "cost model"
+    assert r["time_per_iteration_s"] == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-9)
+    assert [st["peak_memory_bytes"] for st in r["stages"]] == pytest.approx(
+        p.predicted["peak_memory_bytes"]
+    )
+
+
 def test_show_rederiving_with_another_model_is_refused(plan_run):
     """`show --model` re-derives from the cost model only for the plan's own model."""
     path, _, _ = plan_run
