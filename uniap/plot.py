@@ -62,22 +62,27 @@ def timeline(
 ) -> list[list[tuple]]:
     """Per stage, the ops of one iteration as ``(kind, microbatch, start_s, end_s)``.
 
-    ``stages[i]`` has ``forward_s``, ``backward_s`` (per micro-batch), ``send_s`` (forward
-    and backward send to the next stage together) and ``sync_s``, ``optimizer_s`` (once).
-    Orders: GPipe all forwards then all backwards; 1F1B ``pp - i - 1`` forwards to warm up,
-    then one forward one backward, then the remaining backwards; one stage: forward and
+    ``stages[i]`` has ``forward_s``, ``backward_s`` (per micro-batch; for a zero-bubble
+    schedule the input gradient, and ``weight_grad_s`` the weight gradient), ``send_s``
+    (forward and backward send to the next stage together) and ``sync_s``, ``optimizer_s``
+    (once). Orders: GPipe all forwards then all backwards; 1F1B ``pp - i - 1`` forwards to warm
+    up, then one forward one backward, then the remaining backwards; one stage: forward and
     backward of each micro-batch in turn; ``virtual_stages = v > 1`` (interleaved): one row per
     rank, its ops in torch's order (:func:`uniap.schedules.interleaved_order`), ``stages`` the
-    ``pp * v`` stages, stage ``j`` on rank ``j % pp``. Kinds: ``F``, ``B``, ``send``, ``sync``,
-    ``opt``.
+    ``pp * v`` stages, stage ``j`` on rank ``j % pp``; zero bubble: torch's order with the
+    weight gradients apart (:func:`uniap.schedules.zero_bubble_order`), which the cost model
+    times the same way. Kinds: ``F``, ``B``, ``W``, ``send``, ``sync``, ``opt``.
     """
-    from uniap.schedules import interleaved_order
+    from uniap.schedules import get_schedule, interleaved_order, zero_bubble_order
 
     n, c, v = len(stages), num_microbatches, virtual_stages
     pp = n // v
     orders = []  # per row (rank): (kind, micro-batch, stage)
+    split = get_schedule(schedule).split_backward
     for i in range(pp):
-        if v > 1:
+        if split:
+            order = zero_bubble_order(pp, v, c, i)
+        elif v > 1:
             order = interleaved_order(pp, v, c, i)
         elif pp == 1:
             order = [(k, m, i) for m in range(c) for k in "FB"]
@@ -103,6 +108,8 @@ def timeline(
                 if kind == "F":
                     dep = ("F", j - 1, m) if j > 0 else None
                     lag = half[j - 1] if j > 0 else 0.0
+                elif kind == "W":  # after its own B, earlier in the rank's order
+                    dep, lag = None, 0.0
                 else:
                     dep = ("B", j + 1, m) if j + 1 < n else ("F", j, m)
                     lag = half[j] if j + 1 < n else 0.0
@@ -112,7 +119,8 @@ def timeline(
                 if lag > 0:
                     ops[i].append(("send", m, ready - lag, ready))
                 start = max(free[i], ready)
-                end = start + stages[j]["forward_s" if kind == "F" else "backward_s"]
+                key = {"F": "forward_s", "B": "backward_s", "W": "weight_grad_s"}[kind]
+                end = start + stages[j].get(key, 0.0)
                 ops[i].append((kind, m, start, end))
                 done[(kind, j, m)] = free[i] = end
                 pos[i] += 1
@@ -313,6 +321,7 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
     colours = {
         "F": "#4C72B0",
         "B": "#55A868",
+        "W": "#8EBA42",
         "send": "#999999",
         "sync": "#DD8452",
         "opt": "#8172B3",
@@ -359,7 +368,7 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
                     label=f"{kind}{m}",
                 )
             )
-            if kind in "FB" and (b - a) / end > 0.012:
+            if kind in "FBW" and (b - a) / end > 0.012:
                 ax.text(
                     (a + b) / 2 * scale,
                     y + 0.5,
@@ -378,19 +387,22 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
     ]
     ax.set_yticks([pp - 0.5 - i for i in range(pp)], names, fontsize=8)
     ax.set_xlabel(f"time in one iteration ({unit})", fontsize=8)
+    split = any(op[0] == "W" for stage in ops for op in stage)
+    handles = [
+        Patch(facecolor=colours["F"], label="forward"),
+        Patch(facecolor=colours["B"], label="input gradient" if split else "backward"),
+        *([Patch(facecolor=colours["W"], label="weight gradient")] if split else []),
+        Patch(facecolor=colours["send"], label="send to next stage"),
+        Patch(facecolor=colours["sync"], label="gradient sync"),
+        Patch(facecolor=colours["opt"], label="optimizer step"),
+        Patch(facecolor="#F4CCCC", label="idle (bubble)"),
+    ]
     ax.legend(
-        handles=[
-            Patch(facecolor=colours["F"], label="forward"),
-            Patch(facecolor=colours["B"], label="backward"),
-            Patch(facecolor=colours["send"], label="send to next stage"),
-            Patch(facecolor=colours["sync"], label="gradient sync"),
-            Patch(facecolor=colours["opt"], label="optimizer step"),
-            Patch(facecolor="#F4CCCC", label="idle (bubble)"),
-        ],
+        handles=handles,
         fontsize=7,
         loc="upper center",
         bbox_to_anchor=(0.5, -0.12),
-        ncol=6,
+        ncol=len(handles),
         frameon=False,
     )
     ax.set_title(

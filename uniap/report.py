@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
 from uniap.units import fmt_bytes, fmt_seconds
 
 if TYPE_CHECKING:
@@ -66,7 +66,10 @@ def stage_details(
 ) -> list[dict[str, float]]:
     """Per stage, seconds per micro-batch (``forward_s``, ``backward_s``, the parts ``compute_s``,
     ``tp_comm_s``, ``fsdp_comm_s``, ``reshard_s``, ``overhead_s``), the send to the next
-    stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``."""
+    stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``.
+    Zero-bubble tables split the backward as their schedule runs it
+    (:func:`uniap.cost_model.zero_bubble_stage_times`): ``backward_s`` the input gradient,
+    ``weight_grad_s`` the weight gradient."""
     pp, L = t.num_stages, t.num_layers  # every (virtual) stage
     out = [
         dict.fromkeys(
@@ -110,6 +113,10 @@ def stage_details(
         comm = busy - d["compute_s"]
         d["forward_s"] = d.pop("forward_only_s") + comm / 2  # drawn half in each direction
         d["backward_s"] = busy - d["forward_s"]
+    if t.zero_bubble:
+        p = evaluate_assignment(t, stage_of, strategy_of).stage_time_s
+        for d, f, b, w in zip(out, *zero_bubble_stage_times(t, stage_of, strategy_of, p)):
+            d["forward_s"], d["backward_s"], d["weight_grad_s"] = f, b, w
     return out
 
 

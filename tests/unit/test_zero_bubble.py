@@ -399,3 +399,43 @@ def test_weight_gradient_split_analytic_measured_and_old_profiles(caplog) -> Non
     x = (torch.randn(64, 256),)
     assert 0 < time_input_grad(lin, x, cpu, warmup=1, repeats=3)
     assert time_layer(lin, x, cpu, warmup=1, repeats=3)[1] > 0
+
+
+def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
+    """`uniap show --plot` draws a zero-bubble plan in torch's zero-bubble order with the
+    weight gradients apart (it drew interleaved 1F1B without them): every F, B and W of every
+    stage and micro-batch, and its compute ends where the cost model's longest path ends."""
+    from uniap.planner import plan
+    from uniap.plot import timeline
+    from uniap.report import plan_report
+
+    p = plan("gpt-tiny", "cpu-2", global_batch_size=16, schedules=[ZB], pp_degrees=[2])
+    assert p.schedule == ZB
+    pp, v, c = p.pp_degree, p.virtual_stages, p.num_microbatches
+    detail = plan_report(p)["stage_detail"]
+    ops = timeline(p.schedule, c, detail, v)
+    for r, row in enumerate(ops):
+        mine = [(k, m) for k, m, _, _ in row if k in "FBW"]
+        assert mine == [(k, m) for k, m, _ in zero_bubble_order(pp, v, c, r)]
+    end = max(b for row in ops for k, _, _, b in row if k in "FBW")
+    f = [d["forward_s"] for d in detail]
+    b = [d["backward_s"] for d in detail]
+    w = [d["weight_grad_s"] for d in detail]
+    link = [d["send_s"] for d in detail[:-1]]
+    assert end == pytest.approx(zero_bubble_makespan(pp, v, c, f, b, w, link), rel=1e-9)
+    t, stage_of, strategy_of = _tables_of(p)  # the drawn stages' compute is the plan's TPI's
+    ev = evaluate_assignment(t, stage_of, strategy_of)
+    tpi = end + max(ev.sync_time_s) + t.step_overhead_s
+    assert tpi == pytest.approx(ev.time_per_iteration_s, rel=1e-9)
+    assert tpi == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-9)
+
+
+def _tables_of(p):
+    from uniap import models
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+    from uniap.graph import build_graph
+
+    m = models.build_model("gpt-tiny", device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
+    return CostModel(g, load_cluster("cpu-2"), precision=p.precision).plan_tables(p)
