@@ -279,6 +279,8 @@ def _draw_memory(ax, r: dict) -> None:
             width=0.6,
         )
         bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, total in zip(xs, bottom):  # readable where the bars are thin against the limit
+        ax.text(x, total, fmt_bytes(total * 2**30), ha="center", va="bottom", fontsize=7)
     limit = r.get("memory_limit_bytes")
     if limit:
         ax.axhline(limit / 2**30, color="red", linestyle="--", linewidth=1)

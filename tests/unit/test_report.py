@@ -203,6 +203,10 @@ def test_plot_draws_the_plans_devices_timeline_and_memory(planned, tmp_path):
     fb = [x for x in ax_tl.patches if re.fullmatch(r"[FB]\d+", x.get_label() or "")]
     assert len(fb) == 2 * c * pp
     assert len(ax_mem.patches) == len(MEMORY_TERMS) * pp
+    from uniap.report import plan_report
+
+    peaks = [fmt_bytes(sum(st["memory_bytes"].values())) for st in plan_report(p)["stages"]]
+    assert set(peaks) <= {x.get_text() for x in ax_mem.texts}  # each stage's total, written
     limit = p.predicted["memory_limit_bytes"] / 2**30
     assert any(abs(line.get_ydata()[0] - limit) < 1e-9 for line in ax_mem.lines)
     # the simulated 1F1B timeline: every stage runs each micro-batch's F before its B, and the
