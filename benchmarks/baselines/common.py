@@ -16,7 +16,7 @@ import numpy as np
 
 from uniap.contract import Plan
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
-from uniap.errors import ConfigError
+from uniap.planner import candidate_tables as planner_candidates
 from uniap.planner import plan_of_assignment
 from uniap.strategies import divisors
 
@@ -83,18 +83,14 @@ def candidate_tables(
     pp_degrees: Sequence[int] | None = None,
     num_microbatches: Sequence[int] | None = None,
 ) -> Iterator[CostTables]:
-    """Tables of every ``(pp, c)`` uniap's planner visits: ``pp`` a divisor of the device count
-    and at most the number of layers, ``c`` a divisor of the global batch, 1F1B; pairs where
-    some layer has no strategy for the micro-batch size are skipped, as the planner does."""
+    """Tables of every ``(pp, c)`` uniap's planner visits with 1F1B (its own
+    :func:`uniap.planner.candidate_tables`): ``pp`` a divisor of the device count and at most
+    the number of layers, ``c`` a divisor of the global batch; pairs where some layer has no
+    strategy for the micro-batch size are skipped."""
     n, num_layers = cm.cluster.world_size, cm.graph.num_layers
     pps = [p for p in divisors(n) if p <= num_layers] if pp_degrees is None else list(pp_degrees)
-    cs = divisors(global_batch_size) if num_microbatches is None else list(num_microbatches)
-    for pp in pps:
-        for c in cs:
-            try:
-                yield cm.tables(pp, c, global_batch_size, "1F1B")
-            except ConfigError:
-                continue
+    for _, _, _, t in planner_candidates(cm, pps, global_batch_size, num_microbatches):
+        yield t
 
 
 def score(t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]) -> tuple[float, bool]:
