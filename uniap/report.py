@@ -10,7 +10,11 @@ for an assignment, so the numbers add up to what the planner optimised:
   how much a send slower than ``p_i*`` stretches the steady state), the gradient sync of the
   stage that syncs longest ``s*`` and the loss's all-reduce; ``bubble`` the other stages' fill
   and drain (``sum_{i != i*} p_i``), ``optimizer`` the optimizer step of ``s*``, ``overhead``
-  the pipeline schedule's own time per micro-batch.
+  the pipeline schedule's own time per micro-batch. A zero-bubble schedule's TPI has no
+  formula (the longest path ``L`` through torch's order, :func:`uniap.schedules.
+  zero_bubble_makespan`): its ``bubble`` is ``L`` less the busiest rank's ``c`` micro-batches
+  of work, and sends that take longer than ``L`` (``c`` times a rank's links) are
+  ``communication``.
 - :func:`memory_breakdown` splits each stage's peak bytes into parameters, gradients,
   optimizer state and activations (the rest: saved activations of the micro-batches in flight
   and the loss's buffers).
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
+from uniap.schedules import zero_bubble_makespan
 from uniap.units import fmt_bytes, fmt_seconds
 
 if TYPE_CHECKING:
@@ -149,10 +154,17 @@ def time_breakdown(
         "dp_sync": on_rank(j, "sync_s") if v == 1 else s[j] - on_rank(j, "optimizer_s"),
         "loss_all_reduce": t.step_overhead_s,
     }
+    bubble = (sum(p) - load[i]) / v
+    if t.zero_bubble:  # no formula: the longest path through torch's order of operations
+        f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+        makespan = zero_bubble_makespan(pp, v, c, f, b, w, o)
+        links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
+        comm["p2p"] = max(0.0, c * links - makespan)  # links slower than the schedule
+        bubble = makespan - c * load[i]  # the busiest rank's idle time within it
     terms = {
         "compute": c * on_rank(i, "compute_s"),
         "communication": sum(comm.values()),
-        "bubble": (sum(p) - load[i]) / v,
+        "bubble": bubble,
         "optimizer": on_rank(j, "optimizer_s"),
         "overhead": c * v * t.stage_overhead_s,
     }

@@ -404,7 +404,8 @@ def test_weight_gradient_split_analytic_measured_and_old_profiles(caplog) -> Non
 def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
     """`uniap show --plot` draws a zero-bubble plan in torch's zero-bubble order with the
     weight gradients apart (it drew interleaved 1F1B without them): every F, B and W of every
-    stage and micro-batch, and its compute ends where the cost model's longest path ends."""
+    stage and micro-batch, and its compute ends where the cost model's longest path ends;
+    `uniap show`'s time breakdown sums to the same TPI."""
     from uniap.planner import plan
     from uniap.plot import timeline
     from uniap.report import plan_report
@@ -428,6 +429,10 @@ def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
     tpi = end + max(ev.sync_time_s) + t.step_overhead_s
     assert tpi == pytest.approx(ev.time_per_iteration_s, rel=1e-9)
     assert tpi == pytest.approx(p.predicted["time_per_iteration_s"], rel=1e-9)
+    # the time breakdown sums to it too (the 1F1B formula's bubble over-counted it)
+    breakdown = plan_report(p)["time_breakdown_s"]
+    assert sum(breakdown.values()) == pytest.approx(tpi, rel=1e-9)
+    assert 0 <= breakdown["bubble"] < end
 
 
 def _tables_of(p):
