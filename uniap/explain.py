@@ -206,10 +206,11 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
             "this plan file has no search record (solver.best_per_pp): re-run `uniap plan`"
         )
         return "\n".join(lines)
+    sw = max([9] + [len(e["schedule"]) + 1 for e in rows])  # InterleavedZeroBubble: 21
     lines += [
         "",
         "best plan at each pipeline degree and schedule tried:",
-        f"   {'pp':>3}  {'schedule':<9}{'c':>4}  {'time/iter':>12}  {'vs winner':>9}  "
+        f"   {'pp':>3}  {'schedule':<{sw}}{'c':>4}  {'time/iter':>12}  {'vs winner':>9}  "
         f"{'loses most on':<22}what binds it",
     ]
     win = next(
@@ -237,7 +238,7 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
             d, k = max((e["time_breakdown_s"][k] - win_tb[k], k) for k in TIME_TERMS)
             lost = f"+{fmt_seconds(d)} {k}" if d > 0 else ""
         lines.append(
-            f"{mark}  {e['pp']:>3}  {e['schedule']:<9}{c:>4}  {t:>12}  {vs:>9}  {lost:<22}{why}"
+            f"{mark}  {e['pp']:>3}  {e['schedule']:<{sw}}{c:>4}  {t:>12}  {vs:>9}  {lost:<22}{why}"
         )
     if any(e["source"] == "heuristic" for e in rows):
         lines.append(

@@ -444,3 +444,22 @@ def _tables_of(p):
     m = models.build_model("gpt-tiny", device="meta")
     g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
     return CostModel(g, load_cluster("cpu-2"), precision=p.precision).plan_tables(p)
+
+
+def test_explain_columns_hold_the_long_schedule_name() -> None:
+    """`uniap explain` sizes its schedule column to the longest name tried, so each row's
+    time ends under the header's (InterleavedZeroBubble pushed its row's columns right)."""
+    from uniap.explain import render_explain
+    from uniap.planner import plan
+    from uniap.report import fmt_seconds
+
+    p = plan("gpt-tiny", "cpu-2", global_batch_size=16, schedules=["1F1B", ZB])
+    lines = render_explain(p).splitlines()
+    head = next(x for x in lines if "time/iter" in x)
+    right = head.index("time/iter") + len("time/iter")
+    rows = [r for r in p.solver["best_per_pp"] if r["time_per_iteration_s"] is not None]
+    assert {r["schedule"] for r in rows} == {"1F1B", ZB}
+    for r in rows:
+        t = fmt_seconds(r["time_per_iteration_s"])
+        line = next(x for x in lines if f" {r['schedule']} " in x and t in x)
+        assert line.index(t) + len(t) == right, (head, line)
