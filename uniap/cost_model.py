@@ -227,7 +227,12 @@ its largest ``F``), and the bubble is paid in chunks ``v`` times smaller:
 ``TPI = (sum_j p_j + sum_j o_j) / v + (c - 1 / v) * max_r max(P_r, O_r) + max_r s_r``,
 ``P_r = sum_{j on r} p_j``, ``O_r = sum_{j on r} o_j`` (``v = 1``: the formula above; equal
 stages: a bubble of ``(pp - 1) / (v c)`` of the ideal time, the paper's). The stage edges use
-the slowest link between neighbouring ranks, the last rank's to the first included.
+the slowest link between neighbouring ranks, the last rank's to the first included. Known
+gap: the formula sees each rank's summed chunks, not the chunks, and is optimistic where they
+are unequal; the planner balances the sums, and the longest path through torch's order of its
+interleaved plans for Llama-7B at pp = 4 and 8 is 1.27-1.33x the formula's time
+(``benchmarks/interleaved_fidelity.py``). The exact time is that longest path, as for zero
+bubble below; not taken yet.
 
 Zero-bubble schedules (``InterleavedZeroBubble``, :mod:`uniap.schedules`): the same stages,
 each layer's ``A`` split into forward ``Af`` (compute and half of its TP collectives), weight
