@@ -45,14 +45,13 @@ The segment bound (:class:`SegmentBound`, :func:`segment_lower_bound`)
     per rank only), which the prices can miss by a recomputed layer or more: on the 128-layer
     model at 8 devices, batch 64, fp32, the pp = 4 candidate's bound rises from 104.4 s to the
     plan's 113.1 s.
-Interleaved schedules (``v`` stages per rank, ``TPI = (sum_j p_j + sum_j o_j) / v + (c - 1 / v)
-T* + S* + step`` with ``T*``, ``S*`` per rank): the chain is split into ``pp * v`` runs; each
-stage's time, edge, sync and memory are at most its rank's, so the runs above stay valid stage
-by stage, the split's cost is divided by ``v``, ``(c - 1)`` becomes ``(c - 1 / v)`` and
-``T* >= sum_u min_k A[u,k] / pp + v k`` (the busiest rank's share and its ``v`` overheads).
-Zero-bubble schedules (the time is the longest path through the schedule's operations,
-:func:`uniap.schedules.zero_bubble_makespan`): ``TPI >= c T* + S* + step`` only (the busiest
-rank runs its ``c`` micro-batches' operations one after the other); no fill term.
+Interleaved schedules (``v`` stages per rank, ``T*``, ``S*`` per rank; the time is the
+longest path through the schedule's operations, :func:`uniap.schedules.schedule_makespan`):
+the chain is split into ``pp * v`` runs; each stage's time, edge, sync and memory are at most
+its rank's, so the runs above stay valid stage by stage, ``T* >= sum_u min_k A[u,k] / pp + v
+k`` (the busiest rank's share and its ``v`` overheads), and ``TPI >= c T* + S* + step`` only
+(the busiest rank runs its ``c`` micro-batches' operations one after the other); no fill
+term.
 Windows (:func:`stage_windows`, :func:`segment_windows`)
     With an incumbent of time ``T``: a layer may sit on stage i only if stages 0..i can reach it
     and stages i..pp-1 can cover the rest with each stage's compute and memory lower bounds
@@ -97,7 +96,7 @@ def candidate_lower_bound(t: CostTables) -> float:
     v = t.virtual_stages
     # the busiest rank holds v stages (each paying k) and at least its share of the compute
     bottleneck = max(s / t.pp + v * k, split + k)
-    if t.zero_bubble:  # c T* alone: the busiest rank runs all of its operations one by one
+    if t.longest_path:  # c T* alone: the busiest rank runs all of its operations one by one
         return t.num_microbatches * bottleneck + float(gmin.sum()) / t.pp + t.step_overhead_s
     return (
         (s + t.num_stages * k) / v
@@ -467,16 +466,16 @@ class SegmentBound:
     def __init__(self, t: CostTables) -> None:
         L, pp, c, v = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages
         self.t, self.L, self.pp = t, L, pp
-        # interleaved (v stages per rank): TPI = (sum p + sum o) / v + (c - 1 / v) T* + S*, with
-        # T* and S* per rank; every stage's p_j, o_j is at most T*, its sync and memory at most
-        # its rank's, so the runs below stay valid per stage and the split is divided by v
+        # TPI = fill + (c - 1) T* + S* (one stage per rank); interleaved (v stages per rank,
+        # T* and S* per rank): every stage's p_j, o_j is at most T*, its sync and memory at
+        # most its rank's, so the runs below stay valid per stage
         self.k, self.step, self.w, self.fscale = (
             t.stage_overhead_s,
             t.step_overhead_s,
             c - 1 / v,
             1 / v,
         )
-        if t.zero_bubble:  # TPI >= c T* + S*: no fill term (the split's cost does not count)
+        if t.longest_path:  # TPI >= c T* + S*: no fill term (the split's cost does not count)
             self.w, self.fscale = c, 0.0
         self.split = bottleneck_lower_bound(t) if L >= pp else float("inf")
         if not np.isfinite(self.split):
@@ -562,7 +561,7 @@ class SegmentBound:
         keep those times as their floor). Tried once; True when the floor was added (the runs
         have few distinct sequences of layer classes, as stacks of equal blocks do)."""
         t = self.t
-        if self.floor_tried or t.virtual_stages > 1 or t.zero_bubble:
+        if self.floor_tried or t.virtual_stages > 1 or t.longest_path:
             return False
         self.floor_tried = True
         L = self.L
@@ -828,10 +827,10 @@ def stage_windows(t: CostTables, bound: float | None) -> list[list[int]]:
     hi = [min(u, pp - 1) for u in range(L)]
     amin, _, mmin = t.minima()
     limit = t.memory_limit_bytes * (1 + 1e-9)
-    # v stages per rank (interleaved): TPI >= total / v + (c - 1 / v) seg, seg <= T*
+    # one stage per rank: TPI >= total + (c - 1) seg, seg <= T*
     total = float(amin.sum()) / v
     w = c - 1 / v
-    if t.zero_bubble:  # TPI >= c seg (uniap.milp's zb_links)
+    if t.longest_path:  # TPI >= c seg (uniap.milp's zb_links)
         total, w = 0.0, float(c)
     cap = float("inf")
     if bound is not None and w > 0:

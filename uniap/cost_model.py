@@ -222,26 +222,27 @@ Time per iteration of an assignment (stage ``i``: layers ``U_i``; edges ``e_i`` 
 Interleaved schedules (``v`` stages per rank, :mod:`uniap.schedules`; Narayanan et al.,
 SC 2021): the chain is split into ``pp * v`` stages ``j``, stage ``j`` on rank ``r = j % pp``; a
 rank's memory and synchronisation are those of all its stages (``s_r``: its layers' ``G`` and
-its largest ``F``), and the bubble is paid in chunks ``v`` times smaller:
-
-``TPI = (sum_j p_j + sum_j o_j) / v + (c - 1 / v) * max_r max(P_r, O_r) + max_r s_r``,
-``P_r = sum_{j on r} p_j``, ``O_r = sum_{j on r} o_j`` (``v = 1``: the formula above; equal
-stages: a bubble of ``(pp - 1) / (v c)`` of the ideal time, the paper's). The stage edges use
-the slowest link between neighbouring ranks, the last rank's to the first included. Known
-gap: the formula sees each rank's summed chunks, not the chunks, and is optimistic where they
-are unequal; the planner balances the sums, and the longest path through torch's order of its
-interleaved plans for Llama-7B at pp = 4 and 8 is 1.27-1.33x the formula's time
-(``benchmarks/interleaved_fidelity.py``). The exact time is that longest path, as for zero
-bubble below; not taken yet.
+its largest ``F``), and the bubble is paid in chunks ``v`` times smaller. No formula:
+``TPI = max(L, c * max_r O_r) + max_r s_r + step`` with ``L`` the longest path through
+torch's order of operations (:func:`uniap.schedules.schedule_makespan`; every operation starts
+when its rank is free and its input has arrived, a link's time half forward, half back), each
+stage's forward ``f_j`` and backward ``p_j - f_j`` split as zero bubble's below (``Aw = 0``),
+``O_r = sum_{j on r} o_j``. With equal stages it is the paper's ``(c v + pp - 1)`` chunk
+times, a bubble of ``(pp - 1) / (v c)`` of the ideal time; the closed form over each rank's
+summed chunks, ``(sum_j p_j + sum_j o_j) / v + (c - 1 / v) max_r P_r + max_r s_r``, which
+the cost model used before, is optimistic where a rank's chunks differ, and the planner, which
+balances those sums, picked just such plans: their longest paths were 1.27-1.33x that
+formula's time for Llama-7B at pp = 4 and 8 (``benchmarks/interleaved_fidelity.py``). The
+stage edges use the slowest link between neighbouring ranks, the last rank's to the first
+included.
 
 Zero-bubble schedules (``InterleavedZeroBubble``, :mod:`uniap.schedules`): the same stages,
 each layer's ``A`` split into forward ``Af`` (compute and half of its TP collectives), weight
 gradient ``Aw`` (``Profile.weight_grad_s``: measured, or the backward's FLOP share of the
 parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j``, ``w_j``
 (a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
-:func:`zero_bubble_stage_times`). No formula: ``TPI = max(L, c * max_r O_r) + max_r s_r``
-with ``L`` the longest path through torch's order of operations
-(:func:`uniap.schedules.zero_bubble_makespan`), exact for that order. Only strategies without
+:func:`zero_bubble_stage_times`), timed as interleaved 1F1B above, by the longest path
+through its own order (:func:`uniap.schedules.zero_bubble_makespan`). Only strategies without
 recompute and without reductions in autograd's hooks are offered
 (:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``after_step_kinds``): ``dp = 1``; plain
 replicas (DDP at ``tp = 1``) whose gradient the executor all-reduces after the step, charged
@@ -275,7 +276,7 @@ from uniap.graph import Layer, ModelGraph
 from uniap.precision import DTYPE_BYTES, Precision, precision_for_dtype
 from uniap.profiles import AnalyticProfile, Profile
 from uniap.profiles.analytic import loss_tp_share
-from uniap.schedules import get_schedule, zero_bubble_makespan
+from uniap.schedules import get_schedule, schedule_makespan
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = [
@@ -356,7 +357,12 @@ class CostTables:
     schedule; ``A - Af - Aw`` is the input gradient B); None: zeros."""
 
     def __post_init__(self) -> None:
-        if self.zero_bubble:
+        if self.virtual_stages > 1 and not get_schedule(self.schedule).interleaved:
+            raise ValueError(
+                f"{self.virtual_stages} stages per rank need an interleaved schedule, not "
+                f"{self.schedule!r}"
+            )
+        if self.longest_path:
             if self.Af is None:
                 self.Af = np.zeros(np.shape(self.A))
             if self.Aw is None:
@@ -370,9 +376,14 @@ class CostTables:
 
     @property
     def zero_bubble(self) -> bool:
-        """Whether the schedule splits the backward into B and W (its time is the longest
-        path through its operations, :func:`uniap.schedules.zero_bubble_makespan`)."""
+        """Whether the schedule splits the backward into B and W."""
         return get_schedule(self.schedule).split_backward
+
+    @property
+    def longest_path(self) -> bool:
+        """Whether the schedule's time is the longest path through its operations
+        (:func:`uniap.schedules.schedule_makespan`): the interleaved ones."""
+        return get_schedule(self.schedule).longest_path
 
     @property
     def uses_host_memory(self) -> bool:
@@ -503,15 +514,11 @@ def evaluate_assignment(
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
     s = [x + f for x, f in zip(s, first)]
-    if t.zero_bubble:
-        tpi = _zero_bubble_time(t, stage_of, strategy_of, p, o) + max(s) + t.step_overhead_s
-    elif v == 1:
+    if t.longest_path:
+        tpi = _longest_path_time(t, stage_of, strategy_of, p, o) + max(s) + t.step_overhead_s
+    else:
         bottleneck = max(p + o)
         tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
-    else:  # interleaved: per rank loads, the bubble in chunks v times smaller
-        loads = [sum(p[r::pp]) for r in range(pp)] + [sum(o[r::pp]) for r in range(pp)]
-        bottleneck = max(loads)
-        tpi = (sum(p) + sum(o)) / v + (c - 1 / v) * bottleneck + max(s) + t.step_overhead_s
     fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
     node = float((t.host_ranks @ np.asarray(host)).max())
     fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
@@ -522,8 +529,9 @@ def zero_bubble_stage_times(
     t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int], p: Sequence[float]
 ) -> tuple[list[float], list[float], list[float]]:
     """Per stage ``(f, b, w)``: seconds of one micro-batch's forward, input gradient and weight
-    gradient; ``p`` the stage times (``f + b + w``). A stage's same-stage reshards and
-    overhead are split evenly between its forward and its input gradient."""
+    gradient (a schedule that does not split the backward: ``w = 0``, ``b`` the backward); ``p``
+    the stage times (``f + b + w``). A stage's same-stage reshards and overhead are split evenly
+    between its forward and its input gradient."""
     f = [0.0] * len(p)
     w = [0.0] * len(p)
     for u, (i, k) in enumerate(zip(stage_of, strategy_of)):
@@ -540,21 +548,21 @@ def zero_bubble_stage_times(
     return f, b, w
 
 
-def _zero_bubble_time(
+def _longest_path_time(
     t: CostTables,
     stage_of: Sequence[int],
     strategy_of: Sequence[int],
     p: Sequence[float],
     o: Sequence[float],
 ) -> float:
-    """A zero-bubble schedule's compute time: the longest path through torch's order of
+    """An interleaved schedule's compute time: the longest path through torch's order of
     operations with these stage times, at least ``c`` times the busiest rank's links."""
     if any(not np.isfinite(x) for x in p):
         return INF
     f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
     pp, c, v = t.pp, t.num_microbatches, t.virtual_stages
     links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
-    return max(zero_bubble_makespan(pp, v, c, f, b, w, o), c * links)
+    return max(schedule_makespan(t.schedule, pp, v, c, f, b, w, o), c * links)
 
 
 class CostModel:
@@ -821,7 +829,7 @@ class CostModel:
             host_limit_bytes=self.host_limit_bytes,
             host_ranks=self._host_ranks(pp),
             virtual_stages=v,
-            Af=parts["forward"] + parts["tp_comm"] / 2 if spec.split_backward else None,
+            Af=parts["forward"] + parts["tp_comm"] / 2 if spec.longest_path else None,
             Aw=parts["weight_grad"] if spec.split_backward else None,
         )
 

@@ -65,13 +65,12 @@ Interleaved schedules (``t.virtual_stages = v > 1``, :mod:`uniap.schedules`): th
 are the ``pp * v`` virtual stages, stage ``i`` on rank ``r = i % pp``; the path is unchanged
 and the per-rank families sum over the rank's stages: ``bottleneck_r`` ``t >= sum_{i % pp = r}
 p_i`` (``link_r`` likewise), ``sync_r``/``first_u_r`` over the rank's layers, ``memory_r`` over
-its stages; the objective is ``(sum_i p_i + sum_i o_i) / v + (c - 1 / v) t + t_sync``.
-
-Zero-bubble schedules (``t.zero_bubble``): the objective is ``T + t_sync`` with ``T`` the
-longest path through torch's order of operations, written as difference constraints over one
-end time per operation (:func:`_zero_bubble`: ``zb_time_j_q``, ``zb_rank_n``, ``zb_dep_n``,
-``zb_end_n``, ``zb_links``); linear and exact (minimising ``T`` sets every end time to its
-earliest), so the objective is :func:`uniap.cost_model.evaluate_assignment`'s time.
+its stages. The objective is ``T + t_sync`` with ``T`` the longest path through torch's order
+of operations (``t.longest_path``: interleaved 1F1B and zero bubble), written as difference
+constraints over one end time per operation (:func:`_longest_path`: ``zb_time_j_q``,
+``zb_rank_n``, ``zb_dep_n``, ``zb_end_n``, ``zb_links``); linear and exact (minimising ``T``
+sets every end time to its earliest), so the objective is
+:func:`uniap.cost_model.evaluate_assignment`'s time.
 
 Windows: ``x[u,i,k]`` exists only for the stages that :mod:`uniap.bounds` leaves to layer u
 (:func:`uniap.bounds.stage_windows`, and with an incumbent :func:`uniap.bounds.segment_windows`):
@@ -111,7 +110,7 @@ from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
 from uniap.pipeline_labels import pipeline_optimum
-from uniap.schedules import zero_bubble_dag, zero_bubble_ends
+from uniap.schedules import schedule_dag, schedule_ends
 from uniap.search import single_stage_optimum
 
 __all__ = ["Solution", "solve", "min_peak_memory", "identical_pairs"]
@@ -405,8 +404,8 @@ def _build(
     _symmetry(prob, t, v)
     _stage_counts(prob, t, v)
     _first_in_groups(prob, t, v, scale)
-    if t.zero_bubble:
-        _zero_bubble(prob, t, v, p, o, scale)
+    if t.longest_path:
+        _longest_path(prob, t, v, p, o, scale)
     _objective(prob, t, v, p, o, bound, scale)
     return prob, v, scale
 
@@ -481,9 +480,9 @@ class _Vars:
     uses: dict = dataclasses.field(default_factory=dict)
     """``(group, stage, strategy) -> w`` binary (:func:`_first_in_groups`)."""
     zb_time: pulp.LpVariable | None = None
-    """Zero bubble: the longest path ``T`` (:func:`_zero_bubble`)."""
+    """Interleaved schedules: the longest path ``T`` (:func:`_longest_path`)."""
     zb_ends: list = dataclasses.field(default_factory=list)
-    """Zero bubble: each operation's end time."""
+    """Interleaved schedules: each operation's end time."""
 
 
 def _time_scale(t: CostTables, bound: float | None) -> float:
@@ -716,11 +715,12 @@ def _first_in_groups(prob, t: CostTables, v: _Vars, scale: float) -> None:
         prob += v.first[i % t.pp] >= (f / scale) * w, f"first_{r}_{i}_{k}"
 
 
-def _zero_bubble(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
-    """Zero-bubble schedules: the longest path through torch's order of operations
-    (:func:`uniap.schedules.zero_bubble_dag`) as difference constraints. Per stage j the
-    forward ``d_j_0 = sum Af x + (R y + k) / 2``, weight gradient ``d_j_2 = sum Aw x``, input
-    gradient ``d_j_1 = p_j - d_j_0 - d_j_2`` (``zb_time_j_kind``); per operation n of kind
+def _longest_path(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
+    """Interleaved schedules: the longest path through torch's order of operations
+    (:func:`uniap.schedules.schedule_dag`) as difference constraints. Per stage j the
+    forward ``d_j_0 = sum Af x + (R y + k) / 2``, weight gradient ``d_j_2 = sum Aw x`` (zero
+    bubble; else 0), input gradient (else the backward) ``d_j_1 = p_j - d_j_0 - d_j_2``
+    (``zb_time_j_kind``); per operation n of kind
     q on stage j an end time ``e_n >= e_prev(n) + d_j_q`` (``zb_rank_n``: the rank's previous
     operation) and ``e_n >= e_dep(n) + o_link / 2 + d_j_q`` (``zb_dep_n``: the output it
     waits for, over the stage boundary it crosses); ``T >= e_n`` for each rank's last
@@ -746,7 +746,7 @@ def _zero_bubble(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
         for q, expr in enumerate((fwd, p[j] - fwd - wgt, wgt)):
             d[j, q] = prob.add_variable(f"zb_d_{j}_{q}", lowBound=0)
             prob += d[j, q] == expr, f"zb_time_{j}_{q}"
-    dag = zero_bubble_dag(t.pp, t.virtual_stages, t.num_microbatches)
+    dag = schedule_dag(t.schedule, t.pp, t.virtual_stages, t.num_microbatches)
     ends = [prob.add_variable(f"zb_e_{n}", lowBound=0) for n in range(len(dag))]
     last = {}
     for n, (q, j, prev, dep, link) in enumerate(dag):
@@ -767,18 +767,12 @@ def _zero_bubble(prob, t: CostTables, v: _Vars, p, o, scale: float) -> None:
 
 
 def _objective(prob, t: CostTables, v: _Vars, p, o, bound: float | None, scale: float) -> None:
-    """``sum p + sum o + (c - 1) t + t_sync`` (``v`` stages per rank: ``(sum p + sum o) / v +
-    (c - 1 / v) t + t_sync``; zero bubble: ``T + t_sync``, :func:`_zero_bubble`); ``cutoff``
-    when an incumbent bound is known."""
-    nv = t.virtual_stages
-    if t.zero_bubble:
+    """``sum p + sum o + (c - 1) t + t_sync`` (interleaved schedules: ``T + t_sync``,
+    :func:`_longest_path`); ``cutoff`` when an incumbent bound is known."""
+    if t.longest_path:
         obj = v.zb_time + v.t_sync
     else:
-        obj = (
-            (pulp.lpSum(p) + pulp.lpSum(o)) * (1.0 / nv)
-            + (t.num_microbatches - 1.0 / nv) * v.t
-            + v.t_sync
-        )
+        obj = pulp.lpSum(p) + pulp.lpSum(o) + (t.num_microbatches - 1.0) * v.t + v.t_sync
     obj += t.step_overhead_s / scale
     prob += obj
     if bound is not None:
@@ -824,12 +818,12 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
     loads = [sum(p[r::pp]) for r in range(pp)] + [sum(o[r::pp]) for r in range(pp)]
     vals["t"] = max(loads) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
-    if t.zero_bubble:
+    if t.longest_path:
         dur = zero_bubble_stage_times(t, stage_of, strategy_of, p)
         for j, times in enumerate(zip(*dur)):
             for q, x in enumerate(times):
                 vals[f"zb_d_{j}_{q}"] = x / scale
-        ends = zero_bubble_ends(pp, t.virtual_stages, t.num_microbatches, *dur, o)
+        ends = schedule_ends(t.schedule, pp, t.virtual_stages, t.num_microbatches, *dur, o)
         for var, e in zip(v.zb_ends, ends):
             vals[var.name] = e / scale
         vals["zb_T"] = max(max(ends) / scale, t.num_microbatches * vals["t"])

@@ -424,36 +424,7 @@ def _plan_graph(
         },
     )
     log.info("plan: %s (%s, %d programs, %.2f s)", out.summary(), status, search.num_solves, wall)
-    _warn_if_replay_is_slower(out)
     return out
-
-
-def _warn_if_replay_is_slower(p: Plan) -> None:
-    """Interleaved 1F1B is timed by a formula that sees each rank's summed chunks, optimistic
-    where the chunks are unequal (:mod:`uniap.cost_model`): say so when the plan replayed
-    through torch's order of operations (:func:`uniap.plot.timeline`) is more than 2 % slower
-    than predicted."""
-    spec = get_schedule(p.schedule)
-    if not spec.interleaved or spec.split_backward:
-        return
-    from uniap.plot import timeline
-    from uniap.report import plan_report
-
-    r = plan_report(p)
-    ops = timeline(p.schedule, p.num_microbatches, r["stage_detail"], p.virtual_stages)
-    replay = max(op[3] for row in ops for op in row) + r["communication_s"]["loss_all_reduce"]
-    predicted = p.predicted["time_per_iteration_s"]
-    if replay > predicted * 1.02:
-        log.warning(
-            "the %s plan's predicted %.4g s per iteration is optimistic: replayed through "
-            "torch's order of operations it takes %.4g s (+%.0f %%; the formula sees each "
-            "rank's summed chunks, benchmarks/README.md); compare with schedules=['1F1B'] "
-            "(--schedule 1F1B)",
-            p.schedule,
-            predicted,
-            replay,
-            100 * (replay / predicted - 1),
-        )
 
 
 def plan(

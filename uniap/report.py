@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
-from uniap.schedules import zero_bubble_makespan
+from uniap.schedules import schedule_makespan
 from uniap.units import fmt_bytes, fmt_seconds
 
 if TYPE_CHECKING:
@@ -72,9 +72,9 @@ def stage_details(
     """Per stage, seconds per micro-batch (``forward_s``, ``backward_s``, the parts ``compute_s``,
     ``tp_comm_s``, ``fsdp_comm_s``, ``reshard_s``, ``overhead_s``), the send to the next
     stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``.
-    Zero-bubble tables split the backward as their schedule runs it
-    (:func:`uniap.cost_model.zero_bubble_stage_times`): ``backward_s`` the input gradient,
-    ``weight_grad_s`` the weight gradient."""
+    Interleaved tables split the stage time as the cost model's longest path does
+    (:func:`uniap.cost_model.zero_bubble_stage_times`); zero bubble's ``backward_s`` is the
+    input gradient, ``weight_grad_s`` the weight gradient."""
     pp, L = t.num_stages, t.num_layers  # every (virtual) stage
     out = [
         dict.fromkeys(
@@ -118,10 +118,12 @@ def stage_details(
         comm = busy - d["compute_s"]
         d["forward_s"] = d.pop("forward_only_s") + comm / 2  # drawn half in each direction
         d["backward_s"] = busy - d["forward_s"]
-    if t.zero_bubble:
+    if t.longest_path:  # the forward and backward (zero bubble: B and W) the schedule times
         p = evaluate_assignment(t, stage_of, strategy_of).stage_time_s
         for d, f, b, w in zip(out, *zero_bubble_stage_times(t, stage_of, strategy_of, p)):
-            d["forward_s"], d["backward_s"], d["weight_grad_s"] = f, b, w
+            d["forward_s"], d["backward_s"] = f, b
+            if t.zero_bubble:
+                d["weight_grad_s"] = w
     return out
 
 
@@ -155,9 +157,9 @@ def time_breakdown(
         "loss_all_reduce": t.step_overhead_s,
     }
     bubble = (sum(p) - load[i]) / v
-    if t.zero_bubble:  # no formula: the longest path through torch's order of operations
+    if t.longest_path:  # no formula: the longest path through torch's order of operations
         f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
-        makespan = zero_bubble_makespan(pp, v, c, f, b, w, o)
+        makespan = schedule_makespan(t.schedule, pp, v, c, f, b, w, o)
         links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
         comm["p2p"] = max(0.0, c * links - makespan)  # links slower than the schedule
         bubble = makespan - c * load[i]  # the busiest rank's idle time within it

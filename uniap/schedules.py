@@ -20,13 +20,14 @@ splits the chain into ``pp * v`` virtual stages, virtual stage ``j`` on rank ``j
 ``r`` holds ``r, r + pp, ..., r + (v - 1) pp``: the looped placement torch expects). A rank
 does the same work per micro-batch, but the pipeline fills and drains in chunks ``v`` times
 smaller: the bubble is ``(pp - 1) / v`` chunk times instead of ``pp - 1`` stage times, a
-fraction ``(pp - 1) / (v c)`` of the ideal time ``c P`` (the paper's ``t_pb / t_id``). The
-cost model writes it for unequal stages so that ``v = 1`` is the formula above:
-``(sum_j p_j + sum_j o_j) / v + (c - 1 / v) * max_r max(P_r, O_r) + max_r s_r`` with ``P_r``,
-``O_r`` the sums of rank ``r``'s virtual stage and link times. The paper's schedule needs
-``c`` to be a multiple of ``pp`` (torch relaxes it; the planner keeps the paper's rule, where
-its formula holds). In-flight activations are counted from torch's own order of operations
-(:func:`_interleaved_inflight`, which a unit test compares with torch's schedule): rank
+fraction ``(pp - 1) / (v c)`` of the ideal time ``c P`` (the paper's ``t_pb / t_id``), with
+equal chunks. With unequal ones there is no closed form (one over each rank's summed chunks
+is optimistic: a rank waits on its neighbours chunk by chunk): the cost model takes the
+longest path through torch's order of operations (:func:`interleaved_order`,
+:func:`schedule_makespan`). The paper's schedule needs ``c`` to be a multiple of ``pp``
+(torch relaxes it; the planner keeps the paper's rule). In-flight activations are counted
+from torch's own order of operations (:func:`_interleaved_inflight`, which a unit test
+compares with torch's schedule): rank
 ``r`` runs ``W_r = min((v - 1) pp + 2 (pp - 1 - r), v c)`` warm-up forwards
 (``torch.distributed.pipelining.schedules._get_warmup_ops`` with ``c`` a multiple of ``pp``:
 ``pp`` micro-batches per round), then one forward and one backward per step; forwards go
@@ -90,6 +91,9 @@ __all__ = [
     "get_schedule",
     "inflight_microbatches",
     "interleaved_order",
+    "schedule_dag",
+    "schedule_ends",
+    "schedule_makespan",
     "zero_bubble_dag",
     "zero_bubble_ends",
     "zero_bubble_makespan",
@@ -133,8 +137,17 @@ class ScheduleSpec:
     fails in torch's split backward (torch 2.13: the schedule raises while running it)."""
     split_backward: bool = False
     """Each backward runs as an input gradient (B) and, later, a weight gradient (W) (zero
-    bubble): the time is the longest path through the schedule's operations
-    (:func:`zero_bubble_makespan`), not a formula."""
+    bubble)."""
+    order: Callable[[int, int, int, int], list[tuple[str, int, int]]] | None = None
+    """``(pp, v, num_microbatches, rank) -> [(kind, micro-batch, stage)]``: torch's order of
+    operations on a rank, for the schedules timed by the longest path through it
+    (:func:`schedule_makespan`) instead of a formula: the interleaved ones, whose chunks may
+    differ (a closed form over a rank's summed chunks is optimistic there)."""
+
+    @property
+    def longest_path(self) -> bool:
+        """The schedule's time is the longest path through its :attr:`order`."""
+        return self.order is not None
 
     @property
     def interleaved(self) -> bool:
@@ -272,17 +285,28 @@ def zero_bubble_order(
     return out
 
 
-@lru_cache(maxsize=64)
 def zero_bubble_dag(pp: int, v: int, num_microbatches: int) -> tuple[tuple[int, ...], ...]:
-    """Every operation of torch's zero-bubble order on all ranks, in an order where each comes
-    after what it waits for, as ``(kind, stage, rank_prev, dep, link)``: ``kind`` 0/1/2 for
-    F/B/W, ``rank_prev`` the index of the rank's previous operation (-1 for its first),
-    ``dep`` the index of the operation on another stage whose output it needs (F: the same
-    micro-batch's forward on ``stage - 1``; B: its input gradient on ``stage + 1``, on the
-    last stage its own forward; -1: none) and ``link`` the stage boundary that output crosses
-    (-1: none). A rank's W follows its B in the rank's order, which is its only dependency."""
+    """:func:`schedule_dag` of torch's zero-bubble order."""
+    return schedule_dag("InterleavedZeroBubble", pp, v, num_microbatches)
+
+
+@lru_cache(maxsize=64)
+def schedule_dag(
+    schedule: str, pp: int, v: int, num_microbatches: int
+) -> tuple[tuple[int, ...], ...]:
+    """Every operation of ``schedule``'s order (:attr:`ScheduleSpec.order`) on all ranks, in an
+    order where each comes after what it waits for, as ``(kind, stage, rank_prev, dep,
+    link)``: ``kind`` 0/1/2 for F/B/W, ``rank_prev`` the index of the rank's previous operation
+    (-1 for its first), ``dep`` the index of the operation on another stage whose output it
+    needs (F: the same micro-batch's forward on ``stage - 1``; B: its (input) gradient on
+    ``stage + 1``, on the last stage its own forward; -1: none) and ``link`` the stage boundary
+    that output crosses (-1: none). A rank's W follows its B in the rank's order, which is its
+    only dependency."""
+    order = get_schedule(schedule).order
+    if order is None:
+        raise ValueError(f"schedule {schedule!r} is timed by a formula, not by its order")
     S = pp * v
-    orders = [zero_bubble_order(pp, v, num_microbatches, r) for r in range(pp)]
+    orders = [order(pp, v, num_microbatches, r) for r in range(pp)]
     kinds = {"F": 0, "B": 1, "W": 2}
     index: dict[tuple[str, int, int], int] = {}
     out: list[tuple[int, ...]] = []
@@ -305,7 +329,7 @@ def zero_bubble_dag(pp: int, v: int, num_microbatches: int) -> tuple[tuple[int, 
                 last[r] = len(out) - 1
                 pos[r] += 1
                 moved = True
-        assert moved, "torch's zero-bubble order deadlocks"  # cannot happen: tested
+        assert moved, f"torch's {schedule} order deadlocks"  # cannot happen: tested
     return tuple(out)
 
 
@@ -318,12 +342,27 @@ def zero_bubble_makespan(
     w: Sequence[float],
     link: Sequence[float] = (),
 ) -> float:
-    """Seconds from the first forward to the last weight gradient when every operation of
-    :func:`zero_bubble_dag` starts as soon as its rank is free and its input has arrived:
-    ``f``, ``b``, ``w`` per stage (forward, input gradient, weight gradient of one
-    micro-batch), ``link[j]`` the time of the activation's trip over boundary ``j`` and its
-    gradient's trip back together (half each way). The longest path through the operations."""
-    return max(zero_bubble_ends(pp, v, num_microbatches, f, b, w, link))
+    """:func:`schedule_makespan` of torch's zero-bubble order."""
+    return schedule_makespan("InterleavedZeroBubble", pp, v, num_microbatches, f, b, w, link)
+
+
+def schedule_makespan(
+    schedule: str,
+    pp: int,
+    v: int,
+    num_microbatches: int,
+    f: Sequence[float],
+    b: Sequence[float],
+    w: Sequence[float],
+    link: Sequence[float] = (),
+) -> float:
+    """Seconds from the first forward to the last operation when every operation of
+    :func:`schedule_dag` starts as soon as its rank is free and its input has arrived: ``f``,
+    ``b``, ``w`` per stage (forward, input gradient, weight gradient of one micro-batch;
+    without a split backward ``b`` is the whole backward and ``w`` is not used), ``link[j]``
+    the time of the activation's trip over boundary ``j`` and its gradient's trip back
+    together (half each way). The longest path through the operations."""
+    return max(schedule_ends(schedule, pp, v, num_microbatches, f, b, w, link))
 
 
 def zero_bubble_ends(
@@ -335,11 +374,25 @@ def zero_bubble_ends(
     w: Sequence[float],
     link: Sequence[float] = (),
 ) -> list[float]:
-    """The end time of each operation of :func:`zero_bubble_dag` (see
-    :func:`zero_bubble_makespan`)."""
+    """:func:`schedule_ends` of torch's zero-bubble order."""
+    return schedule_ends("InterleavedZeroBubble", pp, v, num_microbatches, f, b, w, link)
+
+
+def schedule_ends(
+    schedule: str,
+    pp: int,
+    v: int,
+    num_microbatches: int,
+    f: Sequence[float],
+    b: Sequence[float],
+    w: Sequence[float],
+    link: Sequence[float] = (),
+) -> list[float]:
+    """The end time of each operation of :func:`schedule_dag` (see
+    :func:`schedule_makespan`)."""
     dur = (f, b, w)
     end: list[float] = []
-    for kind, j, prev, dep, edge in zero_bubble_dag(pp, v, num_microbatches):
+    for kind, j, prev, dep, edge in schedule_dag(schedule, pp, v, num_microbatches):
         ready = end[prev] if prev >= 0 else 0.0
         if dep >= 0:
             ready = max(ready, end[dep] + (link[edge] / 2 if edge >= 0 and link else 0.0))
@@ -389,6 +442,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             inflight_on_stage=_interleaved_inflight,
             description="1F1B over v virtual stages per rank (looped): bubble (pp - 1) / (v c)",
             microbatch_multiple_of_pp=True,
+            order=interleaved_order,
         ),
         ScheduleSpec(
             name="InterleavedZeroBubble",
@@ -402,6 +456,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             after_step_kinds=("DDP", "FSDP"),
             recompute=False,
             split_backward=True,
+            order=zero_bubble_order,
         ),
     )
 }

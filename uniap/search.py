@@ -17,6 +17,7 @@ import numpy as np
 
 from uniap.bounds import extend_front, memory_split
 from uniap.cost_model import CostTables, evaluate_assignment
+from uniap.schedules import schedule_dag
 
 __all__ = [
     "compositions",
@@ -797,13 +798,12 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
 
     ``peak_bytes`` is the largest per-stage memory of an assignment (it fits iff that is within
     the limit), and ``t.memory_limit_bytes`` is ignored. Every placement and every strategy is
-    scored, vectorised over the strategy choices of one placement, with the formula of
-    :func:`uniap.cost_model.evaluate_assignment`; for tests and sweeps on small instances
+    scored, vectorised over the strategy choices of one placement, as
+    :func:`uniap.cost_model.evaluate_assignment` scores it (interleaved schedules: the longest
+    path through torch's order, one operation at a time); for tests and sweeps on small instances
     (``C(L-1, pp-1) * prod |allowed[u]|`` assignments, at most ``max_assignments``).
     Assignments over the host-memory limit (FSDP-offload's state) are left out."""
     L, pp, c, v, R = t.num_layers, t.num_stages, t.num_microbatches, t.virtual_stages, t.pp
-    if t.zero_bubble:
-        raise ValueError(f"{t.schedule}'s time is a longest path, not vectorised here")
     per_placement = int(np.prod([len(ks) for ks in t.allowed], dtype=np.float64))
     if len(t.allowed) < L or per_placement * math.comb(max(L - 1, 0), pp - 1) > max_assignments:
         raise ValueError(f"too many assignments for an exhaustive frontier (L={L}, pp={pp})")
@@ -812,6 +812,9 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     rows = np.arange(L)[None, :]
     A, G, F = t.A[rows, S], t.G[rows, S], t.F[rows, S]
     lay = t.layout[rows, S]
+    if t.longest_path:
+        Af, Aw = t.Af[rows, S], t.Aw[rows, S]
+        dag = schedule_dag(t.schedule, R, v, c)
     peaks, times = [], []
     for stage_of in compositions(L, pp):
         st = np.asarray(stage_of)
@@ -821,6 +824,8 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         f = np.zeros((len(S), R))  # the rank's largest F, exposed once
         mem = np.zeros((len(S), R))
         host = np.zeros((len(S), R))
+        fw = np.zeros((len(S), pp))  # longest path: forward, with half the shared time
+        wg = np.zeros((len(S), pp))  # and the weight gradients (zero bubble)
         for u in range(L):
             i = st[u]
             r = i % R
@@ -829,9 +834,13 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
             s[:, r] += G[:, u]
             f[:, r] = np.maximum(f[:, r], F[:, u])
             mem[:, r] += t.M[u, S[:, u], i]
+            if t.longest_path:
+                fw[:, i] += Af[:, u]
+                wg[:, i] += Aw[:, u]
             if u + 1 < L:
                 if st[u + 1] == i:
                     p[:, i] += t.R[u, lay[:, u], lay[:, u + 1]]
+                    fw[:, i] += t.R[u, lay[:, u], lay[:, u + 1]] / 2
                 else:
                     o[:, i] += t.Rp[u, lay[:, u], lay[:, u + 1]]
         p += t.stage_overhead_s
@@ -846,16 +855,17 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
                 + s.max(axis=1)
                 + t.step_overhead_s
             )
-        else:  # interleaved: per rank loads (uniap.cost_model)
-            loads = [p[:, r::R].sum(axis=1) for r in range(R)]
-            loads += [o[:, r::R].sum(axis=1) for r in range(R)]
-            bottleneck = np.max(np.stack(loads, axis=1), axis=1)
-            tpi = (
-                (p.sum(axis=1) + o.sum(axis=1)) / v
-                + (c - 1 / v) * bottleneck
-                + s.max(axis=1)
-                + t.step_overhead_s
-            )
+        else:  # interleaved: the longest path through torch's order (uniap.cost_model)
+            fw += t.stage_overhead_s / 2
+            dur = (fw, p - fw - wg, wg)
+            end = np.zeros((len(dag), len(S)))
+            for n, (kind, j, prev, dep, edge) in enumerate(dag):
+                ready = end[prev] if prev >= 0 else np.zeros(len(S))
+                if dep >= 0:
+                    ready = np.maximum(ready, end[dep] + (o[:, edge] / 2 if edge >= 0 else 0.0))
+                end[n] = ready + dur[kind][:, j]
+            links = np.max(np.stack([o[:, r::R].sum(axis=1) for r in range(R)], axis=1), axis=1)
+            tpi = np.maximum(end.max(axis=0), c * links) + s.max(axis=1) + t.step_overhead_s
         fits_host = (host @ t.host_ranks.T <= t.host_limit_bytes * (1 + 1e-9)).all(axis=1)
         peaks.append(mem.max(axis=1)[fits_host])
         times.append(tpi[fits_host])

@@ -16,6 +16,7 @@ from uniap.search import compositions, exhaustive, heuristic
 __all__ = [
     "assert_bounds_keep_the_optimum",
     "assert_program_equals_enumeration",
+    "preset_plan_tables",
     "random_tables",
     "synthetic_graph",
 ]
@@ -59,6 +60,20 @@ def assert_bounds_keep_the_optimum(t: CostTables, opt: float) -> None:
             ev = evaluate_assignment(t, stage_of, list(strat))
             if ev.fits and ev.time_per_iteration_s < target:
                 assert all(i in win[u] and i in runs[u] for u, i in enumerate(stage_of))
+
+
+def preset_plan_tables(plan, cluster: str) -> tuple[CostTables, list[int], list[int]]:
+    """The cost tables a plan of a model preset (built on the meta device) is priced in on
+    ``cluster``, and its assignment (:meth:`uniap.cost_model.CostModel.plan_tables`)."""
+    from uniap import models
+    from uniap.cluster import load_cluster
+    from uniap.cost_model import CostModel
+    from uniap.graph import build_graph
+
+    name = plan.model_name
+    m = models.build_model(name, device="meta")
+    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name=name)
+    return CostModel(g, load_cluster(cluster), precision=plan.precision).plan_tables(plan)
 
 
 def random_tables(seed: int) -> CostTables:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _tables import assert_bounds_keep_the_optimum, assert_program_equals_enumeration
+from _tables import (
+    assert_bounds_keep_the_optimum,
+    assert_program_equals_enumeration,
+    preset_plan_tables,
+)
 
 from uniap.bounds import bottleneck_lower_bound
 from uniap.cost_model import CostTables, evaluate_assignment
@@ -424,7 +428,7 @@ def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
     w = [d["weight_grad_s"] for d in detail]
     link = [d["send_s"] for d in detail[:-1]]
     assert end == pytest.approx(zero_bubble_makespan(pp, v, c, f, b, w, link), rel=1e-9)
-    t, stage_of, strategy_of = _tables_of(p)  # the drawn stages' compute is the plan's TPI's
+    t, stage_of, strategy_of = preset_plan_tables(p, "cpu-2")  # the drawn compute: the TPI's
     ev = evaluate_assignment(t, stage_of, strategy_of)
     tpi = end + max(ev.sync_time_s) + t.step_overhead_s
     assert tpi == pytest.approx(ev.time_per_iteration_s, rel=1e-9)
@@ -433,17 +437,6 @@ def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
     breakdown = plan_report(p)["time_breakdown_s"]
     assert sum(breakdown.values()) == pytest.approx(tpi, rel=1e-9)
     assert 0 <= breakdown["bubble"] < end
-
-
-def _tables_of(p):
-    from uniap import models
-    from uniap.cluster import load_cluster
-    from uniap.cost_model import CostModel
-    from uniap.graph import build_graph
-
-    m = models.build_model("gpt-tiny", device="meta")
-    g = build_graph(m, models.example_batch(m, 2, device="meta")[0], name="gpt-tiny")
-    return CostModel(g, load_cluster("cpu-2"), precision=p.precision).plan_tables(p)
 
 
 def test_explain_columns_hold_the_long_schedule_name() -> None:
