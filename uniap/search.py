@@ -846,7 +846,7 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
         p += t.stage_overhead_s
         s += f
         o = o[:, : pp - 1]
-        if v == 1:
+        if not t.longest_path:
             bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
             tpi = (
                 p.sum(axis=1)
