@@ -242,7 +242,7 @@ gradient ``Aw`` (``Profile.weight_grad_s``: measured, or the backward's FLOP sha
 parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j``, ``w_j``
 (a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
 :func:`zero_bubble_stage_times`), timed as interleaved 1F1B above, by the longest path
-through its own order (:func:`uniap.schedules.zero_bubble_makespan`). Only strategies without
+through its own order (:func:`uniap.schedules.schedule_makespan`). Only strategies without
 recompute and without reductions in autograd's hooks are offered
 (:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``after_step_kinds``): ``dp = 1``; plain
 replicas (DDP at ``tp = 1``) whose gradient the executor all-reduces after the step, charged

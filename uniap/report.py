@@ -10,9 +10,9 @@ for an assignment, so the numbers add up to what the planner optimised:
   how much a send slower than ``p_i*`` stretches the steady state), the gradient sync of the
   stage that syncs longest ``s*`` and the loss's all-reduce; ``bubble`` the other stages' fill
   and drain (``sum_{i != i*} p_i``), ``optimizer`` the optimizer step of ``s*``, ``overhead``
-  the pipeline schedule's own time per micro-batch. A zero-bubble schedule's TPI has no
+  the pipeline schedule's own time per micro-batch. An interleaved schedule's TPI has no
   formula (the longest path ``L`` through torch's order, :func:`uniap.schedules.
-  zero_bubble_makespan`): its ``bubble`` is ``L`` less the busiest rank's ``c`` micro-batches
+  schedule_makespan`): its ``bubble`` is ``L`` less the busiest rank's ``c`` micro-batches
   of work, and sends that take longer than ``L`` (``c`` times a rank's links) are
   ``communication``.
 - :func:`memory_breakdown` splits each stage's peak bytes into parameters, gradients,

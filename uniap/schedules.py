@@ -51,7 +51,7 @@ bubble with the W's. The same looped placement as interleaved 1F1B, ``c`` a mult
 followed by the W of the oldest pending B once ``r`` pairs have run, then the remaining B's
 (each with a W) and the remaining W's. Time: not a closed
 form. The cost model takes the longest path through these operations
-(:func:`zero_bubble_makespan`: every operation starts when its rank is free and its input has
+(:func:`schedule_makespan`: every operation starts when its rank is free and its input has
 arrived; per stage the forward, input-gradient and weight-gradient times of one micro-batch, a
 link's time half forward, half back), at least ``c`` times the busiest rank's link time; the
 program writes the same longest path as difference constraints (linear, exact:
@@ -94,9 +94,6 @@ __all__ = [
     "schedule_dag",
     "schedule_ends",
     "schedule_makespan",
-    "zero_bubble_dag",
-    "zero_bubble_ends",
-    "zero_bubble_makespan",
     "zero_bubble_order",
 ]
 
@@ -285,11 +282,6 @@ def zero_bubble_order(
     return out
 
 
-def zero_bubble_dag(pp: int, v: int, num_microbatches: int) -> tuple[tuple[int, ...], ...]:
-    """:func:`schedule_dag` of torch's zero-bubble order."""
-    return schedule_dag("InterleavedZeroBubble", pp, v, num_microbatches)
-
-
 @lru_cache(maxsize=64)
 def schedule_dag(
     schedule: str, pp: int, v: int, num_microbatches: int
@@ -333,19 +325,6 @@ def schedule_dag(
     return tuple(out)
 
 
-def zero_bubble_makespan(
-    pp: int,
-    v: int,
-    num_microbatches: int,
-    f: Sequence[float],
-    b: Sequence[float],
-    w: Sequence[float],
-    link: Sequence[float] = (),
-) -> float:
-    """:func:`schedule_makespan` of torch's zero-bubble order."""
-    return schedule_makespan("InterleavedZeroBubble", pp, v, num_microbatches, f, b, w, link)
-
-
 def schedule_makespan(
     schedule: str,
     pp: int,
@@ -363,19 +342,6 @@ def schedule_makespan(
     the time of the activation's trip over boundary ``j`` and its gradient's trip back
     together (half each way). The longest path through the operations."""
     return max(schedule_ends(schedule, pp, v, num_microbatches, f, b, w, link))
-
-
-def zero_bubble_ends(
-    pp: int,
-    v: int,
-    num_microbatches: int,
-    f: Sequence[float],
-    b: Sequence[float],
-    w: Sequence[float],
-    link: Sequence[float] = (),
-) -> list[float]:
-    """:func:`schedule_ends` of torch's zero-bubble order."""
-    return schedule_ends("InterleavedZeroBubble", pp, v, num_microbatches, f, b, w, link)
 
 
 def schedule_ends(

@@ -17,7 +17,7 @@ from uniap.cost_model import CostTables, evaluate_assignment
 from uniap.schedules import (
     get_schedule,
     inflight_microbatches,
-    zero_bubble_makespan,
+    schedule_makespan,
     zero_bubble_order,
 )
 from uniap.search import compositions
@@ -109,11 +109,11 @@ def test_makespan_is_the_simulated_schedule(pp: int, v: int, c: int) -> None:
     for _ in range(10):
         f, b, w = (rng.uniform(0.1, 2.0, S).tolist() for _ in range(3))
         link = rng.uniform(0.0, 0.5, S - 1).tolist()
-        assert zero_bubble_makespan(pp, v, c, f, b, w, link) == pytest.approx(
+        assert schedule_makespan(ZB, pp, v, c, f, b, w, link) == pytest.approx(
             _brute_makespan(pp, v, c, f, b, w, link)
         )
     one = [1.0] * S
-    assert zero_bubble_makespan(pp, v, c, one, one, one) == pytest.approx(3 * v * c + pp - 1)
+    assert schedule_makespan(ZB, pp, v, c, one, one, one) == pytest.approx(3 * v * c + pp - 1)
 
 
 def _random_zb(seed: int) -> CostTables:
@@ -427,7 +427,7 @@ def test_timeline_of_a_zero_bubble_plan_is_the_cost_models_schedule() -> None:
     b = [d["backward_s"] for d in detail]
     w = [d["weight_grad_s"] for d in detail]
     link = [d["send_s"] for d in detail[:-1]]
-    assert end == pytest.approx(zero_bubble_makespan(pp, v, c, f, b, w, link), rel=1e-9)
+    assert end == pytest.approx(schedule_makespan(ZB, pp, v, c, f, b, w, link), rel=1e-9)
     t, stage_of, strategy_of = preset_plan_tables(p, "cpu-2")  # the drawn compute: the TPI's
     ev = evaluate_assignment(t, stage_of, strategy_of)
     tpi = end + max(ev.sync_time_s) + t.step_overhead_s
