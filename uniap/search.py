@@ -812,7 +812,8 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
     rows = np.arange(L)[None, :]
     A, G, F = t.A[rows, S], t.G[rows, S], t.F[rows, S]
     lay = t.layout[rows, S]
-    if t.longest_path:
+    longest = t.longest_path
+    if longest:
         Af, Aw = t.Af[rows, S], t.Aw[rows, S]
         dag = schedule_dag(t.schedule, R, v, c)
     peaks, times = [], []
@@ -834,19 +835,21 @@ def frontier(t: CostTables, *, max_assignments: int = 5_000_000) -> list[tuple[f
             s[:, r] += G[:, u]
             f[:, r] = np.maximum(f[:, r], F[:, u])
             mem[:, r] += t.M[u, S[:, u], i]
-            if t.longest_path:
+            if longest:
                 fw[:, i] += Af[:, u]
                 wg[:, i] += Aw[:, u]
             if u + 1 < L:
                 if st[u + 1] == i:
-                    p[:, i] += t.R[u, lay[:, u], lay[:, u + 1]]
-                    fw[:, i] += t.R[u, lay[:, u], lay[:, u + 1]] / 2
+                    reshard = t.R[u, lay[:, u], lay[:, u + 1]]
+                    p[:, i] += reshard
+                    if longest:
+                        fw[:, i] += reshard / 2
                 else:
                     o[:, i] += t.Rp[u, lay[:, u], lay[:, u + 1]]
         p += t.stage_overhead_s
         s += f
         o = o[:, : pp - 1]
-        if not t.longest_path:
+        if not longest:
             bottleneck = np.maximum(p.max(axis=1), o.max(axis=1) if pp > 1 else -np.inf)
             tpi = (
                 p.sum(axis=1)
