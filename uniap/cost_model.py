@@ -241,7 +241,7 @@ each layer's ``A`` split into forward ``Af`` (compute and half of its TP collect
 gradient ``Aw`` (``Profile.weight_grad_s``: measured, or the backward's FLOP share of the
 parameter products) and input gradient ``A - Af - Aw``; per stage ``f_j``, ``b_j``, ``w_j``
 (a stage's reshards and overhead split evenly between ``f_j`` and ``b_j``,
-:func:`zero_bubble_stage_times`), timed as interleaved 1F1B above, by the longest path
+:func:`stage_op_times`), timed as interleaved 1F1B above, by the longest path
 through its own order (:func:`uniap.schedules.schedule_makespan`). Only strategies without
 recompute and without reductions in autograd's hooks are offered
 (:attr:`uniap.schedules.ScheduleSpec.data_parallel`, ``after_step_kinds``): ``dp = 1``; plain
@@ -525,7 +525,7 @@ def evaluate_assignment(
     return Evaluation(tpi, p, o, s, mem, fits, host, node)
 
 
-def zero_bubble_stage_times(
+def stage_op_times(
     t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int], p: Sequence[float]
 ) -> tuple[list[float], list[float], list[float]]:
     """Per stage ``(f, b, w)``: seconds of one micro-batch's forward, input gradient and weight
@@ -559,7 +559,7 @@ def _longest_path_time(
     operations with these stage times, at least ``c`` times the busiest rank's links."""
     if any(not np.isfinite(x) for x in p):
         return INF
-    f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+    f, b, w = stage_op_times(t, stage_of, strategy_of, p)
     pp, c, v = t.pp, t.num_microbatches, t.virtual_stages
     links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
     return max(schedule_makespan(t.schedule, pp, v, c, f, b, w, o), c * links)

@@ -108,7 +108,7 @@ import pulp
 
 from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
-from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
+from uniap.cost_model import CostTables, evaluate_assignment, stage_op_times
 from uniap.pipeline_labels import pipeline_optimum
 from uniap.schedules import schedule_dag, schedule_ends
 from uniap.search import single_stage_optimum
@@ -819,7 +819,7 @@ def _start_values(t: CostTables, v: _Vars, incumbent, scale: float) -> dict:
     vals["t"] = max(loads) / scale
     vals["t_sync"] = max(ev.sync_time_s) / scale
     if t.longest_path:
-        dur = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+        dur = stage_op_times(t, stage_of, strategy_of, p)
         for j, times in enumerate(zip(*dur)):
             for q, x in enumerate(times):
                 vals[f"zb_d_{j}_{q}"] = x / scale

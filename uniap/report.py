@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from uniap.cost_model import CostTables, evaluate_assignment, zero_bubble_stage_times
+from uniap.cost_model import CostTables, evaluate_assignment, stage_op_times
 from uniap.schedules import schedule_makespan
 from uniap.units import fmt_bytes, fmt_seconds
 
@@ -73,7 +73,7 @@ def stage_details(
     ``tp_comm_s``, ``fsdp_comm_s``, ``reshard_s``, ``overhead_s``), the send to the next
     stage ``send_s``, and once per iteration ``sync_s`` (gradient sync) and ``optimizer_s``.
     Interleaved tables split the stage time as the cost model's longest path does
-    (:func:`uniap.cost_model.zero_bubble_stage_times`); zero bubble's ``backward_s`` is the
+    (:func:`uniap.cost_model.stage_op_times`); zero bubble's ``backward_s`` is the
     input gradient, ``weight_grad_s`` the weight gradient."""
     pp, L = t.num_stages, t.num_layers  # every (virtual) stage
     out = [
@@ -120,7 +120,7 @@ def stage_details(
         d["backward_s"] = busy - d["forward_s"]
     if t.longest_path:  # the forward and backward (zero bubble: B and W) the schedule times
         p = evaluate_assignment(t, stage_of, strategy_of).stage_time_s
-        for d, f, b, w in zip(out, *zero_bubble_stage_times(t, stage_of, strategy_of, p)):
+        for d, f, b, w in zip(out, *stage_op_times(t, stage_of, strategy_of, p)):
             d["forward_s"], d["backward_s"] = f, b
             if t.zero_bubble:
                 d["weight_grad_s"] = w
@@ -158,7 +158,7 @@ def time_breakdown(
     }
     bubble = (sum(p) - load[i]) / v
     if t.longest_path:  # no formula: the longest path through torch's order of operations
-        f, b, w = zero_bubble_stage_times(t, stage_of, strategy_of, p)
+        f, b, w = stage_op_times(t, stage_of, strategy_of, p)
         makespan = schedule_makespan(t.schedule, pp, v, c, f, b, w, o)
         links = max((sum(o[r::pp]) for r in range(pp)), default=0.0)
         comm["p2p"] = max(0.0, c * links - makespan)  # links slower than the schedule
