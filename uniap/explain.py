@@ -29,6 +29,7 @@ from uniap.report import (
     memory_breakdown,
     time_breakdown,
 )
+from uniap.units import count
 
 if TYPE_CHECKING:
     from uniap.cluster import Cluster
@@ -192,7 +193,7 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
     rows = plan.solver.get("best_per_pp") or []
     tpi = _stored(plan).get("time_per_iteration_s")
     lines = [
-        f"Why this plan: {plan.model_name} on {plan.world_size} devices"
+        f"Why this plan: {plan.model_name} on {count(plan.world_size, 'device')}"
         + (
             f" ({cluster_name or plan.provenance.get('cluster')})"
             if (cluster_name or plan.provenance.get("cluster"))
@@ -220,11 +221,14 @@ def _render_explain(plan: Plan, cluster_name: str | None) -> str:
     for e in rows:
         mark = "*" if e is win else " "
         if e["time_per_iteration_s"] is None:
-            t, vs = f">= {fmt_seconds(e['lower_bound_s'])}", "-"
+            fits = math.isfinite(e["lower_bound_s"])
+            t, vs = (f">= {fmt_seconds(e['lower_bound_s'])}" if fits else "-"), "-"
             why = (
                 "nothing fits in memory"
                 if e["status"] == "infeasible"
                 else "pruned: its lower bound cannot beat the winner"
+                if fits
+                else "nothing fits in memory (a lower bound on its memory is over the limit)"
             )
         else:
             t = fmt_seconds(e["time_per_iteration_s"])

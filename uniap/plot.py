@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from uniap.errors import UniapError
 from uniap.report import MEMORY_TERMS, fmt_bytes, fmt_seconds, plan_report
+from uniap.units import count
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -166,9 +167,10 @@ def plot_plan(
         fig.add_subplot(grid[1, :]),
     )
     title = (
-        f"{plan.model_name} on {plan.world_size} devices"
+        f"{plan.model_name} on {count(plan.world_size, 'device')}"
         + (f" ({r['cluster']})" if r.get("cluster") else "")
-        + f": pp={plan.pp_degree}, {plan.num_microbatches} micro-batches of "
+        + f": pp={plan.pp_degree}, "
+        f"{count(plan.num_microbatches, 'micro-batch', 'micro-batches')} of "
         f"{plan.microbatch_size}, "
         f"{plan.schedule}"
         + (f", {r['dtype']}" if r.get("dtype") else "")
@@ -408,7 +410,8 @@ def _draw_timeline(ax, plan: Plan, r: dict, Rectangle, Patch) -> None:  # noqa: 
         frameon=False,
     )
     ax.set_title(
-        f"(b) one iteration, {plan.schedule}, {plan.num_microbatches} micro-batches (simulated "
+        f"(b) one iteration, {plan.schedule}, "
+        f"{count(plan.num_microbatches, 'micro-batch', 'micro-batches')} (simulated "
         "from the predicted stage times)",
         fontsize=10,
         loc="left",
@@ -438,7 +441,7 @@ def plan_html(plan: Plan, *, report: dict[str, Any] | None = None) -> str:
     png = base64.b64encode(buf.getvalue()).decode()
     text = html.escape(render_plan(r, layers=True))
     why = html.escape(render_explain(plan)) if plan.solver.get("best_per_pp") else ""
-    title = html.escape(f"uniap plan: {plan.model_name} on {plan.world_size} devices")
+    title = html.escape(f"uniap plan: {plan.model_name} on {count(plan.world_size, 'device')}")
     return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title></head>"
         f"<body style='font-family: sans-serif'>\n<h1>{title}</h1>\n"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from uniap.cost_model import CostTables, evaluate_assignment, stage_op_times
 from uniap.schedules import schedule_makespan
-from uniap.units import fmt_bytes, fmt_seconds
+from uniap.units import count, fmt_bytes, fmt_seconds
 
 if TYPE_CHECKING:
     from uniap.contract import Plan
@@ -393,19 +393,18 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
     memory breakdowns; ``layers`` adds the per-layer listing."""
     r = report
     lines = [
-        f"Plan for {r['model']} ({r['num_layers']} layers) on {r['world_size']} devices"
+        f"Plan for {r['model']} ({r['num_layers']} layers) on {count(r['world_size'], 'device')}"
         + (f" ({r['cluster']})" if r.get("cluster") else ""),
         f"  precision: {r['precision'] if r.get('precision') else _precision(r.get('dtype'))}",
-        f"  pipeline: {r['pp']} stage{'s' if r['pp'] > 1 else ''} x {r['world_size'] // r['pp']} "
-        f"devices, schedule {r['schedule']}"
+        f"  pipeline: {count(r['pp'], 'stage')} x {count(r['world_size'] // r['pp'], 'device')}, "
+        f"schedule {r['schedule']}"
         + (
             f" with {r['virtual_stages']} stages per rank (stage j on the devices of stage "
             f"j % {r['pp']}; memory is per device: all of its stages)"
             if r.get("virtual_stages", 1) > 1
             else ""
         )
-        + f", {r['num_microbatches']} "
-        f"micro-batch{'es' if r['num_microbatches'] > 1 else ''} "
+        + f", {count(r['num_microbatches'], 'micro-batch', 'micro-batches')} "
         f"of {r['microbatch_size']} (global batch {r['global_batch_size']})",
     ]
     if r.get("time_per_iteration_s") is not None:
@@ -420,9 +419,11 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
         + [20]
     )
     w = min(w, 48)
+    # "dp2 tp1 FSDP-offload +ckpt" (26) is wider than the usual 22
+    sw = max([22] + [len(g["strategy"]) + 1 for s in r["stages"] for g in s["groups"]])
     head = (
         f"{'stage':<6}{'devices':<10}{'layers':<10}{'names':<{w}}  "
-        f"{'strategy':<22}{'time/mb':>9}{'memory':>11}"
+        f"{'strategy':<{sw}}{'time/mb':>9}{'memory':>11}"
     )
     lines += [head, "-" * len(head)]
     for s in r["stages"]:
@@ -441,9 +442,9 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
             )
             lines.append(
                 f"{(str(s['index']) if first else ''):<6}{(dev if first else ''):<10}"
-                f"{span:<10}{names:<{w}}  {g['strategy']:<22}"
+                f"{span:<10}{names:<{w}}  {g['strategy']:<{sw}}"
                 f"{(fmt_seconds(s['time_per_microbatch_s']) if first else ''):>9}"
-                f"{(fmt_bytes(s['peak_memory_bytes']) if first else ''):>11}"
+                f"{(fmt_bytes(s['peak_memory_bytes']) if first else ''):>11}".rstrip()
             )
     tb = r.get("time_breakdown_s")
     tpi = r.get("time_per_iteration_s")
@@ -492,14 +493,16 @@ def render_plan(report: dict[str, Any], *, layers: bool = False) -> str:
             + " (no breakdown in this plan file: pass --model and --cluster to re-derive it)",
         ]
     if layers:
+        lw = max([22] + [len(row["strategy"]) + 1 for row in r["layers"]])
         lines += [
             "",
             f"{'layer':>5}  {'name':<40}{'stage':>6}  "
-            f"{'strategy':<22}{'time/mb':>9}{'sync':>9}{'memory':>11}",
+            f"{'strategy':<{lw}}{'time/mb':>9}{'sync':>9}{'memory':>11}",
         ]
         for row in r["layers"]:
             lines.append(
-                f"{row['index']:>5}  {row['fqn'][:40]:<40}{row['stage']:>6}  {row['strategy']:<22}"
+                f"{row['index']:>5}  {row['fqn'][:40]:<40}{row['stage']:>6}  "
+                f"{row['strategy']:<{lw}}"
                 f"{fmt_seconds(row.get('time_s')):>9}{fmt_seconds(row.get('sync_s')):>9}"
                 f"{fmt_bytes(row.get('memory_bytes')):>11}"
             )

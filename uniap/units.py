@@ -23,6 +23,7 @@ __all__ = [
     "QUANTITY_EXAMPLES",
     "check_choice",
     "check_number",
+    "count",
     "did_you_mean",
     "format_quantity",
     "parse_quantity",
@@ -168,6 +169,12 @@ def format_quantity(value: float, kind: str) -> str:
 
 
 # ---------------------------------------------------------------------- human units
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 device"``, ``"4 devices"``, ``"2 micro-batches"`` (``plural``: the noun's plural
+    where it is not ``noun + "s"``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def fmt_seconds(s: float | None) -> str:
     """``0.0123`` -> ``12.3 ms``: us, ms, s or min with three significant digits, no exponent."""
     if s is None or not isinstance(s, int | float) or math.isnan(s):
