@@ -55,7 +55,7 @@ import yaml
 from uniap.errors import ConfigError, PlanMismatchError
 from uniap.precision import Precision
 from uniap.schedules import SCHEDULES as _SCHEDULE_SPECS
-from uniap.units import fmt_bytes
+from uniap.units import count, fmt_bytes
 
 __all__ = [
     "DDP_BUCKET_BYTES",
@@ -105,7 +105,8 @@ class Strategy:
     ``FSDP-offload`` (``tp == 1``: FSDP whose sharded parameters, gradients and optimizer
     state live in host memory, the optimizer stepping on the CPU: FSDP2 ``fully_shard`` with
     ``offload_policy=CPUOffloadPolicy()``; parameters gathered and gradients reduced in every
-    micro-batch)."""
+    micro-batch; with ``dp == 1``, on a stage of one device, ``fully_shard`` over that device
+    alone: the layer's whole state in host memory, copied in and out in every micro-batch)."""
     recompute: bool = False
     """Activation checkpointing: keep only the layer's input, recompute its forward in backward."""
     shard_degree: int = 0
@@ -154,13 +155,21 @@ class Strategy:
         backward (``ZeRO2``: sharded gradients, no whole gradient between micro-batches;
         ``FSDP-offload``: the gradient shards accumulate in host memory) rather than after the
         last one only. One rule for the cost model and the executor."""
-        return self.kind in ("ZeRO2", OFFLOAD) and self.dp > 1
+        return (self.kind == "ZeRO2" and self.dp > 1) or self.offloaded
+
+    @property
+    def fsdp2_wrapped(self) -> bool:
+        """Whether the executor applies FSDP2 (``fully_shard`` or ``replicate``) to the layer:
+        at ``dp > 1`` unless classic DDP synchronises it, and FSDP-offload at every ``dp`` (at
+        ``dp == 1`` ``fully_shard`` does the host copies). One rule for the cost model and the
+        executor."""
+        return (self.dp > 1 and not self.uses_classic_ddp) or self.offloaded
 
     @property
     def dtensor_params(self) -> bool:
         """Whether the executor holds the layer's parameters as DTensors (TP shards, FSDP2
         shards, ``replicate``), so that the optimizer pays DTensor dispatch per tensor."""
-        return self.tp > 1 or (self.dp > 1 and not self.uses_classic_ddp)
+        return self.tp > 1 or self.fsdp2_wrapped
 
 
 @dataclass(frozen=True)
@@ -372,10 +381,10 @@ class Plan:
                         f"({ls.dp}) strictly between 1 and dp, got tp = {ls.tp}, shard_degree = "
                         f"{s.shard_degree}"
                     )
-                if s.kind == OFFLOAD and not (s.tp == 1 and s.dp > 1):
+                if s.kind == OFFLOAD and s.tp != 1:
                     raise bad(
-                        f"layer {ls.fqn!r}: FSDP-offload needs tp = 1 and dp > 1, got dp = "
-                        f"{ls.dp}, tp = {ls.tp}"
+                        f"layer {ls.fqn!r}: FSDP-offload needs tp = 1, got tp = {ls.tp}; offload "
+                        "the layer data parallel only, or keep its TP with another kind"
                     )
                 if not isinstance(s.sp, bool):
                     raise bad(f"layer {ls.fqn!r}: sp must be true or false, got {s.sp!r}")
@@ -616,9 +625,9 @@ class Plan:
     def describe(self) -> str:
         """A readable table: stage, layers, devices, strategies (run-length), memory, time."""
         lines = [
-            f"Plan for {self.model_name} ({self.num_layers} layers) on {self.world_size} devices: "
-            f"pp={self.pp_degree}, {self.num_microbatches} "
-            f"micro-batch{'es' if self.num_microbatches > 1 else ''} "
+            f"Plan for {self.model_name} ({self.num_layers} layers) on "
+            f"{count(self.world_size, 'device')}: pp={self.pp_degree}, "
+            f"{count(self.num_microbatches, 'micro-batch', 'micro-batches')} "
             f"of {self.microbatch_size} "
             f"(global batch {self.global_batch_size}), schedule {self.schedule}"
             + (

@@ -40,7 +40,9 @@ vocabulary table, the share ``f = tp_param_fraction`` of its parameters:
   and ``S = reduce_scatter(P, shard group) + all_reduce(P / s, replica group)``; memory as
   FSDP's with ``s`` in place of ``dp``.
 - FSDP-offload (``tp == 1``; FSDP2 ``CPUOffloadPolicy``): the layer's sharded parameters,
-  gradients and optimizer state live in host memory and the optimizer steps on the CPU.
+  gradients and optimizer state live in host memory and the optimizer steps on the CPU (also
+  at ``dp == 1``, a stage of one device: the collectives over one rank cost nothing, the
+  copies move the whole layer).
   Per micro-batch (parameters gathered, gradients reduced in every one; nothing stays on the
   device between micro-batches): ``+ (1 - rho) * (2 gather + red) + max(0, rho red - bwd)``
   with ``gather = h2d + all_gather(P, dp_group)`` (forward and backward: FSDP2 copies the
@@ -1129,9 +1131,10 @@ class CostModel:
     def _autocast_copies(self, s: Strategy) -> bool:
         """Whether the executor runs layer strategy ``s`` on plain master weights under
         autocast, which saves a ``param_dtype`` copy of them for backward: mixed precision,
-        parameters outside FSDP2 (classic DDP or ``dp == 1``, see
-        :mod:`uniap.executor.parallel_model`), no recompute."""
-        return self.precision.mixed and not s.recompute and (s.uses_classic_ddp or s.dp == 1)
+        parameters outside FSDP2 (classic DDP or ``dp == 1`` but FSDP-offload, see
+        :attr:`uniap.contract.Strategy.fsdp2_wrapped`), no recompute."""
+        outside = s.uses_classic_ddp or (s.dp == 1 and not s.offloaded)
+        return self.precision.mixed and not s.recompute and outside
 
     def _edge_rows(
         self, pp: int, microbatch_size: int, dps: list[int], v: int = 1

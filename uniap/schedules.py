@@ -154,9 +154,10 @@ class ScheduleSpec:
     def runs_data_parallel(self, dp: int, tp: int, kind: str) -> bool:
         """Whether this schedule runs a layer at ``(dp, tp, kind)`` as far as its gradient
         reduction goes (the cost model offers, the executor accepts exactly these): any with
-        the DDP / FSDP wrappers; without them ``dp == 1``, or one of
-        :attr:`after_step_kinds` at ``tp == 1``."""
-        if self.data_parallel or dp == 1:
+        the DDP / FSDP wrappers; without them ``dp == 1`` (but FSDP-offload, whose host copies
+        FSDP2 makes in the backward hooks too), or one of :attr:`after_step_kinds` at ``tp ==
+        1``."""
+        if self.data_parallel or (dp == 1 and kind != "FSDP-offload"):
             return True
         return kind in self.after_step_kinds and tp == 1
 

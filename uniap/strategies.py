@@ -10,9 +10,10 @@ whether the parameters are replicated over the data-parallel group (``DDP``), sh
 :meth:`uniap.graph.Layer.supports_tp` says so (the executor asks the same question), and a
 strategy is offered only if its ``dp`` splits the micro-batch. FSDP, ZeRO2 and HSDP with
 ``dp = 1`` are the same as DDP and are not offered.
-``FSDP-offload`` (``tp == 1``, ``dp > 1``) is FSDP with the shards, their gradients and the
-optimizer state in host memory, offered only when the cluster declares host memory (see
-:mod:`uniap.cost_model`).
+``FSDP-offload`` (``tp == 1``) is FSDP with the shards, their gradients and the optimizer state
+in host memory, offered only when the cluster declares host memory (see
+:mod:`uniap.cost_model`); also at ``dp == 1`` (a stage of one device: the whole state on the
+host, as ZeRO-Offload on one GPU).
 ``recompute`` is activation checkpointing of the layer (torch.utils.checkpoint): less memory,
 one more forward.
 ``sp`` (``tp > 1``) is Megatron sequence parallelism inside the layer: the norms and the other
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from uniap.contract import KINDS, Strategy
+from uniap.contract import KINDS, OFFLOAD, Strategy
 from uniap.graph import Layer
 
 __all__ = ["divisors", "layer_strategies", "stage_strategies"]
@@ -62,19 +63,20 @@ def stage_strategies(
     without before with sp). ``sequence_parallel`` offers an sp variant of every ``tp > 1``
     strategy.
     ``max_tp`` caps the TP degree (e.g. devices per node); ``recompute`` offers activation
-    checkpointing; ``kinds`` the data-parallel kinds for ``dp > 1`` (``dp == 1`` is always
-    ``DDP``); ``max_shard`` caps HSDP's shard group (e.g. devices per node). FSDP-offload is
-    offered with ``tp == 1`` only."""
+    checkpointing; ``kinds`` the data-parallel kinds for ``dp > 1`` (``dp == 1`` is ``DDP``,
+    and ``FSDP-offload`` where ``kinds`` has it); ``max_shard`` caps HSDP's shard group (e.g.
+    devices per node). FSDP-offload is offered with ``tp == 1`` only."""
     out = []
     for tp in divisors(stage_size):
         if max_tp is not None and tp > max_tp:
             continue
         dp = stage_size // tp
-        for kind in [k for k in KINDS if k in kinds] if dp > 1 else ["DDP"]:
+        at_one = ["DDP", OFFLOAD] if OFFLOAD in kinds else ["DDP"]
+        for kind in [k for k in KINDS if k in kinds] if dp > 1 else at_one:
             # HSDP: every shard group size strictly between 1 and dp, at most max_shard
             # (intra-node), tp = 1
             shards = [0]
-            if kind == "FSDP-offload" and tp > 1:
+            if kind == OFFLOAD and tp > 1:
                 continue
             if kind == "HSDP":
                 cap = max_shard if max_shard is not None else dp

@@ -428,6 +428,10 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             if k != "step" and torch.is_tensor(v)
         }
     )
+    # over every rank: with one layer per stage some ranks hold no Linear, or no parameter
+    master_dtypes, state_dtypes, linear_dtypes = (
+        _union_over_ranks(v) for v in (master_dtypes, state_dtypes, linear_out_dtypes)
+    )
     roots = fsdp_roots(pm.module)
     layers_fsdp2 = sum(isinstance(m, FSDPModule) for m in pm.layer_modules)
     offloaded = _offloaded(pm)
@@ -449,7 +453,7 @@ def parity_case(case: dict) -> dict[str, Any] | None:
             "master_dtypes": master_dtypes,
             "optimizer_state_dtypes": state_dtypes,
             "forward_dtype": out.get("forward_dtype"),
-            "linear_output_dtypes": sorted(linear_out_dtypes),
+            "linear_output_dtypes": linear_dtypes,
             "fp32_ref_losses": fp32_losses,
             "loss_gap_to_ref": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "loss_gap_to_fp32_ref": max(abs(a - b) for a, b in zip(losses, fp32_losses)),
@@ -505,6 +509,13 @@ def _gather_errors(fn: Any) -> list[str | None]:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone
+
+
+def _union_over_ranks(values: Any) -> list[str]:
+    """The sorted union of every rank's ``values`` (a collective: every rank calls it)."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(values))
+    return sorted(set().union(*everyone))
 
 
 def plan_consistency_case(case: dict) -> dict[str, Any] | None:

@@ -161,7 +161,8 @@ def bf16(case: dict) -> dict:
 
 
 def precision_cases() -> list[dict]:
-    """World size 4, bf16-mixed: DDP, FSDP, TP (with FSDP and with classic DDP) and pp = 2."""
+    """World size 4, bf16-mixed: DDP, FSDP, TP (with FSDP and with classic DDP), pp = 2, and
+    pp = 4 with FSDP-offload on stages of one device."""
     return [
         bf16(toy("pp1_dp4_ddp_c2", 4, [[(4, 1, D)]], c=2, forward=True)),
         # planned by parallelize(precision="bf16-mixed") on rank 0, on the cpu-4 preset
@@ -183,6 +184,17 @@ def precision_cases() -> list[dict]:
                 4,
                 [[(2, 1, F), (1, 2, D)], [(1, 2, F), (2, 1, D)]],
                 c=2,
+                schedule="1F1B",
+            )
+        ),
+        # stages of one device: offload at dp = 1 (FSDP2 casts its parameters, no autocast
+        # copy) next to plain layers (autocast casts the master weights)
+        bf16(
+            toy(
+                "pp4_dp1_offload_1f1b_c4",
+                4,
+                [[(1, 1, "FSDP-offload")], [(1, 1, D)], [(1, 1, "FSDP-offload")], [(1, 1, D)]],
+                c=4,
                 schedule="1F1B",
             )
         ),

@@ -174,3 +174,26 @@ def test_gpu_offload_bf16_mixed_and_clip() -> None:
         if not ok:
             failures.append(f"{case['name']}: {res}")
     assert not failures, "\n".join(failures)
+
+
+def test_gpu_offload_on_one_gpu_bf16_mixed_and_clip() -> None:
+    """FSDP-offload at dp = 1 on one GPU (``fully_shard`` over the one rank, the whole state
+    in pinned host memory, the step on the CPU) next to a plain layer: bf16-mixed, and
+    clipping by the global norm over host and device tensors, match one-GPU training."""
+    from grid import D, bf16, toy
+
+    off = "FSDP-offload"
+    stages = [[(1, 1, off), (1, 1, D), (1, 1, off), (1, 1, off)]]
+    cases = [
+        bf16(toy("pp1_dp1_offload_ddp_c2", 1, stages, c=2)),
+        toy("clip_pp1_dp1_offload_ddp_c2", 1, stages, c=2, clip=0.05),
+    ]
+    results = run_cases(1, "cases:run_case", cases, device="cuda")
+    for case in cases:
+        res = results[case["name"]]
+        assert "error" not in res, res.get("error")
+        assert res["losses_close"] and res["params_close"], res
+        assert res["offloaded"] == ["blocks.1", "embed", "head"], res
+        if case.get("clip") is not None:
+            assert res["grad_norms_close"], res
+            assert all(abs(p - 0.05) <= 1e-4 * 0.05 for p in res["post_clip_norms"]), res

@@ -5,10 +5,11 @@ micro-batch) train like one process: world 4, CPU gloo, one spawn for every case
 FSDP2's CPU offload runs on CPU devices with gloo (the host-device copies are no-ops there), so
 the executor's path is the one a GPU run takes. A parity case runs three SGD steps (momentum,
 ``foreach=True``) of the 4-layer toy chain under a plan mixing FSDP-offload with DDP / FSDP
-(pp = 1 and pp = 2) and compares with single-process training on the same global batches
-(:func:`cases.parity_case`): every rank's gradients after the first ``train_step`` (DTensor
-gradients through ``full_tensor()``), the losses of every step and the final parameters; it also
-reads which layers FSDP2 really offloads. A comm-count case counts one iteration's collectives:
+(pp = 1, pp = 2, and pp = 4: offload on stages of one device) and compares with
+single-process training on the same global batches (:func:`cases.parity_case`): every rank's
+gradients after the first ``train_step`` (DTensor gradients through ``full_tensor()``), the
+losses of every step and the final parameters; it also reads which layers FSDP2 really
+offloads. A comm-count case counts one iteration's collectives:
 what the cost model charges (two all-gathers and one reduce-scatter per layer and micro-batch).
 """
 
@@ -39,6 +40,16 @@ def _cases() -> list[dict]:
             "pp2_dp2_offload_fsdp_1f1b_c4",
             4,
             [[(2, 1, OFF)], [(2, 1, F), (2, 1, OFF)]],
+            c=4,
+            schedule="1F1B",
+            optimizer="sgd",
+        ),
+        # stages of one device: offload at dp = 1 (fully_shard over the one rank: the whole
+        # layer's state on the host) next to a plain layer, recompute on the last
+        toy(
+            "pp4_dp1_offload_ddp_1f1b_c4",
+            4,
+            [[(1, 1, OFF)], [(1, 1, D)], [(1, 1, OFF)], [(1, 1, OFF, True)]],
             c=4,
             schedule="1F1B",
             optimizer="sgd",

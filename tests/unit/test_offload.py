@@ -122,7 +122,10 @@ def test_offload_is_offered_only_with_host_memory() -> None:
         CostModel(g, small_cluster(1, 4), kinds=["FSDP", OFFLOAD])
     kinds = {(s.kind, s.tp) for s in CostModel(g, _host_cluster(), max_tp=4).strategies(1)}
     assert (OFFLOAD, 1) in kinds and (OFFLOAD, 2) not in kinds and (OFFLOAD, 4) not in kinds
-    assert {s.kind for s in CostModel(g, _host_cluster()).strategies(4)} == {"DDP"}  # dp = 1
+    # stages of one device (dp = 1): plain, or the whole layer's state offloaded
+    assert {s.kind for s in plain.strategies(4)} == {"DDP"}
+    one = CostModel(g, _host_cluster()).strategies(4)
+    assert {(s.kind, s.dp, s.tp) for s in one} == {("DDP", 1, 1), (OFFLOAD, 1, 1)}
 
 
 def test_host_memory_limit_is_a_constraint_of_the_program() -> None:
@@ -164,6 +167,31 @@ def test_llama7b_on_two_24gb_gpus_gets_an_offload_plan(capsys: pytest.CaptureFix
     )
     out = capsys.readouterr().out
     assert code == 0 and "FSDP-offload" in out, out
+
+
+def test_llama7b_on_one_24gb_gpu_gets_an_offload_plan(tmp_path, capsys) -> None:
+    """One A10 (24 GB), 880 GiB of host memory: Llama-7B's training state (112 GB) fits no
+    device plan; the planner offloads it (dp = 1: the whole state on the host, ZeRO-Offload
+    on one GPU) instead of saying that no plan fits."""
+    d = Cluster.preset("a10-1x2").to_dict()
+    path = tmp_path / "a10-1x1.yaml"
+    path.write_text(Cluster.from_dict({**d, "name": "a10-1x1", "devices_per_node": 1}).to_yaml())
+    out_plan = tmp_path / "plan.yaml"
+    args = ["plan", "--model", "llama-7b", "--cluster", str(path), "--global-batch-size", "8"]
+    code = main([*args, "--precision", "bf16-mixed", "--out", str(out_plan)])
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert code == 0, out
+    from uniap.contract import Plan
+
+    plan = Plan.load(out_plan)
+    assert plan.world_size == 1
+    assert {ls.dp for ls in plan.layer_strategies} == {1}
+    assert "no plan fits without CPU offload" in out and "FSDP-offload" in out, out
+    assert sum(ls.kind == OFFLOAD for ls in plan.layer_strategies) >= 20, out
+    pred = plan.predicted
+    assert max(pred["peak_memory_bytes"]) <= pred["memory_limit_bytes"]
+    assert pred["host_memory_bytes"] <= pred["host_memory_limit_bytes"]
 
 
 def _host_limits(graph, cluster, opts) -> list[float]:
@@ -229,6 +257,30 @@ def test_planner_equals_enumeration_at_every_device_memory_breakpoint_with_offlo
     assert {ls.kind for ls in p.layer_strategies} == {OFFLOAD}  # the leanest plan offloads
 
 
+def test_planner_equals_enumeration_with_offload_on_stages_of_one_device() -> None:
+    """2 devices, pp = 1 and 2 (pp = 2: stages of one device, where offload is the one
+    kind besides plain DDP): at every device-memory limit where the optimum changes the
+    planner equals the enumeration, and the leanest plan offloads at dp = 1."""
+    g = _mlp3()
+    opts = {"recompute": False, "max_tp": 1, "pp_degrees": [1, 2], "num_microbatches": [1, 2]}
+    opts["kinds"] = ["DDP", "FSDP", OFFLOAD]
+    cluster = _host_cluster(1, 2)
+    checks = sweep(g, cluster, global_batch_size=8, **opts)
+    assert len(checks) >= 6 and [c for c in checks if not c.ok] == []
+    curve = optimum_curve(
+        g,
+        cluster,
+        global_batch_size=8,
+        pp_degrees=[2],
+        **{k: v for k, v in opts.items() if k != "pp_degrees"},
+    )
+    lean = curve[0][0]
+    p = plan_graph(
+        g, cluster.with_memory(lean / 0.9), global_batch_size=8, **{**opts, "pp_degrees": [2]}
+    )
+    assert {(ls.kind, ls.dp) for ls in p.layer_strategies} == {(OFFLOAD, 1)}
+
+
 def test_too_little_host_memory_says_so() -> None:
     """Device memory that only offload fits, host memory that no offload plan fits: the error
     names host memory, not device memory."""
@@ -240,19 +292,30 @@ def test_too_little_host_memory_says_so() -> None:
         plan_graph(g, cluster, global_batch_size=8, **opts)
 
 
-@pytest.mark.parametrize(
-    "dp,tp,message",
-    [
-        (2, 2, "FSDP-offload needs tp = 1 and dp > 1, got dp = 2, tp = 2"),
-        (1, 4, "FSDP-offload needs tp = 1 and dp > 1, got dp = 1, tp = 4"),
-    ],
-)
-def test_plan_refuses_offload_with_tp_or_without_dp(dp: int, tp: int, message: str) -> None:
+@pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)])
+def test_plan_refuses_offload_with_tp(dp: int, tp: int) -> None:
     from uniap.contract import LayerStrategy, Plan, Stage
 
     stage = Stage((0, 1, 2, 3), (LayerStrategy("a", Strategy(dp, tp, OFFLOAD)),))
-    with pytest.raises(ConfigError, match=message):
+    message = (
+        f"invalid plan: layer 'a': FSDP-offload needs tp = 1, got tp = {tp}; offload the layer "
+        "data parallel only, or keep its TP with another kind"
+    )
+    with pytest.raises(ConfigError) as e:
         Plan("m", "sig", 1, 4, 8, 1, "1F1B", (stage,))
+    assert str(e.value) == message
+
+
+def test_plan_accepts_offload_on_a_stage_of_one_device() -> None:
+    from uniap.contract import LayerStrategy, Plan, Stage
+
+    stages = tuple(
+        Stage((i,), (LayerStrategy(f"l{i}", Strategy(1, 1, OFFLOAD if i else "DDP")),))
+        for i in range(2)
+    )
+    plan = Plan("m", "sig", 2, 2, 8, 2, "1F1B", stages)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert plan.layer_strategies[1].strategy.offloaded
 
 
 def test_verify_refuses_tables_where_host_memory_may_bind() -> None:

@@ -272,11 +272,15 @@ def test_executor_runs_torchs_class_and_refuses_data_parallel_and_recompute(
         UniapError,
         match=r"InterleavedZeroBubble computes weight gradients outside autograd's backward "
         r"hooks, where DDP and FSDP reduce them \(pytorch/pytorch#144530\); layer 'embed' has "
-        r"dp=2, tp=1 ZeRO2: re-plan with schedule Interleaved1F1B, or give it dp=1, or tp=1 "
-        r"with kind DDP \(plain replicas, their gradients summed after the step\) or FSDP "
-        r"\(reduce-scattered after the last weight gradient\)",
+        r"dp=2, tp=1 ZeRO2: re-plan with schedule Interleaved1F1B, or give it dp=1 with kind "
+        r"DDP, or tp=1 with kind DDP \(plain replicas, their gradients summed after the step\) "
+        r"or FSDP \(reduce-scattered after the last weight gradient\)",
     ):
         apply_plan(build_toy(2), _toy_plan(4, 2, (2, 1, "ZeRO2")), loss_fn=toy_loss, device=cpu)
+    # offload at dp = 1 copies its gradients out in those hooks too
+    with pytest.raises(UniapError, match=r"layer 'embed' has dp=1, tp=1 FSDP-offload: re-plan"):
+        offload = (1, 1, "FSDP-offload")
+        apply_plan(build_toy(6), _toy_plan(4, 4, offload), loss_fn=toy_loss, device=cpu)
     with pytest.raises(UniapError, match=r"cannot run activation checkpointing \(layer 'embed'\)"):
         apply_plan(build_toy(6), _toy_plan(4, 4, (1, 1, "DDP", True)), loss_fn=toy_loss, device=cpu)
 

@@ -120,7 +120,8 @@ def apply_dp(
     ``dp_mesh``
     (1-D; for HSDP the 2-D ``(replicate, shard)`` mesh), in place.
 
-    A layer without parameters, or with ``dp == 1``, is left alone (nothing to synchronise).
+    A layer without parameters, or with ``dp == 1`` (but FSDP-offload, whose host copies FSDP2
+    makes over the one rank), is left alone (nothing to synchronise).
     Layers whose strategy :attr:`~uniap.contract.Strategy.uses_classic_ddp` are synchronised by
     :func:`wrap_ddp` instead; this function is not called for them. ``mp_policy``: FSDP2's mixed
     precision (:func:`mp_policy_for`), default full precision. ``ignored_params`` (parameters of
@@ -128,7 +129,7 @@ def apply_dp(
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
     ignored = set(ignored_params or ())
-    if dp_mesh.size() == 1 or all(p in ignored for p in module.parameters()):
+    if (dp_mesh.size() == 1 and kind != OFFLOAD) or all(p in ignored for p in module.parameters()):
         return module
     if kind in ("FSDP", "ZeRO2", "HSDP", OFFLOAD):  # HSDP: dp_mesh is 2-D (replicate, shard)
         offload = kind == OFFLOAD

@@ -169,9 +169,9 @@ def apply_plan(
             f"{plan.schedule} computes weight gradients outside autograd's backward hooks, where "
             f"DDP and FSDP reduce them (pytorch/pytorch#144530); layer {wrapped[0].fqn!r} has "
             f"dp={wrapped[0].dp}, tp={wrapped[0].tp} {wrapped[0].kind}: re-plan with schedule "
-            "Interleaved1F1B, or give it dp=1, or tp=1 with kind DDP (plain replicas, their "
-            "gradients summed after the step) or FSDP (reduce-scattered after the last weight "
-            "gradient)"
+            "Interleaved1F1B, or give it dp=1 with kind DDP, or tp=1 with kind DDP (plain "
+            "replicas, their gradients summed after the step) or FSDP (reduce-scattered after "
+            "the last weight gradient)"
         )
     ckpt = [ls for ls in plan.layer_strategies if ls.recompute]
     if plan.pp_degree > 1 and not spec.recompute and ckpt:
@@ -293,7 +293,7 @@ def apply_plan(
     classic = [ls for ls in placed if ls.strategy.uses_classic_ddp and ls not in after_step]
     root_mesh = None
     for ls in placed:
-        if ls.dp > 1 and ls not in classic and ls not in after_step:
+        if ls.strategy.fsdp2_wrapped and ls not in after_step:
             dp_mesh = groups.dp_mesh(ls.strategy)  # 2-D for HSDP
             apply_dp(
                 module.get_submodule(path[ls.fqn]),
@@ -306,7 +306,7 @@ def apply_plan(
             root_mesh = root_mesh or groups.layer_mesh(ls.dp, ls.tp)["dp"]
     if root_mesh is not None and chunks:  # each of the rank's stages as its own FSDP root
         for ch, j in zip(chunks, my_stages):
-            mine = [ls for ls in plan.stages[j].layers if ls.dp > 1 and ls not in classic]
+            mine = [ls for ls in plan.stages[j].layers if ls.strategy.fsdp2_wrapped]
             if mine:
                 mesh = groups.layer_mesh(mine[0].dp, mine[0].tp)["dp"]
                 apply_fsdp_root(ch, mesh, mp_policy=mp_policy, ignored_params=set(free_params))
