@@ -3,6 +3,7 @@ planner's search, and the text uses human units."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -252,3 +253,47 @@ def test_plot_without_matplotlib_says_how_to_install(planned, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UniapError, match=r"pip install 'uniap\[plot\]'"):
         plot_plan(planned)
+
+
+def test_long_strategies_keep_the_columns_aligned():
+    """A strategy wider than the usual column (FSDP-offload with recompute, 26 characters):
+    the header's time/mb and memory columns end where the first row's time and memory end,
+    and no row ends in blanks; one device and one micro-batch are singular."""
+    from uniap.contract import LayerStrategy, Stage, Strategy
+
+    strategies = [Strategy(2, 1, "FSDP-offload", True), Strategy(2, 1, "FSDP")]
+    p = Plan(
+        "m",
+        "sig",
+        2,
+        2,
+        4,
+        1,
+        "1F1B",
+        (Stage((0, 1), tuple(LayerStrategy(n, s) for n, s in zip("ab", strategies))),),
+        predicted={"time_per_iteration_s": 1.0, "peak_memory_bytes": [1e6], "stage_time_s": [0.5]},
+    )
+    lines = render_plan(plan_report(p)).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("stage "))
+    row = lines[head + 2]
+    assert "dp2 tp1 FSDP-offload +ckpt " in row, row
+    assert row.endswith("977 KiB") and len(row) == len(lines[head]), (lines[head], row)
+    assert all(line == line.rstrip() for line in lines)
+    one = Plan(
+        "m", "sig", 1, 1, 4, 1, "1F1B", (Stage((0,), (LayerStrategy("a", Strategy(1, 1)),)),)
+    )
+    assert "on 1 device " in render_plan(plan_report(one)).splitlines()[0] + " "
+    assert "1 micro-batch of 4" in render_plan(plan_report(one))
+
+
+def test_explain_says_nothing_fits_where_the_bound_is_infinite(planned):
+    """A pipeline degree whose lower bound is infinite (no assignment fits its memory) is
+    reported as not fitting, not as pruned by a bound that 'cannot beat the winner'."""
+    rows = planned.solver["best_per_pp"]
+    row = {"pp": 99, "schedule": "1F1B", "c": None, "time_per_iteration_s": None}
+    row |= {"lower_bound_s": math.inf, "status": "pruned"}
+    solver = {**planned.solver, "best_per_pp": [*rows, row]}
+    text = render_explain(dataclasses.replace(planned, solver=solver))
+    line = next(line for line in text.splitlines() if re.match(r"^\s+99\s", line))
+    assert "nothing fits in memory (a lower bound on its memory is over the limit)" in line
+    assert "inf" not in line and "cannot beat" not in line
