@@ -284,22 +284,20 @@ def _draw_memory(ax, r: dict) -> None:
     for x, total in zip(xs, bottom):  # readable where the bars are thin against the limit
         ax.text(x, total, fmt_bytes(total * 2**30), ha="center", va="bottom", fontsize=7)
     limit = r.get("memory_limit_bytes")
-    if limit:
-        ax.axhline(limit / 2**30, color="red", linestyle="--", linewidth=1)
-        ax.text(
-            -0.45,
+    if limit:  # named in the legend: a label on the line ran over the totals and the axis
+        ax.axhline(
             limit / 2**30,
-            f"usable limit {fmt_bytes(limit)}",
             color="red",
-            fontsize=8,
-            ha="left",
-            va="bottom",
+            linestyle="--",
+            linewidth=1,
+            label=f"usable limit {fmt_bytes(limit)}",
         )
     top = max([limit or 0.0] + [b * 2**30 for b in bottom]) / 2**30
     ax.set_ylim(0, top * 1.3 if top > 0 else 1)
     ax.set_xticks(xs, [f"stage {i}" for i in xs], fontsize=8)
     ax.set_ylabel("GiB per device", fontsize=8)
-    ax.legend(fontsize=7, loc="upper right", ncol=len(terms))
+    # below the bars: above them a narrow panel's legend ran over the limit's label
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     ax.set_title("(c) memory per device", fontsize=10, loc="left")
 
 
