@@ -55,7 +55,7 @@ import yaml
 from uniap.errors import ConfigError, PlanMismatchError
 from uniap.precision import Precision
 from uniap.schedules import SCHEDULES as _SCHEDULE_SPECS
-from uniap.units import count, fmt_bytes
+from uniap.units import count, did_you_mean, fmt_bytes
 
 __all__ = [
     "DDP_BUCKET_BYTES",
@@ -371,7 +371,10 @@ class Plan:
             for ls in st.layers:
                 n_layers += 1
                 if ls.kind not in KINDS:
-                    raise bad(f"layer {ls.fqn!r}: kind {ls.kind!r} is not one of {list(KINDS)}")
+                    raise bad(
+                        f"layer {ls.fqn!r}: kind {ls.kind!r} is not one of {list(KINDS)}"
+                        + did_you_mean(str(ls.kind), KINDS)
+                    )
                 s = ls.strategy
                 if s.kind == "HSDP" and not (
                     s.tp == 1 and 1 < s.shard_degree < s.dp and s.dp % s.shard_degree == 0

@@ -139,9 +139,14 @@ def test_zero2_layers_round_trip_and_unknown_kinds_are_refused() -> None:
     assert not Strategy(2, 1, "FSDP").reduces_every_microbatch
     with pytest.raises(
         ConfigError,
-        match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload'\]",
+        match=r"kind 'ZeRO3' is not one of \['DDP', 'FSDP', 'ZeRO2', 'HSDP', 'FSDP-offload'\] "
+        r"\(did you mean 'ZeRO2'\?\)",
     ):
         Plan.load(text.replace("ZeRO2", "ZeRO3"))
+    with pytest.raises(
+        ConfigError, match=r"kind 'FSPD' is not one of .* \(did you mean 'FSDP'\?\)"
+    ):
+        Plan.load(text.replace("FSDP", "FSPD"))
 
 
 def test_hsdp_layers_round_trip_with_their_shard_degree() -> None:
