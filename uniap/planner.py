@@ -388,6 +388,13 @@ def _plan_graph(
         search.raise_infeasible(cm, cluster, memory_fraction)
     best = search.best
     wall = time.perf_counter() - t_start
+    if say is not None:
+        by_bound = sum(e.solution is None for e in search.entries)
+        if by_bound:
+            say(
+                f"{by_bound} of {len(search.entries)} candidates settled by their lower bounds "
+                "without a program (none can beat the plan, or no split of the layers fits)"
+            )
     # the plan's gap: against the lowest bound of the programs that stopped at their limit and
     # may still beat it (a program without an assignment below the cutoff has one too); every
     # other candidate is proven no better than the plan

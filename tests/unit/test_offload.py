@@ -189,6 +189,10 @@ def test_llama7b_on_one_24gb_gpu_gets_an_offload_plan(tmp_path, capsys) -> None:
     assert {ls.dp for ls in plan.layer_strategies} == {1}
     assert "no plan fits without CPU offload" in out and "FSDP-offload" in out, out
     assert sum(ls.kind == OFFLOAD for ls in plan.layer_strategies) >= 20, out
+    # the candidates no program ran for are counted, so that none goes unmentioned
+    pruned = sum(c["status"] == "pruned" for c in plan.solver["candidates"])
+    n = len(plan.solver["candidates"])
+    assert f"{pruned} of {n} candidates settled by their lower bounds" in out and pruned, out
     pred = plan.predicted
     assert max(pred["peak_memory_bytes"]) <= pred["memory_limit_bytes"]
     assert pred["host_memory_bytes"] <= pred["host_memory_limit_bytes"]
