@@ -40,7 +40,10 @@ Memory is measured three ways per rank (the stage's worst rank is shown):
   and reshard buffers, the loss's and the optimizer's temporaries.
 
 ``allocator - count`` is what the cost model does not charge; the table puts it next to the
-stage's largest layer's parameter bytes (the size of one FSDP all-gather buffer).
+stage's largest layer's parameter bytes (the size of one FSDP all-gather buffer). At world 2
+memory-only also runs one plan per sharded kind at one micro-batch (:func:`kind_plans`:
+ZeRO2, FSDP-offload over 2 ranks and on stages of one device), whose transients (gathered
+parameters, whole gradients before their reduce-scatter) are not charged either.
 """
 
 from __future__ import annotations
@@ -228,6 +231,30 @@ def world2_plans(graph) -> list[tuple[str, Plan]]:
     ]
 
 
+def kind_plans(graph) -> list[tuple[str, Plan]]:
+    """World 2, memory only: one plan per sharded kind at one micro-batch, whose transient
+    (gathered parameters, whole gradients before their reduce-scatter) the cost model does
+    not charge, next to DDP's: ZeRO2, FSDP-offload over 2 ranks, and FSDP-offload on stages
+    of one device."""
+    L = graph.num_layers
+    a = (L + 1) // 2
+    one = (1, 1, "FSDP-offload")
+    return [
+        ("pp1 ZeRO2 c1", make_plan(graph, 2, [[(2, 1, "ZeRO2")]], 1)),
+        ("pp1 FSDP-offload c1", make_plan(graph, 2, [[(2, 1, "FSDP-offload")]], 1)),
+        (
+            f"pp2 FSDP-offload dp1 1F1B c2 ({a}|{L - a})",
+            make_plan(graph, 2, [[one] * a, [one] * (L - a)], 2, "1F1B"),
+        ),
+    ]
+
+
+# the host side of CPU offload for the memory predictions of kind_plans (device memory does
+# not depend on these numbers)
+_HOST = {"host_memory_bytes": 64 * 2**30, "host_link_bandwidth_bytes_per_s": 10e9}
+_HOST |= {"host_optimizer_s_per_param": 2e-9}
+
+
 def world4_plans(graph) -> list[tuple[str, Plan]]:
     L = graph.num_layers
     a = (L + 1) // 2
@@ -254,7 +281,9 @@ def fmt_mib(x: float) -> str:
 
 def memory_table(graph, plans, evals, runs) -> list[float]:
     """Print predicted vs counted, live and allocator peaks per stage; the errors against the
-    allocator."""
+    allocator. The runs are on CPU devices, where FSDP-offload's host state sits in the same
+    memory as the device's: "predicted" is the device bytes plus the stage's host bytes per
+    rank (:attr:`~uniap.cost_model.Evaluation.host_memory_bytes`, zero without offload)."""
     print(
         "\n| plan | stage | predicted (MiB) | count (MiB) | live (MiB) | allocator (MiB) "
         "| pred vs count | pred vs allocator | allocator - count (MiB) | largest layer (MiB) |"
@@ -264,7 +293,7 @@ def memory_table(graph, plans, evals, runs) -> list[float]:
     errs = []
     for (name, plan), ev, r in zip(plans, evals, runs):
         for i, st in enumerate(plan.stages):
-            pred = ev.peak_memory_bytes[i]
+            pred = ev.peak_memory_bytes[i] + ev.host_memory_bytes[i]
             cnt, live = r["stage_counted_bytes"][i], r["stage_peak_bytes"][i]
             alloc = r["stage_allocator_bytes"][i]
             largest = max(layer_bytes[ls.fqn] for ls in st.layers)
@@ -299,7 +328,10 @@ def memory_only(graph, job: dict, plans: list[tuple[str, Plan]], world: int) -> 
             "time": False,
         },
     )
-    cm = CostModel(graph, load_cluster(cluster_name), prof, recompute=False)
+    cluster = load_cluster(cluster_name)
+    if any(ls.strategy.offloaded for _, p in plans for ls in p.layer_strategies):
+        cluster = cluster.replace(**_HOST)
+    cm = CostModel(graph, cluster, prof, recompute=False)
     errs = memory_table(graph, plans, [cm.evaluate(p) for _, p in plans], runs)
     print(
         f"memory error against the allocator (world {world}): median "
@@ -590,7 +622,10 @@ def main() -> int:
         )
         t_fam = time.perf_counter()
         if args.memory_only:
-            for world, ps in ((2, world2_plans(graph)), (4, world4_plans(graph))):
+            for world, ps in (
+                (2, world2_plans(graph) + kind_plans(graph)),
+                (4, world4_plans(graph)),
+            ):
                 print(f"\n== {fam}, world {world}, memory only", flush=True)
                 errs = memory_only(graph, job, ps, world)
                 rows.append(
