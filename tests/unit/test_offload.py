@@ -114,6 +114,39 @@ def test_offload_terms_are_the_documented_formulas() -> None:
     assert got.parts["param_bytes"] == got.parts["optimizer_bytes"] == 0.0
 
 
+def test_offload_on_one_device_moves_the_whole_layer_and_casts_in_fsdp2() -> None:
+    """FSDP-offload at dp = 1: no collective (one rank), the host copies move the whole
+    layer, the host holds 2 P + O; under bf16-mixed no autocast copy of the weights per
+    micro-batch in flight (FSDP2 casts them), which plain dp = 1 layers hold."""
+    from uniap.precision import resolve_precision
+
+    with torch.device("meta"):
+        m = nn.Sequential(MLP(64, 256), MLP(64, 512), MLP(64, 128))
+    x = torch.empty(2, 16, 64, device="meta")
+    g = build_graph(m, x, name="mlp3", dtype=torch.bfloat16)
+    d = _host_cluster(1, 2).to_dict()
+    d["device"]["peak_flops"]["bfloat16"] = "100 GFLOP/s"
+    cluster = Cluster.from_dict(d)
+    cm = CostModel(g, cluster, recompute=False, precision=resolve_precision("bf16-mixed"))
+    c, b, u, inflight = 2, 4, 1, [2]
+    off, ddp = Strategy(1, 1, OFFLOAD), Strategy(1, 1, "DDP")
+    got = cm.layer_cost(u, off, pp=2, num_microbatches=c, microbatch_size=b, inflight=inflight)
+    plain = cm.layer_cost(u, ddp, pp=2, num_microbatches=c, microbatch_size=b, inflight=inflight)
+    layer = g.layers[u]
+    n = layer.num_params
+    P = n * 2  # bf16 parameters
+    master = 2 * P + n * cm.opt_bytes  # 16 bytes per parameter under bf16-mixed (2 P + O)
+    assert master == 16 * n
+    rho = cm.profile.overlap_coefficient
+    shard_s = n * 4 / 4e9  # the whole fp32 master copy over the 4 GB/s host link
+    fwd, bwd = cm.profile.layer_compute_s(layer, b, 1)
+    fsdp_s = (1 - rho) * 2 * shard_s + shard_s  # c = 2: the copy-out charged whole
+    assert got.per_microbatch_s == pytest.approx(fwd + bwd + fsdp_s)
+    assert got.host_bytes == pytest.approx(master)
+    # plain: the master state on the device and one bf16 copy per micro-batch in flight
+    assert plain.memory_bytes[0] - got.memory_bytes[0] == pytest.approx(master + 2 * P)
+
+
 def test_offload_is_offered_only_with_host_memory() -> None:
     g = _mlp3()
     plain = CostModel(g, small_cluster(1, 4))
