@@ -258,7 +258,11 @@ def _draw_devices(ax, plan: Plan, r: dict, per_node: int, Rectangle, Patch) -> N
     )
     ax.set_xticks([])
     ax.set_aspect("equal")
-    ax.set_title("(a) devices by stage (hatched: sharded state)", fontsize=10, loc="left")
+    ax.set_title(
+        "(a) devices by stage (hatched: state sharded, or offloaded to the host)",
+        fontsize=10,
+        loc="left",
+    )
 
 
 def _draw_memory(ax, r: dict) -> None:
