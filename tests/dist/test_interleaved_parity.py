@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
-D, F = "DDP", "FSDP"
+D, F, OFF = "DDP", "FSDP", "FSDP-offload"
 ZB = "InterleavedZeroBubble"
 
 
@@ -103,6 +103,23 @@ def _cases() -> list[dict]:
         _interleaved(
             "zb_pp2_v2_mixed_c2", 2, [(2, 1, F), (2, 1, D), (1, 2, D), (2, 1, F)], c=2, schedule=ZB
         ),
+        # FSDP-offload on stages of one device (dp = 1), each of a rank's stages its own root
+        _interleaved(
+            "pp4_v2_dp1_offload_c4",
+            4,
+            [
+                (1, 1, OFF),
+                (1, 1, D),
+                (1, 1, OFF),
+                (1, 1, D),
+                (1, 1, OFF),
+                (1, 1, OFF),
+                (1, 1, D),
+                (1, 1, OFF),
+            ],
+            c=4,
+            n_blocks=6,
+        ),
         # more stages per rank: v = 4 (eight stages over two rank groups), zero bubble at v = 3
         _interleaved("pp2_v4_dp2_fsdp_c4", 2, [(2, 1, F)] * 8, c=4, n_blocks=6),
         _interleaved(
@@ -170,3 +187,5 @@ def test_interleaved_matches_reference(results: dict[str, Any], name: str) -> No
     )
     if "forward_close" in res:
         assert res["forward_close"], "forward() output differs from the reference model's"
+    if name == "pp4_v2_dp1_offload_c4":  # every FSDP-offload layer, and only those
+        assert res["offloaded"] == ["blocks.1", "blocks.3", "blocks.4", "embed", "head"], res
