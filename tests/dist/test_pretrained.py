@@ -1,9 +1,10 @@
 """``uniap.checkpoint.load_pretrained`` (world size 4, CPU gloo, one spawn): a tiny Hugging
 Face Llama written with ``save_pretrained`` (one file, tied; sharded with an index, untied)
-loads straight into the shards of FSDP, mixed DDP / FSDP, TP and meta-device-start parallel
-models, whose forward and loss then equal ``from_pretrained`` on one process and whose full
-export is the checkpoint, bit for bit; a DCP checkpoint loads under another plan; a missing
-tensor or a wrong shape is refused on every rank with one message, before anything changes.
+loads straight into the shards of FSDP, mixed DDP / FSDP, FSDP-offload (host shards), TP and
+meta-device-start parallel models, whose forward and loss then equal ``from_pretrained`` on one
+process and whose full export is the checkpoint, bit for bit; a DCP checkpoint loads under
+another plan; a missing tensor or a wrong shape is refused on every rank with one message,
+before anything changes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytestmark = pytest.mark.dist
 
-D, F = "DDP", "FSDP"
+D, F, OFF = "DDP", "FSDP", "FSDP-offload"
 CASES = [
     {"name": "tied_one_file_pp1_fsdp_dp4", "kind": "load", "source": "tied",
      "strategies": [(4, 1, F), (4, 1, F)]},
@@ -27,6 +28,8 @@ CASES = [
      "strategies": [(4, 1, D), (2, 2, F)]},
     {"name": "untied_meta_start_pp1_fsdp_dp4_ddp_head", "kind": "load", "source": "untied",
      "meta": True, "strategies": [(4, 1, F), (4, 1, F), (4, 1, D)]},
+    {"name": "untied_sharded_pp1_offload_dp4_fsdp_blocks", "kind": "load", "source": "untied",
+     "strategies": [(4, 1, OFF), (4, 1, F), (4, 1, OFF)]},
     {"name": "dcp_from_fsdp_into_ddp_dp2tp2", "kind": "dcp"},
     {"name": "error_missing_tensor", "kind": "error", "source": "missing"},
     {"name": "error_wrong_shape", "kind": "error", "source": "wrong_shape"},
