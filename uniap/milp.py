@@ -87,6 +87,10 @@ program (runs of layers as label fronts, stages as a dynamic program over run en
 ``(sum, bottleneck, sync)`` labels), unless a front grows too large, host memory binds or half
 the time limit passes; then the program runs in the time left.
 
+Runs of identical layers (a transformer's blocks, :func:`uniap.runs_program.applies`): the
+same program with each run's layers counted per stage and strategy instead of placed one by
+one (:class:`uniap.runs_program.RunsProgram`), which has no permutation symmetry left to break.
+
 HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
 read from HiGHS itself.
@@ -106,6 +110,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
+from uniap import runs_program
 from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment, stage_op_times
@@ -215,6 +220,7 @@ def solve(
     labels: bool = True,
     label_memo: dict | None = None,
     label_budget_s: float | None = None,
+    program: str = "auto",
 ) -> Solution:
     """Solve the program for these tables. ``incumbent`` (an assignment, e.g. from a heuristic)
     warm-starts HiGHS and, with ``incumbent_tpi_s`` (a bound from elsewhere, e.g. the best
@@ -230,7 +236,10 @@ def solve(
     program alone (tests of the program itself). ``label_memo``: a dict the caller keeps per
     table, so that a pipelined label search resumes where an earlier one under the same or a
     higher bound stopped; ``label_budget_s``: the seconds it may take before the program runs
-    in the rest of the time limit (default half of it)."""
+    in the rest of the time limit (default half of it). ``program``: ``"layers"`` (this
+    module's program), ``"runs"`` (:class:`uniap.runs_program.RunsProgram`, which counts the
+    layers of each run of identical ones) or ``"auto"``: runs where
+    :func:`uniap.runs_program.applies`."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
     bound = None
@@ -294,8 +303,24 @@ def solve(
             time.perf_counter() - t0,
             bound_s=float("inf"),
         )
-    prob, v, scale = _build(t, window, bound, bottleneck_s)
-    start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
+    if program == "runs" or (program == "auto" and runs_program.applies(t)):
+        # deep stacks of identical blocks: count them per stage instead of placing each
+        scale = _time_scale(t, bound)
+        rp = runs_program.RunsProgram(t, window, bound, bottleneck_s, scale)
+        prob = rp.prob
+        start = rp.start_values(*incumbent) if incumbent is not None else None
+        read = rp.assignment
+    else:
+        prob, v, scale = _build(t, window, bound, bottleneck_s)
+        start = _start_values(t, v, incumbent, scale) if incumbent is not None else None
+
+        def read() -> tuple[list[int], list[int]]:
+            stage_of, strategy_of = [0] * L, [0] * L
+            for (u, i, k), var in v.x.items():
+                if var.varValue is not None and var.varValue > 0.5:
+                    stage_of[u], strategy_of[u] = i, k
+            return stage_of, strategy_of
+
     silence_highs_banner()
     # No feasibility jump: with it (HiGHS 1.16, presolve off) HiGHS declared a worse solution
     # optimal on one of the exactness test instances (tests/unit/test_milp_exact.py, seed 20).
@@ -347,10 +372,7 @@ def solve(
         return Solution(
             status, float("inf"), float("inf"), [], [], 0.0, wall, nvar, ncon, bound_s=lower
         )
-    stage_of, strategy_of = [0] * L, [0] * L
-    for (u, i, k), var in v.x.items():
-        if var.varValue is not None and var.varValue > 0.5:
-            stage_of[u], strategy_of[u] = i, k
+    stage_of, strategy_of = read()
     ev = evaluate_assignment(t, stage_of, strategy_of)
     objective = pulp.value(prob.objective) * scale
     if ms == highspy.HighsModelStatus.kOptimal:

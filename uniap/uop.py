@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from uniap import runs_program
 from uniap.bounds import SegmentBound, memory_bottleneck_bound, min_peak_memory
 from uniap.cluster import Cluster
 from uniap.cost_model import CostModel, CostTables, evaluate_assignment
@@ -51,7 +52,13 @@ def _label_budget(t: CostTables, limit_s: float, pass_no: int) -> float:
     8 s, where three quarters of the first pass's 8 s left it to the second pass: 11.2 ->
     9.2 s); on shallow pipelines the program often proves the optimum in a second while the
     label search's fronts (long stages) grow slowly. A second-pass solve resumes from the
-    fronts the first built. Only the time spent changes, never the answer."""
+    fronts the first built. Tables with a run of identical layers
+    (:func:`uniap.runs_program.applies`) get the short look in both passes: the program over
+    runs proves deep stacks of blocks where the fronts grow largest (a 128-layer Llama on 32
+    H100s, 4 stages, 32 micro-batches: 1.0 s against 3.1 s with the labels first). Only the
+    time spent changes, never the answer."""
+    if runs_program.applies(t):
+        return min(_FIRST_LABELS_S, limit_s / 4)
     if pass_no == 1 and t.num_microbatches < 4 * t.num_stages:
         return min(_FIRST_LABELS_S, limit_s / 4)
     if pass_no == 1:
