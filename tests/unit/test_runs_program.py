@@ -185,3 +185,24 @@ def test_planner_with_a_run_of_blocks_equals_enumeration_at_every_breakpoint(
     )
     assert len(checks) >= 8 and built
     assert [c for c in checks if not c.ok] == []
+
+
+def test_tables_with_a_run_skip_the_pipelined_label_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search gives the pipelined label search no time on tables the program over runs
+    states, and a budget of 0 skips it: the program answers, with the same optimum."""
+    from uniap.uop import _label_budget
+
+    t = next(
+        tt
+        for tt in map(run_tables, range(100))
+        if tt.num_stages > 1 and applies(tt) and math.isfinite(exhaustive(tt)[0])
+    )
+    assert _label_budget(t, 10.0, 1) == _label_budget(t, 10.0, 2) == 0.0
+
+    def called(*args, **kwargs):
+        raise AssertionError("the label search ran")
+
+    monkeypatch.setattr("uniap.milp.pipeline_optimum", called)
+    opt = exhaustive(t)[0]
+    sol = solve(t, incumbent=heuristic(t), incumbent_tpi_s=opt * 1.02, label_budget_s=0.0)
+    assert sol.status == "optimal" and math.isclose(sol.time_per_iteration_s, opt, rel_tol=1e-9)
