@@ -257,9 +257,7 @@ def solve(
     if incumbent_tpi_s is not None and np.isfinite(incumbent_tpi_s):
         bound = incumbent_tpi_s if bound is None else min(bound, incumbent_tpi_s)
     exact = None
-    pipelined_labels = (
-        labels and bound is not None and t.num_stages > 1 and label_budget_s != 0.0
-    )
+    pipelined_labels = labels and bound is not None and t.num_stages > 1 and label_budget_s != 0.0
     if labels and t.num_stages == 1:
         # one stage: a label-setting pass is exact and far cheaper
         found = single_stage_optimum(
