@@ -187,17 +187,27 @@ def test_planner_with_a_run_of_blocks_equals_enumeration_at_every_breakpoint(
     assert [c for c in checks if not c.ok] == []
 
 
-def test_tables_with_a_run_skip_the_pipelined_label_search(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_stages_of_a_run_skip_the_pipelined_label_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The search gives the pipelined label search no time on tables the program over runs
-    states, and a budget of 0 skips it: the program answers, with the same optimum."""
-    from uniap.uop import _label_budget
+    states when their stages are long (more than 12 layers each), and a budget of 0 skips it:
+    the program answers, with the same optimum."""
+    from uniap.uop import _LONG_STAGE, _label_budget
 
     t = next(
         tt
         for tt in map(run_tables, range(100))
         if tt.num_stages > 1 and applies(tt) and math.isfinite(exhaustive(tt)[0])
     )
-    assert _label_budget(t, 10.0, 1) == _label_budget(t, 10.0, 2) == 0.0
+    assert _label_budget(t, 10.0, 1) > 0  # short stages: the labels look first
+    L = _LONG_STAGE * 2 + 3
+    A = np.ones((L, 2))
+    R = np.zeros((L - 1, 1, 1))
+    deep = CostTables(
+        2, 8, A, A * 0, np.ones((L, 2, 2)), np.zeros((L, 2), int), R, R, 1e3, [[0, 1]] * L
+    )
+    assert applies(deep) and _label_budget(deep, 10.0, 1) == _label_budget(deep, 10.0, 2) == 0.0
 
     def called(*args, **kwargs):
         raise AssertionError("the label search ran")
