@@ -44,9 +44,10 @@ Reductions (exact)
     ``n[g,i,k] = 0`` when another strategy of the same layout is nowhere worse on stage i
     (``A``, ``G``, ``F``, ``M[., ., i]``, ``Mh``; ties keep the lower index): trading it changes
     no reshard and lowers or keeps every term.
-    ``cap_g_i``: at most ``C[g,i]`` layers of the run on stage i, the fewest of its slowest
-    stage allowed by the cutoff (each at its least ``A``) and by memory (each at its least
-    ``M``).
+    ``cap_g_i``: at most ``C[g,i]`` layers of the run on stage i, the smaller of how many fit
+    in the slowest stage time the cutoff allows (``(bound - sum_u min_k A) / (c - 1)``, each
+    layer at its least ``A``) and how many fit in memory (each at its least ``M`` there).
+    It also tightens ``uses``, ``rho`` and ``y``, whose big-M it is.
     ``size_i``: integer layers on stages 0..i, between the bounds the layers' stage windows
     give (branching on where a stage ends, as in :mod:`uniap.milp`).
 
@@ -62,7 +63,7 @@ import numpy as np
 import pulp
 
 from uniap.bounds import bottleneck_lower_bound
-from uniap.cost_model import CostTables
+from uniap.cost_model import CostTables, evaluate_assignment
 
 __all__ = ["MIN_RUN", "RunsProgram", "applies", "layer_runs"]
 
@@ -438,8 +439,6 @@ class RunsProgram:
             vals[var.name] = 1.0
         for i in range(S - 1):
             vals[f"size_{i}"] = float(sum(1 for j in stage_of if j <= i))
-        from uniap.cost_model import evaluate_assignment
-
         ev = evaluate_assignment(t, stage_of, strategy_of)
         vals["t"] = max(ev.stage_time_s + ev.link_time_s) / self.scale
         vals["t_sync"] = max(ev.sync_time_s) / self.scale
