@@ -333,18 +333,17 @@ class RunsProgram:
             mem[i].append((var, float(t.M[s, k, i]) / t.memory_limit_bytes))
             if t.Mh[s, k]:
                 host[i].append((var, float(t.Mh[s, k])))
-        for (g, i, a, b), var in self.y.items():
-            if r := float(t.R[self.runs[g][0], a, b]):
-                p[i].append((var, r / scale))
-        for (g, i, a, b), var in self.Y.items():
-            if r := float(t.R[self.runs[g][1], a, b]):
-                p[i].append((var, r / scale))
-        for (g, i, a, b), var in self.Z1.items():
-            if r := float(t.Rp[self.runs[g][0], a, b]):
-                o[i].append((var, r / scale))
-        for (g, i, a, b), var in self.Z2.items():
-            if r := float(t.Rp[self.runs[g][1], a, b]):
-                o[i].append((var, r / scale))
+        # reshards: inside a portion and on to the next run (same stage, in p_i), and across
+        # a stage boundary inside a run or at its end (in o_i); edge after layer first or last
+        for edges, table, end, into in (
+            (self.y, t.R, 0, p),
+            (self.Y, t.R, 1, p),
+            (self.Z1, t.Rp, 0, o),
+            (self.Z2, t.Rp, 1, o),
+        ):
+            for (g, i, a, b), var in edges.items():
+                if r := float(table[self.runs[g][end], a, b]):
+                    into[i].append((var, r / scale))
         tb = self._var("t", lowBound=0)
         ts = self._var("t_sync", lowBound=0)
         loads = [pulp.LpAffineExpression(x, constant=t.stage_overhead_s / scale) for x in p]
