@@ -110,6 +110,30 @@ def test_start_values_satisfy_every_row(seed: int) -> None:
     assert pulp.value(rp.prob.objective) == pytest.approx(opt, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 4, 5])
+def test_runs_program_keeps_the_host_memory_of_each_node(seed: int) -> None:
+    """Strategies that hold state on the host (FSDP-offload; strategy 0 holds none), the ranks
+    of each stage on two nodes, and a host limit at 70 % of what the unconstrained optimum
+    puts on its fullest node: the enumeration's optimum, which the limit changes."""
+    t = run_tables(seed)
+    rng = np.random.default_rng(seed + 500)
+    L, K = t.A.shape
+    Mh = rng.uniform(1, 5, size=(1, K))
+    Mh[0, 0] = 0.0
+    t.Mh = np.tile(Mh, (L, 1))
+    t.host_ranks = np.array([[1] * t.pp, [0] + [2] * (t.pp - 1)])
+    free, stage_of, strategy_of = exhaustive(t)
+    t.host_limit_bytes = 0.7 * evaluate_assignment(t, stage_of, strategy_of).host_node_bytes
+    opt, _, _ = exhaustive(t)
+    assert opt > free
+    sol = solve(t, labels=False, program="runs")
+    if math.isinf(opt):
+        assert sol.status == "infeasible"
+    else:
+        assert sol.status == "optimal"
+        assert math.isclose(sol.time_per_iteration_s, opt, rel_tol=1e-9)
+
+
 def test_runs_are_maximal_stretches_with_equal_rows_and_inner_edges() -> None:
     """Equal rows make a run only while the reshard edges inside it are equal too."""
     L, K = 6, 2
