@@ -243,9 +243,9 @@ def solve(
     program alone (tests of the program itself). ``label_memo``: a dict the caller keeps per
     table, so that a pipelined label search resumes where an earlier one under the same or a
     higher bound stopped; ``label_budget_s``: the seconds it may take before the program runs
-    in the rest of the time limit (default half of it; 0 skips it). ``program``: ``"layers"`` (this
-    module's program), ``"runs"`` (:class:`uniap.runs_program.RunsProgram`, which counts the
-    layers of each run of identical ones) or ``"auto"``: runs where
+    in the rest of the time limit (default half of it; 0 skips it). ``program``: ``"layers"``
+    (this module's program), ``"runs"`` (:class:`uniap.runs_program.RunsProgram`, which counts
+    the layers of each run of identical ones) or ``"auto"``: runs where
     :func:`uniap.runs_program.applies`."""
     t0 = time.perf_counter()
     L, pp, c = t.num_layers, t.pp, t.num_microbatches
