@@ -653,20 +653,7 @@ def identical_pairs(t: CostTables) -> list[tuple[int, int]]:
     transformer; Swin's alternating shifted/unshifted blocks pair up two apart)."""
     groups: dict[bytes, list[int]] = {}
     for u in range(t.num_layers):
-        key = b"|".join(
-            [
-                np.asarray(t.allowed[u]).tobytes(),
-                t.A[u].tobytes(),
-                t.G[u].tobytes(),
-                t.F[u].tobytes(),
-                t.M[u].tobytes(),
-                t.Mh[u].tobytes(),
-                t.layout[u].tobytes(),
-                # zero bubble: the forward and weight-gradient parts too
-                t.Af[u].tobytes() if t.Af is not None else b"",
-                t.Aw[u].tobytes() if t.Aw is not None else b"",
-            ]
-        )
+        key = runs_program.row_key(t, u)
         groups.setdefault(key, []).append(u)
     return sorted((g[j], g[j + 1]) for g in groups.values() for j in range(len(g) - 1))
 

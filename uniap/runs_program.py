@@ -65,7 +65,7 @@ import pulp
 from uniap.bounds import bottleneck_lower_bound
 from uniap.cost_model import CostTables, evaluate_assignment
 
-__all__ = ["MIN_RUN", "RunsProgram", "applies", "layer_runs"]
+__all__ = ["MIN_RUN", "RunsProgram", "applies", "layer_runs", "row_key"]
 
 MIN_RUN = 4
 """The program over runs is used when some run has at least this many layers."""
@@ -75,29 +75,22 @@ _MAX_CLASSES = 6
 many, and the layer program is used."""
 
 
-def _row_key(t: CostTables, u: int) -> bytes:
-    return b"|".join(
-        np.ascontiguousarray(x).tobytes()
-        for x in (
-            np.asarray(t.allowed[u]),
-            t.A[u],
-            t.G[u],
-            t.F[u],
-            t.M[u],
-            t.Mh[u],
-            t.layout[u],
-        )
-    )
+def row_key(t: CostTables, u: int) -> bytes:
+    """Layer u's rows of every table (``allowed``, ``A``, ``G``, ``F``, ``M``, ``Mh``,
+    ``layout``, and zero bubble's ``Af``, ``Aw``): equal keys, interchangeable layers."""
+    parts = [np.asarray(t.allowed[u]), t.A[u], t.G[u], t.F[u], t.M[u], t.Mh[u], t.layout[u]]
+    parts += [x[u] for x in (t.Af, t.Aw) if x is not None]
+    return b"|".join(np.ascontiguousarray(x).tobytes() for x in parts)
 
 
 def layer_runs(t: CostTables) -> list[tuple[int, int]]:
     """Maximal runs ``(first, last)`` of identical neighbouring layers, in chain order (see
     the module docstring); every layer is in exactly one."""
     out = [[0, 0]]
-    key = _row_key(t, 0)
+    key = row_key(t, 0)
     for u in range(1, t.num_layers):
         s, e = out[-1]
-        k = _row_key(t, u)
+        k = row_key(t, u)
         same = k == key
         if same and e > s:
             same = bool(np.array_equal(t.R[e], t.R[s]) and np.array_equal(t.Rp[e], t.Rp[s]))
