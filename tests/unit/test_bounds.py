@@ -173,3 +173,38 @@ def test_runs_floored_at_their_knapsack_keep_the_bound_and_windows_valid(seed: i
             for tpi, stage_of in sols:
                 if tpi < target:
                     assert all(stage_of[u] in window[u] for u in range(t.num_layers))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_extend_front_equals_the_pareto_front_of_every_extension(seed: int) -> None:
+    """The extended front is, point by point, the (time, memory) Pareto front of the grid of
+    every front point plus every option within the limit, by brute force: times ascending,
+    memories strictly descending, each point's grid index the first of its equal points (small
+    integers, so that equal sums and equal times with different memories occur)."""
+    from uniap.bounds import extend_front
+
+    rng = np.random.default_rng(seed)
+    a = np.sort(rng.choice(30, size=12, replace=False)).astype(float)  # a front: times up,
+    m = np.sort(rng.choice(30, size=12, replace=False))[::-1].astype(float)  # memories down
+    ra = rng.integers(0, 6, size=5).astype(float)
+    rm = rng.integers(0, 6, size=5).astype(float)
+    limit = 28.0
+    got_a, got_m, got_idx = extend_front(a, m, ra, rm, limit)
+    grid = [
+        (a[p] + ra[j], m[p] + rm[j], p * len(ra) + j)
+        for p in range(len(a))
+        for j in range(len(ra))
+        if m[p] + rm[j] <= limit
+    ]
+    want = [
+        (x, y, i)
+        for x, y, i in grid
+        # no other point is at least as good in both and better in one, nor equal and first
+        if not any(
+            (x2 <= x and y2 <= y and (x2 < x or y2 < y)) or (x2 == x and y2 == y and i2 < i)
+            for x2, y2, i2 in grid
+        )
+    ]
+    want.sort()
+    assert [(float(x), float(y), int(i)) for x, y, i in zip(got_a, got_m, got_idx)] == want
+    assert len(want) > 1 and np.all(np.diff(got_m) < 0)
