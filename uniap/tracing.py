@@ -54,6 +54,8 @@ def fake_copy(model: nn.Module, dtype: torch.dtype, fake_mode: FakeTensorMode) -
 
     def fake(t: Tensor) -> Tensor:
         dt = dtype if t.is_floating_point() else t.dtype
+        if t.is_contiguous():  # empty_like goes through Python references: 15 times slower
+            return fake_mode.from_tensor(torch.empty(t.shape, dtype=dt, device="meta"))
         return fake_mode.from_tensor(torch.empty_like(t, device="meta", dtype=dt))
 
     memo: dict[int, Any] = {}

@@ -643,3 +643,27 @@ def test_a_model_taking_a_named_tuple_and_a_mapping_is_traced() -> None:
     graph = build_graph(Net(), {"pair": x, "extra": UserDict(bias=torch.zeros(4, 8))})
     assert graph.fqns == ("a", "b")
     assert graph.layers[0].output_bytes_per_sample == 8 * 4
+
+
+def test_fake_copy_keeps_shapes_strides_sharing_and_casts_floats():
+    """The traced copy's tensors are new meta tensors with the originals' shapes and strides
+    (a transposed parameter stays transposed), floating ones in the trace dtype and trainable,
+    integer buffers as they are, and a parameter shared by two modules stays one tensor."""
+    from uniap.graph import _MetaMode
+    from uniap.tracing import fake_copy
+
+    a, b = nn.Linear(3, 5), nn.Linear(5, 3)
+    b.weight = nn.Parameter(torch.empty(3, 5, device="meta").t().contiguous().t())
+    model = nn.Sequential(a, b, nn.Linear(3, 5))
+    model[2].weight = a.weight  # shared
+    model.register_buffer("steps", torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    copy_ = fake_copy(model, torch.bfloat16, _MetaMode())
+    old, new = dict(model.named_parameters()), dict(copy_.named_parameters())
+    assert new.keys() == old.keys()
+    for name, p in new.items():
+        assert p is not old[name] and p.is_meta and p.requires_grad
+        want = (old[name].shape, old[name].stride(), torch.bfloat16)
+        assert (p.shape, p.stride(), p.dtype) == want
+    assert not b.weight.is_contiguous() and new["1.weight"].stride() == (1, 3)
+    assert copy_[2].weight is copy_[0].weight
+    assert copy_.steps.dtype == torch.long and copy_.steps.is_meta
