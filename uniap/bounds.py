@@ -301,9 +301,13 @@ pipelined label search ask for, the same everywhere so that they share the answe
 front falls back to the fastest times (valid, weaker). 256 left the 128-layer model's pp = 4
 candidate at 8 devices, batch 64, fp32, 4 % below what 1,024 proves."""
 
-_KNAPSACK_MEMO: OrderedDict[bytes, tuple[float, np.ndarray, np.ndarray]] = OrderedDict()
+_Answer = tuple[float, np.ndarray, np.ndarray, np.ndarray]
+_KNAPSACK_MEMO: OrderedDict[bytes, _Answer] = OrderedDict()
 """:func:`knapsack_runs` answers by their arguments' contents (the latest 32): the bounds and
-the label search of one plan ask for the same runs under different budgets."""
+the label search of one plan ask for the same runs under different budgets. Each entry keeps
+its budget, its answer, its runs' fastest times and its fronts' fastest times (for
+``max_fronts``): a hit answers exactly what a fresh computation would, so the memo changes no
+plan, whatever was planned before in the process."""
 _KNAPSACK_LOCK = threading.Lock()
 
 
@@ -337,13 +341,16 @@ def knapsack_runs(
         else:
             hit = None
     if hit is not None:
+        # a fresh computation would build the root and every front whose run is within budget
+        if max_fronts is not None and 1 + np.count_nonzero(hit[3] <= budget) > max_fronts:
+            return None
         return np.where(hit[2] <= budget, hit[1], np.inf)
     got = _knapsack_runs(A, M, allowed, amin, mmin, limit, budget, max_points, max_fronts)
     if got is None:
         return None
-    out, fast = got
+    out, fast, front_fast = got
     with _KNAPSACK_LOCK:
-        _KNAPSACK_MEMO[key] = (budget, out, fast)
+        _KNAPSACK_MEMO[key] = (budget, out, fast, front_fast)
         if len(_KNAPSACK_MEMO) > 32:
             _KNAPSACK_MEMO.popitem(last=False)
     return out.copy()
@@ -359,9 +366,10 @@ def _knapsack_runs(
     budget: float,
     max_points: int,
     max_fronts: int | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`knapsack_runs`, and ``[s, e]`` the fastest times' sum of each run it answered
-    (inf for the others); None above ``max_fronts`` fronts."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`knapsack_runs`, ``[s, e]`` the fastest times' sum of each run it answered (inf
+    for the others), and each front's fastest times (those of its runs, equal layers summed in
+    the same order); None above ``max_fronts`` fronts (the empty run's included)."""
     L = A.shape[0]
     # a strategy another of its layer matches or beats in time and memory never helps a front;
     # layers with equal rows are one class (found once): runs with equal class sequences share
@@ -386,6 +394,7 @@ def _knapsack_runs(
     amin_l, mmin_l = amin.tolist(), mmin.tolist()
     child: dict[tuple[int, int], int] = {}
     fronts: list[tuple[np.ndarray, np.ndarray] | None] = [(np.zeros(1), np.zeros(1))]
+    front_fast: list[float] = []  # per front but the root's
     where_s: list[int] = []
     where_e: list[int] = []
     best: list[float] = []
@@ -410,6 +419,7 @@ def _knapsack_runs(
                 child[(node, cls[e])] = len(fronts)
                 node = len(fronts)
                 fronts.append(front)
+                front_fast.append(fast)
                 if max_fronts is not None and len(fronts) > max_fronts:
                     return None
             where_s.append(s)
@@ -420,7 +430,7 @@ def _knapsack_runs(
     fast_of = np.full((L, L), np.inf)
     out[where_s, where_e] = best
     fast_of[where_s, where_e] = fasts
-    return out, fast_of
+    return out, fast_of, np.array(front_fast)
 
 
 def segment_lower_bound(

@@ -123,7 +123,8 @@ def test_memory_bottleneck_bound_is_valid_and_exact_without_reshards(seed: int) 
 @pytest.mark.parametrize("seed", range(0, 40, 4))
 def test_knapsack_runs_reuses_a_larger_budgets_answer_exactly(seed: int) -> None:
     """knapsack_runs answers a smaller budget from the runs it found under a larger one (and
-    a larger budget afresh), exactly as a fresh computation would."""
+    a larger budget afresh), exactly as a fresh computation would, including giving up (None)
+    above ``max_fronts`` fronts: what was asked before never changes an answer."""
     from uniap import bounds
 
     t = random_tables(seed)
@@ -133,12 +134,20 @@ def test_knapsack_runs_reuses_a_larger_budgets_answer_exactly(seed: int) -> None
     args = (t.A, np.ascontiguousarray(t.M[:, :, 0]), allowed, amin, mmin[:, 0])
     limit = t.memory_limit_bytes * (1 + 1e-9)
     bounds._KNAPSACK_MEMO.clear()
+    gave_up = answered = 0
     for budget in (np.inf, float(amin.sum()) * 0.6, float(amin.sum()) * 0.3, np.inf, 0.0):
-        got = bounds.knapsack_runs(*args, limit, budget, 256)
-        fresh, _ = bounds._knapsack_runs(*args, limit, budget, 256)
-        assert np.array_equal(got, fresh)
-        got[0, 0] = -1.0  # the caller's copy: the memo is untouched
+        for max_fronts in (None, 2, 4, 6, 10):
+            got = bounds.knapsack_runs(*args, limit, budget, 256, max_fronts)
+            fresh = bounds._knapsack_runs(*args, limit, budget, 256, max_fronts)
+            if fresh is None:
+                assert got is None
+                gave_up += 1
+                continue
+            assert got is not None and np.array_equal(got, fresh[0])
+            got[0, 0] = -1.0  # the caller's copy: the memo is untouched
+            answered += max_fronts is not None
     assert len(bounds._KNAPSACK_MEMO) == 1
+    assert gave_up and answered  # both sides of max_fronts were asked from the memo
 
 
 @pytest.mark.parametrize("seed", range(0, 80, 3))
