@@ -282,6 +282,7 @@ from uniap.schedules import get_schedule, schedule_makespan
 from uniap.strategies import layer_strategies, stage_strategies, why_not
 
 __all__ = [
+    "FIT_SLACK",
     "CostTables",
     "Evaluation",
     "CostModel",
@@ -478,6 +479,11 @@ class Evaluation:
     """Host bytes of the fullest node (what :attr:`CostTables.host_limit_bytes` bounds)."""
 
 
+FIT_SLACK = 1e-9
+"""An assignment fits when each stage's memory (and each node's host memory) is at most its
+limit times ``1 + FIT_SLACK``: rounding in the sums, not room to spare."""
+
+
 def evaluate_assignment(
     t: CostTables, stage_of: Sequence[int], strategy_of: Sequence[int]
 ) -> Evaluation:
@@ -521,9 +527,9 @@ def evaluate_assignment(
     else:
         bottleneck = max(p + o)
         tpi = sum(p) + sum(o) + (c - 1) * bottleneck + max(s) + t.step_overhead_s
-    fits = all(m <= t.memory_limit_bytes * (1 + 1e-9) for m in mem)
+    fits = all(m <= t.memory_limit_bytes * (1 + FIT_SLACK) for m in mem)
     node = float((t.host_ranks @ np.asarray(host)).max())
-    fits = fits and node <= t.host_limit_bytes * (1 + 1e-9)
+    fits = fits and node <= t.host_limit_bytes * (1 + FIT_SLACK)
     return Evaluation(tpi, p, o, s, mem, fits, host, node)
 
 

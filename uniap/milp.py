@@ -115,6 +115,7 @@ from uniap._highs import silence_highs_banner
 from uniap.bounds import SegmentBound, bottleneck_lower_bound, stage_windows
 from uniap.cost_model import CostTables, evaluate_assignment, stage_op_times
 from uniap.pipeline_labels import pipeline_optimum
+from uniap.runs_program import MEMORY_ROW
 from uniap.schedules import schedule_dag, schedule_ends
 from uniap.search import single_stage_optimum
 
@@ -354,7 +355,7 @@ def solve(
         progress=report,
         interval_s=progress_interval_s,
         random_seed=seed,
-        mip_feasibility_tolerance=1e-9,
+        mip_feasibility_tolerance=runs_program.MIP_FEASIBILITY_TOLERANCE,
         presolve="off",
         primal_feasibility_tolerance=1e-9,
         mip_heuristic_run_feasibility_jump=False,
@@ -628,23 +629,24 @@ def _bottleneck(
 
 
 def _memory(prob, t: CostTables, v: _Vars) -> None:
-    """``memory_r``: per-rank bytes within the limit (normalised by the limit; with an
+    """``memory_r``: per-rank bytes within the limit (normalised by the limit, times
+    :data:`uniap.runs_program.MEMORY_ROW`; with an
     interleaved schedule a rank's stages together); ``host_n``: each node's host bytes within
     the host limit."""
     terms: list[list] = [[] for _ in range(t.pp)]
     for (u, i, k), var in v.x.items():
-        terms[i % t.pp].append((var, float(t.M[u, k, i]) / t.memory_limit_bytes))
+        terms[i % t.pp].append((var, float(t.M[u, k, i]) * MEMORY_ROW / t.memory_limit_bytes))
     for i, tm in enumerate(terms):
-        prob += pulp.LpAffineExpression(tm) <= 1.0, f"memory_{i}"
+        prob += pulp.LpAffineExpression(tm) <= MEMORY_ROW, f"memory_{i}"
     if t.uses_host_memory and np.isfinite(t.host_limit_bytes):
         for n, ranks in enumerate(t.host_ranks):
             tm = [
-                (var, float(ranks[i % t.pp] * t.Mh[u, k]) / t.host_limit_bytes)
+                (var, float(ranks[i % t.pp] * t.Mh[u, k]) * MEMORY_ROW / t.host_limit_bytes)
                 for (u, i, k), var in v.x.items()
                 if t.Mh[u, k] > 0 and ranks[i % t.pp] > 0
             ]
             if tm:
-                prob += pulp.LpAffineExpression(tm) <= 1.0, f"host_{n}"
+                prob += pulp.LpAffineExpression(tm) <= MEMORY_ROW, f"host_{n}"
 
 
 def identical_pairs(t: CostTables) -> list[tuple[int, int]]:

@@ -240,3 +240,28 @@ def test_long_stages_of_a_run_skip_the_pipelined_label_search(
     opt = exhaustive(t)[0]
     sol = solve(t, incumbent=heuristic(t), incumbent_tpi_s=opt * 1.02, label_budget_s=0.0)
     assert sol.status == "optimal" and math.isclose(sol.time_per_iteration_s, opt, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("program", ["runs", "layers"])
+@pytest.mark.parametrize("seed", [0, 1, 4, 6, 9, 10])
+def test_a_plan_over_the_memory_limit_by_less_than_highs_tolerance_is_not_returned(
+    seed: int, program: str
+) -> None:
+    """The memory limit set 5e-9 below what the optimum needs (more than the 1e-9 rounding
+    slack of ``fits``, less than HiGHS's feasibility tolerance): neither program returns it,
+    each returns the optimum that fits, as the enumeration does. Memory rows are scaled so
+    that HiGHS's tolerance is that slack (:data:`uniap.runs_program.MEMORY_ROW`)."""
+    t = run_tables(seed)
+    opt, stage_of, strategy_of = exhaustive(t)
+    assert math.isfinite(opt)
+    need = max(evaluate_assignment(t, stage_of, strategy_of).peak_memory_bytes)
+    tight = CostTables(**{**t.__dict__, "memory_limit_bytes": need / (1 + 5e-9)})
+    assert not evaluate_assignment(tight, stage_of, strategy_of).fits
+    want, _, _ = exhaustive(tight)
+    got = solve(tight, labels=False, program=program)
+    if math.isinf(want):
+        assert got.status == "infeasible"
+        return
+    assert got.status == "optimal"
+    assert evaluate_assignment(tight, got.stage_of, got.strategy_of).fits
+    assert math.isclose(got.time_per_iteration_s, want, rel_tol=1e-9)
