@@ -91,7 +91,10 @@ Runs of identical layers (a transformer's blocks, :func:`uniap.runs_program.appl
 same program with each run's layers counted per stage and strategy instead of placed one by
 one (:class:`uniap.runs_program.RunsProgram`), which has no permutation symmetry left to break.
 
-HiGHS runs with a pinned thread count and seed, zero relative gap and an explicit time limit.
+HiGHS runs with a pinned thread count and seed, zero relative gap, an explicit time limit and
+a MIP feasibility tolerance of 1e-8 (:data:`uniap.runs_program.MIP_FEASIBILITY_TOLERANCE`: at
+1e-9 it pruned optima); memory rows are scaled by :data:`uniap.runs_program.MEMORY_ROW` so that
+the solutions it accepts fit within :data:`uniap.cost_model.FIT_SLACK`.
 PuLP reports ``Optimal`` even when HiGHS stopped at its time limit, so the status and gap are
 read from HiGHS itself.
 
