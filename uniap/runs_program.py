@@ -384,8 +384,9 @@ class RunsProgram:
         # of the strategies that may run there (z[i,l] <= z[i,l-1]); a strategy of F level l
         # needs z[i,l]; the sync pays each step between levels that is switched on. One binary
         # per stage and level (a binary per portion and strategy, as the layer program's
-        # largest-F rows have, took HiGHS 6 % longer over the grid's programs, and 1.6 s instead
-        # of 1.0 s on the 128-layer model's pp = 8 table at 32 devices, fp32, batch 256)
+        # largest-F rows have, took HiGHS 7 % longer over the search grid's 110 programs, and
+        # 2.3 s instead of 1.5 s on the 128-layer model's pp = 8 table at 32 devices, fp32,
+        # batch 256)
         self.levels: list[list[float]] = [[] for _ in range(S)]
         self.z: dict = {}
         F_of = {
