@@ -205,7 +205,7 @@ class RunsProgram:
                 if np.isfinite(cap_s) and amin > 0:
                     cap = min(cap, int(np.floor(max(cap_s, 0.0) / amin * (1 + 1e-9) + 1e-9)))
                 if mmin > 0:
-                    lim = t.memory_limit_bytes * (1 + 1e-9)
+                    lim = t.memory_limit_bytes * (1 + FIT_SLACK)
                     cap = min(cap, int(np.floor(lim / mmin * (1 + 1e-9) + 1e-9)))
                 cap = max(cap, 0)
                 self.cap[g, i] = cap
