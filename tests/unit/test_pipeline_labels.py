@@ -231,3 +231,38 @@ def test_window_envelopes_equal_enumeration(seed: int) -> None:
             assert got <= exact * (1 + 1e-12)
             if exact_here:
                 assert got == pytest.approx(exact, rel=1e-12)
+
+
+def _brute_sweep(group: np.ndarray, X: np.ndarray) -> list[int]:
+    """The labels no earlier label of their group dominates (every coordinate no larger)."""
+    return [
+        y
+        for y in range(len(group))
+        if not any(group[x] == group[y] and (X[:, x] <= X[:, y]).all() for x in range(y))
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sweep_equals_brute_force(seed: int) -> None:
+    """The dominance sweep keeps exactly the labels that no earlier label of their group
+    dominates, the first of equal ones: groups longer than the near comparisons and than a
+    chunk, coordinates with few distinct values (ties and duplicates), one and three
+    coordinates; above ``max_points`` kept labels in a group it gives up."""
+    from uniap.pipeline_labels import _GiveUp, _sweep
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(300, 700))
+    group = np.sort(rng.integers(0, 3, n))
+    for ncoord in (1, 3):
+        X = rng.integers(0, 4 + 6 * seed, (ncoord, n)).astype(float)
+        # sorted by group, then by the first coordinate's cost: a dominator comes first
+        order = np.lexsort((*X[::-1], group))
+        g, Xs = group[order], X[:, order]
+        want = _brute_sweep(g, Xs)
+        got = _sweep(g, list(Xs), max_points=n, chunk=32)
+        assert got.tolist() == want
+        assert _sweep(g, list(Xs), max_points=n).tolist() == want
+        most = max(np.bincount(g[want]))
+        assert _sweep(g, list(Xs), max_points=most).tolist() == want
+        with pytest.raises(_GiveUp):
+            _sweep(g, list(Xs), max_points=most - 1)
