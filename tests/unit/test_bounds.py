@@ -150,6 +150,55 @@ def test_knapsack_runs_reuses_a_larger_budgets_answer_exactly(seed: int) -> None
     assert gave_up and answered  # both sides of max_fronts were asked from the memo
 
 
+@pytest.mark.parametrize("seed", range(0, 40, 4))
+def test_coarsened_knapsack_fronts_stay_between_fastest_times_and_exact(seed: int) -> None:
+    """A front coarsened to a few points covers every point of the exact front from below;
+    runs whose fronts outgrow ``max_points`` get a time between their fastest times and their
+    exact knapsack (enumerated), and exactly the knapsack while no front was coarsened."""
+    import itertools
+
+    from uniap import bounds
+
+    rng = np.random.default_rng(seed)
+    a = np.sort(rng.random(40))
+    m = np.sort(rng.random(40))[::-1]
+    for points in (1, 3, 7, 40, 50):
+        ca, cm = bounds.coarsen_front(a, m, points)
+        assert len(ca) == min(points, 40)
+        assert ((ca[None, :] <= a[:, None]) & (cm[None, :] <= m[:, None])).any(axis=1).all()
+    t = random_tables(seed)
+    mask = t.allowed_mask()
+    amin, _, mmin = t.minima()
+    allowed = [np.flatnonzero(mask[u]) for u in range(t.num_layers)]
+    M0 = np.ascontiguousarray(t.M[:, :, 0])
+    limit = t.memory_limit_bytes * (1 + 1e-9)
+    L = t.num_layers
+    exact = np.full((L, L), np.inf)
+    for s in range(L):
+        for e in range(s, L):
+            for ks in itertools.product(*(allowed[u] for u in range(s, e + 1))):
+                us = range(s, e + 1)
+                if sum(M0[u, k] for u, k in zip(us, ks)) <= limit:
+                    exact[s, e] = min(exact[s, e], sum(t.A[u, k] for u, k in zip(us, ks)))
+    ca = np.concatenate([[0.0], np.cumsum(amin)])
+    fast = ca[None, 1:] - ca[:-1, None]
+    coarsened = 0
+    for max_points in (1, 2, 3, 1024):
+        got = bounds._knapsack_runs(t.A, M0, allowed, amin, mmin[:, 0], limit, np.inf, max_points)[
+            0
+        ]
+        for s in range(L):
+            for e in range(s, L):
+                if np.isinf(exact[s, e]):
+                    assert np.isinf(got[s, e]) or got[s, e] <= fast[s, e] * (1 + 1e-12)
+                    continue
+                assert fast[s, e] * (1 - 1e-12) <= got[s, e] <= exact[s, e] * (1 + 1e-12)
+                if max_points == 1024:
+                    assert got[s, e] == pytest.approx(exact[s, e], rel=1e-12)
+                coarsened += max_points < 1024 and got[s, e] < exact[s, e] * (1 - 1e-9)
+    assert seed or coarsened  # the first seed's coarsened fronts do lose something
+
+
 @pytest.mark.parametrize("seed", range(0, 80, 3))
 def test_runs_floored_at_their_knapsack_keep_the_bound_and_windows_valid(seed: int) -> None:
     """With each run's time floored at its exact knapsack (SegmentBound.floor_runs, under no
