@@ -79,6 +79,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
+from uniap._gc import collector_paused
 from uniap.bounds import candidate_lower_bound
 from uniap.cluster import Cluster
 from uniap.contract import DEVICE_KINDS, KINDS, OFFLOAD, SCHEDULES, LayerStrategy, Plan, Stage
@@ -106,6 +107,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@collector_paused
 def plan_graph(
     graph: ModelGraph,
     cluster: Cluster,

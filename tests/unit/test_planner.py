@@ -75,6 +75,40 @@ def test_infeasible_names_the_memory_needed() -> None:
     assert e.value.min_memory_bytes > 4 * 2**30
 
 
+def test_search_pauses_the_garbage_collector_and_resumes_it_as_it_was() -> None:
+    """plan_graph runs with the cyclic collector paused (a pass over the caller's heap can
+    land in any step) and leaves it as it found it: on, also when no plan fits; off."""
+    import gc
+
+    from uniap import cost_model
+
+    seen = []
+    tables = cost_model.CostModel.tables
+
+    def spy(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return tables(self, *args, **kwargs)
+
+    graph = synthetic_graph(4, 0)
+    cluster = load_cluster("cpu-4")
+    cost_model.CostModel.tables = spy
+    try:
+        assert gc.isenabled()
+        plan_graph(graph, cluster, global_batch_size=8)
+        assert gc.isenabled() and seen and not any(seen)
+        with pytest.raises(InfeasibleError):
+            plan("llama-7b", "cpu-4", global_batch_size=8)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            plan_graph(graph, cluster, global_batch_size=8)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        cost_model.CostModel.tables = tables
+
+
 def test_leanest_memory_is_exact_on_small_instances() -> None:
     """min_memory_bytes equals the brute-force smallest peak over every plan of that (pp, c)."""
     from uniap.bounds import min_peak_memory
