@@ -51,8 +51,8 @@ Every label dropped completes to no better than a label kept or than the bound, 
 complete label is the optimum below the bound; when a front of one layout pair outgrows
 ``max_points`` (4,096) or the deadline passes the search gives up (None) and the program
 answers. It settles the deep, many-micro-batch pipelines the program leaves at its time limit
-(Llama-2-70B, 8 stages, 64 micro-batches: about 3 s on 64 H100s, 6 s on 1024 at batch 8192,
-whose fronts peak at 2,475 labels); with few micro-batches and long stages (the bottleneck
+(Llama-2-70B, 8 stages, 64 micro-batches: about 0.6 s on 64 H100s, 4 s on 1024 at batch
+8192, whose fronts peak at 2,475 labels); with few micro-batches and long stages (the bottleneck
 weighs little, sync and memory trade off over 30 layers of a 128-layer model, whose fronts
 pass 27,000 labels) its fronts outgrow the limit and the program answers instead.
 """

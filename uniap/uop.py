@@ -55,8 +55,9 @@ def _label_budget(t: CostTables, limit_s: float, pass_no: int) -> float:
     settles what the program's relaxation leaves open (Llama-2-70B, 8 stages, 64
     micro-batches: 3 s against a gap after 300 s; on 1024 H100s at batch 8192, fp32, about
     8 s, where three quarters of the first pass's 8 s left it to the second pass: 11.2 ->
-    9.2 s); on shallow pipelines the program often proves the optimum in a second while the
-    label search's fronts (long stages) grow slowly. A second-pass solve resumes from the
+    9.2 s; about 4 s since its sweeps compare near labels first); on shallow pipelines the
+    program often proves the optimum in a second while the label search's fronts (long
+    stages) grow slowly. A second-pass solve resumes from the
     fronts the first built. Tables with a run of identical layers
     (:func:`uniap.runs_program.applies`) and long stages (more than
     :data:`_LONG_STAGE` layers each) get none: the program over runs proves them where the
