@@ -21,7 +21,8 @@ def collector_paused(fn: Callable) -> Callable:
       model's modules and parameters, other graphs): a full pass over that heap can land in
       any of its steps (0.19 s over 311,000 objects in one cell of the search grid, whose
       process holds three models). Over the grid's 36 cells up to 32 devices, two runs each
-      way: 20.1 -> 17.7 s and 15.8 -> 14.3 s of search."""
+      way: 20.1 -> 17.7 s and 15.8 -> 14.3 s of search. It makes almost no cycles: after a
+      5 s search (the 128-layer model on 64 H100s, fp32) the collector found 10 objects."""
 
     @functools.wraps(fn)
     def paused(*args: Any, **kwargs: Any) -> Any:
