@@ -105,6 +105,31 @@ def test_planner_equals_enumeration_at_every_breakpoint(
     assert [c for c in checks if not c.ok] == []
 
 
+def test_planner_equals_enumeration_with_every_knapsack_front_coarsened(monkeypatch) -> None:
+    """With the runs' knapsack fronts cut to two points wherever they grow larger (so every
+    bound and split that rests on them is coarsened, :func:`uniap.bounds.coarsen_front`), the
+    planner still equals the exhaustive optimum at every memory limit where it changes."""
+    from uniap import bounds, pipeline_labels
+
+    built = []
+    knapsack = bounds._knapsack_runs
+
+    def counted(*args, **kwargs):
+        built.append(args[7])  # max_points
+        return knapsack(*args, **kwargs)
+
+    monkeypatch.setattr(bounds, "KNAPSACK_POINTS", 2)
+    monkeypatch.setattr(pipeline_labels, "KNAPSACK_POINTS", 2)
+    monkeypatch.setattr(bounds, "_knapsack_runs", counted)
+    bounds._KNAPSACK_MEMO.clear()
+    checks = sweep(
+        _chain(0), _cluster(4), global_batch_size=8, max_checks=24, schedules=["1F1B"], max_tp=2
+    )
+    bounds._KNAPSACK_MEMO.clear()
+    assert [c for c in checks if not c.ok] == []
+    assert built and set(built) == {2}
+
+
 def test_sweep_limits_bracket_every_step() -> None:
     """The sweep asks at each step of the curve and just below it, where the previous optimum
     holds."""
