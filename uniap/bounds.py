@@ -303,6 +303,7 @@ def coarsen_front(a: np.ndarray, m: np.ndarray, points: int) -> tuple[np.ndarray
     point of ``(a, m)`` is matched or beaten in both by one of them, and so is every extension
     of it by the same extension of that one: a knapsack over coarsened fronts is never above
     the exact one."""
+    points = max(points, 1)
     if len(a) <= points:
         return a, m
     starts = np.linspace(0, len(a), points, endpoint=False).astype(np.int64)

@@ -162,9 +162,9 @@ def test_coarsened_knapsack_fronts_stay_between_fastest_times_and_exact(seed: in
     rng = np.random.default_rng(seed)
     a = np.sort(rng.random(40))
     m = np.sort(rng.random(40))[::-1]
-    for points in (1, 3, 7, 40, 50):
+    for points in (0, 1, 3, 7, 40, 50):
         ca, cm = bounds.coarsen_front(a, m, points)
-        assert len(ca) == min(points, 40)
+        assert len(ca) == len(cm) == min(max(points, 1), 40)
         assert ((ca[None, :] <= a[:, None]) & (cm[None, :] <= m[:, None])).any(axis=1).all()
     t = random_tables(seed)
     mask = t.allowed_mask()
