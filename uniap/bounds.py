@@ -322,8 +322,11 @@ COARSE_POINTS = 64
 times alone (what such runs had before) miss the memory by several recomputed layers. The
 128-layer model on 64 H100s, fp32, batch 512: the bottleneck split's start for 8 stages of
 64 micro-batches went from 7 % above the optimum (its first stage's run counted at its fastest
-times, 13 % below what fits) to 0.001 %, and the search from 17 s to 4.6-6 s. 64 points cost
-no measurable time on the grid's 1 s cells; 1,024 cost up to 0.1 s on the 128-layer ones."""
+times, 13 % below what fits) to 0.001 %, and the search from 17 s to 4.6-6 s. A coarsened
+front's extensions are coarsened too (to 64 points whenever they have more), so the runs past
+the overflow cost 64 points per strategy: the 128-layer model at 32 devices, fp32, batch 256,
+3.2 s with the fastest-times fallback, 3.7 s re-coarsening only above 1,024 points, 2.9 s
+so (medians of three)."""
 
 _Answer = tuple[float, np.ndarray, np.ndarray, np.ndarray]
 _KNAPSACK_MEMO: OrderedDict[bytes, _Answer] = OrderedDict()
@@ -418,7 +421,7 @@ def _knapsack_runs(
         cls.append(ids[key])
     amin_l, mmin_l = amin.tolist(), mmin.tolist()
     child: dict[tuple[int, int], int] = {}
-    fronts: list[tuple[np.ndarray, np.ndarray] | None] = [(np.zeros(1), np.zeros(1))]
+    fronts: list[tuple[np.ndarray, np.ndarray, bool] | None] = [(np.zeros(1), np.zeros(1), False)]
     front_fast: list[float] = []  # per front but the root's
     where_s: list[int] = []
     where_e: list[int] = []
@@ -439,10 +442,13 @@ def _knapsack_runs(
                 node, front = nxt, fronts[nxt]
             else:
                 if front is not None:
-                    a, m, _ = extend_front(*front, *rows[cls[e]], limit)
-                    if len(a) > max_points:
+                    a, m, _ = extend_front(front[0], front[1], *rows[cls[e]], limit)
+                    # a coarsened front's extensions stay coarse: it lost its exactness
+                    # already, and its points stay few (64 times the layer's strategies)
+                    coarse = front[2] or len(a) > max_points
+                    if coarse:
                         a, m = coarsen_front(a, m, min(COARSE_POINTS, max_points))
-                    front = (a, m) if len(a) else None
+                    front = (a, m, coarse) if len(a) else None
                 child[(node, cls[e])] = len(fronts)
                 node = len(fronts)
                 fronts.append(front)
