@@ -605,8 +605,9 @@ class SegmentBound:
         strategies whose memory fits on the stage, reshards left out, which the Lagrangian
         prices can miss by a recomputed layer or more (:func:`knapsack_runs`; runs whose
         fastest times exceed ``budget``, the slowest stage that can still beat the target,
-        keep those times as their floor). Tried once; True when the floor was added (the runs
-        have few distinct sequences of layer classes, as stacks of equal blocks do)."""
+        keep those times as their floor; a run past a coarsened front, at most its knapsack).
+        Tried once; True when the floor was added (the runs have few distinct sequences of
+        layer classes, as stacks of equal blocks do)."""
         t = self.t
         if self.floor_tried or t.virtual_stages > 1 or t.longest_path:
             return False

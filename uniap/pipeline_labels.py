@@ -158,7 +158,8 @@ class _Search:
         self.useful: list[np.ndarray] = []
         self.cls: list[tuple[list[int], list[int]]] = []
         # fast[g][s, e]: the fastest run s..e on a stage of group g that fits its memory (an
-        # exact knapsack, reshards left out), inf when none fits or it must exceed the cap
+        # exact knapsack, reshards left out; at most it past a coarsened front, a lower bound
+        # all the same), inf when none fits or it must exceed the cap
         fast: list[np.ndarray] = []
         allowed = [np.flatnonzero(mask[u]) for u in range(L)]
         groups: dict[bytes, int] = {}
