@@ -346,3 +346,73 @@ def test_vocabulary_parallel_embedding_and_head_costs() -> None:
     assert cost.memory_bytes[0] == pytest.approx(expected)
     assert profile.loss_working_bytes(head, b, 1) == pytest.approx(2 * logits)
     assert profile.loss_working_bytes(head, b, 2) == pytest.approx(3 * logits / 2)
+
+
+def _evaluate_by_loop(t, stage_of, strategy_of):
+    """The sums of :func:`uniap.cost_model.evaluate_assignment` written as its definition, one
+    layer after the other: ``(p, o, s, mem, host)``."""
+    import numpy as np
+
+    V, pp, L = t.num_stages, t.pp, t.num_layers
+    p, o = [0.0] * V, [0.0] * max(V - 1, 0)
+    s, first, mem, host = [0.0] * pp, [0.0] * pp, [0.0] * pp, [0.0] * pp
+    for u in range(L):
+        i, k = stage_of[u], strategy_of[u]
+        r = i % pp
+        if k not in t.allowed[u]:
+            p[i] = float("inf")
+            continue
+        p[i] += float(t.A[u, k])
+        s[r] += float(t.G[u, k])
+        first[r] = max(first[r], float(t.F[u, k]))
+        mem[r] += float(t.M[u, k, i])
+        host[r] += float(t.Mh[u, k])
+        if u + 1 < L:
+            a, b = t.layout[u, k], t.layout[u + 1, strategy_of[u + 1]]
+            if stage_of[u + 1] == i:
+                p[i] += float(t.R[u, a, b])
+            else:
+                o[i] += float(t.Rp[u, a, b])
+    p = [x + t.stage_overhead_s for x in p]
+    s = [x + f for x, f in zip(s, first)]
+    return p, o, s, mem, list(np.asarray(host, dtype=float))
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_evaluation_sums_equal_the_per_layer_loop_bit_for_bit(v: int) -> None:
+    """The evaluation's numpy sums (stage and link times, syncs, memory, host memory) are the
+    per-layer loop's to the last bit, in the loop's order, on random tables and assignments
+    of 40 layers, some with a strategy the layer may not use (an infinite stage time). The
+    planner's exactness rests on one function scoring every plan the same way."""
+    import numpy as np
+
+    from uniap.cost_model import CostTables, evaluate_assignment
+
+    rng = np.random.default_rng(7 + v)
+    for trial in range(40):
+        L, pp, K, C = 40, int(rng.integers(1, 5)), 6, 3
+        V = pp * v
+        A = rng.uniform(0.1, 2.0, size=(L, K)) * 10.0 ** rng.integers(-6, 1, size=(L, K))
+        M = rng.uniform(1.0, 10.0, size=(L, K, V)) * 1e9
+        layout = rng.integers(0, C, size=(L, K))
+        R = rng.uniform(0.0, 0.5, size=(L - 1, C, C)) * 1e-3
+        Rp = rng.uniform(0.0, 0.5, size=(L - 1, C, C)) * 1e-3
+        allowed = [sorted(rng.choice(K, size=4, replace=False).tolist()) for _ in range(L)]
+        t = CostTables(
+            pp, 8, A, rng.uniform(0, 1e-3, size=(L, K)), M, layout, R, Rp, 4e10, allowed,
+            F=rng.uniform(0, 1e-3, size=(L, K)), Mh=rng.uniform(0, 1e9, size=(L, K)),
+            virtual_stages=v, schedule="Interleaved1F1B" if v > 1 else "1F1B",
+            stage_overhead_s=1e-4,
+        )  # fmt: skip
+        cuts = np.sort(rng.choice(np.arange(1, L), size=V - 1, replace=False))
+        stage_of = np.searchsorted(cuts, np.arange(L), side="right").tolist()
+        strategy_of = [int(rng.choice(allowed[u])) for u in range(L)]
+        if trial % 4 == 3:  # a strategy the layer may not use
+            u = int(rng.integers(L))
+            strategy_of[u] = next(k for k in range(K) if k not in allowed[u])
+        ev = evaluate_assignment(t, stage_of, strategy_of)
+        p, o, s, mem, host = _evaluate_by_loop(t, stage_of, strategy_of)
+        assert (ev.stage_time_s, ev.link_time_s, ev.sync_time_s) == (p, o, s)
+        assert (ev.peak_memory_bytes, ev.host_memory_bytes) == (mem, host)
+        assert all(type(x) is float for x in [*ev.stage_time_s, *ev.peak_memory_bytes])
+        assert (ev.time_per_iteration_s == float("inf")) == (trial % 4 == 3)
