@@ -525,9 +525,7 @@ def evaluate_assignment(
     weights[0::2], bins[0::2] = a, i_of
     if L > 1:
         same = i_of[1:] == i_of[:-1]
-        edge = np.where(
-            same, t.R[us[:-1], lay[:-1], lay[1:]], t.Rp[us[:-1], lay[:-1], lay[1:]]
-        )
+        edge = np.where(same, t.R[us[:-1], lay[:-1], lay[1:]], t.Rp[us[:-1], lay[:-1], lay[1:]])
         weights[1:-1:2] = np.where(ok[:-1], edge, 0.0)
         bins[1:-1:2] = np.where(same, i_of[:-1], V + i_of[:-1])
     weights, bins = weights[:-1], bins[:-1]  # the last layer has no edge
