@@ -501,7 +501,7 @@ def evaluate_assignment(
     """
     L, pp, c, v = t.num_layers, t.pp, t.num_microbatches, t.virtual_stages
     V = pp * v
-    # The sums of the per-layer loop below, by numpy (0.5 -> 0.1 ms on 131 layers, called for
+    # The sums of this per-layer loop, by numpy (0.35 -> 0.14 ms on 131 layers; called for
     # every start and local-search step), in its order, so with the same rounding:
     #     for u in order: p[i] += A[u, k]; then p[i] += R[u, a, b] (next layer on stage i)
     #     or o[i] += Rp[u, a, b] (next on stage i + 1); s[r] += G; mem[r] += M; host[r] += Mh
