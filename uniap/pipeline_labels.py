@@ -588,20 +588,24 @@ def _sweep(
             # the latest kept first (the closest in cost, they drop most), then the rest
             for xs in (kept[-chunk:], kept[:-chunk]):
                 if len(xs) and len(ys):
-                    dom = X[0, xs][:, None] <= X[0, ys][None, :]
-                    for r in range(1, len(X)):
-                        dom &= X[r, xs][:, None] <= X[r, ys][None, :]
-                    ys = ys[~dom.any(axis=0)]
+                    ys = ys[~_no_larger(X, xs, ys).any(axis=0)]
             if len(ys) > 1:
-                dom = _upper(chunk)[: len(ys), : len(ys)] & (X[0, ys][:, None] <= X[0, ys][None, :])
-                for r in range(1, len(X)):
-                    dom &= X[r, ys][:, None] <= X[r, ys][None, :]
+                dom = _upper(chunk)[: len(ys), : len(ys)] & _no_larger(X, ys, ys)
                 ys = ys[~dom.any(axis=0)]
             kept = np.concatenate([kept, ys])
             if len(kept) > max_points:
                 raise _GiveUp
         out.append(kept)
     return idx[np.concatenate(out)]
+
+
+def _no_larger(X: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``[a, b]``: label ``xs[a]``'s coordinates (the rows of ``X``) are no larger than
+    ``ys[b]``'s, each of them."""
+    dom = X[0, xs][:, None] <= X[0, ys][None, :]
+    for r in range(1, len(X)):
+        dom &= X[r, xs][:, None] <= X[r, ys][None, :]
+    return dom
 
 
 @functools.lru_cache(maxsize=4)

@@ -351,8 +351,6 @@ def test_vocabulary_parallel_embedding_and_head_costs() -> None:
 def _evaluate_by_loop(t, stage_of, strategy_of):
     """The sums of :func:`uniap.cost_model.evaluate_assignment` written as its definition, one
     layer after the other: ``(p, o, s, mem, host)``."""
-    import numpy as np
-
     V, pp, L = t.num_stages, t.pp, t.num_layers
     p, o = [0.0] * V, [0.0] * max(V - 1, 0)
     s, first, mem, host = [0.0] * pp, [0.0] * pp, [0.0] * pp, [0.0] * pp
@@ -375,7 +373,7 @@ def _evaluate_by_loop(t, stage_of, strategy_of):
                 o[i] += float(t.Rp[u, a, b])
     p = [x + t.stage_overhead_s for x in p]
     s = [x + f for x, f in zip(s, first)]
-    return p, o, s, mem, list(np.asarray(host, dtype=float))
+    return p, o, s, mem, host
 
 
 @pytest.mark.parametrize("v", [1, 2])
